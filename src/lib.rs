@@ -1,0 +1,8 @@
+//! ember: run LLMs fast on any GPU by exploiting activation sparsity.
+//!
+//! Layers, each depending only on those above it:
+//! `gguf` (file format) -> `quant` (block formats, dot kernels) -> `tokenizer` -> `model`
+//! (architectures) -> `cpu` (kernels) -> `engine` (forward pass, sampling, generation) -> `cli`.
+
+pub mod gguf;
+pub mod quant;
