@@ -1,0 +1,73 @@
+//! Shared helpers for integration tests: where the real models and llama.cpp references live.
+//!
+//! Real-model tests find their files through environment variables or the default places
+//! (models/ for the fetched default model, ../shared for the ReLU model and references). When a
+//! file is absent they say so plainly and skip, except under CI (`CI` set), where absence fails.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn find(env_var: &str, default: PathBuf, what: &str) -> Option<PathBuf> {
+    let path = std::env::var_os(env_var).map(PathBuf::from).unwrap_or(default);
+    if path.exists() {
+        return Some(path);
+    }
+    let msg = format!("{what} not found at {} (set {env_var} to its path)", path.display());
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must have it");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// SmolLM2-135M-Instruct Q4_1, fetched by scripts/fetch-model.sh.
+pub fn default_model() -> Option<PathBuf> {
+    find("EMBER_MODEL", repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "default model (run scripts/fetch-model.sh)")
+}
+
+/// The ReLU-fied SmolLM2-135M from ../shared/models.
+pub fn relu_model() -> Option<PathBuf> {
+    find("EMBER_RELU_MODEL", repo_root().join("../shared/models/smollm2-135m-relu.Q8_0.gguf"), "ReLU model")
+}
+
+/// llama.cpp's reference outputs (../shared/refs).
+pub fn refs_dir() -> Option<PathBuf> {
+    find("EMBER_REFS", repo_root().join("../shared/refs"), "llama.cpp reference outputs")
+}
+
+/// Reads a JSON-lines file.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("valid JSON line"))
+        .collect()
+}
+
+/// A small deterministic PRNG (splitmix64) so tests need no rand crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1), never exactly zero.
+    pub fn signed(&mut self) -> f32 {
+        let v = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        if v == 0.0 { 0.5 } else { v }
+    }
+
+    pub fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.signed()).collect()
+    }
+}
