@@ -6,3 +6,8 @@
 
 pub mod gguf;
 pub mod quant;
+pub mod tokenizer;
+pub mod model;
+pub mod cpu;
+pub mod engine;
+pub mod cli;

@@ -11,7 +11,7 @@ const MAX_ARRAY_DEPTH: usize = 4;
 const MAX_DIMS: u32 = 4;
 /// No real model has tensors of more than 2^40 elements; larger means corruption.
 const MAX_ELEMENTS: u64 = 1 << 40;
-const MAX_ALIGNMENT: u64 = 1 << 20;
+pub(crate) const MAX_ALIGNMENT: u64 = 1 << 20;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// Which magic the file opened with.
@@ -135,9 +135,9 @@ impl GgufFile {
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
         let mut meta_index = HashMap::with_capacity(n_kv as usize);
-        for _ in 0..n_kv {
-            let key = c.string("metadata key")?;
-            let ty = c.u32("metadata value type")?;
+        for i in 0..n_kv {
+            let key = c.key(i)?;
+            let ty = c.u32(&format!("value type of metadata key {key:?}"))?;
             let ty = ValueType::from_u32(ty)
                 .ok_or_else(|| GgufError::UnknownValueType { key: key.clone(), ty })?;
             let value = c.value(ty, &key, 0)?;
@@ -154,7 +154,7 @@ impl GgufFile {
                 if a == 0 || !a.is_power_of_two() || a > MAX_ALIGNMENT {
                     return Err(GgufError::BadMetadata {
                         key: "general.alignment".into(),
-                        reason: format!("{:?} is not a power of two up to {MAX_ALIGNMENT}", metadata[i].1),
+                        reason: format!("{} is not a power of two up to {MAX_ALIGNMENT}", metadata[i].1.summary()),
                     });
                 }
                 a
@@ -162,20 +162,20 @@ impl GgufFile {
         };
 
         let mut raw = Vec::with_capacity(n_tensors as usize);
-        for _ in 0..n_tensors {
-            let name = c.string("tensor name")?;
-            let n_dims = c.u32("tensor dimension count")?;
+        for i in 0..n_tensors {
+            let name = c.tensor_name(i)?;
+            let n_dims = c.u32(&format!("dimension count of tensor {name:?}"))?;
             if n_dims == 0 || n_dims > MAX_DIMS {
                 return Err(GgufError::BadTensor { name, reason: format!("{n_dims} dimensions (1 to {MAX_DIMS} allowed)") });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
-                dims.push(c.u64("tensor dimension")?);
+                dims.push(c.u64(&format!("dimensions of tensor {name:?}"))?);
             }
-            let ty_n = c.u32("tensor type")?;
+            let ty_n = c.u32(&format!("type of tensor {name:?}"))?;
             let ty = GgmlType::from_u32(ty_n)
                 .ok_or_else(|| GgufError::UnknownTensorType { name: name.clone(), ty: ty_n })?;
-            let rel_offset = c.u64("tensor offset")?;
+            let rel_offset = c.u64(&format!("data offset of tensor {name:?}"))?;
             raw.push((name, dims, ty, rel_offset));
         }
 
@@ -303,7 +303,8 @@ impl<'a> Cursor<'a> {
         if n > self.remaining() {
             return Err(GgufError::Truncated {
                 what: what.to_string(),
-                needed: self.pos as u64 + n,
+                // A corrupt length can be anything up to u64::MAX: saturate rather than overflow.
+                needed: (self.pos as u64).saturating_add(n),
                 len: self.bytes.len() as u64,
             });
         }
@@ -335,13 +336,35 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.take(8, what)?.try_into().unwrap()))
     }
 
-    fn string(&mut self, what: &str) -> Result<String> {
+    /// A length-prefixed string's bytes, not yet checked to be UTF-8, and the offset they start at.
+    fn raw_string(&mut self, what: &str) -> Result<(&'a [u8], u64)> {
         let n = self.u64(what)?;
         let start = self.pos as u64;
-        let raw = self.take(n, what)?;
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|_| GgufError::InvalidUtf8 { offset: start })
+        Ok((self.take(n, what)?, start))
+    }
+
+    /// The key of metadata entry `i`.
+    fn key(&mut self, i: u64) -> Result<String> {
+        let (raw, offset) = self.raw_string(&format!("key of metadata entry {i}"))?;
+        std::str::from_utf8(raw).map(str::to_owned).map_err(|_| GgufError::InvalidUtf8 { offset })
+    }
+
+    /// The name of tensor `i`.
+    fn tensor_name(&mut self, i: u64) -> Result<String> {
+        let (raw, offset) = self.raw_string(&format!("name of tensor {i}"))?;
+        std::str::from_utf8(raw).map(str::to_owned).map_err(|_| GgufError::BadTensor {
+            name: String::from_utf8_lossy(raw).into_owned(),
+            reason: format!("name (tensor {i}, at offset {offset}) is not valid UTF-8"),
+        })
+    }
+
+    /// A string value of metadata key `key`.
+    fn string_value(&mut self, key: &str) -> Result<String> {
+        let (raw, offset) = self.raw_string(key)?;
+        std::str::from_utf8(raw).map(str::to_owned).map_err(|_| GgufError::BadMetadata {
+            key: key.into(),
+            reason: format!("string value at offset {offset} is not valid UTF-8"),
+        })
     }
 
     fn value(&mut self, ty: ValueType, key: &str, depth: usize) -> Result<Value> {
@@ -363,7 +386,7 @@ impl<'a> Cursor<'a> {
                     return Err(GgufError::BadMetadata { key: key.into(), reason: format!("bool byte {b} is neither 0 nor 1") })
                 }
             },
-            ValueType::String => Value::String(self.string(key)?),
+            ValueType::String => Value::String(self.string_value(key)?),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
                     return Err(GgufError::Absurd { what: format!("array nesting of {key:?}"), value: depth as u64 + 1, limit: MAX_ARRAY_DEPTH as u64 });

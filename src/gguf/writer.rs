@@ -1,6 +1,6 @@
 //! GGUF writer: used by `ember synth`, PowerInfer export and by tests that build small models.
 
-use super::reader::align_up;
+use super::reader::{align_up, MAX_ALIGNMENT};
 use super::{GgmlType, Magic, Value};
 use std::io::{self, Write};
 
@@ -39,7 +39,9 @@ impl GgufWriter {
     /// Adds or replaces a metadata key.
     pub fn set(&mut self, key: &str, value: Value) -> &mut Self {
         if key == "general.alignment" {
-            if let Some(a) = value.as_u64().filter(|a| a.is_power_of_two()) {
+            // Only alignments that the reader accepts change the layout (a huge power of two
+            // would overflow it); any other value is written as given, and the reader rejects it.
+            if let Some(a) = value.as_u64().filter(|a| a.is_power_of_two() && *a <= MAX_ALIGNMENT) {
                 self.alignment = a;
             }
         }

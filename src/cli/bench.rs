@@ -1,0 +1,90 @@
+//! `ember bench`: llama-bench's protocol and table. `ppN`: N prompt tokens evaluated as one
+//! batch from an empty context; `tgN`: N tokens generated one at a time from an empty context.
+//! Each test runs once to warm up, then `--repetitions` times; t/s is mean ± sample sd.
+
+use super::anyhow_like::Result;
+use super::ModelArgs;
+use crate::engine::{Logits, Session};
+use clap::Args;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt tokens of the pp test (0 = skip)
+    #[arg(short = 'p', long = "n-prompt", default_value_t = 512)]
+    pub n_prompt: usize,
+    /// Generated tokens of the tg test (0 = skip)
+    #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
+    pub n_gen: usize,
+    /// Timed repetitions of each test
+    #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
+    pub repetitions: usize,
+}
+
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = if v.len() > 1 { v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    (mean, var.sqrt())
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.repetitions == 0 {
+        return Err("--repetitions must be at least 1".into());
+    }
+    let path = a.model.resolve_model()?;
+    a.model.pool()?.install(|| -> Result<()> {
+        let (model, _tokenizer) = super::load(&path)?;
+        let n_ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
+        let vocab = model.hp.n_vocab as u32;
+        // Deterministic pseudo-random tokens, as llama-bench uses random ones.
+        let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+        let mut session = Session::new(model.clone(), n_ctx);
+        session.precision = a.model.precision.into();
+        let size = model.file.bytes().len() as u64;
+        let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
+        let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();
+        let label = format!("{} {:.0}M {}", model.hp.arch, params as f64 / 1e6, types.into_iter().collect::<Vec<_>>().join("/"));
+
+        let mut rows = Vec::new();
+        if a.n_prompt > 0 {
+            let mut run = || -> Result<f64> {
+                session.reset();
+                let t = Instant::now();
+                session.forward(&tokens[..a.n_prompt], Logits::Last)?;
+                Ok(a.n_prompt as f64 / t.elapsed().as_secs_f64())
+            };
+            run()?;
+            let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
+            rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+        }
+        if a.n_gen > 0 {
+            let mut run = || -> Result<f64> {
+                session.reset();
+                let t = Instant::now();
+                let mut tok = tokens[0];
+                for _ in 0..a.n_gen {
+                    let logits = session.forward(&[tok], Logits::Last)?;
+                    tok = crate::cpu::ops::argmax(&logits).0 as u32;
+                }
+                Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
+            };
+            run()?;
+            let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
+            rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+        }
+        println!("| model | size | params | backend | threads | test | t/s |");
+        println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
+        for (test, (mean, sd)) in rows {
+            println!(
+                "| {label} | {:.2} MiB | {:.2} M | CPU | {} | {test} | {mean:.2} ± {sd:.2} |",
+                size as f64 / (1u64 << 20) as f64,
+                params as f64 / 1e6,
+                rayon::current_num_threads()
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,83 @@
+//! `ember info`: what a GGUF file holds and what running it needs.
+
+use super::anyhow_like::Result;
+use crate::cpu::KvCache;
+use crate::gguf::GgufFile;
+use clap::Args;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// GGUF file
+    pub path: PathBuf,
+    /// Also list every metadata key and every tensor
+    #[arg(long)]
+    pub verbose: bool,
+    /// Context size for the KV-cache estimate
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: usize,
+}
+
+fn mib(b: u64) -> String {
+    format!("{:.1} MiB", b as f64 / (1u64 << 20) as f64)
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let file = Arc::new(GgufFile::open(&a.path)?);
+    println!("file:          {} ({:?} magic, GGUF v{}, {} tensors, {} metadata keys)", a.path.display(), file.magic, file.version, file.tensors().len(), file.metadata().len());
+    if let Some(name) = file.get("general.name").and_then(|v| v.as_str()) {
+        println!("name:          {name}");
+    }
+    let mut by_type: BTreeMap<String, (usize, u64)> = BTreeMap::new();
+    for t in file.tensors() {
+        let e = by_type.entry(t.ty.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes;
+    }
+    let types: Vec<String> = by_type.iter().map(|(t, (n, b))| format!("{t} x{n} ({})", mib(*b))).collect();
+    println!("tensor types:  {}", types.join(", "));
+    let n_params: u64 = file.tensors().iter().map(|t| t.n_elements()).sum();
+    println!("parameters:    {:.2} M", n_params as f64 / 1e6);
+
+    match crate::model::Model::from_gguf(file.clone()) {
+        Ok(model) => {
+            let hp = &model.hp;
+            println!("architecture:  {} ({} layers, n_embd {}, n_ff {}, {} heads / {} KV heads, head dim {})", hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim);
+            println!("ffn:           gated, activation {}", hp.activation.name());
+            println!("rope:          base {}, {} dims, {:?} pairs, freq scale {}", hp.rope_base, hp.rope_dim, hp.rope_style, hp.rope_freq_scale);
+            println!("vocab:         {} (embeddings {})", hp.n_vocab, if model.tied_embeddings { "tied to the output" } else { "separate from the output" });
+            println!("context:       trained for {}", hp.n_ctx_train);
+            for (name, from, to) in &model.conversions {
+                println!("converted:     {name} {from} -> {to} at load time (no fast kernel for {from})");
+            }
+            let kv = KvCache::bytes(hp.n_layer, a.ctx_size, hp.kv_dim());
+            println!("memory:        weights {} + KV cache {} at context {} (f16) = {}", mib(model.weight_bytes()), mib(kv), a.ctx_size, mib(model.weight_bytes() + kv));
+        }
+        Err(e) => println!("model:         not runnable by ember: {e}"),
+    }
+    match crate::tokenizer::Tokenizer::from_gguf(&file) {
+        Ok(t) => println!(
+            "tokenizer:     {} ({} tokens, bos {:?}, eos {:?}, add bos {}, chat template {})",
+            file.get("tokenizer.ggml.model").and_then(|v| v.as_str()).unwrap_or("?"),
+            t.vocab_size(),
+            t.bos_id(),
+            t.eos_id(),
+            t.add_bos(),
+            if t.chat_template().is_some() { "yes" } else { "no" }
+        ),
+        Err(e) => println!("tokenizer:     unusable: {e}"),
+    }
+    if a.verbose {
+        println!("\nmetadata:");
+        for (k, v) in file.metadata() {
+            println!("  {k} = {}", v.summary());
+        }
+        println!("\ntensors:");
+        for t in file.tensors() {
+            println!("  {:40} {:5} {:?}", t.name, t.ty.name(), t.dims);
+        }
+    }
+    Ok(())
+}

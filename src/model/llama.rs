@@ -1,0 +1,4 @@
+//! LLaMA and Mistral: pre-norm decoder, RMSNorm, GQA, RoPE on adjacent pairs, gated FFN.
+use super::{ArchSpec, RopeStyle};
+
+pub const LLAMA: ArchSpec = ArchSpec { names: &["llama", "mistral"], rope: RopeStyle::Adjacent, qkv_bias: false };

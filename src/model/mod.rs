@@ -1,0 +1,277 @@
+//! Model architectures: hyper-parameters read from GGUF metadata and the weights of each layer.
+//!
+//! Every supported architecture is one file holding an [`ArchSpec`]: the GGUF architecture
+//! names it answers to, its RoPE layout and whether attention projections carry biases. The
+//! layer recipe itself (pre-norm attention + gated FFN) is shared by the whole llama family.
+
+mod llama;
+mod qwen2;
+mod weights;
+
+pub use weights::{Matrix, TensorStore};
+
+use crate::gguf::{GgufError, GgufFile};
+use std::path::Path;
+use std::sync::Arc;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("unsupported architecture {0:?} (ember runs: {1})")]
+    UnsupportedArch(String, String),
+    #[error("missing tensor {0:?}; the file is not a complete {1} model")]
+    MissingTensor(String, String),
+    #[error("tensor {name:?} has shape {got:?}, expected {want:?}")]
+    BadShape { name: String, got: Vec<u64>, want: Vec<u64> },
+    #[error("tensor {name:?} has type {ty}, which ember cannot use for {role}")]
+    UnsupportedType { name: String, ty: crate::gguf::GgmlType, role: &'static str },
+    #[error("invalid hyper-parameter: {0}")]
+    BadHParams(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, ModelError>;
+
+/// How a pair of values is rotated by RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by GGUF llama models
+    /// (the converter permutes q/k rows into this layout).
+    Adjacent,
+    /// Halves (x[i], x[i + d/2]): GPT-NeoX style, used by qwen2.
+    Halves,
+}
+
+/// The FFN's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Relu,
+}
+
+impl Activation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Silu => "silu",
+            Activation::Relu => "relu",
+        }
+    }
+}
+
+/// What distinguishes one architecture of the llama family from another.
+#[derive(Debug)]
+pub struct ArchSpec {
+    /// `general.architecture` values this spec handles.
+    pub names: &'static [&'static str],
+    pub rope: RopeStyle,
+    /// q, k and v projections have biases.
+    pub qkv_bias: bool,
+}
+
+const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2];
+
+fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
+    ARCHITECTURES.iter().copied().find(|a| a.names.contains(&name)).ok_or_else(|| {
+        let known: Vec<&str> = ARCHITECTURES.iter().flat_map(|a| a.names.iter().copied()).collect();
+        ModelError::UnsupportedArch(name.to_string(), known.join(", "))
+    })
+}
+
+/// Hyper-parameters of a llama-family model.
+#[derive(Clone, Debug)]
+pub struct HParams {
+    pub arch: String,
+    pub n_layer: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_vocab: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    pub rope_base: f32,
+    /// Number of leading dimensions of each head that RoPE rotates.
+    pub rope_dim: usize,
+    /// Linear RoPE scaling: positions are multiplied by this (1 = none).
+    pub rope_freq_scale: f32,
+    pub rope_style: RopeStyle,
+    pub rms_eps: f32,
+    pub activation: Activation,
+}
+
+impl HParams {
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+
+    fn from_gguf(f: &GgufFile, spec: &ArchSpec) -> Result<Self> {
+        let arch = f.get_str("general.architecture")?.to_string();
+        let key = |k: &str| format!("{arch}.{k}");
+        let opt_u = |k: &str| f.get(&key(k)).and_then(|v| v.as_u64());
+        let req_u = |k: &str| -> Result<usize> { Ok(f.get_u64(&key(k))? as usize) };
+        let n_embd = req_u("embedding_length")?;
+        let n_head = req_u("attention.head_count")?;
+        let n_head_kv = opt_u("attention.head_count_kv").map(|v| v as usize).unwrap_or(n_head);
+        let head_dim = opt_u("attention.key_length").map(|v| v as usize).unwrap_or(if n_head > 0 { n_embd / n_head } else { 0 });
+        let n_vocab = match opt_u("vocab_size") {
+            Some(v) => v as usize,
+            None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
+        };
+        let activation = match f.get("ember.ffn_activation").and_then(|v| v.as_str()) {
+            None | Some("silu") => Activation::Silu,
+            Some("relu") => Activation::Relu,
+            Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu or relu)"))),
+        };
+        let rope_freq_scale = match f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+            None | Some("none") => 1.0,
+            Some("linear") => 1.0 / f.get_f32(&key("rope.scaling.factor"))?,
+            Some(other) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
+        };
+        let hp = HParams {
+            arch: arch.clone(),
+            n_layer: req_u("block_count")?,
+            n_embd,
+            n_ff: req_u("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_vocab,
+            n_ctx_train: opt_u("context_length").unwrap_or(2048) as usize,
+            rope_base: f.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
+            rope_dim: opt_u("rope.dimension_count").map(|v| v as usize).unwrap_or(head_dim),
+            rope_freq_scale,
+            rope_style: spec.rope,
+            rms_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
+            activation,
+        };
+        hp.validate()?;
+        Ok(hp)
+    }
+
+    /// Rejects values that would make later arithmetic or allocation absurd.
+    fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ModelError::BadHParams(m));
+        let limits = [
+            ("block_count", self.n_layer, 1024),
+            ("embedding_length", self.n_embd, 1 << 16),
+            ("feed_forward_length", self.n_ff, 1 << 20),
+            ("attention.head_count", self.n_head, 1024),
+            ("attention.head_count_kv", self.n_head_kv, 1024),
+            ("head dimension", self.head_dim, 1024),
+            ("vocab size", self.n_vocab, 1 << 22),
+        ];
+        for (name, v, max) in limits {
+            if v == 0 || v > max {
+                return bad(format!("{name} = {v} (must be 1 to {max})"));
+            }
+        }
+        if self.n_head % self.n_head_kv != 0 {
+            return bad(format!("{} heads are not a multiple of {} KV heads", self.n_head, self.n_head_kv));
+        }
+        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+            return bad(format!("RoPE dimension {} with head dimension {}", self.rope_dim, self.head_dim));
+        }
+        if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) || !(self.rope_base > 1.0) {
+            return bad(format!("rms eps {} / rope base {}", self.rms_eps, self.rope_base));
+        }
+        Ok(())
+    }
+}
+
+/// One transformer block's weights.
+pub struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub wq: Matrix,
+    pub wk: Matrix,
+    pub wv: Matrix,
+    pub wo: Matrix,
+    pub bq: Option<Vec<f32>>,
+    pub bk: Option<Vec<f32>>,
+    pub bv: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    pub ffn_gate: Matrix,
+    pub ffn_up: Matrix,
+    pub ffn_down: Matrix,
+}
+
+/// A loaded model: hyper-parameters and weights (mapped from the file where the type is
+/// used as is, converted at load time otherwise).
+pub struct Model {
+    pub hp: HParams,
+    pub file: Arc<GgufFile>,
+    pub token_embd: Matrix,
+    pub output_norm: Vec<f32>,
+    /// The output projection; the token embedding again when the model ties them.
+    pub output: Matrix,
+    pub tied_embeddings: bool,
+    pub layers: Vec<Layer>,
+    /// Tensors converted at load time, as (name, from, to), for `ember info`.
+    pub conversions: Vec<(String, crate::gguf::GgmlType, crate::gguf::GgmlType)>,
+}
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf(file)
+    }
+
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model> {
+        let arch = file.get_str("general.architecture")?.to_string();
+        let spec = arch_spec(&arch)?;
+        let hp = HParams::from_gguf(&file, spec)?;
+        let mut store = TensorStore::new(file.clone(), &arch);
+        let (e, ff, q, kv) = (hp.n_embd as u64, hp.n_ff as u64, hp.q_dim() as u64, hp.kv_dim() as u64);
+        let v = hp.n_vocab as u64;
+
+        let token_embd = store.matrix("token_embd.weight", &[e, v])?;
+        let output_norm = store.vector("output_norm.weight", e)?;
+        let (output, tied_embeddings) = match store.has("output.weight") {
+            true => (store.matrix("output.weight", &[e, v])?, false),
+            false => (token_embd.clone(), true),
+        };
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for i in 0..hp.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let bias = |store: &mut TensorStore, s: &str, len: u64| -> Result<Option<Vec<f32>>> {
+                if spec.qkv_bias { store.vector(&n(s), len).map(Some) } else { Ok(None) }
+            };
+            layers.push(Layer {
+                attn_norm: store.vector(&n("attn_norm.weight"), e)?,
+                wq: store.matrix(&n("attn_q.weight"), &[e, q])?,
+                wk: store.matrix(&n("attn_k.weight"), &[e, kv])?,
+                wv: store.matrix(&n("attn_v.weight"), &[e, kv])?,
+                wo: store.matrix(&n("attn_output.weight"), &[q, e])?,
+                bq: bias(&mut store, "attn_q.bias", q)?,
+                bk: bias(&mut store, "attn_k.bias", kv)?,
+                bv: bias(&mut store, "attn_v.bias", kv)?,
+                ffn_norm: store.vector(&n("ffn_norm.weight"), e)?,
+                ffn_gate: store.matrix(&n("ffn_gate.weight"), &[e, ff])?,
+                ffn_up: store.matrix(&n("ffn_up.weight"), &[e, ff])?,
+                ffn_down: store.matrix(&n("ffn_down.weight"), &[ff, e])?,
+            });
+        }
+        Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
+    }
+
+    /// Bytes of weights as they are held (mapped or converted).
+    pub fn weight_bytes(&self) -> u64 {
+        let mut total = self.token_embd.n_bytes() as u64 + 4 * self.output_norm.len() as u64;
+        if !self.tied_embeddings {
+            total += self.output.n_bytes() as u64;
+        }
+        for l in &self.layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down] {
+                total += m.n_bytes() as u64;
+            }
+            total += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+        }
+        total
+    }
+}

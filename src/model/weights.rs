@@ -1,0 +1,134 @@
+//! Weight matrices: views into the mapped file, or copies converted at load time.
+
+use super::{ModelError, Result};
+use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use half::f16;
+use std::sync::Arc;
+
+#[derive(Clone)]
+enum Data {
+    /// Borrowed from the file map (`start..start+len`).
+    Mapped { file: Arc<GgufFile>, start: usize, len: usize },
+    /// Owned bytes (`len` of them), kept in u32 words so every block type is aligned.
+    Owned { words: Arc<Vec<u32>>, len: usize },
+}
+
+/// A row-major weight matrix: `rows` rows of `cols` values each, in one of the types the
+/// kernels compute with directly (F32, F16, Q4_0, Q4_1, Q8_0).
+#[derive(Clone)]
+pub struct Matrix {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    data: Data,
+}
+
+impl Matrix {
+    /// Types the CPU kernels use without conversion.
+    pub const NATIVE: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.data {
+            Data::Mapped { file, start, len } => &file.bytes()[*start..*start + *len],
+            Data::Owned { words, len } => &bytemuck::cast_slice(words.as_slice())[..*len],
+        }
+    }
+
+    pub fn n_bytes(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block_len() * self.ty.block_bytes()
+    }
+
+    /// A matrix from values, stored as `ty` (F32 or F16; for tests and conversions).
+    pub fn from_f32(name: &str, rows: usize, cols: usize, values: &[f32], ty: GgmlType) -> Matrix {
+        assert_eq!(values.len(), rows * cols);
+        match ty {
+            GgmlType::F32 => Self::from_raw(name, rows, cols, ty, bytemuck::cast_slice(values)),
+            GgmlType::F16 => {
+                let halves: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+                Self::from_raw(name, rows, cols, ty, bytemuck::cast_slice(&halves))
+            }
+            _ => panic!("Matrix::from_f32 stores F32 or F16, not {ty}"),
+        }
+    }
+
+    /// A matrix over a copy of raw bytes of any native type.
+    pub fn from_raw(name: &str, rows: usize, cols: usize, ty: GgmlType, bytes: &[u8]) -> Matrix {
+        assert_eq!(ty.bytes_for((rows * cols) as u64), Some(bytes.len() as u64), "{name}: size does not match {rows}x{cols} {ty}");
+        let mut words = vec![0u32; bytes.len().div_ceil(4)];
+        bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Matrix { name: name.into(), ty, rows, cols, data: Data::Owned { words: Arc::new(words), len: bytes.len() } }
+    }
+
+    /// Row `r` dequantised to f32.
+    pub fn row_f32(&self, r: usize) -> Vec<f32> {
+        let rb = self.row_bytes();
+        let mut out = vec![0.0; self.cols];
+        crate::quant::dequantize(self.ty, &self.bytes()[r * rb..(r + 1) * rb], &mut out)
+            .expect("native matrix types dequantise");
+        out
+    }
+}
+
+/// Hands out a model's tensors by name, checking shapes and converting types the kernels do
+/// not compute with.
+pub struct TensorStore {
+    file: Arc<GgufFile>,
+    arch: String,
+    pub conversions: Vec<(String, GgmlType, GgmlType)>,
+}
+
+impl TensorStore {
+    pub fn new(file: Arc<GgufFile>, arch: &str) -> Self {
+        TensorStore { file, arch: arch.to_string(), conversions: Vec::new() }
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor(name).is_some()
+    }
+
+    fn info(&self, name: &str, dims: &[u64]) -> Result<TensorInfo> {
+        let t = self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into(), self.arch.clone()))?;
+        // A trailing dimension of 1 is the same shape.
+        let mut got = t.dims.clone();
+        while got.len() > dims.len() && got.last() == Some(&1) {
+            got.pop();
+        }
+        if got != dims {
+            return Err(ModelError::BadShape { name: name.into(), got: t.dims.clone(), want: dims.to_vec() });
+        }
+        Ok(t.clone())
+    }
+
+    /// A vector of f32 (norm weights, biases), dequantised whatever its stored type.
+    pub fn vector(&mut self, name: &str, len: u64) -> Result<Vec<f32>> {
+        let t = self.info(name, &[len])?;
+        let mut out = vec![0.0f32; len as usize];
+        crate::quant::dequantize(t.ty, self.file.tensor_data(&t), &mut out)
+            .map_err(|_| ModelError::UnsupportedType { name: name.into(), ty: t.ty, role: "a vector" })?;
+        Ok(out)
+    }
+
+    /// A matrix with GGUF dims `[cols, rows]`.
+    pub fn matrix(&mut self, name: &str, dims: &[u64; 2]) -> Result<Matrix> {
+        let t = self.info(name, dims)?;
+        let (cols, rows) = (dims[0] as usize, dims[1] as usize);
+        if Matrix::NATIVE.contains(&t.ty) {
+            let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
+            return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data });
+        }
+        // Other types are dequantised once; F16 keeps them compact and computes with the fast
+        // F16 kernel (BF16 goes to F32, whose range it needs).
+        let mut values = vec![0.0f32; rows * cols];
+        crate::quant::dequantize(t.ty, self.file.tensor_data(&t), &mut values)
+            .map_err(|_| ModelError::UnsupportedType { name: name.into(), ty: t.ty, role: "a weight matrix" })?;
+        let to = if t.ty == GgmlType::BF16 { GgmlType::F32 } else { GgmlType::F16 };
+        self.conversions.push((name.to_string(), t.ty, to));
+        Ok(Matrix::from_f32(name, rows, cols, &values, to))
+    }
+}
