@@ -61,7 +61,8 @@ pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, 
     out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
         let (t, h) = (i / n_head, i % n_head);
         let kvh = h / group;
-        let qh: Vec<f16> = q[t * q_dim + h * head_dim..][..head_dim].iter().map(|&x| f16::from_f32(x)).collect();
+        let mut qh = vec![f16::ZERO; head_dim];
+        crate::quant::f32_to_f16_row(&q[t * q_dim + h * head_dim..][..head_dim], &mut qh);
         let mut acc = vec![f16::ZERO; head_dim];
         let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
         for p in 0..=pos0 + t {
@@ -71,16 +72,12 @@ pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, 
             if score > m {
                 ms = (m - score).exp();
                 m = score;
-                for a in acc.iter_mut() {
-                    *a = f16::from_f32(a.to_f32() * ms);
-                }
+                crate::quant::vec_scale_f16(&mut acc, ms);
             } else {
                 vs = (score - m).exp();
             }
             let vr = &v[p * kv_dim + kvh * head_dim..][..head_dim];
-            for (a, &x) in acc.iter_mut().zip(vr) {
-                *a = f16::from_f32(x.to_f32().mul_add(vs, a.to_f32()));
-            }
+            crate::quant::vec_mad_f16(&mut acc, vr, vs);
             s = s.mul_add(ms, vs);
         }
         let inv = if s == 0.0 { 0.0 } else { 1.0 / s };

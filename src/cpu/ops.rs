@@ -75,12 +75,16 @@ pub fn exp_poly(x: f32) -> f32 {
     let b = (-n).mul_add(ln2_lo, (-n).mul_add(ln2_hi, x));
     let u = b * b;
     let j = c[4].mul_add(b, c[3]).mul_add(u, c[2].mul_add(b, c[1])).mul_add(u, c[0].mul_add(b, 1.0));
-    if n.abs() <= 126.0 {
-        j * f32::from_bits(((n as i32 + 127) as u32) << 23)
-    } else {
-        // Far outside SiLU's working range: over- or underflow.
-        j * 2f32.powi(n as i32)
+    if n.abs() > 126.0 {
+        return scale_far(j, n);
     }
+    j * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `j * 2^n` far outside SiLU's working range, where the result over- or underflows.
+#[cold]
+fn scale_far(j: f32, n: f32) -> f32 {
+    j * 2f32.powi(n as i32)
 }
 
 /// SiLU as llama.cpp's x86 CPU backend computes it: whole groups of 16 with [`exp_poly`], the

@@ -192,6 +192,27 @@ pub fn vec_dot_f16_f16(x: &[f16], y: &[f16]) -> f32 {
     reference::vec_dot_f16_f16(x, y)
 }
 
+/// `y = f16(x * v + y)` element-wise, fused (llama.cpp `ggml_vec_mad_f16`).
+pub fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    assert_eq!(x.len(), y.len(), "vec_mad_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::vec_mad_f16(y, x, v) };
+    }
+    reference::vec_mad_f16(y, x, v)
+}
+
+/// `y = f16(y * v)` element-wise (llama.cpp `ggml_vec_scale_f16`).
+pub fn vec_scale_f16(y: &mut [f16], v: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::vec_scale_f16(y, v) };
+    }
+    reference::vec_scale_f16(y, v)
+}
+
 /// Dot product of two f32 rows (llama.cpp `ggml_vec_dot_f32`).
 ///
 /// # Panics

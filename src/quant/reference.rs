@@ -206,3 +206,17 @@ pub fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
         block.qs = q.map(saturate_i8);
     }
 }
+
+/// `y = f16(x * v + y)` element-wise with one rounding of the fused product-sum.
+pub fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a = f16::from_f32(b.to_f32().mul_add(v, a.to_f32()));
+    }
+}
+
+/// `y = f16(y * v)` element-wise.
+pub fn vec_scale_f16(y: &mut [f16], v: f32) {
+    for a in y.iter_mut() {
+        *a = f16::from_f32(a.to_f32() * v);
+    }
+}

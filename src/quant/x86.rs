@@ -225,6 +225,34 @@ pub(super) unsafe fn quantize_row_q8_1(x: &[f32], y: &mut [BlockQ8_1]) {
     }
 }
 
+/// `y = f16(x * v + y)` element-wise, fused, rounding to nearest even: the f16 accumulator
+/// update of attention's weighted value sum.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn vec_mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    let n8 = y.len() / 8 * 8;
+    let vv = _mm256_set1_ps(v);
+    for i in (0..n8).step_by(8) {
+        let yp = y.as_mut_ptr().add(i).cast::<__m128i>();
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(yp));
+        let b = _mm256_cvtph_ps(_mm_loadu_si128(x.as_ptr().add(i).cast()));
+        _mm_storeu_si128(yp, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_fmadd_ps(b, vv, a)));
+    }
+    super::reference::vec_mad_f16(&mut y[n8..], &x[n8..], v);
+}
+
+/// `y = f16(y * v)` element-wise.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn vec_scale_f16(y: &mut [f16], v: f32) {
+    let n8 = y.len() / 8 * 8;
+    let vv = _mm256_set1_ps(v);
+    for i in (0..n8).step_by(8) {
+        let yp = y.as_mut_ptr().add(i).cast::<__m128i>();
+        let a = _mm256_cvtph_ps(_mm_loadu_si128(yp));
+        _mm_storeu_si128(yp, _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, vv)));
+    }
+    super::reference::vec_scale_f16(&mut y[n8..], v);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
