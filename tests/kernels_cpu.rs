@@ -1,0 +1,202 @@
+//! CPU kernels of the forward pass against plain references on random (never zero) inputs at
+//! awkward sizes.
+
+mod common;
+
+use common::Rng;
+use ember::cpu::attention::AttnShape;
+use ember::cpu::ops::{self, Rope};
+use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
+use ember::gguf::GgmlType;
+use ember::model::{Activation, Matrix, RopeStyle};
+use ember::quant::{self, f16};
+
+/// A random matrix stored as `ty`, and its dequantised values.
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: GgmlType) -> (Matrix, Vec<f32>) {
+    let values = rng.vec(rows * cols);
+    let m = match ty {
+        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32("w", rows, cols, &values, ty),
+        GgmlType::Q4_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_0(&values))),
+        GgmlType::Q4_1 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_1(&values))),
+        GgmlType::Q8_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q8_0(&values))),
+        _ => unreachable!(),
+    };
+    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
+    (m, deq)
+}
+
+#[test]
+fn matmul_matches_an_f64_reference_for_every_type_and_precision() {
+    let mut rng = Rng(1);
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols, tokens) in [(1, 32, 1), (37, 96, 1), (131, 224, 5), (300, 64, 3)] {
+            let (w, deq) = random_matrix(&mut rng, rows, cols, ty);
+            let x = rng.vec(tokens * cols);
+            for precision in [Precision::Llama, Precision::F32] {
+                let mut out = vec![f32::NAN; rows * tokens];
+                pool.install(|| matmul(&w, &Activations::new(&x, tokens).with_precision(precision), &mut out));
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let (wr, xt) = (&deq[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                        let want: f64 = wr.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let scale: f64 = wr.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                        // 8-bit activations cost about 1/254 of each term at most; f16 rounding less.
+                        let tol = match (precision, ty) {
+                            (Precision::F32, _) | (_, GgmlType::F32) => 1e-5,
+                            (_, GgmlType::F16) => 2e-3,
+                            _ => 1e-2,
+                        } * scale + 1e-6;
+                        let got = out[t * rows + r] as f64;
+                        assert!((got - want).abs() <= tol, "{ty} {precision:?} {rows}x{cols} t{t} r{r}: {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_is_the_same_for_any_thread_count() {
+    let mut rng = Rng(2);
+    let (w, _) = random_matrix(&mut rng, 263, 160, GgmlType::Q4_1);
+    let x = rng.vec(7 * 160);
+    let run = |threads| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        let mut out = vec![0.0; 7 * 263];
+        pool.install(|| matmul(&w, &Activations::new(&x, 7), &mut out));
+        out
+    };
+    assert_eq!(run(1), run(4));
+}
+
+#[test]
+fn rms_norm_matches_its_definition() {
+    let mut rng = Rng(3);
+    let (n, rows) = (67, 3);
+    let x = rng.vec(n * rows);
+    let w = rng.vec(n);
+    let mut out = vec![0.0; n * rows];
+    ops::rms_norm(&x, &w, 1e-5, &mut out);
+    for r in 0..rows {
+        let row = &x[r * n..(r + 1) * n];
+        let rms = (row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64 + 1e-5).sqrt();
+        for i in 0..n {
+            let want = row[i] as f64 / rms * w[i] as f64;
+            assert!((out[r * n + i] as f64 - want).abs() < 1e-5 * want.abs().max(1.0));
+        }
+    }
+}
+
+#[test]
+fn rope_rotates_pairs_by_position_dependent_angles() {
+    let mut rng = Rng(4);
+    let (head_dim, heads, pos, base) = (16, 3, 7, 10000.0f32);
+    for style in [RopeStyle::Adjacent, RopeStyle::Halves] {
+        let rope = Rope::new(head_dim, base, 1.0, style);
+        let x = rng.vec(head_dim * heads);
+        let mut y = x.clone();
+        rope.apply(&mut y, head_dim, &rope.angles(pos));
+        for h in 0..heads {
+            for i in 0..head_dim / 2 {
+                let (a, b) = match style {
+                    RopeStyle::Adjacent => (2 * i, 2 * i + 1),
+                    RopeStyle::Halves => (i, i + head_dim / 2),
+                };
+                let theta = pos as f64 * (base as f64).powf(-2.0 * i as f64 / head_dim as f64);
+                let (x0, x1) = (x[h * head_dim + a] as f64, x[h * head_dim + b] as f64);
+                assert!((y[h * head_dim + a] as f64 - (x0 * theta.cos() - x1 * theta.sin())).abs() < 1e-4);
+                assert!((y[h * head_dim + b] as f64 - (x0 * theta.sin() + x1 * theta.cos())).abs() < 1e-4);
+            }
+        }
+        // Rotation keeps each pair's norm.
+        let n0: f32 = x.iter().map(|v| v * v).sum();
+        let n1: f32 = y.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-4 * n0);
+    }
+}
+
+#[test]
+fn gated_activations_match_their_definitions() {
+    let mut rng = Rng(5);
+    let n = 16 * 5 + 3; // vectorised groups and a scalar tail
+    let gate: Vec<f32> = rng.vec(n).iter().map(|v| v * 12.0).collect();
+    let up = rng.vec(n);
+    for act in [Activation::Silu, Activation::Relu] {
+        let mut g = gate.clone();
+        ops::gated_activation(act, &mut g, &up);
+        for i in 0..n {
+            let x = gate[i] as f64;
+            let a = match act {
+                Activation::Silu => x / (1.0 + (-x).exp()),
+                Activation::Relu => x.max(0.0),
+            };
+            assert!((g[i] as f64 - a * up[i] as f64).abs() < 1e-5 * (a * up[i] as f64).abs().max(1e-3), "{act:?} {x}");
+        }
+    }
+}
+
+#[test]
+fn exp_poly_is_within_two_ulps_of_exp() {
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let (got, want) = (ops::exp_poly(x), (x as f64).exp());
+        assert!(((got as f64 - want) / want).abs() < 2.5e-7, "exp({x}) = {got}, want {want}");
+        x += 0.0137;
+    }
+}
+
+#[test]
+fn f16_accumulate_and_scale_simd_equal_scalar() {
+    let mut rng = Rng(6);
+    for n in [1, 7, 8, 64, 77] {
+        let y0: Vec<f16> = rng.vec(n).iter().map(|&v| f16::from_f32(v)).collect();
+        let x: Vec<f16> = rng.vec(n).iter().map(|&v| f16::from_f32(v * 3.0)).collect();
+        let v = rng.signed() * 2.0;
+        let (mut a, mut b) = (y0.clone(), y0.clone());
+        quant::vec_mad_f16(&mut a, &x, v);
+        quant::reference::vec_mad_f16(&mut b, &x, v);
+        assert_eq!(a, b);
+        quant::vec_scale_f16(&mut a, v);
+        quant::reference::vec_scale_f16(&mut b, v);
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn attention_matches_softmax_attention_with_gqa() {
+    let mut rng = Rng(7);
+    let shape = AttnShape { n_head: 6, n_head_kv: 2, head_dim: 24 };
+    let (past, n_tokens) = (5, 4);
+    let total = past + n_tokens;
+    let kv_dim = shape.n_head_kv * shape.head_dim;
+    let mut cache = KvCache::new(1, 16, kv_dim);
+    let (ks, vs) = (rng.vec(total * kv_dim), rng.vec(total * kv_dim));
+    for p in 0..total {
+        cache.store(0, p, &ks[p * kv_dim..(p + 1) * kv_dim], &vs[p * kv_dim..(p + 1) * kv_dim]);
+    }
+    let q_dim = shape.n_head * shape.head_dim;
+    let q = rng.vec(n_tokens * q_dim);
+    let mut out = vec![0.0; n_tokens * q_dim];
+    let (k, v) = cache.layer(0);
+    attention(&q, k, v, past, n_tokens, shape, &mut out);
+    let hd = shape.head_dim;
+    for t in 0..n_tokens {
+        for h in 0..shape.n_head {
+            let kvh = h / (shape.n_head / shape.n_head_kv);
+            let qh = &q[t * q_dim + h * hd..][..hd];
+            let scores: Vec<f64> = (0..=past + t)
+                .map(|p| (0..hd).map(|i| qh[i] as f64 * ks[p * kv_dim + kvh * hd + i] as f64).sum::<f64>() / (hd as f64).sqrt())
+                .collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for i in 0..hd {
+                let want: f64 = (0..=past + t).map(|p| w[p] / z * vs[p * kv_dim + kvh * hd + i] as f64).sum();
+                let got = out[t * q_dim + h * hd + i] as f64;
+                // f16 keys, values and accumulator: about 3 decimal digits.
+                assert!((got - want).abs() < 4e-3, "t{t} h{h} i{i}: {got} vs {want}");
+            }
+        }
+    }
+}
