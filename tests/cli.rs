@@ -1,0 +1,108 @@
+//! The `ember` binary as a user runs it.
+
+mod common;
+
+use std::process::Command;
+
+fn ember() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ember"))
+}
+
+#[test]
+fn run_streams_only_the_generated_text_to_stdout() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["run", "-m"]).arg(&model).args(["-p", "The capital of France is", "-n", "8", "--temp", "0", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // llama.cpp's greedy continuation (../shared/refs), 8 tokens.
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.\n\nThe United States has\n");
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("generation 8 tokens at") && err.contains("t/s"), "{err}");
+}
+
+#[test]
+fn same_seed_same_text_when_sampling() {
+    let Some(model) = common::default_model() else { return };
+    let run = |seed: &str| {
+        let out = ember().args(["run", "-m"]).arg(&model).args(["-p", "Once upon a time", "-n", "12", "--temp", "1.0", "--seed", seed]).output().unwrap();
+        assert!(out.status.success());
+        out.stdout
+    };
+    assert_eq!(run("5"), run("5"));
+}
+
+#[test]
+fn stop_string_ends_generation_and_is_not_printed() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["run", "-m"]).arg(&model).args(["-p", "The capital of France is", "-n", "40", "--temp", "0", "--stop", "United"]).output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.\n\nThe \n");
+    assert!(String::from_utf8(out.stderr).unwrap().contains("stop string \"United\""));
+}
+
+#[test]
+fn chat_applies_the_template_and_stops_at_end_of_turn() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["run", "-m"]).arg(&model).args(["--chat", "-p", "What is 2+2?", "-n", "64", "--temp", "0"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains("<|im_end|>") && !text.contains("<|im_start|>"), "{text:?}");
+    assert!(text.contains('4'), "{text:?}");
+}
+
+#[test]
+fn info_describes_the_model() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().arg("info").arg(&model).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for want in ["llama (30 layers, n_embd 576, n_ff 1536, 9 heads / 3 KV heads", "Q4_1 x210", "49152", "gpt2", "activation silu"] {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
+#[test]
+fn bench_prints_a_llama_bench_table() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["bench", "-m"]).arg(&model).args(["-p", "16", "-n", "4", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("| model | size | params | backend | threads | test | t/s |"), "{text}");
+    assert!(text.contains("| pp16 |") && text.contains("| tg4 |") && text.contains(" ± "), "{text}");
+}
+
+#[test]
+fn perplexity_prints_a_final_estimate() {
+    let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let out = ember().args(["perplexity", "-m"]).arg(&model).arg("-f").arg(refs.join("ppl-text.txt")).args(["-c", "128", "--chunks", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let ppl: f64 = text.split("PPL = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();
+    assert!(ppl > 5.0 && ppl < 60.0, "{text}");
+}
+
+#[test]
+fn bad_inputs_give_clear_errors_not_panics() {
+    let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model at all").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["run".into(), "-m".into(), junk.display().to_string(), "-p".into(), "hi".into()], "not a GGUF file"),
+        (vec!["run".into(), "-m".into(), dir.join("missing.gguf").display().to_string(), "-p".into(), "hi".into()], "does not exist"),
+        (vec!["info".into(), junk.display().to_string()], "not a GGUF file"),
+        (vec!["run".into(), "-m".into(), junk.display().to_string()], "give a prompt"),
+    ];
+    for (args, want) in cases {
+        let out = ember().args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    if let Some(model) = common::default_model() {
+        let out = ember().args(["run", "-m"]).arg(&model).args(["-p", "one two three four five six seven eight nine ten", "-c", "4"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1));
+        assert!(err.contains("more than the context"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
