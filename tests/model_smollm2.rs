@@ -95,3 +95,18 @@ fn relu_model_follows_its_model_card() {
     let text = tok.decode(&got, false);
     assert!(text.starts_with(" Paris, and the capital of the United States is New York City."), "{text:?}");
 }
+
+#[test]
+fn perplexity_tracks_llama_cpp() {
+    let (Some(path), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let (model, tok) = load(&path);
+    let text = std::fs::read_to_string(refs.join("ppl-text.txt")).unwrap();
+    let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(refs.join("perplexity.json")).unwrap()).unwrap();
+    let running: Vec<f64> = want[0]["running_ppl_after_each_chunk"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let tokens = tok.encode(&text, true, false).unwrap();
+    let mut session = Session::new(model, 256);
+    // The first 6 of llama.cpp's 38 windows keep the test short; the full run is in BENCHMARKS.md.
+    let got = ember::engine::perplexity::score(&mut session, &tokens, 256, 6, |_, _| {}).unwrap();
+    let rel = (got.ppl / running[5] - 1.0).abs();
+    assert!(rel < 0.005, "PPL after 6 windows {} vs llama.cpp {} ({:.3}%)", got.ppl, running[5], rel * 100.0);
+}

@@ -2,6 +2,7 @@
 
 pub mod forward;
 pub mod generate;
+pub mod perplexity;
 pub mod sampler;
 
 pub use forward::{ForwardError, Logits, Session};
