@@ -1,0 +1,255 @@
+//! Small llama-family models written by the test (random weights), run by ember and by a plain
+//! f64 reference forward pass written here from the architectures' definitions. Covers what the
+//! real model does not: qwen2's biases and NeoX RoPE, ReLU, untied outputs, converted types,
+//! and the loader's errors.
+
+mod common;
+
+use common::Rng;
+use ember::cpu::Precision;
+use ember::engine::{Logits, Session};
+use ember::gguf::{GgmlType, GgufFile, GgufWriter, Value};
+use ember::model::{Model, ModelError};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const E: usize = 64;
+const FF: usize = 96;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HD: usize = E / HEADS;
+const VOCAB: usize = 50;
+const LAYERS: usize = 2;
+
+struct Spec {
+    arch: &'static str,
+    relu: bool,
+    tied: bool,
+    /// Store this tensor of layer 0 as Q5_0 (converted at load time).
+    q5_tensor: Option<&'static str>,
+}
+
+/// Writes the model; returns the file and every tensor's (dequantised) values.
+fn build(spec: &Spec, seed: u64) -> (Vec<u8>, HashMap<String, Vec<f32>>) {
+    let mut rng = Rng(seed);
+    let mut w = GgufWriter::new();
+    let a = spec.arch;
+    w.set("general.architecture", Value::String(a.into()));
+    for (k, v) in [("block_count", LAYERS), ("embedding_length", E), ("feed_forward_length", FF), ("attention.head_count", HEADS), ("attention.head_count_kv", KV_HEADS), ("context_length", 128), ("vocab_size", VOCAB)] {
+        w.set(&format!("{a}.{k}"), Value::U32(v as u32));
+    }
+    w.set(&format!("{a}.rope.freq_base"), Value::F32(10000.0));
+    w.set(&format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
+    if spec.relu {
+        w.set("ember.ffn_activation", Value::String("relu".into()));
+    }
+    let mut values = HashMap::new();
+    let mut add = |w: &mut GgufWriter, name: String, dims: &[u64], scale: f32, q5: bool| {
+        let n: u64 = dims.iter().product();
+        let v: Vec<f32> = rng.vec(n as usize).iter().map(|x| x * scale).collect();
+        if q5 {
+            let bytes = q5_0_blocks(&mut rng, n as usize);
+            let mut deq = vec![0.0; n as usize];
+            ember::quant::dequantize(GgmlType::Q5_0, &bytes, &mut deq).unwrap();
+            w.add_tensor(&name, dims, GgmlType::Q5_0, bytes);
+            values.insert(name, deq);
+        } else {
+            w.add_f32(&name, dims, &v);
+            values.insert(name, v);
+        }
+    };
+    let (e, ff, kv, v) = (E as u64, FF as u64, (KV_HEADS * HD) as u64, VOCAB as u64);
+    add(&mut w, "token_embd.weight".into(), &[e, v], 1.0, false);
+    add(&mut w, "output_norm.weight".into(), &[e], 1.0, false);
+    if !spec.tied {
+        add(&mut w, "output.weight".into(), &[e, v], 0.3, false);
+    }
+    for l in 0..LAYERS {
+        let q5 = |t: &str| l == 0 && spec.q5_tensor == Some(t);
+        for (t, dims, scale) in [
+            ("attn_norm.weight", vec![e], 1.0),
+            ("attn_q.weight", vec![e, e], 0.3),
+            ("attn_k.weight", vec![e, kv], 0.3),
+            ("attn_v.weight", vec![e, kv], 0.3),
+            ("attn_output.weight", vec![e, e], 0.2),
+            ("ffn_norm.weight", vec![e], 1.0),
+            ("ffn_gate.weight", vec![e, ff], 0.3),
+            ("ffn_up.weight", vec![e, ff], 0.3),
+            ("ffn_down.weight", vec![ff, e], 0.2),
+        ] {
+            add(&mut w, format!("blk.{l}.{t}"), &dims, scale, q5(t));
+        }
+        if a == "qwen2" {
+            add(&mut w, format!("blk.{l}.attn_q.bias"), &[e], 0.5, false);
+            add(&mut w, format!("blk.{l}.attn_k.bias"), &[kv], 0.5, false);
+            add(&mut w, format!("blk.{l}.attn_v.bias"), &[kv], 0.5, false);
+        }
+    }
+    (w.to_bytes(), values)
+}
+
+/// Random Q5_0 blocks with a sane scale.
+fn q5_0_blocks(rng: &mut Rng, n: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    for _ in 0..n / 32 {
+        out.extend_from_slice(&half::f16::from_f32(0.02 + 0.01 * rng.signed()).to_le_bytes());
+        for _ in 0..20 {
+            out.push(rng.next_u64() as u8);
+        }
+    }
+    out
+}
+
+/// The architectures' definition in f64: RMSNorm, RoPE, causal GQA softmax attention, gated FFN.
+fn reference_logits(spec: &Spec, w: &HashMap<String, Vec<f32>>, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let g = |n: &str| w[n].iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let matvec = |m: &[f64], x: &[f64], rows: usize| -> Vec<f64> {
+        let cols = x.len();
+        (0..rows).map(|r| (0..cols).map(|c| m[r * cols + c] * x[c]).sum()).collect()
+    };
+    let norm = |x: &[f64], wt: &[f64]| -> Vec<f64> {
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + 1e-5).sqrt();
+        x.iter().zip(wt).map(|(v, w)| v / rms * w).collect()
+    };
+    let rope = |x: &mut [f64], pos: usize| {
+        for head in x.chunks_mut(HD) {
+            for i in 0..HD / 2 {
+                let theta = pos as f64 * 10000f64.powf(-2.0 * i as f64 / HD as f64);
+                let (a, b) = if spec.arch == "qwen2" { (i, i + HD / 2) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * theta.cos() - x1 * theta.sin();
+                head[b] = x0 * theta.sin() + x1 * theta.cos();
+            }
+        }
+    };
+    let kvd = KV_HEADS * HD;
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| g("token_embd.weight")[t as usize * E..(t as usize + 1) * E].to_vec()).collect();
+    for l in 0..LAYERS {
+        let p = |t: &str| g(&format!("blk.{l}.{t}"));
+        let (mut ks, mut vs, mut qs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let h = norm(x, &p("attn_norm.weight"));
+            let (mut q, mut k, mut v) = (matvec(&p("attn_q.weight"), &h, E), matvec(&p("attn_k.weight"), &h, kvd), matvec(&p("attn_v.weight"), &h, kvd));
+            if spec.arch == "qwen2" {
+                for (buf, b) in [(&mut q, p("attn_q.bias")), (&mut k, p("attn_k.bias")), (&mut v, p("attn_v.bias"))] {
+                    buf.iter_mut().zip(b).for_each(|(x, b)| *x += b);
+                }
+            }
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(v);
+        }
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0.0; E];
+            for hh in 0..HEADS {
+                let kvh = hh / (HEADS / KV_HEADS);
+                let s: Vec<f64> = (0..=pos).map(|j| (0..HD).map(|i| qs[pos][hh * HD + i] * ks[j][kvh * HD + i]).sum::<f64>() / (HD as f64).sqrt()).collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                for i in 0..HD {
+                    att[hh * HD + i] = (0..=pos).map(|j| (s[j] - m).exp() / z * vs[j][kvh * HD + i]).sum();
+                }
+            }
+            let o = matvec(&p("attn_output.weight"), &att, E);
+            x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
+            let h = norm(x, &p("ffn_norm.weight"));
+            let (gate, up) = (matvec(&p("ffn_gate.weight"), &h, FF), matvec(&p("ffn_up.weight"), &h, FF));
+            let act: Vec<f64> = gate.iter().zip(&up).map(|(&g, &u)| if spec.relu { g.max(0.0) * u } else { g / (1.0 + (-g).exp()) * u }).collect();
+            let d = matvec(&p("ffn_down.weight"), &act, E);
+            x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
+        }
+    }
+    let out = if spec.tied { g("token_embd.weight") } else { g("output.weight") };
+    xs.iter().map(|x| matvec(&out, &norm(x, &g("output_norm.weight")), VOCAB)).collect()
+}
+
+fn check(spec: Spec) {
+    let (bytes, weights) = build(&spec, 42);
+    let model = Arc::new(Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes).unwrap())).unwrap());
+    assert_eq!(model.conversions.len(), spec.q5_tensor.is_some() as usize);
+    let tokens = [3u32, 17, 42, 0, 9, 31, 8];
+    let want = reference_logits(&spec, &weights, &tokens);
+    let mut session = Session::new(model.clone(), 32);
+    session.precision = Precision::F32;
+    let got = session.forward(&tokens, Logits::All).unwrap();
+    for (t, w) in want.iter().enumerate() {
+        for (v, &wv) in w.iter().enumerate() {
+            let g = got[t * VOCAB + v] as f64;
+            // f16 KV cache and f16 attention accumulation: about 3 significant digits.
+            assert!((g - wv).abs() < 2e-2 * wv.abs().max(1.0), "{} token {t} logit {v}: {g} vs {wv}", spec.arch);
+        }
+    }
+}
+
+#[test]
+fn llama_matches_the_reference() {
+    check(Spec { arch: "llama", relu: false, tied: true, q5_tensor: None });
+}
+
+#[test]
+fn qwen2_biases_and_neox_rope_match_the_reference() {
+    check(Spec { arch: "qwen2", relu: false, tied: false, q5_tensor: None });
+}
+
+#[test]
+fn relu_ffn_matches_the_reference() {
+    check(Spec { arch: "mistral", relu: true, tied: false, q5_tensor: None });
+}
+
+#[test]
+fn q5_0_weights_are_converted_and_still_match() {
+    check(Spec { arch: "llama", relu: true, tied: true, q5_tensor: Some("ffn_down.weight") });
+}
+
+fn load_err(bytes: Vec<u8>) -> ModelError {
+    match Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes).unwrap())) {
+        Ok(_) => panic!("model loaded"),
+        Err(e) => e,
+    }
+}
+
+/// Rewrites the synthetic model with one metadata key changed or one tensor dropped.
+fn variant(edit: impl Fn(&str, &Value) -> Option<Value>, drop_tensor: Option<&str>) -> Vec<u8> {
+    variant_with(edit, drop_tensor, None)
+}
+
+fn variant_with(edit: impl Fn(&str, &Value) -> Option<Value>, drop_tensor: Option<&str>, extra: Option<(&str, Value)>) -> Vec<u8> {
+    let (bytes, _) = build(&Spec { arch: "llama", relu: false, tied: true, q5_tensor: None }, 1);
+    let f = GgufFile::from_bytes(bytes).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in f.metadata() {
+        w.set(k, edit(k, v).unwrap_or_else(|| v.clone()));
+    }
+    if let Some((k, v)) = extra {
+        w.set(k, v);
+    }
+    for t in f.tensors() {
+        if Some(t.name.as_str()) != drop_tensor {
+            w.add_tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+        }
+    }
+    w.to_bytes()
+}
+
+#[test]
+fn loader_errors_name_what_is_wrong() {
+    let e = load_err(variant(|_, _| None, Some("blk.1.ffn_up.weight")));
+    assert!(matches!(&e, ModelError::MissingTensor(n, _) if n == "blk.1.ffn_up.weight"), "{e}");
+
+    let e = load_err(variant(|k, _| (k == "general.architecture").then(|| Value::String("gpt-j".into())), None));
+    assert!(e.to_string().contains("gpt-j") && e.to_string().contains("llama"), "{e}");
+
+    let e = load_err(variant(|k, _| (k == "llama.feed_forward_length").then_some(Value::U32(97)), None));
+    assert!(matches!(&e, ModelError::BadShape { name, .. } if name == "blk.0.ffn_gate.weight"), "{e}");
+
+    let e = load_err(variant(|k, _| (k == "llama.attention.head_count_kv").then_some(Value::U32(3)), None));
+    assert!(matches!(e, ModelError::BadHParams(_)), "{e}");
+
+    let e = load_err(variant(|k, _| (k == "llama.block_count").then_some(Value::U32(1 << 30)), None));
+    assert!(e.to_string().contains("block_count"), "{e}");
+
+    let e = load_err(variant_with(|_, _| None, None, Some(("ember.ffn_activation", Value::String("gelu".into())))));
+    assert!(matches!(&e, ModelError::BadHParams(m) if m.contains("gelu")), "{e}");
+}
