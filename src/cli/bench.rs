@@ -2,7 +2,7 @@
 //! batch from an empty context; `tgN`: N tokens generated one at a time from an empty context.
 //! Each test runs once to warm up, then `--repetitions` times; t/s is mean ± sample sd.
 
-use super::anyhow_like::Result;
+use super::Result;
 use super::ModelArgs;
 use crate::engine::{Logits, Session};
 use clap::Args;

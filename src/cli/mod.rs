@@ -86,7 +86,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 
 impl ModelArgs {
     /// The model path, fetching the default model when none was given and it is missing.
-    pub fn resolve_model(&self) -> anyhow_like::Result<PathBuf> {
+    pub fn resolve_model(&self) -> Result<PathBuf> {
         match &self.model {
             Some(p) if p.exists() => Ok(p.clone()),
             Some(p) => Err(format!("model file {} does not exist", p.display()).into()),
@@ -102,7 +102,7 @@ impl ModelArgs {
     }
 
     /// A thread pool of the requested size; everything runs inside it.
-    pub fn pool(&self) -> anyhow_like::Result<rayon::ThreadPool> {
+    pub fn pool(&self) -> Result<rayon::ThreadPool> {
         let n = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if n == 0 || n > 1024 {
             return Err(format!("--threads {n}: use 1 to 1024").into());
@@ -115,13 +115,11 @@ impl ModelArgs {
     }
 }
 
-/// Errors at the CLI boundary are messages for the user.
-pub mod anyhow_like {
-    pub type Error = Box<dyn std::error::Error + Send + Sync>;
-    pub type Result<T> = std::result::Result<T, Error>;
-}
+/// Errors at the CLI boundary are messages for the user: any error, printed with its context.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+pub type Result<T> = std::result::Result<T, Error>;
 
-pub fn main_with(cli: Cli) -> anyhow_like::Result<()> {
+pub fn main_with(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run::run(a),
         Command::Info(a) => info::info(a),
@@ -132,7 +130,7 @@ pub fn main_with(cli: Cli) -> anyhow_like::Result<()> {
 }
 
 /// Loads the model and its tokenizer, printing one line about them to stderr.
-pub(crate) fn load(path: &std::path::Path) -> anyhow_like::Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
+pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
     let start = std::time::Instant::now();
     let model = crate::model::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&model.file).map_err(|e| format!("{}: tokenizer: {e}", path.display()))?;

@@ -1,6 +1,6 @@
 //! `ember perplexity`: llama-perplexity's protocol (see `engine::perplexity`).
 
-use super::anyhow_like::Result;
+use super::Result;
 use super::ModelArgs;
 use crate::engine::perplexity::score;
 use crate::engine::Session;

@@ -1,6 +1,6 @@
 //! `ember run`: generate text, streamed to stdout; diagnostics and speed to stderr.
 
-use super::anyhow_like::Result;
+use super::Result;
 use super::ModelArgs;
 use crate::engine::{generate, Sampler, SamplerConfig, Session, StopReason};
 use crate::tokenizer::ChatMessage;
