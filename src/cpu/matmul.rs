@@ -22,7 +22,7 @@ pub struct Activations<'a> {
 
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n_tokens: usize) -> Self {
-        assert!(n_tokens > 0 && x.len() % n_tokens == 0);
+        assert!(n_tokens > 0 && x.len().is_multiple_of(n_tokens));
         Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new() }
     }
 
@@ -70,6 +70,15 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Going through a method makes closures capture the whole (Send) wrapper rather than
+    /// its raw-pointer field.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers index inside the output slice the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// Rows per task: small enough for every thread to get several tasks (load balance), large
 /// enough to amortise scheduling.
 fn rows_per_task(rows: usize) -> usize {
@@ -109,7 +118,6 @@ fn run<W: bytemuck::Pod + Sync, A: Sync>(
     let n_tasks = rows.div_ceil(chunk);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..n_tasks).into_par_iter().for_each(|task| {
-        let ptr = ptr;
         let r0 = task * chunk;
         let r1 = (r0 + chunk).min(rows);
         for t in 0..x.n_tokens {
@@ -117,7 +125,7 @@ fn run<W: bytemuck::Pod + Sync, A: Sync>(
             for r in r0..r1 {
                 let v = dot(&weights[r * per_row..(r + 1) * per_row], a);
                 // SAFETY: tasks own disjoint row ranges, so each (t, r) is written once.
-                unsafe { *ptr.0.add(t * rows + r) = v };
+                unsafe { *ptr.at(t * rows + r) = v };
             }
         }
     });
@@ -130,7 +138,6 @@ fn run_dequantised(w: &Matrix, x: &Activations, out: &mut [f32]) {
     let chunk = rows_per_task(rows);
     let ptr = OutPtr(out.as_mut_ptr());
     (0..rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
-        let ptr = ptr;
         let mut row = vec![0.0f32; w.cols];
         let rb = w.row_bytes();
         for r in task * chunk..((task + 1) * chunk).min(rows) {
@@ -138,7 +145,7 @@ fn run_dequantised(w: &Matrix, x: &Activations, out: &mut [f32]) {
             for t in 0..x.n_tokens {
                 let v = quant::vec_dot_f32(&row, &x.x[t * w.cols..(t + 1) * w.cols]);
                 // SAFETY: tasks own disjoint row ranges, so each (t, r) is written once.
-                unsafe { *ptr.0.add(t * rows + r) = v };
+                unsafe { *ptr.at(t * rows + r) = v };
             }
         }
     });

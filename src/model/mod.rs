@@ -119,7 +119,7 @@ impl HParams {
         let n_embd = req_u("embedding_length")?;
         let n_head = req_u("attention.head_count")?;
         let n_head_kv = opt_u("attention.head_count_kv").map(|v| v as usize).unwrap_or(n_head);
-        let head_dim = opt_u("attention.key_length").map(|v| v as usize).unwrap_or(if n_head > 0 { n_embd / n_head } else { 0 });
+        let head_dim = opt_u("attention.key_length").map(|v| v as usize).unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
         let n_vocab = match opt_u("vocab_size") {
             Some(v) => v as usize,
             None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
@@ -172,13 +172,15 @@ impl HParams {
                 return bad(format!("{name} = {v} (must be 1 to {max})"));
             }
         }
-        if self.n_head % self.n_head_kv != 0 {
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
             return bad(format!("{} heads are not a multiple of {} KV heads", self.n_head, self.n_head_kv));
         }
-        if self.rope_dim > self.head_dim || self.rope_dim % 2 != 0 {
+        if self.rope_dim > self.head_dim || !self.rope_dim.is_multiple_of(2) {
             return bad(format!("RoPE dimension {} with head dimension {}", self.rope_dim, self.head_dim));
         }
-        if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) || !(self.rope_base > 1.0) {
+        // Written so that NaN fails too.
+        let sane = self.rms_eps > 0.0 && self.rms_eps < 1.0 && self.rope_base > 1.0;
+        if !sane {
             return bad(format!("rms eps {} / rope base {}", self.rms_eps, self.rope_base));
         }
         Ok(())
