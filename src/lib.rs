@@ -9,5 +9,6 @@ pub mod quant;
 pub mod tokenizer;
 pub mod model;
 pub mod cpu;
+pub mod gpu;
 pub mod engine;
 pub mod cli;

@@ -71,3 +71,16 @@ impl Rng {
         (0..n).map(|_| self.signed()).collect()
     }
 }
+
+/// A GPU context for kernel tests: any adapter, software ones included (lavapipe in CI). When
+/// none exists the test says so and skips, except under CI, where it fails.
+pub fn gpu() -> Option<ember::gpu::GpuContext> {
+    match ember::gpu::GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware) {
+        Ok(ctx) => Some(ctx),
+        Err(e) if std::env::var_os("CI").is_some() => panic!("no GPU adapter in CI: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED: no GPU adapter: {e}");
+            None
+        }
+    }
+}
