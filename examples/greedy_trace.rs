@@ -1,6 +1,6 @@
 //! Greedy decoding that prints each step's top-2 tokens and their margin, to locate and judge a
 //! divergence from another engine: `cargo run --release --example greedy_trace MODEL PROMPT [N]`.
-use ember::engine::{Logits, Session};
+use ember::engine::{Forward, Logits, Session};
 use std::sync::Arc;
 
 fn main() {

@@ -4,7 +4,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{generate, Logits, Sampler, SamplerConfig, Session};
+use ember::engine::{generate, Forward, Logits, Sampler, SamplerConfig, Session};
 use ember::model::Model;
 use ember::tokenizer::Tokenizer;
 use std::sync::Arc;

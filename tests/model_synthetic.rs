@@ -7,7 +7,7 @@ mod common;
 
 use common::Rng;
 use ember::cpu::Precision;
-use ember::engine::{Logits, Session};
+use ember::engine::{Forward, Logits, Session};
 use ember::gguf::{GgmlType, GgufFile, GgufWriter, Value};
 use ember::model::{Model, ModelError};
 use std::collections::HashMap;

@@ -4,7 +4,7 @@
 
 use super::Result;
 use super::ModelArgs;
-use crate::engine::{Logits, Session};
+use crate::engine::Logits;
 use clap::Args;
 use std::time::Instant;
 
@@ -41,8 +41,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-        let mut session = Session::new(model.clone(), n_ctx);
-        session.precision = a.model.precision.into();
+        let mut session = super::backend::open(&a.model, model.clone(), n_ctx)?;
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();
@@ -66,8 +65,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let t = Instant::now();
                 let mut tok = tokens[0];
                 for _ in 0..a.n_gen {
-                    let logits = session.forward(&[tok], Logits::Last)?;
-                    tok = crate::cpu::ops::argmax(&logits).0 as u32;
+                    tok = session.forward_argmax(&[tok])?;
                 }
                 Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
             };
@@ -79,9 +77,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for (test, (mean, sd)) in rows {
             println!(
-                "| {label} | {:.2} MiB | {:.2} M | CPU | {} | {test} | {mean:.2} ± {sd:.2} |",
+                "| {label} | {:.2} MiB | {:.2} M | {} | {} | {test} | {mean:.2} ± {sd:.2} |",
                 size as f64 / (1u64 << 20) as f64,
                 params as f64 / 1e6,
+                session.backend_name(),
                 rayon::current_num_threads()
             );
         }

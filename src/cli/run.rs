@@ -2,7 +2,7 @@
 
 use super::Result;
 use super::ModelArgs;
-use crate::engine::{generate, Sampler, SamplerConfig, Session, StopReason};
+use crate::engine::{generate, Sampler, SamplerConfig, StopReason};
 use crate::tokenizer::ChatMessage;
 use clap::Args;
 use std::io::Write;
@@ -96,11 +96,10 @@ pub fn run(a: RunArgs) -> Result<()> {
             repeat_last_n: a.repeat_last_n,
             seed,
         });
-        let mut session = Session::new(model, n_ctx);
-        session.precision = a.model.precision.into();
+        let mut session = super::backend::open(&a.model, model, n_ctx)?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
-        let g = generate(&mut session, &tokenizer, &mut sampler, &ids, a.n_predict, &a.stop, |piece| {
+        let g = generate(session.as_mut(), &tokenizer, &mut sampler, &ids, a.n_predict, &a.stop, |piece| {
             // A closed pipe (e.g. `| head`) ends the output, not the program with a panic.
             let _ = out.write_all(piece.as_bytes()).and_then(|_| out.flush());
         })?;

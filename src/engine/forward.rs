@@ -16,6 +16,31 @@ pub enum ForwardError {
     BadToken(u32, usize),
     #[error("nothing to evaluate: empty token list")]
     Empty,
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
+}
+
+/// What the generation loop, perplexity and bench need from a backend: run tokens at the next
+/// positions and hand back logits. The CPU [`Session`] and the GPU session implement it.
+pub trait Forward {
+    /// Runs `tokens` at the next positions: logits `[n_vocab]` for [`Logits::Last`],
+    /// `[tokens.len()][n_vocab]` for [`Logits::All`].
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError>;
+
+    /// Runs `tokens` and returns the most likely next token (the first of equal maxima). A GPU
+    /// backend computes it there and reads back only the id.
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        let logits = self.forward(tokens, Logits::Last)?;
+        Ok(crate::cpu::ops::argmax(&logits).0 as u32)
+    }
+
+    fn n_past(&self) -> usize;
+    fn n_ctx(&self) -> usize;
+    /// Forgets the sequence (the cache is overwritten from position 0).
+    fn reset(&mut self);
+    fn model(&self) -> &Arc<Model>;
+    /// Where it runs, for tables and messages ("CPU", "GPU").
+    fn backend_name(&self) -> String;
 }
 
 /// Which positions of a batch need logits.
@@ -45,22 +70,7 @@ impl Session {
         Session { model, kv, rope, n_past: 0, precision: Precision::default() }
     }
 
-    pub fn n_past(&self) -> usize {
-        self.n_past
-    }
-
-    pub fn n_ctx(&self) -> usize {
-        self.kv.n_ctx
-    }
-
-    /// Forgets the sequence (the cache is overwritten from position 0).
-    pub fn reset(&mut self) {
-        self.n_past = 0;
-    }
-
-    /// Runs `tokens` at the next positions and returns logits: `[n_vocab]` for
-    /// [`Logits::Last`], `[tokens.len()][n_vocab]` for [`Logits::All`].
-    pub fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+    fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         let m = self.model.clone();
         let hp = &m.hp;
         let n = tokens.len();
@@ -133,5 +143,31 @@ impl Session {
         let mut logits = vec![0.0; rows * hp.n_vocab];
         matmul(&m.output, &Activations::new(xn, rows).with_precision(self.precision), &mut logits);
         Ok(logits)
+    }
+}
+
+impl Forward for Session {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        self.run(tokens, want)
+    }
+
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.kv.n_ctx
+    }
+
+    fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    fn backend_name(&self) -> String {
+        "CPU".into()
     }
 }

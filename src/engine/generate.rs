@@ -1,7 +1,7 @@
 //! The generation loop: prefill the prompt in batches, then sample token by token, streaming
 //! text as soon as it is valid UTF-8 and cannot be the start of a stop string.
 
-use super::forward::{ForwardError, Logits, Session};
+use super::forward::{Forward, ForwardError, Logits};
 use super::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
 use std::time::Instant;
@@ -43,11 +43,16 @@ pub struct Generation {
     pub timings: Timings,
 }
 
+enum Next {
+    Token(u32),
+    Logits(Vec<f32>),
+}
+
 /// Prompt tokens evaluated per forward call: bounds the activation memory of prefill.
 pub const PREFILL_BATCH: usize = 512;
 
 /// Evaluates the prompt and returns the last position's logits.
-pub fn prefill(session: &mut Session, prompt: &[u32]) -> Result<Vec<f32>, ForwardError> {
+pub fn prefill(session: &mut dyn Forward, prompt: &[u32]) -> Result<Vec<f32>, ForwardError> {
     let mut logits = Vec::new();
     for chunk in prompt.chunks(PREFILL_BATCH) {
         logits = session.forward(chunk, Logits::Last)?;
@@ -58,7 +63,7 @@ pub fn prefill(session: &mut Session, prompt: &[u32]) -> Result<Vec<f32>, Forwar
 /// Generates up to `n_predict` tokens after `prompt`, calling `emit` with each piece of text
 /// as it becomes final.
 pub fn generate(
-    session: &mut Session,
+    session: &mut dyn Forward,
     tokenizer: &Tokenizer,
     sampler: &mut Sampler,
     prompt: &[u32],
@@ -70,8 +75,15 @@ pub fn generate(
         sampler.accept(t);
     }
     let mut timings = Timings { n_prompt: prompt.len(), ..Default::default() };
+    // Greedy decoding needs only the best token: the backend picks it (on the GPU, nothing but
+    // its id crosses the bus).
+    let greedy = sampler.is_greedy();
     let start = Instant::now();
-    let mut logits = prefill(session, prompt)?;
+    let mut next = if greedy {
+        Next::Token(session.forward_argmax(prompt)?)
+    } else {
+        Next::Logits(prefill(session, prompt)?)
+    };
     timings.prompt_secs = start.elapsed().as_secs_f64();
 
     let mut stream = TextStream::new(stop_strings);
@@ -79,7 +91,13 @@ pub fn generate(
     let start = Instant::now();
     let mut stop = StopReason::Length;
     while tokens.len() < n_predict {
-        let token = sampler.sample(&logits);
+        let token = match &next {
+            Next::Token(t) => {
+                sampler.accept(*t);
+                *t
+            }
+            Next::Logits(l) => sampler.sample(l),
+        };
         if tokenizer.is_eog(token) {
             stop = StopReason::EndOfGeneration;
             break;
@@ -96,7 +114,7 @@ pub fn generate(
             stop = StopReason::ContextFull;
             break;
         }
-        logits = session.forward(&[token], Logits::Last)?;
+        next = if greedy { Next::Token(session.forward_argmax(&[token])?) } else { Next::Logits(session.forward(&[token], Logits::Last)?) };
     }
     timings.n_generated = tokens.len();
     timings.gen_secs = start.elapsed().as_secs_f64();

@@ -2,9 +2,11 @@
 
 pub mod forward;
 pub mod generate;
+pub mod gpu_forward;
 pub mod perplexity;
 pub mod sampler;
 
-pub use forward::{ForwardError, Logits, Session};
+pub use forward::{Forward, ForwardError, Logits, Session};
+pub use gpu_forward::{GpuSession, GpuWeights};
 pub use generate::{generate, Generation, StopReason, Timings};
 pub use sampler::{Sampler, SamplerConfig};

@@ -2,7 +2,7 @@
 //! `n_ctx` tokens; each window is evaluated alone and only its second half is scored, so every
 //! scored token sees at least n_ctx/2 tokens of context.
 
-use super::forward::{ForwardError, Logits, Session};
+use super::forward::{Forward, ForwardError, Logits};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -21,8 +21,8 @@ pub struct Perplexity {
 }
 
 /// Scores `tokens` in windows of `n_ctx`; `progress` sees each running estimate.
-pub fn score(session: &mut Session, tokens: &[u32], n_ctx: usize, max_chunks: usize, mut progress: impl FnMut(usize, f64)) -> Result<Perplexity, PerplexityError> {
-    let n_vocab = session.model.hp.n_vocab;
+pub fn score(session: &mut dyn Forward, tokens: &[u32], n_ctx: usize, max_chunks: usize, mut progress: impl FnMut(usize, f64)) -> Result<Perplexity, PerplexityError> {
+    let n_vocab = session.model().hp.n_vocab;
     let mut n_chunks = tokens.len() / n_ctx;
     if max_chunks > 0 {
         n_chunks = n_chunks.min(max_chunks);

@@ -72,6 +72,11 @@ impl Sampler {
         Sampler { config, rng, recent: Vec::new() }
     }
 
+    /// Whether every choice is the argmax of the raw logits (greedy, no penalty).
+    pub fn is_greedy(&self) -> bool {
+        self.config.temperature <= 0.0 && (self.config.repeat_penalty == 1.0 || self.config.repeat_last_n == 0)
+    }
+
     /// Tells the sampler about tokens already in the context (for the repetition penalty).
     pub fn accept(&mut self, token: u32) {
         self.recent.push(token);

@@ -8,7 +8,9 @@ struct PendingTensor {
     name: String,
     dims: Vec<u64>,
     ty: GgmlType,
-    data: Vec<u8>,
+    /// The bytes, or None for a tensor whose bytes a generator produces while writing.
+    data: Option<Vec<u8>>,
+    len: u64,
 }
 
 /// Collects metadata and tensors, then writes a complete file in one pass.
@@ -57,7 +59,17 @@ impl GgufWriter {
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ty: GgmlType, data: Vec<u8>) -> &mut Self {
         let n: u64 = dims.iter().product();
         assert_eq!(ty.bytes_for(n), Some(data.len() as u64), "tensor {name}: data size does not match {dims:?} of {ty}");
-        self.tensors.push(PendingTensor { name: name.to_string(), dims: dims.to_vec(), ty, data });
+        let len = data.len() as u64;
+        self.tensors.push(PendingTensor { name: name.to_string(), dims: dims.to_vec(), ty, data: Some(data), len });
+        self
+    }
+
+    /// Adds a tensor whose bytes are produced at write time by [`GgufWriter::write_generated`]
+    /// (models larger than memory, e.g. `ember synth`).
+    pub fn add_generated(&mut self, name: &str, dims: &[u64], ty: GgmlType) -> &mut Self {
+        let n: u64 = dims.iter().product();
+        let len = ty.bytes_for(n).unwrap_or_else(|| panic!("tensor {name}: {dims:?} is not a whole number of {ty} blocks"));
+        self.tensors.push(PendingTensor { name: name.to_string(), dims: dims.to_vec(), ty, data: None, len });
         self
     }
 
@@ -78,6 +90,12 @@ impl GgufWriter {
     }
 
     pub fn write(&self, w: &mut impl Write) -> io::Result<()> {
+        self.write_generated(w, &mut |name, _, _| panic!("tensor {name} was added with add_generated: use write_generated"))
+    }
+
+    /// Writes the file, calling `generate(name, type, buffer)` to fill each tensor added with
+    /// [`GgufWriter::add_generated`] (the buffer has the tensor's exact size).
+    pub fn write_generated(&self, w: &mut impl Write, generate: &mut dyn FnMut(&str, GgmlType, &mut [u8])) -> io::Result<()> {
         let mut header = Vec::new();
         header.extend_from_slice(self.magic.bytes());
         header.extend_from_slice(&3u32.to_le_bytes());
@@ -97,14 +115,21 @@ impl GgufWriter {
             }
             header.extend_from_slice(&(t.ty as u32).to_le_bytes());
             header.extend_from_slice(&offset.to_le_bytes());
-            offset = align_up(offset + t.data.len() as u64, self.alignment);
+            offset = align_up(offset + t.len, self.alignment);
         }
         let data_start = align_up(header.len() as u64, self.alignment);
         header.resize(data_start as usize, 0);
         w.write_all(&header)?;
         for t in &self.tensors {
-            w.write_all(&t.data)?;
-            let pad = align_up(t.data.len() as u64, self.alignment) - t.data.len() as u64;
+            match &t.data {
+                Some(d) => w.write_all(d)?,
+                None => {
+                    let mut buf = vec![0u8; t.len as usize];
+                    generate(&t.name, t.ty, &mut buf);
+                    w.write_all(&buf)?;
+                }
+            }
+            let pad = align_up(t.len, self.alignment) - t.len;
             w.write_all(&vec![0u8; pad as usize])?;
         }
         Ok(())

@@ -66,8 +66,18 @@ impl std::str::FromStr for DeviceChoice {
     }
 }
 
-fn instance() -> wgpu::Instance {
-    wgpu::Instance::new(wgpu::InstanceDescriptor { backends: wgpu::Backends::all(), ..wgpu::InstanceDescriptor::new_without_display_handle() })
+fn instance(backends: wgpu::Backends) -> wgpu::Instance {
+    wgpu::Instance::new(wgpu::InstanceDescriptor { backends, ..wgpu::InstanceDescriptor::new_without_display_handle() })
+}
+
+/// Vulkan, Metal and DX12 adapters; only when there are none, OpenGL ones (probing GL first
+/// would print EGL noise on machines that do not need it).
+fn enumerate() -> Vec<wgpu::Adapter> {
+    let primary = pollster::block_on(instance(wgpu::Backends::PRIMARY).enumerate_adapters(wgpu::Backends::PRIMARY));
+    if !primary.is_empty() {
+        return primary;
+    }
+    pollster::block_on(instance(wgpu::Backends::GL).enumerate_adapters(wgpu::Backends::GL))
 }
 
 fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
@@ -88,8 +98,7 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
 
 /// Every adapter wgpu finds, in a stable order (the indices `--device N` refers to).
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
-    adapters.iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
+    enumerate().iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
 }
 
 /// The device and everything created once per process.
@@ -106,7 +115,7 @@ impl GpuContext {
     /// Opens the chosen adapter, asking for SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where
     /// present and for the adapter's own limits (not WebGPU's small defaults).
     pub fn new(choice: &DeviceChoice) -> Result<GpuContext, GpuError> {
-        let adapters = pollster::block_on(instance().enumerate_adapters(wgpu::Backends::all()));
+        let adapters = enumerate();
         if adapters.is_empty() {
             return Err(GpuError::NoAdapter);
         }
@@ -143,6 +152,12 @@ impl GpuContext {
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(summary.name.clone(), e.to_string()))?;
+        // A validation error or a lost device is a bug or a broken driver: say so and stop,
+        // rather than panic with a backtrace or go on computing garbage.
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            eprintln!("error: GPU: {e}");
+            std::process::exit(1);
+        }));
         Ok(GpuContext { adapter: summary, device, queue, features, limits, pipelines: Mutex::new(HashMap::new()) })
     }
 

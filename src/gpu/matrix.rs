@@ -1,4 +1,406 @@
 //! Weight matrices on the GPU (repacked layouts) and their matrix-product kernels.
+//!
+//! # Layouts
+//! Every type keeps its rows contiguous and splits each row into 16-byte *units* that one
+//! thread loads with a single `vec4<u32>` read; adjacent threads read adjacent units.
+//!
+//! | type | `wq` (binding 4, `array<vec4<u32>>`) | `wd` (binding 5, `array<u32>`) | unit |
+//! | --- | --- | --- | --- |
+//! | F32 | the GGUF bytes | — | 4 elements |
+//! | F16 | the GGUF bytes | — | 8 elements |
+//! | Q8_0 | the 32 quant bytes of each block | f16 scales, two per word | 16 elements (half a block) |
+//! | Q4_0 | the 16 quant bytes of each block (GGUF nibble order) | f16 scales, two per word | 32 elements (a block) |
+//! | Q4_1 | as Q4_0 | `d | m << 16` per block | 32 elements |
+//!
+//! So Q4_0 takes 18 bytes per 32 elements on the GPU as in the file, with every load aligned.
+//! A matrix whose buffers would exceed the adapter's largest binding is split by rows (in
+//! multiples of 64) into chunks, each with its own buffers, bind groups and dispatches.
+//!
+//! # Kernels
+//! `shaders/matmul_<type>.wgsl` decodes one type; it is composed with
+//! `shaders/matmul_common.wgsl` (the matvec `mv_main` with a shared-memory reduction and the
+//! tiled `mm_tiled`), with `shaders/matmul_vec_sg.wgsl` (`mv_main_sg`, subgroup reduction) when
+//! the adapter has subgroups, and with `shaders/get_rows_common.wgsl` for embedding lookups.
 
-/// (file name, source) of this module's kernels.
-pub const SHADERS: &[(&str, &str)] = &[];
+use super::{GpuContext, GpuError};
+use crate::gguf::GgmlType;
+use crate::model::Matrix;
+use std::sync::Arc;
+
+macro_rules! compose {
+    ($($file:literal),+) => { concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
+}
+
+/// The kernel sources of one weight type.
+struct TypeSources {
+    name: &'static str,
+    /// Type + matmul_common.wgsl.
+    mm: &'static str,
+    /// Type + matmul_common.wgsl + matmul_vec_sg.wgsl.
+    mm_sg: &'static str,
+    /// Type + get_rows_common.wgsl.
+    get_rows: &'static str,
+}
+
+macro_rules! type_sources {
+    ($name:literal, $file:literal) => {
+        TypeSources {
+            name: $name,
+            mm: compose!($file, "matmul_common.wgsl"),
+            mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl"),
+            get_rows: compose!($file, "get_rows_common.wgsl"),
+        }
+    };
+}
+
+const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl");
+const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl");
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl");
+const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl");
+const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl");
+
+macro_rules! listed {
+    ($src:ident, $file:literal) => {
+        [($file, include_str!(concat!("../../shaders/", $file))), ("matmul_common.wgsl", $src.mm), ("matmul_vec_sg.wgsl", $src.mm_sg), ("get_rows_common.wgsl", $src.get_rows)]
+    };
+}
+
+const LISTED: [[(&str, &str); 4]; 5] = [
+    listed!(F32_SRC, "matmul_f32.wgsl"),
+    listed!(F16_SRC, "matmul_f16.wgsl"),
+    listed!(Q8_0_SRC, "matmul_q8_0.wgsl"),
+    listed!(Q4_0_SRC, "matmul_q4_0.wgsl"),
+    listed!(Q4_1_SRC, "matmul_q4_1.wgsl"),
+];
+
+/// (file name, source) of this module's kernels: each type file on its own, and each kernel
+/// file as compiled, composed after every type file (so one name appears once per type).
+pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
+
+fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
+    Some(match ty {
+        GgmlType::F32 => &F32_SRC,
+        GgmlType::F16 => &F16_SRC,
+        GgmlType::Q8_0 => &Q8_0_SRC,
+        GgmlType::Q4_0 => &Q4_0_SRC,
+        GgmlType::Q4_1 => &Q4_1_SRC,
+        _ => return None,
+    })
+}
+
+/// Bytes per row of the quants (`wq`) and of the scales (`wd`) of a type's GPU layout.
+fn layout_bytes(ty: GgmlType, cols: usize) -> (usize, usize) {
+    let blocks = cols / 32;
+    match ty {
+        GgmlType::F32 => (cols * 4, 0),
+        GgmlType::F16 => (cols * 2, 0),
+        GgmlType::Q8_0 => (blocks * 32, blocks * 2),
+        GgmlType::Q4_0 => (blocks * 16, blocks * 2),
+        GgmlType::Q4_1 => (blocks * 16, blocks * 4),
+        _ => unreachable!(),
+    }
+}
+
+/// Splits GGUF blocks of `rows` into the quant and scale arrays of the GPU layout.
+fn repack(ty: GgmlType, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let split = |block: usize, scale: usize| {
+        let n = bytes.len() / block;
+        let mut q = Vec::with_capacity(n * (block - scale));
+        let mut d = Vec::with_capacity(n * scale);
+        for b in bytes.chunks_exact(block) {
+            d.extend_from_slice(&b[..scale]);
+            q.extend_from_slice(&b[scale..]);
+        }
+        (q, d)
+    };
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => (bytes.to_vec(), Vec::new()),
+        GgmlType::Q8_0 => split(34, 2),
+        GgmlType::Q4_0 => split(18, 2),
+        GgmlType::Q4_1 => split(20, 4),
+        _ => unreachable!(),
+    }
+}
+
+/// Rows per chunk are a multiple of this (the tiled kernel's row tile), so chunk boundaries
+/// fall on whole words of packed f16 scales.
+const CHUNK_ROWS_ALIGN: usize = 64;
+
+/// One row range of a matrix with its own buffers.
+struct Chunk {
+    rows: usize,
+    wq: wgpu::Buffer,
+    wd: Option<wgpu::Buffer>,
+    /// `Chunk` uniform of the kernels: rows, row0, ld_y (all rows), cols.
+    params: wgpu::Buffer,
+}
+
+/// A weight matrix in GPU memory, in the layout of its type (see the module docs).
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub ty: GgmlType,
+    pub name: String,
+    chunks: Vec<Chunk>,
+}
+
+/// One specialisation of the matvec: tokens per dispatch, threads and rows per workgroup, and
+/// whether to reduce with subgroup operations.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MvConfig {
+    pub nt: u32,
+    pub wg: u32,
+    pub nr: u32,
+    pub subgroups: bool,
+}
+
+/// Token counts up to this go through the matvec (weights read once, activations reused from
+/// registers); larger ones through the tiled matmul.
+pub const MATVEC_MAX_TOKENS: u32 = 8;
+
+/// The matvec variants bound by [`GpuMatrix::bind_matmul`]: n tokens use the first with nt >= n.
+#[doc(hidden)]
+pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
+    let subgroups = ctx.has_subgroups();
+    [(1, 128, 4), (2, 128, 4), (4, 128, 2), (8, 128, 2)]
+        .into_iter()
+        .map(|(nt, wg, nr)| MvConfig { nt, wg, nr, subgroups })
+        .collect()
+}
+
+/// Which kernel [`MatmulOp::encode_with`] runs.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// The choice of [`MatmulOp::encode`].
+    Auto,
+    /// A matvec variant (n_tokens up to the largest bound nt).
+    Matvec,
+    /// The tiled matmul.
+    Tiled,
+}
+
+fn set_const(src: &str, name: &str, default: u32, value: u32) -> String {
+    let from = format!("const {name}: u32 = {default}u;");
+    assert!(src.contains(&from), "matmul_common.wgsl lost the line `{from}`");
+    src.replace(&from, &format!("const {name}: u32 = {value}u;"))
+}
+
+/// A workgroup grid of `groups` groups: 1D up to 65535, else 2D (kernels flatten it and skip
+/// the excess).
+fn grid(groups: u32) -> (u32, u32) {
+    const MAX: u32 = 65535;
+    if groups <= MAX {
+        (groups, 1)
+    } else {
+        (MAX, groups.div_ceil(MAX))
+    }
+}
+
+fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[wgpu::BindingResource]) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = resources.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() }).collect();
+    ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries })
+}
+
+impl GpuMatrix {
+    /// Repacks a CPU matrix (F32, F16, Q8_0, Q4_0, Q4_1; columns a multiple of 32) into the
+    /// GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
+    /// largest storage binding.
+    pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
+        let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
+        Self::upload_with_limit(ctx, m, limit)
+    }
+
+    /// [`upload`](Self::upload) with buffers of at most `limit` bytes (tests force splits).
+    #[doc(hidden)]
+    pub fn upload_with_limit(ctx: &GpuContext, m: &Matrix, limit: u64) -> Result<GpuMatrix, GpuError> {
+        if sources(m.ty).is_none() {
+            return Err(GpuError::Unsupported(format!("{}: no GPU matmul kernel for {} weights", m.name, m.ty.name())));
+        }
+        if m.cols == 0 || !m.cols.is_multiple_of(32) || m.rows == 0 {
+            return Err(GpuError::Unsupported(format!("{}: GPU matrices need a multiple of 32 columns, not {}x{}", m.name, m.rows, m.cols)));
+        }
+        if m.rows > u32::MAX as usize / 2 || m.rows.checked_mul(m.cols).is_none_or(|n| n > u32::MAX as usize / 4) {
+            return Err(GpuError::Unsupported(format!("{}: {}x{} is too large for 32-bit indexing", m.name, m.rows, m.cols)));
+        }
+        let (qb, sb) = layout_bytes(m.ty, m.cols);
+        let fit = |per_row: usize| if per_row == 0 { usize::MAX } else { (limit / per_row as u64) as usize };
+        let max_rows = fit(qb).min(fit(sb));
+        let per_chunk = if m.rows <= max_rows { m.rows } else { max_rows / CHUNK_ROWS_ALIGN * CHUNK_ROWS_ALIGN };
+        if per_chunk == 0 {
+            return Err(GpuError::Unsupported(format!(
+                "{}: {} rows of {} bytes do not fit a storage binding of {limit} bytes",
+                m.name, CHUNK_ROWS_ALIGN, qb
+            )));
+        }
+        let row_bytes = m.row_bytes();
+        let bytes = m.bytes();
+        let mut chunks = Vec::new();
+        for row0 in (0..m.rows).step_by(per_chunk) {
+            let rows = per_chunk.min(m.rows - row0);
+            let (q, d) = repack(m.ty, &bytes[row0 * row_bytes..(row0 + rows) * row_bytes]);
+            let label = format!("{} rows {row0}..{}", m.name, row0 + rows);
+            let wq = ctx.upload(&label, &q);
+            let wd = (!d.is_empty()).then(|| ctx.upload(&format!("{label} scales"), &d));
+            let p = [rows as u32, row0 as u32, m.rows as u32, m.cols as u32];
+            let params = ctx.uniform(&format!("{label} params"), bytemuck::cast_slice(&p));
+            chunks.push(Chunk { rows, wq, wd, params });
+        }
+        Ok(GpuMatrix { rows: m.rows, cols: m.cols, ty: m.ty, name: m.name.clone(), chunks })
+    }
+
+    /// GPU bytes this matrix occupies (weights, scales and the small per-chunk uniforms).
+    pub fn gpu_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| c.wq.size() + c.wd.as_ref().map_or(0, |b| b.size()) + c.params.size()).sum()
+    }
+
+    /// Number of row-chunks (buffers of quants) the matrix was split into.
+    #[doc(hidden)]
+    pub fn n_chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    fn sources(&self) -> &'static TypeSources {
+        sources(self.ty).expect("uploaded types have kernels")
+    }
+
+    fn weight_bindings<'a>(&'a self, c: &'a Chunk, mut v: Vec<wgpu::BindingResource<'a>>) -> Vec<wgpu::BindingResource<'a>> {
+        v.push(c.wq.as_entire_binding());
+        if let Some(d) = &c.wd {
+            v.push(d.as_entire_binding());
+        }
+        v
+    }
+
+    /// Builds the pipelines and bind groups of y = W x once: `x` holds up to max_tokens rows of
+    /// `cols` f32, `y` up to max_tokens rows of `rows` f32 (y[t * rows + r]), `step` is the
+    /// shared [`Step`](super::Step) uniform whose n_tokens the kernels read.
+    pub fn bind_matmul(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> MatmulOp {
+        self.bind_matmul_with(ctx, x, y, step, &default_mv_configs(ctx))
+    }
+
+    /// [`bind_matmul`](Self::bind_matmul) with chosen matvec variants (benchmarks, tests).
+    #[doc(hidden)]
+    pub fn bind_matmul_with(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig]) -> MatmulOp {
+        let src = self.sources();
+        let mut mv_pipes = Vec::new();
+        for cfg in configs {
+            assert!(cfg.nt >= 1 && cfg.nr >= 1 && cfg.wg.is_power_of_two() && cfg.wg <= 1024, "bad matvec config {cfg:?}");
+            let sg = cfg.subgroups && ctx.has_subgroups();
+            let base = if sg { src.mm_sg } else { src.mm };
+            let code = set_const(&set_const(&set_const(base, "MV_WG", 128, cfg.wg), "MV_NR", 4, cfg.nr), "MV_NT", 1, cfg.nt);
+            let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, if sg { "sg" } else { "wg" });
+            let entry = if sg { "mv_main_sg" } else { "mv_main" };
+            mv_pipes.push((*cfg, ctx.pipeline(&key, &code, entry)));
+        }
+        mv_pipes.sort_by_key(|(c, _)| c.nt);
+        let tiled = ctx.pipeline(&format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|c| {
+                let res = || self.weight_bindings(c, vec![x.as_entire_binding(), y.as_entire_binding(), step.as_entire_binding(), c.params.as_entire_binding()]);
+                let mv = mv_pipes.iter().map(|(cfg, p)| (cfg.nt, cfg.nr, p.clone(), bind_group(ctx, p, &res()))).collect();
+                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())) }
+            })
+            .collect();
+        MatmulOp { chunks, rows: self.rows as u64, cols: self.cols as u64, x_size: x.size(), y_size: y.size() }
+    }
+
+    /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
+    /// `step`: `ids` holds u32 row numbers, `out` n_tokens rows of `cols` f32. Ids out of range
+    /// leave their output row unwritten.
+    pub fn bind_get_rows(&self, ctx: &GpuContext, ids: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> GetRowsOp {
+        let src = self.sources();
+        let p = ctx.pipeline(&format!("get_rows/{}", src.name), src.get_rows, "get_rows");
+        let groups = self
+            .chunks
+            .iter()
+            .map(|c| bind_group(ctx, &p, &self.weight_bindings(c, vec![ids.as_entire_binding(), out.as_entire_binding(), step.as_entire_binding(), c.params.as_entire_binding()])))
+            .collect();
+        GetRowsOp { pipeline: p, groups, cols: self.cols as u64, out_size: out.size() }
+    }
+}
+
+struct OpChunk {
+    rows: u32,
+    /// (nt, nr, pipeline, bind group), by increasing nt.
+    mv: Vec<(u32, u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
+    tiled: (Arc<wgpu::ComputePipeline>, wgpu::BindGroup),
+}
+
+/// y = W x with bound buffers; see [`GpuMatrix::bind_matmul`].
+pub struct MatmulOp {
+    chunks: Vec<OpChunk>,
+    rows: u64,
+    cols: u64,
+    x_size: u64,
+    y_size: u64,
+}
+
+impl MatmulOp {
+    /// Records the product for `n_tokens` tokens (the Step uniform's n_tokens for this
+    /// forward): the matvec up to [`MATVEC_MAX_TOKENS`] tokens, else the tiled matmul.
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
+        self.encode_with(pass, n_tokens, Kernel::Auto)
+    }
+
+    /// [`encode`](Self::encode) with a forced kernel (tests, benchmarks).
+    #[doc(hidden)]
+    pub fn encode_with(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32, kernel: Kernel) {
+        if n_tokens == 0 {
+            return;
+        }
+        let n = n_tokens as u64;
+        assert!(n * self.cols * 4 <= self.x_size, "matmul: {n_tokens} tokens of {} columns overflow x ({} bytes)", self.cols, self.x_size);
+        assert!(n * self.rows * 4 <= self.y_size, "matmul: {n_tokens} tokens of {} rows overflow y ({} bytes)", self.rows, self.y_size);
+        let max_nt = self.chunks[0].mv.last().map_or(0, |m| m.0);
+        let matvec = match kernel {
+            Kernel::Auto => n_tokens <= MATVEC_MAX_TOKENS.min(max_nt),
+            Kernel::Matvec => {
+                assert!(n_tokens <= max_nt, "matmul: no matvec variant for {n_tokens} tokens");
+                true
+            }
+            Kernel::Tiled => false,
+        };
+        for c in &self.chunks {
+            if matvec {
+                let (_, nr, p, bg) = c.mv.iter().find(|m| m.0 >= n_tokens).expect("a variant covers n_tokens");
+                let (gx, gy) = grid(c.rows.div_ceil(*nr));
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(gx, gy, 1);
+            } else {
+                let (p, bg) = &c.tiled;
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(c.rows.div_ceil(64), n_tokens.div_ceil(64), 1);
+            }
+        }
+    }
+}
+
+/// Embedding lookup with bound buffers; see [`GpuMatrix::bind_get_rows`].
+pub struct GetRowsOp {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    groups: Vec<wgpu::BindGroup>,
+    cols: u64,
+    out_size: u64,
+}
+
+impl GetRowsOp {
+    /// Records the lookup of `n` ids (n must equal the Step uniform's n_tokens).
+    pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n: u32) {
+        if n == 0 {
+            return;
+        }
+        assert!(n as u64 * self.cols * 4 <= self.out_size, "get_rows: {n} rows of {} columns overflow out ({} bytes)", self.cols, self.out_size);
+        let (gx, gy) = grid(n);
+        pass.set_pipeline(&self.pipeline);
+        for bg in &self.groups {
+            pass.set_bind_group(0, bg, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+    }
+}

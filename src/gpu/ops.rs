@@ -1,5 +1,426 @@
 //! The forward pass's other kernels: norms, RoPE with the KV-cache write, attention,
-//! activations, argmax.
+//! activations, the residual add, argmax and top-k.
+//!
+//! Every op builds its pipeline, uniform parameters and bind groups once in `new` (its buffers
+//! are fixed for the model's lifetime); `encode` only records dispatches whose sizes follow from
+//! `n_tokens`. The kernels read `n_tokens`, `pos0` and `n_kv` from the shared [`super::Step`]
+//! uniform buffer, which the caller writes once per forward call. Activations are f32 arrays
+//! laid out `[token][dim]`. An op's input and output buffers must be distinct (wgpu refuses one
+//! buffer bound both read-only and read-write in a dispatch).
+
+use super::{GpuContext, GpuError};
+use std::sync::Arc;
+use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
+
+const RMS_NORM: &str = include_str!("../../shaders/rms_norm.wgsl");
+const ROPE_KV: &str = include_str!("../../shaders/rope_kv.wgsl");
+const ATTENTION_DECODE: &str = include_str!("../../shaders/attention_decode.wgsl");
+const ATTENTION_PREFILL: &str = include_str!("../../shaders/attention_prefill.wgsl");
+const GATED_ACT: &str = include_str!("../../shaders/gated_act.wgsl");
+const RESIDUAL_ADD: &str = include_str!("../../shaders/residual_add.wgsl");
+const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
+const TOPK: &str = include_str!("../../shaders/topk.wgsl");
 
 /// (file name, source) of this module's kernels.
-pub const SHADERS: &[(&str, &str)] = &[];
+pub const SHADERS: &[(&str, &str)] = &[
+    ("rms_norm.wgsl", RMS_NORM),
+    ("rope_kv.wgsl", ROPE_KV),
+    ("attention_decode.wgsl", ATTENTION_DECODE),
+    ("attention_prefill.wgsl", ATTENTION_PREFILL),
+    ("gated_act.wgsl", GATED_ACT),
+    ("residual_add.wgsl", RESIDUAL_ADD),
+    ("argmax.wgsl", ARGMAX),
+    ("topk.wgsl", TOPK),
+];
+
+/// The most workgroups one grid dimension may hold (WebGPU's default limit).
+const MAX_GROUPS: u32 = 65535;
+
+/// `src` with each `const NAME: u32 = ...;` line of `consts` given a new value (the files keep
+/// valid defaults so that naga validates them as they are).
+fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
+    let mut out = String::with_capacity(src.len() + 64);
+    let mut done = vec![false; consts.len()];
+    for line in src.lines() {
+        match consts.iter().position(|(name, _)| line.starts_with(&format!("const {name}: u32 = "))) {
+            Some(i) => {
+                out.push_str(&format!("const {}: u32 = {}u;\n", consts[i].0, consts[i].1));
+                done[i] = true;
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert!(done.iter().all(|&d| d), "specialize: a constant of {consts:?} is missing from the shader");
+    out
+}
+
+/// One pipeline with its bind group, ready to dispatch.
+struct Kernel {
+    pipeline: Arc<ComputePipeline>,
+    bind: BindGroup,
+}
+
+impl Kernel {
+    /// `entries` are (binding, buffer) for the bindings the entry point uses (the pipeline's
+    /// layout is derived from the shader and holds only those).
+    fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
+        let pipeline = ctx.pipeline(key, src, entry);
+        let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }).collect();
+        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
+        Kernel { pipeline, bind }
+    }
+
+    fn dispatch(&self, pass: &mut ComputePass<'_>, x: u32, y: u32) {
+        if x == 0 || y == 0 {
+            return;
+        }
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+}
+
+/// A grid of `n` workgroups (or more, up to one row's worth): x up to 65535, the rest in y.
+fn grid(n: u32) -> (u32, u32) {
+    if n <= MAX_GROUPS {
+        (n, 1)
+    } else {
+        let y = n.div_ceil(MAX_GROUPS);
+        (n.div_ceil(y), y)
+    }
+}
+
+fn params(ctx: &GpuContext, label: &str, words: &[u32]) -> Buffer {
+    ctx.uniform(label, bytemuck::cast_slice(words))
+}
+
+/// `out = x / rms(x) * weight` per token row of `dim` values. One workgroup of 256 threads per
+/// row.
+pub struct RmsNormOp {
+    kernel: Kernel,
+    _params: Buffer,
+}
+
+impl RmsNormOp {
+    pub fn new(ctx: &GpuContext, x: &Buffer, weight: &Buffer, out: &Buffer, dim: u32, eps: f32, step: &Buffer) -> Self {
+        let p = params(ctx, "rms_norm.params", &[dim, eps.to_bits(), 0, 0]);
+        let kernel = Kernel::new(ctx, "ops/rms_norm", RMS_NORM, "main", &[(0, x), (1, weight), (2, out), (3, &p), (4, step)]);
+        RmsNormOp { kernel, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid(n_tokens);
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
+/// The KV cache on the GPU: per layer a K and a V buffer of `n_ctx` positions of `kv_dim` f16
+/// values, two to a u32 (`[pos][kv_dim]` halves). One buffer per layer and kind, so that none
+/// exceeds the adapter's largest storage binding.
+pub struct GpuKvCache {
+    pub n_ctx: usize,
+    pub kv_dim: usize,
+    k: Vec<Buffer>,
+    v: Vec<Buffer>,
+}
+
+impl GpuKvCache {
+    pub fn new(ctx: &GpuContext, n_layer: usize, n_ctx: usize, kv_dim: usize) -> Result<Self, GpuError> {
+        if kv_dim % 2 != 0 {
+            return Err(GpuError::Unsupported(format!("KV cache: kv_dim {kv_dim} is odd (f16 values are stored in pairs)")));
+        }
+        let bytes = (n_ctx * kv_dim * 2) as u64;
+        let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
+        if bytes > limit {
+            return Err(GpuError::Unsupported(format!(
+                "KV cache: one layer's keys for {n_ctx} positions take {} MiB, more than the {} MiB this GPU binds at once; use a smaller context",
+                bytes >> 20,
+                limit >> 20
+            )));
+        }
+        let k = (0..n_layer).map(|l| ctx.zeros(&format!("kv.k{l}"), bytes)).collect();
+        let v = (0..n_layer).map(|l| ctx.zeros(&format!("kv.v{l}"), bytes)).collect();
+        Ok(GpuKvCache { n_ctx, kv_dim, k, v })
+    }
+
+    /// Bytes of GPU memory the cache holds.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.k.iter().chain(&self.v).map(|b| b.size()).sum()
+    }
+
+    pub fn n_layer(&self) -> usize {
+        self.k.len()
+    }
+
+    pub fn k(&self, layer: usize) -> &Buffer {
+        &self.k[layer]
+    }
+
+    pub fn v(&self, layer: usize) -> &Buffer {
+        &self.v[layer]
+    }
+}
+
+/// Shape of RoPE for one model.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeShape {
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub head_dim: u32,
+    /// Rotated values at the start of each head (even, at most head_dim); the rest pass through.
+    pub rope_dim: u32,
+    pub base: f32,
+    pub freq_scale: f32,
+    /// Halves (i, i + rope_dim/2), GPT-NeoX style (qwen2); otherwise adjacent pairs (llama).
+    pub neox: bool,
+}
+
+/// RoPE on q and k of `n_tokens` tokens at positions `pos0..`: q rotated in place; k rotated
+/// and, with v, written as f16 into the cache at those positions (k and v are not changed).
+/// Positions at or past the cache's capacity are not written. 64 threads per workgroup over
+/// (work item, token): q rotation pairs, then k words, then v words.
+pub struct RopeKvOp {
+    kernel: Kernel,
+    items: u32,
+    _params: Buffer,
+}
+
+impl RopeKvOp {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(ctx: &GpuContext, q: &Buffer, k: &Buffer, v: &Buffer, cache_k: &Buffer, cache_v: &Buffer, shape: RopeShape, step: &Buffer) -> Self {
+        let RopeShape { n_head, n_head_kv, head_dim, rope_dim, base, freq_scale, neox } = shape;
+        assert!(head_dim % 2 == 0 && rope_dim % 2 == 0 && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
+        let kv_dim = n_head_kv * head_dim;
+        let n_ctx = (cache_k.size() / (kv_dim as u64 * 2)).min(u32::MAX as u64) as u32;
+        // As ember::cpu::ops::Rope::new: computed on the host so both backends share the bits.
+        let theta_scale = base.powf(-2.0 / rope_dim as f32);
+        let p = params(ctx, "rope_kv.params", &[n_head, n_head_kv, head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), neox as u32, n_ctx]);
+        let kernel = Kernel::new(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q), (1, k), (2, v), (3, cache_k), (4, cache_v), (5, &p), (6, step)]);
+        RopeKvOp { kernel, items: n_head * head_dim / 2 + kv_dim, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        assert!(n_tokens <= MAX_GROUPS, "RoPE: at most {MAX_GROUPS} tokens per batch");
+        self.kernel.dispatch(pass, self.items.div_ceil(64), n_tokens);
+    }
+}
+
+/// Shape of attention for one model.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub head_dim: u32,
+}
+
+/// Most chunks a decode step's keys are split into (each at least 64 keys).
+pub const DECODE_MAX_CHUNKS: u32 = 32;
+
+/// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
+/// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
+/// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
+/// and accumulation.
+///
+/// Decode (`n_tokens == 1`): flash-decoding. The keys are split into at most
+/// [`DECODE_MAX_CHUNKS`] chunks (a multiple of 64 keys, at least 64; fewer for short contexts);
+/// one workgroup of 64 threads per (chunk, head) walks its chunk in tiles of 64 keys with an
+/// online softmax and writes partial max, sum and output; a combine pass (one workgroup per
+/// head) merges them.
+/// Prefill: one workgroup of 64 threads per (tile of up to 8 queries, head), tiles of 64 keys,
+/// online softmax per query; every key row is read once per query tile.
+///
+/// Needs head_dim % 8 == 0 (the cache is read 8 halves at a time), head_dim <= 512.
+pub struct AttentionOp {
+    partial: Kernel,
+    combine: Kernel,
+    prefill: Kernel,
+    n_head: u32,
+    n_chunks: u32,
+    tq: u32,
+    max_tokens: u32,
+    _buffers: [Buffer; 4],
+}
+
+impl AttentionOp {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(ctx: &GpuContext, q: &Buffer, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
+        let AttnShape { n_head, n_head_kv, head_dim } = shape;
+        let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
+        if head_dim % 8 != 0 || head_dim == 0 || head_dim > 512 {
+            return unsupported(format!("head_dim {head_dim} is not a multiple of 8 up to 512"));
+        }
+        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return unsupported(format!("{n_head} query heads do not divide into {n_head_kv} KV heads"));
+        }
+        let kv_dim = n_head_kv * head_dim;
+        let cache_bytes = n_ctx as u64 * kv_dim as u64 * 2;
+        if cache_k.size() < cache_bytes || cache_v.size() < cache_bytes {
+            return unsupported(format!("the cache buffers hold fewer than {n_ctx} positions"));
+        }
+        let q_bytes = max_tokens as u64 * (n_head * head_dim) as u64 * 4;
+        if q.size() < q_bytes || out.size() < q_bytes {
+            return unsupported(format!("q or out holds fewer than {max_tokens} tokens"));
+        }
+        let shared = ctx.limits.max_compute_workgroup_storage_size;
+        let decode_shared = head_dim * 4 + 64 * 4 + 2 * 64 * 16 + 64 * 4;
+        let prefill_shared = |tq: u32| tq * head_dim * 4 + tq * 64 * 4 + 2 * tq * 4;
+        let mut tq = 8;
+        while tq > 1 && prefill_shared(tq) > shared {
+            tq /= 2;
+        }
+        if prefill_shared(tq) > shared || decode_shared > shared {
+            return unsupported(format!("head_dim {head_dim} needs more workgroup memory than the GPU's {shared} bytes"));
+        }
+        let group = n_head / n_head_kv;
+        let kv4 = kv_dim / 8;
+        let scale = (1.0 / (head_dim as f32).sqrt()).to_bits();
+        let n_chunks = n_ctx.div_ceil(64).clamp(1, DECODE_MAX_CHUNKS);
+
+        let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
+        let part_o = ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4);
+        let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
+        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim)]);
+        let key = format!("ops/attention_decode.hd{head_dim}");
+        let partial = Kernel::new(ctx, &format!("{key}.partial"), &src, "partial", &[(0, q), (1, cache_k), (2, cache_v), (3, &part_o), (4, &part_ml), (6, &decode_params), (7, step)]);
+        let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
+
+        let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
+        let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
+        let prefill = Kernel::new(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out), (4, &prefill_params), (5, step)]);
+        Ok(AttentionOp { partial, combine, prefill, n_head, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+    }
+
+    /// The most chunks a decode step is split into.
+    pub fn n_chunks(&self) -> u32 {
+        self.n_chunks
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
+        if n_tokens == 1 {
+            self.partial.dispatch(pass, self.n_chunks, self.n_head);
+            self.combine.dispatch(pass, self.n_head, 1);
+        } else {
+            let tiles = n_tokens.div_ceil(self.tq);
+            assert!(tiles <= MAX_GROUPS, "attention: too many tokens in one batch");
+            self.prefill.dispatch(pass, tiles, self.n_head);
+        }
+    }
+}
+
+/// `gate[i] = act(gate[i]) * up[i]` (SiLU or ReLU) over `n_tokens * dim` values, in place.
+/// 256 threads per workgroup, one value each.
+pub struct GatedActOp {
+    kernel: Kernel,
+    dim: u32,
+    _params: Buffer,
+}
+
+impl GatedActOp {
+    pub fn new(ctx: &GpuContext, gate: &Buffer, up: &Buffer, dim: u32, relu: bool, step: &Buffer) -> Self {
+        let p = params(ctx, "gated_act.params", &[dim, 0, 0, 0]);
+        let entry = if relu { "relu" } else { "silu" };
+        let kernel = Kernel::new(ctx, &format!("ops/gated_act.{entry}"), GATED_ACT, entry, &[(0, gate), (1, up), (2, &p), (3, step)]);
+        GatedActOp { kernel, dim, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid((n_tokens * self.dim).div_ceil(256));
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
+/// `x += y` over `n_tokens * dim` values. 256 threads per workgroup, one value each.
+pub struct AddOp {
+    kernel: Kernel,
+    dim: u32,
+    _params: Buffer,
+}
+
+impl AddOp {
+    pub fn new(ctx: &GpuContext, x: &Buffer, y: &Buffer, dim: u32, step: &Buffer) -> Self {
+        let p = params(ctx, "residual_add.params", &[dim, 0, 0, 0]);
+        let kernel = Kernel::new(ctx, "ops/residual_add", RESIDUAL_ADD, "main", &[(0, x), (1, y), (2, &p), (3, step)]);
+        AddOp { kernel, dim, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid((n_tokens * self.dim).div_ceil(256));
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
+/// Greedy argmax of the last token's logits row (row `step.n_tokens - 1` of `logits`, which
+/// must hold that many rows): writes (index u32, value f32 bits) into `out` (8 bytes); the
+/// lowest index on ties; -inf and NaN never win (as `ember::cpu::ops::argmax`). Two passes:
+/// up to 256 blocks of 256 threads, then one workgroup over the blocks' winners.
+pub struct ArgmaxOp {
+    blocks: Kernel,
+    finish: Kernel,
+    n_blocks: u32,
+    _buffers: [Buffer; 2],
+}
+
+impl ArgmaxOp {
+    pub fn new(ctx: &GpuContext, logits: &Buffer, n_vocab: u32, out: &Buffer, step: &Buffer) -> Self {
+        assert!(n_vocab > 0 && out.size() >= 8);
+        let n_blocks = n_vocab.div_ceil(2048).min(256);
+        let block_len = n_vocab.div_ceil(n_blocks);
+        let p = params(ctx, "argmax.params", &[n_vocab, n_blocks, block_len, 0]);
+        let part = ctx.zeros("argmax.part", n_blocks as u64 * 8);
+        let blocks = Kernel::new(ctx, "ops/argmax.blocks", ARGMAX, "blocks", &[(0, logits), (1, &part), (3, &p), (4, step)]);
+        let finish = Kernel::new(ctx, "ops/argmax.finish", ARGMAX, "finish", &[(1, &part), (2, out), (3, &p)]);
+        ArgmaxOp { blocks, finish, n_blocks, _buffers: [p, part] }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, _n_tokens: u32) {
+        self.blocks.dispatch(pass, self.n_blocks, 1);
+        self.finish.dispatch(pass, 1, 1);
+    }
+}
+
+/// Top-k (1 <= k <= 64) of the last token's logits row (row `step.n_tokens - 1`): writes k
+/// (index u32, value f32 bits) pairs into `out`, values descending, the lower index first on
+/// ties; -inf and NaN are never chosen (with fewer than k other values the rest read
+/// (u32::MAX, -inf)). Two passes: blocks of 256 threads x E values (E = 16, more for vocabularies
+/// over 256k) select their top k in k rounds of a shared-memory reduction; one workgroup then
+/// selects the top k of the blocks' candidates the same way.
+pub struct TopKOp {
+    blocks: Kernel,
+    finish: Kernel,
+    n_blocks: u32,
+    k: u32,
+    _buffers: [Buffer; 2],
+}
+
+impl TopKOp {
+    pub fn new(ctx: &GpuContext, logits: &Buffer, n_vocab: u32, k: u32, out: &Buffer, step: &Buffer) -> Self {
+        assert!((1..=64).contains(&k), "top-k: k = {k} is not in 1..=64");
+        assert!(n_vocab > 0 && out.size() >= k as u64 * 8);
+        // Entries per thread: 16, or more when the blocks' candidates would not fit in one
+        // workgroup's 256 * E.
+        let mut e = 16u32;
+        while n_vocab.div_ceil(256 * e) * k > 256 * e {
+            e *= 2;
+        }
+        let n_blocks = n_vocab.div_ceil(256 * e);
+        let p = params(ctx, "topk.params", &[n_vocab, n_blocks, k, 0]);
+        let cand = ctx.zeros("topk.cand", (n_blocks * k) as u64 * 8);
+        let src = specialize(TOPK, &[("E", e)]);
+        let blocks = Kernel::new(ctx, &format!("ops/topk.e{e}.blocks"), &src, "blocks", &[(0, logits), (1, &cand), (3, &p), (4, step)]);
+        let finish = Kernel::new(ctx, &format!("ops/topk.e{e}.finish"), &src, "finish", &[(1, &cand), (2, out), (3, &p)]);
+        TopKOp { blocks, finish, n_blocks, k, _buffers: [p, cand] }
+    }
+
+    pub fn k(&self) -> u32 {
+        self.k
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, _n_tokens: u32) {
+        self.blocks.dispatch(pass, self.n_blocks, 1);
+        self.finish.dispatch(pass, 1, 1);
+    }
+}

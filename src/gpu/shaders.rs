@@ -1,10 +1,11 @@
 //! Every WGSL kernel, compiled into the binary. [`all`] lists them for the naga validation test.
 
 pub const ADD: &str = include_str!("../../shaders/add.wgsl");
+pub const ADD_BIAS: &str = include_str!("../../shaders/add_bias.wgsl");
 
 /// (file name, source) of every kernel under shaders/.
 pub fn all() -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![("add.wgsl", ADD)];
+    let mut v = vec![("add.wgsl", ADD), ("add_bias.wgsl", ADD_BIAS)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.extend_from_slice(super::ops::SHADERS);
     v

@@ -1,0 +1,188 @@
+// Causal attention for one query token (decode), split over the sequence (flash-decoding).
+//
+// `partial`: grid (n_chunks, n_head), 64 threads. The keys 0..n_kv are cut into at most
+// n_chunks chunks of a multiple of 64 positions (at least 64); each workgroup takes one chunk of
+// one head and walks it in tiles of 64 keys with an online softmax: one thread per key scores
+// q . k (q rounded to f16, as the CPU backend does), the tile's max rescales the running sum and
+// output, then (word, lane) threads accumulate p * v over 8 halves of the head each. It writes
+// the chunk's max, sum and unnormalised output.
+// `combine`: one workgroup per head rescales the chunks' partials to the global max and divides
+// by the total sum.
+//
+// KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
+// HD (head_dim) is specialised at pipeline creation.
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    pad: u32,
+}
+
+struct Params {
+    n_head: u32,
+    // query heads per KV head
+    group: u32,
+    // vec4<u32> words per cache position: kv_dim / 8
+    kv4: u32,
+    n_chunks: u32,
+    scale: f32,
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
+}
+
+@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> cache_k: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> cache_v: array<vec4<u32>>;
+// [head][chunk][head_dim]: unnormalised output per chunk
+@group(0) @binding(3) var<storage, read_write> part_o: array<vec4<f32>>;
+// [head][chunk]: (max, sum) per chunk
+@group(0) @binding(4) var<storage, read_write> part_ml: array<vec2<f32>>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(6) var<uniform> params: Params;
+@group(0) @binding(7) var<uniform> step: Step;
+
+const HD: u32 = 64u;
+const WG: u32 = 64u;
+// keys per tile: one score per thread
+const T: u32 = WG;
+// vec4<u32> words (8 halves) per head row
+const G: u32 = HD / 8u;
+const H4: u32 = HD / 4u;
+// threads sharing one word in the p * v product, each over every LANES-th key of a tile
+const LANES: u32 = WG / G;
+const NEG: f32 = -3.0e38;
+
+var<workgroup> qs: array<vec4<f32>, H4>;
+var<workgroup> pw: array<f32, T>;
+var<workgroup> red: array<vec4<f32>, 2u * WG>;
+var<workgroup> red_l: array<f32, WG>;
+
+fn lo4(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+fn hi4(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
+}
+
+fn round_f16(x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(pack2x16float(x.xy)), unpack2x16float(pack2x16float(x.zw)));
+}
+
+// Keys per chunk for n_kv keys: a multiple of the tile, at least one tile.
+fn chunk_len(n_kv: u32) -> u32 {
+    let per = (n_kv + params.n_chunks - 1u) / params.n_chunks;
+    return max(T, (per + T - 1u) / T * T);
+}
+
+@compute @workgroup_size(WG)
+fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let c = wg.x;
+    let h = wg.y;
+    let n_kv = step.n_kv;
+    let len = chunk_len(n_kv);
+    let c0 = c * len;
+    if (c0 >= n_kv) {
+        return;
+    }
+    let c1 = min(c0 + len, n_kv);
+    let krow = (h / params.group) * G;
+    for (var i = tid; i < H4; i += WG) {
+        qs[i] = round_f16(q[h * H4 + i]);
+    }
+    workgroupBarrier();
+    let g = tid % G;
+    let lane = tid / G;
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var l = 0.0;
+    var m = NEG;
+    for (var tb = c0; tb < c1; tb += T) {
+        let p = tb + tid;
+        let valid = p < c1;
+        var s = NEG;
+        if (valid) {
+            let base = p * params.kv4 + krow;
+            var d = 0.0;
+            for (var i = 0u; i < G; i++) {
+                let w = cache_k[base + i];
+                d += dot(lo4(w), qs[2u * i]) + dot(hi4(w), qs[2u * i + 1u]);
+            }
+            s = d * params.scale;
+        }
+        pw[tid] = s;
+        workgroupBarrier();
+        var tm = NEG;
+        for (var j = 0u; j < T; j++) {
+            tm = max(tm, pw[j]);
+        }
+        let m_new = max(m, tm);
+        let alpha = exp(m - m_new);
+        m = m_new;
+        workgroupBarrier();
+        pw[tid] = select(0.0, exp(s - m_new), valid);
+        workgroupBarrier();
+        acc0 *= alpha;
+        acc1 *= alpha;
+        l *= alpha;
+        if (lane < LANES) {
+            let nk = min(T, c1 - tb);
+            for (var j = lane; j < nk; j += LANES) {
+                let pj = pw[j];
+                let w = cache_v[(tb + j) * params.kv4 + krow + g];
+                acc0 += pj * lo4(w);
+                acc1 += pj * hi4(w);
+                l += pj;
+            }
+        }
+        workgroupBarrier();
+    }
+    red[2u * tid] = acc0;
+    red[2u * tid + 1u] = acc1;
+    red_l[tid] = l;
+    workgroupBarrier();
+    let slot = h * params.n_chunks + c;
+    // vec4 i of the head is word i / 2, half i % 2: red[2 * (lane * G + i / 2) + i % 2].
+    for (var i = tid; i < H4; i += WG) {
+        var o = vec4<f32>(0.0);
+        for (var ln = 0u; ln < LANES; ln++) {
+            o += red[2u * ln * G + i];
+        }
+        part_o[slot * H4 + i] = o;
+    }
+    if (tid == 0u) {
+        var lt = 0.0;
+        for (var ln = 0u; ln < LANES; ln++) {
+            lt += red_l[ln * G];
+        }
+        part_ml[slot] = vec2<f32>(m, lt);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let h = wg.x;
+    let n_kv = step.n_kv;
+    let len = chunk_len(n_kv);
+    let nc = (n_kv + len - 1u) / len;
+    let first = h * params.n_chunks;
+    var mx = NEG;
+    for (var c = 0u; c < nc; c++) {
+        mx = max(mx, part_ml[first + c].x);
+    }
+    var lt = 0.0;
+    for (var c = 0u; c < nc; c++) {
+        let ml = part_ml[first + c];
+        lt += ml.y * exp(ml.x - mx);
+    }
+    let inv = select(0.0, 1.0 / lt, lt > 0.0);
+    for (var i = tid; i < H4; i += WG) {
+        var o = vec4<f32>(0.0);
+        for (var c = 0u; c < nc; c++) {
+            o += part_o[(first + c) * H4 + i] * exp(part_ml[first + c].x - mx);
+        }
+        out[h * H4 + i] = o * inv;
+    }
+}

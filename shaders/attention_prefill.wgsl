@@ -1,0 +1,168 @@
+// Causal attention for a batch of query tokens (prefill) at positions pos0.., over the cached
+// keys 0..=each query's position, GQA (query head h reads KV head h / group).
+//
+// Grid (ceil(n_tokens / TQ), n_head), 64 threads; each workgroup takes TQ consecutive queries of
+// one head and walks the keys in tiles of 64 with an online softmax per query: one thread per
+// key reads its key row once and scores it against all TQ queries (held in shared memory,
+// rounded to f16 as the CPU backend does), TQ threads update the running maxima, and
+// (query, word) threads accumulate p * v over 8 halves of the head each.
+//
+// KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
+// HD (head_dim) and TQ are specialised at pipeline creation.
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    pad: u32,
+}
+
+struct Params {
+    n_head: u32,
+    // query heads per KV head
+    group: u32,
+    // vec4<u32> words per cache position: kv_dim / 8
+    kv4: u32,
+    pad0: u32,
+    scale: f32,
+    pad1: u32,
+    pad2: u32,
+    pad3: u32,
+}
+
+@group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> cache_k: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> cache_v: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(4) var<uniform> params: Params;
+@group(0) @binding(5) var<uniform> step: Step;
+
+const HD: u32 = 64u;
+const TQ: u32 = 8u;
+const WG: u32 = 64u;
+// keys per tile: one key per thread when scoring
+const T: u32 = WG;
+// vec4<u32> words (8 halves) per head row
+const G: u32 = HD / 8u;
+const H4: u32 = HD / 4u;
+// (query, word) pairs of the p * v product, and how many each thread takes
+const SLOTS: u32 = TQ * G;
+const SPT: u32 = (SLOTS + WG - 1u) / WG;
+const NEG: f32 = -3.0e38;
+
+var<workgroup> qs: array<vec4<f32>, TQ * H4>;
+var<workgroup> sc: array<f32, TQ * T>;
+var<workgroup> mrow: array<f32, TQ>;
+var<workgroup> arow: array<f32, TQ>;
+
+fn lo4(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+}
+
+fn hi4(w: vec4<u32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
+}
+
+fn round_f16(x: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(pack2x16float(x.xy)), unpack2x16float(pack2x16float(x.zw)));
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let t0 = wg.x * TQ;
+    let h = wg.y;
+    let n_tokens = step.n_tokens;
+    if (t0 >= n_tokens) {
+        return;
+    }
+    let nt = min(TQ, n_tokens - t0);
+    // query qi is at position qpos0 + qi and sees keys 0..=qpos0 + qi
+    let qpos0 = step.pos0 + t0;
+    let kend = qpos0 + nt;
+    let krow = (h / params.group) * G;
+    let q4 = params.n_head * H4;
+    for (var i = tid; i < TQ * H4; i += WG) {
+        let qi = i / H4;
+        var x = vec4<f32>(0.0);
+        if (qi < nt) {
+            x = round_f16(q[(t0 + qi) * q4 + h * H4 + i % H4]);
+        }
+        qs[i] = x;
+    }
+    if (tid < TQ) {
+        mrow[tid] = NEG;
+    }
+    workgroupBarrier();
+    var acc: array<vec4<f32>, 2u * SPT>;
+    var l: array<f32, SPT>;
+    for (var tb = 0u; tb < kend; tb += T) {
+        let p = tb + tid;
+        var s: array<f32, TQ>;
+        if (p < kend) {
+            let base = p * params.kv4 + krow;
+            for (var i = 0u; i < G; i++) {
+                let w = cache_k[base + i];
+                let k0 = lo4(w);
+                let k1 = hi4(w);
+                for (var qi = 0u; qi < TQ; qi++) {
+                    s[qi] += dot(k0, qs[qi * H4 + 2u * i]) + dot(k1, qs[qi * H4 + 2u * i + 1u]);
+                }
+            }
+        }
+        for (var qi = 0u; qi < TQ; qi++) {
+            let valid = qi < nt && p <= qpos0 + qi;
+            sc[qi * T + tid] = select(NEG, s[qi] * params.scale, valid);
+        }
+        workgroupBarrier();
+        if (tid < TQ) {
+            var mx = NEG;
+            for (var j = 0u; j < T; j++) {
+                mx = max(mx, sc[tid * T + j]);
+            }
+            let m_old = mrow[tid];
+            let m_new = max(m_old, mx);
+            arow[tid] = exp(m_old - m_new);
+            mrow[tid] = m_new;
+        }
+        workgroupBarrier();
+        for (var qi = 0u; qi < TQ; qi++) {
+            let valid = qi < nt && p <= qpos0 + qi;
+            let i = qi * T + tid;
+            sc[i] = select(0.0, exp(sc[i] - mrow[qi]), valid);
+        }
+        workgroupBarrier();
+        for (var r = 0u; r < SPT; r++) {
+            let slot = tid + r * WG;
+            if (slot < SLOTS) {
+                let qi = slot / G;
+                let g = slot % G;
+                let a = arow[qi];
+                acc[2u * r] *= a;
+                acc[2u * r + 1u] *= a;
+                l[r] *= a;
+                // keys of this tile that query qi sees
+                let last = qpos0 + qi + 1u;
+                let nk = select(0u, min(T, last - tb), qi < nt && last > tb);
+                for (var j = 0u; j < nk; j++) {
+                    let pj = sc[qi * T + j];
+                    let w = cache_v[(tb + j) * params.kv4 + krow + g];
+                    acc[2u * r] += pj * lo4(w);
+                    acc[2u * r + 1u] += pj * hi4(w);
+                    l[r] += pj;
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var r = 0u; r < SPT; r++) {
+        let slot = tid + r * WG;
+        let qi = slot / G;
+        if (slot < SLOTS && qi < nt) {
+            let g = slot % G;
+            let inv = select(0.0, 1.0 / l[r], l[r] > 0.0);
+            let o = (t0 + qi) * q4 + h * H4 + 2u * g;
+            out[o] = acc[2u * r] * inv;
+            out[o + 1u] = acc[2u * r + 1u] * inv;
+        }
+    }
+}

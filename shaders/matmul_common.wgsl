@@ -1,0 +1,175 @@
+// y[t * ld_y + row0 + r] = W[r] . x[t]: the decode matvec (mv_main) and the prefill tiled
+// matmul (mm_tiled) over one row-chunk of a repacked weight matrix.
+//
+// Composed after one of the matmul_<type>.wgsl files, which declare the weight bindings (4, 5)
+// and the decoders: UNIT (elements per 16 bytes of quants), XV (= UNIT / 4), x_sum, unit_dot
+// (the matvec's fast dot product of one unit with f32 activations) and tile8 (eight
+// dequantised elements for the tiled kernel's shared-memory tile).
+//
+// The constants MV_WG, MV_NR and MV_NT are rewritten by src/gpu/matrix.rs before compilation
+// (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    _pad: u32,
+}
+
+// One row-chunk of the matrix (large matrices are split across buffers by rows).
+struct Chunk {
+    // Rows in this chunk.
+    rows: u32,
+    // Its first row in the whole matrix.
+    row0: u32,
+    // Rows of the whole matrix: the stride of y between tokens.
+    ld_y: u32,
+    // Columns (a multiple of 32).
+    cols: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<uniform> step: Step;
+@group(0) @binding(3) var<uniform> chunk: Chunk;
+
+// Matvec: threads per workgroup, rows per workgroup, tokens per dispatch.
+const MV_WG: u32 = 128u;
+const MV_NR: u32 = 4u;
+const MV_NT: u32 = 1u;
+const MV_NRT: u32 = MV_NR * MV_NT;
+
+// Each thread's partial sums, element r * MV_NT + t for row r and token t of the workgroup.
+alias Partials = array<f32, MV_NRT>;
+
+// The workgroup's index in a 1D or 2D grid (2D when the count exceeds 65535).
+fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// This thread's share of MV_NR rows times up to MV_NT tokens: it walks the row's 16-byte units
+// lid, lid + MV_WG, ... (adjacent threads on adjacent units, so loads coalesce), loads the
+// activations of each unit once per token and reuses them for every row.
+fn mv_partial(lid: u32, group: u32) -> Partials {
+    let rows = chunk.rows;
+    let cols = chunk.cols;
+    let n = step.n_tokens;
+    let units = cols / UNIT;
+    var base: array<u32, MV_NR>;
+    for (var r = 0u; r < MV_NR; r++) {
+        // Rows past the end read the last row; their sums are never written.
+        base[r] = min(group * MV_NR + r, rows - 1u) * units;
+    }
+    var acc: Partials;
+    for (var u = lid; u < units; u += MV_WG) {
+        for (var t = 0u; t < MV_NT; t++) {
+            if (MV_NT == 1u || t < n) {
+                let xb = t * (cols / 4u) + u * XV;
+                var xv: XUnit;
+                for (var i = 0u; i < XV; i++) {
+                    xv[i] = x[xb + i];
+                }
+                let xs = x_sum(xv);
+                for (var r = 0u; r < MV_NR; r++) {
+                    acc[r * MV_NT + t] += unit_dot(base[r] + u, xv, xs);
+                }
+            }
+        }
+    }
+    return acc;
+}
+
+// Thread i < MV_NRT writes the workgroup's total for row i / MV_NT and token i % MV_NT.
+fn mv_store(group: u32, i: u32, total: f32) {
+    let r = group * MV_NR + i / MV_NT;
+    let t = i % MV_NT;
+    if (r < chunk.rows && t < step.n_tokens) {
+        y[t * chunk.ld_y + chunk.row0 + r] = total;
+    }
+}
+
+var<workgroup> mv_red: array<f32, MV_WG * MV_NRT>;
+
+// Matvec with a shared-memory tree reduction (any adapter).
+@compute @workgroup_size(MV_WG)
+fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let group = flat_group(wid, nwg);
+    let acc = mv_partial(lid, group);
+    for (var i = 0u; i < MV_NRT; i++) {
+        mv_red[i * MV_WG + lid] = acc[i];
+    }
+    for (var s = MV_WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            for (var i = 0u; i < MV_NRT; i++) {
+                mv_red[i * MV_WG + lid] += mv_red[i * MV_WG + lid + s];
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lid < MV_NRT) {
+        mv_store(group, lid, mv_red[lid * MV_WG]);
+    }
+}
+
+// Prefill: 64 rows x 64 tokens per workgroup of 256 threads, K in steps of one 32-element block.
+// Each step dequantises the weight tile once into shared memory and reuses it for 64 tokens;
+// each thread accumulates 4 rows x 4 tokens.
+const TM: u32 = 64u;
+const TN: u32 = 64u;
+
+// [k][row / 4] and [k][token / 4], 32 k per step.
+var<workgroup> tile_w: array<vec4<f32>, 512>;
+var<workgroup> tile_x: array<vec4<f32>, 512>;
+
+@compute @workgroup_size(256)
+fn mm_tiled(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let rows = chunk.rows;
+    let cols = chunk.cols;
+    let n = step.n_tokens;
+    let rbase = wid.x * TM;
+    let tbase = wid.y * TN;
+    // Loader role: row (or token) lid % 64, elements 8p..8p+7 of the block.
+    let lr = lid % 64u;
+    let p = lid / 64u;
+    let wrow = min(rbase + lr, rows - 1u);
+    let xtok = min(tbase + lr, n - 1u);
+    let xrow = xtok * (cols / 4u) + 2u * p;
+    // Compute role: rows 4tx..4tx+3 and tokens 4ty..4ty+3 of the tile.
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<vec4<f32>, 4>;
+    let nkb = cols / 32u;
+    for (var kb = 0u; kb < nkb; kb++) {
+        let wv = tile8(wrow, kb, p, cols);
+        let x0 = x[xrow + kb * 8u];
+        let x1 = x[xrow + kb * 8u + 1u];
+        let xv = array<f32, 8>(x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w);
+        for (var j = 0u; j < 8u; j++) {
+            let k = 8u * p + j;
+            tile_w[k * 16u + lr / 4u][lr % 4u] = wv[j];
+            tile_x[k * 16u + lr / 4u][lr % 4u] = xv[j];
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < 32u; k++) {
+            let a = tile_w[k * 16u + tx];
+            let b = tile_x[k * 16u + ty];
+            acc[0] += a * b.x;
+            acc[1] += a * b.y;
+            acc[2] += a * b.z;
+            acc[3] += a * b.w;
+        }
+        workgroupBarrier();
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let t = tbase + 4u * ty + j;
+        if (t < n) {
+            for (var i = 0u; i < 4u; i++) {
+                let r = rbase + 4u * tx + i;
+                if (r < rows) {
+                    y[t * chunk.ld_y + chunk.row0 + r] = acc[j][i];
+                }
+            }
+        }
+    }
+}

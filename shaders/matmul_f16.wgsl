@@ -1,0 +1,29 @@
+// F16 weights: the GGUF bytes as they are, f16 pairs in u32 words, rows contiguous; unit
+// g = row * (cols / 8) + u is the 8 halves at wq[g]. A unit is 8 elements. No f16 arithmetic:
+// unpack2x16float converts.
+
+@group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
+
+const UNIT: u32 = 8u;
+const XV: u32 = 2u;
+alias XUnit = array<vec4<f32>, 2>;
+
+fn x_sum(xv: XUnit) -> f32 {
+    return 0.0;
+}
+
+fn unit_deq(g: u32) -> XUnit {
+    let q = wq[g];
+    return XUnit(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
+}
+
+fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
+    let w = unit_deq(g);
+    return dot(w[0], xv[0]) + dot(w[1], xv[1]);
+}
+
+// Elements 8p..8p+7 of block kb (32 elements) of `row`.
+fn tile8(row: u32, kb: u32, p: u32, cols: u32) -> array<f32, 8> {
+    let w = unit_deq(row * (cols / 8u) + 4u * kb + p);
+    return array<f32, 8>(w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w);
+}

@@ -1,0 +1,32 @@
+// Matvec with a subgroup reduction: subgroupAdd inside each subgroup, then one shared-memory
+// slot per subgroup. Composed after matmul_<type>.wgsl and matmul_common.wgsl; compiled only
+// when the adapter has SUBGROUP. Works for any subgroup size.
+
+var<workgroup> mv_sg_red: array<f32, MV_WG * MV_NRT>;
+
+@compute @workgroup_size(MV_WG)
+fn mv_main_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {
+    let group = flat_group(wid, nwg);
+    let acc = mv_partial(lid, group);
+    for (var i = 0u; i < MV_NRT; i++) {
+        let s = subgroupAdd(acc[i]);
+        if (lane == 0u) {
+            mv_sg_red[sg * MV_NRT + i] = s;
+        }
+    }
+    workgroupBarrier();
+    if (lid < MV_NRT) {
+        var total = 0.0;
+        for (var k = 0u; k < n_sg; k++) {
+            total += mv_sg_red[k * MV_NRT + lid];
+        }
+        mv_store(group, lid, total);
+    }
+}

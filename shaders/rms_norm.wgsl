@@ -1,0 +1,59 @@
+// RMS norm: out[t] = x[t] * (1 / sqrt(mean(x[t]^2) + eps)) * weight, for the step's n_tokens
+// rows of `dim` values. One workgroup of 256 threads per row: strided sum of squares, a
+// shared-memory tree reduction, then a strided scale-and-multiply pass.
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    pad: u32,
+}
+
+struct Params {
+    dim: u32,
+    eps: f32,
+    pad0: u32,
+    pad1: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> weight: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<uniform> params: Params;
+@group(0) @binding(4) var<uniform> step: Step;
+
+const WG: u32 = 256u;
+
+var<workgroup> partial: array<f32, WG>;
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    // Rows beyond 65535 continue in the y dimension of the grid.
+    let row = wg.x + wg.y * nwg.x;
+    let active = row < step.n_tokens;
+    let dim = params.dim;
+    let base = row * dim;
+    var s = 0.0;
+    if (active) {
+        for (var i = tid; i < dim; i += WG) {
+            let v = x[base + i];
+            s += v * v;
+        }
+    }
+    partial[tid] = s;
+    workgroupBarrier();
+    for (var off = WG / 2u; off > 0u; off >>= 1u) {
+        if (tid < off) {
+            partial[tid] += partial[tid + off];
+        }
+        workgroupBarrier();
+    }
+    if (!active) {
+        return;
+    }
+    let mean = partial[0] / f32(dim);
+    let scale = 1.0 / sqrt(mean + params.eps);
+    for (var i = tid; i < dim; i += WG) {
+        out[base + i] = (x[base + i] * scale) * weight[i];
+    }
+}

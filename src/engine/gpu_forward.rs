@@ -1,0 +1,355 @@
+//! The whole forward pass on the GPU: weights uploaded once, the KV cache on the GPU, one token's
+//! forward encoded into one command buffer with bind groups built once per model, and nothing
+//! read back but the sampled token (or the logits when the sampler needs them).
+
+use super::forward::{Forward, ForwardError, Logits};
+use crate::gpu::matrix::{GpuMatrix, MatmulOp};
+use crate::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::{shaders, GpuContext, GpuError, Step};
+use crate::model::{Model, RopeStyle};
+use std::sync::Arc;
+
+/// A model's weights on the GPU.
+pub struct GpuWeights {
+    pub token_embd: Arc<GpuMatrix>,
+    pub output: Arc<GpuMatrix>,
+    pub output_norm: wgpu::Buffer,
+    pub layers: Vec<GpuLayerWeights>,
+    /// Bytes of GPU memory the weights take.
+    pub bytes: u64,
+}
+
+pub struct GpuLayerWeights {
+    attn_norm: wgpu::Buffer,
+    wq: GpuMatrix,
+    wk: GpuMatrix,
+    wv: GpuMatrix,
+    wo: GpuMatrix,
+    biases: Option<[wgpu::Buffer; 3]>,
+    ffn_norm: wgpu::Buffer,
+    gate: GpuMatrix,
+    up: GpuMatrix,
+    down: GpuMatrix,
+}
+
+fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
+    ctx.upload(label, bytemuck::cast_slice(v))
+}
+
+impl GpuWeights {
+    /// Uploads every weight, with a progress bar on stderr.
+    pub fn upload(ctx: &GpuContext, model: &Model, progress: bool) -> Result<GpuWeights, GpuError> {
+        let bar = if progress { indicatif::ProgressBar::new(model.layers.len() as u64 + 1) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading weights {bar:30} {pos}/{len} layers").unwrap());
+        let token_embd = Arc::new(GpuMatrix::upload(ctx, &model.token_embd)?);
+        let output = if model.tied_embeddings { token_embd.clone() } else { Arc::new(GpuMatrix::upload(ctx, &model.output)?) };
+        let mut bytes = token_embd.gpu_bytes() + if model.tied_embeddings { 0 } else { output.gpu_bytes() } + 4 * model.output_norm.len() as u64;
+        bar.inc(1);
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (i, l) in model.layers.iter().enumerate() {
+            let biases = match (&l.bq, &l.bk, &l.bv) {
+                (Some(q), Some(k), Some(v)) => Some([f32_buffer(ctx, "bq", q), f32_buffer(ctx, "bk", k), f32_buffer(ctx, "bv", v)]),
+                _ => None,
+            };
+            let lw = GpuLayerWeights {
+                attn_norm: f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm),
+                wq: GpuMatrix::upload(ctx, &l.wq)?,
+                wk: GpuMatrix::upload(ctx, &l.wk)?,
+                wv: GpuMatrix::upload(ctx, &l.wv)?,
+                wo: GpuMatrix::upload(ctx, &l.wo)?,
+                biases,
+                ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
+                gate: GpuMatrix::upload(ctx, &l.ffn_gate)?,
+                up: GpuMatrix::upload(ctx, &l.ffn_up)?,
+                down: GpuMatrix::upload(ctx, &l.ffn_down)?,
+            };
+            bytes += [&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.gate, &lw.up, &lw.down].iter().map(|m| m.gpu_bytes()).sum::<u64>();
+            bytes += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+            layers.push(lw);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        Ok(GpuWeights { token_embd, output, output_norm: f32_buffer(ctx, "output_norm", &model.output_norm), layers, bytes })
+    }
+}
+
+/// Adds a bias row to every token's vector (qwen2's q/k/v biases).
+struct BiasOp {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    dim: u32,
+    _params: wgpu::Buffer,
+}
+
+impl BiasOp {
+    fn new(ctx: &GpuContext, x: &wgpu::Buffer, bias: &wgpu::Buffer, dim: u32, step: &wgpu::Buffer) -> Self {
+        let pipeline = ctx.pipeline("add_bias", shaders::ADD_BIAS, "main");
+        let params = ctx.uniform("bias params", bytemuck::bytes_of(&dim));
+        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("add_bias"),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: bias.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: params.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: step.as_entire_binding() },
+            ],
+        });
+        BiasOp { pipeline, bind, dim, _params: params }
+    }
+
+    fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
+        let groups = (self.dim * n_tokens).div_ceil(256);
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
+    }
+}
+
+struct LayerOps {
+    attn_norm: RmsNormOp,
+    q: MatmulOp,
+    k: MatmulOp,
+    v: MatmulOp,
+    biases: Option<[BiasOp; 3]>,
+    rope_kv: RopeKvOp,
+    attention: AttentionOp,
+    o: MatmulOp,
+    add_attn: AddOp,
+    ffn_norm: RmsNormOp,
+    gate: MatmulOp,
+    up: MatmulOp,
+    act: GatedActOp,
+    down: MatmulOp,
+    add_ffn: AddOp,
+}
+
+/// Activation buffers sized for `max_tokens` tokens.
+struct Scratch {
+    ids: wgpu::Buffer,
+    x: wgpu::Buffer,
+    xn: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    proj: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    x_last: wgpu::Buffer,
+    xn_last: wgpu::Buffer,
+    logits_last: wgpu::Buffer,
+    logits_all: wgpu::Buffer,
+    argmax: wgpu::Buffer,
+    step: wgpu::Buffer,
+    step_last: wgpu::Buffer,
+}
+
+/// A model on the GPU plus one sequence's state.
+pub struct GpuSession {
+    pub model: Arc<Model>,
+    pub ctx: Arc<GpuContext>,
+    pub weights: Arc<GpuWeights>,
+    kv: GpuKvCache,
+    s: Scratch,
+    embed: crate::gpu::matrix::GetRowsOp,
+    layers: Vec<LayerOps>,
+    final_norm_last: RmsNormOp,
+    output_last: MatmulOp,
+    final_norm_all: RmsNormOp,
+    output_all: MatmulOp,
+    argmax: ArgmaxOp,
+    n_ctx: usize,
+    /// Most tokens one forward call takes (larger batches are split).
+    max_tokens: usize,
+    n_past: usize,
+}
+
+impl GpuSession {
+    pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize) -> Result<GpuSession, GpuError> {
+        let hp = &model.hp;
+        let (e, qd, kvd, ff, nv) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64, hp.n_vocab as u64);
+        // The all-logits buffer bounds the batch: it must fit in one binding.
+        let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, 512) as usize;
+        let mt = max_tokens as u64;
+        let f = |label: &str, n: u64| ctx.zeros(label, 4 * n);
+        let s = Scratch {
+            ids: f("ids", mt),
+            x: f("x", mt * e),
+            xn: f("xn", mt * e),
+            q: f("q", mt * qd),
+            k: f("k", mt * kvd),
+            v: f("v", mt * kvd),
+            attn: f("attn", mt * qd),
+            proj: f("proj", mt * e),
+            gate: f("gate", mt * ff),
+            up: f("up", mt * ff),
+            x_last: f("x_last", e),
+            xn_last: f("xn_last", e),
+            logits_last: f("logits_last", nv),
+            logits_all: f("logits_all", mt * nv),
+            argmax: f("argmax", 2),
+            step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
+            step_last: ctx.uniform("step_last", bytemuck::bytes_of(&Step::default())),
+        };
+        let kv = GpuKvCache::new(&ctx, hp.n_layer, n_ctx, hp.kv_dim())?;
+        let rope = RopeShape {
+            n_head: hp.n_head as u32,
+            n_head_kv: hp.n_head_kv as u32,
+            head_dim: hp.head_dim as u32,
+            rope_dim: hp.rope_dim as u32,
+            base: hp.rope_base,
+            freq_scale: hp.rope_freq_scale,
+            neox: hp.rope_style == RopeStyle::Halves,
+        };
+        let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
+        let relu = hp.activation == crate::model::Activation::Relu;
+        let mut layers = Vec::with_capacity(hp.n_layer);
+        for (il, w) in weights.layers.iter().enumerate() {
+            layers.push(LayerOps {
+                attn_norm: RmsNormOp::new(&ctx, &s.x, &w.attn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
+                q: w.wq.bind_matmul(&ctx, &s.xn, &s.q, &s.step),
+                k: w.wk.bind_matmul(&ctx, &s.xn, &s.k, &s.step),
+                v: w.wv.bind_matmul(&ctx, &s.xn, &s.v, &s.step),
+                biases: w.biases.as_ref().map(|[bq, bk, bv]| {
+                    [BiasOp::new(&ctx, &s.q, bq, qd as u32, &s.step), BiasOp::new(&ctx, &s.k, bk, kvd as u32, &s.step), BiasOp::new(&ctx, &s.v, bv, kvd as u32, &s.step)]
+                }),
+                rope_kv: RopeKvOp::new(&ctx, &s.q, &s.k, &s.v, kv.k(il), kv.v(il), rope, &s.step),
+                attention: AttentionOp::new(&ctx, &s.q, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
+                o: w.wo.bind_matmul(&ctx, &s.attn, &s.proj, &s.step),
+                add_attn: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+                ffn_norm: RmsNormOp::new(&ctx, &s.x, &w.ffn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
+                gate: w.gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
+                up: w.up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
+                act: GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
+                down: w.down.bind_matmul(&ctx, &s.gate, &s.proj, &s.step),
+                add_ffn: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+            });
+        }
+        let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
+        let final_norm_last = RmsNormOp::new(&ctx, &s.x_last, &weights.output_norm, &s.xn_last, e as u32, hp.rms_eps, &s.step_last);
+        let output_last = weights.output.bind_matmul(&ctx, &s.xn_last, &s.logits_last, &s.step_last);
+        let final_norm_all = RmsNormOp::new(&ctx, &s.x, &weights.output_norm, &s.xn, e as u32, hp.rms_eps, &s.step);
+        let output_all = weights.output.bind_matmul(&ctx, &s.xn, &s.logits_all, &s.step);
+        let argmax = ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last);
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, final_norm_last, output_last, final_norm_all, output_all, argmax, n_ctx, max_tokens, n_past: 0 })
+    }
+
+    /// GPU bytes of the KV cache and scratch buffers (weights not included).
+    pub fn state_bytes(&self) -> u64 {
+        self.kv.gpu_bytes()
+    }
+
+    /// Encodes and submits one batch (at most max_tokens). Returns after submission; the caller
+    /// reads what it needs.
+    fn run_batch(&mut self, tokens: &[u32], want: Logits) -> Result<(), ForwardError> {
+        let n = tokens.len() as u32;
+        let pos0 = self.n_past as u32;
+        let step = Step { n_tokens: n, pos0, n_kv: pos0 + n, _pad: 0 };
+        let step_last = Step { n_tokens: 1, ..step };
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step_last));
+        q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens));
+        let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
+            self.embed.encode(&mut pass, n);
+            for l in &self.layers {
+                l.attn_norm.encode(&mut pass, n);
+                l.q.encode(&mut pass, n);
+                l.k.encode(&mut pass, n);
+                l.v.encode(&mut pass, n);
+                if let Some(b) = &l.biases {
+                    b.iter().for_each(|op| op.encode(&mut pass, n));
+                }
+                l.rope_kv.encode(&mut pass, n);
+                l.attention.encode(&mut pass, n);
+                l.o.encode(&mut pass, n);
+                l.add_attn.encode(&mut pass, n);
+                l.ffn_norm.encode(&mut pass, n);
+                l.gate.encode(&mut pass, n);
+                l.up.encode(&mut pass, n);
+                l.act.encode(&mut pass, n);
+                l.down.encode(&mut pass, n);
+                l.add_ffn.encode(&mut pass, n);
+            }
+            if want == Logits::All {
+                self.final_norm_all.encode(&mut pass, n);
+                self.output_all.encode(&mut pass, n);
+            }
+        }
+        if want == Logits::Last {
+            let e = self.model.hp.n_embd as u64 * 4;
+            enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("output"), timestamp_writes: None });
+            self.final_norm_last.encode(&mut pass, 1);
+            self.output_last.encode(&mut pass, 1);
+            self.argmax.encode(&mut pass, 1);
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        self.n_past += tokens.len();
+        Ok(())
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
+        let hp = &self.model.hp;
+        if tokens.is_empty() {
+            return Err(ForwardError::Empty);
+        }
+        if self.n_past + tokens.len() > self.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + tokens.len(), n_ctx: self.n_ctx, n_ctx_train: hp.n_ctx_train });
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+            return Err(ForwardError::BadToken(bad, hp.n_vocab));
+        }
+        Ok(())
+    }
+}
+
+impl Forward for GpuSession {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        self.check(tokens)?;
+        let nv = self.model.hp.n_vocab;
+        let mut all = Vec::new();
+        for chunk in tokens.chunks(self.max_tokens) {
+            self.run_batch(chunk, want)?;
+            if want == Logits::All {
+                all.extend(self.ctx.read::<f32>(&self.s.logits_all, chunk.len() * nv).map_err(ForwardError::Gpu)?);
+            }
+        }
+        match want {
+            Logits::All => Ok(all),
+            Logits::Last => self.ctx.read::<f32>(&self.s.logits_last, nv).map_err(ForwardError::Gpu),
+        }
+    }
+
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        self.check(tokens)?;
+        for chunk in tokens.chunks(self.max_tokens) {
+            self.run_batch(chunk, Logits::Last)?;
+        }
+        let out: Vec<u32> = self.ctx.read(&self.s.argmax, 1).map_err(ForwardError::Gpu)?;
+        Ok(out[0])
+    }
+
+    fn n_past(&self) -> usize {
+        self.n_past
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    fn reset(&mut self) {
+        self.n_past = 0;
+    }
+
+    fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    fn backend_name(&self) -> String {
+        format!("GPU {:?}", self.ctx.adapter.backend)
+    }
+}
