@@ -1,0 +1,66 @@
+//! The whole forward pass on the GPU (lavapipe in CI) against the CPU. The GPU multiplies f32
+//! activations with dequantised weights, so its reference is the CPU at `Precision::F32`.
+
+mod common;
+
+use ember::cpu::Precision;
+use ember::engine::{Forward, GpuSession, GpuWeights, Logits, Session};
+use ember::model::Model;
+use std::sync::Arc;
+
+fn sessions(path: &std::path::Path, n_ctx: usize) -> Option<(Session, GpuSession)> {
+    let ctx = Arc::new(common::gpu()?);
+    let model = Arc::new(Model::load(path).unwrap());
+    let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
+    let gpu = GpuSession::new(model.clone(), ctx, weights, n_ctx).unwrap();
+    let mut cpu = Session::new(model, n_ctx);
+    cpu.precision = Precision::F32;
+    Some((cpu, gpu))
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+}
+
+#[test]
+fn gpu_greedy_tokens_and_logits_match_the_cpu() {
+    let (Some(path), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let Some((mut cpu, mut gpu)) = sessions(&path, 128) else { return };
+    const STEPS: usize = 12;
+    for case in common::read_jsonl(&refs.join("greedy-generations.jsonl")) {
+        let prompt: Vec<u32> = case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        cpu.reset();
+        gpu.reset();
+        let (mut c, mut g) = (cpu.forward(&prompt, Logits::Last).unwrap(), gpu.forward(&prompt, Logits::Last).unwrap());
+        for step in 0..STEPS {
+            let err = rel_err(&g, &c);
+            assert!(err < 1e-2, "{:?} step {step}: relative logit error {err}", case["prompt"]);
+            let (tc, tg) = (ember::cpu::ops::argmax(&c), ember::cpu::ops::argmax(&g));
+            if tc.0 != tg.0 {
+                // Only a near tie may go either way.
+                let margin = (c[tc.0] - c[tg.0]).abs();
+                assert!(margin < 0.05, "{:?} step {step}: CPU {} vs GPU {}, CPU margin {margin}", case["prompt"], tc.0, tg.0);
+                break;
+            }
+            let t = tc.0 as u32;
+            c = cpu.forward(&[t], Logits::Last).unwrap();
+            g = gpu.forward(&[t], Logits::Last).unwrap();
+        }
+    }
+}
+
+#[test]
+fn gpu_argmax_batched_prefill_and_all_logits_agree() {
+    let Some(path) = common::default_model() else { return };
+    let Some((mut cpu, mut gpu)) = sessions(&path, 64) else { return };
+    let tokens: Vec<u32> = (0..37).map(|i| (i * 997 + 13) % 49152).collect();
+    let all_g = gpu.forward(&tokens, Logits::All).unwrap();
+    let all_c = cpu.forward(&tokens, Logits::All).unwrap();
+    assert!(rel_err(&all_g, &all_c) < 1e-2);
+    // The GPU's own argmax equals the argmax of its logits.
+    gpu.reset();
+    let id = gpu.forward_argmax(&tokens).unwrap();
+    let last = &all_g[36 * 49152..];
+    assert_eq!(id as usize, ember::cpu::ops::argmax(last).0);
+}
