@@ -60,8 +60,19 @@ fn blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let end = min(start + params.block_len, n);
     var bv = 0.0;
     var bi = NONE;
-    // Increasing indices per thread: the strict > keeps the first of equal values.
-    for (var i = start + tid; i < end; i += WG) {
+    // Increasing indices per thread: the strict > keeps the first of equal values. Four
+    // independent loads per step, so that their latencies overlap.
+    var i = start + tid;
+    for (; i + 3u * WG < end; i += 4u * WG) {
+        let v = vec4<f32>(logits[row + i], logits[row + i + WG], logits[row + i + 2u * WG], logits[row + i + 3u * WG]);
+        for (var j = 0u; j < 4u; j++) {
+            if (v[j] >= MIN_FINITE && (bi == NONE || v[j] > bv)) {
+                bv = v[j];
+                bi = i + j * WG;
+            }
+        }
+    }
+    for (; i < end; i += WG) {
         let v = logits[row + i];
         if (v >= MIN_FINITE && (bi == NONE || v > bv)) {
             bv = v;

@@ -52,10 +52,12 @@ const G: u32 = HD / 8u;
 const H4: u32 = HD / 4u;
 // threads sharing one word in the p * v product, each over every LANES-th key of a tile
 const LANES: u32 = WG / G;
+// keys per lane and tile
+const KPL: u32 = (T + LANES - 1u) / LANES;
 const NEG: f32 = -3.0e38;
 
 var<workgroup> qs: array<vec4<f32>, H4>;
-var<workgroup> pw: array<f32, T>;
+var<workgroup> pw: array<vec4<f32>, T / 4u>;
 var<workgroup> red: array<vec4<f32>, 2u * WG>;
 var<workgroup> red_l: array<f32, WG>;
 
@@ -67,8 +69,14 @@ fn hi4(w: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
 }
 
+// x rounded to the nearest f16 (ties to even), by bit arithmetic: some drivers fold a
+// pack2x16float/unpack2x16float round trip away. Magnitudes below 2^-14 round to multiples of
+// 2^-24 (f16 subnormals); the f16 range is assumed.
 fn round_f16(x: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(pack2x16float(x.xy)), unpack2x16float(pack2x16float(x.zw)));
+    let b = bitcast<vec4<u32>>(x);
+    let normal = bitcast<vec4<f32>>((b + 0xfffu + ((b >> vec4<u32>(13u)) & vec4<u32>(1u))) & vec4<u32>(0xffffe000u));
+    let tiny = round(x * 16777216.0) * 5.9604644775390625e-08;
+    return select(normal, tiny, abs(x) < vec4<f32>(6.103515625e-05));
 }
 
 // Keys per chunk for n_kv keys: a multiple of the tile, at least one tile.
@@ -112,29 +120,34 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             }
             s = d * params.scale;
         }
-        pw[tid] = s;
+        pw[tid / 4u][tid % 4u] = s;
         workgroupBarrier();
-        var tm = NEG;
-        for (var j = 0u; j < T; j++) {
-            tm = max(tm, pw[j]);
+        var tm4 = vec4<f32>(NEG);
+        for (var j = 0u; j < T / 4u; j++) {
+            tm4 = max(tm4, pw[j]);
         }
+        let tm = max(max(tm4.x, tm4.y), max(tm4.z, tm4.w));
         let m_new = max(m, tm);
         let alpha = exp(m - m_new);
         m = m_new;
         workgroupBarrier();
-        pw[tid] = select(0.0, exp(s - m_new), valid);
+        pw[tid / 4u][tid % 4u] = select(0.0, exp(s - m_new), valid);
         workgroupBarrier();
         acc0 *= alpha;
         acc1 *= alpha;
         l *= alpha;
         if (lane < LANES) {
+            // A fixed trip count, so that the loads of a tile can all be in flight at once.
             let nk = min(T, c1 - tb);
-            for (var j = lane; j < nk; j += LANES) {
-                let pj = pw[j];
-                let w = cache_v[(tb + j) * params.kv4 + krow + g];
-                acc0 += pj * lo4(w);
-                acc1 += pj * hi4(w);
-                l += pj;
+            for (var jj = 0u; jj < KPL; jj++) {
+                let j = lane + jj * LANES;
+                if (j < nk) {
+                    let pj = pw[j / 4u][j % 4u];
+                    let w = cache_v[(tb + j) * params.kv4 + krow + g];
+                    acc0 += pj * lo4(w);
+                    acc1 += pj * hi4(w);
+                    l += pj;
+                }
             }
         }
         workgroupBarrier();
@@ -161,28 +174,54 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     }
 }
 
-@compute @workgroup_size(WG)
+// Combine: 256 threads; (vec4 slot, chunk subset) pairs, so that no thread walks all chunks.
+const CWG: u32 = 256u;
+const MAX_CHUNKS: u32 = 64u;
+const PARTS: u32 = CWG / H4;
+
+var<workgroup> cml: array<vec2<f32>, MAX_CHUNKS>;
+var<workgroup> cw: array<f32, MAX_CHUNKS>;
+var<workgroup> cred: array<vec4<f32>, CWG>;
+
+@compute @workgroup_size(CWG)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let h = wg.x;
     let n_kv = step.n_kv;
     let len = chunk_len(n_kv);
-    let nc = (n_kv + len - 1u) / len;
+    let nc = min((n_kv + len - 1u) / len, MAX_CHUNKS);
     let first = h * params.n_chunks;
+    if (tid < nc) {
+        cml[tid] = part_ml[first + tid];
+    }
+    workgroupBarrier();
     var mx = NEG;
     for (var c = 0u; c < nc; c++) {
-        mx = max(mx, part_ml[first + c].x);
+        mx = max(mx, cml[c].x);
     }
+    if (tid < nc) {
+        cw[tid] = exp(cml[tid].x - mx);
+    }
+    workgroupBarrier();
     var lt = 0.0;
     for (var c = 0u; c < nc; c++) {
-        let ml = part_ml[first + c];
-        lt += ml.y * exp(ml.x - mx);
+        lt += cml[c].y * cw[c];
     }
     let inv = select(0.0, 1.0 / lt, lt > 0.0);
-    for (var i = tid; i < H4; i += WG) {
-        var o = vec4<f32>(0.0);
-        for (var c = 0u; c < nc; c++) {
-            o += part_o[(first + c) * H4 + i] * exp(part_ml[first + c].x - mx);
+    let slot = tid % H4;
+    let part = tid / H4;
+    var o = vec4<f32>(0.0);
+    if (part < PARTS) {
+        for (var c = part; c < nc; c += PARTS) {
+            o += part_o[(first + c) * H4 + slot] * cw[c];
         }
-        out[h * H4 + i] = o * inv;
+    }
+    cred[tid] = o;
+    workgroupBarrier();
+    if (tid < H4) {
+        var sum = vec4<f32>(0.0);
+        for (var p = 0u; p < PARTS; p++) {
+            sum += cred[p * H4 + tid];
+        }
+        out[h * H4 + tid] = sum * inv;
     }
 }

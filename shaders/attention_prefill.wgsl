@@ -51,7 +51,7 @@ const SPT: u32 = (SLOTS + WG - 1u) / WG;
 const NEG: f32 = -3.0e38;
 
 var<workgroup> qs: array<vec4<f32>, TQ * H4>;
-var<workgroup> sc: array<f32, TQ * T>;
+var<workgroup> sc: array<vec4<f32>, TQ * T / 4u>;
 var<workgroup> mrow: array<f32, TQ>;
 var<workgroup> arow: array<f32, TQ>;
 
@@ -63,8 +63,14 @@ fn hi4(w: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.z), unpack2x16float(w.w));
 }
 
+// x rounded to the nearest f16 (ties to even), by bit arithmetic: some drivers fold a
+// pack2x16float/unpack2x16float round trip away. Magnitudes below 2^-14 round to multiples of
+// 2^-24 (f16 subnormals); the f16 range is assumed.
 fn round_f16(x: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(unpack2x16float(pack2x16float(x.xy)), unpack2x16float(pack2x16float(x.zw)));
+    let b = bitcast<vec4<u32>>(x);
+    let normal = bitcast<vec4<f32>>((b + 0xfffu + ((b >> vec4<u32>(13u)) & vec4<u32>(1u))) & vec4<u32>(0xffffe000u));
+    let tiny = round(x * 16777216.0) * 5.9604644775390625e-08;
+    return select(normal, tiny, abs(x) < vec4<f32>(6.103515625e-05));
 }
 
 @compute @workgroup_size(WG)
@@ -111,14 +117,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
         for (var qi = 0u; qi < TQ; qi++) {
             let valid = qi < nt && p <= qpos0 + qi;
-            sc[qi * T + tid] = select(NEG, s[qi] * params.scale, valid);
+            let i = qi * T + tid;
+            sc[i / 4u][i % 4u] = select(NEG, s[qi] * params.scale, valid);
         }
         workgroupBarrier();
         if (tid < TQ) {
-            var mx = NEG;
-            for (var j = 0u; j < T; j++) {
-                mx = max(mx, sc[tid * T + j]);
+            var mx4 = vec4<f32>(NEG);
+            for (var j = 0u; j < T / 4u; j++) {
+                mx4 = max(mx4, sc[tid * T / 4u + j]);
             }
+            let mx = max(max(mx4.x, mx4.y), max(mx4.z, mx4.w));
             let m_old = mrow[tid];
             let m_new = max(m_old, mx);
             arow[tid] = exp(m_old - m_new);
@@ -128,7 +136,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         for (var qi = 0u; qi < TQ; qi++) {
             let valid = qi < nt && p <= qpos0 + qi;
             let i = qi * T + tid;
-            sc[i] = select(0.0, exp(sc[i] - mrow[qi]), valid);
+            sc[i / 4u][i % 4u] = select(0.0, exp(sc[i / 4u][i % 4u] - mrow[qi]), valid);
         }
         workgroupBarrier();
         for (var r = 0u; r < SPT; r++) {
@@ -143,12 +151,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
                 // keys of this tile that query qi sees
                 let last = qpos0 + qi + 1u;
                 let nk = select(0u, min(T, last - tb), qi < nt && last > tb);
-                for (var j = 0u; j < nk; j++) {
-                    let pj = sc[qi * T + j];
-                    let w = cache_v[(tb + j) * params.kv4 + krow + g];
-                    acc[2u * r] += pj * lo4(w);
-                    acc[2u * r + 1u] += pj * hi4(w);
-                    l[r] += pj;
+                // A fixed trip count, so that the loads of a tile can all be in flight at once.
+                for (var j = 0u; j < T; j++) {
+                    if (j < nk) {
+                        let pj = sc[qi * T / 4u + j / 4u][j % 4u];
+                        let w = cache_v[(tb + j) * params.kv4 + krow + g];
+                        acc[2u * r] += pj * lo4(w);
+                        acc[2u * r + 1u] += pj * hi4(w);
+                        l[r] += pj;
+                    }
                 }
             }
         }

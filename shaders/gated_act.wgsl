@@ -35,8 +35,11 @@ fn exp_poly(x: f32) -> f32 {
     let c2 = bitcast<f32>(0x3e2aaf33u);
     let c3 = bitcast<f32>(0x3d2b9f17u);
     let c4 = bitcast<f32>(0x3c072010u);
+    // z's low mantissa bits hold round(x * log2e) (read from the bits, so no compiler can
+    // fold the `z - shift` of the CPU version away).
     let z = fma(x, log2e, shift);
-    let n = z - shift;
+    let ni = bitcast<i32>(z) - bitcast<i32>(shift);
+    let n = f32(ni);
     let b = fma(-n, ln2_lo, fma(-n, ln2_hi, x));
     let u = b * b;
     let j = fma(fma(fma(c4, b, c3), u, fma(c2, b, c1)), u, fma(c0, b, 1.0));
@@ -44,7 +47,7 @@ fn exp_poly(x: f32) -> f32 {
         // Far outside SiLU's working range: the result over- or underflows.
         return j * exp2(n);
     }
-    return j * bitcast<f32>(u32(i32(n) + 127) << 23u);
+    return j * bitcast<f32>(u32(ni + 127) << 23u);
 }
 
 fn index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {

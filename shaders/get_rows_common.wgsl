@@ -3,7 +3,7 @@
 // dispatch and writes only the ids inside it.
 //
 // Composed after one of the matmul_<type>.wgsl files (weight bindings 4, 5; UNIT, XV and
-// unit_deq, the exact dequantisation of one 16-byte unit).
+// unit_fetch and unit_deq, the exact dequantisation of one 16-byte unit).
 
 struct Step {
     n_tokens: u32,
@@ -38,7 +38,7 @@ fn get_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
     let src = (id - chunk.row0) * units;
     let dst = i * (chunk.cols / 4u);
     for (var u = lid; u < units; u += 64u) {
-        let v = unit_deq(src + u);
+        let v = unit_deq(unit_fetch(src + u));
         for (var j = 0u; j < XV; j++) {
             out[dst + u * XV + j] = v[j];
         }

@@ -33,7 +33,8 @@ struct Chunk {
 @group(0) @binding(2) var<uniform> step: Step;
 @group(0) @binding(3) var<uniform> chunk: Chunk;
 
-// Matvec: threads per workgroup, rows per workgroup, tokens per dispatch.
+// Matvec: threads per workgroup, rows per workgroup, tokens per workgroup (the grid's z
+// dimension covers groups of MV_NT tokens).
 const MV_WG: u32 = 128u;
 const MV_NR: u32 = 4u;
 const MV_NT: u32 = 1u;
@@ -42,15 +43,15 @@ const MV_NRT: u32 = MV_NR * MV_NT;
 // Each thread's partial sums, element r * MV_NT + t for row r and token t of the workgroup.
 alias Partials = array<f32, MV_NRT>;
 
-// The workgroup's index in a 1D or 2D grid (2D when the count exceeds 65535).
+// The workgroup's row-group index in a 1D or 2D grid (2D when the count exceeds 65535).
 fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-// This thread's share of MV_NR rows times up to MV_NT tokens: it walks the row's 16-byte units
-// lid, lid + MV_WG, ... (adjacent threads on adjacent units, so loads coalesce), loads the
-// activations of each unit once per token and reuses them for every row.
-fn mv_partial(lid: u32, group: u32) -> Partials {
+// This thread's share of MV_NR rows times MV_NT tokens (t0..t0 + MV_NT, those below n_tokens):
+// it walks the row's 16-byte units lid, lid + MV_WG, ... (adjacent threads on adjacent units,
+// so loads coalesce).
+fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     let rows = chunk.rows;
     let cols = chunk.cols;
     let n = step.n_tokens;
@@ -61,17 +62,38 @@ fn mv_partial(lid: u32, group: u32) -> Partials {
         base[r] = min(group * MV_NR + r, rows - 1u) * units;
     }
     var acc: Partials;
-    for (var u = lid; u < units; u += MV_WG) {
-        for (var t = 0u; t < MV_NT; t++) {
-            if (MV_NT == 1u || t < n) {
-                let xb = t * (cols / 4u) + u * XV;
-                var xv: XUnit;
-                for (var i = 0u; i < XV; i++) {
-                    xv[i] = x[xb + i];
-                }
-                let xs = x_sum(xv);
-                for (var r = 0u; r < MV_NR; r++) {
-                    acc[r * MV_NT + t] += unit_dot(base[r] + u, xv, xs);
+    if (MV_NT == 1u) {
+        // Decode: the unit's activations stay in registers for all MV_NR rows; the weights
+        // are decoded with the type's fast dot product.
+        let xt = t0 * (cols / 4u);
+        for (var u = lid; u < units; u += MV_WG) {
+            let xb = xt + u * XV;
+            var xv: XUnit;
+            for (var i = 0u; i < XV; i++) {
+                xv[i] = x[xb + i];
+            }
+            let xs = x_sum(xv);
+            for (var r = 0u; r < MV_NR; r++) {
+                acc[r] += unit_dot(base[r] + u, xv, xs);
+            }
+        }
+    } else {
+        // A few tokens: each row's unit is dequantised once into registers, and every
+        // activation vector loaded serves all MV_NR rows.
+        for (var u = lid; u < units; u += MV_WG) {
+            var w: array<XUnit, MV_NR>;
+            for (var r = 0u; r < MV_NR; r++) {
+                w[r] = unit_deq(base[r] + u);
+            }
+            for (var t = 0u; t < MV_NT; t++) {
+                if (t0 + t < n) {
+                    let xb = (t0 + t) * (cols / 4u) + u * XV;
+                    for (var i = 0u; i < XV; i++) {
+                        let xi = x[xb + i];
+                        for (var r = 0u; r < MV_NR; r++) {
+                            acc[r * MV_NT + t] += dot(w[r][i], xi);
+                        }
+                    }
                 }
             }
         }
@@ -79,10 +101,10 @@ fn mv_partial(lid: u32, group: u32) -> Partials {
     return acc;
 }
 
-// Thread i < MV_NRT writes the workgroup's total for row i / MV_NT and token i % MV_NT.
-fn mv_store(group: u32, i: u32, total: f32) {
+// Thread i < MV_NRT writes the workgroup's total for row i / MV_NT and token t0 + i % MV_NT.
+fn mv_store(group: u32, t0: u32, i: u32, total: f32) {
     let r = group * MV_NR + i / MV_NT;
-    let t = i % MV_NT;
+    let t = t0 + i % MV_NT;
     if (r < chunk.rows && t < step.n_tokens) {
         y[t * chunk.ld_y + chunk.row0 + r] = total;
     }
@@ -94,7 +116,8 @@ var<workgroup> mv_red: array<f32, MV_WG * MV_NRT>;
 @compute @workgroup_size(MV_WG)
 fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let group = flat_group(wid, nwg);
-    let acc = mv_partial(lid, group);
+    let t0 = wid.z * MV_NT;
+    let acc = mv_partial(lid, group, t0);
     for (var i = 0u; i < MV_NRT; i++) {
         mv_red[i * MV_WG + lid] = acc[i];
     }
@@ -108,7 +131,7 @@ fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     }
     workgroupBarrier();
     if (lid < MV_NRT) {
-        mv_store(group, lid, mv_red[lid * MV_WG]);
+        mv_store(group, t0, lid, mv_red[lid * MV_WG]);
     }
 }
 

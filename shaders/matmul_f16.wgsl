@@ -12,18 +12,28 @@ fn x_sum(xv: XUnit) -> f32 {
     return 0.0;
 }
 
-fn unit_deq(g: u32) -> XUnit {
-    let q = wq[g];
+// One unit's weights as loaded (no scale).
+struct WUnit {
+    q: vec4<u32>,
+    d: vec2<f32>,
+}
+
+fn unit_fetch(g: u32) -> WUnit {
+    return WUnit(wq[g], vec2<f32>(0.0));
+}
+
+fn unit_deq(w: WUnit) -> XUnit {
+    let q = w.q;
     return XUnit(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
 }
 
-fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
-    let w = unit_deq(g);
-    return dot(w[0], xv[0]) + dot(w[1], xv[1]);
+fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+    let v = unit_deq(w);
+    return dot(v[0], xv[0]) + dot(v[1], xv[1]);
 }
 
 // Elements 8p..8p+7 of block kb (32 elements) of `row`.
 fn tile8(row: u32, kb: u32, p: u32, cols: u32) -> array<f32, 8> {
-    let w = unit_deq(row * (cols / 8u) + 4u * kb + p);
+    let w = unit_deq(unit_fetch(row * (cols / 8u) + 4u * kb + p));
     return array<f32, 8>(w[0].x, w[0].y, w[0].z, w[0].w, w[1].x, w[1].y, w[1].z, w[1].w);
 }

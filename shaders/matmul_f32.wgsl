@@ -11,12 +11,22 @@ fn x_sum(xv: XUnit) -> f32 {
     return 0.0;
 }
 
-fn unit_deq(g: u32) -> XUnit {
-    return XUnit(bitcast<vec4<f32>>(wq[g]));
+// One unit's weights as loaded (no scale).
+struct WUnit {
+    q: vec4<u32>,
+    d: vec2<f32>,
 }
 
-fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
-    return dot(bitcast<vec4<f32>>(wq[g]), xv[0]);
+fn unit_fetch(g: u32) -> WUnit {
+    return WUnit(wq[g], vec2<f32>(0.0));
+}
+
+fn unit_deq(w: WUnit) -> XUnit {
+    return XUnit(bitcast<vec4<f32>>(w.q));
+}
+
+fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+    return dot(bitcast<vec4<f32>>(w.q), xv[0]);
 }
 
 // Elements 8p..8p+7 of block kb (32 elements) of `row`.

@@ -35,18 +35,28 @@ fn hi_nib(w: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>((vec4<u32>(w << 15u, w << 7u, w >> 1u, w >> 9u) & vec4<u32>(NIB_MANT)) | vec4<u32>(ONE_BITS));
 }
 
-// Block g times activations xv (xs = their sum): q - 8 = 16 f - 24.
-fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
-    let q = wq[g];
-    let lo = (dot(lo_nib(q.x), xv[0]) + dot(lo_nib(q.y), xv[1])) + (dot(lo_nib(q.z), xv[2]) + dot(lo_nib(q.w), xv[3]));
-    let hi = (dot(hi_nib(q.x), xv[4]) + dot(hi_nib(q.y), xv[5])) + (dot(hi_nib(q.z), xv[6]) + dot(hi_nib(q.w), xv[7]));
-    return half_at(g) * (16.0 * (lo + hi) - 24.0 * xs);
+// One unit's weights as loaded: quants and scale.
+struct WUnit {
+    q: vec4<u32>,
+    d: vec2<f32>,
 }
 
-// Block g dequantised exactly (as ggml: (q - 8) * d).
-fn unit_deq(g: u32) -> XUnit {
-    let q = wq[g];
-    let d = half_at(g);
+fn unit_fetch(g: u32) -> WUnit {
+    return WUnit(wq[g], vec2<f32>(half_at(g), 0.0));
+}
+
+// A block times activations xv (xs = their sum): q - 8 = 16 f - 24.
+fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+    let q = w.q;
+    let lo = (dot(lo_nib(q.x), xv[0]) + dot(lo_nib(q.y), xv[1])) + (dot(lo_nib(q.z), xv[2]) + dot(lo_nib(q.w), xv[3]));
+    let hi = (dot(hi_nib(q.x), xv[4]) + dot(hi_nib(q.y), xv[5])) + (dot(hi_nib(q.z), xv[6]) + dot(hi_nib(q.w), xv[7]));
+    return w.d.x * (16.0 * (lo + hi) - 24.0 * xs);
+}
+
+// A block dequantised exactly (as ggml: (q - 8) * d).
+fn unit_deq(w: WUnit) -> XUnit {
+    let q = w.q;
+    let d = w.d.x;
     var v: XUnit;
     for (var i = 0u; i < 4u; i++) {
         let w = q[i];

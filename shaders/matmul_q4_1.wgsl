@@ -26,20 +26,30 @@ fn hi_nib(w: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>((vec4<u32>(w << 15u, w << 7u, w >> 1u, w >> 9u) & vec4<u32>(NIB_MANT)) | vec4<u32>(ONE_BITS));
 }
 
+// One unit's weights as loaded: quants, scale and minimum.
+struct WUnit {
+    q: vec4<u32>,
+    d: vec2<f32>,
+}
+
+fn unit_fetch(g: u32) -> WUnit {
+    return WUnit(wq[g], unpack2x16float(wd[g]));
+}
+
 // sum (d q + m) x = d (16 S - 16 xs) + m xs, S = sum f x.
-fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
-    let q = wq[g];
-    let dm = unpack2x16float(wd[g]);
+fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+    let q = w.q;
+    let dm = w.d;
     let lo = (dot(lo_nib(q.x), xv[0]) + dot(lo_nib(q.y), xv[1])) + (dot(lo_nib(q.z), xv[2]) + dot(lo_nib(q.w), xv[3]));
     let hi = (dot(hi_nib(q.x), xv[4]) + dot(hi_nib(q.y), xv[5])) + (dot(hi_nib(q.z), xv[6]) + dot(hi_nib(q.w), xv[7]));
     return dm.x * (16.0 * ((lo + hi) - xs)) + dm.y * xs;
 }
 
-// Block g dequantised exactly (as ggml: q * d + m; q * d is exact, so a fused multiply-add
+// A block dequantised exactly (as ggml: q * d + m; q * d is exact, so a fused multiply-add
 // rounds the same).
-fn unit_deq(g: u32) -> XUnit {
-    let q = wq[g];
-    let dm = unpack2x16float(wd[g]);
+fn unit_deq(w: WUnit) -> XUnit {
+    let q = w.q;
+    let dm = w.d;
     var v: XUnit;
     for (var i = 0u; i < 4u; i++) {
         let w = q[i];

@@ -28,21 +28,31 @@ fn bytes_f(w: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>((vec4<u32>(w << 15u, w << 7u, w >> 1u, w >> 9u) & vec4<u32>(BYTE_MANT)) ^ vec4<u32>(ONE_FLIP));
 }
 
-// Unit g times activations xv (xs = their sum): q = 256 f - 384.
-fn unit_dot(g: u32, xv: XUnit, xs: f32) -> f32 {
-    let q = wq[g];
+// One unit's weights as loaded: quants and scale.
+struct WUnit {
+    q: vec4<u32>,
+    d: vec2<f32>,
+}
+
+fn unit_fetch(g: u32) -> WUnit {
+    return WUnit(wq[g], vec2<f32>(half_at(g >> 1u), 0.0));
+}
+
+// A unit times activations xv (xs = their sum): q = 256 f - 384.
+fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+    let q = w.q;
     let s = (dot(bytes_f(q.x), xv[0]) + dot(bytes_f(q.y), xv[1])) + (dot(bytes_f(q.z), xv[2]) + dot(bytes_f(q.w), xv[3]));
-    return half_at(g >> 1u) * (256.0 * s - 384.0 * xs);
+    return w.d.x * (256.0 * s - 384.0 * xs);
 }
 
 fn bytes_i(w: u32) -> vec4<f32> {
     return vec4<f32>(bitcast<vec4<i32>>(vec4<u32>(w << 24u, w << 16u, w << 8u, w)) >> vec4<u32>(24u));
 }
 
-// Unit g dequantised exactly (q * d).
-fn unit_deq(g: u32) -> XUnit {
-    let q = wq[g];
-    let d = half_at(g >> 1u);
+// A unit dequantised exactly (q * d).
+fn unit_deq(w: WUnit) -> XUnit {
+    let q = w.q;
+    let d = w.d.x;
     return XUnit(bytes_i(q.x) * d, bytes_i(q.y) * d, bytes_i(q.z) * d, bytes_i(q.w) * d);
 }
 

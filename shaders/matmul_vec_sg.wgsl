@@ -14,7 +14,8 @@ fn mv_main_sg(
     @builtin(num_subgroups) n_sg: u32,
 ) {
     let group = flat_group(wid, nwg);
-    let acc = mv_partial(lid, group);
+    let t0 = wid.z * MV_NT;
+    let acc = mv_partial(lid, group, t0);
     for (var i = 0u; i < MV_NRT; i++) {
         let s = subgroupAdd(acc[i]);
         if (lane == 0u) {
@@ -27,6 +28,6 @@ fn mv_main_sg(
         for (var k = 0u; k < n_sg; k++) {
             total += mv_sg_red[k * MV_NRT + lid];
         }
-        mv_store(group, lid, total);
+        mv_store(group, t0, lid, total);
     }
 }

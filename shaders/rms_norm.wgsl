@@ -30,16 +30,23 @@ var<workgroup> partial: array<f32, WG>;
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     // Rows beyond 65535 continue in the y dimension of the grid.
     let row = wg.x + wg.y * nwg.x;
-    let active = row < step.n_tokens;
+    let in_range = row < step.n_tokens;
     let dim = params.dim;
     let base = row * dim;
-    var s = 0.0;
-    if (active) {
-        for (var i = tid; i < dim; i += WG) {
+    // Four independent loads per step, so that their latencies overlap.
+    var s4 = vec4<f32>(0.0);
+    if (in_range) {
+        var i = tid;
+        for (; i + 3u * WG < dim; i += 4u * WG) {
+            let v = vec4<f32>(x[base + i], x[base + i + WG], x[base + i + 2u * WG], x[base + i + 3u * WG]);
+            s4 += v * v;
+        }
+        for (; i < dim; i += WG) {
             let v = x[base + i];
-            s += v * v;
+            s4.x += v * v;
         }
     }
+    let s = (s4.x + s4.y) + (s4.z + s4.w);
     partial[tid] = s;
     workgroupBarrier();
     for (var off = WG / 2u; off > 0u; off >>= 1u) {
@@ -48,12 +55,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         workgroupBarrier();
     }
-    if (!active) {
+    if (!in_range) {
         return;
     }
     let mean = partial[0] / f32(dim);
     let scale = 1.0 / sqrt(mean + params.eps);
-    for (var i = tid; i < dim; i += WG) {
+    var i = tid;
+    for (; i + 3u * WG < dim; i += 4u * WG) {
+        let v = vec4<f32>(x[base + i], x[base + i + WG], x[base + i + 2u * WG], x[base + i + 3u * WG]);
+        let w = vec4<f32>(weight[i], weight[i + WG], weight[i + 2u * WG], weight[i + 3u * WG]);
+        let o = (v * scale) * w;
+        out[base + i] = o.x;
+        out[base + i + WG] = o.y;
+        out[base + i + 2u * WG] = o.z;
+        out[base + i + 3u * WG] = o.w;
+    }
+    for (; i < dim; i += WG) {
         out[base + i] = (x[base + i] * scale) * weight[i];
     }
 }

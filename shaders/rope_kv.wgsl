@@ -37,9 +37,13 @@ struct Params {
 @group(0) @binding(5) var<uniform> params: Params;
 @group(0) @binding(6) var<uniform> step: Step;
 
-// 2 pi as an f32 and the f32 nearest the remainder (Cody-Waite reduction with fma).
-const TWO_PI_HI: f32 = 6.2831854820251465;
-const TWO_PI_LO: f32 = -1.7484555314695172e-07;
+// 2 pi in four parts, the first three of 8 significant bits, so that n * part is exact for
+// n < 2^16 (|t| < 400000) and the reduction needs no fused multiply-add (which some drivers,
+// lavapipe among them, do not fuse).
+const TWO_PI_1: f32 = 6.28125;
+const TWO_PI_2: f32 = 0.00193023681640625;
+const TWO_PI_3: f32 = 5.066394805908203e-06;
+const TWO_PI_4: f32 = 3.968374517882012e-09;
 const INV_TWO_PI: f32 = 0.15915493667125702;
 
 // (cos, sin) of pair i's angle at position pos.
@@ -50,7 +54,7 @@ fn angle(pos: u32, i: u32) -> vec2<f32> {
     }
     let t = params.freq_scale * theta;
     let n = round(t * INV_TWO_PI);
-    let r = fma(-n, TWO_PI_LO, fma(-n, TWO_PI_HI, t));
+    let r = (((t - n * TWO_PI_1) - n * TWO_PI_2) - n * TWO_PI_3) - n * TWO_PI_4;
     return vec2<f32>(cos(r), sin(r));
 }
 

@@ -21,6 +21,17 @@ pub struct BenchArgs {
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
+    /// GPU: also print per-kernel times of one decode token (timestamp queries) and the share
+    /// of the token spent outside kernels
+    #[arg(long)]
+    pub profile: bool,
+    /// GPU: measure the device's copy bandwidth (the ceiling for memory-bound kernels)
+    #[arg(long)]
+    pub copy_bandwidth: bool,
+    /// GPU: measure the matrix-vector kernels' bandwidth on 11008x4096 and 4096x11008 matrices
+    /// of each type, rotating over more matrices than the L2 cache holds; implies --copy-bandwidth
+    #[arg(long)]
+    pub kernels: bool,
 }
 
 fn mean_sd(v: &[f64]) -> (f64, f64) {
@@ -33,6 +44,9 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
 pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         return Err("--repetitions must be at least 1".into());
+    }
+    if a.kernels || a.copy_bandwidth {
+        return device_bench(&a);
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
@@ -73,6 +87,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
         }
+        if a.profile {
+            session.reset();
+            // Profile a token late in the tg run's context.
+            for _ in 0..a.n_gen.max(1) - 1 {
+                session.forward_argmax(&tokens[..1])?;
+            }
+        }
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for (test, (mean, sd)) in rows {
@@ -84,6 +105,28 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 rayon::current_num_threads()
             );
         }
+        if a.profile {
+            match session.as_gpu() {
+                Some(gpu) => super::gpu_bench::print_profile(gpu, tokens[0])?,
+                None => eprintln!("ember: --profile needs the GPU backend (--backend gpu)"),
+            }
+        }
         Ok(())
     })
+}
+
+fn device_bench(a: &BenchArgs) -> Result<()> {
+    let choice = a.model.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
+    let ctx = crate::gpu::GpuContext::new(&choice)?;
+    println!("device: {} ({:?}, {:?}), driver {}", ctx.adapter.name, ctx.adapter.backend, ctx.adapter.device_type, ctx.adapter.driver);
+    let copy = super::gpu_bench::copy_bandwidth(&ctx)?;
+    println!("copy bandwidth: {copy:.0} GB/s (bytes read + written per second, 1 GiB buffer-to-buffer copies)");
+    if a.kernels {
+        println!("\n| kernel | shape (rows x cols) | weight MiB | median µs | GB/s | of copy bandwidth |");
+        println!("| --- | --- | ---: | ---: | ---: | ---: |");
+        for r in super::gpu_bench::kernel_bandwidth(&ctx)? {
+            println!("| matvec {} | {} x {} | {:.1} | {:.1} | {:.0} | {:.0}% |", r.ty, r.rows, r.cols, r.bytes as f64 / (1u64 << 20) as f64, r.median_us, r.gbps, 100.0 * r.gbps / copy);
+        }
+    }
+    Ok(())
 }

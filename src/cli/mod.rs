@@ -2,6 +2,7 @@
 
 mod backend;
 mod bench;
+mod gpu_bench;
 mod fetch;
 mod info;
 mod perplexity;

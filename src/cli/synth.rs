@@ -64,7 +64,7 @@ fn mix(mut z: u64) -> u64 {
 
 /// Fills `buf` with a random tensor of `cols`-long rows whose values have a standard deviation of
 /// about 1/sqrt(cols), so activations keep their scale through the layers.
-fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
+pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
     let std = 1.0 / (cols as f32).sqrt();
     let bb = ty.block_bytes();
     let chunk = bb * 4096;

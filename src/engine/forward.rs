@@ -41,6 +41,11 @@ pub trait Forward {
     fn model(&self) -> &Arc<Model>;
     /// Where it runs, for tables and messages ("CPU", "GPU").
     fn backend_name(&self) -> String;
+
+    /// The GPU session behind this backend, if it is one (profiling).
+    fn as_gpu(&mut self) -> Option<&mut super::GpuSession> {
+        None
+    }
 }
 
 /// Which positions of a batch need logits.

@@ -37,6 +37,22 @@ fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
 }
 
 impl GpuWeights {
+    /// GPU bytes of the matrices a profile entry named `name` reads, summed over layers.
+    pub fn matmul_bytes(&self, name: &str) -> u64 {
+        let per_layer = |f: fn(&GpuLayerWeights) -> &GpuMatrix| self.layers.iter().map(|l| f(l).gpu_bytes()).sum::<u64>();
+        match name {
+            "matmul q" => per_layer(|l| &l.wq),
+            "matmul k" => per_layer(|l| &l.wk),
+            "matmul v" => per_layer(|l| &l.wv),
+            "matmul o" => per_layer(|l| &l.wo),
+            "matmul gate" => per_layer(|l| &l.gate),
+            "matmul up" => per_layer(|l| &l.up),
+            "matmul down" => per_layer(|l| &l.down),
+            "matmul output" => self.output.gpu_bytes(),
+            _ => 0,
+        }
+    }
+
     /// Uploads every weight, with a progress bar on stderr.
     pub fn upload(ctx: &GpuContext, model: &Model, progress: bool) -> Result<GpuWeights, GpuError> {
         let bar = if progress { indicatif::ProgressBar::new(model.layers.len() as u64 + 1) } else { indicatif::ProgressBar::hidden() };
@@ -106,6 +122,22 @@ impl BiasOp {
     }
 }
 
+/// Anything that records its dispatches into a compute pass.
+trait Op {
+    fn record(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32);
+}
+
+macro_rules! impl_op {
+    ($($t:ty),*) => {$(
+        impl Op for $t {
+            fn record(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
+                self.encode(pass, n_tokens)
+            }
+        }
+    )*};
+}
+impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
+
 struct LayerOps {
     attn_norm: RmsNormOp,
     q: MatmulOp,
@@ -122,6 +154,29 @@ struct LayerOps {
     act: GatedActOp,
     down: MatmulOp,
     add_ffn: AddOp,
+}
+
+impl LayerOps {
+    /// The layer's dispatches in order, each with a name for profiles.
+    fn sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        let mut v: Vec<(&'static str, &dyn Op)> = vec![("attn_norm", &self.attn_norm), ("matmul q", &self.q), ("matmul k", &self.k), ("matmul v", &self.v)];
+        if let Some(b) = &self.biases {
+            v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
+        }
+        v.extend([
+            ("rope_kv", &self.rope_kv as &dyn Op),
+            ("attention", &self.attention),
+            ("matmul o", &self.o),
+            ("add", &self.add_attn),
+            ("ffn_norm", &self.ffn_norm),
+            ("matmul gate", &self.gate),
+            ("matmul up", &self.up),
+            ("gated_act", &self.act),
+            ("matmul down", &self.down),
+            ("add", &self.add_ffn),
+        ]);
+        v
+    }
 }
 
 /// Activation buffers sized for `max_tokens` tokens.
@@ -254,42 +309,76 @@ impl GpuSession {
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
-            self.embed.encode(&mut pass, n);
-            for l in &self.layers {
-                l.attn_norm.encode(&mut pass, n);
-                l.q.encode(&mut pass, n);
-                l.k.encode(&mut pass, n);
-                l.v.encode(&mut pass, n);
-                if let Some(b) = &l.biases {
-                    b.iter().for_each(|op| op.encode(&mut pass, n));
-                }
-                l.rope_kv.encode(&mut pass, n);
-                l.attention.encode(&mut pass, n);
-                l.o.encode(&mut pass, n);
-                l.add_attn.encode(&mut pass, n);
-                l.ffn_norm.encode(&mut pass, n);
-                l.gate.encode(&mut pass, n);
-                l.up.encode(&mut pass, n);
-                l.act.encode(&mut pass, n);
-                l.down.encode(&mut pass, n);
-                l.add_ffn.encode(&mut pass, n);
-            }
-            if want == Logits::All {
-                self.final_norm_all.encode(&mut pass, n);
-                self.output_all.encode(&mut pass, n);
+            for (_, op) in self.layer_sequence(want) {
+                op.record(&mut pass, n);
             }
         }
         if want == Logits::Last {
-            let e = self.model.hp.n_embd as u64 * 4;
-            enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
+            self.copy_last_row(&mut enc, n);
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("output"), timestamp_writes: None });
-            self.final_norm_last.encode(&mut pass, 1);
-            self.output_last.encode(&mut pass, 1);
-            self.argmax.encode(&mut pass, 1);
+            for (_, op) in self.output_sequence() {
+                op.record(&mut pass, 1);
+            }
         }
         self.ctx.queue.submit([enc.finish()]);
         self.n_past += tokens.len();
         Ok(())
+    }
+
+    /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
+    fn layer_sequence(&self, want: Logits) -> Vec<(&'static str, &dyn Op)> {
+        let mut v: Vec<(&'static str, &dyn Op)> = vec![("embed", &self.embed)];
+        for l in &self.layers {
+            v.extend(l.sequence());
+        }
+        if want == Logits::All {
+            v.push(("output_norm", &self.final_norm_all));
+            v.push(("matmul output", &self.output_all));
+        }
+        v
+    }
+
+    /// After `copy_last_row`: the last token's final norm, logits and argmax.
+    fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        vec![("output_norm", &self.final_norm_last), ("matmul output", &self.output_last), ("argmax", &self.argmax)]
+    }
+
+    fn copy_last_row(&self, enc: &mut wgpu::CommandEncoder, n: u32) {
+        let e = self.model.hp.n_embd as u64 * 4;
+        enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
+    }
+
+    /// Decodes `token` at the next position with every dispatch in its own timestamped pass
+    /// and returns (name, nanoseconds) per dispatch, plus the host wall time of the same token
+    /// run normally (one pass, one submission, argmax read back). The position is not
+    /// consumed. None without timestamp queries.
+    pub fn profile_decode(&mut self, token: u32) -> Result<Option<(Vec<(&'static str, f64)>, f64)>, ForwardError> {
+        let n_ops = self.layer_sequence(Logits::Last).len() + self.output_sequence().len();
+        let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
+        self.check(&[token])?;
+        let pos0 = self.n_past as u32;
+        let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
+        self.ctx.queue.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
+        self.ctx.queue.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
+        self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
+        let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+        let mut names = Vec::with_capacity(n_ops);
+        for (name, op) in self.layer_sequence(Logits::Last) {
+            op.record(&mut timer.pass(&mut enc, name), 1);
+            names.push(name);
+        }
+        self.copy_last_row(&mut enc, 1);
+        for (name, op) in self.output_sequence() {
+            op.record(&mut timer.pass(&mut enc, name), 1);
+            names.push(name);
+        }
+        let times = timer.finish(&self.ctx, enc).map_err(ForwardError::Gpu)?;
+        // The same token again, as one pass, timed on the host.
+        let start = std::time::Instant::now();
+        self.forward_argmax(&[token])?;
+        let wall = start.elapsed().as_secs_f64() * 1e9;
+        self.n_past -= 1;
+        Ok(Some((names.into_iter().zip(times).collect(), wall)))
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
@@ -351,5 +440,9 @@ impl Forward for GpuSession {
 
     fn backend_name(&self) -> String {
         format!("GPU {:?}", self.ctx.adapter.backend)
+    }
+
+    fn as_gpu(&mut self) -> Option<&mut GpuSession> {
+        Some(self)
     }
 }

@@ -155,8 +155,8 @@ pub struct MvConfig {
     pub subgroups: bool,
 }
 
-/// Token counts up to this go through the matvec (weights read once, activations reused from
-/// registers); larger ones through the tiled matmul.
+/// Token counts up to this go through the matvec (weights read once per group of up to 8
+/// tokens, activations reused from registers); larger ones through the tiled matmul.
 pub const MATVEC_MAX_TOKENS: u32 = 8;
 
 /// The matvec variants bound by [`GpuMatrix::bind_matmul`]: n tokens use the first with nt >= n.
@@ -175,7 +175,7 @@ pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
 pub enum Kernel {
     /// The choice of [`MatmulOp::encode`].
     Auto,
-    /// A matvec variant (n_tokens up to the largest bound nt).
+    /// The matvec (several groups of tokens when n_tokens exceeds the largest variant's nt).
     Matvec,
     /// The tiled matmul.
     Tiled,
@@ -196,6 +196,28 @@ fn grid(groups: u32) -> (u32, u32) {
     } else {
         (MAX, groups.div_ceil(MAX))
     }
+}
+
+/// EXPERIMENT: EMBER_MV_CHECKS=noloop|unchecked builds the pipeline (uncached) without naga's
+/// forced loop bounding (and without any runtime checks).
+fn make_pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
+    let mode = std::env::var("EMBER_MV_CHECKS").unwrap_or_default();
+    let checks = match mode.as_str() {
+        "noloop" => wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() },
+        "nodiv" => wgpu::ShaderRuntimeChecks { force_loop_bounding: false, int_div_checks: false, ..wgpu::ShaderRuntimeChecks::checked() },
+        "unchecked" => wgpu::ShaderRuntimeChecks::unchecked(),
+        _ => return ctx.pipeline(key, src, entry),
+    };
+    // SAFETY: experiment only; the kernels' loops are bounded and their indices in range.
+    let module = unsafe { ctx.device.create_shader_module_trusted(wgpu::ShaderModuleDescriptor { label: Some(key), source: wgpu::ShaderSource::Wgsl(src.into()) }, checks) };
+    Arc::new(ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(key),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: Default::default(),
+        cache: None,
+    }))
 }
 
 fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[wgpu::BindingResource]) -> wgpu::BindGroup {
@@ -286,16 +308,18 @@ impl GpuMatrix {
         let src = self.sources();
         let mut mv_pipes = Vec::new();
         for cfg in configs {
-            assert!(cfg.nt >= 1 && cfg.nr >= 1 && cfg.wg.is_power_of_two() && cfg.wg <= 1024, "bad matvec config {cfg:?}");
+            assert!(cfg.nt >= 1 && cfg.nr >= 1 && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup, "bad matvec config {cfg:?}");
+            // The reduction keeps every thread's partial sums in shared memory.
+            assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let sg = cfg.subgroups && ctx.has_subgroups();
             let base = if sg { src.mm_sg } else { src.mm };
             let code = set_const(&set_const(&set_const(base, "MV_WG", 128, cfg.wg), "MV_NR", 4, cfg.nr), "MV_NT", 1, cfg.nt);
             let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, if sg { "sg" } else { "wg" });
             let entry = if sg { "mv_main_sg" } else { "mv_main" };
-            mv_pipes.push((*cfg, ctx.pipeline(&key, &code, entry)));
+            mv_pipes.push((*cfg, make_pipeline(ctx, &key, &code, entry)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
-        let tiled = ctx.pipeline(&format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
+        let tiled = make_pipeline(ctx, &format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
         let chunks = self
             .chunks
             .iter()
@@ -355,22 +379,19 @@ impl MatmulOp {
         let n = n_tokens as u64;
         assert!(n * self.cols * 4 <= self.x_size, "matmul: {n_tokens} tokens of {} columns overflow x ({} bytes)", self.cols, self.x_size);
         assert!(n * self.rows * 4 <= self.y_size, "matmul: {n_tokens} tokens of {} rows overflow y ({} bytes)", self.rows, self.y_size);
-        let max_nt = self.chunks[0].mv.last().map_or(0, |m| m.0);
         let matvec = match kernel {
-            Kernel::Auto => n_tokens <= MATVEC_MAX_TOKENS.min(max_nt),
-            Kernel::Matvec => {
-                assert!(n_tokens <= max_nt, "matmul: no matvec variant for {n_tokens} tokens");
-                true
-            }
+            Kernel::Auto => n_tokens <= MATVEC_MAX_TOKENS,
+            Kernel::Matvec => true,
             Kernel::Tiled => false,
         };
         for c in &self.chunks {
             if matvec {
-                let (_, nr, p, bg) = c.mv.iter().find(|m| m.0 >= n_tokens).expect("a variant covers n_tokens");
+                // The smallest variant covering all tokens, else the largest in several groups.
+                let (nt, nr, p, bg) = c.mv.iter().find(|m| m.0 >= n_tokens).or(c.mv.last()).expect("matvec variants are bound");
                 let (gx, gy) = grid(c.rows.div_ceil(*nr));
                 pass.set_pipeline(p);
                 pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(gx, gy, 1);
+                pass.dispatch_workgroups(gx, gy, n_tokens.div_ceil(*nt));
             } else {
                 let (p, bg) = &c.tiled;
                 pass.set_pipeline(p);

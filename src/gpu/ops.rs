@@ -129,7 +129,7 @@ pub struct GpuKvCache {
 
 impl GpuKvCache {
     pub fn new(ctx: &GpuContext, n_layer: usize, n_ctx: usize, kv_dim: usize) -> Result<Self, GpuError> {
-        if kv_dim % 2 != 0 {
+        if !kv_dim.is_multiple_of(2) {
             return Err(GpuError::Unsupported(format!("KV cache: kv_dim {kv_dim} is odd (f16 values are stored in pairs)")));
         }
         let bytes = (n_ctx * kv_dim * 2) as u64;
@@ -192,7 +192,7 @@ impl RopeKvOp {
     #[allow(clippy::too_many_arguments)]
     pub fn new(ctx: &GpuContext, q: &Buffer, k: &Buffer, v: &Buffer, cache_k: &Buffer, cache_v: &Buffer, shape: RopeShape, step: &Buffer) -> Self {
         let RopeShape { n_head, n_head_kv, head_dim, rope_dim, base, freq_scale, neox } = shape;
-        assert!(head_dim % 2 == 0 && rope_dim % 2 == 0 && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
+        assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
         let kv_dim = n_head_kv * head_dim;
         let n_ctx = (cache_k.size() / (kv_dim as u64 * 2)).min(u32::MAX as u64) as u32;
         // As ember::cpu::ops::Rope::new: computed on the host so both backends share the bits.
@@ -217,7 +217,7 @@ pub struct AttnShape {
 }
 
 /// Most chunks a decode step's keys are split into (each at least 64 keys).
-pub const DECODE_MAX_CHUNKS: u32 = 32;
+pub const DECODE_MAX_CHUNKS: u32 = 64;
 
 /// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
@@ -249,10 +249,10 @@ impl AttentionOp {
     pub fn new(ctx: &GpuContext, q: &Buffer, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
         let AttnShape { n_head, n_head_kv, head_dim } = shape;
         let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
-        if head_dim % 8 != 0 || head_dim == 0 || head_dim > 512 {
+        if !head_dim.is_multiple_of(8) || head_dim == 0 || head_dim > 512 {
             return unsupported(format!("head_dim {head_dim} is not a multiple of 8 up to 512"));
         }
-        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+        if n_head_kv == 0 || !n_head.is_multiple_of(n_head_kv) {
             return unsupported(format!("{n_head} query heads do not divide into {n_head_kv} KV heads"));
         }
         let kv_dim = n_head_kv * head_dim;

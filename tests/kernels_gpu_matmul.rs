@@ -1,0 +1,376 @@
+//! GPU weight matrices (src/gpu/matrix.rs): matvec, tiled matmul and get_rows against the CPU
+//! on random inputs at awkward sizes, for every weight type, split across bindings too.
+//! Runs on lavapipe in CI; `bench_matvec` (ignored) times the kernels on a real GPU.
+
+mod common;
+
+use common::{gpu, Rng};
+use ember::cpu::{matmul, Activations, Precision};
+use ember::gguf::GgmlType;
+use ember::gpu::matrix::{default_mv_configs, GpuMatrix, Kernel, MatmulOp, MvConfig};
+use ember::gpu::{GpuContext, Step};
+use ember::model::Matrix;
+use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+
+const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
+
+fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
+    let v = rng.vec(rows * cols);
+    let name = format!("{ty:?} {rows}x{cols}");
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(&name, rows, cols, &v, ty),
+        GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
+        GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
+        GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
+        _ => unreachable!(),
+    }
+}
+
+/// The CPU product with f32 activations, and sum |w x| per output for the tolerance.
+fn reference(m: &Matrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut want = vec![0.0; n * m.rows];
+    matmul(m, &Activations::new(x, n).with_precision(Precision::F32), &mut want);
+    let mut mag = vec![0.0; n * m.rows];
+    for r in 0..m.rows {
+        let w = m.row_f32(r);
+        for t in 0..n {
+            mag[t * m.rows + r] = w.iter().zip(&x[t * m.cols..(t + 1) * m.cols]).map(|(a, b)| (a * b).abs()).sum();
+        }
+    }
+    (want, mag)
+}
+
+/// Buffers of one test: x, y and the Step uniform.
+struct Bufs {
+    x: wgpu::Buffer,
+    y: wgpu::Buffer,
+    step: wgpu::Buffer,
+}
+
+impl Bufs {
+    fn new(ctx: &GpuContext, x: &[f32], y_len: usize) -> Bufs {
+        Bufs { x: ctx.upload("x", bytemuck::cast_slice(x)), y: ctx.zeros("y", (y_len * 4) as u64), step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())) }
+    }
+}
+
+/// Runs `op` for n tokens into a NaN-poisoned y and reads n * rows outputs back.
+fn run(ctx: &GpuContext, op: &MatmulOp, b: &Bufs, rows: usize, n: usize, kernel: Kernel) -> Vec<f32> {
+    ctx.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
+    ctx.queue.write_buffer(&b.y, 0, bytemuck::cast_slice(&vec![f32::NAN; (b.y.size() / 4) as usize]));
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        op.encode_with(&mut pass, n as u32, kernel);
+    }
+    ctx.submit_and_wait(enc).unwrap();
+    ctx.read(&b.y, n * rows).unwrap()
+}
+
+fn check(what: &str, got: &[f32], want: &[f32], mag: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0.0f32;
+    for (i, ((g, w), m)) in got.iter().zip(want).zip(mag).enumerate() {
+        let err = (g - w).abs() / m.max(1e-30);
+        assert!(err < 1e-4, "{what}: element {i}: got {g}, want {w} (sum |w x| {m}, relative error {err:.2e})");
+        worst = worst.max(err);
+    }
+    eprintln!("{what}: ok, worst relative error {worst:.1e}");
+}
+
+/// Every kernel on one matrix: the default matvec variants and the tiled kernel for each n
+/// (the matvec for n within its limit), the shared-memory reduction too where subgroups are
+/// the default.
+fn check_matrix(ctx: &GpuContext, m: &Matrix, g: &GpuMatrix, tokens: &[usize], rng: &mut Rng) {
+    let max_n = *tokens.iter().max().unwrap();
+    let x = rng.vec(max_n * m.cols);
+    let (want, mag) = reference(m, &x, max_n);
+    let b = Bufs::new(ctx, &x, max_n * m.rows);
+    let mut configs = vec![("default", default_mv_configs(ctx))];
+    if ctx.has_subgroups() {
+        configs.push(("shared-memory", default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: false, ..c }).collect()));
+    }
+    for (ci, (label, cfg)) in configs.iter().enumerate() {
+        let op = g.bind_matmul_with(ctx, &b.x, &b.y, &b.step, cfg);
+        for &n in tokens {
+            let len = n * m.rows;
+            let mut kernels = vec![Kernel::Auto];
+            if ci == 0 {
+                kernels.push(Kernel::Tiled);
+            }
+            kernels.push(Kernel::Matvec);
+            for k in kernels {
+                let got = run(ctx, &op, &b, m.rows, n, k);
+                check(&format!("{} ({} chunks) n={n} {k:?} {label}", m.name, g.n_chunks()), &got, &want[..len], &mag[..len]);
+            }
+        }
+    }
+}
+
+#[test]
+fn matrix_shaders_validate() {
+    for (name, src) in ember::gpu::matrix::SHADERS {
+        let module = naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{name}: {}", e.emit_to_string(src)));
+        naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+            .validate(&module)
+            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    }
+}
+
+#[test]
+fn matmul_matches_cpu_every_type() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x5EED);
+    let shapes = [(1, 32), (37, 96), (130, 576), (1000, 1536), (67, 1536), (1000, 96)];
+    for ty in TYPES {
+        let t0 = std::time::Instant::now();
+        for &(rows, cols) in &shapes {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = GpuMatrix::upload(&ctx, &m).unwrap();
+            assert_eq!(g.n_chunks(), 1);
+            let tokens: &[usize] = if rows * cols > 500_000 { &[1, 2, 5, 17, 64] } else { &[1, 2, 3, 5, 8, 9, 17, 64] };
+            check_matrix(&ctx, &m, &g, tokens, &mut rng);
+        }
+        eprintln!("{ty:?}: {:.2} s", t0.elapsed().as_secs_f64());
+    }
+}
+
+#[test]
+fn odd_matvec_configs() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(77);
+    for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::F16] {
+        let m = matrix(ty, 75, 608, &mut rng);
+        let g = GpuMatrix::upload(&ctx, &m).unwrap();
+        let x = rng.vec(3 * m.cols);
+        let (want, mag) = reference(&m, &x, 3);
+        let b = Bufs::new(&ctx, &x, 3 * m.rows);
+        for (wg, nr) in [(32, 1), (64, 3), (256, 4), (1024, 1)] {
+            for subgroups in [false, true] {
+                let cfg = [MvConfig { nt: 3, wg, nr, subgroups }];
+                let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
+                for n in [1, 3] {
+                    let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
+                    check(&format!("{} wg {wg} nr {nr} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn split_across_bindings() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(99);
+    for ty in TYPES {
+        let (rows, cols) = (200, 256);
+        let m = matrix(ty, rows, cols, &mut rng);
+        // Room for 64..127 rows of quants per buffer: four chunks (64, 64, 64, 8).
+        let row_bytes = match ty {
+            GgmlType::F32 => cols * 4,
+            GgmlType::F16 => cols * 2,
+            GgmlType::Q8_0 => cols,
+            _ => cols / 2,
+        };
+        let g = GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 100) as u64).unwrap();
+        assert_eq!(g.n_chunks(), 4, "{ty:?}");
+        let whole = GpuMatrix::upload(&ctx, &m).unwrap();
+        assert!(g.gpu_bytes() >= whole.gpu_bytes());
+        check_matrix(&ctx, &m, &g, &[1, 3, 17], &mut rng);
+        check_get_rows(&ctx, &m, &g, &[0, 199, 64, 63, 128, 127, 192, 5, 5], &mut rng);
+        // Too small for even 64 rows.
+        assert!(GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 63) as u64).is_err());
+    }
+}
+
+fn check_get_rows(ctx: &GpuContext, m: &Matrix, g: &GpuMatrix, ids: &[u32], _rng: &mut Rng) {
+    let n = ids.len();
+    let idb = ctx.upload("ids", bytemuck::cast_slice(ids));
+    let out = ctx.zeros("out", (n * m.cols * 4) as u64);
+    ctx.queue.write_buffer(&out, 0, bytemuck::cast_slice(&vec![f32::NAN; n * m.cols]));
+    let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: 0, _pad: 0 }));
+    let op = g.bind_get_rows(ctx, &idb, &out, &step);
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        op.encode(&mut pass, n as u32);
+    }
+    ctx.submit_and_wait(enc).unwrap();
+    let got: Vec<f32> = ctx.read(&out, n * m.cols).unwrap();
+    for (i, &id) in ids.iter().enumerate() {
+        let want = m.row_f32(id as usize);
+        assert_eq!(&got[i * m.cols..(i + 1) * m.cols], &want[..], "{}: get_rows id {id} (position {i})", m.name);
+    }
+}
+
+#[test]
+fn get_rows_matches_cpu_every_type() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(4242);
+    for ty in TYPES {
+        for (rows, cols) in [(1, 32), (50, 96), (300, 576)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = GpuMatrix::upload(&ctx, &m).unwrap();
+            let ids: Vec<u32> = (0..7).map(|i| if i == 0 { rows as u32 - 1 } else { (rng.next_u64() % rows as u64) as u32 }).collect();
+            check_get_rows(&ctx, &m, &g, &ids, &mut rng);
+        }
+    }
+}
+
+/// Grids over 65535 workgroups go 2D: a matvec over 300k rows and a lookup of 70k ids.
+#[test]
+fn large_grids() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(31337);
+    let m = matrix(GgmlType::Q4_0, 300_000, 32, &mut rng);
+    let g = GpuMatrix::upload(&ctx, &m).unwrap();
+    let x = rng.vec(2 * 32);
+    let (want, mag) = reference(&m, &x, 2);
+    let b = Bufs::new(&ctx, &x, 2 * m.rows);
+    let op = g.bind_matmul(&ctx, &b.x, &b.y, &b.step);
+    for n in [1, 2] {
+        let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
+        check(&format!("{} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+    }
+    let ids: Vec<u32> = (0..70_000).map(|_| (rng.next_u64() % m.rows as u64) as u32).collect();
+    check_get_rows(&ctx, &m, &g, &ids, &mut rng);
+}
+
+/// GPU time of each of `passes` compute passes (timestamps at their start and end), median in
+/// microseconds over the passes, after one untimed run.
+fn pass_times(ctx: &GpuContext, passes: usize, f: &dyn Fn(&mut wgpu::ComputePass<'_>, usize)) -> f64 {
+    let qs = ctx.device.create_query_set(&wgpu::QuerySetDescriptor { label: None, ty: wgpu::QueryType::Timestamp, count: 2 * passes as u32 });
+    let resolve = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 16 * passes as u64,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let mut times = Vec::new();
+    for round in 0..2 {
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        for i in 0..passes {
+            let tw = wgpu::ComputePassTimestampWrites { query_set: &qs, beginning_of_pass_write_index: Some(2 * i as u32), end_of_pass_write_index: Some(2 * i as u32 + 1) };
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: Some(tw) });
+            f(&mut pass, i);
+        }
+        enc.resolve_query_set(&qs, 0..2 * passes as u32, &resolve, 0);
+        ctx.submit_and_wait(enc).unwrap();
+        if round == 1 {
+            let ts: Vec<u64> = ctx.read(&resolve, 2 * passes).unwrap();
+            let period = ctx.queue.get_timestamp_period() as f64;
+            times = ts.chunks(2).map(|p| p[1].wrapping_sub(p[0]) as f64 * period / 1e3).collect();
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+const COPY_WGSL: &str = "
+@group(0) @binding(0) var<storage, read> a: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> b: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+    b[gid.x] = a[gid.x];
+}";
+
+/// Timings on a real GPU: `cargo test --release --test kernels_gpu_matmul -- --ignored
+/// bench_matvec --nocapture` (EMBER_BENCH_TYPES=Q4_0,F16 to choose types, EMBER_BENCH_SWEEP=1
+/// to try matvec shapes). GPU time from timestamp queries: `alone` is one dispatch per pass,
+/// `in a row` many dependent-free dispatches per pass (the pass time divided by their number).
+/// Several copies of each matrix rotate so the L2 cache does not hold the weights.
+#[test]
+#[ignore]
+fn bench_matvec() {
+    let ctx = GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware).unwrap();
+    eprintln!("adapter: {} ({:?}), subgroups {}, f16 {}", ctx.adapter.name, ctx.adapter.backend, ctx.has_subgroups(), ctx.has_f16());
+    assert!(ctx.has_timestamps(), "the benchmark needs timestamp queries");
+    let mut rng = Rng(1);
+    // Copy bandwidth through a compute kernel (bytes read + written).
+    let size = 128u64 << 20;
+    let (a, c) = (ctx.zeros("a", size), ctx.zeros("c", size));
+    let p = ctx.pipeline("bench/copy", COPY_WGSL, "main");
+    let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &p.get_bind_group_layout(0),
+        entries: &[wgpu::BindGroupEntry { binding: 0, resource: a.as_entire_binding() }, wgpu::BindGroupEntry { binding: 1, resource: c.as_entire_binding() }],
+    });
+    let t = pass_times(&ctx, 20, &|pass, _| {
+        pass.set_pipeline(&p);
+        pass.set_bind_group(0, &bg, &[]);
+        for _ in 0..4 {
+            pass.dispatch_workgroups((size / 16 / 256) as u32, 1, 1);
+        }
+    }) / 4.0;
+    let copy_bw = 2.0 * size as f64 / t / 1e3;
+    eprintln!("copy kernel: {t:.1} us per 128 MiB, {copy_bw:.0} GB/s (read + write)");
+    drop((a, c));
+    // Per-dispatch cost of a tiny matvec.
+    {
+        let m = matrix(GgmlType::Q4_0, 64, 32, &mut rng);
+        let g = GpuMatrix::upload(&ctx, &m).unwrap();
+        let b = Bufs::new(&ctx, &rng.vec(32), 64);
+        ctx.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&Step { n_tokens: 1, ..Default::default() }));
+        let op = g.bind_matmul(&ctx, &b.x, &b.y, &b.step);
+        let alone = pass_times(&ctx, 50, &|pass, _| op.encode(pass, 1));
+        let row = pass_times(&ctx, 10, &|pass, _| (0..200).for_each(|_| op.encode(pass, 1))) / 200.0;
+        eprintln!("tiny matvec (64x32): alone {alone:.1} us, in a row (same y) {row:.2} us");
+    }
+    let only: Option<String> = std::env::var("EMBER_BENCH_TYPES").ok();
+    let sweep = std::env::var_os("EMBER_BENCH_SWEEP").is_some();
+    let mut variants: Vec<(u32, u32)> = vec![(128, 4)];
+    if sweep {
+        variants.extend([(64, 4), (128, 2), (128, 8), (256, 4), (256, 2), (256, 8), (64, 8), (32, 4)]);
+    }
+    for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::F32] {
+        if only.as_ref().is_some_and(|o| !o.split(',').any(|s| s.eq_ignore_ascii_case(ty.name()))) {
+            continue;
+        }
+        for (rows, cols) in [(11008, 4096), (4096, 11008)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let one = GpuMatrix::upload(&ctx, &m).unwrap();
+            let bytes = one.gpu_bytes();
+            let n_copies = (400u64 << 20).div_ceil(bytes).clamp(2, 16) as usize;
+            let mats: Vec<GpuMatrix> = std::iter::once(one).chain((1..n_copies).map(|_| GpuMatrix::upload(&ctx, &m).unwrap())).collect();
+            let max_t = 512;
+            let x = ctx.upload("x", bytemuck::cast_slice(&rng.vec(max_t * cols)));
+            let ys: Vec<wgpu::Buffer> = (0..n_copies).map(|_| ctx.zeros("y", (max_t * rows * 4) as u64)).collect();
+            let step = ctx.uniform("step", bytemuck::bytes_of(&Step::default()));
+            let report = |what: &str, n: u32, ops: &[MatmulOp], kernel: Kernel| {
+                ctx.queue.write_buffer(&step, 0, bytemuck::bytes_of(&Step { n_tokens: n, ..Default::default() }));
+                let alone = pass_times(&ctx, 4 * n_copies, &|pass, i| ops[i % n_copies].encode_with(pass, n, kernel));
+                let reps = (64 / n_copies).max(1);
+                let row = pass_times(&ctx, 4, &|pass, _| (0..reps).for_each(|_| ops.iter().for_each(|op| op.encode_with(pass, n, kernel)))) / (reps * n_copies) as f64;
+                let flops = 2.0 * rows as f64 * cols as f64 * n as f64;
+                eprintln!(
+                    "{:5} {rows:5}x{cols:5} n={n:3} {what:22}: alone {alone:7.1} us {:5.0} GB/s {:5.1}% | in a row {row:7.1} us {:5.0} GB/s {:5.1}% | {:5.2} TFLOP/s",
+                    ty.name(),
+                    bytes as f64 / alone / 1e3,
+                    100.0 * bytes as f64 / alone / 1e3 / copy_bw,
+                    bytes as f64 / row / 1e3,
+                    100.0 * bytes as f64 / row / 1e3 / copy_bw,
+                    flops / row / 1e6,
+                );
+            };
+            for mode in ["checked", "noloop", "nodiv", "unchecked"] {
+                std::env::set_var("EMBER_MV_CHECKS", mode);
+                for &(wg, nr) in &variants {
+                    for sg in [true, false] {
+                        if sg && !ctx.has_subgroups() || (!sg && !sweep) {
+                            continue;
+                        }
+                        let cfg = [MvConfig { nt: 1, wg, nr, subgroups: sg }];
+                        let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul_with(&ctx, &x, y, &step, &cfg)).collect();
+                        report(&format!("{mode} mv wg {wg} nr {nr} {}", if sg { "sg" } else { "sh" }), 1, &ops, Kernel::Matvec);
+                    }
+                }
+                let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul(&ctx, &x, y, &step)).collect();
+                for n in [2u32, 8, 64] {
+                    report(&format!("{mode} matvec"), n, &ops, Kernel::Matvec);
+                }
+                for n in [64u32, 512] {
+                    report(&format!("{mode} tiled"), n, &ops, Kernel::Tiled);
+                }
+            }
+        }
+    }
+}
