@@ -43,14 +43,63 @@ const MV_NRT: u32 = MV_NR * MV_NT;
 // Each thread's partial sums, element r * MV_NT + t for row r and token t of the workgroup.
 alias Partials = array<f32, MV_NRT>;
 
+// Shared memory: one token's activations for the MV_WG units of a step (XV vec4 each), then
+// the reduction's partial sums.
+const MV_SH: u32 = MV_WG * max(XV, (MV_NRT + 3u) / 4u);
+var<workgroup> mv_sh: array<vec4<f32>, MV_SH>;
+
+fn sh_set(i: u32, v: f32) {
+    mv_sh[i >> 2u][i & 3u] = v;
+}
+
+fn sh_get(i: u32) -> f32 {
+    return mv_sh[i >> 2u][i & 3u];
+}
+
 // The workgroup's row-group index in a 1D or 2D grid (2D when the count exceeds 65535).
 fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
+// Where vec4 i of unit-thread tu's activations sits in mv_sh: swizzled so that eight
+// consecutive threads reading the same i hit eight different 16-byte bank groups (XV is 1, 2,
+// 4 or 8).
+fn swz(tu: u32, i: u32) -> u32 {
+    return tu * XV + (i ^ ((tu / (8u / XV)) % XV));
+}
+
+// The activations of token t for units u0..u0 + MV_WG, as each thread's XUnit. Loads are
+// coalesced (thread lid reads vec4s lid, lid + MV_WG, ...) and pass through shared memory;
+// units past the row's end read as zero. Must be called in uniform control flow.
+fn load_x(lid: u32, t: u32, u0: u32, units: u32, cols: u32) -> XUnit {
+    var xv: XUnit;
+    let xt = t * (cols / 4u) + u0 * XV;
+    let valid = min(units - u0, MV_WG) * XV;
+    if (XV == 1u) {
+        if (lid < valid) {
+            xv[0] = x[xt + lid];
+        }
+        return xv;
+    }
+    for (var i = 0u; i < XV; i++) {
+        let c = i * MV_WG + lid;
+        var v = vec4<f32>(0.0);
+        if (c < valid) {
+            v = x[xt + c];
+        }
+        mv_sh[swz(c / XV, c % XV)] = v;
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < XV; i++) {
+        xv[i] = mv_sh[swz(lid, i)];
+    }
+    workgroupBarrier();
+    return xv;
+}
+
 // This thread's share of MV_NR rows times MV_NT tokens (t0..t0 + MV_NT, those below n_tokens):
-// it walks the row's 16-byte units lid, lid + MV_WG, ... (adjacent threads on adjacent units,
-// so loads coalesce).
+// it takes the row's 16-byte units lid, lid + MV_WG, ... (adjacent threads on adjacent units,
+// so weight loads coalesce). Called in uniform control flow.
 fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     let rows = chunk.rows;
     let cols = chunk.cols;
@@ -62,36 +111,39 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
         base[r] = min(group * MV_NR + r, rows - 1u) * units;
     }
     var acc: Partials;
-    if (MV_NT == 1u) {
-        // Decode: the unit's activations stay in registers for all MV_NR rows; the weights
-        // are decoded with the type's fast dot product.
-        let xt = t0 * (cols / 4u);
-        for (var u = lid; u < units; u += MV_WG) {
-            let xb = xt + u * XV;
-            var xv: XUnit;
-            for (var i = 0u; i < XV; i++) {
-                xv[i] = x[xb + i];
-            }
-            let xs = x_sum(xv);
-            for (var r = 0u; r < MV_NR; r++) {
-                acc[r] += unit_dot(base[r] + u, xv, xs);
-            }
+    for (var u0 = 0u; u0 < units; u0 += MV_WG) {
+        let u = min(u0 + lid, units - 1u);
+        let active = u0 + lid < units;
+        // Weight loads first, so that their latency overlaps the activations' staging.
+        var w: array<WUnit, MV_NR>;
+        for (var r = 0u; r < MV_NR; r++) {
+            w[r] = unit_fetch(base[r] + u);
         }
-    } else {
-        // A few tokens: each row's unit is dequantised once into registers, and every
-        // activation vector loaded serves all MV_NR rows.
-        for (var u = lid; u < units; u += MV_WG) {
-            var w: array<XUnit, MV_NR>;
+        if (MV_NT == 1u) {
+            // Decode: the activations stay in registers for all MV_NR rows; the weights are
+            // decoded by the type's fast dot product.
+            let xv = load_x(lid, t0, u0, units, cols);
+            let xs = x_sum(xv);
+            if (active) {
+                for (var r = 0u; r < MV_NR; r++) {
+                    acc[r] += unit_dot(w[r], xv, xs);
+                }
+            }
+        } else {
+            // A few tokens: each row's unit is dequantised once, and every activation vector
+            // serves all MV_NR rows.
+            var wv: array<XUnit, MV_NR>;
             for (var r = 0u; r < MV_NR; r++) {
-                w[r] = unit_deq(base[r] + u);
+                wv[r] = unit_deq(w[r]);
             }
             for (var t = 0u; t < MV_NT; t++) {
                 if (t0 + t < n) {
-                    let xb = (t0 + t) * (cols / 4u) + u * XV;
-                    for (var i = 0u; i < XV; i++) {
-                        let xi = x[xb + i];
-                        for (var r = 0u; r < MV_NR; r++) {
-                            acc[r * MV_NT + t] += dot(w[r][i], xi);
+                    let xv = load_x(lid, t0 + t, u0, units, cols);
+                    if (active) {
+                        for (var i = 0u; i < XV; i++) {
+                            for (var r = 0u; r < MV_NR; r++) {
+                                acc[r * MV_NT + t] += dot(wv[r][i], xv[i]);
+                            }
                         }
                     }
                 }
@@ -110,28 +162,27 @@ fn mv_store(group: u32, t0: u32, i: u32, total: f32) {
     }
 }
 
-var<workgroup> mv_red: array<f32, MV_WG * MV_NRT>;
-
 // Matvec with a shared-memory tree reduction (any adapter).
 @compute @workgroup_size(MV_WG)
 fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let group = flat_group(wid, nwg);
     let t0 = wid.z * MV_NT;
     let acc = mv_partial(lid, group, t0);
+    workgroupBarrier();
     for (var i = 0u; i < MV_NRT; i++) {
-        mv_red[i * MV_WG + lid] = acc[i];
+        sh_set(i * MV_WG + lid, acc[i]);
     }
     for (var s = MV_WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
         if (lid < s) {
             for (var i = 0u; i < MV_NRT; i++) {
-                mv_red[i * MV_WG + lid] += mv_red[i * MV_WG + lid + s];
+                sh_set(i * MV_WG + lid, sh_get(i * MV_WG + lid) + sh_get(i * MV_WG + lid + s));
             }
         }
     }
     workgroupBarrier();
     if (lid < MV_NRT) {
-        mv_store(group, t0, lid, mv_red[lid * MV_WG]);
+        mv_store(group, t0, lid, sh_get(lid * MV_WG));
     }
 }
 

@@ -2,8 +2,6 @@
 // slot per subgroup. Composed after matmul_<type>.wgsl and matmul_common.wgsl; compiled only
 // when the adapter has SUBGROUP. Works for any subgroup size.
 
-var<workgroup> mv_sg_red: array<f32, MV_WG * MV_NRT>;
-
 @compute @workgroup_size(MV_WG)
 fn mv_main_sg(
     @builtin(local_invocation_index) lid: u32,
@@ -16,17 +14,18 @@ fn mv_main_sg(
     let group = flat_group(wid, nwg);
     let t0 = wid.z * MV_NT;
     let acc = mv_partial(lid, group, t0);
+    // mv_partial's last shared-memory reads are behind a barrier already.
     for (var i = 0u; i < MV_NRT; i++) {
         let s = subgroupAdd(acc[i]);
         if (lane == 0u) {
-            mv_sg_red[sg * MV_NRT + i] = s;
+            sh_set(sg * MV_NRT + i, s);
         }
     }
     workgroupBarrier();
     if (lid < MV_NRT) {
         var total = 0.0;
         for (var k = 0u; k < n_sg; k++) {
-            total += mv_sg_red[k * MV_NRT + lid];
+            total += sh_get(k * MV_NRT + lid);
         }
         mv_store(group, t0, lid, total);
     }

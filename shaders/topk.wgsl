@@ -46,7 +46,7 @@ const MIN_FINITE: f32 = -3.40282347e38;
 const N_COUNTERS: u32 = 16u;
 var<workgroup> counter: array<array<atomic<u32>, N_COUNTERS>, 3>;
 var<workgroup> total: u32;
-var<private> round: u32;
+var<private> n_sums: u32;
 var<workgroup> n_sel: atomic<u32>;
 var<workgroup> sel_key: array<u32, K_MAX>;
 var<workgroup> sel_idx: array<u32, K_MAX>;
@@ -64,18 +64,18 @@ fn key_of(v: f32) -> u32 {
 
 // The sum of every thread's c, in every thread.
 fn workgroup_sum(tid: u32, c: u32) -> u32 {
-    let set = round % 3u;
-    round += 1u;
+    let cs = n_sums % 3u;
+    n_sums += 1u;
     if (c != 0u) {
-        atomicAdd(&counter[set][tid % N_COUNTERS], c);
+        atomicAdd(&counter[cs][tid % N_COUNTERS], c);
     }
     if (tid < N_COUNTERS) {
-        atomicStore(&counter[(set + 1u) % 3u][tid], 0u);
+        atomicStore(&counter[(cs + 1u) % 3u][tid], 0u);
     }
     workgroupBarrier();
     var sum = 0u;
     for (var i = 0u; i < N_COUNTERS; i++) {
-        sum += atomicLoad(&counter[set][i]);
+        sum += atomicLoad(&counter[cs][i]);
     }
     return sum;
 }
@@ -92,7 +92,7 @@ fn workgroup_sum_uniform(tid: u32, c: u32) -> u32 {
 // Selects the workgroup's top k entries (key 0 = none) into sel_*, n_sel of them (<= k).
 fn select_top(tid: u32, keys: ptr<function, array<u32, E>>, ids: ptr<function, array<u32, E>>, bits: ptr<function, array<u32, E>>) {
     let k = params.k;
-    round = 0u;
+    n_sums = 0u;
     if (tid < N_COUNTERS) {
         atomicStore(&counter[0][tid], 0u);
     }

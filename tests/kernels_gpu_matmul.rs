@@ -351,8 +351,8 @@ fn bench_matvec() {
                     flops / row / 1e6,
                 );
             };
-            for mode in ["checked", "noloop", "nodiv", "unchecked"] {
-                std::env::set_var("EMBER_MV_CHECKS", mode);
+            {
+                let mode = "";
                 for &(wg, nr) in &variants {
                     for sg in [true, false] {
                         if sg && !ctx.has_subgroups() || (!sg && !sweep) {

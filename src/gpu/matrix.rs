@@ -25,7 +25,8 @@
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 macro_rules! compose {
     ($($file:literal),+) => { concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
@@ -198,26 +199,41 @@ fn grid(groups: u32) -> (u32, u32) {
     }
 }
 
-/// EXPERIMENT: EMBER_MV_CHECKS=noloop|unchecked builds the pipeline (uncached) without naga's
-/// forced loop bounding (and without any runtime checks).
-fn make_pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
-    let mode = std::env::var("EMBER_MV_CHECKS").unwrap_or_default();
-    let checks = match mode.as_str() {
-        "noloop" => wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() },
-        "nodiv" => wgpu::ShaderRuntimeChecks { force_loop_bounding: false, int_div_checks: false, ..wgpu::ShaderRuntimeChecks::checked() },
-        "unchecked" => wgpu::ShaderRuntimeChecks::unchecked(),
-        _ => return ctx.pipeline(key, src, entry),
+/// Compiled pipelines, per device: like [`GpuContext::pipeline`] but built without naga's forced
+/// loop bounding. That safety counter, added to every loop, stops drivers from unrolling
+/// the kernels' small constant loops, which puts their register arrays in local memory: on an
+/// H100 it made the F16 decode matvec 15% slower and the few-token matvec 3-5x slower.
+/// (Devices are kept for the process's life; they are few.)
+#[allow(clippy::type_complexity)]
+static PIPELINES: Mutex<Vec<(wgpu::Device, HashMap<String, Arc<wgpu::ComputePipeline>>)>> = Mutex::new(Vec::new());
+
+fn pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
+    let mut all = PIPELINES.lock().unwrap();
+    let i = match all.iter().position(|(d, _)| d == &ctx.device) {
+        Some(i) => i,
+        None => {
+            all.push((ctx.device.clone(), HashMap::new()));
+            all.len() - 1
+        }
     };
-    // SAFETY: experiment only; the kernels' loops are bounded and their indices in range.
+    if let Some(p) = all[i].1.get(key) {
+        return p.clone();
+    }
+    let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
+    // SAFETY: only the loop bound is dropped (bounds checks stay), and every loop in these
+    // kernels runs a bounded number of times: constant trip counts, or strides of a positive
+    // constant up to a uniform limit.
     let module = unsafe { ctx.device.create_shader_module_trusted(wgpu::ShaderModuleDescriptor { label: Some(key), source: wgpu::ShaderSource::Wgsl(src.into()) }, checks) };
-    Arc::new(ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+    let p = Arc::new(ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
         label: Some(key),
         layout: None,
         module: &module,
         entry_point: Some(entry),
         compilation_options: Default::default(),
         cache: None,
-    }))
+    }));
+    all[i].1.insert(key.to_string(), p.clone());
+    p
 }
 
 fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[wgpu::BindingResource]) -> wgpu::BindGroup {
@@ -316,10 +332,10 @@ impl GpuMatrix {
             let code = set_const(&set_const(&set_const(base, "MV_WG", 128, cfg.wg), "MV_NR", 4, cfg.nr), "MV_NT", 1, cfg.nt);
             let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, if sg { "sg" } else { "wg" });
             let entry = if sg { "mv_main_sg" } else { "mv_main" };
-            mv_pipes.push((*cfg, make_pipeline(ctx, &key, &code, entry)));
+            mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
-        let tiled = make_pipeline(ctx, &format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
+        let tiled = pipeline(ctx, &format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
         let chunks = self
             .chunks
             .iter()
@@ -337,7 +353,7 @@ impl GpuMatrix {
     /// leave their output row unwritten.
     pub fn bind_get_rows(&self, ctx: &GpuContext, ids: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> GetRowsOp {
         let src = self.sources();
-        let p = ctx.pipeline(&format!("get_rows/{}", src.name), src.get_rows, "get_rows");
+        let p = pipeline(ctx, &format!("get_rows/{}", src.name), src.get_rows, "get_rows");
         let groups = self
             .chunks
             .iter()
