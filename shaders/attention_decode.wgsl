@@ -1,16 +1,18 @@
 // Causal attention for one query token (decode), split over the sequence (flash-decoding).
 //
-// `partial`: grid (n_chunks, n_head), 64 threads. The keys 0..n_kv are cut into at most
-// n_chunks chunks of a multiple of 64 positions (at least 64); each workgroup takes one chunk of
-// one head and walks it in tiles of 64 keys with an online softmax: one thread per key scores
-// q . k (q rounded to f16, as the CPU backend does), the tile's max rescales the running sum and
-// output, then (word, lane) threads accumulate p * v over 8 halves of the head each. It writes
-// the chunk's max, sum and unnormalised output.
-// `combine`: one workgroup per head rescales the chunks' partials to the global max and divides
-// by the total sum.
+// `partial`: grid (n_chunks, n_head / GQ), 64 threads. The keys 0..n_kv are cut into at most
+// n_chunks chunks of a multiple of 64 positions (at least 64); each workgroup takes one chunk
+// for GQ query heads that share one KV head (GQA), so that every key and value is read and
+// converted once for all of them, and walks the chunk in tiles of 64 keys with an online
+// softmax per head: one thread per key scores its key row against the GQ queries (rounded to
+// f16, as the CPU backend does), GQ threads update the running maxima, then (word, lane)
+// threads accumulate p * v over 8 halves of the head each, for the GQ heads at once. It writes
+// each head's chunk max, sum and unnormalised output.
+// `combine`: one workgroup of 256 threads per head rescales the chunks' partials to the global
+// max and divides by the total sum.
 //
 // KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
-// HD (head_dim) is specialised at pipeline creation.
+// HD (head_dim) and GQ (a divisor of n_head / n_head_kv) are specialised at pipeline creation.
 
 struct Step {
     n_tokens: u32,
@@ -44,6 +46,7 @@ struct Params {
 @group(0) @binding(7) var<uniform> step: Step;
 
 const HD: u32 = 64u;
+const GQ: u32 = 1u;
 const WG: u32 = 64u;
 // keys per tile: one score per thread
 const T: u32 = WG;
@@ -56,10 +59,13 @@ const LANES: u32 = WG / G;
 const KPL: u32 = (T + LANES - 1u) / LANES;
 const NEG: f32 = -3.0e38;
 
-var<workgroup> qs: array<vec4<f32>, H4>;
-var<workgroup> pw: array<vec4<f32>, T / 4u>;
+var<workgroup> qs: array<vec4<f32>, GQ * H4>;
+// [head][key] scores, then weights
+var<workgroup> pw: array<vec4<f32>, GQ * T / 4u>;
+var<workgroup> mrow: array<f32, GQ>;
+var<workgroup> arow: array<f32, GQ>;
 var<workgroup> red: array<vec4<f32>, 2u * WG>;
-var<workgroup> red_l: array<f32, WG>;
+var<workgroup> red_l: array<f32, GQ * LANES>;
 
 fn lo4(w: vec4<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
@@ -88,7 +94,8 @@ fn chunk_len(n_kv: u32) -> u32 {
 @compute @workgroup_size(WG)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
     let c = wg.x;
-    let h = wg.y;
+    // query heads h0 .. h0 + GQ - 1, all on KV head h0 / group
+    let h0 = wg.y * GQ;
     let n_kv = step.n_kv;
     let len = chunk_len(n_kv);
     let c0 = c * len;
@@ -96,81 +103,108 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         return;
     }
     let c1 = min(c0 + len, n_kv);
-    let krow = (h / params.group) * G;
-    for (var i = tid; i < H4; i += WG) {
-        qs[i] = round_f16(q[h * H4 + i]);
+    let krow = (h0 / params.group) * G;
+    for (var i = tid; i < GQ * H4; i += WG) {
+        qs[i] = round_f16(q[h0 * H4 + i]);
+    }
+    if (tid < GQ) {
+        mrow[tid] = NEG;
     }
     workgroupBarrier();
     let g = tid % G;
     let lane = tid / G;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var l = 0.0;
-    var m = NEG;
+    var acc: array<vec4<f32>, 2u * GQ>;
+    var l: array<f32, GQ>;
     for (var tb = c0; tb < c1; tb += T) {
         let p = tb + tid;
         let valid = p < c1;
-        var s = NEG;
+        var s: array<f32, GQ>;
         if (valid) {
             let base = p * params.kv4 + krow;
-            var d = 0.0;
             for (var i = 0u; i < G; i++) {
                 let w = cache_k[base + i];
-                d += dot(lo4(w), qs[2u * i]) + dot(hi4(w), qs[2u * i + 1u]);
+                let k0 = lo4(w);
+                let k1 = hi4(w);
+                for (var r = 0u; r < GQ; r++) {
+                    s[r] += dot(k0, qs[r * H4 + 2u * i]) + dot(k1, qs[r * H4 + 2u * i + 1u]);
+                }
             }
-            s = d * params.scale;
         }
-        pw[tid / 4u][tid % 4u] = s;
-        workgroupBarrier();
-        var tm4 = vec4<f32>(NEG);
-        for (var j = 0u; j < T / 4u; j++) {
-            tm4 = max(tm4, pw[j]);
+        for (var r = 0u; r < GQ; r++) {
+            let i = r * T + tid;
+            pw[i / 4u][i % 4u] = select(NEG, s[r] * params.scale, valid);
         }
-        let tm = max(max(tm4.x, tm4.y), max(tm4.z, tm4.w));
-        let m_new = max(m, tm);
-        let alpha = exp(m - m_new);
-        m = m_new;
         workgroupBarrier();
-        pw[tid / 4u][tid % 4u] = select(0.0, exp(s - m_new), valid);
+        if (tid < GQ) {
+            var mx4 = vec4<f32>(NEG);
+            for (var j = 0u; j < T / 4u; j++) {
+                mx4 = max(mx4, pw[tid * T / 4u + j]);
+            }
+            let m_old = mrow[tid];
+            let m_new = max(m_old, max(max(mx4.x, mx4.y), max(mx4.z, mx4.w)));
+            arow[tid] = exp(m_old - m_new);
+            mrow[tid] = m_new;
+        }
         workgroupBarrier();
-        acc0 *= alpha;
-        acc1 *= alpha;
-        l *= alpha;
+        for (var r = 0u; r < GQ; r++) {
+            let i = r * T + tid;
+            pw[i / 4u][i % 4u] = select(0.0, exp(pw[i / 4u][i % 4u] - mrow[r]), valid);
+        }
+        workgroupBarrier();
         if (lane < LANES) {
+            for (var r = 0u; r < GQ; r++) {
+                let a = arow[r];
+                acc[2u * r] *= a;
+                acc[2u * r + 1u] *= a;
+                l[r] *= a;
+            }
             // A fixed trip count, so that the loads of a tile can all be in flight at once.
             let nk = min(T, c1 - tb);
             for (var jj = 0u; jj < KPL; jj++) {
                 let j = lane + jj * LANES;
                 if (j < nk) {
-                    let pj = pw[j / 4u][j % 4u];
                     let w = cache_v[(tb + j) * params.kv4 + krow + g];
-                    acc0 += pj * lo4(w);
-                    acc1 += pj * hi4(w);
-                    l += pj;
+                    let v0 = lo4(w);
+                    let v1 = hi4(w);
+                    for (var r = 0u; r < GQ; r++) {
+                        let i = r * T + j;
+                        let pj = pw[i / 4u][i % 4u];
+                        acc[2u * r] += pj * v0;
+                        acc[2u * r + 1u] += pj * v1;
+                        l[r] += pj;
+                    }
                 }
             }
         }
         workgroupBarrier();
     }
-    red[2u * tid] = acc0;
-    red[2u * tid + 1u] = acc1;
-    red_l[tid] = l;
-    workgroupBarrier();
-    let slot = h * params.n_chunks + c;
-    // vec4 i of the head is word i / 2, half i % 2: red[2 * (lane * G + i / 2) + i % 2].
-    for (var i = tid; i < H4; i += WG) {
-        var o = vec4<f32>(0.0);
-        for (var ln = 0u; ln < LANES; ln++) {
-            o += red[2u * ln * G + i];
+    // Sum the lanes' partial outputs and sums, one head at a time.
+    if (lane < LANES && g == 0u) {
+        for (var r = 0u; r < GQ; r++) {
+            red_l[r * LANES + lane] = l[r];
         }
-        part_o[slot * H4 + i] = o;
     }
-    if (tid == 0u) {
-        var lt = 0.0;
-        for (var ln = 0u; ln < LANES; ln++) {
-            lt += red_l[ln * G];
+    for (var r = 0u; r < GQ; r++) {
+        red[2u * tid] = acc[2u * r];
+        red[2u * tid + 1u] = acc[2u * r + 1u];
+        workgroupBarrier();
+        let slot = (h0 + r) * params.n_chunks + c;
+        // vec4 i of the head is word i / 2, half i % 2: red[2 * (lane * G + i / 2) + i % 2].
+        for (var i = tid; i < H4; i += WG) {
+            var o = vec4<f32>(0.0);
+            for (var ln = 0u; ln < LANES; ln++) {
+                o += red[2u * ln * G + i];
+            }
+            part_o[slot * H4 + i] = o;
         }
-        part_ml[slot] = vec2<f32>(m, lt);
+        if (tid == 0u) {
+            var lt = 0.0;
+            for (var ln = 0u; ln < LANES; ln++) {
+                lt += red_l[r * LANES + ln];
+            }
+            part_ml[slot] = vec2<f32>(mrow[r], lt);
+        }
+        workgroupBarrier();
     }
 }
 

@@ -113,7 +113,7 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     var acc: Partials;
     for (var u0 = 0u; u0 < units; u0 += MV_WG) {
         let u = min(u0 + lid, units - 1u);
-        let active = u0 + lid < units;
+        let live = u0 + lid < units;
         // Weight loads first, so that their latency overlaps the activations' staging.
         var w: array<WUnit, MV_NR>;
         for (var r = 0u; r < MV_NR; r++) {
@@ -124,7 +124,7 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
             // decoded by the type's fast dot product.
             let xv = load_x(lid, t0, u0, units, cols);
             let xs = x_sum(xv);
-            if (active) {
+            if (live) {
                 for (var r = 0u; r < MV_NR; r++) {
                     acc[r] += unit_dot(w[r], xv, xs);
                 }
@@ -139,7 +139,7 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
             for (var t = 0u; t < MV_NT; t++) {
                 if (t0 + t < n) {
                     let xv = load_x(lid, t0 + t, u0, units, cols);
-                    if (active) {
+                    if (live) {
                         for (var i = 0u; i < XV; i++) {
                             for (var r = 0u; r < MV_NR; r++) {
                                 acc[r * MV_NT + t] += dot(wv[r][i], xv[i]);

@@ -119,8 +119,9 @@ fn device_bench(a: &BenchArgs) -> Result<()> {
     let choice = a.model.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
     let ctx = crate::gpu::GpuContext::new(&choice)?;
     println!("device: {} ({:?}, {:?}), driver {}", ctx.adapter.name, ctx.adapter.backend, ctx.adapter.device_type, ctx.adapter.driver);
-    let copy = super::gpu_bench::copy_bandwidth(&ctx)?;
-    println!("copy bandwidth: {copy:.0} GB/s (bytes read + written per second, 1 GiB buffer-to-buffer copies)");
+    let (engine, shader) = super::gpu_bench::copy_bandwidth(&ctx)?;
+    let copy = engine.max(shader);
+    println!("copy bandwidth: {copy:.0} GB/s (bytes read + written per second over 1 GiB: copy engine {engine:.0}, shader copy {shader:.0})");
     if a.kernels {
         println!("\n| kernel | shape (rows x cols) | weight MiB | median µs | GB/s | of copy bandwidth |");
         println!("| --- | --- | ---: | ---: | ---: | ---: |");

@@ -10,24 +10,36 @@ use crate::gpu::{GpuContext, Step};
 use crate::model::Matrix;
 use std::collections::BTreeMap;
 
-/// Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written.
-pub fn copy_bandwidth(ctx: &GpuContext) -> Result<f64> {
-    let size: u64 = (1u64 << 30).min(ctx.limits.max_buffer_size / 2).min(ctx.max_binding()) / 4 * 4;
+/// Device-memory bandwidth in GB/s, counting bytes read plus bytes written, as the better of a
+/// copy-engine transfer and a shader copy (16-byte loads and stores) of a 1 GiB buffer.
+pub fn copy_bandwidth(ctx: &GpuContext) -> Result<(f64, f64)> {
+    let size: u64 = (1u64 << 30).min(ctx.limits.max_buffer_size / 2).min(ctx.max_binding()) / 16 * 16;
     let a = ctx.zeros("copy a", size);
     let b = ctx.zeros("copy b", size);
-    let reps = 10;
-    let run = |reps: u32| -> Result<f64> {
+    let reps = 10u32;
+    let time = |shader: bool, reps: u32| -> Result<f64> {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let n_vec4 = (size / 16) as u32;
+        let params = ctx.uniform("copy params", bytemuck::bytes_of(&n_vec4));
+        let pipeline = ctx.pipeline("copy", crate::gpu::shaders::COPY, "main");
         for _ in 0..reps {
-            enc.copy_buffer_to_buffer(&a, 0, &b, 0, size);
+            if shader {
+                let groups = n_vec4.div_ceil(256 * 8).min(65535);
+                ctx.dispatch(&mut enc, &pipeline, &[a.as_entire_binding(), b.as_entire_binding(), params.as_entire_binding()], (groups, 1, 1));
+            } else {
+                enc.copy_buffer_to_buffer(&a, 0, &b, 0, size);
+            }
         }
         let t = std::time::Instant::now();
         ctx.submit_and_wait(enc)?;
         Ok(t.elapsed().as_secs_f64())
     };
-    run(1)?;
-    let secs = run(reps)?;
-    Ok(2.0 * size as f64 * reps as f64 / secs / 1e9)
+    let mut best = [0.0f64; 2];
+    for (i, shader) in [false, true].into_iter().enumerate() {
+        time(shader, 1)?;
+        best[i] = 2.0 * size as f64 * reps as f64 / time(shader, reps)? / 1e9;
+    }
+    Ok((best[0], best[1]))
 }
 
 /// One row of the kernel table.

@@ -25,8 +25,7 @@
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 macro_rules! compose {
     ($($file:literal),+) => { concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
@@ -199,41 +198,13 @@ fn grid(groups: u32) -> (u32, u32) {
     }
 }
 
-/// Compiled pipelines, per device: like [`GpuContext::pipeline`] but built without naga's forced
-/// loop bounding. That safety counter, added to every loop, stops drivers from unrolling
-/// the kernels' small constant loops, which puts their register arrays in local memory: on an
-/// H100 it made the F16 decode matvec 15% slower and the few-token matvec 3-5x slower.
-/// (Devices are kept for the process's life; they are few.)
-#[allow(clippy::type_complexity)]
-static PIPELINES: Mutex<Vec<(wgpu::Device, HashMap<String, Arc<wgpu::ComputePipeline>>)>> = Mutex::new(Vec::new());
-
+/// The context's cached pipeline. These kernels' small constant loops must be unrolled by the
+/// driver to keep their register arrays in registers; naga's forced loop bounding (on in
+/// `create_shader_module`) prevents that, so `GpuContext::pipeline` should create modules with
+/// `create_shader_module_trusted` and `force_loop_bounding: false` (every loop here has a
+/// constant trip count or a positive constant stride up to a uniform limit).
 fn pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
-    let mut all = PIPELINES.lock().unwrap();
-    let i = match all.iter().position(|(d, _)| d == &ctx.device) {
-        Some(i) => i,
-        None => {
-            all.push((ctx.device.clone(), HashMap::new()));
-            all.len() - 1
-        }
-    };
-    if let Some(p) = all[i].1.get(key) {
-        return p.clone();
-    }
-    let checks = wgpu::ShaderRuntimeChecks { force_loop_bounding: false, ..wgpu::ShaderRuntimeChecks::checked() };
-    // SAFETY: only the loop bound is dropped (bounds checks stay), and every loop in these
-    // kernels runs a bounded number of times: constant trip counts, or strides of a positive
-    // constant up to a uniform limit.
-    let module = unsafe { ctx.device.create_shader_module_trusted(wgpu::ShaderModuleDescriptor { label: Some(key), source: wgpu::ShaderSource::Wgsl(src.into()) }, checks) };
-    let p = Arc::new(ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-        label: Some(key),
-        layout: None,
-        module: &module,
-        entry_point: Some(entry),
-        compilation_options: Default::default(),
-        cache: None,
-    }));
-    all[i].1.insert(key.to_string(), p.clone());
-    p
+    ctx.pipeline(key, src, entry)
 }
 
 fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[wgpu::BindingResource]) -> wgpu::BindGroup {

@@ -226,9 +226,10 @@ pub const DECODE_MAX_CHUNKS: u32 = 64;
 ///
 /// Decode (`n_tokens == 1`): flash-decoding. The keys are split into at most
 /// [`DECODE_MAX_CHUNKS`] chunks (a multiple of 64 keys, at least 64; fewer for short contexts);
-/// one workgroup of 64 threads per (chunk, head) walks its chunk in tiles of 64 keys with an
-/// online softmax and writes partial max, sum and output; a combine pass (one workgroup per
-/// head) merges them.
+/// one workgroup of 64 threads per (chunk, up to 8 query heads of one KV head) walks its chunk
+/// in tiles of 64 keys with an online softmax, reading each key and value once for those heads,
+/// and writes partial max, sum and output per head; a combine pass (one workgroup of 256
+/// threads per head) merges them.
 /// Prefill: one workgroup of 64 threads per (tile of up to 8 queries, head), tiles of 64 keys,
 /// online softmax per query; every key row is read once per query tile.
 ///
@@ -238,6 +239,7 @@ pub struct AttentionOp {
     combine: Kernel,
     prefill: Kernel,
     n_head: u32,
+    gq: u32,
     n_chunks: u32,
     tq: u32,
     max_tokens: u32,
@@ -265,16 +267,19 @@ impl AttentionOp {
             return unsupported(format!("q or out holds fewer than {max_tokens} tokens"));
         }
         let shared = ctx.limits.max_compute_workgroup_storage_size;
-        let decode_shared = head_dim * 4 + 64 * 4 + 2 * 64 * 16 + 64 * 4;
+        let group = n_head / n_head_kv;
+        // Query heads per decode workgroup: the largest divisor of the group up to 8 that fits.
+        let lanes = (64 / (head_dim / 8)).max(1);
+        let decode_shared = |gq: u32| gq * head_dim * 4 + gq * 64 * 4 + 2 * gq * 4 + 2 * 64 * 16 + gq * lanes * 4;
+        let gq = (1..=group.min(8)).rev().find(|&d| group.is_multiple_of(d) && decode_shared(d) <= shared).unwrap_or(1);
         let prefill_shared = |tq: u32| tq * head_dim * 4 + tq * 64 * 4 + 2 * tq * 4;
         let mut tq = 8;
         while tq > 1 && prefill_shared(tq) > shared {
             tq /= 2;
         }
-        if prefill_shared(tq) > shared || decode_shared > shared {
+        if prefill_shared(tq) > shared || decode_shared(gq) > shared {
             return unsupported(format!("head_dim {head_dim} needs more workgroup memory than the GPU's {shared} bytes"));
         }
-        let group = n_head / n_head_kv;
         let kv4 = kv_dim / 8;
         let scale = (1.0 / (head_dim as f32).sqrt()).to_bits();
         let n_chunks = n_ctx.div_ceil(64).clamp(1, DECODE_MAX_CHUNKS);
@@ -282,15 +287,15 @@ impl AttentionOp {
         let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
         let part_o = ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4);
         let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
-        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim)]);
-        let key = format!("ops/attention_decode.hd{head_dim}");
+        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq)]);
+        let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}");
         let partial = Kernel::new(ctx, &format!("{key}.partial"), &src, "partial", &[(0, q), (1, cache_k), (2, cache_v), (3, &part_o), (4, &part_ml), (6, &decode_params), (7, step)]);
         let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
         let prefill = Kernel::new(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out), (4, &prefill_params), (5, step)]);
-        Ok(AttentionOp { partial, combine, prefill, n_head, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        Ok(AttentionOp { partial, combine, prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -301,7 +306,7 @@ impl AttentionOp {
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
         if n_tokens == 1 {
-            self.partial.dispatch(pass, self.n_chunks, self.n_head);
+            self.partial.dispatch(pass, self.n_chunks, self.n_head / self.gq);
             self.combine.dispatch(pass, self.n_head, 1);
         } else {
             let tiles = n_tokens.div_ceil(self.tq);
