@@ -390,9 +390,11 @@ impl ArgmaxOp {
 /// Top-k (1 <= k <= 64) of the last token's logits row (row `step.n_tokens - 1`): writes k
 /// (index u32, value f32 bits) pairs into `out`, values descending, the lower index first on
 /// ties; -inf and NaN are never chosen (with fewer than k other values the rest read
-/// (u32::MAX, -inf)). Two passes: blocks of 256 threads x E values (E = 16, more for vocabularies
-/// over 256k) select their top k in k rounds of a shared-memory reduction; one workgroup then
-/// selects the top k of the blocks' candidates the same way.
+/// (u32::MAX, -inf)). Two passes: blocks of 256 threads x E values (E = 16, more for
+/// vocabularies over 256k) select their top k, then one workgroup selects the top k of the
+/// blocks' candidates. Selection by bisection over order-preserving u32 keys (32 workgroup-wide
+/// counts find the k-th largest key; ties at it go to the lowest indices), then a rank sort of
+/// the k winners.
 pub struct TopKOp {
     blocks: Kernel,
     finish: Kernel,
