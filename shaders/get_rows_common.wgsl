@@ -2,8 +2,8 @@
 // One workgroup per id (a 2D grid past 65535); each row-chunk of a split matrix has its own
 // dispatch and writes only the ids inside it.
 //
-// Composed after one of the matmul_<type>.wgsl files (weight bindings 4, 5; UNIT, XV and
-// unit_fetch and unit_deq, the exact dequantisation of one 16-byte unit).
+// Composed after one of the matmul_<type>.wgsl files (weight bindings 4, 5; UNIT, x_chunks,
+// unit_fetch and unit_deq, the exact dequantisation of one 8-element unit).
 
 struct Step {
     n_tokens: u32,
@@ -39,8 +39,8 @@ fn get_rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
     let dst = i * (chunk.cols / 4u);
     for (var u = lid; u < units; u += 64u) {
         let v = unit_deq(unit_fetch(src + u));
-        for (var j = 0u; j < XV; j++) {
-            out[dst + u * XV + j] = v[j];
-        }
+        let c = dst + x_chunks(u);
+        out[c.x] = v[0];
+        out[c.y] = v[1];
     }
 }

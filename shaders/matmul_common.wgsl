@@ -2,8 +2,9 @@
 // matmul (mm_tiled) over one row-chunk of a repacked weight matrix.
 //
 // Composed after one of the matmul_<type>.wgsl files, which declare the weight bindings (4, 5)
-// and the decoders: UNIT (elements per 16 bytes of quants), XV (= UNIT / 4), x_sum, unit_dot
-// (the matvec's fast dot product of one unit with f32 activations) and tile8 (eight
+// and the decoders of a unit (8 elements: one thread's step): x_chunks (where its activations
+// are), unit_fetch (its weights), x_sum and x_prep (activations prepared once for all rows),
+// unit_dot (the matvec's fast dot product), unit_deq (exact dequantisation) and tile8 (eight
 // dequantised elements for the tiled kernel's shared-memory tile).
 //
 // The constants MV_WG, MV_NR and MV_NT are rewritten by src/gpu/matrix.rs before compilation
@@ -38,68 +39,30 @@ struct Chunk {
 const MV_WG: u32 = 128u;
 const MV_NR: u32 = 4u;
 const MV_NT: u32 = 1u;
+// Decode: units per thread per loop iteration (1 or 2), loaded before any is used.
+const MV_UNROLL: u32 = 1u;
 const MV_NRT: u32 = MV_NR * MV_NT;
 
 // Each thread's partial sums, element r * MV_NT + t for row r and token t of the workgroup.
 alias Partials = array<f32, MV_NRT>;
 
-// Shared memory: one token's activations for the MV_WG units of a step (XV vec4 each), then
-// the reduction's partial sums.
-const MV_SH: u32 = MV_WG * max(XV, (MV_NRT + 3u) / 4u);
-var<workgroup> mv_sh: array<vec4<f32>, MV_SH>;
-
-fn sh_set(i: u32, v: f32) {
-    mv_sh[i >> 2u][i & 3u] = v;
-}
-
-fn sh_get(i: u32) -> f32 {
-    return mv_sh[i >> 2u][i & 3u];
-}
+// The reduction's partial sums.
+var<workgroup> mv_sh: array<f32, MV_WG * MV_NRT>;
 
 // The workgroup's row-group index in a 1D or 2D grid (2D when the count exceeds 65535).
 fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
 }
 
-// Where vec4 i of unit-thread tu's activations sits in mv_sh: swizzled so that eight
-// consecutive threads reading the same i hit eight different 16-byte bank groups (XV is 1, 2,
-// 4 or 8).
-fn swz(tu: u32, i: u32) -> u32 {
-    return tu * XV + (i ^ ((tu / (8u / XV)) % XV));
-}
-
-// The activations of token t for units u0..u0 + MV_WG, as each thread's XUnit. Loads are
-// coalesced (thread lid reads vec4s lid, lid + MV_WG, ...) and pass through shared memory;
-// units past the row's end read as zero. Must be called in uniform control flow.
-fn load_x(lid: u32, t: u32, u0: u32, units: u32, cols: u32) -> XUnit {
-    var xv: XUnit;
-    let xt = t * (cols / 4u) + u0 * XV;
-    let valid = min(units - u0, MV_WG) * XV;
-    if (XV == 1u) {
-        if (lid < valid) {
-            xv[0] = x[xt + lid];
-        }
-        return xv;
-    }
-    for (var i = 0u; i < XV; i++) {
-        let c = i * MV_WG + lid;
-        var v = vec4<f32>(0.0);
-        if (c < valid) {
-            v = x[xt + c];
-        }
-        mv_sh[swz(c / XV, c % XV)] = v;
-    }
-    workgroupBarrier();
-    for (var i = 0u; i < XV; i++) {
-        xv[i] = mv_sh[swz(lid, i)];
-    }
-    workgroupBarrier();
-    return xv;
+// Unit u's activations of token t.
+fn load_x(t: u32, u: u32, cols: u32) -> XUnit {
+    let c = t * (cols / 4u) + x_chunks(u);
+    return XUnit(x[c.x], x[c.y]);
 }
 
 // This thread's share of MV_NR rows times MV_NT tokens (t0..t0 + MV_NT, those below n_tokens):
-// it takes the row's 16-byte units lid, lid + MV_WG, ... (adjacent threads on adjacent units,
-// so weight loads coalesce). Called in uniform control flow.
+// units lid, lid + MV_WG, ... of each row (8 elements each, adjacent threads on adjacent
+// weights, so loads coalesce). The activations of a unit are loaded once and serve all rows.
 fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     let rows = chunk.rows;
     let cols = chunk.cols;
@@ -111,40 +74,49 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
         base[r] = min(group * MV_NR + r, rows - 1u) * units;
     }
     var acc: Partials;
-    for (var u0 = 0u; u0 < units; u0 += MV_WG) {
-        let u = min(u0 + lid, units - 1u);
-        let live = u0 + lid < units;
-        // Weight loads first, so that their latency overlaps the activations' staging.
-        var w: array<WUnit, MV_NR>;
-        for (var r = 0u; r < MV_NR; r++) {
-            w[r] = unit_fetch(base[r] + u);
+    if (MV_NT == 1u && MV_UNROLL == 2u) {
+        // Decode, two units per iteration: all loads issued before the arithmetic.
+        for (var u = lid; u < units; u += 2u * MV_WG) {
+            let has2 = u + MV_WG < units;
+            let u2 = min(u + MV_WG, units - 1u);
+            let xa = load_x(t0, u, cols);
+            let xb = load_x(t0, u2, cols);
+            var wa: array<WUnit, MV_NR>;
+            var wb: array<WUnit, MV_NR>;
+            for (var r = 0u; r < MV_NR; r++) {
+                wa[r] = unit_fetch(base[r] + u);
+                wb[r] = unit_fetch(base[r] + u2);
+            }
+            let xsa = x_sum(xa);
+            let xpa = x_prep(xa);
+            let xsb = select(0.0, x_sum(xb), has2);
+            let xpb = x_prep(XUnit(select(vec4<f32>(0.0), xb[0], has2), select(vec4<f32>(0.0), xb[1], has2)));
+            for (var r = 0u; r < MV_NR; r++) {
+                acc[r] += unit_dot(wa[r], xpa, xsa) + unit_dot(wb[r], xpb, xsb);
+            }
         }
+        return acc;
+    }
+    for (var u = lid; u < units; u += MV_WG) {
         if (MV_NT == 1u) {
-            // Decode: the activations stay in registers for all MV_NR rows; the weights are
-            // decoded by the type's fast dot product.
-            let xv = load_x(lid, t0, u0, units, cols);
+            // Decode: the weights are decoded by the type's fast dot product.
+            let xv = load_x(t0, u, cols);
             let xs = x_sum(xv);
-            if (live) {
-                for (var r = 0u; r < MV_NR; r++) {
-                    acc[r] += unit_dot(w[r], xv, xs);
-                }
+            let xp = x_prep(xv);
+            for (var r = 0u; r < MV_NR; r++) {
+                acc[r] += unit_dot(unit_fetch(base[r] + u), xp, xs);
             }
         } else {
-            // A few tokens: each row's unit is dequantised once, and every activation vector
-            // serves all MV_NR rows.
+            // A few tokens: each row's unit is dequantised once.
             var wv: array<XUnit, MV_NR>;
             for (var r = 0u; r < MV_NR; r++) {
-                wv[r] = unit_deq(w[r]);
+                wv[r] = unit_deq(unit_fetch(base[r] + u));
             }
             for (var t = 0u; t < MV_NT; t++) {
                 if (t0 + t < n) {
-                    let xv = load_x(lid, t0 + t, u0, units, cols);
-                    if (live) {
-                        for (var i = 0u; i < XV; i++) {
-                            for (var r = 0u; r < MV_NR; r++) {
-                                acc[r * MV_NT + t] += dot(wv[r][i], xv[i]);
-                            }
-                        }
+                    let xv = load_x(t0 + t, u, cols);
+                    for (var r = 0u; r < MV_NR; r++) {
+                        acc[r * MV_NT + t] += dot(wv[r][0], xv[0]) + dot(wv[r][1], xv[1]);
                     }
                 }
             }
@@ -153,7 +125,7 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     return acc;
 }
 
-// Thread i < MV_NRT writes the workgroup's total for row i / MV_NT and token t0 + i % MV_NT.
+// Writes the workgroup's total for row i / MV_NT and token t0 + i % MV_NT.
 fn mv_store(group: u32, t0: u32, i: u32, total: f32) {
     let r = group * MV_NR + i / MV_NT;
     let t = t0 + i % MV_NT;
@@ -168,21 +140,20 @@ fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     let group = flat_group(wid, nwg);
     let t0 = wid.z * MV_NT;
     let acc = mv_partial(lid, group, t0);
-    workgroupBarrier();
     for (var i = 0u; i < MV_NRT; i++) {
-        sh_set(i * MV_WG + lid, acc[i]);
+        mv_sh[i * MV_WG + lid] = acc[i];
     }
     for (var s = MV_WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
         if (lid < s) {
             for (var i = 0u; i < MV_NRT; i++) {
-                sh_set(i * MV_WG + lid, sh_get(i * MV_WG + lid) + sh_get(i * MV_WG + lid + s));
+                mv_sh[i * MV_WG + lid] += mv_sh[i * MV_WG + lid + s];
             }
         }
     }
     workgroupBarrier();
-    if (lid < MV_NRT) {
-        mv_store(group, t0, lid, sh_get(lid * MV_WG));
+    for (var i = lid; i < MV_NRT; i += MV_WG) {
+        mv_store(group, t0, i, mv_sh[i * MV_WG]);
     }
 }
 

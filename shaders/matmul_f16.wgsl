@@ -1,15 +1,23 @@
-// F16 weights: the GGUF bytes as they are, f16 pairs in u32 words, rows contiguous; unit
-// g = row * (cols / 8) + u is the 8 halves at wq[g]. A unit is 8 elements. No f16 arithmetic:
-// unpack2x16float converts.
+// F16 weights: the GGUF bytes as they are, rows contiguous; unit g = row * (cols / 8) + u is
+// the 8 halves at wq[g]. No f16 arithmetic: unpack2x16float converts.
 
 @group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
 
+// Elements per unit; every type has 8, as two vec4 of activations.
 const UNIT: u32 = 8u;
-const XV: u32 = 2u;
 alias XUnit = array<vec4<f32>, 2>;
+
+// Offsets (in vec4, from the row's start) of unit u's two activation vec4.
+fn x_chunks(u: u32) -> vec2<u32> {
+    return vec2<u32>(2u * u, 2u * u + 1u);
+}
 
 fn x_sum(xv: XUnit) -> f32 {
     return 0.0;
+}
+
+fn x_prep(xv: XUnit) -> XUnit {
+    return xv;
 }
 
 // One unit's weights as loaded (no scale).
@@ -27,9 +35,9 @@ fn unit_deq(w: WUnit) -> XUnit {
     return XUnit(vec4<f32>(unpack2x16float(q.x), unpack2x16float(q.y)), vec4<f32>(unpack2x16float(q.z), unpack2x16float(q.w)));
 }
 
-fn unit_dot(w: WUnit, xv: XUnit, xs: f32) -> f32 {
+fn unit_dot(w: WUnit, xp: XUnit, xs: f32) -> f32 {
     let v = unit_deq(w);
-    return dot(v[0], xv[0]) + dot(v[1], xv[1]);
+    return dot(v[0], xp[0]) + dot(v[1], xp[1]);
 }
 
 // Elements 8p..8p+7 of block kb (32 elements) of `row`.

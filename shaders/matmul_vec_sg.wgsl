@@ -14,19 +14,18 @@ fn mv_main_sg(
     let group = flat_group(wid, nwg);
     let t0 = wid.z * MV_NT;
     let acc = mv_partial(lid, group, t0);
-    // mv_partial's last shared-memory reads are behind a barrier already.
     for (var i = 0u; i < MV_NRT; i++) {
         let s = subgroupAdd(acc[i]);
         if (lane == 0u) {
-            sh_set(sg * MV_NRT + i, s);
+            mv_sh[sg * MV_NRT + i] = s;
         }
     }
     workgroupBarrier();
-    if (lid < MV_NRT) {
+    for (var i = lid; i < MV_NRT; i += MV_WG) {
         var total = 0.0;
         for (var k = 0u; k < n_sg; k++) {
-            total += sh_get(k * MV_NRT + lid);
+            total += mv_sh[k * MV_NRT + i];
         }
-        mv_store(group, t0, lid, total);
+        mv_store(group, t0, i, total);
     }
 }

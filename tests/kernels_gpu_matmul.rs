@@ -149,13 +149,13 @@ fn odd_matvec_configs() {
         let x = rng.vec(3 * m.cols);
         let (want, mag) = reference(&m, &x, 3);
         let b = Bufs::new(&ctx, &x, 3 * m.rows);
-        for (wg, nr) in [(32, 1), (64, 3), (256, 4), (1024, 1)] {
+        for (wg, nr, nt, unroll) in [(32, 1, 3, 1), (64, 3, 3, 1), (256, 4, 3, 1), (1024, 1, 3, 1), (8, 5, 3, 1), (32, 3, 1, 2), (8, 5, 1, 2), (64, 1, 1, 1)] {
             for subgroups in [false, true] {
-                let cfg = [MvConfig { nt: 3, wg, nr, subgroups }];
+                let cfg = [MvConfig { nt, wg, nr, unroll, subgroups }];
                 let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
                 for n in [1, 3] {
                     let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
-                    check(&format!("{} wg {wg} nr {nr} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+                    check(&format!("{} wg {wg} nr {nr} nt {nt} unroll {unroll} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
                 }
             }
         }
@@ -231,7 +231,7 @@ fn large_grids() {
     let x = rng.vec(3 * 32);
     let (want, mag) = reference(&m, &x, 3);
     let b = Bufs::new(&ctx, &x, 3 * m.rows);
-    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, subgroups: ctx.has_subgroups() }];
+    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, unroll: 1, subgroups: ctx.has_subgroups() }];
     let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
     for n in [1, 3] {
         let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
@@ -288,7 +288,14 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
 #[ignore]
 fn bench_matvec() {
     let ctx = GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware).unwrap();
-    eprintln!("adapter: {} ({:?}), subgroups {}, f16 {}", ctx.adapter.name, ctx.adapter.backend, ctx.has_subgroups(), ctx.has_f16());
+    eprintln!(
+        "adapter: {} ({:?}), subgroups {}, f16 {}, shared memory {} bytes",
+        ctx.adapter.name,
+        ctx.adapter.backend,
+        ctx.has_subgroups(),
+        ctx.has_f16(),
+        ctx.limits.max_compute_workgroup_storage_size
+    );
     assert!(ctx.has_timestamps(), "the benchmark needs timestamp queries");
     let mut rng = Rng(1);
     // Copy bandwidth through a compute kernel (bytes read + written).
@@ -323,9 +330,10 @@ fn bench_matvec() {
     }
     let only: Option<String> = std::env::var("EMBER_BENCH_TYPES").ok();
     let sweep = std::env::var_os("EMBER_BENCH_SWEEP").is_some();
-    let mut variants: Vec<(u32, u32)> = vec![(128, 4)];
+    // (wg, nr, unroll) of the decode matvec.
+    let mut variants: Vec<(u32, u32, u32)> = vec![];
     if sweep {
-        variants.extend([(64, 4), (128, 2), (128, 8), (256, 4), (256, 2), (256, 8), (64, 8), (32, 4)]);
+        variants.extend([(128, 4, 1), (128, 2, 1), (256, 2, 1), (64, 2, 1), (128, 8, 1), (128, 4, 2), (128, 2, 2)]);
     }
     for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::F32] {
         if only.as_ref().is_some_and(|o| !o.split(',').any(|s| s.eq_ignore_ascii_case(ty.name()))) {
@@ -358,23 +366,17 @@ fn bench_matvec() {
                 );
             };
             {
-                let mode = "";
-                for &(wg, nr) in &variants {
-                    for sg in [true, false] {
-                        if sg && !ctx.has_subgroups() || (!sg && !sweep) {
-                            continue;
-                        }
-                        let cfg = [MvConfig { nt: 1, wg, nr, subgroups: sg }];
-                        let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul_with(&ctx, &x, y, &step, &cfg)).collect();
-                        report(&format!("{mode} mv wg {wg} nr {nr} {}", if sg { "sg" } else { "sh" }), 1, &ops, Kernel::Matvec);
-                    }
+                for &(wg, nr, unroll) in &variants {
+                    let cfg = [MvConfig { nt: 1, wg, nr, unroll, subgroups: ctx.has_subgroups() }];
+                    let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul_with(&ctx, &x, y, &step, &cfg)).collect();
+                    report(&format!("mv wg {wg} nr {nr} x{unroll}"), 1, &ops, Kernel::Matvec);
                 }
                 let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul(&ctx, &x, y, &step)).collect();
-                for n in [2u32, 8, 64] {
-                    report(&format!("{mode} matvec"), n, &ops, Kernel::Matvec);
+                for n in [1u32, 2, 4, 8, 16, 64] {
+                    report("matvec (default)", n, &ops, Kernel::Matvec);
                 }
-                for n in [64u32, 512] {
-                    report(&format!("{mode} tiled"), n, &ops, Kernel::Tiled);
+                for n in [16u32, 64, 512] {
+                    report("tiled", n, &ops, Kernel::Tiled);
                 }
             }
         }

@@ -1,26 +1,34 @@
 //! Weight matrices on the GPU (repacked layouts) and their matrix-product kernels.
 //!
 //! # Layouts
-//! Every type keeps its rows contiguous and splits each row into 16-byte *units* that one
-//! thread loads with a single `vec4<u32>` read; adjacent threads read adjacent units.
+//! Rows stay contiguous, and scales are split from quants so that every load is aligned: Q4_0
+//! takes 18 bytes per 32 elements as in the file.
 //!
-//! | type | `wq` (binding 4, `array<vec4<u32>>`) | `wd` (binding 5, `array<u32>`) | unit |
-//! | --- | --- | --- | --- |
-//! | F32 | the GGUF bytes | — | 4 elements |
-//! | F16 | the GGUF bytes | — | 8 elements |
-//! | Q8_0 | the 32 quant bytes of each block | f16 scales, two per word | 16 elements (half a block) |
-//! | Q4_0 | the 16 quant bytes of each block (GGUF nibble order) | f16 scales, two per word | 32 elements (a block) |
-//! | Q4_1 | as Q4_0 | `d | m << 16` per block | 32 elements |
+//! | type | `wq` (binding 4) | `wd` (binding 5, `array<u32>`) |
+//! | --- | --- | --- |
+//! | F32 | the GGUF bytes (`array<vec4<u32>>`) | — |
+//! | F16 | the GGUF bytes (`array<vec4<u32>>`) | — |
+//! | Q8_0 | the 32 quant bytes of each block (`array<vec2<u32>>`) | f16 scales, two per word |
+//! | Q4_0 | the 16 quant bytes of each block, GGUF nibble order (`array<u32>`) | f16 scales, two per word |
+//! | Q4_1 | as Q4_0 | `d | m << 16` per block |
 //!
-//! So Q4_0 takes 18 bytes per 32 elements on the GPU as in the file, with every load aligned.
 //! A matrix whose buffers would exceed the adapter's largest binding is split by rows (in
 //! multiples of 64) into chunks, each with its own buffers, bind groups and dispatches.
 //!
 //! # Kernels
-//! `shaders/matmul_<type>.wgsl` decodes one type; it is composed with
-//! `shaders/matmul_common.wgsl` (the matvec `mv_main` with a shared-memory reduction and the
-//! tiled `mm_tiled`), with `shaders/matmul_vec_sg.wgsl` (`mv_main_sg`, subgroup reduction) when
-//! the adapter has subgroups, and with `shaders/get_rows_common.wgsl` for embedding lookups.
+//! `shaders/matmul_<type>.wgsl` decodes one type in *units* of 8 elements (a Q4 word, a Q8
+//! double word, 16 bytes of F16, 32 of F32: one thread's step, adjacent threads on adjacent
+//! units). It is composed with `shaders/matmul_common.wgsl` (the matvec `mv_main`, with a
+//! shared-memory reduction, and the tiled `mm_tiled`), with `shaders/matmul_vec_sg.wgsl`
+//! (`mv_main_sg`, subgroup reduction) when the adapter has subgroups, and with
+//! `shaders/get_rows_common.wgsl` for embedding lookups.
+//!
+//! The decode matvec gives each workgroup of 128 threads 4 rows; each thread loads a unit's 8
+//! activations once for the 4 rows, decodes quants without int-to-float conversions (see
+//! `matmul_q4_0.wgsl`), and the partial sums meet through `subgroupAdd` and shared memory.
+//! Up to 8 tokens use the same kernel with each unit dequantised once for all tokens; more go
+//! to the tiled kernel (64 rows x 64 tokens per workgroup, dequantised tiles in shared
+//! memory).
 
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
@@ -144,7 +152,7 @@ pub struct GpuMatrix {
     chunks: Vec<Chunk>,
 }
 
-/// One specialisation of the matvec: tokens per dispatch, threads and rows per workgroup, and
+/// One specialisation of the matvec: tokens per workgroup, threads and rows per workgroup, and
 /// whether to reduce with subgroup operations.
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,21 +160,21 @@ pub struct MvConfig {
     pub nt: u32,
     pub wg: u32,
     pub nr: u32,
+    /// Decode (nt = 1): units per thread per loop iteration, 1 or 2.
+    pub unroll: u32,
     pub subgroups: bool,
 }
 
 /// Token counts up to this go through the matvec (weights read once per group of up to 8
-/// tokens, activations reused from registers); larger ones through the tiled matmul.
+/// tokens); larger ones through the tiled matmul.
 pub const MATVEC_MAX_TOKENS: u32 = 8;
 
-/// The matvec variants bound by [`GpuMatrix::bind_matmul`]: n tokens use the first with nt >= n.
+/// The matvec variants bound by [`GpuMatrix::bind_matmul`]: n tokens use the first with
+/// nt >= n.
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
-    [(1, 128, 4), (2, 128, 4), (4, 128, 2), (8, 128, 2)]
-        .into_iter()
-        .map(|(nt, wg, nr)| MvConfig { nt, wg, nr, subgroups })
-        .collect()
+    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 2, 1)].into_iter().map(|(nt, wg, nr, unroll)| MvConfig { nt, wg, nr, unroll, subgroups }).collect()
 }
 
 /// Which kernel [`MatmulOp::encode_with`] runs.
@@ -295,13 +303,16 @@ impl GpuMatrix {
         let src = self.sources();
         let mut mv_pipes = Vec::new();
         for cfg in configs {
-            assert!(cfg.nt >= 1 && cfg.nr >= 1 && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup, "bad matvec config {cfg:?}");
+            assert!(cfg.nt >= 1 && cfg.nr >= 1 && (cfg.unroll == 1 || cfg.unroll == 2) && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup, "bad matvec config {cfg:?}");
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let sg = cfg.subgroups && ctx.has_subgroups();
             let base = if sg { src.mm_sg } else { src.mm };
-            let code = set_const(&set_const(&set_const(base, "MV_WG", 128, cfg.wg), "MV_NR", 4, cfg.nr), "MV_NT", 1, cfg.nt);
-            let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, if sg { "sg" } else { "wg" });
+            let mut code = base.to_string();
+            for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] {
+                code = set_const(&code, name, default, value);
+            }
+            let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/u{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
             let entry = if sg { "mv_main_sg" } else { "mv_main" };
             mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
         }
