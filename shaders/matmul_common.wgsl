@@ -7,8 +7,8 @@
 // unit_dot (the matvec's fast dot product), unit_deq (exact dequantisation) and tile8 (eight
 // dequantised elements for the tiled kernel's shared-memory tile).
 //
-// The constants MV_WG, MV_NR and MV_NT are rewritten by src/gpu/matrix.rs before compilation
-// (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
+// The constants MV_WG, MV_NR, MV_NT and MV_UNROLL are rewritten by src/gpu/matrix.rs before
+// compilation (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
 struct Step {
     n_tokens: u32,

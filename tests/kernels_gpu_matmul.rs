@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, GpuMatrix, Kernel, MatmulOp, MvConfig};
+use ember::gpu::matrix::{default_mv_configs, GpuMatrix, Kernel, MatmulOp, MvConfig, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
 use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
@@ -93,14 +93,13 @@ fn check_matrix(ctx: &GpuContext, m: &Matrix, g: &GpuMatrix, tokens: &[usize], r
         let op = g.bind_matmul_with(ctx, &b.x, &b.y, &b.step, cfg);
         for &n in tokens {
             let len = n * m.rows;
-            // Auto is the matvec up to 8 tokens, the tiled kernel above; each also runs the
-            // other way once (the matvec over several token groups up to 17 tokens).
+            // Auto is the matvec up to MATVEC_MAX_TOKENS (in groups of 8), the tiled kernel
+            // above; each also runs the other way once.
             let mut kernels = vec![Kernel::Auto];
-            if ci == 0 && n <= 8 {
-                kernels.push(Kernel::Tiled);
-            } else if ci == 0 && n <= 17 {
-                kernels.push(Kernel::Matvec);
-            } else if ci > 0 && n > 8 {
+            let auto_matvec = n as u32 <= MATVEC_MAX_TOKENS;
+            if ci == 0 {
+                kernels.push(if auto_matvec { Kernel::Tiled } else { Kernel::Matvec });
+            } else if !auto_matvec {
                 continue;
             }
             for k in kernels {
