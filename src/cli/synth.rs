@@ -106,7 +106,8 @@ pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
 }
 
 pub fn synth(a: SynthArgs) -> Result<()> {
-    if a.n_embd % 32 != 0 || a.n_ff % 32 != 0 || a.n_head == 0 || a.n_embd % a.n_head != 0 || a.n_head_kv == 0 || a.n_head % a.n_head_kv != 0 {
+    let divides = |n: u64, d: u64| d != 0 && n.is_multiple_of(d);
+    if !(divides(a.n_embd, 32) && divides(a.n_ff, 32) && divides(a.n_embd, a.n_head) && divides(a.n_head, a.n_head_kv)) {
         return Err("shape: n_embd and n_ff must be multiples of 32, n_head must divide n_embd and be a multiple of n_head_kv".into());
     }
     let tok_path = a.tokenizer_from.clone().unwrap_or_else(|| PathBuf::from(super::DEFAULT_MODEL_FILE));

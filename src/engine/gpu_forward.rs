@@ -9,6 +9,9 @@ use crate::gpu::{shaders, GpuContext, GpuError, Step};
 use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
+/// One decode token's per-dispatch GPU times (name, ns) and its one-pass host time (ns).
+pub type Profile = (Vec<(&'static str, f64)>, f64);
+
 /// A model's weights on the GPU.
 pub struct GpuWeights {
     pub token_embd: Arc<GpuMatrix>,
@@ -352,7 +355,7 @@ impl GpuSession {
     /// and returns (name, nanoseconds) per dispatch, plus the host wall time of the same token
     /// run normally (one pass, one submission, argmax read back). The position is not
     /// consumed. None without timestamp queries.
-    pub fn profile_decode(&mut self, token: u32) -> Result<Option<(Vec<(&'static str, f64)>, f64)>, ForwardError> {
+    pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
         let n_ops = self.layer_sequence(Logits::Last).len() + self.output_sequence().len();
         let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
         self.check(&[token])?;

@@ -92,7 +92,7 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
         has_f16: f.contains(wgpu::Features::SHADER_F16),
         has_subgroups: f.contains(wgpu::Features::SUBGROUP),
         has_timestamps: f.contains(wgpu::Features::TIMESTAMP_QUERY),
-        max_storage_binding: a.limits().max_storage_buffer_binding_size as u64,
+        max_storage_binding: a.limits().max_storage_buffer_binding_size,
     }
 }
 
@@ -175,7 +175,7 @@ impl GpuContext {
 
     /// The largest storage buffer one binding may cover; bigger tensors are split.
     pub fn max_binding(&self) -> u64 {
-        self.limits.max_storage_buffer_binding_size as u64
+        self.limits.max_storage_buffer_binding_size
     }
 
     /// A compute pipeline for `entry` of `source`, compiled once and cached under `key`
