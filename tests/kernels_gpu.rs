@@ -1,9 +1,10 @@
-//! WGSL kernels against the CPU on random inputs at awkward sizes (lavapipe in CI).
+//! The GPU context and the small kernels owned by `gpu::shaders` (the rest: kernels_gpu_matmul.rs,
+//! kernels_gpu_ops.rs), on random inputs at awkward sizes.
 
 mod common;
 
 use common::Rng;
-use ember::gpu::shaders;
+use ember::gpu::{shaders, Step};
 
 #[test]
 fn context_reports_the_adapter() {
@@ -13,21 +14,38 @@ fn context_reports_the_adapter() {
 }
 
 #[test]
-fn add_matches_cpu() {
+fn copy_kernel_copies_every_word() {
     let Some(ctx) = common::gpu() else { return };
-    let mut rng = Rng(11);
-    for n in [1usize, 255, 257, 1000, 70_001] {
-        let (x, y) = (rng.vec(n), rng.vec(n));
-        let xb = ctx.upload("x", bytemuck::cast_slice(&x));
-        let yb = ctx.upload("y", bytemuck::cast_slice(&y));
-        let pb = ctx.uniform("p", bytemuck::bytes_of(&(n as u32)));
-        let p = ctx.pipeline("add", shaders::ADD, "main");
+    for n_vec4 in [1u32, 255, 2049, 70_001] {
+        let src: Vec<u32> = (0..4 * n_vec4).map(|i| i.wrapping_mul(2654435761)).collect();
+        let a = ctx.upload("src", bytemuck::cast_slice(&src));
+        let b = ctx.zeros("dst", 16 * n_vec4 as u64);
+        let p = ctx.uniform("p", bytemuck::bytes_of(&n_vec4));
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let groups = (n as u32).div_ceil(256);
-        ctx.dispatch(&mut enc, &p, &[xb.as_entire_binding(), yb.as_entire_binding(), pb.as_entire_binding()], (groups, 1, 1));
+        // Fewer workgroups than elements: the grid-stride loop must cover the rest.
+        let groups = n_vec4.div_ceil(256 * 8);
+        ctx.dispatch(&mut enc, &ctx.pipeline("copy", shaders::COPY, "main"), &[a.as_entire_binding(), b.as_entire_binding(), p.as_entire_binding()], (groups, 1, 1));
         ctx.submit_and_wait(enc).unwrap();
-        let got: Vec<f32> = ctx.read(&xb, n).unwrap();
-        let want: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
-        assert_eq!(got, want, "n = {n}");
+        assert_eq!(ctx.read::<u32>(&b, src.len()).unwrap(), src, "n_vec4 = {n_vec4}");
+    }
+}
+
+#[test]
+fn add_bias_adds_the_row_to_every_token() {
+    let Some(ctx) = common::gpu() else { return };
+    let mut rng = Rng(12);
+    for (dim, tokens) in [(1u32, 1u32), (67, 5), (576, 3), (1000, 37)] {
+        let (x, bias) = (rng.vec((dim * tokens) as usize), rng.vec(dim as usize));
+        let xb = ctx.upload("x", bytemuck::cast_slice(&x));
+        let bb = ctx.upload("bias", bytemuck::cast_slice(&bias));
+        let pb = ctx.uniform("p", bytemuck::bytes_of(&dim));
+        let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: tokens, pos0: 0, n_kv: tokens, _pad: 0 }));
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        let groups = (dim * tokens).div_ceil(256);
+        ctx.dispatch(&mut enc, &ctx.pipeline("add_bias", shaders::ADD_BIAS, "main"), &[xb.as_entire_binding(), bb.as_entire_binding(), pb.as_entire_binding(), step.as_entire_binding()], (groups, 1, 1));
+        ctx.submit_and_wait(enc).unwrap();
+        let got: Vec<f32> = ctx.read(&xb, x.len()).unwrap();
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bias[i % dim as usize]).collect();
+        assert_eq!(got, want, "dim {dim} tokens {tokens}");
     }
 }
