@@ -36,8 +36,12 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
         (Backend::Auto, None) => match GpuContext::new(&DeviceChoice::Best) {
             // Probing opened a device; the real one is opened again (cheap) by `gpu`.
             Ok(_) => gpu(DeviceChoice::Best),
+            Err(crate::gpu::GpuError::OnlySoftware(name)) => {
+                eprintln!("ember: running on the CPU ({name} is a software adapter; --backend gpu would use it)");
+                Ok(cpu())
+            }
             Err(e) => {
-                eprintln!("ember: running on the CPU ({e})");
+                eprintln!("ember: running on the CPU (no usable GPU: {e})");
                 Ok(cpu())
             }
         },
