@@ -1,4 +1,5 @@
-// x[i] += y[i] over the step's n_tokens rows of `dim` values (the residual connection).
+// x[i] += y[i] over the step's n_tokens rows of `dim` values (the residual connection); the
+// `bias` entry point adds one row of `dim` values to every token instead (q/k/v biases).
 // 256 threads per workgroup, one element each, over a 2D grid (x then y) of workgroups.
 
 struct Step {
@@ -25,5 +26,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
     let i = gid.x + gid.y * nwg.x * 256u;
     if (i < step.n_tokens * params.dim) {
         x[i] += y[i];
+    }
+}
+
+@compute @workgroup_size(256)
+fn bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i < step.n_tokens * params.dim) {
+        x[i] += y[i % params.dim];
     }
 }

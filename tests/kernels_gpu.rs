@@ -1,9 +1,10 @@
-//! The GPU context and the small kernels owned by `gpu::shaders` (the rest: kernels_gpu_matmul.rs,
+//! The GPU context, the copy kernel and the bias op (the rest: kernels_gpu_matmul.rs,
 //! kernels_gpu_ops.rs), on random inputs at awkward sizes.
 
 mod common;
 
 use common::Rng;
+use ember::gpu::ops::BiasOp;
 use ember::gpu::{shaders, Step};
 
 #[test]
@@ -38,11 +39,10 @@ fn add_bias_adds_the_row_to_every_token() {
         let (x, bias) = (rng.vec((dim * tokens) as usize), rng.vec(dim as usize));
         let xb = ctx.upload("x", bytemuck::cast_slice(&x));
         let bb = ctx.upload("bias", bytemuck::cast_slice(&bias));
-        let pb = ctx.uniform("p", bytemuck::bytes_of(&dim));
         let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: tokens, pos0: 0, n_kv: tokens, _pad: 0 }));
+        let op = BiasOp::new(&ctx, &xb, &bb, dim, &step);
         let mut enc = ctx.device.create_command_encoder(&Default::default());
-        let groups = (dim * tokens).div_ceil(256);
-        ctx.dispatch(&mut enc, &ctx.pipeline("add_bias", shaders::ADD_BIAS, "main"), &[xb.as_entire_binding(), bb.as_entire_binding(), pb.as_entire_binding(), step.as_entire_binding()], (groups, 1, 1));
+        op.encode(&mut enc.begin_compute_pass(&Default::default()), tokens);
         ctx.submit_and_wait(enc).unwrap();
         let got: Vec<f32> = ctx.read(&xb, x.len()).unwrap();
         let want: Vec<f32> = x.iter().enumerate().map(|(i, v)| v + bias[i % dim as usize]).collect();

@@ -116,13 +116,14 @@ impl ModelArgs {
 
     /// A thread pool of the requested size; everything runs inside it.
     pub fn pool(&self) -> Result<rayon::ThreadPool> {
-        let n = self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let n = self.n_threads();
         if n == 0 || n > 1024 {
             return Err(format!("--threads {n}: use 1 to 1024").into());
         }
         Ok(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())?)
     }
 
+    /// `--threads`, or every core.
     pub fn n_threads(&self) -> usize {
         self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }

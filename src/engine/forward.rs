@@ -57,6 +57,21 @@ pub enum Logits {
     All,
 }
 
+/// What every backend checks before running `tokens` after `n_past` positions of a context of
+/// `n_ctx`: a non-empty batch that fits, of ids inside the vocabulary.
+pub(super) fn check_batch(hp: &crate::model::HParams, n_past: usize, n_ctx: usize, tokens: &[u32]) -> Result<(), ForwardError> {
+    if tokens.is_empty() {
+        return Err(ForwardError::Empty);
+    }
+    if n_past + tokens.len() > n_ctx {
+        return Err(ForwardError::ContextFull { needed: n_past + tokens.len(), n_ctx, n_ctx_train: hp.n_ctx_train });
+    }
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+        return Err(ForwardError::BadToken(bad, hp.n_vocab));
+    }
+    Ok(())
+}
+
 /// A model plus the state of one sequence: its KV cache and position.
 pub struct Session {
     pub model: Arc<Model>,
@@ -79,15 +94,7 @@ impl Session {
         let m = self.model.clone();
         let hp = &m.hp;
         let n = tokens.len();
-        if n == 0 {
-            return Err(ForwardError::Empty);
-        }
-        if self.n_past + n > self.kv.n_ctx {
-            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
-            return Err(ForwardError::BadToken(bad, hp.n_vocab));
-        }
+        check_batch(hp, self.n_past, self.kv.n_ctx, tokens)?;
         let (e, qd, kvd, ff) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_ff);
         let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
         let pos0 = self.n_past;

@@ -4,8 +4,8 @@
 
 use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
-use crate::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
-use crate::gpu::{shaders, GpuContext, GpuError, Step};
+use crate::gpu::ops::{AddOp, ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::{GpuContext, GpuError, Step};
 use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
@@ -89,39 +89,6 @@ impl GpuWeights {
         }
         bar.finish_and_clear();
         Ok(GpuWeights { token_embd, output, output_norm: f32_buffer(ctx, "output_norm", &model.output_norm), layers, bytes })
-    }
-}
-
-/// Adds a bias row to every token's vector (qwen2's q/k/v biases).
-struct BiasOp {
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind: wgpu::BindGroup,
-    dim: u32,
-    _params: wgpu::Buffer,
-}
-
-impl BiasOp {
-    fn new(ctx: &GpuContext, x: &wgpu::Buffer, bias: &wgpu::Buffer, dim: u32, step: &wgpu::Buffer) -> Self {
-        let pipeline = ctx.pipeline("add_bias", shaders::ADD_BIAS, "main");
-        let params = ctx.uniform("bias params", bytemuck::bytes_of(&dim));
-        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("add_bias"),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: bias.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: params.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 3, resource: step.as_entire_binding() },
-            ],
-        });
-        BiasOp { pipeline, bind, dim, _params: params }
-    }
-
-    fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
-        let groups = (self.dim * n_tokens).div_ceil(256);
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(groups.min(65535), groups.div_ceil(65535), 1);
     }
 }
 
@@ -385,17 +352,7 @@ impl GpuSession {
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
-        let hp = &self.model.hp;
-        if tokens.is_empty() {
-            return Err(ForwardError::Empty);
-        }
-        if self.n_past + tokens.len() > self.n_ctx {
-            return Err(ForwardError::ContextFull { needed: self.n_past + tokens.len(), n_ctx: self.n_ctx, n_ctx_train: hp.n_ctx_train });
-        }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
-            return Err(ForwardError::BadToken(bad, hp.n_vocab));
-        }
-        Ok(())
+        super::forward::check_batch(&self.model.hp, self.n_past, self.n_ctx, tokens)
     }
 }
 

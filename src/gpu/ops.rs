@@ -358,6 +358,27 @@ impl AddOp {
     }
 }
 
+/// `x[t][i] += bias[i]` for every token t (qwen2's q/k/v biases): the residual-add shader's
+/// broadcasting entry point.
+pub struct BiasOp {
+    kernel: Kernel,
+    dim: u32,
+    _params: Buffer,
+}
+
+impl BiasOp {
+    pub fn new(ctx: &GpuContext, x: &Buffer, bias: &Buffer, dim: u32, step: &Buffer) -> Self {
+        let p = params(ctx, "add_bias.params", &[dim, 0, 0, 0]);
+        let kernel = Kernel::new(ctx, "ops/add_bias", RESIDUAL_ADD, "bias", &[(0, x), (1, bias), (2, &p), (3, step)]);
+        BiasOp { kernel, dim, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid((n_tokens * self.dim).div_ceil(256));
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
 /// Greedy argmax of the last token's logits row (row `step.n_tokens - 1` of `logits`, which
 /// must hold that many rows): writes (index u32, value f32 bits) into `out` (8 bytes); the
 /// lowest index on ties; -inf and NaN never win (as `ember::cpu::ops::argmax`). Two passes:

@@ -1,11 +1,10 @@
 //! Every WGSL kernel, compiled into the binary. [`all`] lists them for the naga validation test.
 
-pub const ADD_BIAS: &str = include_str!("../../shaders/add_bias.wgsl");
 pub const COPY: &str = include_str!("../../shaders/copy.wgsl");
 
 /// (file name, source) of every kernel under shaders/.
 pub fn all() -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![("add_bias.wgsl", ADD_BIAS), ("copy.wgsl", COPY)];
+    let mut v = vec![("copy.wgsl", COPY)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.extend_from_slice(super::ops::SHADERS);
     v
