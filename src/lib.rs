@@ -2,13 +2,15 @@
 //!
 //! Layers, each depending only on those above it:
 //! `gguf` (file format) -> `quant` (block formats, dot kernels) -> `tokenizer` -> `model`
-//! (architectures) -> `cpu` (kernels) -> `engine` (forward pass, sampling, generation) -> `cli`.
+//! (architectures) -> `cpu` (kernels) -> `gpu` (wgpu kernels) -> `sparse` (profiles,
+//! predictors, placement) -> `engine` (forward pass, sampling, generation) -> `cli`.
 
 pub mod gguf;
 pub mod quant;
 pub mod tokenizer;
 pub mod model;
 pub mod cpu;
+pub mod sparse;
 pub mod gpu;
 pub mod engine;
 pub mod cli;

@@ -5,6 +5,7 @@ use crate::cpu::attention::AttnShape;
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::{attention, matmul, Activations, KvCache, Precision};
 use crate::model::Model;
+use crate::sparse::FfnObserver;
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -80,6 +81,8 @@ pub struct Session {
     n_past: usize,
     /// How activations meet quantised weights (llama.cpp's 8-bit way by default).
     pub precision: Precision,
+    /// Sees each token's FFN input and gate (profiling); `None` costs nothing.
+    pub observer: Option<Box<dyn FfnObserver>>,
 }
 
 impl Session {
@@ -87,7 +90,7 @@ impl Session {
         let hp = &model.hp;
         let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: 0, precision: Precision::default() }
+        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None }
     }
 
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
@@ -143,6 +146,11 @@ impl Session {
             let acts = Activations::new(xn, rows).with_precision(self.precision);
             matmul(&layer.ffn_gate, &acts, &mut gate[..rows * ff]);
             matmul(&layer.ffn_up, &acts, &mut up[..rows * ff]);
+            if let Some(obs) = self.observer.as_mut() {
+                for t in 0..rows {
+                    obs.observe(il, &x[t * e..(t + 1) * e], &gate[t * ff..(t + 1) * ff]);
+                }
+            }
             ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);
             matmul(&layer.ffn_down, &Activations::new(&gate[..rows * ff], rows).with_precision(self.precision), &mut proj[..rows * e]);
             ops::add_assign(&mut x, &proj[..rows * e]);
