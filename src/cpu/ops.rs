@@ -126,3 +126,12 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
     }
     best
 }
+
+/// `act(g)` for one neuron (the sparse paths, which see neurons one by one). SiLU uses
+/// [`exp_poly`] like the vectorised dense path.
+pub fn activate(act: Activation, g: f32) -> f32 {
+    match act {
+        Activation::Silu => g / (1.0 + exp_poly(-g)),
+        Activation::Relu => g.max(0.0),
+    }
+}

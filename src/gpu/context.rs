@@ -109,6 +109,9 @@ pub struct GpuContext {
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
+    /// Bytes of every buffer created through this context (weights, caches, scratch, uniforms),
+    /// so that a VRAM budget can be checked against what was really allocated.
+    allocated: std::sync::atomic::AtomicU64,
 }
 
 impl GpuContext {
@@ -158,7 +161,7 @@ impl GpuContext {
             eprintln!("error: GPU: {e}");
             std::process::exit(1);
         }));
-        Ok(GpuContext { adapter: summary, device, queue, features, limits, pipelines: Mutex::new(HashMap::new()) })
+        Ok(GpuContext { adapter: summary, device, queue, features, limits, pipelines: Mutex::new(HashMap::new()), allocated: Default::default() })
     }
 
     pub fn has_f16(&self) -> bool {
@@ -205,7 +208,18 @@ impl GpuContext {
         p
     }
 
+    /// Bytes of GPU buffers created so far through this context (transient readback staging
+    /// buffers excluded: they live only during a read).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count(&self, size: u64) {
+        self.allocated.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn buffer_with(&self, label: &str, data: &[u8], size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.count(size);
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: usage | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
         // Queue writes need a multiple of 4 bytes; they land before the next submission.
         let whole = data.len() / 4 * 4;
@@ -226,9 +240,11 @@ impl GpuContext {
 
     /// A zeroed storage buffer of `size` bytes.
     pub fn zeros(&self, label: &str, size: u64) -> wgpu::Buffer {
+        let size = size.max(4).div_ceil(4) * 4;
+        self.count(size);
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
-            size: size.max(4).div_ceil(4) * 4,
+            size,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         })

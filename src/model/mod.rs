@@ -201,6 +201,9 @@ pub struct Layer {
     pub ffn_gate: Matrix,
     pub ffn_up: Matrix,
     pub ffn_down: Matrix,
+    /// PowerInfer's transposed down projection (`blk.N.ffn_down_t`, row i = neuron i's
+    /// column), when the file carries one.
+    pub ffn_down_t: Option<Matrix>,
 }
 
 /// A loaded model: hyper-parameters and weights (mapped from the file where the type is
@@ -244,6 +247,13 @@ impl Model {
             let bias = |store: &mut TensorStore, s: &str, len: u64| -> Result<Option<Vec<f32>>> {
                 if spec.qkv_bias { store.vector(&n(s), len).map(Some) } else { Ok(None) }
             };
+            // PowerInfer files store the down projection transposed; either form is enough.
+            let down_t_name = [n("ffn_down_t.weight"), n("ffn_down_t")].into_iter().find(|t| store.has(t));
+            let ffn_down_t = down_t_name.as_deref().map(|t| store.matrix(t, &[e, ff])).transpose()?;
+            let ffn_down = match (&ffn_down_t, store.has(&n("ffn_down.weight"))) {
+                (Some(t), false) => t.transposed(t.transpose_type()).map_err(|m| ModelError::Other(format!("{}: {m}", t.name)))?,
+                _ => store.matrix(&n("ffn_down.weight"), &[ff, e])?,
+            };
             layers.push(Layer {
                 attn_norm: store.vector(&n("attn_norm.weight"), e)?,
                 wq: store.matrix(&n("attn_q.weight"), &[e, q])?,
@@ -256,7 +266,8 @@ impl Model {
                 ffn_norm: store.vector(&n("ffn_norm.weight"), e)?,
                 ffn_gate: store.matrix(&n("ffn_gate.weight"), &[e, ff])?,
                 ffn_up: store.matrix(&n("ffn_up.weight"), &[e, ff])?,
-                ffn_down: store.matrix(&n("ffn_down.weight"), &[ff, e])?,
+                ffn_down,
+                ffn_down_t,
             });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })

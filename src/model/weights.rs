@@ -65,6 +65,40 @@ impl Matrix {
         Matrix { name: name.into(), ty, rows, cols, data: Data::Owned { words: Arc::new(words), len: bytes.len() } }
     }
 
+    /// The type a transposed copy is stored in: the source's own float type; Q8_0 for
+    /// quantised sources (re-quantising along the other axis at 8 bits adds far less error
+    /// than the source's own 4- or 8-bit rounding), F16 when the new rows are not whole blocks.
+    pub fn transpose_type(&self) -> GgmlType {
+        match self.ty {
+            GgmlType::F32 => GgmlType::F32,
+            GgmlType::F16 => GgmlType::F16,
+            _ if self.rows % 32 == 0 => GgmlType::Q8_0,
+            _ => GgmlType::F16,
+        }
+    }
+
+    /// This matrix transposed (`cols` rows of `rows` values), stored as `ty` (F32, F16 or
+    /// Q8_0): how `ffn_down` becomes PowerInfer's `ffn_down_t`, whose row i is neuron i's
+    /// output column. Rows are dequantised, transposed in cache-sized tiles, re-encoded.
+    pub fn transposed(&self, ty: GgmlType) -> std::result::Result<Matrix, String> {
+        use rayon::prelude::*;
+        let (rows, cols) = (self.rows, self.cols);
+        if ty == GgmlType::Q8_0 && rows % 32 != 0 {
+            return Err(format!("Q8_0 rows need a multiple of 32 values, and {rows} is not"));
+        }
+        let dense: Vec<Vec<f32>> = (0..rows).into_par_iter().map(|r| self.row_f32(r)).collect();
+        // Output row c holds column c of the source.
+        let out_rows: Vec<Vec<f32>> = (0..cols).into_par_iter().map(|c| dense.iter().map(|row| row[c]).collect()).collect();
+        let name = format!("{}_t", self.name);
+        let bytes: Vec<u8> = match ty {
+            GgmlType::F32 => out_rows.iter().flat_map(|r| bytemuck::cast_slice::<f32, u8>(r).to_vec()).collect(),
+            GgmlType::F16 => out_rows.iter().flat_map(|r| r.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes())).collect(),
+            GgmlType::Q8_0 => out_rows.par_iter().flat_map_iter(|r| bytemuck::cast_slice::<_, u8>(&crate::quant::quantize_q8_0(r)).to_vec()).collect(),
+            other => return Err(format!("cannot store a transposed matrix as {other} (F32, F16 or Q8_0)")),
+        };
+        Ok(Matrix::from_raw(&name, cols, rows, ty, &bytes))
+    }
+
     /// Row `r` dequantised to f32.
     pub fn row_f32(&self, r: usize) -> Vec<f32> {
         let rb = self.row_bytes();

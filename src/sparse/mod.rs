@@ -5,6 +5,9 @@
 //! column i of down (row i of the transposed `down_t`). With ReLU most neurons are exactly zero
 //! per token, so their up row and down column need not be read at all.
 
+pub mod placement;
+pub mod threshold;
+
 /// Sees every FFN block the CPU forward pass runs, one token at a time: the profiler counts
 /// firing neurons through it and collects predictor training samples.
 pub trait FfnObserver: Send {

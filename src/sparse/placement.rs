@@ -1,0 +1,192 @@
+//! Where each part of a model lives under a VRAM budget.
+//!
+//! The budget is spent in a fixed order: the parts every token needs whatever it activates
+//! (attention, norms, embeddings/output, the KV cache, scratch buffers, predictors), then FFN
+//! neurons by how often they fire, across all layers at once. With every neuron costing the
+//! same within a layer, picking the most-firing neurons that fit is PowerInfer's knapsack;
+//! ember takes them greedily by firing count per byte, which is exact when the per-neuron cost
+//! is the same in every layer (the usual case) and within one neuron of optimal otherwise.
+
+use std::fmt;
+
+/// A part of the model that must be on the GPU before any FFN neuron is placed.
+#[derive(Clone, Debug)]
+pub struct FixedPart {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// What the placement needs to know about a model and a GPU session.
+#[derive(Clone, Debug)]
+pub struct PlacementInput {
+    /// Parts placed first, in order.
+    pub fixed: Vec<FixedPart>,
+    /// Per layer: GPU bytes one FFN neuron takes there (its gate row, up row, down row in the
+    /// GPU layout, plus its share of index and scratch buffers).
+    pub neuron_bytes: Vec<u64>,
+    /// Per layer, per neuron: how often it fired in the profile.
+    pub counts: Vec<Vec<u32>>,
+}
+
+/// The result: which neurons of each layer are hot (on the GPU), and the bytes spent.
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub budget: u64,
+    pub fixed: Vec<FixedPart>,
+    /// Per layer, ascending ids of the neurons placed on the GPU.
+    pub hot: Vec<Vec<u32>>,
+    pub neuron_bytes: Vec<u64>,
+    /// Share of all profiled firings that hot neurons account for, per layer and overall.
+    pub covered_per_layer: Vec<f64>,
+    pub covered: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("a VRAM budget of {budget} cannot hold what every token needs on the GPU ({need}: {parts}); raise --vram-budget or run on the CPU")]
+    TooSmall { budget: Bytes, need: Bytes, parts: String },
+    #[error("the activation profile has {got} layers of {widths}, the model {want} layers of {n_ff} neurons; profile this model again (`ember profile`)")]
+    ProfileMismatch { got: usize, widths: String, want: usize, n_ff: usize },
+}
+
+/// A byte count printed in the unit that reads best.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Bytes(pub u64);
+
+impl fmt::Display for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0 as f64;
+        if b >= (1u64 << 30) as f64 {
+            write!(f, "{:.2} GiB", b / (1u64 << 30) as f64)
+        } else if b >= (1u64 << 20) as f64 {
+            write!(f, "{:.1} MiB", b / (1u64 << 20) as f64)
+        } else if b >= 1024.0 {
+            write!(f, "{:.1} KiB", b / 1024.0)
+        } else {
+            write!(f, "{} B", self.0)
+        }
+    }
+}
+
+impl Placement {
+    /// Bytes placed: fixed parts and hot neurons.
+    pub fn used(&self) -> u64 {
+        self.fixed_bytes() + self.hot_bytes()
+    }
+
+    pub fn fixed_bytes(&self) -> u64 {
+        self.fixed.iter().map(|p| p.bytes).sum()
+    }
+
+    pub fn hot_bytes(&self) -> u64 {
+        self.hot.iter().zip(&self.neuron_bytes).map(|(h, &b)| h.len() as u64 * b).sum()
+    }
+
+    pub fn n_hot(&self) -> usize {
+        self.hot.iter().map(Vec::len).sum()
+    }
+
+    /// Every neuron of every layer is on the GPU: no CPU work, no per-layer synchronisation.
+    pub fn all_hot(&self, n_ff: usize) -> bool {
+        self.hot.iter().all(|h| h.len() == n_ff)
+    }
+}
+
+/// Places `input` under `budget` bytes.
+pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placement, PlacementError> {
+    let n_layer = input.neuron_bytes.len();
+    if input.counts.len() != n_layer || input.counts.iter().any(|c| c.len() != n_ff) {
+        let widths: Vec<usize> = input.counts.iter().map(Vec::len).collect();
+        let mut w = widths.clone();
+        w.dedup();
+        return Err(PlacementError::ProfileMismatch { got: input.counts.len(), widths: format!("{w:?} neurons"), want: n_layer, n_ff });
+    }
+    let fixed_bytes: u64 = input.fixed.iter().map(|p| p.bytes).sum();
+    if fixed_bytes > budget {
+        let parts = input.fixed.iter().map(|p| format!("{} {}", p.name, Bytes(p.bytes))).collect::<Vec<_>>().join(", ");
+        return Err(PlacementError::TooSmall { budget: Bytes(budget), need: Bytes(fixed_bytes), parts });
+    }
+    let mut left = budget - fixed_bytes;
+
+    // Every neuron, most firings per byte first; ties by (layer, index) so the plan is the
+    // same on every run and machine.
+    let mut order: Vec<(u32, u32)> = (0..n_layer).flat_map(|l| (0..n_ff as u32).map(move |i| (l as u32, i))).collect();
+    let value = |&(l, i): &(u32, u32)| input.counts[l as usize][i as usize] as u128;
+    let cost = |&(l, _): &(u32, u32)| input.neuron_bytes[l as usize].max(1) as u128;
+    order.sort_by(|a, b| (value(b) * cost(a)).cmp(&(value(a) * cost(b))).then(a.cmp(b)));
+    let mut hot = vec![Vec::new(); n_layer];
+    for n in &order {
+        let c = input.neuron_bytes[n.0 as usize];
+        if c <= left {
+            left -= c;
+            hot[n.0 as usize].push(n.1);
+        }
+    }
+    for h in &mut hot {
+        h.sort_unstable();
+    }
+
+    let covered_per_layer: Vec<f64> = hot
+        .iter()
+        .zip(&input.counts)
+        .map(|(h, c)| {
+            let total: u64 = c.iter().map(|&v| v as u64).sum();
+            let on: u64 = h.iter().map(|&i| c[i as usize] as u64).sum();
+            if total == 0 { if h.len() == n_ff { 1.0 } else { 0.0 } } else { on as f64 / total as f64 }
+        })
+        .collect();
+    let total: u64 = input.counts.iter().flatten().map(|&v| v as u64).sum();
+    let on: u64 = hot.iter().zip(&input.counts).map(|(h, c)| h.iter().map(|&i| c[i as usize] as u64).sum::<u64>()).sum();
+    let covered = if total == 0 { 0.0 } else { on as f64 / total as f64 };
+    Ok(Placement { budget, fixed: input.fixed.clone(), hot, neuron_bytes: input.neuron_bytes.clone(), covered_per_layer, covered })
+}
+
+/// Parses a budget in GiB ("4", "0.05", "1.5GiB", "512MiB").
+pub fn parse_budget(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    let (num, scale) = if let Some(n) = lower.strip_suffix("gib").or_else(|| lower.strip_suffix("g")) {
+        (n, (1u64 << 30) as f64)
+    } else if let Some(n) = lower.strip_suffix("mib").or_else(|| lower.strip_suffix("m")) {
+        (n, (1u64 << 20) as f64)
+    } else {
+        (lower.as_str(), (1u64 << 30) as f64)
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("--vram-budget {t:?}: expected GiB as a number, e.g. 4 or 0.05 (or 512MiB)"))?;
+    if !(v.is_finite() && v > 0.0 && v * scale < (1u64 << 50) as f64) {
+        return Err(format!("--vram-budget {t:?}: must be a positive size below 1 PiB"));
+    }
+    Ok((v * scale) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_top_k_across_layers() {
+        let input = PlacementInput {
+            fixed: vec![FixedPart { name: "attention".into(), bytes: 100 }],
+            neuron_bytes: vec![10, 10],
+            counts: vec![vec![5, 1, 9, 0], vec![7, 7, 2, 8]],
+        };
+        // 100 fixed + 4 neurons of 10 bytes.
+        let p = place(&input, 145, 4).unwrap();
+        assert_eq!(p.hot, vec![vec![2], vec![0, 1, 3]]);
+        assert_eq!(p.used(), 140);
+        let total = 5 + 1 + 9 + 7 + 7 + 2 + 8;
+        assert!((p.covered - (9 + 7 + 7 + 8) as f64 / total as f64).abs() < 1e-12);
+        assert!(matches!(place(&input, 99, 4), Err(PlacementError::TooSmall { .. })));
+        assert!(matches!(place(&input, 100, 5), Err(PlacementError::ProfileMismatch { .. })));
+    }
+
+    #[test]
+    fn budgets_parse() {
+        assert_eq!(parse_budget("1").unwrap(), 1 << 30);
+        assert_eq!(parse_budget("0.5").unwrap(), 1 << 29);
+        assert_eq!(parse_budget("512MiB").unwrap(), 512 << 20);
+        assert!(parse_budget("-1").is_err());
+        assert!(parse_budget("lots").is_err());
+        assert!(parse_budget("nan").is_err());
+    }
+}
