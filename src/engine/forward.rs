@@ -94,23 +94,36 @@ impl Session {
     }
 
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        check_batch(&self.model.hp, self.n_past, self.kv.n_ctx, tokens)?;
+        let x: Vec<f32> = tokens.iter().flat_map(|&t| self.model.token_embd.row_f32(t as usize)).collect();
+        self.run_layers(x, 0, want)
+    }
+
+    /// Runs layers `first..` on the hidden states `x` (`n_tokens` rows of `n_embd`) at the next
+    /// positions, then the output: how a dense layer offload hands the CPU the layers the GPU
+    /// does not hold. The caller has checked the batch.
+    pub fn run_layers(&mut self, mut x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
         let m = self.model.clone();
         let hp = &m.hp;
-        let n = tokens.len();
-        check_batch(hp, self.n_past, self.kv.n_ctx, tokens)?;
         let (e, qd, kvd, ff) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_ff);
+        let n = x.len() / e;
+        if n == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if self.n_past + n > self.kv.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
+        }
         let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
         let pos0 = self.n_past;
         let angles: Vec<_> = (0..n).map(|t| self.rope.angles(pos0 + t)).collect();
 
-        let mut x: Vec<f32> = tokens.iter().flat_map(|&t| m.token_embd.row_f32(t as usize)).collect();
         let mut xn = vec![0.0; n * e];
         let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
         let mut attn = vec![0.0; n * qd];
         let mut proj = vec![0.0; n * e];
         let (mut gate, mut up) = (vec![0.0; n * ff], vec![0.0; n * ff]);
 
-        for (il, layer) in m.layers.iter().enumerate() {
+        for (il, layer) in m.layers.iter().enumerate().skip(first) {
             // Attention block.
             ops::rms_norm(&x, &layer.attn_norm, hp.rms_eps, &mut xn);
             let acts = Activations::new(&xn, n).with_precision(self.precision);

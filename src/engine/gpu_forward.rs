@@ -15,8 +15,9 @@ pub type Profile = (Vec<(&'static str, f64)>, f64);
 /// A model's weights on the GPU.
 pub struct GpuWeights {
     pub token_embd: Arc<GpuMatrix>,
-    pub output: Arc<GpuMatrix>,
-    pub output_norm: wgpu::Buffer,
+    /// The output norm and projection; None when a dense layer offload leaves them to the CPU.
+    pub head: Option<(wgpu::Buffer, Arc<GpuMatrix>)>,
+    /// The first `layers.len()` layers of the model (all of them unless offloading).
     pub layers: Vec<GpuLayerWeights>,
     /// Bytes of GPU memory the weights take.
     pub bytes: u64,
@@ -51,21 +52,35 @@ impl GpuWeights {
             "matmul gate" => per_layer(|l| &l.gate),
             "matmul up" => per_layer(|l| &l.up),
             "matmul down" => per_layer(|l| &l.down),
-            "matmul output" => self.output.gpu_bytes(),
+            "matmul output" => self.head.as_ref().map_or(0, |h| h.1.gpu_bytes()),
             _ => 0,
         }
     }
 
     /// Uploads every weight, with a progress bar on stderr.
     pub fn upload(ctx: &GpuContext, model: &Model, progress: bool) -> Result<GpuWeights, GpuError> {
-        let bar = if progress { indicatif::ProgressBar::new(model.layers.len() as u64 + 1) } else { indicatif::ProgressBar::hidden() };
+        Self::upload_layers(ctx, model, model.layers.len(), progress)
+    }
+
+    /// Uploads the embedding and the first `n_layers` layers, and the output head when that
+    /// is every layer: llama.cpp's `-ngl` dense offload.
+    pub fn upload_layers(ctx: &GpuContext, model: &Model, n_layers: usize, progress: bool) -> Result<GpuWeights, GpuError> {
+        let n_layers = n_layers.min(model.layers.len());
+        let with_head = n_layers == model.layers.len();
+        let bar = if progress { indicatif::ProgressBar::new(n_layers as u64 + 1) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading weights {bar:30} {pos}/{len} layers").unwrap());
         let token_embd = Arc::new(GpuMatrix::upload(ctx, &model.token_embd)?);
-        let output = if model.tied_embeddings { token_embd.clone() } else { Arc::new(GpuMatrix::upload(ctx, &model.output)?) };
-        let mut bytes = token_embd.gpu_bytes() + if model.tied_embeddings { 0 } else { output.gpu_bytes() } + 4 * model.output_norm.len() as u64;
+        let mut bytes = token_embd.gpu_bytes();
+        let head = if with_head {
+            let output = if model.tied_embeddings { token_embd.clone() } else { Arc::new(GpuMatrix::upload(ctx, &model.output)?) };
+            bytes += if model.tied_embeddings { 0 } else { output.gpu_bytes() } + 4 * model.output_norm.len() as u64;
+            Some((f32_buffer(ctx, "output_norm", &model.output_norm), output))
+        } else {
+            None
+        };
         bar.inc(1);
-        let mut layers = Vec::with_capacity(model.layers.len());
-        for (i, l) in model.layers.iter().enumerate() {
+        let mut layers = Vec::with_capacity(n_layers);
+        for (i, l) in model.layers.iter().enumerate().take(n_layers) {
             let biases = match (&l.bq, &l.bk, &l.bv) {
                 (Some(q), Some(k), Some(v)) => Some([f32_buffer(ctx, "bq", q), f32_buffer(ctx, "bk", k), f32_buffer(ctx, "bv", v)]),
                 _ => None,
@@ -88,7 +103,7 @@ impl GpuWeights {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        Ok(GpuWeights { token_embd, output, output_norm: f32_buffer(ctx, "output_norm", &model.output_norm), layers, bytes })
+        Ok(GpuWeights { token_embd, head, layers, bytes })
     }
 }
 
@@ -170,6 +185,15 @@ struct Scratch {
     step_last: wgpu::Buffer,
 }
 
+/// The output head: final norm and logits of the last row (and argmax), or of every row.
+struct HeadOps {
+    final_norm_last: RmsNormOp,
+    output_last: MatmulOp,
+    final_norm_all: RmsNormOp,
+    output_all: MatmulOp,
+    argmax: ArgmaxOp,
+}
+
 /// A model on the GPU plus one sequence's state.
 pub struct GpuSession {
     pub model: Arc<Model>,
@@ -179,11 +203,8 @@ pub struct GpuSession {
     s: Scratch,
     embed: crate::gpu::matrix::GetRowsOp,
     layers: Vec<LayerOps>,
-    final_norm_last: RmsNormOp,
-    output_last: MatmulOp,
-    final_norm_all: RmsNormOp,
-    output_all: MatmulOp,
-    argmax: ArgmaxOp,
+    /// Final norm, logits and argmax; None when the CPU computes them (dense layer offload).
+    head: Option<HeadOps>,
     n_ctx: usize,
     /// Most tokens one forward call takes (larger batches are split).
     max_tokens: usize,
@@ -192,10 +213,19 @@ pub struct GpuSession {
 
 impl GpuSession {
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize) -> Result<GpuSession, GpuError> {
+        Self::with_batch(model, ctx, weights, n_ctx, 512)
+    }
+
+    /// A session whose forward calls take at most `max_batch` tokens at once (longer inputs
+    /// are split): the activation buffers, the all-logits one above all, scale with it.
+    pub fn with_batch(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize) -> Result<GpuSession, GpuError> {
         let hp = &model.hp;
-        let (e, qd, kvd, ff, nv) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64, hp.n_vocab as u64);
+        let (e, qd, kvd, ff) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64);
+        let with_head = weights.head.is_some();
+        // Without the head there are no logits to hold.
+        let nv = if with_head { hp.n_vocab as u64 } else { 1 };
         // The all-logits buffer bounds the batch: it must fit in one binding.
-        let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, 512) as usize;
+        let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, max_batch.max(1) as u64) as usize;
         let mt = max_tokens as u64;
         let f = |label: &str, n: u64| ctx.zeros(label, 4 * n);
         let s = Scratch {
@@ -217,7 +247,7 @@ impl GpuSession {
             step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
             step_last: ctx.uniform("step_last", bytemuck::bytes_of(&Step::default())),
         };
-        let kv = GpuKvCache::new(&ctx, hp.n_layer, n_ctx, hp.kv_dim())?;
+        let kv = GpuKvCache::new(&ctx, weights.layers.len(), n_ctx, hp.kv_dim())?;
         let rope = RopeShape {
             n_head: hp.n_head as u32,
             n_head_kv: hp.n_head_kv as u32,
@@ -252,12 +282,14 @@ impl GpuSession {
             });
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
-        let final_norm_last = RmsNormOp::new(&ctx, &s.x_last, &weights.output_norm, &s.xn_last, e as u32, hp.rms_eps, &s.step_last);
-        let output_last = weights.output.bind_matmul(&ctx, &s.xn_last, &s.logits_last, &s.step_last);
-        let final_norm_all = RmsNormOp::new(&ctx, &s.x, &weights.output_norm, &s.xn, e as u32, hp.rms_eps, &s.step);
-        let output_all = weights.output.bind_matmul(&ctx, &s.xn, &s.logits_all, &s.step);
-        let argmax = ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last);
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, final_norm_last, output_last, final_norm_all, output_all, argmax, n_ctx, max_tokens, n_past: 0 })
+        let head = weights.head.as_ref().map(|(output_norm, output)| HeadOps {
+            final_norm_last: RmsNormOp::new(&ctx, &s.x_last, output_norm, &s.xn_last, e as u32, hp.rms_eps, &s.step_last),
+            output_last: output.bind_matmul(&ctx, &s.xn_last, &s.logits_last, &s.step_last),
+            final_norm_all: RmsNormOp::new(&ctx, &s.x, output_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
+            output_all: output.bind_matmul(&ctx, &s.xn, &s.logits_all, &s.step),
+            argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
+        });
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0 })
     }
 
     /// GPU bytes of the KV cache and scratch buffers (weights not included).
@@ -283,7 +315,7 @@ impl GpuSession {
                 op.record(&mut pass, n);
             }
         }
-        if want == Logits::Last {
+        if want == Logits::Last && self.head.is_some() {
             self.copy_last_row(&mut enc, n);
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("output"), timestamp_writes: None });
             for (_, op) in self.output_sequence() {
@@ -301,16 +333,19 @@ impl GpuSession {
         for l in &self.layers {
             v.extend(l.sequence());
         }
-        if want == Logits::All {
-            v.push(("output_norm", &self.final_norm_all));
-            v.push(("matmul output", &self.output_all));
+        if let (Logits::All, Some(h)) = (want, &self.head) {
+            v.push(("output_norm", &h.final_norm_all));
+            v.push(("matmul output", &h.output_all));
         }
         v
     }
 
     /// After `copy_last_row`: the last token's final norm, logits and argmax.
     fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        vec![("output_norm", &self.final_norm_last), ("matmul output", &self.output_last), ("argmax", &self.argmax)]
+        match &self.head {
+            Some(h) => vec![("output_norm", &h.final_norm_last), ("matmul output", &h.output_last), ("argmax", &h.argmax)],
+            None => Vec::new(),
+        }
     }
 
     fn copy_last_row(&self, enc: &mut wgpu::CommandEncoder, n: u32) {
@@ -349,6 +384,24 @@ impl GpuSession {
         let wall = start.elapsed().as_secs_f64() * 1e9;
         self.n_past -= 1;
         Ok(Some((names.into_iter().zip(times).collect(), wall)))
+    }
+
+    /// Runs `tokens` through the layers this session holds and reads back their hidden states
+    /// (`tokens.len()` rows of n_embd): the GPU half of a dense layer offload.
+    pub fn forward_hidden(&mut self, tokens: &[u32]) -> Result<Vec<f32>, ForwardError> {
+        self.check(tokens)?;
+        let e = self.model.hp.n_embd;
+        let mut out = Vec::with_capacity(tokens.len() * e);
+        for chunk in tokens.chunks(self.max_tokens) {
+            self.run_batch(chunk, Logits::All)?;
+            out.extend(self.ctx.read::<f32>(&self.s.x, chunk.len() * e).map_err(ForwardError::Gpu)?);
+        }
+        Ok(out)
+    }
+
+    /// Most tokens one batch takes.
+    pub fn max_tokens(&self) -> usize {
+        self.max_tokens
     }
 
     fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
