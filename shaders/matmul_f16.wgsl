@@ -6,6 +6,8 @@
 // Elements per unit; every type has 8, as two vec4 of activations.
 const UNIT: u32 = 8u;
 alias XUnit = array<vec4<f32>, 2>;
+// One word order only (the other types' PERM).
+const PERM: u32 = 0u;
 
 // Offsets (in vec4, from the row's start) of unit u's two activation vec4.
 fn x_chunks(u: u32) -> vec2<u32> {

@@ -4,7 +4,7 @@
 use super::Result;
 use crate::engine::GpuSession;
 use crate::gguf::GgmlType;
-use crate::gpu::matrix::GpuMatrix;
+use crate::gpu::matrix::{DecodeKernel, GpuMatrix, MatmulOp, MvConfig};
 use crate::gpu::timer::PassTimer;
 use crate::gpu::{GpuContext, Step};
 use crate::model::Matrix;
@@ -48,50 +48,192 @@ pub struct KernelRow {
     pub rows: usize,
     pub cols: usize,
     pub bytes: u64,
+    /// Median GPU time per dispatch, dispatches back to back in one pass with a barrier
+    /// between each (as in a forward pass).
     pub median_us: f64,
     pub gbps: f64,
+    /// Median GPU time of one dispatch alone in its own timestamped pass (launch and pass
+    /// overhead included).
+    pub alone_us: f64,
+}
+
+/// Matrices of one type and shape, enough of them to exceed the L2 cache several times, with
+/// one x and one y shared by all (so that back-to-back dispatches are ordered by barriers).
+struct BenchSet {
+    mats: Vec<GpuMatrix>,
+    x: wgpu::Buffer,
+    y: wgpu::Buffer,
+    step: wgpu::Buffer,
+}
+
+impl BenchSet {
+    fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize) -> Result<BenchSet> {
+        let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
+        let count = (400_000_000 / bytes).clamp(2, 16) as usize;
+        let mut mats = Vec::new();
+        for i in 0..count {
+            let mut raw = vec![0u8; bytes as usize];
+            super::synth::fill(&mut raw, ty, cols as u64, 1 + i as u64);
+            mats.push(GpuMatrix::upload(ctx, &Matrix::from_raw("bench", rows, cols, ty, &raw))?);
+        }
+        // Activations of varied sign and size (not zeros: a kernel must not time on zeros).
+        let xv: Vec<f32> = (0..cols).map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect();
+        let x = ctx.upload("x", bytemuck::cast_slice(&xv));
+        let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: 1, pos0: 0, n_kv: 1, _pad: 0 }));
+        let y = ctx.zeros("y", 4 * rows as u64);
+        let set = BenchSet { mats, x, y, step };
+        set.warm(ctx, &set.bind(ctx, None), 300)?;
+        Ok(set)
+    }
+
+    fn bind(&self, ctx: &GpuContext, cfg: Option<(MvConfig, DecodeKernel)>) -> Vec<MatmulOp> {
+        self.mats
+            .iter()
+            .map(|m| match cfg {
+                None => m.bind_matmul(ctx, &self.x, &self.y, &self.step),
+                Some((c, k)) => m.bind_matmul_variant(ctx, &self.x, &self.y, &self.step, &[c], k),
+            })
+            .collect()
+    }
+
+    /// Runs `ops` for at least `ms` milliseconds: a GPU left idle while the host prepares
+    /// matrices lowers its clocks, and timing a few milliseconds of work right after that
+    /// measured 3-4x too slow (the first H200 run of this table).
+    fn warm(&self, ctx: &GpuContext, ops: &[MatmulOp], ms: u64) -> Result<()> {
+        let t = std::time::Instant::now();
+        while t.elapsed().as_millis() < ms as u128 {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("warm-up"), timestamp_writes: None });
+                for i in 0..256 {
+                    ops[i % ops.len()].encode(&mut pass, 1);
+                }
+            }
+            ctx.submit_and_wait(enc)?;
+        }
+        Ok(())
+    }
+
+    /// (back to back, alone) median µs per dispatch of `ops`, rotating over the matrices.
+    fn time(&self, ctx: &GpuContext, ops: &[MatmulOp]) -> Result<(f64, f64)> {
+        self.warm(ctx, ops, 30)?;
+        let n = ops.len();
+        let per_pass = (4 * n).max(32);
+        let passes = 8;
+        let alone_n = 64;
+        let Some(mut timer) = PassTimer::new(ctx, alone_n as u32) else {
+            return Err("the adapter has no timestamp queries".into());
+        };
+        let mut row = Vec::new();
+        let mut alone = Vec::new();
+        // Warm-up, then the timed submission.
+        for round in 0..2 {
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            for p in 0..passes {
+                let mut pass = timer.pass(&mut enc, "matvec row");
+                for i in 0..per_pass {
+                    ops[(p + i) % n].encode(&mut pass, 1);
+                }
+            }
+            row = timer.finish(ctx, enc)?.into_iter().map(|t| t / per_pass as f64).collect();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            for i in 0..alone_n {
+                ops[i % n].encode(&mut timer.pass(&mut enc, "matvec"), 1);
+            }
+            alone = timer.finish(ctx, enc)?;
+            let _ = round;
+        }
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2] / 1e3
+        };
+        Ok((median(row), median(alone)))
+    }
 }
 
 /// Times the decode matvec for the shapes of the acceptance criteria, rotating over enough
-/// matrices that together exceed the L2 cache several times, each dispatch in its own
-/// timestamped pass; bandwidth = weight bytes / median time.
+/// matrices that together exceed the L2 cache several times: back to back in one timestamped
+/// pass (a barrier between dispatches, as in a forward pass) and each dispatch alone in its own
+/// pass; bandwidth = weight bytes / back-to-back time. With `EMBER_MV_SWEEP` set it first
+/// prints every decode variant's time per type and shape (plus 4096x4096) and the best
+/// variant per type, weighted as in a llama-7B layer, as an `EMBER_MV_DEC=` line.
 pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
+    if std::env::var_os("EMBER_MV_SWEEP").is_some() {
+        sweep(ctx)?;
+    }
     let mut rows_out = Vec::new();
     for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
         for (rows, cols) in [(11008usize, 4096usize), (4096, 11008)] {
-            let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
-            let count = (400_000_000 / bytes).clamp(2, 16) as usize;
-            let mut mats = Vec::new();
-            for i in 0..count {
-                let mut raw = vec![0u8; bytes as usize];
-                super::synth::fill(&mut raw, ty, cols as u64, 1 + i as u64);
-                mats.push(GpuMatrix::upload(ctx, &Matrix::from_raw("bench", rows, cols, ty, &raw))?);
-            }
-            let x = ctx.upload("x", bytemuck::cast_slice(&vec![0.01f32; cols]));
-            let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: 1, pos0: 0, n_kv: 1, _pad: 0 }));
-            let ys: Vec<_> = (0..count).map(|_| ctx.zeros("y", 4 * rows as u64)).collect();
-            let ops: Vec<_> = mats.iter().zip(&ys).map(|(m, y)| m.bind_matmul(ctx, &x, y, &step)).collect();
-            let reps = 64;
-            let Some(mut timer) = PassTimer::new(ctx, reps as u32) else {
-                return Err("the adapter has no timestamp queries".into());
-            };
-            // Warm-up, then the timed submission.
-            for round in 0..2 {
-                let mut enc = ctx.device.create_command_encoder(&Default::default());
-                for r in 0..reps {
-                    ops[r % count].encode(&mut timer.pass(&mut enc, "matvec"), 1);
-                }
-                let mut t = timer.finish(ctx, enc)?;
-                if round == 1 {
-                    t.sort_by(f64::total_cmp);
-                    let median_ns = t[t.len() / 2];
-                    let gpu_bytes = mats[0].gpu_bytes();
-                    rows_out.push(KernelRow { ty, rows, cols, bytes: gpu_bytes, median_us: median_ns / 1e3, gbps: gpu_bytes as f64 / median_ns });
+            let set = BenchSet::new(ctx, ty, rows, cols)?;
+            let (row_us, alone_us) = set.time(ctx, &set.bind(ctx, None))?;
+            let gpu_bytes = set.mats[0].gpu_bytes();
+            rows_out.push(KernelRow { ty, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, alone_us });
+        }
+    }
+    println!("\nthe same, each dispatch alone in its own timestamped pass:\n");
+    println!("| kernel | shape | median µs alone | GB/s |");
+    println!("| --- | --- | ---: | ---: |");
+    for r in &rows_out {
+        println!("| matvec {} | {} x {} | {:.1} | {:.0} |", r.ty, r.rows, r.cols, r.alone_us, r.bytes as f64 / r.alone_us / 1e3);
+    }
+    Ok(rows_out)
+}
+
+/// The decode variants of `EMBER_MV_SWEEP` (a list `wg:nr:ub,...`, or any other value for the
+/// whole grid), each timed back to back on every type and shape.
+fn sweep(ctx: &GpuContext) -> Result<()> {
+    let spec = std::env::var("EMBER_MV_SWEEP").unwrap_or_default();
+    let mut variants: Vec<(u32, u32, u32)> = spec
+        .split(',')
+        .filter_map(|v| {
+            let n: Vec<u32> = v.split(':').map(|t| t.trim().parse().ok()).collect::<Option<_>>()?;
+            (n.len() == 3).then(|| (n[0], n[1], n[2]))
+        })
+        .collect();
+    if variants.is_empty() {
+        for wg in [32, 64, 128, 256] {
+            for nr in [1, 2, 4, 8] {
+                for ub in [1, 2, 4] {
+                    variants.push((wg, nr, ub));
                 }
             }
         }
     }
-    Ok(rows_out)
+    let sg = ctx.has_subgroups();
+    let mut best = Vec::new();
+    for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
+        // Weights of each shape in one llama-7B layer: q, k, v, o; gate, up; down.
+        let shapes = [((4096usize, 4096usize), 4.0), ((11008, 4096), 2.0), ((4096, 11008), 1.0)];
+        let mut score = vec![0.0f64; variants.len() + 1];
+        for &((rows, cols), weight) in &shapes {
+            let set = BenchSet::new(ctx, ty, rows, cols)?;
+            let bytes = set.mats[0].gpu_bytes() as f64;
+            let mut results = Vec::new();
+            for (i, &(wg, nr, ub)) in variants.iter().enumerate() {
+                if wg > ctx.limits.max_compute_invocations_per_workgroup {
+                    continue;
+                }
+                let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, subgroups: sg };
+                let (row, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, DecodeKernel::Blocks))))?;
+                score[i] += weight * row;
+                results.push((format!("blocks wg {wg} nr {nr} ub {ub}"), row, alone));
+            }
+            let cfg = MvConfig { nt: 1, wg: 128, nr: 2, unroll: 1, subgroups: sg };
+            let (row, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, DecodeKernel::Units))))?;
+            results.push(("units wg 128 nr 2 (old)".into(), row, alone));
+            results.sort_by(|a, b| a.1.total_cmp(&b.1));
+            println!("\nsweep {} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
+            for (name, row, alone) in &results {
+                println!("  {name:26} {row:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3);
+            }
+        }
+        let (i, _) = score[..variants.len()].iter().enumerate().filter(|(i, _)| variants[*i].0 <= ctx.limits.max_compute_invocations_per_workgroup).min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        let (wg, nr, ub) = variants[i];
+        println!("best {} over a 7B layer's shapes: wg {wg} nr {nr} ub {ub} ({:.1} µs per layer)", ty.name(), score[i]);
+        best.push(format!("{}={wg}:{nr}:{ub}", ty.name()));
+    }
+    println!("EMBER_MV_DEC={}", best.join(","));
+    Ok(())
 }
 
 /// Prints a per-kernel profile of one decode token at the session's current position.

@@ -6,8 +6,10 @@ mod gpu_bench;
 mod fetch;
 mod info;
 mod perplexity;
+mod profile;
 mod run;
 mod synth;
+mod train_predictor;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -45,6 +47,10 @@ pub enum Command {
     Devices,
     /// Write a model of real shape (llama-7B by default) with random weights, for speed tests
     Synth(synth::SynthArgs),
+    /// Count how often each FFN neuron fires over a text (ReLU sparsity); keep samples for predictors
+    Profile(profile::ProfileArgs),
+    /// Train per-layer activation predictors from `ember profile` samples
+    TrainPredictor(train_predictor::TrainPredictorArgs),
 }
 
 /// Where the computation runs.
@@ -77,6 +83,45 @@ pub struct ModelArgs {
     /// Arithmetic of quantised matrix products on the CPU
     #[arg(long, value_enum, default_value = "llama")]
     pub precision: PrecisionArg,
+    /// Which FFN neurons to compute per token
+    #[arg(long, value_enum, default_value = "dense")]
+    pub ffn: FfnArg,
+    /// Predictors for --ffn predict, made by `ember train-predictor` [default: MODEL.predictors.gguf
+    /// beside the model, else the model's own blk.N.fc1/fc2 (PowerInfer files)]
+    #[arg(long, value_name = "FILE")]
+    pub predictor: Option<PathBuf>,
+    /// --ffn threshold: the fraction of each layer's neurons to skip (calibrated per layer)
+    #[arg(long, default_value_t = 0.5, value_name = "FRACTION")]
+    pub ffn_sparsity: f64,
+    /// --ffn threshold: a text whose first 512 tokens calibrate the thresholds
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
+}
+
+/// `--ffn`: which neurons of each FFN block are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FfnArg {
+    /// Every neuron (the reference)
+    Dense,
+    /// The gate densely, then up and down only where relu(gate) > 0: dense results up to float
+    /// rounding, on ReLU models (ember.ffn_activation = relu, PowerInfer models)
+    Relu,
+    /// A trained per-layer predictor picks the neurons first (PowerInfer's way): fastest, approximate
+    Predict,
+    /// Skip neurons whose |act(gate)| is below per-layer thresholds calibrated to --ffn-sparsity
+    /// (for SiLU models; prints no guarantee: measure the cost with `ember perplexity`)
+    Threshold,
+}
+
+impl From<FfnArg> for crate::engine::FfnMode {
+    fn from(f: FfnArg) -> Self {
+        match f {
+            FfnArg::Dense => crate::engine::FfnMode::Dense,
+            FfnArg::Relu => crate::engine::FfnMode::Relu,
+            FfnArg::Predict => crate::engine::FfnMode::Predict,
+            FfnArg::Threshold => crate::engine::FfnMode::Threshold,
+        }
+    }
 }
 
 /// `--precision`: how activations meet quantised weights.
@@ -98,6 +143,11 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 }
 
 impl ModelArgs {
+    /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
+    pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None }
+    }
+
     /// The model path, fetching the default model when none was given and it is missing.
     pub fn resolve_model(&self) -> Result<PathBuf> {
         match &self.model {
@@ -142,6 +192,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Fetch(a) => fetch::fetch(a),
         Command::Devices => devices(),
         Command::Synth(a) => synth::synth(a),
+        Command::Profile(a) => profile::profile(a),
+        Command::TrainPredictor(a) => train_predictor::train_predictor(a),
     }
 }
 

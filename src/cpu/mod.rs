@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod sparse;
 
 pub use attention::{attention, KvCache};
 pub use matmul::{matmul, Activations, Precision};

@@ -6,6 +6,7 @@ use crate::cpu::ops::{self, Rope};
 use crate::cpu::{attention, matmul, Activations, KvCache, Precision};
 use crate::model::Model;
 use crate::sparse::FfnObserver;
+use super::ffn::{FfnScratch, SparseFfn};
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -81,8 +82,28 @@ pub struct Session {
     n_past: usize,
     /// How activations meet quantised weights (llama.cpp's 8-bit way by default).
     pub precision: Precision,
-    /// Sees each token's FFN input and gate (profiling); `None` costs nothing.
+    /// Sees each token's FFN input and gate (profiling, dense FFN only); `None` costs nothing.
     pub observer: Option<Box<dyn FfnObserver>>,
+    /// The neuron-aware FFN; `None` runs it densely.
+    ffn: Option<Arc<SparseFfn>>,
+    ffn_scratch: FfnScratch,
+    /// Neurons computed per layer so far (sparse modes), for the measured sparsity.
+    pub ffn_stats: FfnStats,
+}
+
+/// Neurons the sparse FFN computed: per layer, summed over tokens.
+#[derive(Clone, Debug, Default)]
+pub struct FfnStats {
+    pub active: Vec<u64>,
+    /// Tokens seen per layer (the last layer skips rows whose logits are not wanted).
+    pub tokens: Vec<u64>,
+}
+
+impl FfnStats {
+    /// Mean fraction of neurons computed per token, per layer.
+    pub fn density(&self, n_ff: usize) -> Vec<f64> {
+        self.active.iter().zip(&self.tokens).map(|(&a, &t)| a as f64 / (t.max(1) as f64 * n_ff as f64)).collect()
+    }
 }
 
 impl Session {
@@ -90,7 +111,14 @@ impl Session {
         let hp = &model.hp;
         let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None }
+        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default() }
+    }
+
+    /// Runs the FFN blocks through `ffn` (neuron-aware) instead of densely.
+    pub fn with_ffn(mut self, ffn: Arc<SparseFfn>) -> Self {
+        self.ffn_stats = FfnStats { active: vec![0; self.model.hp.n_layer], tokens: vec![0; self.model.hp.n_layer] };
+        self.ffn = Some(ffn);
+        self
     }
 
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
@@ -156,6 +184,17 @@ impl Session {
             // Feed-forward block.
             let xn = &mut xn[..rows * e];
             ops::rms_norm(&x, &layer.ffn_norm, hp.rms_eps, xn);
+            if let Some(sparse) = &self.ffn {
+                // Neuron-aware: one token at a time (each has its own active set).
+                for t in 0..rows {
+                    let (resid, xt) = (&x[t * e..(t + 1) * e], &xn[t * e..(t + 1) * e]);
+                    let done = sparse.token(&m, il, resid, xt, None, self.precision, &mut self.ffn_scratch, &mut proj[t * e..(t + 1) * e]);
+                    self.ffn_stats.active[il] += done as u64;
+                }
+                self.ffn_stats.tokens[il] += rows as u64;
+                ops::add_assign(&mut x, &proj[..rows * e]);
+                continue;
+            }
             let acts = Activations::new(xn, rows).with_precision(self.precision);
             matmul(&layer.ffn_gate, &acts, &mut gate[..rows * ff]);
             matmul(&layer.ffn_up, &acts, &mut up[..rows * ff]);

@@ -6,6 +6,7 @@ use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
+use super::hybrid::SparseLayerOps;
 use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
@@ -31,9 +32,8 @@ pub struct GpuLayerWeights {
     wo: GpuMatrix,
     biases: Option<[wgpu::Buffer; 3]>,
     ffn_norm: wgpu::Buffer,
-    gate: GpuMatrix,
-    up: GpuMatrix,
-    down: GpuMatrix,
+    /// gate, up, down; None when the FFN runs neuron-aware ([`super::hybrid`]).
+    dense_ffn: Option<[GpuMatrix; 3]>,
 }
 
 fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
@@ -43,15 +43,15 @@ fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
 impl GpuWeights {
     /// GPU bytes of the matrices a profile entry named `name` reads, summed over layers.
     pub fn matmul_bytes(&self, name: &str) -> u64 {
-        let per_layer = |f: fn(&GpuLayerWeights) -> &GpuMatrix| self.layers.iter().map(|l| f(l).gpu_bytes()).sum::<u64>();
+        let per_layer = |f: fn(&GpuLayerWeights) -> Option<&GpuMatrix>| self.layers.iter().filter_map(|l| f(l).map(|m| m.gpu_bytes())).sum::<u64>();
         match name {
-            "matmul q" => per_layer(|l| &l.wq),
-            "matmul k" => per_layer(|l| &l.wk),
-            "matmul v" => per_layer(|l| &l.wv),
-            "matmul o" => per_layer(|l| &l.wo),
-            "matmul gate" => per_layer(|l| &l.gate),
-            "matmul up" => per_layer(|l| &l.up),
-            "matmul down" => per_layer(|l| &l.down),
+            "matmul q" => per_layer(|l| Some(&l.wq)),
+            "matmul k" => per_layer(|l| Some(&l.wk)),
+            "matmul v" => per_layer(|l| Some(&l.wv)),
+            "matmul o" => per_layer(|l| Some(&l.wo)),
+            "matmul gate" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[0])),
+            "matmul up" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[1])),
+            "matmul down" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[2])),
             "matmul output" => self.head.as_ref().map_or(0, |h| h.1.gpu_bytes()),
             _ => 0,
         }
@@ -59,12 +59,13 @@ impl GpuWeights {
 
     /// Uploads every weight, with a progress bar on stderr.
     pub fn upload(ctx: &GpuContext, model: &Model, progress: bool) -> Result<GpuWeights, GpuError> {
-        Self::upload_layers(ctx, model, model.layers.len(), progress)
+        Self::upload_layers(ctx, model, model.layers.len(), true, progress)
     }
 
     /// Uploads the embedding and the first `n_layers` layers, and the output head when that
-    /// is every layer: llama.cpp's `-ngl` dense offload.
-    pub fn upload_layers(ctx: &GpuContext, model: &Model, n_layers: usize, progress: bool) -> Result<GpuWeights, GpuError> {
+    /// is every layer: llama.cpp's `-ngl` dense offload. Without `dense_ffn` the FFN matrices
+    /// stay on the host (a neuron-aware FFN uploads its hot rows itself).
+    pub fn upload_layers(ctx: &GpuContext, model: &Model, n_layers: usize, dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
         let n_layers = n_layers.min(model.layers.len());
         let with_head = n_layers == model.layers.len();
         let bar = if progress { indicatif::ProgressBar::new(n_layers as u64 + 1) } else { indicatif::ProgressBar::hidden() };
@@ -93,11 +94,13 @@ impl GpuWeights {
                 wo: GpuMatrix::upload(ctx, &l.wo)?,
                 biases,
                 ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
-                gate: GpuMatrix::upload(ctx, &l.ffn_gate)?,
-                up: GpuMatrix::upload(ctx, &l.ffn_up)?,
-                down: GpuMatrix::upload(ctx, &l.ffn_down)?,
+                dense_ffn: match dense_ffn {
+                    true => Some([GpuMatrix::upload(ctx, &l.ffn_gate)?, GpuMatrix::upload(ctx, &l.ffn_up)?, GpuMatrix::upload(ctx, &l.ffn_down)?]),
+                    false => None,
+                },
             };
-            bytes += [&lw.wq, &lw.wk, &lw.wv, &lw.wo, &lw.gate, &lw.up, &lw.down].iter().map(|m| m.gpu_bytes()).sum::<u64>();
+            bytes += [&lw.wq, &lw.wk, &lw.wv, &lw.wo].iter().map(|m| m.gpu_bytes()).sum::<u64>();
+            bytes += lw.dense_ffn.iter().flatten().map(|m| m.gpu_bytes()).sum::<u64>();
             bytes += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
             layers.push(lw);
             bar.inc(1);
@@ -108,7 +111,7 @@ impl GpuWeights {
 }
 
 /// Anything that records its dispatches into a compute pass.
-trait Op {
+pub(super) trait Op {
     fn record(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32);
 }
 
@@ -123,7 +126,7 @@ macro_rules! impl_op {
 }
 impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
 
-struct LayerOps {
+pub(super) struct LayerOps {
     attn_norm: RmsNormOp,
     q: MatmulOp,
     k: MatmulOp,
@@ -134,11 +137,16 @@ struct LayerOps {
     o: MatmulOp,
     add_attn: AddOp,
     ffn_norm: RmsNormOp,
-    gate: MatmulOp,
-    up: MatmulOp,
-    act: GatedActOp,
-    down: MatmulOp,
-    add_ffn: AddOp,
+    pub(super) ffn: FfnOps,
+}
+
+/// A layer's FFN on the GPU.
+pub(super) enum FfnOps {
+    Dense { gate: MatmulOp, up: MatmulOp, act: GatedActOp, down: MatmulOp, add: AddOp },
+    /// Neuron-aware: hot neurons here, cold ones on the CPU ([`super::hybrid`]).
+    Sparse(Box<SparseLayerOps>),
+    /// Not built yet (a hybrid session fills it in after placement).
+    Pending,
 }
 
 impl LayerOps {
@@ -154,39 +162,51 @@ impl LayerOps {
             ("matmul o", &self.o),
             ("add", &self.add_attn),
             ("ffn_norm", &self.ffn_norm),
-            ("matmul gate", &self.gate),
-            ("matmul up", &self.up),
-            ("gated_act", &self.act),
-            ("matmul down", &self.down),
-            ("add", &self.add_ffn),
         ]);
+        v.extend(self.ffn_sequence());
         v
+    }
+
+    /// The attention half: everything up to and including the FFN's norm.
+    pub(super) fn attention_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        let mut v = self.sequence();
+        v.truncate(v.len() - self.ffn_sequence().len());
+        v
+    }
+
+    /// The FFN's GPU dispatches (for a split layer, the hot neurons only).
+    pub(super) fn ffn_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        match &self.ffn {
+            FfnOps::Dense { gate, up, act, down, add } => vec![("matmul gate", gate), ("matmul up", up), ("gated_act", act), ("matmul down", down), ("add", add)],
+            FfnOps::Sparse(sp) => sp.gpu_sequence(),
+            FfnOps::Pending => Vec::new(),
+        }
     }
 }
 
 /// Activation buffers sized for `max_tokens` tokens.
-struct Scratch {
-    ids: wgpu::Buffer,
-    x: wgpu::Buffer,
-    xn: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    attn: wgpu::Buffer,
-    proj: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    up: wgpu::Buffer,
-    x_last: wgpu::Buffer,
-    xn_last: wgpu::Buffer,
-    logits_last: wgpu::Buffer,
-    logits_all: wgpu::Buffer,
-    argmax: wgpu::Buffer,
-    step: wgpu::Buffer,
-    step_last: wgpu::Buffer,
+pub(super) struct Scratch {
+    pub(super) ids: wgpu::Buffer,
+    pub(super) x: wgpu::Buffer,
+    pub(super) xn: wgpu::Buffer,
+    pub(super) q: wgpu::Buffer,
+    pub(super) k: wgpu::Buffer,
+    pub(super) v: wgpu::Buffer,
+    pub(super) attn: wgpu::Buffer,
+    pub(super) proj: wgpu::Buffer,
+    pub(super) gate: wgpu::Buffer,
+    pub(super) up: wgpu::Buffer,
+    pub(super) x_last: wgpu::Buffer,
+    pub(super) xn_last: wgpu::Buffer,
+    pub(super) logits_last: wgpu::Buffer,
+    pub(super) logits_all: wgpu::Buffer,
+    pub(super) argmax: wgpu::Buffer,
+    pub(super) step: wgpu::Buffer,
+    pub(super) step_last: wgpu::Buffer,
 }
 
 /// The output head: final norm and logits of the last row (and argmax), or of every row.
-struct HeadOps {
+pub(super) struct HeadOps {
     final_norm_last: RmsNormOp,
     output_last: MatmulOp,
     final_norm_all: RmsNormOp,
@@ -199,16 +219,18 @@ pub struct GpuSession {
     pub model: Arc<Model>,
     pub ctx: Arc<GpuContext>,
     pub weights: Arc<GpuWeights>,
-    kv: GpuKvCache,
-    s: Scratch,
-    embed: crate::gpu::matrix::GetRowsOp,
-    layers: Vec<LayerOps>,
+    pub(super) kv: GpuKvCache,
+    pub(super) s: Scratch,
+    pub(super) embed: crate::gpu::matrix::GetRowsOp,
+    pub(super) layers: Vec<LayerOps>,
     /// Final norm, logits and argmax; None when the CPU computes them (dense layer offload).
-    head: Option<HeadOps>,
-    n_ctx: usize,
+    pub(super) head: Option<HeadOps>,
+    pub(super) n_ctx: usize,
     /// Most tokens one forward call takes (larger batches are split).
-    max_tokens: usize,
-    n_past: usize,
+    pub(super) max_tokens: usize,
+    pub(super) n_past: usize,
+    /// The CPU side and placement of a neuron-aware (hybrid) session.
+    pub(super) hybrid: Option<Box<super::hybrid::HybridState>>,
 }
 
 impl GpuSession {
@@ -274,11 +296,16 @@ impl GpuSession {
                 o: w.wo.bind_matmul(&ctx, &s.attn, &s.proj, &s.step),
                 add_attn: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
                 ffn_norm: RmsNormOp::new(&ctx, &s.x, &w.ffn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
-                gate: w.gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
-                up: w.up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
-                act: GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
-                down: w.down.bind_matmul(&ctx, &s.gate, &s.proj, &s.step),
-                add_ffn: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+                ffn: match &w.dense_ffn {
+                    Some([gate, up, down]) => FfnOps::Dense {
+                        gate: gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
+                        up: up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
+                        act: GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
+                        down: down.bind_matmul(&ctx, &s.gate, &s.proj, &s.step),
+                        add: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+                    },
+                    None => FfnOps::Pending,
+                },
             });
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
@@ -289,7 +316,7 @@ impl GpuSession {
             output_all: output.bind_matmul(&ctx, &s.xn, &s.logits_all, &s.step),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0 })
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, hybrid: None })
     }
 
     /// GPU bytes of the KV cache and scratch buffers (weights not included).
@@ -341,14 +368,14 @@ impl GpuSession {
     }
 
     /// After `copy_last_row`: the last token's final norm, logits and argmax.
-    fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+    pub(super) fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
         match &self.head {
             Some(h) => vec![("output_norm", &h.final_norm_last), ("matmul output", &h.output_last), ("argmax", &h.argmax)],
             None => Vec::new(),
         }
     }
 
-    fn copy_last_row(&self, enc: &mut wgpu::CommandEncoder, n: u32) {
+    pub(super) fn copy_last_row(&self, enc: &mut wgpu::CommandEncoder, n: u32) {
         let e = self.model.hp.n_embd as u64 * 4;
         enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
     }
@@ -404,7 +431,7 @@ impl GpuSession {
         self.max_tokens
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
+    pub(super) fn check(&self, tokens: &[u32]) -> Result<(), ForwardError> {
         super::forward::check_batch(&self.model.hp, self.n_past, self.n_ctx, tokens)
     }
 }
@@ -413,6 +440,20 @@ impl Forward for GpuSession {
     fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         self.check(tokens)?;
         let nv = self.model.hp.n_vocab;
+        if self.hybrid.is_some() {
+            // Neuron-aware: token by token, each with its own active neurons.
+            let mut all = Vec::new();
+            for &t in tokens {
+                self.run_token_hybrid(t)?;
+                if want == Logits::All {
+                    all.extend(self.ctx.read::<f32>(&self.s.logits_last, nv).map_err(ForwardError::Gpu)?);
+                }
+            }
+            return match want {
+                Logits::All => Ok(all),
+                Logits::Last => self.ctx.read::<f32>(&self.s.logits_last, nv).map_err(ForwardError::Gpu),
+            };
+        }
         let mut all = Vec::new();
         for chunk in tokens.chunks(self.max_tokens) {
             self.run_batch(chunk, want)?;
@@ -428,8 +469,14 @@ impl Forward for GpuSession {
 
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
         self.check(tokens)?;
-        for chunk in tokens.chunks(self.max_tokens) {
-            self.run_batch(chunk, Logits::Last)?;
+        if self.hybrid.is_some() {
+            for &t in tokens {
+                self.run_token_hybrid(t)?;
+            }
+        } else {
+            for chunk in tokens.chunks(self.max_tokens) {
+                self.run_batch(chunk, Logits::Last)?;
+            }
         }
         let out: Vec<u32> = self.ctx.read(&self.s.argmax, 1).map_err(ForwardError::Gpu)?;
         Ok(out[0])

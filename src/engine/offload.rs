@@ -19,7 +19,7 @@ impl OffloadSession {
     /// head) and prepares the CPU for the rest.
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_gpu_layers: usize, n_ctx: usize, max_batch: usize, progress: bool) -> Result<Self, GpuError> {
         let n_gpu_layers = n_gpu_layers.min(model.hp.n_layer);
-        let mut weights = GpuWeights::upload_layers(&ctx, &model, n_gpu_layers, progress)?;
+        let mut weights = GpuWeights::upload_layers(&ctx, &model, n_gpu_layers, true, progress)?;
         // The CPU computes the head, even when every layer is on the GPU.
         weights.head = None;
         let gpu = GpuSession::with_batch(model.clone(), ctx, Arc::new(weights), n_ctx, max_batch)?;

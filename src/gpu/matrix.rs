@@ -49,37 +49,52 @@ struct TypeSources {
     mm_sg: &'static str,
     /// Type + get_rows_common.wgsl.
     get_rows: &'static str,
+    /// Decode block type + matmul_dec.wgsl.
+    dec: &'static str,
+    /// Decode block type + matmul_dec.wgsl + matmul_dec_sg.wgsl.
+    dec_sg: &'static str,
 }
 
 macro_rules! type_sources {
-    ($name:literal, $file:literal) => {
+    ($name:literal, $file:literal, $dec:literal) => {
         TypeSources {
             name: $name,
             mm: compose!($file, "matmul_common.wgsl"),
             mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
+            dec: compose!($dec, "matmul_dec.wgsl"),
+            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_sg.wgsl"),
         }
     };
 }
 
-const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl");
-const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl");
-const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl");
-const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl");
-const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl");
+const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", "matmul_dec_f32.wgsl");
+const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", "matmul_dec_f16.wgsl");
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl");
+const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl");
+const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl");
 
 macro_rules! listed {
-    ($src:ident, $file:literal) => {
-        [($file, include_str!(concat!("../../shaders/", $file))), ("matmul_common.wgsl", $src.mm), ("matmul_vec_sg.wgsl", $src.mm_sg), ("get_rows_common.wgsl", $src.get_rows)]
+    ($src:ident, $file:literal, $dec:literal) => {
+        [
+            ($file, include_str!(concat!("../../shaders/", $file))),
+            ("matmul_common.wgsl", $src.mm),
+            ("matmul_vec_sg.wgsl", $src.mm_sg),
+            ("get_rows_common.wgsl", $src.get_rows),
+            // A decode block file needs matmul_dec.wgsl's bindings: listed composed.
+            ($dec, $src.dec),
+            ("matmul_dec.wgsl", $src.dec),
+            ("matmul_dec_sg.wgsl", $src.dec_sg),
+        ]
     };
 }
 
-const LISTED: [[(&str, &str); 4]; 5] = [
-    listed!(F32_SRC, "matmul_f32.wgsl"),
-    listed!(F16_SRC, "matmul_f16.wgsl"),
-    listed!(Q8_0_SRC, "matmul_q8_0.wgsl"),
-    listed!(Q4_0_SRC, "matmul_q4_0.wgsl"),
-    listed!(Q4_1_SRC, "matmul_q4_1.wgsl"),
+const LISTED: [[(&str, &str); 7]; 5] = [
+    listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
+    listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
+    listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
+    listed!(Q4_0_SRC, "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl"),
+    listed!(Q4_1_SRC, "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl"),
 ];
 
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
@@ -110,25 +125,84 @@ fn layout_bytes(ty: GgmlType, cols: usize) -> (usize, usize) {
     }
 }
 
-/// Splits GGUF blocks of `rows` into the quant and scale arrays of the GPU layout.
-fn repack(ty: GgmlType, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let split = |block: usize, scale: usize| {
-        let n = bytes.len() / block;
-        let mut q = Vec::with_capacity(n * (block - scale));
-        let mut d = Vec::with_capacity(n * scale);
-        for b in bytes.chunks_exact(block) {
-            d.extend_from_slice(&b[..scale]);
-            q.extend_from_slice(&b[scale..]);
-        }
-        (q, d)
-    };
+/// Blocks per super-group of a type's permuted word order (PERM = 1 in the shaders), used for
+/// rows whose block count it divides: Q4_0 and Q4_1 runs of 8 blocks, Q8_0 runs of 4, arranged
+/// so that a thread loading 16 bytes of quants needs activations that its neighbours' loads
+/// continue (see shaders/matmul_q4_0.wgsl and matmul_q8_0.wgsl).
+fn perm_group(ty: GgmlType) -> Option<usize> {
     match ty {
-        GgmlType::F32 | GgmlType::F16 => (bytes.to_vec(), Vec::new()),
-        GgmlType::Q8_0 => split(34, 2),
-        GgmlType::Q4_0 => split(18, 2),
-        GgmlType::Q4_1 => split(20, 4),
+        GgmlType::Q4_0 | GgmlType::Q4_1 => Some(8),
+        GgmlType::Q8_0 => Some(4),
+        _ => None,
+    }
+}
+
+/// Whether a matrix of this type and width takes the permuted word order.
+fn uses_perm(ty: GgmlType, cols: usize) -> bool {
+    perm_group(ty).is_some_and(|g| (cols / 32).is_multiple_of(g))
+}
+
+/// Element e (0..32) of a GGUF Q4 block's 16 quant bytes: the nibble.
+fn q4_nibble(qs: &[u8], e: usize) -> u8 {
+    if e < 16 {
+        qs[e] & 15
+    } else {
+        qs[e - 16] >> 4
+    }
+}
+
+/// Splits GGUF blocks of whole rows of `cols` into the quant and scale arrays of the GPU layout
+/// (the quants of each row in the permuted word order where [`uses_perm`]); the scales are
+/// padded to a multiple of 16 bytes (the decode kernel binds them as vec4 words).
+fn repack(ty: GgmlType, bytes: &[u8], cols: usize) -> (Vec<u8>, Vec<u8>) {
+    let (block, scale) = match ty {
+        GgmlType::F32 | GgmlType::F16 => return (bytes.to_vec(), Vec::new()),
+        GgmlType::Q8_0 => (34, 2),
+        GgmlType::Q4_0 => (18, 2),
+        GgmlType::Q4_1 => (20, 4),
+        _ => unreachable!(),
+    };
+    let n = bytes.len() / block;
+    let mut q = Vec::with_capacity(n * (block - scale));
+    let mut d = Vec::with_capacity(n * scale + 16);
+    for b in bytes.chunks_exact(block) {
+        d.extend_from_slice(&b[..scale]);
+    }
+    d.resize(d.len().div_ceil(16) * 16, 0);
+    match perm_group(ty).filter(|_| uses_perm(ty, cols)) {
+        None => {
+            for b in bytes.chunks_exact(block) {
+                q.extend_from_slice(&b[scale..]);
+            }
+        }
+        // 8 blocks of 16 quant bytes: slot i, word k, byte c holds element 4i + c of block 2k
+        // (low nibble) and of block 2k + 1 (high nibble).
+        Some(8) => {
+            for sg in bytes.chunks_exact(8 * block) {
+                let qs: Vec<&[u8]> = sg.chunks_exact(block).map(|b| &b[scale..]).collect();
+                for i in 0..8 {
+                    for k in 0..4 {
+                        for c in 0..4 {
+                            q.push(q4_nibble(qs[2 * k], 4 * i + c) | q4_nibble(qs[2 * k + 1], 4 * i + c) << 4);
+                        }
+                    }
+                }
+            }
+        }
+        // 4 blocks of 32 quant bytes: slot i, word k holds elements 4i..4i+3 of block k.
+        Some(4) => {
+            for sg in bytes.chunks_exact(4 * block) {
+                let qs: Vec<&[u8]> = sg.chunks_exact(block).map(|b| &b[scale..]).collect();
+                for i in 0..8 {
+                    for qk in &qs {
+                        q.extend_from_slice(&qk[4 * i..4 * i + 4]);
+                    }
+                }
+            }
+        }
         _ => unreachable!(),
     }
+    (q, d)
 }
 
 /// Rows per chunk are a multiple of this (the tiled kernel's row tile), so chunk boundaries
@@ -150,6 +224,8 @@ pub struct GpuMatrix {
     pub cols: usize,
     pub ty: GgmlType,
     pub name: String,
+    /// Quants in the permuted word order (PERM = 1 in the shaders).
+    perm: bool,
     chunks: Vec<Chunk>,
 }
 
@@ -171,12 +247,59 @@ pub struct MvConfig {
 /// for a 4096x11008 Q4_0 matrix, the tiled kernel ~560 us for any count up to 64.
 pub const MATVEC_MAX_TOKENS: u32 = 16;
 
-/// The matvec variants bound by [`GpuMatrix::bind_matmul`]: n tokens use the first with
-/// nt >= n.
+/// The matvec variants: n tokens use the first with nt >= n. The nt = 1 variant is the
+/// generic default here; [`GpuMatrix::bind_matmul`] uses each type's own (see
+/// [`decode_config`]).
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
     [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 2, 1)].into_iter().map(|(nt, wg, nr, unroll)| MvConfig { nt, wg, nr, unroll, subgroups }).collect()
+}
+
+/// The decode matvec's shape for a weight type: (threads, rows, blocks per row per step) of a
+/// workgroup. `EMBER_MV_DEC=q4_0=128:2:1,f16=...` overrides it (a tuning knob for
+/// `ember bench`, read once).
+#[doc(hidden)]
+pub fn decode_config(ty: GgmlType) -> (u32, u32, u32) {
+    static OVERRIDE: std::sync::OnceLock<Vec<(String, (u32, u32, u32))>> = std::sync::OnceLock::new();
+    let over = OVERRIDE.get_or_init(|| {
+        let Ok(v) = std::env::var("EMBER_MV_DEC") else { return Vec::new() };
+        v.split(',')
+            .filter_map(|item| {
+                let (name, cfg) = item.split_once('=')?;
+                let n: Vec<u32> = cfg.split(':').map(|t| t.trim().parse().ok()).collect::<Option<_>>()?;
+                (n.len() == 3).then(|| (name.trim().to_lowercase(), (n[0], n[1], n[2])))
+            })
+            .collect()
+    });
+    if let Some((_, c)) = over.iter().find(|(n, _)| *n == ty.name().to_lowercase()) {
+        return *c;
+    }
+    match ty {
+        GgmlType::F32 => (128, 2, 2),
+        GgmlType::F16 => (128, 2, 2),
+        GgmlType::Q8_0 => (128, 2, 1),
+        _ => (128, 2, 1),
+    }
+}
+
+/// [`default_mv_configs`] with the type's own decode variant.
+fn type_mv_configs(ctx: &GpuContext, ty: GgmlType) -> Vec<MvConfig> {
+    let (wg, nr, unroll) = decode_config(ty);
+    let wg = wg.min(ctx.limits.max_compute_invocations_per_workgroup);
+    let mut v = default_mv_configs(ctx);
+    v[0] = MvConfig { nt: 1, wg, nr, unroll, subgroups: ctx.has_subgroups() };
+    v
+}
+
+/// The kernel of the one-token (nt = 1) matvec variants.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeKernel {
+    /// `matmul_dec.wgsl`: a whole block (16 or 32 bytes) per thread and step.
+    Blocks,
+    /// `matmul_common.wgsl`'s `mv_main`: one 8-element unit per thread and step.
+    Units,
 }
 
 /// Which kernel [`MatmulOp::encode_with`] runs.
@@ -245,7 +368,8 @@ impl GpuMatrix {
         }
         let (qb, sb) = layout_bytes(m.ty, m.cols);
         let fit = |per_row: usize| if per_row == 0 { usize::MAX } else { (limit / per_row as u64) as usize };
-        let max_rows = fit(qb).min(fit(sb));
+        // The scales are padded by up to 16 bytes per chunk.
+        let max_rows = fit(qb).min(if sb == 0 { usize::MAX } else { (limit.saturating_sub(16) / sb as u64) as usize });
         let per_chunk = if m.rows <= max_rows { m.rows } else { max_rows / CHUNK_ROWS_ALIGN * CHUNK_ROWS_ALIGN };
         if per_chunk == 0 {
             return Err(GpuError::Unsupported(format!(
@@ -258,7 +382,7 @@ impl GpuMatrix {
         let mut chunks = Vec::new();
         for row0 in (0..m.rows).step_by(per_chunk) {
             let rows = per_chunk.min(m.rows - row0);
-            let (q, d) = repack(m.ty, &bytes[row0 * row_bytes..(row0 + rows) * row_bytes]);
+            let (q, d) = repack(m.ty, &bytes[row0 * row_bytes..(row0 + rows) * row_bytes], m.cols);
             let label = format!("{} rows {row0}..{}", m.name, row0 + rows);
             let wq = ctx.upload(&label, &q);
             let wd = (!d.is_empty()).then(|| ctx.upload(&format!("{label} scales"), &d));
@@ -266,7 +390,7 @@ impl GpuMatrix {
             let params = ctx.uniform(&format!("{label} params"), bytemuck::cast_slice(&p));
             chunks.push(Chunk { rows, wq, wd, params });
         }
-        Ok(GpuMatrix { rows: m.rows, cols: m.cols, ty: m.ty, name: m.name.clone(), chunks })
+        Ok(GpuMatrix { rows: m.rows, cols: m.cols, ty: m.ty, name: m.name.clone(), perm: uses_perm(m.ty, m.cols), chunks })
     }
 
     /// GPU bytes this matrix occupies (weights, scales and the small per-chunk uniforms).
@@ -278,6 +402,19 @@ impl GpuMatrix {
     #[doc(hidden)]
     pub fn n_chunks(&self) -> usize {
         self.chunks.len()
+    }
+
+    /// A kernel source with the matrix's word order (PERM).
+    fn specialize(&self, src: &str) -> String {
+        set_const(src, "PERM", 0, self.perm as u32)
+    }
+
+    fn perm_key(&self) -> &'static str {
+        if self.perm {
+            "/perm"
+        } else {
+            ""
+        }
     }
 
     fn sources(&self) -> &'static TypeSources {
@@ -296,30 +433,56 @@ impl GpuMatrix {
     /// `cols` f32, `y` up to max_tokens rows of `rows` f32 (y[t * rows + r]), `step` is the
     /// shared [`Step`](super::Step) uniform whose n_tokens the kernels read.
     pub fn bind_matmul(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> MatmulOp {
-        self.bind_matmul_with(ctx, x, y, step, &default_mv_configs(ctx))
+        // EMBER_MV_UNITS: the previous decode kernel, for before/after comparisons.
+        let decode = if std::env::var_os("EMBER_MV_UNITS").is_some() { DecodeKernel::Units } else { DecodeKernel::Blocks };
+        let mut configs = type_mv_configs(ctx, self.ty);
+        if decode == DecodeKernel::Units {
+            configs[0] = default_mv_configs(ctx)[0];
+        }
+        self.bind_matmul_variant(ctx, x, y, step, &configs, decode)
     }
 
     /// [`bind_matmul`](Self::bind_matmul) with chosen matvec variants (benchmarks, tests).
     #[doc(hidden)]
     pub fn bind_matmul_with(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig]) -> MatmulOp {
+        self.bind_matmul_variant(ctx, x, y, step, configs, DecodeKernel::Blocks)
+    }
+
+    /// [`bind_matmul_with`](Self::bind_matmul_with) with a chosen kernel for the nt = 1
+    /// variants (benchmarks compare them).
+    #[doc(hidden)]
+    pub fn bind_matmul_variant(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel) -> MatmulOp {
         let src = self.sources();
         let mut mv_pipes = Vec::new();
         for cfg in configs {
-            assert!(cfg.nt >= 1 && cfg.nr >= 1 && (cfg.unroll == 1 || cfg.unroll == 2) && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup, "bad matvec config {cfg:?}");
+            let blocks = cfg.nt == 1 && decode == DecodeKernel::Blocks;
+            let max_unroll = if blocks { 4 } else { 2 };
+            assert!(
+                cfg.nt >= 1 && cfg.nr >= 1 && (1..=max_unroll).contains(&cfg.unroll) && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup,
+                "bad matvec config {cfg:?}"
+            );
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let sg = cfg.subgroups && ctx.has_subgroups();
-            let base = if sg { src.mm_sg } else { src.mm };
-            let mut code = base.to_string();
-            for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] {
-                code = set_const(&code, name, default, value);
-            }
-            let key = format!("matmul/{}/mv/wg{}/nr{}/nt{}/u{}/{}", src.name, cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
-            let entry = if sg { "mv_main_sg" } else { "mv_main" };
+            let (code, key, entry) = if blocks {
+                let mut code = self.specialize(if sg { src.dec_sg } else { src.dec });
+                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll)] {
+                    code = set_const(&code, name, default, value);
+                }
+                let key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                (code, key, if sg { "dv_main_sg" } else { "dv_main" })
+            } else {
+                let mut code = self.specialize(if sg { src.mm_sg } else { src.mm });
+                for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] {
+                    code = set_const(&code, name, default, value);
+                }
+                let key = format!("matmul/{}{}/mv/wg{}/nr{}/nt{}/u{}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
+                (code, key, if sg { "mv_main_sg" } else { "mv_main" })
+            };
             mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
-        let tiled = pipeline(ctx, &format!("matmul/{}/tiled", src.name), src.mm, "mm_tiled");
+        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled", src.name, self.perm_key()), &self.specialize(src.mm), "mm_tiled");
         let chunks = self
             .chunks
             .iter()
@@ -337,7 +500,7 @@ impl GpuMatrix {
     /// leave their output row unwritten.
     pub fn bind_get_rows(&self, ctx: &GpuContext, ids: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> GetRowsOp {
         let src = self.sources();
-        let p = pipeline(ctx, &format!("get_rows/{}", src.name), src.get_rows, "get_rows");
+        let p = pipeline(ctx, &format!("get_rows/{}{}", src.name, self.perm_key()), &self.specialize(src.get_rows), "get_rows");
         let groups = self
             .chunks
             .iter()

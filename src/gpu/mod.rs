@@ -5,6 +5,7 @@ mod context;
 pub mod matrix;
 pub mod ops;
 pub mod shaders;
+pub mod sparse;
 pub mod timer;
 
 pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext};

@@ -7,5 +7,6 @@ pub fn all() -> Vec<(&'static str, &'static str)> {
     let mut v = vec![("copy.wgsl", COPY)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.extend_from_slice(super::ops::SHADERS);
+    v.extend_from_slice(super::sparse::SHADERS);
     v
 }

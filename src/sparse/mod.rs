@@ -6,7 +6,11 @@
 //! per token, so their up row and down column need not be read at all.
 
 pub mod placement;
+pub mod simulate;
+pub mod predictor;
+pub mod profile;
 pub mod threshold;
+pub mod train;
 
 /// Sees every FFN block the CPU forward pass runs, one token at a time: the profiler counts
 /// firing neurons through it and collects predictor training samples.

@@ -1,0 +1,112 @@
+// y[t * ld_y + row0 + r] = W[r] . x[t]: the decode matvec over one row-chunk of a repacked
+// weight matrix, one token per grid z.
+//
+// Composed after one of the matmul_dec_<type>.wgsl files, which bind the weights (4, 5) as
+// vec4 words and decode a *slot* (16 bytes of weights, SLOT elements: one thread's step):
+// slot_fetch (its weights), slot_x (its activations, loaded once for all rows) and slot_dot.
+//
+// A workgroup of DV_WG threads owns DV_NR rows. Thread i takes slots i, i + DV_WG, ... of
+// every row (adjacent threads on adjacent slots, so weight loads coalesce; the quantised types'
+// slot order makes the activation loads coalesce too, see matmul_q4_0.wgsl), DV_UB slots per
+// row per iteration, all loads issued before any arithmetic. The activations of a slot are
+// loaded once for the DV_NR rows: they are 2 to 8 times the weights' bytes, and on NVIDIA the
+// load path through L1, not DRAM, limited the first version of this kernel. Partial sums meet in a shared-memory tree (dv_main) or through subgroupAdd and
+// one shared slot per subgroup (dv_main_sg in matmul_dec_sg.wgsl, for any subgroup size).
+//
+// DV_WG, DV_NR and DV_UB are rewritten by src/gpu/matrix.rs before compilation (the lines
+// must stay exactly of the form `const NAME: u32 = <n>u;`).
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    _pad: u32,
+}
+
+// One row-chunk of the matrix (large matrices are split across buffers by rows).
+struct Chunk {
+    rows: u32,
+    row0: u32,
+    ld_y: u32,
+    cols: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<uniform> step: Step;
+@group(0) @binding(3) var<uniform> chunk: Chunk;
+
+const DV_WG: u32 = 128u;
+const DV_NR: u32 = 2u;
+const DV_UB: u32 = 1u;
+
+var<workgroup> dv_sh: array<f32, DV_WG * DV_NR>;
+
+fn dv_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+// This thread's partial sums of the workgroup's rows for token t.
+fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
+    let nb = chunk.cols / SLOT;
+    let row4 = t * (chunk.cols / 4u);
+    var base: array<u32, DV_NR>;
+    for (var r = 0u; r < DV_NR; r++) {
+        // Rows past the end read the last row; their sums are never written.
+        base[r] = min(group * DV_NR + r, chunk.rows - 1u) * nb;
+    }
+    var acc: array<f32, DV_NR>;
+    for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
+        var w: array<WSlot, DV_NR * DV_UB>;
+        for (var j = 0u; j < DV_UB; j++) {
+            // Past the row's end (only when DV_UB > 1): a valid slot read again, not summed.
+            let b = min(b0 + j * DV_WG, nb - 1u);
+            for (var r = 0u; r < DV_NR; r++) {
+                w[j * DV_NR + r] = slot_fetch(base[r] + b);
+            }
+        }
+        for (var j = 0u; j < DV_UB; j++) {
+            let b = b0 + j * DV_WG;
+            if (b < nb) {
+                let xs = slot_x(row4, b);
+                for (var r = 0u; r < DV_NR; r++) {
+                    acc[r] += slot_dot(w[j * DV_NR + r], xs);
+                }
+            }
+        }
+    }
+    return acc;
+}
+
+fn dv_store(group: u32, t: u32, r: u32, total: f32) {
+    let row = group * DV_NR + r;
+    if (row < chunk.rows) {
+        y[t * chunk.ld_y + chunk.row0 + row] = total;
+    }
+}
+
+// Shared-memory tree reduction (any adapter).
+@compute @workgroup_size(DV_WG)
+fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let group = dv_group(wid, nwg);
+    let t = wid.z;
+    if (t >= step.n_tokens) {
+        return;
+    }
+    let acc = dv_partial(lid, group, t);
+    for (var r = 0u; r < DV_NR; r++) {
+        dv_sh[r * DV_WG + lid] = acc[r];
+    }
+    for (var s = DV_WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            for (var r = 0u; r < DV_NR; r++) {
+                dv_sh[r * DV_WG + lid] += dv_sh[r * DV_WG + lid + s];
+            }
+        }
+    }
+    workgroupBarrier();
+    if (lid < DV_NR) {
+        dv_store(group, t, lid, dv_sh[lid * DV_WG]);
+    }
+}

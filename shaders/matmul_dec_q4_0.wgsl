@@ -1,0 +1,80 @@
+// Q4_0 slots of the decode matvec (matmul_dec.wgsl): the layout of matmul_q4_0.wgsl (both word
+// orders, PERM), bound as vec4 words so that a thread loads a slot (16 bytes of quants, 32
+// elements) at once, and the scales as vec4 words.
+//
+// PERM = 1: slot i of a super-group (8 blocks) needs activation vec4 i + 16k (low nibbles of
+// word k) and i + 16k + 8 (high nibbles), so the 8 threads of a super-group read 128
+// contiguous bytes per load; the super-group's 8 scales are one 16-byte load shared by them.
+// PERM = 0: a slot is one block in GGUF order.
+
+@group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> wd: array<vec4<u32>>;
+
+const PERM: u32 = 0u;
+// Elements per slot.
+const SLOT: u32 = 32u;
+
+// A slot's activations: a[k] for the low nibbles of word k, a[4 + k] for its high nibbles.
+struct XSlot {
+    a: array<vec4<f32>, 8>,
+}
+
+// Quants and the scales of word k's low and high nibbles.
+struct WSlot {
+    q: vec4<u32>,
+    d: array<vec2<f32>, 4>,
+}
+
+// Slot b of the chunk (row * slots per row + slot).
+fn slot_fetch(b: u32) -> WSlot {
+    if (PERM == 1u) {
+        let s = wd[b >> 3u];
+        return WSlot(wq[b], array<vec2<f32>, 4>(unpack2x16float(s.x), unpack2x16float(s.y), unpack2x16float(s.z), unpack2x16float(s.w)));
+    }
+    let v = unpack2x16float(wd[b >> 3u][(b >> 1u) & 3u]);
+    let d = vec2<f32>(select(v.x, v.y, (b & 1u) == 1u));
+    return WSlot(wq[b], array<vec2<f32>, 4>(d, d, d, d));
+}
+
+// Activations of slot j of a row starting at vec4 row4.
+fn slot_x(row4: u32, j: u32) -> XSlot {
+    var a: array<vec4<f32>, 8>;
+    if (PERM == 1u) {
+        let c = row4 + (j >> 3u) * 64u + (j & 7u);
+        for (var k = 0u; k < 4u; k++) {
+            a[k] = x[c + 16u * k];
+            a[4u + k] = x[c + 16u * k + 8u];
+        }
+    } else {
+        let c = row4 + 8u * j;
+        for (var k = 0u; k < 8u; k++) {
+            a[k] = x[c + k];
+        }
+    }
+    return XSlot(a);
+}
+
+// Nibbles become floats without int-to-float conversions (a quarter of the FMA rate on NVIDIA):
+// a nibble at bit p <= 16 of a word, or'ed into the bits of 2^(23-p), gives exactly
+// 2^(23-p) + q, and subtracting 2^(23-p) + 8 leaves q - 8 exactly. Mask and or fuse into one
+// logic op on NVIDIA, so an element costs a logic op, an add and a multiply-add. The nibbles
+// above bit 16 are taken from the word shifted down by 12 (24 -> 12, 20 -> 8, 28 -> 16).
+const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
+const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
+const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
+const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
+const DQ_LO_SUB = vec4<f32>(8388616.0, 32776.0, 136.0, 2056.0);
+const DQ_HI_SUB = vec4<f32>(524296.0, 2056.0, 32776.0, 136.0);
+
+// sum (q - 8) d x over the slot.
+fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
+    var acc = 0.0;
+    for (var k = 0u; k < 4u; k++) {
+        let q = w.q[k];
+        let s = q >> 12u;
+        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        acc += w.d[k].x * dot(lo, xs.a[k]) + w.d[k].y * dot(hi, xs.a[4u + k]);
+    }
+    return acc;
+}

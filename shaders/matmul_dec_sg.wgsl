@@ -1,0 +1,34 @@
+// The decode matvec with a subgroup reduction: subgroupAdd inside each subgroup, then one
+// shared-memory slot per subgroup and row. Composed after matmul_dec_<type>.wgsl and
+// matmul_dec.wgsl; compiled only when the adapter has SUBGROUP. Works for any subgroup size.
+
+@compute @workgroup_size(DV_WG)
+fn dv_main_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {
+    let group = dv_group(wid, nwg);
+    let t = wid.z;
+    if (t >= step.n_tokens) {
+        return;
+    }
+    let acc = dv_partial(lid, group, t);
+    for (var r = 0u; r < DV_NR; r++) {
+        let s = subgroupAdd(acc[r]);
+        if (lane == 0u) {
+            dv_sh[sg * DV_NR + r] = s;
+        }
+    }
+    workgroupBarrier();
+    if (lid < DV_NR) {
+        var total = 0.0;
+        for (var k = 0u; k < n_sg; k++) {
+            total += dv_sh[k * DV_NR + lid];
+        }
+        dv_store(group, t, lid, total);
+    }
+}

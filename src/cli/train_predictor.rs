@@ -1,0 +1,184 @@
+//! `ember train-predictor`: per-layer activation predictors from `ember profile`'s samples.
+
+use super::Result;
+use crate::gguf::GgmlType;
+use crate::sparse::predictor::Predictors;
+use crate::sparse::profile::SampleSet;
+use crate::sparse::train::{self, Init, LayerReport, TrainOptions};
+use clap::{Args, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+#[command(after_long_help = "\
+What it trains:
+  Per layer, a predictor fc2 · relu(fc1 · x) (PowerInfer's format: blk.N.fc1 {n_embd, r},
+  blk.N.fc2 {r, n_ff}) that guesses from the residual stream x entering the FFN block which
+  neurons will fire, so the sparse FFN can skip the others without computing their gate.
+  Training starts from the best rank-r copy of the layer's own gate (read from -m; exact for
+  ReLU up to the rank), then runs Adam on the samples' firing masks.
+
+How the rank is chosen:
+  A lower threshold buys any recall by calling more neurons active, so for each rank tried the
+  threshold is set on a validation split to reach --recall, and the rank kept is the one whose
+  predictor plus predicted-active neurons cost the fewest multiply-adds. The table reports the
+  held-out test split: recall, precision, and predicted vs truly active neurons.
+
+Examples:
+  ember profile -m relu.gguf -f text.txt --samples 4096 --samples-out models/relu.samples.gguf
+  ember train-predictor -m relu.gguf --samples models/relu.samples.gguf -o models/relu.predictors.gguf
+  ember train-predictor -m relu.gguf --samples S.gguf --rank 128 --recall 0.95")]
+pub struct TrainPredictorArgs {
+    /// The model the samples came from (its gates start the training; shapes are checked)
+    #[arg(short = 'm', long = "model", env = "EMBER_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Samples file written by `ember profile --samples-out`
+    #[arg(long)]
+    pub samples: PathBuf,
+    /// Share of truly active neurons that must be predicted active (held-out tokens)
+    #[arg(long, default_value_t = 0.99)]
+    pub recall: f64,
+    /// Output [default: beside the samples, *.predictors.gguf]
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// Ranks (hidden sizes) to try, ascending, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    pub ranks: Vec<usize>,
+    /// Use this one rank for every layer instead of trying --ranks
+    #[arg(long, conflicts_with = "ranks")]
+    pub rank: Option<usize>,
+    /// Passes over the training tokens per rank
+    #[arg(long, default_value_t = 8)]
+    pub epochs: usize,
+    /// Adam's peak learning rate
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f32,
+    /// Tokens per training step
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    /// Weight of firing neurons in the loss (above 1 trades precision for recall)
+    #[arg(long = "pos-weight", default_value_t = 1.0)]
+    pub pos_weight: f32,
+    /// Storage type of the predictor matrices
+    #[arg(long = "type", value_enum, default_value = "f16")]
+    pub ty: PredictorType,
+    /// Start from the model's gates, or from random weights (-m then only checks shapes)
+    #[arg(long, value_enum, default_value = "gate")]
+    pub init: InitArg,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// CPU threads (layers train in parallel) [default: all cores]
+    #[arg(short = 't', long = "threads")]
+    pub threads: Option<usize>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PredictorType {
+    F32,
+    F16,
+    #[value(name = "q8_0")]
+    Q8_0,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InitArg {
+    Gate,
+    Random,
+}
+
+pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
+    let margs = super::ModelArgs::cpu(a.model.clone(), a.threads, super::PrecisionArg::Llama);
+    let samples = SampleSet::open(&a.samples).map_err(|e| format!("{}: {e}", a.samples.display()))?;
+    let output = a.output.clone().unwrap_or_else(|| {
+        let name = a.samples.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = name.strip_suffix(".gguf").unwrap_or(&name);
+        let stem = stem.strip_suffix(".samples").unwrap_or(stem);
+        a.samples.with_file_name(format!("{stem}.predictors.gguf"))
+    });
+    let opts = TrainOptions {
+        recall: a.recall,
+        ranks: a.rank.map(|r| vec![r]).unwrap_or_else(|| a.ranks.clone()),
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch,
+        pos_weight: a.pos_weight,
+        seed: a.seed,
+        ty: match a.ty {
+            PredictorType::F32 => GgmlType::F32,
+            PredictorType::F16 => GgmlType::F16,
+            PredictorType::Q8_0 => GgmlType::Q8_0,
+        },
+        init: match a.init {
+            InitArg::Gate => Init::Gate,
+            InitArg::Random => Init::Random,
+        },
+        ..TrainOptions::default()
+    };
+    let path = margs.resolve_model()?;
+    margs.pool()?.install(|| -> Result<()> {
+        let (model, _) = super::load(&path)?;
+        eprintln!(
+            "ember: {} samples per layer of {} ({} layers, {} -> {}), drawn from {} tokens; ranks {:?}, recall target {}",
+            samples.n,
+            if samples.model_name.is_empty() { "an unnamed model" } else { &samples.model_name },
+            samples.n_layer,
+            samples.n_embd,
+            samples.n_ff,
+            samples.n_tokens_seen,
+            opts.ranks,
+            opts.recall
+        );
+        let bar = indicatif::ProgressBar::new(samples.n_layer as u64);
+        bar.set_style(indicatif::ProgressStyle::with_template("ember: training {bar:30} {pos}/{len} layers, {elapsed} ({msg})").unwrap());
+        bar.enable_steady_tick(std::time::Duration::from_millis(500));
+        let start = std::time::Instant::now();
+        let (preds, reports) = train::train(&samples, Some(&model), &opts, &|r: &LayerReport| {
+            bar.set_message(format!("layer {} rank {} recall {:.4}", r.layer, r.rank, r.recall));
+            bar.inc(1);
+        })?;
+        bar.finish_and_clear();
+        let secs = start.elapsed().as_secs_f64();
+        print_reports(&reports, &preds);
+        eprintln!("ember: trained {} layers in {secs:.1} s", reports.len());
+        preds.save(&output).map_err(|e| format!("{}: {e} (choose another place with -o)", output.display()))?;
+        eprintln!("ember: wrote {}", output.display());
+        Ok(())
+    })
+}
+
+/// The per-layer table (held-out test tokens) and the totals.
+pub fn print_reports(reports: &[LayerReport], preds: &Predictors) {
+    println!("layer  rank  threshold  recall  precision  predicted  true active  work vs dense  bytes    ranks tried (rank: val active)");
+    for r in reports {
+        let tried: Vec<String> = r.trials.iter().map(|t| format!("{}: {:.3}", t.rank, t.active)).collect();
+        println!(
+            "{:>5}  {:>4}  {:>9.3}  {:>6.4}  {:>9.3}  {:>9.3}  {:>11.3}  {:>13.3}  {:>7}  {}",
+            r.layer,
+            r.rank,
+            r.threshold,
+            r.recall,
+            r.precision,
+            r.predicted_active,
+            r.true_active,
+            r.work,
+            r.bytes,
+            tried.join(", ")
+        );
+    }
+    if reports.is_empty() {
+        return;
+    }
+    let n = reports.len() as f64;
+    let mean = |f: &dyn Fn(&LayerReport) -> f64| reports.iter().map(f).sum::<f64>() / n;
+    println!(
+        "total: {} predictor bytes ({:.2} MiB); mean recall {:.4}, precision {:.3}; predicted active {:.3} vs true {:.3} (predicted sparsity {:.3}, true {:.3}); FFN work {:.3} of dense",
+        preds.n_bytes(),
+        preds.n_bytes() as f64 / (1 << 20) as f64,
+        mean(&|r| r.recall),
+        mean(&|r| r.precision),
+        mean(&|r| r.predicted_active),
+        mean(&|r| r.true_active),
+        1.0 - mean(&|r| r.predicted_active),
+        1.0 - mean(&|r| r.true_active),
+        mean(&|r| r.work)
+    );
+}

@@ -1,0 +1,676 @@
+//! Neuron-aware CPU operators for ReLU-sparse FFNs (the CPU half of PowerInfer's scheme).
+//!
+//! A neuron i of `down(act(gate·x) * (up·x))` is row i of gate, row i of up and row i of the
+//! transposed down matrix `down_t`. When most neurons are exactly zero for a token, only the
+//! active ones need their weights read:
+//!
+//! * [`matvec_rows`] computes the listed rows of `gate·x` or `up·x`. Each value is bit-identical
+//!   to the dense [`matmul`](super::matmul::matmul)'s: the token is converted the same way and the
+//!   same dot product kernel runs per row, so sparse and dense decoding agree exactly on them.
+//! * [`axpy_rows`] computes the down projection as `Σ h[i] · down_t[i]` over the active
+//!   neurons. Its sum order is fixed by the length of the active list alone (fixed chunks, partial
+//!   sums added in chunk order), so the result is the same for any thread count.
+//! * [`transpose_matrix`] builds `down_t` from `down` at load time.
+//! * [`active_rows`] lists the neurons whose activation is positive.
+
+use super::matmul::{Activations, Precision};
+use crate::gguf::GgmlType;
+use crate::model::Matrix;
+use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QuantError, QK};
+use rayon::prelude::*;
+
+/// Weight bytes below which a task is not worth handing to another thread: rayon's hand-off
+/// costs a few microseconds, the time it takes to stream roughly this much from cache.
+const MIN_TASK_BYTES: usize = 32 * 1024;
+
+/// Neurons per AXPY chunk at least; a chunk's partial sum costs one output-sized buffer and
+/// one pass to add it, which 64 rows amortise.
+const MIN_AXPY_CHUNK: usize = 64;
+
+/// Chunks per AXPY call at most (longer lists get longer chunks), which bounds the buffers and
+/// the final reduction while leaving enough tasks to balance 16 threads.
+const MAX_AXPY_CHUNKS: usize = 32;
+
+// ---------------------------------------------------------------------------------------------
+// Row products
+// ---------------------------------------------------------------------------------------------
+
+/// The token converted to what one weight type multiplies with, exactly as [`Activations`]
+/// converts it for [`matmul`](super::matmul::matmul). It is redone here rather than read from
+/// the `Activations` cache, which is private to matmul.rs; for one token it costs about as
+/// much as a single weight row.
+enum TokenForm<'a> {
+    Q8_0(Vec<BlockQ8_0>),
+    Q8_1(Vec<BlockQ8_1>),
+    Half(Vec<f16>),
+    F32(&'a [f32]),
+}
+
+impl<'a> TokenForm<'a> {
+    fn new(ty: GgmlType, acts: &Activations<'a>) -> TokenForm<'a> {
+        let x = acts.x;
+        if acts.precision == Precision::F32 {
+            return TokenForm::F32(x);
+        }
+        match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 => {
+                let mut y = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; QK] }; x.len() / QK];
+                quant::quantize_row_q8_0(x, &mut y);
+                TokenForm::Q8_0(y)
+            }
+            GgmlType::Q4_1 => {
+                let mut y = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; QK] }; x.len() / QK];
+                quant::quantize_row_q8_1(x, &mut y);
+                TokenForm::Q8_1(y)
+            }
+            // The same per-element conversion as `Activations`, so the halves are identical.
+            GgmlType::F16 => TokenForm::Half(x.iter().map(|&v| f16::from_f32(v)).collect()),
+            _ => TokenForm::F32(x),
+        }
+    }
+}
+
+/// One matrix's rows ready to be dotted with one token: the weights cast to their blocks and
+/// the token in the matching form, with the same kernel `matmul` picks.
+enum RowDots<'a> {
+    Q4_0(&'a [BlockQ4_0], &'a [BlockQ8_0]),
+    Q4_1(&'a [BlockQ4_1], &'a [BlockQ8_1]),
+    Q8_0(&'a [BlockQ8_0], &'a [BlockQ8_0]),
+    F16(&'a [f16], &'a [f16]),
+    F32(&'a [f32], &'a [f32]),
+    /// [`Precision::F32`] with a non-F32 matrix: each row is dequantised and dotted in f32.
+    Dequantised(&'a Matrix, &'a [f32]),
+}
+
+impl<'a> RowDots<'a> {
+    fn new(w: &'a Matrix, form: &'a TokenForm<'a>) -> RowDots<'a> {
+        let bytes = w.bytes();
+        match (w.ty, form) {
+            (GgmlType::F32, TokenForm::F32(x)) => RowDots::F32(bytemuck::cast_slice(bytes), x),
+            (_, TokenForm::F32(x)) => RowDots::Dequantised(w, x),
+            (GgmlType::Q4_0, TokenForm::Q8_0(x)) => RowDots::Q4_0(bytemuck::cast_slice(bytes), x),
+            (GgmlType::Q8_0, TokenForm::Q8_0(x)) => RowDots::Q8_0(bytemuck::cast_slice(bytes), x),
+            (GgmlType::Q4_1, TokenForm::Q8_1(x)) => RowDots::Q4_1(bytemuck::cast_slice(bytes), x),
+            (GgmlType::F16, TokenForm::Half(x)) => RowDots::F16(bytemuck::cast_slice(bytes), x),
+            (other, _) => panic!("{}: no CPU kernel for {other} (the loader converts such types)", w.name),
+        }
+    }
+
+    /// Length of the scratch row a task needs: a dequantised row for the f32 path, else none.
+    fn scratch_len(&self) -> usize {
+        match self {
+            RowDots::Dequantised(w, _) => w.cols,
+            _ => 0,
+        }
+    }
+
+    /// `dot(row r, token)`, the value `matmul` writes for row r. A row holds as many weight
+    /// blocks (or values) as the converted token.
+    #[inline]
+    fn dot(&self, r: usize, scratch: &mut [f32]) -> f32 {
+        match *self {
+            RowDots::Q4_0(w, x) => quant::vec_dot_q4_0_q8_0(&w[r * x.len()..(r + 1) * x.len()], x),
+            RowDots::Q4_1(w, x) => quant::vec_dot_q4_1_q8_1(&w[r * x.len()..(r + 1) * x.len()], x),
+            RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0(&w[r * x.len()..(r + 1) * x.len()], x),
+            RowDots::F16(w, x) => quant::vec_dot_f16_f16(&w[r * x.len()..(r + 1) * x.len()], x),
+            RowDots::F32(w, x) => quant::vec_dot_f32(&w[r * x.len()..(r + 1) * x.len()], x),
+            RowDots::Dequantised(w, x) => {
+                let (rb, row) = (w.row_bytes(), &mut scratch[..w.cols]);
+                quant::dequantize(w.ty, &w.bytes()[r * rb..(r + 1) * rb], row).expect("native types dequantise");
+                quant::vec_dot_f32(row, x)
+            }
+        }
+    }
+}
+
+/// Listed rows per task: enough tasks for every thread to get several (the rows' cost is
+/// uniform, but threads are not), none smaller than [`MIN_TASK_BYTES`] of weights.
+fn rows_per_task(n_rows: usize, bytes_per_row: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let for_balance = n_rows.div_ceil(threads * 8);
+    let for_overhead = MIN_TASK_BYTES.div_ceil(bytes_per_row.max(1));
+    for_balance.max(for_overhead).max(1)
+}
+
+/// Checks what the row products need of their arguments; these are invariants of the forward
+/// pass, not user input, hence panics with the matrix named.
+fn check_row_product(w: &Matrix, acts: &Activations, rows: &[u32], out: &[f32]) {
+    assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", w.name, acts.n_tokens);
+    assert_eq!(acts.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, acts.cols, w.cols);
+    assert_eq!(out.len(), w.rows, "{}: output of {} values for {} rows", w.name, out.len(), w.rows);
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= w.rows) {
+        panic!("{}: row {bad} listed, the matrix has {}", w.name, w.rows);
+    }
+}
+
+/// Evaluates `value(k, scratch)` into `vals[k]` for every position k,
+/// split over rayon tasks of balanced counts (a single task runs inline).
+fn fill_by_position(
+    vals: &mut [f32],
+    per_task: usize,
+    scratch_len: usize,
+    value: impl Fn(usize, &mut [f32]) -> f32 + Sync,
+) {
+    if per_task >= vals.len() {
+        let mut scratch = vec![0.0; scratch_len];
+        for (k, v) in vals.iter_mut().enumerate() {
+            *v = value(k, &mut scratch);
+        }
+        return;
+    }
+    vals.par_chunks_mut(per_task).enumerate().for_each(|(task, chunk)| {
+        let mut scratch = vec![0.0; scratch_len];
+        for (j, v) in chunk.iter_mut().enumerate() {
+            *v = value(task * per_task + j, &mut scratch);
+        }
+    });
+}
+
+/// `out[r] = dot(row r of w, x)` for every r in `rows`, for the single token in `acts`, with
+/// the numerics of the dense [`matmul`](super::matmul::matmul) (the values are bit-identical to
+/// its output on those rows). Other entries of `out` (length `w.rows`) are left untouched;
+/// unlisted rows are not read. `rows` may be in any order.
+///
+/// # Panics
+/// If `acts` holds other than one token of `w.cols` values, `out` is not `w.rows` long, a row
+/// is out of range, or `w` has a type the CPU kernels do not compute with.
+pub fn matvec_rows(w: &Matrix, acts: &Activations, rows: &[u32], out: &mut [f32]) {
+    check_row_product(w, acts, rows, out);
+    if rows.is_empty() {
+        return;
+    }
+    let form = TokenForm::new(w.ty, acts);
+    let dots = RowDots::new(w, &form);
+    // Values are computed by list position, then scattered: tasks never write to `out` itself,
+    // so a list with repeats is harmless.
+    let mut vals = vec![0.0f32; rows.len()];
+    let per_task = rows_per_task(rows.len(), w.row_bytes());
+    fill_by_position(&mut vals, per_task, dots.scratch_len(), |k, scratch| dots.dot(rows[k] as usize, scratch));
+    for (&r, &v) in rows.iter().zip(&vals) {
+        out[r as usize] = v;
+    }
+}
+
+/// [`matvec_rows`] for gate and up at once: one walk over the list computes both rows of each
+/// neuron, and the token is converted once when both matrices have the same type. Each output
+/// is bit-identical to what [`matvec_rows`] (and the dense matmul) gives.
+///
+/// # Panics
+/// As [`matvec_rows`], for either matrix.
+pub fn matvec_rows_pair(
+    gate: &Matrix,
+    up: &Matrix,
+    acts: &Activations,
+    rows: &[u32],
+    out_gate: &mut [f32],
+    out_up: &mut [f32],
+) {
+    check_row_product(gate, acts, rows, out_gate);
+    check_row_product(up, acts, rows, out_up);
+    if rows.is_empty() {
+        return;
+    }
+    let gate_form = TokenForm::new(gate.ty, acts);
+    let up_form_own = (up.ty != gate.ty).then(|| TokenForm::new(up.ty, acts));
+    let up_form = up_form_own.as_ref().unwrap_or(&gate_form);
+    let (gate_dots, up_dots) = (RowDots::new(gate, &gate_form), RowDots::new(up, up_form));
+    // Position 2k holds neuron k's gate value and 2k + 1 its up value.
+    let mut vals = vec![0.0f32; 2 * rows.len()];
+    let per_task = 2 * rows_per_task(rows.len(), gate.row_bytes() + up.row_bytes());
+    let scratch_len = gate_dots.scratch_len().max(up_dots.scratch_len());
+    fill_by_position(&mut vals, per_task, scratch_len, |k, scratch| {
+        let dots = if k % 2 == 0 { &gate_dots } else { &up_dots };
+        dots.dot(rows[k / 2] as usize, scratch)
+    });
+    for (&r, pair) in rows.iter().zip(vals.chunks_exact(2)) {
+        out_gate[r as usize] = pair[0];
+        out_up[r as usize] = pair[1];
+    }
+}
+
+/// Appends to the cleared `out` the indices of `values` greater than zero, ascending: the
+/// neurons a ReLU lets through (NaN counts as inactive).
+pub fn active_rows(values: &[f32], out: &mut Vec<u32>) {
+    // Branch-free: at 50% sparsity a branch per value mispredicts half the time, which costs
+    // more than writing every index and advancing only past the active ones.
+    out.clear();
+    out.resize(values.len() + 1, 0);
+    let mut n = 0;
+    for (i, &v) in values.iter().enumerate() {
+        out[n] = i as u32;
+        n += usize::from(v > 0.0);
+    }
+    out.truncate(n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transposition
+// ---------------------------------------------------------------------------------------------
+
+/// Why [`transpose_matrix`] refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransposeError {
+    #[error("{name}: a transposed matrix is stored as F32, F16 or Q8_0, not {ty}")]
+    UnsupportedTarget { name: String, ty: GgmlType },
+    #[error("{name}: Q8_0 rows are whole blocks of 32 values, and the transposed rows would hold {len}; store it as F16")]
+    PartialBlock { name: String, len: usize },
+    #[error("{name}: {source}")]
+    Source { name: String, source: QuantError },
+}
+
+/// `w` transposed (`w.cols` rows of `w.rows` values) stored as `ty` (F32, F16 or Q8_0; Q8_0
+/// needs `w.rows` to be a multiple of 32): how `ffn_down` becomes `ffn_down_t`, whose row i is
+/// neuron i's output column. The result is named `<name>_t`.
+///
+/// Each task takes a band of source columns (whole source blocks), dequantises that band of
+/// every source row into a tile, and encodes the band's output rows, so no full f32 copy of the
+/// matrix is ever held. Values are the same as [`Matrix::transposed`]'s.
+pub fn transpose_matrix(w: &Matrix, ty: GgmlType) -> Result<Matrix, TransposeError> {
+    let (rows, cols) = (w.rows, w.cols);
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => {}
+        GgmlType::Q8_0 if rows % QK == 0 => {}
+        GgmlType::Q8_0 => return Err(TransposeError::PartialBlock { name: w.name.clone(), len: rows }),
+        other => return Err(TransposeError::UnsupportedTarget { name: w.name.clone(), ty: other }),
+    }
+    let source_error = |source| TransposeError::Source { name: w.name.clone(), source };
+    let (block_len, block_bytes) = (w.ty.block_len(), w.ty.block_bytes());
+    if !cols.is_multiple_of(block_len) {
+        return Err(source_error(QuantError::PartialBlock { ty: w.ty, n: cols }));
+    }
+    let src = w.bytes();
+    let src_row = cols / block_len * block_bytes;
+    if src.len() != rows * src_row {
+        let n = rows * cols;
+        return Err(source_error(QuantError::SourceLength { ty: w.ty, n, expected: rows * src_row, got: src.len() }));
+    }
+    let out_row = ty.bytes_for(rows as u64).expect("checked above") as usize;
+    let mut bytes = vec![0u8; cols * out_row];
+    if !bytes.is_empty() {
+        // 64 source columns (one 256-byte line of f32 per tile row) or one K-quant block.
+        let band = block_len * (64 / block_len).max(1);
+        bytes.par_chunks_mut(band * out_row).enumerate().try_for_each(|(b, out_band)| {
+            let (c0, width) = (b * band, out_band.len() / out_row);
+            let src_off = c0 / block_len * block_bytes;
+            let src_len = width / block_len * block_bytes;
+            let mut piece = vec![0.0f32; width];
+            // tile[k * rows + r] = w[r][c0 + k]: output row c0 + k is tile row k.
+            let mut tile = vec![0.0f32; width * rows];
+            for r in 0..rows {
+                let start = r * src_row + src_off;
+                quant::dequantize(w.ty, &src[start..start + src_len], &mut piece).map_err(source_error)?;
+                for (k, &v) in piece.iter().enumerate() {
+                    tile[k * rows + r] = v;
+                }
+            }
+            for (values, dst) in tile.chunks_exact(rows).zip(out_band.chunks_exact_mut(out_row)) {
+                encode_row(ty, values, dst);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(Matrix::from_raw(&format!("{}_t", w.name), cols, rows, ty, &bytes))
+}
+
+/// Stores one row of values as `ty` (F32, F16, or Q8_0 with ggml's reference rounding, as a
+/// quantised weight file would hold it).
+fn encode_row(ty: GgmlType, values: &[f32], dst: &mut [u8]) {
+    match ty {
+        GgmlType::F32 => {
+            for (d, v) in dst.chunks_exact_mut(4).zip(values) {
+                d.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for (d, &v) in dst.chunks_exact_mut(2).zip(values) {
+                d.copy_from_slice(&f16::from_f32(v).to_le_bytes());
+            }
+        }
+        GgmlType::Q8_0 => dst.copy_from_slice(bytemuck::cast_slice(&quant::quantize_q8_0(values))),
+        other => unreachable!("transpose_matrix refuses {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sums of rows (the sparse down projection)
+// ---------------------------------------------------------------------------------------------
+
+/// `acc[j] += h * row[j]` for one F32 row, one fused multiply-add per element.
+pub fn axpy_row_f32(row: &[f32], h: f32, acc: &mut [f32]) {
+    assert_eq!(row.len(), acc.len(), "axpy_row_f32: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::axpy_row_f32(row, h, acc) };
+    }
+    reference::axpy_row_f32(row, h, acc)
+}
+
+/// `acc[j] += h * row[j]` for one F16 row (the f16 values convert to f32 exactly).
+pub fn axpy_row_f16(row: &[f16], h: f32, acc: &mut [f32]) {
+    assert_eq!(row.len(), acc.len(), "axpy_row_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::axpy_row_f16(row, h, acc) };
+    }
+    reference::axpy_row_f16(row, h, acc)
+}
+
+/// `acc += h * row` for one Q8_0 row: `h * d` is formed once per block, then one fused
+/// multiply-add per quant.
+pub fn axpy_row_q8_0(row: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
+    assert_eq!(QK * row.len(), acc.len(), "axpy_row_q8_0: {} blocks for {} values", row.len(), acc.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::axpy_row_q8_0(row, h, acc) };
+    }
+    reference::axpy_row_q8_0(row, h, acc)
+}
+
+/// `acc += h * row` for one Q4_0 row, `h * d` once per block as for Q8_0.
+pub fn axpy_row_q4_0(row: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
+    assert_eq!(QK * row.len(), acc.len(), "axpy_row_q4_0: {} blocks for {} values", row.len(), acc.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::axpy_row_q4_0(row, h, acc) };
+    }
+    reference::axpy_row_q4_0(row, h, acc)
+}
+
+/// `acc += h * row` for one Q4_1 row: each weight is dequantised exactly (`q * d + m` has one
+/// rounding, like the reference dequantisation) and fused into the sum, because scaling `d` and
+/// `m` by `h` first would round twice per element.
+pub fn axpy_row_q4_1(row: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
+    assert_eq!(QK * row.len(), acc.len(), "axpy_row_q4_1: {} blocks for {} values", row.len(), acc.len());
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for.
+        return unsafe { x86::axpy_row_q4_1(row, h, acc) };
+    }
+    reference::axpy_row_q4_1(row, h, acc)
+}
+
+/// A `down_t` matrix's rows cast to their blocks, with the row AXPY of its type.
+enum AxpyRows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    Q8_0(&'a [BlockQ8_0]),
+    Q4_0(&'a [BlockQ4_0]),
+    Q4_1(&'a [BlockQ4_1]),
+}
+
+impl<'a> AxpyRows<'a> {
+    fn new(m: &'a Matrix) -> AxpyRows<'a> {
+        let b = m.bytes();
+        match m.ty {
+            GgmlType::F32 => AxpyRows::F32(bytemuck::cast_slice(b)),
+            GgmlType::F16 => AxpyRows::F16(bytemuck::cast_slice(b)),
+            GgmlType::Q8_0 => AxpyRows::Q8_0(bytemuck::cast_slice(b)),
+            GgmlType::Q4_0 => AxpyRows::Q4_0(bytemuck::cast_slice(b)),
+            GgmlType::Q4_1 => AxpyRows::Q4_1(bytemuck::cast_slice(b)),
+            other => panic!("{}: no row AXPY for {other} (the loader converts such types)", m.name),
+        }
+    }
+
+    /// `acc += h * row i`.
+    #[inline]
+    fn add(&self, i: usize, h: f32, acc: &mut [f32]) {
+        let n = acc.len();
+        match *self {
+            AxpyRows::F32(w) => axpy_row_f32(&w[i * n..(i + 1) * n], h, acc),
+            AxpyRows::F16(w) => axpy_row_f16(&w[i * n..(i + 1) * n], h, acc),
+            AxpyRows::Q8_0(w) => axpy_row_q8_0(&w[i * n / QK..(i + 1) * n / QK], h, acc),
+            AxpyRows::Q4_0(w) => axpy_row_q4_0(&w[i * n / QK..(i + 1) * n / QK], h, acc),
+            AxpyRows::Q4_1(w) => axpy_row_q4_1(&w[i * n / QK..(i + 1) * n / QK], h, acc),
+        }
+    }
+}
+
+/// Neurons per AXPY chunk for a list of `n`: a function of `n` alone, which is what makes the
+/// sum order, and so the result, independent of the thread count.
+pub fn axpy_chunk_len(n: usize) -> usize {
+    n.div_ceil(MAX_AXPY_CHUNKS).max(MIN_AXPY_CHUNK)
+}
+
+/// `out` (length `down_t.cols`) is overwritten with `Σ h[i] · row i of down_t` over the `i` in
+/// `active` with `h[i] != 0` (neurons listed with a zero are skipped unread): the down
+/// projection of the active neurons. `h` holds one value per neuron (`down_t.rows`).
+///
+/// The list is cut into chunks of [`axpy_chunk_len`]`(active.len())` neurons; each chunk sums
+/// its rows in list order into its own f32 buffer (one fused multiply-add per element and row),
+/// and the buffers are added in chunk order. The result depends on the list and the values
+/// only, never on the number of threads. An empty list gives zeros.
+///
+/// # Panics
+/// If `h` is not `down_t.rows` long, `out` not `down_t.cols`, an index is out of range, or
+/// `down_t` is not F32, F16, Q8_0, Q4_0 or Q4_1.
+pub fn axpy_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32]) {
+    sum_rows(down_t, h, active, out, false)
+}
+
+/// As [`axpy_rows`], but adds to `out`: `out = ((out + c0) + c1) + …` over the chunk sums
+/// `c0, c1, …` of [`axpy_rows`], which is what a hybrid step needs to add the CPU's neurons to
+/// another part of the projection. With `out` zero it gives exactly [`axpy_rows`]'s result.
+pub fn axpy_rows_into(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32]) {
+    sum_rows(down_t, h, active, out, true)
+}
+
+fn sum_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32], add: bool) {
+    let (n_neurons, cols) = (down_t.rows, down_t.cols);
+    assert_eq!(h.len(), n_neurons, "{}: {} activations for {} neurons", down_t.name, h.len(), n_neurons);
+    assert_eq!(out.len(), cols, "{}: output of {} values for {} columns", down_t.name, out.len(), cols);
+    if let Some(&bad) = active.iter().find(|&&i| i as usize >= n_neurons) {
+        panic!("{}: neuron {bad} listed, the matrix has {n_neurons}", down_t.name);
+    }
+    if !add {
+        out.fill(0.0);
+    }
+    if active.is_empty() || cols == 0 {
+        return;
+    }
+    let rows = AxpyRows::new(down_t);
+    let sum_chunk = |chunk: &[u32], acc: &mut [f32]| {
+        for &i in chunk {
+            let hi = h[i as usize];
+            if hi != 0.0 {
+                rows.add(i as usize, hi, acc);
+            }
+        }
+    };
+    let chunk_len = axpy_chunk_len(active.len());
+    if chunk_len >= active.len() && !add {
+        // One chunk summed straight into the zeroed output: the same operations as summing
+        // into a fresh buffer and copying it.
+        return sum_chunk(active, out);
+    }
+    let chunks: Vec<&[u32]> = active.chunks(chunk_len).collect();
+    let new_partial = |chunk: &&[u32]| {
+        let mut acc = vec![0.0f32; cols];
+        sum_chunk(chunk, &mut acc);
+        acc
+    };
+    let parallel = active.len() * down_t.row_bytes() >= 2 * MIN_TASK_BYTES;
+    let partials: Vec<Vec<f32>> = match parallel {
+        true => chunks.par_iter().map(new_partial).collect(),
+        false => chunks.iter().map(new_partial).collect(),
+    };
+    // Adding the partials in chunk order, element by element; splitting the columns over
+    // tasks does not change any element's order of additions.
+    let add_partials = |(block, o): (usize, &mut [f32])| {
+        let cols = block * REDUCE_COLS..block * REDUCE_COLS + o.len();
+        let mut first = 0;
+        if !add {
+            o.copy_from_slice(&partials[0][cols.clone()]);
+            first = 1;
+        }
+        for p in &partials[first..] {
+            for (a, &b) in o.iter_mut().zip(&p[cols.clone()]) {
+                *a += b;
+            }
+        }
+    };
+    const REDUCE_COLS: usize = 1024;
+    if parallel && cols * partials.len() >= 16 * REDUCE_COLS {
+        out.par_chunks_mut(REDUCE_COLS).enumerate().for_each(add_partials);
+    } else {
+        out.chunks_mut(REDUCE_COLS).enumerate().for_each(add_partials);
+    }
+}
+
+/// Portable scalar twins of the row AXPY kernels: the same float operations in the same order,
+/// so the SIMD kernels must match them bit for bit.
+pub mod reference {
+    use super::{f16, BlockQ4_0, BlockQ4_1, BlockQ8_0};
+
+    /// Value of element `e` (0..32) of a 4-bit block: low nibbles first, then high nibbles.
+    #[inline(always)]
+    fn nibble(qs: &[u8; 16], e: usize) -> u8 {
+        if e < 16 {
+            qs[e] & 0x0F
+        } else {
+            qs[e - 16] >> 4
+        }
+    }
+
+    pub fn axpy_row_f32(row: &[f32], h: f32, acc: &mut [f32]) {
+        for (a, &w) in acc.iter_mut().zip(row) {
+            *a = h.mul_add(w, *a);
+        }
+    }
+
+    pub fn axpy_row_f16(row: &[f16], h: f32, acc: &mut [f32]) {
+        for (a, &w) in acc.iter_mut().zip(row) {
+            *a = h.mul_add(w.to_f32(), *a);
+        }
+    }
+
+    pub fn axpy_row_q8_0(row: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
+        for (block, a) in row.iter().zip(acc.chunks_exact_mut(32)) {
+            let s = h * block.d.to_f32();
+            for (a, &q) in a.iter_mut().zip(&block.qs) {
+                *a = s.mul_add(f32::from(q), *a);
+            }
+        }
+    }
+
+    pub fn axpy_row_q4_0(row: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
+        for (block, a) in row.iter().zip(acc.chunks_exact_mut(32)) {
+            let s = h * block.d.to_f32();
+            for (e, a) in a.iter_mut().enumerate() {
+                *a = s.mul_add((i32::from(nibble(&block.qs, e)) - 8) as f32, *a);
+            }
+        }
+    }
+
+    pub fn axpy_row_q4_1(row: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
+        for (block, a) in row.iter().zip(acc.chunks_exact_mut(32)) {
+            let (d, m) = (block.d.to_f32(), block.m.to_f32());
+            for (e, a) in a.iter_mut().enumerate() {
+                let w = f32::from(nibble(&block.qs, e)).mul_add(d, m);
+                *a = h.mul_add(w, *a);
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA + F16C row AXPY kernels, bit-identical to [`reference`]: every output element
+/// sees the same fused multiply-adds; vectors only process eight elements at a time.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{f16, BlockQ4_0, BlockQ4_1, BlockQ8_0};
+    use std::arch::x86_64::*;
+    use std::sync::OnceLock;
+
+    pub(super) fn has_avx2() -> bool {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+        })
+    }
+
+    /// f16 to f32 through F16C (exact), without a call into the half crate per block.
+    #[inline(always)]
+    unsafe fn half_to_f32(v: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
+    }
+
+    /// `acc[0..8] = s * q + acc[0..8]` with eight i8 quants from the low half of `q8`.
+    #[inline(always)]
+    unsafe fn fma_i8x8(acc: *mut f32, s: __m256, q8: __m128i) {
+        let w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
+        _mm256_storeu_ps(acc, _mm256_fmadd_ps(s, w, _mm256_loadu_ps(acc)));
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_row_f32(row: &[f32], h: f32, acc: &mut [f32]) {
+        let n8 = acc.len() / 8 * 8;
+        let (hv, p, w) = (_mm256_set1_ps(h), acc.as_mut_ptr(), row.as_ptr());
+        for i in (0..n8).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_fmadd_ps(hv, _mm256_loadu_ps(w.add(i)), _mm256_loadu_ps(p.add(i))));
+        }
+        super::reference::axpy_row_f32(&row[n8..], h, &mut acc[n8..]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_row_f16(row: &[f16], h: f32, acc: &mut [f32]) {
+        let n8 = acc.len() / 8 * 8;
+        let (hv, p, w) = (_mm256_set1_ps(h), acc.as_mut_ptr(), row.as_ptr());
+        for i in (0..n8).step_by(8) {
+            let wv = _mm256_cvtph_ps(_mm_loadu_si128(w.add(i).cast()));
+            _mm256_storeu_ps(p.add(i), _mm256_fmadd_ps(hv, wv, _mm256_loadu_ps(p.add(i))));
+        }
+        super::reference::axpy_row_f16(&row[n8..], h, &mut acc[n8..]);
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_row_q8_0(row: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
+        let p = acc.as_mut_ptr();
+        for (b, block) in row.iter().enumerate() {
+            let s = _mm256_set1_ps(h * half_to_f32(block.d));
+            let q = block.qs.as_ptr();
+            for k in 0..4 {
+                fma_i8x8(p.add(32 * b + 8 * k), s, _mm_loadl_epi64(q.add(8 * k).cast()));
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_row_q4_0(row: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
+        let p = acc.as_mut_ptr();
+        let (low4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
+        for (b, block) in row.iter().enumerate() {
+            let s = _mm256_set1_ps(h * half_to_f32(block.d));
+            let q = _mm_loadu_si128(block.qs.as_ptr().cast());
+            // Elements 0..16 are the low nibbles, 16..32 the high ones.
+            let lo = _mm_sub_epi8(_mm_and_si128(q, low4), eight);
+            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), low4), eight);
+            let a = p.add(32 * b);
+            fma_i8x8(a, s, lo);
+            fma_i8x8(a.add(8), s, _mm_unpackhi_epi64(lo, lo));
+            fma_i8x8(a.add(16), s, hi);
+            fma_i8x8(a.add(24), s, _mm_unpackhi_epi64(hi, hi));
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_row_q4_1(row: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
+        let p = acc.as_mut_ptr();
+        let (hv, low4) = (_mm256_set1_ps(h), _mm_set1_epi8(0x0F));
+        for (b, block) in row.iter().enumerate() {
+            let d = _mm256_set1_ps(half_to_f32(block.d));
+            let m = _mm256_set1_ps(half_to_f32(block.m));
+            let q = _mm_loadu_si128(block.qs.as_ptr().cast());
+            let lo = _mm_and_si128(q, low4);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
+            let a = p.add(32 * b);
+            for (k, q8) in [lo, _mm_unpackhi_epi64(lo, lo), hi, _mm_unpackhi_epi64(hi, hi)].into_iter().enumerate() {
+                let w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)), d, m);
+                let ak = a.add(8 * k);
+                _mm256_storeu_ps(ak, _mm256_fmadd_ps(hv, w, _mm256_loadu_ps(ak)));
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! How each layer's FFN block is computed on the CPU: densely, or only for the neurons that
+//! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
+
+use crate::cpu::ops::activate;
+use crate::cpu::sparse::{axpy_rows, matvec_rows, transpose_matrix};
+use crate::cpu::{matmul, Activations, Precision};
+use crate::model::{Activation, Matrix, Model};
+use crate::sparse::predictor::Predictors;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// `--ffn`: which neurons of each FFN block are computed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FfnMode {
+    /// Every neuron: three matrix products (the reference).
+    #[default]
+    Dense,
+    /// The gate for every neuron, then up rows and down columns only where relu(gate) > 0:
+    /// the dense result up to float reassociation (ReLU models only).
+    Relu,
+    /// A per-layer predictor chooses the neurons before the FFN runs; gate, up and down only
+    /// for those (PowerInfer's scheme).
+    Predict,
+    /// The gate for every neuron, then only neurons with |act(gate)| above a per-layer
+    /// threshold calibrated to a target sparsity (CATS-style, for SiLU models).
+    Threshold,
+}
+
+impl FfnMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            FfnMode::Dense => "dense",
+            FfnMode::Relu => "relu",
+            FfnMode::Predict => "predict",
+            FfnMode::Threshold => "threshold",
+        }
+    }
+}
+
+/// Everything a sparse FFN needs beyond the model's weights.
+pub struct SparseFfn {
+    pub mode: FfnMode,
+    /// Per layer, `ffn_down` transposed: row i is neuron i's output column, contiguous.
+    pub down_t: Vec<Matrix>,
+    pub predictors: Option<Arc<Predictors>>,
+    /// Per layer |act(gate)| thresholds ([`FfnMode::Threshold`]).
+    pub thresholds: Vec<f32>,
+}
+
+/// Per-token buffers of the sparse FFN, reused across tokens.
+#[derive(Default)]
+pub struct FfnScratch {
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    h: Vec<f32>,
+    pub active: Vec<u32>,
+}
+
+/// Why a sparse FFN cannot be set up for a model.
+#[derive(Debug, thiserror::Error)]
+pub enum FfnError {
+    #[error("--ffn relu needs a ReLU model (ember.ffn_activation = relu); this one uses {0}: try --ffn threshold")]
+    NotRelu(&'static str),
+    #[error("--ffn predict needs predictors: pass --predictor FILE (made by `ember train-predictor`) or use a PowerInfer model that carries blk.N.fc1/fc2")]
+    NoPredictors,
+    #[error("--ffn threshold needs per-layer thresholds: pass --ffn-sparsity with a calibration text")]
+    NoThresholds,
+    #[error("predictors do not fit this model: {0}")]
+    PredictorShape(String),
+    #[error("cannot transpose {0}: {1}")]
+    Transpose(String, String),
+}
+
+impl SparseFfn {
+    /// Prepares `mode` for `model`: the transposed down matrices (the file's `ffn_down_t` when
+    /// it has one, else transposed now, in parallel, with a progress bar when asked).
+    ///
+    /// With [`Precision::F32`] the transposed down matrix is kept in f32, which holds every
+    /// dequantised weight exactly, so the sparse result differs from the dense one only by
+    /// summation order; with the default 8-bit precision it is re-quantised to Q8_0 (4x fewer
+    /// bytes to read; the dense path quantises its activations to 8 bits as well).
+    pub fn new(model: &Model, mode: FfnMode, predictors: Option<Arc<Predictors>>, thresholds: Vec<f32>, precision: Precision, progress: bool) -> Result<SparseFfn, FfnError> {
+        Self::build(model, mode, predictors, thresholds, precision, false, progress)
+    }
+
+    /// Predict mode whose active sets come from outside ([`Self::token_with`]): simulated
+    /// activity for benchmarks of models without trained predictors.
+    pub fn simulated(model: &Model, precision: Precision, progress: bool) -> Result<SparseFfn, FfnError> {
+        Self::build(model, FfnMode::Predict, None, Vec::new(), precision, true, progress)
+    }
+
+    fn build(model: &Model, mode: FfnMode, predictors: Option<Arc<Predictors>>, thresholds: Vec<f32>, precision: Precision, simulated: bool, progress: bool) -> Result<SparseFfn, FfnError> {
+        let hp = &model.hp;
+        match mode {
+            FfnMode::Relu if hp.activation != Activation::Relu => return Err(FfnError::NotRelu(hp.activation.name())),
+            FfnMode::Predict if predictors.is_none() && !simulated => return Err(FfnError::NoPredictors),
+            FfnMode::Threshold if thresholds.len() != hp.n_layer => return Err(FfnError::NoThresholds),
+            _ => {}
+        }
+        if let Some(p) = &predictors {
+            p.check_model(hp).map_err(|e| FfnError::PredictorShape(e.to_string()))?;
+        }
+        let down_t = transposed_downs(model, precision, progress)?;
+        Ok(SparseFfn { mode, down_t, predictors, thresholds })
+    }
+
+    /// One token's FFN output for layer `il` (overwrites `out`, n_embd values) from its
+    /// normalised input `xn` and the residual stream `resid` entering the block (the
+    /// predictor's input), over the neurons in `owned` (ascending; None = all of them; the
+    /// hybrid executor's CPU side owns the cold ones). Returns how many neurons were computed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn token(&self, model: &Model, il: usize, resid: &[f32], xn: &[f32], owned: Option<&[u32]>, precision: Precision, s: &mut FfnScratch, out: &mut [f32]) -> usize {
+        self.token_with(model, il, resid, xn, owned, None, precision, s, out)
+    }
+
+    /// [`token`](Self::token) with, in predict mode, the active set `given` (ascending) instead
+    /// of the predictor's: simulated activity in benchmarks.
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_with(&self, model: &Model, il: usize, resid: &[f32], xn: &[f32], owned: Option<&[u32]>, given: Option<&[u32]>, precision: Precision, s: &mut FfnScratch, out: &mut [f32]) -> usize {
+        let layer = &model.layers[il];
+        let ff = model.hp.n_ff;
+        let act = model.hp.activation;
+        s.gate.resize(ff, 0.0);
+        s.up.resize(ff, 0.0);
+        s.h.resize(ff, 0.0);
+        s.active.clear();
+        let acts = Activations::new(xn, 1).with_precision(precision);
+        match self.mode {
+            FfnMode::Dense | FfnMode::Relu | FfnMode::Threshold => {
+                match owned {
+                    None => matmul(&layer.ffn_gate, &acts, &mut s.gate),
+                    Some(rows) => matvec_rows(&layer.ffn_gate, &acts, rows, &mut s.gate),
+                }
+                let thr = if self.mode == FfnMode::Threshold { self.thresholds[il] } else { 0.0 };
+                let keep = |g: f32| match self.mode {
+                    FfnMode::Dense => true,
+                    // ReLU: exactly the neurons whose activation is non-zero.
+                    FfnMode::Relu => g > 0.0,
+                    _ => activate(act, g).abs() > thr,
+                };
+                match owned {
+                    None => s.active.extend((0..ff as u32).filter(|&i| keep(s.gate[i as usize]))),
+                    Some(rows) => s.active.extend(rows.iter().copied().filter(|&i| keep(s.gate[i as usize]))),
+                }
+            }
+            FfnMode::Predict => {
+                match given {
+                    Some(set) => s.active.extend_from_slice(set),
+                    None => self.predictors.as_ref().expect("checked in new").layers[il].active(resid, &mut s.active),
+                }
+                if let Some(rows) = owned {
+                    retain_sorted_intersection(&mut s.active, rows);
+                }
+                matvec_rows(&layer.ffn_gate, &acts, &s.active, &mut s.gate);
+            }
+        }
+        matvec_rows(&layer.ffn_up, &acts, &s.active, &mut s.up);
+        for &i in &s.active {
+            let i = i as usize;
+            s.h[i] = activate(act, s.gate[i]) * s.up[i];
+        }
+        axpy_rows(&self.down_t[il], &s.h, &s.active, out);
+        s.active.len()
+    }
+}
+
+/// Keeps the elements of ascending `a` that are also in ascending `b`.
+fn retain_sorted_intersection(a: &mut Vec<u32>, b: &[u32]) {
+    let mut j = 0;
+    a.retain(|&v| {
+        while j < b.len() && b[j] < v {
+            j += 1;
+        }
+        j < b.len() && b[j] == v
+    });
+}
+
+/// Every layer's down matrix transposed (or the file's own `ffn_down_t`).
+pub fn transposed_downs(model: &Model, precision: Precision, progress: bool) -> Result<Vec<Matrix>, FfnError> {
+    let bar = if progress { indicatif::ProgressBar::new(model.layers.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    bar.set_style(indicatif::ProgressStyle::with_template("ember: transposing ffn_down {bar:30} {pos}/{len} layers").unwrap());
+    let out = model
+        .layers
+        .par_iter()
+        .map(|l| {
+            let t = match &l.ffn_down_t {
+                Some(t) => Ok(t.clone()),
+                None => transpose_matrix(&l.ffn_down, if precision == Precision::F32 { crate::gguf::GgmlType::F32 } else { l.ffn_down.transpose_type() }).map_err(|e| FfnError::Transpose(l.ffn_down.name.clone(), e.to_string())),
+            };
+            bar.inc(1);
+            t
+        })
+        .collect();
+    bar.finish_and_clear();
+    out
+}

@@ -1,0 +1,405 @@
+//! The neuron-aware FFN on the GPU, alone or split with the CPU (PowerInfer's hybrid).
+//!
+//! Placement ([`crate::sparse::placement`]) decides which neurons of each layer are hot. Hot
+//! neurons live on the GPU in compact rows ([`HotFfn`]); the CPU computes the active cold ones
+//! from the mapped model file. Per token and layer:
+//!
+//! ```text
+//! GPU, submission A: ... attention, + residual, FFN norm -> copy (xn, x) to a mapped buffer
+//! GPU, submission B: hot neurons: [predictor] -> select active -> gather up/gate -> AXPY into x
+//! CPU, meanwhile:    wait for A only, read (xn, x), cold active neurons -> y_cpu -> write to GPU
+//! GPU, next layer:   x += y_cpu, then its attention ...
+//! ```
+//!
+//! So each layer with cold neurons costs one GPU->CPU synchronisation (waiting for A) and one
+//! host write (y_cpu, n_embd floats, ordered before the next submission); only activation
+//! vectors cross the bus. While the CPU works on the cold neurons the GPU works on the hot
+//! ones. Layers whose neurons are all hot need no synchronisation at all: a model that fits
+//! runs as one submission per token, like the dense GPU path.
+
+use super::ffn::{FfnMode, FfnScratch, SparseFfn};
+use super::forward::ForwardError;
+use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Op};
+use crate::cpu::Precision;
+use crate::gpu::matrix::{GpuMatrix, MatmulOp};
+use crate::gpu::ops::{AddOp, GatedActOp};
+use crate::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
+use crate::gpu::{GpuContext, GpuError, Step};
+use crate::model::Model;
+use crate::sparse::placement::{place, Bytes, FixedPart, Placement, PlacementInput};
+use crate::sparse::simulate::SimulatedActivity;
+use std::sync::{Arc, Mutex};
+
+/// What a neuron-aware GPU session needs besides the model.
+pub struct HybridPlan {
+    /// Mode (relu or predict), transposed down matrices, predictors.
+    pub ffn: Arc<SparseFfn>,
+    /// GPU bytes ember may allocate; None = everything hot (GPU-resident sparse).
+    pub budget: Option<u64>,
+    /// Per layer, per neuron firing counts (the profile) that rank neurons for the GPU.
+    pub counts: Vec<Vec<u32>>,
+    /// Arithmetic of the CPU's cold neurons.
+    pub cpu_precision: Precision,
+    /// Benchmark only: each token's active neurons drawn from firing rates, not computed.
+    pub simulate: Option<SimulatedActivity>,
+}
+
+/// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x).
+struct PredictorOps {
+    fc1: MatmulOp,
+    relu: GatedActOp,
+    fc2: MatmulOp,
+    _weights: [GpuMatrix; 2],
+}
+
+/// One layer's neuron-aware FFN: the GPU's hot part and what the CPU needs for the cold part.
+pub(super) struct SparseLayerOps {
+    predictor: Option<PredictorOps>,
+    gate: Option<DenseGateOp>,
+    select: SelectOp,
+    matvec: SparseMatvecOp,
+    axpy: SparseAxpyOp,
+    _hot: HotFfn,
+    _list: ActiveList,
+    /// Ascending ids of the neurons the CPU owns (may be empty).
+    cold: Vec<u32>,
+    /// (xn, x) of the token, mapped by the CPU.
+    staging: Option<wgpu::Buffer>,
+    /// The CPU's partial output and the op adding it to x.
+    y_cpu: wgpu::Buffer,
+    add_cpu: AddOp,
+    /// Simulated activity: the layer's ±1 "logits" written per token.
+    sim_logits: Option<wgpu::Buffer>,
+}
+
+/// Lost-device and mapping failures of the hybrid step.
+fn lost(err: impl std::fmt::Display) -> ForwardError {
+    ForwardError::Gpu(GpuError::Lost(err.to_string()))
+}
+
+macro_rules! impl_op_no_tokens {
+    ($($t:ty),*) => {$(
+        impl Op for $t {
+            fn record(&self, pass: &mut wgpu::ComputePass<'_>, _n_tokens: u32) {
+                self.encode(pass)
+            }
+        }
+    )*};
+}
+impl_op_no_tokens!(DenseGateOp, SelectOp, SparseMatvecOp, SparseAxpyOp);
+
+impl SparseLayerOps {
+    /// The GPU's hot-neuron dispatches, in order.
+    pub(super) fn gpu_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
+        if let Some(p) = &self.predictor {
+            v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu), ("predictor fc2", &p.fc2)]);
+        }
+        if let Some(g) = &self.gate {
+            v.push(("sparse gate", g));
+        }
+        v.extend([("sparse select", &self.select as &dyn Op), ("sparse matvec", &self.matvec), ("sparse axpy", &self.axpy)]);
+        v
+    }
+}
+
+/// The CPU side of a hybrid session.
+pub struct HybridState {
+    ffn: Arc<SparseFfn>,
+    precision: Precision,
+    scratch: FfnScratch,
+    y: Vec<f32>,
+    simulate: Option<Mutex<SimulatedActivity>>,
+    /// Per layer: the token's drawn active set (simulation).
+    drawn: Vec<Vec<u32>>,
+    pub placement: Placement,
+    /// CPU<->GPU synchronisations in the last decoded token.
+    pub syncs_per_token: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HybridError {
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Placement(#[from] crate::sparse::placement::PlacementError),
+    #[error("--ffn {0} cannot run neuron-aware on the GPU (relu or predict)")]
+    Mode(&'static str),
+    #[error("ember allocated {used} of GPU memory, over the budget of {budget}: a bug in its accounting; please report it, and use a smaller --vram-budget meanwhile")]
+    OverBudget { used: Bytes, budget: Bytes },
+}
+
+impl GpuSession {
+    /// A GPU session whose FFN is neuron-aware: everything but the FFN on the GPU, then as
+    /// many hot neurons as `plan.budget` leaves room for (all of them without a budget); the
+    /// rest run on the CPU. Decodes one token per forward step (a batch is run token by token).
+    pub fn hybrid(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<GpuSession, HybridError> {
+        let hp = model.hp.clone();
+        let (e, ff) = (hp.n_embd, hp.n_ff);
+        let mode = plan.ffn.mode;
+        if !matches!(mode, FfnMode::Relu | FfnMode::Predict) {
+            return Err(HybridError::Mode(mode.name()));
+        }
+        let start = ctx.allocated_bytes();
+        let mut fixed = Vec::new();
+        // What each stage really allocated, measured, so the neurons get exactly what is left.
+        let mark = |fixed: &mut Vec<FixedPart>, name: &str, since: &mut u64| {
+            let now = ctx.allocated_bytes();
+            fixed.push(FixedPart { name: name.into(), bytes: now - *since });
+            *since = now;
+        };
+        let mut since = start;
+        let weights = Arc::new(GpuWeights::upload_layers(&ctx, &model, hp.n_layer, false, progress)?);
+        mark(&mut fixed, "attention, norms, embeddings, output", &mut since);
+        let mut session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
+        mark(&mut fixed, "KV cache and activations", &mut since);
+
+        // Predictors on the GPU (predict mode without simulation).
+        let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
+            (Some(p), FfnMode::Predict, None) => p.layers.iter().map(|l| Ok(Some([GpuMatrix::upload(&ctx, &l.fc1)?, GpuMatrix::upload(&ctx, &l.fc2)?]))).collect::<Result<_, GpuError>>()?,
+            _ => (0..hp.n_layer).map(|_| None).collect(),
+        };
+        let max_rank = plan.ffn.predictors.as_ref().map_or(1, |p| p.layers.iter().map(|l| l.fc1.rows).max().unwrap_or(1));
+        // Buffers shared by every layer's sparse ops (layers run one after another).
+        let g = ctx.zeros("sparse g", 4 * ff as u64);
+        let h = ctx.zeros("sparse h", 4 * ff as u64);
+        let logits = ctx.zeros("predictor logits", 4 * ff as u64);
+        let p1 = ctx.zeros("predictor hidden", 4 * max_rank as u64);
+        let ones = ctx.upload("ones", bytemuck::cast_slice(&vec![1.0f32; max_rank]));
+        let sim_logits: Vec<Option<wgpu::Buffer>> = (0..hp.n_layer).map(|l| plan.simulate.as_ref().map(|_| ctx.zeros(&format!("simulated logits {l}"), 4 * ff as u64))).collect();
+        mark(&mut fixed, "predictors and sparse buffers", &mut since);
+
+        // Per layer costs that do not scale with the hot neurons: the active list's header,
+        // dispatch arguments, the AXPY's partial sums, uniforms, the CPU exchange buffers.
+        let cfg = SparseConfig::for_context(&ctx);
+        let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096;
+        fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
+        let per_neuron: Vec<u64> = (0..hp.n_layer)
+            .map(|il| {
+                let l = &model.layers[il];
+                // Its three rows and id, plus its entry in the active list.
+                HotFfn::bytes_per_neuron(l.ffn_gate.ty, l.ffn_up.ty, plan.ffn.down_t[il].ty, e) + 4
+            })
+            .collect();
+        let budget = plan.budget.unwrap_or(u64::MAX);
+        let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
+        let placement = match plan.budget {
+            Some(_) => place(&input, budget, ff)?,
+            None => Placement {
+                budget,
+                fixed: input.fixed.clone(),
+                hot: vec![(0..ff as u32).collect(); hp.n_layer],
+                neuron_bytes: input.neuron_bytes.clone(),
+                covered_per_layer: vec![1.0; hp.n_layer],
+                covered: 1.0,
+            },
+        };
+
+        let bar = if progress { indicatif::ProgressBar::new(hp.n_layer as u64) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading hot neurons {bar:30} {pos}/{len} layers").unwrap());
+        for (il, pw) in predictor_weights.into_iter().enumerate() {
+            let l = &model.layers[il];
+            let hot_ids = &placement.hot[il];
+            let hot = HotFfn::upload(&ctx, &l.ffn_gate, &l.ffn_up, &plan.ffn.down_t[il], hot_ids)?;
+            let list = ActiveList::new(&ctx, &hot);
+            let s = &session.s;
+            let predictor = pw.map(|[fc1, fc2]| {
+                let rank = fc1.rows as u32;
+                PredictorOps {
+                    fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
+                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
+                    fc2: fc2.bind_matmul(&ctx, &p1, &logits, &s.step),
+                    _weights: [fc1, fc2],
+                }
+            });
+            let (gate, select, matvec) = match mode {
+                FfnMode::Relu => {
+                    let gate = DenseGateOp::new(&ctx, &hot, &s.xn, &g)?;
+                    let select = SelectOp::new(&ctx, &hot, &list, Criterion::Relu { values: &g })?;
+                    let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Relu { g: &g })?;
+                    (Some(gate), select, matvec)
+                }
+                _ => {
+                    let (source, threshold) = match &sim_logits[il] {
+                        Some(b) => (b, 0.0),
+                        None => (&logits, plan.ffn.predictors.as_ref().map_or(0.0, |p| p.layers[il].threshold)),
+                    };
+                    let select = SelectOp::new(&ctx, &hot, &list, Criterion::Predictor { logits: source, threshold })?;
+                    let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Gated { act: hp.activation })?;
+                    (None, select, matvec)
+                }
+            };
+            let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
+            let cold: Vec<u32> = complement(hot_ids, ff);
+            let staging = (!cold.is_empty()).then(|| {
+                ctx.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("hybrid staging"),
+                    size: 8 * e as u64,
+                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                    mapped_at_creation: false,
+                })
+            });
+            let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
+            let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
+            session.layers[il].ffn = FfnOps::Sparse(Box::new(SparseLayerOps {
+                predictor,
+                gate,
+                select,
+                matvec,
+                axpy,
+                _hot: hot,
+                _list: list,
+                cold,
+                staging,
+                y_cpu,
+                add_cpu,
+                sim_logits: sim_logits[il].clone(),
+            }));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let used = ctx.allocated_bytes() - start;
+        if let Some(b) = plan.budget {
+            if used > b {
+                return Err(HybridError::OverBudget { used: Bytes(used), budget: Bytes(b) });
+            }
+        }
+        session.hybrid = Some(Box::new(HybridState {
+            ffn: plan.ffn.clone(),
+            precision: plan.cpu_precision,
+            scratch: FfnScratch::default(),
+            y: vec![0.0; e],
+            simulate: plan.simulate.map(Mutex::new),
+            drawn: vec![Vec::new(); hp.n_layer],
+            placement,
+            syncs_per_token: 0,
+        }));
+        Ok(session)
+    }
+
+    /// The placement of a hybrid session.
+    pub fn placement(&self) -> Option<&Placement> {
+        self.hybrid.as_ref().map(|h| &h.placement)
+    }
+
+    /// GPU bytes this session's context has allocated (weights, caches, buffers).
+    pub fn allocated_bytes(&self) -> u64 {
+        self.ctx.allocated_bytes()
+    }
+
+    /// Neuron-aware decode of one token: the GPU pass is cut after each split layer's FFN norm,
+    /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
+    pub(super) fn run_token_hybrid(&mut self, token: u32) -> Result<(), ForwardError> {
+        let mut state = self.hybrid.take().expect("hybrid session");
+        let result = self.run_token_split(token, &mut state);
+        self.hybrid = Some(state);
+        result
+    }
+
+    fn run_token_split(&mut self, token: u32, state: &mut HybridState) -> Result<(), ForwardError> {
+        let e = self.model.hp.n_embd;
+        let pos0 = self.n_past as u32;
+        let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
+        let q = &self.ctx.queue;
+        q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
+        // Simulation: draw every layer's active set now, so both sides see the same one.
+        if let Some(sim) = &state.simulate {
+            let mut sim = sim.lock().unwrap();
+            for (il, layer) in self.layers.iter().enumerate() {
+                sim.draw(il, &mut state.drawn[il]);
+                if let FfnOps::Sparse(sp) = &layer.ffn {
+                    if let Some(buf) = &sp.sim_logits {
+                        let mut v = vec![-1.0f32; self.model.hp.n_ff];
+                        for &i in &state.drawn[il] {
+                            v[i as usize] = 1.0;
+                        }
+                        q.write_buffer(buf, 0, bytemuck::cast_slice(&v));
+                    }
+                }
+            }
+        }
+        let mut syncs = 0;
+        let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
+        let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+        self.embed.encode(&mut pass, 1);
+        for (il, layer) in self.layers.iter().enumerate() {
+            for (_, op) in layer.attention_sequence() {
+                op.record(&mut pass, 1);
+            }
+            let FfnOps::Sparse(sp) = &layer.ffn else {
+                for (_, op) in layer.ffn_sequence() {
+                    op.record(&mut pass, 1);
+                }
+                continue;
+            };
+            let Some(staging) = &sp.staging else {
+                for (_, op) in sp.gpu_sequence() {
+                    op.record(&mut pass, 1);
+                }
+                continue;
+            };
+            // Submission A: up to the FFN norm, and (xn, x) copied out for the CPU.
+            drop(pass);
+            enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e as u64);
+            enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e as u64, 4 * e as u64);
+            let a = self.ctx.queue.submit([enc.finish()]);
+            // Submission B: the hot neurons, added into x on the GPU.
+            let mut enc_b = self.ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pb = enc_b.begin_compute_pass(&Default::default());
+                for (_, op) in sp.gpu_sequence() {
+                    op.record(&mut pb, 1);
+                }
+            }
+            let slice = staging.slice(..);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx.send(r);
+            });
+            self.ctx.queue.submit([enc_b.finish()]);
+            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(a), timeout: None }).map_err(lost)?;
+            rx.recv().map_err(lost)?.map_err(lost)?;
+            syncs += 1;
+            {
+                let view = slice.get_mapped_range().map_err(lost)?;
+                let v: &[f32] = bytemuck::cast_slice(&view);
+                let (xn, x) = v.split_at(e);
+                let given = state.simulate.as_ref().map(|_| state.drawn[il].as_slice());
+                state.ffn.token_with(&self.model, il, x, xn, Some(&sp.cold), given, state.precision, &mut state.scratch, &mut state.y);
+            }
+            staging.unmap();
+            self.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(&state.y));
+            enc = self.ctx.device.create_command_encoder(&Default::default());
+            pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+            sp.add_cpu.encode(&mut pass, 1);
+        }
+        drop(pass);
+        if self.head.is_some() {
+            self.copy_last_row(&mut enc, 1);
+            let mut p = enc.begin_compute_pass(&Default::default());
+            for (_, op) in self.output_sequence() {
+                op.record(&mut p, 1);
+            }
+        }
+        self.ctx.queue.submit([enc.finish()]);
+        state.syncs_per_token = syncs;
+        self.n_past += 1;
+        Ok(())
+    }
+}
+
+/// The ids in `0..n` that are not in ascending `ids`.
+fn complement(ids: &[u32], n: usize) -> Vec<u32> {
+    let mut out = Vec::with_capacity(n - ids.len());
+    let mut j = 0;
+    for i in 0..n as u32 {
+        if j < ids.len() && ids[j] == i {
+            j += 1;
+        } else {
+            out.push(i);
+        }
+    }
+    out
+}

@@ -1,0 +1,631 @@
+//! Neuron-aware FFN kernels for one token (decode), PowerInfer-style.
+//!
+//! Neuron i of a gated FFN `down(act(gate·x) * (up·x))` is row i of gate, row i of up and row i
+//! of the transposed `down_t`. [`HotFfn`] holds the rows of the *hot* neurons (those placed on
+//! the GPU) in a compact layout; the ops below run over them in one compute pass:
+//!
+//! ```text
+//! ReLU model, gate computed densely over the hot rows:
+//!   DenseGateOp     g[r] = gate_hot[r] · x                         (every hot row r)
+//!   SelectOp        list = { r : g[r] > 0 } (ascending) + dispatch arguments
+//!   SparseMatvecOp  h[r] = relu(g[r]) * (up_hot[r] · x)            (r in list)
+//!   SparseAxpyOp    y (+)= Σ_{r in list} h[r] * down_t_hot[r]
+//! With a predictor (logits over all n_ff neurons computed elsewhere):
+//!   SelectOp        list = { r : logits[hot_ids[r]] >= threshold }
+//!   SparseMatvecOp  h[r] = act(gate_hot[r] · x) * (up_hot[r] · x)  (r in list)
+//!   SparseAxpyOp    as above
+//! ```
+//!
+//! The list's length is known only on the GPU: [`SelectOp`] writes the indirect dispatch
+//! arguments of the matvec and the AXPY into [`ActiveList::args`], so nothing is read back and
+//! every bind group is built once. Everything is deterministic bit for bit: the list is
+//! compacted with workgroup prefix sums (no atomics), and every float sum has a fixed order.
+//!
+//! # Layout
+//! Each hot matrix is `n_hot` rows of `n_embd` values, rows contiguous, quants split from
+//! scales so that every load is aligned: `quants` is `array<vec4<u32>>`, a row being `units`
+//! 16-byte units (F32: 4 values, F16: 8, Q8_0: half a block, Q4_0/Q4_1: a block, in GGUF
+//! nibble order); `scales` holds the blocks' f16 scales two to a word (Q8_0, Q4_0) or
+//! `d | m << 16` per block (Q4_1), and is a 4-byte placeholder for F32 and F16. A workgroup
+//! always reads whole runs of a row, so the bytes read are those of the active rows.
+//!
+//! # Buffers the caller provides (f32 unless said)
+//! - `x`: the FFN input (after its norm), `n_embd` values.
+//! - `g` (ReLU path): `n_hot` values, compact row order (DenseGateOp writes it).
+//! - `logits` (predictor path): `n_ff` values, neuron order.
+//! - `h`: `n_hot` values, compact row order; only the active rows are written.
+//! - `y`: `n_embd` values, overwritten or added to.
+
+use super::{GpuContext, GpuError};
+use crate::gguf::GgmlType;
+use crate::model::{Activation, Matrix};
+use std::sync::Arc;
+use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
+
+const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
+const MATVEC: &str = include_str!("../../shaders/sparse_matvec.wgsl");
+const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"));
+const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
+
+/// (file name, source) of this module's kernels; the subgroup file is listed composed after
+/// the matvec file it extends.
+pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY)];
+
+/// The most workgroups one grid dimension may hold (WebGPU's default limit).
+const MAX_GROUPS: u32 = 65535;
+/// Hot rows per workgroup of the select kernel (256 threads x 8 rows, `SEL_BLOCK`).
+const SELECT_BLOCK: u32 = 2048;
+/// Byte offsets in [`ActiveList::args`] of the matvec's and the AXPY's dispatch arguments.
+pub const MATVEC_ARGS_OFFSET: u64 = 0;
+pub const AXPY_ARGS_OFFSET: u64 = 12;
+/// u32 words before the indices in [`ActiveList::list`].
+pub const LIST_HEADER_WORDS: usize = 4;
+
+/// Launch shapes of the sparse kernels (tuning knobs; [`SparseConfig::for_context`] is the
+/// default).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseConfig {
+    /// Threads per row of the matvecs (a power of two, 32 to 256).
+    pub matvec_wg: u32,
+    /// Reduce the matvecs with subgroup operations (only where the adapter has them).
+    pub subgroups: bool,
+    /// Threads of an AXPY workgroup (a power of two).
+    pub axpy_wg: u32,
+    /// Most column threads (16-byte units of a row) per AXPY workgroup; the rest of the
+    /// workgroup are row lanes. A power of two.
+    pub axpy_cols: u32,
+    /// The AXPY's chunks of the list hold at least this many rows...
+    pub min_chunk_rows: u32,
+    /// ...and there are at most this many (the partial-sum scratch is max_chunks x n_embd).
+    pub max_chunks: u32,
+}
+
+impl SparseConfig {
+    pub fn for_context(ctx: &GpuContext) -> SparseConfig {
+        SparseConfig { matvec_wg: 128, subgroups: ctx.has_subgroups(), axpy_wg: 256, axpy_cols: 16, min_chunk_rows: 32, max_chunks: 64 }
+    }
+
+    fn check(&self, ctx: &GpuContext) -> Result<(), GpuError> {
+        let max_wg = ctx.limits.max_compute_invocations_per_workgroup;
+        let ok = self.matvec_wg.is_power_of_two()
+            && (32..=256).contains(&self.matvec_wg)
+            && self.matvec_wg <= max_wg
+            && self.axpy_wg.is_power_of_two()
+            && self.axpy_wg <= max_wg
+            && self.axpy_cols.is_power_of_two()
+            && self.axpy_cols <= self.axpy_wg
+            && self.min_chunk_rows >= 1
+            && (1..=MAX_GROUPS).contains(&self.max_chunks);
+        if ok {
+            Ok(())
+        } else {
+            Err(GpuError::Unsupported(format!("sparse kernels: bad launch configuration {self:?}")))
+        }
+    }
+}
+
+/// The kernels' code for a weight type (`T_*` in the shaders).
+fn type_code(ty: GgmlType) -> Option<u32> {
+    Some(match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q8_0 => 2,
+        GgmlType::Q4_0 => 3,
+        GgmlType::Q4_1 => 4,
+        _ => return None,
+    })
+}
+
+/// Values per 16-byte unit of quants.
+fn unit_values(ty: GgmlType) -> usize {
+    match ty {
+        GgmlType::F32 => 4,
+        GgmlType::F16 => 8,
+        GgmlType::Q8_0 => 16,
+        _ => 32,
+    }
+}
+
+/// (quant bytes, scale bytes) of one row of `cols` values in the GPU layout.
+fn row_layout(ty: GgmlType, cols: usize) -> (usize, usize) {
+    let blocks = cols / 32;
+    let scales = match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => blocks * 2,
+        GgmlType::Q4_1 => blocks * 4,
+        _ => 0,
+    };
+    (cols / unit_values(ty) * 16, scales)
+}
+
+/// Bytes of the scale prefix of a GGUF block (split off into `scales`).
+fn block_split(ty: GgmlType) -> Option<(usize, usize)> {
+    match ty {
+        GgmlType::Q8_0 => Some((34, 2)),
+        GgmlType::Q4_0 => Some((18, 2)),
+        GgmlType::Q4_1 => Some((20, 4)),
+        _ => None,
+    }
+}
+
+/// The hot rows of one matrix in the GPU layout (see the module docs).
+pub struct HotRows {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    quants: Buffer,
+    scales: Buffer,
+}
+
+impl HotRows {
+    fn gather(ctx: &GpuContext, m: &Matrix, hot: &[u32], what: &str) -> Result<HotRows, GpuError> {
+        let (qb, sb) = row_layout(m.ty, m.cols);
+        let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
+        let total = hot.len() as u64 * qb as u64;
+        if total > limit {
+            return Err(GpuError::Unsupported(format!(
+                "{}: {} hot rows of {what} take {} MiB, more than the {} MiB this GPU binds at once",
+                m.name,
+                hot.len(),
+                total >> 20,
+                limit >> 20
+            )));
+        }
+        let row_bytes = m.row_bytes();
+        let bytes = m.bytes();
+        let mut quants = Vec::with_capacity(hot.len() * qb);
+        let mut scales = Vec::with_capacity(hot.len() * sb);
+        for &id in hot {
+            let row = &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+            match block_split(m.ty) {
+                None => quants.extend_from_slice(row),
+                Some((block, scale)) => {
+                    for b in row.chunks_exact(block) {
+                        scales.extend_from_slice(&b[..scale]);
+                        quants.extend_from_slice(&b[scale..]);
+                    }
+                }
+            }
+        }
+        // An empty matrix still binds one unit (`array<vec4<u32>>`'s smallest binding).
+        quants.resize(quants.len().max(16), 0);
+        let label = format!("{} hot {what}", m.name);
+        Ok(HotRows { ty: m.ty, rows: hot.len(), cols: m.cols, quants: ctx.upload(&label, &quants), scales: ctx.upload(&format!("{label} scales"), &scales) })
+    }
+
+    /// 16-byte units per row.
+    fn units(&self) -> u32 {
+        (self.cols / unit_values(self.ty)) as u32
+    }
+
+    fn code(&self) -> u32 {
+        type_code(self.ty).expect("gathered types have kernels")
+    }
+
+    pub fn gpu_bytes(&self) -> u64 {
+        self.quants.size() + self.scales.size()
+    }
+}
+
+/// The hot neurons of one FFN on the GPU: compact copies of their gate, up and down_t rows and
+/// their ids (`hot_ids`: n_hot u32, ascending neuron ids; compact row r is neuron hot_ids[r]).
+pub struct HotFfn {
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub gate: HotRows,
+    pub up: HotRows,
+    pub down_t: HotRows,
+    hot_ids: Buffer,
+    config: SparseConfig,
+}
+
+impl HotFfn {
+    /// Gathers rows `hot` (strictly ascending neuron ids below n_ff; any number, none or all)
+    /// of gate and up (n_ff x n_embd) and of the transposed down matrix down_t (n_ff x n_embd)
+    /// and uploads them. Types: F32, F16, Q8_0, Q4_0, Q4_1, each matrix its own; n_embd a
+    /// multiple of 32.
+    pub fn upload(ctx: &GpuContext, gate: &Matrix, up: &Matrix, down_t: &Matrix, hot: &[u32]) -> Result<HotFfn, GpuError> {
+        Self::upload_with(ctx, gate, up, down_t, hot, SparseConfig::for_context(ctx))
+    }
+
+    /// [`upload`](Self::upload) with chosen launch shapes (tests, benchmarks).
+    #[doc(hidden)]
+    pub fn upload_with(ctx: &GpuContext, gate: &Matrix, up: &Matrix, down_t: &Matrix, hot: &[u32], config: SparseConfig) -> Result<HotFfn, GpuError> {
+        config.check(ctx)?;
+        let bad = |why: String| Err(GpuError::Unsupported(format!("hot FFN rows: {why}")));
+        let (n_ff, n_embd) = (gate.rows, gate.cols);
+        for m in [gate, up, down_t] {
+            if type_code(m.ty).is_none() {
+                return bad(format!("{}: no sparse GPU kernel for {} weights", m.name, m.ty.name()));
+            }
+            if m.rows != n_ff || m.cols != n_embd {
+                return bad(format!("{} is {}x{}, gate {n_ff}x{n_embd} (down must be given transposed, n_ff x n_embd)", m.name, m.rows, m.cols));
+            }
+        }
+        if n_embd == 0 || !n_embd.is_multiple_of(32) {
+            return bad(format!("n_embd {n_embd} is not a positive multiple of 32"));
+        }
+        if let Some(w) = hot.windows(2).find(|w| w[0] >= w[1]) {
+            return bad(format!("neuron ids are not strictly ascending ({} then {})", w[0], w[1]));
+        }
+        if let Some(&last) = hot.last() {
+            if last as usize >= n_ff {
+                return bad(format!("neuron id {last} is not below n_ff = {n_ff}"));
+            }
+        }
+        if hot.len() as u64 > MAX_GROUPS as u64 * SELECT_BLOCK as u64 || hot.len().checked_mul(n_embd).is_none_or(|n| n > u32::MAX as usize / 2) {
+            return bad(format!("{} hot rows of {n_embd} values are too many for 32-bit indexing", hot.len()));
+        }
+        Ok(HotFfn {
+            n_embd,
+            n_ff,
+            gate: HotRows::gather(ctx, gate, hot, "gate")?,
+            up: HotRows::gather(ctx, up, hot, "up")?,
+            down_t: HotRows::gather(ctx, down_t, hot, "down_t")?,
+            hot_ids: ctx.upload("hot ids", bytemuck::cast_slice(hot)),
+            config,
+        })
+    }
+
+    /// GPU bytes one hot neuron takes in this layout (its three rows and its id): what
+    /// placement charges per neuron, before the ops' per-row buffers (`g`, `h`, the list).
+    pub fn bytes_per_neuron(gate: GgmlType, up: GgmlType, down_t: GgmlType, n_embd: usize) -> u64 {
+        Self::row_bytes(gate, n_embd) + Self::row_bytes(up, n_embd) + Self::row_bytes(down_t, n_embd) + 4
+    }
+
+    /// GPU bytes of one hot row of `n_embd` values of type `ty` (quants and scales): what a
+    /// kernel reads per active row.
+    pub fn row_bytes(ty: GgmlType, n_embd: usize) -> u64 {
+        let (q, s) = row_layout(ty, n_embd);
+        (q + s) as u64
+    }
+
+    pub fn n_hot(&self) -> usize {
+        self.gate.rows
+    }
+
+    /// The neuron id of each compact row (n_hot u32).
+    pub fn hot_ids(&self) -> &Buffer {
+        &self.hot_ids
+    }
+
+    /// Every byte this upload allocated.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.gate.gpu_bytes() + self.up.gpu_bytes() + self.down_t.gpu_bytes() + self.hot_ids.size()
+    }
+
+    /// Column threads and row lanes of an AXPY workgroup, and its column tiles.
+    fn axpy_shape(&self) -> (u32, u32, u32) {
+        let units = self.down_t.units();
+        let tc = self.config.axpy_cols.min(units.next_power_of_two());
+        (tc, self.config.axpy_wg / tc, units.div_ceil(tc))
+    }
+}
+
+/// The active rows of one token: `list` is `[count, chunk_rows, n_chunks, 0, r_0, r_1, ...]`
+/// (u32; compact row indices, ascending; room for n_hot) and `args` the indirect dispatch
+/// arguments [`SelectOp`] writes for [`SparseMatvecOp`] (at [`MATVEC_ARGS_OFFSET`]: one
+/// workgroup per row, 2D past 65535) and [`SparseAxpyOp`] (at [`AXPY_ARGS_OFFSET`]: column
+/// tiles x chunks). The AXPY cuts the list into `n_chunks` chunks of `chunk_rows` entries.
+pub struct ActiveList {
+    list: Buffer,
+    args: Buffer,
+    n_hot: usize,
+}
+
+impl ActiveList {
+    pub fn new(ctx: &GpuContext, hot: &HotFfn) -> ActiveList {
+        let list = ctx.zeros("sparse list", (LIST_HEADER_WORDS + hot.n_hot()) as u64 * 4);
+        // Not through ctx.zeros: indirect arguments need INDIRECT usage (counted in gpu_bytes).
+        let args = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("sparse dispatch args"),
+            size: 32,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        ActiveList { list, args, n_hot: hot.n_hot() }
+    }
+
+    pub fn list(&self) -> &Buffer {
+        &self.list
+    }
+
+    pub fn args(&self) -> &Buffer {
+        &self.args
+    }
+
+    pub fn gpu_bytes(&self) -> u64 {
+        self.list.size() + self.args.size()
+    }
+}
+
+/// `src` with each `const NAME: u32 = ...;` line of `consts` given a new value (the files keep
+/// valid defaults so that naga validates them as they are).
+fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
+    let mut out = String::with_capacity(src.len() + 64);
+    let mut done = vec![false; consts.len()];
+    for line in src.lines() {
+        match consts.iter().position(|(name, _)| line.starts_with(&format!("const {name}: u32 = "))) {
+            Some(i) => {
+                out.push_str(&format!("const {}: u32 = {}u;\n", consts[i].0, consts[i].1));
+                done[i] = true;
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    assert!(done.iter().all(|&d| d), "specialize: a constant of {consts:?} is missing from the shader");
+    out
+}
+
+/// A pipeline with its bind group.
+struct Kernel {
+    pipeline: Arc<ComputePipeline>,
+    bind: BindGroup,
+}
+
+impl Kernel {
+    /// `entries`: (binding, buffer) for exactly the bindings `entry` uses.
+    fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
+        let pipeline = ctx.pipeline(key, src, entry);
+        let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }).collect();
+        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
+        Kernel { pipeline, bind }
+    }
+
+    fn bind<'p>(&self, pass: &mut ComputePass<'p>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+    }
+}
+
+fn check_len(what: &str, buf: &Buffer, values: usize) -> Result<(), GpuError> {
+    if buf.size() < values as u64 * 4 {
+        return Err(GpuError::Unsupported(format!("sparse kernels: {what} holds {} bytes, fewer than its {values} values", buf.size())));
+    }
+    Ok(())
+}
+
+fn check_distinct(a: (&str, &Buffer), b: (&str, &Buffer)) -> Result<(), GpuError> {
+    if a.1 == b.1 {
+        return Err(GpuError::Unsupported(format!("sparse kernels: {} and {} must be different buffers", a.0, b.0)));
+    }
+    Ok(())
+}
+
+fn check_list(hot: &HotFfn, list: &ActiveList) -> Result<(), GpuError> {
+    if list.n_hot != hot.n_hot() {
+        return Err(GpuError::Unsupported(format!("sparse kernels: the active list has room for {} rows, the FFN {} hot rows", list.n_hot, hot.n_hot())));
+    }
+    Ok(())
+}
+
+/// A 2D grid of `n` workgroups: x up to 65535, the rest in y (kernels skip the excess).
+fn grid(n: u32) -> (u32, u32) {
+    if n <= MAX_GROUPS {
+        (n, 1)
+    } else {
+        (MAX_GROUPS, n.div_ceil(MAX_GROUPS))
+    }
+}
+
+/// The matvec kernel's source, pipeline key prefix and entry suffix for `hot`'s types.
+fn matvec_source(hot: &HotFfn, act: u32) -> (String, String, &'static str) {
+    let cfg = &hot.config;
+    let sg = cfg.subgroups;
+    let src = specialize(if sg { MATVEC_SG } else { MATVEC }, &[("TYPE_A", hot.gate.code()), ("TYPE_B", hot.up.code()), ("MV_WG", cfg.matvec_wg), ("ACT", act)]);
+    let key = format!("sparse/matvec/a{}/b{}/wg{}/act{act}/{}", hot.gate.code(), hot.up.code(), cfg.matvec_wg, if sg { "sg" } else { "wg" });
+    (src, key, if sg { "_sg" } else { "" })
+}
+
+fn matvec_params(ctx: &GpuContext, hot: &HotFfn) -> Buffer {
+    ctx.uniform("sparse matvec params", bytemuck::cast_slice(&[hot.n_hot() as u32, hot.gate.units(), hot.up.units(), 0]))
+}
+
+/// `g[r] = gate_hot[r] · x` for every hot row r: the dense gate over the compact gate rows
+/// whose signs the ReLU criterion selects by. One workgroup per row.
+pub struct DenseGateOp {
+    kernel: Kernel,
+    n_hot: u32,
+    _params: Buffer,
+}
+
+impl DenseGateOp {
+    /// `x`: n_embd f32; `g`: n_hot f32 (written).
+    pub fn new(ctx: &GpuContext, hot: &HotFfn, x: &Buffer, g: &Buffer) -> Result<DenseGateOp, GpuError> {
+        check_len("x", x, hot.n_embd)?;
+        check_len("g", g, hot.n_hot())?;
+        check_distinct(("x", x), ("g", g))?;
+        let params = matvec_params(ctx, hot);
+        let (src, key, sfx) = matvec_source(hot, 0);
+        let w = [&hot.gate.quants, &hot.gate.scales, &hot.up.quants, &hot.up.scales];
+        let kernel = Kernel::new(ctx, &format!("{key}/dense"), &src, &format!("dense{sfx}"), &[(0, x), (2, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])]);
+        Ok(DenseGateOp { kernel, n_hot: hot.n_hot() as u32, _params: params })
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self._params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>) {
+        if self.n_hot == 0 {
+            return;
+        }
+        let (gx, gy) = grid(self.n_hot);
+        self.kernel.bind(pass);
+        pass.dispatch_workgroups(gx, gy, 1);
+    }
+}
+
+/// Which hot rows are active.
+#[derive(Clone, Copy, Debug)]
+pub enum Criterion<'a> {
+    /// `values[r] > 0` for compact row r (`values`: n_hot f32, e.g. [`DenseGateOp`]'s `g`).
+    Relu { values: &'a Buffer },
+    /// `logits[hot_ids[r]] >= threshold` (`logits`: n_ff f32, a predictor's output over all
+    /// neurons). The threshold can be changed later with [`SelectOp::set_threshold`].
+    Predictor { logits: &'a Buffer, threshold: f32 },
+}
+
+/// Compacts the active hot rows into [`ActiveList`] (ascending, deterministic: workgroup
+/// prefix sums, no atomics) and writes the next kernels' dispatch arguments. NaN is never
+/// active. Workgroups of 256 threads over blocks of 2048 rows; each also counts the active
+/// rows of the blocks before its own.
+pub struct SelectOp {
+    kernel: Kernel,
+    groups: u32,
+    params: Buffer,
+}
+
+impl SelectOp {
+    pub fn new(ctx: &GpuContext, hot: &HotFfn, list: &ActiveList, criterion: Criterion<'_>) -> Result<SelectOp, GpuError> {
+        check_list(hot, list)?;
+        let (values, threshold, code) = match criterion {
+            Criterion::Relu { values } => {
+                check_len("relu values", values, hot.n_hot())?;
+                (values, 0.0f32, 0)
+            }
+            Criterion::Predictor { logits, threshold } => {
+                check_len("predictor logits", logits, hot.n_ff)?;
+                (logits, threshold, 1)
+            }
+        };
+        let (_, _, tiles) = hot.axpy_shape();
+        let cfg = &hot.config;
+        let words = [hot.n_hot() as u32, threshold.to_bits(), tiles, cfg.min_chunk_rows, cfg.max_chunks, 0, 0, 0];
+        let params = ctx.uniform("sparse select params", bytemuck::cast_slice(&words));
+        let src = specialize(SELECT, &[("CRITERION", code)]);
+        let kernel = Kernel::new(ctx, &format!("sparse/select/c{code}"), &src, "main", &[(0, values), (1, &hot.hot_ids), (2, &list.list), (3, &list.args), (4, &params)]);
+        let groups = (hot.n_hot() as u32).div_ceil(SELECT_BLOCK).max(1);
+        Ok(SelectOp { kernel, groups, params })
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.params.size()
+    }
+
+    /// Changes the predictor threshold (written before the next submission).
+    pub fn set_threshold(&self, queue: &wgpu::Queue, threshold: f32) {
+        queue.write_buffer(&self.params, 4, bytemuck::bytes_of(&threshold));
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>) {
+        self.kernel.bind(pass);
+        pass.dispatch_workgroups(self.groups, 1, 1);
+    }
+}
+
+/// What [`SparseMatvecOp`] computes for each active row r.
+#[derive(Clone, Copy, Debug)]
+pub enum MatvecMode<'a> {
+    /// `h[r] = relu(g[r]) * (up_hot[r] · x)`, the gate already computed (`g`: n_hot f32).
+    Relu { g: &'a Buffer },
+    /// `h[r] = act(gate_hot[r] · x) * (up_hot[r] · x)`.
+    Gated { act: Activation },
+}
+
+/// The gather matvec over the active list: one workgroup per active row reads only that row
+/// (of up, or of gate and up), writes `h[r]`. Rows not in the list are neither read nor
+/// written. Dispatched indirectly from [`ActiveList::args`].
+pub struct SparseMatvecOp {
+    kernel: Kernel,
+    args: Buffer,
+    _params: Buffer,
+}
+
+impl SparseMatvecOp {
+    /// `x`: n_embd f32; `h`: n_hot f32.
+    pub fn new(ctx: &GpuContext, hot: &HotFfn, list: &ActiveList, x: &Buffer, h: &Buffer, mode: MatvecMode<'_>) -> Result<SparseMatvecOp, GpuError> {
+        check_list(hot, list)?;
+        check_len("x", x, hot.n_embd)?;
+        check_len("h", h, hot.n_hot())?;
+        check_distinct(("x", x), ("h", h))?;
+        let params = matvec_params(ctx, hot);
+        let w = [&hot.gate.quants, &hot.gate.scales, &hot.up.quants, &hot.up.scales];
+        let kernel = match mode {
+            MatvecMode::Relu { g } => {
+                check_len("g", g, hot.n_hot())?;
+                check_distinct(("g", g), ("h", h))?;
+                let (src, key, sfx) = matvec_source(hot, 0);
+                let entries = [(0, x), (1, &list.list), (2, h), (3, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
+                Kernel::new(ctx, &format!("{key}/relu"), &src, &format!("sparse_relu{sfx}"), &entries)
+            }
+            MatvecMode::Gated { act } => {
+                let code = match act {
+                    Activation::Relu => 0,
+                    Activation::Silu => 1,
+                };
+                let (src, key, sfx) = matvec_source(hot, code);
+                let entries = [(0, x), (1, &list.list), (2, h), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
+                Kernel::new(ctx, &format!("{key}/gated"), &src, &format!("sparse_gated{sfx}"), &entries)
+            }
+        };
+        Ok(SparseMatvecOp { kernel, args: list.args.clone(), _params: params })
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self._params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>) {
+        self.kernel.bind(pass);
+        pass.dispatch_workgroups_indirect(&self.args, MATVEC_ARGS_OFFSET);
+    }
+}
+
+/// `y = Σ_{r in list} h[r] * down_t_hot[r]`, or `y += ...` (`add`), over n_embd columns.
+/// Two passes: workgroups over (column tile x chunk of the list) write partial sums to a
+/// scratch buffer (dispatched indirectly), then one pass adds the chunks in order into y.
+/// Deterministic bit for bit; with no active row, overwrite gives exact zeros and add leaves
+/// y untouched.
+pub struct SparseAxpyOp {
+    partial: Kernel,
+    reduce: Kernel,
+    args: Buffer,
+    reduce_groups: u32,
+    scratch: Buffer,
+    params: Buffer,
+}
+
+impl SparseAxpyOp {
+    /// `h`: n_hot f32 (read at the active rows); `y`: n_embd f32.
+    pub fn new(ctx: &GpuContext, hot: &HotFfn, list: &ActiveList, h: &Buffer, y: &Buffer, add: bool) -> Result<SparseAxpyOp, GpuError> {
+        check_list(hot, list)?;
+        check_len("h", h, hot.n_hot())?;
+        check_len("y", y, hot.n_embd)?;
+        check_distinct(("h", h), ("y", y))?;
+        let cfg = &hot.config;
+        let d = &hot.down_t;
+        let (tc, tr, _) = hot.axpy_shape();
+        let n4 = (hot.n_embd / 4) as u32;
+        let scratch_bytes = cfg.max_chunks as u64 * hot.n_embd as u64 * 4;
+        if scratch_bytes > ctx.max_binding() {
+            return Err(GpuError::Unsupported(format!("sparse AXPY: {} chunks of {} columns exceed a storage binding", cfg.max_chunks, hot.n_embd)));
+        }
+        let scratch = ctx.zeros("sparse axpy partials", scratch_bytes);
+        let params = ctx.uniform("sparse axpy params", bytemuck::cast_slice(&[n4, d.units(), add as u32, 0]));
+        let acc = (unit_values(d.ty) / 4) as u32;
+        let src = specialize(AXPY, &[("WTYPE", d.code()), ("AX_TC", tc), ("AX_TR", tr), ("AX_ACC", acc)]);
+        let key = format!("sparse/axpy/t{}/tc{tc}/tr{tr}", d.code());
+        let partial = Kernel::new(ctx, &format!("{key}/partial"), &src, "partial_sums", &[(0, &list.list), (1, h), (2, &scratch), (4, &params), (5, &d.quants), (6, &d.scales)]);
+        let reduce = Kernel::new(ctx, &format!("{key}/reduce"), &src, "reduce", &[(0, &list.list), (2, &scratch), (3, y), (4, &params)]);
+        Ok(SparseAxpyOp { partial, reduce, args: list.args.clone(), reduce_groups: n4.div_ceil(64), scratch, params })
+    }
+
+    /// Bytes of the op's own buffers (partial-sum scratch, parameters).
+    pub fn gpu_bytes(&self) -> u64 {
+        self.scratch.size() + self.params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>) {
+        self.partial.bind(pass);
+        pass.dispatch_workgroups_indirect(&self.args, AXPY_ARGS_OFFSET);
+        self.reduce.bind(pass);
+        pass.dispatch_workgroups(self.reduce_groups, 1, 1);
+    }
+}

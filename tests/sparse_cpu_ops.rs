@@ -1,0 +1,493 @@
+//! The neuron-aware CPU operators (src/cpu/sparse.rs) against the dense kernels and plain f64
+//! references, on random (never zero) inputs at awkward sizes and sparsities from none to all.
+
+mod common;
+
+use common::Rng;
+use ember::cpu::sparse::{
+    self, active_rows, axpy_chunk_len, axpy_rows, axpy_rows_into, matvec_rows, matvec_rows_pair, transpose_matrix,
+    TransposeError,
+};
+use ember::cpu::{matmul, Activations, Precision};
+use ember::gguf::GgmlType;
+use ember::model::Matrix;
+use ember::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0};
+
+const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const SPARSITIES: [u64; 5] = [0, 50, 90, 99, 100];
+
+/// A random matrix stored as `ty`, and its dequantised values.
+fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: GgmlType) -> (Matrix, Vec<f32>) {
+    let values = rng.vec(rows * cols);
+    let m = match ty {
+        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32("w", rows, cols, &values, ty),
+        GgmlType::Q4_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_0(&values))),
+        GgmlType::Q4_1 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_1(&values))),
+        GgmlType::Q8_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q8_0(&values))),
+        _ => unreachable!(),
+    };
+    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
+    (m, deq)
+}
+
+/// Ascending indices of `0..n`, each kept with probability `1 - sparsity%`.
+fn random_subset(rng: &mut Rng, n: usize, sparsity_pct: u64) -> Vec<u32> {
+    (0..n as u32).filter(|_| rng.next_u64() % 100 >= sparsity_pct).collect()
+}
+
+/// Shapes (rows, cols) for a type: quantised types need whole 32-value blocks; the float
+/// types also get odd widths.
+fn shapes(ty: GgmlType) -> Vec<(usize, usize)> {
+    let mut s = vec![(1007, 96), (333, 576)];
+    if matches!(ty, GgmlType::F32 | GgmlType::F16) {
+        s.push((333, 37));
+    }
+    s
+}
+
+fn pool(threads: usize) -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
+}
+
+/// A value no kernel produces from these inputs, to see which outputs were written.
+const UNTOUCHED: f32 = -12345.678;
+
+#[test]
+fn matvec_rows_equals_dense_matmul_bit_for_bit_on_listed_rows_only() {
+    let mut rng = Rng(11);
+    let pool = pool(3);
+    for ty in TYPES {
+        for (rows, cols) in shapes(ty) {
+            let (w, _) = random_matrix(&mut rng, rows, cols, ty);
+            let x = rng.vec(cols);
+            for precision in [Precision::Llama, Precision::F32] {
+                let mut dense = vec![0.0; rows];
+                matmul(&w, &Activations::new(&x, 1).with_precision(precision), &mut dense);
+                for sparsity in SPARSITIES {
+                    let listed = random_subset(&mut rng, rows, sparsity);
+                    let mut out = vec![UNTOUCHED; rows];
+                    let acts = Activations::new(&x, 1).with_precision(precision);
+                    pool.install(|| matvec_rows(&w, &acts, &listed, &mut out));
+                    let mut is_listed = vec![false; rows];
+                    listed.iter().for_each(|&r| is_listed[r as usize] = true);
+                    for r in 0..rows {
+                        let want = if is_listed[r] { dense[r] } else { UNTOUCHED };
+                        assert_eq!(
+                            out[r].to_bits(),
+                            want.to_bits(),
+                            "{ty} {precision:?} {rows}x{cols} {sparsity}% row {r} (listed {}): {} vs {want}",
+                            is_listed[r],
+                            out[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_rows_takes_lists_in_any_order_with_repeats_and_any_thread_count() {
+    let mut rng = Rng(12);
+    let (rows, cols) = (1007, 576);
+    let (w, _) = random_matrix(&mut rng, rows, cols, GgmlType::Q8_0);
+    let x = rng.vec(cols);
+    let mut dense = vec![0.0; rows];
+    matmul(&w, &Activations::new(&x, 1), &mut dense);
+    // Descending, every listed row twice, interleaved.
+    let mut listed: Vec<u32> = random_subset(&mut rng, rows, 30).into_iter().rev().collect();
+    listed = listed.iter().flat_map(|&r| [r, (r * 7) % rows as u32, r]).collect();
+    for threads in [1, 2, 3] {
+        let mut out = vec![UNTOUCHED; rows];
+        pool(threads).install(|| matvec_rows(&w, &Activations::new(&x, 1), &listed, &mut out));
+        for &r in &listed {
+            assert_eq!(out[r as usize].to_bits(), dense[r as usize].to_bits(), "{threads} threads, row {r}");
+        }
+        assert_eq!(out.iter().filter(|v| **v != UNTOUCHED).count(), {
+            let mut u = listed.clone();
+            u.sort_unstable();
+            u.dedup();
+            u.len()
+        });
+    }
+}
+
+#[test]
+fn matvec_rows_pair_equals_dense_matmul_for_both_matrices() {
+    let mut rng = Rng(13);
+    let pool = pool(3);
+    // Same types share one activation conversion; mixed types each get their own.
+    let pairs = [
+        (GgmlType::Q8_0, GgmlType::Q8_0),
+        (GgmlType::Q4_0, GgmlType::Q4_0),
+        (GgmlType::F16, GgmlType::F16),
+        (GgmlType::Q4_1, GgmlType::Q8_0),
+        (GgmlType::F32, GgmlType::Q4_1),
+    ];
+    for (gate_ty, up_ty) in pairs {
+        let (rows, cols) = (1007, 576);
+        let (gate, _) = random_matrix(&mut rng, rows, cols, gate_ty);
+        let (up, _) = random_matrix(&mut rng, rows, cols, up_ty);
+        let x = rng.vec(cols);
+        for precision in [Precision::Llama, Precision::F32] {
+            let (mut dense_gate, mut dense_up) = (vec![0.0; rows], vec![0.0; rows]);
+            matmul(&gate, &Activations::new(&x, 1).with_precision(precision), &mut dense_gate);
+            matmul(&up, &Activations::new(&x, 1).with_precision(precision), &mut dense_up);
+            for sparsity in SPARSITIES {
+                let listed = random_subset(&mut rng, rows, sparsity);
+                let (mut out_gate, mut out_up) = (vec![UNTOUCHED; rows], vec![UNTOUCHED; rows]);
+                let acts = Activations::new(&x, 1).with_precision(precision);
+                pool.install(|| matvec_rows_pair(&gate, &up, &acts, &listed, &mut out_gate, &mut out_up));
+                let mut expect_gate = vec![UNTOUCHED; rows];
+                let mut expect_up = vec![UNTOUCHED; rows];
+                for &r in &listed {
+                    expect_gate[r as usize] = dense_gate[r as usize];
+                    expect_up[r as usize] = dense_up[r as usize];
+                }
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                let what = format!("{gate_ty}/{up_ty} {precision:?} {sparsity}%");
+                assert_eq!(bits(&out_gate), bits(&expect_gate), "gate {what}");
+                assert_eq!(bits(&out_up), bits(&expect_up), "up {what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn matvec_rows_with_an_empty_list_writes_nothing() {
+    let mut rng = Rng(14);
+    let (w, _) = random_matrix(&mut rng, 64, 32, GgmlType::Q4_0);
+    let x = rng.vec(32);
+    let mut out = vec![UNTOUCHED; 64];
+    matvec_rows(&w, &Activations::new(&x, 1), &[], &mut out);
+    let (mut g, mut u) = (vec![UNTOUCHED; 64], vec![UNTOUCHED; 64]);
+    matvec_rows_pair(&w, &w, &Activations::new(&x, 1), &[], &mut g, &mut u);
+    assert!(out.iter().chain(&g).chain(&u).all(|&v| v == UNTOUCHED));
+}
+
+#[test]
+#[should_panic(expected = "row 64 listed")]
+fn matvec_rows_refuses_an_out_of_range_row() {
+    let mut rng = Rng(15);
+    let (w, _) = random_matrix(&mut rng, 64, 32, GgmlType::Q8_0);
+    let x = rng.vec(32);
+    matvec_rows(&w, &Activations::new(&x, 1), &[3, 64], &mut [0.0; 64]);
+}
+
+/// `(h, active)`: the active neurons carry random non-zero values, the others zero. A few of
+/// the listed neurons also get a zero value (predicted active, not firing).
+fn random_activations(rng: &mut Rng, n: usize, sparsity_pct: u64) -> (Vec<f32>, Vec<u32>) {
+    let active = random_subset(rng, n, sparsity_pct);
+    let mut h = vec![0.0f32; n];
+    for &i in &active {
+        h[i as usize] = if rng.next_u64() % 16 == 0 { 0.0 } else { rng.signed() };
+    }
+    (h, active)
+}
+
+#[test]
+fn axpy_rows_matches_an_f64_sum_of_dequantised_rows() {
+    let mut rng = Rng(21);
+    let pool = pool(3);
+    for ty in TYPES {
+        for (n_neurons, cols) in shapes(ty) {
+            let (down_t, deq) = random_matrix(&mut rng, n_neurons, cols, ty);
+            for sparsity in SPARSITIES {
+                let (h, active) = random_activations(&mut rng, n_neurons, sparsity);
+                let mut out = vec![UNTOUCHED; cols];
+                pool.install(|| axpy_rows(&down_t, &h, &active, &mut out));
+                // Each output element is at most `chain` rounded additions deep (a chunk's rows,
+                // then the chunk sums), and Q4_0/Q8_0 round `h * d` once more per term.
+                let chain = axpy_chunk_len(active.len()).min(active.len()) + active.len().div_ceil(axpy_chunk_len(active.len()));
+                let unit = f64::from(f32::EPSILON) / 2.0;
+                for j in 0..cols {
+                    let terms = active.iter().map(|&i| f64::from(h[i as usize]) * f64::from(deq[i as usize * cols + j]));
+                    let want: f64 = terms.clone().sum();
+                    let scale: f64 = terms.map(f64::abs).sum();
+                    let tol = (chain + 2) as f64 * unit * scale;
+                    let got = f64::from(out[j]);
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{ty} {n_neurons}x{cols} {sparsity}% col {j}: {got} vs {want} (tol {tol:e})"
+                    );
+                }
+                if active.iter().all(|&i| h[i as usize] == 0.0) {
+                    assert!(out.iter().all(|&v| v.to_bits() == 0), "{ty} {sparsity}%: exact zeros");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn axpy_rows_with_nothing_active_gives_exact_zeros_and_into_leaves_out_alone() {
+    let mut rng = Rng(22);
+    for ty in TYPES {
+        let (down_t, _) = random_matrix(&mut rng, 200, 96, ty);
+        let all_zero = vec![0.0f32; 200];
+        let everyone: Vec<u32> = (0..200).collect();
+        for (h, active) in [(&all_zero, &everyone[..]), (&all_zero, &[][..]), (&rng.vec(200), &[][..])] {
+            let mut out = vec![UNTOUCHED; 96];
+            axpy_rows(&down_t, h, active, &mut out);
+            assert!(out.iter().all(|&v| v.to_bits() == 0), "{ty}: {out:?}");
+            let init = rng.vec(96);
+            let mut into = init.clone();
+            axpy_rows_into(&down_t, h, active, &mut into);
+            assert_eq!(into, init, "{ty}");
+        }
+    }
+}
+
+/// The documented order, with the scalar row kernels: chunks of `axpy_chunk_len` neurons, each
+/// summed in list order from zero, then added to `init` in chunk order.
+fn axpy_in_documented_order(down_t: &Matrix, h: &[f32], active: &[u32], init: Option<&[f32]>) -> Vec<f32> {
+    let cols = down_t.cols;
+    let row_bytes = down_t.row_bytes();
+    let add_row = |i: usize, acc: &mut [f32]| {
+        let b = &down_t.bytes()[i * row_bytes..(i + 1) * row_bytes];
+        match down_t.ty {
+            GgmlType::F32 => sparse::reference::axpy_row_f32(bytemuck::cast_slice(b), h[i], acc),
+            GgmlType::F16 => sparse::reference::axpy_row_f16(bytemuck::cast_slice(b), h[i], acc),
+            GgmlType::Q8_0 => sparse::reference::axpy_row_q8_0(bytemuck::cast_slice(b), h[i], acc),
+            GgmlType::Q4_0 => sparse::reference::axpy_row_q4_0(bytemuck::cast_slice(b), h[i], acc),
+            GgmlType::Q4_1 => sparse::reference::axpy_row_q4_1(bytemuck::cast_slice(b), h[i], acc),
+            _ => unreachable!(),
+        }
+    };
+    let chunk_sums: Vec<Vec<f32>> = active
+        .chunks(axpy_chunk_len(active.len()).max(1))
+        .map(|chunk| {
+            let mut acc = vec![0.0f32; cols];
+            chunk.iter().filter(|&&i| h[i as usize] != 0.0).for_each(|&i| add_row(i as usize, &mut acc));
+            acc
+        })
+        .collect();
+    let mut out = match init {
+        Some(v) => v.to_vec(),
+        None if chunk_sums.is_empty() => vec![0.0; cols],
+        None => chunk_sums[0].clone(),
+    };
+    let first = usize::from(init.is_none());
+    for s in chunk_sums.iter().skip(first) {
+        out.iter_mut().zip(s).for_each(|(o, v)| *o += v);
+    }
+    out
+}
+
+#[test]
+fn axpy_rows_is_bit_identical_for_any_thread_count_and_follows_its_documented_order() {
+    let mut rng = Rng(23);
+    // Large enough to run in parallel with many chunks.
+    for (ty, n_neurons, cols) in [(GgmlType::Q8_0, 3000, 576), (GgmlType::F16, 2500, 416), (GgmlType::Q4_1, 1100, 4096)] {
+        let (down_t, _) = random_matrix(&mut rng, n_neurons, cols, ty);
+        for sparsity in [0, 50, 90] {
+            let (h, active) = random_activations(&mut rng, n_neurons, sparsity);
+            let init = rng.vec(cols);
+            let run = |threads: usize| {
+                let (mut out, mut into) = (vec![UNTOUCHED; cols], init.clone());
+                pool(threads).install(|| {
+                    axpy_rows(&down_t, &h, &active, &mut out);
+                    axpy_rows_into(&down_t, &h, &active, &mut into);
+                });
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                (bits(&out), bits(&into))
+            };
+            let one = run(1);
+            assert_eq!(run(2), one, "{ty} {sparsity}%: 2 threads vs 1");
+            assert_eq!(run(3), one, "{ty} {sparsity}%: 3 threads vs 1");
+            let documented = axpy_in_documented_order(&down_t, &h, &active, None);
+            let documented_into = axpy_in_documented_order(&down_t, &h, &active, Some(&init));
+            assert_eq!(one.0, documented.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), "{ty} {sparsity}%");
+            assert_eq!(one.1, documented_into.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), "{ty} {sparsity}% into");
+            // Adding to zeros is the overwriting version.
+            let mut into_zero = vec![0.0; cols];
+            axpy_rows_into(&down_t, &h, &active, &mut into_zero);
+            assert_eq!(into_zero.iter().map(|f| f.to_bits()).collect::<Vec<_>>(), one.0, "{ty} {sparsity}% into zeros");
+        }
+    }
+}
+
+#[test]
+fn simd_row_axpy_kernels_equal_their_scalar_twins() {
+    let mut rng = Rng(24);
+    let h = 0.7371f32;
+    for n in [0usize, 1, 7, 8, 9, 37, 64, 1000] {
+        let row = rng.vec(n);
+        let init = rng.vec(n);
+        let (mut a, mut b) = (init.clone(), init.clone());
+        sparse::axpy_row_f32(&row, h, &mut a);
+        sparse::reference::axpy_row_f32(&row, h, &mut b);
+        assert_eq!(a, b, "f32 n={n}");
+        let halves: Vec<f16> = row.iter().map(|&v| f16::from_f32(v)).collect();
+        let (mut a, mut b) = (init.clone(), init.clone());
+        sparse::axpy_row_f16(&halves, h, &mut a);
+        sparse::reference::axpy_row_f16(&halves, h, &mut b);
+        assert_eq!(a, b, "f16 n={n}");
+    }
+    for blocks in [1usize, 3, 18] {
+        let n = 32 * blocks;
+        // Scaled values exercise every quant, including the extremes.
+        let values: Vec<f32> = rng.vec(n).iter().map(|v| v * 3.0).collect();
+        let init = rng.vec(n);
+        let q8: Vec<BlockQ8_0> = quant::quantize_q8_0(&values);
+        let q40: Vec<BlockQ4_0> = quant::quantize_q4_0(&values);
+        let q41: Vec<BlockQ4_1> = quant::quantize_q4_1(&values);
+        let (mut a, mut b) = (init.clone(), init.clone());
+        sparse::axpy_row_q8_0(&q8, h, &mut a);
+        sparse::reference::axpy_row_q8_0(&q8, h, &mut b);
+        assert_eq!(a, b, "q8_0 {blocks} blocks");
+        let (mut a, mut b) = (init.clone(), init.clone());
+        sparse::axpy_row_q4_0(&q40, h, &mut a);
+        sparse::reference::axpy_row_q4_0(&q40, h, &mut b);
+        assert_eq!(a, b, "q4_0 {blocks} blocks");
+        let (mut a, mut b) = (init.clone(), init.clone());
+        sparse::axpy_row_q4_1(&q41, h, &mut a);
+        sparse::reference::axpy_row_q4_1(&q41, h, &mut b);
+        assert_eq!(a, b, "q4_1 {blocks} blocks");
+        // And the kernels compute what they claim: acc + h * dequantised weight.
+        let deq = {
+            let mut d = vec![0.0; n];
+            quant::dequantize(GgmlType::Q4_1, bytemuck::cast_slice(&q41), &mut d).unwrap();
+            d
+        };
+        for j in 0..n {
+            assert_eq!(a[j], h.mul_add(deq[j], init[j]), "q4_1 element {j}");
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "neuron 200 listed")]
+fn axpy_rows_refuses_an_out_of_range_neuron() {
+    let mut rng = Rng(25);
+    let (down_t, _) = random_matrix(&mut rng, 200, 64, GgmlType::Q8_0);
+    axpy_rows(&down_t, &rng.vec(200), &[1, 200], &mut [0.0; 64]);
+}
+
+#[test]
+fn transpose_round_trips_and_equals_matrix_transposed() {
+    let mut rng = Rng(31);
+    for src_ty in TYPES {
+        // Several column bands, and a row count that is a whole number of Q8_0 blocks.
+        let (rows, cols) = (96, 224);
+        let (w, deq) = random_matrix(&mut rng, rows, cols, src_ty);
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0] {
+            let t = pool(3).install(|| transpose_matrix(&w, ty)).unwrap();
+            assert_eq!((t.rows, t.cols, t.ty, t.name.as_str()), (cols, rows, ty, "w_t"));
+            let column = |c: usize| (0..rows).map(|r| deq[r * cols + c]).collect::<Vec<f32>>();
+            for c in 0..cols {
+                let got = t.row_f32(c);
+                let want: Vec<f32> = match ty {
+                    GgmlType::F32 => column(c),
+                    GgmlType::F16 => column(c).iter().map(|&v| f16::from_f32(v).to_f32()).collect(),
+                    _ => {
+                        let q = quant::quantize_q8_0(&column(c));
+                        let mut d = vec![0.0; rows];
+                        quant::dequantize(GgmlType::Q8_0, bytemuck::cast_slice(&q), &mut d).unwrap();
+                        d
+                    }
+                };
+                assert_eq!(got, want, "{src_ty} -> {ty} row {c}");
+            }
+            let existing = w.transposed(ty).unwrap();
+            assert!(t.bytes() == existing.bytes(), "{src_ty} -> {ty}: differs from Matrix::transposed");
+        }
+        // Transposing the f32 transpose back gives the dequantised source exactly.
+        let back = transpose_matrix(&transpose_matrix(&w, GgmlType::F32).unwrap(), GgmlType::F32).unwrap();
+        assert_eq!((back.rows, back.cols), (rows, cols));
+        let back_values: Vec<f32> = (0..rows).flat_map(|r| back.row_f32(r)).collect();
+        assert_eq!(back_values, deq, "{src_ty} round trip");
+    }
+}
+
+#[test]
+fn transpose_of_odd_float_shapes_and_empty_matrices() {
+    let mut rng = Rng(32);
+    let (w, deq) = random_matrix(&mut rng, 33, 37, GgmlType::F32);
+    let t = transpose_matrix(&w, GgmlType::F16).unwrap();
+    for c in 0..37 {
+        let want: Vec<f32> = (0..33).map(|r| f16::from_f32(deq[r * 37 + c]).to_f32()).collect();
+        assert_eq!(t.row_f32(c), want);
+    }
+    let empty = Matrix::from_f32("e", 0, 64, &[], GgmlType::F32);
+    let te = transpose_matrix(&empty, GgmlType::Q8_0).unwrap();
+    assert_eq!((te.rows, te.cols, te.n_bytes()), (64, 0, 0));
+}
+
+#[test]
+fn transpose_explains_what_it_cannot_store() {
+    let mut rng = Rng(33);
+    let (w, _) = random_matrix(&mut rng, 40, 64, GgmlType::Q4_0);
+    match transpose_matrix(&w, GgmlType::Q8_0) {
+        Err(e @ TransposeError::PartialBlock { len: 40, .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("w:") && msg.contains("40") && msg.contains("F16"), "{msg}");
+        }
+        other => panic!("expected a partial-block error, got {:?}", other.map(|m| m.ty)),
+    }
+    match transpose_matrix(&w, GgmlType::Q4_0) {
+        Err(e @ TransposeError::UnsupportedTarget { ty: GgmlType::Q4_0, .. }) => {
+            assert!(e.to_string().contains("F32, F16 or Q8_0"), "{e}")
+        }
+        other => panic!("expected an unsupported-target error, got {:?}", other.map(|m| m.ty)),
+    }
+    // F16 is fine for the same shape.
+    assert_eq!(transpose_matrix(&w, GgmlType::F16).unwrap().rows, 64);
+}
+
+#[test]
+fn active_rows_lists_positive_values_in_order() {
+    let values = [0.5, 0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, 1e-38, -1e-38, 3.0, f32::NEG_INFINITY];
+    let mut out = vec![99, 98, 97];
+    active_rows(&values, &mut out);
+    assert_eq!(out, [0, 5, 6, 8]);
+    active_rows(&[], &mut out);
+    assert!(out.is_empty());
+    let mut rng = Rng(41);
+    for sparsity in SPARSITIES {
+        let v: Vec<f32> = (0..1007).map(|_| if rng.next_u64() % 100 < sparsity { -rng.signed().abs() } else { rng.signed().abs() }).collect();
+        active_rows(&v, &mut out);
+        let want: Vec<u32> = (0..v.len() as u32).filter(|&i| v[i as usize] > 0.0).collect();
+        assert_eq!(out, want, "{sparsity}%");
+    }
+}
+
+/// The whole sparse FFN of one token against the dense one: active neurons from the gate,
+/// their up rows, and the down projection as a sum of `down_t` rows.
+#[test]
+fn sparse_relu_ffn_matches_the_dense_one() {
+    let mut rng = Rng(51);
+    let (n_ff, n_embd) = (1536, 576);
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0] {
+        let (gate, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (up, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (down, _) = random_matrix(&mut rng, n_embd, n_ff, ty);
+        let down_t = transpose_matrix(&down, GgmlType::F32).unwrap();
+        let x = rng.vec(n_embd);
+        let acts = Activations::new(&x, 1).with_precision(Precision::F32);
+        let (mut g, mut u) = (vec![0.0; n_ff], vec![0.0; n_ff]);
+        matmul(&gate, &acts, &mut g);
+        matmul(&up, &acts, &mut u);
+        let h_dense: Vec<f32> = g.iter().zip(&u).map(|(&g, &u)| g.max(0.0) * u).collect();
+        let mut dense = vec![0.0; n_embd];
+        matmul(&down, &Activations::new(&h_dense, 1).with_precision(Precision::F32), &mut dense);
+
+        let mut active = Vec::new();
+        active_rows(&g, &mut active);
+        assert!(active.len() > n_ff / 4 && active.len() < 3 * n_ff / 4, "{} active", active.len());
+        let (mut g2, mut u2) = (vec![0.0; n_ff], vec![0.0; n_ff]);
+        let all: Vec<u32> = (0..n_ff as u32).collect();
+        matvec_rows(&gate, &acts, &all, &mut g2);
+        matvec_rows(&up, &acts, &active, &mut u2);
+        let mut h = vec![0.0; n_ff];
+        for &i in &active {
+            h[i as usize] = g2[i as usize] * u2[i as usize];
+        }
+        let mut sparse_out = vec![0.0; n_embd];
+        axpy_rows(&down_t, &h, &active, &mut sparse_out);
+        let norm = dense.iter().map(|v| v * v).sum::<f32>().sqrt();
+        for j in 0..n_embd {
+            assert!((sparse_out[j] - dense[j]).abs() <= 1e-5 * norm, "{ty} col {j}: {} vs {}", sparse_out[j], dense[j]);
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The neuron-aware FFN modes against the dense path: on the real ReLU model (greedy tokens of
+//! the reference prompts, determinism) and on small synthetic ReLU models (logits).
+
+mod common;
+
+use ember::cpu::Precision;
+use ember::engine::{FfnMode, Forward, Logits, Session, SparseFfn};
+use ember::model::Model;
+use ember::sparse::predictor::Predictors;
+use std::sync::Arc;
+
+fn prompts() -> Vec<Vec<u32>> {
+    let Some(refs) = common::refs_dir() else { return Vec::new() };
+    common::read_jsonl(&refs.join("greedy-generations.jsonl"))
+        .iter()
+        .map(|case| case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+        .collect()
+}
+
+/// Greedy continuation of `prompt`, `n` tokens, one forward call per token.
+fn greedy(s: &mut dyn Forward, prompt: &[u32], n: usize) -> Vec<u32> {
+    s.reset();
+    let mut out = Vec::new();
+    let mut t = s.forward_argmax(prompt).unwrap();
+    for _ in 0..n {
+        out.push(t);
+        t = s.forward_argmax(&[t]).unwrap();
+    }
+    out
+}
+
+fn session(model: &Arc<Model>, precision: Precision, ffn: Option<Arc<SparseFfn>>) -> Session {
+    let mut s = Session::new(model.clone(), 96);
+    s.precision = precision;
+    match ffn {
+        Some(f) => s.with_ffn(f),
+        None => s,
+    }
+}
+
+/// At f32 precision the transposed down matrix holds the dense weights exactly, so `relu` and
+/// `predict` with an always-on predictor differ from dense only in summation order: the same
+/// greedy tokens on every reference prompt, and the same tokens run after run.
+#[test]
+fn relu_and_always_on_predict_give_the_dense_tokens_on_the_relu_model() {
+    let Some(path) = common::relu_model() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
+    let predict = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
+    let prompts = prompts();
+    assert_eq!(prompts.len(), 6, "the six reference prompts");
+    const N: usize = 10;
+    let mut dense = session(&model, Precision::F32, None);
+    let mut sparse = session(&model, Precision::F32, Some(relu.clone()));
+    let mut pred = session(&model, Precision::F32, Some(predict));
+    for p in &prompts {
+        let want = greedy(&mut dense, p, N);
+        assert_eq!(greedy(&mut sparse, p, N), want, "relu, prompt {p:?}");
+        assert_eq!(greedy(&mut pred, p, N), want, "always-on predict, prompt {p:?}");
+    }
+    // The ReLU model leaves most neurons silent: relu mode computed about a quarter of them.
+    let density = sparse.ffn_stats.density(hp.n_ff);
+    let mean = density.iter().sum::<f64>() / density.len() as f64;
+    assert!((0.1..0.4).contains(&mean), "mean active fraction {mean}");
+    assert!(pred.ffn_stats.density(hp.n_ff).iter().all(|&d| d == 1.0));
+
+    // Deterministic: a fresh session gives bit-identical logits.
+    let mut again = session(&model, Precision::F32, Some(relu));
+    sparse.reset();
+    let a = sparse.forward(&prompts[0], Logits::All).unwrap();
+    let b = again.forward(&prompts[0], Logits::All).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+}
+
+/// At the default 8-bit precision the dense path quantises the FFN's hidden vector before the
+/// down product and the sparse path does not, so logits agree closely but not exactly.
+#[test]
+fn relu_mode_at_llama_precision_stays_close_to_dense() {
+    let Some(path) = common::relu_model() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).unwrap());
+    let prompt = &prompts()[0];
+    let d = session(&model, Precision::Llama, None).forward(prompt, Logits::All).unwrap();
+    let s = session(&model, Precision::Llama, Some(relu)).forward(prompt, Logits::All).unwrap();
+    let exact = session(&model, Precision::F32, None).forward(prompt, Logits::All).unwrap();
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+        num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+    };
+    // The 8-bit dense path's own distance from f32 arithmetic is the scale of what is allowed.
+    let (sparse_err, dense_err) = (rel(&s, &exact), rel(&d, &exact));
+    eprintln!("relative logit error vs f32 dense: relu {sparse_err}, dense {dense_err}; relu vs dense {}", rel(&s, &d));
+    assert!(sparse_err > 0.0 && sparse_err < 1.5 * dense_err, "relu {sparse_err} vs dense {dense_err}");
+}
+
+#[test]
+fn relu_mode_refuses_a_silu_model() {
+    let Some(path) = common::default_model() else { return };
+    let model = Model::load(&path).unwrap();
+    let err = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).err().unwrap();
+    assert!(err.to_string().contains("--ffn threshold"), "{err}");
+    let err = SparseFfn::new(&model, FfnMode::Predict, None, Vec::new(), Precision::Llama, false).err().unwrap();
+    assert!(err.to_string().contains("predictors"), "{err}");
+}

@@ -1,0 +1,139 @@
+//! The neuron-aware GPU session (lavapipe in CI): hot neurons on the GPU, cold ones on the
+//! CPU, under VRAM budgets, against the dense path on the real ReLU model; the budget is
+//! never exceeded; dense layer offload as the baseline.
+
+mod common;
+
+use ember::cpu::Precision;
+use ember::engine::{FfnMode, Forward, GpuSession, HybridPlan, Logits, OffloadSession, Session, SparseFfn};
+use ember::model::Model;
+use ember::sparse::predictor::Predictors;
+use ember::sparse::profile::Profiler;
+use std::sync::Arc;
+
+fn prompts() -> Vec<Vec<u32>> {
+    let Some(refs) = common::refs_dir() else { return Vec::new() };
+    common::read_jsonl(&refs.join("greedy-generations.jsonl"))
+        .iter()
+        .map(|case| case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+        .collect()
+}
+
+fn greedy(s: &mut dyn Forward, prompt: &[u32], n: usize) -> Vec<u32> {
+    s.reset();
+    let mut out = Vec::new();
+    let mut t = s.forward_argmax(prompt).unwrap();
+    for _ in 0..n {
+        out.push(t);
+        t = s.forward_argmax(&[t]).unwrap();
+    }
+    out
+}
+
+/// Firing counts of the model over the prompts (what placement ranks neurons by).
+fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+    let prof = Profiler::for_model(model).shared();
+    let mut s = Session::new(model.clone(), 128);
+    s.observer = Some(Box::new(prof.clone()));
+    for p in prompts {
+        s.reset();
+        s.forward(p, Logits::All).unwrap();
+    }
+    let counts = prof.lock().unwrap().profile.counts.clone();
+    counts
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+}
+
+#[test]
+fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx0) = common::gpu() else { return };
+    drop(ctx0);
+    let model = Arc::new(Model::load(&path).unwrap());
+    let prompts = prompts();
+    let counts = profile_counts(&model, &prompts);
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    let mut dense = Session::new(model.clone(), 96);
+    dense.precision = Precision::F32;
+    const N: usize = 6;
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&mut dense, p, N)).collect();
+
+    // The model's fixed GPU parts take ~85 MiB here; budgets from "a few hot neurons" to
+    // "all of them", and no budget (GPU-resident sparse).
+    for budget_mib in [Some(100u64), Some(125), None] {
+        let ctx = Arc::new(common::gpu().unwrap());
+        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None };
+        let mut s = GpuSession::hybrid(model.clone(), ctx.clone(), 96, plan, false).unwrap();
+        let placement = s.placement().unwrap().clone();
+        let n_hot = placement.n_hot();
+        if let Some(m) = budget_mib {
+            assert!(ctx.allocated_bytes() <= m << 20, "allocated {} over {m} MiB", ctx.allocated_bytes());
+            assert!(n_hot > 0 && n_hot < model.hp.n_layer * model.hp.n_ff, "{m} MiB: {n_hot} hot neurons");
+        } else {
+            assert_eq!(n_hot, model.hp.n_layer * model.hp.n_ff);
+        }
+        for (p, w) in prompts.iter().zip(&want) {
+            assert_eq!(&greedy(&mut s, p, N), w, "budget {budget_mib:?} MiB ({n_hot} hot), prompt {p:?}");
+        }
+        // The same logits run after run.
+        s.reset();
+        let a = s.forward(&prompts[1], Logits::Last).unwrap();
+        s.reset();
+        let b = s.forward(&prompts[1], Logits::Last).unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "budget {budget_mib:?}: not deterministic");
+        dense.reset();
+        let d = dense.forward(&prompts[1], Logits::Last).unwrap();
+        assert!(rel_err(&a, &d) < 1e-3, "budget {budget_mib:?}: relative logit error {}", rel_err(&a, &d));
+    }
+}
+
+#[test]
+fn hybrid_predict_with_always_on_predictors_matches_dense() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    let prompts = prompts();
+    let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
+    let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
+    let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
+    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None };
+    let mut s = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
+    let mut dense = Session::new(model.clone(), 96);
+    dense.precision = Precision::F32;
+    for p in &prompts[..3] {
+        assert_eq!(greedy(&mut s, p, 4), greedy(&mut dense, p, 4), "prompt {p:?}");
+    }
+}
+
+#[test]
+fn dense_layer_offload_matches_the_cpu() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let ctx = Arc::new(ctx);
+    let prompts = prompts();
+    let mut dense = Session::new(model.clone(), 96);
+    dense.precision = Precision::F32;
+    let mut off = OffloadSession::new(model.clone(), ctx, 11, 96, 16, false).unwrap();
+    off.cpu_mut().precision = Precision::F32;
+    for p in &prompts[..3] {
+        assert_eq!(greedy(&mut off, p, 4), greedy(&mut dense, p, 4), "prompt {p:?}");
+    }
+}
+
+#[test]
+fn a_budget_too_small_for_attention_is_a_clear_error() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
+    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None };
+    let err = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
+    assert!(err.to_string().contains("--vram-budget"), "{err}");
+}
