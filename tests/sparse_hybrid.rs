@@ -59,7 +59,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
-    const N: usize = 6;
+    const N: usize = 4;
     let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&mut dense, p, N)).collect();
 
     // The model's fixed GPU parts take ~85 MiB here; budgets from "a few hot neurons" to
@@ -76,7 +76,9 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
         } else {
             assert_eq!(n_hot, model.hp.n_layer * model.hp.n_ff);
         }
-        for (p, w) in prompts.iter().zip(&want) {
+        // Every reference prompt at the tightest budget, two at the others (test time).
+        let n_prompts = if budget_mib == Some(100) { prompts.len() } else { 2 };
+        for (p, w) in prompts.iter().zip(&want).take(n_prompts) {
             assert_eq!(&greedy(&mut s, p, N), w, "budget {budget_mib:?} MiB ({n_hot} hot), prompt {p:?}");
         }
         // The same logits run after run.

@@ -25,7 +25,8 @@ use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
 use crate::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
 use crate::gpu::{GpuContext, GpuError, Step};
-use crate::model::Model;
+use crate::gguf::GgmlType;
+use crate::model::{Matrix, Model};
 use crate::sparse::placement::{place, Bytes, FixedPart, Placement, PlacementInput};
 use crate::sparse::simulate::SimulatedActivity;
 use std::sync::{Arc, Mutex};
@@ -156,10 +157,17 @@ impl GpuSession {
 
         // Predictors on the GPU (predict mode without simulation).
         let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
-            (Some(p), FfnMode::Predict, None) => p.layers.iter().map(|l| Ok(Some([GpuMatrix::upload(&ctx, &l.fc1)?, GpuMatrix::upload(&ctx, &l.fc2)?]))).collect::<Result<_, GpuError>>()?,
+            (Some(p), FfnMode::Predict, None) => p
+                .layers
+                .iter()
+                .map(|l| {
+                    let (fc1, fc2) = pad_rank(&l.fc1, &l.fc2);
+                    Ok(Some([GpuMatrix::upload(&ctx, &fc1)?, GpuMatrix::upload(&ctx, &fc2)?]))
+                })
+                .collect::<Result<_, GpuError>>()?,
             _ => (0..hp.n_layer).map(|_| None).collect(),
         };
-        let max_rank = plan.ffn.predictors.as_ref().map_or(1, |p| p.layers.iter().map(|l| l.fc1.rows).max().unwrap_or(1));
+        let max_rank = plan.ffn.predictors.as_ref().map_or(1, |p| p.layers.iter().map(|l| l.fc1.rows.next_multiple_of(32)).max().unwrap_or(1));
         // Buffers shared by every layer's sparse ops (layers run one after another).
         let g = ctx.zeros("sparse g", 4 * ff as u64);
         let h = ctx.zeros("sparse h", 4 * ff as u64);
@@ -388,6 +396,26 @@ impl GpuSession {
         self.n_past += 1;
         Ok(())
     }
+}
+
+/// A predictor's matrices with the rank padded to a multiple of 32 (the GPU matvec's block):
+/// zero rows of fc1 give relu(0) = 0 in the hidden layer, whose zero columns of fc2 add
+/// nothing, so the logits are unchanged.
+fn pad_rank(fc1: &Matrix, fc2: &Matrix) -> (Matrix, Matrix) {
+    let r = fc1.rows;
+    let padded = r.next_multiple_of(32);
+    if padded == r {
+        return (fc1.clone(), fc2.clone());
+    }
+    let ty = if fc1.ty == GgmlType::F16 && fc2.ty == GgmlType::F16 { GgmlType::F16 } else { GgmlType::F32 };
+    let mut w1: Vec<f32> = (0..r).flat_map(|i| fc1.row_f32(i)).collect();
+    w1.resize(padded * fc1.cols, 0.0);
+    let w2: Vec<f32> = (0..fc2.rows).flat_map(|i| {
+        let mut row = fc2.row_f32(i);
+        row.resize(padded, 0.0);
+        row
+    }).collect();
+    (Matrix::from_f32(&fc1.name, padded, fc1.cols, &w1, ty), Matrix::from_f32(&fc2.name, fc2.rows, padded, &w2, ty))
 }
 
 /// The ids in `0..n` that are not in ascending `ids`.

@@ -75,6 +75,12 @@ impl Rng {
 /// A GPU context for kernel tests: any adapter, software ones included (lavapipe in CI). When
 /// none exists the test says so and skips, except under CI, where it fails.
 pub fn gpu() -> Option<ember::gpu::GpuContext> {
+    // Mesa complains on stderr without a runtime dir (headless CI); the binary sets one too.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+        let dir = std::env::temp_dir().join(format!("ember-xdg-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        std::env::set_var("XDG_RUNTIME_DIR", dir);
+    }
     match ember::gpu::GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware) {
         Ok(ctx) => Some(ctx),
         Err(e) if std::env::var_os("CI").is_some() => panic!("no GPU adapter in CI: {e}"),
