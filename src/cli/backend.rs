@@ -1,7 +1,10 @@
 //! Turning `--backend`/`--device` into a [`Forward`] implementation.
 
 use super::{Backend, ModelArgs, Result};
-use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, Session, SparseFfn};
+use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, OffloadSession, Session, SparseFfn};
+use crate::sparse::placement::parse_budget;
+use crate::sparse::profile::ActivationProfile;
+use crate::sparse::simulate::SimulatedActivity;
 use crate::sparse::predictor::Predictors;
 use crate::sparse::threshold::ThresholdCalibrator;
 use std::path::PathBuf;
@@ -11,50 +14,160 @@ use std::sync::Arc;
 
 /// The backend the flags ask for, with the model loaded onto it.
 pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn Forward>> {
-    let gpu = |choice: DeviceChoice| -> Result<Box<dyn Forward>> {
-        let ctx = Arc::new(GpuContext::new(&choice)?);
-        let start = std::time::Instant::now();
-        let weights = Arc::new(GpuWeights::upload(&ctx, &model, true)?);
-        let session = GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?;
-        eprintln!(
-            "ember: GPU {} ({:?}): weights {:.1} MiB + KV cache {:.1} MiB uploaded in {:.2} s",
-            ctx.adapter.name,
-            ctx.adapter.backend,
-            weights.bytes as f64 / (1u64 << 20) as f64,
-            session.state_bytes() as f64 / (1u64 << 20) as f64,
-            start.elapsed().as_secs_f64()
-        );
-        Ok(Box::new(session))
-    };
-    let sparse = sparse_ffn(args, &model)?;
-    let cpu = || -> Box<dyn Forward> {
-        let mut s = Session::new(model.clone(), n_ctx);
-        s.precision = args.precision.into();
-        if let Some(f) = &sparse {
-            s = s.with_ffn(f.clone());
-        }
-        Box::new(s)
-    };
-    if sparse.is_some() && args.backend != Backend::Cpu {
-        return Err(format!("--ffn {} runs on the CPU for now; add --backend cpu", FfnMode::from(args.ffn).name()).into());
-    }
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
-    match (args.backend, explicit) {
-        (Backend::Cpu, _) => Ok(cpu()),
-        (Backend::Gpu, choice) => gpu(choice.unwrap_or(DeviceChoice::BestOrSoftware)),
-        (Backend::Auto, Some(choice)) => gpu(choice),
+    let choice = match (args.backend, explicit) {
+        (Backend::Cpu, _) => None,
+        (Backend::Gpu, choice) => Some(choice.unwrap_or(DeviceChoice::BestOrSoftware)),
+        (Backend::Auto, Some(choice)) => Some(choice),
         (Backend::Auto, None) => match GpuContext::new(&DeviceChoice::Best) {
-            // Probing opened a device; the real one is opened again (cheap) by `gpu`.
-            Ok(_) => gpu(DeviceChoice::Best),
+            // Probing opened a device; the real one is opened again (cheap) below.
+            Ok(_) => Some(DeviceChoice::Best),
             Err(crate::gpu::GpuError::OnlySoftware(name)) => {
                 eprintln!("ember: running on the CPU ({name} is a software adapter; --backend gpu would use it)");
-                Ok(cpu())
+                None
             }
             Err(e) => {
                 eprintln!("ember: running on the CPU (no usable GPU: {e})");
-                Ok(cpu())
+                None
             }
         },
+    };
+    match choice {
+        None => open_cpu(args, model, n_ctx),
+        Some(choice) => open_gpu(args, model, n_ctx, &choice),
+    }
+}
+
+fn open_cpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn Forward>> {
+    if args.simulate_activity.is_some() || args.n_gpu_layers.is_some() || args.vram_budget.is_some() {
+        return Err("--simulate-activity, --n-gpu-layers and --vram-budget need a GPU (--backend gpu)".into());
+    }
+    let mut s = Session::new(model.clone(), n_ctx);
+    s.precision = args.precision.into();
+    if let Some(f) = sparse_ffn(args, &model)? {
+        s = s.with_ffn(f);
+    }
+    Ok(Box::new(s))
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<Box<dyn Forward>> {
+    let mode = FfnMode::from(args.ffn);
+    let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
+    let ctx = Arc::new(GpuContext::new(choice)?);
+    let start = std::time::Instant::now();
+    let gpu_name = format!("{} ({:?})", ctx.adapter.name, ctx.adapter.backend);
+
+    // Dense layer offload: asked for, or a dense FFN under a budget.
+    if args.n_gpu_layers.is_some() || (mode == FfnMode::Dense && budget.is_some()) {
+        if mode != FfnMode::Dense {
+            return Err("--n-gpu-layers offloads whole dense layers; it does not combine with --ffn (use --vram-budget for the hybrid)".into());
+        }
+        let n = match (args.n_gpu_layers, budget) {
+            (Some(n), _) => n,
+            (None, Some(b)) => layers_fitting(&model, b, n_ctx),
+            _ => unreachable!(),
+        };
+        let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
+        s.cpu_mut().precision = args.precision.into();
+        if let Some(b) = budget {
+            if ctx.allocated_bytes() > b {
+                return Err(format!("dense offload of {n} layers allocated {:.1} MiB, over --vram-budget {:.1} MiB; pass a smaller --n-gpu-layers", mib(ctx.allocated_bytes()), mib(b)).into());
+            }
+        }
+        eprintln!("ember: GPU {gpu_name}: dense layer offload, {n} of {} layers on the GPU ({:.1} MiB), the rest and the output on the CPU; {:.2} s", model.hp.n_layer, mib(ctx.allocated_bytes()), start.elapsed().as_secs_f64());
+        return Ok(Box::new(s));
+    }
+
+    if mode == FfnMode::Dense && args.simulate_activity.is_none() {
+        let weights = Arc::new(GpuWeights::upload(&ctx, &model, true)?);
+        let session = GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?;
+        eprintln!(
+            "ember: GPU {gpu_name}: weights {:.1} MiB + KV cache {:.1} MiB uploaded in {:.2} s",
+            mib(weights.bytes),
+            mib(session.state_bytes()),
+            start.elapsed().as_secs_f64()
+        );
+        return Ok(Box::new(session));
+    }
+    if mode == FfnMode::Threshold {
+        return Err("--ffn threshold runs on the CPU only for now (add --backend cpu)".into());
+    }
+
+    // Neuron-aware FFN on the GPU, hybrid when the budget leaves neurons to the CPU.
+    let (ffn, counts, simulate) = match &args.simulate_activity {
+        Some(path) => {
+            let profile = ActivationProfile::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let sim = SimulatedActivity::from_profile(&profile, model.hp.n_layer, model.hp.n_ff, 0x5eed)?;
+            let density = sim.density();
+            eprintln!(
+                "ember: SIMULATED ACTIVITY: active neurons drawn per token from the firing rates of {} ({:.1}% of neurons per token on average); speed only, the text is meaningless",
+                path.display(),
+                100.0 * density.iter().sum::<f64>() / density.len() as f64
+            );
+            let ffn = Arc::new(SparseFfn::simulated(&model, args.precision.into(), true)?);
+            (ffn, sim.counts(), Some(sim))
+        }
+        None => {
+            let ffn = sparse_ffn(args, &model)?.expect("a sparse mode");
+            (ffn, load_counts(args, &model, budget.is_some())?, None)
+        }
+    };
+    let plan = HybridPlan { ffn, budget, counts, cpu_precision: args.precision.into(), simulate };
+    let session = GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan, true)?;
+    let p = session.placement().expect("hybrid session");
+    let total = model.hp.n_layer * model.hp.n_ff;
+    eprintln!(
+        "ember: GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), {:.1} MiB allocated{}; {:.2} s",
+        mode.name(),
+        p.n_hot(),
+        100.0 * p.covered,
+        mib(ctx.allocated_bytes()),
+        budget.map_or(String::new(), |b| format!(" of a {:.1} MiB budget", mib(b))),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(Box::new(session))
+}
+
+/// How many whole layers (weights and KV cache) fit in `budget` after the embedding and
+/// activation buffers, for a dense layer offload.
+pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
+    let hp = &model.hp;
+    let kv = 2 * 2 * (n_ctx * hp.kv_dim()) as u64;
+    // Scratch for 64-token batches and alignment slack.
+    let fixed = model.token_embd.n_bytes() as u64 + 64 * 4 * (4 * hp.n_embd + 2 * hp.n_ff + 3 * hp.q_dim()) as u64 + (1 << 20);
+    let mut used = fixed;
+    let mut n = 0;
+    for l in &model.layers {
+        let bytes: u64 = [&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down].iter().map(|m| m.n_bytes() as u64 * 101 / 100 + 4096).sum::<u64>() + kv + 8 * hp.n_embd as u64;
+        if used + bytes > budget {
+            break;
+        }
+        used += bytes;
+        n += 1;
+    }
+    n
+}
+
+/// Firing counts for placement: `--act-profile`, else `MODEL.profile.gguf` beside the model.
+/// Without a budget every neuron is hot and the counts do not matter.
+fn load_counts(args: &ModelArgs, model: &Model, needed: bool) -> Result<Vec<Vec<u32>>> {
+    let model_path = args.resolve_model()?;
+    let beside = PathBuf::from(format!("{}.profile.gguf", model_path.display()));
+    let path = args.act_profile.clone().or_else(|| beside.exists().then_some(beside.clone()));
+    match path {
+        Some(p) => {
+            let profile = ActivationProfile::load(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+            if profile.n_layer() != model.hp.n_layer || profile.n_ff() != model.hp.n_ff {
+                return Err(format!("{}: a profile of {} layers x {} neurons, the model has {} x {}; profile this model (`ember profile`)", p.display(), profile.n_layer(), profile.n_ff(), model.hp.n_layer, model.hp.n_ff).into());
+            }
+            Ok(profile.counts)
+        }
+        None if needed => Err(format!("--vram-budget places the most-firing neurons on the GPU, which needs an activation profile: run `ember profile -m {} -f TEXT` (writes {}) or pass --act-profile FILE", model_path.display(), beside.display()).into()),
+        None => Ok(vec![vec![1; model.hp.n_ff]; model.hp.n_layer]),
     }
 }
 

@@ -96,6 +96,24 @@ pub struct ModelArgs {
     /// --ffn threshold: a text whose first 512 tokens calibrate the thresholds
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
+    /// GPU memory ember may use, in GiB (fractions allowed: 0.05; or 512MiB). With --ffn relu or
+    /// predict the most-firing FFN neurons fill what attention, embeddings and the KV cache leave
+    /// and the CPU computes the rest (hybrid); with a dense FFN, whole layers are offloaded.
+    /// [default: no limit: everything on the GPU]
+    #[arg(long, value_name = "GIB")]
+    pub vram_budget: Option<String>,
+    /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
+    /// [default: MODEL.profile.gguf beside the model]
+    #[arg(long, value_name = "FILE")]
+    pub act_profile: Option<PathBuf>,
+    /// Dense layer offload like llama.cpp's -ngl: the first N layers on the GPU, the rest on the CPU
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", value_name = "N")]
+    pub n_gpu_layers: Option<usize>,
+    /// BENCHMARK ONLY: draw each token's active neurons from the firing rates of this activation
+    /// profile (stretched to the model's shape) instead of computing them; for random-weight
+    /// models of real shape. Outputs are labelled "simulated activity"; the text is meaningless
+    #[arg(long, value_name = "PROFILE")]
+    pub simulate_activity: Option<PathBuf>,
 }
 
 /// `--ffn`: which neurons of each FFN block are computed.
@@ -145,7 +163,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, n_gpu_layers: None, simulate_activity: None }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.

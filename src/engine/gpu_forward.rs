@@ -499,7 +499,10 @@ impl Forward for GpuSession {
     }
 
     fn backend_name(&self) -> String {
-        format!("GPU {:?}", self.ctx.adapter.backend)
+        match &self.hybrid {
+            Some(h) => format!("GPU {:?} {}", self.ctx.adapter.backend, h.describe(self.model.hp.n_layer * self.model.hp.n_ff)),
+            None => format!("GPU {:?}", self.ctx.adapter.backend),
+        }
     }
 
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {

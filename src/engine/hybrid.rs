@@ -73,6 +73,16 @@ pub(super) struct SparseLayerOps {
     sim_logits: Option<wgpu::Buffer>,
 }
 
+impl HybridState {
+    /// For tables: the FFN mode, the hot share, and the simulation label when simulated.
+    pub fn describe(&self, n_neurons: usize) -> String {
+        let hot = self.placement.n_hot();
+        let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
+        let sim = if self.simulate.is_some() { ", SIMULATED ACTIVITY" } else { "" };
+        format!("sparse {} ({split}{sim})", self.ffn.mode.name())
+    }
+}
+
 /// Lost-device and mapping failures of the hybrid step.
 fn lost(err: impl std::fmt::Display) -> ForwardError {
     ForwardError::Gpu(GpuError::Lost(err.to_string()))

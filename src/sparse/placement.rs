@@ -43,7 +43,7 @@ pub struct Placement {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlacementError {
-    #[error("a VRAM budget of {budget} cannot hold what every token needs on the GPU ({need}: {parts}); raise --vram-budget or run on the CPU")]
+    #[error("a VRAM budget of {budget} cannot hold what every token needs on the GPU ({need}: {parts}); raise --vram-budget, shrink the KV cache with a smaller --ctx-size, or run on the CPU")]
     TooSmall { budget: Bytes, need: Bytes, parts: String },
     #[error("the activation profile has {got} layers of {widths}, the model {want} layers of {n_ff} neurons; profile this model again (`ember profile`)")]
     ProfileMismatch { got: usize, widths: String, want: usize, n_ff: usize },
