@@ -6,6 +6,7 @@ mod gpu_bench;
 mod fetch;
 mod info;
 mod perplexity;
+mod plan;
 mod profile;
 mod run;
 mod synth;
@@ -49,6 +50,10 @@ pub enum Command {
     Synth(synth::SynthArgs),
     /// Count how often each FFN neuron fires over a text (ReLU sparsity); keep samples for predictors
     Profile(profile::ProfileArgs),
+    /// Show where a model's parts and FFN neurons would live under a VRAM budget
+    Plan(plan::PlanArgs),
+    /// Write a model in another layout (PowerInfer's: transposed down, predictors inside)
+    Convert(plan::ConvertArgs),
     /// Train per-layer activation predictors from `ember profile` samples
     TrainPredictor(train_predictor::TrainPredictorArgs),
 }
@@ -211,6 +216,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Devices => devices(),
         Command::Synth(a) => synth::synth(a),
         Command::Profile(a) => profile::profile(a),
+        Command::Plan(a) => plan::plan(a),
+        Command::Convert(a) => plan::convert(a),
         Command::TrainPredictor(a) => train_predictor::train_predictor(a),
     }
 }

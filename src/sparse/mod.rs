@@ -6,6 +6,7 @@
 //! per token, so their up row and down column need not be read at all.
 
 pub mod placement;
+pub mod powerinfer;
 pub mod simulate;
 pub mod predictor;
 pub mod profile;

@@ -1,0 +1,107 @@
+//! `ember plan`: where each part of a model would live under a VRAM budget, without a GPU.
+//! `ember convert`: write a model as a PowerInfer file.
+
+use super::{ModelArgs, Result};
+use crate::engine::ffn::transposed_downs;
+use crate::gpu::sparse::HotFfn;
+use crate::sparse::placement::{parse_budget, place, Bytes, FixedPart, PlacementInput};
+use crate::sparse::powerinfer;
+use crate::sparse::predictor::Predictors;
+use crate::sparse::profile::ActivationProfile;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Context size the KV cache is sized for
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx_size: usize,
+    /// Also write the placement as a PowerInfer split file (blk.N.gpu_idx / gpu_bucket)
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+/// The plan with estimated sizes: the GPU session measures its real allocations and places
+/// neurons in what is really left, so its plan can differ by a few neurons; it never exceeds
+/// the budget.
+pub fn plan(a: PlanArgs) -> Result<()> {
+    let path = a.model.resolve_model()?;
+    let (model, _) = super::load(&path)?;
+    let hp = &model.hp;
+    let budget = parse_budget(a.model.vram_budget.as_deref().ok_or("ember plan needs --vram-budget GIB")?)?;
+    let profile_path = a.model.act_profile.clone().unwrap_or_else(|| PathBuf::from(format!("{}.profile.gguf", path.display())));
+    let profile = ActivationProfile::load(&profile_path).map_err(|e| format!("{}: {e} (make one with `ember profile -m {} -f TEXT`)", profile_path.display(), path.display()))?;
+    if profile.n_layer() != hp.n_layer || profile.n_ff() != hp.n_ff {
+        return Err(format!("{}: profile of {} x {} neurons, model {} x {}", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());
+    }
+    let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
+    if !model.tied_embeddings {
+        attention += model.output.n_bytes() as u64;
+    }
+    for l in &model.layers {
+        attention += [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.n_bytes() as u64).sum::<u64>() + 8 * hp.n_embd as u64;
+    }
+    let kv = (hp.n_layer * a.ctx_size * hp.kv_dim() * 2 * 2) as u64;
+    let predictor_bytes = match &a.model.predictor {
+        Some(p) => Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))?.n_bytes() as u64,
+        None => 0,
+    };
+    let fixed = vec![
+        FixedPart { name: "attention, norms, embeddings, output".into(), bytes: attention },
+        FixedPart { name: format!("KV cache ({} tokens)", a.ctx_size), bytes: kv },
+        FixedPart { name: "predictors".into(), bytes: predictor_bytes },
+        // Activations and per-layer sparse buffers (the AXPY's partial sums dominate).
+        FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
+    ];
+    let down_t_ty = |l: &crate::model::Layer| l.ffn_down_t.as_ref().map_or(l.ffn_down.transpose_type(), |t| t.ty);
+    let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| HotFfn::bytes_per_neuron(l.ffn_gate.ty, l.ffn_up.ty, down_t_ty(l), hp.n_embd) + 4).collect();
+    let input = PlacementInput { fixed, neuron_bytes, counts: profile.counts.clone() };
+    let p = place(&input, budget, hp.n_ff)?;
+
+    println!("budget {} on the GPU, placed in this order (estimated sizes):", Bytes(budget));
+    for f in &p.fixed {
+        println!("  {:<40} {:>12}", f.name, Bytes(f.bytes).to_string());
+    }
+    println!("  {:<40} {:>12}  ({} of {} neurons)", "FFN hot neurons", Bytes(p.hot_bytes()).to_string(), p.n_hot(), hp.n_layer * hp.n_ff);
+    println!("  {:<40} {:>12}", "free", Bytes(budget - p.used()).to_string());
+    println!("\n| layer | hot neurons | of layer | share of the layer's firings on the GPU |");
+    println!("| ---: | ---: | ---: | ---: |");
+    for (l, (h, c)) in p.hot.iter().zip(&p.covered_per_layer).enumerate() {
+        println!("| {l} | {} | {:.1}% | {:.1}% |", h.len(), 100.0 * h.len() as f64 / hp.n_ff as f64, 100.0 * c);
+    }
+    println!("\nexpected share of all FFN firings served by the GPU: {:.1}% (profile: {} tokens)", 100.0 * p.covered, profile.n_tokens());
+    if let Some(out) = &a.output {
+        powerinfer::split_file(&p.hot, hp.n_ff, budget).write_file(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        println!("wrote the placement to {} (PowerInfer split format)", out.display());
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Output file
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Write PowerInfer's format: magic PWRI, ffn_down_t (transposed down), predictors as
+    /// blk.N.fc1/fc2 (from --predictor)
+    #[arg(long)]
+    pub powerinfer: bool,
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    if !a.powerinfer {
+        return Err("ember convert writes PowerInfer files only for now: pass --powerinfer".into());
+    }
+    let path = a.model.resolve_model()?;
+    let (model, _) = super::load(&path)?;
+    let down_t = transposed_downs(&model, a.model.precision.into(), true)?;
+    let predictors = a.model.predictor.as_ref().map(|p| Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))).transpose()?;
+    let w = powerinfer::export_model(&model, &down_t, predictors.as_ref())?;
+    w.write_file(&a.output).map_err(|e| format!("{}: {e}", a.output.display()))?;
+    eprintln!("ember: wrote {} (PowerInfer format: PWRI, ffn_down_t{})", a.output.display(), if predictors.is_some() { ", fc1/fc2 predictors" } else { "" });
+    Ok(())
+}
