@@ -180,7 +180,7 @@ fn random_activations(rng: &mut Rng, n: usize, sparsity_pct: u64) -> (Vec<f32>, 
     let active = random_subset(rng, n, sparsity_pct);
     let mut h = vec![0.0f32; n];
     for &i in &active {
-        h[i as usize] = if rng.next_u64() % 16 == 0 { 0.0 } else { rng.signed() };
+        h[i as usize] = if rng.next_u64().is_multiple_of(16) { 0.0 } else { rng.signed() };
     }
     (h, active)
 }
@@ -490,4 +490,44 @@ fn sparse_relu_ffn_matches_the_dense_one() {
             assert!((sparse_out[j] - dense[j]).abs() <= 1e-5 * norm, "{ty} col {j}: {} vs {}", sparse_out[j], dense[j]);
         }
     }
+}
+
+/// A Q5_0 matrix (a type the loader would convert) from random quants with a small scale.
+fn random_q5_0(rng: &mut Rng, rows: usize, cols: usize) -> Matrix {
+    let mut bytes = Vec::new();
+    for _ in 0..rows * cols / 32 {
+        bytes.extend_from_slice(&f16::from_f32(0.01 + 0.01 * rng.signed().abs()).to_le_bytes());
+        bytes.extend((0..20).map(|_| rng.next_u64() as u8));
+    }
+    Matrix::from_raw("q5", rows, cols, GgmlType::Q5_0, &bytes)
+}
+
+#[test]
+fn matvec_rows_follows_matmul_at_f32_precision_for_other_types_and_transposes_them() {
+    let mut rng = Rng(61);
+    let (rows, cols) = (70, 96);
+    let w = random_q5_0(&mut rng, rows, cols);
+    let x = rng.vec(cols);
+    let mut dense = vec![0.0; rows];
+    matmul(&w, &Activations::new(&x, 1).with_precision(Precision::F32), &mut dense);
+    let listed = random_subset(&mut rng, rows, 50);
+    let mut out = vec![UNTOUCHED; rows];
+    matvec_rows(&w, &Activations::new(&x, 1).with_precision(Precision::F32), &listed, &mut out);
+    for &r in &listed {
+        assert_eq!(out[r as usize].to_bits(), dense[r as usize].to_bits(), "row {r}");
+    }
+    let t = transpose_matrix(&w, GgmlType::F32).unwrap();
+    for c in 0..cols {
+        let want: Vec<f32> = (0..rows).map(|r| w.row_f32(r)[c]).collect();
+        assert_eq!(t.row_f32(c), want, "column {c}");
+    }
+}
+
+#[test]
+#[should_panic(expected = "no CPU kernel for Q5_0")]
+fn matvec_rows_has_no_integer_kernel_where_matmul_has_none() {
+    let mut rng = Rng(62);
+    let w = random_q5_0(&mut rng, 8, 32);
+    let x = rng.vec(32);
+    matvec_rows(&w, &Activations::new(&x, 1), &[1], &mut [0.0; 8]);
 }
