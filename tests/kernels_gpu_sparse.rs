@@ -97,9 +97,16 @@ impl Dense {
     }
 }
 
-/// Checks y (overwrite into `y`, add into `y_add` which held `y0`) against the f64 AXPY of
-/// the GPU's own h over the active rows.
-fn check_axpy(what: &str, dense: &Dense, hot: &[u32], active: &[u32], h: &[f32], y: &[f32], y_add: &[f32], y0: &[f32]) -> f64 {
+/// The AXPY's outputs: overwrite into `y`, add into `y_add`, which held `y0`.
+struct AxpyOut<'a> {
+    y: &'a [f32],
+    y_add: &'a [f32],
+    y0: &'a [f32],
+}
+
+/// Checks the AXPY's outputs against the f64 AXPY of the GPU's own h over the active rows.
+fn check_axpy(what: &str, dense: &Dense, hot: &[u32], active: &[u32], h: &[f32], out: AxpyOut<'_>) -> f64 {
+    let AxpyOut { y, y_add, y0 } = out;
     let n_embd = y.len();
     let mut worst = 0.0f64;
     if active.is_empty() {
@@ -203,7 +210,7 @@ fn check_predictor(ctx: &GpuContext, hot: &HotFfn, ids: &[u32], dense: &Dense, a
         }
         let y: Vec<f32> = ctx.read(&rig.y, n_embd).unwrap();
         let y_add: Vec<f32> = ctx.read(&rig.y_add, n_embd).unwrap();
-        worst_y = worst_y.max(check_axpy(&what, dense, ids, &active, &h, &y, &y_add, &y0));
+        worst_y = worst_y.max(check_axpy(&what, dense, ids, &active, &h, AxpyOut { y: &y, y_add: &y_add, y0: &y0 }));
         // Run to run, bit for bit.
         fill(ctx, &rig.y_add, &y0);
         run(ctx, |p| rig.encode(p));
@@ -271,7 +278,7 @@ fn predictor_path_q4_1() {
 /// reductions and a small AXPY tile with many short chunks (chunk edges everywhere).
 #[test]
 fn predictor_path_mixed_types_fallback_shapes() {
-    let config = |ctx: &GpuContext| SparseConfig { subgroups: false, matvec_wg: 32, axpy_cols: 4, axpy_wg: 64, min_chunk_rows: 1, max_chunks: 7, ..SparseConfig::for_context(ctx) };
+    let config = |_: &GpuContext| SparseConfig { subgroups: false, matvec_wg: 32, axpy_cols: 4, axpy_wg: 64, min_chunk_rows: 1, max_chunks: 7 };
     predictor_for_types([GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0], config, 36);
     predictor_for_types([GgmlType::F16, GgmlType::Q8_0, GgmlType::F32], SparseConfig::for_context, 37);
 }
@@ -319,7 +326,7 @@ fn relu_path_matches_reference() {
                 fill(&ctx, &x_buf, &x);
                 fill(&ctx, &y_add_buf, &y0);
                 fill(&ctx, &h_buf, &vec![f32::NAN; n_hot]);
-                run(&ctx, &encode);
+                run(&ctx, encode);
                 let g: Vec<f32> = ctx.read(&g_buf, n_hot).unwrap();
                 let h: Vec<f32> = ctx.read(&h_buf, n_hot).unwrap();
                 let mut worst_g = 0.0f64;
@@ -347,10 +354,10 @@ fn relu_path_matches_reference() {
                 }
                 let y: Vec<f32> = ctx.read(&y_buf, n_embd).unwrap();
                 let y_add: Vec<f32> = ctx.read(&y_add_buf, n_embd).unwrap();
-                let worst_y = check_axpy(&what, &dense, &ids, &active, &h, &y, &y_add, &y0);
+                let worst_y = check_axpy(&what, &dense, &ids, &active, &h, AxpyOut { y: &y, y_add: &y_add, y0: &y0 });
                 // Bit for bit again.
                 fill(&ctx, &y_add_buf, &y0);
-                run(&ctx, &encode);
+                run(&ctx, encode);
                 assert_eq!(ctx.read::<u32>(&y_buf, n_embd).unwrap(), bytemuck::cast_slice::<f32, u32>(&y), "{what}: y differs between runs");
                 assert_eq!(ctx.read::<u32>(&y_add_buf, n_embd).unwrap(), bytemuck::cast_slice::<f32, u32>(&y_add), "{what}: y_add differs between runs");
                 eprintln!("{what}: ok ({count} active), worst relative error g {worst_g:.1e} h {worst_h:.1e} y {worst_y:.1e}");
