@@ -86,6 +86,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+            // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
+            if let Some((t, syncs)) = session.as_gpu().and_then(|g| g.hybrid_timing(false)) {
+                eprintln!("ember: hybrid decode, {}", t.summary(syncs));
+            }
         }
         if a.profile {
             session.reset();

@@ -2,7 +2,7 @@
 //! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
 
 use crate::cpu::ops::activate;
-use crate::cpu::sparse::{axpy_rows, matvec_rows, transpose_matrix};
+use crate::cpu::sparse::{axpy_rows, matvec_rows, matvec_rows_pair, transpose_matrix};
 use crate::cpu::{matmul, Activations, Precision};
 use crate::model::{Activation, Matrix, Model};
 use crate::sparse::predictor::Predictors;
@@ -151,10 +151,13 @@ impl SparseFfn {
                 if let Some(rows) = owned {
                     retain_sorted_intersection(&mut s.active, rows);
                 }
-                matvec_rows(&layer.ffn_gate, &acts, &s.active, &mut s.gate);
+                // One pass over the list computes both rows of each neuron.
+                matvec_rows_pair(&layer.ffn_gate, &layer.ffn_up, &acts, &s.active, &mut s.gate, &mut s.up);
             }
         }
-        matvec_rows(&layer.ffn_up, &acts, &s.active, &mut s.up);
+        if self.mode != FfnMode::Predict {
+            matvec_rows(&layer.ffn_up, &acts, &s.active, &mut s.up);
+        }
         for &i in &s.active {
             let i = i as usize;
             s.h[i] = activate(act, s.gate[i]) * s.up[i];

@@ -121,11 +121,44 @@ pub struct HybridState {
     scratch: FfnScratch,
     y: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
-    /// Per layer: the token's drawn active set (simulation).
+    /// Per layer: the token's drawn active set (simulation), and its ±1 form for the GPU.
     drawn: Vec<Vec<u32>>,
+    sim_values: Vec<f32>,
     pub placement: Placement,
     /// CPU<->GPU synchronisations in the last decoded token.
     pub syncs_per_token: usize,
+    /// Where decode time went, summed over tokens since the last reset of the counters.
+    pub timing: HybridTiming,
+}
+
+/// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HybridTiming {
+    pub tokens: u64,
+    /// Whole token, from the first write to the last submission.
+    pub total: f64,
+    /// Blocked waiting for the GPU's attention half (submission A) of split layers.
+    pub wait_gpu: f64,
+    /// Computing cold neurons on the CPU.
+    pub cpu_ffn: f64,
+    /// Drawing simulated activity and uploading it.
+    pub simulate: f64,
+}
+
+impl HybridTiming {
+    /// One line for logs: milliseconds per token of each part.
+    pub fn summary(&self, syncs: usize) -> String {
+        let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
+        let rest = self.total - self.wait_gpu - self.cpu_ffn - self.simulate;
+        format!(
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons, {:.2} drawing simulated activity, {:.2} encoding/submitting/other; {syncs} CPU<->GPU syncs per token",
+            per(self.total),
+            per(self.wait_gpu),
+            per(self.cpu_ffn),
+            per(self.simulate),
+            per(rest)
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,10 +322,22 @@ impl GpuSession {
             y: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
             drawn: vec![Vec::new(); hp.n_layer],
+            sim_values: Vec::new(),
             placement,
             syncs_per_token: 0,
+            timing: HybridTiming::default(),
         }));
         Ok(session)
+    }
+
+    /// Where a hybrid session's decode time went (None for a dense session); `reset` zeroes it.
+    pub fn hybrid_timing(&mut self, reset: bool) -> Option<(HybridTiming, usize)> {
+        let h = self.hybrid.as_mut()?;
+        let out = (h.timing, h.syncs_per_token);
+        if reset {
+            h.timing = HybridTiming::default();
+        }
+        Some(out)
     }
 
     /// The placement of a hybrid session.
@@ -315,6 +360,7 @@ impl GpuSession {
     }
 
     fn run_token_split(&mut self, token: u32, state: &mut HybridState) -> Result<(), ForwardError> {
+        let t_token = std::time::Instant::now();
         let e = self.model.hp.n_embd;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -324,19 +370,23 @@ impl GpuSession {
         q.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
         // Simulation: draw every layer's active set now, so both sides see the same one.
         if let Some(sim) = &state.simulate {
+            let t = std::time::Instant::now();
             let mut sim = sim.lock().unwrap();
             for (il, layer) in self.layers.iter().enumerate() {
                 sim.draw(il, &mut state.drawn[il]);
                 if let FfnOps::Sparse(sp) = &layer.ffn {
                     if let Some(buf) = &sp.sim_logits {
-                        let mut v = vec![-1.0f32; self.model.hp.n_ff];
+                        let v = &mut state.sim_values;
+                        v.clear();
+                        v.resize(self.model.hp.n_ff, -1.0);
                         for &i in &state.drawn[il] {
                             v[i as usize] = 1.0;
                         }
-                        q.write_buffer(buf, 0, bytemuck::cast_slice(&v));
+                        q.write_buffer(buf, 0, bytemuck::cast_slice(v));
                     }
                 }
             }
+            state.timing.simulate += t.elapsed().as_secs_f64();
         }
         let mut syncs = 0;
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
@@ -362,7 +412,7 @@ impl GpuSession {
             drop(pass);
             enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e as u64);
             enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e as u64, 4 * e as u64);
-            let a = self.ctx.queue.submit([enc.finish()]);
+            self.ctx.queue.submit([enc.finish()]);
             // Submission B: the hot neurons, added into x on the GPU.
             let mut enc_b = self.ctx.device.create_command_encoder(&Default::default());
             {
@@ -377,9 +427,21 @@ impl GpuSession {
                 let _ = tx.send(r);
             });
             self.ctx.queue.submit([enc_b.finish()]);
-            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(a), timeout: None }).map_err(lost)?;
-            rx.recv().map_err(lost)?.map_err(lost)?;
+            let t_wait = std::time::Instant::now();
+            // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of wake-up
+            // latency per layer, more than the GPU's attention half takes on a fast GPU.
+            let mapped = loop {
+                self.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                match rx.try_recv() {
+                    Ok(r) => break r,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                    Err(err) => return Err(lost(err)),
+                }
+            };
+            mapped.map_err(lost)?;
             syncs += 1;
+            state.timing.wait_gpu += t_wait.elapsed().as_secs_f64();
+            let t_cpu = std::time::Instant::now();
             {
                 let view = slice.get_mapped_range().map_err(lost)?;
                 let v: &[f32] = bytemuck::cast_slice(&view);
@@ -388,6 +450,7 @@ impl GpuSession {
                 state.ffn.token_with(&self.model, il, x, xn, Some(&sp.cold), given, state.precision, &mut state.scratch, &mut state.y);
             }
             staging.unmap();
+            state.timing.cpu_ffn += t_cpu.elapsed().as_secs_f64();
             self.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(&state.y));
             enc = self.ctx.device.create_command_encoder(&Default::default());
             pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
@@ -403,6 +466,8 @@ impl GpuSession {
         }
         self.ctx.queue.submit([enc.finish()]);
         state.syncs_per_token = syncs;
+        state.timing.tokens += 1;
+        state.timing.total += t_token.elapsed().as_secs_f64();
         self.n_past += 1;
         Ok(())
     }
