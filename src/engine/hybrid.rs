@@ -282,14 +282,7 @@ impl GpuSession {
             };
             let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
             let cold: Vec<u32> = complement(hot_ids, ff);
-            let staging = (!cold.is_empty()).then(|| {
-                ctx.device.create_buffer(&wgpu::BufferDescriptor {
-                    label: Some("hybrid staging"),
-                    size: 8 * e as u64,
-                    usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                    mapped_at_creation: false,
-                })
-            });
+            let staging = (!cold.is_empty()).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
             session.layers[il].ffn = FfnOps::Sparse(Box::new(SparseLayerOps {

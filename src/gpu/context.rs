@@ -250,6 +250,25 @@ impl GpuContext {
         })
     }
 
+    /// A zeroed buffer a kernel writes and an indirect dispatch reads its arguments from.
+    pub fn indirect_args(&self, label: &str, size: u64) -> wgpu::Buffer {
+        let size = size.max(4).div_ceil(4) * 4;
+        self.count(size);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A buffer the host maps to read what the GPU copied into it (kept, unlike `read`'s).
+    pub fn readback_buffer(&self, label: &str, size: u64) -> wgpu::Buffer {
+        let size = size.max(4).div_ceil(4) * 4;
+        self.count(size);
+        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false })
+    }
+
     /// A uniform buffer holding `data`.
     pub fn uniform(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
         let size = (data.len().max(16) as u64).div_ceil(16) * 16;

@@ -316,13 +316,7 @@ pub struct ActiveList {
 impl ActiveList {
     pub fn new(ctx: &GpuContext, hot: &HotFfn) -> ActiveList {
         let list = ctx.zeros("sparse list", (LIST_HEADER_WORDS + hot.n_hot()) as u64 * 4);
-        // Not through ctx.zeros: indirect arguments need INDIRECT usage (counted in gpu_bytes).
-        let args = ctx.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("sparse dispatch args"),
-            size: 32,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let args = ctx.indirect_args("sparse dispatch args", 32);
         ActiveList { list, args, n_hot: hot.n_hot() }
     }
 
