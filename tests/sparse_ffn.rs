@@ -104,3 +104,31 @@ fn relu_mode_refuses_a_silu_model() {
     let err = SparseFfn::new(&model, FfnMode::Predict, None, Vec::new(), Precision::Llama, false).err().unwrap();
     assert!(err.to_string().contains("predictors"), "{err}");
 }
+
+/// CATS-style thresholds on a SiLU model: calibrated on a text to skip half of the neurons,
+/// the same text then runs at about that sparsity, with logits still close to dense.
+#[test]
+fn threshold_mode_reaches_its_calibrated_sparsity() {
+    use ember::sparse::threshold::ThresholdCalibrator;
+    let Some(path) = common::default_model() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    let tokens: Vec<u32> = prompts().concat();
+    let calib = Arc::new(std::sync::Mutex::new(ThresholdCalibrator::new(hp.activation, hp.n_layer)));
+    let mut s = session(&model, Precision::Llama, None);
+    s.observer = Some(Box::new(calib.clone()));
+    let dense = s.forward(&tokens, Logits::All).unwrap();
+    let thresholds = calib.lock().unwrap().thresholds(0.5);
+    assert!(thresholds.iter().all(|&t| t > 0.0));
+    let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Threshold, None, thresholds, Precision::Llama, false).unwrap());
+    let mut sparse = session(&model, Precision::Llama, Some(ffn));
+    let out = sparse.forward(&tokens, Logits::All).unwrap();
+    let density = sparse.ffn_stats.density(hp.n_ff);
+    let mean = density.iter().sum::<f64>() / density.len() as f64;
+    // Calibrated on these very tokens (the dense pass), run on them again (the sparse pass
+    // shifts later layers' inputs a little).
+    assert!((mean - 0.5).abs() < 0.05, "mean density {mean}");
+    let num: f32 = out.iter().zip(&dense).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+    let err = num / dense.iter().map(|b| b * b).sum::<f32>().sqrt();
+    assert!(err > 0.0 && err < 0.25, "relative logit change {err}");
+}
