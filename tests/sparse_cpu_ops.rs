@@ -531,3 +531,44 @@ fn matvec_rows_has_no_integer_kernel_where_matmul_has_none() {
     let x = rng.vec(32);
     matvec_rows(&w, &Activations::new(&x, 1), &[1], &mut [0.0; 8]);
 }
+
+/// The fused pass (gate and up dots, activation, AXPY) gives bit for bit what the three
+/// operators give in turn, with the gate computed inside or handed in, for any thread count.
+#[test]
+fn gated_ffn_rows_equals_the_unfused_operators() {
+    use ember::model::Activation;
+    let mut rng = Rng(41);
+    for (ty, down_ty, n_ff, n_embd) in [(GgmlType::Q8_0, GgmlType::Q8_0, 1007, 96), (GgmlType::Q4_0, GgmlType::Q8_0, 2000, 64), (GgmlType::F16, GgmlType::F16, 333, 37)] {
+        let (gate, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (up, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (down_t, _) = random_matrix(&mut rng, n_ff, n_embd, down_ty);
+        let x = rng.vec(n_embd);
+        for precision in [Precision::Llama, Precision::F32] {
+            for act in [Activation::Relu, Activation::Silu] {
+                for sparsity in SPARSITIES {
+                    let active = random_subset(&mut rng, n_ff, sparsity);
+                    let acts = Activations::new(&x, 1).with_precision(precision);
+                    let (mut g, mut u) = (vec![0.0; n_ff], vec![0.0; n_ff]);
+                    matvec_rows_pair(&gate, &up, &acts, &active, &mut g, &mut u);
+                    let mut h = vec![0.0; n_ff];
+                    for &i in &active {
+                        h[i as usize] = ember::cpu::ops::activate(act, g[i as usize]) * u[i as usize];
+                    }
+                    let mut want = vec![0.0; n_embd];
+                    axpy_rows(&down_t, &h, &active, &mut want);
+                    for threads in [1, 3] {
+                        for given in [None, Some(g.as_slice())] {
+                            let mut got = vec![f32::NAN; n_embd];
+                            pool(threads).install(|| sparse::gated_ffn_rows(&gate, &up, &down_t, &acts, act, given, &active, &mut got));
+                            assert!(
+                                got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{ty}/{down_ty} {precision:?} {act:?} sparsity {sparsity}% threads {threads} gate given {}",
+                                given.is_some()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

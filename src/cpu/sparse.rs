@@ -641,6 +641,106 @@ fn sum_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32], add: bo
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The whole gated FFN over a neuron list, fused
+// ---------------------------------------------------------------------------------------------
+
+/// The FFN output of the neurons in `active` (ascending or not, no repeats) in one parallel
+/// pass: for each neuron i, `g = gate_given[i]` (already computed, e.g. by a dense gate for the
+/// ReLU criterion) or `dot(gate row i, x)`, `u = dot(up row i, x)`, `h = act(g) * u`, and
+/// `out += h * row i of down_t`; `out` is overwritten.
+///
+/// The same numbers as [`matvec_rows_pair`] (or [`matvec_rows`]), the activation, and
+/// [`axpy_rows`] in turn, bit for bit: the dots are the same kernels, and the sum follows
+/// [`axpy_rows`]'s chunks (a function of the list length) and order. Fusing them means one
+/// parallel region per layer instead of three, and each neuron's three rows are read together
+/// while its values are in registers.
+#[allow(clippy::too_many_arguments)]
+pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activations, act: crate::model::Activation, gate_given: Option<&[f32]>, active: &[u32], out: &mut [f32]) {
+    let (n_neurons, cols) = (down_t.rows, down_t.cols);
+    assert_eq!(up.rows, n_neurons, "{}: {} rows for {} neurons", up.name, up.rows, n_neurons);
+    assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", up.name, acts.n_tokens);
+    assert_eq!(acts.cols, up.cols, "{}: activation width {} vs matrix columns {}", up.name, acts.cols, up.cols);
+    assert_eq!(out.len(), cols, "{}: output of {} values for {} columns", down_t.name, out.len(), cols);
+    if let Some(&bad) = active.iter().find(|&&i| i as usize >= n_neurons) {
+        panic!("{}: neuron {bad} listed, the FFN has {n_neurons}", down_t.name);
+    }
+    if let Some(g) = gate_given {
+        assert_eq!(g.len(), n_neurons, "gate values: {} for {} neurons", g.len(), n_neurons);
+    } else {
+        assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "{}: shape differs from {}", gate.name, up.name);
+    }
+    out.fill(0.0);
+    if active.is_empty() || cols == 0 {
+        return;
+    }
+    let (gate_form, up_form) = (TokenForm::new(gate.ty, acts), TokenForm::new(up.ty, acts));
+    let gate_dots = gate_given.is_none().then(|| RowDots::new(gate, &gate_form));
+    let up_dots = RowDots::new(up, &up_form);
+    let scratch_len = up_dots.scratch_len().max(gate_dots.as_ref().map_or(0, |d| d.scratch_len()));
+    let rows = AxpyRows::new(down_t);
+    let (down_bytes, drb) = (down_t.bytes(), down_t.row_bytes());
+    let (up_bytes, urb) = (up.bytes(), up.row_bytes());
+    let (gate_bytes, grb) = (gate.bytes(), gate.row_bytes());
+    let ahead = rows_ahead(drb + 2 * urb, 2);
+    let sum_chunk = |start: usize, len: usize, acc: &mut [f32]| {
+        let mut scratch = vec![0.0f32; scratch_len];
+        let (mut group, mut group_h, mut filled) = ([0usize; GROUP], [0.0f32; GROUP], 0);
+        for k in start..start + len {
+            if let Some(&next) = active.get(k + ahead) {
+                let n = next as usize;
+                prefetch(&up_bytes[n * urb..(n + 1) * urb]);
+                if gate_given.is_none() {
+                    prefetch(&gate_bytes[n * grb..(n + 1) * grb]);
+                }
+                prefetch(&down_bytes[n * drb..(n + 1) * drb]);
+            }
+            let i = active[k] as usize;
+            let g = match (gate_given, &gate_dots) {
+                (Some(v), _) => v[i],
+                (None, Some(d)) => d.dot(i, &mut scratch),
+                (None, None) => unreachable!("gate dots exist without given values"),
+            };
+            let h = super::ops::activate(act, g) * up_dots.dot(i, &mut scratch);
+            if h == 0.0 {
+                continue;
+            }
+            (group[filled], group_h[filled]) = (i, h);
+            filled += 1;
+            if filled == GROUP {
+                rows.add(group, group_h, acc);
+                filled = 0;
+            }
+        }
+        for k in 0..filled {
+            rows.add([group[k]], [group_h[k]], acc);
+        }
+    };
+    let chunk_len = axpy_chunk_len(active.len());
+    if chunk_len >= active.len() {
+        return sum_chunk(0, active.len(), out);
+    }
+    let n_chunks = active.len().div_ceil(chunk_len);
+    let new_partial = |chunk: usize| {
+        let mut acc = vec![0.0f32; cols];
+        let start = chunk * chunk_len;
+        sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
+        acc
+    };
+    let partials: Vec<Vec<f32>> = if active.len() * (drb + 2 * urb) >= 2 * MIN_TASK_BYTES {
+        (0..n_chunks).into_par_iter().map(new_partial).collect()
+    } else {
+        (0..n_chunks).map(new_partial).collect()
+    };
+    out.copy_from_slice(&partials[0]);
+    for p in &partials[1..] {
+        for (a, &b) in out.iter_mut().zip(p) {
+            *a += b;
+        }
+    }
+}
+
+
 /// Portable scalar twins of the row AXPY kernels: the same float operations in the same order,
 /// so the SIMD kernels must match them bit for bit.
 pub mod reference {

@@ -2,7 +2,7 @@
 //! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
 
 use crate::cpu::ops::activate;
-use crate::cpu::sparse::{axpy_rows, matvec_rows, matvec_rows_pair, transpose_matrix};
+use crate::cpu::sparse::{gated_ffn_rows, matvec_rows, transpose_matrix};
 use crate::cpu::{matmul, Activations, Precision};
 use crate::model::{Activation, Matrix, Model};
 use crate::sparse::predictor::Predictors;
@@ -51,8 +51,6 @@ pub struct SparseFfn {
 #[derive(Default)]
 pub struct FfnScratch {
     gate: Vec<f32>,
-    up: Vec<f32>,
-    h: Vec<f32>,
     pub active: Vec<u32>,
 }
 
@@ -121,8 +119,6 @@ impl SparseFfn {
         let ff = model.hp.n_ff;
         let act = model.hp.activation;
         s.gate.resize(ff, 0.0);
-        s.up.resize(ff, 0.0);
-        s.h.resize(ff, 0.0);
         s.active.clear();
         let acts = Activations::new(xn, 1).with_precision(precision);
         match self.mode {
@@ -151,18 +147,11 @@ impl SparseFfn {
                 if let Some(rows) = owned {
                     retain_sorted_intersection(&mut s.active, rows);
                 }
-                // One pass over the list computes both rows of each neuron.
-                matvec_rows_pair(&layer.ffn_gate, &layer.ffn_up, &acts, &s.active, &mut s.gate, &mut s.up);
             }
         }
-        if self.mode != FfnMode::Predict {
-            matvec_rows(&layer.ffn_up, &acts, &s.active, &mut s.up);
-        }
-        for &i in &s.active {
-            let i = i as usize;
-            s.h[i] = activate(act, s.gate[i]) * s.up[i];
-        }
-        axpy_rows(&self.down_t[il], &s.h, &s.active, out);
+        // Relu and threshold modes computed the gate above; predict computes it per neuron.
+        let given = (self.mode != FfnMode::Predict).then_some(s.gate.as_slice());
+        gated_ffn_rows(&layer.ffn_gate, &layer.ffn_up, &self.down_t[il], &acts, act, given, &s.active, out);
         s.active.len()
     }
 }
