@@ -1,7 +1,7 @@
 //! `ember profile`: run text through the model on the CPU and count, per layer and neuron, the
 //! tokens on which each FFN neuron fires; optionally keep token samples for predictor training.
 
-use super::{ModelArgs, PrecisionArg, Result};
+use super::{PrecisionArg, Result};
 use crate::engine::{Forward, Logits, Session};
 use crate::sparse::profile::{Profiler, SampleType};
 use clap::{Args, ValueEnum};
@@ -69,6 +69,29 @@ pub enum SampleTypeArg {
     F32,
 }
 
+/// The model path (the default model, fetched when missing, as every command does) and a
+/// pool of `threads` (all cores by default). Profiling and training always run on the CPU.
+pub(super) fn model_and_pool(model: &Option<PathBuf>, threads: Option<usize>) -> Result<(PathBuf, rayon::ThreadPool)> {
+    let path = match model {
+        Some(p) if p.exists() => p.clone(),
+        Some(p) => return Err(format!("model file {} does not exist", p.display()).into()),
+        None => {
+            let p = PathBuf::from(super::DEFAULT_MODEL_FILE);
+            if !p.exists() {
+                eprintln!("ember: default model {} is missing; fetching it", p.display());
+                super::fetch_default_model(p.parent().unwrap_or(Path::new(".")))?;
+            }
+            p
+        }
+    };
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if n == 0 || n > 1024 {
+        return Err(format!("--threads {n}: use 1 to 1024").into());
+    }
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| e.to_string())?;
+    Ok((path, pool))
+}
+
 /// `dir/name.gguf` -> `dir/name<suffix>`.
 pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -85,18 +108,21 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     if a.samples == Some(0) {
         return Err("--samples 0 keeps nothing; leave --samples out to skip sampling".into());
     }
-    let margs = ModelArgs::cpu(a.model.clone(), a.threads, a.precision);
-    let path = margs.resolve_model()?;
+    let (path, pool) = model_and_pool(&a.model, a.threads)?;
     let output = a.output.clone().unwrap_or_else(|| beside(&path, ".profile.gguf"));
     let samples_out = match (&a.samples_out, a.samples) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => Some(beside(&output, ".samples.gguf")),
         (None, None) => None,
     };
+    // Fail now, not after minutes of profiling, when an output cannot be written.
+    for p in std::iter::once(&output).chain(samples_out.as_ref()) {
+        check_writable(p)?;
+    }
     let texts: Vec<(PathBuf, String)> =
         a.files.iter().map(|f| std::fs::read_to_string(f).map(|t| (f.clone(), t)).map_err(|e| format!("{}: {e}", f.display()))).collect::<std::result::Result<_, _>>()?;
 
-    margs.pool()?.install(|| -> Result<()> {
+    pool.install(|| -> Result<()> {
         let (model, tokenizer) = super::load(&path)?;
         let hp = model.hp.clone();
         if hp.activation != crate::model::Activation::Relu {
@@ -160,6 +186,15 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+fn check_writable(p: &Path) -> Result<()> {
+    let existed = p.exists();
+    std::fs::OpenOptions::new().write(true).create(true).truncate(false).open(p).map_err(|e| format!("{}: {e} (choose another place with -o or --samples-out)", p.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
 }
 
 /// The per-layer table and the global hot-neuron coverage.

@@ -31,9 +31,9 @@ pub struct TrainPredictorArgs {
     /// The model the samples came from (its gates start the training; shapes are checked)
     #[arg(short = 'm', long = "model", env = "EMBER_MODEL")]
     pub model: Option<PathBuf>,
-    /// Samples file written by `ember profile --samples-out`
-    #[arg(long)]
-    pub samples: PathBuf,
+    /// Samples file written by `ember profile --samples-out` (repeat to pool several texts)
+    #[arg(long, required = true)]
+    pub samples: Vec<PathBuf>,
     /// Share of truly active neurons that must be predicted active (held-out tokens)
     #[arg(long, default_value_t = 0.99)]
     pub recall: f64,
@@ -50,7 +50,7 @@ pub struct TrainPredictorArgs {
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
     /// Adam's peak learning rate
-    #[arg(long, default_value_t = 2e-3)]
+    #[arg(long, default_value_t = 2e-2)]
     pub lr: f32,
     /// Tokens per training step
     #[arg(long, default_value_t = 256)]
@@ -86,13 +86,13 @@ pub enum InitArg {
 }
 
 pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
-    let margs = super::ModelArgs::cpu(a.model.clone(), a.threads, super::PrecisionArg::Llama);
-    let samples = SampleSet::open(&a.samples).map_err(|e| format!("{}: {e}", a.samples.display()))?;
+    let samples: Vec<SampleSet> = a.samples.iter().map(|p| SampleSet::open(p).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
     let output = a.output.clone().unwrap_or_else(|| {
-        let name = a.samples.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let first = &a.samples[0];
+        let name = first.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let stem = name.strip_suffix(".gguf").unwrap_or(&name);
         let stem = stem.strip_suffix(".samples").unwrap_or(stem);
-        a.samples.with_file_name(format!("{stem}.predictors.gguf"))
+        first.with_file_name(format!("{stem}.predictors.gguf"))
     });
     let opts = TrainOptions {
         recall: a.recall,
@@ -113,21 +113,22 @@ pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
         },
         ..TrainOptions::default()
     };
-    let path = margs.resolve_model()?;
-    margs.pool()?.install(|| -> Result<()> {
+    let (path, pool) = super::profile::model_and_pool(&a.model, a.threads)?;
+    pool.install(|| -> Result<()> {
         let (model, _) = super::load(&path)?;
+        let s0 = &samples[0];
         eprintln!(
             "ember: {} samples per layer of {} ({} layers, {} -> {}), drawn from {} tokens; ranks {:?}, recall target {}",
-            samples.n,
-            if samples.model_name.is_empty() { "an unnamed model" } else { &samples.model_name },
-            samples.n_layer,
-            samples.n_embd,
-            samples.n_ff,
-            samples.n_tokens_seen,
+            samples.iter().map(|s| s.n).sum::<usize>(),
+            if s0.model_name.is_empty() { "an unnamed model" } else { &s0.model_name },
+            s0.n_layer,
+            s0.n_embd,
+            s0.n_ff,
+            samples.iter().map(|s| s.n_tokens_seen).sum::<u64>(),
             opts.ranks,
             opts.recall
         );
-        let bar = indicatif::ProgressBar::new(samples.n_layer as u64);
+        let bar = indicatif::ProgressBar::new(s0.n_layer as u64);
         bar.set_style(indicatif::ProgressStyle::with_template("ember: training {bar:30} {pos}/{len} layers, {elapsed} ({msg})").unwrap());
         bar.enable_steady_tick(std::time::Duration::from_millis(500));
         let start = std::time::Instant::now();

@@ -83,7 +83,7 @@ impl Predictor {
             if !TYPES.contains(&m.ty) {
                 return Err(format!("{} is {}; predictors compute with F32, F16, Q8_0, Q4_0 or Q4_1", m.name, m.ty));
             }
-            if m.cols % m.ty.block_len() != 0 {
+            if !m.cols.is_multiple_of(m.ty.block_len()) {
                 return Err(format!("{} is {} with rows of {} values, not whole blocks of {}", m.name, m.ty, m.cols, m.ty.block_len()));
             }
         }
@@ -102,7 +102,7 @@ impl Predictor {
         let store = |name: &str, rows: usize, cols: usize, v: &[f32]| -> std::result::Result<Matrix, String> {
             Ok(match ty {
                 GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(name, rows, cols, v, ty),
-                GgmlType::Q8_0 if cols % 32 == 0 => {
+                GgmlType::Q8_0 if cols.is_multiple_of(32) => {
                     let blocks = quant::quantize_q8_0(v);
                     Matrix::from_raw(name, rows, cols, ty, bytemuck::cast_slice(&blocks))
                 }

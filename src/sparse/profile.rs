@@ -473,8 +473,21 @@ impl SampleCollector {
     /// Writes the samples file (see the module documentation for its layout).
     pub fn save(&self, path: impl AsRef<Path>, model_name: &str) -> Result<()> {
         let path = path.as_ref();
-        let layers = self.finish();
-        let w = samples_gguf(&layers, self.ty, model_name, self.seed, self.layers.first().map_or(0, |r| r.seen))?;
+        let (e, words) = (self.n_embd, self.words());
+        let n = self.layers.first().map_or(0, |r| r.tokens.len());
+        let mut w = samples_header(self.layers.len(), n, e, self.n_ff, model_name, self.seed, self.layers.first().map_or(0, |r| r.seen))?;
+        // Straight from the reservoirs in their stored type: no f32 copy of every layer.
+        for (l, r) in self.layers.iter().enumerate() {
+            let mut order: Vec<usize> = (0..r.tokens.len()).collect();
+            order.sort_unstable_by_key(|&s| r.tokens[s]);
+            let resid: Vec<u8> = match self.ty {
+                SampleType::F32 => order.iter().flat_map(|&s| bytemuck::cast_slice::<f32, u8>(&r.resid32[s * e..(s + 1) * e]).iter().copied()).collect(),
+                SampleType::F16 => order.iter().flat_map(|&s| bytemuck::cast_slice::<f16, u8>(&r.resid16[s * e..(s + 1) * e]).iter().copied()).collect(),
+            };
+            let masks: Vec<u32> = order.iter().flat_map(|&s| r.masks[s * words..(s + 1) * words].iter().copied()).collect();
+            let tokens: Vec<u64> = order.iter().map(|&s| r.tokens[s]).collect();
+            add_sample_layer(&mut w, l, (order.len(), e, self.n_ff), self.ty, resid, &masks, &tokens)?;
+        }
         w.write_file(path).map_err(|source| ProfileError::Write { path: path.display().to_string(), source })
     }
 }
@@ -521,41 +534,62 @@ impl LayerSamples {
     }
 }
 
-/// Builds a samples file image.
+/// Builds a samples file image from samples held in memory.
 pub fn samples_gguf(layers: &[LayerSamples], ty: SampleType, model_name: &str, seed: u64, n_tokens_seen: u64) -> Result<GgufWriter> {
     let first = layers.first().ok_or_else(|| ProfileError::Empty("the model has no layers".into()))?;
-    let (n, e, ff) = (first.n, first.n_embd, first.n_ff);
+    let shape = (first.n, first.n_embd, first.n_ff);
+    let mut w = samples_header(layers.len(), shape.0, shape.1, shape.2, model_name, seed, n_tokens_seen)?;
+    for (l, s) in layers.iter().enumerate() {
+        let resid: Vec<u8> = match ty {
+            SampleType::F32 => bytemuck::cast_slice(&s.resid).to_vec(),
+            SampleType::F16 => s.resid.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
+        };
+        if (s.n, s.n_embd, s.n_ff) != shape {
+            return Err(ProfileError::Mismatch(format!("layer {l} has {} samples of {}x{}, layer 0 {:?}", s.n, s.n_embd, s.n_ff, shape)));
+        }
+        add_sample_layer(&mut w, l, (s.n, s.n_embd, s.n_ff), ty, resid, &s.masks, &s.tokens)?;
+    }
+    Ok(w)
+}
+
+fn samples_header(n_layer: usize, n: usize, e: usize, ff: usize, model_name: &str, seed: u64, n_tokens_seen: u64) -> Result<GgufWriter> {
+    if n_layer == 0 {
+        return Err(ProfileError::Empty("the model has no layers".into()));
+    }
     if n == 0 {
         return Err(ProfileError::Empty("no token was sampled (profile more text or raise --samples)".into()));
+    }
+    if n > i32::MAX as usize {
+        return Err(ProfileError::TooLarge(format!("{n} samples")));
     }
     let mut w = GgufWriter::new();
     w.set("general.type", Value::String(SAMPLES_TYPE.into()));
     w.set("general.name", Value::String(format!("{model_name} predictor samples")));
     w.set("ember.samples.model", Value::String(model_name.into()));
-    w.set("ember.samples.n_layer", Value::U32(layers.len() as u32));
+    w.set("ember.samples.n_layer", Value::U32(n_layer as u32));
     w.set("ember.samples.n_embd", Value::U32(e as u32));
     w.set("ember.samples.n_ff", Value::U32(ff as u32));
     w.set("ember.samples.count", Value::U32(n as u32));
     w.set("ember.samples.seed", Value::U64(seed));
     w.set("ember.samples.n_tokens_seen", Value::U64(n_tokens_seen));
     w.set("ember.samples.input", Value::String("residual stream entering the FFN block (before ffn_norm)".into()));
-    for (l, s) in layers.iter().enumerate() {
-        if (s.n, s.n_embd, s.n_ff) != (n, e, ff) {
-            return Err(ProfileError::Mismatch(format!("layer {l} has {} samples of {}x{}, layer 0 {n} of {e}x{ff}", s.n, s.n_embd, s.n_ff)));
-        }
-        let resid: Vec<u8> = match ty {
-            SampleType::F32 => bytemuck::cast_slice(&s.resid).to_vec(),
-            SampleType::F16 => s.resid.iter().flat_map(|&v| f16::from_f32(v).to_le_bytes()).collect(),
-        };
-        w.add_tensor(&format!("blk.{l}.resid"), &[e as u64, n as u64], ty.ggml(), resid);
-        w.add_tensor(&format!("blk.{l}.mask"), &[s.words() as u64, n as u64], GgmlType::I32, bytemuck::cast_slice(&s.masks).to_vec());
-        if s.tokens.iter().any(|&t| t > i32::MAX as u64) {
-            return Err(ProfileError::TooLarge("a sampled token position".into()));
-        }
-        let tokens: Vec<u8> = s.tokens.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();
-        w.add_tensor(&format!("blk.{l}.token"), &[n as u64], GgmlType::I32, tokens);
-    }
     Ok(w)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add_sample_layer(w: &mut GgufWriter, l: usize, (n, e, ff): (usize, usize, usize), ty: SampleType, resid: Vec<u8>, masks: &[u32], tokens: &[u64]) -> Result<()> {
+    if tokens.iter().any(|&t| t > i32::MAX as u64) {
+        return Err(ProfileError::TooLarge("a sampled token position".into()));
+    }
+    let words = ff.div_ceil(32);
+    if resid.len() != n * e * ty.ggml().block_bytes() || masks.len() != n * words || tokens.len() != n {
+        return Err(ProfileError::Mismatch(format!("layer {l}: {} resid bytes, {} mask words, {} tokens for {n} samples", resid.len(), masks.len(), tokens.len())));
+    }
+    w.add_tensor(&format!("blk.{l}.resid"), &[e as u64, n as u64], ty.ggml(), resid);
+    w.add_tensor(&format!("blk.{l}.mask"), &[words as u64, n as u64], GgmlType::I32, bytemuck::cast_slice(masks).to_vec());
+    let tokens: Vec<u8> = tokens.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();
+    w.add_tensor(&format!("blk.{l}.token"), &[n as u64], GgmlType::I32, tokens);
+    Ok(())
 }
 
 /// A samples file, mapped; layers are read one at a time.
@@ -626,7 +660,7 @@ impl SampleSet {
         let masks: Vec<u32> = i32_tensor(&self.file, &format!("blk.{l}.mask"), &[n_words(self.n_ff), n as u64])?.into_iter().map(|v| v as u32).collect();
         // Bits past n_ff in the last word would be neurons that do not exist.
         let words = self.n_ff.div_ceil(32);
-        if self.n_ff % 32 != 0 {
+        if !self.n_ff.is_multiple_of(32) {
             let spare = !((1u32 << (self.n_ff % 32)) - 1);
             if masks.chunks_exact(words).any(|m| m[words - 1] & spare != 0) {
                 return Err(ProfileError::BadTensor { name: format!("blk.{l}.mask"), reason: format!("bits set past neuron {}", self.n_ff) });
