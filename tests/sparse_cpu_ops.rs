@@ -425,9 +425,9 @@ fn transpose_explains_what_it_cannot_store() {
         }
         other => panic!("expected a partial-block error, got {:?}", other.map(|m| m.ty)),
     }
-    match transpose_matrix(&w, GgmlType::Q4_0) {
-        Err(e @ TransposeError::UnsupportedTarget { ty: GgmlType::Q4_0, .. }) => {
-            assert!(e.to_string().contains("F32, F16 or Q8_0"), "{e}")
+    match transpose_matrix(&w, GgmlType::Q4_1) {
+        Err(e @ TransposeError::UnsupportedTarget { ty: GgmlType::Q4_1, .. }) => {
+            assert!(e.to_string().contains("F32, F16, Q8_0 or Q4_0"), "{e}")
         }
         other => panic!("expected an unsupported-target error, got {:?}", other.map(|m| m.ty)),
     }

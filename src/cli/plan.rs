@@ -90,6 +90,11 @@ pub struct ConvertArgs {
     /// blk.N.fc1/fc2 (from --predictor)
     #[arg(long)]
     pub powerinfer: bool,
+    /// Type of the transposed down matrices: q8_0 (default for quantised models; re-quantising
+    /// at 8 bits adds little error), q4_0 (what PowerInfer's Q4_0 models hold: half the bytes,
+    /// a second 4-bit rounding), f16, f32
+    #[arg(long, value_name = "TYPE")]
+    pub down_t_type: Option<String>,
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
@@ -98,7 +103,20 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     }
     let path = a.model.resolve_model()?;
     let (model, _) = super::load(&path)?;
-    let down_t = transposed_downs(&model, a.model.precision.into(), true)?;
+    let down_t = match a.down_t_type.as_deref() {
+        None => transposed_downs(&model, a.model.precision.into(), true)?,
+        Some(name) => {
+            let ty = match name.to_ascii_lowercase().as_str() {
+                "q8_0" => crate::gguf::GgmlType::Q8_0,
+                "q4_0" => crate::gguf::GgmlType::Q4_0,
+                "f16" => crate::gguf::GgmlType::F16,
+                "f32" => crate::gguf::GgmlType::F32,
+                other => return Err(format!("--down-t-type {other}: use q8_0, q4_0, f16 or f32").into()),
+            };
+            use rayon::prelude::*;
+            model.layers.par_iter().map(|l| crate::cpu::sparse::transpose_matrix(&l.ffn_down, ty)).collect::<std::result::Result<Vec<_>, _>>()?
+        }
+    };
     let predictors = a.model.predictor.as_ref().map(|p| Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))).transpose()?;
     let w = powerinfer::export_model(&model, &down_t, predictors.as_ref())?;
     w.write_file(&a.output).map_err(|e| format!("{}: {e}", a.output.display()))?;

@@ -315,7 +315,7 @@ pub fn active_rows(values: &[f32], out: &mut Vec<u32>) {
 /// Why [`transpose_matrix`] refused.
 #[derive(Debug, thiserror::Error)]
 pub enum TransposeError {
-    #[error("{name}: a transposed matrix is stored as F32, F16 or Q8_0, not {ty}")]
+    #[error("{name}: a transposed matrix is stored as F32, F16, Q8_0 or Q4_0, not {ty}")]
     UnsupportedTarget { name: String, ty: GgmlType },
     #[error("{name}: Q8_0 rows are whole blocks of 32 values, and the transposed rows would hold {len}; store it as F16")]
     PartialBlock { name: String, len: usize },
@@ -323,8 +323,8 @@ pub enum TransposeError {
     Source { name: String, source: QuantError },
 }
 
-/// `w` transposed (`w.cols` rows of `w.rows` values) stored as `ty` (F32, F16 or Q8_0; Q8_0
-/// needs `w.rows` to be a multiple of 32): how `ffn_down` becomes `ffn_down_t`, whose row i is
+/// `w` transposed (`w.cols` rows of `w.rows` values) stored as `ty` (F32, F16, Q8_0 or Q4_0;
+/// the quantised ones need `w.rows` to be a multiple of 32): how `ffn_down` becomes `ffn_down_t`, whose row i is
 /// neuron i's output column. The result is named `<name>_t`.
 ///
 /// Each task takes a band of source columns (whole source blocks), dequantises that band of
@@ -334,8 +334,8 @@ pub fn transpose_matrix(w: &Matrix, ty: GgmlType) -> Result<Matrix, TransposeErr
     let (rows, cols) = (w.rows, w.cols);
     match ty {
         GgmlType::F32 | GgmlType::F16 => {}
-        GgmlType::Q8_0 if rows % QK == 0 => {}
-        GgmlType::Q8_0 => return Err(TransposeError::PartialBlock { name: w.name.clone(), len: rows }),
+        GgmlType::Q8_0 | GgmlType::Q4_0 if rows % QK == 0 => {}
+        GgmlType::Q8_0 | GgmlType::Q4_0 => return Err(TransposeError::PartialBlock { name: w.name.clone(), len: rows }),
         other => return Err(TransposeError::UnsupportedTarget { name: w.name.clone(), ty: other }),
     }
     let source_error = |source| TransposeError::Source { name: w.name.clone(), source };
@@ -401,6 +401,8 @@ fn encode_row(ty: GgmlType, values: &[f32], dst: &mut [u8]) {
             }
         }
         GgmlType::Q8_0 => dst.copy_from_slice(bytemuck::cast_slice(&quant::quantize_q8_0(values))),
+        // PowerInfer's Q4_0 models keep down_t in Q4_0 (`ember convert --down-t-type q4_0`).
+        GgmlType::Q4_0 => dst.copy_from_slice(bytemuck::cast_slice(&quant::quantize_q4_0(values))),
         other => unreachable!("transpose_matrix refuses {other}"),
     }
 }
