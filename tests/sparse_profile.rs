@@ -449,7 +449,7 @@ fn whole_model_training_from_a_samples_file() {
     shared.lock().unwrap().samples.as_ref().unwrap().save(&path, "tiny-relu").unwrap();
     let set = SampleSet::open(&path).unwrap();
     let opts = TrainOptions { ranks: vec![16, 32], epochs: 6, batch: 64, ..TrainOptions::default() };
-    let (preds, reports) = train::train(&[set], Some(&model), &opts, &|_| {}).unwrap();
+    let (preds, reports) = train::train(std::slice::from_ref(&set), Some(&model), &opts, &|_| {}).unwrap();
     preds.check_model(&model.hp).unwrap();
     assert_eq!(preds.model_name, "tiny-relu");
     assert_eq!(reports.len(), LAYERS);
@@ -462,6 +462,16 @@ fn whole_model_training_from_a_samples_file() {
     preds.save(&out).unwrap();
     let back = Predictors::load(&out).unwrap();
     assert_eq!(back.n_bytes(), preds.n_bytes());
+    // Measured on every sampled token (training ones included): recall stays high.
+    let m = train::evaluate(&back, &set).unwrap();
+    assert_eq!(m.len(), LAYERS);
+    assert!(m.iter().all(|m| m.recall > 0.95 && m.predicted >= m.truth * 0.9), "{m:?}");
+    // One thread gives the same bytes as many.
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    let (again, _) = one.install(|| train::train(std::slice::from_ref(&set), Some(&model), &opts, &|_| {})).unwrap();
+    for (a, b) in preds.layers.iter().zip(&again.layers) {
+        assert_eq!((a.fc1.bytes(), a.fc2.bytes(), a.threshold), (b.fc1.bytes(), b.fc2.bytes(), b.threshold));
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
 

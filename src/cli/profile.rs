@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 What it measures:
   A neuron i of the FFN `down(act(gate·x) * (up·x))` fires on a token when act(gate_i·x) != 0;
   with ReLU most neurons are exactly zero per token. The profile counts firings per neuron over
-  the text; `ember` places the most-firing (hot) neurons on the GPU from it. The samples (the
+  the text; the hybrid GPU/CPU path places the most-firing (hot) neurons on the GPU from it
+  (--act-profile), across all layers at once (global top-K). The samples (the
   residual stream entering each FFN block, plus which neurons fired) train predictors with
   `ember train-predictor`.
 

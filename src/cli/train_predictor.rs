@@ -13,19 +13,23 @@ use std::path::PathBuf;
 What it trains:
   Per layer, a predictor fc2 · relu(fc1 · x) (PowerInfer's format: blk.N.fc1 {n_embd, r},
   blk.N.fc2 {r, n_ff}) that guesses from the residual stream x entering the FFN block which
-  neurons will fire, so the sparse FFN can skip the others without computing their gate.
-  Training starts from the best rank-r copy of the layer's own gate (read from -m; exact for
-  ReLU up to the rank), then runs Adam on the samples' firing masks.
+  neurons will fire, so the sparse FFN (--ffn predict) can skip the others without computing
+  their gate. Training starts from the best rank-r copy of the layer's own gate (read from -m;
+  exact for ReLU up to the rank), then runs Adam on the samples' firing masks.
 
-How the rank is chosen:
-  A lower threshold buys any recall by calling more neurons active, so for each rank tried the
-  threshold is set on a validation split to reach --recall, and the rank kept is the one whose
-  predictor plus predicted-active neurons cost the fewest multiply-adds. The table reports the
-  held-out test split: recall, precision, and predicted vs truly active neurons.
+How recall and rank are chosen:
+  Hidden unit 0 follows the residual stream's common direction, so its fc2 column works as
+  per-neuron biases. All biases move by one amount, set on a validation split (15% of the
+  tokens), until --recall of the firing neurons are predicted; the stored threshold stays 0.
+  More recall always costs more predicted-active neurons, so the rank kept per layer is the one
+  whose predictor plus predicted-active neurons cost the fewest multiply-adds (FFN work).
+  The table reports a held-out test split (another 15%): recall, precision, predicted vs truly
+  active neurons, and the FFN work relative to the dense FFN.
 
 Examples:
-  ember profile -m relu.gguf -f text.txt --samples 4096 --samples-out models/relu.samples.gguf
+  ember profile -m relu.gguf -f text.txt --samples 8192 --samples-out models/relu.samples.gguf
   ember train-predictor -m relu.gguf --samples models/relu.samples.gguf -o models/relu.predictors.gguf
+  ember train-predictor -m relu.gguf --samples a.samples.gguf --samples b.samples.gguf --eval c.samples.gguf
   ember train-predictor -m relu.gguf --samples S.gguf --rank 128 --recall 0.95")]
 pub struct TrainPredictorArgs {
     /// The model the samples came from (its gates start the training; shapes are checked)
@@ -43,20 +47,23 @@ pub struct TrainPredictorArgs {
     /// Ranks (hidden sizes) to try, ascending, comma-separated
     #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
     pub ranks: Vec<usize>,
+    /// Also measure the trained predictors on every token of these samples (e.g. another text)
+    #[arg(long = "eval")]
+    pub eval: Vec<PathBuf>,
     /// Use this one rank for every layer instead of trying --ranks
     #[arg(long, conflicts_with = "ranks")]
     pub rank: Option<usize>,
     /// Passes over the training tokens per rank
     #[arg(long, default_value_t = 8)]
     pub epochs: usize,
-    /// Adam's peak learning rate
+    /// Adam's peak learning rate, relative to each hidden unit's starting size (cosine decay)
     #[arg(long, default_value_t = 2e-2)]
     pub lr: f32,
     /// Tokens per training step
     #[arg(long, default_value_t = 256)]
     pub batch: usize,
     /// Weight of firing neurons in the loss (above 1 trades precision for recall)
-    #[arg(long = "pos-weight", default_value_t = 1.0)]
+    #[arg(long = "pos-weight", default_value_t = 6.0)]
     pub pos_weight: f32,
     /// Storage type of the predictor matrices
     #[arg(long = "type", value_enum, default_value = "f16")]
@@ -64,6 +71,7 @@ pub struct TrainPredictorArgs {
     /// Start from the model's gates, or from random weights (-m then only checks shapes)
     #[arg(long, value_enum, default_value = "gate")]
     pub init: InitArg,
+    /// Seed of the train/validation/test split, the shuffling and random starts
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
     /// CPU threads (layers train in parallel) [default: all cores]
@@ -86,6 +94,7 @@ pub enum InitArg {
 }
 
 pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
+    let evals: Vec<(PathBuf, SampleSet)> = a.eval.iter().map(|p| SampleSet::open(p).map(|s| (p.clone(), s)).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
     let samples: Vec<SampleSet> = a.samples.iter().map(|p| SampleSet::open(p).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
     let output = a.output.clone().unwrap_or_else(|| {
         let first = &a.samples[0];
@@ -140,6 +149,24 @@ pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
         let secs = start.elapsed().as_secs_f64();
         print_reports(&reports, &preds);
         eprintln!("ember: trained {} layers in {secs:.1} s", reports.len());
+        for (p, set) in &evals {
+            let m = train::evaluate(&preds, set)?;
+            println!("on {} ({} tokens per layer, all of them):", p.display(), set.n);
+            println!("layer  recall  precision  predicted  true active");
+            for (l, m) in m.iter().enumerate() {
+                println!("{l:>5}  {:>6.4}  {:>9.3}  {:>9.3}  {:>11.3}", m.recall, m.precision, m.predicted, m.truth);
+            }
+            let n = m.len().max(1) as f64;
+            let mean = |f: &dyn Fn(&train::Measured) -> f64| m.iter().map(f).sum::<f64>() / n;
+            println!(
+                "mean recall {:.4} (min {:.4}), precision {:.3}; predicted active {:.3} vs true {:.3}",
+                mean(&|m| m.recall),
+                m.iter().map(|m| m.recall).fold(1.0, f64::min),
+                mean(&|m| m.precision),
+                mean(&|m| m.predicted),
+                mean(&|m| m.truth)
+            );
+        }
         preds.save(&output).map_err(|e| format!("{}: {e} (choose another place with -o)", output.display()))?;
         eprintln!("ember: wrote {}", output.display());
         Ok(())

@@ -96,7 +96,7 @@ impl Default for TrainOptions {
             epochs: 8,
             lr: 2e-2,
             batch: 256,
-            pos_weight: 1.0,
+            pos_weight: 6.0,
             val_fraction: 0.15,
             test_fraction: 0.15,
             seed: 1,
@@ -292,15 +292,19 @@ pub fn train_layer(layer: usize, data: &LayerSamples, gate: Option<&[f32]>, opts
     }
     let labels = Labels { masks: &data.masks, words: data.words() };
 
-    // The bias unit's input weights: the mean direction of the (normalised) inputs, scaled so
-    // that the unit's activation is 1 on average. Residual streams share a large common
-    // component, so this unit is close to a constant and its fc2 column acts as per-neuron
-    // biases (the format has no bias) that scale with the input like every other logit.
+    // The bias unit's input weights: the mean direction of the RMS-normalised inputs (before
+    // the per-dimension scale, which would let small dimensions drown the common component),
+    // scaled so that the unit's activation is 1 on average. Residual streams share a large
+    // common component, so this unit is close to a constant and its fc2 column acts as
+    // per-neuron biases (the format has no bias) that scale with the input like every logit.
+    // In z = x̂ / s coordinates, m · x̂ = (m ⊙ s) · z.
     let bias_dir: Vec<f32> = {
         let mut m = vec![0.0f64; d];
         for &t in &split.train {
             m.iter_mut().zip(&z[t * d..(t + 1) * d]).for_each(|(a, &v)| *a += v as f64);
         }
+        // Mean of x̂ (= mean of z times s), then times s again for z coordinates.
+        m.iter_mut().zip(&scale).for_each(|(a, &s)| *a *= s as f64 * s as f64);
         let proj: f64 = split.train.iter().map(|&t| z[t * d..(t + 1) * d].iter().zip(&m).map(|(&v, &a)| v as f64 * a).sum::<f64>()).sum::<f64>() / split.train.len() as f64;
         let c = if proj > 0.0 { 1.0 / proj } else { 0.0 };
         m.iter().map(|&a| (a * c) as f32).collect()
@@ -416,12 +420,39 @@ impl Labels<'_> {
     }
 }
 
-/// The stored predictor's confusion counts over `tokens`.
-struct Measured {
-    recall: f64,
-    precision: f64,
-    predicted: f64,
-    truth: f64,
+/// A predictor's confusion counts over some tokens, as fractions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Measured {
+    /// Share of the (token, neuron) pairs that fired which were predicted active.
+    pub recall: f64,
+    /// Share of the pairs predicted active which fired.
+    pub precision: f64,
+    /// Fraction of pairs predicted active.
+    pub predicted: f64,
+    /// Fraction of pairs that fired.
+    pub truth: f64,
+}
+
+/// Measures trained predictors on other samples (e.g. another text than the training one),
+/// every token of every layer, layers in parallel.
+pub fn evaluate(preds: &Predictors, samples: &SampleSet) -> Result<Vec<Measured>> {
+    if preds.layers.len() != samples.n_layer || preds.layers.iter().any(|p| (p.n_embd(), p.n_ff()) != (samples.n_embd, samples.n_ff)) {
+        return Err(TrainError::Mismatch(format!(
+            "{} predictor layers vs samples of {} layers {} -> {}",
+            preds.layers.len(),
+            samples.n_layer,
+            samples.n_embd,
+            samples.n_ff
+        )));
+    }
+    (0..samples.n_layer)
+        .into_par_iter()
+        .map(|l| {
+            let data = samples.layer(l)?;
+            let all: Vec<usize> = (0..data.n).collect();
+            Ok(measure(&preds.layers[l], &data, &all))
+        })
+        .collect()
 }
 
 fn logits_of(p: &Predictor, data: &LayerSamples, tokens: &[usize]) -> Vec<f32> {
