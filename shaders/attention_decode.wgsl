@@ -60,10 +60,10 @@ const KPL: u32 = (T + LANES - 1u) / LANES;
 const NEG: f32 = -3.0e38;
 
 var<workgroup> qs: array<vec4<f32>, GQ * H4>;
-// [head][key] scores, then weights
+// [head][key] scores
 var<workgroup> pw: array<vec4<f32>, GQ * T / 4u>;
-var<workgroup> mrow: array<f32, GQ>;
-var<workgroup> arow: array<f32, GQ>;
+// [head][key] weights
+var<workgroup> pp: array<vec4<f32>, GQ * T / 4u>;
 var<workgroup> red: array<vec4<f32>, 2u * WG>;
 var<workgroup> red_l: array<f32, GQ * LANES>;
 
@@ -107,10 +107,14 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     for (var i = tid; i < GQ * H4; i += WG) {
         qs[i] = round_f16(q[h0 * H4 + i]);
     }
-    if (tid < GQ) {
-        mrow[tid] = NEG;
-    }
     workgroupBarrier();
+    // The running maximum and the last tile's rescaling factor per head, the same in every
+    // thread (each computes them from the same scores).
+    var m_run: array<f32, GQ>;
+    var a_run: array<f32, GQ>;
+    for (var r = 0u; r < GQ; r++) {
+        m_run[r] = NEG;
+    }
     let g = tid % G;
     let lane = tid / G;
     var acc: array<vec4<f32>, 2u * GQ>;
@@ -135,48 +139,56 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             pw[i / 4u][i % 4u] = select(NEG, s[r] * params.scale, valid);
         }
         workgroupBarrier();
-        if (tid < GQ) {
+        // Every thread finds the tile's maxima itself (broadcast reads of shared memory), rather
+        // than one thread per head walking the tile while the others wait at a barrier.
+        var p_own: array<f32, GQ>;
+        for (var r = 0u; r < GQ; r++) {
             var mx4 = vec4<f32>(NEG);
             for (var j = 0u; j < T / 4u; j++) {
-                mx4 = max(mx4, pw[tid * T / 4u + j]);
+                mx4 = max(mx4, pw[r * T / 4u + j]);
             }
-            let m_old = mrow[tid];
-            let m_new = max(m_old, max(max(mx4.x, mx4.y), max(mx4.z, mx4.w)));
-            arow[tid] = exp(m_old - m_new);
-            mrow[tid] = m_new;
+            let m_new = max(m_run[r], max(max(mx4.x, mx4.y), max(mx4.z, mx4.w)));
+            a_run[r] = exp(m_run[r] - m_new);
+            m_run[r] = m_new;
+            let i = r * T + tid;
+            p_own[r] = select(0.0, exp(pw[i / 4u][i % 4u] - m_new), valid);
         }
-        workgroupBarrier();
+        // The weights go to a second array: other threads may still be reading the scores.
         for (var r = 0u; r < GQ; r++) {
             let i = r * T + tid;
-            pw[i / 4u][i % 4u] = select(0.0, exp(pw[i / 4u][i % 4u] - mrow[r]), valid);
+            pp[i / 4u][i % 4u] = p_own[r];
         }
         workgroupBarrier();
         if (lane < LANES) {
             for (var r = 0u; r < GQ; r++) {
-                let a = arow[r];
+                let a = a_run[r];
                 acc[2u * r] *= a;
                 acc[2u * r + 1u] *= a;
                 l[r] *= a;
             }
-            // A fixed trip count, so that the loads of a tile can all be in flight at once.
-            let nk = min(T, c1 - tb);
+            // Every load of the tile is issued before any is used: keys past the end read the
+            // last key again with a weight of 0 (a branch per key would serialise the loads,
+            // one memory latency each: most of this kernel's time before).
+            let last = c1 - 1u;
+            var vw: array<vec4<u32>, KPL>;
+            for (var jj = 0u; jj < KPL; jj++) {
+                let key = min(tb + lane + jj * LANES, last);
+                vw[jj] = cache_v[key * params.kv4 + krow + g];
+            }
             for (var jj = 0u; jj < KPL; jj++) {
                 let j = lane + jj * LANES;
-                if (j < nk) {
-                    let w = cache_v[(tb + j) * params.kv4 + krow + g];
-                    let v0 = lo4(w);
-                    let v1 = hi4(w);
-                    for (var r = 0u; r < GQ; r++) {
-                        let i = r * T + j;
-                        let pj = pw[i / 4u][i % 4u];
-                        acc[2u * r] += pj * v0;
-                        acc[2u * r + 1u] += pj * v1;
-                        l[r] += pj;
-                    }
+                let v0 = lo4(vw[jj]);
+                let v1 = hi4(vw[jj]);
+                for (var r = 0u; r < GQ; r++) {
+                    // (j >= T only where LANES does not divide T.)
+                    let i = r * T + min(j, T - 1u);
+                    let pj = select(0.0, pp[i / 4u][i % 4u], j < T);
+                    acc[2u * r] += pj * v0;
+                    acc[2u * r + 1u] += pj * v1;
+                    l[r] += pj;
                 }
             }
         }
-        workgroupBarrier();
     }
     // Sum the lanes' partial outputs and sums, one head at a time.
     if (lane < LANES && g == 0u) {
@@ -202,7 +214,7 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
             for (var ln = 0u; ln < LANES; ln++) {
                 lt += red_l[r * LANES + ln];
             }
-            part_ml[slot] = vec2<f32>(mrow[r], lt);
+            part_ml[slot] = vec2<f32>(m_run[r], lt);
         }
         workgroupBarrier();
     }

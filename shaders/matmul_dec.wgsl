@@ -8,13 +8,16 @@
 // A workgroup of DV_WG threads owns DV_NR rows. Thread i takes slots i, i + DV_WG, ... of
 // every row (adjacent threads on adjacent slots, so weight loads coalesce; the quantised types'
 // slot order makes the activation loads coalesce too, see matmul_q4_0.wgsl), DV_UB slots per
-// row per iteration, all loads issued before any arithmetic. The activations of a slot are
-// loaded once for the DV_NR rows: they are 2 to 8 times the weights' bytes, and on NVIDIA the
-// load path through L1, not DRAM, limited the first version of this kernel. Partial sums meet in a shared-memory tree (dv_main) or through subgroupAdd and
-// one shared slot per subgroup (dv_main_sg in matmul_dec_sg.wgsl, for any subgroup size).
+// row per iteration, all loads issued before any arithmetic (and with DV_PF = 1 the next
+// step's before this step's arithmetic). The activations of a slot are 2 to 8 times the
+// weights' bytes; they are loaded once for the DV_NR rows (or per row and word with DV_XW = 1,
+// fewer live registers). Uncoalesced activation loads limited the first version of this kernel
+// on an H200 (Q4_0 at 35% of the copy bandwidth). Partial sums meet in a shared-memory tree
+// (dv_main) or through subgroupAdd and one shared slot per subgroup (dv_main_sg in
+// matmul_dec_sg.wgsl, for any subgroup size).
 //
-// DV_WG, DV_NR and DV_UB are rewritten by src/gpu/matrix.rs before compilation (the lines
-// must stay exactly of the form `const NAME: u32 = <n>u;`).
+// DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
+// (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
 struct Step {
     n_tokens: u32,
@@ -39,11 +42,47 @@ struct Chunk {
 const DV_WG: u32 = 128u;
 const DV_NR: u32 = 2u;
 const DV_UB: u32 = 1u;
+// 1: the next step's weights are loaded before this step's arithmetic.
+const DV_PF: u32 = 0u;
+// 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows.
+const DV_XW: u32 = 0u;
 
 var<workgroup> dv_sh: array<f32, DV_WG * DV_NR>;
 
 fn dv_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
+}
+
+// The weights of DV_UB slots from slot b0 on, DV_WG apart, of each row (slots past the row's
+// end read its last slot again; they are not summed).
+fn dv_fetch(base: array<u32, DV_NR>, b0: u32, nb: u32) -> array<WSlot, DV_NR * DV_UB> {
+    var w: array<WSlot, DV_NR * DV_UB>;
+    for (var j = 0u; j < DV_UB; j++) {
+        let b = min(b0 + j * DV_WG, nb - 1u);
+        for (var r = 0u; r < DV_NR; r++) {
+            w[j * DV_NR + r] = slot_fetch(base[r] + b);
+        }
+    }
+    return w;
+}
+
+// acc[r] += the slots' dot products with the activations of token row4.
+fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * DV_UB>, row4: u32, b0: u32, nb: u32) {
+    for (var j = 0u; j < DV_UB; j++) {
+        let b = b0 + j * DV_WG;
+        if (b < nb) {
+            if (DV_XW == 1u) {
+                for (var r = 0u; r < DV_NR; r++) {
+                    (*acc)[r] += slot_dot_x(w[j * DV_NR + r], row4, b);
+                }
+            } else {
+                let xs = slot_x(row4, b);
+                for (var r = 0u; r < DV_NR; r++) {
+                    (*acc)[r] += slot_dot(w[j * DV_NR + r], xs);
+                }
+            }
+        }
+    }
 }
 
 // This thread's partial sums of the workgroup's rows for token t.
@@ -56,23 +95,20 @@ fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
         base[r] = min(group * DV_NR + r, chunk.rows - 1u) * nb;
     }
     var acc: array<f32, DV_NR>;
-    for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
-        var w: array<WSlot, DV_NR * DV_UB>;
-        for (var j = 0u; j < DV_UB; j++) {
-            // Past the row's end (only when DV_UB > 1): a valid slot read again, not summed.
-            let b = min(b0 + j * DV_WG, nb - 1u);
-            for (var r = 0u; r < DV_NR; r++) {
-                w[j * DV_NR + r] = slot_fetch(base[r] + b);
-            }
+    if (DV_PF == 1u) {
+        // Software pipelining: the next step's weights are requested before this step's
+        // arithmetic, so a thread's loads stay in flight while it computes (a warp otherwise
+        // alternates between waiting for DRAM and computing, and the bytes in flight per SM
+        // fall short of what the memory needs).
+        var wn = dv_fetch(base, lid, nb);
+        for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
+            let wc = wn;
+            wn = dv_fetch(base, b0 + DV_WG * DV_UB, nb);
+            dv_accumulate(&acc, wc, row4, b0, nb);
         }
-        for (var j = 0u; j < DV_UB; j++) {
-            let b = b0 + j * DV_WG;
-            if (b < nb) {
-                let xs = slot_x(row4, b);
-                for (var r = 0u; r < DV_NR; r++) {
-                    acc[r] += slot_dot(w[j * DV_NR + r], xs);
-                }
-            }
+    } else {
+        for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
+            dv_accumulate(&acc, dv_fetch(base, b0, nb), row4, b0, nb);
         }
     }
     return acc;

@@ -27,3 +27,8 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     return dot(bitcast<vec4<f32>>(w.q), xs.a);
 }
+
+// slot_dot loading the slot's activations itself (matmul_dec.wgsl's DV_XW = 1).
+fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
+    return slot_dot(w, slot_x(row4, j));
+}

@@ -19,21 +19,20 @@ struct XSlot {
     a: array<vec4<f32>, 8>,
 }
 
-// Quants and the scales of word k's low and high nibbles.
+// Quants and, in word k of d, the f16 scales of word k's low and high nibbles (unpacked only
+// when used: registers bound how many loads a thread keeps in flight).
 struct WSlot {
     q: vec4<u32>,
-    d: array<vec2<f32>, 4>,
+    d: vec4<u32>,
 }
 
 // Slot b of the chunk (row * slots per row + slot).
 fn slot_fetch(b: u32) -> WSlot {
     if (PERM == 1u) {
-        let s = wd[b >> 3u];
-        return WSlot(wq[b], array<vec2<f32>, 4>(unpack2x16float(s.x), unpack2x16float(s.y), unpack2x16float(s.z), unpack2x16float(s.w)));
+        return WSlot(wq[b], wd[b >> 3u]);
     }
-    let v = unpack2x16float(wd[b >> 3u][(b >> 1u) & 3u]);
-    let d = vec2<f32>(select(v.x, v.y, (b & 1u) == 1u));
-    return WSlot(wq[b], array<vec2<f32>, 4>(d, d, d, d));
+    let h = (wd[b >> 3u][(b >> 1u) & 3u] >> ((b & 1u) * 16u)) & 0xFFFFu;
+    return WSlot(wq[b], vec4<u32>(h | (h << 16u)));
 }
 
 // Activations of slot j of a row starting at vec4 row4.
@@ -74,7 +73,33 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
         let s = q >> 12u;
         let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
         let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
-        acc += w.d[k].x * dot(lo, xs.a[k]) + w.d[k].y * dot(hi, xs.a[4u + k]);
+        let d = unpack2x16float(w.d[k]);
+        acc += d.x * dot(lo, xs.a[k]) + d.y * dot(hi, xs.a[4u + k]);
+    }
+    return acc;
+}
+
+// slot_dot with the activations loaded word by word (2 vec4 live instead of 8): fewer registers,
+// so more threads per SM and more loads in flight, at the price of reloading the activations
+// (from L1) for every row.
+fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
+    var acc = 0.0;
+    for (var k = 0u; k < 4u; k++) {
+        var ca: u32;
+        var cb: u32;
+        if (PERM == 1u) {
+            ca = row4 + (j >> 3u) * 64u + (j & 7u) + 16u * k;
+            cb = ca + 8u;
+        } else {
+            ca = row4 + 8u * j + k;
+            cb = ca + 4u;
+        }
+        let q = w.q[k];
+        let s = q >> 12u;
+        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let d = unpack2x16float(w.d[k]);
+        acc += d.x * dot(lo, x[ca]) + d.y * dot(hi, x[cb]);
     }
     return acc;
 }

@@ -76,3 +76,8 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     }
     return acc;
 }
+
+// slot_dot loading the slot's activations itself (matmul_dec.wgsl's DV_XW = 1).
+fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
+    return slot_dot(w, slot_x(row4, j));
+}

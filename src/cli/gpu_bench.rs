@@ -4,7 +4,7 @@
 use super::Result;
 use crate::engine::GpuSession;
 use crate::gguf::GgmlType;
-use crate::gpu::matrix::{DecodeKernel, GpuMatrix, MatmulOp, MvConfig};
+use crate::gpu::matrix::{parse_decode, DecodeKernel, GpuMatrix, MatmulOp, MvConfig};
 use crate::gpu::timer::PassTimer;
 use crate::gpu::{GpuContext, Step};
 use crate::model::Matrix;
@@ -67,14 +67,19 @@ struct BenchSet {
 }
 
 impl BenchSet {
-    fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize) -> Result<BenchSet> {
+    /// `perm`: the word order (None: the type's default, as the model uses).
+    fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize, perm: Option<bool>) -> Result<BenchSet> {
         let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
         let count = (400_000_000 / bytes).clamp(2, 16) as usize;
         let mut mats = Vec::new();
         for i in 0..count {
             let mut raw = vec![0u8; bytes as usize];
             super::synth::fill(&mut raw, ty, cols as u64, 1 + i as u64);
-            mats.push(GpuMatrix::upload(ctx, &Matrix::from_raw("bench", rows, cols, ty, &raw))?);
+            let m = Matrix::from_raw("bench", rows, cols, ty, &raw);
+            mats.push(match perm {
+                None => GpuMatrix::upload(ctx, &m)?,
+                Some(p) => GpuMatrix::upload_layout(ctx, &m, ctx.max_binding().min(ctx.limits.max_buffer_size), p)?,
+            });
         }
         // Activations of varied sign and size (not zeros: a kernel must not time on zeros).
         let xv: Vec<f32> = (0..cols).map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect();
@@ -160,11 +165,14 @@ impl BenchSet {
 pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
     if std::env::var_os("EMBER_MV_SWEEP").is_some() {
         sweep(ctx)?;
+        if std::env::var_os("EMBER_MV_SWEEP_ONLY").is_some() {
+            return Ok(Vec::new());
+        }
     }
     let mut rows_out = Vec::new();
     for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
         for (rows, cols) in [(11008usize, 4096usize), (4096, 11008)] {
-            let set = BenchSet::new(ctx, ty, rows, cols)?;
+            let set = BenchSet::new(ctx, ty, rows, cols, None)?;
             let (row_us, alone_us) = set.time(ctx, &set.bind(ctx, None))?;
             let gpu_bytes = set.mats[0].gpu_bytes();
             rows_out.push(KernelRow { ty, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, alone_us });
@@ -179,58 +187,67 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
     Ok(rows_out)
 }
 
-/// The decode variants of `EMBER_MV_SWEEP` (a list `wg:nr:ub,...`, or any other value for the
-/// whole grid), each timed back to back on every type and shape.
+/// The decode variants of `EMBER_MV_SWEEP` (a list `kq:nr:rg:pf,wg:nr:ub:pf,...` as in
+/// `EMBER_MV_DEC`, or any other value for a default grid), each timed back to back on every
+/// type and shape (`EMBER_MV_SWEEP_TYPES`: a comma-separated subset of types).
 fn sweep(ctx: &GpuContext) -> Result<()> {
     let spec = std::env::var("EMBER_MV_SWEEP").unwrap_or_default();
-    let mut variants: Vec<(u32, u32, u32)> = spec
-        .split(',')
-        .filter_map(|v| {
-            let n: Vec<u32> = v.split(':').map(|t| t.trim().parse().ok()).collect::<Option<_>>()?;
-            (n.len() == 3).then(|| (n[0], n[1], n[2]))
-        })
-        .collect();
+    let mut variants: Vec<String> = spec.split(',').filter(|v| parse_decode(v).is_some()).map(|v| v.trim().to_string()).collect();
     if variants.is_empty() {
-        for wg in [32, 64, 128, 256] {
+        for pf in [0, 1] {
             for nr in [1, 2, 4, 8] {
-                for ub in [1, 2, 4] {
-                    variants.push((wg, nr, ub));
+                for rg in [1, 2, 4, 8] {
+                    variants.push(format!("kq:{nr}:{rg}:{pf}"));
                 }
             }
         }
+        variants.extend(["32:2:1:1", "64:2:1:1", "64:2:1:0", "128:2:1:0", "256:2:1:0", "128:2:2:0"].map(String::from));
     }
+    let types: Vec<String> = std::env::var("EMBER_MV_SWEEP_TYPES").map(|v| v.split(',').map(|t| t.trim().to_lowercase()).collect()).unwrap_or_default();
     let sg = ctx.has_subgroups();
     let mut best = Vec::new();
     for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
+        if !types.is_empty() && !types.contains(&ty.name().to_lowercase()) {
+            continue;
+        }
         // Weights of each shape in one llama-7B layer: q, k, v, o; gate, up; down.
         let shapes = [((4096usize, 4096usize), 4.0), ((11008, 4096), 2.0), ((4096, 11008), 1.0)];
-        let mut score = vec![0.0f64; variants.len() + 1];
-        for &((rows, cols), weight) in &shapes {
-            let set = BenchSet::new(ctx, ty, rows, cols)?;
-            let bytes = set.mats[0].gpu_bytes() as f64;
+        let mut score = vec![f64::INFINITY; variants.len()];
+        for (si, &((rows, cols), weight)) in shapes.iter().enumerate() {
+            // Both word orders: the integer kernel reads GGUF order, the others the permuted one.
+            let mut sets: [Option<BenchSet>; 2] = [None, None];
             let mut results = Vec::new();
-            for (i, &(wg, nr, ub)) in variants.iter().enumerate() {
-                if wg > ctx.limits.max_compute_invocations_per_workgroup {
+            let mut bytes = 0.0;
+            for (i, v) in variants.iter().enumerate() {
+                let (kernel, (wg, nr, ub)) = parse_decode(v).unwrap();
+                if wg > ctx.limits.max_compute_invocations_per_workgroup || (!matches!(kernel, DecodeKernel::Blocks { .. }) && matches!(ty, GgmlType::F16 | GgmlType::F32)) {
                     continue;
                 }
+                let gguf = matches!(kernel, DecodeKernel::Quantized { .. });
+                if gguf && !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+                    continue;
+                }
+                if sets[gguf as usize].is_none() {
+                    // One set at a time in memory.
+                    sets = [None, None];
+                    sets[gguf as usize] = Some(BenchSet::new(ctx, ty, rows, cols, Some(!gguf))?);
+                }
+                let set = sets[gguf as usize].as_ref().unwrap();
+                bytes = set.mats[0].gpu_bytes() as f64;
                 let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, subgroups: sg };
-                let (row, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, DecodeKernel::Blocks))))?;
-                score[i] += weight * row;
-                results.push((format!("blocks wg {wg} nr {nr} ub {ub}"), row, alone));
+                let (row, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
+                score[i] = if si == 0 { weight * row } else { score[i] + weight * row };
+                results.push((v.clone(), row, alone));
             }
-            let cfg = MvConfig { nt: 1, wg: 128, nr: 2, unroll: 1, subgroups: sg };
-            let (row, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, DecodeKernel::Units))))?;
-            results.push(("units wg 128 nr 2 (old)".into(), row, alone));
             results.sort_by(|a, b| a.1.total_cmp(&b.1));
             println!("\nsweep {} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
             for (name, row, alone) in &results {
-                println!("  {name:26} {row:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3);
+                println!("  {name:20} {row:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3);
             }
         }
-        let (i, _) = score[..variants.len()].iter().enumerate().filter(|(i, _)| variants[*i].0 <= ctx.limits.max_compute_invocations_per_workgroup).min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
-        let (wg, nr, ub) = variants[i];
-        println!("best {} over a 7B layer's shapes: wg {wg} nr {nr} ub {ub} ({:.1} µs per layer)", ty.name(), score[i]);
-        best.push(format!("{}={wg}:{nr}:{ub}", ty.name()));
+        let (i, _) = score.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        println!("best {} over a 7B layer's shapes: {} ({:.1} µs per layer)", ty.name(), variants[i], score[i]);
+        best.push(format!("{}={}", ty.name(), variants[i]));
     }
     println!("EMBER_MV_DEC={}", best.join(","));
     Ok(())

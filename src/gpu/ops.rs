@@ -270,7 +270,8 @@ impl AttentionOp {
         let group = n_head / n_head_kv;
         // Query heads per decode workgroup: the largest divisor of the group up to 8 that fits.
         let lanes = (64 / (head_dim / 8)).max(1);
-        let decode_shared = |gq: u32| gq * head_dim * 4 + gq * 64 * 4 + 2 * gq * 4 + 2 * 64 * 16 + gq * lanes * 4;
+        // q, scores, weights, the lanes' outputs and sums (shaders/attention_decode.wgsl).
+        let decode_shared = |gq: u32| gq * head_dim * 4 + 2 * gq * 64 * 4 + 2 * 64 * 16 + gq * lanes * 4;
         let gq = (1..=group.min(8)).rev().find(|&d| group.is_multiple_of(d) && decode_shared(d) <= shared).unwrap_or(1);
         let prefill_shared = |tq: u32| tq * head_dim * 4 + tq * 64 * 4 + 2 * tq * 4;
         let mut tq = 8;

@@ -1,0 +1,210 @@
+// y[t * ld_y + row0 + r] = W[r] . x[t] for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0
+// of matmul_q4_0.wgsl): the decode matvec with integer dot products, one token per grid z.
+//
+// Why: decoding nibbles to f32 costs about 3.6 instructions per weight (mask and or, subtract,
+// multiply-add, scales); this kernel needs about a third of that. (On an H200 it measured the
+// same as matmul_dec.wgsl, ~45% of the copy bandwidth for Q4_0: that limit is not arithmetic
+// there; it may be elsewhere.) Here each thread quantises the activations of the blocks it
+// owns once, to 22-bit fixed point per block (x ~ s * xq, |xq| < 2^21: an error of 2^-22 of the
+// block's largest |x|, about f32's own rounding, unlike llama.cpp's 8-bit activations), split
+// into three byte limbs xq = b2 * 2^16 + b1 * 2^8 + b0 (b2 signed, b1 and b0 unsigned). A row's
+// block is then 24 packed 4x8-bit dot products (one instruction each on GPUs with DP4A) plus 12
+// mask and shift operations: about 1.3 instructions per weight. The sums are exact integers
+// (|sum q xq| < 32 * 15 * 2^21 < 2^31), converted to f32 once per block.
+//
+// A workgroup of KQ_WG threads (a multiple of 64, see src/gpu/matrix.rs) owns every block of a
+// row (thread i: blocks i, i + KQ_WG, ..., KQ_BPT of them), loads and quantises their activations
+// once, then walks KQ_RG steps of KQ_NR rows, loading only weights (the next step's before this
+// step's arithmetic when KQ_PF = 1). Row sums meet through subgroupAdd (kq_main_sg,
+// matmul_kq_sg.wgsl) or shared memory (kq_main).
+//
+// KQ_Q41, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
+// compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
+
+struct Step {
+    n_tokens: u32,
+    pos0: u32,
+    n_kv: u32,
+    _pad: u32,
+}
+
+struct Chunk {
+    rows: u32,
+    row0: u32,
+    ld_y: u32,
+    cols: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> y: array<f32>;
+@group(0) @binding(2) var<uniform> step: Step;
+@group(0) @binding(3) var<uniform> chunk: Chunk;
+// Block b's 16 quant bytes (GGUF nibble order).
+@group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
+// Q4_0: the f16 scale of block b at half b; Q4_1: d | m << 16 in word b.
+@group(0) @binding(5) var<storage, read> wd: array<u32>;
+
+// 0: Q4_0, 1: Q4_1.
+const KQ_Q41: u32 = 0u;
+const KQ_WG: u32 = 128u;
+// Blocks per thread and row.
+const KQ_BPT: u32 = 1u;
+// Rows per step and steps per workgroup.
+const KQ_NR: u32 = 4u;
+const KQ_RG: u32 = 2u;
+const KQ_PF: u32 = 0u;
+
+var<workgroup> kq_sh: array<f32, 2u * KQ_NR * KQ_WG>;
+
+// A block's activations as limbs: l0[g], l1[g], l2[g] pack the bytes b0, b1, b2 of elements
+// 4g..4g+3; s is the scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and
+// Q4_1's minimum).
+struct XQ {
+    l0: array<u32, 8>,
+    l1: array<u32, 8>,
+    l2: array<u32, 8>,
+    s: f32,
+    sum: f32,
+}
+
+// One block of one row as loaded: quants and the packed scale (and minimum).
+struct WB {
+    q: vec4<u32>,
+    d: u32,
+}
+
+fn kq_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+fn kq_row(group: u32, rs: u32, r: u32) -> u32 {
+    return (group * KQ_RG + rs) * KQ_NR + r;
+}
+
+// Quantises block j of token row x[row4..].
+fn kq_quant(row4: u32, j: u32) -> XQ {
+    var a: array<vec4<f32>, 8>;
+    var m = vec4<f32>(0.0);
+    var sv = vec4<f32>(0.0);
+    for (var g = 0u; g < 8u; g++) {
+        a[g] = x[row4 + 8u * j + g];
+        m = max(m, abs(a[g]));
+        sv += a[g];
+    }
+    let amax = max(max(m.x, m.y), max(m.z, m.w));
+    // |xq| <= 2^21 - 1; all-zero blocks quantise to zeros.
+    let inv = select(0.0, 2097151.0 / amax, amax > 0.0);
+    var r: XQ;
+    r.s = select(0.0, amax / 2097151.0, amax > 0.0);
+    r.sum = (sv.x + sv.y) + (sv.z + sv.w);
+    for (var g = 0u; g < 8u; g++) {
+        // Round to nearest without a float-to-int conversion (a quarter-rate instruction on
+        // NVIDIA): adding 1.5 * 2^23 leaves the rounded integer in the low mantissa bits.
+        let q = bitcast<vec4<i32>>(fma(a[g], vec4<f32>(inv), vec4<f32>(12582912.0))) - vec4<i32>(0x4B400000);
+        let u = bitcast<vec4<u32>>(q);
+        r.l0[g] = pack4xU8(u & vec4<u32>(0xFFu));
+        r.l1[g] = pack4xU8((u >> vec4<u32>(8u)) & vec4<u32>(0xFFu));
+        r.l2[g] = pack4xI8(q >> vec4<u32>(16u));
+    }
+    return r;
+}
+
+fn kq_fetch(group: u32, rs: u32, lid: u32, nb: u32) -> array<WB, KQ_NR * KQ_BPT> {
+    var w: array<WB, KQ_NR * KQ_BPT>;
+    for (var r = 0u; r < KQ_NR; r++) {
+        // Rows past the chunk read its last row and blocks past the row its last block:
+        // neither is summed.
+        let row = min(kq_row(group, rs, r), chunk.rows - 1u);
+        for (var s = 0u; s < KQ_BPT; s++) {
+            let b = row * nb + min(lid + s * KQ_WG, nb - 1u);
+            var d: u32;
+            if (KQ_Q41 == 1u) {
+                d = wd[b];
+            } else {
+                d = wd[b >> 1u] >> ((b & 1u) * 16u);
+            }
+            w[r * KQ_BPT + s] = WB(wq[b], d);
+        }
+    }
+    return w;
+}
+
+// One row's block times the quantised activations.
+fn kq_dot(w: WB, xq: XQ) -> f32 {
+    var a0 = 0u;
+    var a1 = 0u;
+    var a2 = 0i;
+    for (var k = 0u; k < 4u; k++) {
+        // Word k: low nibbles are elements 4k..4k+3, high nibbles 16+4k..16+4k+3 (groups k, 4+k).
+        let lo = w.q[k] & 0x0F0F0F0Fu;
+        let hi = (w.q[k] >> 4u) & 0x0F0F0F0Fu;
+        a0 += dot4U8Packed(lo, xq.l0[k]) + dot4U8Packed(hi, xq.l0[4u + k]);
+        a1 += dot4U8Packed(lo, xq.l1[k]) + dot4U8Packed(hi, xq.l1[4u + k]);
+        a2 += dot4I8Packed(lo, xq.l2[k]) + dot4I8Packed(hi, xq.l2[4u + k]);
+    }
+    let qx = f32(a2 * 65536 + i32(a1 * 256u + a0)) * xq.s;
+    let dm = unpack2x16float(w.d);
+    if (KQ_Q41 == 1u) {
+        // sum (d q + m) x
+        return dm.x * qx + dm.y * xq.sum;
+    }
+    // sum d (q - 8) x
+    return dm.x * (qx - 8.0 * xq.sum);
+}
+
+fn kq_x(lid: u32, t: u32, nb: u32) -> array<XQ, KQ_BPT> {
+    var xs: array<XQ, KQ_BPT>;
+    for (var s = 0u; s < KQ_BPT; s++) {
+        xs[s] = kq_quant(t * (chunk.cols / 4u), min(lid + s * KQ_WG, nb - 1u));
+    }
+    return xs;
+}
+
+fn kq_sums(w: array<WB, KQ_NR * KQ_BPT>, xs: array<XQ, KQ_BPT>, lid: u32, nb: u32) -> array<f32, KQ_NR> {
+    var acc: array<f32, KQ_NR>;
+    for (var s = 0u; s < KQ_BPT; s++) {
+        if (lid + s * KQ_WG < nb) {
+            for (var r = 0u; r < KQ_NR; r++) {
+                acc[r] += kq_dot(w[r * KQ_BPT + s], xs[s]);
+            }
+        }
+    }
+    return acc;
+}
+
+fn kq_store(group: u32, rs: u32, t: u32, r: u32, total: f32) {
+    let row = kq_row(group, rs, r);
+    if (row < chunk.rows) {
+        y[t * chunk.ld_y + chunk.row0 + row] = total;
+    }
+}
+
+// Shared-memory reduction (any adapter).
+@compute @workgroup_size(KQ_WG)
+fn kq_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let group = kq_group(wid, nwg);
+    let t = wid.z;
+    if (t >= step.n_tokens) {
+        return;
+    }
+    let nb = chunk.cols / 32u;
+    let xs = kq_x(lid, t, nb);
+    for (var rs = 0u; rs < KQ_RG; rs++) {
+        if (kq_row(group, rs, 0u) >= chunk.rows) {
+            break;
+        }
+        let acc = kq_sums(kq_fetch(group, rs, lid, nb), xs, lid, nb);
+        let buf = (rs & 1u) * KQ_NR * KQ_WG;
+        for (var r = 0u; r < KQ_NR; r++) {
+            kq_sh[buf + r * KQ_WG + lid] = acc[r];
+        }
+        workgroupBarrier();
+        for (var r = lid; r < KQ_NR; r += KQ_WG) {
+            var total = 0.0;
+            for (var k = 0u; k < KQ_WG; k++) {
+                total += kq_sh[buf + r * KQ_WG + k];
+            }
+            kq_store(group, rs, t, r, total);
+        }
+    }
+}
