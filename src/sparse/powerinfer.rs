@@ -92,13 +92,17 @@ pub fn export_model(model: &Model, down_t: &[Matrix], predictors: Option<&Predic
         }
     }
     if let Some(p) = predictors {
+        // Per-layer thresholds (ember's key) and PowerInfer's single one when they agree.
+        let th: Vec<f32> = p.layers.iter().map(|l| l.threshold).collect();
+        w.set(crate::sparse::predictor::KEY_THRESHOLDS, Value::Array(crate::gguf::ValueType::F32, th.iter().map(|&t| Value::F32(t)).collect()));
+        if th.windows(2).all(|t| t[0] == t[1]) {
+            w.set(crate::sparse::predictor::KEY_POWERINFER_THRESHOLD, Value::F32(th.first().copied().unwrap_or(0.0)));
+        }
+        // PowerInfer's loader names them with ".weight".
         for (l, pl) in p.layers.iter().enumerate() {
             for (name, m) in [("fc1", &pl.fc1), ("fc2", &pl.fc2)] {
                 w.add_tensor(&format!("blk.{l}.{name}.weight"), &[m.cols as u64, m.rows as u64], m.ty, m.bytes().to_vec());
             }
-        }
-        if let Some(first) = p.layers.first() {
-            w.set("powerinfer.sparse_threshold", Value::F32(first.threshold));
         }
     }
     Ok(w)
