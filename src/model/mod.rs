@@ -247,6 +247,18 @@ impl Model {
             let bias = |store: &mut TensorStore, s: &str, len: u64| -> Result<Option<Vec<f32>>> {
                 if spec.qkv_bias { store.vector(&n(s), len).map(Some) } else { Ok(None) }
             };
+            // In file order, so the first error named is the first bad tensor.
+            let attn_norm = store.vector(&n("attn_norm.weight"), e)?;
+            let wq = store.matrix(&n("attn_q.weight"), &[e, q])?;
+            let wk = store.matrix(&n("attn_k.weight"), &[e, kv])?;
+            let wv = store.matrix(&n("attn_v.weight"), &[e, kv])?;
+            let wo = store.matrix(&n("attn_output.weight"), &[q, e])?;
+            let bq = bias(&mut store, "attn_q.bias", q)?;
+            let bk = bias(&mut store, "attn_k.bias", kv)?;
+            let bv = bias(&mut store, "attn_v.bias", kv)?;
+            let ffn_norm = store.vector(&n("ffn_norm.weight"), e)?;
+            let ffn_gate = store.matrix(&n("ffn_gate.weight"), &[e, ff])?;
+            let ffn_up = store.matrix(&n("ffn_up.weight"), &[e, ff])?;
             // PowerInfer files store the down projection transposed; either form is enough.
             let down_t_name = [n("ffn_down_t.weight"), n("ffn_down_t")].into_iter().find(|t| store.has(t));
             let ffn_down_t = down_t_name.as_deref().map(|t| store.matrix(t, &[e, ff])).transpose()?;
@@ -254,21 +266,7 @@ impl Model {
                 (Some(t), false) => t.transposed(t.transpose_type()).map_err(|m| ModelError::Other(format!("{}: {m}", t.name)))?,
                 _ => store.matrix(&n("ffn_down.weight"), &[ff, e])?,
             };
-            layers.push(Layer {
-                attn_norm: store.vector(&n("attn_norm.weight"), e)?,
-                wq: store.matrix(&n("attn_q.weight"), &[e, q])?,
-                wk: store.matrix(&n("attn_k.weight"), &[e, kv])?,
-                wv: store.matrix(&n("attn_v.weight"), &[e, kv])?,
-                wo: store.matrix(&n("attn_output.weight"), &[q, e])?,
-                bq: bias(&mut store, "attn_q.bias", q)?,
-                bk: bias(&mut store, "attn_k.bias", kv)?,
-                bv: bias(&mut store, "attn_v.bias", kv)?,
-                ffn_norm: store.vector(&n("ffn_norm.weight"), e)?,
-                ffn_gate: store.matrix(&n("ffn_gate.weight"), &[e, ff])?,
-                ffn_up: store.matrix(&n("ffn_up.weight"), &[e, ff])?,
-                ffn_down,
-                ffn_down_t,
-            });
+            layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
     }
