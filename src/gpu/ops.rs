@@ -34,11 +34,11 @@ pub const SHADERS: &[(&str, &str)] = &[
 ];
 
 /// The most workgroups one grid dimension may hold (WebGPU's default limit).
-const MAX_GROUPS: u32 = 65535;
+pub(super) const MAX_GROUPS: u32 = 65535;
 
 /// `src` with each `const NAME: u32 = ...;` line of `consts` given a new value (the files keep
 /// valid defaults so that naga validates them as they are).
-fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
+pub(super) fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
     let mut out = String::with_capacity(src.len() + 64);
     let mut done = vec![false; consts.len()];
     for line in src.lines() {
@@ -58,7 +58,7 @@ fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
 }
 
 /// One pipeline with its bind group, ready to dispatch.
-struct Kernel {
+pub(super) struct Kernel {
     pipeline: Arc<ComputePipeline>,
     bind: BindGroup,
 }
@@ -66,7 +66,7 @@ struct Kernel {
 impl Kernel {
     /// `entries` are (binding, buffer) for the bindings the entry point uses (the pipeline's
     /// layout is derived from the shader and holds only those).
-    fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
+    pub(super) fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
         let pipeline = ctx.pipeline(key, src, entry);
         let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }).collect();
         let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
@@ -77,9 +77,14 @@ impl Kernel {
         if x == 0 || y == 0 {
             return;
         }
+        self.bind(pass);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+
+    /// Sets the pipeline and bind group, for a dispatch the caller makes (e.g. indirect).
+    pub(super) fn bind(&self, pass: &mut ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind, &[]);
-        pass.dispatch_workgroups(x, y, 1);
     }
 }
 

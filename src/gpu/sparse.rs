@@ -36,11 +36,11 @@
 //! - `h`: `n_hot` values, compact row order; only the active rows are written.
 //! - `y`: `n_embd` values, overwritten or added to.
 
+use super::ops::{specialize, Kernel, MAX_GROUPS};
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
 use crate::model::{Activation, Matrix};
-use std::sync::Arc;
-use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
+use wgpu::{Buffer, ComputePass};
 
 const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
 const MATVEC: &str = include_str!("../../shaders/sparse_matvec.wgsl");
@@ -51,8 +51,6 @@ const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
 /// the matvec file it extends.
 pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY)];
 
-/// The most workgroups one grid dimension may hold (WebGPU's default limit).
-const MAX_GROUPS: u32 = 65535;
 /// Hot rows per workgroup of the select kernel (256 threads x 8 rows, `SEL_BLOCK`).
 const SELECT_BLOCK: u32 = 2048;
 /// Byte offsets in [`ActiveList::args`] of the matvec's and the AXPY's dispatch arguments.
@@ -330,48 +328,6 @@ impl ActiveList {
 
     pub fn gpu_bytes(&self) -> u64 {
         self.list.size() + self.args.size()
-    }
-}
-
-/// `src` with each `const NAME: u32 = ...;` line of `consts` given a new value (the files keep
-/// valid defaults so that naga validates them as they are).
-fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
-    let mut out = String::with_capacity(src.len() + 64);
-    let mut done = vec![false; consts.len()];
-    for line in src.lines() {
-        match consts.iter().position(|(name, _)| line.starts_with(&format!("const {name}: u32 = "))) {
-            Some(i) => {
-                out.push_str(&format!("const {}: u32 = {}u;\n", consts[i].0, consts[i].1));
-                done[i] = true;
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    assert!(done.iter().all(|&d| d), "specialize: a constant of {consts:?} is missing from the shader");
-    out
-}
-
-/// A pipeline with its bind group.
-struct Kernel {
-    pipeline: Arc<ComputePipeline>,
-    bind: BindGroup,
-}
-
-impl Kernel {
-    /// `entries`: (binding, buffer) for exactly the bindings `entry` uses.
-    fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
-        let pipeline = ctx.pipeline(key, src, entry);
-        let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }).collect();
-        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
-        Kernel { pipeline, bind }
-    }
-
-    fn bind<'p>(&self, pass: &mut ComputePass<'p>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind, &[]);
     }
 }
 
