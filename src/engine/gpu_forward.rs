@@ -140,7 +140,9 @@ pub(super) struct LayerOps {
     pub(super) ffn: FfnOps,
 }
 
-/// A layer's FFN on the GPU.
+/// A layer's FFN on the GPU. One per layer, built once: the size difference of the variants
+/// does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum FfnOps {
     Dense { gate: MatmulOp, up: MatmulOp, act: GatedActOp, down: MatmulOp, add: AddOp },
     /// Neuron-aware: hot neurons here, cold ones on the CPU ([`super::hybrid`]).

@@ -72,7 +72,7 @@ impl Matrix {
         match self.ty {
             GgmlType::F32 => GgmlType::F32,
             GgmlType::F16 => GgmlType::F16,
-            _ if self.rows % 32 == 0 => GgmlType::Q8_0,
+            _ if self.rows.is_multiple_of(32) => GgmlType::Q8_0,
             _ => GgmlType::F16,
         }
     }
