@@ -18,10 +18,6 @@ fn sessions(path: &std::path::Path, n_ctx: usize) -> Option<(Session, GpuSession
     Some((cpu, gpu))
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-    num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
-}
 
 #[test]
 fn gpu_greedy_tokens_and_logits_match_the_cpu() {
@@ -34,7 +30,7 @@ fn gpu_greedy_tokens_and_logits_match_the_cpu() {
         gpu.reset();
         let (mut c, mut g) = (cpu.forward(&prompt, Logits::Last).unwrap(), gpu.forward(&prompt, Logits::Last).unwrap());
         for step in 0..STEPS {
-            let err = rel_err(&g, &c);
+            let err = common::rel_err(&g, &c);
             assert!(err < 1e-2, "{:?} step {step}: relative logit error {err}", case["prompt"]);
             let (tc, tg) = (ember::cpu::ops::argmax(&c), ember::cpu::ops::argmax(&g));
             if tc.0 != tg.0 {
@@ -57,7 +53,7 @@ fn gpu_argmax_batched_prefill_and_all_logits_agree() {
     let tokens: Vec<u32> = (0..37).map(|i| (i * 997 + 13) % 49152).collect();
     let all_g = gpu.forward(&tokens, Logits::All).unwrap();
     let all_c = cpu.forward(&tokens, Logits::All).unwrap();
-    assert!(rel_err(&all_g, &all_c) < 1e-2);
+    assert!(common::rel_err(&all_g, &all_c) < 1e-2);
     // The GPU's own argmax equals the argmax of its logits.
     gpu.reset();
     let id = gpu.forward_argmax(&tokens).unwrap();

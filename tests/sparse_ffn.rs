@@ -9,25 +9,7 @@ use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use std::sync::Arc;
 
-fn prompts() -> Vec<Vec<u32>> {
-    let Some(refs) = common::refs_dir() else { return Vec::new() };
-    common::read_jsonl(&refs.join("greedy-generations.jsonl"))
-        .iter()
-        .map(|case| case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
-        .collect()
-}
 
-/// Greedy continuation of `prompt`, `n` tokens, one forward call per token.
-fn greedy(s: &mut dyn Forward, prompt: &[u32], n: usize) -> Vec<u32> {
-    s.reset();
-    let mut out = Vec::new();
-    let mut t = s.forward_argmax(prompt).unwrap();
-    for _ in 0..n {
-        out.push(t);
-        t = s.forward_argmax(&[t]).unwrap();
-    }
-    out
-}
 
 fn session(model: &Arc<Model>, precision: Precision, ffn: Option<Arc<SparseFfn>>) -> Session {
     let mut s = Session::new(model.clone(), 96);
@@ -49,16 +31,16 @@ fn relu_and_always_on_predict_give_the_dense_tokens_on_the_relu_model() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let predict = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
-    let prompts = prompts();
+    let prompts = common::ref_prompts();
     assert_eq!(prompts.len(), 6, "the six reference prompts");
     const N: usize = 10;
     let mut dense = session(&model, Precision::F32, None);
     let mut sparse = session(&model, Precision::F32, Some(relu.clone()));
     let mut pred = session(&model, Precision::F32, Some(predict));
     for p in &prompts {
-        let want = greedy(&mut dense, p, N);
-        assert_eq!(greedy(&mut sparse, p, N), want, "relu, prompt {p:?}");
-        assert_eq!(greedy(&mut pred, p, N), want, "always-on predict, prompt {p:?}");
+        let want = common::greedy(&mut dense, p, N);
+        assert_eq!(common::greedy(&mut sparse, p, N), want, "relu, prompt {p:?}");
+        assert_eq!(common::greedy(&mut pred, p, N), want, "always-on predict, prompt {p:?}");
     }
     // The ReLU model leaves most neurons silent: relu mode computed about a quarter of them.
     let density = sparse.ffn_stats.density(hp.n_ff);
@@ -81,17 +63,13 @@ fn relu_mode_at_llama_precision_stays_close_to_dense() {
     let Some(path) = common::relu_model() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).unwrap());
-    let prompt = &prompts()[0];
+    let prompt = &common::ref_prompts()[0];
     let d = session(&model, Precision::Llama, None).forward(prompt, Logits::All).unwrap();
     let s = session(&model, Precision::Llama, Some(relu)).forward(prompt, Logits::All).unwrap();
     let exact = session(&model, Precision::F32, None).forward(prompt, Logits::All).unwrap();
-    let rel = |a: &[f32], b: &[f32]| {
-        let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-        num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
-    };
     // The 8-bit dense path's own distance from f32 arithmetic is the scale of what is allowed.
-    let (sparse_err, dense_err) = (rel(&s, &exact), rel(&d, &exact));
-    eprintln!("relative logit error vs f32 dense: relu {sparse_err}, dense {dense_err}; relu vs dense {}", rel(&s, &d));
+    let (sparse_err, dense_err) = (common::rel_err(&s, &exact), common::rel_err(&d, &exact));
+    eprintln!("relative logit error vs f32 dense: relu {sparse_err}, dense {dense_err}; relu vs dense {}", common::rel_err(&s, &d));
     assert!(sparse_err > 0.0 && sparse_err < 1.5 * dense_err, "relu {sparse_err} vs dense {dense_err}");
 }
 
@@ -113,7 +91,7 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
     let Some(path) = common::default_model() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let hp = &model.hp;
-    let tokens: Vec<u32> = prompts().concat();
+    let tokens: Vec<u32> = common::ref_prompts().concat();
     let calib = Arc::new(std::sync::Mutex::new(ThresholdCalibrator::new(hp.activation, hp.n_layer)));
     let mut s = session(&model, Precision::Llama, None);
     s.observer = Some(Box::new(calib.clone()));
@@ -128,7 +106,6 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
     // Calibrated on these very tokens (the dense pass), run on them again (the sparse pass
     // shifts later layers' inputs a little).
     assert!((mean - 0.5).abs() < 0.05, "mean density {mean}");
-    let num: f32 = out.iter().zip(&dense).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
-    let err = num / dense.iter().map(|b| b * b).sum::<f32>().sqrt();
+    let err = common::rel_err(&out, &dense);
     assert!(err > 0.0 && err < 0.25, "relative logit change {err}");
 }

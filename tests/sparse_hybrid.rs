@@ -11,24 +11,7 @@ use ember::sparse::predictor::Predictors;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
 
-fn prompts() -> Vec<Vec<u32>> {
-    let Some(refs) = common::refs_dir() else { return Vec::new() };
-    common::read_jsonl(&refs.join("greedy-generations.jsonl"))
-        .iter()
-        .map(|case| case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
-        .collect()
-}
 
-fn greedy(s: &mut dyn Forward, prompt: &[u32], n: usize) -> Vec<u32> {
-    s.reset();
-    let mut out = Vec::new();
-    let mut t = s.forward_argmax(prompt).unwrap();
-    for _ in 0..n {
-        out.push(t);
-        t = s.forward_argmax(&[t]).unwrap();
-    }
-    out
-}
 
 /// Firing counts of the model over the prompts (what placement ranks neurons by).
 fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
@@ -43,10 +26,6 @@ fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
     counts
 }
 
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
-    num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
-}
 
 #[test]
 fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
@@ -54,13 +33,13 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     let Some(ctx0) = common::gpu() else { return };
     drop(ctx0);
     let model = Arc::new(Model::load(&path).unwrap());
-    let prompts = prompts();
+    let prompts = common::ref_prompts();
     let counts = profile_counts(&model, &prompts);
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
     const N: usize = 4;
-    let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(&mut dense, p, N)).collect();
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| common::greedy(&mut dense, p, N)).collect();
 
     // The model's fixed GPU parts take ~85 MiB here; budgets from "a few hot neurons" to
     // "all of them", and no budget (GPU-resident sparse).
@@ -79,7 +58,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
         // Every reference prompt at the tightest budget, two at the others (test time).
         let n_prompts = if budget_mib == Some(100) { prompts.len() } else { 2 };
         for (p, w) in prompts.iter().zip(&want).take(n_prompts) {
-            assert_eq!(&greedy(&mut s, p, N), w, "budget {budget_mib:?} MiB ({n_hot} hot), prompt {p:?}");
+            assert_eq!(&common::greedy(&mut s, p, N), w, "budget {budget_mib:?} MiB ({n_hot} hot), prompt {p:?}");
         }
         // The same logits run after run.
         s.reset();
@@ -89,7 +68,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
         assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "budget {budget_mib:?}: not deterministic");
         dense.reset();
         let d = dense.forward(&prompts[1], Logits::Last).unwrap();
-        assert!(rel_err(&a, &d) < 1e-3, "budget {budget_mib:?}: relative logit error {}", rel_err(&a, &d));
+        assert!(common::rel_err(&a, &d) < 1e-3, "budget {budget_mib:?}: relative logit error {}", common::rel_err(&a, &d));
     }
 }
 
@@ -99,7 +78,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let Some(ctx) = common::gpu() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let hp = &model.hp;
-    let prompts = prompts();
+    let prompts = common::ref_prompts();
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
@@ -108,7 +87,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
     for p in &prompts[..3] {
-        assert_eq!(greedy(&mut s, p, 4), greedy(&mut dense, p, 4), "prompt {p:?}");
+        assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "prompt {p:?}");
     }
 }
 
@@ -118,13 +97,13 @@ fn dense_layer_offload_matches_the_cpu() {
     let Some(ctx) = common::gpu() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let ctx = Arc::new(ctx);
-    let prompts = prompts();
+    let prompts = common::ref_prompts();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
     let mut off = OffloadSession::new(model.clone(), ctx, 11, 96, 16, false).unwrap();
     off.cpu_mut().precision = Precision::F32;
     for p in &prompts[..3] {
-        assert_eq!(greedy(&mut off, p, 4), greedy(&mut dense, p, 4), "prompt {p:?}");
+        assert_eq!(common::greedy(&mut off, p, 4), common::greedy(&mut dense, p, 4), "prompt {p:?}");
     }
 }
 

@@ -90,3 +90,30 @@ pub fn gpu() -> Option<ember::gpu::GpuContext> {
         }
     }
 }
+
+/// The prompt ids of ../shared/refs' greedy generations (empty when the references are absent).
+pub fn ref_prompts() -> Vec<Vec<u32>> {
+    let Some(refs) = refs_dir() else { return Vec::new() };
+    read_jsonl(&refs.join("greedy-generations.jsonl"))
+        .iter()
+        .map(|case| case["prompt_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect())
+        .collect()
+}
+
+/// Greedy continuation of `prompt` from a fresh sequence, `n` tokens, one call per token.
+pub fn greedy(s: &mut dyn ember::engine::Forward, prompt: &[u32], n: usize) -> Vec<u32> {
+    s.reset();
+    let mut out = Vec::new();
+    let mut t = s.forward_argmax(prompt).unwrap();
+    for _ in 0..n {
+        out.push(t);
+        t = s.forward_argmax(&[t]).unwrap();
+    }
+    out
+}
+
+/// ‖a − b‖ / ‖b‖.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
+    num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+}
