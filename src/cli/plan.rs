@@ -3,7 +3,7 @@
 
 use super::{ModelArgs, Result};
 use crate::engine::ffn::transposed_downs;
-use crate::gpu::sparse::HotFfn;
+use crate::engine::hybrid::hot_neuron_bytes;
 use crate::sparse::placement::{parse_budget, place, Bytes, FixedPart, PlacementInput};
 use crate::sparse::powerinfer;
 use crate::sparse::predictor::Predictors;
@@ -56,7 +56,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
     ];
     let down_t_ty = |l: &crate::model::Layer| l.ffn_down_t.as_ref().map_or(l.ffn_down.transpose_type(), |t| t.ty);
-    let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| HotFfn::bytes_per_neuron(l.ffn_gate.ty, l.ffn_up.ty, down_t_ty(l), hp.n_embd) + 4).collect();
+    let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| hot_neuron_bytes(l, down_t_ty(l), hp.n_embd)).collect();
     let input = PlacementInput { fixed, neuron_bytes, counts: profile.counts.clone() };
     let p = place(&input, budget, hp.n_ff)?;
 

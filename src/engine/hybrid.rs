@@ -225,13 +225,7 @@ impl GpuSession {
         let cfg = SparseConfig::for_context(&ctx);
         let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096;
         fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
-        let per_neuron: Vec<u64> = (0..hp.n_layer)
-            .map(|il| {
-                let l = &model.layers[il];
-                // Its three rows and id, plus its entry in the active list.
-                HotFfn::bytes_per_neuron(l.ffn_gate.ty, l.ffn_up.ty, plan.ffn.down_t[il].ty, e) + 4
-            })
-            .collect();
+        let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
         let budget = plan.budget.unwrap_or(u64::MAX);
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
         let placement = match plan.budget {
@@ -484,6 +478,12 @@ fn pad_rank(fc1: &Matrix, fc2: &Matrix) -> (Matrix, Matrix) {
         row
     }).collect();
     (Matrix::from_f32(&fc1.name, padded, fc1.cols, &w1, ty), Matrix::from_f32(&fc2.name, fc2.rows, padded, &w2, ty))
+}
+
+/// GPU bytes one hot neuron of `layer` costs: its gate, up and `down_t` rows and id in the
+/// hot layout, plus its entry in the active list. What placement charges per neuron.
+pub fn hot_neuron_bytes(layer: &crate::model::Layer, down_t: GgmlType, n_embd: usize) -> u64 {
+    HotFfn::bytes_per_neuron(layer.ffn_gate.ty, layer.ffn_up.ty, down_t, n_embd) + 4
 }
 
 /// The ids in `0..n` that are not in ascending `ids`.
