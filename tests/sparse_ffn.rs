@@ -109,3 +109,42 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
     let err = common::rel_err(&out, &dense);
     assert!(err > 0.0 && err < 0.25, "relative logit change {err}");
 }
+
+/// The hybrid executor's cold neurons on a spinning team: the same neurons and numbers as
+/// `SparseFfn::token_with` over the same owned set up to the order of the final sum, and the
+/// same bits for any team size (relu mode, and predict mode with a given set).
+#[test]
+fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
+    use ember::engine::cold::ColdFfn;
+    use ember::engine::ffn::FfnScratch;
+    let Some(path) = common::relu_model() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let (e, ff) = (model.hp.n_embd, model.hp.n_ff);
+    let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap();
+    let always = Arc::new(Predictors::always_on(model.hp.n_layer, e, ff));
+    let predict = SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap();
+    let mut rng = common::Rng(17);
+    let mut teams = [ColdFfn::new(1), ColdFfn::new(3)];
+    for il in [0, 7, model.hp.n_layer - 1] {
+        let xn = rng.vec(e);
+        let resid = rng.vec(e);
+        // About two thirds of the neurons are cold, in an irregular pattern.
+        let cold: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64() % 3 != 0).collect();
+        let given: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64() % 4 == 0).collect();
+        for (ffn, given) in [(&relu, None), (&predict, Some(given.as_slice()))] {
+            let mut want = vec![0.0f32; e];
+            let n_want = ffn.token_with(&model, il, &resid, &xn, Some(&cold), given, Precision::F32, &mut FfnScratch::default(), &mut want);
+            let mut outs = Vec::new();
+            for team in teams.iter_mut() {
+                let mut out = vec![f32::NAN; e];
+                let n = team.token(ffn, &model, il, &resid, &xn, &cold, given, Precision::F32, &mut out);
+                assert_eq!(n, n_want, "layer {il}, {:?}: neurons computed", ffn.mode);
+                outs.push(out);
+            }
+            assert!(n_want > 50, "layer {il}: only {n_want} active cold neurons");
+            let err = common::rel_err(&outs[0], &want);
+            assert!(err < 1e-5, "layer {il}, {:?}: relative error {err} against token_with", ffn.mode);
+            assert!(outs[0].iter().zip(&outs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {:?}: team sizes 1 and 3 differ", ffn.mode);
+        }
+    }
+}

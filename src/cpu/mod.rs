@@ -8,6 +8,7 @@ pub mod attention;
 pub mod matmul;
 pub mod ops;
 pub mod sparse;
+pub mod team;
 
 pub use attention::{attention, KvCache};
 pub use matmul::{matmul, Activations, Precision};

@@ -659,11 +659,65 @@ fn sum_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32], add: bo
 /// while its values are in registers.
 #[allow(clippy::too_many_arguments)]
 pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activations, act: crate::model::Activation, gate_given: Option<&[f32]>, active: &[u32], out: &mut [f32]) {
-    let (n_neurons, cols) = (down_t.rows, down_t.cols);
+    let cols = down_t.cols;
+    assert_eq!(out.len(), cols, "{}: output of {} values for {} columns", down_t.name, out.len(), cols);
+    out.fill(0.0);
+    if active.is_empty() || cols == 0 {
+        return;
+    }
+    let task_bytes = down_t.row_bytes() + 2 * up.row_bytes();
+    gated_ffn_chunks(gate, up, down_t, acts, act, gate_given, active, |sum_chunk| {
+        let chunk_len = axpy_chunk_len(active.len());
+        if chunk_len >= active.len() {
+            return sum_chunk(0, active.len(), out);
+        }
+        let n_chunks = active.len().div_ceil(chunk_len);
+        let new_partial = |chunk: usize| {
+            let mut acc = vec![0.0f32; cols];
+            let start = chunk * chunk_len;
+            sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
+            acc
+        };
+        let partials: Vec<Vec<f32>> = if active.len() * task_bytes >= 2 * MIN_TASK_BYTES {
+            (0..n_chunks).into_par_iter().map(new_partial).collect()
+        } else {
+            (0..n_chunks).map(new_partial).collect()
+        };
+        out.copy_from_slice(&partials[0]);
+        for p in &partials[1..] {
+            for (a, &b) in out.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+    })
+}
+
+/// The chunk kernel of [`gated_ffn_chunks`]: `sum_chunk(start, len, acc)` adds into `acc`
+/// (n_embd values) the FFN output of the neurons `active[start..start + len]`, in list order.
+pub type ChunkSum<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
+
+/// Calls `with` with the chunk kernel of [`gated_ffn_rows`] for this layer and token (the
+/// token converted once, the dot kernels chosen once), for callers that schedule the chunks
+/// themselves, such as the hybrid executor's worker team. Summing chunks of
+/// [`axpy_chunk_len`] in order reproduces [`gated_ffn_rows`] bit for bit.
+///
+/// # Panics
+/// As [`gated_ffn_rows`].
+#[allow(clippy::too_many_arguments)]
+pub fn gated_ffn_chunks<R>(
+    gate: &Matrix,
+    up: &Matrix,
+    down_t: &Matrix,
+    acts: &Activations,
+    act: crate::model::Activation,
+    gate_given: Option<&[f32]>,
+    active: &[u32],
+    with: impl FnOnce(&ChunkSum<'_>) -> R,
+) -> R {
+    let n_neurons = down_t.rows;
     assert_eq!(up.rows, n_neurons, "{}: {} rows for {} neurons", up.name, up.rows, n_neurons);
     assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", up.name, acts.n_tokens);
     assert_eq!(acts.cols, up.cols, "{}: activation width {} vs matrix columns {}", up.name, acts.cols, up.cols);
-    assert_eq!(out.len(), cols, "{}: output of {} values for {} columns", down_t.name, out.len(), cols);
     if let Some(&bad) = active.iter().find(|&&i| i as usize >= n_neurons) {
         panic!("{}: neuron {bad} listed, the FFN has {n_neurons}", down_t.name);
     }
@@ -671,10 +725,6 @@ pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activa
         assert_eq!(g.len(), n_neurons, "gate values: {} for {} neurons", g.len(), n_neurons);
     } else {
         assert_eq!((gate.rows, gate.cols), (up.rows, up.cols), "{}: shape differs from {}", gate.name, up.name);
-    }
-    out.fill(0.0);
-    if active.is_empty() || cols == 0 {
-        return;
     }
     let (gate_form, up_form) = (TokenForm::new(gate.ty, acts), TokenForm::new(up.ty, acts));
     let gate_dots = gate_given.is_none().then(|| RowDots::new(gate, &gate_form));
@@ -686,6 +736,7 @@ pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activa
     let (gate_bytes, grb) = (gate.bytes(), gate.row_bytes());
     let ahead = rows_ahead(drb + 2 * urb, 2);
     let sum_chunk = |start: usize, len: usize, acc: &mut [f32]| {
+        assert_eq!(acc.len(), down_t.cols, "{}: output of {} values for {} columns", down_t.name, acc.len(), down_t.cols);
         let mut scratch = vec![0.0f32; scratch_len];
         let (mut group, mut group_h, mut filled) = ([0usize; GROUP], [0.0f32; GROUP], 0);
         for k in start..start + len {
@@ -718,30 +769,8 @@ pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activa
             rows.add([group[k]], [group_h[k]], acc);
         }
     };
-    let chunk_len = axpy_chunk_len(active.len());
-    if chunk_len >= active.len() {
-        return sum_chunk(0, active.len(), out);
-    }
-    let n_chunks = active.len().div_ceil(chunk_len);
-    let new_partial = |chunk: usize| {
-        let mut acc = vec![0.0f32; cols];
-        let start = chunk * chunk_len;
-        sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
-        acc
-    };
-    let partials: Vec<Vec<f32>> = if active.len() * (drb + 2 * urb) >= 2 * MIN_TASK_BYTES {
-        (0..n_chunks).into_par_iter().map(new_partial).collect()
-    } else {
-        (0..n_chunks).map(new_partial).collect()
-    };
-    out.copy_from_slice(&partials[0]);
-    for p in &partials[1..] {
-        for (a, &b) in out.iter_mut().zip(p) {
-            *a += b;
-        }
-    }
+    with(&sum_chunk)
 }
-
 
 /// Portable scalar twins of the row AXPY kernels: the same float operations in the same order,
 /// so the SIMD kernels must match them bit for bit.

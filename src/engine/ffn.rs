@@ -178,7 +178,7 @@ impl SparseFfn {
 }
 
 /// Keeps the elements of ascending `a` that are also in ascending `b`.
-fn retain_sorted_intersection(a: &mut Vec<u32>, b: &[u32]) {
+pub(crate) fn retain_sorted_intersection(a: &mut Vec<u32>, b: &[u32]) {
     let mut j = 0;
     a.retain(|&v| {
         while j < b.len() && b[j] < v {

@@ -17,7 +17,8 @@
 //! ones. Layers whose neurons are all hot need no synchronisation at all: a model that fits
 //! runs as one submission per token, like the dense GPU path.
 
-use super::ffn::{FfnMode, FfnScratch, SparseFfn};
+use super::cold::ColdFfn;
+use super::ffn::{FfnMode, SparseFfn};
 use super::forward::ForwardError;
 use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Op};
 use crate::cpu::Precision;
@@ -118,12 +119,10 @@ impl SparseLayerOps {
 pub struct HybridState {
     ffn: Arc<SparseFfn>,
     precision: Precision,
-    scratch: FfnScratch,
+    /// The CPU's cold neurons, on a team of spinning threads.
+    cold: ColdFfn,
     y: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
-    /// Per layer: the token's drawn active set (simulation), and its ±1 form for the GPU.
-    drawn: Vec<Vec<u32>>,
-    sim_values: Vec<f32>,
     pub placement: Placement,
     /// CPU<->GPU synchronisations in the last decoded token.
     pub syncs_per_token: usize,
@@ -139,9 +138,13 @@ pub struct HybridTiming {
     pub total: f64,
     /// Blocked waiting for the GPU's attention half (submission A) of split layers.
     pub wait_gpu: f64,
+    /// Blocked waiting for the recorder thread's next command buffer.
+    pub wait_recorder: f64,
     /// Computing cold neurons on the CPU.
     pub cpu_ffn: f64,
-    /// Drawing simulated activity and uploading it.
+    /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
+    pub record: f64,
+    /// Recorder thread: drawing simulated activity and uploading it.
     pub simulate: f64,
 }
 
@@ -149,14 +152,17 @@ impl HybridTiming {
     /// One line for logs: milliseconds per token of each part.
     pub fn summary(&self, syncs: usize) -> String {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
-        let rest = self.total - self.wait_gpu - self.cpu_ffn - self.simulate;
+        let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons, {:.2} drawing simulated activity, {:.2} encoding/submitting/other; {syncs} CPU<->GPU syncs per token",
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons, {:.2} waiting for recorded commands, {:.2} submitting/other; \
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_ffn),
+            per(self.wait_recorder),
+            per(rest),
+            per(self.record),
             per(self.simulate),
-            per(rest)
         )
     }
 }
@@ -305,11 +311,10 @@ impl GpuSession {
         session.hybrid = Some(Box::new(HybridState {
             ffn: plan.ffn.clone(),
             precision: plan.cpu_precision,
-            scratch: FfnScratch::default(),
+            // One core is left to the thread that records command buffers.
+            cold: ColdFfn::new(rayon::current_num_threads().saturating_sub(1).max(1)),
             y: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
-            drawn: vec![Vec::new(); hp.n_layer],
-            sim_values: Vec::new(),
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
@@ -355,93 +360,139 @@ impl GpuSession {
         q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
-        // Simulation: draw every layer's active set now, so both sides see the same one.
-        if let Some(sim) = &state.simulate {
-            let t = std::time::Instant::now();
-            let mut sim = sim.lock().unwrap();
-            for (il, layer) in self.layers.iter().enumerate() {
-                sim.draw(il, &mut state.drawn[il]);
-                if let FfnOps::Sparse(sp) = &layer.ffn {
-                    if let Some(buf) = &sp.sim_logits {
-                        let v = &mut state.sim_values;
-                        v.clear();
-                        v.resize(self.model.hp.n_ff, -1.0);
-                        for &i in &state.drawn[il] {
-                            v[i as usize] = 1.0;
-                        }
-                        q.write_buffer(buf, 0, bytemuck::cast_slice(v));
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, .. } = state;
+        let this = &*self;
+        let mut t = TokenTiming::default();
+        // Everything the GPU will run is known before the token starts, so a second thread
+        // records the command buffers (and draws simulated activity) while this one waits for
+        // the GPU and computes cold neurons: neither is on the critical path.
+        std::thread::scope(|scope| -> Result<(), ForwardError> {
+            let (tx, rx) = std::sync::mpsc::channel::<Segment>();
+            let sim = simulate.as_ref();
+            let recorder = scope.spawn(move || this.record_split_token(sim, tx));
+            loop {
+                let t_recv = std::time::Instant::now();
+                let Ok(segment) = rx.recv() else { break };
+                t.wait_recorder += t_recv.elapsed().as_secs_f64();
+                // Submission A: up to the split layer's FFN norm and the copy of (xn, x); or
+                // the token's tail.
+                this.ctx.queue.submit([segment.commands]);
+                let Some(split) = segment.split else { break };
+                let FfnOps::Sparse(sp) = &this.layers[split.layer].ffn else { unreachable!("split layers are sparse") };
+                let staging = sp.staging.as_ref().expect("split layers have staging");
+                let slice = staging.slice(..);
+                let (tx_map, rx_map) = std::sync::mpsc::channel();
+                slice.map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx_map.send(r);
+                });
+                // Submission B: the hot neurons, added into x on the GPU.
+                this.ctx.queue.submit([split.hot]);
+                let t_wait = std::time::Instant::now();
+                // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
+                // wake-up latency per layer, more than the GPU's attention half takes.
+                let mapped = loop {
+                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                    match rx_map.try_recv() {
+                        Ok(r) => break r,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                        Err(err) => return Err(lost(err)),
                     }
+                };
+                mapped.map_err(lost)?;
+                t.syncs += 1;
+                t.wait_gpu += t_wait.elapsed().as_secs_f64();
+                let t_cpu = std::time::Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    let v: &[f32] = bytemuck::cast_slice(&view);
+                    let (xn, x) = v.split_at(e);
+                    cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, split.drawn.as_deref(), *precision, y);
                 }
+                staging.unmap();
+                t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                // Ordered before the next submission, whose first dispatch adds it into x.
+                this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
             }
-            state.timing.simulate += t.elapsed().as_secs_f64();
-        }
-        let mut syncs = 0;
-        let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
+            let (record, draw) = recorder.join().expect("the command recorder thread panicked");
+            t.record = record;
+            t.simulate = draw;
+            Ok(())
+        })?;
+        *syncs_per_token = t.syncs;
+        timing.tokens += 1;
+        timing.total += t_token.elapsed().as_secs_f64();
+        timing.wait_gpu += t.wait_gpu;
+        timing.wait_recorder += t.wait_recorder;
+        timing.cpu_ffn += t.cpu_ffn;
+        timing.record += t.record;
+        timing.simulate += t.simulate;
+        self.n_past += 1;
+        Ok(())
+    }
+
+    /// The recorder thread of a hybrid token: records its command buffers in submission order
+    /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
+    /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns
+    /// the seconds spent recording and drawing. Stops early when the receiver is gone.
+    fn record_split_token(&self, simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+        let t_start = std::time::Instant::now();
+        let mut draw_time = 0.0;
+        let e = self.model.hp.n_embd as u64;
+        let ff = self.model.hp.n_ff;
+        let mut sim = simulate.map(|m| m.lock().unwrap());
+        let mut sim_values = Vec::new();
+        let new_encoder = || self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
+        let mut enc = new_encoder();
         let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
         self.embed.encode(&mut pass, 1);
         for (il, layer) in self.layers.iter().enumerate() {
+            let mut drawn = None;
+            if let (Some(sim), FfnOps::Sparse(sp)) = (sim.as_mut(), &layer.ffn) {
+                let t = std::time::Instant::now();
+                let mut active = Vec::new();
+                sim.draw(il, &mut active);
+                if let Some(buf) = &sp.sim_logits {
+                    sim_values.clear();
+                    sim_values.resize(ff, -1.0f32);
+                    for &i in &active {
+                        sim_values[i as usize] = 1.0;
+                    }
+                    // Before the segment that reads it is sent, so before its submission.
+                    self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
+                }
+                drawn = Some(active);
+                draw_time += t.elapsed().as_secs_f64();
+            }
             for (_, op) in layer.attention_sequence() {
                 op.record(&mut pass, 1);
             }
-            let FfnOps::Sparse(sp) = &layer.ffn else {
-                for (_, op) in layer.ffn_sequence() {
-                    op.record(&mut pass, 1);
+            let sparse = match &layer.ffn {
+                FfnOps::Sparse(sp) if sp.staging.is_some() => sp,
+                _ => {
+                    for (_, op) in layer.ffn_sequence() {
+                        op.record(&mut pass, 1);
+                    }
+                    continue;
                 }
-                continue;
             };
-            let Some(staging) = &sp.staging else {
-                for (_, op) in sp.gpu_sequence() {
-                    op.record(&mut pass, 1);
-                }
-                continue;
-            };
-            // Submission A: up to the FFN norm, and (xn, x) copied out for the CPU.
+            let staging = sparse.staging.as_ref().expect("checked above");
             drop(pass);
-            enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e as u64);
-            enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e as u64, 4 * e as u64);
-            self.ctx.queue.submit([enc.finish()]);
-            // Submission B: the hot neurons, added into x on the GPU.
-            let mut enc_b = self.ctx.device.create_command_encoder(&Default::default());
+            enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e);
+            enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e, 4 * e);
+            let mut enc_hot = new_encoder();
             {
-                let mut pb = enc_b.begin_compute_pass(&Default::default());
-                for (_, op) in sp.gpu_sequence() {
-                    op.record(&mut pb, 1);
+                let mut p = enc_hot.begin_compute_pass(&Default::default());
+                for (_, op) in sparse.gpu_sequence() {
+                    op.record(&mut p, 1);
                 }
             }
-            let slice = staging.slice(..);
-            let (tx, rx) = std::sync::mpsc::channel();
-            slice.map_async(wgpu::MapMode::Read, move |r| {
-                let _ = tx.send(r);
-            });
-            self.ctx.queue.submit([enc_b.finish()]);
-            let t_wait = std::time::Instant::now();
-            // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of wake-up
-            // latency per layer, more than the GPU's attention half takes on a fast GPU.
-            let mapped = loop {
-                self.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                match rx.try_recv() {
-                    Ok(r) => break r,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                    Err(err) => return Err(lost(err)),
-                }
-            };
-            mapped.map_err(lost)?;
-            syncs += 1;
-            state.timing.wait_gpu += t_wait.elapsed().as_secs_f64();
-            let t_cpu = std::time::Instant::now();
-            {
-                let view = slice.get_mapped_range().map_err(lost)?;
-                let v: &[f32] = bytemuck::cast_slice(&view);
-                let (xn, x) = v.split_at(e);
-                let given = state.simulate.as_ref().map(|_| state.drawn[il].as_slice());
-                state.ffn.token_with(&self.model, il, x, xn, Some(&sp.cold), given, state.precision, &mut state.scratch, &mut state.y);
+            let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
+            if tx.send(Segment { commands: enc.finish(), split: Some(split) }).is_err() {
+                return (t_start.elapsed().as_secs_f64(), draw_time);
             }
-            staging.unmap();
-            state.timing.cpu_ffn += t_cpu.elapsed().as_secs_f64();
-            self.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(&state.y));
-            enc = self.ctx.device.create_command_encoder(&Default::default());
+            enc = new_encoder();
             pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-            sp.add_cpu.encode(&mut pass, 1);
+            sparse.add_cpu.encode(&mut pass, 1);
         }
         drop(pass);
         if self.head.is_some() {
@@ -451,13 +502,36 @@ impl GpuSession {
                 op.record(&mut p, 1);
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
-        state.syncs_per_token = syncs;
-        state.timing.tokens += 1;
-        state.timing.total += t_token.elapsed().as_secs_f64();
-        self.n_past += 1;
-        Ok(())
+        let _ = tx.send(Segment { commands: enc.finish(), split: None });
+        (t_start.elapsed().as_secs_f64(), draw_time)
     }
+}
+
+/// A hybrid token's commands up to one split layer's FFN norm (or up to its end), recorded
+/// ahead of time by the recorder thread.
+struct Segment {
+    commands: wgpu::CommandBuffer,
+    /// None for the token's tail.
+    split: Option<SplitPart>,
+}
+
+/// What follows a segment at a split layer: the GPU's hot neurons, and the CPU's active set
+/// when activity is simulated.
+struct SplitPart {
+    layer: usize,
+    hot: wgpu::CommandBuffer,
+    drawn: Option<Vec<u32>>,
+}
+
+/// One token's parts of [`HybridTiming`].
+#[derive(Default)]
+struct TokenTiming {
+    syncs: usize,
+    wait_gpu: f64,
+    wait_recorder: f64,
+    cpu_ffn: f64,
+    record: f64,
+    simulate: f64,
 }
 
 /// A predictor's matrices with the rank padded to a multiple of 32 (the GPU matvec's block):
