@@ -377,7 +377,12 @@ impl GpuSession {
                 // Submission A: up to the split layer's FFN norm and the copy of (xn, x); or
                 // the token's tail.
                 this.ctx.queue.submit([segment.commands]);
-                let Some(split) = segment.split else { break };
+                let Some(split) = segment.split else {
+                    match segment.last {
+                        true => break,
+                        false => continue,
+                    }
+                };
                 let FfnOps::Sparse(sp) = &this.layers[split.layer].ffn else { unreachable!("split layers are sparse") };
                 let staging = sp.staging.as_ref().expect("split layers have staging");
                 let slice = staging.slice(..);
@@ -445,6 +450,7 @@ impl GpuSession {
         let mut enc = new_encoder();
         let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
         self.embed.encode(&mut pass, 1);
+        let mut layers_recorded = 0;
         for (il, layer) in self.layers.iter().enumerate() {
             let mut drawn = None;
             if let (Some(sim), FfnOps::Sparse(sp)) = (sim.as_mut(), &layer.ffn) {
@@ -466,11 +472,23 @@ impl GpuSession {
             for (_, op) in layer.attention_sequence() {
                 op.record(&mut pass, 1);
             }
+            layers_recorded += 1;
             let sparse = match &layer.ffn {
                 FfnOps::Sparse(sp) if sp.staging.is_some() => sp,
                 _ => {
                     for (_, op) in layer.ffn_sequence() {
                         op.record(&mut pass, 1);
+                    }
+                    // Runs of layers without a split go out in pieces, so that the GPU starts
+                    // on them while the rest is recorded.
+                    if layers_recorded >= LAYERS_PER_SUBMISSION && il + 1 < self.layers.len() {
+                        drop(pass);
+                        if tx.send(Segment { commands: enc.finish(), split: None, last: false }).is_err() {
+                            return (t_start.elapsed().as_secs_f64(), draw_time);
+                        }
+                        layers_recorded = 0;
+                        enc = new_encoder();
+                        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
                     }
                     continue;
                 }
@@ -487,7 +505,8 @@ impl GpuSession {
                 }
             }
             let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
-            if tx.send(Segment { commands: enc.finish(), split: Some(split) }).is_err() {
+            layers_recorded = 0;
+            if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
                 return (t_start.elapsed().as_secs_f64(), draw_time);
             }
             enc = new_encoder();
@@ -502,7 +521,7 @@ impl GpuSession {
                 op.record(&mut p, 1);
             }
         }
-        let _ = tx.send(Segment { commands: enc.finish(), split: None });
+        let _ = tx.send(Segment { commands: enc.finish(), split: None, last: true });
         (t_start.elapsed().as_secs_f64(), draw_time)
     }
 }
@@ -511,9 +530,14 @@ impl GpuSession {
 /// ahead of time by the recorder thread.
 struct Segment {
     commands: wgpu::CommandBuffer,
-    /// None for the token's tail.
+    /// What follows at a split layer; None for a run of layers without one.
     split: Option<SplitPart>,
+    /// The token's tail (its last segment).
+    last: bool,
 }
+
+/// Layers per submission in runs of layers without a split.
+const LAYERS_PER_SUBMISSION: usize = 8;
 
 /// What follows a segment at a split layer: the GPU's hot neurons, and the CPU's active set
 /// when activity is simulated.
