@@ -106,3 +106,47 @@ fn bad_inputs_give_clear_errors_not_panics() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A hybrid run places hot neurons from the profile beside the model and caches the placement
+/// there; the next run with the same budget reuses it and gives the same text; `--placement`
+/// with a file that is not a placement is refused with the reason.
+#[test]
+fn hybrid_placement_is_cached_beside_the_model_and_reused() {
+    let Some(model) = common::relu_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-placement-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("relu.gguf");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(std::fs::canonicalize(&model).unwrap(), &link).unwrap();
+    let text = model.parent().unwrap().join("eval-text/english_heldout.txt");
+    let out = ember().args(["profile", "-m"]).arg(&link).arg("-f").arg(&text).args(["-c", "64", "--chunks", "2", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let run = |extra: &[&str]| {
+        ember()
+            .args(["run", "-m"])
+            .arg(&link)
+            .args(["--backend", "gpu", "--ffn", "relu", "--vram-budget", "0.1", "-c", "128", "-p", "The capital of France is", "-n", "6", "--temp", "0", "-t", "2"])
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap()
+    };
+    let first = run(&[]);
+    let err = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success() && err.contains("placement cached in"), "{err}");
+    let cached = dir.join("relu.placement-103MiB.gguf");
+    assert!(cached.exists(), "{err}");
+    let second = run(&[]);
+    let err2 = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success() && err2.contains("placement reused from"), "{err2}");
+    assert_eq!(first.stdout, second.stdout);
+    let explicit = run(&["--placement", cached.to_str().unwrap()]);
+    assert_eq!(explicit.stdout, first.stdout, "{}", String::from_utf8_lossy(&explicit.stderr));
+    let bad = run(&["--placement", link.to_str().unwrap()]);
+    let err3 = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success() && err3.contains("--placement") && err3.contains("gpu_idx"), "{err3}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -45,7 +45,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     // "all of them", and no budget (GPU-resident sparse).
     for budget_mib in [Some(100u64), Some(125), None] {
         let ctx = Arc::new(common::gpu().unwrap());
-        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None };
+        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, hot: None };
         let mut s = GpuSession::hybrid(model.clone(), ctx.clone(), 96, plan, false).unwrap();
         let placement = s.placement().unwrap().clone();
         let n_hot = placement.n_hot();
@@ -82,7 +82,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
-    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None };
+    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
     let mut s = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -114,7 +114,7 @@ fn a_budget_too_small_for_attention_is_a_clear_error() {
     let model = Arc::new(Model::load(&path).unwrap());
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
-    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None };
+    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
     let err = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
     assert!(err.to_string().contains("--vram-budget"), "{err}");
 }

@@ -2,12 +2,15 @@
 
 use super::{Backend, ModelArgs, Result};
 use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, OffloadSession, Session, SparseFfn};
-use crate::sparse::placement::parse_budget;
+use crate::engine::HybridError;
+use crate::gguf::{GgufFile, Value};
+use crate::sparse::placement::{counts_fingerprint, parse_budget, Placement};
+use crate::sparse::powerinfer::{read_split, split_file};
 use crate::sparse::profile::ActivationProfile;
 use crate::sparse::simulate::SimulatedActivity;
 use crate::sparse::predictor::Predictors;
 use crate::sparse::threshold::ThresholdCalibrator;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use crate::gpu::{DeviceChoice, GpuContext};
 use crate::model::Model;
 use std::sync::Arc;
@@ -116,8 +119,36 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             (ffn, load_counts(args, &model, budget.is_some())?, None)
         }
     };
-    let plan = HybridPlan { ffn, budget, counts, cpu_precision: args.precision.into(), simulate };
-    let session = GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan, true)?;
+    // A placement from --placement, else the one cached beside the model for this budget and
+    // profile, else a new one (then cached).
+    let cache = match (budget, &args.placement) {
+        (Some(b), None) => Some(PlacementCache::new(&args.resolve_model()?, b, &counts)),
+        _ => None,
+    };
+    let hot = match (&args.placement, &cache) {
+        (Some(path), _) => Some(read_placement(path, &model)?),
+        (None, Some(c)) => c.load(&model),
+        (None, None) => None,
+    };
+    let cpu_precision = args.precision.into();
+    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), hot };
+    let mut from_cache = cache.is_some() && hot.is_some();
+    let session = match GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
+        Ok(s) => s,
+        Err(HybridError::Placement(e)) if from_cache => {
+            let c = cache.as_ref().expect("from the cache");
+            eprintln!("ember: the placement cached in {} does not fit here ({e}); placing anew", c.path.display());
+            from_cache = false;
+            GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(c) = &cache {
+        match from_cache {
+            true => eprintln!("ember: placement reused from {}", c.path.display()),
+            false => c.store(session.placement().expect("hybrid session"), model.hp.n_ff),
+        }
+    }
     let p = session.placement().expect("hybrid session");
     let total = model.hp.n_layer * model.hp.n_ff;
     eprintln!(
@@ -156,7 +187,7 @@ pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
 /// Without a budget every neuron is hot and the counts do not matter.
 fn load_counts(args: &ModelArgs, model: &Model, needed: bool) -> Result<Vec<Vec<u32>>> {
     let model_path = args.resolve_model()?;
-    let beside = PathBuf::from(format!("{}.profile.gguf", model_path.display()));
+    let beside = super::profile::beside(&model_path, ".profile.gguf");
     let path = args.act_profile.clone().or_else(|| beside.exists().then_some(beside.clone()));
     match path {
         Some(p) => {
@@ -192,7 +223,7 @@ pub fn sparse_ffn(args: &ModelArgs, model: &Arc<Model>) -> Result<Option<Arc<Spa
 /// `--predictor FILE`, else `MODEL.predictors.gguf` beside the model, else the model's own.
 fn load_predictors(args: &ModelArgs, model: &Arc<Model>) -> Result<Predictors> {
     let model_path = args.resolve_model()?;
-    let beside = PathBuf::from(format!("{}.predictors.gguf", model_path.display()));
+    let beside = super::profile::beside(&model_path, ".predictors.gguf");
     let path = args.predictor.clone().or_else(|| beside.exists().then_some(beside));
     let p = match path {
         Some(p) => Predictors::load(&p).map_err(|e| format!("{}: {e}", p.display()))?,
@@ -225,4 +256,49 @@ fn calibrate_thresholds(args: &ModelArgs, model: &Arc<Model>) -> Result<Vec<f32>
     let t = calib.lock().unwrap().thresholds(args.ffn_sparsity);
     eprintln!("ember: thresholds for sparsity {} calibrated on {} tokens of {}", args.ffn_sparsity, ids.len(), path.display());
     Ok(t)
+}
+
+/// Hot neurons from a placement file (ember's or PowerInfer's split format).
+fn read_placement(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
+    let f = GgufFile::open(path).map_err(|e| format!("--placement {}: {e}", path.display()))?;
+    Ok(read_split(&f, model.hp.n_layer, model.hp.n_ff).map_err(|e| format!("--placement {}: {e}", path.display()))?)
+}
+
+/// The placement cached beside a model, `MODEL.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
+/// that also records the budget and a fingerprint of the firing counts it was made from, so
+/// that it is reused only for the same budget and profile. Placing is fast (a sort of the
+/// model's neurons); the cache makes a run's GPU contents inspectable and repeatable, and
+/// PowerInfer's tools can read it.
+struct PlacementCache {
+    path: PathBuf,
+    budget: u64,
+    fingerprint: u64,
+}
+
+const KEY_CACHE_BUDGET: &str = "ember.placement.budget";
+const KEY_CACHE_COUNTS: &str = "ember.placement.counts_fingerprint";
+
+impl PlacementCache {
+    fn new(model_path: &Path, budget: u64, counts: &[Vec<u32>]) -> PlacementCache {
+        let path = super::profile::beside(model_path, &format!(".placement-{}MiB.gguf", budget.div_ceil(1 << 20)));
+        PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) }
+    }
+
+    /// The cached hot neurons, when the file exists and was made for this budget and profile.
+    fn load(&self, model: &Model) -> Option<Vec<Vec<u32>>> {
+        let f = GgufFile::open(&self.path).ok()?;
+        let matches = f.get_u64(KEY_CACHE_BUDGET).ok() == Some(self.budget) && f.get_u64(KEY_CACHE_COUNTS).ok() == Some(self.fingerprint);
+        matches.then(|| read_split(&f, model.hp.n_layer, model.hp.n_ff).ok()).flatten()
+    }
+
+    /// Writes the placement; a directory that cannot be written costs only the cache.
+    fn store(&self, p: &Placement, n_ff: usize) {
+        let mut w = split_file(&p.hot, n_ff, self.budget);
+        w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
+        w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
+        match w.write_file(&self.path) {
+            Ok(()) => eprintln!("ember: placement cached in {}", self.path.display()),
+            Err(e) => eprintln!("ember: note: could not cache the placement in {}: {e}", self.path.display()),
+        }
+    }
 }

@@ -111,6 +111,12 @@ pub struct ModelArgs {
     /// [default: MODEL.profile.gguf beside the model]
     #[arg(long, value_name = "FILE")]
     pub act_profile: Option<PathBuf>,
+    /// Hot neurons for --vram-budget from this placement file (`ember plan -o`, or a PowerInfer
+    /// split file) instead of placing them from the profile [default: the placement cached
+    /// beside the model for this budget and profile, MODEL.placement-<MiB>.gguf, written on
+    /// first use]
+    #[arg(long, value_name = "FILE")]
+    pub placement: Option<PathBuf>,
     /// Dense layer offload like llama.cpp's -ngl: the first N layers on the GPU, the rest on the CPU
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", value_name = "N")]
     pub n_gpu_layers: Option<usize>,
@@ -168,7 +174,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, n_gpu_layers: None, simulate_activity: None }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.

@@ -31,7 +31,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let (model, _) = super::load(&path)?;
     let hp = &model.hp;
     let budget = parse_budget(a.model.vram_budget.as_deref().ok_or("ember plan needs --vram-budget GIB")?)?;
-    let profile_path = a.model.act_profile.clone().unwrap_or_else(|| PathBuf::from(format!("{}.profile.gguf", path.display())));
+    let profile_path = a.model.act_profile.clone().unwrap_or_else(|| super::profile::beside(&path, ".profile.gguf"));
     let profile = ActivationProfile::load(&profile_path).map_err(|e| format!("{}: {e} (make one with `ember profile -m {} -f TEXT`)", profile_path.display(), path.display()))?;
     if profile.n_layer() != hp.n_layer || profile.n_ff() != hp.n_ff {
         return Err(format!("{}: profile of {} x {} neurons, model {} x {}", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());

@@ -36,7 +36,7 @@ use crate::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode,
 use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model};
-use crate::sparse::placement::{place, Bytes, FixedPart, Placement, PlacementInput};
+use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, PlacementInput};
 use crate::sparse::simulate::SimulatedActivity;
 use std::sync::{Arc, Mutex};
 
@@ -52,6 +52,9 @@ pub struct HybridPlan {
     pub cpu_precision: Precision,
     /// Benchmark only: each token's active neurons drawn from firing rates, not computed.
     pub simulate: Option<SimulatedActivity>,
+    /// A placement made earlier (per layer ascending hot neuron ids), used instead of placing
+    /// anew when it fits the budget.
+    pub hot: Option<Vec<Vec<u32>>>,
 }
 
 /// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x).
@@ -242,9 +245,10 @@ impl GpuSession {
         let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
         let budget = plan.budget.unwrap_or(u64::MAX);
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
-        let placement = match plan.budget {
-            Some(_) => place(&input, budget, ff)?,
-            None => Placement {
+        let placement = match (plan.budget, plan.hot) {
+            (Some(_), Some(hot)) => given(&input, budget, ff, hot)?,
+            (Some(_), None) => place(&input, budget, ff)?,
+            (None, _) => Placement {
                 budget,
                 fixed: input.fixed.clone(),
                 hot: vec![(0..ff as u32).collect(); hp.n_layer],

@@ -47,6 +47,10 @@ pub enum PlacementError {
     TooSmall { budget: Bytes, need: Bytes, parts: String },
     #[error("the activation profile has {got} layers of {widths}, the model {want} layers of {n_ff} neurons; profile this model again (`ember profile`)")]
     ProfileMismatch { got: usize, widths: String, want: usize, n_ff: usize },
+    #[error("the given placement puts {need} of FFN neurons on the GPU, but the budget leaves {left} for them; make a new one for this budget (`ember plan -o`), or drop --placement")]
+    GivenTooLarge { need: Bytes, left: Bytes },
+    #[error("the given placement covers {got} layers, the model has {want}")]
+    GivenMismatch { got: usize, want: usize },
 }
 
 /// A byte count printed in the unit that reads best.
@@ -94,20 +98,8 @@ impl Placement {
 
 /// Places `input` under `budget` bytes.
 pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placement, PlacementError> {
+    let mut left = room_for_neurons(input, budget, n_ff)?;
     let n_layer = input.neuron_bytes.len();
-    if input.counts.len() != n_layer || input.counts.iter().any(|c| c.len() != n_ff) {
-        let widths: Vec<usize> = input.counts.iter().map(Vec::len).collect();
-        let mut w = widths.clone();
-        w.dedup();
-        return Err(PlacementError::ProfileMismatch { got: input.counts.len(), widths: format!("{w:?} neurons"), want: n_layer, n_ff });
-    }
-    let fixed_bytes: u64 = input.fixed.iter().map(|p| p.bytes).sum();
-    if fixed_bytes > budget {
-        let parts = input.fixed.iter().map(|p| format!("{} {}", p.name, Bytes(p.bytes))).collect::<Vec<_>>().join(", ");
-        return Err(PlacementError::TooSmall { budget: Bytes(budget), need: Bytes(fixed_bytes), parts });
-    }
-    let mut left = budget - fixed_bytes;
-
     // Every neuron, most firings per byte first; ties by (layer, index) so the plan is the
     // same on every run and machine.
     let mut order: Vec<(u32, u32)> = (0..n_layer).flat_map(|l| (0..n_ff as u32).map(move |i| (l as u32, i))).collect();
@@ -125,7 +117,43 @@ pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placeme
     for h in &mut hot {
         h.sort_unstable();
     }
+    Ok(finish(input, budget, hot, n_ff))
+}
 
+/// A placement made earlier (`ember plan -o`, a PowerInfer split file, or ember's cache beside
+/// the model), checked to fit `budget` after the fixed parts measured now. `hot` holds per
+/// layer ascending neuron ids below `n_ff`.
+pub fn given(input: &PlacementInput, budget: u64, n_ff: usize, hot: Vec<Vec<u32>>) -> Result<Placement, PlacementError> {
+    let left = room_for_neurons(input, budget, n_ff)?;
+    if hot.len() != input.neuron_bytes.len() {
+        return Err(PlacementError::GivenMismatch { got: hot.len(), want: input.neuron_bytes.len() });
+    }
+    let need: u64 = hot.iter().zip(&input.neuron_bytes).map(|(h, &b)| h.len() as u64 * b).sum();
+    if need > left {
+        return Err(PlacementError::GivenTooLarge { need: Bytes(need), left: Bytes(left) });
+    }
+    Ok(finish(input, budget, hot, n_ff))
+}
+
+/// Bytes the budget leaves for FFN neurons after the fixed parts; checks the profile's shape.
+fn room_for_neurons(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<u64, PlacementError> {
+    let n_layer = input.neuron_bytes.len();
+    if input.counts.len() != n_layer || input.counts.iter().any(|c| c.len() != n_ff) {
+        let widths: Vec<usize> = input.counts.iter().map(Vec::len).collect();
+        let mut w = widths.clone();
+        w.dedup();
+        return Err(PlacementError::ProfileMismatch { got: input.counts.len(), widths: format!("{w:?} neurons"), want: n_layer, n_ff });
+    }
+    let fixed_bytes: u64 = input.fixed.iter().map(|p| p.bytes).sum();
+    if fixed_bytes > budget {
+        let parts = input.fixed.iter().map(|p| format!("{} {}", p.name, Bytes(p.bytes))).collect::<Vec<_>>().join(", ");
+        return Err(PlacementError::TooSmall { budget: Bytes(budget), need: Bytes(fixed_bytes), parts });
+    }
+    Ok(budget - fixed_bytes)
+}
+
+/// The placement of `hot`, with the shares of profiled firings it covers.
+fn finish(input: &PlacementInput, budget: u64, hot: Vec<Vec<u32>>, n_ff: usize) -> Placement {
     let covered_per_layer: Vec<f64> = hot
         .iter()
         .zip(&input.counts)
@@ -138,7 +166,26 @@ pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placeme
     let total: u64 = input.counts.iter().flatten().map(|&v| v as u64).sum();
     let on: u64 = hot.iter().zip(&input.counts).map(|(h, c)| h.iter().map(|&i| c[i as usize] as u64).sum::<u64>()).sum();
     let covered = if total == 0 { 0.0 } else { on as f64 / total as f64 };
-    Ok(Placement { budget, fixed: input.fixed.clone(), hot, neuron_bytes: input.neuron_bytes.clone(), covered_per_layer, covered })
+    Placement { budget, fixed: input.fixed.clone(), hot, neuron_bytes: input.neuron_bytes.clone(), covered_per_layer, covered }
+}
+
+/// A fingerprint of firing counts (FNV-1a over the layers' shapes and values): a cached
+/// placement is reused only for the profile it was made from.
+pub fn counts_fingerprint(counts: &[Vec<u32>]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |v: u32| {
+        for b in v.to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+    };
+    for layer in counts {
+        eat(layer.len() as u32);
+        for &c in layer {
+            eat(c);
+        }
+    }
+    h
 }
 
 /// Parses a budget in GiB ("4", "0.05", "1.5GiB", "512MiB").
@@ -178,6 +225,12 @@ mod tests {
         assert!((p.covered - (9 + 7 + 7 + 8) as f64 / total as f64).abs() < 1e-12);
         assert!(matches!(place(&input, 99, 4), Err(PlacementError::TooSmall { .. })));
         assert!(matches!(place(&input, 100, 5), Err(PlacementError::ProfileMismatch { .. })));
+        // Given back, the same placement fits the same budget and no smaller one.
+        let again = given(&input, 145, 4, p.hot.clone()).unwrap();
+        assert_eq!((again.hot, again.covered), (p.hot.clone(), p.covered));
+        assert!(matches!(given(&input, 139, 4, p.hot.clone()), Err(PlacementError::GivenTooLarge { .. })));
+        assert!(matches!(given(&input, 145, 4, vec![vec![0]]), Err(PlacementError::GivenMismatch { .. })));
+        assert_ne!(counts_fingerprint(&input.counts), counts_fingerprint(&[vec![5, 1, 9, 0], vec![7, 7, 2, 9]]));
     }
 
     #[test]
