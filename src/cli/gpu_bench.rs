@@ -96,7 +96,7 @@ impl BenchSet {
             .iter()
             .map(|m| match cfg {
                 None => m.bind_matmul(ctx, &self.x, &self.y, &self.step),
-                Some((c, k)) => m.bind_matmul_variant(ctx, &self.x, &self.y, &self.step, &[c], k),
+                Some((c, k)) => m.bind_matmul_variant(ctx, &self.x, &self.y, &self.step, &[c], k, &Default::default()),
             })
             .collect()
     }
