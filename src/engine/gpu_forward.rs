@@ -392,6 +392,7 @@ impl GpuSession {
         let n = tokens.len() as u32;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: n, pos0, n_kv: pos0 + n, _pad: 0 };
+        self.set_n_kv(step.n_kv);
         let step_last = Step { n_tokens: 1, ..step };
         let q = &self.ctx.queue;
         q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
@@ -414,6 +415,13 @@ impl GpuSession {
         self.ctx.queue.submit([enc.finish()]);
         self.n_past += tokens.len();
         Ok(())
+    }
+
+    /// Tells the attention ops the cache's key count for the steps recorded next.
+    pub(super) fn set_n_kv(&self, n_kv: u32) {
+        for l in &self.layers {
+            l.attention.set_n_kv(Some(n_kv));
+        }
     }
 
     /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
@@ -452,6 +460,7 @@ impl GpuSession {
         self.check(&[token])?;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
+        self.set_n_kv(step.n_kv);
         self.ctx.queue.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
         self.ctx.queue.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
         self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));

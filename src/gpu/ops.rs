@@ -262,6 +262,16 @@ pub struct AttnShape {
 /// Most chunks a decode step's keys are split into (each at least 64 keys).
 pub const DECODE_MAX_CHUNKS: u32 = 64;
 
+/// Up to this many keys a decode step's attention is one dispatch, a workgroup per head group
+/// walking every key, rather than split over chunks and combined by a second dispatch.
+pub const SINGLE_PASS_MAX_KEYS: u32 = 256;
+
+/// [`SINGLE_PASS_MAX_KEYS`], or `EMBER_ATTN_SINGLE_MAX` (a tuning knob for `ember bench`).
+fn single_pass_max_keys() -> u32 {
+    static V: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("EMBER_ATTN_SINGLE_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(SINGLE_PASS_MAX_KEYS))
+}
+
 /// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
 /// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
@@ -280,6 +290,11 @@ pub const DECODE_MAX_CHUNKS: u32 = 64;
 pub struct AttentionOp {
     partial: Kernel,
     combine: Kernel,
+    /// One workgroup per head group over every key, no combine (short contexts).
+    single: Kernel,
+    /// Keys in the cache when the next decode step runs, if the caller said
+    /// ([`set_n_kv`](Self::set_n_kv)).
+    n_kv: std::cell::Cell<Option<u32>>,
     prefill: Kernel,
     n_head: u32,
     gq: u32,
@@ -334,13 +349,17 @@ impl AttentionOp {
         let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
         let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq)]);
         let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}");
-        let partial = Kernel::with_ranges(ctx, &format!("{key}.partial"), &src, "partial", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, (&part_o).into()), (4, (&part_ml).into()), (6, (&decode_params).into()), (7, step.into())]);
+        // `partial` and `single` share one function that writes either the partials or the
+        // output, so both bind all of them.
+        let attend = [(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
+        let partial = Kernel::with_ranges(ctx, &format!("{key}.partial"), &src, "partial", &attend);
         let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
+        let single = Kernel::with_ranges(ctx, &format!("{key}.single"), &src, "single", &attend);
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
         let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
-        Ok(AttentionOp { partial, combine, prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        Ok(AttentionOp { partial, combine, single, n_kv: std::cell::Cell::new(None), prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -348,9 +367,19 @@ impl AttentionOp {
         self.n_chunks
     }
 
+    /// Tells the op how many keys the cache holds when the next recorded decode step runs
+    /// (the Step uniform's n_kv): up to [`SINGLE_PASS_MAX_KEYS`] it then records one dispatch
+    /// instead of two. Without it, or with None, the split kernel is recorded, right for any
+    /// count.
+    pub fn set_n_kv(&self, n_kv: Option<u32>) {
+        self.n_kv.set(n_kv);
+    }
+
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
-        if n_tokens == 1 {
+        if n_tokens == 1 && self.n_kv.get().is_some_and(|n| n <= single_pass_max_keys()) {
+            self.single.dispatch(pass, 1, self.n_head / self.gq);
+        } else if n_tokens == 1 {
             self.partial.dispatch(pass, self.n_chunks, self.n_head / self.gq);
             self.combine.dispatch(pass, self.n_head, 1);
         } else {
