@@ -69,7 +69,7 @@ fn matvec(c: &mut Criterion) {
             for (name, cfg) in kernels {
                 let op = match cfg {
                     None => g.bind_matmul(&ctx, &x, &y, &step),
-                    Some((c, k)) => g.bind_matmul_variant(&ctx, &x, &y, &step, &[c], k),
+                    Some((c, k)) => g.bind_matmul_variant(&ctx, &x, &y, &step, &[c], k, &Default::default()),
                 };
                 group.bench_function(BenchmarkId::new(format!("{} {rows}x{cols}", ty.name()), name), |b| b.iter(|| run(&ctx, &op)));
             }

@@ -10,6 +10,9 @@
 // each head's chunk max, sum and unnormalised output.
 // `combine`: one workgroup of 256 threads per head rescales the chunks' partials to the global
 // max and divides by the total sum.
+// `single`: grid (1, n_head / GQ): `partial` over all keys as one chunk, writing the normalised
+// output itself; for short contexts, where the combine's dispatch costs more than walking a
+// few tiles one after another.
 //
 // KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
 // HD (head_dim) and GQ (a divisor of n_head / n_head_kv) are specialised at pipeline creation.
@@ -93,15 +96,25 @@ fn chunk_len(n_kv: u32) -> u32 {
 
 @compute @workgroup_size(WG)
 fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let c = wg.x;
-    // query heads h0 .. h0 + GQ - 1, all on KV head h0 / group
-    let h0 = wg.y * GQ;
-    let n_kv = step.n_kv;
-    let len = chunk_len(n_kv);
-    let c0 = c * len;
-    if (c0 >= n_kv) {
+    let len = chunk_len(step.n_kv);
+    if (wg.x * len >= step.n_kv) {
         return;
     }
+    attend(wg.x, wg.y, tid, len, false);
+}
+
+@compute @workgroup_size(WG)
+fn single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    attend(0u, wg.y, tid, step.n_kv, true);
+}
+
+// Chunk c (keys c * len .. (c + 1) * len) for the query heads of workgroup row `hg`: partial
+// results, or with `whole` (one chunk of every key) the normalised output.
+fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
+    // query heads h0 .. h0 + GQ - 1, all on KV head h0 / group
+    let h0 = hg * GQ;
+    let n_kv = step.n_kv;
+    let c0 = c * len;
     let c1 = min(c0 + len, n_kv);
     let krow = (h0 / params.group) * G;
     for (var i = tid; i < GQ * H4; i += WG) {
@@ -201,19 +214,23 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         red[2u * tid + 1u] = acc[2u * r + 1u];
         workgroupBarrier();
         let slot = (h0 + r) * params.n_chunks + c;
+        var lt = 0.0;
+        for (var ln = 0u; ln < LANES; ln++) {
+            lt += red_l[r * LANES + ln];
+        }
         // vec4 i of the head is word i / 2, half i % 2: red[2 * (lane * G + i / 2) + i % 2].
         for (var i = tid; i < H4; i += WG) {
             var o = vec4<f32>(0.0);
             for (var ln = 0u; ln < LANES; ln++) {
                 o += red[2u * ln * G + i];
             }
-            part_o[slot * H4 + i] = o;
-        }
-        if (tid == 0u) {
-            var lt = 0.0;
-            for (var ln = 0u; ln < LANES; ln++) {
-                lt += red_l[r * LANES + ln];
+            if (whole) {
+                out[(h0 + r) * H4 + i] = o * select(0.0, 1.0 / lt, lt > 0.0);
+            } else {
+                part_o[slot * H4 + i] = o;
             }
+        }
+        if (tid == 0u && !whole) {
             part_ml[slot] = vec2<f32>(m_run[r], lt);
         }
         workgroupBarrier();

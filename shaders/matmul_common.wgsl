@@ -1,5 +1,6 @@
-// y[t * ld_y + row0 + r] = W[r] . x[t]: the decode matvec (mv_main) and the prefill tiled
-// matmul (mm_tiled) over one row-chunk of a repacked weight matrix.
+// y = W x[t]: the few-token matvec (mv_main) and the prefill tiled matmul (mm_tiled) over one
+// row-chunk of a repacked weight matrix; results stored through matmul_store.wgsl (sections,
+// residual add, gated pairs: with those, MV_NR is even and a thread's rows pair up).
 //
 // Composed after one of the matmul_<type>.wgsl files, which declare the weight bindings (4, 5)
 // and the decoders of a unit (8 elements: one thread's step): x_chunks (where its activations
@@ -125,12 +126,31 @@ fn mv_partial(lid: u32, group: u32, t0: u32) -> Partials {
     return acc;
 }
 
-// Writes the workgroup's total for row i / MV_NT and token t0 + i % MV_NT.
-fn mv_store(group: u32, t0: u32, i: u32, total: f32) {
-    let r = group * MV_NR + i / MV_NT;
-    let t = t0 + i % MV_NT;
+// Threads that store: one per (row, token) element, or with a pairs epilogue per (pair of
+// rows, token).
+const MV_STORES: u32 = select(MV_NRT, MV_NRT / 2u, EPI_PAIRS);
+
+// The partial-sum elements (row r * MV_NT + token) that store i reads: element i, or with a
+// pairs epilogue the gate and up rows 2 (i / MV_NT) and the next, for token i % MV_NT.
+fn mv_elems(i: u32) -> vec2<u32> {
+    if (EPI_PAIRS) {
+        let e = 2u * (i / MV_NT) * MV_NT + i % MV_NT;
+        return vec2<u32>(e, e + MV_NT);
+    }
+    return vec2<u32>(i);
+}
+
+// Store i of the workgroup from the totals of its elements (mv_elems).
+fn mv_store(group: u32, t0: u32, i: u32, total0: f32, total1: f32) {
+    let e = mv_elems(i).x;
+    let r = group * MV_NR + e / MV_NT;
+    let t = t0 + e % MV_NT;
     if (r < chunk.rows && t < step.n_tokens) {
-        y[t * chunk.ld_y + chunk.row0 + r] = total;
+        if (EPI_PAIRS) {
+            y_put_pair(t, r, total0, total1);
+        } else {
+            y_put(t, r, total0);
+        }
     }
 }
 
@@ -152,8 +172,9 @@ fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
         }
     }
     workgroupBarrier();
-    for (var i = lid; i < MV_NRT; i += MV_WG) {
-        mv_store(group, t0, i, mv_sh[i * MV_WG]);
+    for (var i = lid; i < MV_STORES; i += MV_WG) {
+        let e = mv_elems(i);
+        mv_store(group, t0, i, mv_sh[e.x * MV_WG], mv_sh[e.y * MV_WG]);
     }
 }
 
@@ -211,8 +232,13 @@ fn mm_tiled(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
         if (t < n) {
             for (var i = 0u; i < 4u; i++) {
                 let r = rbase + 4u * tx + i;
-                if (r < rows) {
-                    y[t * chunk.ld_y + chunk.row0 + r] = acc[j][i];
+                if (EPI_PAIRS) {
+                    // Rows 4tx + 0, 1 and 4tx + 2, 3 are (gate, up) pairs.
+                    if (i % 2u == 0u && r < rows) {
+                        y_put_pair(t, r, acc[j][i], acc[j][i + 1u]);
+                    }
+                } else if (r < rows) {
+                    y_put(t, r, acc[j][i]);
                 }
             }
         }

@@ -1,5 +1,5 @@
-// y[t * ld_y + row0 + r] = W[r] . x[t]: the decode matvec over one row-chunk of a repacked
-// weight matrix, one token per grid z.
+// y = W x[t]: the decode matvec over one row-chunk of a repacked weight matrix, one token per
+// grid z; results stored through matmul_store.wgsl (sections, residual add, gated pairs).
 //
 // Composed after one of the matmul_dec_<type>.wgsl files, which bind the weights (4, 5) as
 // vec4 words and decode a *slot* (16 bytes of weights, SLOT elements: one thread's step):
@@ -15,6 +15,9 @@
 // on an H200 (Q4_0 at 35% of the copy bandwidth). Partial sums meet in a shared-memory tree
 // (dv_main) or through subgroupAdd and one shared slot per subgroup (dv_main_sg in
 // matmul_dec_sg.wgsl, for any subgroup size).
+//
+// With a pairs epilogue (EPI 2, 3) DV_NR is even, so a gate row and its up row meet in one
+// workgroup.
 //
 // DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
@@ -114,11 +117,27 @@ fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
     return acc;
 }
 
-fn dv_store(group: u32, t: u32, r: u32, total: f32) {
-    let row = group * DV_NR + r;
-    if (row < chunk.rows) {
-        y[t * chunk.ld_y + chunk.row0 + row] = total;
+// Stores the row of storing thread `lid` (row lid of the workgroup; with a pairs epilogue rows
+// 2 lid and 2 lid + 1) from its total (totals).
+fn dv_store(group: u32, t: u32, lid: u32, total0: f32, total1: f32) {
+    if (EPI_PAIRS) {
+        let row = group * DV_NR + 2u * lid;
+        if (row < chunk.rows) {
+            y_put_pair(t, row, total0, total1);
+        }
+    } else {
+        let row = group * DV_NR + lid;
+        if (row < chunk.rows) {
+            y_put(t, row, total0);
+        }
     }
+}
+
+// Threads that store: one per row, or per pair of rows.
+const DV_STORERS: u32 = select(DV_NR, DV_NR / 2u, EPI_PAIRS);
+// The first row a storing thread's total0 belongs to (total1: the next row).
+fn dv_store_row(lid: u32) -> u32 {
+    return select(lid, 2u * lid, EPI_PAIRS);
 }
 
 // Shared-memory tree reduction (any adapter).
@@ -142,7 +161,8 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
         }
     }
     workgroupBarrier();
-    if (lid < DV_NR) {
-        dv_store(group, t, lid, dv_sh[lid * DV_WG]);
+    if (lid < DV_STORERS) {
+        let r = dv_store_row(lid);
+        dv_store(group, t, lid, dv_sh[r * DV_WG], dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
     }
 }

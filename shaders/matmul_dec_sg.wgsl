@@ -24,11 +24,15 @@ fn dv_main_sg(
         }
     }
     workgroupBarrier();
-    if (lid < DV_NR) {
-        var total = 0.0;
+    if (lid < DV_STORERS) {
+        let r0 = dv_store_row(lid);
+        let r1 = min(r0 + 1u, DV_NR - 1u);
+        var total0 = 0.0;
+        var total1 = 0.0;
         for (var k = 0u; k < n_sg; k++) {
-            total += dv_sh[k * DV_NR + lid];
+            total0 += dv_sh[k * DV_NR + r0];
+            total1 += dv_sh[k * DV_NR + r1];
         }
-        dv_store(group, t, lid, total);
+        dv_store(group, t, lid, total0, total1);
     }
 }

@@ -1,4 +1,4 @@
-// y[t * ld_y + row0 + r] = W[r] . x[t] for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0
+// y = W x[t] (stored through matmul_store.wgsl; no pairs epilogue) for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0
 // of matmul_q4_0.wgsl): the decode matvec with integer dot products, one token per grid z.
 //
 // Why: decoding nibbles to f32 costs about 3.6 instructions per weight (mask and or, subtract,
@@ -175,7 +175,7 @@ fn kq_sums(w: array<WB, KQ_NR * KQ_BPT>, xs: array<XQ, KQ_BPT>, lid: u32, nb: u3
 fn kq_store(group: u32, rs: u32, t: u32, r: u32, total: f32) {
     let row = kq_row(group, rs, r);
     if (row < chunk.rows) {
-        y[t * chunk.ld_y + chunk.row0 + row] = total;
+        y_put(t, row, total);
     }
 }
 

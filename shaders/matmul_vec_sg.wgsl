@@ -21,11 +21,14 @@ fn mv_main_sg(
         }
     }
     workgroupBarrier();
-    for (var i = lid; i < MV_NRT; i += MV_WG) {
-        var total = 0.0;
+    for (var i = lid; i < MV_STORES; i += MV_WG) {
+        let e = mv_elems(i);
+        var total0 = 0.0;
+        var total1 = 0.0;
         for (var k = 0u; k < n_sg; k++) {
-            total += mv_sh[k * MV_NRT + i];
+            total0 += mv_sh[k * MV_NRT + e.x];
+            total1 += mv_sh[k * MV_NRT + e.y];
         }
-        mv_store(group, t0, i, total);
+        mv_store(group, t0, i, total0, total1);
     }
 }

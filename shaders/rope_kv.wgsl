@@ -29,9 +29,11 @@ struct Params {
     n_ctx: u32,
 }
 
+// k and v are only read, but declared read_write: the forward pass binds q, k and v as ranges
+// of one buffer, and wgpu refuses a buffer bound both read-only and read-write in a dispatch.
 @group(0) @binding(0) var<storage, read_write> q: array<f32>;
-@group(0) @binding(1) var<storage, read> k: array<f32>;
-@group(0) @binding(2) var<storage, read> v: array<f32>;
+@group(0) @binding(1) var<storage, read_write> k: array<f32>;
+@group(0) @binding(2) var<storage, read_write> v: array<f32>;
 @group(0) @binding(3) var<storage, read_write> cache_k: array<u32>;
 @group(0) @binding(4) var<storage, read_write> cache_v: array<u32>;
 @group(0) @binding(5) var<uniform> params: Params;

@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, GpuMatrix, Kernel, MatmulOp, MvConfig, MATVEC_MAX_TOKENS};
+use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
 use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
@@ -183,6 +183,136 @@ fn split_across_bindings() {
         check_get_rows(&ctx, &m, &g, &[0, 199, 64, 63, 128, 127, 192, 5, 5], &mut rng);
         // Too small for even 64 rows.
         assert!(GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 63) as u64).is_err());
+    }
+}
+
+/// Runs `op` for n tokens over y holding `y0` and reads all of y back.
+fn run_over(ctx: &GpuContext, op: &MatmulOp, b: &Bufs, y0: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
+    ctx.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
+    ctx.queue.write_buffer(&b.y, 0, bytemuck::cast_slice(y0));
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        op.encode_with(&mut pass, n as u32, kernel);
+    }
+    ctx.submit_and_wait(enc).unwrap();
+    ctx.read(&b.y, y0.len()).unwrap()
+}
+
+/// The variants a fused product is checked with: (label, configs, kernels for n tokens).
+fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>)> {
+    let mut v = vec![("default", default_mv_configs(ctx))];
+    if ctx.has_subgroups() {
+        v.push(("shared-memory", default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: false, ..c }).collect()));
+    }
+    v
+}
+
+fn kernels_for(n: usize) -> [Kernel; 2] {
+    [Kernel::Auto, if n as u32 <= MATVEC_MAX_TOKENS { Kernel::Tiled } else { Kernel::Matvec }]
+}
+
+/// q, k and v stacked into one matrix and stored into three sections of one y at odd offsets
+/// (and added to what y holds, the residual epilogue), against three CPU products; y outside
+/// the sections is left alone.
+#[test]
+fn stacked_sections_and_residual_add_match_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0xADD);
+    // 608 columns: 19 blocks, GGUF word order; 512: the permuted order of the Q4/Q8 kernels.
+    for ty in TYPES {
+        for (cols, heights) in [(608, [70, 23, 23]), (512, [64, 33, 1])] {
+            let parts: Vec<Matrix> = heights.iter().map(|&r| matrix(ty, r, cols, &mut rng)).collect();
+            let refs: Vec<&Matrix> = parts.iter().collect();
+            let g = GpuMatrix::upload_stacked(&ctx, "qkv", &refs, false).unwrap().expect("same type and width");
+            let max_n = 40;
+            let x = rng.vec(max_n * cols);
+            let offsets = [5usize, 5 + max_n * heights[0] + 3, 5 + max_n * (heights[0] + heights[1]) + 100];
+            let y_len = offsets[2] + max_n * heights[2] + 7;
+            let y0 = rng.vec(y_len);
+            let b = Bufs::new(&ctx, &x, y_len);
+            let sections: Vec<(u32, u32)> = heights.iter().zip(offsets).map(|(&r, o)| (r as u32, o as u32)).collect();
+            let wants: Vec<(Vec<f32>, Vec<f32>)> = parts.iter().map(|m| reference(m, &x, max_n)).collect();
+            for epilogue in [Epilogue::Store, Epilogue::Add] {
+                let out = MatOut { epilogue, sections: sections.clone() };
+                for (label, cfg) in fused_variants(&ctx) {
+                    let op = g.bind_matmul_with_out(&ctx, &b.x, &b.y, &b.step, &cfg, &out);
+                    for n in [1, 2, 3, 9, 17, 40] {
+                        for kernel in kernels_for(n) {
+                            let got = run_over(&ctx, &op, &b, &y0, n, kernel);
+                            let what = format!("{ty:?} stacked {heights:?}x{cols} {epilogue:?} n={n} {kernel:?} {label}");
+                            let mut expect = y0.clone();
+                            let mut mag = vec![1e-30f32; y_len];
+                            for (s, (want, m)) in wants.iter().enumerate() {
+                                let len = n * heights[s];
+                                for i in 0..len {
+                                    let o = offsets[s] + i;
+                                    expect[o] = if epilogue == Epilogue::Add { y0[o] + want[i] } else { want[i] };
+                                    mag[o] = m[i] + if epilogue == Epilogue::Add { y0[o].abs() } else { 0.0 };
+                                }
+                            }
+                            for (i, ((&gv, &w), &m)) in got.iter().zip(&expect).zip(&mag).enumerate() {
+                                let err = (gv - w).abs() / m;
+                                assert!(err < 1e-4 || gv == w, "{what}: element {i}: got {gv}, want {w} (relative error {err:.2e})");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gate and up interleaved into one matrix with the gated epilogue (SiLU and ReLU): act(gate) *
+/// up against the CPU's products and an f64 activation.
+#[test]
+fn gated_pairs_match_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x6A7E);
+    for ty in TYPES {
+        for (ff, cols) in [(45, 608), (64, 512), (1, 96)] {
+            let gate = matrix(ty, ff, cols, &mut rng);
+            let up = matrix(ty, ff, cols, &mut rng);
+            let g = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&gate, &up], true).unwrap().expect("same type and shape");
+            let max_n = 40;
+            // Activations large enough that gate values reach both sides of SiLU's bend.
+            let x: Vec<f32> = rng.vec(max_n * cols).iter().map(|v| 4.0 * v).collect();
+            let (wg, mg) = reference(&gate, &x, max_n);
+            let (wu, mu) = reference(&up, &x, max_n);
+            let b = Bufs::new(&ctx, &x, max_n * ff);
+            for relu in [false, true] {
+                let out = MatOut::with(Epilogue::GatedPairs { relu });
+                for (label, cfg) in fused_variants(&ctx) {
+                    let op = g.bind_matmul_with_out(&ctx, &b.x, &b.y, &b.step, &cfg, &out);
+                    for n in [1, 2, 3, 9, 17, 40] {
+                        for kernel in kernels_for(n) {
+                            let got = run_over(&ctx, &op, &b, &vec![f32::NAN; max_n * ff], n, kernel);
+                            for i in 0..n * ff {
+                                let (gv, uv) = (wg[i] as f64, wu[i] as f64);
+                                let act = if relu { gv.max(0.0) } else { gv / (1.0 + (-gv).exp()) };
+                                let want = act * uv;
+                                // The products' own error (1e-4 of sum |w x|) through act(g) * u.
+                                let bound = 2e-4 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
+                                assert!(
+                                    (got[i] as f64 - want).abs() <= bound,
+                                    "{ty:?} gate_up {ff}x{cols} relu {relu} n={n} {kernel:?} {label}: element {i}: got {}, want {want} (bound {bound:.2e})",
+                                    got[i]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            // The model's own decode kernel (the type's configuration) too.
+            let op = g.bind_matmul_out(&ctx, &b.x, &b.y, &b.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+            let got = run_over(&ctx, &op, &b, &vec![f32::NAN; max_n * ff], 1, Kernel::Auto);
+            for i in 0..ff {
+                let (gv, uv) = (wg[i] as f64, wu[i] as f64);
+                let want = gv / (1.0 + (-gv).exp()) * uv;
+                let bound = 2e-4 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
+                assert!((got[i] as f64 - want).abs() <= bound, "{ty:?} gate_up {ff}x{cols} type's decode kernel: element {i}: got {}, want {want}", got[i]);
+            }
+        }
     }
 }
 

@@ -243,11 +243,11 @@ fn attention_matches_cpu() {
     // (n_head, n_head_kv, head_dim, n_ctx, [(n_tokens, pos0)])
     type Case = (usize, usize, usize, usize, &'static [(usize, usize)]);
     let cases: &[Case] = &[
-        (6, 2, 64, 1024, &[(1, 0), (1, 64), (1, 999), (5, 0), (33, 17), (2, 990)]),
+        (6, 2, 64, 1024, &[(1, 0), (1, 64), (1, 999), (5, 0), (33, 17), (2, 990), (1, 255), (1, 190)]),
         (9, 3, 40, 4096, &[(1, 2999), (1, 130), (33, 0), (5, 17)]),
         (4, 4, 128, 300, &[(1, 299), (17, 40)]),
         // GQA groups of 8 (one decode workgroup for all 8 heads) and of 10 (two of 5).
-        (16, 2, 64, 1024, &[(1, 700), (9, 100)]),
+        (16, 2, 64, 1024, &[(1, 700), (9, 100), (1, 77)]),
         (20, 2, 32, 512, &[(1, 511), (3, 200)]),
     ];
     let mut worst_cpu = 0.0f32;
@@ -265,14 +265,18 @@ fn attention_matches_cpu() {
         let ob = ctx.zeros("out", (max_tokens * q_dim * 4) as u64);
         let shape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
         let op = AttentionOp::new(&ctx, &qb, &kb, &vb, &ob, shape, n_ctx as u32, max_tokens as u32, &step).unwrap();
-        for &(n, pos0) in runs {
+        // Decode steps both ways: split and combined, and (told the key count, up to
+        // SINGLE_PASS_MAX_KEYS) in one pass.
+        for (&(n, pos0), hint) in runs.iter().flat_map(|r| [(r, None), (r, Some((r.1 + r.0) as u32))]) {
+            op.set_n_kv(hint);
+            ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&vec![f32::NAN; max_tokens * q_dim]));
             run(&ctx, &step, n as u32, pos0 as u32, |p| op.encode(p, n as u32));
             let got: Vec<f32> = ctx.read(&ob, n * q_dim).unwrap();
             let mut want = vec![0.0; n * q_dim];
             let cpu_shape = ember::cpu::attention::AttnShape { n_head, n_head_kv, head_dim: hd };
             ember::cpu::attention(&q[..n * q_dim], &k, &v, pos0, n, cpu_shape, &mut want);
             let exact = attention_f64(&q, &k, &v, pos0, n, n_head, n_head_kv, hd);
-            let what = format!("attention {n_head}/{n_head_kv}x{hd} n {n} pos0 {pos0} (chunks {})", op.n_chunks());
+            let what = format!("attention {n_head}/{n_head_kv}x{hd} n {n} pos0 {pos0} (chunks {}, key count told: {hint:?})", op.n_chunks());
             let (e_cpu, e_exact) = (max_abs_diff(&got, &want), max_abs_diff(&got, &exact));
             // The GPU accumulates in f32 and lands within ~5e-7 of the exact answer; the CPU
             // rounds its accumulator to f16 after every key (as llama.cpp) and is itself up to

@@ -130,7 +130,7 @@ fn device_bench(a: &BenchArgs) -> Result<()> {
         println!("\n| kernel | shape (rows x cols) | weight MiB | median µs | GB/s | of copy bandwidth |");
         println!("| --- | --- | ---: | ---: | ---: | ---: |");
         for r in super::gpu_bench::kernel_bandwidth(&ctx)? {
-            println!("| matvec {} | {} x {} | {:.1} | {:.1} | {:.0} | {:.0}% |", r.ty, r.rows, r.cols, r.bytes as f64 / (1u64 << 20) as f64, r.median_us, r.gbps, 100.0 * r.gbps / copy);
+            println!("| matvec {}{} | {} x {} | {:.1} | {:.1} | {:.0} | {:.0}% |", r.ty, r.what, r.rows, r.cols, r.bytes as f64 / (1u64 << 20) as f64, r.median_us, r.gbps, 100.0 * r.gbps / copy);
         }
     }
     Ok(())

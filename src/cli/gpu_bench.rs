@@ -4,7 +4,7 @@
 use super::Result;
 use crate::engine::GpuSession;
 use crate::gguf::GgmlType;
-use crate::gpu::matrix::{parse_decode, DecodeKernel, GpuMatrix, MatmulOp, MvConfig};
+use crate::gpu::matrix::{parse_decode, DecodeKernel, Epilogue, GpuMatrix, MatOut, MatmulOp, MvConfig};
 use crate::gpu::timer::PassTimer;
 use crate::gpu::{GpuContext, Step};
 use crate::model::Matrix;
@@ -45,6 +45,8 @@ pub fn copy_bandwidth(ctx: &GpuContext) -> Result<(f64, f64)> {
 /// One row of the kernel table.
 pub struct KernelRow {
     pub ty: GgmlType,
+    /// What the shape is in a llama-7B layer, and the product's epilogue.
+    pub what: &'static str,
     pub rows: usize,
     pub cols: usize,
     pub bytes: u64,
@@ -61,6 +63,7 @@ pub struct KernelRow {
 /// one x and one y shared by all (so that back-to-back dispatches are ordered by barriers).
 struct BenchSet {
     mats: Vec<GpuMatrix>,
+    epilogue: Epilogue,
     x: wgpu::Buffer,
     y: wgpu::Buffer,
     step: wgpu::Buffer,
@@ -68,7 +71,7 @@ struct BenchSet {
 
 impl BenchSet {
     /// `perm`: the word order (None: the type's default, as the model uses).
-    fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize, perm: Option<bool>) -> Result<BenchSet> {
+    fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize, perm: Option<bool>, epilogue: Epilogue) -> Result<BenchSet> {
         let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
         let count = (400_000_000 / bytes).clamp(2, 16) as usize;
         let mut mats = Vec::new();
@@ -86,7 +89,7 @@ impl BenchSet {
         let x = ctx.upload("x", bytemuck::cast_slice(&xv));
         let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: 1, pos0: 0, n_kv: 1, _pad: 0 }));
         let y = ctx.zeros("y", 4 * rows as u64);
-        let set = BenchSet { mats, x, y, step };
+        let set = BenchSet { mats, epilogue, x, y, step };
         set.warm(ctx, &set.bind(ctx, None), 300)?;
         Ok(set)
     }
@@ -95,8 +98,8 @@ impl BenchSet {
         self.mats
             .iter()
             .map(|m| match cfg {
-                None => m.bind_matmul(ctx, &self.x, &self.y, &self.step),
-                Some((c, k)) => m.bind_matmul_variant(ctx, &self.x, &self.y, &self.step, &[c], k),
+                None => m.bind_matmul_out(ctx, &self.x, &self.y, &self.step, &MatOut::with(self.epilogue)),
+                Some((c, k)) => m.bind_matmul_variant(ctx, &self.x, &self.y, &self.step, &[c], k, &MatOut::with(self.epilogue)),
             })
             .collect()
     }
@@ -171,21 +174,36 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
     }
     let mut rows_out = Vec::new();
     for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
-        for (rows, cols) in [(11008usize, 4096usize), (4096, 11008)] {
-            let set = BenchSet::new(ctx, ty, rows, cols, None)?;
+        let mut shapes = vec![(11008usize, 4096usize, "", Epilogue::Store), (4096, 11008, "", Epilogue::Store)];
+        if matches!(ty, GgmlType::Q4_0 | GgmlType::F16) {
+            // The forward pass's own products.
+            shapes.extend(FUSED_LAYER.iter().map(|&(rows, cols, what, epilogue, _)| (rows, cols, what, epilogue)));
+        }
+        for (rows, cols, what, epilogue) in shapes {
+            let set = BenchSet::new(ctx, ty, rows, cols, None, epilogue)?;
             let (row_us, alone_us) = set.time(ctx, &set.bind(ctx, None))?;
             let gpu_bytes = set.mats[0].gpu_bytes();
-            rows_out.push(KernelRow { ty, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, alone_us });
+            rows_out.push(KernelRow { ty, what, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, alone_us });
         }
     }
     println!("\nthe same, each dispatch alone in its own timestamped pass:\n");
     println!("| kernel | shape | median µs alone | GB/s |");
     println!("| --- | --- | ---: | ---: |");
     for r in &rows_out {
-        println!("| matvec {} | {} x {} | {:.1} | {:.0} |", r.ty, r.rows, r.cols, r.alone_us, r.bytes as f64 / r.alone_us / 1e3);
+        println!("| matvec {}{} | {} x {} | {:.1} | {:.0} |", r.ty, r.what, r.rows, r.cols, r.alone_us, r.bytes as f64 / r.alone_us / 1e3);
     }
     Ok(rows_out)
 }
+
+/// The products of one llama-7B layer in the forward pass (rows, cols, label, epilogue, count):
+/// q, k and v stacked, o with the residual add, gate and up interleaved with the activation,
+/// down with the residual add.
+const FUSED_LAYER: [(usize, usize, &str, Epilogue, f64); 4] = [
+    (12288, 4096, " qkv", Epilogue::Store, 1.0),
+    (4096, 4096, " o+add", Epilogue::Add, 1.0),
+    (22016, 4096, " gate_up+silu", Epilogue::GatedPairs { relu: false }, 1.0),
+    (4096, 11008, " down+add", Epilogue::Add, 1.0),
+];
 
 /// The decode variants of `EMBER_MV_SWEEP` (a list `kq:nr:rg:pf,wg:nr:ub:pf,...` as in
 /// `EMBER_MV_DEC`, or any other value for a default grid), each timed back to back on every
@@ -210,10 +228,8 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
         if !types.is_empty() && !types.contains(&ty.name().to_lowercase()) {
             continue;
         }
-        // Weights of each shape in one llama-7B layer: q, k, v, o; gate, up; down.
-        let shapes = [((4096usize, 4096usize), 4.0), ((11008, 4096), 2.0), ((4096, 11008), 1.0)];
         let mut score = vec![f64::INFINITY; variants.len()];
-        for (si, &((rows, cols), weight)) in shapes.iter().enumerate() {
+        for (si, &(rows, cols, what, epilogue, weight)) in FUSED_LAYER.iter().enumerate() {
             // Both word orders: the integer kernel reads GGUF order, the others the permuted one.
             let mut sets: [Option<BenchSet>; 2] = [None, None];
             let mut results = Vec::new();
@@ -230,7 +246,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                 if sets[gguf as usize].is_none() {
                     // One set at a time in memory.
                     sets = [None, None];
-                    sets[gguf as usize] = Some(BenchSet::new(ctx, ty, rows, cols, Some(!gguf))?);
+                    sets[gguf as usize] = Some(BenchSet::new(ctx, ty, rows, cols, Some(!gguf), epilogue)?);
                 }
                 let set = sets[gguf as usize].as_ref().unwrap();
                 bytes = set.mats[0].gpu_bytes() as f64;
@@ -240,7 +256,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                 results.push((v.clone(), row, alone));
             }
             results.sort_by(|a, b| a.1.total_cmp(&b.1));
-            println!("\nsweep {} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
+            println!("\nsweep {}{what} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
             for (name, row, alone) in &results {
                 println!("  {name:20} {row:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3);
             }

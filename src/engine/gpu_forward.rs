@@ -3,8 +3,8 @@
 //! read back but the sampled token (or the logits when the sampler needs them).
 
 use super::forward::{Forward, ForwardError, Logits};
-use crate::gpu::matrix::{GpuMatrix, MatmulOp};
-use crate::gpu::ops::{AddOp, ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp};
+use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::hybrid::SparseLayerOps;
 use crate::model::{Model, RopeStyle};
@@ -26,14 +26,53 @@ pub struct GpuWeights {
 
 pub struct GpuLayerWeights {
     attn_norm: wgpu::Buffer,
-    wq: GpuMatrix,
-    wk: GpuMatrix,
-    wv: GpuMatrix,
+    /// q, k and v.
+    qkv: Stacked<3>,
     wo: GpuMatrix,
     biases: Option<[wgpu::Buffer; 3]>,
     ffn_norm: wgpu::Buffer,
-    /// gate, up, down; None when the FFN runs neuron-aware ([`super::hybrid`]).
-    dense_ffn: Option<[GpuMatrix; 3]>,
+    /// (gate and up, down); None when the FFN runs neuron-aware ([`super::hybrid`]).
+    dense_ffn: Option<(Stacked<2>, GpuMatrix)>,
+}
+
+/// Matrices that multiply one activation vector: uploaded as one matrix where their types and
+/// widths allow, so that one dispatch computes them all (each dispatch costs a few µs beyond
+/// its bytes; a 4096x4096 Q4_0 product ran at a third of the bandwidth of one three times its
+/// height), else apart.
+enum Stacked<const N: usize> {
+    One(GpuMatrix),
+    Apart([GpuMatrix; N]),
+}
+
+impl<const N: usize> Stacked<N> {
+    fn upload(ctx: &GpuContext, name: &str, parts: [&crate::model::Matrix; N], interleave: bool) -> Result<Self, GpuError> {
+        Ok(match GpuMatrix::upload_stacked(ctx, name, &parts, interleave)? {
+            Some(m) => Stacked::One(m),
+            None => {
+                let mut v = Vec::with_capacity(N);
+                for m in parts {
+                    v.push(GpuMatrix::upload(ctx, m)?);
+                }
+                Stacked::Apart(v.try_into().unwrap_or_else(|_| unreachable!()))
+            }
+        })
+    }
+
+    fn gpu_bytes(&self) -> u64 {
+        match self {
+            Stacked::One(m) => m.gpu_bytes(),
+            Stacked::Apart(ms) => ms.iter().map(|m| m.gpu_bytes()).sum(),
+        }
+    }
+
+    /// The GPU bytes of the matrix a profile entry of this name reads: `fused` names the
+    /// stacked matrix, `names[i]` part i when apart.
+    fn bytes_named(&self, name: &str, fused: &str, names: [&str; N]) -> Option<u64> {
+        match self {
+            Stacked::One(m) => (name == fused).then(|| m.gpu_bytes()),
+            Stacked::Apart(ms) => names.iter().position(|n| *n == name).map(|i| ms[i].gpu_bytes()),
+        }
+    }
 }
 
 fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
@@ -43,17 +82,16 @@ fn f32_buffer(ctx: &GpuContext, label: &str, v: &[f32]) -> wgpu::Buffer {
 impl GpuWeights {
     /// GPU bytes of the matrices a profile entry named `name` reads, summed over layers.
     pub fn matmul_bytes(&self, name: &str) -> u64 {
-        let per_layer = |f: fn(&GpuLayerWeights) -> Option<&GpuMatrix>| self.layers.iter().filter_map(|l| f(l).map(|m| m.gpu_bytes())).sum::<u64>();
+        let layer = |l: &GpuLayerWeights| -> Option<u64> {
+            match name {
+                "matmul o" => Some(l.wo.gpu_bytes()),
+                "matmul down" => l.dense_ffn.as_ref().map(|f| f.1.gpu_bytes()),
+                _ => l.qkv.bytes_named(name, "matmul qkv", ["matmul q", "matmul k", "matmul v"]).or_else(|| l.dense_ffn.as_ref().and_then(|f| f.0.bytes_named(name, "matmul gate_up", ["matmul gate", "matmul up"]))),
+            }
+        };
         match name {
-            "matmul q" => per_layer(|l| Some(&l.wq)),
-            "matmul k" => per_layer(|l| Some(&l.wk)),
-            "matmul v" => per_layer(|l| Some(&l.wv)),
-            "matmul o" => per_layer(|l| Some(&l.wo)),
-            "matmul gate" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[0])),
-            "matmul up" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[1])),
-            "matmul down" => per_layer(|l| l.dense_ffn.as_ref().map(|f| &f[2])),
             "matmul output" => self.head.as_ref().map_or(0, |h| h.1.gpu_bytes()),
-            _ => 0,
+            _ => self.layers.iter().filter_map(layer).sum(),
         }
     }
 
@@ -88,19 +126,17 @@ impl GpuWeights {
             };
             let lw = GpuLayerWeights {
                 attn_norm: f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm),
-                wq: GpuMatrix::upload(ctx, &l.wq)?,
-                wk: GpuMatrix::upload(ctx, &l.wk)?,
-                wv: GpuMatrix::upload(ctx, &l.wv)?,
+                qkv: Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?,
                 wo: GpuMatrix::upload(ctx, &l.wo)?,
                 biases,
                 ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
                 dense_ffn: match dense_ffn {
-                    true => Some([GpuMatrix::upload(ctx, &l.ffn_gate)?, GpuMatrix::upload(ctx, &l.ffn_up)?, GpuMatrix::upload(ctx, &l.ffn_down)?]),
+                    true => Some((Stacked::upload(ctx, &format!("blk.{i}.ffn_gate_up"), [&l.ffn_gate, &l.ffn_up], true)?, GpuMatrix::upload(ctx, &l.ffn_down)?)),
                     false => None,
                 },
             };
-            bytes += [&lw.wq, &lw.wk, &lw.wv, &lw.wo].iter().map(|m| m.gpu_bytes()).sum::<u64>();
-            bytes += lw.dense_ffn.iter().flatten().map(|m| m.gpu_bytes()).sum::<u64>();
+            bytes += lw.qkv.gpu_bytes() + lw.wo.gpu_bytes();
+            bytes += lw.dense_ffn.as_ref().map_or(0, |(gate_up, down)| gate_up.gpu_bytes() + down.gpu_bytes());
             bytes += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
             layers.push(lw);
             bar.inc(1);
@@ -124,27 +160,36 @@ macro_rules! impl_op {
         }
     )*};
 }
-impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
+impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, crate::gpu::ops::AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
 
 pub(super) struct LayerOps {
     attn_norm: RmsNormOp,
-    q: MatmulOp,
-    k: MatmulOp,
-    v: MatmulOp,
+    /// One product for q, k and v, or three.
+    qkv: StackedOps,
     biases: Option<[BiasOp; 3]>,
     rope_kv: RopeKvOp,
     attention: AttentionOp,
+    /// x += Wo attn (the residual add in the product's epilogue).
     o: MatmulOp,
-    add_attn: AddOp,
     ffn_norm: RmsNormOp,
     pub(super) ffn: FfnOps,
+}
+
+/// The products of a [`Stacked`] weight.
+pub(super) enum StackedOps {
+    One(MatmulOp),
+    /// Gate, up apart, then the activation.
+    GateUpApart(MatmulOp, MatmulOp, GatedActOp),
+    QkvApart([MatmulOp; 3]),
 }
 
 /// A layer's FFN on the GPU. One per layer, built once: the size difference of the variants
 /// does not matter.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum FfnOps {
-    Dense { gate: MatmulOp, up: MatmulOp, act: GatedActOp, down: MatmulOp, add: AddOp },
+    /// h = act(gate) * up (one product over gate and up interleaved, or two and the
+    /// activation), then x += W_down h.
+    Dense { gate_up: StackedOps, down: MatmulOp },
     /// Neuron-aware: hot neurons here, cold ones on the CPU ([`super::hybrid`]).
     Sparse(Box<SparseLayerOps>),
     /// Not built yet (a hybrid session fills it in after placement).
@@ -154,17 +199,16 @@ pub(super) enum FfnOps {
 impl LayerOps {
     /// The layer's dispatches in order, each with a name for profiles.
     fn sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v: Vec<(&'static str, &dyn Op)> = vec![("attn_norm", &self.attn_norm), ("matmul q", &self.q), ("matmul k", &self.k), ("matmul v", &self.v)];
+        let mut v: Vec<(&'static str, &dyn Op)> = vec![("attn_norm", &self.attn_norm)];
+        match &self.qkv {
+            StackedOps::QkvApart([q, k, vv]) => v.extend([("matmul q", q as &dyn Op), ("matmul k", k), ("matmul v", vv)]),
+            StackedOps::One(qkv) => v.push(("matmul qkv", qkv)),
+            StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
+        }
         if let Some(b) = &self.biases {
             v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
         }
-        v.extend([
-            ("rope_kv", &self.rope_kv as &dyn Op),
-            ("attention", &self.attention),
-            ("matmul o", &self.o),
-            ("add", &self.add_attn),
-            ("ffn_norm", &self.ffn_norm),
-        ]);
+        v.extend([("rope_kv", &self.rope_kv as &dyn Op), ("attention", &self.attention), ("matmul o", &self.o), ("ffn_norm", &self.ffn_norm)]);
         v.extend(self.ffn_sequence());
         v
     }
@@ -179,7 +223,9 @@ impl LayerOps {
     /// The FFN's GPU dispatches (for a split layer, the hot neurons only).
     pub(super) fn ffn_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
         match &self.ffn {
-            FfnOps::Dense { gate, up, act, down, add } => vec![("matmul gate", gate), ("matmul up", up), ("gated_act", act), ("matmul down", down), ("add", add)],
+            FfnOps::Dense { gate_up: StackedOps::One(gate_up), down } => vec![("matmul gate_up", gate_up), ("matmul down", down)],
+            FfnOps::Dense { gate_up: StackedOps::GateUpApart(gate, up, act), down } => vec![("matmul gate", gate), ("matmul up", up), ("gated_act", act), ("matmul down", down)],
+            FfnOps::Dense { gate_up: StackedOps::QkvApart(..), .. } => unreachable!("gate and up are stacked or apart"),
             FfnOps::Sparse(sp) => sp.gpu_sequence(),
             FfnOps::Pending => Vec::new(),
         }
@@ -191,11 +237,13 @@ pub(super) struct Scratch {
     pub(super) ids: wgpu::Buffer,
     pub(super) x: wgpu::Buffer,
     pub(super) xn: wgpu::Buffer,
-    pub(super) q: wgpu::Buffer,
-    pub(super) k: wgpu::Buffer,
-    pub(super) v: wgpu::Buffer,
+    /// q, k and v of up to max_tokens tokens, each a range of this buffer (`qkv_ranges`), so
+    /// that one product fills all three.
+    pub(super) qkv: wgpu::Buffer,
+    /// Byte offset and size of q, k and v in `qkv` (offsets aligned for binding).
+    pub(super) qkv_ranges: [(u64, u64); 3],
     pub(super) attn: wgpu::Buffer,
-    pub(super) proj: wgpu::Buffer,
+    /// The FFN's hidden vector act(gate) * up (gate, where gate and up are computed apart).
     pub(super) gate: wgpu::Buffer,
     pub(super) up: wgpu::Buffer,
     pub(super) x_last: wgpu::Buffer,
@@ -252,17 +300,20 @@ impl GpuSession {
         let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, max_batch.max(1) as u64) as usize;
         let mt = max_tokens as u64;
         let f = |label: &str, n: u64| ctx.zeros(label, 4 * n);
+        let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
+        let (q_bytes, kv_bytes) = (4 * mt * qd, 4 * mt * kvd);
+        let k_off = q_bytes.next_multiple_of(align);
+        let v_off = (k_off + kv_bytes).next_multiple_of(align);
         let s = Scratch {
             ids: f("ids", mt),
             x: f("x", mt * e),
             xn: f("xn", mt * e),
-            q: f("q", mt * qd),
-            k: f("k", mt * kvd),
-            v: f("v", mt * kvd),
+            qkv: ctx.zeros("qkv", v_off + kv_bytes),
+            qkv_ranges: [(0, q_bytes), (k_off, kv_bytes), (v_off, kv_bytes)],
             attn: f("attn", mt * qd),
-            proj: f("proj", mt * e),
             gate: f("gate", mt * ff),
-            up: f("up", mt * ff),
+            // Only gate and up computed apart need it.
+            up: f("up", if weights.layers.iter().any(|l| matches!(l.dense_ffn, Some((Stacked::Apart(_), _)))) { mt * ff } else { 1 }),
             x_last: f("x_last", e),
             xn_last: f("xn_last", e),
             logits_last: f("logits_last", nv),
@@ -283,28 +334,37 @@ impl GpuSession {
         };
         let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
         let relu = hp.activation == crate::model::Activation::Relu;
+        // q, k and v: sections of `qkv` (offsets in f32 elements).
+        let [(q_off, _), (k_off, _), (v_off, _)] = s.qkv_ranges;
+        let sections = vec![(qd as u32, (q_off / 4) as u32), (kvd as u32, (k_off / 4) as u32), (kvd as u32, (v_off / 4) as u32)];
+        let [q_range, k_range, v_range] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
+        let add = MatOut::with(Epilogue::Add);
         let mut layers = Vec::with_capacity(hp.n_layer);
         for (il, w) in weights.layers.iter().enumerate() {
             layers.push(LayerOps {
                 attn_norm: RmsNormOp::new(&ctx, &s.x, &w.attn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
-                q: w.wq.bind_matmul(&ctx, &s.xn, &s.q, &s.step),
-                k: w.wk.bind_matmul(&ctx, &s.xn, &s.k, &s.step),
-                v: w.wv.bind_matmul(&ctx, &s.xn, &s.v, &s.step),
+                qkv: match &w.qkv {
+                    Stacked::One(m) => StackedOps::One(m.bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
+                    Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
+                },
                 biases: w.biases.as_ref().map(|[bq, bk, bv]| {
-                    [BiasOp::new(&ctx, &s.q, bq, qd as u32, &s.step), BiasOp::new(&ctx, &s.k, bk, kvd as u32, &s.step), BiasOp::new(&ctx, &s.v, bv, kvd as u32, &s.step)]
+                    [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
-                rope_kv: RopeKvOp::new(&ctx, &s.q, &s.k, &s.v, kv.k(il), kv.v(il), rope, &s.step),
-                attention: AttentionOp::new(&ctx, &s.q, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
-                o: w.wo.bind_matmul(&ctx, &s.attn, &s.proj, &s.step),
-                add_attn: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(il), kv.v(il), rope, &s.step),
+                attention: AttentionOp::new(&ctx, q_range, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
+                o: w.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
                 ffn_norm: RmsNormOp::new(&ctx, &s.x, &w.ffn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
                 ffn: match &w.dense_ffn {
-                    Some([gate, up, down]) => FfnOps::Dense {
-                        gate: gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
-                        up: up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
-                        act: GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
-                        down: down.bind_matmul(&ctx, &s.gate, &s.proj, &s.step),
-                        add: AddOp::new(&ctx, &s.x, &s.proj, e as u32, &s.step),
+                    Some((gate_up, down)) => FfnOps::Dense {
+                        gate_up: match gate_up {
+                            Stacked::One(m) => StackedOps::One(m.bind_matmul_out(&ctx, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
+                            Stacked::Apart([gate, up]) => StackedOps::GateUpApart(
+                                gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
+                                up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
+                                GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
+                            ),
+                        },
+                        down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),
                     },
                     None => FfnOps::Pending,
                 },
@@ -332,6 +392,7 @@ impl GpuSession {
         let n = tokens.len() as u32;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: n, pos0, n_kv: pos0 + n, _pad: 0 };
+        self.set_n_kv(step.n_kv);
         let step_last = Step { n_tokens: 1, ..step };
         let q = &self.ctx.queue;
         q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
@@ -354,6 +415,13 @@ impl GpuSession {
         self.ctx.queue.submit([enc.finish()]);
         self.n_past += tokens.len();
         Ok(())
+    }
+
+    /// Tells the attention ops the cache's key count for the steps recorded next.
+    pub(super) fn set_n_kv(&self, n_kv: u32) {
+        for l in &self.layers {
+            l.attention.set_n_kv(Some(n_kv));
+        }
     }
 
     /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
@@ -392,6 +460,7 @@ impl GpuSession {
         self.check(&[token])?;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
+        self.set_n_kv(step.n_kv);
         self.ctx.queue.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
         self.ctx.queue.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
         self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));

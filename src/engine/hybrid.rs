@@ -367,6 +367,7 @@ impl GpuSession {
         let e = self.model.hp.n_embd;
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
+        self.set_n_kv(step.n_kv);
         let q = &self.ctx.queue;
         q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));

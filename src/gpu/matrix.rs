@@ -46,7 +46,8 @@ macro_rules! compose {
     ($($file:literal),+) => { concat!($(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
 }
 
-/// The kernel sources of one weight type.
+/// The kernel sources of one weight type. Every product is composed with matmul_store.wgsl
+/// and act.wgsl (its epilogues).
 struct TypeSources {
     name: &'static str,
     /// Type + matmul_common.wgsl.
@@ -65,11 +66,11 @@ macro_rules! type_sources {
     ($name:literal, $file:literal, $dec:literal) => {
         TypeSources {
             name: $name,
-            mm: compose!($file, "matmul_common.wgsl"),
-            mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl"),
+            mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
-            dec: compose!($dec, "matmul_dec.wgsl"),
-            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_sg.wgsl"),
+            dec: compose!($dec, "matmul_dec.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
         }
     };
 }
@@ -81,8 +82,8 @@ const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", "matmul_
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl");
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own bindings).
-const KQ_SRC: &str = include_str!("../../shaders/matmul_kq.wgsl");
-const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_kq_sg.wgsl");
+const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
@@ -95,6 +96,7 @@ macro_rules! listed {
             ($dec, $src.dec),
             ("matmul_dec.wgsl", $src.dec),
             ("matmul_dec_sg.wgsl", $src.dec_sg),
+            ("matmul_store.wgsl", $src.dec),
             // Stand-alone (listed once per type, the same text).
             ("matmul_kq.wgsl", KQ_SRC),
             ("matmul_kq_sg.wgsl", KQ_SG_SRC),
@@ -102,7 +104,7 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 9]; 5] = [
+const LISTED: [[(&str, &str); 10]; 5] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -361,6 +363,61 @@ pub enum Kernel {
     Tiled,
 }
 
+/// What a product does with its results (shaders/matmul_store.wgsl's EPI).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Epilogue {
+    /// y = W x.
+    #[default]
+    Store,
+    /// y += W x: the residual connection, with no separate add.
+    Add,
+    /// The matrix's rows interleave gate and up (row 2i gate i, row 2i + 1 up i, see
+    /// [`GpuMatrix::upload_stacked`]): y = act(gate) * up, half as many values as rows (SiLU,
+    /// or ReLU).
+    GatedPairs { relu: bool },
+}
+
+impl Epilogue {
+    fn code(self) -> u32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::Add => 1,
+            Epilogue::GatedPairs { relu: false } => 2,
+            Epilogue::GatedPairs { relu: true } => 3,
+        }
+    }
+
+    fn pairs(self) -> bool {
+        matches!(self, Epilogue::GatedPairs { .. })
+    }
+}
+
+/// Where a product's results go: its rows in up to 3 consecutive sections, each (rows,
+/// element offset in y); token t's values of a section start at offset + t * rows (for
+/// gated pairs, one section of rows / 2 values per token). No sections: the whole matrix at
+/// offset 0, which is `y[t * rows + r]`.
+#[derive(Clone, Debug, Default)]
+pub struct MatOut {
+    pub epilogue: Epilogue,
+    pub sections: Vec<(u32, u32)>,
+}
+
+impl MatOut {
+    /// The whole matrix at offset 0 with this epilogue.
+    pub fn with(epilogue: Epilogue) -> MatOut {
+        MatOut { epilogue, sections: Vec::new() }
+    }
+
+    fn sections(&self, rows: u32) -> Vec<(u32, u32)> {
+        if self.sections.is_empty() {
+            return vec![(rows, 0)];
+        }
+        assert!(self.sections.len() <= 3 && self.sections.iter().map(|s| s.0).sum::<u32>() == rows, "output sections {:?} do not cover {rows} rows", self.sections);
+        assert!(!self.epilogue.pairs() || self.sections.len() == 1, "gated pairs take one output section");
+        self.sections.clone()
+    }
+}
+
 fn set_const(src: &str, name: &str, default: u32, value: u32) -> String {
     let from = format!("const {name}: u32 = {default}u;");
     assert!(src.contains(&from), "matmul_common.wgsl lost the line `{from}`");
@@ -394,8 +451,8 @@ fn pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::Co
     ctx.pipeline(key, src, entry)
 }
 
-fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[wgpu::BindingResource]) -> wgpu::BindGroup {
-    let entries: Vec<wgpu::BindGroupEntry> = resources.iter().enumerate().map(|(i, r)| wgpu::BindGroupEntry { binding: i as u32, resource: r.clone() }).collect();
+fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[(u32, wgpu::BindingResource)]) -> wgpu::BindGroup {
+    let entries: Vec<wgpu::BindGroupEntry> = resources.iter().map(|(binding, r)| wgpu::BindGroupEntry { binding: *binding, resource: r.clone() }).collect();
     ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries })
 }
 
@@ -406,6 +463,32 @@ impl GpuMatrix {
     pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
         Self::upload_with_limit(ctx, m, limit)
+    }
+
+    /// Uploads matrices of one type and width as one, so that one dispatch computes all their
+    /// products: their rows one after another (q, k and v; see [`MatOut`]'s sections), or with
+    /// `interleave` two matrices of equal height alternating row by row (row 2i is row i of
+    /// the first, row 2i + 1 of the second: gate and up for [`Epilogue::GatedPairs`]). None
+    /// when the parts differ in type or width (or, interleaved, in height).
+    pub fn upload_stacked(ctx: &GpuContext, name: &str, parts: &[&Matrix], interleave: bool) -> Result<Option<GpuMatrix>, GpuError> {
+        let first = parts[0];
+        if parts.iter().any(|m| m.ty != first.ty || m.cols != first.cols) || (interleave && (parts.len() != 2 || parts[1].rows != first.rows)) {
+            return Ok(None);
+        }
+        let rows: usize = parts.iter().map(|m| m.rows).sum();
+        let mut bytes = Vec::with_capacity(parts.iter().map(|m| m.n_bytes()).sum());
+        if interleave {
+            let rb = first.row_bytes();
+            for (a, b) in first.bytes().chunks_exact(rb).zip(parts[1].bytes().chunks_exact(rb)) {
+                bytes.extend_from_slice(a);
+                bytes.extend_from_slice(b);
+            }
+        } else {
+            for m in parts {
+                bytes.extend_from_slice(m.bytes());
+            }
+        }
+        Self::upload(ctx, &Matrix::from_raw(name, rows, first.cols, first.ty, &bytes)).map(Some)
     }
 
     /// [`upload`](Self::upload) with buffers of at most `limit` bytes (tests force splits).
@@ -483,10 +566,17 @@ impl GpuMatrix {
         sources(self.ty).expect("uploaded types have kernels")
     }
 
-    fn weight_bindings<'a>(&'a self, c: &'a Chunk, mut v: Vec<wgpu::BindingResource<'a>>) -> Vec<wgpu::BindingResource<'a>> {
-        v.push(c.wq.as_entire_binding());
+    /// The bind group entries of a product or lookup over chunk `c`: bindings 0-3 as given,
+    /// the weights at 4 and 5 (scales, where the type has them), then `extra` at 6.
+    fn weight_bindings<'a>(&'a self, c: &'a Chunk, first: [&'a wgpu::Buffer; 3], extra: Option<&'a wgpu::Buffer>) -> Vec<(u32, wgpu::BindingResource<'a>)> {
+        let mut v: Vec<(u32, wgpu::BindingResource<'a>)> = first.iter().enumerate().map(|(i, b)| (i as u32, b.as_entire_binding())).collect();
+        v.push((3, c.params.as_entire_binding()));
+        v.push((4, c.wq.as_entire_binding()));
         if let Some(d) = &c.wd {
-            v.push(d.as_entire_binding());
+            v.push((5, d.as_entire_binding()));
+        }
+        if let Some(e) = extra {
+            v.push((6, e.as_entire_binding()));
         }
         v
     }
@@ -495,31 +585,52 @@ impl GpuMatrix {
     /// `cols` f32, `y` up to max_tokens rows of `rows` f32 (y[t * rows + r]), `step` is the
     /// shared [`Step`](super::Step) uniform whose n_tokens the kernels read.
     pub fn bind_matmul(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer) -> MatmulOp {
-        self.bind_matmul_variant(ctx, x, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0)
+        self.bind_matmul_out(ctx, x, y, step, &MatOut::default())
+    }
+
+    /// [`bind_matmul`](Self::bind_matmul) with the results placed and combined as `out` says
+    /// (sections of y, residual add, gated pairs).
+    pub fn bind_matmul_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
+        self.bind_matmul_variant(ctx, x, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out)
     }
 
     /// [`bind_matmul`](Self::bind_matmul) with chosen matvec variants (benchmarks, tests).
     #[doc(hidden)]
     pub fn bind_matmul_with(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig]) -> MatmulOp {
+        self.bind_matmul_with_out(ctx, x, y, step, configs, &MatOut::default())
+    }
+
+    /// [`bind_matmul_with`](Self::bind_matmul_with) with an output layout and epilogue.
+    #[doc(hidden)]
+    pub fn bind_matmul_with_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
         // EMBER_MV_TEST_DEC=<kq:nr:rg:pf or wg:nr:ub:pf>: another nt = 1 kernel for the tests'
         // configs (kq replaces them; the blocks kernel keeps each config's own shape and takes
         // prefetch from the value), so that the test suite can check every kernel.
         let decode = std::env::var("EMBER_MV_TEST_DEC").ok().and_then(|v| parse_decode(&v)).map_or(DecodeKernel::Blocks { prefetch: true }, |d| d.0);
-        self.bind_matmul_variant(ctx, x, y, step, configs, decode)
+        self.bind_matmul_variant(ctx, x, y, step, configs, decode, out)
     }
 
     /// [`bind_matmul_with`](Self::bind_matmul_with) with a chosen kernel for the nt = 1
     /// variants (benchmarks compare them).
     #[doc(hidden)]
-    pub fn bind_matmul_variant(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel) -> MatmulOp {
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_variant(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut) -> MatmulOp {
         let src = self.sources();
         let mut mv_pipes = Vec::new();
-        // The integer kernel needs Q4 blocks in GGUF order; otherwise the blocks kernel.
+        let pairs = out.epilogue.pairs();
+        let sections = out.sections(self.rows as u32);
+        assert!(!pairs || self.rows.is_multiple_of(2), "{}: a gated pairs product needs an even row count", self.name);
+        // The integer kernel needs Q4 blocks in GGUF order and has no pairs epilogue;
+        // otherwise the blocks kernel.
         let decode = match decode {
-            DecodeKernel::Quantized { .. } if self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1) => DecodeKernel::Blocks { prefetch: true },
+            DecodeKernel::Quantized { .. } if pairs || self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1) => DecodeKernel::Blocks { prefetch: true },
             d => d,
         };
-        for cfg in configs {
+        let epi = out.epilogue.code();
+        let with_epi = |code: &str| set_const(code, "EPI", 0, epi);
+        // A pair's two rows must meet in one workgroup.
+        let configs: Vec<MvConfig> = configs.iter().map(|c| MvConfig { nr: if pairs { c.nr.next_multiple_of(2) } else { c.nr }, ..*c }).collect();
+        for cfg in &configs {
             let sg = cfg.subgroups && ctx.has_subgroups();
             if let (1, DecodeKernel::Quantized { nr, rg, prefetch }) = (cfg.nt, decode) {
                 // As many threads as a row has blocks (up to 512; more blocks per thread beyond).
@@ -529,11 +640,11 @@ impl GpuMatrix {
                 assert!(nr >= 1 && rg >= 1 && 2 * nr * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
                 let pf = prefetch as u32;
                 let q41 = (self.ty == GgmlType::Q4_1) as u32;
-                let mut code = (if sg { KQ_SG_SRC } else { KQ_SRC }).to_string();
+                let mut code = with_epi(if sg { KQ_SG_SRC } else { KQ_SRC });
                 for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
                     code = set_const(&code, name, default, value);
                 }
-                let key = format!("matmul/{}/kq/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/{}", src.name, if sg { "sg" } else { "wg" });
+                let key = format!("matmul/{}/kq/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
                 mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, if sg { "kq_main_sg" } else { "kq_main" })));
                 continue;
             }
@@ -547,7 +658,7 @@ impl GpuMatrix {
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let (code, key, entry) = if blocks {
-                let mut code = self.specialize(if sg { src.dec_sg } else { src.dec });
+                let mut code = with_epi(&self.specialize(if sg { src.dec_sg } else { src.dec }));
                 for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
                     code = set_const(&code, name, default, value);
                 }
@@ -559,30 +670,42 @@ impl GpuMatrix {
                     _ => (self.ty == GgmlType::Q4_0) as u32,
                 };
                 code = set_const(&code, "DV_XW", 0, xw);
-                let key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                let key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
                 (code, key, if sg { "dv_main_sg" } else { "dv_main" })
             } else {
-                let mut code = self.specialize(if sg { src.mm_sg } else { src.mm });
+                let mut code = with_epi(&self.specialize(if sg { src.mm_sg } else { src.mm }));
                 for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] {
                     code = set_const(&code, name, default, value);
                 }
-                let key = format!("matmul/{}{}/mv/wg{}/nr{}/nt{}/u{}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
+                let key = format!("matmul/{}{}/mv/wg{}/nr{}/nt{}/u{}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
                 (code, key, if sg { "mv_main_sg" } else { "mv_main" })
             };
             mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
-        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled", src.name, self.perm_key()), &self.specialize(src.mm), "mm_tiled");
+        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled/epi{epi}", src.name, self.perm_key()), &with_epi(&self.specialize(src.mm)), "mm_tiled");
+        // MatOut of matmul_store.wgsl: section ends (whole-matrix rows), then offsets.
+        let r = self.rows as u32;
+        let mut words = [r, r, r, r, 0, 0, 0, 0];
+        let mut end = 0;
+        for (i, &(rows, offset)) in sections.iter().enumerate() {
+            end += rows;
+            words[i] = end;
+            words[4 + i] = offset;
+        }
+        let mat_out = ctx.uniform(&format!("{} out", self.name), bytemuck::cast_slice(&words));
         let chunks = self
             .chunks
             .iter()
             .map(|c| {
-                let res = || self.weight_bindings(c, vec![x.as_entire_binding(), y.as_entire_binding(), step.as_entire_binding(), c.params.as_entire_binding()]);
+                let res = || self.weight_bindings(c, [x, y, step], Some(&mat_out));
                 let mv = mv_pipes.iter().map(|(cfg, p)| (cfg.nt, cfg.nr, p.clone(), bind_group(ctx, p, &res()))).collect();
                 OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())) }
             })
             .collect();
-        MatmulOp { chunks, rows: self.rows as u64, cols: self.cols as u64, x_size: x.size(), y_size: y.size() }
+        // Elements of y that n tokens reach: the end of the last section's n rows.
+        let y_per_token: Vec<(u64, u64)> = sections.iter().map(|&(rows, offset)| (offset as u64, if pairs { rows as u64 / 2 } else { rows as u64 })).collect();
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, _mat_out: mat_out }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -594,7 +717,7 @@ impl GpuMatrix {
         let groups = self
             .chunks
             .iter()
-            .map(|c| bind_group(ctx, &p, &self.weight_bindings(c, vec![ids.as_entire_binding(), out.as_entire_binding(), step.as_entire_binding(), c.params.as_entire_binding()])))
+            .map(|c| bind_group(ctx, &p, &self.weight_bindings(c, [ids, out, step], None)))
             .collect();
         GetRowsOp { pipeline: p, groups, cols: self.cols as u64, out_size: out.size() }
     }
@@ -610,10 +733,12 @@ struct OpChunk {
 /// y = W x with bound buffers; see [`GpuMatrix::bind_matmul`].
 pub struct MatmulOp {
     chunks: Vec<OpChunk>,
-    rows: u64,
     cols: u64,
     x_size: u64,
     y_size: u64,
+    /// (element offset, elements per token) of each output section.
+    y_per_token: Vec<(u64, u64)>,
+    _mat_out: wgpu::Buffer,
 }
 
 impl MatmulOp {
@@ -631,7 +756,9 @@ impl MatmulOp {
         }
         let n = n_tokens as u64;
         assert!(n * self.cols * 4 <= self.x_size, "matmul: {n_tokens} tokens of {} columns overflow x ({} bytes)", self.cols, self.x_size);
-        assert!(n * self.rows * 4 <= self.y_size, "matmul: {n_tokens} tokens of {} rows overflow y ({} bytes)", self.rows, self.y_size);
+        for &(offset, per_token) in &self.y_per_token {
+            assert!((offset + n * per_token) * 4 <= self.y_size, "matmul: {n_tokens} tokens of {per_token} values from element {offset} overflow y ({} bytes)", self.y_size);
+        }
         let matvec = match kernel {
             Kernel::Auto => n_tokens <= MATVEC_MAX_TOKENS,
             Kernel::Matvec => true,

@@ -16,7 +16,8 @@ const RMS_NORM: &str = include_str!("../../shaders/rms_norm.wgsl");
 const ROPE_KV: &str = include_str!("../../shaders/rope_kv.wgsl");
 const ATTENTION_DECODE: &str = include_str!("../../shaders/attention_decode.wgsl");
 const ATTENTION_PREFILL: &str = include_str!("../../shaders/attention_prefill.wgsl");
-const GATED_ACT: &str = include_str!("../../shaders/gated_act.wgsl");
+const GATED_ACT: &str = concat!(include_str!("../../shaders/gated_act.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
+const ACT: &str = include_str!("../../shaders/act.wgsl");
 const RESIDUAL_ADD: &str = include_str!("../../shaders/residual_add.wgsl");
 const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
 const TOPK: &str = include_str!("../../shaders/topk.wgsl");
@@ -28,6 +29,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("attention_decode.wgsl", ATTENTION_DECODE),
     ("attention_prefill.wgsl", ATTENTION_PREFILL),
     ("gated_act.wgsl", GATED_ACT),
+    ("act.wgsl", ACT),
     ("residual_add.wgsl", RESIDUAL_ADD),
     ("argmax.wgsl", ARGMAX),
     ("topk.wgsl", TOPK),
@@ -57,6 +59,35 @@ pub(super) fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
     out
 }
 
+/// A storage buffer, or a byte range of one: q, k and v are ranges of one buffer that a single
+/// product fills (see `engine::gpu_forward`). A kernel that binds several ranges of one buffer
+/// must declare them all `read_write` (wgpu refuses one buffer bound read-only and read-write in
+/// one dispatch).
+#[derive(Clone, Copy, Debug)]
+pub struct BufRange<'a> {
+    pub buffer: &'a Buffer,
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl<'a> From<&'a Buffer> for BufRange<'a> {
+    fn from(buffer: &'a Buffer) -> Self {
+        BufRange { buffer, offset: 0, size: buffer.size() }
+    }
+}
+
+impl<'a> From<wgpu::BufferSlice<'a>> for BufRange<'a> {
+    fn from(s: wgpu::BufferSlice<'a>) -> Self {
+        BufRange { buffer: s.buffer(), offset: s.offset(), size: s.size() }
+    }
+}
+
+impl<'a> BufRange<'a> {
+    fn binding(self) -> wgpu::BindingResource<'a> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: self.buffer, offset: self.offset, size: std::num::NonZeroU64::new(self.size) })
+    }
+}
+
 /// One pipeline with its bind group, ready to dispatch.
 pub(super) struct Kernel {
     pipeline: Arc<ComputePipeline>,
@@ -67,8 +98,14 @@ impl Kernel {
     /// `entries` are (binding, buffer) for the bindings the entry point uses (the pipeline's
     /// layout is derived from the shader and holds only those).
     pub(super) fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
+        let ranges: Vec<(u32, BufRange)> = entries.iter().map(|&(binding, buf)| (binding, buf.into())).collect();
+        Self::with_ranges(ctx, key, src, entry, &ranges)
+    }
+
+    /// [`new`](Self::new) with buffer ranges.
+    pub(super) fn with_ranges(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, BufRange)]) -> Kernel {
         let pipeline = ctx.pipeline(key, src, entry);
-        let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, buf)| wgpu::BindGroupEntry { binding, resource: buf.as_entire_binding() }).collect();
+        let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, r)| wgpu::BindGroupEntry { binding, resource: r.binding() }).collect();
         let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
         Kernel { pipeline, bind }
     }
@@ -195,7 +232,8 @@ pub struct RopeKvOp {
 
 impl RopeKvOp {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(ctx: &GpuContext, q: &Buffer, k: &Buffer, v: &Buffer, cache_k: &Buffer, cache_v: &Buffer, shape: RopeShape, step: &Buffer) -> Self {
+    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, k: impl Into<BufRange<'a>>, v: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, shape: RopeShape, step: &Buffer) -> Self {
+        let (q, k, v) = (q.into(), k.into(), v.into());
         let RopeShape { n_head, n_head_kv, head_dim, rope_dim, base, freq_scale, neox } = shape;
         assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
         let kv_dim = n_head_kv * head_dim;
@@ -203,7 +241,7 @@ impl RopeKvOp {
         // As ember::cpu::ops::Rope::new: computed on the host so both backends share the bits.
         let theta_scale = base.powf(-2.0 / rope_dim as f32);
         let p = params(ctx, "rope_kv.params", &[n_head, n_head_kv, head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), neox as u32, n_ctx]);
-        let kernel = Kernel::new(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q), (1, k), (2, v), (3, cache_k), (4, cache_v), (5, &p), (6, step)]);
+        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q), (1, k), (2, v), (3, cache_k.into()), (4, cache_v.into()), (5, (&p).into()), (6, step.into())]);
         RopeKvOp { kernel, items: n_head * head_dim / 2 + kv_dim, _params: p }
     }
 
@@ -224,6 +262,16 @@ pub struct AttnShape {
 /// Most chunks a decode step's keys are split into (each at least 64 keys).
 pub const DECODE_MAX_CHUNKS: u32 = 64;
 
+/// Up to this many keys a decode step's attention is one dispatch, a workgroup per head group
+/// walking every key, rather than split over chunks and combined by a second dispatch.
+pub const SINGLE_PASS_MAX_KEYS: u32 = 256;
+
+/// [`SINGLE_PASS_MAX_KEYS`], or `EMBER_ATTN_SINGLE_MAX` (a tuning knob for `ember bench`).
+fn single_pass_max_keys() -> u32 {
+    static V: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("EMBER_ATTN_SINGLE_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(SINGLE_PASS_MAX_KEYS))
+}
+
 /// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
 /// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
@@ -242,6 +290,11 @@ pub const DECODE_MAX_CHUNKS: u32 = 64;
 pub struct AttentionOp {
     partial: Kernel,
     combine: Kernel,
+    /// One workgroup per head group over every key, no combine (short contexts).
+    single: Kernel,
+    /// Keys in the cache when the next decode step runs, if the caller said
+    /// ([`set_n_kv`](Self::set_n_kv)).
+    n_kv: std::cell::Cell<Option<u32>>,
     prefill: Kernel,
     n_head: u32,
     gq: u32,
@@ -253,7 +306,8 @@ pub struct AttentionOp {
 
 impl AttentionOp {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(ctx: &GpuContext, q: &Buffer, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
+    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
+        let q = q.into();
         let AttnShape { n_head, n_head_kv, head_dim } = shape;
         let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
         if !head_dim.is_multiple_of(8) || head_dim == 0 || head_dim > 512 {
@@ -268,7 +322,7 @@ impl AttentionOp {
             return unsupported(format!("the cache buffers hold fewer than {n_ctx} positions"));
         }
         let q_bytes = max_tokens as u64 * (n_head * head_dim) as u64 * 4;
-        if q.size() < q_bytes || out.size() < q_bytes {
+        if q.size < q_bytes || out.size() < q_bytes {
             return unsupported(format!("q or out holds fewer than {max_tokens} tokens"));
         }
         let shared = ctx.limits.max_compute_workgroup_storage_size;
@@ -295,13 +349,17 @@ impl AttentionOp {
         let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
         let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq)]);
         let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}");
-        let partial = Kernel::new(ctx, &format!("{key}.partial"), &src, "partial", &[(0, q), (1, cache_k), (2, cache_v), (3, &part_o), (4, &part_ml), (6, &decode_params), (7, step)]);
+        // `partial` and `single` share one function that writes either the partials or the
+        // output, so both bind all of them.
+        let attend = [(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
+        let partial = Kernel::with_ranges(ctx, &format!("{key}.partial"), &src, "partial", &attend);
         let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
+        let single = Kernel::with_ranges(ctx, &format!("{key}.single"), &src, "single", &attend);
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
-        let prefill = Kernel::new(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out), (4, &prefill_params), (5, step)]);
-        Ok(AttentionOp { partial, combine, prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
+        Ok(AttentionOp { partial, combine, single, n_kv: std::cell::Cell::new(None), prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -309,9 +367,19 @@ impl AttentionOp {
         self.n_chunks
     }
 
+    /// Tells the op how many keys the cache holds when the next recorded decode step runs
+    /// (the Step uniform's n_kv): up to [`SINGLE_PASS_MAX_KEYS`] it then records one dispatch
+    /// instead of two. Without it, or with None, the split kernel is recorded, right for any
+    /// count.
+    pub fn set_n_kv(&self, n_kv: Option<u32>) {
+        self.n_kv.set(n_kv);
+    }
+
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
-        if n_tokens == 1 {
+        if n_tokens == 1 && self.n_kv.get().is_some_and(|n| n <= single_pass_max_keys()) {
+            self.single.dispatch(pass, 1, self.n_head / self.gq);
+        } else if n_tokens == 1 {
             self.partial.dispatch(pass, self.n_chunks, self.n_head / self.gq);
             self.combine.dispatch(pass, self.n_head, 1);
         } else {
@@ -373,9 +441,9 @@ pub struct BiasOp {
 }
 
 impl BiasOp {
-    pub fn new(ctx: &GpuContext, x: &Buffer, bias: &Buffer, dim: u32, step: &Buffer) -> Self {
+    pub fn new<'a>(ctx: &GpuContext, x: impl Into<BufRange<'a>>, bias: &Buffer, dim: u32, step: &Buffer) -> Self {
         let p = params(ctx, "add_bias.params", &[dim, 0, 0, 0]);
-        let kernel = Kernel::new(ctx, "ops/add_bias", RESIDUAL_ADD, "bias", &[(0, x), (1, bias), (2, &p), (3, step)]);
+        let kernel = Kernel::with_ranges(ctx, "ops/add_bias", RESIDUAL_ADD, "bias", &[(0, x.into()), (1, bias.into()), (2, (&p).into()), (3, step.into())]);
         BiasOp { kernel, dim, _params: p }
     }
 
