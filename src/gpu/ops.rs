@@ -293,8 +293,9 @@ pub struct AttentionOp {
     /// One workgroup per head group over every key, no combine (short contexts).
     single: Kernel,
     /// Keys in the cache when the next decode step runs, if the caller said
-    /// ([`set_n_kv`](Self::set_n_kv)).
-    n_kv: std::cell::Cell<Option<u32>>,
+    /// ([`set_n_kv`](Self::set_n_kv)); u32::MAX when not. Atomic so that a session's commands
+    /// can be recorded on another thread (the hybrid's recorder).
+    n_kv: std::sync::atomic::AtomicU32,
     prefill: Kernel,
     n_head: u32,
     gq: u32,
@@ -359,7 +360,7 @@ impl AttentionOp {
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
         let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
-        Ok(AttentionOp { partial, combine, single, n_kv: std::cell::Cell::new(None), prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -372,12 +373,12 @@ impl AttentionOp {
     /// instead of two. Without it, or with None, the split kernel is recorded, right for any
     /// count.
     pub fn set_n_kv(&self, n_kv: Option<u32>) {
-        self.n_kv.set(n_kv);
+        self.n_kv.store(n_kv.unwrap_or(u32::MAX), std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
-        if n_tokens == 1 && self.n_kv.get().is_some_and(|n| n <= single_pass_max_keys()) {
+        if n_tokens == 1 && Some(self.n_kv.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n != u32::MAX).is_some_and(|n| n <= single_pass_max_keys()) {
             self.single.dispatch(pass, 1, self.n_head / self.gq);
         } else if n_tokens == 1 {
             self.partial.dispatch(pass, self.n_chunks, self.n_head / self.gq);
