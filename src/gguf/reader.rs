@@ -96,6 +96,14 @@ impl std::fmt::Debug for GgufFile {
     }
 }
 
+/// Whether `len` bytes take at most half of the memory the system has available (Linux's
+/// MemAvailable; false where unknown): only then is pre-faulting a whole file worth it.
+fn fits_in_memory(len: u64) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else { return false };
+    let available_kib = info.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok());
+    available_kib.is_some_and(|kib| len <= kib * 1024 / 2)
+}
+
 impl GgufFile {
     /// Maps and parses the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
@@ -104,7 +112,15 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; like every mmap-based loader we assume the file is not
         // truncated by another process while it is open.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let mut options = memmap2::MmapOptions::new();
+        if fits_in_memory(len) {
+            // Map every page up front. Sparse inference reads a few rows of cold neurons per
+            // token all over the file, and each first touch of a page was a page fault taken
+            // under the process's memory-map lock by many threads at once.
+            options.populate();
+        }
+        let map = unsafe { options.map(&file) }.map_err(io)?;
         Self::parse(Storage::Mapped(map))
     }
 
