@@ -147,14 +147,24 @@ impl Predictor {
     /// # Panics
     /// If `resid` is not `n_embd` long or `logits` not `n_ff` long.
     pub fn predict(&self, resid: &[f32], logits: &mut [f32]) {
-        assert_eq!(resid.len(), self.n_embd(), "predictor input length");
         assert_eq!(logits.len(), self.n_ff(), "predictor output length");
+        matvec(&self.fc2, &self.hidden(resid), logits);
+    }
+
+    /// `relu(fc1 · resid)`, the hidden units (rank of them): logit i is fc2's row i times
+    /// these, with them rounded as the CPU matmul rounds its activations for fc2's type (what
+    /// [`crate::cpu::sparse::RowProducts`] does), so logits can be taken row by row.
+    ///
+    /// # Panics
+    /// If `resid` is not `n_embd` long.
+    pub fn hidden(&self, resid: &[f32]) -> Vec<f32> {
+        assert_eq!(resid.len(), self.n_embd(), "predictor input length");
         let mut h = vec![0.0f32; self.rank()];
         matvec(&self.fc1, resid, &mut h);
         for v in &mut h {
             *v = v.max(0.0);
         }
-        matvec(&self.fc2, &h, logits);
+        h
     }
 
     /// Ascending ids of the neurons predicted active for `resid` (`out` is cleared first).
