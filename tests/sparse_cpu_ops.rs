@@ -672,22 +672,3 @@ fn ffn_over_ranges_refuses_a_candidate_outside_its_range() {
     // Every range lists neuron 0.
     sparse::ffn_over_ranges(&gate, &bundle, &Activations::new(&x, 1), ember::model::Activation::Relu, |_, out: &mut Vec<u32>| out.push(0), |_| true, &mut [0.0; 64]);
 }
-
-/// Row products one by one give the dense matmul's values.
-#[test]
-fn row_products_equal_the_dense_matmul() {
-    let mut rng = Rng(45);
-    for ty in TYPES {
-        for (rows, cols) in shapes(ty) {
-            let (w, _) = random_matrix(&mut rng, rows, cols, ty);
-            let x = rng.vec(cols);
-            let acts = Activations::new(&x, 1);
-            let mut dense = vec![0.0; rows];
-            matmul(&w, &acts, &mut dense);
-            let products = sparse::RowProducts::new(&w, &acts);
-            for r in (0..rows).rev() {
-                assert_eq!(products.dot(r).to_bits(), dense[r].to_bits(), "{ty} {rows}x{cols} row {r}");
-            }
-        }
-    }
-}

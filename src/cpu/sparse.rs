@@ -999,30 +999,6 @@ pub fn ffn_over_ranges(
     counts
 }
 
-/// One matrix's rows ready to be dotted, one by one, with one token at the default 8-bit
-/// precision: the value [`matmul`](super::matmul::matmul) gives for that row, bit for bit.
-/// For callers that pick their rows as they go (a predictor's output rows, range by range).
-pub struct RowProducts<'a> {
-    dots: RowDots<'a>,
-}
-
-impl<'a> RowProducts<'a> {
-    /// # Panics
-    /// If `acts` is not one token of `w.cols` values at [`Precision::Llama`], or `w` has a
-    /// type the CPU kernels do not compute with.
-    pub fn new(w: &'a Matrix, acts: &'a Activations<'_>) -> Self {
-        assert_eq!(acts.n_tokens, 1, "{}: row products take one token", w.name);
-        assert_eq!(acts.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, acts.cols, w.cols);
-        assert_eq!(acts.precision, Precision::Llama, "{}: row products one by one are 8-bit only", w.name);
-        RowProducts { dots: RowDots::new(w, &TokenForm::new(w.ty, acts)) }
-    }
-
-    #[inline]
-    pub fn dot(&self, r: usize) -> f32 {
-        self.dots.dot(r, &mut [])
-    }
-}
-
 /// Portable scalar twins of the row AXPY kernels: the same float operations in the same order,
 /// so the SIMD kernels must match them bit for bit.
 pub mod reference {

@@ -2,7 +2,7 @@
 //! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
 
 use crate::cpu::ops::activate;
-use crate::cpu::sparse::{axpy_rows, ffn_over_ranges, gated_ffn_rows, matvec_rows, matvec_rows_pair, transpose_matrix, NeuronBundle, RowProducts};
+use crate::cpu::sparse::{axpy_rows, ffn_over_ranges, gated_ffn_rows, matvec_rows, matvec_rows_pair, transpose_matrix, NeuronBundle};
 use crate::cpu::{matmul, Activations, Precision};
 use crate::model::{Activation, Matrix, Model};
 use crate::sparse::predictor::Predictors;
@@ -193,9 +193,9 @@ impl SparseFfn {
 
 impl SparseFfn {
     /// [`token`](Self::token) through the bundles: the neurons chosen range by range inside one
-    /// parallel region ([`ffn_over_ranges`]). In predict mode the predictor's hidden units are
-    /// computed first, then its logits range by range, and a predicted neuron whose activation
-    /// turns out zero costs its gate row only. Returns the neurons the mode selected (ReLU: the
+    /// parallel region ([`ffn_over_ranges`]). In predict mode the predictor's logits are
+    /// computed first, and a predicted neuron whose activation turns out zero costs its gate
+    /// row only. Returns the neurons the mode selected (ReLU: the
     /// firing ones; predict: the predicted ones).
     fn token_by_ranges(&self, model: &Model, il: usize, resid: &[f32], acts: &Activations, bundle: &NeuronBundle, out: &mut [f32]) -> usize {
         let layer = &model.layers[il];
@@ -204,10 +204,9 @@ impl SparseFfn {
         match self.mode {
             FfnMode::Predict => {
                 let p = &self.predictors.as_ref().expect("checked in new").layers[il];
-                let hidden = p.hidden(resid);
-                let hidden = Activations::new(&hidden, 1);
-                let logits = RowProducts::new(&p.fc2, &hidden);
-                let predicted = |range: std::ops::Range<usize>, list: &mut Vec<u32>| list.extend(range.filter(|&i| logits.dot(i) >= p.threshold).map(|i| i as u32));
+                let mut logits = vec![0.0f32; model.hp.n_ff];
+                p.predict(resid, &mut logits);
+                let predicted = |range: std::ops::Range<usize>, list: &mut Vec<u32>| list.extend(range.filter(|&i| logits[i] >= p.threshold).map(|i| i as u32));
                 ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, predicted, |g| activate(act, g) != 0.0, out).gated
             }
             FfnMode::Relu => ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, all, |g| g > 0.0, out).active,
