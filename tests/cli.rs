@@ -105,6 +105,23 @@ fn perplexity_scores_only_the_windows_asked_for() {
     }
 }
 
+/// `ember profile --windows A..B` profiles only those windows of the text.
+#[test]
+fn profile_counts_only_the_windows_asked_for() {
+    let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cli-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens_profiled = |windows: &str| {
+        let out_path = dir.join(format!("p{}.gguf", windows.replace('.', "_")));
+        let out = ember().args(["profile", "-m"]).arg(&model).arg("-f").arg(refs.join("ppl-text.txt")).args(["-c", "64", "--windows", windows, "-o"]).arg(&out_path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ember::sparse::profile::ActivationProfile::load(&out_path).unwrap().n_tokens()
+    };
+    assert_eq!(tokens_profiled("1..3"), 128);
+    assert_eq!(tokens_profiled("2..3"), 64);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bad_inputs_give_clear_errors_not_panics() {
     let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));
