@@ -853,9 +853,9 @@ impl NeuronBundle {
     }
 }
 
-/// Bytes between the bundle being read and the one being prefetched (into the first-level
-/// cache) in [`ffn_over_ranges`]: measured on the 2-core development machine, prefetching 8
-/// bundles of 1280 bytes ahead was 30% faster than 2 and as fast as 16.
+/// Bytes between the row (or bundle) being read and the one being prefetched in
+/// [`ffn_over_ranges`]: measured on the 2-core development machine, prefetching 8 bundles of
+/// 1280 bytes ahead was 30% faster than 2 and as fast as 16.
 const BUNDLE_PREFETCH_DISTANCE: usize = 12 * 1024;
 
 /// Neurons per range of [`ffn_over_ranges`] for an FFN of `n_ff` neurons: a function of `n_ff`
@@ -932,7 +932,10 @@ pub fn ffn_over_ranges(
     let up_dots = RowDots::at(bundle.up_rows(), &TokenForm::new(bundle.up.0, acts), &gate.name);
     let down = AxpyRows::at(bundle.down_rows(), &gate.name);
     let scratch_len = gate_dots.scratch_len().max(up_dots.scratch_len());
-    let gate_ahead = rows_ahead(gate.row_bytes(), 2);
+    // Predicted candidates leave gaps that the hardware prefetcher does not follow: measured on
+    // SmolLM2-135M at 75% predicted, 20 rows ahead took 6% less time than 6, and no
+    // prefetch at all 40% more.
+    let gate_ahead = (BUNDLE_PREFETCH_DISTANCE / gate.row_bytes().max(1)).clamp(2, 32);
     let bundle_ahead = (BUNDLE_PREFETCH_DISTANCE / bundle.stride).clamp(2, 16);
     let range_len = neuron_range_len(n_ff);
     let n_ranges = n_ff.div_ceil(range_len);
