@@ -121,4 +121,24 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
     assert!((mean - 0.5).abs() < 0.05, "mean density {mean}");
     let err = common::rel_err(&out, &dense);
     assert!(err > 0.0 && err < 0.25, "relative logit change {err}");
+
+    // A CPU session's way (bundles, ranges) keeps the same neurons, layer by layer; only the
+    // order of the down projection's sum differs. (Whole forward passes drift apart: a neuron
+    // at the threshold that flips drops a contribution of the threshold's size.)
+    let thresholds = calib.lock().unwrap().thresholds(0.5);
+    let unbundled = SparseFfn::new(&model, FfnMode::Threshold, None, thresholds.clone(), Precision::Llama, false).unwrap();
+    let bundled = SparseFfn::new(&model, FfnMode::Threshold, None, thresholds, Precision::Llama, false).unwrap().with_bundles(&model);
+    let (mut s1, mut s2) = (Default::default(), Default::default());
+    for (il, t) in [(0usize, 1u32), (7, 500), (hp.n_layer - 1, 9000)] {
+        let x = model.token_embd.row_f32(t as usize);
+        let mut xn = vec![0.0; hp.n_embd];
+        ember::cpu::ops::rms_norm(&x, &model.layers[il].ffn_norm, hp.rms_eps, &mut xn);
+        let (mut a, mut b) = (vec![0.0; hp.n_embd], vec![0.0; hp.n_embd]);
+        let na = unbundled.token(&model, il, &x, &xn, None, Precision::Llama, &mut s1, &mut a);
+        let nb = bundled.token(&model, il, &x, &xn, None, Precision::Llama, &mut s2, &mut b);
+        assert_eq!(na, nb, "layer {il}: neurons kept");
+        assert!(na > 0 && na < hp.n_ff, "layer {il}: {na} of {} kept", hp.n_ff);
+        let err = common::rel_err(&b, &a);
+        assert!(err < 1e-5, "layer {il}: by ranges vs over the matrices: relative difference {err}");
+    }
 }

@@ -12,6 +12,9 @@
 //!   sums added in chunk order), so the result is the same for any thread count.
 //! * [`transpose_matrix`] builds `down_t` from `down` at load time.
 //! * [`active_rows`] lists the neurons whose activation is positive.
+//! * [`NeuronBundle`] stores a layer's up and `down_t` rows neuron by neuron, and
+//!   [`ffn_over_ranges`] computes a whole FFN over them (gate, choice of neurons, up, down) in
+//!   one parallel region of fixed neuron ranges: how a CPU session runs the sparse modes.
 
 use super::matmul::{Activations, Precision};
 use crate::gguf::GgmlType;
