@@ -80,6 +80,48 @@ fn perplexity_prints_a_final_estimate() {
     assert!(ppl > 5.0 && ppl < 60.0, "{text}");
 }
 
+/// `--windows A..B` scores exactly those windows: their perplexity follows from the running
+/// estimates of a run over all the first B windows (every window scores as many tokens), and
+/// malformed or empty ranges are refused with the expected form.
+#[test]
+fn perplexity_scores_only_the_windows_asked_for() {
+    let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let run = |extra: &[&str]| {
+        let out = ember().args(["perplexity", "-m"]).arg(&model).arg("-f").arg(refs.join("ppl-text.txt")).args(["-c", "128"]).args(extra).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let final_ppl = |text: &str| -> f64 { text.split("PPL = ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap() };
+    let running = |text: &str, k: usize| -> f64 { text.split(&format!("[{k}]")).nth(1).unwrap().split(',').next().unwrap().parse().unwrap() };
+    let (ok, all, err) = run(&["--chunks", "3"]);
+    assert!(ok, "{err}");
+    let (ok, part, err) = run(&["--windows", "1..3"]);
+    assert!(ok, "{err}");
+    assert!(!part.contains("[1]") && part.contains("[2]") && part.contains("[3]") && !part.contains("[4]"), "{part}");
+    let want = ((3.0 * running(&all, 3).ln() - running(&all, 1).ln()) / 2.0).exp();
+    assert!((final_ppl(&part) / want - 1.0).abs() < 1e-3, "windows 1..3: {} vs {want} from {all}", final_ppl(&part));
+    for (bad, says) in [("3..1", "empty range"), ("two..5", "A..B"), ("500..", "none from window 500")] {
+        let (ok, _, err) = run(&["--windows", bad]);
+        assert!(!ok && err.contains(says), "--windows {bad}: {err}");
+    }
+}
+
+/// `ember profile --windows A..B` profiles only those windows of the text.
+#[test]
+fn profile_counts_only_the_windows_asked_for() {
+    let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cli-profile-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens_profiled = |windows: &str| {
+        let out_path = dir.join(format!("p{}.gguf", windows.replace('.', "_")));
+        let out = ember().args(["profile", "-m"]).arg(&model).arg("-f").arg(refs.join("ppl-text.txt")).args(["-c", "64", "--windows", windows, "-o"]).arg(&out_path).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ember::sparse::profile::ActivationProfile::load(&out_path).unwrap().n_tokens()
+    };
+    assert_eq!(tokens_profiled("1..3"), 128);
+    assert_eq!(tokens_profiled("2..3"), 64);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn bad_inputs_give_clear_errors_not_panics() {
     let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));

@@ -572,3 +572,103 @@ fn gated_ffn_rows_equals_the_unfused_operators() {
         }
     }
 }
+
+/// `ffn_over_ranges`'s documented order, from the unfused operators and the scalar row AXPY:
+/// per range of `neuron_range_len` neurons, the kept candidates' `act(g)·u·down_t[i]` in
+/// ascending order from zero, then the range sums added in range order.
+#[allow(clippy::too_many_arguments)]
+fn ranged_ffn_in_documented_order(
+    gate: &Matrix,
+    up: &Matrix,
+    down_t: &Matrix,
+    acts: &Activations,
+    act: ember::model::Activation,
+    candidates: &[u32],
+    keep: impl Fn(f32) -> bool,
+) -> (Vec<f32>, sparse::RangeCounts) {
+    let (n_ff, cols) = (gate.rows, down_t.cols);
+    let (mut g, mut u) = (vec![0.0; n_ff], vec![0.0; n_ff]);
+    matvec_rows_pair(gate, up, acts, candidates, &mut g, &mut u);
+    let range_len = sparse::neuron_range_len(n_ff);
+    let mut counts = sparse::RangeCounts { gated: candidates.len(), active: 0 };
+    let mut out: Option<Vec<f32>> = None;
+    for start in (0..n_ff).step_by(range_len) {
+        let mut acc = vec![0.0f32; cols];
+        for &i in candidates.iter().filter(|&&i| (start..start + range_len).contains(&(i as usize))) {
+            let i = i as usize;
+            if !keep(g[i]) {
+                continue;
+            }
+            counts.active += 1;
+            let h = ember::cpu::ops::activate(act, g[i]) * u[i];
+            if h == 0.0 {
+                continue;
+            }
+            let row = &down_t.bytes()[i * down_t.row_bytes()..(i + 1) * down_t.row_bytes()];
+            match down_t.ty {
+                GgmlType::F32 => sparse::reference::axpy_row_f32(bytemuck::cast_slice(row), h, &mut acc),
+                GgmlType::F16 => sparse::reference::axpy_row_f16(bytemuck::cast_slice(row), h, &mut acc),
+                GgmlType::Q8_0 => sparse::reference::axpy_row_q8_0(bytemuck::cast_slice(row), h, &mut acc),
+                GgmlType::Q4_0 => sparse::reference::axpy_row_q4_0(bytemuck::cast_slice(row), h, &mut acc),
+                _ => unreachable!(),
+            }
+        }
+        match &mut out {
+            None => out = Some(acc),
+            Some(o) => o.iter_mut().zip(&acc).for_each(|(a, b)| *a += b),
+        }
+    }
+    (out.unwrap_or_else(|| vec![0.0; cols]), counts)
+}
+
+/// The ranged FFN over bundled up/down rows gives its documented sum bit for bit, for any
+/// thread count, whichever neurons are candidates (all: `--ffn relu`; a subset: predicted),
+/// and counts the neurons it gated and kept.
+#[test]
+fn ffn_over_ranges_follows_its_documented_order_for_any_thread_count() {
+    use ember::model::Activation;
+    let mut rng = Rng(43);
+    // 1007 neurons make two ranges and a short one; 300 a single range.
+    for (ty, down_ty, n_ff, n_embd) in [(GgmlType::Q8_0, GgmlType::Q8_0, 1007, 96), (GgmlType::Q4_0, GgmlType::Q8_0, 2000, 64), (GgmlType::F16, GgmlType::F16, 300, 37), (GgmlType::Q4_1, GgmlType::Q4_0, 1100, 64)] {
+        let (gate, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (up, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (down_t, _) = random_matrix(&mut rng, n_ff, n_embd, down_ty);
+        let bundle = sparse::NeuronBundle::new(&up, &down_t);
+        assert_eq!(bundle.n_neurons(), n_ff);
+        assert!(bundle.n_bytes() >= up.n_bytes() + down_t.n_bytes());
+        let x = rng.vec(n_embd);
+        for precision in [Precision::Llama, Precision::F32] {
+            for (act, sparsity) in [(Activation::Relu, 0), (Activation::Relu, 60), (Activation::Silu, 0), (Activation::Silu, 90)] {
+                let candidates = random_subset(&mut rng, n_ff, sparsity);
+                let acts = Activations::new(&x, 1).with_precision(precision);
+                let keep = |g: f32| ember::cpu::ops::activate(act, g) != 0.0;
+                let (want, want_counts) = ranged_ffn_in_documented_order(&gate, &up, &down_t, &acts, act, &candidates, keep);
+                if act == Activation::Relu {
+                    // About half of the gates are negative: those neurons cost no up or down row.
+                    assert!(want_counts.active < want_counts.gated * 3 / 4 && want_counts.active > want_counts.gated / 4, "{want_counts:?}");
+                }
+                let list = |range: std::ops::Range<usize>, out: &mut Vec<u32>| out.extend(candidates.iter().copied().filter(|&i| range.contains(&(i as usize))));
+                for threads in [1, 2, 3] {
+                    let mut got = vec![f32::NAN; n_embd];
+                    let counts = pool(threads).install(|| sparse::ffn_over_ranges(&gate, &bundle, &acts, act, list, keep, &mut got));
+                    let what = format!("{ty}/{down_ty} {precision:?} {act:?} {sparsity}% threads {threads}");
+                    assert_eq!(counts, want_counts, "{what}");
+                    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{what}: {:?} vs {:?}", &got[..4], &want[..4]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+#[should_panic(expected = "outside its range")]
+fn ffn_over_ranges_refuses_a_candidate_outside_its_range() {
+    let mut rng = Rng(44);
+    let (gate, _) = random_matrix(&mut rng, 900, 64, GgmlType::Q8_0);
+    let (up, _) = random_matrix(&mut rng, 900, 64, GgmlType::Q8_0);
+    let (down_t, _) = random_matrix(&mut rng, 900, 64, GgmlType::Q8_0);
+    let bundle = sparse::NeuronBundle::new(&up, &down_t);
+    let x = rng.vec(64);
+    // Every range lists neuron 0.
+    sparse::ffn_over_ranges(&gate, &bundle, &Activations::new(&x, 1), ember::model::Activation::Relu, |_, out: &mut Vec<u32>| out.push(0), |_| true, &mut [0.0; 64]);
+}

@@ -22,38 +22,48 @@ fn session(model: &Arc<Model>, precision: Precision, ffn: Option<Arc<SparseFfn>>
 
 /// At f32 precision the transposed down matrix holds the dense weights exactly, so `relu` and
 /// `predict` with an always-on predictor differ from dense only in summation order: the same
-/// greedy tokens on every reference prompt, and the same tokens run after run.
+/// greedy tokens on every reference prompt, and the same tokens run after run. Both ways of
+/// running them: over the matrices (the hybrid's CPU side) and over the neuron bundles (a CPU
+/// session's, in ranges).
 #[test]
 fn relu_and_always_on_predict_give_the_dense_tokens_on_the_relu_model() {
     let Some(path) = common::relu_model() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let hp = &model.hp;
-    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
-    let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
-    let predict = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let prompts = common::ref_prompts();
     assert_eq!(prompts.len(), 6, "the six reference prompts");
     const N: usize = 10;
     let mut dense = session(&model, Precision::F32, None);
-    let mut sparse = session(&model, Precision::F32, Some(relu.clone()));
-    let mut pred = session(&model, Precision::F32, Some(predict));
-    for p in &prompts {
-        let want = common::greedy(&mut dense, p, N);
-        assert_eq!(common::greedy(&mut sparse, p, N), want, "relu, prompt {p:?}");
-        assert_eq!(common::greedy(&mut pred, p, N), want, "always-on predict, prompt {p:?}");
-    }
-    // The ReLU model leaves most neurons silent: relu mode computed about a quarter of them.
-    let density = sparse.ffn_stats.density(hp.n_ff);
-    let mean = density.iter().sum::<f64>() / density.len() as f64;
-    assert!((0.1..0.4).contains(&mean), "mean active fraction {mean}");
-    assert!(pred.ffn_stats.density(hp.n_ff).iter().all(|&d| d == 1.0));
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| common::greedy(&mut dense, p, N)).collect();
+    for bundled in [false, true] {
+        let build = |mode, predictors| {
+            let f = SparseFfn::new(&model, mode, predictors, Vec::new(), Precision::F32, false).unwrap();
+            Arc::new(if bundled { f.with_bundles(&model) } else { f })
+        };
+        let relu = build(FfnMode::Relu, None);
+        assert_eq!(relu.bundles.len(), if bundled { hp.n_layer } else { 0 });
+        let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
+        let predict = build(FfnMode::Predict, Some(always));
+        let mut sparse = session(&model, Precision::F32, Some(relu.clone()));
+        let mut pred = session(&model, Precision::F32, Some(predict));
+        for (p, want) in prompts.iter().zip(&want) {
+            assert_eq!(&common::greedy(&mut sparse, p, N), want, "relu, bundled {bundled}, prompt {p:?}");
+            assert_eq!(&common::greedy(&mut pred, p, N), want, "always-on predict, bundled {bundled}, prompt {p:?}");
+        }
+        // The ReLU model leaves most neurons silent: relu mode computed about a quarter of them.
+        let density = sparse.ffn_stats.density(hp.n_ff);
+        let mean = density.iter().sum::<f64>() / density.len() as f64;
+        assert!((0.1..0.4).contains(&mean), "mean active fraction {mean}, bundled {bundled}");
+        // Predict mode reports the neurons its predictor chose: every one.
+        assert!(pred.ffn_stats.density(hp.n_ff).iter().all(|&d| d == 1.0));
 
-    // Deterministic: a fresh session gives bit-identical logits.
-    let mut again = session(&model, Precision::F32, Some(relu));
-    sparse.reset();
-    let a = sparse.forward(&prompts[0], Logits::All).unwrap();
-    let b = again.forward(&prompts[0], Logits::All).unwrap();
-    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+        // Deterministic: a fresh session gives bit-identical logits.
+        let mut again = session(&model, Precision::F32, Some(relu));
+        sparse.reset();
+        let a = sparse.forward(&prompts[0], Logits::All).unwrap();
+        let b = again.forward(&prompts[0], Logits::All).unwrap();
+        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "bundled {bundled}");
+    }
 }
 
 /// At the default 8-bit precision the dense path quantises the FFN's hidden vector before the
@@ -62,15 +72,18 @@ fn relu_and_always_on_predict_give_the_dense_tokens_on_the_relu_model() {
 fn relu_mode_at_llama_precision_stays_close_to_dense() {
     let Some(path) = common::relu_model() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
-    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).unwrap());
+    let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).unwrap();
+    let bundled = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::Llama, false).unwrap().with_bundles(&model));
     let prompt = &common::ref_prompts()[0];
     let d = session(&model, Precision::Llama, None).forward(prompt, Logits::All).unwrap();
-    let s = session(&model, Precision::Llama, Some(relu)).forward(prompt, Logits::All).unwrap();
     let exact = session(&model, Precision::F32, None).forward(prompt, Logits::All).unwrap();
-    // The 8-bit dense path's own distance from f32 arithmetic is the scale of what is allowed.
-    let (sparse_err, dense_err) = (common::rel_err(&s, &exact), common::rel_err(&d, &exact));
-    eprintln!("relative logit error vs f32 dense: relu {sparse_err}, dense {dense_err}; relu vs dense {}", common::rel_err(&s, &d));
-    assert!(sparse_err > 0.0 && sparse_err < 1.5 * dense_err, "relu {sparse_err} vs dense {dense_err}");
+    for (what, ffn) in [("matrices", Arc::new(relu)), ("bundles", bundled)] {
+        let s = session(&model, Precision::Llama, Some(ffn)).forward(prompt, Logits::All).unwrap();
+        // The 8-bit dense path's own distance from f32 arithmetic is the scale of what is allowed.
+        let (sparse_err, dense_err) = (common::rel_err(&s, &exact), common::rel_err(&d, &exact));
+        eprintln!("relative logit error vs f32 dense: relu ({what}) {sparse_err}, dense {dense_err}; relu vs dense {}", common::rel_err(&s, &d));
+        assert!(sparse_err > 0.0 && sparse_err < 1.5 * dense_err, "relu ({what}) {sparse_err} vs dense {dense_err}");
+    }
 }
 
 #[test]
@@ -108,6 +121,26 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
     assert!((mean - 0.5).abs() < 0.05, "mean density {mean}");
     let err = common::rel_err(&out, &dense);
     assert!(err > 0.0 && err < 0.25, "relative logit change {err}");
+
+    // A CPU session's way (bundles, ranges) keeps the same neurons, layer by layer; only the
+    // order of the down projection's sum differs. (Whole forward passes drift apart: a neuron
+    // at the threshold that flips drops a contribution of the threshold's size.)
+    let thresholds = calib.lock().unwrap().thresholds(0.5);
+    let unbundled = SparseFfn::new(&model, FfnMode::Threshold, None, thresholds.clone(), Precision::Llama, false).unwrap();
+    let bundled = SparseFfn::new(&model, FfnMode::Threshold, None, thresholds, Precision::Llama, false).unwrap().with_bundles(&model);
+    let (mut s1, mut s2) = (Default::default(), Default::default());
+    for (il, t) in [(0usize, 1u32), (7, 500), (hp.n_layer - 1, 9000)] {
+        let x = model.token_embd.row_f32(t as usize);
+        let mut xn = vec![0.0; hp.n_embd];
+        ember::cpu::ops::rms_norm(&x, &model.layers[il].ffn_norm, hp.rms_eps, &mut xn);
+        let (mut a, mut b) = (vec![0.0; hp.n_embd], vec![0.0; hp.n_embd]);
+        let na = unbundled.token(&model, il, &x, &xn, None, Precision::Llama, &mut s1, &mut a);
+        let nb = bundled.token(&model, il, &x, &xn, None, Precision::Llama, &mut s2, &mut b);
+        assert_eq!(na, nb, "layer {il}: neurons kept");
+        assert!(na > 0 && na < hp.n_ff, "layer {il}: {na} of {} kept", hp.n_ff);
+        let err = common::rel_err(&b, &a);
+        assert!(err < 1e-5, "layer {il}: by ranges vs over the matrices: relative difference {err}");
+    }
 }
 
 /// The hybrid executor's cold neurons on a spinning team: the same neurons and numbers as

@@ -494,3 +494,31 @@ fn real_relu_model_zero_fraction_matches_its_card() {
     assert!((0.70..0.83).contains(&mean), "mean zero fraction {mean}");
     assert!(per.iter().all(|&z| (0.5..0.95).contains(&z)), "{per:?}");
 }
+
+/// A Q8_0 predictor's logits (fc1 by 8-bit integer dots, then the transposed fc2's rows of
+/// the non-zero hidden units summed) stay close to `fc2 · relu(fc1 · x)` over its own
+/// dequantised weights in f64: the re-quantised transpose and the 8-bit input cost little.
+#[test]
+fn q8_0_predictor_logits_follow_the_f64_formula() {
+    let mut rng = Rng(18);
+    let (rank, d, ff) = (64, 96, 160);
+    let (a, b) = predictor_values(&mut rng, rank, d, ff);
+    let p = Predictor::from_f32(&a, &b, rank, d, ff, 0.0, GgmlType::Q8_0).unwrap();
+    assert_eq!((p.fc1.ty, p.fc2.ty), (GgmlType::Q8_0, GgmlType::Q8_0));
+    assert!(p.cpu_bytes() >= p.n_bytes() * 9 / 10 && p.cpu_bytes() <= p.n_bytes() * 11 / 10, "{} vs {}", p.cpu_bytes(), p.n_bytes());
+    let w1: Vec<f32> = (0..rank).flat_map(|r| p.fc1.row_f32(r)).collect();
+    let w2: Vec<f32> = (0..ff).flat_map(|i| p.fc2.row_f32(i)).collect();
+    for _ in 0..4 {
+        let x = rng.vec(d);
+        let h: Vec<f64> = (0..rank).map(|r| (0..d).map(|j| w1[r * d + j] as f64 * x[j] as f64).sum::<f64>().max(0.0)).collect();
+        // Some hidden units are silenced by the ReLU, so the sum skips rows.
+        assert!(h.contains(&0.0) && h.iter().any(|&v| v > 0.0));
+        let want: Vec<f64> = (0..ff).map(|i| (0..rank).map(|r| w2[i * rank + r] as f64 * h[r]).sum()).collect();
+        let mut got = vec![0.0; ff];
+        p.predict(&x, &mut got);
+        let scale = want.iter().map(|v| v * v).sum::<f64>().sqrt() / (ff as f64).sqrt();
+        for i in 0..ff {
+            assert!((want[i] - got[i] as f64).abs() < 0.03 * scale, "neuron {i}: {} vs {}", got[i], want[i]);
+        }
+    }
+}

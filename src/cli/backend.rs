@@ -47,7 +47,7 @@ fn open_cpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
     }
     let mut s = Session::new(model.clone(), n_ctx);
     s.precision = args.precision.into();
-    if let Some(f) = sparse_ffn(args, &model)? {
+    if let Some(f) = sparse_ffn(args, &model, true)? {
         s = s.with_ffn(f);
     }
     Ok(Box::new(s))
@@ -115,7 +115,7 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             (ffn, sim.counts(), Some(sim))
         }
         None => {
-            let ffn = sparse_ffn(args, &model)?.expect("a sparse mode");
+            let ffn = sparse_ffn(args, &model, false)?.expect("a sparse mode");
             (ffn, load_counts(args, &model, budget.is_some())?, None)
         }
     };
@@ -202,8 +202,9 @@ fn load_counts(args: &ModelArgs, model: &Model, needed: bool) -> Result<Vec<Vec<
     }
 }
 
-/// The neuron-aware FFN the flags ask for (None for `--ffn dense`).
-pub fn sparse_ffn(args: &ModelArgs, model: &Arc<Model>) -> Result<Option<Arc<SparseFfn>>> {
+/// The neuron-aware FFN the flags ask for (None for `--ffn dense`); `for_cpu` adds the neuron
+/// bundles a CPU session reads.
+pub fn sparse_ffn(args: &ModelArgs, model: &Arc<Model>, for_cpu: bool) -> Result<Option<Arc<SparseFfn>>> {
     let mode = FfnMode::from(args.ffn);
     if mode == FfnMode::Dense {
         return Ok(None);
@@ -216,7 +217,10 @@ pub fn sparse_ffn(args: &ModelArgs, model: &Arc<Model>) -> Result<Option<Arc<Spa
         FfnMode::Threshold => calibrate_thresholds(args, model)?,
         _ => Vec::new(),
     };
-    let ffn = SparseFfn::new(model, mode, predictors, thresholds, args.precision.into(), true)?;
+    let mut ffn = SparseFfn::new(model, mode, predictors, thresholds, args.precision.into(), true)?;
+    if for_cpu {
+        ffn = ffn.with_bundles(model);
+    }
     Ok(Some(Arc::new(ffn)))
 }
 

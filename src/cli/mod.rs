@@ -229,6 +229,19 @@ pub fn main_with(cli: Cli) -> Result<()> {
 }
 
 /// Loads the model and its tokenizer, printing one line about them to stderr.
+/// `--windows A..B`: window numbers from A (0 = the first) up to B excluded; `A..` runs to
+/// the end of the text, `..B` starts at the first.
+pub(crate) fn parse_windows(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
+    let bad = || format!("{s:?}: give windows as A..B (A included, B excluded), A.. or ..B");
+    let (a, b) = s.split_once("..").ok_or_else(bad)?;
+    let a = if a.is_empty() { 0 } else { a.trim().parse().map_err(|_| bad())? };
+    let b = if b.is_empty() { usize::MAX } else { b.trim().parse().map_err(|_| bad())? };
+    if a >= b {
+        return Err(format!("{s:?}: an empty range of windows"));
+    }
+    Ok(a..b)
+}
+
 pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
     let start = std::time::Instant::now();
     let model = crate::model::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;

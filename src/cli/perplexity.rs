@@ -2,7 +2,7 @@
 
 use super::Result;
 use super::ModelArgs;
-use crate::engine::perplexity::score;
+use crate::engine::perplexity::score_windows;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -19,6 +19,10 @@ pub struct PerplexityArgs {
     /// Score at most this many windows (0 = all)
     #[arg(long, default_value_t = 0)]
     pub chunks: usize,
+    /// Score only windows A..B (0-based, B excluded; A.. or ..B): a held-out part of a text
+    /// whose other windows trained something (`ember profile --windows`)
+    #[arg(long, value_parser = super::parse_windows)]
+    pub windows: Option<std::ops::Range<usize>>,
 }
 
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
@@ -33,13 +37,17 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
         eprintln!("ember: {} tokens, windows of {}, scoring the second half of each", tokens.len(), a.ctx_size);
         let mut session = super::backend::open(&a.model, model, a.ctx_size)?;
         let start = std::time::Instant::now();
-        let p = score(session.as_mut(), &tokens, a.ctx_size, a.chunks, |c, ppl| {
+        let mut windows = a.windows.clone().unwrap_or(0..usize::MAX);
+        if a.chunks > 0 {
+            windows.end = windows.end.min(windows.start.saturating_add(a.chunks));
+        }
+        let p = score_windows(session.as_mut(), &tokens, a.ctx_size, windows, |c, ppl| {
             print!("[{}]{ppl:.4},", c + 1);
             use std::io::Write;
             let _ = std::io::stdout().flush();
         })?;
         println!();
-        eprintln!("ember: {} windows in {:.1} s", p.running.len(), start.elapsed().as_secs_f64());
+        eprintln!("ember: {} windows in {:.1} s{}", p.running.len(), start.elapsed().as_secs_f64(), a.windows.as_ref().map_or(String::new(), |w| format!(" (windows from {})", w.start)));
         println!("Final estimate: PPL = {:.4} +/- {:.5}", p.ppl, p.err);
         Ok(())
     })

@@ -37,6 +37,10 @@ pub struct ProfileArgs {
     /// Profile at most this many windows per file (0 = all)
     #[arg(long, default_value_t = 0)]
     pub chunks: usize,
+    /// Profile only windows A..B of each file (0-based, B excluded; A.. or ..B), e.g. the first
+    /// half of a text whose second half then measures predictors (`ember perplexity --windows`)
+    #[arg(long, value_parser = super::parse_windows)]
+    pub windows: Option<std::ops::Range<usize>>,
     /// Parse special tokens written in the text (e.g. ChatML's <|im_start|>) as tokens
     #[arg(long)]
     pub parse_special: bool,
@@ -146,11 +150,13 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         let mut windows: Vec<Vec<u32>> = Vec::new();
         for (file, text) in &texts {
             let tokens = tokenizer.encode(text, true, a.parse_special)?;
-            let mut w: Vec<Vec<u32>> = tokens.chunks(a.ctx_size).filter(|c| c.len() >= 2).map(<[u32]>::to_vec).collect();
+            let range = a.windows.clone().unwrap_or(0..usize::MAX);
+            let first = range.start;
+            let mut w: Vec<Vec<u32>> = tokens.chunks(a.ctx_size).filter(|c| c.len() >= 2).map(<[u32]>::to_vec).take(range.end).skip(first).collect();
             if a.chunks > 0 {
                 w.truncate(a.chunks);
             }
-            eprintln!("ember: {}: {} tokens, {} windows of up to {}", file.display(), tokens.len(), w.len(), a.ctx_size);
+            eprintln!("ember: {}: {} tokens, {} windows of up to {} (from window {first})", file.display(), tokens.len(), w.len(), a.ctx_size);
             windows.extend(w);
         }
         let total: usize = windows.iter().map(Vec::len).sum();

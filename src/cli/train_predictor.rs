@@ -22,7 +22,8 @@ How recall and rank are chosen:
   per-neuron biases. All biases move by one amount, set on a validation split (15% of the
   tokens), until --recall of the firing neurons are predicted; the stored threshold stays 0.
   More recall always costs more predicted-active neurons, so the rank kept per layer is the one
-  whose predictor plus predicted-active neurons cost the fewest multiply-adds (FFN work).
+  whose predictor plus predicted-active neurons cost the fewest multiply-adds (FFN work: a
+  predicted neuron costs its gate row; up and down rows only when the gate lets it through).
   The table reports a held-out test split (another 15%): recall, precision, predicted vs truly
   active neurons, and the FFN work relative to the dense FFN.
 
@@ -45,7 +46,7 @@ pub struct TrainPredictorArgs {
     #[arg(short = 'o', long = "output")]
     pub output: Option<PathBuf>,
     /// Ranks (hidden sizes) to try, ascending, comma-separated
-    #[arg(long, value_delimiter = ',', default_value = "32,64,128,256")]
+    #[arg(long, value_delimiter = ',', default_value = "32,64,96,128")]
     pub ranks: Vec<usize>,
     /// Also measure the trained predictors on every token of these samples (e.g. another text)
     #[arg(long = "eval")]
@@ -66,7 +67,7 @@ pub struct TrainPredictorArgs {
     #[arg(long = "pos-weight", default_value_t = 6.0)]
     pub pos_weight: f32,
     /// Storage type of the predictor matrices
-    #[arg(long = "type", value_enum, default_value = "f16")]
+    #[arg(long = "type", value_enum, default_value = "q8_0")]
     pub ty: PredictorType,
     /// Start from the model's gates, or from random weights (-m then only checks shapes)
     #[arg(long, value_enum, default_value = "gate")]

@@ -31,7 +31,8 @@ impl<'a> Activations<'a> {
         self
     }
 
-    fn q8_0(&self) -> &[BlockQ8_0] {
+    /// The token(s) quantised to Q8_0, once (also read by the sparse row products).
+    pub(crate) fn q8_0(&self) -> &[BlockQ8_0] {
         self.q8_0.get_or_init(|| {
             let mut y = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; self.x.len() / 32];
             quant::quantize_row_q8_0(self.x, &mut y);
@@ -39,7 +40,7 @@ impl<'a> Activations<'a> {
         })
     }
 
-    fn q8_1(&self) -> &[BlockQ8_1] {
+    pub(crate) fn q8_1(&self) -> &[BlockQ8_1] {
         self.q8_1.get_or_init(|| {
             let mut y = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] }; self.x.len() / 32];
             quant::quantize_row_q8_1(self.x, &mut y);
@@ -47,7 +48,7 @@ impl<'a> Activations<'a> {
         })
     }
 
-    fn half(&self) -> &[f16] {
+    pub(crate) fn half(&self) -> &[f16] {
         self.half.get_or_init(|| self.x.iter().map(|&v| f16::from_f32(v)).collect())
     }
 }

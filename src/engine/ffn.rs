@@ -2,7 +2,7 @@
 //! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
 
 use crate::cpu::ops::activate;
-use crate::cpu::sparse::{axpy_rows, gated_ffn_rows, matvec_rows, matvec_rows_pair, transpose_matrix};
+use crate::cpu::sparse::{axpy_rows, ffn_over_ranges, gated_ffn_rows, matvec_rows, matvec_rows_pair, transpose_matrix, NeuronBundle};
 use crate::cpu::{matmul, Activations, Precision};
 use crate::model::{Activation, Matrix, Model};
 use crate::sparse::predictor::Predictors;
@@ -45,6 +45,9 @@ pub struct SparseFfn {
     pub predictors: Option<Arc<Predictors>>,
     /// Per layer |act(gate)| thresholds ([`FfnMode::Threshold`]).
     pub thresholds: Vec<f32>,
+    /// Per layer, up and `down_t` rows neuron by neuron ([`Self::with_bundles`]); empty when
+    /// not built. CPU sessions use them; the hybrid's CPU side reads the matrices.
+    pub bundles: Vec<NeuronBundle>,
 }
 
 /// Per-token buffers of the sparse FFN, reused across tokens.
@@ -101,7 +104,15 @@ impl SparseFfn {
             p.check_model(hp).map_err(|e| FfnError::PredictorShape(e.to_string()))?;
         }
         let down_t = transposed_downs(model, precision, progress)?;
-        Ok(SparseFfn { mode, down_t, predictors, thresholds })
+        Ok(SparseFfn { mode, down_t, predictors, thresholds, bundles: Vec::new() })
+    }
+
+    /// Adds the per-neuron bundles of up and `down_t` rows that the CPU path reads (another
+    /// copy of two thirds of the FFN weights), so that a CPU session's tokens run through
+    /// [`ffn_over_ranges`].
+    pub fn with_bundles(mut self, model: &Model) -> Self {
+        self.bundles = model.layers.par_iter().zip(&self.down_t).map(|(l, down_t)| NeuronBundle::new(&l.ffn_up, down_t)).collect();
+        self
     }
 
     /// One token's FFN output for layer `il` (overwrites `out`, n_embd values) from its
@@ -123,6 +134,9 @@ impl SparseFfn {
         s.gate.resize(ff, 0.0);
         s.active.clear();
         let acts = Activations::new(xn, 1).with_precision(precision);
+        if let (Some(bundle), None, None) = (self.bundles.get(il), owned, given) {
+            return self.token_by_ranges(model, il, resid, &acts, bundle, out);
+        }
         match self.mode {
             FfnMode::Dense | FfnMode::Relu | FfnMode::Threshold => {
                 match owned {
@@ -174,6 +188,34 @@ impl SparseFfn {
             axpy_rows(&self.down_t[il], &s.h, &s.active, out);
         }
         s.active.len()
+    }
+}
+
+impl SparseFfn {
+    /// [`token`](Self::token) through the bundles: the neurons chosen range by range inside one
+    /// parallel region ([`ffn_over_ranges`]). In predict mode the predictor's logits are
+    /// computed first, and a predicted neuron whose activation turns out zero costs its gate
+    /// row only. Returns the neurons the mode selected (ReLU: the
+    /// firing ones; predict: the predicted ones).
+    fn token_by_ranges(&self, model: &Model, il: usize, resid: &[f32], acts: &Activations, bundle: &NeuronBundle, out: &mut [f32]) -> usize {
+        let layer = &model.layers[il];
+        let act = model.hp.activation;
+        let all = |range: std::ops::Range<usize>, list: &mut Vec<u32>| list.extend(range.start as u32..range.end as u32);
+        match self.mode {
+            FfnMode::Predict => {
+                let p = &self.predictors.as_ref().expect("checked in new").layers[il];
+                let mut logits = vec![0.0f32; model.hp.n_ff];
+                p.predict(resid, &mut logits);
+                let predicted = |range: std::ops::Range<usize>, list: &mut Vec<u32>| list.extend(range.filter(|&i| logits[i] >= p.threshold).map(|i| i as u32));
+                ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, predicted, |g| activate(act, g) != 0.0, out).gated
+            }
+            FfnMode::Relu => ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, all, |g| g > 0.0, out).active,
+            FfnMode::Threshold => {
+                let thr = self.thresholds[il];
+                ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, all, |g| activate(act, g).abs() > thr, out).active
+            }
+            FfnMode::Dense => ffn_over_ranges(&layer.ffn_gate, bundle, acts, act, all, |_| true, out).active,
+        }
     }
 }
 

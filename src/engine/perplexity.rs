@@ -7,8 +7,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum PerplexityError {
-    #[error("the text has {tokens} tokens, fewer than one window of {n_ctx}")]
-    TooShort { tokens: usize, n_ctx: usize },
+    #[error("the text has {tokens} tokens: {available} whole windows of {n_ctx}, none from window {first} on")]
+    NoWindows { tokens: usize, n_ctx: usize, available: usize, first: usize },
     #[error(transparent)]
     Forward(#[from] ForwardError),
 }
@@ -20,20 +20,28 @@ pub struct Perplexity {
     pub running: Vec<f64>,
 }
 
-/// Scores `tokens` in windows of `n_ctx`; `progress` sees each running estimate.
-pub fn score(session: &mut dyn Forward, tokens: &[u32], n_ctx: usize, max_chunks: usize, mut progress: impl FnMut(usize, f64)) -> Result<Perplexity, PerplexityError> {
+/// Scores `tokens` in windows of `n_ctx` (at most `max_chunks` of them, 0 = all); `progress`
+/// sees each running estimate.
+pub fn score(session: &mut dyn Forward, tokens: &[u32], n_ctx: usize, max_chunks: usize, progress: impl FnMut(usize, f64)) -> Result<Perplexity, PerplexityError> {
+    let end = if max_chunks > 0 { max_chunks } else { usize::MAX };
+    score_windows(session, tokens, n_ctx, 0..end, progress)
+}
+
+/// [`score`] over the windows numbered `windows` (0 is the first; the range is cut to the
+/// windows the text has): how a text is split into a part that trains something (e.g.
+/// predictors, `ember profile --windows`) and a held-out part that measures it.
+pub fn score_windows(session: &mut dyn Forward, tokens: &[u32], n_ctx: usize, windows: std::ops::Range<usize>, mut progress: impl FnMut(usize, f64)) -> Result<Perplexity, PerplexityError> {
     let n_vocab = session.model().hp.n_vocab;
-    let mut n_chunks = tokens.len() / n_ctx;
-    if max_chunks > 0 {
-        n_chunks = n_chunks.min(max_chunks);
-    }
-    if n_chunks == 0 {
-        return Err(PerplexityError::TooShort { tokens: tokens.len(), n_ctx });
+    let available = tokens.len() / n_ctx;
+    let asked = windows.start;
+    let windows = windows.start.min(available)..windows.end.min(available);
+    if windows.is_empty() {
+        return Err(PerplexityError::NoWindows { tokens: tokens.len(), n_ctx, available, first: asked });
     }
     let first = n_ctx / 2;
     let (mut nll, mut nll2, mut count) = (0.0f64, 0.0f64, 0usize);
     let mut running = Vec::new();
-    for c in 0..n_chunks {
+    for c in windows {
         let window = &tokens[c * n_ctx..(c + 1) * n_ctx];
         session.reset();
         let logits = session.forward(window, Logits::All)?;

@@ -56,6 +56,11 @@ pub struct Predictor {
     pub fc1: Matrix,
     /// n_ff rows x r columns.
     pub fc2: Matrix,
+    /// `fc2` transposed (r rows of n_ff), which the CPU evaluates: the logits are the sum of
+    /// the rows of the non-zero hidden units, so a hidden unit that the ReLU silences (about
+    /// half of them) costs nothing, and each row is a long, vectorised AXPY instead of n_ff
+    /// short dot products. Stored as [`Matrix::transpose_type`] of fc2's type (Q8_0 for Q8_0).
+    fc2_t: Matrix,
     /// A neuron is predicted active when its logit is >= this.
     pub threshold: f32,
 }
@@ -90,7 +95,8 @@ impl Predictor {
         if threshold.is_nan() {
             return Err("threshold is NaN".into());
         }
-        Ok(Predictor { fc1, fc2, threshold })
+        let fc2_t = crate::cpu::sparse::transpose_matrix(&fc2, fc2.transpose_type()).map_err(|e| e.to_string())?;
+        Ok(Predictor { fc1, fc2, fc2_t, threshold })
     }
 
     /// A predictor from row-major values: `fc1` r x n_embd, `fc2` n_ff x r, stored as `ty`
@@ -132,9 +138,15 @@ impl Predictor {
         self.fc2.rows
     }
 
-    /// Bytes of both matrices.
+    /// Bytes of both matrices as stored.
     pub fn n_bytes(&self) -> usize {
         self.fc1.n_bytes() + self.fc2.n_bytes()
+    }
+
+    /// Bytes the CPU reads per token at most: fc1, and the transposed fc2 (of which only the
+    /// rows of non-zero hidden units are read).
+    pub fn cpu_bytes(&self) -> usize {
+        self.fc1.n_bytes() + self.fc2_t.n_bytes()
     }
 
     /// Multiply-adds per token.
@@ -142,19 +154,33 @@ impl Predictor {
         self.rank() * (self.n_embd() + self.n_ff())
     }
 
-    /// The logits `fc2 · relu(fc1 · resid)`, `n_ff` of them. Runs on the calling thread.
+    /// The logits `fc2 · relu(fc1 · resid)`, `n_ff` of them: `fc1`'s products as the CPU
+    /// matmul computes them (input rounded to the weights' activation format), then the rows
+    /// of `fc2`'s transpose for the non-zero hidden units summed in order
+    /// ([`crate::cpu::sparse::axpy_rows`]). Training measures predictors with this very
+    /// function, so thresholds hold at inference.
     ///
     /// # Panics
     /// If `resid` is not `n_embd` long or `logits` not `n_ff` long.
     pub fn predict(&self, resid: &[f32], logits: &mut [f32]) {
-        assert_eq!(resid.len(), self.n_embd(), "predictor input length");
         assert_eq!(logits.len(), self.n_ff(), "predictor output length");
+        let hidden = self.hidden(resid);
+        let firing: Vec<u32> = (0..hidden.len() as u32).filter(|&u| hidden[u as usize] != 0.0).collect();
+        crate::cpu::sparse::axpy_rows(&self.fc2_t, &hidden, &firing, logits);
+    }
+
+    /// `relu(fc1 · resid)`, the hidden units (rank of them).
+    ///
+    /// # Panics
+    /// If `resid` is not `n_embd` long.
+    pub fn hidden(&self, resid: &[f32]) -> Vec<f32> {
+        assert_eq!(resid.len(), self.n_embd(), "predictor input length");
         let mut h = vec![0.0f32; self.rank()];
         matvec(&self.fc1, resid, &mut h);
         for v in &mut h {
             *v = v.max(0.0);
         }
-        matvec(&self.fc2, &h, logits);
+        h
     }
 
     /// Ascending ids of the neurons predicted active for `resid` (`out` is cleared first).

@@ -27,7 +27,8 @@
 //! Rank: a lower bias buys any recall by calling more neurons active, so recall alone cannot
 //! choose a rank. For each rank tried (small to large) the bias shift is set on the validation
 //! split to reach the recall target; the rank kept is the one needing the least FFN work per
-//! token (predictor multiply-adds plus 3·n_embd per predicted-active neuron), and the ladder
+//! token (predictor multiply-adds, n_embd per predicted-active neuron for its gate, 2·n_embd
+//! more per firing one for up and down: see [`relative_work`]), and the ladder
 //! stops at the first rank that needs more work than the best so far. Reported numbers come
 //! from a third, held-out split, computed by the stored (rounded) predictor itself.
 //!
@@ -92,7 +93,7 @@ impl Default for TrainOptions {
     fn default() -> Self {
         TrainOptions {
             recall: 0.99,
-            ranks: vec![32, 64, 128, 256],
+            ranks: vec![32, 64, 96, 128],
             epochs: 8,
             lr: 2e-2,
             batch: 256,
@@ -100,7 +101,7 @@ impl Default for TrainOptions {
             val_fraction: 0.15,
             test_fraction: 0.15,
             seed: 1,
-            ty: GgmlType::F16,
+            ty: GgmlType::Q8_0,
             init: Init::Gate,
         }
     }
@@ -165,12 +166,17 @@ pub struct LayerReport {
     pub seconds: f64,
 }
 
-/// FFN multiply-adds per token with a predictor of `rank` calling `active` of the neurons
-/// (each costs a gate row, an up row and a down column: 3·n_embd), relative to the dense
-/// FFN's 3·n_embd·n_ff.
-pub fn relative_work(rank: usize, n_embd: usize, n_ff: usize, active: f64) -> f64 {
+/// FFN work per token (multiply-adds, which on the CPU are bytes read: every weight is read
+/// once) with a predictor of `rank` that calls `predicted` of the neurons active when `truth`
+/// of them fire, relative to the dense FFN's 3·n_embd·n_ff. The predictor costs
+/// rank·(n_embd + n_ff); each predicted neuron costs its gate row (n_embd), and only those
+/// whose gate then lets them through (the firing ones) cost their up and down rows
+/// (2·n_embd), which is how the CPU's `--ffn predict` runs. So a false positive costs a third
+/// of a true positive, and the rank that minimises this work is the one the ladder keeps.
+pub fn relative_work(rank: usize, n_embd: usize, n_ff: usize, predicted: f64, truth: f64) -> f64 {
     let dense = 3.0 * n_embd as f64 * n_ff as f64;
-    (rank as f64 * (n_embd + n_ff) as f64 + active * dense) / dense
+    let per_neuron = n_embd as f64 * n_ff as f64;
+    (rank as f64 * (n_embd + n_ff) as f64 + predicted * per_neuron + truth * 2.0 * per_neuron) / dense
 }
 
 /// `G' = gate · diag(ffn_norm)` of `layer` (n_ff rows of n_embd): the exact linear predictor
@@ -326,7 +332,7 @@ pub fn train_layer(layer: usize, data: &LayerSamples, gate: Option<&[f32]>, opts
     for &rank in &ranks {
         // A predictor whose own cost exceeds the best total cannot win.
         if let Some((w, _)) = &best {
-            if relative_work(rank, d, ff, 0.0) >= *w {
+            if relative_work(rank, d, ff, 0.0, 0.0) >= *w {
                 break;
             }
         }
@@ -353,7 +359,7 @@ pub fn train_layer(layer: usize, data: &LayerSamples, gate: Option<&[f32]>, opts
             p.threshold = calibrate(&p, data, &split.val, aim);
             m = measure(&p, data, &split.val);
         }
-        let work = relative_work(rank, d, ff, m.predicted);
+        let work = relative_work(rank, d, ff, m.predicted, m.truth);
         trials.push(RankTrial { rank, threshold: p.threshold, recall: m.recall, active: m.predicted, work });
         match &best {
             Some((w, _)) if work >= *w => break,
@@ -370,7 +376,7 @@ pub fn train_layer(layer: usize, data: &LayerSamples, gate: Option<&[f32]>, opts
         precision: m.precision,
         predicted_active: m.predicted,
         true_active: m.truth,
-        work: relative_work(p.rank(), d, ff, m.predicted),
+        work: relative_work(p.rank(), d, ff, m.predicted, m.truth),
         bytes: p.n_bytes(),
         trials,
         n_train: split.train.len(),
