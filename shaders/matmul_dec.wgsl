@@ -19,6 +19,9 @@
 // With a pairs epilogue (EPI 2, 3) DV_NR is even, so a gate row and its up row meet in one
 // workgroup.
 //
+// The type files read activations through xa, never x itself, so that an RMSNorm can be folded
+// in (matmul_dec_norm.wgsl; matmul_dec_x.wgsl otherwise, one of the two follows this file).
+//
 // DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
@@ -50,7 +53,27 @@ const DV_PF: u32 = 0u;
 // 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows.
 const DV_XW: u32 = 0u;
 
-var<workgroup> dv_sh: array<f32, DV_WG * DV_NR>;
+// Partial sums of each row, then (with a folded norm) of the sum of squares.
+var<workgroup> dv_sh: array<f32, DV_WG * (DV_NR + 1u)>;
+
+// With a folded norm: this thread's sum of squares of the activations it loaded, whether the
+// loads being made now count towards it (with DV_XW = 1 a slot's activations are loaded once
+// per row; only the first row's count), and the first activation vec4 of the token's row.
+var<private> dv_ss: f32;
+var<private> dv_ss_on: bool;
+var<private> dv_row4: u32;
+
+// Activation vec4 i (of x, or of the normalised x without its scale).
+fn xa(i: u32) -> vec4<f32> {
+    let v = x[i];
+    if (DV_NORM) {
+        if (dv_ss_on) {
+            dv_ss += dot(v, v);
+        }
+        return v * dv_norm_w(i - dv_row4);
+    }
+    return v;
+}
 
 fn dv_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
@@ -76,9 +99,11 @@ fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * 
         if (b < nb) {
             if (DV_XW == 1u) {
                 for (var r = 0u; r < DV_NR; r++) {
+                    dv_ss_on = r == 0u;
                     (*acc)[r] += slot_dot_x(w[j * DV_NR + r], row4, b);
                 }
             } else {
+                dv_ss_on = true;
                 let xs = slot_x(row4, b);
                 for (var r = 0u; r < DV_NR; r++) {
                     (*acc)[r] += slot_dot(w[j * DV_NR + r], xs);
@@ -92,6 +117,8 @@ fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * 
 fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
     let nb = chunk.cols / SLOT;
     let row4 = t * (chunk.cols / 4u);
+    dv_row4 = row4;
+    dv_ss = 0.0;
     var base: array<u32, DV_NR>;
     for (var r = 0u; r < DV_NR; r++) {
         // Rows past the end read the last row; their sums are never written.
@@ -152,10 +179,15 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     for (var r = 0u; r < DV_NR; r++) {
         dv_sh[r * DV_WG + lid] = acc[r];
     }
+    // The sum of squares is one more row of the reduction.
+    const NS: u32 = select(DV_NR, DV_NR + 1u, DV_NORM);
+    if (DV_NORM) {
+        dv_sh[DV_NR * DV_WG + lid] = dv_ss;
+    }
     for (var s = DV_WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
         if (lid < s) {
-            for (var r = 0u; r < DV_NR; r++) {
+            for (var r = 0u; r < NS; r++) {
                 dv_sh[r * DV_WG + lid] += dv_sh[r * DV_WG + lid + s];
             }
         }
@@ -163,6 +195,7 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     workgroupBarrier();
     if (lid < DV_STORERS) {
         let r = dv_store_row(lid);
-        dv_store(group, t, lid, dv_sh[r * DV_WG], dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
+        let scale = dv_norm_scale(dv_sh[DV_NR * DV_WG]);
+        dv_store(group, t, lid, scale * dv_sh[r * DV_WG], scale * dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
     }
 }

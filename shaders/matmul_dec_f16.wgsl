@@ -22,7 +22,7 @@ fn slot_fetch(b: u32) -> WSlot {
 
 fn slot_x(row4: u32, j: u32) -> XSlot {
     let o = row4 + 2u * j;
-    return XSlot(array<vec4<f32>, 2>(x[o], x[o + 1u]));
+    return XSlot(array<vec4<f32>, 2>(xa(o), xa(o + 1u)));
 }
 
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {

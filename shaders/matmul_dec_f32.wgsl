@@ -21,7 +21,7 @@ fn slot_fetch(b: u32) -> WSlot {
 }
 
 fn slot_x(row4: u32, j: u32) -> XSlot {
-    return XSlot(x[row4 + j]);
+    return XSlot(xa(row4 + j));
 }
 
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {

@@ -41,13 +41,13 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     if (PERM == 1u) {
         let c = row4 + (j >> 3u) * 64u + (j & 7u);
         for (var k = 0u; k < 4u; k++) {
-            a[k] = x[c + 16u * k];
-            a[4u + k] = x[c + 16u * k + 8u];
+            a[k] = xa(c + 16u * k);
+            a[4u + k] = xa(c + 16u * k + 8u);
         }
     } else {
         let c = row4 + 8u * j;
         for (var k = 0u; k < 8u; k++) {
-            a[k] = x[c + k];
+            a[k] = xa(c + k);
         }
     }
     return XSlot(a);
@@ -99,7 +99,7 @@ fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
         let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
         let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
         let d = unpack2x16float(w.d[k]);
-        acc += d.x * dot(lo, x[ca]) + d.y * dot(hi, x[cb]);
+        acc += d.x * dot(lo, xa(ca)) + d.y * dot(hi, xa(cb));
     }
     return acc;
 }

@@ -38,13 +38,13 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     if (PERM == 1u) {
         let c = row4 + (j >> 3u) * 64u + (j & 7u);
         for (var k = 0u; k < 4u; k++) {
-            a[k] = x[c + 16u * k];
-            a[4u + k] = x[c + 16u * k + 8u];
+            a[k] = xa(c + 16u * k);
+            a[4u + k] = xa(c + 16u * k + 8u);
         }
     } else {
         let c = row4 + 8u * j;
         for (var k = 0u; k < 8u; k++) {
-            a[k] = x[c + k];
+            a[k] = xa(c + k);
         }
     }
     var sum: array<f32, 8>;

@@ -40,12 +40,12 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     if (PERM == 1u) {
         let c = row4 + (j >> 3u) * 32u + (j & 7u);
         for (var k = 0u; k < 4u; k++) {
-            a[k] = x[c + 8u * k];
+            a[k] = xa(c + 8u * k);
         }
     } else {
         let c = row4 + 4u * j;
         for (var k = 0u; k < 4u; k++) {
-            a[k] = x[c + k];
+            a[k] = xa(c + k);
         }
     }
     return XSlot(a);

@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, MATVEC_MAX_TOKENS};
+use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
 use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
@@ -311,6 +311,76 @@ fn gated_pairs_match_cpu() {
                 let want = gv / (1.0 + (-gv).exp()) * uv;
                 let bound = 2e-4 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
                 assert!((got[i] as f64 - want).abs() <= bound, "{ty:?} gate_up {ff}x{cols} type's decode kernel: element {i}: got {}, want {want}", got[i]);
+            }
+        }
+    }
+}
+
+/// An RMSNorm folded into the product (one token: inside the decode kernel; more: a separate
+/// norm first) against the CPU's rms_norm then product: plain and stacked-with-sections stores,
+/// gated pairs, matrices split across bindings, every type, the default and shared-memory
+/// reductions and the type's own decode kernel. The raw rows are large and offset (not
+/// already normalised) and the norm weights random, so a missing scale or weight shows.
+#[test]
+fn folded_rms_norm_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x4E0F);
+    let eps = 1e-5f32;
+    for ty in TYPES {
+        // 608: GGUF word order; 512: the permuted order; 96: fewer slots than threads.
+        for (rows, cols, split) in [(70, 608, false), (133, 512, false), (4, 96, false), (200, 256, true)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = if split {
+                let row_bytes = GpuMatrix::upload(&ctx, &m).unwrap().gpu_bytes() as usize / rows;
+                let g = GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 100) as u64).unwrap();
+                assert!(g.n_chunks() > 1);
+                g
+            } else {
+                GpuMatrix::upload(&ctx, &m).unwrap()
+            };
+            let max_n = 17;
+            let raw: Vec<f32> = rng.vec(max_n * cols).iter().enumerate().map(|(i, v)| 30.0 * v + (i % 7) as f32).collect();
+            let weight: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v).collect();
+            let mut xn = vec![0.0; max_n * cols];
+            for t in 0..max_n {
+                ember::cpu::ops::rms_norm(&raw[t * cols..(t + 1) * cols], &weight, eps, &mut xn[t * cols..(t + 1) * cols]);
+            }
+            let (want, mag) = reference(&m, &xn, max_n);
+            let xb = ctx.upload("raw", bytemuck::cast_slice(&raw));
+            let wb = ctx.upload("norm weight", bytemuck::cast_slice(&weight));
+            // The product's own input buffer starts as garbage: the norm must fill it.
+            let b = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], 3 + max_n * rows);
+            let norm = NormIn { x: &xb, weight: &wb, eps };
+            let out = MatOut { epilogue: Epilogue::Store, sections: vec![(rows as u32, 3)] };
+            let mut ops: Vec<(&str, MatmulOp)> = fused_variants(&ctx).into_iter().map(|(label, cfg)| (label, g.bind_matmul_normed_with(&ctx, &norm, &b.x, &b.y, &b.step, &cfg, &out))).collect();
+            ops.push(("type's decode kernel", g.bind_matmul_normed(&ctx, &norm, &b.x, &b.y, &b.step, &out)));
+            for (label, op) in &ops {
+                for n in [1, 3, 17] {
+                    for kernel in kernels_for(n) {
+                        let got = run_over(&ctx, op, &b, &vec![f32::NAN; 3 + max_n * rows], n, kernel);
+                        let len = n * rows;
+                        check(&format!("{ty:?} normed {rows}x{cols} ({} chunks) n={n} {kernel:?} {label}", g.n_chunks()), &got[3..3 + len], &want[..len], &mag[..len]);
+                    }
+                }
+            }
+            // Gated pairs over the normalised rows (gate and up interleaved).
+            if rows % 2 == 0 && !split {
+                let up = matrix(ty, rows, cols, &mut rng);
+                let gu = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&m, &up], true).unwrap().unwrap();
+                let (wu, mu) = reference(&up, &xn, max_n);
+                let yb = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], max_n * rows);
+                let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+                for n in [1, 3] {
+                    let got = run_over(&ctx, &op, &yb, &vec![f32::NAN; max_n * rows], n, Kernel::Auto);
+                    for i in 0..n * rows {
+                        let (gv, uv) = (want[i] as f64, wu[i] as f64);
+                        let w = gv / (1.0 + (-gv).exp()) * uv;
+                        // The products' own error (1e-4 of sum |w x|) through act(g) * u.
+                        let (mg, mu) = (mag[i] as f64, mu[i] as f64);
+                        let bound = 2e-4 * (mg * uv.abs() + (gv.abs() + mg) * mu) + 1e-6;
+                        assert!((got[i] as f64 - w).abs() <= bound, "{ty:?} normed gate_up {rows}x{cols} n={n}: element {i}: got {}, want {w} (bound {bound:.2e})", got[i]);
+                    }
+                }
             }
         }
     }

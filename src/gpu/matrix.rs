@@ -60,6 +60,9 @@ struct TypeSources {
     dec: &'static str,
     /// Decode block type + matmul_dec.wgsl + matmul_dec_sg.wgsl.
     dec_sg: &'static str,
+    /// `dec` and `dec_sg` with an RMSNorm folded in (matmul_dec_norm.wgsl).
+    dec_norm: &'static str,
+    dec_sg_norm: &'static str,
 }
 
 macro_rules! type_sources {
@@ -69,8 +72,10 @@ macro_rules! type_sources {
             mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
             mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
-            dec: compose!($dec, "matmul_dec.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
         }
     };
 }
@@ -96,6 +101,9 @@ macro_rules! listed {
             ($dec, $src.dec),
             ("matmul_dec.wgsl", $src.dec),
             ("matmul_dec_sg.wgsl", $src.dec_sg),
+            ("matmul_dec_x.wgsl", $src.dec),
+            ("matmul_dec_norm.wgsl", $src.dec_norm),
+            ("matmul_dec_norm.wgsl", $src.dec_sg_norm),
             ("matmul_store.wgsl", $src.dec),
             // Stand-alone (listed once per type, the same text).
             ("matmul_kq.wgsl", KQ_SRC),
@@ -104,7 +112,7 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 10]; 5] = [
+const LISTED: [[(&str, &str); 13]; 5] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -615,7 +623,29 @@ impl GpuMatrix {
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
     pub fn bind_matmul_variant(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, x, y, step, configs, decode, out, None)
+    }
+
+    /// y = W rmsnorm(norm.x) with the RMSNorm before the product part of the op: one token
+    /// runs the decode kernel with the norm folded in (reading `norm.x` itself, no separate
+    /// dispatch); more tokens, or a type whose decode kernel has no fold, run the norm into
+    /// `xn` and then the product over `xn` (which must hold as many tokens as `norm.x`).
+    pub fn bind_matmul_normed(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm))
+    }
+
+    /// [`bind_matmul_normed`](Self::bind_matmul_normed) with chosen matvec variants (tests).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_with(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_inner(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>) -> MatmulOp {
         let src = self.sources();
+        // The nt = 1 blocks pipeline with the norm folded in: (nr, pipeline).
+        let mut folded: Option<(u32, Arc<wgpu::ComputePipeline>)> = None;
         let mut mv_pipes = Vec::new();
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
@@ -658,19 +688,37 @@ impl GpuMatrix {
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let (code, key, entry) = if blocks {
-                let mut code = with_epi(&self.specialize(if sg { src.dec_sg } else { src.dec }));
-                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
-                    code = set_const(&code, name, default, value);
-                }
-                // Activations per word and row (DV_XW): 2% faster for Q4_0 on an H200, the same
-                // code for the other types. EMBER_MV_XW=0/1 overrides (benchmarks).
-                let xw = match std::env::var("EMBER_MV_XW").as_deref() {
-                    Ok("0") => 0,
-                    Ok("1") => 1,
-                    _ => (self.ty == GgmlType::Q4_0) as u32,
+                let dec_code = |folded: bool| {
+                    let text = match (sg, folded) {
+                        (false, false) => src.dec,
+                        (true, false) => src.dec_sg,
+                        (false, true) => src.dec_norm,
+                        (true, true) => src.dec_sg_norm,
+                    };
+                    let mut code = with_epi(&self.specialize(text));
+                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
+                        code = set_const(&code, name, default, value);
+                    }
+                    // Activations per word and row (DV_XW): 2% faster for Q4_0 on an H200, the
+                    // same code for the other types. EMBER_MV_XW=0/1 overrides (benchmarks).
+                    let xw = match std::env::var("EMBER_MV_XW").as_deref() {
+                        Ok("0") => 0,
+                        Ok("1") => 1,
+                        _ => (self.ty == GgmlType::Q4_0) as u32,
+                    };
+                    code = set_const(&code, "DV_XW", 0, xw);
+                    let mut key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                    if let (true, Some(n)) = (folded, norm) {
+                        code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
+                        key += &format!("/norm{:08x}", n.eps.to_bits());
+                    }
+                    (code, key)
                 };
-                code = set_const(&code, "DV_XW", 0, xw);
-                let key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                if norm.is_some() && cfg.nt == 1 {
+                    let (code, key) = dec_code(true);
+                    folded = Some((cfg.nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
+                }
+                let (code, key) = dec_code(false);
                 (code, key, if sg { "dv_main_sg" } else { "dv_main" })
             } else {
                 let mut code = with_epi(&self.specialize(if sg { src.mm_sg } else { src.mm }));
@@ -700,12 +748,21 @@ impl GpuMatrix {
             .map(|c| {
                 let res = || self.weight_bindings(c, [x, y, step], Some(&mat_out));
                 let mv = mv_pipes.iter().map(|(cfg, p)| (cfg.nt, cfg.nr, p.clone(), bind_group(ctx, p, &res()))).collect();
-                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())) }
+                let folded = folded.as_ref().zip(norm).map(|((nr, p), n)| {
+                    let mut entries = self.weight_bindings(c, [n.x, y, step], Some(&mat_out));
+                    entries.push((7, n.weight.as_entire_binding()));
+                    (*nr, p.clone(), bind_group(ctx, p, &entries))
+                });
+                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), folded }
             })
             .collect();
         // Elements of y that n tokens reach: the end of the last section's n rows.
         let y_per_token: Vec<(u64, u64)> = sections.iter().map(|&(rows, offset)| (offset as u64, if pairs { rows as u64 / 2 } else { rows as u64 })).collect();
-        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, _mat_out: mat_out }
+        let norm = norm.map(|n| {
+            assert!(n.x.size() <= x.size(), "{}: the normalised rows must fit the product's input", self.name);
+            super::ops::RmsNormOp::new(ctx, n.x, n.weight, x, self.cols as u32, n.eps, step)
+        });
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -728,6 +785,16 @@ struct OpChunk {
     /// (nt, nr, pipeline, bind group), by increasing nt.
     mv: Vec<(u32, u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
     tiled: (Arc<wgpu::ComputePipeline>, wgpu::BindGroup),
+    /// The one-token decode kernel with the op's RMSNorm folded in: (nr, pipeline, bind group).
+    folded: Option<(u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
+}
+
+/// The RMSNorm before a product ([`GpuMatrix::bind_matmul_normed`]): `x` holds the raw rows
+/// (as many tokens as the product's input), `weight` the norm's `cols` weights.
+pub struct NormIn<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub weight: &'a wgpu::Buffer,
+    pub eps: f32,
 }
 
 /// y = W x with bound buffers; see [`GpuMatrix::bind_matmul`].
@@ -738,6 +805,8 @@ pub struct MatmulOp {
     y_size: u64,
     /// (element offset, elements per token) of each output section.
     y_per_token: Vec<(u64, u64)>,
+    /// The RMSNorm into x that runs first, unless the decode kernel folds it in.
+    norm: Option<super::ops::RmsNormOp>,
     _mat_out: wgpu::Buffer,
 }
 
@@ -764,6 +833,20 @@ impl MatmulOp {
             Kernel::Matvec => true,
             Kernel::Tiled => false,
         };
+        if let Some(norm) = &self.norm {
+            let folded = matvec && n_tokens == 1 && self.chunks.iter().all(|c| c.folded.is_some());
+            if folded {
+                for c in &self.chunks {
+                    let (nr, p, bg) = c.folded.as_ref().expect("checked above");
+                    let (gx, gy) = grid(c.rows.div_ceil(*nr));
+                    pass.set_pipeline(p);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
+                return;
+            }
+            norm.encode(pass, n_tokens);
+        }
         for c in &self.chunks {
             if matvec {
                 // The smallest variant covering all tokens, else the largest in several groups.
