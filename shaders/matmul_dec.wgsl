@@ -11,7 +11,7 @@
 // row per iteration, all loads issued before any arithmetic (and with DV_PF = 1 the next
 // step's before this step's arithmetic). The activations of a slot are 2 to 8 times the
 // weights' bytes; they are loaded once for the DV_NR rows (or per row and word with DV_XW = 1,
-// fewer live registers). Uncoalesced activation loads limited the first version of this kernel
+// fewer live registers, or per word for all rows with DV_XW = 2). Uncoalesced activation loads limited the first version of this kernel
 // on an H200 (Q4_0 at 35% of the copy bandwidth). Partial sums meet in a shared-memory tree
 // (dv_main) or through subgroupAdd and one shared slot per subgroup (dv_main_sg in
 // matmul_dec_sg.wgsl, for any subgroup size).
@@ -50,7 +50,8 @@ const DV_NR: u32 = 2u;
 const DV_UB: u32 = 1u;
 // 1: the next step's weights are loaded before this step's arithmetic.
 const DV_PF: u32 = 0u;
-// 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows.
+// 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows;
+// 2: per word once for all rows (slot_dot_rows).
 const DV_XW: u32 = 0u;
 
 // Partial sums of each row, then (with a folded norm) of the sum of squares.
@@ -97,7 +98,13 @@ fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * 
     for (var j = 0u; j < DV_UB; j++) {
         let b = b0 + j * DV_WG;
         if (b < nb) {
-            if (DV_XW == 1u) {
+            if (DV_XW == 2u) {
+                dv_ss_on = true;
+                let d = slot_dot_rows(w, j * DV_NR, row4, b);
+                for (var r = 0u; r < DV_NR; r++) {
+                    (*acc)[r] += d[r];
+                }
+            } else if (DV_XW == 1u) {
                 for (var r = 0u; r < DV_NR; r++) {
                     dv_ss_on = r == 0u;
                     (*acc)[r] += slot_dot_x(w[j * DV_NR + r], row4, b);

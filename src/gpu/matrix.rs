@@ -699,12 +699,15 @@ impl GpuMatrix {
                     for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
                         code = set_const(&code, name, default, value);
                     }
-                    // Activations per word and row (DV_XW): 2% faster for Q4_0 on an H200, the
-                    // same code for the other types. EMBER_MV_XW=0/1 overrides (benchmarks).
+                    // Activations per word (DV_XW): per row (1) was 2% faster for Q4_0 on an
+                    // H200 than per slot (0); once for all rows (2) loads half as much, which
+                    // a folded norm's extra loads need. The same code for the other types.
+                    // EMBER_MV_XW=0/1/2 overrides (benchmarks).
                     let xw = match std::env::var("EMBER_MV_XW").as_deref() {
                         Ok("0") => 0,
                         Ok("1") => 1,
-                        _ => (self.ty == GgmlType::Q4_0) as u32,
+                        Ok("2") => 2,
+                        _ => 2 * (self.ty == GgmlType::Q4_0) as u32,
                     };
                     code = set_const(&code, "DV_XW", 0, xw);
                     let mut key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
