@@ -16,11 +16,12 @@
 // (dv_main) or through subgroupAdd and one shared slot per subgroup (dv_main_sg in
 // matmul_dec_sg.wgsl, for any subgroup size).
 //
-// With a pairs epilogue (EPI 2, 3) DV_NR is even, so a gate row and its up row meet in one
-// workgroup.
+// With a pairs epilogue (EPI 2, 3, or the RoPE epilogue of matmul_dec_rope.wgsl) DV_NR is
+// even, so a gate row and its up row (or a rotation pair) meet in one workgroup.
 //
 // The type files read activations through xa, never x itself, so that an RMSNorm can be folded
-// in (matmul_dec_norm.wgsl; matmul_dec_x.wgsl otherwise, one of the two follows this file).
+// in (matmul_dec_norm.wgsl; matmul_dec_x.wgsl otherwise, one of the two follows this file);
+// likewise matmul_dec_rope.wgsl or matmul_dec_norope.wgsl.
 //
 // DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
@@ -154,7 +155,12 @@ fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
 // Stores the row of storing thread `lid` (row lid of the workgroup; with a pairs epilogue rows
 // 2 lid and 2 lid + 1) from its total (totals).
 fn dv_store(group: u32, t: u32, lid: u32, total0: f32, total1: f32) {
-    if (EPI_PAIRS) {
+    if (DV_ROPE) {
+        let row = group * DV_NR + 2u * lid;
+        if (row < chunk.rows) {
+            dv_rope_store(t, row, total0, total1);
+        }
+    } else if (EPI_PAIRS) {
         let row = group * DV_NR + 2u * lid;
         if (row < chunk.rows) {
             y_put_pair(t, row, total0, total1);
@@ -167,11 +173,14 @@ fn dv_store(group: u32, t: u32, lid: u32, total0: f32, total1: f32) {
     }
 }
 
+// Whether a storing thread takes two adjacent rows (a gate/up pair, or a RoPE pair with
+// matmul_dec_rope.wgsl; DV_NR is even then).
+const DV_PAIRS: bool = EPI_PAIRS || DV_ROPE;
 // Threads that store: one per row, or per pair of rows.
-const DV_STORERS: u32 = select(DV_NR, DV_NR / 2u, EPI_PAIRS);
+const DV_STORERS: u32 = select(DV_NR, DV_NR / 2u, DV_PAIRS);
 // The first row a storing thread's total0 belongs to (total1: the next row).
 fn dv_store_row(lid: u32) -> u32 {
-    return select(lid, 2u * lid, EPI_PAIRS);
+    return select(lid, 2u * lid, DV_PAIRS);
 }
 
 // Shared-memory tree reduction (any adapter).

@@ -3,7 +3,7 @@
 //! read back but the sampled token (or the logits when the sampler needs them).
 
 use super::forward::{Forward, ForwardError, Logits};
-use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn};
+use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
 use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::hybrid::SparseLayerOps;
@@ -169,7 +169,10 @@ pub(super) struct LayerOps {
     /// One product for q, k and v, or three.
     qkv: StackedOps,
     biases: Option<[BiasOp; 3]>,
+    /// RoPE + KV write; for one token the qkv product's epilogue does it where
+    /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
+    qkv_has_rope: bool,
     attention: AttentionOp,
     /// x += Wo attn (the residual add in the product's epilogue).
     o: MatmulOp,
@@ -201,8 +204,8 @@ pub(super) enum FfnOps {
 }
 
 impl LayerOps {
-    /// The layer's dispatches in order, each with a name for profiles.
-    fn sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+    /// The layer's dispatches for `n_tokens` in order, each with a name for profiles.
+    fn sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
         let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
         if let Some(norm) = &self.attn_norm {
             v.push(("attn_norm", norm));
@@ -215,7 +218,11 @@ impl LayerOps {
         if let Some(b) = &self.biases {
             v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
         }
-        v.extend([("rope_kv", &self.rope_kv as &dyn Op), ("attention", &self.attention), ("matmul o", &self.o)]);
+        let rope_in_qkv = self.qkv_has_rope && matches!(&self.qkv, StackedOps::One(op) if op.folds(n_tokens));
+        if !rope_in_qkv {
+            v.push(("rope_kv", &self.rope_kv));
+        }
+        v.extend([("attention", &self.attention as &dyn Op), ("matmul o", &self.o)]);
         if let Some(norm) = &self.ffn_norm {
             v.push(("ffn_norm", norm));
         }
@@ -224,8 +231,8 @@ impl LayerOps {
     }
 
     /// The attention half: everything up to and including the FFN's norm.
-    pub(super) fn attention_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v = self.sequence();
+    pub(super) fn attention_sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
+        let mut v = self.sequence(n_tokens);
         v.truncate(v.len() - self.ffn_sequence().len());
         v
     }
@@ -353,9 +360,16 @@ impl GpuSession {
             let attn_norm = NormIn { x: &s.x, weight: &w.attn_norm, eps: hp.rms_eps };
             let ffn_norm = NormIn { x: &s.x, weight: &w.ffn_norm, eps: hp.rms_eps };
             let separate = |n: &NormIn| RmsNormOp::new(&ctx, n.x, n.weight, &s.xn, e as u32, n.eps, &s.step);
+            // RoPE and the KV write in the qkv product's epilogue: llama's adjacent pairs, and no
+            // biases (they are added between the product and RoPE).
+            let rope_in_qkv = !rope.neox && w.biases.is_none();
             layers.push(LayerOps {
                 attn_norm: matches!(w.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &w.qkv {
+                    Stacked::One(m) if rope_in_qkv => {
+                        let r = RopeIn { cache_k: kv.k(il), cache_v: kv.v(il), shape: rope };
+                        StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
+                    }
                     Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
                     Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
                 },
@@ -363,6 +377,7 @@ impl GpuSession {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
                 rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(il), kv.v(il), rope, &s.step),
+                qkv_has_rope: rope_in_qkv && matches!(w.qkv, Stacked::One(_)),
                 attention: AttentionOp::new(&ctx, q_range, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
                 o: w.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
                 ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
@@ -411,7 +426,7 @@ impl GpuSession {
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
-            for (_, op) in self.layer_sequence(want) {
+            for (_, op) in self.layer_sequence(want, n) {
                 op.record(&mut pass, n);
             }
         }
@@ -435,10 +450,10 @@ impl GpuSession {
     }
 
     /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
-    fn layer_sequence(&self, want: Logits) -> Vec<(&'static str, &dyn Op)> {
+    fn layer_sequence(&self, want: Logits, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
         let mut v: Vec<(&'static str, &dyn Op)> = vec![("embed", &self.embed)];
         for l in &self.layers {
-            v.extend(l.sequence());
+            v.extend(l.sequence(n_tokens));
         }
         if let (Logits::All, Some(h)) = (want, &self.head) {
             v.push(("matmul output", &h.output_all));
@@ -464,7 +479,7 @@ impl GpuSession {
     /// run normally (one pass, one submission, argmax read back). The position is not
     /// consumed. None without timestamp queries.
     pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
-        let n_ops = self.layer_sequence(Logits::Last).len() + self.output_sequence().len();
+        let n_ops = self.layer_sequence(Logits::Last, 1).len() + self.output_sequence().len();
         let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
         self.check(&[token])?;
         let pos0 = self.n_past as u32;
@@ -475,7 +490,7 @@ impl GpuSession {
         self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let mut names = Vec::with_capacity(n_ops);
-        for (name, op) in self.layer_sequence(Logits::Last) {
+        for (name, op) in self.layer_sequence(Logits::Last, 1) {
             op.record(&mut timer.pass(&mut enc, name), 1);
             names.push(name);
         }

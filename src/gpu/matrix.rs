@@ -37,6 +37,7 @@
 //! Quants become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA):
 //! a nibble or byte or'ed into the mantissa of a power of two and the power subtracted.
 
+use super::ops::RopeShape;
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
@@ -63,6 +64,9 @@ struct TypeSources {
     /// `dec` and `dec_sg` with an RMSNorm folded in (matmul_dec_norm.wgsl).
     dec_norm: &'static str,
     dec_sg_norm: &'static str,
+    /// The same with RoPE and the KV-cache write in the epilogue (matmul_dec_rope.wgsl).
+    dec_norm_rope: &'static str,
+    dec_sg_norm_rope: &'static str,
 }
 
 macro_rules! type_sources {
@@ -72,10 +76,12 @@ macro_rules! type_sources {
             mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
             mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
-            dec: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
         }
     };
 }
@@ -104,6 +110,9 @@ macro_rules! listed {
             ("matmul_dec_x.wgsl", $src.dec),
             ("matmul_dec_norm.wgsl", $src.dec_norm),
             ("matmul_dec_norm.wgsl", $src.dec_sg_norm),
+            ("matmul_dec_norope.wgsl", $src.dec),
+            ("matmul_dec_rope.wgsl", $src.dec_norm_rope),
+            ("matmul_dec_rope.wgsl", $src.dec_sg_norm_rope),
             ("matmul_store.wgsl", $src.dec),
             // Stand-alone (listed once per type, the same text).
             ("matmul_kq.wgsl", KQ_SRC),
@@ -112,7 +121,7 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 13]; 5] = [
+const LISTED: [[(&str, &str); 16]; 5] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -641,9 +650,48 @@ impl GpuMatrix {
         self.bind_inner(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm))
     }
 
+    /// [`bind_matmul_normed`](Self::bind_matmul_normed) over q, k and v stacked (`out`'s
+    /// three sections) whose one-token kernel also applies RoPE to q and k and writes k and v
+    /// into the KV cache at the step's position (llama's adjacent pairs only); q's section is
+    /// stored rotated, k's and v's not at all. Where the kernel does not fold (see
+    /// [`MatmulOp::folds`]) the product stores all three and the caller's separate RoPE + KV
+    /// write must run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_rope(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
+        self.bind_inner_rope(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm), Some(rope))
+    }
+
+    /// [`bind_matmul_normed_rope`](Self::bind_matmul_normed_rope) with chosen matvec variants
+    /// (tests).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_rope_with(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
+        self.bind_inner_rope(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm), Some(rope))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn bind_inner(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>) -> MatmulOp {
+        self.bind_inner_rope(ctx, x, y, step, configs, decode, out, norm, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_inner_rope(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>, rope: Option<&RopeIn>) -> MatmulOp {
         let src = self.sources();
+        // EMBER_NO_FOLD=1: no norm (or RoPE) folded into the decode kernel (benchmarks).
+        let norm = norm.filter(|_| std::env::var("EMBER_NO_FOLD").as_deref() != Ok("1"));
+        let rope = rope.filter(|_| norm.is_some());
+        // The RoPE epilogue's uniform: head_dim, rope_dim, theta_scale, freq_scale, n_ctx.
+        let rope_params = rope.map(|r| {
+            let sections = out.sections(self.rows as u32);
+            assert!(sections.len() == 3 && sections[1].0 == sections[2].0 && !r.shape.neox && !out.epilogue.pairs() && out.epilogue != Epilogue::Add, "{}: the RoPE epilogue needs q, k, v sections, adjacent pairs and a plain store", self.name);
+            let RopeShape { head_dim, rope_dim, base, freq_scale, .. } = r.shape;
+            assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && sections[0].0.is_multiple_of(head_dim) && sections[1].0.is_multiple_of(head_dim));
+            let n_ctx = (r.cache_k.size() / (sections[1].0 as u64 * 2)).min(u32::MAX as u64) as u32;
+            // As RopeKvOp (and the CPU): computed on the host so the backends share the bits.
+            let theta_scale = base.powf(-2.0 / rope_dim as f32);
+            let words = [head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), n_ctx, 0, 0, 0];
+            ctx.uniform(&format!("{} rope", self.name), bytemuck::cast_slice(&words))
+        });
         // The nt = 1 blocks pipeline with the norm folded in: (nr, pipeline).
         let mut folded: Option<(u32, Arc<wgpu::ComputePipeline>)> = None;
         let mut mv_pipes = Vec::new();
@@ -689,14 +737,18 @@ impl GpuMatrix {
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let (code, key, entry) = if blocks {
                 let dec_code = |folded: bool| {
-                    let text = match (sg, folded) {
-                        (false, false) => src.dec,
-                        (true, false) => src.dec_sg,
-                        (false, true) => src.dec_norm,
-                        (true, true) => src.dec_sg_norm,
+                    let text = match (sg, folded, folded && rope.is_some()) {
+                        (false, false, _) => src.dec,
+                        (true, false, _) => src.dec_sg,
+                        (false, true, false) => src.dec_norm,
+                        (true, true, false) => src.dec_sg_norm,
+                        (false, true, true) => src.dec_norm_rope,
+                        (true, true, true) => src.dec_sg_norm_rope,
                     };
                     let mut code = with_epi(&self.specialize(text));
-                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
+                    // A RoPE pair's two rows must meet in one workgroup.
+                    let nr = if folded && rope.is_some() { cfg.nr.next_multiple_of(2) } else { cfg.nr };
+                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
                         code = set_const(&code, name, default, value);
                     }
                     // Activations per word (DV_XW): per row (1) was 2% faster for Q4_0 on an
@@ -710,18 +762,21 @@ impl GpuMatrix {
                         _ => 2 * (self.ty == GgmlType::Q4_0) as u32,
                     };
                     code = set_const(&code, "DV_XW", 0, xw);
-                    let mut key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                    let mut key = format!("matmul/{}{}/dec/wg{}/nr{nr}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.unroll, if sg { "sg" } else { "wg" });
                     if let (true, Some(n)) = (folded, norm) {
                         code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
                         key += &format!("/norm{:08x}", n.eps.to_bits());
+                        if rope.is_some() {
+                            key += "/rope";
+                        }
                     }
-                    (code, key)
+                    (code, key, nr)
                 };
                 if norm.is_some() && cfg.nt == 1 {
-                    let (code, key) = dec_code(true);
-                    folded = Some((cfg.nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
+                    let (code, key, nr) = dec_code(true);
+                    folded = Some((nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
                 }
-                let (code, key) = dec_code(false);
+                let (code, key, _) = dec_code(false);
                 (code, key, if sg { "dv_main_sg" } else { "dv_main" })
             } else {
                 let mut code = with_epi(&self.specialize(if sg { src.mm_sg } else { src.mm }));
@@ -754,6 +809,9 @@ impl GpuMatrix {
                 let folded = folded.as_ref().zip(norm).map(|((nr, p), n)| {
                     let mut entries = self.weight_bindings(c, [n.x, y, step], Some(&mat_out));
                     entries.push((7, n.weight.as_entire_binding()));
+                    if let (Some(r), Some(p)) = (rope, &rope_params) {
+                        entries.extend([(8, r.cache_k.as_entire_binding()), (9, r.cache_v.as_entire_binding()), (10, p.as_entire_binding())]);
+                    }
                     (*nr, p.clone(), bind_group(ctx, p, &entries))
                 });
                 OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), folded }
@@ -765,7 +823,7 @@ impl GpuMatrix {
             assert!(n.x.size() <= x.size(), "{}: the normalised rows must fit the product's input", self.name);
             super::ops::RmsNormOp::new(ctx, n.x, n.weight, x, self.cols as u32, n.eps, step)
         });
-        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out }
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out, _rope_params: rope_params }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -792,6 +850,14 @@ struct OpChunk {
     folded: Option<(u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
 }
 
+/// RoPE and the KV-cache write in a q/k/v product's epilogue
+/// ([`GpuMatrix::bind_matmul_normed_rope`]): this layer's caches (f16 pairs, `[pos][kv_dim]`).
+pub struct RopeIn<'a> {
+    pub cache_k: &'a wgpu::Buffer,
+    pub cache_v: &'a wgpu::Buffer,
+    pub shape: RopeShape,
+}
+
 /// The RMSNorm before a product ([`GpuMatrix::bind_matmul_normed`]): `x` holds the raw rows
 /// (as many tokens as the product's input), `weight` the norm's `cols` weights.
 pub struct NormIn<'a> {
@@ -811,9 +877,20 @@ pub struct MatmulOp {
     /// The RMSNorm into x that runs first, unless the decode kernel folds it in.
     norm: Option<super::ops::RmsNormOp>,
     _mat_out: wgpu::Buffer,
+    _rope_params: Option<wgpu::Buffer>,
 }
 
 impl MatmulOp {
+    /// Whether [`encode`](Self::encode) of `n_tokens` runs the kernel with the norm (and the
+    /// RoPE epilogue, if bound) folded in.
+    pub fn folds(&self, n_tokens: u32) -> bool {
+        self.folds_with(n_tokens, Kernel::Auto)
+    }
+
+    fn folds_with(&self, n_tokens: u32, kernel: Kernel) -> bool {
+        n_tokens == 1 && kernel != Kernel::Tiled && self.norm.is_some() && self.chunks.iter().all(|c| c.folded.is_some())
+    }
+
     /// Records the product for `n_tokens` tokens (the Step uniform's n_tokens for this
     /// forward): the matvec up to [`MATVEC_MAX_TOKENS`] tokens, else the tiled matmul.
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
@@ -837,8 +914,7 @@ impl MatmulOp {
             Kernel::Tiled => false,
         };
         if let Some(norm) = &self.norm {
-            let folded = matvec && n_tokens == 1 && self.chunks.iter().all(|c| c.folded.is_some());
-            if folded {
+            if self.folds_with(n_tokens, kernel) {
                 for c in &self.chunks {
                     let (nr, p, bg) = c.folded.as_ref().expect("checked above");
                     let (gx, gy) = grid(c.rows.div_ceil(*nr));
