@@ -677,9 +677,9 @@ impl GpuMatrix {
     #[allow(clippy::too_many_arguments)]
     fn bind_inner_rope(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>, rope: Option<&RopeIn>) -> MatmulOp {
         let src = self.sources();
-        // EMBER_NO_FOLD=1: no norm (or RoPE) folded into the decode kernel (benchmarks).
-        let norm = norm.filter(|_| std::env::var("EMBER_NO_FOLD").as_deref() != Ok("1"));
-        let rope = rope.filter(|_| norm.is_some());
+        // EMBER_NO_FOLD=1: the norm (and RoPE) stay separate dispatches (benchmarks).
+        let fold = std::env::var("EMBER_NO_FOLD").as_deref() != Ok("1");
+        let rope = rope.filter(|_| fold && norm.is_some());
         // The RoPE epilogue's uniform: head_dim, rope_dim, theta_scale, freq_scale, n_ctx.
         let rope_params = rope.map(|r| {
             let sections = out.sections(self.rows as u32);
@@ -772,7 +772,7 @@ impl GpuMatrix {
                     }
                     (code, key, nr)
                 };
-                if norm.is_some() && cfg.nt == 1 {
+                if fold && norm.is_some() && cfg.nt == 1 {
                     let (code, key, nr) = dec_code(true);
                     folded = Some((nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
                 }
