@@ -129,8 +129,8 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
         let xn = rng.vec(e);
         let resid = rng.vec(e);
         // About two thirds of the neurons are cold, in an irregular pattern.
-        let cold: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64() % 3 != 0).collect();
-        let given: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64() % 4 == 0).collect();
+        let cold: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(3)).collect();
+        let given: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64().is_multiple_of(4)).collect();
         for (ffn, given) in [(&relu, None), (&predict, Some(given.as_slice()))] {
             let mut want = vec![0.0f32; e];
             let n_want = ffn.token_with(&model, il, &resid, &xn, Some(&cold), given, Precision::F32, &mut FfnScratch::default(), &mut want);

@@ -125,7 +125,7 @@ impl Shared {
                     break;
                 }
                 spins = spins.wrapping_add(1);
-                if spins % 1024 == 0 && idle_since.elapsed() > Team::IDLE_BEFORE_PARK {
+                if spins.is_multiple_of(1024) && idle_since.elapsed() > Team::IDLE_BEFORE_PARK {
                     let mut guard = self.lock.lock().unwrap();
                     self.parked.fetch_add(1, Ordering::SeqCst);
                     while self.epoch.load(Ordering::SeqCst) == seen && !self.quit.load(Ordering::SeqCst) {
