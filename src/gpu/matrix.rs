@@ -25,7 +25,9 @@
 //! - Decode (one token): `shaders/matmul_dec.wgsl` after `matmul_dec_<type>.wgsl` (the type's
 //!   *slots*: 16 bytes of weights per thread and step, bound as `vec4<u32>`), with a subgroup
 //!   reduction (`matmul_dec_sg.wgsl`) or a shared-memory tree; each type's workgroup shape comes
-//!   from [`decode_config`] (measured on an H200, see BENCHMARKS.md). `shaders/matmul_kq.wgsl` is
+//!   from [`decode_config`] (measured on an H200, see BENCHMARKS.md). One-token products can
+//!   fold the RMSNorm before them (`matmul_dec_norm.wgsl`, [`GpuMatrix::bind_matmul_normed`])
+//!   and, for q/k/v, RoPE and the KV-cache write (`matmul_dec_rope.wgsl`). `shaders/matmul_kq.wgsl` is
 //!   an alternative for Q4_0 and Q4_1 in GGUF order: activations quantised once per workgroup to
 //!   22 bits (about f32's own rounding) and integer dot products, a third of the arithmetic.
 //! - A few tokens (up to [`MATVEC_MAX_TOKENS`]): `shaders/matmul_common.wgsl`'s `mv_main` after
