@@ -11,13 +11,17 @@
 // row per iteration, all loads issued before any arithmetic (and with DV_PF = 1 the next
 // step's before this step's arithmetic). The activations of a slot are 2 to 8 times the
 // weights' bytes; they are loaded once for the DV_NR rows (or per row and word with DV_XW = 1,
-// fewer live registers). Uncoalesced activation loads limited the first version of this kernel
+// fewer live registers, or per word for all rows with DV_XW = 2). Uncoalesced activation loads limited the first version of this kernel
 // on an H200 (Q4_0 at 35% of the copy bandwidth). Partial sums meet in a shared-memory tree
 // (dv_main) or through subgroupAdd and one shared slot per subgroup (dv_main_sg in
 // matmul_dec_sg.wgsl, for any subgroup size).
 //
-// With a pairs epilogue (EPI 2, 3) DV_NR is even, so a gate row and its up row meet in one
-// workgroup.
+// With a pairs epilogue (EPI 2, 3, or the RoPE epilogue of matmul_dec_rope.wgsl) DV_NR is
+// even, so a gate row and its up row (or a rotation pair) meet in one workgroup.
+//
+// The type files read activations through xa, never x itself, so that an RMSNorm can be folded
+// in (matmul_dec_norm.wgsl; matmul_dec_x.wgsl otherwise, one of the two follows this file);
+// likewise matmul_dec_rope.wgsl or matmul_dec_norope.wgsl.
 //
 // DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
@@ -47,10 +51,31 @@ const DV_NR: u32 = 2u;
 const DV_UB: u32 = 1u;
 // 1: the next step's weights are loaded before this step's arithmetic.
 const DV_PF: u32 = 0u;
-// 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows.
+// 1: activations loaded per word and row (slot_dot_x) rather than once per slot for all rows;
+// 2: per word once for all rows (slot_dot_rows).
 const DV_XW: u32 = 0u;
 
-var<workgroup> dv_sh: array<f32, DV_WG * DV_NR>;
+// Partial sums of each row, then (with a folded norm) of the sum of squares.
+var<workgroup> dv_sh: array<f32, DV_WG * (DV_NR + 1u)>;
+
+// With a folded norm: this thread's sum of squares of the activations it loaded, whether the
+// loads being made now count towards it (with DV_XW = 1 a slot's activations are loaded once
+// per row; only the first row's count), and the first activation vec4 of the token's row.
+var<private> dv_ss: f32;
+var<private> dv_ss_on: bool;
+var<private> dv_row4: u32;
+
+// Activation vec4 i (of x, or of the normalised x without its scale).
+fn xa(i: u32) -> vec4<f32> {
+    let v = x[i];
+    if (DV_NORM) {
+        if (dv_ss_on) {
+            dv_ss += dot(v, v);
+        }
+        return v * dv_norm_w(i - dv_row4);
+    }
+    return v;
+}
 
 fn dv_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
     return wid.x + wid.y * nwg.x;
@@ -74,11 +99,19 @@ fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * 
     for (var j = 0u; j < DV_UB; j++) {
         let b = b0 + j * DV_WG;
         if (b < nb) {
-            if (DV_XW == 1u) {
+            if (DV_XW == 2u) {
+                dv_ss_on = true;
+                let d = slot_dot_rows(w, j * DV_NR, row4, b);
                 for (var r = 0u; r < DV_NR; r++) {
+                    (*acc)[r] += d[r];
+                }
+            } else if (DV_XW == 1u) {
+                for (var r = 0u; r < DV_NR; r++) {
+                    dv_ss_on = r == 0u;
                     (*acc)[r] += slot_dot_x(w[j * DV_NR + r], row4, b);
                 }
             } else {
+                dv_ss_on = true;
                 let xs = slot_x(row4, b);
                 for (var r = 0u; r < DV_NR; r++) {
                     (*acc)[r] += slot_dot(w[j * DV_NR + r], xs);
@@ -92,6 +125,8 @@ fn dv_accumulate(acc: ptr<function, array<f32, DV_NR>>, w: array<WSlot, DV_NR * 
 fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
     let nb = chunk.cols / SLOT;
     let row4 = t * (chunk.cols / 4u);
+    dv_row4 = row4;
+    dv_ss = 0.0;
     var base: array<u32, DV_NR>;
     for (var r = 0u; r < DV_NR; r++) {
         // Rows past the end read the last row; their sums are never written.
@@ -120,7 +155,12 @@ fn dv_partial(lid: u32, group: u32, t: u32) -> array<f32, DV_NR> {
 // Stores the row of storing thread `lid` (row lid of the workgroup; with a pairs epilogue rows
 // 2 lid and 2 lid + 1) from its total (totals).
 fn dv_store(group: u32, t: u32, lid: u32, total0: f32, total1: f32) {
-    if (EPI_PAIRS) {
+    if (DV_ROPE) {
+        let row = group * DV_NR + 2u * lid;
+        if (row < chunk.rows) {
+            dv_rope_store(t, row, total0, total1);
+        }
+    } else if (EPI_PAIRS) {
         let row = group * DV_NR + 2u * lid;
         if (row < chunk.rows) {
             y_put_pair(t, row, total0, total1);
@@ -133,11 +173,14 @@ fn dv_store(group: u32, t: u32, lid: u32, total0: f32, total1: f32) {
     }
 }
 
+// Whether a storing thread takes two adjacent rows (a gate/up pair, or a RoPE pair with
+// matmul_dec_rope.wgsl; DV_NR is even then).
+const DV_PAIRS: bool = EPI_PAIRS || DV_ROPE;
 // Threads that store: one per row, or per pair of rows.
-const DV_STORERS: u32 = select(DV_NR, DV_NR / 2u, EPI_PAIRS);
+const DV_STORERS: u32 = select(DV_NR, DV_NR / 2u, DV_PAIRS);
 // The first row a storing thread's total0 belongs to (total1: the next row).
 fn dv_store_row(lid: u32) -> u32 {
-    return select(lid, 2u * lid, EPI_PAIRS);
+    return select(lid, 2u * lid, DV_PAIRS);
 }
 
 // Shared-memory tree reduction (any adapter).
@@ -152,10 +195,15 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     for (var r = 0u; r < DV_NR; r++) {
         dv_sh[r * DV_WG + lid] = acc[r];
     }
+    // The sum of squares is one more row of the reduction.
+    const NS: u32 = select(DV_NR, DV_NR + 1u, DV_NORM);
+    if (DV_NORM) {
+        dv_sh[DV_NR * DV_WG + lid] = dv_ss;
+    }
     for (var s = DV_WG / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
         if (lid < s) {
-            for (var r = 0u; r < DV_NR; r++) {
+            for (var r = 0u; r < NS; r++) {
                 dv_sh[r * DV_WG + lid] += dv_sh[r * DV_WG + lid + s];
             }
         }
@@ -163,6 +211,7 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     workgroupBarrier();
     if (lid < DV_STORERS) {
         let r = dv_store_row(lid);
-        dv_store(group, t, lid, dv_sh[r * DV_WG], dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
+        let scale = dv_norm_scale(dv_sh[DV_NR * DV_WG]);
+        dv_store(group, t, lid, scale * dv_sh[r * DV_WG], scale * dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
     }
 }

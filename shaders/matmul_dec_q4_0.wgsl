@@ -41,13 +41,13 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     if (PERM == 1u) {
         let c = row4 + (j >> 3u) * 64u + (j & 7u);
         for (var k = 0u; k < 4u; k++) {
-            a[k] = x[c + 16u * k];
-            a[4u + k] = x[c + 16u * k + 8u];
+            a[k] = xa(c + 16u * k);
+            a[4u + k] = xa(c + 16u * k + 8u);
         }
     } else {
         let c = row4 + 8u * j;
         for (var k = 0u; k < 8u; k++) {
-            a[k] = x[c + k];
+            a[k] = xa(c + k);
         }
     }
     return XSlot(a);
@@ -99,7 +99,39 @@ fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
         let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
         let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
         let d = unpack2x16float(w.d[k]);
-        acc += d.x * dot(lo, x[ca]) + d.y * dot(hi, x[cb]);
+        acc += d.x * dot(lo, xa(ca)) + d.y * dot(hi, xa(cb));
+    }
+    return acc;
+}
+
+// All DV_NR rows' dot products with slot j (matmul_dec.wgsl's DV_XW = 2; w[j0 + r] is row r's),
+// the activations loaded word by word once for all rows: as few live registers as slot_dot_x
+// and half its activation loads at two rows. Those loads (8 times the weights' bytes, from L1)
+// bound this kernel as much as the weights do: a second such load per element (a folded
+// norm's weights, per row) made the 7B products 35% slower on an H200.
+fn slot_dot_rows(w: array<WSlot, DV_NR * DV_UB>, j0: u32, row4: u32, j: u32) -> array<f32, DV_NR> {
+    var acc: array<f32, DV_NR>;
+    for (var k = 0u; k < 4u; k++) {
+        var ca: u32;
+        var cb: u32;
+        if (PERM == 1u) {
+            ca = row4 + (j >> 3u) * 64u + (j & 7u) + 16u * k;
+            cb = ca + 8u;
+        } else {
+            ca = row4 + 8u * j + k;
+            cb = ca + 4u;
+        }
+        let xl = xa(ca);
+        let xh = xa(cb);
+        for (var r = 0u; r < DV_NR; r++) {
+            let ws = w[j0 + r];
+            let q = ws.q[k];
+            let s = q >> 12u;
+            let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+            let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+            let d = unpack2x16float(ws.d[k]);
+            acc[r] += d.x * dot(lo, xl) + d.y * dot(hi, xh);
+        }
     }
     return acc;
 }

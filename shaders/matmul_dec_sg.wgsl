@@ -23,16 +23,27 @@ fn dv_main_sg(
             dv_sh[sg * DV_NR + r] = s;
         }
     }
+    if (DV_NORM) {
+        let s = subgroupAdd(dv_ss);
+        if (lane == 0u) {
+            dv_sh[DV_WG * DV_NR + sg] = s;
+        }
+    }
     workgroupBarrier();
     if (lid < DV_STORERS) {
         let r0 = dv_store_row(lid);
         let r1 = min(r0 + 1u, DV_NR - 1u);
         var total0 = 0.0;
         var total1 = 0.0;
+        var ss = 0.0;
         for (var k = 0u; k < n_sg; k++) {
             total0 += dv_sh[k * DV_NR + r0];
             total1 += dv_sh[k * DV_NR + r1];
+            if (DV_NORM) {
+                ss += dv_sh[DV_WG * DV_NR + k];
+            }
         }
-        dv_store(group, t, lid, total0, total1);
+        let scale = dv_norm_scale(ss);
+        dv_store(group, t, lid, scale * total0, scale * total1);
     }
 }

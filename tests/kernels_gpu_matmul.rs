@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, MATVEC_MAX_TOKENS};
+use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
 use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
@@ -311,6 +311,162 @@ fn gated_pairs_match_cpu() {
                 let want = gv / (1.0 + (-gv).exp()) * uv;
                 let bound = 2e-4 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
                 assert!((got[i] as f64 - want).abs() <= bound, "{ty:?} gate_up {ff}x{cols} type's decode kernel: element {i}: got {}, want {want}", got[i]);
+            }
+        }
+    }
+}
+
+/// An RMSNorm folded into the product (one token: inside the decode kernel; more: a separate
+/// norm first) against the CPU's rms_norm then product: plain and stacked-with-sections stores,
+/// gated pairs, matrices split across bindings, every type, the default and shared-memory
+/// reductions and the type's own decode kernel. The raw rows are large and offset (not
+/// already normalised) and the norm weights random, so a missing scale or weight shows.
+#[test]
+fn folded_rms_norm_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x4E0F);
+    let eps = 1e-5f32;
+    for ty in TYPES {
+        // 608: GGUF word order; 512: the permuted order; 96: fewer slots than threads.
+        for (rows, cols, split) in [(70, 608, false), (133, 512, false), (4, 96, false), (200, 256, true)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = if split {
+                let row_bytes = GpuMatrix::upload(&ctx, &m).unwrap().gpu_bytes() as usize / rows;
+                let g = GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 100) as u64).unwrap();
+                assert!(g.n_chunks() > 1);
+                g
+            } else {
+                GpuMatrix::upload(&ctx, &m).unwrap()
+            };
+            let max_n = 17;
+            let raw: Vec<f32> = rng.vec(max_n * cols).iter().enumerate().map(|(i, v)| 30.0 * v + (i % 7) as f32).collect();
+            let weight: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v).collect();
+            let mut xn = vec![0.0; max_n * cols];
+            for t in 0..max_n {
+                ember::cpu::ops::rms_norm(&raw[t * cols..(t + 1) * cols], &weight, eps, &mut xn[t * cols..(t + 1) * cols]);
+            }
+            let (want, mag) = reference(&m, &xn, max_n);
+            let xb = ctx.upload("raw", bytemuck::cast_slice(&raw));
+            let wb = ctx.upload("norm weight", bytemuck::cast_slice(&weight));
+            // The product's own input buffer starts as garbage: the norm must fill it.
+            let b = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], 3 + max_n * rows);
+            let norm = NormIn { x: &xb, weight: &wb, eps };
+            let out = MatOut { epilogue: Epilogue::Store, sections: vec![(rows as u32, 3)] };
+            let mut ops: Vec<(&str, MatmulOp)> = fused_variants(&ctx).into_iter().map(|(label, cfg)| (label, g.bind_matmul_normed_with(&ctx, &norm, &b.x, &b.y, &b.step, &cfg, &out))).collect();
+            ops.push(("type's decode kernel", g.bind_matmul_normed(&ctx, &norm, &b.x, &b.y, &b.step, &out)));
+            for (label, op) in &ops {
+                for n in [1, 3, 17] {
+                    for kernel in kernels_for(n) {
+                        let got = run_over(&ctx, op, &b, &vec![f32::NAN; 3 + max_n * rows], n, kernel);
+                        let len = n * rows;
+                        check(&format!("{ty:?} normed {rows}x{cols} ({} chunks) n={n} {kernel:?} {label}", g.n_chunks()), &got[3..3 + len], &want[..len], &mag[..len]);
+                    }
+                }
+            }
+            // Gated pairs over the normalised rows (gate and up interleaved).
+            if rows % 2 == 0 && !split {
+                let up = matrix(ty, rows, cols, &mut rng);
+                let gu = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&m, &up], true).unwrap().unwrap();
+                let (wu, mu) = reference(&up, &xn, max_n);
+                let yb = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], max_n * rows);
+                let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+                for n in [1, 3] {
+                    let got = run_over(&ctx, &op, &yb, &vec![f32::NAN; max_n * rows], n, Kernel::Auto);
+                    for i in 0..n * rows {
+                        let (gv, uv) = (want[i] as f64, wu[i] as f64);
+                        let w = gv / (1.0 + (-gv).exp()) * uv;
+                        // The products' own error (1e-4 of sum |w x|) through act(g) * u.
+                        let (mg, mu) = (mag[i] as f64, mu[i] as f64);
+                        let bound = 2e-4 * (mg * uv.abs() + (gv.abs() + mg) * mu) + 1e-6;
+                        assert!((got[i] as f64 - w).abs() <= bound, "{ty:?} normed gate_up {rows}x{cols} n={n}: element {i}: got {}, want {w} (bound {bound:.2e})", got[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// RoPE and the KV-cache write in the stacked q/k/v product's epilogue (one token, norm folded)
+/// against the same product stored plainly and the separate RoPE + KV write kernel (itself
+/// checked against the CPU in kernels_gpu_ops.rs): rotated q, the cache rows at the step's
+/// position, and the cache elsewhere untouched. Partial rotation (rope_dim < head_dim), GQA,
+/// every type, both word orders, the default and shared-memory reductions.
+#[test]
+fn rope_epilogue_matches_separate_rope() {
+    use ember::gpu::ops::{RopeKvOp, RopeShape};
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x209E);
+    let (n_head, n_head_kv, head_dim, n_ctx, pos) = (3u32, 1u32, 64u32, 50u32, 37u32);
+    let (qd, kvd) = ((n_head * head_dim) as usize, (n_head_kv * head_dim) as usize);
+    let shape = RopeShape { n_head, n_head_kv, head_dim, rope_dim: 48, base: 10000.0, freq_scale: 0.5, neox: false };
+    for ty in TYPES {
+        for cols in [608, 512] {
+            let parts: Vec<Matrix> = [qd, kvd, kvd].iter().map(|&r| matrix(ty, r, cols, &mut rng)).collect();
+            let refs: Vec<&Matrix> = parts.iter().collect();
+            let g = GpuMatrix::upload_stacked(&ctx, "qkv", &refs, false).unwrap().unwrap();
+            let raw: Vec<f32> = rng.vec(cols).iter().map(|v| 20.0 * v + 1.0).collect();
+            let weight: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v).collect();
+            let xb = ctx.upload("raw", bytemuck::cast_slice(&raw));
+            let wb = ctx.upload("norm weight", bytemuck::cast_slice(&weight));
+            let norm = NormIn { x: &xb, weight: &wb, eps: 1e-6 };
+            // q, k, v sections at aligned offsets of one buffer, as the forward pass binds them.
+            let align = ctx.limits.min_storage_buffer_offset_alignment as u64 / 4;
+            let k_off = (qd as u64).next_multiple_of(align);
+            let v_off = (k_off + kvd as u64).next_multiple_of(align);
+            let b = Bufs::new(&ctx, &vec![f32::NAN; cols], (v_off as usize) + kvd);
+            let out = MatOut { epilogue: Epilogue::Store, sections: vec![(qd as u32, 0), (kvd as u32, k_off as u32), (kvd as u32, v_off as u32)] };
+            let cache0: Vec<u32> = (0..n_ctx as usize * kvd / 2).map(|i| i as u32 * 2654435761).collect();
+            let caches: Vec<wgpu::Buffer> = (0..4).map(|i| ctx.upload(&format!("cache {i}"), bytemuck::cast_slice(&cache0))).collect();
+            let range = |off: u64, len: usize| b.y.slice(off * 4..(off + len as u64) * 4);
+            let separate = RopeKvOp::new(&ctx, range(0, qd), range(k_off, kvd), range(v_off, kvd), &caches[2], &caches[3], shape, &b.step);
+            let rope = RopeIn { cache_k: &caches[0], cache_v: &caches[1], shape };
+            let mut ops = vec![("type's decode kernel", g.bind_matmul_normed_rope(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &out))];
+            for (label, cfg) in fused_variants(&ctx) {
+                ops.push((label, g.bind_matmul_normed_rope_with(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &cfg, &out)));
+            }
+            for (label, op) in &ops {
+                assert!(op.folds(1) && !op.folds(2));
+                for c in &caches {
+                    ctx.queue.write_buffer(c, 0, bytemuck::cast_slice(&cache0));
+                }
+                ctx.queue.write_buffer(&b.step, 0, bytemuck::bytes_of(&Step { n_tokens: 1, pos0: pos, n_kv: pos + 1, _pad: 0 }));
+                let run = |fold: bool| {
+                    let mut enc = ctx.device.create_command_encoder(&Default::default());
+                    {
+                        let mut pass = enc.begin_compute_pass(&Default::default());
+                        if fold {
+                            op.encode(&mut pass, 1);
+                        } else {
+                            op.encode_with(&mut pass, 1, Kernel::Tiled);
+                            separate.encode(&mut pass, 1);
+                        }
+                    }
+                    ctx.submit_and_wait(enc).unwrap();
+                    ctx.read::<f32>(&b.y, qd).unwrap()
+                };
+                let q_want = run(false);
+                let q_got = run(true);
+                let what = format!("{ty:?} qkv rope {cols} {label}");
+                let scale = q_want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                for i in 0..qd {
+                    assert!((q_got[i] - q_want[i]).abs() <= 1e-4 * scale, "{what}: q[{i}]: got {}, want {}", q_got[i], q_want[i]);
+                }
+                for (kind, got, want) in [("k", &caches[0], &caches[2]), ("v", &caches[1], &caches[3])] {
+                    let got: Vec<u32> = ctx.read(got, cache0.len()).unwrap();
+                    let want: Vec<u32> = ctx.read(want, cache0.len()).unwrap();
+                    let row = pos as usize * kvd / 2..(pos as usize + 1) * kvd / 2;
+                    for i in 0..cache0.len() {
+                        if !row.contains(&i) {
+                            assert_eq!(got[i], cache0[i], "{what}: {kind} cache word {i} outside the position changed");
+                            continue;
+                        }
+                        let h = |w: u32| [half::f16::from_bits(w as u16).to_f32(), half::f16::from_bits((w >> 16) as u16).to_f32()];
+                        let (g2, w2) = (h(got[i]), h(want[i]));
+                        for j in 0..2 {
+                            assert!((g2[j] - w2[j]).abs() <= 2e-3 * (1.0 + w2[j].abs()), "{what}: {kind} cache word {i}.{j}: got {}, want {}", g2[j], w2[j]);
+                        }
+                    }
+                }
             }
         }
     }

@@ -3,7 +3,7 @@
 //! read back but the sampled token (or the logits when the sampler needs them).
 
 use super::forward::{Forward, ForwardError, Logits};
-use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp};
+use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
 use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::hybrid::SparseLayerOps;
@@ -163,15 +163,22 @@ macro_rules! impl_op {
 impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, crate::gpu::ops::AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
 
 pub(super) struct LayerOps {
-    attn_norm: RmsNormOp,
+    /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
+    /// one-token product folds it into its kernel).
+    attn_norm: Option<RmsNormOp>,
     /// One product for q, k and v, or three.
     qkv: StackedOps,
     biases: Option<[BiasOp; 3]>,
+    /// RoPE + KV write; for one token the qkv product's epilogue does it where
+    /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
+    qkv_has_rope: bool,
     attention: AttentionOp,
     /// x += Wo attn (the residual add in the product's epilogue).
     o: MatmulOp,
-    ffn_norm: RmsNormOp,
+    /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
+    /// its output).
+    ffn_norm: Option<RmsNormOp>,
     pub(super) ffn: FfnOps,
 }
 
@@ -197,9 +204,12 @@ pub(super) enum FfnOps {
 }
 
 impl LayerOps {
-    /// The layer's dispatches in order, each with a name for profiles.
-    fn sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v: Vec<(&'static str, &dyn Op)> = vec![("attn_norm", &self.attn_norm)];
+    /// The layer's dispatches for `n_tokens` in order, each with a name for profiles.
+    fn sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
+        let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
+        if let Some(norm) = &self.attn_norm {
+            v.push(("attn_norm", norm));
+        }
         match &self.qkv {
             StackedOps::QkvApart([q, k, vv]) => v.extend([("matmul q", q as &dyn Op), ("matmul k", k), ("matmul v", vv)]),
             StackedOps::One(qkv) => v.push(("matmul qkv", qkv)),
@@ -208,14 +218,21 @@ impl LayerOps {
         if let Some(b) = &self.biases {
             v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
         }
-        v.extend([("rope_kv", &self.rope_kv as &dyn Op), ("attention", &self.attention), ("matmul o", &self.o), ("ffn_norm", &self.ffn_norm)]);
+        let rope_in_qkv = self.qkv_has_rope && matches!(&self.qkv, StackedOps::One(op) if op.folds(n_tokens));
+        if !rope_in_qkv {
+            v.push(("rope_kv", &self.rope_kv));
+        }
+        v.extend([("attention", &self.attention as &dyn Op), ("matmul o", &self.o)]);
+        if let Some(norm) = &self.ffn_norm {
+            v.push(("ffn_norm", norm));
+        }
         v.extend(self.ffn_sequence());
         v
     }
 
     /// The attention half: everything up to and including the FFN's norm.
-    pub(super) fn attention_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v = self.sequence();
+    pub(super) fn attention_sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
+        let mut v = self.sequence(n_tokens);
         v.truncate(v.len() - self.ffn_sequence().len());
         v
     }
@@ -255,11 +272,10 @@ pub(super) struct Scratch {
     pub(super) step_last: wgpu::Buffer,
 }
 
-/// The output head: final norm and logits of the last row (and argmax), or of every row.
+/// The output head: final norm and logits of the last row (and argmax), or of every row (the
+/// products hold the norm, see [`GpuMatrix::bind_matmul_normed`]).
 pub(super) struct HeadOps {
-    final_norm_last: RmsNormOp,
     output_last: MatmulOp,
-    final_norm_all: RmsNormOp,
     output_all: MatmulOp,
     argmax: ArgmaxOp,
 }
@@ -341,23 +357,34 @@ impl GpuSession {
         let add = MatOut::with(Epilogue::Add);
         let mut layers = Vec::with_capacity(hp.n_layer);
         for (il, w) in weights.layers.iter().enumerate() {
+            let attn_norm = NormIn { x: &s.x, weight: &w.attn_norm, eps: hp.rms_eps };
+            let ffn_norm = NormIn { x: &s.x, weight: &w.ffn_norm, eps: hp.rms_eps };
+            let separate = |n: &NormIn| RmsNormOp::new(&ctx, n.x, n.weight, &s.xn, e as u32, n.eps, &s.step);
+            // RoPE and the KV write in the qkv product's epilogue: llama's adjacent pairs, and no
+            // biases (they are added between the product and RoPE).
+            let rope_in_qkv = !rope.neox && w.biases.is_none();
             layers.push(LayerOps {
-                attn_norm: RmsNormOp::new(&ctx, &s.x, &w.attn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
+                attn_norm: matches!(w.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &w.qkv {
-                    Stacked::One(m) => StackedOps::One(m.bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
+                    Stacked::One(m) if rope_in_qkv => {
+                        let r = RopeIn { cache_k: kv.k(il), cache_v: kv.v(il), shape: rope };
+                        StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
+                    }
+                    Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
                     Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
                 },
                 biases: w.biases.as_ref().map(|[bq, bk, bv]| {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
                 rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(il), kv.v(il), rope, &s.step),
+                qkv_has_rope: rope_in_qkv && matches!(w.qkv, Stacked::One(_)),
                 attention: AttentionOp::new(&ctx, q_range, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
                 o: w.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
-                ffn_norm: RmsNormOp::new(&ctx, &s.x, &w.ffn_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
+                ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
                 ffn: match &w.dense_ffn {
                     Some((gate_up, down)) => FfnOps::Dense {
                         gate_up: match gate_up {
-                            Stacked::One(m) => StackedOps::One(m.bind_matmul_out(&ctx, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
+                            Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &ffn_norm, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
                             Stacked::Apart([gate, up]) => StackedOps::GateUpApart(
                                 gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
                                 up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
@@ -372,10 +399,8 @@ impl GpuSession {
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
         let head = weights.head.as_ref().map(|(output_norm, output)| HeadOps {
-            final_norm_last: RmsNormOp::new(&ctx, &s.x_last, output_norm, &s.xn_last, e as u32, hp.rms_eps, &s.step_last),
-            output_last: output.bind_matmul(&ctx, &s.xn_last, &s.logits_last, &s.step_last),
-            final_norm_all: RmsNormOp::new(&ctx, &s.x, output_norm, &s.xn, e as u32, hp.rms_eps, &s.step),
-            output_all: output.bind_matmul(&ctx, &s.xn, &s.logits_all, &s.step),
+            output_last: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x_last, weight: output_norm, eps: hp.rms_eps }, &s.xn_last, &s.logits_last, &s.step_last, &MatOut::default()),
+            output_all: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x, weight: output_norm, eps: hp.rms_eps }, &s.xn, &s.logits_all, &s.step, &MatOut::default()),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
         Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, hybrid: None })
@@ -401,7 +426,7 @@ impl GpuSession {
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
-            for (_, op) in self.layer_sequence(want) {
+            for (_, op) in self.layer_sequence(want, n) {
                 op.record(&mut pass, n);
             }
         }
@@ -425,13 +450,12 @@ impl GpuSession {
     }
 
     /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
-    fn layer_sequence(&self, want: Logits) -> Vec<(&'static str, &dyn Op)> {
+    fn layer_sequence(&self, want: Logits, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
         let mut v: Vec<(&'static str, &dyn Op)> = vec![("embed", &self.embed)];
         for l in &self.layers {
-            v.extend(l.sequence());
+            v.extend(l.sequence(n_tokens));
         }
         if let (Logits::All, Some(h)) = (want, &self.head) {
-            v.push(("output_norm", &h.final_norm_all));
             v.push(("matmul output", &h.output_all));
         }
         v
@@ -440,7 +464,7 @@ impl GpuSession {
     /// After `copy_last_row`: the last token's final norm, logits and argmax.
     pub(super) fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
         match &self.head {
-            Some(h) => vec![("output_norm", &h.final_norm_last), ("matmul output", &h.output_last), ("argmax", &h.argmax)],
+            Some(h) => vec![("matmul output", &h.output_last), ("argmax", &h.argmax)],
             None => Vec::new(),
         }
     }
@@ -455,7 +479,7 @@ impl GpuSession {
     /// run normally (one pass, one submission, argmax read back). The position is not
     /// consumed. None without timestamp queries.
     pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
-        let n_ops = self.layer_sequence(Logits::Last).len() + self.output_sequence().len();
+        let n_ops = self.layer_sequence(Logits::Last, 1).len() + self.output_sequence().len();
         let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
         self.check(&[token])?;
         let pos0 = self.n_past as u32;
@@ -466,7 +490,7 @@ impl GpuSession {
         self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let mut names = Vec::with_capacity(n_ops);
-        for (name, op) in self.layer_sequence(Logits::Last) {
+        for (name, op) in self.layer_sequence(Logits::Last, 1) {
             op.record(&mut timer.pass(&mut enc, name), 1);
             names.push(name);
         }

@@ -481,7 +481,7 @@ impl GpuSession {
                 drawn = Some(active);
                 draw_time += t.elapsed().as_secs_f64();
             }
-            for (_, op) in layer.attention_sequence() {
+            for (_, op) in layer.attention_sequence(1) {
                 op.record(&mut pass, 1);
             }
             layers_recorded += 1;

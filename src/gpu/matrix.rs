@@ -25,7 +25,9 @@
 //! - Decode (one token): `shaders/matmul_dec.wgsl` after `matmul_dec_<type>.wgsl` (the type's
 //!   *slots*: 16 bytes of weights per thread and step, bound as `vec4<u32>`), with a subgroup
 //!   reduction (`matmul_dec_sg.wgsl`) or a shared-memory tree; each type's workgroup shape comes
-//!   from [`decode_config`] (measured on an H200, see BENCHMARKS.md). `shaders/matmul_kq.wgsl` is
+//!   from [`decode_config`] (measured on an H200, see BENCHMARKS.md). One-token products can
+//!   fold the RMSNorm before them (`matmul_dec_norm.wgsl`, [`GpuMatrix::bind_matmul_normed`])
+//!   and, for q/k/v, RoPE and the KV-cache write (`matmul_dec_rope.wgsl`). `shaders/matmul_kq.wgsl` is
 //!   an alternative for Q4_0 and Q4_1 in GGUF order: activations quantised once per workgroup to
 //!   22 bits (about f32's own rounding) and integer dot products, a third of the arithmetic.
 //! - A few tokens (up to [`MATVEC_MAX_TOKENS`]): `shaders/matmul_common.wgsl`'s `mv_main` after
@@ -37,6 +39,7 @@
 //! Quants become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA):
 //! a nibble or byte or'ed into the mantissa of a power of two and the power subtracted.
 
+use super::ops::RopeShape;
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
@@ -60,6 +63,12 @@ struct TypeSources {
     dec: &'static str,
     /// Decode block type + matmul_dec.wgsl + matmul_dec_sg.wgsl.
     dec_sg: &'static str,
+    /// `dec` and `dec_sg` with an RMSNorm folded in (matmul_dec_norm.wgsl).
+    dec_norm: &'static str,
+    dec_sg_norm: &'static str,
+    /// The same with RoPE and the KV-cache write in the epilogue (matmul_dec_rope.wgsl).
+    dec_norm_rope: &'static str,
+    dec_sg_norm_rope: &'static str,
 }
 
 macro_rules! type_sources {
@@ -69,8 +78,12 @@ macro_rules! type_sources {
             mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
             mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
-            dec: compose!($dec, "matmul_dec.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
         }
     };
 }
@@ -96,6 +109,12 @@ macro_rules! listed {
             ($dec, $src.dec),
             ("matmul_dec.wgsl", $src.dec),
             ("matmul_dec_sg.wgsl", $src.dec_sg),
+            ("matmul_dec_x.wgsl", $src.dec),
+            ("matmul_dec_norm.wgsl", $src.dec_norm),
+            ("matmul_dec_norm.wgsl", $src.dec_sg_norm),
+            ("matmul_dec_norope.wgsl", $src.dec),
+            ("matmul_dec_rope.wgsl", $src.dec_norm_rope),
+            ("matmul_dec_rope.wgsl", $src.dec_sg_norm_rope),
             ("matmul_store.wgsl", $src.dec),
             // Stand-alone (listed once per type, the same text).
             ("matmul_kq.wgsl", KQ_SRC),
@@ -104,7 +123,7 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 10]; 5] = [
+const LISTED: [[(&str, &str); 16]; 5] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -615,7 +634,68 @@ impl GpuMatrix {
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
     pub fn bind_matmul_variant(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, x, y, step, configs, decode, out, None)
+    }
+
+    /// y = W rmsnorm(norm.x) with the RMSNorm before the product part of the op: one token
+    /// runs the decode kernel with the norm folded in (reading `norm.x` itself, no separate
+    /// dispatch); more tokens, or a type whose decode kernel has no fold, run the norm into
+    /// `xn` and then the product over `xn` (which must hold as many tokens as `norm.x`).
+    pub fn bind_matmul_normed(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm))
+    }
+
+    /// [`bind_matmul_normed`](Self::bind_matmul_normed) with chosen matvec variants (tests).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_with(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm))
+    }
+
+    /// [`bind_matmul_normed`](Self::bind_matmul_normed) over q, k and v stacked (`out`'s
+    /// three sections) whose one-token kernel also applies RoPE to q and k and writes k and v
+    /// into the KV cache at the step's position (llama's adjacent pairs only); q's section is
+    /// stored rotated, k's and v's not at all. Where the kernel does not fold (see
+    /// [`MatmulOp::folds`]) the product stores all three and the caller's separate RoPE + KV
+    /// write must run.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_rope(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
+        self.bind_inner_rope(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm), Some(rope))
+    }
+
+    /// [`bind_matmul_normed_rope`](Self::bind_matmul_normed_rope) with chosen matvec variants
+    /// (tests).
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind_matmul_normed_rope_with(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
+        self.bind_inner_rope(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm), Some(rope))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_inner(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>) -> MatmulOp {
+        self.bind_inner_rope(ctx, x, y, step, configs, decode, out, norm, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn bind_inner_rope(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>, rope: Option<&RopeIn>) -> MatmulOp {
         let src = self.sources();
+        // EMBER_NO_FOLD=1: the norm (and RoPE) stay separate dispatches (benchmarks).
+        let fold = std::env::var("EMBER_NO_FOLD").as_deref() != Ok("1");
+        let rope = rope.filter(|_| fold && norm.is_some());
+        // The RoPE epilogue's uniform: head_dim, rope_dim, theta_scale, freq_scale, n_ctx.
+        let rope_params = rope.map(|r| {
+            let sections = out.sections(self.rows as u32);
+            assert!(sections.len() == 3 && sections[1].0 == sections[2].0 && !r.shape.neox && !out.epilogue.pairs() && out.epilogue != Epilogue::Add, "{}: the RoPE epilogue needs q, k, v sections, adjacent pairs and a plain store", self.name);
+            let RopeShape { head_dim, rope_dim, base, freq_scale, .. } = r.shape;
+            assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && sections[0].0.is_multiple_of(head_dim) && sections[1].0.is_multiple_of(head_dim));
+            let n_ctx = (r.cache_k.size() / (sections[1].0 as u64 * 2)).min(u32::MAX as u64) as u32;
+            // As RopeKvOp (and the CPU): computed on the host so the backends share the bits.
+            let theta_scale = base.powf(-2.0 / rope_dim as f32);
+            let words = [head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), n_ctx, 0, 0, 0];
+            ctx.uniform(&format!("{} rope", self.name), bytemuck::cast_slice(&words))
+        });
+        // The nt = 1 blocks pipeline with the norm folded in: (nr, pipeline).
+        let mut folded: Option<(u32, Arc<wgpu::ComputePipeline>)> = None;
         let mut mv_pipes = Vec::new();
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
@@ -658,19 +738,47 @@ impl GpuMatrix {
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
             let (code, key, entry) = if blocks {
-                let mut code = with_epi(&self.specialize(if sg { src.dec_sg } else { src.dec }));
-                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
-                    code = set_const(&code, name, default, value);
-                }
-                // Activations per word and row (DV_XW): 2% faster for Q4_0 on an H200, the same
-                // code for the other types. EMBER_MV_XW=0/1 overrides (benchmarks).
-                let xw = match std::env::var("EMBER_MV_XW").as_deref() {
-                    Ok("0") => 0,
-                    Ok("1") => 1,
-                    _ => (self.ty == GgmlType::Q4_0) as u32,
+                let dec_code = |folded: bool| {
+                    let text = match (sg, folded, folded && rope.is_some()) {
+                        (false, false, _) => src.dec,
+                        (true, false, _) => src.dec_sg,
+                        (false, true, false) => src.dec_norm,
+                        (true, true, false) => src.dec_sg_norm,
+                        (false, true, true) => src.dec_norm_rope,
+                        (true, true, true) => src.dec_sg_norm_rope,
+                    };
+                    let mut code = with_epi(&self.specialize(text));
+                    // A RoPE pair's two rows must meet in one workgroup.
+                    let nr = if folded && rope.is_some() { cfg.nr.next_multiple_of(2) } else { cfg.nr };
+                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
+                        code = set_const(&code, name, default, value);
+                    }
+                    // Activations per word (DV_XW): per row (1) was 2% faster for Q4_0 on an
+                    // H200 than per slot (0); once for all rows (2) loads half as much, which
+                    // a folded norm's extra loads need. The same code for the other types.
+                    // EMBER_MV_XW=0/1/2 overrides (benchmarks).
+                    let xw = match std::env::var("EMBER_MV_XW").as_deref() {
+                        Ok("0") => 0,
+                        Ok("1") => 1,
+                        Ok("2") => 2,
+                        _ => 2 * (self.ty == GgmlType::Q4_0) as u32,
+                    };
+                    code = set_const(&code, "DV_XW", 0, xw);
+                    let mut key = format!("matmul/{}{}/dec/wg{}/nr{nr}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.unroll, if sg { "sg" } else { "wg" });
+                    if let (true, Some(n)) = (folded, norm) {
+                        code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
+                        key += &format!("/norm{:08x}", n.eps.to_bits());
+                        if rope.is_some() {
+                            key += "/rope";
+                        }
+                    }
+                    (code, key, nr)
                 };
-                code = set_const(&code, "DV_XW", 0, xw);
-                let key = format!("matmul/{}{}/dec/wg{}/nr{}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.unroll, if sg { "sg" } else { "wg" });
+                if fold && norm.is_some() && cfg.nt == 1 {
+                    let (code, key, nr) = dec_code(true);
+                    folded = Some((nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
+                }
+                let (code, key, _) = dec_code(false);
                 (code, key, if sg { "dv_main_sg" } else { "dv_main" })
             } else {
                 let mut code = with_epi(&self.specialize(if sg { src.mm_sg } else { src.mm }));
@@ -700,12 +808,24 @@ impl GpuMatrix {
             .map(|c| {
                 let res = || self.weight_bindings(c, [x, y, step], Some(&mat_out));
                 let mv = mv_pipes.iter().map(|(cfg, p)| (cfg.nt, cfg.nr, p.clone(), bind_group(ctx, p, &res()))).collect();
-                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())) }
+                let folded = folded.as_ref().zip(norm).map(|((nr, p), n)| {
+                    let mut entries = self.weight_bindings(c, [n.x, y, step], Some(&mat_out));
+                    entries.push((7, n.weight.as_entire_binding()));
+                    if let (Some(r), Some(p)) = (rope, &rope_params) {
+                        entries.extend([(8, r.cache_k.as_entire_binding()), (9, r.cache_v.as_entire_binding()), (10, p.as_entire_binding())]);
+                    }
+                    (*nr, p.clone(), bind_group(ctx, p, &entries))
+                });
+                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), folded }
             })
             .collect();
         // Elements of y that n tokens reach: the end of the last section's n rows.
         let y_per_token: Vec<(u64, u64)> = sections.iter().map(|&(rows, offset)| (offset as u64, if pairs { rows as u64 / 2 } else { rows as u64 })).collect();
-        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, _mat_out: mat_out }
+        let norm = norm.map(|n| {
+            assert!(n.x.size() <= x.size(), "{}: the normalised rows must fit the product's input", self.name);
+            super::ops::RmsNormOp::new(ctx, n.x, n.weight, x, self.cols as u32, n.eps, step)
+        });
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out, _rope_params: rope_params }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -728,6 +848,24 @@ struct OpChunk {
     /// (nt, nr, pipeline, bind group), by increasing nt.
     mv: Vec<(u32, u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
     tiled: (Arc<wgpu::ComputePipeline>, wgpu::BindGroup),
+    /// The one-token decode kernel with the op's RMSNorm folded in: (nr, pipeline, bind group).
+    folded: Option<(u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
+}
+
+/// RoPE and the KV-cache write in a q/k/v product's epilogue
+/// ([`GpuMatrix::bind_matmul_normed_rope`]): this layer's caches (f16 pairs, `[pos][kv_dim]`).
+pub struct RopeIn<'a> {
+    pub cache_k: &'a wgpu::Buffer,
+    pub cache_v: &'a wgpu::Buffer,
+    pub shape: RopeShape,
+}
+
+/// The RMSNorm before a product ([`GpuMatrix::bind_matmul_normed`]): `x` holds the raw rows
+/// (as many tokens as the product's input), `weight` the norm's `cols` weights.
+pub struct NormIn<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub weight: &'a wgpu::Buffer,
+    pub eps: f32,
 }
 
 /// y = W x with bound buffers; see [`GpuMatrix::bind_matmul`].
@@ -738,10 +876,23 @@ pub struct MatmulOp {
     y_size: u64,
     /// (element offset, elements per token) of each output section.
     y_per_token: Vec<(u64, u64)>,
+    /// The RMSNorm into x that runs first, unless the decode kernel folds it in.
+    norm: Option<super::ops::RmsNormOp>,
     _mat_out: wgpu::Buffer,
+    _rope_params: Option<wgpu::Buffer>,
 }
 
 impl MatmulOp {
+    /// Whether [`encode`](Self::encode) of `n_tokens` runs the kernel with the norm (and the
+    /// RoPE epilogue, if bound) folded in.
+    pub fn folds(&self, n_tokens: u32) -> bool {
+        self.folds_with(n_tokens, Kernel::Auto)
+    }
+
+    fn folds_with(&self, n_tokens: u32, kernel: Kernel) -> bool {
+        n_tokens == 1 && kernel != Kernel::Tiled && self.norm.is_some() && self.chunks.iter().all(|c| c.folded.is_some())
+    }
+
     /// Records the product for `n_tokens` tokens (the Step uniform's n_tokens for this
     /// forward): the matvec up to [`MATVEC_MAX_TOKENS`] tokens, else the tiled matmul.
     pub fn encode(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
@@ -764,6 +915,19 @@ impl MatmulOp {
             Kernel::Matvec => true,
             Kernel::Tiled => false,
         };
+        if let Some(norm) = &self.norm {
+            if self.folds_with(n_tokens, kernel) {
+                for c in &self.chunks {
+                    let (nr, p, bg) = c.folded.as_ref().expect("checked above");
+                    let (gx, gy) = grid(c.rows.div_ceil(*nr));
+                    pass.set_pipeline(p);
+                    pass.set_bind_group(0, bg, &[]);
+                    pass.dispatch_workgroups(gx, gy, 1);
+                }
+                return;
+            }
+            norm.encode(pass, n_tokens);
+        }
         for c in &self.chunks {
             if matvec {
                 // The smallest variant covering all tokens, else the largest in several groups.
