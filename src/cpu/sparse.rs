@@ -54,17 +54,7 @@ const MAX_AXPY_CHUNKS: usize = 32;
 #[inline(always)]
 fn prefetch_l2(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        let n = bytes.len().min(PREFETCH_BYTES);
-        let p = bytes.as_ptr();
-        let mut off = 0;
-        while off < n {
-            // SAFETY: prefetching has no effect on program state, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(off).cast()) };
-            off += 64;
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T1 }>(bytes);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
 }
@@ -75,19 +65,23 @@ fn prefetch_l2(bytes: &[u8]) {
 #[inline(always)]
 fn prefetch(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let n = bytes.len().min(PREFETCH_BYTES);
-        let p = bytes.as_ptr();
-        let mut off = 0;
-        while off < n {
-            // SAFETY: prefetching has no effect on program state, whatever the address.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast()) };
-            off += 64;
-        }
-    }
+    prefetch_lines::<{ std::arch::x86_64::_MM_HINT_T0 }>(bytes);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
+}
+
+/// Prefetches each cache line of the first [`PREFETCH_BYTES`] of `bytes` with the given hint.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_lines<const HINT: i32>(bytes: &[u8]) {
+    let n = bytes.len().min(PREFETCH_BYTES);
+    let p = bytes.as_ptr();
+    let mut off = 0;
+    while off < n {
+        // SAFETY: prefetching has no effect on program state, whatever the address.
+        unsafe { std::arch::x86_64::_mm_prefetch::<HINT>(p.wrapping_add(off).cast()) };
+        off += 64;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
