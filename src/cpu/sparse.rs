@@ -518,6 +518,39 @@ pub fn axpy_row_q4_1(row: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
     reference::axpy_row_q4_1(row, h, acc)
 }
 
+/// Rows waiting to be added to an accumulator [`GROUP`] at a time (one pass over it per group),
+/// in the order they were pushed.
+struct PendingRows {
+    rows: [usize; GROUP],
+    h: [f32; GROUP],
+    filled: usize,
+}
+
+impl PendingRows {
+    fn new() -> PendingRows {
+        PendingRows { rows: [0; GROUP], h: [0.0; GROUP], filled: 0 }
+    }
+
+    /// Queues `h * row i`, adding the group once it is full.
+    #[inline(always)]
+    fn push(&mut self, down: &AxpyRows, i: usize, h: f32, acc: &mut [f32]) {
+        (self.rows[self.filled], self.h[self.filled]) = (i, h);
+        self.filled += 1;
+        if self.filled == GROUP {
+            down.add(self.rows, self.h, acc);
+            self.filled = 0;
+        }
+    }
+
+    /// Adds what is still queued, row by row.
+    fn flush(&mut self, down: &AxpyRows, acc: &mut [f32]) {
+        for k in 0..self.filled {
+            down.add([self.rows[k]], [self.h[k]], acc);
+        }
+        self.filled = 0;
+    }
+}
+
 /// A `down_t` matrix's rows (or the down rows of a [`NeuronBundle`]), added with the row AXPY
 /// of their type.
 struct AxpyRows<'a> {
@@ -618,7 +651,7 @@ fn sum_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32], add: bo
     let ahead = rows_ahead(rb, GROUP);
     // Sums the rows of `active[start..start + len]` into `acc`, in list order.
     let sum_chunk = |start: usize, len: usize, acc: &mut [f32]| {
-        let (mut group, mut group_h, mut filled) = ([0usize; GROUP], [0.0f32; GROUP], 0);
+        let mut pending = PendingRows::new();
         for k in start..start + len {
             if let Some(&next) = active.get(k + ahead) {
                 if h[next as usize] != 0.0 {
@@ -629,16 +662,9 @@ fn sum_rows(down_t: &Matrix, h: &[f32], active: &[u32], out: &mut [f32], add: bo
             if h[i] == 0.0 {
                 continue;
             }
-            (group[filled], group_h[filled]) = (i, h[i]);
-            filled += 1;
-            if filled == GROUP {
-                rows.add(group, group_h, acc);
-                filled = 0;
-            }
+            pending.push(&rows, i, h[i], acc);
         }
-        for k in 0..filled {
-            rows.add([group[k]], [group_h[k]], acc);
-        }
+        pending.flush(&rows, acc);
     };
     let chunk_len = axpy_chunk_len(active.len());
     if chunk_len >= active.len() && !add {
@@ -775,7 +801,7 @@ pub fn gated_ffn_chunks<R>(
     let sum_chunk = |start: usize, len: usize, acc: &mut [f32]| {
         assert_eq!(acc.len(), down_t.cols, "{}: output of {} values for {} columns", down_t.name, acc.len(), down_t.cols);
         let mut scratch = vec![0.0f32; scratch_len];
-        let (mut group, mut group_h, mut filled) = ([0usize; GROUP], [0.0f32; GROUP], 0);
+        let mut pending = PendingRows::new();
         for k in start..start + len {
             if let Some(&next) = active.get(k + ahead) {
                 let n = next as usize;
@@ -795,16 +821,9 @@ pub fn gated_ffn_chunks<R>(
             if h == 0.0 {
                 continue;
             }
-            (group[filled], group_h[filled]) = (i, h);
-            filled += 1;
-            if filled == GROUP {
-                rows.add(group, group_h, acc);
-                filled = 0;
-            }
+            pending.push(&rows, i, h, acc);
         }
-        for k in 0..filled {
-            rows.add([group[k]], [group_h[k]], acc);
-        }
+        pending.flush(&rows, acc);
     };
     with(&sum_chunk)
 }
@@ -990,7 +1009,7 @@ pub fn ffn_over_ranges(
                     kept.push((cand[k], g));
                 }
             }
-            let (mut group, mut group_h, mut filled) = ([0usize; GROUP], [0.0f32; GROUP], 0);
+            let mut pending = PendingRows::new();
             for k in 0..kept.len() {
                 if let Some(&(next, _)) = kept.get(k + bundle_ahead) {
                     prefetch(bundle.neuron(next as usize));
@@ -1000,16 +1019,9 @@ pub fn ffn_over_ranges(
                 if h == 0.0 {
                     continue;
                 }
-                (group[filled], group_h[filled]) = (i, h);
-                filled += 1;
-                if filled == GROUP {
-                    down.add(group, group_h, acc);
-                    filled = 0;
-                }
+                pending.push(&down, i, h, acc);
             }
-            for k in 0..filled {
-                down.add([group[k]], [group_h[k]], acc);
-            }
+            pending.flush(&down, acc);
             RangeCounts { gated: cand.len(), active: kept.len() }
         })
     };
