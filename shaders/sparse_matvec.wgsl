@@ -182,30 +182,8 @@ fn row_partial(row: u32, lid: u32, read_a: bool, read_b: bool) -> vec2<f32> {
     return acc;
 }
 
-// e^x as ember's CPU SiLU computes it (copied from gated_act.wgsl, so that the sparse and the
-// dense GPU paths agree).
-fn exp_poly(x: f32) -> f32 {
-    let shift = 12582912.0;
-    let log2e = bitcast<f32>(0x3fb8aa3bu);
-    let ln2_hi = bitcast<f32>(0x3f317200u);
-    let ln2_lo = bitcast<f32>(0x35bfbe8eu);
-    let c0 = bitcast<f32>(0x3f7ffff6u);
-    let c1 = bitcast<f32>(0x3efffedbu);
-    let c2 = bitcast<f32>(0x3e2aaf33u);
-    let c3 = bitcast<f32>(0x3d2b9f17u);
-    let c4 = bitcast<f32>(0x3c072010u);
-    let z = fma(x, log2e, shift);
-    let ni = bitcast<i32>(z) - bitcast<i32>(shift);
-    let n = f32(ni);
-    let b = fma(-n, ln2_lo, fma(-n, ln2_hi, x));
-    let u = b * b;
-    let j = fma(fma(fma(c4, b, c3), u, fma(c2, b, c1)), u, fma(c0, b, 1.0));
-    if (abs(n) > 126.0) {
-        return j * exp2(n);
-    }
-    return j * bitcast<f32>(u32(ni + 127) << 23u);
-}
-
+// exp_poly (e^x as ember's CPU SiLU computes it) comes from act.wgsl, composed after this file,
+// so that the sparse and the dense GPU paths agree.
 fn act(g: f32) -> f32 {
     if (ACT == 1u) {
         return g / (1.0 + exp_poly(-g));

@@ -43,8 +43,9 @@ use crate::model::{Activation, Matrix};
 use wgpu::{Buffer, ComputePass};
 
 const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
-const MATVEC: &str = include_str!("../../shaders/sparse_matvec.wgsl");
-const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"));
+// The gather matvec takes exp_poly from act.wgsl, the activations' one copy of it.
+const MATVEC: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
+const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
 const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
