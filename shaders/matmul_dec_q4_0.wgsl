@@ -79,21 +79,23 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     return acc;
 }
 
+// The activation vec4 that word k of slot j's low nibbles multiply, in a row starting at vec4
+// row4 (slot_x's order); the high nibbles' vec4 is 8 further on (permuted) or 4 (GGUF order).
+fn slot_x_lo(row4: u32, j: u32, k: u32) -> u32 {
+    if (PERM == 1u) {
+        return row4 + (j >> 3u) * 64u + (j & 7u) + 16u * k;
+    }
+    return row4 + 8u * j + k;
+}
+
 // slot_dot with the activations loaded word by word (2 vec4 live instead of 8): fewer registers,
 // so more threads per SM and more loads in flight, at the price of reloading the activations
 // (from L1) for every row.
 fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
     var acc = 0.0;
     for (var k = 0u; k < 4u; k++) {
-        var ca: u32;
-        var cb: u32;
-        if (PERM == 1u) {
-            ca = row4 + (j >> 3u) * 64u + (j & 7u) + 16u * k;
-            cb = ca + 8u;
-        } else {
-            ca = row4 + 8u * j + k;
-            cb = ca + 4u;
-        }
+        let ca = slot_x_lo(row4, j, k);
+        let cb = ca + select(4u, 8u, PERM == 1u);
         let q = w.q[k];
         let s = q >> 12u;
         let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
@@ -112,15 +114,8 @@ fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
 fn slot_dot_rows(w: array<WSlot, DV_NR * DV_UB>, j0: u32, row4: u32, j: u32) -> array<f32, DV_NR> {
     var acc: array<f32, DV_NR>;
     for (var k = 0u; k < 4u; k++) {
-        var ca: u32;
-        var cb: u32;
-        if (PERM == 1u) {
-            ca = row4 + (j >> 3u) * 64u + (j & 7u) + 16u * k;
-            cb = ca + 8u;
-        } else {
-            ca = row4 + 8u * j + k;
-            cb = ca + 4u;
-        }
+        let ca = slot_x_lo(row4, j, k);
+        let cb = ca + select(4u, 8u, PERM == 1u);
         let xl = xa(ca);
         let xh = xa(cb);
         for (var r = 0u; r < DV_NR; r++) {
