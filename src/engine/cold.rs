@@ -66,15 +66,7 @@ impl ColdFfn {
             FfnMode::Relu | FfnMode::Dense | FfnMode::Threshold => {
                 gate.resize(model.hp.n_ff, 0.0);
                 matvec_rows(&layer.ffn_gate, &acts, cold, gate);
-                let thr = if ffn.mode == FfnMode::Threshold { ffn.thresholds[il] } else { 0.0 };
-                active.extend(cold.iter().copied().filter(|&i| {
-                    let g = gate[i as usize];
-                    match ffn.mode {
-                        FfnMode::Dense => true,
-                        FfnMode::Relu => g > 0.0,
-                        _ => crate::cpu::ops::activate(act, g).abs() > thr,
-                    }
-                }));
+                active.extend(cold.iter().copied().filter(|&i| ffn.keeps(il, act, gate[i as usize])));
                 Some(gate.as_slice())
             }
         };

@@ -115,6 +115,18 @@ impl SparseFfn {
         self
     }
 
+    /// Whether a neuron of layer `il` whose gate pre-activation is `g` is computed, in the modes
+    /// that compute the gate first (dense, relu, threshold).
+    pub(crate) fn keeps(&self, il: usize, act: Activation, g: f32) -> bool {
+        match self.mode {
+            FfnMode::Dense => true,
+            // ReLU: exactly the neurons whose activation is non-zero.
+            FfnMode::Relu => g > 0.0,
+            FfnMode::Threshold => activate(act, g).abs() > self.thresholds[il],
+            FfnMode::Predict => unreachable!("predict mode does not select by the gate"),
+        }
+    }
+
     /// One token's FFN output for layer `il` (overwrites `out`, n_embd values) from its
     /// normalised input `xn` and the residual stream `resid` entering the block (the
     /// predictor's input), over the neurons in `owned` (ascending; None = all of them; the
@@ -143,13 +155,7 @@ impl SparseFfn {
                     None => matmul(&layer.ffn_gate, &acts, &mut s.gate),
                     Some(rows) => matvec_rows(&layer.ffn_gate, &acts, rows, &mut s.gate),
                 }
-                let thr = if self.mode == FfnMode::Threshold { self.thresholds[il] } else { 0.0 };
-                let keep = |g: f32| match self.mode {
-                    FfnMode::Dense => true,
-                    // ReLU: exactly the neurons whose activation is non-zero.
-                    FfnMode::Relu => g > 0.0,
-                    _ => activate(act, g).abs() > thr,
-                };
+                let keep = |g: f32| self.keeps(il, act, g);
                 match owned {
                     None => s.active.extend((0..ff as u32).filter(|&i| keep(s.gate[i as usize]))),
                     Some(rows) => s.active.extend(rows.iter().copied().filter(|&i| keep(s.gate[i as usize]))),
