@@ -60,3 +60,52 @@ fn gpu_argmax_batched_prefill_and_all_logits_agree() {
     let last = &all_g[36 * 49152..];
     assert_eq!(id as usize, ember::cpu::ops::argmax(last).0);
 }
+
+#[test]
+fn gpu_queued_greedy_decoding_matches_token_by_token_and_stops_cleanly() {
+    let Some(path) = common::default_model() else { return };
+    let Some((_, mut gpu)) = sessions(&path, 64) else { return };
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 4099 + 77) % 49152).collect();
+    let first = gpu.forward_argmax(&prompt).unwrap();
+    let mut expect = Vec::new();
+    let mut t = first;
+    for _ in 0..10 {
+        t = gpu.forward_argmax(&[t]).unwrap();
+        expect.push(t);
+    }
+    let end = gpu.n_past();
+
+    // The whole run, each token fed back on the GPU.
+    gpu.reset();
+    assert_eq!(gpu.forward_argmax(&prompt).unwrap(), first);
+    let mut got = Vec::new();
+    let n = gpu
+        .decode_greedy(first, 10, &mut |t| {
+            got.push(t);
+            true
+        })
+        .unwrap();
+    assert_eq!((n, &got, gpu.n_past()), (10, &expect, end));
+
+    // Stopped after four: the token queued behind the fourth is forgotten, and decoding goes on
+    // from the fourth exactly as if it had never been queued.
+    gpu.reset();
+    gpu.forward_argmax(&prompt).unwrap();
+    let mut got = Vec::new();
+    let n = gpu
+        .decode_greedy(first, 10, &mut |t| {
+            got.push(t);
+            got.len() < 4
+        })
+        .unwrap();
+    assert_eq!((n, &got[..], gpu.n_past()), (4, &expect[..4], prompt.len() + 4));
+    let mut rest = Vec::new();
+    gpu.decode_greedy(got[3], 6, &mut |t| {
+        rest.push(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(rest, expect[4..]);
+    // More predictions than the context holds: refused up front.
+    assert!(gpu.decode_greedy(rest[5], 64, &mut |_| true).is_err());
+}

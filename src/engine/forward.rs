@@ -36,6 +36,23 @@ pub trait Forward {
         Ok(crate::cpu::ops::argmax(&logits).0 as u32)
     }
 
+    /// Greedy decoding: feeds `token`, then each token predicted, calling `each` with every
+    /// prediction until it returns false or `n` are made; returns how many were made. The
+    /// position then follows the last token fed (each prediction but the last is fed). A GPU
+    /// backend keeps the next token queued while the host reads this one (the token id moves
+    /// from the argmax into the next embedding lookup on the GPU), so the GPU never waits for
+    /// the host between tokens.
+    fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        let mut t = token;
+        for i in 0..n {
+            t = self.forward_argmax(&[t])?;
+            if !each(t) {
+                return Ok(i + 1);
+            }
+        }
+        Ok(n)
+    }
+
     fn n_past(&self) -> usize;
     fn n_ctx(&self) -> usize;
     /// Forgets the sequence (the cache is overwritten from position 0).

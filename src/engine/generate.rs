@@ -76,52 +76,80 @@ pub fn generate(
     }
     let mut timings = Timings { n_prompt: prompt.len(), ..Default::default() };
     // Greedy decoding needs only the best token: the backend picks it (on the GPU, nothing but
-    // its id crosses the bus).
+    // its id crosses the bus, and the next token is queued before it is read).
     let greedy = sampler.is_greedy();
     let start = Instant::now();
-    let mut next = if greedy {
+    let next = if greedy {
         Next::Token(session.forward_argmax(prompt)?)
     } else {
         Next::Logits(prefill(session, prompt)?)
     };
     timings.prompt_secs = start.elapsed().as_secs_f64();
 
-    let mut stream = TextStream::new(stop_strings);
-    let mut tokens = Vec::new();
+    let mut out = Output { stream: TextStream::new(stop_strings), tokens: Vec::new(), stop: None, n_predict };
     let start = Instant::now();
-    let mut stop = StopReason::Length;
-    while tokens.len() < n_predict {
-        let token = match &next {
-            Next::Token(t) => {
-                sampler.accept(*t);
-                *t
+    if n_predict > 0 {
+        match next {
+            Next::Token(first) => {
+                sampler.accept(first);
+                if out.take(first, tokenizer, &mut emit) {
+                    let room = session.n_ctx().saturating_sub(session.n_past());
+                    let n = (n_predict - out.tokens.len()).min(room);
+                    session.decode_greedy(first, n, &mut |t| {
+                        sampler.accept(t);
+                        out.take(t, tokenizer, &mut emit)
+                    })?;
+                    if out.stop.is_none() && out.tokens.len() < n_predict {
+                        out.stop = Some(StopReason::ContextFull);
+                    }
+                }
             }
-            Next::Logits(l) => sampler.sample(l),
-        };
-        if tokenizer.is_eog(token) {
-            stop = StopReason::EndOfGeneration;
-            break;
+            Next::Logits(mut logits) => loop {
+                let token = sampler.sample(&logits);
+                if !out.take(token, tokenizer, &mut emit) {
+                    break;
+                }
+                if session.n_past() >= session.n_ctx() {
+                    out.stop = Some(StopReason::ContextFull);
+                    break;
+                }
+                logits = session.forward(&[token], Logits::Last)?;
+            },
         }
-        tokens.push(token);
-        if let Some(s) = stream.push(&tokenizer.token_bytes(token, false), &mut emit) {
-            stop = StopReason::StopString(s);
-            break;
-        }
-        if tokens.len() == n_predict {
-            break;
-        }
-        if session.n_past() >= session.n_ctx() {
-            stop = StopReason::ContextFull;
-            break;
-        }
-        next = if greedy { Next::Token(session.forward_argmax(&[token])?) } else { Next::Logits(session.forward(&[token], Logits::Last)?) };
     }
-    timings.n_generated = tokens.len();
+    timings.n_generated = out.tokens.len();
     timings.gen_secs = start.elapsed().as_secs_f64();
+    let stop = out.stop.unwrap_or(StopReason::Length);
+    let mut stream = out.stream;
     if !matches!(stop, StopReason::StopString(_)) {
         stream.finish(&mut emit);
     }
-    Ok(Generation { tokens, text: stream.text, stop, timings })
+    Ok(Generation { tokens: out.tokens, text: stream.text, stop, timings })
+}
+
+/// The tokens generated so far, their text, and why generation ended (once it has).
+struct Output<'a> {
+    stream: TextStream<'a>,
+    tokens: Vec<u32>,
+    stop: Option<StopReason>,
+    n_predict: usize,
+}
+
+impl Output<'_> {
+    /// Takes a predicted token; false when generation ends with it (end of generation, a stop
+    /// string, or `n_predict` tokens).
+    fn take(&mut self, token: u32, tokenizer: &Tokenizer, emit: &mut impl FnMut(&str)) -> bool {
+        if tokenizer.is_eog(token) {
+            self.stop = Some(StopReason::EndOfGeneration);
+            return false;
+        }
+        self.tokens.push(token);
+        if let Some(s) = self.stream.push(&tokenizer.token_bytes(token, false), emit) {
+            self.stop = Some(StopReason::StopString(s));
+            return false;
+        }
+        self.tokens.len() < self.n_predict
+    }
 }
 
 /// Turns token bytes into text pieces: holds back incomplete UTF-8 sequences and any tail

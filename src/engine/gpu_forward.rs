@@ -297,6 +297,23 @@ pub struct GpuSession {
     pub(super) n_past: usize,
     /// The CPU side and placement of a neuron-aware (hybrid) session.
     pub(super) hybrid: Option<Box<super::hybrid::HybridState>>,
+    /// Host-readable copies of the argmax of the tokens in flight ([`Forward::decode_greedy`]).
+    argmax_ring: Vec<wgpu::Buffer>,
+}
+
+/// Where a batch's token ids come from.
+#[derive(Clone, Copy)]
+enum Ids<'a> {
+    Host(&'a [u32]),
+    /// One token: the argmax of the batch submitted before (still on the GPU).
+    PreviousArgmax,
+}
+
+/// Tokens queued on the GPU ahead of the one being read back in [`Forward::decode_greedy`]:
+/// one keeps the GPU busy while the host reads a token and records the next.
+/// `EMBER_DECODE_AHEAD` (0 to 3) overrides it, for measuring.
+fn decode_ahead() -> usize {
+    std::env::var("EMBER_DECODE_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize).min(3)
 }
 
 impl GpuSession {
@@ -403,7 +420,8 @@ impl GpuSession {
             output_all: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x, weight: output_norm, eps: hp.rms_eps }, &s.xn, &s.logits_all, &s.step, &MatOut::default()),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, hybrid: None })
+        let argmax_ring = (0..=decode_ahead()).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, hybrid: None, argmax_ring })
     }
 
     /// GPU bytes of the KV cache and scratch buffers (weights not included).
@@ -414,7 +432,17 @@ impl GpuSession {
     /// Encodes and submits one batch (at most max_tokens). Returns after submission; the caller
     /// reads what it needs.
     fn run_batch(&mut self, tokens: &[u32], want: Logits) -> Result<(), ForwardError> {
-        let n = tokens.len() as u32;
+        self.submit_batch(Ids::Host(tokens), want, None);
+        Ok(())
+    }
+
+    /// Encodes and submits one batch of `ids`; with `argmax_to`, the batch's argmax is copied
+    /// there at its end.
+    fn submit_batch(&mut self, ids: Ids, want: Logits, argmax_to: Option<usize>) -> wgpu::SubmissionIndex {
+        let n = match ids {
+            Ids::Host(t) => t.len() as u32,
+            Ids::PreviousArgmax => 1,
+        };
         let pos0 = self.n_past as u32;
         let step = Step { n_tokens: n, pos0, n_kv: pos0 + n, _pad: 0 };
         self.set_n_kv(step.n_kv);
@@ -422,8 +450,11 @@ impl GpuSession {
         let q = &self.ctx.queue;
         q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step_last));
-        q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens));
         let mut enc = self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        match ids {
+            Ids::Host(tokens) => q.write_buffer(&self.s.ids, 0, bytemuck::cast_slice(tokens)),
+            Ids::PreviousArgmax => enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.s.ids, 0, 4),
+        }
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
             for (_, op) in self.layer_sequence(want, n) {
@@ -437,9 +468,30 @@ impl GpuSession {
                 op.record(&mut pass, 1);
             }
         }
-        self.ctx.queue.submit([enc.finish()]);
-        self.n_past += tokens.len();
-        Ok(())
+        if let Some(slot) = argmax_to {
+            enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.argmax_ring[slot], 0, 4);
+        }
+        let index = self.ctx.queue.submit([enc.finish()]);
+        self.n_past += n as usize;
+        index
+    }
+
+    /// Waits for `index` and reads the token id in readback slot `slot`.
+    fn read_argmax_slot(&self, slot: usize, index: wgpu::SubmissionIndex) -> Result<u32, ForwardError> {
+        let lost = |e: String| ForwardError::Gpu(GpuError::Lost(e));
+        let buf = &self.argmax_ring[slot];
+        let (tx, rx) = std::sync::mpsc::channel();
+        buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| lost(e.to_string()))?;
+        rx.recv().map_err(|e| lost(e.to_string()))?.map_err(|e| lost(e.to_string()))?;
+        let id = {
+            let view = buf.slice(..).get_mapped_range().map_err(|e| lost(e.to_string()))?;
+            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
+        };
+        buf.unmap();
+        Ok(id)
     }
 
     /// Tells the attention ops the cache's key count for the steps recorded next.
@@ -575,6 +627,49 @@ impl Forward for GpuSession {
         }
         let out: Vec<u32> = self.ctx.read(&self.s.argmax, 1).map_err(ForwardError::Gpu)?;
         Ok(out[0])
+    }
+
+    fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        if self.hybrid.is_some() || self.head.is_none() || n == 0 {
+            // The hybrid's tokens meet the CPU anyway; without a head there is no argmax.
+            let mut t = token;
+            for i in 0..n {
+                t = self.forward_argmax(&[t])?;
+                if !each(t) {
+                    return Ok(i + 1);
+                }
+            }
+            return Ok(n);
+        }
+        self.check(&[token])?;
+        if self.n_past + n > self.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.n_ctx, n_ctx_train: self.model.hp.n_ctx_train });
+        }
+        let start = self.n_past;
+        let slots = self.argmax_ring.len();
+        let mut queued = std::collections::VecDeque::new();
+        let mut made = 0;
+        while made < n {
+            // Keep slots - 1 tokens queued behind the one read next.
+            while queued.len() < slots && made + queued.len() < n {
+                let i = made + queued.len();
+                let ids = if i == 0 { Ids::Host(std::slice::from_ref(&token)) } else { Ids::PreviousArgmax };
+                queued.push_back(self.submit_batch(ids, Logits::Last, Some(i % slots)));
+            }
+            let index = queued.pop_front().expect("a token is queued");
+            let t = self.read_argmax_slot(made % slots, index)?;
+            made += 1;
+            if !each(t) {
+                break;
+            }
+        }
+        // Tokens fed after the last prediction taken are forgotten (their cache rows are
+        // overwritten later).
+        for index in queued {
+            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| ForwardError::Gpu(GpuError::Lost(e.to_string())))?;
+        }
+        self.n_past = start + made;
+        Ok(made)
     }
 
     fn n_past(&self) -> usize {
