@@ -11,7 +11,17 @@ use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
 /// One decode token's per-dispatch GPU times (name, ns) and its one-pass host time (ns).
-pub type Profile = (Vec<(&'static str, f64)>, f64);
+/// One decode token's GPU time by dispatch (nanoseconds).
+pub struct Profile {
+    /// Each dispatch in its own timed pass (the pass's start and end overhead included).
+    pub alone: Vec<(&'static str, f64)>,
+    /// The token in one pass, as it runs: from the end of the dispatch before to the end of
+    /// this one (the barrier and ramp-up between them included). None where the adapter has
+    /// no timestamps inside passes.
+    pub in_pass: Option<Vec<(&'static str, f64)>>,
+    /// The token run normally, on the host clock (submission and readback included).
+    pub wall_ns: f64,
+}
 
 /// A model's weights on the GPU.
 pub struct GpuWeights {
@@ -526,10 +536,10 @@ impl GpuSession {
         enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
     }
 
-    /// Decodes `token` at the next position with every dispatch in its own timestamped pass
-    /// and returns (name, nanoseconds) per dispatch, plus the host wall time of the same token
-    /// run normally (one pass, one submission, argmax read back). The position is not
-    /// consumed. None without timestamp queries.
+    /// Decodes `token` at the next position with every dispatch in its own timestamped pass,
+    /// then (where the adapter can) in one pass with a timestamp after each dispatch, then as it
+    /// really runs, timed on the host (one pass, one submission, argmax read back). The
+    /// position is not consumed. None without timestamp queries.
     pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
         let n_ops = self.layer_sequence(Logits::Last, 1).len() + self.output_sequence().len();
         let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
@@ -552,12 +562,53 @@ impl GpuSession {
             names.push(name);
         }
         let times = timer.finish(&self.ctx, enc).map_err(ForwardError::Gpu)?;
+        let alone = names.iter().copied().zip(times).collect();
+
+        let in_pass = if self.ctx.has_timestamps_in_passes() {
+            let mut enc = self.ctx.device.create_command_encoder(&Default::default());
+            let mut i = 0;
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
+                timer.mark(&mut pass, 0);
+                for (_, op) in self.layer_sequence(Logits::Last, 1) {
+                    op.record(&mut pass, 1);
+                    i += 1;
+                    timer.mark(&mut pass, i);
+                }
+            }
+            self.copy_last_row(&mut enc, 1);
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("output"), timestamp_writes: None });
+                for (_, op) in self.output_sequence() {
+                    op.record(&mut pass, 1);
+                    i += 1;
+                    timer.mark(&mut pass, i);
+                }
+            }
+            let ends = timer.finish_marks(&self.ctx, enc).map_err(ForwardError::Gpu)?;
+            let mut prev = 0.0;
+            Some(
+                names
+                    .iter()
+                    .copied()
+                    .zip(ends)
+                    .map(|(name, end)| {
+                        let d = end - prev;
+                        prev = end;
+                        (name, d)
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+
         // The same token again, as one pass, timed on the host.
         let start = std::time::Instant::now();
         self.forward_argmax(&[token])?;
-        let wall = start.elapsed().as_secs_f64() * 1e9;
+        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
         self.n_past -= 1;
-        Ok(Some((names.into_iter().zip(times).collect(), wall)))
+        Ok(Some(Profile { alone, in_pass, wall_ns }))
     }
 
     /// Runs `tokens` through the layers this session holds and reads back their hidden states

@@ -145,7 +145,7 @@ impl GpuContext {
         } else if summary.is_software() {
             eprintln!("ember: warning: {} is a software rasteriser: correct but slow; use it for tests.", summary.name);
         }
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let features = adapter.features() & wanted;
         let limits = adapter.limits();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
@@ -174,6 +174,11 @@ impl GpuContext {
 
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// Timestamps between the dispatches of one pass (a token profiled as it really runs).
+    pub fn has_timestamps_in_passes(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES)
     }
 
     /// The largest storage buffer one binding may cover; bigger tensors are split.

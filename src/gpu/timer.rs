@@ -9,6 +9,8 @@ pub struct PassTimer {
     resolve: wgpu::Buffer,
     capacity: u32,
     used: u32,
+    /// Marks written so far (in-pass timestamps).
+    marks: u32,
 }
 
 impl PassTimer {
@@ -24,7 +26,7 @@ impl PassTimer {
             usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
             mapped_at_creation: false,
         });
-        Some(PassTimer { queries, resolve, capacity, used: 0 })
+        Some(PassTimer { queries, resolve, capacity, used: 0, marks: 0 })
     }
 
     /// A compute pass whose start and end are timestamped (slot = the pass's number).
@@ -40,6 +42,29 @@ impl PassTimer {
                 end_of_pass_write_index: Some(2 * i + 1),
             }),
         })
+    }
+
+    /// Writes timestamp number `i` inside a pass (needs [`GpuContext::has_timestamps_in_passes`];
+    /// a timer of capacity c holds 2c of them). Read them with [`Self::finish_marks`].
+    pub fn mark(&mut self, pass: &mut wgpu::ComputePass, i: u32) {
+        assert!(i < 2 * self.capacity, "PassTimer: more than {} marks", 2 * self.capacity);
+        pass.write_timestamp(&self.queries, i);
+        self.marks = self.marks.max(i + 1);
+    }
+
+    /// Submits `enc` (after resolving its marks into it) and returns the nanoseconds from mark
+    /// 0 to each later mark.
+    pub fn finish_marks(&mut self, ctx: &GpuContext, mut enc: wgpu::CommandEncoder) -> Result<Vec<f64>, GpuError> {
+        let n = std::mem::take(&mut self.marks);
+        if n == 0 {
+            ctx.submit_and_wait(enc)?;
+            return Ok(Vec::new());
+        }
+        enc.resolve_query_set(&self.queries, 0..n, &self.resolve, 0);
+        ctx.queue.submit([enc.finish()]);
+        let ticks: Vec<u64> = ctx.read(&self.resolve, n as usize)?;
+        let period = ctx.queue.get_timestamp_period() as f64;
+        Ok(ticks[1..].iter().map(|&t| t.saturating_sub(ticks[0]) as f64 * period).collect())
     }
 
     /// Submits `enc` (after resolving the timestamps into it) and returns each pass's duration
