@@ -12,13 +12,18 @@
 // mask and shift operations: about 1.3 instructions per weight. The sums are exact integers
 // (|sum q xq| < 32 * 15 * 2^21 < 2^31), converted to f32 once per block.
 //
+// With KQ_LIMBS = 1 the activations are instead llama.cpp's 8-bit ones (Q8_0: xq = round(x / s),
+// s = max|x| / 127 per block, |xq| <= 127) and a block is 8 dot products and 12 mask and shift
+// operations: the numerics of llama.cpp's CPU Q4_0 x Q8_0 dot product, at 0.6 instructions
+// per weight.
+//
 // A workgroup of KQ_WG threads (a multiple of 64, see src/gpu/matrix.rs) owns every block of a
 // row (thread i: blocks i, i + KQ_WG, ..., KQ_BPT of them), loads and quantises their activations
 // once, then walks KQ_RG steps of KQ_NR rows, loading only weights (the next step's before this
 // step's arithmetic when KQ_PF = 1). Row sums meet through subgroupAdd (kq_main_sg,
 // matmul_kq_sg.wgsl) or shared memory (kq_main).
 //
-// KQ_Q41, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
+// KQ_Q41, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
 // compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
 
 struct Step {
@@ -46,6 +51,8 @@ struct Chunk {
 
 // 0: Q4_0, 1: Q4_1.
 const KQ_Q41: u32 = 0u;
+// 3: 22-bit activations in three byte limbs; 1: 8-bit activations.
+const KQ_LIMBS: u32 = 3u;
 const KQ_WG: u32 = 128u;
 // Blocks per thread and row.
 const KQ_BPT: u32 = 1u;
@@ -57,14 +64,15 @@ const KQ_PF: u32 = 0u;
 var<workgroup> kq_sh: array<f32, 2u * KQ_NR * KQ_WG>;
 
 // A block's activations as limbs: l0[g], l1[g], l2[g] pack the bytes b0, b1, b2 of elements
-// 4g..4g+3; s is the scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and
-// Q4_1's minimum).
+// 4g..4g+3 (with one limb, l0 packs the signed 8-bit values and qsum is their sum); s is the
+// scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and Q4_1's minimum).
 struct XQ {
     l0: array<u32, 8>,
     l1: array<u32, 8>,
     l2: array<u32, 8>,
     s: f32,
     sum: f32,
+    qsum: i32,
 }
 
 // One block of one row as loaded: quants and the packed scale (and minimum).
@@ -92,11 +100,27 @@ fn kq_quant(row4: u32, j: u32) -> XQ {
         sv += a[g];
     }
     let amax = max(max(m.x, m.y), max(m.z, m.w));
+    var r: XQ;
+    r.sum = (sv.x + sv.y) + (sv.z + sv.w);
+    if (KQ_LIMBS == 1u) {
+        // As llama.cpp's quantize_row_q8_0/q8_1: d = max|x| / 127, xq = round(x / d), d then
+        // stored as f16 (and Q8_1's sum as f16(d * sum xq), used below for Q4_1's minimum).
+        let d = amax / 127.0;
+        let inv = select(0.0, 1.0 / d, amax > 0.0);
+        for (var g = 0u; g < 8u; g++) {
+            let v = a[g] * inv;
+            // Half away from zero, as roundf.
+            let q = vec4<i32>(trunc(v + select(vec4<f32>(-0.5), vec4<f32>(0.5), v >= vec4<f32>(0.0))));
+            r.l0[g] = pack4xI8(q);
+            r.qsum += dot4I8Packed(r.l0[g], 0x01010101u);
+        }
+        r.s = unpack2x16float(pack2x16float(vec2<f32>(d, d * f32(r.qsum)))).x;
+        r.sum = unpack2x16float(pack2x16float(vec2<f32>(d, d * f32(r.qsum)))).y;
+        return r;
+    }
     // |xq| <= 2^21 - 1; all-zero blocks quantise to zeros.
     let inv = select(0.0, 2097151.0 / amax, amax > 0.0);
-    var r: XQ;
     r.s = select(0.0, amax / 2097151.0, amax > 0.0);
-    r.sum = (sv.x + sv.y) + (sv.z + sv.w);
     for (var g = 0u; g < 8u; g++) {
         // Round to nearest without a float-to-int conversion (a quarter-rate instruction on
         // NVIDIA): adding 1.5 * 2^23 leaves the rounded integer in the low mantissa bits.
@@ -131,6 +155,20 @@ fn kq_fetch(group: u32, rs: u32, lid: u32, nb: u32) -> array<WB, KQ_NR * KQ_BPT>
 
 // One row's block times the quantised activations.
 fn kq_dot(w: WB, xq: XQ) -> f32 {
+    if (KQ_LIMBS == 1u) {
+        var a = 0i;
+        for (var k = 0u; k < 4u; k++) {
+            let lo = w.q[k] & 0x0F0F0F0Fu;
+            let hi = (w.q[k] >> 4u) & 0x0F0F0F0Fu;
+            a += dot4I8Packed(lo, xq.l0[k]) + dot4I8Packed(hi, xq.l0[4u + k]);
+        }
+        let dm = unpack2x16float(w.d);
+        if (KQ_Q41 == 1u) {
+            return dm.x * xq.s * f32(a) + dm.y * xq.sum;
+        }
+        // sum (q - 8) xq exactly, as llama.cpp's integer dot product.
+        return dm.x * xq.s * f32(a - 8 * xq.qsum);
+    }
     var a0 = 0u;
     var a1 = 0u;
     var a2 = 0i;

@@ -28,8 +28,12 @@ fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
 
 /// The CPU product with f32 activations, and sum |w x| per output for the tolerance.
 fn reference(m: &Matrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
+    reference_at(m, x, n, Precision::F32)
+}
+
+fn reference_at(m: &Matrix, x: &[f32], n: usize, precision: Precision) -> (Vec<f32>, Vec<f32>) {
     let mut want = vec![0.0; n * m.rows];
-    matmul(m, &Activations::new(x, n).with_precision(Precision::F32), &mut want);
+    matmul(m, &Activations::new(x, n).with_precision(precision), &mut want);
     let mut mag = vec![0.0; n * m.rows];
     for r in 0..m.rows {
         let w = m.row_f32(r);
@@ -155,6 +159,38 @@ fn odd_matvec_configs() {
                 for n in [1, 3] {
                     let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
                     check(&format!("{} wg {wg} nr {nr} nt {nt} unroll {unroll} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+                }
+            }
+        }
+    }
+}
+
+/// The integer-dot-product decode matvec (`EMBER_MV_DEC=q4_0=kq:...`): with 22-bit
+/// activations against the f32 product, with 8-bit ones against llama.cpp's CPU numerics (the
+/// CPU's Q8_0/Q8_1 activations: worst relative error 6e-8 on lavapipe).
+#[test]
+fn integer_matvec_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(4242);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+        for (rows, cols) in [(75, 608), (37, 96), (130, 352)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = GpuMatrix::upload_layout(&ctx, &m, ctx.max_binding(), false).unwrap();
+            let x = rng.vec(3 * cols);
+            for limbs in [3, 1] {
+                let (want, mag) = reference_at(&m, &x, 3, if limbs == 3 { Precision::F32 } else { Precision::Llama });
+                let b = Bufs::new(&ctx, &x, 3 * rows);
+                for (nr, rg, prefetch) in [(1, 1, false), (4, 2, true), (3, 3, false), (2, 5, true)] {
+                    for subgroups in [false, true] {
+                        let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, subgroups }];
+                        let kernel = ember::gpu::matrix::DecodeKernel::Quantized { nr, rg, prefetch, limbs };
+                        let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, kernel, &MatOut::default());
+                        for n in [1, 3] {
+                            let got = run(&ctx, &op, &b, rows, n, Kernel::Matvec);
+                            let what = format!("{} limbs {limbs} nr {nr} rg {rg} pf {prefetch} sg {subgroups} n={n}", m.name);
+                            check(&what, &got, &want[..n * rows], &mag[..n * rows]);
+                        }
+                    }
                 }
             }
         }

@@ -250,6 +250,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
             continue;
         }
         let mut score = vec![f64::INFINITY; variants.len()];
+        let mut score_stream = vec![f64::INFINITY; variants.len()];
         for (si, &(rows, cols, what, epilogue, weight)) in FUSED_LAYER.iter().enumerate() {
             // Both word orders: the integer kernel reads GGUF order, the others the permuted one.
             let mut sets: [Option<BenchSet>; 2] = [None, None];
@@ -272,18 +273,21 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                 let set = sets[gguf as usize].as_ref().unwrap();
                 bytes = set.mats[0].gpu_bytes() as f64;
                 let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, subgroups: sg };
-                let (row, _, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
+                let (row, stream, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
                 score[i] = if si == 0 { weight * row } else { score[i] + weight * row };
-                results.push((v.clone(), row, alone));
+                score_stream[i] = if si == 0 { weight * stream } else { score_stream[i] + weight * stream };
+                results.push((v.clone(), row, stream, alone));
             }
             results.sort_by(|a, b| a.1.total_cmp(&b.1));
-            println!("\nsweep {}{what} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
-            for (name, row, alone) in &results {
-                println!("  {name:20} {row:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3);
+            println!("\nsweep {}{what} {rows} x {cols} ({:.1} MiB), fastest first: µs back to back (GB/s), µs streaming (GB/s), µs alone", ty.name(), bytes / (1u64 << 20) as f64);
+            for (name, row, stream, alone) in &results {
+                println!("  {name:20} {row:8.2} ({:5.0}) {stream:8.2} ({:5.0}) {alone:8.2}", bytes / row / 1e3, bytes / stream / 1e3);
             }
         }
         let (i, _) = score.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
         println!("best {} over a 7B layer's shapes: {} ({:.1} µs per layer)", ty.name(), variants[i], score[i]);
+        let (j, _) = score_stream.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap();
+        println!("best {} streaming: {} ({:.1} µs per layer)", ty.name(), variants[j], score_stream[j]);
         best.push(format!("{}={}", ty.name(), variants[i]));
     }
     println!("EMBER_MV_DEC={}", best.join(","));

@@ -335,12 +335,12 @@ pub fn parse_decode(cfg: &str) -> Option<DecodeChoice> {
         _ => ("blocks", cfg),
     };
     let n: Vec<u32> = rest.split(':').map(|t| t.trim().parse().ok()).collect::<Option<_>>()?;
-    let want = if kind == "blocks" { 4 } else { 3 };
-    if n.len() != want || n[0] == 0 || n[1] == 0 {
+    let ok_len = if kind == "blocks" { n.len() == 4 } else { matches!(n.len(), 3 | 4) };
+    if !ok_len || n[0] == 0 || n[1] == 0 {
         return None;
     }
     Some(match kind {
-        "kq" => (DecodeKernel::Quantized { nr: n[0], rg: n[1], prefetch: n[2] == 1 }, (64, 2, 1)),
+        "kq" => (DecodeKernel::Quantized { nr: n[0], rg: n[1], prefetch: n[2] == 1, limbs: if n.len() == 4 && n[3] == 1 { 1 } else { 3 } }, (64, 2, 1)),
         _ => (DecodeKernel::Blocks { prefetch: n[3] == 1 }, (n[0], n[1], n[2])),
     })
 }
@@ -365,7 +365,7 @@ pub enum DecodeKernel {
     /// fall back to the blocks kernel): activations quantised to 22 bits in registers once per
     /// workgroup, `nr` rows per step, `rg` steps per workgroup, integer dot products; the
     /// MvConfig's wg, nr and unroll are not used.
-    Quantized { nr: u32, rg: u32, prefetch: bool },
+    Quantized { nr: u32, rg: u32, prefetch: bool, limbs: u32 },
     /// `matmul_common.wgsl`'s `mv_main`: one 8-element unit per thread and step.
     Units,
 }
@@ -712,7 +712,7 @@ impl GpuMatrix {
         let configs: Vec<MvConfig> = configs.iter().map(|c| MvConfig { nr: if pairs { c.nr.next_multiple_of(2) } else { c.nr }, ..*c }).collect();
         for cfg in &configs {
             let sg = cfg.subgroups && ctx.has_subgroups();
-            if let (1, DecodeKernel::Quantized { nr, rg, prefetch }) = (cfg.nt, decode) {
+            if let (1, DecodeKernel::Quantized { nr, rg, prefetch, limbs }) = (cfg.nt, decode) {
                 // As many threads as a row has blocks (up to 512; more blocks per thread beyond).
                 let nb = (self.cols / 32) as u32;
                 let bpt = nb.div_ceil(512.min(ctx.limits.max_compute_invocations_per_workgroup));
@@ -721,10 +721,10 @@ impl GpuMatrix {
                 let pf = prefetch as u32;
                 let q41 = (self.ty == GgmlType::Q4_1) as u32;
                 let mut code = with_epi(if sg { KQ_SG_SRC } else { KQ_SRC });
-                for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
+                for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_LIMBS", 3, limbs), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
                     code = set_const(&code, name, default, value);
                 }
-                let key = format!("matmul/{}/kq/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
+                let key = format!("matmul/{}/kq/l{limbs}/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
                 mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, if sg { "kq_main_sg" } else { "kq_main" })));
                 continue;
             }
