@@ -46,7 +46,7 @@ pub fn copy_bandwidth(ctx: &GpuContext) -> Result<(f64, f64)> {
 pub struct KernelRow {
     pub ty: GgmlType,
     /// What the shape is in a llama-7B layer, and the product's epilogue.
-    pub what: &'static str,
+    pub what: String,
     pub rows: usize,
     pub cols: usize,
     pub bytes: u64,
@@ -204,7 +204,21 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
             let set = BenchSet::new(ctx, ty, rows, cols, None, epilogue)?;
             let (row_us, stream_us, alone_us) = set.time(ctx, &set.bind(ctx, None))?;
             let gpu_bytes = set.mats[0].gpu_bytes();
-            rows_out.push(KernelRow { ty, what, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, stream_us, alone_us });
+            rows_out.push(KernelRow { ty, what: what.to_string(), rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, stream_us, alone_us });
+        }
+        if ty == GgmlType::Q4_0 {
+            // The integer kernel with llama.cpp's 8-bit activations (GGUF block order), the
+            // fastest streaming variant on an H200; the forward pass keeps the blocks kernel,
+            // faster with barriers between dispatches and able to fold norms and pairs.
+            let (kernel, _) = parse_decode(INTEGER_Q4_0).expect("a valid variant");
+            let cfg = MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, subgroups: ctx.has_subgroups() };
+            for (rows, cols) in [(11008, 4096), (4096, 11008)] {
+                let set = BenchSet::new(ctx, ty, rows, cols, Some(false), Epilogue::Store)?;
+                let (row_us, stream_us, alone_us) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
+                let gpu_bytes = set.mats[0].gpu_bytes();
+                let what = format!(" integer ({INTEGER_Q4_0})");
+                rows_out.push(KernelRow { ty, what, rows, cols, bytes: gpu_bytes, median_us: row_us, gbps: gpu_bytes as f64 / row_us / 1e3, stream_us, alone_us });
+            }
         }
     }
     println!("\nthe same, each dispatch alone in its own timestamped pass:\n");
@@ -215,6 +229,10 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
     }
     Ok(rows_out)
 }
+
+/// The integer Q4_0 variant of the kernel table (`EMBER_MV_DEC` syntax): 4 rows per step, 4
+/// steps per workgroup, no prefetch, 8-bit activations.
+const INTEGER_Q4_0: &str = "kq:4:4:0:1";
 
 /// The products of one llama-7B layer in the forward pass (rows, cols, label, epilogue, count):
 /// q, k and v stacked, o with the residual add, gate and up interleaved with the activation,
@@ -251,7 +269,9 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
         }
         let mut score = vec![f64::INFINITY; variants.len()];
         let mut score_stream = vec![f64::INFINITY; variants.len()];
-        for (si, &(rows, cols, what, epilogue, weight)) in FUSED_LAYER.iter().enumerate() {
+        // The acceptance's plain shapes (not scored), then a layer's products.
+        let plain = [(11008, 4096, "", Epilogue::Store, 0.0), (4096, 11008, "", Epilogue::Store, 0.0)];
+        for (si, &(rows, cols, what, epilogue, weight)) in plain.iter().chain(FUSED_LAYER.iter()).enumerate() {
             // Both word orders: the integer kernel reads GGUF order, the others the permuted one.
             let mut sets: [Option<BenchSet>; 2] = [None, None];
             let mut results = Vec::new();
