@@ -43,14 +43,7 @@ pub trait Forward {
     /// from the argmax into the next embedding lookup on the GPU), so the GPU never waits for
     /// the host between tokens.
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
-        let mut t = token;
-        for i in 0..n {
-            t = self.forward_argmax(&[t])?;
-            if !each(t) {
-                return Ok(i + 1);
-            }
-        }
-        Ok(n)
+        decode_greedy_one_by_one(self, token, n, each)
     }
 
     fn n_past(&self) -> usize;
@@ -78,6 +71,18 @@ pub enum Logits {
 
 /// What every backend checks before running `tokens` after `n_past` positions of a context of
 /// `n_ctx`: a non-empty batch that fits, of ids inside the vocabulary.
+/// [`Forward::decode_greedy`] one token at a time, each read back before the next is fed.
+pub(super) fn decode_greedy_one_by_one<F: Forward + ?Sized>(session: &mut F, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+    let mut t = token;
+    for i in 0..n {
+        t = session.forward_argmax(&[t])?;
+        if !each(t) {
+            return Ok(i + 1);
+        }
+    }
+    Ok(n)
+}
+
 pub(super) fn check_batch(hp: &crate::model::HParams, n_past: usize, n_ctx: usize, tokens: &[u32]) -> Result<(), ForwardError> {
     if tokens.is_empty() {
         return Err(ForwardError::Empty);

@@ -683,14 +683,7 @@ impl Forward for GpuSession {
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
         if self.hybrid.is_some() || self.head.is_none() || n == 0 {
             // The hybrid's tokens meet the CPU anyway; without a head there is no argmax.
-            let mut t = token;
-            for i in 0..n {
-                t = self.forward_argmax(&[t])?;
-                if !each(t) {
-                    return Ok(i + 1);
-                }
-            }
-            return Ok(n);
+            return super::forward::decode_greedy_one_by_one(self, token, n, each);
         }
         self.check(&[token])?;
         if self.n_past + n > self.n_ctx {
