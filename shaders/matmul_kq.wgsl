@@ -23,6 +23,13 @@
 // step's arithmetic when KQ_PF = 1). Row sums meet through subgroupAdd (kq_main_sg,
 // matmul_kq_sg.wgsl) or shared memory (kq_main).
 //
+// Composed like matmul_dec.wgsl: then matmul_dec_x.wgsl or matmul_dec_norm.wgsl (the RMSNorm
+// before the product folded in: its weight multiplied into the activations before they are
+// quantised, the sum of squares reduced once per workgroup, 1 / rms applied to the totals),
+// then matmul_dec_norope.wgsl or matmul_dec_rope.wgsl (RoPE and the KV-cache write), then
+// matmul_store.wgsl. With a pairs epilogue (gate/up or RoPE pairs) KQ_NR is even and a storing
+// thread takes two adjacent rows.
+//
 // KQ_Q41, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
 // compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
 
@@ -62,6 +69,12 @@ const KQ_RG: u32 = 2u;
 const KQ_PF: u32 = 0u;
 
 var<workgroup> kq_sh: array<f32, 2u * KQ_NR * KQ_WG>;
+// The folded norm's sum of squares: this thread's share, then the workgroup's partial sums.
+var<private> kq_ss: f32;
+var<workgroup> kq_ss_sh: array<f32, KQ_WG>;
+
+// Whether a storing thread takes two adjacent rows.
+const KQ_PAIRS: bool = EPI_PAIRS || DV_ROPE;
 
 // A block's activations as limbs: l0[g], l1[g], l2[g] pack the bytes b0, b1, b2 of elements
 // 4g..4g+3 (with one limb, l0 packs the signed 8-bit values and qsum is their sum); s is the
@@ -89,13 +102,18 @@ fn kq_row(group: u32, rs: u32, r: u32) -> u32 {
     return (group * KQ_RG + rs) * KQ_NR + r;
 }
 
-// Quantises block j of token row x[row4..].
-fn kq_quant(row4: u32, j: u32) -> XQ {
+// Quantises block j of token row x[row4..] (times the folded norm's weights; the squares of the
+// raw values are added to kq_ss when `counts`: each block once per workgroup).
+fn kq_quant(row4: u32, j: u32, counts: bool) -> XQ {
     var a: array<vec4<f32>, 8>;
     var m = vec4<f32>(0.0);
     var sv = vec4<f32>(0.0);
     for (var g = 0u; g < 8u; g++) {
-        a[g] = x[row4 + 8u * j + g];
+        let raw = x[row4 + 8u * j + g];
+        if (DV_NORM && counts) {
+            kq_ss += dot(raw, raw);
+        }
+        a[g] = raw * dv_norm_w(8u * j + g);
         m = max(m, abs(a[g]));
         sv += a[g];
     }
@@ -193,7 +211,8 @@ fn kq_dot(w: WB, xq: XQ) -> f32 {
 fn kq_x(lid: u32, t: u32, nb: u32) -> array<XQ, KQ_BPT> {
     var xs: array<XQ, KQ_BPT>;
     for (var s = 0u; s < KQ_BPT; s++) {
-        xs[s] = kq_quant(t * (chunk.cols / 4u), min(lid + s * KQ_WG, nb - 1u));
+        let b = lid + s * KQ_WG;
+        xs[s] = kq_quant(t * (chunk.cols / 4u), min(b, nb - 1u), b < nb);
     }
     return xs;
 }
@@ -210,11 +229,59 @@ fn kq_sums(w: array<WB, KQ_NR * KQ_BPT>, xs: array<XQ, KQ_BPT>, lid: u32, nb: u3
     return acc;
 }
 
-fn kq_store(group: u32, rs: u32, t: u32, r: u32, total: f32) {
-    let row = kq_row(group, rs, r);
-    if (row < chunk.rows) {
-        y_put(t, row, total);
+// Row r's total from parts: the sum over k < n of kq_sh[buf + k * stride_k + r * stride_r].
+fn kq_total(buf: u32, r: u32, n: u32, stride_k: u32, stride_r: u32) -> f32 {
+    var total = 0.0;
+    for (var k = 0u; k < n; k++) {
+        total += kq_sh[buf + k * stride_k + r * stride_r];
     }
+    return total;
+}
+
+// Stores step rs's rows (or row pairs) from their parts in kq_sh, times the norm's scale.
+fn kq_store_step(group: u32, rs: u32, t: u32, lid: u32, buf: u32, n: u32, stride_k: u32, stride_r: u32, scale: f32) {
+    if (KQ_PAIRS) {
+        for (var p = lid; p < KQ_NR / 2u; p += KQ_WG) {
+            let row = kq_row(group, rs, 2u * p);
+            if (row < chunk.rows) {
+                let a = scale * kq_total(buf, 2u * p, n, stride_k, stride_r);
+                let b = scale * kq_total(buf, 2u * p + 1u, n, stride_k, stride_r);
+                if (DV_ROPE) {
+                    dv_rope_store(t, row, a, b);
+                } else {
+                    y_put_pair(t, row, a, b);
+                }
+            }
+        }
+    } else {
+        for (var r = lid; r < KQ_NR; r += KQ_WG) {
+            let row = kq_row(group, rs, r);
+            if (row < chunk.rows) {
+                y_put(t, row, scale * kq_total(buf, r, n, stride_k, stride_r));
+            }
+        }
+    }
+}
+
+// 1 / rms of the token's row from every thread's kq_ss (1 without a folded norm), by a tree in
+// shared memory.
+fn kq_norm_scale(lid: u32) -> f32 {
+    if (!DV_NORM) {
+        return 1.0;
+    }
+    kq_ss_sh[lid] = kq_ss;
+    var s = 1u;
+    while (s < KQ_WG) {
+        s <<= 1u;
+    }
+    for (s >>= 1u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s && lid + s < KQ_WG) {
+            kq_ss_sh[lid] += kq_ss_sh[lid + s];
+        }
+    }
+    workgroupBarrier();
+    return dv_norm_scale(kq_ss_sh[0]);
 }
 
 // Shared-memory reduction (any adapter).
@@ -227,6 +294,7 @@ fn kq_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     }
     let nb = chunk.cols / 32u;
     let xs = kq_x(lid, t, nb);
+    let scale = kq_norm_scale(lid);
     for (var rs = 0u; rs < KQ_RG; rs++) {
         if (kq_row(group, rs, 0u) >= chunk.rows) {
             break;
@@ -237,12 +305,6 @@ fn kq_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
             kq_sh[buf + r * KQ_WG + lid] = acc[r];
         }
         workgroupBarrier();
-        for (var r = lid; r < KQ_NR; r += KQ_WG) {
-            var total = 0.0;
-            for (var k = 0u; k < KQ_WG; k++) {
-                total += kq_sh[buf + r * KQ_WG + k];
-            }
-            kq_store(group, rs, t, r, total);
-        }
+        kq_store_step(group, rs, t, lid, buf, KQ_WG, 1u, KQ_WG, scale);
     }
 }

@@ -23,6 +23,19 @@ fn kq_main_sg(
         wn = kq_fetch(group, 0u, lid, nb);
     }
     let xs = kq_x(lid, t, nb);
+    var scale = 1.0;
+    if (DV_NORM) {
+        let ss = subgroupAdd(kq_ss);
+        if (lane == 0u) {
+            kq_ss_sh[sg] = ss;
+        }
+        workgroupBarrier();
+        var total = 0.0;
+        for (var k = 0u; k < n_sg; k++) {
+            total += kq_ss_sh[k];
+        }
+        scale = dv_norm_scale(total);
+    }
     for (var rs = 0u; rs < KQ_RG; rs++) {
         if (kq_row(group, rs, 0u) >= chunk.rows) {
             break;
@@ -43,12 +56,6 @@ fn kq_main_sg(
             }
         }
         workgroupBarrier();
-        for (var r = lid; r < KQ_NR; r += KQ_WG) {
-            var total = 0.0;
-            for (var k = 0u; k < n_sg; k++) {
-                total += kq_sh[buf + k * KQ_NR + r];
-            }
-            kq_store(group, rs, t, r, total);
-        }
+        kq_store_step(group, rs, t, lid, buf, n_sg, KQ_NR, 1u, scale);
     }
 }

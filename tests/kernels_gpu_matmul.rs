@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
+use ember::gpu::matrix::{default_mv_configs, DecodeKernel, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
 use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
@@ -235,11 +235,18 @@ fn run_over(ctx: &GpuContext, op: &MatmulOp, b: &Bufs, y0: &[f32], n: usize, ker
     ctx.read(&b.y, y0.len()).unwrap()
 }
 
-/// The variants a fused product is checked with: (label, configs, kernels for n tokens).
-fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>)> {
-    let mut v = vec![("default", default_mv_configs(ctx))];
+/// The variants a fused product is checked with: (label, matvec configs, one-token kernel).
+/// The integer kernel (22-bit activations, so that the f32 references hold; its 8-bit numerics
+/// are checked by `integer_matvec_matches_cpu`) runs on Q4 matrices in GGUF block order (608
+/// columns here); elsewhere it falls back to the blocks kernel.
+fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>, DecodeKernel)> {
+    let blocks = DecodeKernel::Blocks { prefetch: true };
+    let integer = DecodeKernel::Quantized { nr: 4, rg: 3, prefetch: false, limbs: 3 };
+    let shared = default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: false, ..c }).collect::<Vec<_>>();
+    let mut v = vec![("default", default_mv_configs(ctx), blocks), ("integer", default_mv_configs(ctx), integer)];
     if ctx.has_subgroups() {
-        v.push(("shared-memory", default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: false, ..c }).collect()));
+        v.push(("shared-memory", shared.clone(), blocks));
+        v.push(("integer shared-memory", shared, integer));
     }
     v
 }
@@ -271,8 +278,8 @@ fn stacked_sections_and_residual_add_match_cpu() {
             let wants: Vec<(Vec<f32>, Vec<f32>)> = parts.iter().map(|m| reference(m, &x, max_n)).collect();
             for epilogue in [Epilogue::Store, Epilogue::Add] {
                 let out = MatOut { epilogue, sections: sections.clone() };
-                for (label, cfg) in fused_variants(&ctx) {
-                    let op = g.bind_matmul_with_out(&ctx, &b.x, &b.y, &b.step, &cfg, &out);
+                for (label, cfg, decode) in fused_variants(&ctx) {
+                    let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, decode, &out);
                     for n in [1, 2, 3, 9, 17, 40] {
                         for kernel in kernels_for(n) {
                             let got = run_over(&ctx, &op, &b, &y0, n, kernel);
@@ -318,8 +325,8 @@ fn gated_pairs_match_cpu() {
             let b = Bufs::new(&ctx, &x, max_n * ff);
             for relu in [false, true] {
                 let out = MatOut::with(Epilogue::GatedPairs { relu });
-                for (label, cfg) in fused_variants(&ctx) {
-                    let op = g.bind_matmul_with_out(&ctx, &b.x, &b.y, &b.step, &cfg, &out);
+                for (label, cfg, decode) in fused_variants(&ctx) {
+                    let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, decode, &out);
                     for n in [1, 2, 3, 9, 17, 40] {
                         for kernel in kernels_for(n) {
                             let got = run_over(&ctx, &op, &b, &vec![f32::NAN; max_n * ff], n, kernel);
@@ -388,7 +395,7 @@ fn folded_rms_norm_matches_cpu() {
             let b = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], 3 + max_n * rows);
             let norm = NormIn { x: &xb, weight: &wb, eps };
             let out = MatOut { epilogue: Epilogue::Store, sections: vec![(rows as u32, 3)] };
-            let mut ops: Vec<(&str, MatmulOp)> = fused_variants(&ctx).into_iter().map(|(label, cfg)| (label, g.bind_matmul_normed_with(&ctx, &norm, &b.x, &b.y, &b.step, &cfg, &out))).collect();
+            let mut ops: Vec<(&str, MatmulOp)> = fused_variants(&ctx).into_iter().map(|(label, cfg, decode)| (label, g.bind_matmul_normed_with(&ctx, &norm, &b.x, &b.y, &b.step, &cfg, decode, &out))).collect();
             ops.push(("type's decode kernel", g.bind_matmul_normed(&ctx, &norm, &b.x, &b.y, &b.step, &out)));
             for (label, op) in &ops {
                 for n in [1, 3, 17] {
@@ -457,8 +464,8 @@ fn rope_epilogue_matches_separate_rope() {
             let separate = RopeKvOp::new(&ctx, range(0, qd), range(k_off, kvd), range(v_off, kvd), &caches[2], &caches[3], shape, &b.step);
             let rope = RopeIn { cache_k: &caches[0], cache_v: &caches[1], shape };
             let mut ops = vec![("type's decode kernel", g.bind_matmul_normed_rope(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &out))];
-            for (label, cfg) in fused_variants(&ctx) {
-                ops.push((label, g.bind_matmul_normed_rope_with(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &cfg, &out)));
+            for (label, cfg, decode) in fused_variants(&ctx) {
+                ops.push((label, g.bind_matmul_normed_rope_with(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &cfg, decode, &out)));
             }
             for (label, op) in &ops {
                 assert!(op.folds(1) && !op.folds(2));

@@ -94,9 +94,15 @@ const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", "matmul_
 const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl");
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl");
 
-/// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own bindings).
-const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+/// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
+/// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
+/// reduction.
+const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
@@ -119,11 +125,15 @@ macro_rules! listed {
             // Stand-alone (listed once per type, the same text).
             ("matmul_kq.wgsl", KQ_SRC),
             ("matmul_kq_sg.wgsl", KQ_SG_SRC),
+            ("matmul_kq.wgsl", KQ_NORM_SRC),
+            ("matmul_kq_sg.wgsl", KQ_SG_NORM_SRC),
+            ("matmul_kq.wgsl", KQ_NORM_ROPE_SRC),
+            ("matmul_kq_sg.wgsl", KQ_SG_NORM_ROPE_SRC),
         ]
     };
 }
 
-const LISTED: [[(&str, &str); 16]; 5] = [
+const LISTED: [[(&str, &str); 20]; 5] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -645,11 +655,12 @@ impl GpuMatrix {
         self.bind_inner(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm))
     }
 
-    /// [`bind_matmul_normed`](Self::bind_matmul_normed) with chosen matvec variants (tests).
+    /// [`bind_matmul_normed`](Self::bind_matmul_normed) with chosen matvec variants and
+    /// one-token kernel (tests).
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
-    pub fn bind_matmul_normed_with(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
-        self.bind_inner(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm))
+    pub fn bind_matmul_normed_with(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut) -> MatmulOp {
+        self.bind_inner(ctx, xn, y, step, configs, decode, out, Some(norm))
     }
 
     /// [`bind_matmul_normed`](Self::bind_matmul_normed) over q, k and v stacked (`out`'s
@@ -664,11 +675,11 @@ impl GpuMatrix {
     }
 
     /// [`bind_matmul_normed_rope`](Self::bind_matmul_normed_rope) with chosen matvec variants
-    /// (tests).
+    /// and one-token kernel (tests).
     #[doc(hidden)]
     #[allow(clippy::too_many_arguments)]
-    pub fn bind_matmul_normed_rope_with(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
-        self.bind_inner_rope(ctx, xn, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out, Some(norm), Some(rope))
+    pub fn bind_matmul_normed_rope_with(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut) -> MatmulOp {
+        self.bind_inner_rope(ctx, xn, y, step, configs, decode, out, Some(norm), Some(rope))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -700,10 +711,9 @@ impl GpuMatrix {
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
         assert!(!pairs || self.rows.is_multiple_of(2), "{}: a gated pairs product needs an even row count", self.name);
-        // The integer kernel needs Q4 blocks in GGUF order and has no pairs epilogue;
-        // otherwise the blocks kernel.
+        // The integer kernel needs Q4 blocks in GGUF order; otherwise the blocks kernel.
         let decode = match decode {
-            DecodeKernel::Quantized { .. } if pairs || self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1) => DecodeKernel::Blocks { prefetch: true },
+            DecodeKernel::Quantized { .. } if self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1) => DecodeKernel::Blocks { prefetch: true },
             d => d,
         };
         let epi = out.epilogue.code();
@@ -717,15 +727,41 @@ impl GpuMatrix {
                 let nb = (self.cols / 32) as u32;
                 let bpt = nb.div_ceil(512.min(ctx.limits.max_compute_invocations_per_workgroup));
                 let wg = whole_subgroups(nb.div_ceil(bpt), ctx);
-                assert!(nr >= 1 && rg >= 1 && 2 * nr * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
+                // A pair's two rows (gate/up, or a RoPE pair) meet in one step.
+                let nr = if pairs || rope.is_some() { nr.next_multiple_of(2) } else { nr };
+                assert!(nr >= 1 && rg >= 1 && (2 * nr + 1) * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
                 let pf = prefetch as u32;
                 let q41 = (self.ty == GgmlType::Q4_1) as u32;
-                let mut code = with_epi(if sg { KQ_SG_SRC } else { KQ_SRC });
-                for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_LIMBS", 3, limbs), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
-                    code = set_const(&code, name, default, value);
+                let kq_code = |folded: bool| {
+                    let text = match (sg, folded, folded && rope.is_some()) {
+                        (false, false, _) => KQ_SRC,
+                        (true, false, _) => KQ_SG_SRC,
+                        (false, true, false) => KQ_NORM_SRC,
+                        (true, true, false) => KQ_SG_NORM_SRC,
+                        (false, true, true) => KQ_NORM_ROPE_SRC,
+                        (true, true, true) => KQ_SG_NORM_ROPE_SRC,
+                    };
+                    let mut code = with_epi(text);
+                    for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_LIMBS", 3, limbs), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
+                        code = set_const(&code, name, default, value);
+                    }
+                    let mut key = format!("matmul/{}/kq/l{limbs}/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
+                    if let (true, Some(n)) = (folded, norm) {
+                        code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
+                        key += &format!("/norm{:08x}", n.eps.to_bits());
+                        if rope.is_some() {
+                            key += "/rope";
+                        }
+                    }
+                    (code, key)
+                };
+                let entry = if sg { "kq_main_sg" } else { "kq_main" };
+                if fold && norm.is_some() {
+                    let (code, key) = kq_code(true);
+                    folded = Some((nr * rg, pipeline(ctx, &key, &code, entry)));
                 }
-                let key = format!("matmul/{}/kq/l{limbs}/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
-                mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, if sg { "kq_main_sg" } else { "kq_main" })));
+                let (code, key) = kq_code(false);
+                mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, entry)));
                 continue;
             }
             let blocks = cfg.nt == 1 && decode != DecodeKernel::Units;
