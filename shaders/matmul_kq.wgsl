@@ -69,9 +69,11 @@ const KQ_RG: u32 = 2u;
 const KQ_PF: u32 = 0u;
 
 var<workgroup> kq_sh: array<f32, 2u * KQ_NR * KQ_WG>;
-// The folded norm's sum of squares: this thread's share, then the workgroup's partial sums.
+// The folded norm's sum of squares: this thread's share. The workgroup's partial sums go to
+// the last KQ_WG slots of kq_sh (KQ_SS), which the second step's parts reach only after every
+// thread has read the total (no extra shared memory for products without a norm).
 var<private> kq_ss: f32;
-var<workgroup> kq_ss_sh: array<f32, KQ_WG>;
+const KQ_SS: u32 = 2u * KQ_NR * KQ_WG - KQ_WG;
 
 // Whether a storing thread takes two adjacent rows.
 const KQ_PAIRS: bool = EPI_PAIRS || DV_ROPE;
@@ -269,7 +271,7 @@ fn kq_norm_scale(lid: u32) -> f32 {
     if (!DV_NORM) {
         return 1.0;
     }
-    kq_ss_sh[lid] = kq_ss;
+    kq_sh[KQ_SS + lid] = kq_ss;
     var s = 1u;
     while (s < KQ_WG) {
         s <<= 1u;
@@ -277,11 +279,11 @@ fn kq_norm_scale(lid: u32) -> f32 {
     for (s >>= 1u; s > 0u; s >>= 1u) {
         workgroupBarrier();
         if (lid < s && lid + s < KQ_WG) {
-            kq_ss_sh[lid] += kq_ss_sh[lid + s];
+            kq_sh[KQ_SS + lid] += kq_sh[KQ_SS + lid + s];
         }
     }
     workgroupBarrier();
-    return dv_norm_scale(kq_ss_sh[0]);
+    return dv_norm_scale(kq_sh[KQ_SS]);
 }
 
 // Shared-memory reduction (any adapter).

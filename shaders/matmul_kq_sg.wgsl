@@ -27,12 +27,12 @@ fn kq_main_sg(
     if (DV_NORM) {
         let ss = subgroupAdd(kq_ss);
         if (lane == 0u) {
-            kq_ss_sh[sg] = ss;
+            kq_sh[KQ_SS + sg] = ss;
         }
         workgroupBarrier();
         var total = 0.0;
         for (var k = 0u; k < n_sg; k++) {
-            total += kq_ss_sh[k];
+            total += kq_sh[KQ_SS + k];
         }
         scale = dv_norm_scale(total);
     }
