@@ -192,3 +192,25 @@ fn hybrid_placement_is_cached_beside_the_model_and_reused() {
     assert!(!bad.status.success() && err3.contains("--placement") && err3.contains("gpu_idx"), "{err3}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The GPU decodes at both activation precisions (`--gpu-precision q8` switches Q4 products to
+/// the integer kernel with llama.cpp's 8-bit activations) and both continue the prompt as
+/// llama.cpp does for the first tokens.
+#[test]
+fn gpu_decodes_at_both_activation_precisions() {
+    let Some(model) = common::default_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    for precision in ["f32", "q8"] {
+        let out = ember()
+            .args(["run", "-m"])
+            .arg(&model)
+            .args(["--backend", "gpu", "--gpu-precision", precision, "-p", "The capital of France is", "-n", "3", "--temp", "0"])
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{precision}: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.\n\n", "{precision}");
+    }
+}

@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 /// The backend the flags ask for, with the model loaded onto it.
 pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn Forward>> {
+    // Before any weight is uploaded: the choice fixes the matrices' GPU layout too.
+    crate::gpu::matrix::set_integer_decode(args.gpu_precision == super::GpuPrecisionArg::Q8);
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
     let choice = match (args.backend, explicit) {
         (Backend::Cpu, _) => None,

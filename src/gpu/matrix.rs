@@ -327,6 +327,11 @@ pub fn decode_config(ty: GgmlType) -> DecodeChoice {
     if let Some((_, c)) = over.iter().find(|(n, _)| *n == ty.name().to_lowercase()) {
         return *c;
     }
+    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) && INTEGER_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
+        // 8 rows per step, 4 steps, 8-bit activations: the fastest in a 7B forward pass on an
+        // H200 (BENCHMARKS.md).
+        return (DecodeKernel::Quantized { nr: 8, rg: 4, prefetch: false, limbs: 1 }, (64, 2, 1));
+    }
     // The fastest on an H200 (BENCHMARKS.md): all variants of the three kernels came within
     // ~5% of each other there for Q4_0; these won on a 7B layer's shapes.
     match ty {
@@ -334,6 +339,15 @@ pub fn decode_config(ty: GgmlType) -> DecodeChoice {
         GgmlType::Q8_0 => (DecodeKernel::Blocks { prefetch: false }, (64, 2, 1)),
         _ => (DecodeKernel::Blocks { prefetch: true }, (32, 2, 1)),
     }
+}
+
+static INTEGER_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether Q4_0 and Q4_1 decode products use the integer kernel with llama.cpp's 8-bit
+/// activations (`--gpu-precision q8`) instead of f32 activations. Set it before uploading
+/// weights: it decides their layout (GGUF block order) as well as the kernel.
+pub fn set_integer_decode(on: bool) {
+    INTEGER_DECODE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `kq:nr:rg:pf` or `wg:nr:ub:pf` (see [`decode_config`]).
