@@ -326,7 +326,7 @@ pub fn print_profile(session: &mut GpuSession, token: u32) -> Result<()> {
     let pos = session_pos(session);
     print_profile_table(session, &profile.alone, &format!("per-kernel time of one decode token at position {pos}, each dispatch in its own timed pass"), wall);
     match &profile.in_pass {
-        Some(in_pass) => print_profile_table(session, in_pass, &format!("the same token in one pass, as it runs (a dispatch's time includes the barrier before it)"), wall),
+        Some(in_pass) => print_profile_table(session, in_pass, "the same token in one pass, as it runs (a dispatch's time includes the barrier before it)", wall),
         None => println!("\n(no timestamps inside passes on this adapter: no in-pass profile)"),
     }
     Ok(())
