@@ -329,9 +329,16 @@ impl AttentionOp {
         let shared = ctx.limits.max_compute_workgroup_storage_size;
         let group = n_head / n_head_kv;
         // Query heads per decode workgroup: the largest divisor of the group up to 8 that fits.
-        let lanes = (64 / (head_dim / 8)).max(1);
+        // Threads per decode workgroup, one key each per tile (`EMBER_ATTN_WG`: 64, 128 or 256,
+        // for measuring).
+        let wg = match std::env::var("EMBER_ATTN_WG").as_deref() {
+            Ok("128") => 128,
+            Ok("256") => 256,
+            _ => 64u32,
+        };
+        let lanes = (wg / (head_dim / 8)).max(1);
         // q, scores, weights, the lanes' outputs and sums (shaders/attention_decode.wgsl).
-        let decode_shared = |gq: u32| gq * head_dim * 4 + 2 * gq * 64 * 4 + 2 * 64 * 16 + gq * lanes * 4;
+        let decode_shared = |gq: u32| gq * head_dim * 4 + 2 * gq * wg * 4 + 2 * wg * 16 + gq * lanes * 4;
         let gq = (1..=group.min(8)).rev().find(|&d| group.is_multiple_of(d) && decode_shared(d) <= shared).unwrap_or(1);
         let prefill_shared = |tq: u32| tq * head_dim * 4 + tq * 64 * 4 + 2 * tq * 4;
         let mut tq = 8;
@@ -348,8 +355,8 @@ impl AttentionOp {
         let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
         let part_o = ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4);
         let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
-        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq)]);
-        let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}");
+        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
+        let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}.wg{wg}");
         // `partial` and `single` share one function that writes either the partials or the
         // output, so both bind all of them.
         let attend = [(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
