@@ -10,7 +10,6 @@ use super::hybrid::SparseLayerOps;
 use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
-/// One decode token's per-dispatch GPU times (name, ns) and its one-pass host time (ns).
 /// One decode token's GPU time by dispatch (nanoseconds).
 pub struct Profile {
     /// Each dispatch in its own timed pass (the pass's start and end overhead included).
@@ -488,20 +487,8 @@ impl GpuSession {
 
     /// Waits for `index` and reads the token id in readback slot `slot`.
     fn read_argmax_slot(&self, slot: usize, index: wgpu::SubmissionIndex) -> Result<u32, ForwardError> {
-        let lost = |e: String| ForwardError::Gpu(GpuError::Lost(e));
-        let buf = &self.argmax_ring[slot];
-        let (tx, rx) = std::sync::mpsc::channel();
-        buf.slice(..).map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| lost(e.to_string()))?;
-        rx.recv().map_err(|e| lost(e.to_string()))?.map_err(|e| lost(e.to_string()))?;
-        let id = {
-            let view = buf.slice(..).get_mapped_range().map_err(|e| lost(e.to_string()))?;
-            u32::from_le_bytes([view[0], view[1], view[2], view[3]])
-        };
-        buf.unmap();
-        Ok(id)
+        let bytes = self.ctx.read_mapped(&self.argmax_ring[slot], 4, Some(index)).map_err(ForwardError::Gpu)?;
+        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
     /// Tells the attention ops the cache's key count for the steps recorded next.

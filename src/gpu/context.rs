@@ -292,14 +292,21 @@ impl GpuContext {
         let mut enc = self.device.create_command_encoder(&Default::default());
         enc.copy_buffer_to_buffer(buf, 0, &staging, 0, size);
         self.queue.submit([enc.finish()]);
+        self.read_mapped(&staging, len, None)
+    }
+
+    /// Waits for submission `until` (for all work when None), then maps `staging` (a
+    /// MAP_READ buffer), copies out its first `len` bytes and unmaps it.
+    pub fn read_mapped(&self, staging: &wgpu::Buffer, len: u64, until: Option<wgpu::SubmissionIndex>) -> Result<Vec<u8>, GpuError> {
+        let lost = |e: String| GpuError::Lost(e);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).map_err(|e| GpuError::Lost(e.to_string()))?;
-        rx.recv().map_err(|e| GpuError::Lost(e.to_string()))?.map_err(|e| GpuError::Lost(e.to_string()))?;
-        let out = slice.get_mapped_range().map_err(|e| GpuError::Lost(e.to_string()))?[..len as usize].to_vec();
+        self.device.poll(wgpu::PollType::Wait { submission_index: until, timeout: None }).map_err(|e| lost(e.to_string()))?;
+        rx.recv().map_err(|e| lost(e.to_string()))?.map_err(|e| lost(e.to_string()))?;
+        let out = slice.get_mapped_range().map_err(|e| lost(e.to_string()))?[..len as usize].to_vec();
         staging.unmap();
         Ok(out)
     }
