@@ -3,7 +3,8 @@
 //
 // Composed after one of the matmul_dec_<type>.wgsl files, which bind the weights (4, 5) as
 // vec4 words and decode a *slot* (16 bytes of weights, SLOT elements: one thread's step):
-// slot_fetch (its weights), slot_x (its activations, loaded once for all rows) and slot_dot.
+// slot_fetch (its weights), slot_x (its activations, loaded once for all rows) and slot_dot,
+// plus slot_dot_x and slot_dot_rows (matmul_dec_rows.wgsl's, or the type file's own).
 //
 // A workgroup of DV_WG threads owns DV_NR rows. Thread i takes slots i, i + DV_WG, ... of
 // every row (adjacent threads on adjacent slots, so weight loads coalesce; the quantised types'

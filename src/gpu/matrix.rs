@@ -72,27 +72,29 @@ struct TypeSources {
 }
 
 macro_rules! type_sources {
-    ($name:literal, $file:literal, $dec:literal) => {
+    // `$dec`: the decode type file, then (unless it has its own slot_dot_x and slot_dot_rows)
+    // matmul_dec_rows.wgsl.
+    ($name:literal, $file:literal, [$($dec:literal),+]) => {
         TypeSources {
             name: $name,
             mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
             mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             get_rows: compose!($file, "get_rows_common.wgsl"),
-            dec: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg: compose!($dec, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg_norm: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg_norm_rope: compose!($dec, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
         }
     };
 }
 
-const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", "matmul_dec_f32.wgsl");
-const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", "matmul_dec_f16.wgsl");
-const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl");
-const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl");
-const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl");
+const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl"]);
+const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl"]);
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl"]);
+const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", ["matmul_dec_q4_0.wgsl"]);
+const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl"]);
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
 /// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
@@ -144,6 +146,9 @@ const LISTED: [[(&str, &str); 20]; 5] = [
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
 /// file as compiled, composed after every type file (so one name appears once per type).
 pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
+
+/// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
+pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
 
 fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
     Some(match ty {
