@@ -3,6 +3,7 @@
 
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
+use crate::quant::packed::{ActScales, Isa, PackedActs, PackedMatrix};
 use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use rayon::prelude::*;
 use std::sync::OnceLock;
@@ -18,12 +19,14 @@ pub struct Activations<'a> {
     q8_0: OnceLock<Vec<BlockQ8_0>>,
     q8_1: OnceLock<Vec<BlockQ8_1>>,
     half: OnceLock<Vec<f16>>,
+    q8_0_scales: OnceLock<ActScales>,
+    q8_1_scales: OnceLock<ActScales>,
 }
 
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n_tokens: usize) -> Self {
         assert!(n_tokens > 0 && x.len().is_multiple_of(n_tokens));
-        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new() }
+        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new(), q8_0_scales: OnceLock::new(), q8_1_scales: OnceLock::new() }
     }
 
     pub fn with_precision(mut self, precision: Precision) -> Self {
@@ -46,6 +49,17 @@ impl<'a> Activations<'a> {
             quant::quantize_row_q8_1(self.x, &mut y);
             y
         })
+    }
+
+    /// The activations as the packed kernels of `w`'s type read them.
+    fn packed_for(&self, ty: GgmlType) -> PackedActs<'_> {
+        if ty == GgmlType::Q4_1 {
+            let y = self.q8_1();
+            PackedActs::q8_1(y, self.q8_1_scales.get_or_init(|| ActScales::from_q8_1(y, self.cols)), self.n_tokens)
+        } else {
+            let y = self.q8_0();
+            PackedActs::q8_0(y, self.q8_0_scales.get_or_init(|| ActScales::from_q8_0(y, self.cols)), self.n_tokens)
+        }
     }
 
     pub(crate) fn half(&self) -> &[f16] {
@@ -94,6 +108,9 @@ pub fn matmul(w: &Matrix, x: &Activations, out: &mut [f32]) {
     if x.precision == Precision::F32 && w.ty != GgmlType::F32 {
         return run_dequantised(w, x, out);
     }
+    if let (Some(isa), Some(p)) = (Isa::detect(), w.packed()) {
+        return run_packed(p, isa, &x.packed_for(w.ty), out);
+    }
     match w.ty {
         GgmlType::Q4_0 => run::<BlockQ4_0, BlockQ8_0>(w, x.q8_0(), x, out, quant::vec_dot_q4_0_q8_0),
         GgmlType::Q4_1 => run::<BlockQ4_1, BlockQ8_1>(w, x.q8_1(), x, out, quant::vec_dot_q4_1_q8_1),
@@ -129,6 +146,20 @@ fn run<W: bytemuck::Pod + Sync, A: Sync>(
                 unsafe { *ptr.at(t * rows + r) = v };
             }
         }
+    });
+}
+
+/// The product over interleaved groups: each task takes an equal share of the groups (equal
+/// bytes) and walks every token over its share while it is in cache.
+fn run_packed(p: &PackedMatrix, isa: Isa, acts: &PackedActs, out: &mut [f32]) {
+    let groups = p.groups();
+    let parts = rayon::current_num_threads().clamp(1, groups);
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|k| {
+        let range = groups * k / parts..groups * (k + 1) / parts;
+        // SAFETY: the ranges are disjoint, so every (token, row) is written by one task, and
+        // `out` holds n_tokens * rows elements (checked by `matmul`); the ISA was detected.
+        unsafe { p.mul_groups(isa, acts, range, ptr.at(0), p.rows()) }
     });
 }
 
