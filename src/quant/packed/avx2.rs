@@ -2,7 +2,7 @@
 //! registers: eight lane accumulators of 8 rows leave room for the rest, 16 rows would not).
 //! The second half re-reads the group from L1/L2, where the first half just brought it.
 
-use super::{TokenActs, GROUP};
+use super::{prefetch_ahead, TokenActs, GROUP};
 use std::arch::x86_64::*;
 
 pub(super) fn supported() -> bool {
@@ -53,14 +53,20 @@ unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: 
     }
 }
 
+// The chunk layouts of the AVX-512 kernels; half `h` of the group is the upper or lower 32
+// bytes of every 64-byte quant vector and 16 bytes of every 32-byte scale row.
+
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 256);
     for h in 0..2 {
         let mut acc = [_mm256_setzero_ps(); 8];
         for b in 0..nb {
-            let d = scales(ds.add(32 * b + 16 * h), *y.d.add(b));
-            q4_block::<true>(g.add(256 * b + 32 * h), y, b, d, &mut acc);
+            let (chunk, j) = (g.add(576 * (b / 2)), b % 2);
+            if h == 0 {
+                prefetch_ahead(g.add(288 * b), 320);
+            }
+            let d = scales(chunk.add(512 + 32 * j + 16 * h), *y.d.add(b));
+            q4_block::<true>(chunk.add(256 * j + 32 * h), y, b, d, &mut acc);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), hsum_lanes(&acc));
     }
@@ -68,16 +74,18 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 256);
-    let ms = ds.add(nb * 32);
     for h in 0..2 {
         let mut acc = [_mm256_setzero_ps(); 8];
         let mut summs = _mm256_setzero_ps();
         for b in 0..nb {
-            let d = scales(ds.add(32 * b + 16 * h), *y.d.add(b));
-            let m = _mm256_cvtph_ps(_mm_loadu_si128(ms.add(32 * b + 16 * h).cast()));
+            let chunk = g.add(320 * b);
+            if h == 0 {
+                prefetch_ahead(chunk, 320);
+            }
+            let d = scales(chunk.add(256 + 16 * h), *y.d.add(b));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(288 + 16 * h).cast()));
             summs = _mm256_fmadd_ps(m, _mm256_set1_ps(*y.s.add(b)), summs);
-            q4_block::<false>(g.add(256 * b + 32 * h), y, b, d, &mut acc);
+            q4_block::<false>(chunk.add(32 * h), y, b, d, &mut acc);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_add_ps(hsum_lanes(&acc), summs));
     }
@@ -86,16 +94,19 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 /// Q8_0 with the reference's sign trick (`|x|` times `y` carrying x's sign), as the row kernel.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_q8_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 512);
     for h in 0..2 {
         let mut acc = [_mm256_setzero_ps(); 8];
         for b in 0..nb {
-            let d = scales(ds.add(32 * b + 16 * h), *y.d.add(b));
+            let (chunk, j) = (g.add(1088 * (b / 2)), b % 2);
+            if h == 0 {
+                prefetch_ahead(g.add(544 * b), 576);
+            }
+            let d = scales(chunk.add(1024 + 32 * j + 16 * h), *y.d.add(b));
             let q = y.qs.add(b * y.step);
-            let qv = g.add(512 * b + 32 * h);
-            for (j, a) in acc.iter_mut().enumerate() {
-                let x = _mm256_load_si256(qv.add(64 * j).cast());
-                let s = dot4(_mm256_sign_epi8(x, x), _mm256_sign_epi8(lane(q, j), x));
+            let qv = chunk.add(512 * j + 32 * h);
+            for (v, a) in acc.iter_mut().enumerate() {
+                let x = _mm256_load_si256(qv.add(64 * v).cast());
+                let s = dot4(_mm256_sign_epi8(x, x), _mm256_sign_epi8(lane(q, v), x));
                 *a = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), *a);
             }
         }

@@ -3,6 +3,8 @@
 use super::{TokenActs, GROUP};
 use std::arch::x86_64::*;
 
+pub(super) use super::prefetch_ahead;
+
 pub(super) fn supported() -> bool {
     is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
@@ -55,13 +57,17 @@ unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: 
     }
 }
 
+// Chunk layouts (see the module docs of `packed`): Q4_0 [q b][q b+1][d b][d b+1] (576 bytes),
+// Q4_1 [q][d][m] (320), Q8_0 [q b][q b+1][d b][d b+1] (1088).
+
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 256);
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
-        let d = scales(ds.add(32 * b), *y.d.add(b));
-        q4_block::<true>(g.add(256 * b), y, b, d, &mut acc);
+        let (chunk, j) = (g.add(576 * (b / 2)), b % 2);
+        prefetch_ahead(g.add(288 * b), 320);
+        let d = scales(chunk.add(512 + 32 * j), *y.d.add(b));
+        q4_block::<true>(chunk.add(256 * j), y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), hsum_lanes(&acc));
 }
@@ -70,15 +76,15 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 /// the reference (`m * s` is exact, so the FMA rounds like its separate add).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 256);
-    let ms = ds.add(nb * 32);
     let mut acc = [_mm512_setzero_ps(); 8];
     let mut summs = _mm512_setzero_ps();
     for b in 0..nb {
-        let d = scales(ds.add(32 * b), *y.d.add(b));
-        let m = _mm512_cvtph_ps(_mm256_loadu_si256(ms.add(32 * b).cast()));
+        let chunk = g.add(320 * b);
+        prefetch_ahead(chunk, 320);
+        let d = scales(chunk.add(256), *y.d.add(b));
+        let m = _mm512_cvtph_ps(_mm256_load_si256(chunk.add(288).cast()));
         summs = _mm512_fmadd_ps(m, _mm512_set1_ps(*y.s.add(b)), summs);
-        q4_block::<false>(g.add(256 * b), y, b, d, &mut acc);
+        q4_block::<false>(chunk, y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(hsum_lanes(&acc), summs));
 }
@@ -86,17 +92,18 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 /// Q8_0: quants flipped to `x + 128` by an xor, corrected by the seed `-128 * sum(y)`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn group_q8_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let ds = g.add(nb * 512);
     let flip = _mm512_set1_epi8(-128);
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
-        let d = scales(ds.add(32 * b), *y.d.add(b));
+        let (chunk, j) = (g.add(1088 * (b / 2)), b % 2);
+        prefetch_ahead(g.add(544 * b), 576);
+        let d = scales(chunk.add(1024 + 32 * j), *y.d.add(b));
         let q = y.qs.add(b * y.step);
         let bias = y.bias8.add(8 * b);
-        let qv = g.add(512 * b);
-        for (j, a) in acc.iter_mut().enumerate() {
-            let v = _mm512_xor_si512(_mm512_load_si512(qv.add(64 * j).cast()), flip);
-            let s = _mm512_dpbusd_epi32(_mm512_set1_epi32(*bias.add(j)), v, lane(q, j));
+        let qv = chunk.add(512 * j);
+        for (v, a) in acc.iter_mut().enumerate() {
+            let x = _mm512_xor_si512(_mm512_load_si512(qv.add(64 * v).cast()), flip);
+            let s = _mm512_dpbusd_epi32(_mm512_set1_epi32(*bias.add(v)), x, lane(q, v));
             *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), *a);
         }
     }

@@ -22,10 +22,12 @@
 //! `j + 4` their high nibbles (GGUF stores element `e` and `e + 16` in one byte), so one
 //! 64-byte vector of packed bytes feeds two lanes and the repack is a pure dword transpose.
 //!
-//! Per group the bytes are: the quants of every block (`nb * 16 * qbytes`), then the 16 rows'
-//! `d` scales of every block (`nb * 32` bytes of f16), then for Q4_1 the `m` minimums likewise.
-//! So a group is one contiguous stream (the hardware prefetchers follow one stream per group,
-//! unlike 16 separate rows), and the whole matrix is as large as the original.
+//! A group is a run of *chunks*, each the quants of one or two blocks followed by their 16
+//! rows' scales (`d`, then `m` for Q4_1, as 16 f16 per block): Q4_1 one block per chunk (320
+//! bytes), Q4_0 two (576), Q8_0 two (1088), so every chunk is whole cache lines and every
+//! quant vector aligned. The scales travel with their quants: a group is one sequential stream
+//! that a linear prefetch a few KiB ahead covers (scales kept in a region of their own missed
+//! the cache at every group's start), and the matrix is as large as the original.
 //!
 //! # Integer products
 //!
@@ -97,6 +99,26 @@ impl Isa {
     }
 }
 
+/// How far ahead of the block being multiplied its group's stream is prefetched. Decode reads
+/// every weight once per token from memory or the last-level cache, and one core alone does
+/// not keep enough requests in flight. Measured single-threaded on a Sapphire Rapids VM
+/// (Q4_1, 97 MiB of matrices): 7.3 GB/s without software prefetch, 9.9 GB/s prefetching into
+/// L1 4 KiB ahead (L1's few fill buffers then cap it), 21-25 GB/s prefetching into L2 8-64 KiB
+/// ahead; a plain streaming read gave 13 GB/s.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH: usize = 16 << 10;
+
+/// Prefetches into L2 the `bytes` (a multiple of 64) that lie [`PREFETCH`] ahead of `p`. Past
+/// the end of the matrix this names addresses that may not be mapped, which prefetches ignore.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn prefetch_ahead(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T2};
+    for l in (0..bytes).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T2>(p.wrapping_add(PREFETCH + l).cast());
+    }
+}
+
 /// Whether [`PackedMatrix`] handles weights of type `ty`.
 pub fn packs(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
@@ -114,14 +136,16 @@ struct Format {
     scales: usize,
     /// Quant bytes of one row's block.
     qbytes: usize,
+    /// Blocks per chunk.
+    k: usize,
 }
 
 impl Format {
     fn of(ty: GgmlType) -> Option<Format> {
         match ty {
-            GgmlType::Q4_0 => Some(Format { scales: 1, qbytes: 16 }),
-            GgmlType::Q4_1 => Some(Format { scales: 2, qbytes: 16 }),
-            GgmlType::Q8_0 => Some(Format { scales: 1, qbytes: 32 }),
+            GgmlType::Q4_0 => Some(Format { scales: 1, qbytes: 16, k: 2 }),
+            GgmlType::Q4_1 => Some(Format { scales: 2, qbytes: 16, k: 1 }),
+            GgmlType::Q8_0 => Some(Format { scales: 1, qbytes: 32, k: 2 }),
             _ => None,
         }
     }
@@ -130,9 +154,9 @@ impl Format {
         2 * self.scales + self.qbytes
     }
 
-    /// Bytes of one group's block: 16 rows' quants and scales.
-    fn group_block_bytes(self) -> usize {
-        GROUP * self.block_bytes()
+    /// Bytes of one chunk: `k` blocks of 16 rows, quants and scales.
+    fn chunk_bytes(self) -> usize {
+        self.k * GROUP * self.block_bytes()
     }
 }
 
@@ -168,26 +192,28 @@ impl PackedMatrix {
             return Err(PackError::Length { ty, rows, cols, expected, got: bytes.len() });
         }
         let groups = rows.div_ceil(GROUP);
-        let group_stride = (nb * f.group_block_bytes()).div_ceil(64) * 64;
+        let group_stride = nb.div_ceil(f.k) * f.chunk_bytes();
+        debug_assert!(f.chunk_bytes().is_multiple_of(64));
         let mut lines = vec![Line([0; 64]); groups * group_stride / 64];
         let out: &mut [u8] = bytemuck_lines(&mut lines);
         let row_bytes = nb * f.block_bytes();
-        let quants = nb * GROUP * f.qbytes;
         for r in 0..rows {
             let (g, i) = (r / GROUP, r % GROUP);
             let dst = &mut out[g * group_stride..(g + 1) * group_stride];
             for b in 0..nb {
                 let src = &bytes[r * row_bytes + b * f.block_bytes()..][..f.block_bytes()];
-                // Scale field s of block b: region s after the quants, 16 f16 per block.
+                let (chunk, j) = (b / f.k * f.chunk_bytes(), b % f.k);
+                // Scale field s of block j of the chunk: after the chunk's quants, 16 f16 per
+                // (field, block).
                 for s in 0..f.scales {
-                    let at = quants + s * nb * 2 * GROUP + b * 2 * GROUP + 2 * i;
+                    let at = chunk + f.k * GROUP * f.qbytes + (s * f.k + j) * 2 * GROUP + 2 * i;
                     dst[at..at + 2].copy_from_slice(&src[2 * s..2 * s + 2]);
                 }
-                // Quant dword k of the row goes to vector k of the block, dword i.
+                // Quant dword v of the row goes to vector v of the block, dword i.
                 let qs = &src[2 * f.scales..];
-                for k in 0..f.qbytes / 4 {
-                    let at = b * GROUP * f.qbytes + k * 64 + 4 * i;
-                    dst[at..at + 4].copy_from_slice(&qs[4 * k..4 * k + 4]);
+                for v in 0..f.qbytes / 4 {
+                    let at = chunk + j * GROUP * f.qbytes + v * 64 + 4 * i;
+                    dst[at..at + 4].copy_from_slice(&qs[4 * v..4 * v + 4]);
                 }
             }
         }
