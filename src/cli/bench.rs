@@ -34,6 +34,8 @@ pub struct BenchArgs {
     pub kernels: bool,
 }
 
+const MAX_REPETITIONS: usize = 1000;
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -45,13 +47,27 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         return Err("--repetitions must be at least 1".into());
     }
+    // Bounded so that a mistyped count ends with a message, not hours of timing.
+    if a.repetitions > MAX_REPETITIONS {
+        return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
+    }
     if a.kernels || a.copy_bandwidth {
+        if a.model.backend == super::Backend::Cpu {
+            return Err("--kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
+        }
         return device_bench(&a);
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, _tokenizer) = super::load(&path)?;
+        // pp and tg each start from an empty context; both must fit the trained one.
+        for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
+            if n > model.hp.n_ctx_train {
+                return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
+            }
+        }
         let n_ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
+        super::check_ctx("-p/-n", n_ctx.min(model.hp.n_ctx_train), &model.hp)?;
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
