@@ -38,6 +38,8 @@ pub struct BenchArgs {
     pub kernels: bool,
 }
 
+const MAX_REPETITIONS: usize = 1000;
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -49,17 +51,37 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         return Err("--repetitions must be at least 1".into());
     }
+    // Bounded so that a mistyped count ends with a message, not hours of timing.
+    if a.repetitions > MAX_REPETITIONS {
+        return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
+    }
     if a.kernels || a.copy_bandwidth {
+        if a.model.backend == super::Backend::Cpu {
+            return Err("--kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
+        }
         return device_bench(&a);
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, _tokenizer) = super::load(&path)?;
+        // pp and tg each start from an empty context; both must fit the trained one.
+        for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
+            if n > model.hp.n_ctx_train {
+                return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
+            }
+        }
         let needed = a.n_prompt.max(a.n_gen) + 1;
         let n_ctx = match a.ctx_size {
             Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -p {} / -n {} use", a.n_prompt, a.n_gen).into()),
-            Some(c) => c,
-            None => needed.max(16),
+            Some(c) => {
+                super::check_ctx("--ctx-size", c, &model.hp)?;
+                c
+            }
+            None => {
+                let n = needed.max(16);
+                super::check_ctx("-p/-n", n.min(model.hp.n_ctx_train), &model.hp)?;
+                n
+            }
         };
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.

@@ -111,6 +111,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         return Err("shape: n_embd and n_ff must be multiples of 32, n_head must divide n_embd and be a multiple of n_head_kv".into());
     }
     let tok_path = a.tokenizer_from.clone().unwrap_or_else(|| PathBuf::from(super::DEFAULT_MODEL_FILE));
+    crate::files::check_output(&a.output, [tok_path.as_path()])?;
     let tok = GgufFile::open(&tok_path).map_err(|e| format!("--tokenizer-from {}: {e}", tok_path.display()))?;
     let vocab = tok.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|t| t.len() as u64).ok_or("the tokenizer source has no tokenizer.ggml.tokens")?;
 
@@ -151,16 +152,16 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     let bar = indicatif::ProgressBar::new(n_tensors);
     bar.set_style(indicatif::ProgressStyle::with_template("ember: writing {msg} {bar:30} {pos}/{len} tensors").unwrap());
     bar.set_message(a.output.display().to_string());
-    let file = std::fs::File::create(&a.output).map_err(|e| format!("{}: {e}", a.output.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
     let mut index = 0u64;
-    w.write_generated(&mut out, &mut |name, t, buf| {
-        let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
-        fill(buf, t, cols, mix(a.seed ^ mix(index)));
-        index += 1;
-        bar.inc(1);
-    })?;
-    std::io::Write::flush(&mut out)?;
+    crate::files::write_atomic(&a.output, |out| {
+        w.write_generated(out, &mut |name, t, buf| {
+            let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
+            fill(buf, t, cols, mix(a.seed ^ mix(index)));
+            index += 1;
+            bar.inc(1);
+        })
+    })
+    .map_err(|e| format!("{}: {e}", a.output.display()))?;
     bar.finish_and_clear();
     let size = std::fs::metadata(&a.output)?.len();
     eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {ty} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, a.act);

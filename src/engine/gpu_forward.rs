@@ -414,7 +414,7 @@ impl GpuSession {
         Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
     }
 
-    /// GPU bytes of the KV cache and scratch buffers (weights not included).
+    /// GPU bytes of the KV cache (weights and scratch buffers not included).
     pub fn state_bytes(&self) -> u64 {
         self.kv.gpu_bytes()
     }

@@ -83,10 +83,10 @@ impl GgufWriter {
         out
     }
 
+    /// Writes the file atomically (a temporary file beside it, then a rename): a failed or
+    /// killed write leaves any previous file at `path` as it was.
     pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> io::Result<()> {
-        let mut f = io::BufWriter::new(std::fs::File::create(path)?);
-        self.write(&mut f)?;
-        f.flush()
+        crate::files::write_atomic(path.as_ref(), |f| self.write(f))
     }
 
     pub fn write(&self, w: &mut impl Write) -> io::Result<()> {

@@ -24,9 +24,9 @@ fn find(env_var: &str, default: PathBuf, what: &str) -> Option<PathBuf> {
     None
 }
 
-/// SmolLM2-135M-Instruct Q4_1, fetched by scripts/fetch-model.sh.
+/// SmolLM2-135M-Instruct Q4_1, fetched by `ember fetch` (or `cargo run --release -- fetch`).
 pub fn default_model() -> Option<PathBuf> {
-    find("EMBER_MODEL", repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "default model (run scripts/fetch-model.sh)")
+    find("EMBER_MODEL", repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "default model (run `cargo run --release -- fetch`)")
 }
 
 /// The ReLU-fied SmolLM2-135M from ../shared/models.
