@@ -242,8 +242,16 @@ impl GpuSession {
         let cfg = SparseConfig::for_context(&ctx);
         let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096;
         fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
-        let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
+        // What the allocator holds beyond ember's buffers so far, room for the staging of the
+        // uploads to come, and the same share of waste for the hot neurons' buffers as the
+        // allocator has shown so far (the final check measures it all).
         let budget = plan.budget.unwrap_or(u64::MAX);
+        let (excess, waste) = ctx.allocator_excess().unwrap_or((0, 0.0));
+        fixed.push(FixedPart { name: "allocator blocks beyond ember's buffers".into(), bytes: excess });
+        fixed.push(FixedPart { name: "upload staging".into(), bytes: ctx.upload_margin() });
+        let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
+        fixed.push(FixedPart { name: format!("allocator waste on hot neurons ({:.1}%)", 100.0 * waste), bytes: (left as f64 * waste / (1.0 + waste)) as u64 });
+        let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
         let placement = match (plan.budget, plan.hot) {
             (Some(_), Some(hot)) => given(&input, budget, ff, hot)?,
@@ -314,7 +322,11 @@ impl GpuSession {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let used = ctx.allocated_bytes() - start;
+        // The last uploads' staging freed, then what ember counted and what the allocator
+        // holds (its blocks and the staging peak included), each at its peak.
+        ctx.flush_uploads();
+        let mem = ctx.memory();
+        let used = (mem.counted - start).max(mem.reserved_peak.unwrap_or(0));
         if let Some(b) = plan.budget {
             if used > b {
                 return Err(HybridError::OverBudget { used: Bytes(used), budget: Bytes(b) });
