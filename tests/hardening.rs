@@ -356,7 +356,7 @@ fn absurd_sizes_end_with_the_limit_named() {
     }
     // One token is one token.
     let out = run_within(ember().args(["run", "--backend", "cpu", "-p", "Hi", "-c", "1", "-m", m]), Duration::from_secs(2));
-    let line = assert_clear_error(&out, &["context of 1 token "]);
+    let line = assert_clear_error(&out, &["the context of 1 token "]);
     assert!(!line.contains("1 tokens"), "{line}");
 }
 
