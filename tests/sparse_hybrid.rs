@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{FfnMode, Forward, GpuSession, HybridPlan, Logits, OffloadSession, Session, SparseFfn};
+use ember::engine::{FfnMode, Forward, HybridPlan, HybridSession, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use ember::sparse::profile::Profiler;
@@ -46,8 +46,8 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     for budget_mib in [Some(100u64), Some(125), None] {
         let ctx = Arc::new(common::gpu().unwrap());
         let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, hot: None };
-        let mut s = GpuSession::hybrid(model.clone(), ctx.clone(), 96, plan, false).unwrap();
-        let placement = s.placement().unwrap().clone();
+        let mut s = HybridSession::new(model.clone(), ctx.clone(), 96, plan, false).unwrap();
+        let placement = s.placement().clone();
         let n_hot = placement.n_hot();
         if let Some(m) = budget_mib {
             assert!(ctx.allocated_bytes() <= m << 20, "allocated {} over {m} MiB", ctx.allocated_bytes());
@@ -83,7 +83,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
-    let mut s = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
+    let mut s = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
     for p in &prompts[..3] {
@@ -115,6 +115,6 @@ fn a_budget_too_small_for_attention_is_a_clear_error() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
     let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
-    let err = GpuSession::hybrid(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
+    let err = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
     assert!(err.to_string().contains("--vram-budget"), "{err}");
 }

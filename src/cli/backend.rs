@@ -1,7 +1,7 @@
 //! Turning `--backend`/`--device` into a [`Forward`] implementation.
 
 use super::{Backend, ModelArgs, Result};
-use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, OffloadSession, Session, SparseFfn};
+use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, HybridSession, OffloadSession, Session, SparseFfn};
 use crate::engine::HybridError;
 use crate::gguf::{GgufFile, Value};
 use crate::sparse::placement::{counts_fingerprint, parse_budget, Placement};
@@ -135,23 +135,23 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
     let cpu_precision = args.precision.into();
     let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), hot };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let session = match GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
+    let session = match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
         Ok(s) => s,
         Err(HybridError::Placement(e)) if from_cache => {
             let c = cache.as_ref().expect("from the cache");
             eprintln!("ember: the placement cached in {} does not fit here ({e}); placing anew", c.path.display());
             from_cache = false;
-            GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
+            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(c) = &cache {
         match from_cache {
             true => eprintln!("ember: placement reused from {}", c.path.display()),
-            false => c.store(session.placement().expect("hybrid session"), model.hp.n_ff),
+            false => c.store(session.placement(), model.hp.n_ff),
         }
     }
-    let p = session.placement().expect("hybrid session");
+    let p = session.placement();
     let total = model.hp.n_layer * model.hp.n_ff;
     eprintln!(
         "ember: GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), {:.1} MiB allocated{}; {:.2} s",

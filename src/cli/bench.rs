@@ -101,7 +101,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
             // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
-            if let Some((t, syncs)) = session.as_gpu().and_then(|g| g.hybrid_timing(false)) {
+            if let Some(h) = session.as_hybrid() {
+                let (t, syncs) = h.timing(false);
                 eprintln!("ember: hybrid decode, {}", t.summary(syncs));
             }
         }
@@ -124,8 +125,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         }
         if a.profile {
-            match session.as_gpu() {
-                Some(gpu) => super::gpu_bench::print_profile(gpu, tokens[0])?,
+            let pos = session.n_past();
+            let profile = match (session.as_hybrid().is_some(), session.as_gpu().is_some()) {
+                (true, _) => session.as_hybrid().map(|h| h.profile_decode(tokens[0]).map(|p| (p, h.gpu().weights.clone()))),
+                (false, true) => session.as_gpu().map(|g| g.profile_decode(tokens[0]).map(|p| (p, g.weights.clone()))),
+                _ => None,
+            };
+            match profile {
+                Some(p) => {
+                    let (p, weights) = p?;
+                    super::gpu_bench::print_profile(p, &weights, pos);
+                }
                 None => eprintln!("ember: --profile needs the GPU backend (--backend gpu)"),
             }
         }

@@ -61,6 +61,11 @@ pub trait Forward {
     fn as_gpu(&mut self) -> Option<&mut super::GpuSession> {
         None
     }
+
+    /// The hybrid session behind this backend, if it is one (its timing, placement, profile).
+    fn as_hybrid(&mut self) -> Option<&mut super::HybridSession> {
+        None
+    }
 }
 
 /// Which positions of a batch need logits.

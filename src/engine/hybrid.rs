@@ -27,8 +27,9 @@
 
 use super::cold::ColdFfn;
 use super::ffn::{FfnMode, SparseFfn};
-use super::forward::ForwardError;
-use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Op};
+use super::forward::{Forward, ForwardError, Logits};
+use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
+use super::gpu_ops::{NamedOp, Op};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
@@ -66,7 +67,7 @@ struct PredictorOps {
 }
 
 /// One layer's neuron-aware FFN: the GPU's hot part and what the CPU needs for the cold part.
-pub(super) struct SparseLayerOps {
+struct SparseLayerOps {
     predictor: Option<PredictorOps>,
     gate: Option<DenseGateOp>,
     select: SelectOp,
@@ -87,7 +88,7 @@ pub(super) struct SparseLayerOps {
 
 impl HybridState {
     /// For tables: the FFN mode, the hot share, and the simulation label when simulated.
-    pub fn describe(&self, n_neurons: usize) -> String {
+    fn describe(&self, n_neurons: usize) -> String {
         let hot = self.placement.n_hot();
         let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
         let sim = if self.simulate.is_some() { ", SIMULATED ACTIVITY" } else { "" };
@@ -100,21 +101,10 @@ fn lost(err: impl std::fmt::Display) -> ForwardError {
     ForwardError::Gpu(GpuError::Lost(err.to_string()))
 }
 
-macro_rules! impl_op_no_tokens {
-    ($($t:ty),*) => {$(
-        impl Op for $t {
-            fn record(&self, pass: &mut wgpu::ComputePass<'_>, _n_tokens: u32) {
-                self.encode(pass)
-            }
-        }
-    )*};
-}
-impl_op_no_tokens!(DenseGateOp, SelectOp, SparseMatvecOp, SparseAxpyOp);
-
 impl SparseLayerOps {
     /// The GPU's hot-neuron dispatches, in order.
-    pub(super) fn gpu_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
+    fn gpu_sequence(&self) -> Vec<NamedOp<'_>> {
+        let mut v: Vec<NamedOp<'_>> = Vec::new();
         if let Some(p) = &self.predictor {
             v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu), ("predictor fc2", &p.fc2)]);
         }
@@ -126,19 +116,29 @@ impl SparseLayerOps {
     }
 }
 
+/// A GPU session whose FFN is neuron-aware: the wrapped [`GpuSession`] holds everything but
+/// the FFN (its layers' FFN is [`FfnOps::External`]); this session adds each layer's hot
+/// neurons on the GPU and computes the cold ones on the CPU.
+pub struct HybridSession {
+    gpu: GpuSession,
+    /// Per layer: the hot neurons' dispatches and the cold neurons' exchange buffers.
+    layers: Vec<SparseLayerOps>,
+    state: HybridState,
+}
+
 /// The CPU side of a hybrid session.
-pub struct HybridState {
+struct HybridState {
     ffn: Arc<SparseFfn>,
     precision: Precision,
     /// The CPU's cold neurons, on a team of spinning threads.
     cold: ColdFfn,
     y: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
-    pub placement: Placement,
+    placement: Placement,
     /// CPU<->GPU synchronisations in the last decoded token.
-    pub syncs_per_token: usize,
+    syncs_per_token: usize,
     /// Where decode time went, summed over tokens since the last reset of the counters.
-    pub timing: HybridTiming,
+    timing: HybridTiming,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -190,11 +190,11 @@ pub enum HybridError {
     OverBudget { used: Bytes, budget: Bytes },
 }
 
-impl GpuSession {
-    /// A GPU session whose FFN is neuron-aware: everything but the FFN on the GPU, then as
-    /// many hot neurons as `plan.budget` leaves room for (all of them without a budget); the
-    /// rest run on the CPU. Decodes one token per forward step (a batch is run token by token).
-    pub fn hybrid(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<GpuSession, HybridError> {
+impl HybridSession {
+    /// Everything but the FFN on the GPU, then as many hot neurons as `plan.budget` leaves
+    /// room for (all of them without a budget); the rest run on the CPU. Decodes one token per
+    /// forward step (a batch is run token by token).
+    pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<HybridSession, HybridError> {
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -212,7 +212,7 @@ impl GpuSession {
         let mut since = start;
         let weights = Arc::new(GpuWeights::upload_layers(&ctx, &model, hp.n_layer, false, progress)?);
         mark(&mut fixed, "attention, norms, embeddings, output", &mut since);
-        let mut session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
+        let session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
         mark(&mut fixed, "KV cache and activations", &mut since);
 
         // Predictors on the GPU (predict mode without simulation).
@@ -260,7 +260,9 @@ impl GpuSession {
 
         let bar = if progress { indicatif::ProgressBar::new(hp.n_layer as u64) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading hot neurons {bar:30} {pos}/{len} layers").unwrap());
+        let mut layers = Vec::with_capacity(hp.n_layer);
         for (il, pw) in predictor_weights.into_iter().enumerate() {
+            debug_assert!(matches!(session.layers[il].ffn, FfnOps::External), "the GPU session leaves the FFN to the hybrid");
             let l = &model.layers[il];
             let hot_ids = &placement.hot[il];
             let hot = HotFfn::upload(&ctx, &l.ffn_gate, &l.ffn_up, &plan.ffn.down_t[il], hot_ids)?;
@@ -297,7 +299,7 @@ impl GpuSession {
             let staging = (!cold.is_empty()).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
-            session.layers[il].ffn = FfnOps::Sparse(Box::new(SparseLayerOps {
+            layers.push(SparseLayerOps {
                 predictor,
                 gate,
                 select,
@@ -310,7 +312,7 @@ impl GpuSession {
                 y_cpu,
                 add_cpu,
                 sim_logits: sim_logits[il].clone(),
-            }));
+            });
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -320,7 +322,7 @@ impl GpuSession {
                 return Err(HybridError::OverBudget { used: Bytes(used), budget: Bytes(b) });
             }
         }
-        session.hybrid = Some(Box::new(HybridState {
+        let state = HybridState {
             ffn: plan.ffn.clone(),
             precision: plan.cpu_precision,
             cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
@@ -329,51 +331,64 @@ impl GpuSession {
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
-        }));
-        Ok(session)
+        };
+        Ok(HybridSession { gpu: session, layers, state })
     }
 
-    /// Where a hybrid session's decode time went (None for a dense session); `reset` zeroes it.
-    pub fn hybrid_timing(&mut self, reset: bool) -> Option<(HybridTiming, usize)> {
-        let h = self.hybrid.as_mut()?;
-        let out = (h.timing, h.syncs_per_token);
+    /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
+    /// zeroes the sums.
+    pub fn timing(&mut self, reset: bool) -> (HybridTiming, usize) {
+        let out = (self.state.timing, self.state.syncs_per_token);
         if reset {
-            h.timing = HybridTiming::default();
+            self.state.timing = HybridTiming::default();
         }
-        Some(out)
+        out
     }
 
-    /// The placement of a hybrid session.
-    pub fn placement(&self) -> Option<&Placement> {
-        self.hybrid.as_ref().map(|h| &h.placement)
+    /// Which neurons are hot.
+    pub fn placement(&self) -> &Placement {
+        &self.state.placement
     }
 
     /// GPU bytes this session's context has allocated (weights, caches, buffers).
     pub fn allocated_bytes(&self) -> u64 {
-        self.ctx.allocated_bytes()
+        self.gpu.ctx.allocated_bytes()
+    }
+
+    /// The GPU session underneath (attention, KV cache, head).
+    pub fn gpu(&self) -> &GpuSession {
+        &self.gpu
+    }
+
+    /// [`GpuSession::profile_decode`] with the hot neurons' dispatches as each layer's FFN (the
+    /// CPU's cold neurons are not in the GPU's profile); the host-clock figure is a real hybrid
+    /// token. The position is not consumed.
+    pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
+        let layers = &self.layers;
+        let Some((alone, in_pass)) = self.gpu.profile_passes(token, &|il| layers[il].gpu_sequence())? else { return Ok(None) };
+        let start = std::time::Instant::now();
+        self.run_token(token)?;
+        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
+        self.gpu.n_past -= 1;
+        Ok(Some(Profile { alone, in_pass, wall_ns }))
     }
 
     /// Neuron-aware decode of one token: the GPU pass is cut after each split layer's FFN norm,
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
-    pub(super) fn run_token_hybrid(&mut self, token: u32) -> Result<(), ForwardError> {
-        let mut state = self.hybrid.take().expect("hybrid session");
-        let result = self.run_token_split(token, &mut state);
-        self.hybrid = Some(state);
-        result
-    }
-
-    fn run_token_split(&mut self, token: u32, state: &mut HybridState) -> Result<(), ForwardError> {
+    fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let e = self.model.hp.n_embd;
-        let pos0 = self.n_past as u32;
+        let HybridSession { gpu, layers, state } = self;
+        let e = gpu.model.hp.n_embd;
+        let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
-        self.set_n_kv(step.n_kv);
-        let q = &self.ctx.queue;
-        q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
-        q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
-        q.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
+        gpu.set_n_kv(step.n_kv);
+        let q = &gpu.ctx.queue;
+        q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
         let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, .. } = state;
-        let this = &*self;
+        let this = &*gpu;
+        let layers = &*layers;
         let mut t = TokenTiming::default();
         // Everything the GPU will run is known before the token starts, so a second thread
         // records the command buffers (and draws simulated activity) while this one waits for
@@ -381,7 +396,7 @@ impl GpuSession {
         std::thread::scope(|scope| -> Result<(), ForwardError> {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
-            let recorder = scope.spawn(move || this.record_split_token(sim, tx));
+            let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
             loop {
                 let t_recv = std::time::Instant::now();
                 let Ok(segment) = rx.recv() else { break };
@@ -395,7 +410,7 @@ impl GpuSession {
                         false => continue,
                     }
                 };
-                let FfnOps::Sparse(sp) = &this.layers[split.layer].ffn else { unreachable!("split layers are sparse") };
+                let sp = &layers[split.layer];
                 let staging = sp.staging.as_ref().expect("split layers have staging");
                 let slice = staging.slice(..);
                 let (tx_map, rx_map) = std::sync::mpsc::channel();
@@ -443,99 +458,148 @@ impl GpuSession {
         timing.cpu_ffn += t.cpu_ffn;
         timing.record += t.record;
         timing.simulate += t.simulate;
-        self.n_past += 1;
+        gpu.n_past += 1;
         Ok(())
     }
+}
 
-    /// The recorder thread of a hybrid token: records its command buffers in submission order
-    /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
-    /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns
-    /// the seconds spent recording and drawing. Stops early when the receiver is gone.
-    fn record_split_token(&self, simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
-        let t_start = std::time::Instant::now();
-        let mut draw_time = 0.0;
-        let e = self.model.hp.n_embd as u64;
-        let ff = self.model.hp.n_ff;
-        let mut sim = simulate.map(|m| m.lock().unwrap());
-        let mut sim_values = Vec::new();
-        let new_encoder = || self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
-        let mut enc = new_encoder();
-        let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-        self.embed.encode(&mut pass, 1);
-        let mut layers_recorded = 0;
-        for (il, layer) in self.layers.iter().enumerate() {
-            let mut drawn = None;
-            if let (Some(sim), FfnOps::Sparse(sp)) = (sim.as_mut(), &layer.ffn) {
-                let t = std::time::Instant::now();
-                let mut active = Vec::new();
-                sim.draw(il, &mut active);
-                if let Some(buf) = &sp.sim_logits {
-                    sim_values.clear();
-                    sim_values.resize(ff, -1.0f32);
-                    for &i in &active {
-                        sim_values[i as usize] = 1.0;
-                    }
-                    // Before the segment that reads it is sent, so before its submission.
-                    self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
-                }
-                drawn = Some(active);
-                draw_time += t.elapsed().as_secs_f64();
+impl Forward for HybridSession {
+    /// Token by token, each with its own active neurons.
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        self.gpu.check(tokens)?;
+        let nv = self.gpu.model.hp.n_vocab;
+        let mut all = Vec::new();
+        for &t in tokens {
+            self.run_token(t)?;
+            if want == Logits::All {
+                all.extend(self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu)?);
             }
-            for (_, op) in layer.attention_sequence(1) {
+        }
+        match want {
+            Logits::All => Ok(all),
+            Logits::Last => self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu),
+        }
+    }
+
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        self.gpu.check(tokens)?;
+        for &t in tokens {
+            self.run_token(t)?;
+        }
+        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
+        Ok(out[0])
+    }
+
+    fn n_past(&self) -> usize {
+        self.gpu.n_past()
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.gpu.n_ctx()
+    }
+
+    fn reset(&mut self) {
+        self.gpu.reset();
+    }
+
+    fn model(&self) -> &Arc<Model> {
+        self.gpu.model()
+    }
+
+    fn backend_name(&self) -> String {
+        let hp = &self.gpu.model.hp;
+        format!("{} {}", self.gpu.backend_name(), self.state.describe(hp.n_layer * hp.n_ff))
+    }
+
+    fn as_hybrid(&mut self) -> Option<&mut HybridSession> {
+        Some(self)
+    }
+}
+
+/// The recorder thread of a hybrid token: records its command buffers in submission order
+/// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
+/// activity, draws each layer's active set first and writes the GPU's copy of it. Returns the
+/// seconds spent recording and drawing. Stops early when the receiver is gone.
+fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+    let t_start = std::time::Instant::now();
+    let mut draw_time = 0.0;
+    let e = gpu.model.hp.n_embd as u64;
+    let ff = gpu.model.hp.n_ff;
+    let mut sim = simulate.map(|m| m.lock().unwrap());
+    let mut sim_values = Vec::new();
+    let new_encoder = || gpu.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
+    let mut enc = new_encoder();
+    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+    gpu.embed.encode(&mut pass, 1);
+    let mut layers_recorded = 0;
+    for (il, (layer, sp)) in gpu.layers.iter().zip(sparse).enumerate() {
+        let mut drawn = None;
+        if let Some(sim) = sim.as_mut() {
+            let t = std::time::Instant::now();
+            let mut active = Vec::new();
+            sim.draw(il, &mut active);
+            if let Some(buf) = &sp.sim_logits {
+                sim_values.clear();
+                sim_values.resize(ff, -1.0f32);
+                for &i in &active {
+                    sim_values[i as usize] = 1.0;
+                }
+                // Before the segment that reads it is sent, so before its submission.
+                gpu.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
+            }
+            drawn = Some(active);
+            draw_time += t.elapsed().as_secs_f64();
+        }
+        for (_, op) in layer.attention_sequence(1) {
+            op.record(&mut pass, 1);
+        }
+        layers_recorded += 1;
+        let Some(staging) = &sp.staging else {
+            for (_, op) in sp.gpu_sequence() {
                 op.record(&mut pass, 1);
             }
-            layers_recorded += 1;
-            let sparse = match &layer.ffn {
-                FfnOps::Sparse(sp) if sp.staging.is_some() => sp,
-                _ => {
-                    for (_, op) in layer.ffn_sequence() {
-                        op.record(&mut pass, 1);
-                    }
-                    // Runs of layers without a split go out in pieces, so that the GPU starts
-                    // on them while the rest is recorded.
-                    if layers_recorded >= LAYERS_PER_SUBMISSION && il + 1 < self.layers.len() {
-                        drop(pass);
-                        if tx.send(Segment { commands: enc.finish(), split: None, last: false }).is_err() {
-                            return (t_start.elapsed().as_secs_f64(), draw_time);
-                        }
-                        layers_recorded = 0;
-                        enc = new_encoder();
-                        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-                    }
-                    continue;
+            // Runs of layers without a split go out in pieces, so that the GPU starts on them
+            // while the rest is recorded.
+            if layers_recorded >= LAYERS_PER_SUBMISSION && il + 1 < gpu.layers.len() {
+                drop(pass);
+                if tx.send(Segment { commands: enc.finish(), split: None, last: false }).is_err() {
+                    return (t_start.elapsed().as_secs_f64(), draw_time);
                 }
-            };
-            let staging = sparse.staging.as_ref().expect("checked above");
-            drop(pass);
-            enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e);
-            enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e, 4 * e);
-            let mut enc_hot = new_encoder();
-            {
-                let mut p = enc_hot.begin_compute_pass(&Default::default());
-                for (_, op) in sparse.gpu_sequence() {
-                    op.record(&mut p, 1);
-                }
+                layers_recorded = 0;
+                enc = new_encoder();
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
             }
-            let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
-            layers_recorded = 0;
-            if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
-                return (t_start.elapsed().as_secs_f64(), draw_time);
-            }
-            enc = new_encoder();
-            pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-            sparse.add_cpu.encode(&mut pass, 1);
-        }
+            continue;
+        };
         drop(pass);
-        if self.head.is_some() {
-            self.copy_last_row(&mut enc, 1);
-            let mut p = enc.begin_compute_pass(&Default::default());
-            for (_, op) in self.output_sequence() {
+        enc.copy_buffer_to_buffer(&gpu.s.xn, 0, staging, 0, 4 * e);
+        enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
+        let mut enc_hot = new_encoder();
+        {
+            let mut p = enc_hot.begin_compute_pass(&Default::default());
+            for (_, op) in sp.gpu_sequence() {
                 op.record(&mut p, 1);
             }
         }
-        let _ = tx.send(Segment { commands: enc.finish(), split: None, last: true });
-        (t_start.elapsed().as_secs_f64(), draw_time)
+        let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
+        layers_recorded = 0;
+        if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
+            return (t_start.elapsed().as_secs_f64(), draw_time);
+        }
+        enc = new_encoder();
+        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+        sp.add_cpu.encode(&mut pass, 1);
     }
+    drop(pass);
+    if gpu.head.is_some() {
+        gpu.copy_last_row(&mut enc, 1);
+        let mut p = enc.begin_compute_pass(&Default::default());
+        for (_, op) in gpu.output_sequence() {
+            op.record(&mut p, 1);
+        }
+    }
+    let _ = tx.send(Segment { commands: enc.finish(), split: None, last: true });
+    (t_start.elapsed().as_secs_f64(), draw_time)
 }
 
 /// A hybrid token's commands up to one split layer's FFN norm (or up to its end), recorded
