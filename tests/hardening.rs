@@ -400,3 +400,52 @@ fn error_text_is_cut_to_a_readable_length() {
     assert!(s.len() <= 1000 && s.ends_with("more bytes)"), "{} bytes: {}", s.len(), &s[s.len() - 30..]);
     assert_eq!(ember::cli::shorten("short", 1000), "short");
 }
+
+// ---- predictors ----------------------------------------------------------------------------
+
+/// A samples file of `n_layer` layers of `n_embd` -> `n_ff` with 40 random tokens.
+fn samples_file(path: &Path, n_layer: usize, n_embd: usize, n_ff: usize) {
+    use ember::model::Activation;
+    use ember::sparse::profile::{SampleCollector, SampleType};
+    let mut rng = common::Rng(7);
+    let mut c = SampleCollector::new(n_layer, n_embd, n_ff, 40, SampleType::F32, 1);
+    for _ in 0..40 {
+        for l in 0..n_layer {
+            c.offer(l, Activation::Relu, &rng.vec(n_embd), &rng.vec(n_ff));
+        }
+    }
+    c.save(path, "tiny").unwrap();
+}
+
+#[test]
+fn train_predictor_checks_eval_samples_before_training() {
+    let dir = scratch("eval-shape");
+    let (a, b) = (dir.join("a.samples.gguf"), dir.join("b.samples.gguf"));
+    samples_file(&a, 2, 32, 64);
+    samples_file(&b, 2, 32, 96);
+    let out = run_within(ember().args(["train-predictor", "-m", "/nonexistent.gguf", "--samples"]).arg(&a).arg("--eval").arg(&b), Duration::from_secs(2));
+    assert_clear_error(&out, &["b.samples.gguf", "32 -> 96", "32 -> 64", "same model"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn predictors_of_another_model_are_refused_or_named() {
+    let Some(model) = common::default_model() else { return };
+    let dir = scratch("predictor-model");
+    let hp = ember::model::Model::load(&model).unwrap().hp;
+    let run = |p: &Path| run_within(ember().args(["run", "--backend", "cpu", "--ffn", "predict", "-p", "Hi", "-n", "2", "--temp", "0", "-t", "2", "-m"]).arg(&model).arg("--predictor").arg(p), Duration::from_secs(20));
+    // Another shape: refused.
+    let other = dir.join("other.predictors.gguf");
+    ember::sparse::predictor::Predictors::always_on(hp.n_layer - 1, hp.n_embd, hp.n_ff).save(&other).unwrap();
+    assert_clear_error(&run(&other), &["predictor layers"]);
+    // The same shape, trained for a model of another name: runs, and says so.
+    let sibling = dir.join("sibling.predictors.gguf");
+    let mut p = ember::sparse::predictor::Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff);
+    p.model_name = "another model".into();
+    p.save(&sibling).unwrap();
+    let out = run(&sibling);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning: the predictors were trained for \"another model\""), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

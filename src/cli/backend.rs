@@ -235,16 +235,9 @@ fn load_predictors(args: &ModelArgs, model: &Arc<Model>) -> Result<Predictors> {
         Some(p) => Predictors::load(&p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => Predictors::from_gguf(model.file.clone()).map_err(|e| format!("{}: {e}; train predictors with `ember profile` and `ember train-predictor`, then pass --predictor FILE", model_path.display()))?,
     };
-    let hp = &model.hp;
-    if p.layers.len() != hp.n_layer || p.layers.iter().any(|l| l.n_embd() != hp.n_embd || l.n_ff() != hp.n_ff) {
-        let first = p.layers.first().map_or((0, 0), |l| (l.n_embd(), l.n_ff()));
-        return Err(format!(
-            "the predictors ({} layers, {} -> {}) do not fit this model ({} layers, {} -> {}): they were made for another model; train them for this one with `ember train-predictor`",
-            p.layers.len(), first.0, first.1, hp.n_layer, hp.n_embd, hp.n_ff
-        ).into());
-    }
-    // Same shapes but another model's name: most likely predictors of a sibling model, which
-    // predict the wrong neurons without failing.
+    // Shapes are checked where the predictors meet the model (`SparseFfn::new`).
+    // Same shapes but another model's name: most likely predictors of a sibling model (another
+    // fine-tune of one base), which predict the wrong neurons without failing.
     let name = model.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("");
     if !p.model_name.is_empty() && !name.is_empty() && p.model_name != name {
         eprintln!("ember: warning: the predictors were trained for {:?}, and this model is {name:?}", p.model_name);
