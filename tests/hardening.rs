@@ -449,3 +449,21 @@ fn predictors_of_another_model_are_refused_or_named() {
     assert!(err.contains("warning: the predictors were trained for \"another model\""), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn synth_refuses_models_that_cannot_be_loaded_or_fit() {
+    let Some(model) = common::default_model() else { return };
+    let dir = scratch("synth");
+    let out_path = dir.join("big.gguf");
+    let synth = |extra: &[&str]| run_within(ember().args(["synth", "--tokenizer-from"]).arg(&model).arg("-o").arg(&out_path).args(extra), Duration::from_secs(2));
+    assert_clear_error(&synth(&["--n-embd", "1048576"]), &["--n-embd 1048576", "1 to 65536"]);
+    assert_clear_error(&synth(&["--n-layer", "18446744073709551615"]), &["--n-layer", "1 to 1024"]);
+    // 65536 x 1048576 f16 values: 128 GiB in one tensor, more than half the memory of machines
+    // under 256 GiB (the others would start writing).
+    let avail_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())).map(|kib| kib >> 20);
+    if avail_gib.is_some_and(|g| g < 256) {
+        assert_clear_error(&synth(&["--n-embd", "65536", "--n-ff", "1048576", "--type", "f16", "--n-head", "64", "--n-head-kv", "64"]), &["largest tensor takes 128.0 GiB"]);
+    }
+    assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "synth left a file behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

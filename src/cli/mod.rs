@@ -295,7 +295,7 @@ pub(crate) fn tokens(n: usize) -> String {
 }
 
 /// Memory the system can give (Linux's MemAvailable), when known.
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     info.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|kib| kib.saturating_mul(1024))
 }
