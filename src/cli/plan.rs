@@ -32,6 +32,13 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let hp = &model.hp;
     let budget = parse_budget(a.model.vram_budget.as_deref().ok_or("ember plan needs --vram-budget GIB")?)?;
     let profile_path = a.model.act_profile.clone().unwrap_or_else(|| super::profile::beside(&path, ".profile.gguf"));
+    if let Some(out) = &a.output {
+        crate::files::check_output(out, [path.as_path(), profile_path.as_path()].into_iter().chain(a.model.predictor.as_deref()).chain(a.model.placement.as_deref()))?;
+    }
+    // Only the trained context bounds it: plan allocates no KV cache.
+    if a.ctx_size == 0 || a.ctx_size > hp.n_ctx_train {
+        return Err(format!("-c {}: use 1 to {}, the context the model was trained for", a.ctx_size, hp.n_ctx_train).into());
+    }
     let profile = ActivationProfile::load(&profile_path).map_err(|e| format!("{}: {e} (make one with `ember profile -m {} -f TEXT`)", profile_path.display(), path.display()))?;
     if profile.n_layer() != hp.n_layer || profile.n_ff() != hp.n_ff {
         return Err(format!("{}: profile of {} x {} neurons, model {} x {}", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());
@@ -43,7 +50,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     for l in &model.layers {
         attention += [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.n_bytes() as u64).sum::<u64>() + 8 * hp.n_embd as u64;
     }
-    let kv = (hp.n_layer * a.ctx_size * hp.kv_dim() * 2 * 2) as u64;
+    let kv = hp.n_layer as u64 * a.ctx_size as u64 * hp.kv_dim() as u64 * 2 * 2;
     let predictor_bytes = match &a.model.predictor {
         Some(p) => Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))?.n_bytes() as u64,
         None => 0,
@@ -102,6 +109,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         return Err("ember convert writes PowerInfer files only for now: pass --powerinfer".into());
     }
     let path = a.model.resolve_model()?;
+    crate::files::check_output(&a.output, std::iter::once(path.as_path()).chain(a.model.predictor.as_deref()))?;
     let (model, _) = super::load(&path)?;
     let down_t = match a.down_t_type.as_deref() {
         None => transposed_downs(&model, a.model.precision.into(), true)?,

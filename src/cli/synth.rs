@@ -105,12 +105,23 @@ pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
     });
 }
 
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
 pub fn synth(a: SynthArgs) -> Result<()> {
     let divides = |n: u64, d: u64| d != 0 && n.is_multiple_of(d);
     if !(divides(a.n_embd, 32) && divides(a.n_ff, 32) && divides(a.n_embd, a.n_head) && divides(a.n_head, a.n_head_kv)) {
         return Err("shape: n_embd and n_ff must be multiples of 32, n_head must divide n_embd and be a multiple of n_head_kv".into());
     }
+    // The loader's own limits: a model ember could not load is not worth hours of writing.
+    for (flag, v, max) in [("--n-layer", a.n_layer, 1024), ("--n-embd", a.n_embd, 1 << 16), ("--n-ff", a.n_ff, 1 << 20), ("--n-head", a.n_head, 1024), ("--n-head-kv", a.n_head_kv, 1024)] {
+        if v == 0 || v > max {
+            return Err(format!("{flag} {v}: use 1 to {max}").into());
+        }
+    }
     let tok_path = a.tokenizer_from.clone().unwrap_or_else(|| PathBuf::from(super::DEFAULT_MODEL_FILE));
+    crate::files::check_output(&a.output, [tok_path.as_path()])?;
     let tok = GgufFile::open(&tok_path).map_err(|e| format!("--tokenizer-from {}: {e}", tok_path.display()))?;
     let vocab = tok.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|t| t.len() as u64).ok_or("the tokenizer source has no tokenizer.ggml.tokens")?;
 
@@ -147,20 +158,33 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         w.add_generated(&n("ffn_up.weight"), &[e, ff], ty);
         w.add_generated(&n("ffn_down.weight"), &[ff, e], ty);
     }
+    // Each tensor is generated in memory, then written: the largest must fit in memory, the
+    // whole file on disk (sizes within the limits above cannot overflow a u64).
+    let (tensor_max, total) = w.tensor_sizes();
+    if let Some(avail) = super::available_memory() {
+        if tensor_max > avail / 2 {
+            return Err(format!("the largest tensor takes {:.1} GiB, more than half the {:.1} GiB of memory available; choose a smaller --n-embd, --n-ff or --type", gib(tensor_max), gib(avail)).into());
+        }
+    }
+    if let Some(free) = crate::files::free_space(&a.output) {
+        if total > free {
+            return Err(format!("{}: the model takes {:.1} GiB, more than the {:.1} GiB free there", a.output.display(), gib(total), gib(free)).into());
+        }
+    }
     let n_tensors = 3 + 9 * a.n_layer;
     let bar = indicatif::ProgressBar::new(n_tensors);
     bar.set_style(indicatif::ProgressStyle::with_template("ember: writing {msg} {bar:30} {pos}/{len} tensors").unwrap());
     bar.set_message(a.output.display().to_string());
-    let file = std::fs::File::create(&a.output).map_err(|e| format!("{}: {e}", a.output.display()))?;
-    let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
     let mut index = 0u64;
-    w.write_generated(&mut out, &mut |name, t, buf| {
-        let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
-        fill(buf, t, cols, mix(a.seed ^ mix(index)));
-        index += 1;
-        bar.inc(1);
-    })?;
-    std::io::Write::flush(&mut out)?;
+    crate::files::write_atomic(&a.output, |out| {
+        w.write_generated(out, &mut |name, t, buf| {
+            let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
+            fill(buf, t, cols, mix(a.seed ^ mix(index)));
+            index += 1;
+            bar.inc(1);
+        })
+    })
+    .map_err(|e| format!("{}: {e}", a.output.display()))?;
     bar.finish_and_clear();
     let size = std::fs::metadata(&a.output)?.len();
     eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {ty} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, a.act);
