@@ -658,3 +658,62 @@ fn ffn_over_ranges_refuses_a_candidate_outside_its_range() {
     // Every range lists neuron 0.
     sparse::ffn_over_ranges(&gate, &bundle, &Activations::new(&x, 1), ember::model::Activation::Relu, |_, out: &mut Vec<u32>| out.push(0), |_| true, &mut [0.0; 64]);
 }
+
+/// `row_dots_serial` gives `matvec_rows`' (so the dense matmul's) values by list position.
+#[test]
+fn row_dots_serial_equals_dense_matmul_by_position() {
+    let mut rng = Rng(61);
+    for ty in TYPES {
+        for (rows, cols) in shapes(ty) {
+            let (w, _) = random_matrix(&mut rng, rows, cols, ty);
+            let x = rng.vec(cols);
+            for precision in [Precision::Llama, Precision::F32] {
+                let acts = Activations::new(&x, 1).with_precision(precision);
+                let mut dense = vec![0.0; rows];
+                matmul(&w, &acts, &mut dense);
+                for sparsity in SPARSITIES {
+                    let mut listed = random_subset(&mut rng, rows, sparsity);
+                    listed.reverse();
+                    let mut vals = vec![UNTOUCHED; listed.len()];
+                    sparse::row_dots_serial(&w, &acts, &listed, &mut vals);
+                    for (k, &r) in listed.iter().enumerate() {
+                        assert_eq!(vals[k].to_bits(), dense[r as usize].to_bits(), "{ty} {precision:?} {rows}x{cols} {sparsity}% position {k} row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// With firing flags, `gated_ffn_chunks` over candidates gives exactly what it gives over the
+/// flagged candidates alone (a candidate that does not fire costs its gate row, adds nothing).
+#[test]
+fn gated_ffn_chunks_with_firing_flags_equals_the_firing_subset() {
+    let mut rng = Rng(62);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::F16] {
+        let (n_ff, n_embd) = (333, 96);
+        let (gate, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (up, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (down_t, _) = random_matrix(&mut rng, n_ff, n_embd, GgmlType::Q8_0);
+        let x = rng.vec(n_embd);
+        let acts = Activations::new(&x, 1).with_precision(Precision::F32);
+        for act in [ember::model::Activation::Silu, ember::model::Activation::Relu] {
+            for sparsity in SPARSITIES {
+                let candidates = random_subset(&mut rng, n_ff, sparsity);
+                let fires: Vec<bool> = candidates.iter().map(|_| rng.next_u64() % 3 == 0).collect();
+                let firing: Vec<u32> = candidates.iter().zip(&fires).filter(|(_, &f)| f).map(|(&c, _)| c).collect();
+                let run = |list: &[u32], flags: Option<&[bool]>| {
+                    let mut acc = vec![0.0f32; n_embd];
+                    sparse::gated_ffn_chunks(&gate, &up, &down_t, &acts, act, None, list, flags, |sum| sum(0, list.len(), &mut acc));
+                    acc
+                };
+                let (a, b) = (run(&candidates, Some(&fires)), run(&firing, None));
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{ty} {act:?} {sparsity}%: flags over candidates differ from the firing subset");
+                // (A ReLU neuron whose random gate is negative adds nothing.)
+                if !firing.is_empty() && act == ember::model::Activation::Silu {
+                    assert!(b.iter().any(|&v| v != 0.0), "{ty} {act:?} {sparsity}%: nothing computed");
+                }
+            }
+        }
+    }
+}

@@ -7,8 +7,9 @@ use crate::gguf::{GgufFile, Value};
 use crate::sparse::placement::{counts_fingerprint, parse_budget, Placement};
 use crate::sparse::powerinfer::{read_split, split_file};
 use crate::sparse::profile::ActivationProfile;
-use crate::sparse::simulate::SimulatedActivity;
-use crate::sparse::predictor::Predictors;
+use crate::sparse::simulate::{stretched_counts, PredictorSim, SimulatedActivity};
+use crate::sparse::predictor::{Predictor, Predictors};
+use crate::gguf::GgmlType;
 use crate::sparse::threshold::ThresholdCalibrator;
 use std::path::{Path, PathBuf};
 use crate::gpu::{DeviceChoice, GpuContext};
@@ -103,22 +104,15 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
     }
 
     // Neuron-aware FFN on the GPU, hybrid when the budget leaves neurons to the CPU.
-    let (ffn, counts, simulate) = match &args.simulate_activity {
+    let (ffn, counts, simulate, sim_predictors, sim_note) = match &args.simulate_activity {
         Some(path) => {
-            let profile = ActivationProfile::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let sim = SimulatedActivity::from_profile(&profile, model.hp.n_layer, model.hp.n_ff, 0x5eed)?;
-            let density = sim.density();
-            eprintln!(
-                "ember: SIMULATED ACTIVITY: active neurons drawn per token from the firing rates of {} ({:.1}% of neurons per token on average); speed only, the text is meaningless",
-                path.display(),
-                100.0 * density.iter().sum::<f64>() / density.len() as f64
-            );
+            let s = simulation(args, &model, path)?;
             let ffn = Arc::new(SparseFfn::simulated(&model, args.precision.into(), true)?);
-            (ffn, sim.counts(), Some(sim))
+            (ffn, s.counts, Some(s.activity), s.predictors, Some(s.note))
         }
         None => {
             let ffn = sparse_ffn(args, &model, false)?.expect("a sparse mode");
-            (ffn, load_counts(args, &model, budget.is_some())?, None)
+            (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
     // A placement from --placement, else the one cached beside the model for this budget and
@@ -133,7 +127,7 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         (None, None) => None,
     };
     let cpu_precision = args.precision.into();
-    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), hot };
+    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone() };
     let mut from_cache = cache.is_some() && hot.is_some();
     let session = match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
         Ok(s) => s,
@@ -163,6 +157,101 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         start.elapsed().as_secs_f64()
     );
     Ok(Box::new(session))
+}
+
+/// What `--simulate-activity` and `--simulate-predictor` set up.
+struct Simulation {
+    activity: SimulatedActivity,
+    /// Firing counts that place the neurons.
+    counts: Vec<Vec<u32>>,
+    /// The predictor matrices run and charged (None: a free predictor).
+    predictors: Option<Arc<Predictors>>,
+    /// The lines that say what was simulated, for logs and the bench header.
+    note: String,
+}
+
+fn load_profile(path: &Path) -> Result<ActivationProfile> {
+    Ok(ActivationProfile::load(path).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+fn simulation(args: &ModelArgs, model: &Arc<Model>, path: &Path) -> Result<Simulation> {
+    let hp = &model.hp;
+    let opts: PredictorSim = args.simulate_predictor.parse().map_err(|e| format!("--simulate-predictor {}: {e}", args.simulate_predictor))?;
+    let profile = load_profile(path)?;
+    let activity = SimulatedActivity::from_profile(&profile, hp.n_layer, hp.n_ff, opts.seed)?.with_predictor(&opts)?;
+    // Placement by another profile (other text windows) where given.
+    let (counts, placed_by) = match &args.act_profile {
+        Some(p) => {
+            let place = load_profile(p)?;
+            let same = if place.source == profile.source { "; THE SAME TEXT AND WINDOWS as the draws: optimistic" } else { "" };
+            (stretched_counts(&place, hp.n_layer, hp.n_ff)?, format!("{} ({}{same})", p.display(), place.source))
+        }
+        None => (activity.counts(), "the same profile as the draws (optimistic: give --act-profile a profile of other text windows)".to_string()),
+    };
+    // The predictor file, when there is one: its matrices if they fit, else its rank and type.
+    let beside = super::profile::beside(&args.resolve_model()?, ".predictors.gguf");
+    let file = args.predictor.clone().or_else(|| beside.exists().then_some(beside));
+    let trained = match &file {
+        Some(f) => Some(Predictors::load(f).map_err(|e| format!("{}: {e}", f.display()))?),
+        None => None,
+    };
+    let rank = opts.rank_or(trained.as_ref().and_then(|t| t.layers.first()).map(|l| l.rank()));
+    let (predictors, what) = match (rank, trained) {
+        (0, _) => (None, "none run (free)".to_string()),
+        (r, Some(t)) if t.check_model(hp).is_ok() && t.layers.iter().all(|l| l.rank() == r) => {
+            let what = format!("the trained ones of {} (rank {r}, {}, {:.1} MiB)", file.as_ref().expect("loaded from a file").display(), t.layers[0].fc1.ty, t.n_bytes() as f64 / (1u64 << 20) as f64);
+            (Some(Arc::new(t)), what)
+        }
+        (r, t) => {
+            let ty = t.as_ref().and_then(|t| t.layers.first()).map_or(GgmlType::Q8_0, |l| l.fc1.ty);
+            let p = random_predictors(hp.n_layer, hp.n_embd, hp.n_ff, r, ty, opts.seed)?;
+            let what = format!("random matrices of rank {r}, {} ({:.1} MiB), as a trained predictor's{}", p.layers[0].fc1.ty, p.n_bytes() as f64 / (1u64 << 20) as f64, match &file {
+                Some(f) => format!(" (rank and type of {})", f.display()),
+                None => " (rank and type that ember's training chose for SmolLM2-135M-ReLU)".to_string(),
+            });
+            (Some(Arc::new(p)), what)
+        }
+    };
+    let (recall, precision, named) = activity.expected_quality();
+    let asked = match (recall - opts.recall).abs() > 1e-3 || (precision - opts.precision).abs() > 1e-3 {
+        true => format!(" (asked {} / {}: the profile's rates cannot give more false positives)", opts.recall, opts.precision),
+        false => String::new(),
+    };
+    let label = if opts.is_perfect() && predictors.is_none() { "PERFECT PREDICTOR: an UPPER BOUND, no real predictor names exactly the firing neurons for free" } else { "simulated predictor" };
+    let note = format!(
+        "SIMULATED ACTIVITY, the text is meaningless: draws from {} ({}){}, mean firing rate {:.1}%, seed {}\n\
+         {label}: recall {recall:.3}, precision {precision:.3}{asked} ({:.1}% of neurons named per token; gate rows for every named neuron, up and down rows for the firing ones)\n\
+         predictor matrices: {what}\n\
+         hot neurons placed by: {placed_by}",
+        path.display(),
+        profile.source,
+        opts.rate.map_or(String::new(), |r| format!(" scaled to a mean rate of {:.1}%", 100.0 * r)),
+        100.0 * activity.mean_rate(),
+        opts.seed,
+        100.0 * named,
+    );
+    for line in note.lines() {
+        eprintln!("ember: {line}");
+    }
+    Ok(Simulation { activity, counts, predictors, note })
+}
+
+/// Predictors of random values (zero mean, the spread of a trained predictor's is irrelevant:
+/// their output is set aside) of the given rank and type, seeded.
+fn random_predictors(n_layer: usize, n_embd: usize, n_ff: usize, rank: usize, ty: GgmlType, seed: u64) -> Result<Predictors> {
+    let ty = match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0 => ty,
+        _ => GgmlType::Q8_0,
+    };
+    let mut rng = crate::sparse::profile::SplitMix(seed ^ 0x9e37);
+    let mut vals = |n: usize| (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * 0.05).collect::<Vec<f32>>();
+    let layers = (0..n_layer)
+        .map(|_| {
+            let (fc1, fc2) = (vals(rank * n_embd), vals(n_ff * rank));
+            Predictor::from_f32(&fc1, &fc2, rank, n_embd, n_ff, 0.0, ty)
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    Ok(Predictors { layers, model_name: "simulated".into() })
 }
 
 /// How many whole layers (weights and KV cache) fit in `budget` after the embedding and

@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 = skip)
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Context size the session is made for (KV cache and, in a hybrid, what the budget must
+    /// hold) [default: the larger of -p and -n, plus 1]
+    #[arg(short = 'c', long = "ctx-size", value_name = "N")]
+    pub ctx_size: Option<usize>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -66,8 +70,19 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
             }
         }
-        let n_ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
-        super::check_ctx("-p/-n", n_ctx.min(model.hp.n_ctx_train), &model.hp)?;
+        let needed = a.n_prompt.max(a.n_gen) + 1;
+        let n_ctx = match a.ctx_size {
+            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -p {} / -n {} use", a.n_prompt, a.n_gen).into()),
+            Some(c) => {
+                super::check_ctx("--ctx-size", c, &model.hp)?;
+                c
+            }
+            None => {
+                let n = needed.max(16);
+                super::check_ctx("-p/-n", n.min(model.hp.n_ctx_train), &model.hp)?;
+                n
+            }
+        };
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
@@ -113,6 +128,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 session.forward_argmax(&tokens[..1])?;
             }
         }
+        if let Some(note) = session.as_hybrid().and_then(|h| h.simulation_note().map(str::to_string)) {
+            for line in note.lines() {
+                println!("{line}");
+            }
+            println!();
+        }
+        println!("context {n_ctx}");
+        println!();
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for (test, (mean, sd)) in rows {

@@ -127,9 +127,26 @@ pub struct ModelArgs {
     pub n_gpu_layers: Option<usize>,
     /// BENCHMARK ONLY: draw each token's active neurons from the firing rates of this activation
     /// profile (stretched to the model's shape) instead of computing them; for random-weight
-    /// models of real shape. Outputs are labelled "simulated activity"; the text is meaningless
+    /// models of real shape. A predictor is simulated with it (--simulate-predictor). Hot
+    /// neurons are placed by --act-profile: give it a profile of other text windows than this
+    /// one (`ember profile --windows 0..30` for placing, `--windows 30..60` for drawing), else
+    /// the same rates both place and draw (optimistic). Outputs are labelled "simulated
+    /// activity"; the text is meaningless
     #[arg(long, value_name = "PROFILE")]
     pub simulate_activity: Option<PathBuf>,
+    /// BENCHMARK ONLY, with --simulate-activity: the predictor a real run would need, as
+    /// comma-separated key=value pairs. recall: share of the firing neurons it names (missed
+    /// ones are not computed); precision: share of the named neurons that fire (every named
+    /// neuron costs its gate row, firing ones their up and down rows too); rank: its matrices'
+    /// rank, run every token and layer and charged in time and VRAM (fc1 and the hot neurons'
+    /// rows of fc2 on the GPU, fc1 and the cold rows on the CPU; real --predictor files when
+    /// they fit the model, else random ones of that file's rank and type, else rank 32 Q8_0);
+    /// 0 runs none; seed: of the draws; rate: scale the profile to this mean firing rate
+    /// (e.g. 10%). `recall=1,precision=1` (or `perfect`) is the free perfect predictor, an
+    /// upper bound. The default is what ember's trained SmolLM2-135M-ReLU predictors reached
+    /// (held-out recall 0.99-0.998, precision 0.29-0.33, rank 32)
+    #[arg(long, value_name = "KEY=VALUE,...", default_value = "recall=0.99,precision=0.3")]
+    pub simulate_predictor: String,
 }
 
 /// `--ffn`: which neurons of each FFN block are computed.
@@ -186,7 +203,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.

@@ -150,6 +150,13 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
             eprintln!("ember: keeping {n} sampled tokens per layer for {}", out.display());
         }
         profiler.profile.source = a.files.iter().map(|f| f.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())).collect::<Vec<_>>().join(", ");
+        // The windows too: a simulation places by one profile and draws from another, and
+        // says from which text each came.
+        let end = |e: usize| if e == usize::MAX { String::new() } else { e.to_string() };
+        profiler.profile.source += &match &a.windows {
+            Some(w) => format!(", windows {}..{} of {} tokens", w.start, end(w.end), a.ctx_size),
+            None => format!(", all windows of {} tokens", a.ctx_size),
+        };
         let shared = profiler.shared();
 
         // All windows of all files, in order.

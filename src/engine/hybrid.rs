@@ -38,7 +38,8 @@ use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model};
 use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, PlacementInput};
-use crate::sparse::simulate::SimulatedActivity;
+use crate::sparse::predictor::Predictors;
+use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
 
 /// What a neuron-aware GPU session needs besides the model.
@@ -51,24 +52,42 @@ pub struct HybridPlan {
     pub counts: Vec<Vec<u32>>,
     /// Arithmetic of the CPU's cold neurons.
     pub cpu_precision: Precision,
-    /// Benchmark only: each token's active neurons drawn from firing rates, not computed.
+    /// Benchmark only: each token's active neurons drawn from firing rates, not computed
+    /// (with a perfect predictor, or with a simulated one's recall and precision).
     pub simulate: Option<SimulatedActivity>,
+    /// Benchmark only, with `simulate`: predictor matrices run every token and layer and
+    /// charged (their output set aside: the draw decides): fc1 and the hot neurons' rows of
+    /// fc2 on the GPU (inside the budget), fc1 and the cold neurons' rows on the CPU. None: a
+    /// free predictor.
+    pub sim_predictors: Option<Arc<Predictors>>,
+    /// What was simulated, in words (for the bench header); None when nothing is.
+    pub note: Option<String>,
     /// A placement made earlier (per layer ascending hot neuron ids), used instead of placing
     /// anew when it fits the budget.
     pub hot: Option<Vec<Vec<u32>>>,
 }
 
-/// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x).
+/// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x) (a simulated predictor's fc2
+/// holds the hot neurons' rows only, and is absent without hot neurons).
 struct PredictorOps {
     fc1: MatmulOp,
     relu: GatedActOp,
-    fc2: MatmulOp,
-    _weights: [GpuMatrix; 2],
+    fc2: Option<MatmulOp>,
+    _weights: Vec<GpuMatrix>,
+}
+
+/// A simulated predictor's first stage on the GPU: the list of hot candidates and their gate
+/// rows (the ops after it then take the candidates that fire).
+struct CandidateOps {
+    select: SelectOp,
+    gate: SparseMatvecOp,
+    _list: ActiveList,
 }
 
 /// One layer's neuron-aware FFN: the GPU's hot part and what the CPU needs for the cold part.
 struct SparseLayerOps {
     predictor: Option<PredictorOps>,
+    candidates: Option<CandidateOps>,
     gate: Option<DenseGateOp>,
     select: SelectOp,
     matvec: SparseMatvecOp,
@@ -106,7 +125,13 @@ impl SparseLayerOps {
     fn gpu_sequence(&self) -> Vec<NamedOp<'_>> {
         let mut v: Vec<NamedOp<'_>> = Vec::new();
         if let Some(p) = &self.predictor {
-            v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu), ("predictor fc2", &p.fc2)]);
+            v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu)]);
+            if let Some(fc2) = &p.fc2 {
+                v.push(("predictor fc2", fc2));
+            }
+        }
+        if let Some(c) = &self.candidates {
+            v.extend([("sparse select candidates", &c.select as &dyn Op), ("sparse gate candidates", &c.gate)]);
         }
         if let Some(g) = &self.gate {
             v.push(("sparse gate", g));
@@ -134,6 +159,10 @@ struct HybridState {
     cold: ColdFfn,
     y: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
+    /// Simulated with a predictor's errors or costs: candidates and firing neurons apart.
+    charged: bool,
+    sim_predictors: Option<Arc<Predictors>>,
+    note: Option<String>,
     placement: Placement,
     /// CPU<->GPU synchronisations in the last decoded token.
     syncs_per_token: usize,
@@ -151,8 +180,10 @@ pub struct HybridTiming {
     pub wait_gpu: f64,
     /// Blocked waiting for the recorder thread's next command buffer.
     pub wait_recorder: f64,
-    /// Computing cold neurons on the CPU.
+    /// Computing cold neurons on the CPU (a charged predictor's CPU part included).
     pub cpu_ffn: f64,
+    /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2).
+    pub cpu_predictor: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -165,11 +196,12 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons, {:.2} waiting for recorded commands, {:.2} submitting/other; \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} submitting/other; \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_ffn),
+            per(self.cpu_predictor),
             per(self.wait_recorder),
             per(rest),
             per(self.record),
@@ -227,7 +259,18 @@ impl HybridSession {
                 .collect::<Result<_, GpuError>>()?,
             _ => (0..hp.n_layer).map(|_| None).collect(),
         };
-        let max_rank = plan.ffn.predictors.as_ref().map_or(1, |p| p.layers.iter().map(|l| l.fc1.rows.next_multiple_of(32)).max().unwrap_or(1));
+        // A simulated predictor: fc1 whole on the GPU (fc2's hot rows come with the neurons).
+        let charged = plan.simulate.as_ref().is_some_and(|s| !s.is_perfect()) || (plan.simulate.is_some() && plan.sim_predictors.is_some());
+        let sim_padded: Option<Vec<(Matrix, Matrix)>> = match (&plan.simulate, &plan.sim_predictors) {
+            (Some(_), Some(p)) => Some(p.layers.iter().map(|l| pad_rank(&l.fc1, &l.fc2)).collect()),
+            _ => None,
+        };
+        let mut sim_fc1: Vec<Option<GpuMatrix>> = match &sim_padded {
+            Some(v) => v.iter().map(|(fc1, _)| GpuMatrix::upload(&ctx, fc1).map(Some)).collect::<Result<_, GpuError>>()?,
+            None => (0..hp.n_layer).map(|_| None).collect(),
+        };
+        let ranks = plan.ffn.predictors.iter().chain(&plan.sim_predictors).flat_map(|p| p.layers.iter().map(|l| l.fc1.rows.next_multiple_of(32)));
+        let max_rank = ranks.max().unwrap_or(1);
         // Buffers shared by every layer's sparse ops (layers run one after another).
         let g = ctx.zeros("sparse g", 4 * ff as u64);
         let h = ctx.zeros("sparse h", 4 * ff as u64);
@@ -240,9 +283,22 @@ impl HybridSession {
         // Per layer costs that do not scale with the hot neurons: the active list's header,
         // dispatch arguments, the AXPY's partial sums, uniforms, the CPU exchange buffers.
         let cfg = SparseConfig::for_context(&ctx);
-        let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096;
+        // A simulated predictor adds the candidates' list (its header and arguments, the ops'
+        // uniforms) and its fc2 matrix's alignment.
+        let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096 + if charged { 8192 } else { 0 };
         fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
-        let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
+        // A hot neuron of a simulated predictor also takes its entry in the candidates' list
+        // and its row of fc2.
+        let per_neuron: Vec<u64> = (0..hp.n_layer)
+            .map(|il| {
+                let sim = match (&sim_padded, charged) {
+                    (Some(v), _) => 4 + v[il].1.row_bytes() as u64,
+                    (None, true) => 4,
+                    (None, false) => 0,
+                };
+                hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e) + sim
+            })
+            .collect();
         let budget = plan.budget.unwrap_or(u64::MAX);
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
         let placement = match (plan.budget, plan.hot) {
@@ -268,21 +324,54 @@ impl HybridSession {
             let hot = HotFfn::upload(&ctx, &l.ffn_gate, &l.ffn_up, &plan.ffn.down_t[il], hot_ids)?;
             let list = ActiveList::new(&ctx, &hot);
             let s = &session.s;
-            let predictor = pw.map(|[fc1, fc2]| {
+            let mut predictor = pw.map(|[fc1, fc2]| {
                 let rank = fc1.rows as u32;
                 PredictorOps {
                     fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
                     relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
-                    fc2: fc2.bind_matmul(&ctx, &p1, &logits, &s.step),
-                    _weights: [fc1, fc2],
+                    fc2: Some(fc2.bind_matmul(&ctx, &p1, &logits, &s.step)),
+                    _weights: vec![fc1, fc2],
                 }
             });
+            if let (Some(fc1), Some(padded)) = (sim_fc1[il].take(), &sim_padded) {
+                // fc2's rows of the hot neurons, in hot order: their logits land in `logits`
+                // and are set aside (the draw decides which neurons are candidates).
+                let fc2 = &padded[il].1;
+                let rb = fc2.row_bytes();
+                let bytes: Vec<u8> = hot_ids.iter().flat_map(|&i| fc2.bytes()[i as usize * rb..(i as usize + 1) * rb].iter().copied()).collect();
+                let fc2_hot = match hot_ids.is_empty() {
+                    true => None,
+                    false => Some(GpuMatrix::upload(&ctx, &Matrix::from_raw(&format!("blk.{il}.fc2 hot rows"), hot_ids.len(), fc2.cols, fc2.ty, &bytes))?),
+                };
+                let rank = fc1.rows as u32;
+                let fc2_op = fc2_hot.as_ref().map(|m| m.bind_matmul(&ctx, &p1, &logits, &s.step));
+                predictor = Some(PredictorOps {
+                    fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
+                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
+                    fc2: fc2_op,
+                    _weights: std::iter::once(fc1).chain(fc2_hot).collect(),
+                });
+            }
+            let mut candidates = None;
             let (gate, select, matvec) = match mode {
                 FfnMode::Relu => {
                     let gate = DenseGateOp::new(&ctx, &hot, &s.xn, &g)?;
                     let select = SelectOp::new(&ctx, &hot, &list, Criterion::Relu { values: &g })?;
                     let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Relu { g: &g })?;
                     (Some(gate), select, matvec)
+                }
+                _ if charged => {
+                    // Simulated values per neuron: -1 not named, 0 named and silent, 1 named
+                    // and firing. Candidates (>= 0) get their gate row; firing ones (>= 1) up
+                    // and down.
+                    let sim = sim_logits[il].as_ref().expect("simulated");
+                    let list_c = ActiveList::new(&ctx, &hot);
+                    let select_c = SelectOp::new(&ctx, &hot, &list_c, Criterion::Predictor { logits: sim, threshold: 0.0 })?;
+                    let gate_c = SparseMatvecOp::new(&ctx, &hot, &list_c, &s.xn, &g, MatvecMode::Gate)?;
+                    candidates = Some(CandidateOps { select: select_c, gate: gate_c, _list: list_c });
+                    let select = SelectOp::new(&ctx, &hot, &list, Criterion::Predictor { logits: sim, threshold: 1.0 })?;
+                    let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::ActUp { g: &g, act: hp.activation })?;
+                    (None, select, matvec)
                 }
                 _ => {
                     let (source, threshold) = match &sim_logits[il] {
@@ -301,6 +390,7 @@ impl HybridSession {
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
             layers.push(SparseLayerOps {
                 predictor,
+                candidates,
                 gate,
                 select,
                 matvec,
@@ -328,6 +418,9 @@ impl HybridSession {
             cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
             y: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
+            charged,
+            sim_predictors: plan.sim_predictors.clone(),
+            note: plan.note.clone(),
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
@@ -353,6 +446,17 @@ impl HybridSession {
     /// GPU bytes this session's context has allocated (weights, caches, buffers).
     pub fn allocated_bytes(&self) -> u64 {
         self.gpu.ctx.allocated_bytes()
+    }
+
+    /// What was simulated, in words (None for a real run).
+    pub fn simulation_note(&self) -> Option<&str> {
+        self.state.note.as_deref()
+    }
+
+    /// Rows of a simulated predictor that the CPU has computed (fc1 rows and cold fc2 rows),
+    /// and the names of one layer's GPU dispatches: evidence that the charged work runs.
+    pub fn charged_work(&self, layer: usize) -> (u64, Vec<&'static str>) {
+        (self.state.cold.predictor_rows, self.layers[layer].gpu_sequence().into_iter().map(|(n, _)| n).collect())
     }
 
     /// The GPU session underneath (attention, KV cache, head).
@@ -386,7 +490,8 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, .. } = state;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, .. } = state;
+        let predictor_secs = cold.predictor_secs;
         let this = &*gpu;
         let layers = &*layers;
         let mut t = TokenTiming::default();
@@ -438,7 +543,15 @@ impl HybridSession {
                     let view = slice.get_mapped_range().map_err(lost)?;
                     let v: &[f32] = bytemuck::cast_slice(&view);
                     let (xn, x) = v.split_at(e);
-                    cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, split.drawn.as_deref(), *precision, y);
+                    match (&split.drawn, *charged) {
+                        (Some(d), true) => {
+                            let p = sim_predictors.as_ref().map(|p| &p.layers[split.layer]);
+                            cold.token_charged(ffn, &this.model, split.layer, x, xn, &sp.cold, &d.candidates, &d.fires, p, *precision, y);
+                        }
+                        (d, _) => {
+                            cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, d.as_ref().map(|d| d.candidates.as_slice()), *precision, y);
+                        }
+                    }
                 }
                 staging.unmap();
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
@@ -456,6 +569,7 @@ impl HybridSession {
         timing.wait_gpu += t.wait_gpu;
         timing.wait_recorder += t.wait_recorder;
         timing.cpu_ffn += t.cpu_ffn;
+        timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
         gpu.n_past += 1;
@@ -536,13 +650,13 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         let mut drawn = None;
         if let Some(sim) = sim.as_mut() {
             let t = std::time::Instant::now();
-            let mut active = Vec::new();
-            sim.draw(il, &mut active);
+            let mut active = Drawn::default();
+            sim.draw_predicted(il, &mut active);
             if let Some(buf) = &sp.sim_logits {
                 sim_values.clear();
                 sim_values.resize(ff, -1.0f32);
-                for &i in &active {
-                    sim_values[i as usize] = 1.0;
+                for (&i, &fires) in active.candidates.iter().zip(&active.fires) {
+                    sim_values[i as usize] = if fires { 1.0 } else { 0.0 };
                 }
                 // Before the segment that reads it is sent, so before its submission.
                 gpu.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
@@ -620,7 +734,7 @@ const LAYERS_PER_SUBMISSION: usize = 8;
 struct SplitPart {
     layer: usize,
     hot: wgpu::CommandBuffer,
-    drawn: Option<Vec<u32>>,
+    drawn: Option<Drawn>,
 }
 
 /// One token's parts of [`HybridTiming`].
