@@ -87,3 +87,27 @@ pub fn check_regular(path: &Path) -> io::Result<()> {
     let what = if m.is_dir() { "a directory" } else { "not a regular file (a FIFO, socket or device)" };
     Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{what}; give the path of a model file")))
 }
+
+/// Bytes free for an unprivileged user on the file system that holds `path` (or its folder, when
+/// `path` does not exist yet); None where unknown.
+pub fn free_space(path: &Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let dir = match path.parent() {
+            Some(p) if !path.exists() => if p.as_os_str().is_empty() { Path::new(".") } else { p },
+            _ => path,
+        };
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a valid NUL-terminated path and a zeroed statvfs for the call to fill.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
+}

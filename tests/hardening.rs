@@ -356,7 +356,7 @@ fn absurd_sizes_end_with_the_limit_named() {
     }
     // One token is one token.
     let out = run_within(ember().args(["run", "--backend", "cpu", "-p", "Hi", "-c", "1", "-m", m]), Duration::from_secs(2));
-    let line = assert_clear_error(&out, &["context of 1 token "]);
+    let line = assert_clear_error(&out, &["the context of 1 token "]);
     assert!(!line.contains("1 tokens"), "{line}");
 }
 
@@ -399,4 +399,71 @@ fn error_text_is_cut_to_a_readable_length() {
     let s = ember::cli::shorten(&long, 1000);
     assert!(s.len() <= 1000 && s.ends_with("more bytes)"), "{} bytes: {}", s.len(), &s[s.len() - 30..]);
     assert_eq!(ember::cli::shorten("short", 1000), "short");
+}
+
+// ---- predictors ----------------------------------------------------------------------------
+
+/// A samples file of `n_layer` layers of `n_embd` -> `n_ff` with 40 random tokens.
+fn samples_file(path: &Path, n_layer: usize, n_embd: usize, n_ff: usize) {
+    use ember::model::Activation;
+    use ember::sparse::profile::{SampleCollector, SampleType};
+    let mut rng = common::Rng(7);
+    let mut c = SampleCollector::new(n_layer, n_embd, n_ff, 40, SampleType::F32, 1);
+    for _ in 0..40 {
+        for l in 0..n_layer {
+            c.offer(l, Activation::Relu, &rng.vec(n_embd), &rng.vec(n_ff));
+        }
+    }
+    c.save(path, "tiny").unwrap();
+}
+
+#[test]
+fn train_predictor_checks_eval_samples_before_training() {
+    let dir = scratch("eval-shape");
+    let (a, b) = (dir.join("a.samples.gguf"), dir.join("b.samples.gguf"));
+    samples_file(&a, 2, 32, 64);
+    samples_file(&b, 2, 32, 96);
+    let out = run_within(ember().args(["train-predictor", "-m", "/nonexistent.gguf", "--samples"]).arg(&a).arg("--eval").arg(&b), Duration::from_secs(2));
+    assert_clear_error(&out, &["b.samples.gguf", "32 -> 96", "32 -> 64", "same model"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn predictors_of_another_model_are_refused_or_named() {
+    let Some(model) = common::default_model() else { return };
+    let dir = scratch("predictor-model");
+    let hp = ember::model::Model::load(&model).unwrap().hp;
+    let run = |p: &Path| run_within(ember().args(["run", "--backend", "cpu", "--ffn", "predict", "-p", "Hi", "-n", "2", "--temp", "0", "-t", "2", "-m"]).arg(&model).arg("--predictor").arg(p), Duration::from_secs(20));
+    // Another shape: refused.
+    let other = dir.join("other.predictors.gguf");
+    ember::sparse::predictor::Predictors::always_on(hp.n_layer - 1, hp.n_embd, hp.n_ff).save(&other).unwrap();
+    assert_clear_error(&run(&other), &["predictor layers"]);
+    // The same shape, trained for a model of another name: runs, and says so.
+    let sibling = dir.join("sibling.predictors.gguf");
+    let mut p = ember::sparse::predictor::Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff);
+    p.model_name = "another model".into();
+    p.save(&sibling).unwrap();
+    let out = run(&sibling);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("warning: the predictors were trained for \"another model\""), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn synth_refuses_models_that_cannot_be_loaded_or_fit() {
+    let Some(model) = common::default_model() else { return };
+    let dir = scratch("synth");
+    let out_path = dir.join("big.gguf");
+    let synth = |extra: &[&str]| run_within(ember().args(["synth", "--tokenizer-from"]).arg(&model).arg("-o").arg(&out_path).args(extra), Duration::from_secs(2));
+    assert_clear_error(&synth(&["--n-embd", "1048576"]), &["--n-embd 1048576", "1 to 65536"]);
+    assert_clear_error(&synth(&["--n-layer", "18446744073709551615"]), &["--n-layer", "1 to 1024"]);
+    // 65536 x 1048576 f16 values: 128 GiB in one tensor, more than half the memory of machines
+    // under 256 GiB (the others would start writing).
+    let avail_gib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())).map(|kib| kib >> 20);
+    if avail_gib.is_some_and(|g| g < 256) {
+        assert_clear_error(&synth(&["--n-embd", "65536", "--n-ff", "1048576", "--type", "f16", "--n-head", "64", "--n-head-kv", "64"]), &["largest tensor takes 128.0 GiB"]);
+    }
+    assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "synth left a file behind");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

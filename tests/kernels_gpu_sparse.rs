@@ -6,29 +6,16 @@
 
 mod common;
 
-use common::{gpu, Rng};
+use common::{gpu, matrix, Rng};
 use ember::gguf::GgmlType;
 use ember::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp, AXPY_ARGS_OFFSET, LIST_HEADER_WORDS};
 use ember::gpu::GpuContext;
 use ember::model::{Activation, Matrix};
-use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
 use wgpu::{Buffer, ComputePass};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 /// Fractions of the hot rows that are inactive.
 const SPARSITY: [f64; 5] = [0.0, 0.5, 0.9, 0.99, 1.0];
-
-fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
-    let v = rng.vec(rows * cols);
-    let name = format!("{ty:?} {rows}x{cols}");
-    match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(&name, rows, cols, &v, ty),
-        GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
-        GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
-        GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
-        _ => unreachable!(),
-    }
-}
 
 /// A random strictly ascending subset of 0..n_ff with `n` elements.
 fn subset(n_ff: usize, n: usize, rng: &mut Rng) -> Vec<u32> {

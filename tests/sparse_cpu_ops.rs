@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{random_matrix, Rng};
 use ember::cpu::sparse::{
     self, active_rows, axpy_chunk_len, axpy_rows, axpy_rows_into, matvec_rows, matvec_rows_pair, transpose_matrix,
     TransposeError,
@@ -15,20 +15,6 @@ use ember::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 const SPARSITIES: [u64; 5] = [0, 50, 90, 99, 100];
-
-/// A random matrix stored as `ty`, and its dequantised values.
-fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: GgmlType) -> (Matrix, Vec<f32>) {
-    let values = rng.vec(rows * cols);
-    let m = match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32("w", rows, cols, &values, ty),
-        GgmlType::Q4_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_0(&values))),
-        GgmlType::Q4_1 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_1(&values))),
-        GgmlType::Q8_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q8_0(&values))),
-        _ => unreachable!(),
-    };
-    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
-    (m, deq)
-}
 
 /// Ascending indices of `0..n`, each kept with probability `1 - sparsity%`.
 fn random_subset(rng: &mut Rng, n: usize, sparsity_pct: u64) -> Vec<u32> {

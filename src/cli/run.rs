@@ -87,7 +87,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         let n_ctx = a.ctx_size.unwrap_or_else(|| model.hp.n_ctx_train.min(4096));
         super::check_ctx("--ctx-size", n_ctx, &model.hp)?;
         if ids.len() >= n_ctx {
-            return Err(format!("the prompt has {}, which leaves no room to generate in a context of {} (raise --ctx-size, up to {})", super::tokens(ids.len()), super::tokens(n_ctx), model.hp.n_ctx_train).into());
+            let how = if ids.len() > n_ctx { "more than" } else { "leaving no room to generate in" };
+            return Err(format!("the prompt has {}, {how} the context of {} (raise --ctx-size, up to {})", super::tokens(ids.len()), super::tokens(n_ctx), model.hp.n_ctx_train).into());
         }
         let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         eprintln!("ember: {} prompt tokens, seed {seed}, temp {}, {} threads", ids.len(), a.temperature, rayon::current_num_threads());

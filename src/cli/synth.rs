@@ -317,10 +317,20 @@ fn calibrate(path: &std::path::Path, profile: &crate::sparse::profile::Activatio
     Ok((target, reached))
 }
 
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
 pub fn synth(a: SynthArgs) -> Result<()> {
     let divides = |n: u64, d: u64| d != 0 && n.is_multiple_of(d);
     if !(divides(a.n_embd, 32) && divides(a.n_ff, 32) && divides(a.n_embd, a.n_head) && divides(a.n_head, a.n_head_kv)) {
         return Err("shape: n_embd and n_ff must be multiples of 32, n_head must divide n_embd and be a multiple of n_head_kv".into());
+    }
+    // The loader's own limits: a model ember could not load is not worth hours of writing.
+    for (flag, v, max) in [("--n-layer", a.n_layer, 1024), ("--n-embd", a.n_embd, 1 << 16), ("--n-ff", a.n_ff, 1 << 20), ("--n-head", a.n_head, 1024), ("--n-head-kv", a.n_head_kv, 1024)] {
+        if v == 0 || v > max {
+            return Err(format!("{flag} {v}: use 1 to {max}").into());
+        }
     }
     let tok_path = a.tokenizer_from.clone().unwrap_or_else(|| PathBuf::from(super::DEFAULT_MODEL_FILE));
     crate::files::check_output(&a.output, [tok_path.as_path()])?;
@@ -368,6 +378,19 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         None => None,
     };
     let relu = a.act == "relu";
+    // Each tensor is generated in memory, then written: the largest must fit in memory, the
+    // whole file on disk (sizes within the limits above cannot overflow a u64).
+    let (tensor_max, total) = w.tensor_sizes();
+    if let Some(avail) = super::available_memory() {
+        if tensor_max > avail / 2 {
+            return Err(format!("the largest tensor takes {:.1} GiB, more than half the {:.1} GiB of memory available; choose a smaller --n-embd, --n-ff or --type", gib(tensor_max), gib(avail)).into());
+        }
+    }
+    if let Some(free) = crate::files::free_space(&a.output) {
+        if total > free {
+            return Err(format!("{}: the model takes {:.1} GiB, more than the {:.1} GiB free there", a.output.display(), gib(total), gib(free)).into());
+        }
+    }
     let n_tensors = 3 + 9 * a.n_layer;
     let bar = indicatif::ProgressBar::new(n_tensors);
     bar.set_style(indicatif::ProgressStyle::with_template("ember: writing {msg} {bar:30} {pos}/{len} tensors").unwrap());

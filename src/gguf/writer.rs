@@ -77,6 +77,11 @@ impl GgufWriter {
         self.add_tensor(name, dims, GgmlType::F32, bytemuck::cast_slice(values).to_vec())
     }
 
+    /// The largest tensor's bytes and all tensors' bytes (padding left out).
+    pub fn tensor_sizes(&self) -> (u64, u64) {
+        self.tensors.iter().fold((0, 0), |(max, sum), t| (max.max(t.len), sum.saturating_add(t.len)))
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write(&mut out).expect("writing to a Vec cannot fail");
