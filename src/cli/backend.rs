@@ -18,6 +18,12 @@ use std::sync::Arc;
 
 /// The backend the flags ask for, with the model loaded onto it.
 pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn Forward>> {
+    Ok(open_with_context(args, model, n_ctx)?.0)
+}
+
+/// [`open`], and the GPU context it runs on (None on the CPU), whose memory the caller can
+/// check after running batches.
+pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<(Box<dyn Forward>, Option<Arc<GpuContext>>)> {
     // Before any weight is uploaded: the choice fixes the matrices' GPU layout too.
     crate::gpu::matrix::set_integer_decode(args.gpu_precision == super::GpuPrecisionArg::Q8);
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
@@ -39,8 +45,21 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
         },
     };
     match choice {
-        None => open_cpu(args, model, n_ctx),
-        Some(choice) => open_gpu(args, model, n_ctx, &choice),
+        None => Ok((open_cpu(args, model, n_ctx)?, None)),
+        Some(choice) => open_gpu(args, model, n_ctx, &choice).map(|(s, ctx)| (s, Some(ctx))),
+    }
+}
+
+/// Checks the GPU memory of `ctx` against `--vram-budget` after `when` (setup, the largest
+/// batch) and prints it; an error when over.
+pub fn check_gpu_memory(args: &ModelArgs, ctx: &GpuContext, when: &str) -> Result<()> {
+    ctx.flush_uploads();
+    let mem = ctx.memory();
+    let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
+    eprintln!("ember: GPU memory after {when}: {mem}{}", budget.map_or(String::new(), |b| format!(", budget {:.1} MiB", mib(b))));
+    match budget {
+        Some(b) if mem.peak() > b => Err(format!("GPU memory after {when}: {:.1} MiB, over --vram-budget {:.1} MiB: a bug in ember's accounting; please report it, and use a smaller --vram-budget meanwhile", mib(mem.peak()), mib(b)).into()),
+        _ => Ok(()),
     }
 }
 
@@ -60,10 +79,10 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<Box<dyn Forward>> {
+fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<(Box<dyn Forward>, Arc<GpuContext>)> {
     let mode = FfnMode::from(args.ffn);
     let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
-    let ctx = Arc::new(GpuContext::new(choice)?);
+    let mut ctx = Arc::new(GpuContext::new(choice)?);
     let start = std::time::Instant::now();
     let gpu_name = format!("{} ({:?})", ctx.adapter.name, ctx.adapter.backend);
 
@@ -74,18 +93,20 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         }
         let n = match (args.n_gpu_layers, budget) {
             (Some(n), _) => n,
-            (None, Some(b)) => layers_fitting(&model, b, n_ctx),
+            (None, Some(b)) => layers_fitting(&model, b.saturating_sub(ctx.headroom_bytes()), n_ctx),
             _ => unreachable!(),
         };
         let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
         s.cpu_mut().precision = args.precision.into();
+        ctx.flush_uploads();
+        let mem = ctx.memory();
         if let Some(b) = budget {
-            if ctx.allocated_bytes() > b {
-                return Err(format!("dense offload of {n} layers allocated {:.1} MiB, over --vram-budget {:.1} MiB; pass a smaller --n-gpu-layers", mib(ctx.allocated_bytes()), mib(b)).into());
+            if mem.peak() > b {
+                return Err(format!("dense offload of {n} layers allocated {:.1} MiB, over --vram-budget {:.1} MiB; pass a smaller --n-gpu-layers", mib(mem.peak()), mib(b)).into());
             }
         }
-        eprintln!("ember: GPU {gpu_name}: dense layer offload, {n} of {} layers on the GPU ({:.1} MiB), the rest and the output on the CPU; {:.2} s", model.hp.n_layer, mib(ctx.allocated_bytes()), start.elapsed().as_secs_f64());
-        return Ok(Box::new(s));
+        eprintln!("ember: GPU {gpu_name}: dense layer offload, {n} of {} layers on the GPU ({:.1} MiB), the rest and the output on the CPU; {:.2} s", model.hp.n_layer, mib(mem.peak()), start.elapsed().as_secs_f64());
+        return Ok((Box::new(s), ctx));
     }
 
     if mode == FfnMode::Dense && args.simulate_activity.is_none() {
@@ -97,7 +118,7 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             mib(session.state_bytes()),
             start.elapsed().as_secs_f64()
         );
-        return Ok(Box::new(session));
+        return Ok((Box::new(session), ctx));
     }
     if mode == FfnMode::Threshold {
         return Err("--ffn threshold runs on the CPU only for now (add --backend cpu)".into());
@@ -135,6 +156,11 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             let c = cache.as_ref().expect("from the cache");
             eprintln!("ember: the placement cached in {} does not fit here ({e}); placing anew", c.path.display());
             from_cache = false;
+            // On a fresh device: the failed session's buffers are gone with the old one, and
+            // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
+            // 2.2 GiB budget, and the driver held both until the old buffers were freed).
+            drop(ctx);
+            ctx = Arc::new(GpuContext::new(choice)?);
             HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
         }
         Err(e) => return Err(e.into()),
@@ -152,11 +178,11 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         mode.name(),
         p.n_hot(),
         100.0 * p.covered,
-        mib(ctx.allocated_bytes()),
+        mib(ctx.memory().peak()),
         budget.map_or(String::new(), |b| format!(" of a {:.1} MiB budget", mib(b))),
         start.elapsed().as_secs_f64()
     );
-    Ok(Box::new(session))
+    Ok((Box::new(session), ctx))
 }
 
 /// What `--simulate-activity` and `--simulate-predictor` set up.

@@ -86,7 +86,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-        let mut session = super::backend::open(&a.model, model.clone(), n_ctx)?;
+        let (mut session, gpu) = super::backend::open_with_context(&a.model, model.clone(), n_ctx)?;
+        // The budget covers every batch: checked after setup and after each test.
+        let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
+        check("setup")?;
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();
@@ -103,6 +106,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            check(&format!("pp{}", a.n_prompt))?;
         }
         if a.n_gen > 0 {
             let mut run = || -> Result<f64> {
@@ -115,6 +119,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+            check(&format!("tg{}", a.n_gen))?;
             // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
             if let Some(h) = session.as_hybrid() {
                 let (t, syncs) = h.timing(false);

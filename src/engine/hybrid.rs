@@ -299,7 +299,15 @@ impl HybridSession {
                 hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e) + sim
             })
             .collect();
+        // What the allocator holds beyond ember's buffers so far, room for the staging of the
+        // uploads to come, and the same share of waste for the hot neurons' buffers as the
+        // allocator has shown so far (the final check measures it all).
         let budget = plan.budget.unwrap_or(u64::MAX);
+        let (excess, waste) = ctx.allocator_excess().unwrap_or((0, 0.0));
+        fixed.push(FixedPart { name: "allocator blocks beyond ember's buffers".into(), bytes: excess });
+        fixed.push(FixedPart { name: "upload staging".into(), bytes: ctx.upload_margin() });
+        let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
+        fixed.push(FixedPart { name: format!("allocator waste on hot neurons ({:.1}%)", 100.0 * waste), bytes: (left as f64 * waste / (1.0 + waste)) as u64 });
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
         let placement = match (plan.budget, plan.hot) {
             (Some(_), Some(hot)) => given(&input, budget, ff, hot)?,
@@ -406,7 +414,11 @@ impl HybridSession {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let used = ctx.allocated_bytes() - start;
+        // The last uploads' staging freed, then what ember counted and what the allocator
+        // holds (its blocks and the staging peak included), each at its peak.
+        ctx.flush_uploads();
+        let mem = ctx.memory();
+        let used = (mem.counted - start).max(mem.reserved_peak.unwrap_or(0));
         if let Some(b) = plan.budget {
             if used > b {
                 return Err(HybridError::OverBudget { used: Bytes(used), budget: Bytes(b) });
