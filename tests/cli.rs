@@ -66,7 +66,9 @@ fn bench_prints_a_llama_bench_table() {
     let out = ember().args(["bench", "-m"]).arg(&model).args(["-p", "16", "-n", "4", "-r", "1", "-t", "2"]).output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.starts_with("| model | size | params | backend | threads | test | t/s |"), "{text}");
+    // The table follows a line with the session's context size (since the simulation flags).
+    assert!(text.starts_with("context 17\n"), "{text}");
+    assert!(text.lines().any(|l| l == "| model | size | params | backend | threads | test | t/s |"), "{text}");
     assert!(text.contains("| pp16 |") && text.contains("| tg4 |") && text.contains(" ± "), "{text}");
 }
 

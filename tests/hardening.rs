@@ -15,9 +15,10 @@ fn ember() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ember"))
 }
 
-/// A fresh scratch folder for one test.
+/// A fresh scratch folder for one test, under target/ (a disk, where a write and its fsync
+/// take long enough for the kill tests to catch them; /tmp may be a RAM disk).
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ember-hardening-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("ember-hardening-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -177,7 +178,7 @@ fn profile_killed_changes_neither_input_nor_output() {
     let output = dir.join("out.profile.gguf");
     let before = sha256(&input);
     let mut caught = false;
-    for _ in 0..5 {
+    for _ in 0..10 {
         std::fs::write(&output, b"the previous profile").unwrap();
         let args: Vec<std::ffi::OsString> =
             vec!["profile".into(), "-m".into(), input.clone().into(), "-f".into(), refs.join("ppl-text.txt").into(), "-c".into(), "32".into(), "--chunks".into(), "4".into(), "-t".into(), "1".into(), "-o".into(), output.clone().into()];
@@ -188,7 +189,7 @@ fn profile_killed_changes_neither_input_nor_output() {
         // It finished: the output is a whole profile, written by rename.
         ember::sparse::profile::ActivationProfile::load(&output).expect("a complete profile");
     }
-    assert!(caught, "profile finished writing before it could be killed, five times");
+    assert!(caught, "profile finished writing before it could be killed, ten times");
     assert_eq!(std::fs::read(&output).unwrap(), b"the previous profile", "a killed profile replaced its output");
     assert_eq!(sha256(&input), before, "a killed profile changed its input");
     std::fs::remove_dir_all(&dir).unwrap();

@@ -115,7 +115,7 @@ fn hybrid_predict_with_random_predictors_matches_the_cpu() {
     let ffn = || SparseFfn::new(&model, FfnMode::Predict, Some(preds.clone()), Vec::new(), Precision::F32, false).unwrap();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     // A budget that leaves part of every layer's neurons to the CPU.
-    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
+    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
     let mut gpu = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     // The CPU session's own way (neuron bundles over fixed ranges), as `--backend cpu` runs it.
     let mut cpu = Session::new(model.clone(), 96).with_ffn(Arc::new(ffn().with_bundles(&model)));
