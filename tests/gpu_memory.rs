@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{FfnMode, Forward, GpuSession, HybridPlan, Logits, SparseFfn};
+use ember::engine::{FfnMode, Forward, HybridPlan, HybridSession, Logits, SparseFfn};
 use ember::gpu::STAGING_CAP;
 use ember::model::Model;
 use std::sync::Arc;
@@ -61,10 +61,10 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     // Lower neuron ids fire more often, by fiat (placement only ranks by it).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, hot: None };
+    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
     let ctx = Arc::new(ctx);
-    let mut s = GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
-    let n_hot = s.placement().unwrap().n_hot();
+    let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
+    let n_hot = s.placement().n_hot();
     assert!(n_hot > 0 && n_hot < hp.n_layer * hp.n_ff, "{n_hot} hot neurons: the budget should split the FFN");
     let check = |when: &str| {
         let m = ctx.memory();
