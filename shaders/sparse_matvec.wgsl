@@ -12,6 +12,9 @@
 //                 the relu criterion of sparse_select.wgsl reads).
 //   sparse_relu:  out[r] = relu(gate[r]) * (B[r] . x) for r in the active list.
 //   sparse_gated: out[r] = act(A[r] . x) * (B[r] . x) for r in the active list (act: ACT).
+//   sparse_gate:  out[r] = A[r] . x for r in the active list (a predictor's candidates: their
+//                 gate is read, and only those that fire go on to sparse_act_up).
+//   sparse_act_up: out[r] = act(gate[r]) * (B[r] . x) for r in the active list (act: ACT).
 // Rows not in the list are neither read nor written.
 //
 // Unit layouts (TYPE_A, TYPE_B; 16 bytes of quants each):
@@ -245,6 +248,12 @@ fn relu_store(job: Job, s: vec2<f32>) {
     }
 }
 
+fn act_up_store(job: Job, s: vec2<f32>) {
+    if (job.valid) {
+        out[job.row] = act(gate[job.row]) * s.y;
+    }
+}
+
 fn gated_store(job: Job, s: vec2<f32>) {
     if (job.valid) {
         out[job.row] = act(s.x) * s.y;
@@ -290,5 +299,23 @@ fn sparse_gated(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id
     let s = wg_sum(gated_partial(job, lid), lid);
     if (lid == 0u) {
         gated_store(job, s);
+    }
+}
+
+@compute @workgroup_size(MV_WG)
+fn sparse_gate(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let job = list_job(wid, nwg);
+    let s = wg_sum(dense_partial(job, lid), lid);
+    if (lid == 0u) {
+        dense_store(job, s);
+    }
+}
+
+@compute @workgroup_size(MV_WG)
+fn sparse_act_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let job = list_job(wid, nwg);
+    let s = wg_sum(relu_partial(job, lid), lid);
+    if (lid == 0u) {
+        act_up_store(job, s);
     }
 }

@@ -63,3 +63,35 @@ fn sparse_gated_sg(
         gated_store(job, s);
     }
 }
+
+@compute @workgroup_size(MV_WG)
+fn sparse_gate_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {
+    let job = list_job(wid, nwg);
+    let s = sg_sum(dense_partial(job, lid), lane, sg, n_sg);
+    if (lid == 0u) {
+        dense_store(job, s);
+    }
+}
+
+@compute @workgroup_size(MV_WG)
+fn sparse_act_up_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {
+    let job = list_job(wid, nwg);
+    let s = sg_sum(relu_partial(job, lid), lane, sg, n_sg);
+    if (lid == 0u) {
+        act_up_store(job, s);
+    }
+}

@@ -12,7 +12,7 @@ fn main() {
     quiet_headless_vulkan();
     let cli = ember::cli::Cli::parse();
     if let Err(e) = ember::cli::main_with(cli) {
-        eprintln!("error: {e}");
+        eprintln!("error: {}", ember::cli::shorten(&e.to_string(), 1000));
         std::process::exit(1);
     }
 }

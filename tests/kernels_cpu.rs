@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{random_matrix, Rng};
 use ember::cpu::attention::AttnShape;
 use ember::cpu::ops::{self, Rope};
 use ember::cpu::attention::attention_team;
@@ -11,22 +11,8 @@ use ember::cpu::matmul::matmuls;
 use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
 use ember::gguf::GgmlType;
-use ember::model::{Activation, Matrix, RopeStyle};
+use ember::model::{Activation, RopeStyle};
 use ember::quant::{self, f16};
-
-/// A random matrix stored as `ty`, and its dequantised values.
-fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: GgmlType) -> (Matrix, Vec<f32>) {
-    let values = rng.vec(rows * cols);
-    let m = match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32("w", rows, cols, &values, ty),
-        GgmlType::Q4_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_0(&values))),
-        GgmlType::Q4_1 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_1(&values))),
-        GgmlType::Q8_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q8_0(&values))),
-        _ => unreachable!(),
-    };
-    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
-    (m, deq)
-}
 
 #[test]
 fn matmul_matches_an_f64_reference_for_every_type_and_precision() {

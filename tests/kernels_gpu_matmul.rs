@@ -4,27 +4,14 @@
 
 mod common;
 
-use common::{gpu, Rng};
+use common::{gpu, matrix, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
 use ember::gpu::matrix::{default_mv_configs, DecodeKernel, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::Matrix;
-use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
-
-fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
-    let v = rng.vec(rows * cols);
-    let name = format!("{ty:?} {rows}x{cols}");
-    match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(&name, rows, cols, &v, ty),
-        GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
-        GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
-        GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
-        _ => unreachable!(),
-    }
-}
 
 /// The CPU product with f32 activations, and sum |w x| per output for the tolerance.
 fn reference(m: &Matrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {

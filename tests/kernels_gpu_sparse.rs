@@ -6,29 +6,16 @@
 
 mod common;
 
-use common::{gpu, Rng};
+use common::{gpu, matrix, Rng};
 use ember::gguf::GgmlType;
 use ember::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp, AXPY_ARGS_OFFSET, LIST_HEADER_WORDS};
 use ember::gpu::GpuContext;
 use ember::model::{Activation, Matrix};
-use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
 use wgpu::{Buffer, ComputePass};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 /// Fractions of the hot rows that are inactive.
 const SPARSITY: [f64; 5] = [0.0, 0.5, 0.9, 0.99, 1.0];
-
-fn matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> Matrix {
-    let v = rng.vec(rows * cols);
-    let name = format!("{ty:?} {rows}x{cols}");
-    match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(&name, rows, cols, &v, ty),
-        GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
-        GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
-        GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
-        _ => unreachable!(),
-    }
-}
 
 /// A random strictly ascending subset of 0..n_ff with `n` elements.
 fn subset(n_ff: usize, n: usize, rng: &mut Rng) -> Vec<u32> {
@@ -281,6 +268,76 @@ fn predictor_path_mixed_types_fallback_shapes() {
     let config = |_: &GpuContext| SparseConfig { subgroups: false, matvec_wg: 32, axpy_cols: 4, axpy_wg: 64, min_chunk_rows: 1, max_chunks: 7 };
     predictor_for_types([GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0], config, 36);
     predictor_for_types([GgmlType::F16, GgmlType::Q8_0, GgmlType::F32], SparseConfig::for_context, 37);
+}
+
+/// A charged predictor's two lists: the candidates' gate (`MatvecMode::Gate` over the list of
+/// logits >= 0), then up only for the candidates that fire (`MatvecMode::ActUp` over the list
+/// of logits >= 1, a subset). Rows outside a list stay untouched; h equals what
+/// `MatvecMode::Gated` gives over the firing list, bit for bit (one list or two, the same
+/// sums); values against the f64 reference.
+#[test]
+fn gate_then_up_over_two_lists() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(45);
+    let configs = [SparseConfig::for_context(&ctx), SparseConfig { subgroups: false, matvec_wg: 32, ..SparseConfig::for_context(&ctx) }];
+    for (ci, config) in configs.iter().enumerate() {
+        for (ti, &ty) in TYPES.iter().enumerate() {
+            let (n_ff, n_embd) = if (ti + ci) % 2 == 0 { (1007, 576) } else { (333, 96) };
+            let act = if ti % 2 == 0 { Activation::Silu } else { Activation::Relu };
+            let gate = matrix(ty, n_ff, n_embd, &mut rng);
+            let up = matrix(ty, n_ff, n_embd, &mut rng);
+            let down_t = matrix(ty, n_ff, n_embd, &mut rng);
+            let dense = Dense::new(&gate, &up, &down_t);
+            let n_hot = 1 + (rng.next_u64() % n_ff as u64) as usize;
+            let ids = subset(n_ff, n_hot, &mut rng);
+            let hot = HotFfn::upload_with(&ctx, &gate, &up, &down_t, &ids, *config).unwrap();
+            let x = rng.vec(n_embd);
+            // -1: not a candidate, 0: a candidate that does not fire, 1: one that fires.
+            let marks: Vec<f32> = (0..n_ff).map(|_| [-1.0f32, 0.0, 1.0][(rng.next_u64() % 3) as usize]).collect();
+            let (xb, marks_b) = (ctx.zeros("x", 4 * n_embd as u64), ctx.zeros("marks", 4 * n_ff as u64));
+            let (g, h, h_one) = (ctx.zeros("g", 4 * n_hot as u64), ctx.zeros("h", 4 * n_hot as u64), ctx.zeros("h one list", 4 * n_hot as u64));
+            fill(&ctx, &xb, &x);
+            fill(&ctx, &marks_b, &marks);
+            for b in [&g, &h, &h_one] {
+                fill(&ctx, b, &vec![f32::NAN; n_hot]);
+            }
+            let (cands, fires) = (ActiveList::new(&ctx, &hot), ActiveList::new(&ctx, &hot));
+            let sel_c = SelectOp::new(&ctx, &hot, &cands, Criterion::Predictor { logits: &marks_b, threshold: 0.0 }).unwrap();
+            let sel_f = SelectOp::new(&ctx, &hot, &fires, Criterion::Predictor { logits: &marks_b, threshold: 1.0 }).unwrap();
+            let gate_op = SparseMatvecOp::new(&ctx, &hot, &cands, &xb, &g, MatvecMode::Gate).unwrap();
+            let up_op = SparseMatvecOp::new(&ctx, &hot, &fires, &xb, &h, MatvecMode::ActUp { g: &g, act }).unwrap();
+            let one = SparseMatvecOp::new(&ctx, &hot, &fires, &xb, &h_one, MatvecMode::Gated { act }).unwrap();
+            run(&ctx, |p| {
+                sel_c.encode(p);
+                gate_op.encode(p);
+                sel_f.encode(p);
+                up_op.encode(p);
+                one.encode(p);
+            });
+            let what = format!("{ty:?} {act:?} n_ff {n_ff} n_embd {n_embd} hot {n_hot} config {ci}");
+            let (gv, hv, h1): (Vec<f32>, Vec<f32>, Vec<f32>) = (ctx.read(&g, n_hot).unwrap(), ctx.read(&h, n_hot).unwrap(), ctx.read(&h_one, n_hot).unwrap());
+            let (mut n_c, mut n_f) = (0, 0);
+            for r in 0..n_hot {
+                let m = marks[ids[r] as usize];
+                let ((gd, gm), (ud, um)) = (dot64(&dense.gate[ids[r] as usize], &x), dot64(&dense.up[ids[r] as usize], &x));
+                if m < 0.0 {
+                    assert!(gv[r].is_nan() && hv[r].is_nan(), "{what}: row {r}, not a candidate, written");
+                    continue;
+                }
+                n_c += 1;
+                check(&format!("{what}: g[{r}]"), gv[r], gd, gm, 1e-5);
+                if m < 1.0 {
+                    assert!(hv[r].is_nan(), "{what}: row {r}, a candidate that does not fire, has h");
+                    continue;
+                }
+                n_f += 1;
+                let scale = 1.1 * gm * ud.abs() + act64(act, gd).abs() * um;
+                check(&format!("{what}: h[{r}]"), hv[r], act64(act, gd) * ud, scale, 1e-5);
+                assert_eq!(hv[r].to_bits(), h1[r].to_bits(), "{what}: row {r}: two lists {} vs one {}", hv[r], h1[r]);
+            }
+            assert!(n_c > n_f && n_f > 0, "{what}: {n_c} candidates, {n_f} firing: the test needs both kinds");
+        }
+    }
 }
 
 /// ReLU path: the dense gate over the hot rows, select by its sign, up per active row, AXPY.

@@ -31,7 +31,9 @@ fn gpu_greedy_tokens_and_logits_match_the_cpu() {
         let (mut c, mut g) = (cpu.forward(&prompt, Logits::Last).unwrap(), gpu.forward(&prompt, Logits::Last).unwrap());
         for step in 0..STEPS {
             let err = common::rel_err(&g, &c);
-            assert!(err < 1e-2, "{:?} step {step}: relative logit error {err}", case["prompt"]);
+            // Measured on lavapipe: 1.1e-3 at the first steps, at most 2.8e-3 after 12 (the
+            // differences build up through the KV cache); `--gpu-precision`'s help says 0.3%.
+            assert!(err < 5e-3, "{:?} step {step}: relative logit error {err}", case["prompt"]);
             let (tc, tg) = (ember::cpu::ops::argmax(&c), ember::cpu::ops::argmax(&g));
             if tc.0 != tg.0 {
                 // Only a near tie may go either way.
@@ -53,7 +55,8 @@ fn gpu_argmax_batched_prefill_and_all_logits_agree() {
     let tokens: Vec<u32> = (0..37).map(|i| (i * 997 + 13) % 49152).collect();
     let all_g = gpu.forward(&tokens, Logits::All).unwrap();
     let all_c = cpu.forward(&tokens, Logits::All).unwrap();
-    assert!(common::rel_err(&all_g, &all_c) < 1e-2);
+    let err = common::rel_err(&all_g, &all_c);
+    assert!(err < 1e-3, "relative logit error {err} over every position");
     // The GPU's own argmax equals the argmax of its logits.
     gpu.reset();
     let id = gpu.forward_argmax(&tokens).unwrap();

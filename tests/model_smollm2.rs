@@ -61,8 +61,11 @@ fn first_step_logits_match_llama_cpp() {
         for pair in case["first_step_top5"].as_array().unwrap() {
             let (id, want) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
             let got = logits[id];
-            // llama.cpp printed 4 decimals; ember's numerics follow its CPU backend.
-            assert!((got - want).abs() < 2e-4, "{:?}: logit of {id} is {got}, llama.cpp {want}", case["prompt"]);
+            // llama.cpp printed 4 decimals (up to 5e-5 of rounding), and both values are f32
+            // (a few units in the last place of a logit near 15, about 2e-6 each): ember's
+            // numerics follow llama.cpp's CPU backend to that (largest gap measured: 5.15e-5).
+            let tol = 5e-5 + 4.0 * f32::EPSILON * want.abs();
+            assert!((got - want).abs() <= tol, "{:?}: logit of {id} is {got}, llama.cpp {want}", case["prompt"]);
         }
     }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::Rng;
+use common::{random_matrix, Rng};
 use ember::cpu::sparse::{
     self, active_rows, axpy_chunk_len, axpy_rows, axpy_rows_into, matvec_rows, matvec_rows_pair, transpose_matrix,
     TransposeError,
@@ -15,20 +15,6 @@ use ember::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
 const SPARSITIES: [u64; 5] = [0, 50, 90, 99, 100];
-
-/// A random matrix stored as `ty`, and its dequantised values.
-fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: GgmlType) -> (Matrix, Vec<f32>) {
-    let values = rng.vec(rows * cols);
-    let m = match ty {
-        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32("w", rows, cols, &values, ty),
-        GgmlType::Q4_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_0(&values))),
-        GgmlType::Q4_1 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q4_1(&values))),
-        GgmlType::Q8_0 => Matrix::from_raw("w", rows, cols, ty, bytemuck::cast_slice(&quant::quantize_q8_0(&values))),
-        _ => unreachable!(),
-    };
-    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
-    (m, deq)
-}
 
 /// Ascending indices of `0..n`, each kept with probability `1 - sparsity%`.
 fn random_subset(rng: &mut Rng, n: usize, sparsity_pct: u64) -> Vec<u32> {
@@ -671,4 +657,63 @@ fn ffn_over_ranges_refuses_a_candidate_outside_its_range() {
     let x = rng.vec(64);
     // Every range lists neuron 0.
     sparse::ffn_over_ranges(&gate, &bundle, &Activations::new(&x, 1), ember::model::Activation::Relu, |_, out: &mut Vec<u32>| out.push(0), |_| true, &mut [0.0; 64]);
+}
+
+/// `row_dots_serial` gives `matvec_rows`' (so the dense matmul's) values by list position.
+#[test]
+fn row_dots_serial_equals_dense_matmul_by_position() {
+    let mut rng = Rng(61);
+    for ty in TYPES {
+        for (rows, cols) in shapes(ty) {
+            let (w, _) = random_matrix(&mut rng, rows, cols, ty);
+            let x = rng.vec(cols);
+            for precision in [Precision::Llama, Precision::F32] {
+                let acts = Activations::new(&x, 1).with_precision(precision);
+                let mut dense = vec![0.0; rows];
+                matmul(&w, &acts, &mut dense);
+                for sparsity in SPARSITIES {
+                    let mut listed = random_subset(&mut rng, rows, sparsity);
+                    listed.reverse();
+                    let mut vals = vec![UNTOUCHED; listed.len()];
+                    sparse::row_dots_serial(&w, &acts, &listed, &mut vals);
+                    for (k, &r) in listed.iter().enumerate() {
+                        assert_eq!(vals[k].to_bits(), dense[r as usize].to_bits(), "{ty} {precision:?} {rows}x{cols} {sparsity}% position {k} row {r}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// With firing flags, `gated_ffn_chunks` over candidates gives exactly what it gives over the
+/// flagged candidates alone (a candidate that does not fire costs its gate row, adds nothing).
+#[test]
+fn gated_ffn_chunks_with_firing_flags_equals_the_firing_subset() {
+    let mut rng = Rng(62);
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::F16] {
+        let (n_ff, n_embd) = (333, 96);
+        let (gate, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (up, _) = random_matrix(&mut rng, n_ff, n_embd, ty);
+        let (down_t, _) = random_matrix(&mut rng, n_ff, n_embd, GgmlType::Q8_0);
+        let x = rng.vec(n_embd);
+        let acts = Activations::new(&x, 1).with_precision(Precision::F32);
+        for act in [ember::model::Activation::Silu, ember::model::Activation::Relu] {
+            for sparsity in SPARSITIES {
+                let candidates = random_subset(&mut rng, n_ff, sparsity);
+                let fires: Vec<bool> = candidates.iter().map(|_| rng.next_u64().is_multiple_of(3)).collect();
+                let firing: Vec<u32> = candidates.iter().zip(&fires).filter(|(_, &f)| f).map(|(&c, _)| c).collect();
+                let run = |list: &[u32], flags: Option<&[bool]>| {
+                    let mut acc = vec![0.0f32; n_embd];
+                    sparse::gated_ffn_chunks(&gate, &up, &down_t, &acts, act, None, list, flags, |sum| sum(0, list.len(), &mut acc));
+                    acc
+                };
+                let (a, b) = (run(&candidates, Some(&fires)), run(&firing, None));
+                assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()), "{ty} {act:?} {sparsity}%: flags over candidates differ from the firing subset");
+                // (A ReLU neuron whose random gate is negative adds nothing.)
+                if !firing.is_empty() && act == ember::model::Activation::Silu {
+                    assert!(b.iter().any(|&v| v != 0.0), "{ty} {act:?} {sparsity}%: nothing computed");
+                }
+            }
+        }
+    }
 }

@@ -1,14 +1,15 @@
 //! Turning `--backend`/`--device` into a [`Forward`] implementation.
 
 use super::{Backend, ModelArgs, Result};
-use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, OffloadSession, Session, SparseFfn};
+use crate::engine::{FfnMode, Forward, GpuSession, GpuWeights, HybridPlan, HybridSession, OffloadSession, Session, SparseFfn};
 use crate::engine::HybridError;
 use crate::gguf::{GgufFile, Value};
 use crate::sparse::placement::{counts_fingerprint, parse_budget, Placement};
 use crate::sparse::powerinfer::{read_split, split_file};
 use crate::sparse::profile::ActivationProfile;
-use crate::sparse::simulate::SimulatedActivity;
-use crate::sparse::predictor::Predictors;
+use crate::sparse::simulate::{stretched_counts, PredictorSim, SimulatedActivity};
+use crate::sparse::predictor::{Predictor, Predictors};
+use crate::gguf::GgmlType;
 use crate::sparse::threshold::ThresholdCalibrator;
 use std::path::{Path, PathBuf};
 use crate::gpu::{DeviceChoice, GpuContext};
@@ -17,6 +18,12 @@ use std::sync::Arc;
 
 /// The backend the flags ask for, with the model loaded onto it.
 pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn Forward>> {
+    Ok(open_with_context(args, model, n_ctx)?.0)
+}
+
+/// [`open`], and the GPU context it runs on (None on the CPU), whose memory the caller can
+/// check after running batches.
+pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<(Box<dyn Forward>, Option<Arc<GpuContext>>)> {
     // Before any weight is uploaded: the choice fixes the matrices' GPU layout too.
     crate::gpu::matrix::set_integer_decode(args.gpu_precision == super::GpuPrecisionArg::Q8);
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
@@ -38,8 +45,21 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
         },
     };
     match choice {
-        None => open_cpu(args, model, n_ctx),
-        Some(choice) => open_gpu(args, model, n_ctx, &choice),
+        None => Ok((open_cpu(args, model, n_ctx)?, None)),
+        Some(choice) => open_gpu(args, model, n_ctx, &choice).map(|(s, ctx)| (s, Some(ctx))),
+    }
+}
+
+/// Checks the GPU memory of `ctx` against `--vram-budget` after `when` (setup, the largest
+/// batch) and prints it; an error when over.
+pub fn check_gpu_memory(args: &ModelArgs, ctx: &GpuContext, when: &str) -> Result<()> {
+    ctx.flush_uploads();
+    let mem = ctx.memory();
+    let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
+    eprintln!("ember: GPU memory after {when}: {mem}{}", budget.map_or(String::new(), |b| format!(", budget {:.1} MiB", mib(b))));
+    match budget {
+        Some(b) if mem.peak() > b => Err(format!("GPU memory after {when}: {:.1} MiB, over --vram-budget {:.1} MiB: a bug in ember's accounting; please report it, and use a smaller --vram-budget meanwhile", mib(mem.peak()), mib(b)).into()),
+        _ => Ok(()),
     }
 }
 
@@ -59,10 +79,10 @@ fn mib(b: u64) -> f64 {
     b as f64 / (1u64 << 20) as f64
 }
 
-fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<Box<dyn Forward>> {
+fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<(Box<dyn Forward>, Arc<GpuContext>)> {
     let mode = FfnMode::from(args.ffn);
     let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
-    let ctx = Arc::new(GpuContext::new(choice)?);
+    let mut ctx = Arc::new(GpuContext::new(choice)?);
     let start = std::time::Instant::now();
     let gpu_name = format!("{} ({:?})", ctx.adapter.name, ctx.adapter.backend);
 
@@ -73,18 +93,20 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         }
         let n = match (args.n_gpu_layers, budget) {
             (Some(n), _) => n,
-            (None, Some(b)) => layers_fitting(&model, b, n_ctx),
+            (None, Some(b)) => layers_fitting(&model, b.saturating_sub(ctx.headroom_bytes()), n_ctx),
             _ => unreachable!(),
         };
         let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
         s.cpu_mut().precision = args.precision.into();
+        ctx.flush_uploads();
+        let mem = ctx.memory();
         if let Some(b) = budget {
-            if ctx.allocated_bytes() > b {
-                return Err(format!("dense offload of {n} layers allocated {:.1} MiB, over --vram-budget {:.1} MiB; pass a smaller --n-gpu-layers", mib(ctx.allocated_bytes()), mib(b)).into());
+            if mem.peak() > b {
+                return Err(format!("dense offload of {n} layers allocated {:.1} MiB, over --vram-budget {:.1} MiB; pass a smaller --n-gpu-layers", mib(mem.peak()), mib(b)).into());
             }
         }
-        eprintln!("ember: GPU {gpu_name}: dense layer offload, {n} of {} layers on the GPU ({:.1} MiB), the rest and the output on the CPU; {:.2} s", model.hp.n_layer, mib(ctx.allocated_bytes()), start.elapsed().as_secs_f64());
-        return Ok(Box::new(s));
+        eprintln!("ember: GPU {gpu_name}: dense layer offload, {n} of {} layers on the GPU ({:.1} MiB), the rest and the output on the CPU; {:.2} s", model.hp.n_layer, mib(mem.peak()), start.elapsed().as_secs_f64());
+        return Ok((Box::new(s), ctx));
     }
 
     if mode == FfnMode::Dense && args.simulate_activity.is_none() {
@@ -96,35 +118,36 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             mib(session.state_bytes()),
             start.elapsed().as_secs_f64()
         );
-        return Ok(Box::new(session));
+        return Ok((Box::new(session), ctx));
     }
     if mode == FfnMode::Threshold {
         return Err("--ffn threshold runs on the CPU only for now (add --backend cpu)".into());
     }
 
     // Neuron-aware FFN on the GPU, hybrid when the budget leaves neurons to the CPU.
-    let (ffn, counts, simulate) = match &args.simulate_activity {
+    let (ffn, counts, simulate, sim_predictors, sim_note) = match &args.simulate_activity {
         Some(path) => {
-            let profile = ActivationProfile::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let sim = SimulatedActivity::from_profile(&profile, model.hp.n_layer, model.hp.n_ff, 0x5eed)?;
-            let density = sim.density();
-            eprintln!(
-                "ember: SIMULATED ACTIVITY: active neurons drawn per token from the firing rates of {} ({:.1}% of neurons per token on average); speed only, the text is meaningless",
-                path.display(),
-                100.0 * density.iter().sum::<f64>() / density.len() as f64
-            );
+            let s = simulation(args, &model, path)?;
             let ffn = Arc::new(SparseFfn::simulated(&model, args.precision.into(), true)?);
-            (ffn, sim.counts(), Some(sim))
+            (ffn, s.counts, Some(s.activity), s.predictors, Some(s.note))
         }
         None => {
             let ffn = sparse_ffn(args, &model, false)?.expect("a sparse mode");
-            (ffn, load_counts(args, &model, budget.is_some())?, None)
+            (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
     // A placement from --placement, else the one cached beside the model for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
-        (Some(b), None) => Some(PlacementCache::new(&args.resolve_model()?, b, &counts)),
+        (Some(b), None) => {
+            // A simulated predictor's rows and lists take VRAM per hot neuron: a placement
+            // made without them must not be reused with them, nor the other way round.
+            let salt = match (&simulate, &sim_predictors) {
+                (Some(s), p) => 1 + (!s.is_perfect()) as u64 + 2 * p.as_ref().map_or(0, |p| p.layers[0].rank() as u64 * 97 + p.layers[0].fc2.ty as u64),
+                (None, _) => 0,
+            };
+            Some(PlacementCache::new(&args.resolve_model()?, b, &counts, salt))
+        }
         _ => None,
     };
     let hot = match (&args.placement, &cache) {
@@ -133,36 +156,136 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
         (None, None) => None,
     };
     let cpu_precision = args.precision.into();
-    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), hot };
+    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone() };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let session = match GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
+    let session = match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
         Ok(s) => s,
         Err(HybridError::Placement(e)) if from_cache => {
             let c = cache.as_ref().expect("from the cache");
             eprintln!("ember: the placement cached in {} does not fit here ({e}); placing anew", c.path.display());
             from_cache = false;
-            GpuSession::hybrid(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
+            // On a fresh device: the failed session's buffers are gone with the old one, and
+            // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
+            // 2.2 GiB budget, and the driver held both until the old buffers were freed).
+            drop(ctx);
+            ctx = Arc::new(GpuContext::new(choice)?);
+            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(c) = &cache {
         match from_cache {
             true => eprintln!("ember: placement reused from {}", c.path.display()),
-            false => c.store(session.placement().expect("hybrid session"), model.hp.n_ff),
+            false => c.store(session.placement(), model.hp.n_ff),
         }
     }
-    let p = session.placement().expect("hybrid session");
+    let p = session.placement();
     let total = model.hp.n_layer * model.hp.n_ff;
     eprintln!(
         "ember: GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), {:.1} MiB allocated{}; {:.2} s",
         mode.name(),
         p.n_hot(),
         100.0 * p.covered,
-        mib(ctx.allocated_bytes()),
+        mib(ctx.memory().peak()),
         budget.map_or(String::new(), |b| format!(" of a {:.1} MiB budget", mib(b))),
         start.elapsed().as_secs_f64()
     );
-    Ok(Box::new(session))
+    Ok((Box::new(session), ctx))
+}
+
+/// What `--simulate-activity` and `--simulate-predictor` set up.
+struct Simulation {
+    activity: SimulatedActivity,
+    /// Firing counts that place the neurons.
+    counts: Vec<Vec<u32>>,
+    /// The predictor matrices run and charged (None: a free predictor).
+    predictors: Option<Arc<Predictors>>,
+    /// The lines that say what was simulated, for logs and the bench header.
+    note: String,
+}
+
+fn load_profile(path: &Path) -> Result<ActivationProfile> {
+    Ok(ActivationProfile::load(path).map_err(|e| format!("{}: {e}", path.display()))?)
+}
+
+fn simulation(args: &ModelArgs, model: &Arc<Model>, path: &Path) -> Result<Simulation> {
+    let hp = &model.hp;
+    let opts: PredictorSim = args.simulate_predictor.parse().map_err(|e| format!("--simulate-predictor {}: {e}", args.simulate_predictor))?;
+    let profile = load_profile(path)?;
+    let activity = SimulatedActivity::from_profile(&profile, hp.n_layer, hp.n_ff, opts.seed)?.with_predictor(&opts)?;
+    // Placement by another profile (other text windows) where given.
+    let (counts, placed_by) = match &args.act_profile {
+        Some(p) => {
+            let place = load_profile(p)?;
+            let same = if place.source == profile.source { "; THE SAME TEXT AND WINDOWS as the draws: optimistic" } else { "" };
+            (stretched_counts(&place, hp.n_layer, hp.n_ff)?, format!("{} ({}{same})", p.display(), place.source))
+        }
+        None => (activity.counts(), "the same profile as the draws (optimistic: give --act-profile a profile of other text windows)".to_string()),
+    };
+    // The predictor file, when there is one: its matrices if they fit, else its rank and type.
+    let beside = super::profile::beside(&args.resolve_model()?, ".predictors.gguf");
+    let file = args.predictor.clone().or_else(|| beside.exists().then_some(beside));
+    let trained = match &file {
+        Some(f) => Some(Predictors::load(f).map_err(|e| format!("{}: {e}", f.display()))?),
+        None => None,
+    };
+    let rank = opts.rank_or(trained.as_ref().and_then(|t| t.layers.first()).map(|l| l.rank()));
+    let (predictors, what) = match (rank, trained) {
+        (0, _) => (None, "none run (free)".to_string()),
+        (r, Some(t)) if t.check_model(hp).is_ok() && t.layers.iter().all(|l| l.rank() == r) => {
+            let what = format!("the trained ones of {} (rank {r}, {}, {:.1} MiB)", file.as_ref().expect("loaded from a file").display(), t.layers[0].fc1.ty, t.n_bytes() as f64 / (1u64 << 20) as f64);
+            (Some(Arc::new(t)), what)
+        }
+        (r, t) => {
+            let ty = t.as_ref().and_then(|t| t.layers.first()).map_or(GgmlType::Q8_0, |l| l.fc1.ty);
+            let p = random_predictors(hp.n_layer, hp.n_embd, hp.n_ff, r, ty, opts.seed)?;
+            let what = format!("random matrices of rank {r}, {} ({:.1} MiB), as a trained predictor's{}", p.layers[0].fc1.ty, p.n_bytes() as f64 / (1u64 << 20) as f64, match &file {
+                Some(f) => format!(" (rank and type of {})", f.display()),
+                None => " (rank and type that ember's training chose for SmolLM2-135M-ReLU)".to_string(),
+            });
+            (Some(Arc::new(p)), what)
+        }
+    };
+    let (recall, precision, named) = activity.expected_quality();
+    let asked = match (recall - opts.recall).abs() > 1e-3 || (precision - opts.precision).abs() > 1e-3 {
+        true => format!(" (asked {} / {}: the profile's rates cannot give more false positives)", opts.recall, opts.precision),
+        false => String::new(),
+    };
+    let label = if opts.is_perfect() && predictors.is_none() { "PERFECT PREDICTOR: an UPPER BOUND, no real predictor names exactly the firing neurons for free" } else { "simulated predictor" };
+    let note = format!(
+        "SIMULATED ACTIVITY, the text is meaningless: draws from {} ({}){}, mean firing rate {:.1}%, seed {}\n\
+         {label}: recall {recall:.3}, precision {precision:.3}{asked} ({:.1}% of neurons named per token; gate rows for every named neuron, up and down rows for the firing ones)\n\
+         predictor matrices: {what}\n\
+         hot neurons placed by: {placed_by}",
+        path.display(),
+        profile.source,
+        opts.rate.map_or(String::new(), |r| format!(" scaled to a mean rate of {:.1}%", 100.0 * r)),
+        100.0 * activity.mean_rate(),
+        opts.seed,
+        100.0 * named,
+    );
+    for line in note.lines() {
+        eprintln!("ember: {line}");
+    }
+    Ok(Simulation { activity, counts, predictors, note })
+}
+
+/// Predictors of random values (zero mean, the spread of a trained predictor's is irrelevant:
+/// their output is set aside) of the given rank and type, seeded.
+fn random_predictors(n_layer: usize, n_embd: usize, n_ff: usize, rank: usize, ty: GgmlType, seed: u64) -> Result<Predictors> {
+    let ty = match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::Q8_0 => ty,
+        _ => GgmlType::Q8_0,
+    };
+    let mut rng = crate::sparse::profile::SplitMix(seed ^ 0x9e37);
+    let mut vals = |n: usize| (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) as f32 * 0.05).collect::<Vec<f32>>();
+    let layers = (0..n_layer)
+        .map(|_| {
+            let (fc1, fc2) = (vals(rank * n_embd), vals(n_ff * rank));
+            Predictor::from_f32(&fc1, &fc2, rank, n_embd, n_ff, 0.0, ty)
+        })
+        .collect::<std::result::Result<Vec<_>, String>>()?;
+    Ok(Predictors { layers, model_name: "simulated".into() })
 }
 
 /// How many whole layers (weights and KV cache) fit in `budget` after the embedding and
@@ -235,6 +358,13 @@ fn load_predictors(args: &ModelArgs, model: &Arc<Model>) -> Result<Predictors> {
         Some(p) => Predictors::load(&p).map_err(|e| format!("{}: {e}", p.display()))?,
         None => Predictors::from_gguf(model.file.clone()).map_err(|e| format!("{}: {e}; train predictors with `ember profile` and `ember train-predictor`, then pass --predictor FILE", model_path.display()))?,
     };
+    // Shapes are checked where the predictors meet the model (`SparseFfn::new`).
+    // Same shapes but another model's name: most likely predictors of a sibling model (another
+    // fine-tune of one base), which predict the wrong neurons without failing.
+    let name = model.file.get("general.name").and_then(|v| v.as_str()).unwrap_or("");
+    if !p.model_name.is_empty() && !name.is_empty() && p.model_name != name {
+        eprintln!("ember: warning: the predictors were trained for {:?}, and this model is {name:?}", p.model_name);
+    }
     eprintln!("ember: predictors: {} layers, {:.1} MiB", p.layers.len(), p.n_bytes() as f64 / (1u64 << 20) as f64);
     Ok(p)
 }
@@ -285,9 +415,10 @@ const KEY_CACHE_BUDGET: &str = "ember.placement.budget";
 const KEY_CACHE_COUNTS: &str = "ember.placement.counts_fingerprint";
 
 impl PlacementCache {
-    fn new(model_path: &Path, budget: u64, counts: &[Vec<u32>]) -> PlacementCache {
+    /// `salt` tells apart setups whose neurons cost different bytes for the same counts.
+    fn new(model_path: &Path, budget: u64, counts: &[Vec<u32>], salt: u64) -> PlacementCache {
         let path = super::profile::beside(model_path, &format!(".placement-{}MiB.gguf", budget.div_ceil(1 << 20)));
-        PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) }
+        PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) }
     }
 
     /// The cached hot neurons, when the file exists and was made for this budget and profile.

@@ -18,6 +18,10 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 = skip)
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Context size the session is made for (KV cache and, in a hybrid, what the budget must
+    /// hold) [default: the larger of -p and -n, plus 1]
+    #[arg(short = 'c', long = "ctx-size", value_name = "N")]
+    pub ctx_size: Option<usize>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -34,6 +38,8 @@ pub struct BenchArgs {
     pub kernels: bool,
 }
 
+const MAX_REPETITIONS: usize = 1000;
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let mean = v.iter().sum::<f64>() / n;
@@ -45,17 +51,45 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions == 0 {
         return Err("--repetitions must be at least 1".into());
     }
+    // Bounded so that a mistyped count ends with a message, not hours of timing.
+    if a.repetitions > MAX_REPETITIONS {
+        return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
+    }
     if a.kernels || a.copy_bandwidth {
+        if a.model.backend == super::Backend::Cpu {
+            return Err("--kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
+        }
         return device_bench(&a);
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, _tokenizer) = super::load(&path)?;
-        let n_ctx = (a.n_prompt.max(a.n_gen) + 1).max(16);
+        // pp and tg each start from an empty context; both must fit the trained one.
+        for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
+            if n > model.hp.n_ctx_train {
+                return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
+            }
+        }
+        let needed = a.n_prompt.max(a.n_gen) + 1;
+        let n_ctx = match a.ctx_size {
+            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -p {} / -n {} use", a.n_prompt, a.n_gen).into()),
+            Some(c) => {
+                super::check_ctx("--ctx-size", c, &model.hp)?;
+                c
+            }
+            None => {
+                let n = needed.max(16);
+                super::check_ctx("-p/-n", n.min(model.hp.n_ctx_train), &model.hp)?;
+                n
+            }
+        };
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-        let mut session = super::backend::open(&a.model, model.clone(), n_ctx)?;
+        let (mut session, gpu) = super::backend::open_with_context(&a.model, model.clone(), n_ctx)?;
+        // The budget covers every batch: checked after setup and after each test.
+        let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
+        check("setup")?;
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();
@@ -72,6 +106,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            check(&format!("pp{}", a.n_prompt))?;
         }
         if a.n_gen > 0 {
             let mut run = || -> Result<f64> {
@@ -84,8 +119,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+            check(&format!("tg{}", a.n_gen))?;
             // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
-            if let Some((t, syncs)) = session.as_gpu().and_then(|g| g.hybrid_timing(false)) {
+            if let Some(h) = session.as_hybrid() {
+                let (t, syncs) = h.timing(false);
                 eprintln!("ember: hybrid decode, {}", t.summary(syncs));
             }
         }
@@ -96,6 +133,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 session.forward_argmax(&tokens[..1])?;
             }
         }
+        if let Some(note) = session.as_hybrid().and_then(|h| h.simulation_note().map(str::to_string)) {
+            for line in note.lines() {
+                println!("{line}");
+            }
+            println!();
+        }
+        println!("context {n_ctx}");
+        println!();
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
         for (test, (mean, sd)) in rows {
@@ -108,8 +153,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             );
         }
         if a.profile {
-            match session.as_gpu() {
-                Some(gpu) => super::gpu_bench::print_profile(gpu, tokens[0])?,
+            let pos = session.n_past();
+            let profile = match (session.as_hybrid().is_some(), session.as_gpu().is_some()) {
+                (true, _) => session.as_hybrid().map(|h| h.profile_decode(tokens[0]).map(|p| (p, h.gpu().weights.clone()))),
+                (false, true) => session.as_gpu().map(|g| g.profile_decode(tokens[0]).map(|p| (p, g.weights.clone()))),
+                _ => None,
+            };
+            match profile {
+                Some(p) => {
+                    let (p, weights) = p?;
+                    super::gpu_bench::print_profile(p, &weights, pos);
+                }
                 None => eprintln!("ember: --profile needs the GPU backend (--backend gpu)"),
             }
         }

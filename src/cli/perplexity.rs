@@ -33,6 +33,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, tokenizer) = super::load(&path)?;
+        super::check_ctx("--ctx-size", a.ctx_size, &model.hp)?;
         let tokens = tokenizer.encode(&text, true, false)?;
         eprintln!("ember: {} tokens, windows of {}, scoring the second half of each", tokens.len(), a.ctx_size);
         let mut session = super::backend::open(&a.model, model, a.ctx_size)?;

@@ -4,7 +4,7 @@
 use super::{ModelArgs, Result};
 use crate::engine::ffn::transposed_downs;
 use crate::engine::hybrid::hot_neuron_bytes;
-use crate::sparse::placement::{parse_budget, place, Bytes, FixedPart, PlacementInput};
+use crate::sparse::placement::{parse_budget, place, place_with_attention, AttentionCost, Bytes, FixedPart, PlacementInput};
 use crate::sparse::powerinfer;
 use crate::sparse::predictor::Predictors;
 use crate::sparse::profile::ActivationProfile;
@@ -21,6 +21,11 @@ pub struct PlanArgs {
     /// Also write the placement as a PowerInfer split file (blk.N.gpu_idx / gpu_bucket)
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Let layers' attention and KV cache stay on the host (CPU attention), chosen together
+    /// with the hot neurons: what long contexts need under small budgets. PLAN ONLY for now:
+    /// the GPU session keeps every layer's attention on the GPU
+    #[arg(long)]
+    pub host_attention: bool,
 }
 
 /// The plan with estimated sizes: the GPU session measures its real allocations and places
@@ -32,18 +37,35 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let hp = &model.hp;
     let budget = parse_budget(a.model.vram_budget.as_deref().ok_or("ember plan needs --vram-budget GIB")?)?;
     let profile_path = a.model.act_profile.clone().unwrap_or_else(|| super::profile::beside(&path, ".profile.gguf"));
-    let profile = ActivationProfile::load(&profile_path).map_err(|e| format!("{}: {e} (make one with `ember profile -m {} -f TEXT`)", profile_path.display(), path.display()))?;
-    if profile.n_layer() != hp.n_layer || profile.n_ff() != hp.n_ff {
-        return Err(format!("{}: profile of {} x {} neurons, model {} x {}", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());
+    if let Some(out) = &a.output {
+        crate::files::check_output(out, [path.as_path(), profile_path.as_path()].into_iter().chain(a.model.predictor.as_deref()).chain(a.model.placement.as_deref()))?;
     }
+    // Only the trained context bounds it: plan allocates no KV cache.
+    if a.ctx_size == 0 || a.ctx_size > hp.n_ctx_train {
+        return Err(format!("-c {}: use 1 to {}, the context the model was trained for", a.ctx_size, hp.n_ctx_train).into());
+    }
+    let profile = ActivationProfile::load(&profile_path).map_err(|e| format!("{}: {e} (make one with `ember profile -m {} -f TEXT`)", profile_path.display(), path.display()))?;
+    // A random-weight model of real shape (`ember synth`) is planned as `--simulate-activity`
+    // runs it: with the profile stretched to its shape.
+    // Tokens the counts are over: stretched counts are per million.
+    let (counts, counts_tokens) = if profile.n_layer() == hp.n_layer && profile.n_ff() == hp.n_ff {
+        (profile.counts.clone(), profile.n_tokens() as u64)
+    } else if a.model.simulate_activity.is_some() {
+        (crate::sparse::simulate::stretched_counts(&profile, hp.n_layer, hp.n_ff)?, 1_000_000)
+    } else {
+        return Err(format!("{}: profile of {} x {} neurons, model {} x {} (add --simulate-activity to stretch it, as benchmarks of random-weight models do)", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());
+    };
     let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
     if !model.tied_embeddings {
         attention += model.output.n_bytes() as u64;
     }
-    for l in &model.layers {
-        attention += [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.n_bytes() as u64).sum::<u64>() + 8 * hp.n_embd as u64;
+    // Per layer: its attention weights and norms, and its KV cache (f16 keys and values).
+    let layer_attn: Vec<u64> = model.layers.iter().map(|l| [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.n_bytes() as u64).sum::<u64>() + 8 * hp.n_embd as u64).collect();
+    let layer_kv = a.ctx_size as u64 * hp.kv_dim() as u64 * 2 * 2;
+    if !a.host_attention {
+        attention += layer_attn.iter().sum::<u64>();
     }
-    let kv = (hp.n_layer * a.ctx_size * hp.kv_dim() * 2 * 2) as u64;
+    let kv = if a.host_attention { 0 } else { hp.n_layer as u64 * layer_kv };
     let predictor_bytes = match &a.model.predictor {
         Some(p) => Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))?.n_bytes() as u64,
         None => 0,
@@ -57,8 +79,14 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     ];
     let down_t_ty = |l: &crate::model::Layer| l.ffn_down_t.as_ref().map_or(l.ffn_down.transpose_type(), |t| t.ty);
     let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| hot_neuron_bytes(l, down_t_ty(l), hp.n_embd)).collect();
-    let input = PlacementInput { fixed, neuron_bytes, counts: profile.counts.clone() };
-    let p = place(&input, budget, hp.n_ff)?;
+    let input = PlacementInput { fixed, neuron_bytes, counts };
+    let (p, attn_on_gpu) = if a.host_attention {
+        // On the host a layer's weights are read every token and its cache, on average, half.
+        let costs: Vec<AttentionCost> = layer_attn.iter().map(|&w| AttentionCost { gpu_bytes: w + layer_kv, read_share: (w as f64 + layer_kv as f64 / 2.0) / (w + layer_kv).max(1) as f64 }).collect();
+        place_with_attention(&input, &costs, counts_tokens, budget, hp.n_ff)?
+    } else {
+        (place(&input, budget, hp.n_ff)?, vec![true; hp.n_layer])
+    };
 
     println!("budget {} on the GPU, placed in this order (estimated sizes):", Bytes(budget));
     for f in &p.fixed {
@@ -66,10 +94,10 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     }
     println!("  {:<40} {:>12}  ({} of {} neurons)", "FFN hot neurons", Bytes(p.hot_bytes()).to_string(), p.n_hot(), hp.n_layer * hp.n_ff);
     println!("  {:<40} {:>12}", "free", Bytes(budget - p.used()).to_string());
-    println!("\n| layer | hot neurons | of layer | share of the layer's firings on the GPU |");
-    println!("| ---: | ---: | ---: | ---: |");
+    println!("\n| layer | hot neurons | of layer | share of the layer's firings on the GPU | attention |");
+    println!("| ---: | ---: | ---: | ---: | --- |");
     for (l, (h, c)) in p.hot.iter().zip(&p.covered_per_layer).enumerate() {
-        println!("| {l} | {} | {:.1}% | {:.1}% |", h.len(), 100.0 * h.len() as f64 / hp.n_ff as f64, 100.0 * c);
+        println!("| {l} | {} | {:.1}% | {:.1}% | {} |", h.len(), 100.0 * h.len() as f64 / hp.n_ff as f64, 100.0 * c, if attn_on_gpu[l] { "GPU" } else { "host" });
     }
     println!("\nexpected share of all FFN firings served by the GPU: {:.1}% (profile: {} tokens)", 100.0 * p.covered, profile.n_tokens());
     if let Some(out) = &a.output {
@@ -102,6 +130,7 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         return Err("ember convert writes PowerInfer files only for now: pass --powerinfer".into());
     }
     let path = a.model.resolve_model()?;
+    crate::files::check_output(&a.output, std::iter::once(path.as_path()).chain(a.model.predictor.as_deref()))?;
     let (model, _) = super::load(&path)?;
     let down_t = match a.down_t_type.as_deref() {
         None => transposed_downs(&model, a.model.precision.into(), true)?,

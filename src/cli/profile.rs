@@ -120,8 +120,13 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         (None, Some(_)) => Some(beside(&output, ".samples.gguf")),
         (None, None) => None,
     };
-    // Fail now, not after minutes of profiling, when an output cannot be written.
+    // Fail now, not after minutes of profiling, when an output cannot be written or would
+    // overwrite an input.
+    if samples_out.as_ref().is_some_and(|s| *s == output || crate::files::same_file(s, &output)) {
+        return Err(format!("-o and --samples-out both name {}; give them different paths", output.display()).into());
+    }
     for p in std::iter::once(&output).chain(samples_out.as_ref()) {
+        crate::files::check_output(p, std::iter::once(path.as_path()).chain(a.files.iter().map(PathBuf::as_path)))?;
         check_writable(p)?;
     }
     let texts: Vec<(PathBuf, String)> =
@@ -130,6 +135,7 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
     pool.install(|| -> Result<()> {
         let (model, tokenizer) = super::load(&path)?;
         let hp = model.hp.clone();
+        super::check_ctx("--ctx-size", a.ctx_size, &hp)?;
         if hp.activation != crate::model::Activation::Relu {
             eprintln!("ember: warning: the model's FFN activation is {}; almost every neuron is nonzero on every token, so the counts say little (sparsity comes from ReLU)", hp.activation.name());
         }
@@ -144,6 +150,13 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
             eprintln!("ember: keeping {n} sampled tokens per layer for {}", out.display());
         }
         profiler.profile.source = a.files.iter().map(|f| f.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned())).collect::<Vec<_>>().join(", ");
+        // The windows too: a simulation places by one profile and draws from another, and
+        // says from which text each came.
+        let end = |e: usize| if e == usize::MAX { String::new() } else { e.to_string() };
+        profiler.profile.source += &match &a.windows {
+            Some(w) => format!(", windows {}..{} of {} tokens", w.start, end(w.end), a.ctx_size),
+            None => format!(", all windows of {} tokens", a.ctx_size),
+        };
         let shared = profiler.shared();
 
         // All windows of all files, in order.

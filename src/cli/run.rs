@@ -58,6 +58,9 @@ pub fn run(a: RunArgs) -> Result<()> {
     if !(a.temperature >= 0.0 && a.top_p > 0.0 && a.top_p <= 1.0 && (0.0..=1.0).contains(&a.min_p) && a.repeat_penalty > 0.0) {
         return Err("sampling options out of range: --temp >= 0, 0 < --top-p <= 1, 0 <= --min-p <= 1, --repeat-penalty > 0".into());
     }
+    if a.stop.iter().any(String::is_empty) {
+        return Err("--stop \"\": an empty stop string would end generation before its first token; give a non-empty string".into());
+    }
     let prompt = match (&a.prompt, &a.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?,
@@ -82,8 +85,10 @@ pub fn run(a: RunArgs) -> Result<()> {
             return Err("the prompt is empty after tokenization".into());
         }
         let n_ctx = a.ctx_size.unwrap_or_else(|| model.hp.n_ctx_train.min(4096));
+        super::check_ctx("--ctx-size", n_ctx, &model.hp)?;
         if ids.len() >= n_ctx {
-            return Err(format!("the prompt has {} tokens, more than the context of {n_ctx} (raise --ctx-size)", ids.len()).into());
+            let how = if ids.len() > n_ctx { "more than" } else { "leaving no room to generate in" };
+            return Err(format!("the prompt has {}, {how} the context of {} (raise --ctx-size, up to {})", super::tokens(ids.len()), super::tokens(n_ctx), model.hp.n_ctx_train).into());
         }
         let seed = a.seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
         eprintln!("ember: {} prompt tokens, seed {seed}, temp {}, {} threads", ids.len(), a.temperature, rayon::current_num_threads());

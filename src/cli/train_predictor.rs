@@ -95,8 +95,6 @@ pub enum InitArg {
 }
 
 pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
-    let evals: Vec<(PathBuf, SampleSet)> = a.eval.iter().map(|p| SampleSet::open(p).map(|s| (p.clone(), s)).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
-    let samples: Vec<SampleSet> = a.samples.iter().map(|p| SampleSet::open(p).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
     let output = a.output.clone().unwrap_or_else(|| {
         let first = &a.samples[0];
         let name = first.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -104,6 +102,19 @@ pub fn train_predictor(a: TrainPredictorArgs) -> Result<()> {
         let stem = stem.strip_suffix(".samples").unwrap_or(stem);
         first.with_file_name(format!("{stem}.predictors.gguf"))
     });
+    // Every input, the model included, is checked before anything is read or trained.
+    crate::files::check_output(&output, a.samples.iter().chain(&a.eval).chain(&a.model).map(PathBuf::as_path))?;
+    let evals: Vec<(PathBuf, SampleSet)> = a.eval.iter().map(|p| SampleSet::open(p).map(|s| (p.clone(), s)).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
+    let samples: Vec<SampleSet> = a.samples.iter().map(|p| SampleSet::open(p).map_err(|e| format!("{}: {e}", p.display()))).collect::<std::result::Result<_, _>>()?;
+    let s0 = &samples[0];
+    for (p, s) in a.samples.iter().zip(&samples).chain(evals.iter().map(|(p, s)| (p, s))) {
+        if (s.n_layer, s.n_embd, s.n_ff) != (s0.n_layer, s0.n_embd, s0.n_ff) {
+            return Err(format!(
+                "{}: samples of {} layers, {} -> {}, but {} has {} layers, {} -> {}; every --samples and --eval file must come from the same model",
+                p.display(), s.n_layer, s.n_embd, s.n_ff, a.samples[0].display(), s0.n_layer, s0.n_embd, s0.n_ff
+            ).into());
+        }
+    }
     let opts = TrainOptions {
         recall: a.recall,
         ranks: a.rank.map(|r| vec![r]).unwrap_or_else(|| a.ranks.clone()),

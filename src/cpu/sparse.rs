@@ -292,6 +292,29 @@ pub fn matvec_rows(w: &Matrix, acts: &Activations, rows: &[u32], out: &mut [f32]
     }
 }
 
+/// [`matvec_rows`] on the calling thread, by list position: `vals[k]` = row `rows[k]` of `w`
+/// times the token, the same values as [`matvec_rows`]. For callers that split a list over
+/// their own threads (the hybrid's cold-neuron team).
+///
+/// # Panics
+/// As [`matvec_rows`], or if `vals` is not as long as `rows`.
+pub fn row_dots_serial(w: &Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
+    assert_eq!(vals.len(), rows.len(), "{}: {} outputs for {} rows", w.name, vals.len(), rows.len());
+    assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", w.name, acts.n_tokens);
+    assert_eq!(acts.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, acts.cols, w.cols);
+    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= w.rows) {
+        panic!("{}: row {bad} listed, the matrix has {}", w.name, w.rows);
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let dots = RowDots::new(w, &TokenForm::new(w.ty, acts));
+    let mut scratch = vec![0.0f32; dots.scratch_len()];
+    for (v, &r) in vals.iter_mut().zip(rows) {
+        *v = dots.dot(r as usize, &mut scratch);
+    }
+}
+
 /// [`matvec_rows`] for gate and up at once: one walk over the list computes both rows of each
 /// neuron, and the token is converted once when both matrices have the same type. Each output
 /// is bit-identical to what [`matvec_rows`] (and the dense matmul) gives. Measured 10-40%
@@ -730,7 +753,7 @@ pub fn gated_ffn_rows(gate: &Matrix, up: &Matrix, down_t: &Matrix, acts: &Activa
         return;
     }
     let task_bytes = down_t.row_bytes() + 2 * up.row_bytes();
-    gated_ffn_chunks(gate, up, down_t, acts, act, gate_given, active, |sum_chunk| {
+    gated_ffn_chunks(gate, up, down_t, acts, act, gate_given, active, None, |sum_chunk| {
         let chunk_len = axpy_chunk_len(active.len());
         if chunk_len >= active.len() {
             return sum_chunk(0, active.len(), out);
@@ -765,6 +788,11 @@ pub type ChunkSum<'a> = dyn Fn(usize, usize, &mut [f32]) + Sync + 'a;
 /// themselves, such as the hybrid executor's worker team. Summing chunks of
 /// [`axpy_chunk_len`] in order reproduces [`gated_ffn_rows`] bit for bit.
 ///
+/// With `fires` (one flag per entry of `active`), every listed neuron's gate row is read but
+/// only the flagged ones go on to their up and down rows: the cost of a predictor's
+/// candidates of which only some fire (a simulated predictor names which). Without it every
+/// listed neuron is computed.
+///
 /// # Panics
 /// As [`gated_ffn_rows`].
 #[allow(clippy::too_many_arguments)]
@@ -776,8 +804,12 @@ pub fn gated_ffn_chunks<R>(
     act: crate::model::Activation,
     gate_given: Option<&[f32]>,
     active: &[u32],
+    fires: Option<&[bool]>,
     with: impl FnOnce(&ChunkSum<'_>) -> R,
 ) -> R {
+    if let Some(f) = fires {
+        assert_eq!(f.len(), active.len(), "firing flags: {} for {} listed neurons", f.len(), active.len());
+    }
     let n_neurons = down_t.rows;
     assert_eq!(up.rows, n_neurons, "{}: {} rows for {} neurons", up.name, up.rows, n_neurons);
     assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", up.name, acts.n_tokens);
@@ -805,11 +837,13 @@ pub fn gated_ffn_chunks<R>(
         for k in start..start + len {
             if let Some(&next) = active.get(k + ahead) {
                 let n = next as usize;
-                prefetch(&up_bytes[n * urb..(n + 1) * urb]);
                 if gate_given.is_none() {
                     prefetch(&gate_bytes[n * grb..(n + 1) * grb]);
                 }
-                prefetch(&down_bytes[n * drb..(n + 1) * drb]);
+                if fires.is_none_or(|f| f[k + ahead]) {
+                    prefetch(&up_bytes[n * urb..(n + 1) * urb]);
+                    prefetch(&down_bytes[n * drb..(n + 1) * drb]);
+                }
             }
             let i = active[k] as usize;
             let g = match (gate_given, &gate_dots) {
@@ -817,6 +851,11 @@ pub fn gated_ffn_chunks<R>(
                 (None, Some(d)) => d.dot(i, &mut scratch),
                 (None, None) => unreachable!("gate dots exist without given values"),
             };
+            if fires.is_some_and(|f| !f[k]) {
+                // The gate row was read; a candidate that does not fire stops here.
+                std::hint::black_box(g);
+                continue;
+            }
             let h = super::ops::activate(act, g) * up_dots.dot(i, &mut scratch);
             if h == 0.0 {
                 continue;

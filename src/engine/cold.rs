@@ -9,7 +9,8 @@
 
 use super::ffn::{retain_sorted_intersection, FfnMode, SparseFfn};
 use crate::cpu::matmul::{Activations, Precision};
-use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows};
+use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
+use crate::sparse::predictor::Predictor;
 use crate::cpu::team::Team;
 use crate::model::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,13 +31,34 @@ pub struct ColdFfn {
     team: Team,
     gate: Vec<f32>,
     active: Vec<u32>,
+    fires: Vec<bool>,
     partials: Vec<f32>,
+    /// A charged predictor's hidden units and cold logits (by list position).
+    hidden: Vec<f32>,
+    logits: Vec<f32>,
+    /// Predictor rows computed (for tests: the charged work really runs), and the seconds.
+    pub predictor_rows: u64,
+    pub predictor_secs: f64,
+}
+
+/// `vals[k] = w row rows[k] · acts` with the list split into one contiguous part per member.
+fn team_row_dots(team: &mut Team, w: &crate::model::Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
+    let per = rows.len().div_ceil(team.size()).max(1);
+    let slots: Vec<Mutex<&mut [f32]>> = vals.chunks_mut(per).map(Mutex::new).collect();
+    team.run(&|member, _| {
+        if let Some(slot) = slots.get(member) {
+            let mut v = slot.lock().unwrap();
+            let start = member * per;
+            let len = v.len();
+            row_dots_serial(w, acts, &rows[start..start + len], &mut v);
+        }
+    });
 }
 
 impl ColdFfn {
     /// A team of `threads` members (the calling thread is one of them).
     pub fn new(threads: usize) -> ColdFfn {
-        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), partials: Vec::new() }
+        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0 }
     }
 
     pub fn threads(&self) -> usize {
@@ -52,7 +74,7 @@ impl ColdFfn {
         let layer = &model.layers[il];
         let act = model.hp.activation;
         let acts = Activations::new(xn, 1).with_precision(precision);
-        let ColdFfn { team, gate, active, partials } = self;
+        let ColdFfn { team, gate, active, partials, .. } = self;
         active.clear();
         let gate_given = match ffn.mode {
             FfnMode::Predict => {
@@ -70,13 +92,71 @@ impl ColdFfn {
                 Some(gate.as_slice())
             }
         };
-        let cols = out.len();
         if active.is_empty() {
             out.fill(0.0);
             return 0;
         }
-        let active: &[u32] = active;
-        gated_ffn_chunks(&layer.ffn_gate, &layer.ffn_up, &ffn.down_t[il], &acts, act, gate_given, active, |sum_chunk| {
+        ffn_on_team(team, partials, ffn, model, il, &acts, gate_given, active, None, out);
+        active.len()
+    }
+
+    /// A simulated predictor's token for layer `il`'s cold neurons: the predictor runs first
+    /// (`predictor`: fc1 on the residual `resid`, its ReLU, and the fc2 rows of every cold
+    /// neuron, split over the team; the logits are then set aside, since the draw decides),
+    /// then every cold candidate among `candidates` (ascending, with `fires` per candidate)
+    /// gets its gate row, and those that fire their up and down rows. Returns how many
+    /// candidates were cold.
+    #[allow(clippy::too_many_arguments)]
+    pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold: &[u32], candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
+        let ColdFfn { team, active, fires: cold_fires, partials, hidden, logits, predictor_rows, predictor_secs, .. } = self;
+        if let Some(p) = predictor {
+            let t = std::time::Instant::now();
+            let rank = p.fc1.rows;
+            let all: Vec<u32> = (0..rank as u32).collect();
+            hidden.resize(rank, 0.0);
+            team_row_dots(team, &p.fc1, &Activations::new(resid, 1).with_precision(precision), &all, hidden);
+            for h in hidden.iter_mut() {
+                *h = h.max(0.0);
+            }
+            logits.resize(cold.len(), 0.0);
+            team_row_dots(team, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            std::hint::black_box(&logits);
+            *predictor_rows += (rank + cold.len()) as u64;
+            *predictor_secs += t.elapsed().as_secs_f64();
+        }
+        // The candidates that are cold (both lists ascending).
+        active.clear();
+        cold_fires.clear();
+        let mut j = 0;
+        for (&c, &f) in candidates.iter().zip(fires) {
+            while j < cold.len() && cold[j] < c {
+                j += 1;
+            }
+            if j < cold.len() && cold[j] == c {
+                active.push(c);
+                cold_fires.push(f);
+            }
+        }
+        if active.is_empty() {
+            out.fill(0.0);
+            return 0;
+        }
+        let acts = Activations::new(xn, 1).with_precision(precision);
+        ffn_on_team(team, partials, ffn, model, il, &acts, None, active, Some(cold_fires), out);
+        active.len()
+    }
+}
+
+/// Layer `il`'s FFN output of the neurons `active` (ascending; with `fires`, only the flagged
+/// ones past their gate row) into `out`, by chunks on the team, partial sums added in chunk
+/// order.
+#[allow(clippy::too_many_arguments)]
+fn ffn_on_team(team: &mut Team, partials: &mut Vec<f32>, ffn: &SparseFfn, model: &Model, il: usize, acts: &Activations, gate_given: Option<&[f32]>, active: &[u32], fires: Option<&[bool]>, out: &mut [f32]) {
+    let layer = &model.layers[il];
+    let act = model.hp.activation;
+    let cols = out.len();
+    {
+        gated_ffn_chunks(&layer.ffn_gate, &layer.ffn_up, &ffn.down_t[il], acts, act, gate_given, active, fires, |sum_chunk| {
             let chunk_len = team_chunk_len(active.len());
             let n_chunks = active.len().div_ceil(chunk_len);
             partials.resize(n_chunks * cols, 0.0);
@@ -114,6 +194,5 @@ impl ColdFfn {
                 }
             });
         });
-        active.len()
     }
 }

@@ -21,6 +21,8 @@ pub enum ForwardError {
     BadToken(u32, usize),
     #[error("nothing to evaluate: empty token list")]
     Empty,
+    #[error("the model produced NaN or infinite logits: its weights or hyper-parameters are broken (check them with `ember info`)")]
+    NonFiniteLogits,
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
 }
@@ -36,6 +38,7 @@ pub trait Forward {
     /// backend computes it there and reads back only the id.
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
         let logits = self.forward(tokens, Logits::Last)?;
+        check_finite(&logits)?;
         Ok(crate::cpu::ops::argmax(&logits).0 as u32)
     }
 
@@ -61,6 +64,11 @@ pub trait Forward {
     fn as_gpu(&mut self) -> Option<&mut super::GpuSession> {
         None
     }
+
+    /// The hybrid session behind this backend, if it is one (its timing, placement, profile).
+    fn as_hybrid(&mut self) -> Option<&mut super::HybridSession> {
+        None
+    }
 }
 
 /// Which positions of a batch need logits.
@@ -72,8 +80,12 @@ pub enum Logits {
     All,
 }
 
-/// What every backend checks before running `tokens` after `n_past` positions of a context of
-/// `n_ctx`: a non-empty batch that fits, of ids inside the vocabulary.
+/// Fails on NaN or infinite logits: an argmax or a sampler over them picks an arbitrary token,
+/// and generation would go on in silence.
+pub fn check_finite(logits: &[f32]) -> Result<(), ForwardError> {
+    if logits.iter().all(|v| v.is_finite()) { Ok(()) } else { Err(ForwardError::NonFiniteLogits) }
+}
+
 /// [`Forward::decode_greedy`] one token at a time, each read back before the next is fed.
 pub(super) fn decode_greedy_one_by_one<F: Forward + ?Sized>(session: &mut F, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
     let mut t = token;
@@ -86,6 +98,8 @@ pub(super) fn decode_greedy_one_by_one<F: Forward + ?Sized>(session: &mut F, tok
     Ok(n)
 }
 
+/// What every backend checks before running `tokens` after `n_past` positions of a context of
+/// `n_ctx`: a non-empty batch that fits, of ids inside the vocabulary.
 pub(super) fn check_batch(hp: &crate::model::HParams, n_past: usize, n_ctx: usize, tokens: &[u32]) -> Result<(), ForwardError> {
     if tokens.is_empty() {
         return Err(ForwardError::Empty);

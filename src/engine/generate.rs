@@ -1,7 +1,7 @@
 //! The generation loop: prefill the prompt in batches, then sample token by token, streaming
 //! text as soon as it is valid UTF-8 and cannot be the start of a stop string.
 
-use super::forward::{Forward, ForwardError, Logits};
+use super::forward::{check_finite, Forward, ForwardError, Logits};
 use super::sampler::Sampler;
 use crate::tokenizer::Tokenizer;
 use std::time::Instant;
@@ -105,6 +105,7 @@ pub fn generate(
                 }
             }
             Next::Logits(mut logits) => loop {
+                check_finite(&logits)?;
                 let token = sampler.sample(&logits);
                 if !out.take(token, tokenizer, &mut emit) {
                     break;

@@ -6,7 +6,7 @@ use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
 use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
-use super::hybrid::SparseLayerOps;
+use super::gpu_ops::{NamedOp, Op};
 use crate::model::{Model, RopeStyle};
 use std::sync::Arc;
 
@@ -40,7 +40,8 @@ pub struct GpuLayerWeights {
     wo: GpuMatrix,
     biases: Option<[wgpu::Buffer; 3]>,
     ffn_norm: wgpu::Buffer,
-    /// (gate and up, down); None when the FFN runs neuron-aware ([`super::hybrid`]).
+    /// (gate and up, down); None when the FFN runs neuron-aware (the hybrid uploads its hot
+    /// rows itself).
     dense_ffn: Option<(Stacked<2>, GpuMatrix)>,
 }
 
@@ -155,22 +156,6 @@ impl GpuWeights {
     }
 }
 
-/// Anything that records its dispatches into a compute pass.
-pub(super) trait Op {
-    fn record(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32);
-}
-
-macro_rules! impl_op {
-    ($($t:ty),*) => {$(
-        impl Op for $t {
-            fn record(&self, pass: &mut wgpu::ComputePass<'_>, n_tokens: u32) {
-                self.encode(pass, n_tokens)
-            }
-        }
-    )*};
-}
-impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, crate::gpu::ops::AddOp, GatedActOp, ArgmaxOp, crate::gpu::matrix::GetRowsOp);
-
 pub(super) struct LayerOps {
     /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
     /// one-token product folds it into its kernel).
@@ -206,10 +191,9 @@ pub(super) enum FfnOps {
     /// h = act(gate) * up (one product over gate and up interleaved, or two and the
     /// activation), then x += W_down h.
     Dense { gate_up: StackedOps, down: MatmulOp },
-    /// Neuron-aware: hot neurons here, cold ones on the CPU ([`super::hybrid`]).
-    Sparse(Box<SparseLayerOps>),
-    /// Not built yet (a hybrid session fills it in after placement).
-    Pending,
+    /// The FFN is not this session's: a session wrapping it records its own dispatches after
+    /// the FFN norm (the hybrid's hot neurons, see `engine::hybrid`).
+    External,
 }
 
 impl LayerOps {
@@ -252,8 +236,7 @@ impl LayerOps {
             FfnOps::Dense { gate_up: StackedOps::One(gate_up), down } => vec![("matmul gate_up", gate_up), ("matmul down", down)],
             FfnOps::Dense { gate_up: StackedOps::GateUpApart(gate, up, act), down } => vec![("matmul gate", gate), ("matmul up", up), ("gated_act", act), ("matmul down", down)],
             FfnOps::Dense { gate_up: StackedOps::QkvApart(..), .. } => unreachable!("gate and up are stacked or apart"),
-            FfnOps::Sparse(sp) => sp.gpu_sequence(),
-            FfnOps::Pending => Vec::new(),
+            FfnOps::External => Vec::new(),
         }
     }
 }
@@ -304,8 +287,6 @@ pub struct GpuSession {
     /// Most tokens one forward call takes (larger batches are split).
     pub(super) max_tokens: usize,
     pub(super) n_past: usize,
-    /// The CPU side and placement of a neuron-aware (hybrid) session.
-    pub(super) hybrid: Option<Box<super::hybrid::HybridState>>,
     /// Host-readable copies of the argmax of the tokens in flight ([`Forward::decode_greedy`]).
     argmax_ring: Vec<wgpu::Buffer>,
 }
@@ -419,7 +400,7 @@ impl GpuSession {
                         },
                         down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),
                     },
-                    None => FfnOps::Pending,
+                    None => FfnOps::External,
                 },
             });
         }
@@ -430,10 +411,10 @@ impl GpuSession {
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
         let argmax_ring = (0..=decode_ahead()).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, hybrid: None, argmax_ring })
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
     }
 
-    /// GPU bytes of the KV cache and scratch buffers (weights not included).
+    /// GPU bytes of the KV cache (weights and scratch buffers not included).
     pub fn state_bytes(&self) -> u64 {
         self.kv.gpu_bytes()
     }
@@ -499,10 +480,19 @@ impl GpuSession {
     }
 
     /// Embedding, every layer, and for [`Logits::All`] the final norm and output product.
-    fn layer_sequence(&self, want: Logits, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
-        let mut v: Vec<(&'static str, &dyn Op)> = vec![("embed", &self.embed)];
-        for l in &self.layers {
+    fn layer_sequence(&self, want: Logits, n_tokens: u32) -> Vec<NamedOp<'_>> {
+        self.layer_sequence_with(want, n_tokens, &|_| Vec::new())
+    }
+
+    /// [`Self::layer_sequence`] with `external(layer)`'s dispatches after the FFN norm of each
+    /// layer whose FFN this session does not hold.
+    fn layer_sequence_with<'a>(&'a self, want: Logits, n_tokens: u32, external: &dyn Fn(usize) -> Vec<NamedOp<'a>>) -> Vec<NamedOp<'a>> {
+        let mut v: Vec<NamedOp<'a>> = vec![("embed", &self.embed)];
+        for (il, l) in self.layers.iter().enumerate() {
             v.extend(l.sequence(n_tokens));
+            if matches!(l.ffn, FfnOps::External) {
+                v.extend(external(il));
+            }
         }
         if let (Logits::All, Some(h)) = (want, &self.head) {
             v.push(("matmul output", &h.output_all));
@@ -528,7 +518,21 @@ impl GpuSession {
     /// really runs, timed on the host (one pass, one submission, argmax read back). The
     /// position is not consumed. None without timestamp queries.
     pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
-        let n_ops = self.layer_sequence(Logits::Last, 1).len() + self.output_sequence().len();
+        let Some((alone, in_pass)) = self.profile_passes(token, &|_| Vec::new())? else { return Ok(None) };
+        // The same token again, as one pass, timed on the host.
+        let start = std::time::Instant::now();
+        self.forward_argmax(&[token])?;
+        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
+        self.n_past -= 1;
+        Ok(Some(Profile { alone, in_pass, wall_ns }))
+    }
+
+    /// The timed passes of [`Self::profile_decode`] (each dispatch alone, then all in one pass),
+    /// with `external(layer)`'s dispatches as the FFN of layers whose FFN this session does not
+    /// hold. The position is not consumed.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn profile_passes<'a>(&'a self, token: u32, external: &dyn Fn(usize) -> Vec<NamedOp<'a>>) -> Result<Option<(Vec<(&'static str, f64)>, Option<Vec<(&'static str, f64)>>)>, ForwardError> {
+        let n_ops = self.layer_sequence_with(Logits::Last, 1, external).len() + self.output_sequence().len();
         let Some(mut timer) = crate::gpu::timer::PassTimer::new(&self.ctx, n_ops as u32) else { return Ok(None) };
         self.check(&[token])?;
         let pos0 = self.n_past as u32;
@@ -539,7 +543,7 @@ impl GpuSession {
         self.ctx.queue.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
         let mut enc = self.ctx.device.create_command_encoder(&Default::default());
         let mut names = Vec::with_capacity(n_ops);
-        for (name, op) in self.layer_sequence(Logits::Last, 1) {
+        for (name, op) in self.layer_sequence_with(Logits::Last, 1, external) {
             op.record(&mut timer.pass(&mut enc, name), 1);
             names.push(name);
         }
@@ -557,7 +561,7 @@ impl GpuSession {
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("layers"), timestamp_writes: None });
                 timer.mark(&mut pass, 0);
-                for (_, op) in self.layer_sequence(Logits::Last, 1) {
+                for (_, op) in self.layer_sequence_with(Logits::Last, 1, external) {
                     op.record(&mut pass, 1);
                     i += 1;
                     timer.mark(&mut pass, i);
@@ -589,13 +593,7 @@ impl GpuSession {
         } else {
             None
         };
-
-        // The same token again, as one pass, timed on the host.
-        let start = std::time::Instant::now();
-        self.forward_argmax(&[token])?;
-        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
-        self.n_past -= 1;
-        Ok(Some(Profile { alone, in_pass, wall_ns }))
+        Ok(Some((alone, in_pass)))
     }
 
     /// Runs `tokens` through the layers this session holds and reads back their hidden states
@@ -625,20 +623,6 @@ impl Forward for GpuSession {
     fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         self.check(tokens)?;
         let nv = self.model.hp.n_vocab;
-        if self.hybrid.is_some() {
-            // Neuron-aware: token by token, each with its own active neurons.
-            let mut all = Vec::new();
-            for &t in tokens {
-                self.run_token_hybrid(t)?;
-                if want == Logits::All {
-                    all.extend(self.ctx.read::<f32>(&self.s.logits_last, nv).map_err(ForwardError::Gpu)?);
-                }
-            }
-            return match want {
-                Logits::All => Ok(all),
-                Logits::Last => self.ctx.read::<f32>(&self.s.logits_last, nv).map_err(ForwardError::Gpu),
-            };
-        }
         let mut all = Vec::new();
         for chunk in tokens.chunks(self.max_tokens) {
             self.run_batch(chunk, want)?;
@@ -654,22 +638,16 @@ impl Forward for GpuSession {
 
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
         self.check(tokens)?;
-        if self.hybrid.is_some() {
-            for &t in tokens {
-                self.run_token_hybrid(t)?;
-            }
-        } else {
-            for chunk in tokens.chunks(self.max_tokens) {
-                self.run_batch(chunk, Logits::Last)?;
-            }
+        for chunk in tokens.chunks(self.max_tokens) {
+            self.run_batch(chunk, Logits::Last)?;
         }
         let out: Vec<u32> = self.ctx.read(&self.s.argmax, 1).map_err(ForwardError::Gpu)?;
         Ok(out[0])
     }
 
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
-        if self.hybrid.is_some() || self.head.is_none() || n == 0 {
-            // The hybrid's tokens meet the CPU anyway; without a head there is no argmax.
+        if self.head.is_none() || n == 0 {
+            // Without a head there is no argmax on the GPU.
             return super::forward::decode_greedy_one_by_one(self, token, n, each);
         }
         self.check(&[token])?;
@@ -720,10 +698,7 @@ impl Forward for GpuSession {
     }
 
     fn backend_name(&self) -> String {
-        match &self.hybrid {
-            Some(h) => format!("GPU {:?} {}", self.ctx.adapter.backend, h.describe(self.model.hp.n_layer * self.model.hp.n_ff)),
-            None => format!("GPU {:?}", self.ctx.adapter.backend),
-        }
+        format!("GPU {:?}", self.ctx.adapter.backend)
     }
 
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {

@@ -27,8 +27,9 @@
 
 use super::cold::ColdFfn;
 use super::ffn::{FfnMode, SparseFfn};
-use super::forward::ForwardError;
-use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Op};
+use super::forward::{Forward, ForwardError, Logits};
+use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
+use super::gpu_ops::{NamedOp, Op};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
@@ -37,7 +38,8 @@ use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model};
 use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, PlacementInput};
-use crate::sparse::simulate::SimulatedActivity;
+use crate::sparse::predictor::Predictors;
+use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
 
 /// What a neuron-aware GPU session needs besides the model.
@@ -50,24 +52,42 @@ pub struct HybridPlan {
     pub counts: Vec<Vec<u32>>,
     /// Arithmetic of the CPU's cold neurons.
     pub cpu_precision: Precision,
-    /// Benchmark only: each token's active neurons drawn from firing rates, not computed.
+    /// Benchmark only: each token's active neurons drawn from firing rates, not computed
+    /// (with a perfect predictor, or with a simulated one's recall and precision).
     pub simulate: Option<SimulatedActivity>,
+    /// Benchmark only, with `simulate`: predictor matrices run every token and layer and
+    /// charged (their output set aside: the draw decides): fc1 and the hot neurons' rows of
+    /// fc2 on the GPU (inside the budget), fc1 and the cold neurons' rows on the CPU. None: a
+    /// free predictor.
+    pub sim_predictors: Option<Arc<Predictors>>,
+    /// What was simulated, in words (for the bench header); None when nothing is.
+    pub note: Option<String>,
     /// A placement made earlier (per layer ascending hot neuron ids), used instead of placing
     /// anew when it fits the budget.
     pub hot: Option<Vec<Vec<u32>>>,
 }
 
-/// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x).
+/// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x) (a simulated predictor's fc2
+/// holds the hot neurons' rows only, and is absent without hot neurons).
 struct PredictorOps {
     fc1: MatmulOp,
     relu: GatedActOp,
-    fc2: MatmulOp,
-    _weights: [GpuMatrix; 2],
+    fc2: Option<MatmulOp>,
+    _weights: Vec<GpuMatrix>,
+}
+
+/// A simulated predictor's first stage on the GPU: the list of hot candidates and their gate
+/// rows (the ops after it then take the candidates that fire).
+struct CandidateOps {
+    select: SelectOp,
+    gate: SparseMatvecOp,
+    _list: ActiveList,
 }
 
 /// One layer's neuron-aware FFN: the GPU's hot part and what the CPU needs for the cold part.
-pub(super) struct SparseLayerOps {
+struct SparseLayerOps {
     predictor: Option<PredictorOps>,
+    candidates: Option<CandidateOps>,
     gate: Option<DenseGateOp>,
     select: SelectOp,
     matvec: SparseMatvecOp,
@@ -87,10 +107,15 @@ pub(super) struct SparseLayerOps {
 
 impl HybridState {
     /// For tables: the FFN mode, the hot share, and the simulation label when simulated.
-    pub fn describe(&self, n_neurons: usize) -> String {
+    fn describe(&self, n_neurons: usize) -> String {
         let hot = self.placement.n_hot();
         let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
-        let sim = if self.simulate.is_some() { ", SIMULATED ACTIVITY" } else { "" };
+        let sim = match &self.simulate {
+            // A free, perfect predictor: no real run reaches it.
+            Some(_) if !self.charged && self.sim_predictors.is_none() => ", SIMULATED ACTIVITY, perfect predictor: UPPER BOUND",
+            Some(_) => ", SIMULATED ACTIVITY",
+            None => "",
+        };
         format!("sparse {} ({split}{sim})", self.ffn.mode.name())
     }
 }
@@ -100,23 +125,18 @@ fn lost(err: impl std::fmt::Display) -> ForwardError {
     ForwardError::Gpu(GpuError::Lost(err.to_string()))
 }
 
-macro_rules! impl_op_no_tokens {
-    ($($t:ty),*) => {$(
-        impl Op for $t {
-            fn record(&self, pass: &mut wgpu::ComputePass<'_>, _n_tokens: u32) {
-                self.encode(pass)
-            }
-        }
-    )*};
-}
-impl_op_no_tokens!(DenseGateOp, SelectOp, SparseMatvecOp, SparseAxpyOp);
-
 impl SparseLayerOps {
     /// The GPU's hot-neuron dispatches, in order.
-    pub(super) fn gpu_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
+    fn gpu_sequence(&self) -> Vec<NamedOp<'_>> {
+        let mut v: Vec<NamedOp<'_>> = Vec::new();
         if let Some(p) = &self.predictor {
-            v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu), ("predictor fc2", &p.fc2)]);
+            v.extend([("predictor fc1", &p.fc1 as &dyn Op), ("predictor relu", &p.relu)]);
+            if let Some(fc2) = &p.fc2 {
+                v.push(("predictor fc2", fc2));
+            }
+        }
+        if let Some(c) = &self.candidates {
+            v.extend([("sparse select candidates", &c.select as &dyn Op), ("sparse gate candidates", &c.gate)]);
         }
         if let Some(g) = &self.gate {
             v.push(("sparse gate", g));
@@ -126,19 +146,33 @@ impl SparseLayerOps {
     }
 }
 
+/// A GPU session whose FFN is neuron-aware: the wrapped [`GpuSession`] holds everything but
+/// the FFN (its layers' FFN is [`FfnOps::External`]); this session adds each layer's hot
+/// neurons on the GPU and computes the cold ones on the CPU.
+pub struct HybridSession {
+    gpu: GpuSession,
+    /// Per layer: the hot neurons' dispatches and the cold neurons' exchange buffers.
+    layers: Vec<SparseLayerOps>,
+    state: HybridState,
+}
+
 /// The CPU side of a hybrid session.
-pub struct HybridState {
+struct HybridState {
     ffn: Arc<SparseFfn>,
     precision: Precision,
     /// The CPU's cold neurons, on a team of spinning threads.
     cold: ColdFfn,
     y: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
-    pub placement: Placement,
+    /// Simulated with a predictor's errors or costs: candidates and firing neurons apart.
+    charged: bool,
+    sim_predictors: Option<Arc<Predictors>>,
+    note: Option<String>,
+    placement: Placement,
     /// CPU<->GPU synchronisations in the last decoded token.
-    pub syncs_per_token: usize,
+    syncs_per_token: usize,
     /// Where decode time went, summed over tokens since the last reset of the counters.
-    pub timing: HybridTiming,
+    timing: HybridTiming,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -151,8 +185,10 @@ pub struct HybridTiming {
     pub wait_gpu: f64,
     /// Blocked waiting for the recorder thread's next command buffer.
     pub wait_recorder: f64,
-    /// Computing cold neurons on the CPU.
+    /// Computing cold neurons on the CPU (a charged predictor's CPU part included).
     pub cpu_ffn: f64,
+    /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2).
+    pub cpu_predictor: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -165,11 +201,12 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons, {:.2} waiting for recorded commands, {:.2} submitting/other; \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} submitting/other; \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_ffn),
+            per(self.cpu_predictor),
             per(self.wait_recorder),
             per(rest),
             per(self.record),
@@ -190,11 +227,11 @@ pub enum HybridError {
     OverBudget { used: Bytes, budget: Bytes },
 }
 
-impl GpuSession {
-    /// A GPU session whose FFN is neuron-aware: everything but the FFN on the GPU, then as
-    /// many hot neurons as `plan.budget` leaves room for (all of them without a budget); the
-    /// rest run on the CPU. Decodes one token per forward step (a batch is run token by token).
-    pub fn hybrid(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<GpuSession, HybridError> {
+impl HybridSession {
+    /// Everything but the FFN on the GPU, then as many hot neurons as `plan.budget` leaves
+    /// room for (all of them without a budget); the rest run on the CPU. Decodes one token per
+    /// forward step (a batch is run token by token).
+    pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<HybridSession, HybridError> {
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -212,7 +249,7 @@ impl GpuSession {
         let mut since = start;
         let weights = Arc::new(GpuWeights::upload_layers(&ctx, &model, hp.n_layer, false, progress)?);
         mark(&mut fixed, "attention, norms, embeddings, output", &mut since);
-        let mut session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
+        let session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
         mark(&mut fixed, "KV cache and activations", &mut since);
 
         // Predictors on the GPU (predict mode without simulation).
@@ -227,7 +264,18 @@ impl GpuSession {
                 .collect::<Result<_, GpuError>>()?,
             _ => (0..hp.n_layer).map(|_| None).collect(),
         };
-        let max_rank = plan.ffn.predictors.as_ref().map_or(1, |p| p.layers.iter().map(|l| l.fc1.rows.next_multiple_of(32)).max().unwrap_or(1));
+        // A simulated predictor: fc1 whole on the GPU (fc2's hot rows come with the neurons).
+        let charged = plan.simulate.as_ref().is_some_and(|s| !s.is_perfect()) || (plan.simulate.is_some() && plan.sim_predictors.is_some());
+        let sim_padded: Option<Vec<(Matrix, Matrix)>> = match (&plan.simulate, &plan.sim_predictors) {
+            (Some(_), Some(p)) => Some(p.layers.iter().map(|l| pad_rank(&l.fc1, &l.fc2)).collect()),
+            _ => None,
+        };
+        let mut sim_fc1: Vec<Option<GpuMatrix>> = match &sim_padded {
+            Some(v) => v.iter().map(|(fc1, _)| GpuMatrix::upload(&ctx, fc1).map(Some)).collect::<Result<_, GpuError>>()?,
+            None => (0..hp.n_layer).map(|_| None).collect(),
+        };
+        let ranks = plan.ffn.predictors.iter().chain(&plan.sim_predictors).flat_map(|p| p.layers.iter().map(|l| l.fc1.rows.next_multiple_of(32)));
+        let max_rank = ranks.max().unwrap_or(1);
         // Buffers shared by every layer's sparse ops (layers run one after another).
         let g = ctx.zeros("sparse g", 4 * ff as u64);
         let h = ctx.zeros("sparse h", 4 * ff as u64);
@@ -240,10 +288,31 @@ impl GpuSession {
         // Per layer costs that do not scale with the hot neurons: the active list's header,
         // dispatch arguments, the AXPY's partial sums, uniforms, the CPU exchange buffers.
         let cfg = SparseConfig::for_context(&ctx);
-        let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096;
+        // A simulated predictor adds the candidates' list (its header and arguments, the ops'
+        // uniforms) and its fc2 matrix's alignment.
+        let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096 + if charged { 8192 } else { 0 };
         fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
-        let per_neuron: Vec<u64> = (0..hp.n_layer).map(|il| hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e)).collect();
+        // A hot neuron of a simulated predictor also takes its entry in the candidates' list
+        // and its row of fc2.
+        let per_neuron: Vec<u64> = (0..hp.n_layer)
+            .map(|il| {
+                let sim = match (&sim_padded, charged) {
+                    (Some(v), _) => 4 + v[il].1.row_bytes() as u64,
+                    (None, true) => 4,
+                    (None, false) => 0,
+                };
+                hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e) + sim
+            })
+            .collect();
+        // What the allocator holds beyond ember's buffers so far, room for the staging of the
+        // uploads to come, and the same share of waste for the hot neurons' buffers as the
+        // allocator has shown so far (the final check measures it all).
         let budget = plan.budget.unwrap_or(u64::MAX);
+        let (excess, waste) = ctx.allocator_excess().unwrap_or((0, 0.0));
+        fixed.push(FixedPart { name: "allocator blocks beyond ember's buffers".into(), bytes: excess });
+        fixed.push(FixedPart { name: "upload staging".into(), bytes: ctx.upload_margin() });
+        let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
+        fixed.push(FixedPart { name: format!("allocator waste on hot neurons ({:.1}%)", 100.0 * waste), bytes: (left as f64 * waste / (1.0 + waste)) as u64 });
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
         let placement = match (plan.budget, plan.hot) {
             (Some(_), Some(hot)) => given(&input, budget, ff, hot)?,
@@ -260,27 +329,62 @@ impl GpuSession {
 
         let bar = if progress { indicatif::ProgressBar::new(hp.n_layer as u64) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading hot neurons {bar:30} {pos}/{len} layers").unwrap());
+        let mut layers = Vec::with_capacity(hp.n_layer);
         for (il, pw) in predictor_weights.into_iter().enumerate() {
+            debug_assert!(matches!(session.layers[il].ffn, FfnOps::External), "the GPU session leaves the FFN to the hybrid");
             let l = &model.layers[il];
             let hot_ids = &placement.hot[il];
             let hot = HotFfn::upload(&ctx, &l.ffn_gate, &l.ffn_up, &plan.ffn.down_t[il], hot_ids)?;
             let list = ActiveList::new(&ctx, &hot);
             let s = &session.s;
-            let predictor = pw.map(|[fc1, fc2]| {
+            let mut predictor = pw.map(|[fc1, fc2]| {
                 let rank = fc1.rows as u32;
                 PredictorOps {
                     fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
                     relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
-                    fc2: fc2.bind_matmul(&ctx, &p1, &logits, &s.step),
-                    _weights: [fc1, fc2],
+                    fc2: Some(fc2.bind_matmul(&ctx, &p1, &logits, &s.step)),
+                    _weights: vec![fc1, fc2],
                 }
             });
+            if let (Some(fc1), Some(padded)) = (sim_fc1[il].take(), &sim_padded) {
+                // fc2's rows of the hot neurons, in hot order: their logits land in `logits`
+                // and are set aside (the draw decides which neurons are candidates).
+                let fc2 = &padded[il].1;
+                let rb = fc2.row_bytes();
+                let bytes: Vec<u8> = hot_ids.iter().flat_map(|&i| fc2.bytes()[i as usize * rb..(i as usize + 1) * rb].iter().copied()).collect();
+                let fc2_hot = match hot_ids.is_empty() {
+                    true => None,
+                    false => Some(GpuMatrix::upload(&ctx, &Matrix::from_raw(&format!("blk.{il}.fc2 hot rows"), hot_ids.len(), fc2.cols, fc2.ty, &bytes))?),
+                };
+                let rank = fc1.rows as u32;
+                let fc2_op = fc2_hot.as_ref().map(|m| m.bind_matmul(&ctx, &p1, &logits, &s.step));
+                predictor = Some(PredictorOps {
+                    fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
+                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
+                    fc2: fc2_op,
+                    _weights: std::iter::once(fc1).chain(fc2_hot).collect(),
+                });
+            }
+            let mut candidates = None;
             let (gate, select, matvec) = match mode {
                 FfnMode::Relu => {
                     let gate = DenseGateOp::new(&ctx, &hot, &s.xn, &g)?;
                     let select = SelectOp::new(&ctx, &hot, &list, Criterion::Relu { values: &g })?;
                     let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Relu { g: &g })?;
                     (Some(gate), select, matvec)
+                }
+                _ if charged => {
+                    // Simulated values per neuron: -1 not named, 0 named and silent, 1 named
+                    // and firing. Candidates (>= 0) get their gate row; firing ones (>= 1) up
+                    // and down.
+                    let sim = sim_logits[il].as_ref().expect("simulated");
+                    let list_c = ActiveList::new(&ctx, &hot);
+                    let select_c = SelectOp::new(&ctx, &hot, &list_c, Criterion::Predictor { logits: sim, threshold: 0.0 })?;
+                    let gate_c = SparseMatvecOp::new(&ctx, &hot, &list_c, &s.xn, &g, MatvecMode::Gate)?;
+                    candidates = Some(CandidateOps { select: select_c, gate: gate_c, _list: list_c });
+                    let select = SelectOp::new(&ctx, &hot, &list, Criterion::Predictor { logits: sim, threshold: 1.0 })?;
+                    let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::ActUp { g: &g, act: hp.activation })?;
+                    (None, select, matvec)
                 }
                 _ => {
                     let (source, threshold) = match &sim_logits[il] {
@@ -297,8 +401,9 @@ impl GpuSession {
             let staging = (!cold.is_empty()).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
-            session.layers[il].ffn = FfnOps::Sparse(Box::new(SparseLayerOps {
+            layers.push(SparseLayerOps {
                 predictor,
+                candidates,
                 gate,
                 select,
                 matvec,
@@ -310,70 +415,102 @@ impl GpuSession {
                 y_cpu,
                 add_cpu,
                 sim_logits: sim_logits[il].clone(),
-            }));
+            });
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let used = ctx.allocated_bytes() - start;
+        // The last uploads' staging freed, then what ember counted and what the allocator
+        // holds (its blocks and the staging peak included), each at its peak.
+        ctx.flush_uploads();
+        let mem = ctx.memory();
+        let used = (mem.counted - start).max(mem.reserved_peak.unwrap_or(0));
         if let Some(b) = plan.budget {
             if used > b {
                 return Err(HybridError::OverBudget { used: Bytes(used), budget: Bytes(b) });
             }
         }
-        session.hybrid = Some(Box::new(HybridState {
+        let state = HybridState {
             ffn: plan.ffn.clone(),
             precision: plan.cpu_precision,
             cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
             y: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
+            charged,
+            sim_predictors: plan.sim_predictors.clone(),
+            note: plan.note.clone(),
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
-        }));
-        Ok(session)
+        };
+        Ok(HybridSession { gpu: session, layers, state })
     }
 
-    /// Where a hybrid session's decode time went (None for a dense session); `reset` zeroes it.
-    pub fn hybrid_timing(&mut self, reset: bool) -> Option<(HybridTiming, usize)> {
-        let h = self.hybrid.as_mut()?;
-        let out = (h.timing, h.syncs_per_token);
+    /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
+    /// zeroes the sums.
+    pub fn timing(&mut self, reset: bool) -> (HybridTiming, usize) {
+        let out = (self.state.timing, self.state.syncs_per_token);
         if reset {
-            h.timing = HybridTiming::default();
+            self.state.timing = HybridTiming::default();
         }
-        Some(out)
+        out
     }
 
-    /// The placement of a hybrid session.
-    pub fn placement(&self) -> Option<&Placement> {
-        self.hybrid.as_ref().map(|h| &h.placement)
+    /// Which neurons are hot.
+    pub fn placement(&self) -> &Placement {
+        &self.state.placement
     }
 
     /// GPU bytes this session's context has allocated (weights, caches, buffers).
     pub fn allocated_bytes(&self) -> u64 {
-        self.ctx.allocated_bytes()
+        self.gpu.ctx.allocated_bytes()
+    }
+
+    /// What was simulated, in words (None for a real run).
+    pub fn simulation_note(&self) -> Option<&str> {
+        self.state.note.as_deref()
+    }
+
+    /// Rows of a simulated predictor that the CPU has computed (fc1 rows and cold fc2 rows),
+    /// and the names of one layer's GPU dispatches: evidence that the charged work runs.
+    pub fn charged_work(&self, layer: usize) -> (u64, Vec<&'static str>) {
+        (self.state.cold.predictor_rows, self.layers[layer].gpu_sequence().into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// The GPU session underneath (attention, KV cache, head).
+    pub fn gpu(&self) -> &GpuSession {
+        &self.gpu
+    }
+
+    /// [`GpuSession::profile_decode`] with the hot neurons' dispatches as each layer's FFN (the
+    /// CPU's cold neurons are not in the GPU's profile); the host-clock figure is a real hybrid
+    /// token. The position is not consumed.
+    pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
+        let layers = &self.layers;
+        let Some((alone, in_pass)) = self.gpu.profile_passes(token, &|il| layers[il].gpu_sequence())? else { return Ok(None) };
+        let start = std::time::Instant::now();
+        self.run_token(token)?;
+        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
+        self.gpu.n_past -= 1;
+        Ok(Some(Profile { alone, in_pass, wall_ns }))
     }
 
     /// Neuron-aware decode of one token: the GPU pass is cut after each split layer's FFN norm,
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
-    pub(super) fn run_token_hybrid(&mut self, token: u32) -> Result<(), ForwardError> {
-        let mut state = self.hybrid.take().expect("hybrid session");
-        let result = self.run_token_split(token, &mut state);
-        self.hybrid = Some(state);
-        result
-    }
-
-    fn run_token_split(&mut self, token: u32, state: &mut HybridState) -> Result<(), ForwardError> {
+    fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let e = self.model.hp.n_embd;
-        let pos0 = self.n_past as u32;
+        let HybridSession { gpu, layers, state } = self;
+        let e = gpu.model.hp.n_embd;
+        let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
-        self.set_n_kv(step.n_kv);
-        let q = &self.ctx.queue;
-        q.write_buffer(&self.s.step, 0, bytemuck::bytes_of(&step));
-        q.write_buffer(&self.s.step_last, 0, bytemuck::bytes_of(&step));
-        q.write_buffer(&self.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, .. } = state;
-        let this = &*self;
+        gpu.set_n_kv(step.n_kv);
+        let q = &gpu.ctx.queue;
+        q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, .. } = state;
+        let predictor_secs = cold.predictor_secs;
+        let this = &*gpu;
+        let layers = &*layers;
         let mut t = TokenTiming::default();
         // Everything the GPU will run is known before the token starts, so a second thread
         // records the command buffers (and draws simulated activity) while this one waits for
@@ -381,7 +518,7 @@ impl GpuSession {
         std::thread::scope(|scope| -> Result<(), ForwardError> {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
-            let recorder = scope.spawn(move || this.record_split_token(sim, tx));
+            let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
             loop {
                 let t_recv = std::time::Instant::now();
                 let Ok(segment) = rx.recv() else { break };
@@ -395,7 +532,7 @@ impl GpuSession {
                         false => continue,
                     }
                 };
-                let FfnOps::Sparse(sp) = &this.layers[split.layer].ffn else { unreachable!("split layers are sparse") };
+                let sp = &layers[split.layer];
                 let staging = sp.staging.as_ref().expect("split layers have staging");
                 let slice = staging.slice(..);
                 let (tx_map, rx_map) = std::sync::mpsc::channel();
@@ -423,7 +560,15 @@ impl GpuSession {
                     let view = slice.get_mapped_range().map_err(lost)?;
                     let v: &[f32] = bytemuck::cast_slice(&view);
                     let (xn, x) = v.split_at(e);
-                    cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, split.drawn.as_deref(), *precision, y);
+                    match (&split.drawn, *charged) {
+                        (Some(d), true) => {
+                            let p = sim_predictors.as_ref().map(|p| &p.layers[split.layer]);
+                            cold.token_charged(ffn, &this.model, split.layer, x, xn, &sp.cold, &d.candidates, &d.fires, p, *precision, y);
+                        }
+                        (d, _) => {
+                            cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, d.as_ref().map(|d| d.candidates.as_slice()), *precision, y);
+                        }
+                    }
                 }
                 staging.unmap();
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
@@ -441,101 +586,151 @@ impl GpuSession {
         timing.wait_gpu += t.wait_gpu;
         timing.wait_recorder += t.wait_recorder;
         timing.cpu_ffn += t.cpu_ffn;
+        timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
-        self.n_past += 1;
+        gpu.n_past += 1;
         Ok(())
     }
+}
 
-    /// The recorder thread of a hybrid token: records its command buffers in submission order
-    /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
-    /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns
-    /// the seconds spent recording and drawing. Stops early when the receiver is gone.
-    fn record_split_token(&self, simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
-        let t_start = std::time::Instant::now();
-        let mut draw_time = 0.0;
-        let e = self.model.hp.n_embd as u64;
-        let ff = self.model.hp.n_ff;
-        let mut sim = simulate.map(|m| m.lock().unwrap());
-        let mut sim_values = Vec::new();
-        let new_encoder = || self.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
-        let mut enc = new_encoder();
-        let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-        self.embed.encode(&mut pass, 1);
-        let mut layers_recorded = 0;
-        for (il, layer) in self.layers.iter().enumerate() {
-            let mut drawn = None;
-            if let (Some(sim), FfnOps::Sparse(sp)) = (sim.as_mut(), &layer.ffn) {
-                let t = std::time::Instant::now();
-                let mut active = Vec::new();
-                sim.draw(il, &mut active);
-                if let Some(buf) = &sp.sim_logits {
-                    sim_values.clear();
-                    sim_values.resize(ff, -1.0f32);
-                    for &i in &active {
-                        sim_values[i as usize] = 1.0;
-                    }
-                    // Before the segment that reads it is sent, so before its submission.
-                    self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
-                }
-                drawn = Some(active);
-                draw_time += t.elapsed().as_secs_f64();
+impl Forward for HybridSession {
+    /// Token by token, each with its own active neurons.
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        self.gpu.check(tokens)?;
+        let nv = self.gpu.model.hp.n_vocab;
+        let mut all = Vec::new();
+        for &t in tokens {
+            self.run_token(t)?;
+            if want == Logits::All {
+                all.extend(self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu)?);
             }
-            for (_, op) in layer.attention_sequence(1) {
+        }
+        match want {
+            Logits::All => Ok(all),
+            Logits::Last => self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu),
+        }
+    }
+
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        self.gpu.check(tokens)?;
+        for &t in tokens {
+            self.run_token(t)?;
+        }
+        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
+        Ok(out[0])
+    }
+
+    fn n_past(&self) -> usize {
+        self.gpu.n_past()
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.gpu.n_ctx()
+    }
+
+    fn reset(&mut self) {
+        self.gpu.reset();
+    }
+
+    fn model(&self) -> &Arc<Model> {
+        self.gpu.model()
+    }
+
+    fn backend_name(&self) -> String {
+        let hp = &self.gpu.model.hp;
+        format!("{} {}", self.gpu.backend_name(), self.state.describe(hp.n_layer * hp.n_ff))
+    }
+
+    fn as_hybrid(&mut self) -> Option<&mut HybridSession> {
+        Some(self)
+    }
+}
+
+/// The recorder thread of a hybrid token: records its command buffers in submission order
+/// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
+/// activity, draws each layer's active set first and writes the GPU's copy of it. Returns the
+/// seconds spent recording and drawing. Stops early when the receiver is gone.
+fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+    let t_start = std::time::Instant::now();
+    let mut draw_time = 0.0;
+    let e = gpu.model.hp.n_embd as u64;
+    let ff = gpu.model.hp.n_ff;
+    let mut sim = simulate.map(|m| m.lock().unwrap());
+    let mut sim_values = Vec::new();
+    let new_encoder = || gpu.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
+    let mut enc = new_encoder();
+    let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+    gpu.embed.encode(&mut pass, 1);
+    let mut layers_recorded = 0;
+    for (il, (layer, sp)) in gpu.layers.iter().zip(sparse).enumerate() {
+        let mut drawn = None;
+        if let Some(sim) = sim.as_mut() {
+            let t = std::time::Instant::now();
+            let mut active = Drawn::default();
+            sim.draw_predicted(il, &mut active);
+            if let Some(buf) = &sp.sim_logits {
+                sim_values.clear();
+                sim_values.resize(ff, -1.0f32);
+                for (&i, &fires) in active.candidates.iter().zip(&active.fires) {
+                    sim_values[i as usize] = if fires { 1.0 } else { 0.0 };
+                }
+                // Before the segment that reads it is sent, so before its submission.
+                gpu.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
+            }
+            drawn = Some(active);
+            draw_time += t.elapsed().as_secs_f64();
+        }
+        for (_, op) in layer.attention_sequence(1) {
+            op.record(&mut pass, 1);
+        }
+        layers_recorded += 1;
+        let Some(staging) = &sp.staging else {
+            for (_, op) in sp.gpu_sequence() {
                 op.record(&mut pass, 1);
             }
-            layers_recorded += 1;
-            let sparse = match &layer.ffn {
-                FfnOps::Sparse(sp) if sp.staging.is_some() => sp,
-                _ => {
-                    for (_, op) in layer.ffn_sequence() {
-                        op.record(&mut pass, 1);
-                    }
-                    // Runs of layers without a split go out in pieces, so that the GPU starts
-                    // on them while the rest is recorded.
-                    if layers_recorded >= LAYERS_PER_SUBMISSION && il + 1 < self.layers.len() {
-                        drop(pass);
-                        if tx.send(Segment { commands: enc.finish(), split: None, last: false }).is_err() {
-                            return (t_start.elapsed().as_secs_f64(), draw_time);
-                        }
-                        layers_recorded = 0;
-                        enc = new_encoder();
-                        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-                    }
-                    continue;
+            // Runs of layers without a split go out in pieces, so that the GPU starts on them
+            // while the rest is recorded.
+            if layers_recorded >= LAYERS_PER_SUBMISSION && il + 1 < gpu.layers.len() {
+                drop(pass);
+                if tx.send(Segment { commands: enc.finish(), split: None, last: false }).is_err() {
+                    return (t_start.elapsed().as_secs_f64(), draw_time);
                 }
-            };
-            let staging = sparse.staging.as_ref().expect("checked above");
-            drop(pass);
-            enc.copy_buffer_to_buffer(&self.s.xn, 0, staging, 0, 4 * e);
-            enc.copy_buffer_to_buffer(&self.s.x, 0, staging, 4 * e, 4 * e);
-            let mut enc_hot = new_encoder();
-            {
-                let mut p = enc_hot.begin_compute_pass(&Default::default());
-                for (_, op) in sparse.gpu_sequence() {
-                    op.record(&mut p, 1);
-                }
+                layers_recorded = 0;
+                enc = new_encoder();
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
             }
-            let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
-            layers_recorded = 0;
-            if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
-                return (t_start.elapsed().as_secs_f64(), draw_time);
-            }
-            enc = new_encoder();
-            pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-            sparse.add_cpu.encode(&mut pass, 1);
-        }
+            continue;
+        };
         drop(pass);
-        if self.head.is_some() {
-            self.copy_last_row(&mut enc, 1);
-            let mut p = enc.begin_compute_pass(&Default::default());
-            for (_, op) in self.output_sequence() {
+        enc.copy_buffer_to_buffer(&gpu.s.xn, 0, staging, 0, 4 * e);
+        enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
+        let mut enc_hot = new_encoder();
+        {
+            let mut p = enc_hot.begin_compute_pass(&Default::default());
+            for (_, op) in sp.gpu_sequence() {
                 op.record(&mut p, 1);
             }
         }
-        let _ = tx.send(Segment { commands: enc.finish(), split: None, last: true });
-        (t_start.elapsed().as_secs_f64(), draw_time)
+        let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
+        layers_recorded = 0;
+        if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
+            return (t_start.elapsed().as_secs_f64(), draw_time);
+        }
+        enc = new_encoder();
+        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+        sp.add_cpu.encode(&mut pass, 1);
     }
+    drop(pass);
+    if gpu.head.is_some() {
+        gpu.copy_last_row(&mut enc, 1);
+        let mut p = enc.begin_compute_pass(&Default::default());
+        for (_, op) in gpu.output_sequence() {
+            op.record(&mut p, 1);
+        }
+    }
+    let _ = tx.send(Segment { commands: enc.finish(), split: None, last: true });
+    (t_start.elapsed().as_secs_f64(), draw_time)
 }
 
 /// A hybrid token's commands up to one split layer's FFN norm (or up to its end), recorded
@@ -556,7 +751,7 @@ const LAYERS_PER_SUBMISSION: usize = 8;
 struct SplitPart {
     layer: usize,
     hot: wgpu::CommandBuffer,
-    drawn: Option<Vec<u32>>,
+    drawn: Option<Drawn>,
 }
 
 /// One token's parts of [`HybridTiming`].

@@ -48,6 +48,9 @@ pub fn score_windows(session: &mut dyn Forward, tokens: &[u32], n_ctx: usize, wi
         for j in first..n_ctx - 1 {
             let row = &logits[j * n_vocab..(j + 1) * n_vocab];
             let v = -log_softmax(row, window[j + 1] as usize);
+            if !v.is_finite() {
+                return Err(ForwardError::NonFiniteLogits.into());
+            }
             nll += v;
             nll2 += v * v;
             count += 1;

@@ -12,6 +12,11 @@ const MAX_DIMS: u32 = 4;
 /// No real model has tensors of more than 2^40 elements; larger means corruption.
 const MAX_ELEMENTS: u64 = 1 << 40;
 pub(crate) const MAX_ALIGNMENT: u64 = 1 << 20;
+/// ggml names tensors in at most 64 bytes; longer means corruption (and a name is repeated in
+/// error messages, which must stay short).
+const MAX_TENSOR_NAME: u64 = 256;
+/// The GGUF specification's limit on a key's length.
+const MAX_KEY: u64 = 65535;
 const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// Which magic the file opened with.
@@ -109,6 +114,7 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let io = |source| GgufError::Io { path: path.display().to_string(), source };
+        crate::files::check_regular(path).map_err(io)?;
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; like every mmap-based loader we assume the file is not
         // truncated by another process while it is open.
@@ -362,12 +368,18 @@ impl<'a> Cursor<'a> {
     /// The key of metadata entry `i`.
     fn key(&mut self, i: u64) -> Result<String> {
         let (raw, offset) = self.raw_string(&format!("key of metadata entry {i}"))?;
+        if raw.len() as u64 > MAX_KEY {
+            return Err(GgufError::Absurd { what: format!("length of the key of metadata entry {i}"), value: raw.len() as u64, limit: MAX_KEY });
+        }
         std::str::from_utf8(raw).map(str::to_owned).map_err(|_| GgufError::InvalidUtf8 { offset })
     }
 
     /// The name of tensor `i`.
     fn tensor_name(&mut self, i: u64) -> Result<String> {
         let (raw, offset) = self.raw_string(&format!("name of tensor {i}"))?;
+        if raw.len() as u64 > MAX_TENSOR_NAME {
+            return Err(GgufError::Absurd { what: format!("length of the name of tensor {i}"), value: raw.len() as u64, limit: MAX_TENSOR_NAME });
+        }
         std::str::from_utf8(raw).map(str::to_owned).map_err(|_| GgufError::BadTensor {
             name: String::from_utf8_lossy(raw).into_owned(),
             reason: format!("name (tensor {i}, at offset {offset}) is not valid UTF-8"),

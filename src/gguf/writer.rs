@@ -77,16 +77,21 @@ impl GgufWriter {
         self.add_tensor(name, dims, GgmlType::F32, bytemuck::cast_slice(values).to_vec())
     }
 
+    /// The largest tensor's bytes and all tensors' bytes (padding left out).
+    pub fn tensor_sizes(&self) -> (u64, u64) {
+        self.tensors.iter().fold((0, 0), |(max, sum), t| (max.max(t.len), sum.saturating_add(t.len)))
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write(&mut out).expect("writing to a Vec cannot fail");
         out
     }
 
+    /// Writes the file atomically (a temporary file beside it, then a rename): a failed or
+    /// killed write leaves any previous file at `path` as it was.
     pub fn write_file(&self, path: impl AsRef<std::path::Path>) -> io::Result<()> {
-        let mut f = io::BufWriter::new(std::fs::File::create(path)?);
-        self.write(&mut f)?;
-        f.flush()
+        crate::files::write_atomic(path.as_ref(), |f| self.write(f))
     }
 
     pub fn write(&self, w: &mut impl Write) -> io::Result<()> {

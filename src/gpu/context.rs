@@ -3,6 +3,7 @@
 
 use super::GpuError;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What ember knows about one adapter, for `ember devices` and for choosing.
@@ -110,8 +111,72 @@ pub struct GpuContext {
     pub limits: wgpu::Limits,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// Bytes of every buffer created through this context (weights, caches, scratch, uniforms),
-    /// so that a VRAM budget can be checked against what was really allocated.
-    allocated: std::sync::atomic::AtomicU64,
+    /// so that a VRAM budget can be checked against what was really allocated. Buffers are
+    /// never subtracted when dropped: the count is an upper bound of what lives.
+    allocated: AtomicU64,
+    /// The one staging buffer every upload goes through (created at the first upload, kept).
+    staging: Mutex<Staging>,
+    /// The most the memory allocator under wgpu has held (its blocks, staging included), as
+    /// sampled at each staging flush and each [`GpuContext::memory`] call; 0 where the backend
+    /// gives no report.
+    reserved_peak: AtomicU64,
+    /// What the allocator held before ember created anything (wgpu's own buffers).
+    base_reserved: u64,
+}
+
+/// Bytes of the staging buffer uploads go through (see [`GpuContext::write`]).
+pub const STAGING_CAP: u64 = 4 << 20;
+
+/// The upload staging buffer and its state.
+#[derive(Default)]
+struct Staging {
+    buffer: Option<wgpu::Buffer>,
+    /// Mapped for writing (at creation, or after the last copies out of it finished).
+    mapped: bool,
+    /// Bytes of it filled since it was mapped.
+    fill: u64,
+    /// The copies out of it, recorded while it is mapped, submitted once it is unmapped.
+    encoder: Option<wgpu::CommandEncoder>,
+}
+/// Sub-allocation blocks for device-local memory grow from the first to the second size
+/// (buffers larger than the block get their own allocation); host-visible blocks are half as
+/// large (wgpu's rule, at least 4 MiB). wgpu's default (128-256 MiB blocks) can leave a quarter
+/// GiB reserved and unused per memory type, which a VRAM budget of a few GiB cannot afford;
+/// larger buffers (weights, KV caches) get their own allocations either way.
+const DEVICE_BLOCK: std::ops::Range<u64> = (4 << 20)..(8 << 20);
+const HOST_BLOCK_MAX: u64 = 4 << 20;
+
+/// GPU memory of one context: what ember counted and what the allocator under wgpu holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// Bytes of the buffers ember created, its upload staging buffer included (never reduced
+    /// when one is dropped: an upper bound of what lives).
+    pub counted: u64,
+    /// Bytes of the allocator's memory blocks now (dedicated allocations, sub-allocated blocks
+    /// with their unused room, wgpu's staging buffers); None where the backend has no report
+    /// (OpenGL, Metal).
+    pub reserved: Option<u64>,
+    /// The most `reserved` has been when sampled.
+    pub reserved_peak: Option<u64>,
+}
+
+impl GpuMemory {
+    /// The figure a VRAM budget is checked against: the larger of ember's count and the
+    /// allocator's blocks at their peak.
+    pub fn peak(&self) -> u64 {
+        self.counted.max(self.reserved_peak.unwrap_or(0))
+    }
+}
+
+impl std::fmt::Display for GpuMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        write!(f, "{:.1} MiB allocated at the peak (ember's buffers {:.1} MiB", mib(self.peak()), mib(self.counted))?;
+        match (self.reserved, self.reserved_peak) {
+            (Some(now), Some(peak)) => write!(f, "; the allocator's blocks {:.1} MiB now, {:.1} MiB at the peak)", mib(now), mib(peak)),
+            _ => write!(f, "; this backend reports no allocator blocks)"),
+        }
+    }
 }
 
 impl GpuContext {
@@ -152,6 +217,7 @@ impl GpuContext {
             label: Some("ember"),
             required_features: features,
             required_limits: limits.clone(),
+            memory_hints: wgpu::MemoryHints::Manual { suballocated_device_memory_block_size: DEVICE_BLOCK },
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(summary.name.clone(), e.to_string()))?;
@@ -161,7 +227,19 @@ impl GpuContext {
             eprintln!("error: GPU: {e}");
             std::process::exit(1);
         }));
-        Ok(GpuContext { adapter: summary, device, queue, features, limits, pipelines: Mutex::new(HashMap::new()), allocated: Default::default() })
+        let base_reserved = device.generate_allocator_report().map_or(0, |r| r.total_reserved_bytes);
+        Ok(GpuContext {
+            base_reserved,
+            adapter: summary,
+            device,
+            queue,
+            features,
+            limits,
+            pipelines: Mutex::new(HashMap::new()),
+            allocated: Default::default(),
+            staging: Mutex::new(Staging::default()),
+            reserved_peak: AtomicU64::new(base_reserved),
+        })
     }
 
     pub fn has_f16(&self) -> bool {
@@ -214,25 +292,155 @@ impl GpuContext {
     }
 
     /// Bytes of GPU buffers created so far through this context (transient readback staging
-    /// buffers excluded: they live only during a read).
+    /// buffers excluded: they live only during a read, in host memory).
     pub fn allocated_bytes(&self) -> u64 {
-        self.allocated.load(std::sync::atomic::Ordering::Relaxed)
+        self.allocated.load(Ordering::Relaxed)
     }
 
     fn count(&self, size: u64) {
-        self.allocated.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        self.allocated.fetch_add(size, Ordering::Relaxed);
+    }
+
+    /// Bytes the allocator under wgpu holds now, all memory blocks included; records the peak.
+    fn sample_reserved(&self) -> Option<u64> {
+        let rep = self.device.generate_allocator_report()?;
+        let r = rep.total_reserved_bytes;
+        self.reserved_peak.fetch_max(r, Ordering::Relaxed);
+        Some(r)
+    }
+
+    /// What this context holds on the GPU now and at its peak. Samples the allocator.
+    pub fn memory(&self) -> GpuMemory {
+        let reserved = self.sample_reserved();
+        GpuMemory {
+            counted: self.allocated_bytes(),
+            reserved,
+            reserved_peak: reserved.map(|_| self.reserved_peak.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Bytes a VRAM budget must keep free beyond ember's buffers: wgpu's own buffers (what
+    /// the allocator held when the device was opened), the upload staging buffer
+    /// ([`STAGING_CAP`]) and the unused room of the allocator's partly filled blocks (one
+    /// device-local block, one host-visible block for small per-token writes, one for
+    /// readbacks). An estimate, not the measurement: [`GpuContext::memory`] measures.
+    pub fn headroom_bytes(&self) -> u64 {
+        self.base_reserved + STAGING_CAP + DEVICE_BLOCK.end + 2 * HOST_BLOCK_MAX
+    }
+
+    /// Room for the staging buffer (where no upload has made it yet) and the tail of the
+    /// device block being filled: what a budget keeps free, beyond
+    /// [`GpuContext::allocator_excess`], while more buffers are uploaded.
+    pub fn upload_margin(&self) -> u64 {
+        let staging = if self.staging.lock().unwrap().buffer.is_some() { 0 } else { STAGING_CAP };
+        staging + DEVICE_BLOCK.end
+    }
+
+    /// Once the uploads so far are done: the allocator's bytes beyond ember's buffers (wgpu's
+    /// own buffers, unused room in blocks), and the part of it not wgpu's own as a share of
+    /// ember's bytes (how much sub-allocation has wasted on these buffers: on lavapipe, whose
+    /// staging and buffers share blocks, about a fifth). None without an allocator report.
+    pub fn allocator_excess(&self) -> Option<(u64, f64)> {
+        self.flush_uploads();
+        let reserved = self.sample_reserved()?;
+        let counted = self.allocated_bytes();
+        let excess = reserved.saturating_sub(counted);
+        Some((excess, excess.saturating_sub(self.base_reserved) as f64 / counted.max(1) as f64))
+    }
+
+    /// Writes `data` into `buf` at `offset` through one reused staging buffer of
+    /// [`STAGING_CAP`] bytes: copy a chunk into it, have the GPU copy it out, wait, repeat
+    /// (one wait per chunk and per call: ~1000 for a 7B model, a fraction of a second).
+    /// `queue.write_buffer` would allocate a staging buffer per call that lives until the GPU
+    /// has run the submission that copies it: a model uploaded in one go held a second copy of
+    /// itself (in VRAM, where host-visible memory is device-local, as NVIDIA's with resizable
+    /// BAR) until the first forward pass; and staging freed between buffers leaves holes in
+    /// the allocator's blocks where memory is unified (lavapipe). `data.len()` and `offset` are
+    /// multiples of 4.
+    pub fn write(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) {
+        let mut st = self.staging.lock().unwrap();
+        let mut done = 0usize;
+        while done < data.len() {
+            if st.buffer.is_none() {
+                self.count(STAGING_CAP);
+                st.buffer = Some(self.device.create_buffer(&wgpu::BufferDescriptor {
+                    label: Some("upload staging"),
+                    size: STAGING_CAP,
+                    usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC,
+                    mapped_at_creation: true,
+                }));
+                (st.mapped, st.fill) = (true, 0);
+            }
+            let staging = st.buffer.clone().expect("created above");
+            if !st.mapped {
+                // Waits for the copies out of it to finish.
+                let (tx, rx) = std::sync::mpsc::channel();
+                staging.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+                    let _ = tx.send(r);
+                });
+                let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+                // A lost device shows up at the next read (as GpuError::Lost) or through the
+                // uncaptured-error handler; the upload is moot then.
+                if !matches!(rx.recv(), Ok(Ok(()))) {
+                    return;
+                }
+                (st.mapped, st.fill) = (true, 0);
+            }
+            // Mapped ranges start at multiples of 8.
+            let at = st.fill.next_multiple_of(8);
+            let len = (data.len() - done).min(STAGING_CAP.saturating_sub(at) as usize);
+            if len == 0 {
+                self.submit_staged(&mut st);
+                continue;
+            }
+            match staging.slice(at..at + len as u64).get_mapped_range_mut() {
+                Ok(mut view) => view.copy_from_slice(&data[done..done + len]),
+                Err(_) => return,
+            }
+            let enc = st.encoder.get_or_insert_with(|| self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("upload") }));
+            enc.copy_buffer_to_buffer(&staging, at, buf, offset + done as u64, len as u64);
+            st.fill = at + len as u64;
+            done += len;
+            if st.fill >= STAGING_CAP {
+                self.submit_staged(&mut st);
+            }
+        }
+        // Submitted now, so that every later submission (a forward pass, a test's dispatch)
+        // sees the data, as it would after `queue.write_buffer`; the next write waits for it.
+        self.submit_staged(&mut st);
+    }
+
+    /// Unmaps the staging buffer and submits the copies out of it recorded so far.
+    fn submit_staged(&self, st: &mut Staging) {
+        if let (Some(b), true) = (&st.buffer, st.mapped) {
+            b.unmap();
+            st.mapped = false;
+        }
+        if let Some(enc) = st.encoder.take() {
+            self.queue.submit([enc.finish()]);
+        }
+    }
+
+    /// Waits for the uploads written so far and samples the allocator.
+    pub fn flush_uploads(&self) {
+        let st = self.staging.lock().unwrap();
+        if st.buffer.is_some() && !st.mapped {
+            let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        }
+        drop(st);
+        self.sample_reserved();
     }
 
     fn buffer_with(&self, label: &str, data: &[u8], size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
         self.count(size);
         let buf = self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: usage | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
-        // Queue writes need a multiple of 4 bytes; they land before the next submission.
+        // Queue writes need a multiple of 4 bytes.
         let whole = data.len() / 4 * 4;
-        self.queue.write_buffer(&buf, 0, &data[..whole]);
+        self.write(&buf, 0, &data[..whole]);
         if whole < data.len() {
             let mut tail = [0u8; 4];
             tail[..data.len() - whole].copy_from_slice(&data[whole..]);
-            self.queue.write_buffer(&buf, whole as u64, &tail);
+            self.write(&buf, whole as u64, &tail);
         }
         buf
     }

@@ -8,7 +8,7 @@ pub mod shaders;
 pub mod sparse;
 pub mod timer;
 
-pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext};
+pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, STAGING_CAP};
 
 /// Per-forward values every kernel may read, in one uniform buffer written once per forward
 /// call, so that bind groups can be built once per model.

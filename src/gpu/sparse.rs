@@ -477,6 +477,19 @@ pub enum MatvecMode<'a> {
     Relu { g: &'a Buffer },
     /// `h[r] = act(gate_hot[r] · x) * (up_hot[r] · x)`.
     Gated { act: Activation },
+    /// `h[r] = gate_hot[r] · x`: the gate of a predictor's candidates (the `h` buffer then
+    /// holds gate values, n_hot f32), read before knowing which of them fire.
+    Gate,
+    /// `h[r] = act(g[r]) * (up_hot[r] · x)`, `g` from [`MatvecMode::Gate`] over a list that
+    /// contains this one (`g`: n_hot f32).
+    ActUp { g: &'a Buffer, act: Activation },
+}
+
+fn act_code(act: Activation) -> u32 {
+    match act {
+        Activation::Relu => 0,
+        Activation::Silu => 1,
+    }
 }
 
 /// The gather matvec over the active list: one workgroup per active row reads only that row
@@ -506,13 +519,21 @@ impl SparseMatvecOp {
                 Kernel::new(ctx, &format!("{key}/relu"), &src, &format!("sparse_relu{sfx}"), &entries)
             }
             MatvecMode::Gated { act } => {
-                let code = match act {
-                    Activation::Relu => 0,
-                    Activation::Silu => 1,
-                };
-                let (src, key, sfx) = matvec_source(hot, code);
+                let (src, key, sfx) = matvec_source(hot, act_code(act));
                 let entries = [(0, x), (1, &list.list), (2, h), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
                 Kernel::new(ctx, &format!("{key}/gated"), &src, &format!("sparse_gated{sfx}"), &entries)
+            }
+            MatvecMode::Gate => {
+                let (src, key, sfx) = matvec_source(hot, 0);
+                let entries = [(0, x), (1, &list.list), (2, h), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
+                Kernel::new(ctx, &format!("{key}/gate"), &src, &format!("sparse_gate{sfx}"), &entries)
+            }
+            MatvecMode::ActUp { g, act } => {
+                check_len("g", g, hot.n_hot())?;
+                check_distinct(("g", g), ("h", h))?;
+                let (src, key, sfx) = matvec_source(hot, act_code(act));
+                let entries = [(0, x), (1, &list.list), (2, h), (3, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
+                Kernel::new(ctx, &format!("{key}/act_up"), &src, &format!("sparse_act_up{sfx}"), &entries)
             }
         };
         Ok(SparseMatvecOp { kernel, args: list.args.clone(), _params: params })

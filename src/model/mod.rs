@@ -80,6 +80,14 @@ fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
     })
 }
 
+/// Largest trained context accepted (16M tokens; real models stop at 1M or so): larger means
+/// corruption, and contexts are bounded by it.
+const MAX_CTX_TRAIN: usize = 1 << 24;
+/// Largest RoPE base accepted (real models use 1e4 to 1e8).
+const MAX_ROPE_BASE: f32 = 1e12;
+/// Largest linear RoPE scaling factor accepted.
+const MAX_ROPE_SCALING: f32 = 1024.0;
+
 /// Hyper-parameters of a llama-family model.
 #[derive(Clone, Debug)]
 pub struct HParams {
@@ -114,24 +122,36 @@ impl HParams {
     fn from_gguf(f: &GgufFile, spec: &ArchSpec) -> Result<Self> {
         let arch = f.get_str("general.architecture")?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
-        let opt_u = |k: &str| f.get(&key(k)).and_then(|v| v.as_u64());
-        let req_u = |k: &str| -> Result<usize> { Ok(f.get_u64(&key(k))? as usize) };
+        // An optional key that is present must have the right type: a wrongly typed one
+        // silently replaced by a default would run a different model than the file describes.
+        let opt_u = |k: &str| -> Result<Option<u64>> { f.get(&key(k)).map(|_| f.get_u64(&key(k))).transpose().map_err(ModelError::from) };
+        let opt_f = |k: &str| -> Result<Option<f32>> { f.get(&key(k)).map(|_| f.get_f32(&key(k))).transpose().map_err(ModelError::from) };
+        let opt_s = |k: &str| -> Result<Option<&str>> { f.get(k).map(|_| f.get_str(k)).transpose().map_err(ModelError::from) };
+        let req_u = |k: &str| -> Result<usize> { Ok(usize::try_from(f.get_u64(&key(k))?).unwrap_or(usize::MAX)) };
+        let usize_of = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
         let n_embd = req_u("embedding_length")?;
         let n_head = req_u("attention.head_count")?;
-        let n_head_kv = opt_u("attention.head_count_kv").map(|v| v as usize).unwrap_or(n_head);
-        let head_dim = opt_u("attention.key_length").map(|v| v as usize).unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
-        let n_vocab = match opt_u("vocab_size") {
-            Some(v) => v as usize,
+        let n_head_kv = opt_u("attention.head_count_kv")?.map(usize_of).unwrap_or(n_head);
+        let head_dim = opt_u("attention.key_length")?.map(usize_of).unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
+        let n_vocab = match opt_u("vocab_size")? {
+            Some(v) => usize_of(v),
             None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
         };
-        let activation = match f.get("ember.ffn_activation").and_then(|v| v.as_str()) {
+        let activation = match opt_s("ember.ffn_activation")? {
             None | Some("silu") => Activation::Silu,
             Some("relu") => Activation::Relu,
             Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu or relu)"))),
         };
-        let rope_freq_scale = match f.get(&key("rope.scaling.type")).and_then(|v| v.as_str()) {
+        let rope_freq_scale = match opt_s(&key("rope.scaling.type"))? {
             None | Some("none") => 1.0,
-            Some("linear") => 1.0 / f.get_f32(&key("rope.scaling.factor"))?,
+            Some("linear") => {
+                let factor = f.get_f32(&key("rope.scaling.factor"))?;
+                // Written so that NaN fails too; a factor of 0 would make every angle infinite.
+                if !(factor.is_finite() && factor >= 1e-3 && factor <= MAX_ROPE_SCALING) {
+                    return Err(ModelError::BadHParams(format!("{arch}.rope.scaling.factor = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})")));
+                }
+                1.0 / factor
+            }
             Some(other) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
         };
         let hp = HParams {
@@ -143,9 +163,9 @@ impl HParams {
             n_head_kv,
             head_dim,
             n_vocab,
-            n_ctx_train: opt_u("context_length").unwrap_or(2048) as usize,
-            rope_base: f.get(&key("rope.freq_base")).and_then(|v| v.as_f64()).unwrap_or(10000.0) as f32,
-            rope_dim: opt_u("rope.dimension_count").map(|v| v as usize).unwrap_or(head_dim),
+            n_ctx_train: opt_u("context_length")?.map(usize_of).unwrap_or(2048),
+            rope_base: opt_f("rope.freq_base")?.unwrap_or(10000.0),
+            rope_dim: opt_u("rope.dimension_count")?.map(usize_of).unwrap_or(head_dim),
             rope_freq_scale,
             rope_style: spec.rope,
             rms_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
@@ -166,6 +186,7 @@ impl HParams {
             ("attention.head_count_kv", self.n_head_kv, 1024),
             ("head dimension", self.head_dim, 1024),
             ("vocab size", self.n_vocab, 1 << 22),
+            ("context_length", self.n_ctx_train, MAX_CTX_TRAIN),
         ];
         for (name, v, max) in limits {
             if v == 0 || v > max {
@@ -179,9 +200,14 @@ impl HParams {
             return bad(format!("RoPE dimension {} with head dimension {}", self.rope_dim, self.head_dim));
         }
         // Written so that NaN fails too.
-        let sane = self.rms_eps > 0.0 && self.rms_eps < 1.0 && self.rope_base > 1.0;
-        if !sane {
-            return bad(format!("rms eps {} / rope base {}", self.rms_eps, self.rope_base));
+        if !(self.rms_eps > 0.0 && self.rms_eps < 1.0) {
+            return bad(format!("attention.layer_norm_rms_epsilon = {} (must be above 0 and below 1)", self.rms_eps));
+        }
+        if !(self.rope_base > 1.0 && self.rope_base <= MAX_ROPE_BASE) {
+            return bad(format!("rope.freq_base = {} (must be a finite number above 1, at most {MAX_ROPE_BASE:e})", self.rope_base));
+        }
+        if !(self.rope_freq_scale.is_finite() && self.rope_freq_scale > 0.0) {
+            return bad(format!("RoPE frequency scale {} (must be finite and positive)", self.rope_freq_scale));
         }
         Ok(())
     }

@@ -165,6 +165,13 @@ impl TensorStore {
         let t = self.info(name, dims)?;
         let (cols, rows) = (dims[0] as usize, dims[1] as usize);
         if Matrix::NATIVE.contains(&t.ty) {
+            let bytes = self.file.tensor_data(&t);
+            // The kernels view weights as slices of f32, f16 or blocks (alignment up to 4). A
+            // file with `general.alignment` = 1 may place a tensor at any byte: such a tensor
+            // is copied once into aligned memory instead of being viewed in the map.
+            if !(bytes.as_ptr() as usize).is_multiple_of(4) {
+                return Ok(Matrix::from_raw(name, rows, cols, t.ty, bytes));
+            }
             let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
             return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data, packed: Arc::default() });
         }

@@ -120,6 +120,59 @@ pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placeme
     Ok(finish(input, budget, hot, n_ff))
 }
 
+/// One layer's attention as a candidate for the GPU: the bytes it takes there (q, k, v and o
+/// weights, its KV cache for the whole context, its buffers), and the share of them the host
+/// reads per token when it runs there instead (the weights whole, on average half the cache).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionCost {
+    pub gpu_bytes: u64,
+    pub read_share: f64,
+}
+
+/// [`place`] where each layer's attention and KV cache may also stay on the host (CPU
+/// attention): `input.fixed` then leaves the layers' attention out, and the attention blocks
+/// compete with the neurons for the budget. Both are ranked by what the host would read per
+/// token per GPU byte they take: a neuron by its firing rate (count over `profile_tokens`), an
+/// attention block by its `read_share`, i.e. like a neuron of that rate. Returns the
+/// placement and, per layer, whether its attention is on the GPU.
+pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost], profile_tokens: u64, budget: u64, n_ff: usize) -> Result<(Placement, Vec<bool>), PlacementError> {
+    let mut left = room_for_neurons(input, budget, n_ff)?;
+    let n_layer = input.neuron_bytes.len();
+    if attention.len() != n_layer {
+        return Err(PlacementError::GivenMismatch { got: attention.len(), want: n_layer });
+    }
+    // Items: (key, layer, neuron id or u32::MAX for the attention block). Keys in firings per
+    // byte, as `place` ranks neurons; ties by (layer, id), attention first.
+    let t = profile_tokens.max(1) as f64;
+    let mut items: Vec<(f64, u32, u32)> = Vec::with_capacity(n_layer * (n_ff + 1));
+    for l in 0..n_layer {
+        let nb = input.neuron_bytes[l].max(1) as f64;
+        items.push((attention[l].read_share.clamp(0.0, 1.0) * t / nb, l as u32, u32::MAX));
+        items.extend((0..n_ff as u32).map(|i| (input.counts[l][i as usize] as f64 / nb, l as u32, i)));
+    }
+    items.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2 != u32::MAX, a.2).cmp(&(b.1, b.2 != u32::MAX, b.2))));
+    let mut hot = vec![Vec::new(); n_layer];
+    let mut on_gpu = vec![false; n_layer];
+    for &(_, l, i) in &items {
+        let c = if i == u32::MAX { attention[l as usize].gpu_bytes } else { input.neuron_bytes[l as usize] };
+        if c <= left {
+            left -= c;
+            match i {
+                u32::MAX => on_gpu[l as usize] = true,
+                _ => hot[l as usize].push(i),
+            }
+        }
+    }
+    for h in &mut hot {
+        h.sort_unstable();
+    }
+    let mut input = input.clone();
+    let attn_bytes: u64 = attention.iter().zip(&on_gpu).filter(|(_, &g)| g).map(|(a, _)| a.gpu_bytes).sum();
+    let n_gpu = on_gpu.iter().filter(|&&g| g).count();
+    input.fixed.push(FixedPart { name: format!("attention and KV cache of {n_gpu} of {n_layer} layers"), bytes: attn_bytes });
+    Ok((finish(&input, budget, hot, n_ff), on_gpu))
+}
+
 /// A placement made earlier (`ember plan -o`, a PowerInfer split file, or ember's cache beside
 /// the model), checked to fit `budget` after the fixed parts measured now. `hot` holds per
 /// layer ascending neuron ids below `n_ff`.
@@ -231,6 +284,26 @@ mod tests {
         assert!(matches!(given(&input, 139, 4, p.hot.clone()), Err(PlacementError::GivenTooLarge { .. })));
         assert!(matches!(given(&input, 145, 4, vec![vec![0]]), Err(PlacementError::GivenMismatch { .. })));
         assert_ne!(counts_fingerprint(&input.counts), counts_fingerprint(&[vec![5, 1, 9, 0], vec![7, 7, 2, 9]]));
+    }
+
+    #[test]
+    fn attention_competes_with_neurons_by_rate() {
+        // Two layers of 4 neurons of 10 bytes, fired over 10 tokens; attention blocks of 30
+        // bytes, read at 0.75 per token (like a neuron firing 7.5 times in 10).
+        let input = PlacementInput { fixed: vec![FixedPart { name: "embeddings".into(), bytes: 100 }], neuron_bytes: vec![10, 10], counts: vec![vec![9, 1, 8, 0], vec![7, 7, 2, 10]] };
+        let attn = [AttentionCost { gpu_bytes: 30, read_share: 0.75 }; 2];
+        // 100 fixed + 80: neurons 10 (l1 n3), 9 (l0 n0), 8 (l0 n2), then layer 0's attention,
+        // then layer 1's (30 > 20 left: skipped), then two neurons firing 7 times.
+        let (p, gpu) = place_with_attention(&input, &attn, 10, 180, 4).unwrap();
+        assert_eq!(gpu, vec![true, false]);
+        assert_eq!(p.hot, vec![vec![0, 2], vec![0, 1, 3]]);
+        assert_eq!(p.used(), 100 + 30 + 50);
+        // Attention read whole every token goes first; never read, last.
+        let (_, gpu) = place_with_attention(&input, &[AttentionCost { gpu_bytes: 30, read_share: 1.0 }; 2], 10, 160, 4).unwrap();
+        assert_eq!(gpu, vec![true, true]);
+        let (p, gpu) = place_with_attention(&input, &[AttentionCost { gpu_bytes: 30, read_share: 0.0 }; 2], 10, 160, 4).unwrap();
+        assert_eq!((gpu, p.n_hot()), (vec![false, false], 6));
+        assert!(place_with_attention(&input, &attn[..1], 10, 180, 4).is_err());
     }
 
     #[test]

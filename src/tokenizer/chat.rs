@@ -23,8 +23,20 @@ impl ChatMessage {
     }
 }
 
+/// Longest template accepted (real ones are a few KiB; a template comes from the model file).
+const MAX_TEMPLATE_BYTES: usize = 256 << 10;
+/// Instructions a render may execute: real templates need a few thousand per message; the
+/// limit ends a looping template (nested `range(100000)`) in well under a second.
+const FUEL: u64 = 5_000_000;
+/// Output beyond the messages themselves (their text is copied into the prompt once or twice).
+const MAX_EXTRA_OUTPUT: usize = 1 << 20;
+
 pub(super) fn render(template: &str, messages: &[ChatMessage], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
-    let env = environment();
+    if template.len() > MAX_TEMPLATE_BYTES {
+        return Err(TokenizerError::Template(format!("the chat template has {} bytes, more than the {MAX_TEMPLATE_BYTES} accepted", template.len())));
+    }
+    let mut env = environment();
+    env.set_fuel(Some(FUEL));
     let tmpl = env.template_from_str(template).map_err(template_error)?;
     let msgs: Vec<Value> = messages
         .iter()
@@ -41,7 +53,39 @@ pub(super) fn render(template: &str, messages: &[ChatMessage], add_generation_pr
         bos_token => bos,
         eos_token => eos,
     };
-    tmpl.render(ctx).map_err(template_error)
+    let cap = MAX_EXTRA_OUTPUT + 4 * messages.iter().map(|m| m.content.len() + m.role.len()).sum::<usize>();
+    let mut out = CappedWriter { bytes: Vec::new(), cap, over: false };
+    // What the template captured with `{% set %}` blocks is not needed: only the output.
+    let result = tmpl.render_captured_to(ctx, &mut out).map(drop);
+    match result {
+        Ok(_) => String::from_utf8(out.bytes).map_err(|_| TokenizerError::Template("the chat template produced invalid UTF-8".into())),
+        Err(_) if out.over => {
+            Err(TokenizerError::Template(format!("the chat template's output exceeds {cap} bytes (1 MiB beyond four times the messages)")))
+        }
+        Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TokenizerError::Template(format!("the chat template ran more than {FUEL} instructions (a loop that does not end?)"))),
+        Err(e) => Err(template_error(e)),
+    }
+}
+
+/// Collects a render's output and fails once it would pass `cap` bytes.
+struct CappedWriter {
+    bytes: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.over = true;
+            return Err(std::io::Error::other("chat template output over its limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn template_error(e: Error) -> TokenizerError {

@@ -321,6 +321,12 @@ impl Tokenizer {
     }
 }
 
+/// Renders a chat template outside a tokenizer (fuzzing, tools): what
+/// [`Tokenizer::apply_chat_template`] does with the model's template and its bos/eos texts.
+pub fn render_chat_template(template: &str, messages: &[ChatMessage], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
+    chat::render(template, messages, add_generation_prompt, bos, eos)
+}
+
 /// C's `isspace` in the "C" locale, which llama.cpp uses for lstrip/rstrip.
 fn is_c_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')

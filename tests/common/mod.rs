@@ -3,6 +3,8 @@
 //! Real-model tests find their files through environment variables or the default places
 //! (models/ for the fetched default model, ../shared for the ReLU model and references). When a
 //! file is absent they say so plainly and skip, except under CI (`CI` set), where absence fails.
+//! Each skip is also noted in the file `EMBER_SKIP_LOG` names, when set, so that `.ci/run`'s
+//! summary counts skipped tests as skipped rather than passed.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -21,12 +23,13 @@ fn find(env_var: &str, default: PathBuf, what: &str) -> Option<PathBuf> {
         panic!("{msg}; CI must have it");
     }
     eprintln!("SKIPPED: {msg}");
+    record_skip();
     None
 }
 
-/// SmolLM2-135M-Instruct Q4_1, fetched by scripts/fetch-model.sh.
+/// SmolLM2-135M-Instruct Q4_1, fetched by `ember fetch` (or `cargo run --release -- fetch`).
 pub fn default_model() -> Option<PathBuf> {
-    find("EMBER_MODEL", repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "default model (run scripts/fetch-model.sh)")
+    find("EMBER_MODEL", repo_root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"), "default model (run `cargo run --release -- fetch`)")
 }
 
 /// The ReLU-fied SmolLM2-135M from ../shared/models.
@@ -72,22 +75,58 @@ impl Rng {
     }
 }
 
-/// A GPU context for kernel tests: any adapter, software ones included (lavapipe in CI). When
-/// none exists the test says so and skips, except under CI, where it fails.
+/// A GPU context for kernel tests: any Vulkan, Metal or DX12 adapter, software ones included
+/// (lavapipe in CI). Without one the test says so and skips, except under CI, where it fails.
+/// An OpenGL adapter (what wgpu falls back to without a Vulkan driver, llvmpipe on Linux) counts
+/// as none: the GPU tests would run for hours on it. The adapter is probed once per test binary,
+/// which reports a missing driver in one line on stderr.
 pub fn gpu() -> Option<ember::gpu::GpuContext> {
+    static UNUSABLE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(Some(why)) = UNUSABLE.get() {
+        return skip_gpu(why);
+    }
     // Mesa complains on stderr without a runtime dir (headless CI); the binary sets one too.
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
         let dir = std::env::temp_dir().join(format!("ember-xdg-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
         std::env::set_var("XDG_RUNTIME_DIR", dir);
     }
-    match ember::gpu::GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware) {
-        Ok(ctx) => Some(ctx),
-        Err(e) if std::env::var_os("CI").is_some() => panic!("no GPU adapter in CI: {e}"),
-        Err(e) => {
-            eprintln!("SKIPPED: no GPU adapter: {e}");
-            None
+    let ctx = ember::gpu::GpuContext::new(&ember::gpu::DeviceChoice::BestOrSoftware);
+    let why = match &ctx {
+        Ok(c) if c.adapter.is_gl() => Some(format!("no Vulkan, Metal or DX12 driver, only the OpenGL adapter {:?} (install mesa-vulkan-drivers for lavapipe)", c.adapter.name)),
+        Ok(_) => None,
+        Err(e) => Some(format!("no GPU adapter: {e}")),
+    };
+    if UNUSABLE.set(why.clone()).is_ok() {
+        if let Some(w) = &why {
+            // Past the test harness's capture: once per binary, whatever the test's outcome.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED: GPU tests of this binary: {w}");
         }
+    }
+    match why {
+        None => ctx.ok(),
+        Some(w) => skip_gpu(&w),
+    }
+}
+
+fn skip_gpu(why: &str) -> Option<ember::gpu::GpuContext> {
+    if std::env::var_os("CI").is_some() {
+        panic!("{why}; CI must have a GPU driver");
+    }
+    record_skip();
+    None
+}
+
+/// Notes a runtime skip for the test runner's summary (`.ci/run` sets `EMBER_SKIP_LOG` and counts
+/// skipped tests as skipped, not passed): one line per skipping test, `binary test`.
+fn record_skip() {
+    let Some(log) = std::env::var_os("EMBER_SKIP_LOG") else { return };
+    let exe = std::env::current_exe().ok().and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned())).unwrap_or_default();
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(log) {
+        use std::io::Write;
+        let _ = writeln!(f, "{exe} {test}");
     }
 }
 
@@ -110,6 +149,31 @@ pub fn greedy(s: &mut dyn ember::engine::Forward, prompt: &[u32], n: usize) -> V
         t = s.forward_argmax(&[t]).unwrap();
     }
     out
+}
+
+/// A matrix of `rows` x `cols` random values (`Rng::vec`) stored as `ty` (F32, F16, Q8_0,
+/// Q4_0 or Q4_1), named after its type and shape.
+pub fn matrix(ty: ember::gguf::GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> ember::model::Matrix {
+    use ember::gguf::GgmlType;
+    use ember::model::Matrix;
+    use ember::quant::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+    let v = rng.vec(rows * cols);
+    let name = format!("{ty:?} {rows}x{cols}");
+    match ty {
+        GgmlType::F32 | GgmlType::F16 => Matrix::from_f32(&name, rows, cols, &v, ty),
+        GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
+        GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
+        GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
+        _ => panic!("random matrices are F32, F16, Q8_0, Q4_0 or Q4_1, not {ty}"),
+    }
+}
+
+/// [`matrix`], named `w`, and its dequantised values, row-major.
+pub fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: ember::gguf::GgmlType) -> (ember::model::Matrix, Vec<f32>) {
+    let mut m = matrix(ty, rows, cols, rng);
+    m.name = "w".into();
+    let deq: Vec<f32> = (0..rows).flat_map(|r| m.row_f32(r)).collect();
+    (m, deq)
 }
 
 /// ‖a − b‖ / ‖b‖.
