@@ -11,7 +11,7 @@ use ember::cpu::matmul::matmuls;
 use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
 use ember::gguf::GgmlType;
-use ember::model::{Activation, RopeStyle};
+use ember::model::{Activation, Matrix, RopeStyle};
 use ember::quant::{self, f16};
 
 #[test]
