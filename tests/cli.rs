@@ -223,3 +223,51 @@ fn gpu_decodes_at_both_activation_precisions() {
         assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.\n\n", "{precision}");
     }
 }
+
+/// `ember synth --act relu --profile P` fires at P's mean rate (on the bench's kind of
+/// pseudo-random tokens, measured by an independent profile), with skewed per-neuron rates;
+/// without a profile a relu synth fires on about half its neurons, not all of them.
+#[test]
+fn synth_relu_imitates_a_profiles_firing_rate() {
+    let Some(relu) = common::relu_model() else { return };
+    let dir = std::env::temp_dir().join(format!("ember-synth-relu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // Rates from 0 to 60% (mean 20%), skewed: a quarter of the neurons take most firings.
+    let (n_layer, n_ff) = (2, 512);
+    let mut p = ember::sparse::profile::ActivationProfile::new("m", n_layer, n_ff);
+    p.counts = (0..n_layer).map(|_| (0..n_ff as u32).map(|j| if j % 4 == 0 { 600 } else { 67 }).collect()).collect();
+    p.layer_tokens = vec![1000; n_layer];
+    let prof = dir.join("p.profile.gguf");
+    p.save(&prof).unwrap();
+    let synth = |out: &str, extra: &[&std::ffi::OsStr]| {
+        let o = ember()
+            .args(["synth", "--act", "relu", "--n-embd", "128", "--n-ff", "512", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "4", "-o"])
+            .arg(dir.join(out))
+            .arg("--tokenizer-from")
+            .arg(&relu)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    synth("plain.gguf", &[]);
+    synth("imitated.gguf", &["--profile".as_ref(), prof.as_os_str()]);
+    // An independent measure on other pseudo-random token ids than the calibration's (the
+    // kind `ember bench` feeds).
+    let rate = |model: &str| -> f64 {
+        let m = std::sync::Arc::new(ember::model::Model::load(dir.join(model)).unwrap());
+        let prof = ember::sparse::profile::Profiler::for_model(&m).shared();
+        let mut s = ember::engine::Session::new(m.clone(), 96);
+        s.observer = Some(Box::new(prof.clone()));
+        let mut rng = common::Rng(99);
+        let ids: Vec<u32> = (0..96).map(|_| (rng.next_u64() % m.hp.n_vocab as u64) as u32).collect();
+        ember::engine::Forward::forward(&mut s, &ids, ember::engine::Logits::All).unwrap();
+        let p = prof.lock().unwrap();
+        let fired: u64 = p.profile.counts.iter().flatten().map(|&c| c as u64).sum();
+        fired as f64 / (96 * n_layer * n_ff) as f64
+    };
+    let (plain, imitated) = (rate("plain.gguf"), rate("imitated.gguf"));
+    assert!((0.35..0.65).contains(&plain), "zero-mean relu synth fires on {plain:.3}");
+    assert!((imitated - 0.2).abs() < 0.08, "synth imitating a 20% profile fires on {imitated:.3}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

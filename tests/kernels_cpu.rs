@@ -6,6 +6,9 @@ mod common;
 use common::{random_matrix, Rng};
 use ember::cpu::attention::AttnShape;
 use ember::cpu::ops::{self, Rope};
+use ember::cpu::attention::attention_team;
+use ember::cpu::matmul::matmuls;
+use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
 use ember::gguf::GgmlType;
 use ember::model::{Activation, RopeStyle};
@@ -184,5 +187,119 @@ fn attention_matches_softmax_attention_with_gqa() {
                 assert!((got - want).abs() < 4e-3, "t{t} h{h} i{i}: {got} vs {want}");
             }
         }
+    }
+}
+
+/// The row dot product the reference path computes for (row r, token t) at the default
+/// precision: the activation quantised as llama.cpp does, the scalar twin of the x86 dot.
+fn reference_row_dot(w: &Matrix, x: &[f32], r: usize) -> f32 {
+    let row = &w.bytes()[r * w.row_bytes()..(r + 1) * w.row_bytes()];
+    let nb = x.len() / 32;
+    match w.ty {
+        GgmlType::Q4_1 => {
+            let mut y = vec![quant::BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] }; nb];
+            quant::reference::quantize_row_q8_1(x, &mut y);
+            quant::reference::vec_dot_q4_1_q8_1(bytemuck::cast_slice(row), &y)
+        }
+        ty => {
+            let mut y = vec![quant::BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; nb];
+            quant::reference::quantize_row_q8_0(x, &mut y);
+            match ty {
+                GgmlType::Q4_0 => quant::reference::vec_dot_q4_0_q8_0(bytemuck::cast_slice(row), &y),
+                GgmlType::Q8_0 => quant::reference::vec_dot_q8_0_q8_0(bytemuck::cast_slice(row), &y),
+                _ => unreachable!(),
+            }
+        }
+    }
+}
+
+#[test]
+fn matmul_equals_the_reference_row_dots_bit_for_bit() {
+    // Whatever kernels this CPU picks (packed groups or rows), every output is the reference's
+    // dot product to the bit; rows that end in a partial group included.
+    let mut rng = Rng(11);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        for (rows, cols, tokens) in [(1, 32, 1), (17, 96, 2), (53, 160, 3), (192, 576, 1)] {
+            let (w, _) = random_matrix(&mut rng, rows, cols, ty);
+            let x = rng.vec(tokens * cols);
+            let mut out = vec![f32::NAN; rows * tokens];
+            matmul(&w, &Activations::new(&x, tokens), &mut out);
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let want = reference_row_dot(&w, &x[t * cols..(t + 1) * cols], r);
+                    assert_eq!(out[t * rows + r].to_bits(), want.to_bits(), "{ty} {rows}x{cols} t{t} r{r}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn matmuls_on_a_team_equal_matmul_for_any_team_size() {
+    let mut rng = Rng(12);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16] {
+        let (cols, tokens) = (224, 3);
+        let (a, _) = random_matrix(&mut rng, 67, cols, ty);
+        let (b, _) = random_matrix(&mut rng, 16, cols, ty);
+        let (c, _) = random_matrix(&mut rng, 5, cols, ty);
+        let x = rng.vec(tokens * cols);
+        for precision in [Precision::Llama, Precision::F32] {
+            let acts = Activations::new(&x, tokens).with_precision(precision);
+            let want: Vec<Vec<f32>> = [&a, &b, &c]
+                .iter()
+                .map(|w| {
+                    let mut out = vec![f32::NAN; w.rows * tokens];
+                    matmul(w, &acts, &mut out);
+                    out
+                })
+                .collect();
+            for size in [1, 2, 3, 5] {
+                let mut team = Team::new(size);
+                let (mut oa, mut ob, mut oc) = (vec![f32::NAN; 67 * tokens], vec![f32::NAN; 16 * tokens], vec![f32::NAN; 5 * tokens]);
+                let acts = Activations::new(&x, tokens).with_precision(precision);
+                matmuls(&mut team, &acts, [(&a, &mut oa[..]), (&b, &mut ob[..]), (&c, &mut oc[..])]);
+                for (got, want) in [oa, ob, oc].iter().zip(&want) {
+                    let (g, w): (Vec<u32>, Vec<u32>) = (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
+                    assert_eq!(g, w, "{ty} {precision:?} team of {size}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn vectorised_silu_equals_the_scalar_one() {
+    let mut rng = Rng(13);
+    for n in [1, 7, 8, 9, 16, 83, 1536] {
+        // Magnitudes up to ~200 reach exp's far range (|n| > 126) in some groups.
+        let gate: Vec<f32> = rng.vec(n).iter().enumerate().map(|(i, v)| v * if i % 13 == 0 { 9.0 } else { 4.0 }).collect();
+        let up = rng.vec(n);
+        let (mut fast, mut slow) = (gate.clone(), gate.clone());
+        ops::silu_gated_fast(&mut fast, &up);
+        ops::silu_gated_reference(&mut slow, &up);
+        for i in 0..n {
+            assert!(fast[i].to_bits() == slow[i].to_bits() || (fast[i].is_nan() && slow[i].is_nan()), "n {n} [{i}] gate {}: {} vs {}", gate[i], fast[i], slow[i]);
+        }
+    }
+}
+
+#[test]
+fn attention_on_a_team_equals_attention() {
+    let mut rng = Rng(14);
+    let shape = AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 };
+    let (past, n_tokens) = (3, 5);
+    let kv_dim = shape.n_head_kv * shape.head_dim;
+    let mut cache = KvCache::new(1, 16, kv_dim);
+    for p in 0..past + n_tokens {
+        cache.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+    }
+    let q = rng.vec(n_tokens * shape.n_head * shape.head_dim);
+    let (k, v) = cache.layer(0);
+    let mut want = vec![0.0; q.len()];
+    attention(&q, k, v, past, n_tokens, shape, &mut want);
+    for size in [1, 2, 4] {
+        let mut got = vec![f32::NAN; q.len()];
+        attention_team(&mut Team::new(size), &q, k, v, past, n_tokens, shape, &mut got);
+        assert_eq!(got, want, "team of {size}");
     }
 }

@@ -737,3 +737,88 @@ fn bench_dot_kernels() {
         run("f32 x f32", &m, COLS, |r| quant::vec_dot_f32(r, &act));
     }
 }
+
+// ---------------------------------------------------------------- packed (interleaved) matrices
+
+/// Every packed ISA this CPU runs; none on other architectures (the row kernels serve there).
+fn packed_isas() -> Vec<quant::packed::Isa> {
+    use quant::packed::Isa;
+    [Isa::Avx512Vnni, Isa::Avx2].into_iter().filter(|i| i.available()).collect()
+}
+
+/// The packed product of `rows` weight rows with `n_tokens` activation rows, for each ISA,
+/// bit for bit against the reference dot of each (row, token).
+fn check_packed<W: bytemuck::Pod>(
+    ty: GgmlType,
+    rows: usize,
+    nb: usize,
+    n_tokens: usize,
+    w: &[W],
+    reference_dot: impl Fn(&[W], usize) -> f32,
+    product: impl Fn(&quant::packed::PackedMatrix, quant::packed::Isa, &mut [f32]),
+) {
+    let packed = quant::packed::PackedMatrix::new(ty, rows, 32 * nb, bits(w)).unwrap();
+    assert_eq!(packed.groups(), rows.div_ceil(16));
+    for isa in packed_isas() {
+        let mut out = vec![f32::NAN; n_tokens * rows];
+        product(&packed, isa, &mut out);
+        for t in 0..n_tokens {
+            for r in 0..rows {
+                let want = reference_dot(&w[r * nb..(r + 1) * nb], t);
+                let got = out[t * rows + r];
+                assert_eq!(got.to_bits(), want.to_bits(), "{ty} {isa:?} {rows}x{nb} blocks, token {t} row {r}: {got} vs {want}");
+            }
+        }
+    }
+}
+
+/// Odd shapes: a partial group alone, partial groups after whole ones, one and many blocks.
+const PACKED_SHAPES: [(usize, usize); 6] = [(1, 1), (15, 3), (16, 1), (17, 5), (37, 18), (50, 37)];
+
+#[test]
+fn packed_q4_0_and_q8_0_equal_reference_dots() {
+    use quant::packed::{ActScales, PackedActs};
+    let mut rng = Rng(60);
+    for (rows, nb) in PACKED_SHAPES {
+        for n_tokens in [1, 3] {
+            let mut y = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; n_tokens * nb];
+            quant::quantize_row_q8_0(&rng.vec(32 * nb * n_tokens), &mut y);
+            let scales = ActScales::from_q8_0(&y, 32 * nb);
+            let acts = PackedActs::q8_0(&y, &scales, n_tokens);
+            let tok = |t: usize| &y[t * nb..(t + 1) * nb];
+
+            let w4 = random_q4_0(&mut rng, rows * nb);
+            check_packed(GgmlType::Q4_0, rows, nb, n_tokens, &w4, |x, t| reference::vec_dot_q4_0_q8_0(x, tok(t)), |p, isa, out| p.mul(isa, &acts, out));
+
+            // Q8_0 weights include -128, which other tools may write.
+            let mut w8 = random_q8_0(&mut rng, rows * nb);
+            w8[0].qs[5] = -128;
+            w8[rows * nb - 1].qs[31] = -128;
+            check_packed(GgmlType::Q8_0, rows, nb, n_tokens, &w8, |x, t| reference::vec_dot_q8_0_q8_0(x, tok(t)), |p, isa, out| p.mul(isa, &acts, out));
+        }
+    }
+}
+
+#[test]
+fn packed_q4_1_equals_reference_dots() {
+    use quant::packed::{ActScales, PackedActs};
+    let mut rng = Rng(61);
+    for (rows, nb) in PACKED_SHAPES {
+        for n_tokens in [1, 2] {
+            let mut y = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] }; n_tokens * nb];
+            quant::quantize_row_q8_1(&rng.vec(32 * nb * n_tokens), &mut y);
+            let scales = ActScales::from_q8_1(&y, 32 * nb);
+            let acts = PackedActs::q8_1(&y, &scales, n_tokens);
+            let w = random_q4_1(&mut rng, rows * nb);
+            check_packed(GgmlType::Q4_1, rows, nb, n_tokens, &w, |x, t| reference::vec_dot_q4_1_q8_1(x, &y[t * nb..(t + 1) * nb]), |p, isa, out| p.mul(isa, &acts, out));
+        }
+    }
+}
+
+#[test]
+fn packed_matrix_rejects_bad_input() {
+    use quant::packed::{PackError, PackedMatrix};
+    assert!(matches!(PackedMatrix::new(GgmlType::F16, 2, 32, &[0; 128]), Err(PackError::Unsupported(GgmlType::F16))));
+    assert!(matches!(PackedMatrix::new(GgmlType::Q4_0, 2, 32, &[0; 35]), Err(PackError::Length { expected: 36, got: 35, .. })));
+    assert!(matches!(PackedMatrix::new(GgmlType::Q8_0, 1, 40, &[0; 34]), Err(PackError::Length { .. })));
+}

@@ -700,7 +700,7 @@ fn gated_ffn_chunks_with_firing_flags_equals_the_firing_subset() {
         for act in [ember::model::Activation::Silu, ember::model::Activation::Relu] {
             for sparsity in SPARSITIES {
                 let candidates = random_subset(&mut rng, n_ff, sparsity);
-                let fires: Vec<bool> = candidates.iter().map(|_| rng.next_u64() % 3 == 0).collect();
+                let fires: Vec<bool> = candidates.iter().map(|_| rng.next_u64().is_multiple_of(3)).collect();
                 let firing: Vec<u32> = candidates.iter().zip(&fires).filter(|(_, &f)| f).map(|(&c, _)| c).collect();
                 let run = |list: &[u32], flags: Option<&[bool]>| {
                     let mut acc = vec![0.0f32; n_embd];

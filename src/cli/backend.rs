@@ -139,7 +139,15 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
     // A placement from --placement, else the one cached beside the model for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
-        (Some(b), None) => Some(PlacementCache::new(&args.resolve_model()?, b, &counts)),
+        (Some(b), None) => {
+            // A simulated predictor's rows and lists take VRAM per hot neuron: a placement
+            // made without them must not be reused with them, nor the other way round.
+            let salt = match (&simulate, &sim_predictors) {
+                (Some(s), p) => 1 + (!s.is_perfect()) as u64 + 2 * p.as_ref().map_or(0, |p| p.layers[0].rank() as u64 * 97 + p.layers[0].fc2.ty as u64),
+                (None, _) => 0,
+            };
+            Some(PlacementCache::new(&args.resolve_model()?, b, &counts, salt))
+        }
         _ => None,
     };
     let hot = match (&args.placement, &cache) {
@@ -409,9 +417,10 @@ const KEY_CACHE_BUDGET: &str = "ember.placement.budget";
 const KEY_CACHE_COUNTS: &str = "ember.placement.counts_fingerprint";
 
 impl PlacementCache {
-    fn new(model_path: &Path, budget: u64, counts: &[Vec<u32>]) -> PlacementCache {
+    /// `salt` tells apart setups whose neurons cost different bytes for the same counts.
+    fn new(model_path: &Path, budget: u64, counts: &[Vec<u32>], salt: u64) -> PlacementCache {
         let path = super::profile::beside(model_path, &format!(".placement-{}MiB.gguf", budget.div_ceil(1 << 20)));
-        PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) }
+        PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) }
     }
 
     /// The cached hot neurons, when the file exists and was made for this budget and profile.

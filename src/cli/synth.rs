@@ -55,6 +55,13 @@ pub struct SynthArgs {
     pub tokenizer_from: Option<PathBuf>,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// With --act relu: an activation profile (`ember profile` of a real ReLU model) whose
+    /// per-neuron firing rates the model imitates, stretched to its shape: each gate row gets a
+    /// bias, carried by residual dimension 0 (held constant), calibrated on a few CPU tokens, so
+    /// that `--ffn relu` on it is as sparse as the profiled model. Without it a relu model fires
+    /// on about half of its neurons (zero-mean weights)
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<PathBuf>,
 }
 
 /// splitmix64: a fast, seedable stream for filling gigabytes.
@@ -103,6 +110,211 @@ pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
             _ => unreachable!("synth writes F32, F16, Q8_0, Q4_0 and Q4_1"),
         }
     });
+}
+
+/// The value residual dimension 0 holds in a relu model (see [`SynthArgs::profile`]).
+const CONST_DIM: f32 = 1.0;
+
+/// Writes a block of `ty` whose element 0 is `v0` and whose other elements are 0.
+fn set_block0(block: &mut [u8], ty: GgmlType, v0: f32) {
+    let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    match ty {
+        GgmlType::F16 => {
+            block[..64].fill(0);
+            block[..2].copy_from_slice(&half(v0));
+        }
+        GgmlType::Q8_0 => {
+            block[..2].copy_from_slice(&half(v0 / 127.0));
+            block[2..34].fill(0);
+            block[2] = 127;
+        }
+        GgmlType::Q4_0 => {
+            // value = d (q - 8): all codes 8 but element 0's (low nibble of byte 0) 15.
+            block[..2].copy_from_slice(&half(v0 / 7.0));
+            block[2..18].fill(0x88);
+            block[2] = 0x8f;
+        }
+        GgmlType::Q4_1 => {
+            // value = d q + m with m = 0.
+            block[..2].copy_from_slice(&half(v0 / 15.0));
+            block[2..4].copy_from_slice(&half(0.0));
+            block[4..20].fill(0);
+            block[4] = 0x0f;
+        }
+        _ => unreachable!("synth writes F16, Q8_0, Q4_0 and Q4_1 matrices"),
+    }
+}
+
+/// Bytes of one row's first 32 values (a block, or 32 halves).
+fn block0_bytes(ty: GgmlType) -> usize {
+    if ty == GgmlType::F16 {
+        64
+    } else {
+        ty.block_bytes()
+    }
+}
+
+/// A relu model's structure on top of random weights: zero-mean Q4_0 codes (code 0, value -8,
+/// becomes 8, value 0: without it every gate row has a negative mean and relu fires on every
+/// neuron); residual dimension 0 held at [`CONST_DIM`] (the embedding's column 0 set, the rows
+/// of attention and FFN outputs writing dimension 0 zeroed); gate rows' first block reserved for
+/// their bias (zero until calibrated).
+fn relu_structure(name: &str, buf: &mut [u8], ty: GgmlType, cols: u64) {
+    if ty == GgmlType::Q4_0 {
+        for b in buf.chunks_exact_mut(ty.block_bytes()) {
+            for q in &mut b[2..] {
+                let (lo, hi) = (*q & 0x0f, *q >> 4);
+                *q = if lo == 0 { 8 } else { lo } | if hi == 0 { 8 } else { hi } << 4;
+            }
+        }
+    }
+    let row = cols as usize / ty.block_len() * ty.block_bytes();
+    let b0 = block0_bytes(ty);
+    if name == "token_embd.weight" || name.ends_with("ffn_gate.weight") {
+        let v0 = if name == "token_embd.weight" { CONST_DIM } else { 0.0 };
+        for r in buf.chunks_exact_mut(row) {
+            set_block0(&mut r[..b0], ty, v0);
+        }
+    }
+    if name.ends_with("attn_output.weight") || name.ends_with("ffn_down.weight") {
+        // Row 0 computes output dimension 0: all zero.
+        for b in buf[..row].chunks_exact_mut(b0) {
+            set_block0(b, ty, 0.0);
+        }
+    }
+}
+
+/// Standard normal CDF (Abramowitz and Stegun 7.1.26 for erf, error under 1.5e-7).
+fn normal_cdf(z: f64) -> f64 {
+    let x = z.abs() / std::f64::consts::SQRT_2;
+    let t = 1.0 / (1.0 + 0.3275911 * x);
+    let erf = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * (-x * x).exp();
+    if z >= 0.0 { 0.5 * (1.0 + erf) } else { 0.5 * (1.0 - erf) }
+}
+
+/// z with normal_cdf(z) = p, by bisection (p clamped away from 0 and 1).
+fn probit(p: f64) -> f64 {
+    let p = p.clamp(1e-5, 1.0 - 1e-5);
+    let (mut lo, mut hi) = (-8.0f64, 8.0f64);
+    for _ in 0..80 {
+        let mid = 0.5 * (lo + hi);
+        if normal_cdf(mid) < p {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// What the calibration measures per layer over a few tokens: residual dimension 0 after the
+/// FFN norm, the gate without its bias (per neuron: its sum and sum of squares over tokens: a
+/// neuron's random weights meet the residual's mean direction, which gives it an offset of its
+/// own), and firings.
+#[derive(Default, Clone)]
+struct LayerStats {
+    tokens: u64,
+    xn0: f64,
+    sum: Vec<f64>,
+    sum2: Vec<f64>,
+    fired: u64,
+}
+
+struct Calibrator {
+    stats: Vec<LayerStats>,
+    /// Per layer: the FFN norm's weight of dimension 0, and the bias weights in place.
+    norm0: Vec<f32>,
+    eps: f32,
+    w0: Vec<Vec<f32>>,
+}
+
+impl crate::sparse::FfnObserver for std::sync::Arc<std::sync::Mutex<Calibrator>> {
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
+        let mut c = self.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = resid.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / resid.len() as f64;
+        let xn0 = resid[0] as f64 * c.norm0[layer] as f64 / (ms + c.eps as f64).sqrt();
+        let Calibrator { stats, w0, .. } = &mut *c;
+        let st = &mut stats[layer];
+        st.sum.resize(gate_pre.len(), 0.0);
+        st.sum2.resize(gate_pre.len(), 0.0);
+        for (i, (g, &w)) in gate_pre.iter().zip(&w0[layer]).enumerate() {
+            let e = *g as f64 - w as f64 * xn0;
+            st.sum[i] += e;
+            st.sum2[i] += e * e;
+            st.fired += (*g > 0.0) as u64;
+        }
+        st.tokens += 1;
+        st.xn0 += xn0;
+    }
+}
+
+/// Sets each gate row's bias so that neuron i fires at about the profile's rate q_i: the gate
+/// is bias_i + an offset m_i of its own + a part varying from token to token with spread sigma
+/// (per layer), all measured, so bias_i = sigma probit(q_i) - m_i.
+/// The bias is w_i0 xn_0, xn_0 being residual dimension 0 after the FFN norm (measured: it
+/// depends on the residual's scale at that layer). Firing changes the residual that later
+/// layers see, so a few rounds. Returns (target, reached) mean firing rates.
+fn calibrate(path: &std::path::Path, profile: &crate::sparse::profile::ActivationProfile, seed: u64) -> Result<(f64, f64)> {
+    use crate::engine::{Forward, Logits, Session};
+    const ROUNDS: usize = 8;
+    const TOKENS: usize = 64;
+    let probe = crate::model::Model::load(path)?;
+    let (n_layer, n_ff) = (probe.hp.n_layer, probe.hp.n_ff);
+    let sim = crate::sparse::simulate::SimulatedActivity::from_profile(profile, n_layer, n_ff, 0)?;
+    let target = sim.mean_rate();
+    let ty = probe.layers[0].ffn_gate.ty;
+    let row = probe.layers[0].ffn_gate.row_bytes();
+    let offsets: Vec<u64> = (0..n_layer).map(|l| probe.file.tensor(&format!("blk.{l}.ffn_gate.weight")).map(|t| t.offset).ok_or("no gate tensor")).collect::<std::result::Result<_, _>>()?;
+    let vocab = probe.hp.n_vocab as u64;
+    let tokens: Vec<u32> = (0..TOKENS as u64).map(|i| (mix(seed ^ (i + 7)) % vocab) as u32).collect();
+    drop(probe);
+    let mut w0 = vec![vec![0.0f32; n_ff]; n_layer];
+    // Per layer, in units of sigma: what the Gaussian model misses of the layer's mean rate,
+    // corrected round by round from the rate reached.
+    let mut shift = vec![0.0f64; n_layer];
+    let density = sim.density();
+    let mut reached = 0.0;
+    for round in 0..=ROUNDS {
+        let model = std::sync::Arc::new(crate::model::Model::load(path)?);
+        let norm0 = model.layers.iter().map(|l| l.ffn_norm[0]).collect();
+        let cal = std::sync::Arc::new(std::sync::Mutex::new(Calibrator { stats: vec![LayerStats::default(); n_layer], norm0, eps: model.hp.rms_eps, w0: w0.clone() }));
+        let mut s = Session::new(model.clone(), TOKENS);
+        s.observer = Some(Box::new(cal.clone()));
+        // Every row through every layer (Last would drop all but one row in the last layer).
+        s.forward(&tokens, Logits::All)?;
+        drop(s);
+        drop(model);
+        let c = cal.lock().unwrap_or_else(|e| e.into_inner());
+        reached = c.stats.iter().map(|st| st.fired as f64 / (st.tokens.max(1) * n_ff as u64) as f64).sum::<f64>() / n_layer as f64;
+        if round == ROUNDS {
+            break;
+        }
+        let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+        for (l, st) in c.stats.iter().enumerate() {
+            let t = st.tokens.max(1) as f64;
+            let means: Vec<f64> = st.sum.iter().map(|s| s / t).collect();
+            // The spread around each neuron's own mean, pooled over the layer's neurons.
+            let var = st.sum2.iter().zip(&means).map(|(s2, m)| s2 / t - m * m).sum::<f64>() / n_ff as f64;
+            let sigma = var.max(0.0).sqrt();
+            let xn0 = st.xn0 / t;
+            if round > 0 {
+                let rate = st.fired as f64 / (t * n_ff as f64);
+                shift[l] += probit(density[l]) - probit(rate);
+            }
+            let mut block = vec![0u8; block0_bytes(ty)];
+            for (i, &q) in sim.rates(l).iter().enumerate() {
+                let w = if xn0.abs() > 1e-12 { ((sigma * (probit(q as f64) + shift[l]) - means[i]) / xn0) as f32 } else { 0.0 };
+                w0[l][i] = half::f16::from_f32(w).to_f32();
+                set_block0(&mut block, ty, w);
+                use std::io::{Seek, Write};
+                f.seek(std::io::SeekFrom::Start(offsets[l] + (i * row) as u64))?;
+                f.write_all(&block)?;
+            }
+        }
+        f.sync_all()?;
+        eprintln!("ember: calibrating firing rates, round {}: mean rate {:.1}% (target {:.1}%)", round + 1, 100.0 * reached, 100.0 * target);
+    }
+    Ok((target, reached))
 }
 
 fn gib(b: u64) -> f64 {
@@ -158,6 +370,14 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         w.add_generated(&n("ffn_up.weight"), &[e, ff], ty);
         w.add_generated(&n("ffn_down.weight"), &[ff, e], ty);
     }
+    if a.profile.is_some() && a.act != "relu" {
+        return Err("--profile sets firing rates of a relu model: add --act relu".into());
+    }
+    let profile = match &a.profile {
+        Some(p) => Some(crate::sparse::profile::ActivationProfile::load(p).map_err(|e| format!("--profile {}: {e}", p.display()))?),
+        None => None,
+    };
+    let relu = a.act == "relu";
     // Each tensor is generated in memory, then written: the largest must fit in memory, the
     // whole file on disk (sizes within the limits above cannot overflow a u64).
     let (tensor_max, total) = w.tensor_sizes();
@@ -180,13 +400,23 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         w.write_generated(out, &mut |name, t, buf| {
             let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
             fill(buf, t, cols, mix(a.seed ^ mix(index)));
+            if relu && t != GgmlType::F32 {
+                relu_structure(name, buf, t, cols);
+            }
             index += 1;
             bar.inc(1);
         })
     })
     .map_err(|e| format!("{}: {e}", a.output.display()))?;
     bar.finish_and_clear();
+    let rates = match &profile {
+        Some(p) => Some(calibrate(&a.output, p, a.seed)?),
+        None => None,
+    };
     let size = std::fs::metadata(&a.output)?.len();
+    if let (Some((target, reached)), Some(p)) = (rates, &a.profile) {
+        eprintln!("ember: firing rates of {} imitated: mean {:.1}% on {} calibration tokens (the profile's {:.1}%)", p.display(), 100.0 * reached, 64, 100.0 * target);
+    }
     eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {ty} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, a.act);
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! and keeps ember's greedy tokens on llama.cpp's.
 
 use half::f16;
+use super::team::Team;
 use rayon::prelude::*;
 
 /// Keys and values of every layer for up to `n_ctx` positions, in f16.
@@ -50,39 +51,80 @@ pub struct AttnShape {
 }
 
 /// Attention for `n_tokens` queries at positions `pos0..pos0 + n_tokens` (each sees keys
-/// `0..=its position`). `q` is `[n_tokens][n_head * head_dim]`, `out` likewise.
+/// `0..=its position`). `q` is `[n_tokens][n_head * head_dim]`, `out` likewise. Over rayon.
 pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, out: &mut [f32]) {
+    let head_dim = shape.head_dim;
+    assert_eq!(out.len(), n_tokens * shape.n_head * head_dim);
+    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
+        let mut scratch = vec![f16::ZERO; 2 * head_dim];
+        one_head(q, k, v, pos0, shape, i, o, &mut scratch)
+    });
+}
+
+/// [`attention`] on a team: (token, head) pairs dealt round-robin, so that the members share
+/// the longer causal rows of a prompt's later tokens evenly.
+pub fn attention_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, out: &mut [f32]) {
+    let head_dim = shape.head_dim;
+    let n = n_tokens * shape.n_head;
+    assert_eq!(out.len(), n * head_dim);
+    let ptr = SharedOut(out.as_mut_ptr());
+    team.run(&|member, size| {
+        let mut scratch = vec![f16::ZERO; 2 * head_dim];
+        for i in (member..n).step_by(size) {
+            // SAFETY: task i owns out[i * head_dim..][..head_dim], inside `out`; each task
+            // belongs to one member.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(i * head_dim), head_dim) };
+            one_head(q, k, v, pos0, shape, i, o, &mut scratch);
+        }
+    });
+}
+
+/// Raw pointer to the output, shared by members that write disjoint heads.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// A method, so that closures capture the whole (Sync) wrapper.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the slice the pointer came from.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Task `i` = (token `i / n_head`, head `i % n_head`): online softmax over its keys, the
+/// weighted values summed in f16. `scratch` holds `2 * head_dim` halves.
+#[allow(clippy::too_many_arguments)]
+fn one_head(q: &[f32], k: &[f16], v: &[f16], pos0: usize, shape: AttnShape, i: usize, o: &mut [f32], scratch: &mut [f16]) {
     let AttnShape { n_head, n_head_kv, head_dim } = shape;
     let q_dim = n_head * head_dim;
     let kv_dim = n_head_kv * head_dim;
     let group = n_head / n_head_kv;
-    assert_eq!(out.len(), n_tokens * q_dim);
     let scale = 1.0 / (head_dim as f32).sqrt();
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
-        let (t, h) = (i / n_head, i % n_head);
-        let kvh = h / group;
-        let mut qh = vec![f16::ZERO; head_dim];
-        crate::quant::f32_to_f16_row(&q[t * q_dim + h * head_dim..][..head_dim], &mut qh);
-        let mut acc = vec![f16::ZERO; head_dim];
-        let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
-        for p in 0..=pos0 + t {
-            let kr = &k[p * kv_dim + kvh * head_dim..][..head_dim];
-            let score = crate::quant::vec_dot_f16_f16(kr, &qh) * scale;
-            let (mut ms, mut vs) = (1.0f32, 1.0f32);
-            if score > m {
-                ms = (m - score).exp();
-                m = score;
-                crate::quant::vec_scale_f16(&mut acc, ms);
-            } else {
-                vs = (score - m).exp();
-            }
-            let vr = &v[p * kv_dim + kvh * head_dim..][..head_dim];
-            crate::quant::vec_mad_f16(&mut acc, vr, vs);
-            s = s.mul_add(ms, vs);
+    let (t, h) = (i / n_head, i % n_head);
+    let kvh = h / group;
+    let (qh, acc) = scratch.split_at_mut(head_dim);
+    acc.fill(f16::ZERO);
+    crate::quant::f32_to_f16_row(&q[t * q_dim + h * head_dim..][..head_dim], qh);
+    let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
+    for p in 0..=pos0 + t {
+        let kr = &k[p * kv_dim + kvh * head_dim..][..head_dim];
+        let score = crate::quant::vec_dot_f16_f16(kr, qh) * scale;
+        let (mut ms, mut vs) = (1.0f32, 1.0f32);
+        if score > m {
+            ms = (m - score).exp();
+            m = score;
+            crate::quant::vec_scale_f16(acc, ms);
+        } else {
+            vs = (score - m).exp();
         }
-        let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
-        for (o, a) in o.iter_mut().zip(&acc) {
-            *o = a.to_f32() * inv;
-        }
-    });
+        let vr = &v[p * kv_dim + kvh * head_dim..][..head_dim];
+        crate::quant::vec_mad_f16(acc, vr, vs);
+        s = s.mul_add(ms, vs);
+    }
+    let inv = if s == 0.0 { 0.0 } else { 1.0 / s };
+    for (o, a) in o.iter_mut().zip(acc.iter()) {
+        *o = a.to_f32() * inv;
+    }
 }

@@ -3,7 +3,9 @@
 
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
+use crate::quant::packed::{ActScales, Isa, PackedActs, PackedMatrix};
 use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use super::team::Team;
 use rayon::prelude::*;
 use std::sync::OnceLock;
 
@@ -18,12 +20,14 @@ pub struct Activations<'a> {
     q8_0: OnceLock<Vec<BlockQ8_0>>,
     q8_1: OnceLock<Vec<BlockQ8_1>>,
     half: OnceLock<Vec<f16>>,
+    q8_0_scales: OnceLock<ActScales>,
+    q8_1_scales: OnceLock<ActScales>,
 }
 
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n_tokens: usize) -> Self {
         assert!(n_tokens > 0 && x.len().is_multiple_of(n_tokens));
-        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new() }
+        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new(), q8_0_scales: OnceLock::new(), q8_1_scales: OnceLock::new() }
     }
 
     pub fn with_precision(mut self, precision: Precision) -> Self {
@@ -46,6 +50,17 @@ impl<'a> Activations<'a> {
             quant::quantize_row_q8_1(self.x, &mut y);
             y
         })
+    }
+
+    /// The activations as the packed kernels of `w`'s type read them.
+    fn packed_for(&self, ty: GgmlType) -> PackedActs<'_> {
+        if ty == GgmlType::Q4_1 {
+            let y = self.q8_1();
+            PackedActs::q8_1(y, self.q8_1_scales.get_or_init(|| ActScales::from_q8_1(y, self.cols)), self.n_tokens)
+        } else {
+            let y = self.q8_0();
+            PackedActs::q8_0(y, self.q8_0_scales.get_or_init(|| ActScales::from_q8_0(y, self.cols)), self.n_tokens)
+        }
     }
 
     pub(crate) fn half(&self) -> &[f16] {
@@ -80,74 +95,136 @@ impl OutPtr {
     }
 }
 
-/// Rows per task: small enough for every thread to get several tasks (load balance), large
-/// enough to amortise scheduling.
-fn rows_per_task(rows: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
-    (rows / (threads * 8)).clamp(8, 256)
-}
-
-/// `out[t * w.rows + r] = dot(w row r, x row t)` for every token t and row r.
+/// `out[t * w.rows + r] = dot(w row r, x row t)` for every token t and row r, over rayon.
 pub fn matmul(w: &Matrix, x: &Activations, out: &mut [f32]) {
-    assert_eq!(x.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, x.cols, w.cols);
-    assert_eq!(out.len(), x.n_tokens * w.rows);
-    if x.precision == Precision::F32 && w.ty != GgmlType::F32 {
-        return run_dequantised(w, x, out);
-    }
-    match w.ty {
-        GgmlType::Q4_0 => run::<BlockQ4_0, BlockQ8_0>(w, x.q8_0(), x, out, quant::vec_dot_q4_0_q8_0),
-        GgmlType::Q4_1 => run::<BlockQ4_1, BlockQ8_1>(w, x.q8_1(), x, out, quant::vec_dot_q4_1_q8_1),
-        GgmlType::Q8_0 => run::<BlockQ8_0, BlockQ8_0>(w, x.q8_0(), x, out, quant::vec_dot_q8_0_q8_0),
-        GgmlType::F16 => run::<f16, f16>(w, x.half(), x, out, quant::vec_dot_f16_f16),
-        GgmlType::F32 => run::<f32, f32>(w, x.x, x, out, quant::vec_dot_f32),
-        other => panic!("{}: no CPU kernel for {other} (the loader converts such types)", w.name),
-    }
+    let plan = Plan::new(w, x, out.len());
+    let parts = plan.parts(rayon::current_num_threads());
+    let ptr = OutPtr(out.as_mut_ptr());
+    (0..parts).into_par_iter().for_each(|k| {
+        // SAFETY: `Plan::new` checked the output's length; parts write disjoint rows.
+        unsafe { plan.run_part(ptr, k, parts) }
+    });
 }
 
-fn run<W: bytemuck::Pod + Sync, A: Sync>(
-    w: &Matrix,
-    acts: &[A],
-    x: &Activations,
-    out: &mut [f32],
-    dot: fn(&[W], &[A]) -> f32,
-) {
-    let weights: &[W] = bytemuck::cast_slice(w.bytes());
-    let per_row = weights.len() / w.rows;
-    let per_tok = acts.len() / x.n_tokens;
-    let rows = w.rows;
-    let chunk = rows_per_task(rows);
-    let n_tasks = rows.div_ceil(chunk);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..n_tasks).into_par_iter().for_each(|task| {
-        let r0 = task * chunk;
-        let r1 = (r0 + chunk).min(rows);
-        for t in 0..x.n_tokens {
-            let a = &acts[t * per_tok..(t + 1) * per_tok];
-            for r in r0..r1 {
-                let v = dot(&weights[r * per_row..(r + 1) * per_row], a);
-                // SAFETY: tasks own disjoint row ranges, so each (t, r) is written once.
-                unsafe { *ptr.at(t * rows + r) = v };
-            }
+/// Several products of the same activations (q, k and v; gate and up) in one parallel step
+/// of `team`: each member computes its equal share of every matrix, so the step costs one
+/// start and one join however many matrices it has.
+pub fn matmuls<const N: usize>(team: &mut Team, x: &Activations, products: [(&Matrix, &mut [f32]); N]) {
+    let plans: [(Plan, OutPtr); N] = products.map(|(w, out)| (Plan::new(w, x, out.len()), OutPtr(out.as_mut_ptr())));
+    if team.size() == 1 {
+        for (plan, ptr) in &plans {
+            // SAFETY: as below, with one part.
+            unsafe { plan.run_part(*ptr, 0, 1) };
+        }
+        return;
+    }
+    team.run(&|member, size| {
+        for (plan, ptr) in &plans {
+            // SAFETY: `Plan::new` checked each output's length, members write disjoint rows,
+            // and the outputs are distinct `&mut` slices borrowed for this call.
+            unsafe { plan.run_part(*ptr, member, size) };
         }
     });
 }
 
-/// The [`Precision::F32`] product: each task dequantises one weight row at a time into a
-/// scratch row and takes f32 dot products with every token.
-fn run_dequantised(w: &Matrix, x: &Activations, out: &mut [f32]) {
-    let rows = w.rows;
-    let chunk = rows_per_task(rows);
-    let ptr = OutPtr(out.as_mut_ptr());
-    (0..rows.div_ceil(chunk)).into_par_iter().for_each(|task| {
-        let mut row = vec![0.0f32; w.cols];
-        let rb = w.row_bytes();
-        for r in task * chunk..((task + 1) * chunk).min(rows) {
-            quant::dequantize(w.ty, &w.bytes()[r * rb..(r + 1) * rb], &mut row).expect("native types dequantise");
-            for t in 0..x.n_tokens {
-                let v = quant::vec_dot_f32(&row, &x.x[t * w.cols..(t + 1) * w.cols]);
-                // SAFETY: tasks own disjoint row ranges, so each (t, r) is written once.
-                unsafe { *ptr.at(t * rows + r) = v };
+/// How one product is computed, decided once per call (before any thread starts): the packed
+/// kernels where this CPU has them, else one row dot at a time.
+enum Plan<'a> {
+    Packed { p: &'a PackedMatrix, isa: Isa, acts: PackedActs<'a> },
+    Rows { dot: RowDot<'a>, rows: usize, n_tokens: usize },
+    /// [`Precision::F32`]: rows dequantised into a scratch row.
+    Dequantised { w: &'a Matrix, x: &'a [f32], n_tokens: usize },
+}
+
+/// One weight type's row dot product with its activation format.
+enum RowDot<'a> {
+    Q4_0(&'a [BlockQ4_0], &'a [BlockQ8_0]),
+    Q4_1(&'a [BlockQ4_1], &'a [BlockQ8_1]),
+    Q8_0(&'a [BlockQ8_0], &'a [BlockQ8_0]),
+    F16(&'a [f16], &'a [f16]),
+    F32(&'a [f32], &'a [f32]),
+}
+
+impl RowDot<'_> {
+    /// Row `r` of `rows` times token `t` of `n_tokens`.
+    fn dot(&self, r: usize, rows: usize, t: usize, n_tokens: usize) -> f32 {
+        fn split<'s, T>(v: &'s [T], i: usize, n: usize) -> &'s [T] {
+            let per = v.len() / n;
+            &v[i * per..(i + 1) * per]
+        }
+        match self {
+            RowDot::Q4_0(w, a) => quant::vec_dot_q4_0_q8_0(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q4_1(w, a) => quant::vec_dot_q4_1_q8_1(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q8_0(w, a) => quant::vec_dot_q8_0_q8_0(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::F16(w, a) => quant::vec_dot_f16_f16(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::F32(w, a) => quant::vec_dot_f32(split(w, r, rows), split(a, t, n_tokens)),
+        }
+    }
+}
+
+impl<'a> Plan<'a> {
+    /// Checks the shapes and prepares the activations (quantised once, before any thread
+    /// starts, so that no member waits on another's conversion).
+    fn new(w: &'a Matrix, x: &'a Activations, out_len: usize) -> Plan<'a> {
+        assert_eq!(x.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, x.cols, w.cols);
+        assert_eq!(out_len, x.n_tokens * w.rows, "{}: output length", w.name);
+        let (rows, n_tokens) = (w.rows, x.n_tokens);
+        if x.precision == Precision::F32 && w.ty != GgmlType::F32 {
+            return Plan::Dequantised { w, x: x.x, n_tokens };
+        }
+        if let (Some(isa), Some(p)) = (Isa::detect(), w.packed()) {
+            return Plan::Packed { p, isa, acts: x.packed_for(w.ty) };
+        }
+        let b = w.bytes();
+        let dot = match w.ty {
+            GgmlType::Q4_0 => RowDot::Q4_0(bytemuck::cast_slice(b), x.q8_0()),
+            GgmlType::Q4_1 => RowDot::Q4_1(bytemuck::cast_slice(b), x.q8_1()),
+            GgmlType::Q8_0 => RowDot::Q8_0(bytemuck::cast_slice(b), x.q8_0()),
+            GgmlType::F16 => RowDot::F16(bytemuck::cast_slice(b), x.half()),
+            GgmlType::F32 => RowDot::F32(bytemuck::cast_slice(b), x.x),
+            other => panic!("{}: no CPU kernel for {other} (the loader converts such types)", w.name),
+        };
+        Plan::Rows { dot, rows, n_tokens }
+    }
+
+    /// How many parts to cut the product into for `threads` threads: one per thread for the
+    /// packed kernels (equal shares of equal groups), several per thread otherwise so that
+    /// rayon can balance rows of uneven cost.
+    fn parts(&self, threads: usize) -> usize {
+        let threads = threads.max(1);
+        match self {
+            Plan::Packed { p, .. } => threads.min(p.groups()),
+            Plan::Rows { rows, .. } => (threads * 8).min(rows.div_ceil(8)).max(1),
+            Plan::Dequantised { w, .. } => (threads * 8).min(w.rows.div_ceil(8)).max(1),
+        }
+    }
+
+    /// Computes part `k` of `parts`: a contiguous range of rows (whole groups for the packed
+    /// kernels), every token, written at `out[t * rows + r]`.
+    ///
+    /// # Safety
+    /// `out` must hold `n_tokens * rows` elements, and no two concurrent calls may share `k`.
+    unsafe fn run_part(&self, out: OutPtr, k: usize, parts: usize) {
+        let share = |n: usize| n * k / parts..n * (k + 1) / parts;
+        match self {
+            Plan::Packed { p, isa, acts } => p.mul_groups(*isa, acts, share(p.groups()), out.at(0), p.rows()),
+            Plan::Rows { dot, rows, n_tokens } => {
+                for r in share(*rows) {
+                    for t in 0..*n_tokens {
+                        *out.at(t * rows + r) = dot.dot(r, *rows, t, *n_tokens);
+                    }
+                }
+            }
+            Plan::Dequantised { w, x, n_tokens } => {
+                let mut row = vec![0.0f32; w.cols];
+                let rb = w.row_bytes();
+                for r in share(w.rows) {
+                    quant::dequantize(w.ty, &w.bytes()[r * rb..(r + 1) * rb], &mut row).expect("native types dequantise");
+                    for t in 0..*n_tokens {
+                        *out.at(t * w.rows + r) = quant::vec_dot_f32(&row, &x[t * w.cols..(t + 1) * w.cols]);
+                    }
+                }
             }
         }
-    });
+    }
 }

@@ -33,6 +33,8 @@ struct Shared {
     remaining: AtomicUsize,
     panicked: AtomicBool,
     quit: AtomicBool,
+    /// Set by [`Team::rest`]: idle members park now instead of spinning on.
+    rest: AtomicBool,
     /// Parking for idle members.
     parked: AtomicUsize,
     lock: Mutex<()>,
@@ -58,6 +60,7 @@ impl Team {
             remaining: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             quit: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -90,6 +93,7 @@ impl Team {
             *s.job.get() = Some(std::mem::transmute::<*const Job<'_>, *const Job<'static>>(ptr));
         }
         s.remaining.store(s.size - 1, Ordering::Relaxed);
+        s.rest.store(false, Ordering::Relaxed);
         s.epoch.fetch_add(1, Ordering::SeqCst);
         if s.parked.load(Ordering::SeqCst) > 0 {
             let _guard = s.lock.lock().unwrap();
@@ -105,6 +109,15 @@ impl Team {
         if s.panicked.swap(false, Ordering::Relaxed) {
             panic!("a worker thread of the team panicked (its message is above)");
         }
+    }
+}
+
+impl Team {
+    /// Lets idle members park at once rather than spin until [`Team::IDLE_BEFORE_PARK`]: for
+    /// a caller about to run other parallel work (rayon), which spinning members would slow
+    /// down on a machine with no spare cores. The next [`Team::run`] wakes them.
+    pub fn rest(&self) {
+        self.shared.rest.store(true, Ordering::Relaxed);
     }
 }
 
@@ -125,7 +138,7 @@ impl Shared {
                     break;
                 }
                 spins = spins.wrapping_add(1);
-                if spins.is_multiple_of(1024) && idle_since.elapsed() > Team::IDLE_BEFORE_PARK {
+                if spins.is_multiple_of(1024) && (self.rest.load(Ordering::Relaxed) || idle_since.elapsed() > Team::IDLE_BEFORE_PARK) {
                     let mut guard = self.lock.lock().unwrap();
                     self.parked.fetch_add(1, Ordering::SeqCst);
                     while self.epoch.load(Ordering::SeqCst) == seen && !self.quit.load(Ordering::SeqCst) {
@@ -189,6 +202,26 @@ mod tests {
             count.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(count.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn resting_members_park_and_wake_for_the_next_job() {
+        let mut team = Team::new(3);
+        let count = AtomicUsize::new(0);
+        team.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        team.rest();
+        let t = Instant::now();
+        while team.shared.parked.load(Ordering::SeqCst) < 2 {
+            // Promptly, but a loaded machine may not run them for a while.
+            assert!(t.elapsed() < Duration::from_secs(2), "members still spin after rest()");
+            std::hint::spin_loop();
+        }
+        team.run(&|_, _| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 6);
     }
 
     #[test]

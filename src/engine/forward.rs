@@ -3,7 +3,10 @@
 
 use crate::cpu::attention::AttnShape;
 use crate::cpu::ops::{self, Rope};
-use crate::cpu::{attention, matmul, Activations, KvCache, Precision};
+use crate::cpu::attention::attention_team;
+use crate::cpu::matmul::matmuls;
+use crate::cpu::team::Team;
+use crate::cpu::{Activations, KvCache, Precision};
 use crate::model::Model;
 use crate::sparse::FfnObserver;
 use super::ffn::{FfnScratch, SparseFfn};
@@ -125,6 +128,10 @@ pub struct Session {
     ffn_scratch: FfnScratch,
     /// Neurons computed per layer so far (sparse modes), for the measured sparsity.
     pub ffn_stats: FfnStats,
+    /// The threads of the dense products and attention: they spin between the ~200 short
+    /// parallel steps of a token instead of sleeping like rayon's, so each step starts on every
+    /// core within a microsecond (sized by the rayon pool the session is made in).
+    team: Team,
 }
 
 /// Neurons the sparse FFN computed: per layer, summed over tokens.
@@ -147,7 +154,7 @@ impl Session {
         let hp = &model.hp;
         let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default() }
+        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()) }
     }
 
     /// Runs the FFN blocks through `ffn` (neuron-aware) instead of densely.
@@ -191,9 +198,7 @@ impl Session {
             // Attention block.
             ops::rms_norm(&x, &layer.attn_norm, hp.rms_eps, &mut xn);
             let acts = Activations::new(&xn, n).with_precision(self.precision);
-            matmul(&layer.wq, &acts, &mut q);
-            matmul(&layer.wk, &acts, &mut k);
-            matmul(&layer.wv, &acts, &mut v);
+            matmuls(&mut self.team, &acts, [(&layer.wq, &mut q[..]), (&layer.wk, &mut k[..]), (&layer.wv, &mut v[..])]);
             for (buf, bias, d) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
                 if let Some(b) = bias {
                     buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
@@ -205,8 +210,8 @@ impl Session {
                 self.kv.store(il, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
             }
             let (kc, vc) = self.kv.layer(il);
-            attention(&q, kc, vc, pos0, n, shape, &mut attn);
-            matmul(&layer.wo, &Activations::new(&attn, n).with_precision(self.precision), &mut proj);
+            attention_team(&mut self.team, &q, kc, vc, pos0, n, shape, &mut attn);
+            matmuls(&mut self.team, &Activations::new(&attn, n).with_precision(self.precision), [(&layer.wo, &mut proj[..])]);
             ops::add_assign(&mut x, &proj);
 
             // In the last layer only the rows whose logits are wanted go on.
@@ -221,7 +226,9 @@ impl Session {
             let xn = &mut xn[..rows * e];
             ops::rms_norm(&x, &layer.ffn_norm, hp.rms_eps, xn);
             if let Some(sparse) = &self.ffn {
-                // Neuron-aware: one token at a time (each has its own active set).
+                // Neuron-aware: one token at a time (each has its own active set), over rayon,
+                // so the team's members make way.
+                self.team.rest();
                 for t in 0..rows {
                     let (resid, xt) = (&x[t * e..(t + 1) * e], &xn[t * e..(t + 1) * e]);
                     let done = sparse.token(&m, il, resid, xt, None, self.precision, &mut self.ffn_scratch, &mut proj[t * e..(t + 1) * e]);
@@ -232,15 +239,14 @@ impl Session {
                 continue;
             }
             let acts = Activations::new(xn, rows).with_precision(self.precision);
-            matmul(&layer.ffn_gate, &acts, &mut gate[..rows * ff]);
-            matmul(&layer.ffn_up, &acts, &mut up[..rows * ff]);
+            matmuls(&mut self.team, &acts, [(&layer.ffn_gate, &mut gate[..rows * ff]), (&layer.ffn_up, &mut up[..rows * ff])]);
             if let Some(obs) = self.observer.as_mut() {
                 for t in 0..rows {
                     obs.observe(il, &x[t * e..(t + 1) * e], &gate[t * ff..(t + 1) * ff]);
                 }
             }
             ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);
-            matmul(&layer.ffn_down, &Activations::new(&gate[..rows * ff], rows).with_precision(self.precision), &mut proj[..rows * e]);
+            matmuls(&mut self.team, &Activations::new(&gate[..rows * ff], rows).with_precision(self.precision), [(&layer.ffn_down, &mut proj[..rows * e])]);
             ops::add_assign(&mut x, &proj[..rows * e]);
         }
         self.n_past += n;
@@ -249,7 +255,7 @@ impl Session {
         let xn = &mut xn[..rows * e];
         ops::rms_norm(&x, &m.output_norm, hp.rms_eps, xn);
         let mut logits = vec![0.0; rows * hp.n_vocab];
-        matmul(&m.output, &Activations::new(xn, rows).with_precision(self.precision), &mut logits);
+        matmuls(&mut self.team, &Activations::new(xn, rows).with_precision(self.precision), [(&m.output, &mut logits[..])]);
         Ok(logits)
     }
 }

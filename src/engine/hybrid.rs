@@ -110,7 +110,12 @@ impl HybridState {
     fn describe(&self, n_neurons: usize) -> String {
         let hot = self.placement.n_hot();
         let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
-        let sim = if self.simulate.is_some() { ", SIMULATED ACTIVITY" } else { "" };
+        let sim = match &self.simulate {
+            // A free, perfect predictor: no real run reaches it.
+            Some(_) if !self.charged && self.sim_predictors.is_none() => ", SIMULATED ACTIVITY, perfect predictor: UPPER BOUND",
+            Some(_) => ", SIMULATED ACTIVITY",
+            None => "",
+        };
         format!("sparse {} ({split}{sim})", self.ffn.mode.name())
     }
 }

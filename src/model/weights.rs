@@ -2,8 +2,9 @@
 
 use super::{ModelError, Result};
 use crate::gguf::{GgmlType, GgufFile, TensorInfo};
+use crate::quant::packed::{self, PackedMatrix};
 use half::f16;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Clone)]
 enum Data {
@@ -22,6 +23,9 @@ pub struct Matrix {
     pub rows: usize,
     pub cols: usize,
     data: Data,
+    /// The CPU kernels' interleaved copy ([`PackedMatrix`]), made on first use by
+    /// [`Matrix::packed`]: only matrices a CPU product reads pay for it (not those a GPU holds).
+    packed: Arc<OnceLock<Option<PackedMatrix>>>,
 }
 
 impl Matrix {
@@ -62,7 +66,7 @@ impl Matrix {
         assert_eq!(ty.bytes_for((rows * cols) as u64), Some(bytes.len() as u64), "{name}: size does not match {rows}x{cols} {ty}");
         let mut words = vec![0u32; bytes.len().div_ceil(4)];
         bytemuck::cast_slice_mut::<u32, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
-        Matrix { name: name.into(), ty, rows, cols, data: Data::Owned { words: Arc::new(words), len: bytes.len() } }
+        Matrix { name: name.into(), ty, rows, cols, data: Data::Owned { words: Arc::new(words), len: bytes.len() }, packed: Arc::default() }
     }
 
     /// The type a transposed copy is stored in: the source's own float type; Q8_0 for
@@ -97,6 +101,14 @@ impl Matrix {
             other => return Err(format!("cannot store a transposed matrix as {other} (F32, F16 or Q8_0)")),
         };
         Ok(Matrix::from_raw(&name, cols, rows, ty, &bytes))
+    }
+
+    /// The matrix repacked into 16-row interleaved groups for the CPU's packed kernels, made
+    /// once (and shared by clones); `None` for types that are not packed.
+    pub fn packed(&self) -> Option<&PackedMatrix> {
+        self.packed
+            .get_or_init(|| packed::packs(self.ty).then(|| PackedMatrix::new(self.ty, self.rows, self.cols, self.bytes()).expect("a matrix's bytes match its shape")))
+            .as_ref()
     }
 
     /// Row `r` dequantised to f32.
@@ -161,7 +173,7 @@ impl TensorStore {
                 return Ok(Matrix::from_raw(name, rows, cols, t.ty, bytes));
             }
             let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
-            return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data });
+            return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data, packed: Arc::default() });
         }
         // Other types are dequantised once; F16 keeps them compact and computes with the fast
         // F16 kernel (BF16 goes to F32, whose range it needs).

@@ -26,6 +26,7 @@
 //! versions are picked at run time from the CPU's features.
 
 mod dequant;
+pub mod packed;
 mod quantize;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
