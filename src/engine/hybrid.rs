@@ -308,7 +308,11 @@ impl HybridSession {
         // uploads to come, and the same share of waste for the hot neurons' buffers as the
         // allocator has shown so far (the final check measures it all).
         let budget = plan.budget.unwrap_or(u64::MAX);
-        let (excess, waste) = ctx.allocator_excess().unwrap_or((0, 0.0));
+        let (excess, measured) = ctx.allocator_excess().unwrap_or((0, 0.0));
+        // The hot neurons' buffers (a few MiB each, in 4-8 MiB blocks) waste more than the
+        // fixed parts did: on an H100 a 7B at --vram-budget 2.2 ended 10 MiB over with the
+        // measured share alone (5.5% there). Twice that, at least 5%.
+        let waste = (2.0 * measured).max(0.05);
         fixed.push(FixedPart { name: "allocator blocks beyond ember's buffers".into(), bytes: excess });
         fixed.push(FixedPart { name: "upload staging".into(), bytes: ctx.upload_margin() });
         let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
