@@ -63,6 +63,7 @@ pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, 
 
 /// [`attention`] on a team: (token, head) pairs dealt round-robin, so that the members share
 /// the longer causal rows of a prompt's later tokens evenly.
+#[allow(clippy::too_many_arguments)]
 pub fn attention_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, out: &mut [f32]) {
     let head_dim = shape.head_dim;
     let n = n_tokens * shape.n_head;

@@ -148,7 +148,7 @@ enum RowDot<'a> {
 impl RowDot<'_> {
     /// Row `r` of `rows` times token `t` of `n_tokens`.
     fn dot(&self, r: usize, rows: usize, t: usize, n_tokens: usize) -> f32 {
-        fn split<'s, T>(v: &'s [T], i: usize, n: usize) -> &'s [T] {
+        fn split<T>(v: &[T], i: usize, n: usize) -> &[T] {
             let per = v.len() / n;
             &v[i * per..(i + 1) * per]
         }
