@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue 10's race on the lent GPU host: ember's CPU-only decode, dense layer offload and the
+# hot/cold hybrid against llama.cpp (CUDA build, same call, same machine), with the driver's
+# memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
+#
+# Run from the repository root on the device:
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu offload hybrid rates long
+# D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
+# of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
+# relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
+# and 30..60: the first places hot neurons, the second is drawn from), and llama-cpp.sh;
+# .lc/lcsrc.tar.xz (`llama-cpp.sh fetch .lc`) and .gl (the Vulkan loader) are carried too.
+# One model serves both engines: a 7B-shaped ReLU Q4_0 `ember synth` (llama.cpp runs it as a
+# plain llama; the FFN's activation does not change its speed), and its PowerInfer conversion
+# (transposed Q4_0 down) for the hybrid. Output: one log on stdout; each measured run is
+# followed by "driver peak: X MiB over idle".
+set -uo pipefail
+D=$(realpath "$1"); shift
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
+E=$D/ember; M=/tmp/models; mkdir -p $M
+T=${THREADS:-16}; B=${BUDGET:-2.2}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+lscpu | grep -E "Model name|^CPU\(s\)|L3"
+
+(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc > /tmp/lc-build.txt 2>&1; echo built >> /tmp/lc-build.txt) &
+LB=/tmp/lcc/llama.cpp/build/bin/llama-bench
+
+echo "== models"; date
+$E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
+$E convert -m $M/relu.gguf --powerinfer --down-t-type q4_0 -o $M/relu-pi.gguf 2>&1 | tail -1
+date; until grep -q built /tmp/lc-build.txt; do sleep 2; done; tail -2 /tmp/lc-build.txt; date
+
+IDLE=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
+echo "driver idle: $IDLE MiB"
+# measure NAME CMD...: runs CMD with nvidia-smi sampling, prints its output and the driver's peak.
+measure() {
+  local name=$1; shift
+  echo; echo "== $name"; echo "\$ $*"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/smi.txt &
+  local S=$!
+  "$@" 2>&1 | grep -v "^ember: loaded\|^$\|^ggml_cuda_init\|^  Device\|^build:"
+  kill $S; wait $S 2>/dev/null
+  echo "driver peak: $(( $(sort -n /tmp/smi.txt | tail -1) - IDLE )) MiB over idle"
+}
+SIM="--ffn predict --simulate-activity $D/relu-30..60.profile.gguf --act-profile $D/relu-0..30.profile.gguf"
+
+for phase in "$@"; do case $phase in
+cpu)
+  measure "ember CPU only, $T threads" $E bench -m $M/relu.gguf --backend cpu -t $T -p 0 -n 32 -r ${REPS:-2}
+  measure "llama.cpp CPU only, $T threads" $LB -m $M/relu.gguf -ngl 0 -nopo 1 -t $T -p 0 -n 32 -r ${REPS:-2}
+  ;;
+offload)
+  measure "ember dense offload, --vram-budget $B" $E bench -m $M/relu.gguf -t $T --vram-budget $B -p 16 -n 64 -r ${REPS:-2}
+  for n in 16 19; do measure "llama.cpp -ngl $n" $LB -m $M/relu.gguf -ngl $n -t $T -p 16 -n 64 -r ${REPS:-2}; done
+  ;;
+hybrid)
+  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3)" \
+    $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -p 16 -n 64 -r ${REPS:-2}
+  measure "ember hybrid $B GiB, free perfect predictor: UPPER BOUND" \
+    $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor perfect --vram-budget $B -t $T -p 0 -n 64 -r ${REPS:-2}
+  ;;
+rates)
+  for r in 25% 10% 5%; do
+    measure "ember hybrid $B GiB, charged predictor, profile scaled to $r mean activity" \
+      $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor recall=0.99,precision=0.3,rate=$r --vram-budget $B -t $T -p 0 -n 32 -r ${REPS:-2}
+  done
+  ;;
+long)
+  measure "ember hybrid ${LONG_BUDGET:-4.4} GiB, charged predictor, -c 4096, pp512" \
+    $E bench -m $M/relu-pi.gguf $SIM --vram-budget ${LONG_BUDGET:-4.4} -t $T -c 4096 -p 512 -n 32 -r 1
+  measure "llama.cpp -ngl ${LONG_NGL:-24}, pp512 tg32" $LB -m $M/relu.gguf -ngl ${LONG_NGL:-24} -t $T -p 512 -n 32 -r ${REPS:-2}
+  ;;
+esac; done
