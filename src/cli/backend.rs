@@ -24,8 +24,6 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
 /// [`open`], and the GPU context it runs on (None on the CPU), whose memory the caller can
 /// check after running batches.
 pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<(Box<dyn Forward>, Option<Arc<GpuContext>>)> {
-    // Before any weight is uploaded: the choice fixes the matrices' GPU layout too.
-    crate::gpu::matrix::set_integer_decode(args.gpu_precision == super::GpuPrecisionArg::Q8);
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
     let choice = match (args.backend, explicit) {
         (Backend::Cpu, _) => None,
@@ -82,7 +80,9 @@ fn mib(b: u64) -> f64 {
 fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceChoice) -> Result<(Box<dyn Forward>, Arc<GpuContext>)> {
     let mode = FfnMode::from(args.ffn);
     let budget = args.vram_budget.as_deref().map(parse_budget).transpose()?;
-    let mut ctx = Arc::new(GpuContext::new(choice)?);
+    // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
+    let tuning = super::gpu_tuning(args.gpu_precision);
+    let mut ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
     let start = std::time::Instant::now();
     let gpu_name = format!("{} ({:?})", ctx.adapter.name, ctx.adapter.backend);
 
@@ -168,7 +168,7 @@ fn open_gpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, choice: &DeviceCh
             // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
             // 2.2 GiB budget, and the driver held both until the old buffers were freed).
             drop(ctx);
-            ctx = Arc::new(GpuContext::new(choice)?);
+            ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
             HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
         }
         Err(e) => return Err(e.into()),

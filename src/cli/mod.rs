@@ -184,6 +184,38 @@ pub enum PrecisionArg {
     F32,
 }
 
+/// The GPU kernels' choices for `--gpu-precision`, with the benchmark variables that override
+/// the measured defaults (the library takes them as a value, never from the environment):
+/// `EMBER_DECODE_AHEAD` (0-3 tokens queued in greedy decoding), `EMBER_ATTN_SINGLE_MAX`
+/// (keys up to which decode attention is one dispatch), `EMBER_ATTN_WG` (64/128/256),
+/// `EMBER_MV_DEC` (`q4_0=kq:8:4:0:1,f16=128:2:2:1`: decode kernels per type),
+/// `EMBER_MV_TEST_DEC` (one kernel for the tests' configs), `EMBER_NO_FOLD=1` (norms and RoPE
+/// as separate dispatches), `EMBER_MV_XW` (0/1/2).
+pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
+    use crate::gpu::matrix::parse_decode;
+    let var = |k: &str| std::env::var(k).ok();
+    let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
+    if let Some(v) = var("EMBER_DECODE_AHEAD").and_then(|v| v.parse::<usize>().ok()) {
+        t.decode_ahead = v.min(3);
+    }
+    if let Some(v) = var("EMBER_ATTN_SINGLE_MAX").and_then(|v| v.parse().ok()) {
+        t.attn_single_max_keys = v;
+    }
+    if let Some(v) = var("EMBER_ATTN_WG").and_then(|v| v.parse().ok()) {
+        t.attn_wg = v;
+    }
+    if let Some(v) = var("EMBER_MV_DEC") {
+        t.decode_overrides = v.split(',').filter_map(|item| {
+            let (name, cfg) = item.split_once('=')?;
+            Some((name.trim().to_lowercase(), parse_decode(cfg)?))
+        }).collect();
+    }
+    t.test_decode = var("EMBER_MV_TEST_DEC").and_then(|v| parse_decode(&v)).map(|d| d.0);
+    t.fold_norms = var("EMBER_NO_FOLD").as_deref() != Some("1");
+    t.decode_xw = var("EMBER_MV_XW").and_then(|v| v.parse().ok());
+    t
+}
+
 /// `--gpu-precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GpuPrecisionArg {

@@ -299,13 +299,6 @@ enum Ids<'a> {
     PreviousArgmax,
 }
 
-/// Tokens queued on the GPU ahead of the one being read back in [`Forward::decode_greedy`]:
-/// one keeps the GPU busy while the host reads a token and records the next.
-/// `EMBER_DECODE_AHEAD` (0 to 3) overrides it, for measuring.
-fn decode_ahead() -> usize {
-    std::env::var("EMBER_DECODE_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(1usize).min(3)
-}
-
 impl GpuSession {
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize) -> Result<GpuSession, GpuError> {
         Self::with_batch(model, ctx, weights, n_ctx, 512)
@@ -410,7 +403,7 @@ impl GpuSession {
             output_all: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x, weight: output_norm, eps: hp.rms_eps }, &s.xn, &s.logits_all, &s.step, &MatOut::default()),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
-        let argmax_ring = (0..=decode_ahead()).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
+        let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
         Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
     }
 

@@ -109,6 +109,8 @@ pub struct GpuContext {
     pub queue: wgpu::Queue,
     pub features: wgpu::Features,
     pub limits: wgpu::Limits,
+    /// The kernels' measured choices, passed in by the caller ([`GpuContext::with_tuning`]).
+    pub tuning: super::GpuTuning,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// Bytes of every buffer created through this context (weights, caches, scratch, uniforms),
     /// so that a VRAM budget can be checked against what was really allocated. Buffers are
@@ -183,6 +185,17 @@ impl GpuContext {
     /// Opens the chosen adapter, asking for SHADER_F16, SUBGROUP and TIMESTAMP_QUERY where
     /// present and for the adapter's own limits (not WebGPU's small defaults).
     pub fn new(choice: &DeviceChoice) -> Result<GpuContext, GpuError> {
+        Self::open(choice)
+    }
+
+    /// The context with other kernel choices than the measured defaults. Set them before
+    /// uploading weights: `integer_decode` decides the layout of Q4 matrices.
+    pub fn with_tuning(mut self, tuning: super::GpuTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    fn open(choice: &DeviceChoice) -> Result<GpuContext, GpuError> {
         let adapters = enumerate();
         if adapters.is_empty() {
             return Err(GpuError::NoAdapter);
@@ -228,7 +241,7 @@ impl GpuContext {
             std::process::exit(1);
         }));
         let base_reserved = device.generate_allocator_report().map_or(0, |r| r.total_reserved_bytes);
-        Ok(GpuContext {
+        Ok(GpuContext { tuning: Default::default(),
             base_reserved,
             adapter: summary,
             device,

@@ -189,8 +189,8 @@ fn perm_group(ty: GgmlType) -> Option<usize> {
 /// Whether a matrix of this type and width takes the permuted word order: where the group
 /// divides the row and the type's decode kernel wants it (the integer-dot-product kernel reads
 /// blocks in GGUF order).
-fn uses_perm(ty: GgmlType, cols: usize) -> bool {
-    perm_group(ty).is_some_and(|g| (cols / 32).is_multiple_of(g)) && !matches!(decode_config(ty).0, DecodeKernel::Quantized { .. })
+fn uses_perm(ctx: &GpuContext, ty: GgmlType, cols: usize) -> bool {
+    perm_group(ty).is_some_and(|g| (cols / 32).is_multiple_of(g)) && !matches!(decode_config(ctx, ty).0, DecodeKernel::Quantized { .. })
 }
 
 /// Element e (0..32) of a GGUF Q4 block's 16 quant bytes: the nibble.
@@ -314,25 +314,16 @@ pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
 pub type DecodeChoice = (DecodeKernel, (u32, u32, u32));
 
 /// The decode matvec of a weight type: its kernel and, for [`DecodeKernel::Blocks`], the
-/// workgroup's (threads, rows, slots per row per step). `EMBER_MV_DEC=q4_0=kq:4:4:1,f16=128:2:2:1`
-/// overrides it: `kq:nr:rg:pf` for the integer kernel, `wg:nr:ub:pf` for the blocks kernel (a
-/// tuning knob for `ember bench`, read once).
+/// workgroup's (threads, rows, slots per row per step); the context's
+/// [`GpuTuning::decode_overrides`](super::GpuTuning) replace it (`ember` reads them from
+/// `EMBER_MV_DEC=q4_0=kq:4:4:1,f16=128:2:2:1`: `kq:nr:rg:pf` for the integer kernel,
+/// `wg:nr:ub:pf` for the blocks kernel).
 #[doc(hidden)]
-pub fn decode_config(ty: GgmlType) -> DecodeChoice {
-    static OVERRIDE: std::sync::OnceLock<Vec<(String, DecodeChoice)>> = std::sync::OnceLock::new();
-    let over = OVERRIDE.get_or_init(|| {
-        let Ok(v) = std::env::var("EMBER_MV_DEC") else { return Vec::new() };
-        v.split(',')
-            .filter_map(|item| {
-                let (name, cfg) = item.split_once('=')?;
-                Some((name.trim().to_lowercase(), parse_decode(cfg)?))
-            })
-            .collect()
-    });
-    if let Some((_, c)) = over.iter().find(|(n, _)| *n == ty.name().to_lowercase()) {
+pub fn decode_config(ctx: &GpuContext, ty: GgmlType) -> DecodeChoice {
+    if let Some((_, c)) = ctx.tuning.decode_overrides.iter().find(|(n, _)| *n == ty.name().to_lowercase()) {
         return *c;
     }
-    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) && INTEGER_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
+    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) && ctx.tuning.integer_decode {
         // 8 rows per step, 4 steps, 8-bit activations: the fastest in a 7B forward pass on an
         // H200 (BENCHMARKS.md).
         return (DecodeKernel::Quantized { nr: 8, rg: 4, prefetch: false, limbs: 1 }, (64, 2, 1));
@@ -344,15 +335,6 @@ pub fn decode_config(ty: GgmlType) -> DecodeChoice {
         GgmlType::Q8_0 => (DecodeKernel::Blocks { prefetch: false }, (64, 2, 1)),
         _ => (DecodeKernel::Blocks { prefetch: true }, (32, 2, 1)),
     }
-}
-
-static INTEGER_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether Q4_0 and Q4_1 decode products use the integer kernel with llama.cpp's 8-bit
-/// activations (`--gpu-precision q8`) instead of f32 activations. Set it before uploading
-/// weights: it decides their layout (GGUF block order) as well as the kernel.
-pub fn set_integer_decode(on: bool) {
-    INTEGER_DECODE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// `kq:nr:rg:pf` or `wg:nr:ub:pf` (see [`decode_config`]).
@@ -376,7 +358,7 @@ pub fn parse_decode(cfg: &str) -> Option<DecodeChoice> {
 
 /// [`default_mv_configs`] with the type's own decode variant.
 fn type_mv_configs(ctx: &GpuContext, ty: GgmlType) -> Vec<MvConfig> {
-    let (_, (wg, nr, unroll)) = decode_config(ty);
+    let (_, (wg, nr, unroll)) = decode_config(ctx, ty);
     let wg = wg.min(ctx.limits.max_compute_invocations_per_workgroup);
     let mut v = default_mv_configs(ctx);
     v[0] = MvConfig { nt: 1, wg, nr, unroll, subgroups: ctx.has_subgroups() };
@@ -542,7 +524,7 @@ impl GpuMatrix {
     /// [`upload`](Self::upload) with buffers of at most `limit` bytes (tests force splits).
     #[doc(hidden)]
     pub fn upload_with_limit(ctx: &GpuContext, m: &Matrix, limit: u64) -> Result<GpuMatrix, GpuError> {
-        Self::upload_layout(ctx, m, limit, uses_perm(m.ty, m.cols))
+        Self::upload_layout(ctx, m, limit, uses_perm(ctx, m.ty, m.cols))
     }
 
     /// [`upload`](Self::upload) in a chosen word order (benchmarks; `perm` applies only where
@@ -639,7 +621,7 @@ impl GpuMatrix {
     /// [`bind_matmul`](Self::bind_matmul) with the results placed and combined as `out` says
     /// (sections of y, residual add, gated pairs).
     pub fn bind_matmul_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
-        self.bind_matmul_variant(ctx, x, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out)
+        self.bind_matmul_variant(ctx, x, y, step, &type_mv_configs(ctx, self.ty), decode_config(ctx, self.ty).0, out)
     }
 
     /// [`bind_matmul`](Self::bind_matmul) with chosen matvec variants (benchmarks, tests).
@@ -651,10 +633,10 @@ impl GpuMatrix {
     /// [`bind_matmul_with`](Self::bind_matmul_with) with an output layout and epilogue.
     #[doc(hidden)]
     pub fn bind_matmul_with_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
-        // EMBER_MV_TEST_DEC=<kq:nr:rg:pf or wg:nr:ub:pf>: another nt = 1 kernel for the tests'
-        // configs (kq replaces them; the blocks kernel keeps each config's own shape and takes
-        // prefetch from the value), so that the test suite can check every kernel.
-        let decode = std::env::var("EMBER_MV_TEST_DEC").ok().and_then(|v| parse_decode(&v)).map_or(DecodeKernel::Blocks { prefetch: true }, |d| d.0);
+        // The tuning's test kernel: another nt = 1 kernel for the tests' configs (kq replaces
+        // them; the blocks kernel keeps each config's own shape and takes its prefetch), so
+        // that the test suite can check every kernel.
+        let decode = ctx.tuning.test_decode.unwrap_or(DecodeKernel::Blocks { prefetch: true });
         self.bind_matmul_variant(ctx, x, y, step, configs, decode, out)
     }
 
@@ -671,7 +653,7 @@ impl GpuMatrix {
     /// dispatch); more tokens, or a type whose decode kernel has no fold, run the norm into
     /// `xn` and then the product over `xn` (which must hold as many tokens as `norm.x`).
     pub fn bind_matmul_normed(&self, ctx: &GpuContext, norm: &NormIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
-        self.bind_inner(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm))
+        self.bind_inner(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(ctx, self.ty).0, out, Some(norm))
     }
 
     /// [`bind_matmul_normed`](Self::bind_matmul_normed) with chosen matvec variants and
@@ -690,7 +672,7 @@ impl GpuMatrix {
     /// write must run.
     #[allow(clippy::too_many_arguments)]
     pub fn bind_matmul_normed_rope(&self, ctx: &GpuContext, norm: &NormIn, rope: &RopeIn, xn: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, out: &MatOut) -> MatmulOp {
-        self.bind_inner_rope(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(self.ty).0, out, Some(norm), Some(rope))
+        self.bind_inner_rope(ctx, xn, y, step, &type_mv_configs(ctx, self.ty), decode_config(ctx, self.ty).0, out, Some(norm), Some(rope))
     }
 
     /// [`bind_matmul_normed_rope`](Self::bind_matmul_normed_rope) with chosen matvec variants
@@ -709,8 +691,8 @@ impl GpuMatrix {
     #[allow(clippy::too_many_arguments)]
     fn bind_inner_rope(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], decode: DecodeKernel, out: &MatOut, norm: Option<&NormIn>, rope: Option<&RopeIn>) -> MatmulOp {
         let src = self.sources();
-        // EMBER_NO_FOLD=1: the norm (and RoPE) stay separate dispatches (benchmarks).
-        let fold = std::env::var("EMBER_NO_FOLD").as_deref() != Ok("1");
+        // Without folding the norm (and RoPE) stay separate dispatches (benchmarks).
+        let fold = ctx.tuning.fold_norms;
         let rope = rope.filter(|_| fold && norm.is_some());
         // The RoPE epilogue's uniform: head_dim, rope_dim, theta_scale, freq_scale, n_ctx.
         let rope_params = rope.map(|r| {
@@ -811,13 +793,8 @@ impl GpuMatrix {
                     // Activations per word (DV_XW): per row (1) was 2% faster for Q4_0 on an
                     // H200 than per slot (0); once for all rows (2) loads half as much, which
                     // a folded norm's extra loads need. The same code for the other types.
-                    // EMBER_MV_XW=0/1/2 overrides (benchmarks).
-                    let xw = match std::env::var("EMBER_MV_XW").as_deref() {
-                        Ok("0") => 0,
-                        Ok("1") => 1,
-                        Ok("2") => 2,
-                        _ => 2 * (self.ty == GgmlType::Q4_0) as u32,
-                    };
+                    // The tuning's decode_xw overrides (benchmarks).
+                    let xw = ctx.tuning.decode_xw.filter(|&v| v <= 2).unwrap_or(2 * (self.ty == GgmlType::Q4_0) as u32);
                     code = set_const(&code, "DV_XW", 0, xw);
                     let mut key = format!("matmul/{}{}/dec/wg{}/nr{nr}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.unroll, if sg { "sg" } else { "wg" });
                     if let (true, Some(n)) = (folded, norm) {

@@ -7,7 +7,9 @@ pub mod ops;
 pub mod shaders;
 pub mod sparse;
 pub mod timer;
+pub mod tuning;
 
+pub use tuning::GpuTuning;
 pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, STAGING_CAP};
 
 /// Per-forward values every kernel may read, in one uniform buffer written once per forward

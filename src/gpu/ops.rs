@@ -266,12 +266,6 @@ pub const DECODE_MAX_CHUNKS: u32 = 64;
 /// walking every key, rather than split over chunks and combined by a second dispatch.
 pub const SINGLE_PASS_MAX_KEYS: u32 = 256;
 
-/// [`SINGLE_PASS_MAX_KEYS`], or `EMBER_ATTN_SINGLE_MAX` (a tuning knob for `ember bench`).
-fn single_pass_max_keys() -> u32 {
-    static V: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("EMBER_ATTN_SINGLE_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(SINGLE_PASS_MAX_KEYS))
-}
-
 /// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
 /// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
@@ -296,6 +290,8 @@ pub struct AttentionOp {
     /// ([`set_n_kv`](Self::set_n_kv)); u32::MAX when not. Atomic so that a session's commands
     /// can be recorded on another thread (the hybrid's recorder).
     n_kv: std::sync::atomic::AtomicU32,
+    /// Up to this many keys a decode step is one dispatch (the tuning's attn_single_max_keys).
+    single_max_keys: u32,
     prefill: Kernel,
     n_head: u32,
     gq: u32,
@@ -329,11 +325,11 @@ impl AttentionOp {
         let shared = ctx.limits.max_compute_workgroup_storage_size;
         let group = n_head / n_head_kv;
         // Query heads per decode workgroup: the largest divisor of the group up to 8 that fits.
-        // Threads per decode workgroup, one key each per tile (`EMBER_ATTN_WG`: 64, 128 or 256,
-        // for measuring).
-        let wg = match std::env::var("EMBER_ATTN_WG").as_deref() {
-            Ok("128") => 128,
-            Ok("256") => 256,
+        // Threads per decode workgroup, one key each per tile (the tuning's attn_wg: 64, 128
+        // or 256).
+        let wg = match ctx.tuning.attn_wg {
+            128 => 128,
+            256 => 256,
             _ => 64u32,
         };
         let lanes = (wg / (head_dim / 8)).max(1);
@@ -367,7 +363,7 @@ impl AttentionOp {
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
         let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
-        Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -385,7 +381,7 @@ impl AttentionOp {
 
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         debug_assert!(n_tokens <= self.max_tokens, "attention: {n_tokens} tokens, room for {}", self.max_tokens);
-        if n_tokens == 1 && Some(self.n_kv.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n != u32::MAX).is_some_and(|n| n <= single_pass_max_keys()) {
+        if n_tokens == 1 && Some(self.n_kv.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n != u32::MAX).is_some_and(|n| n <= self.single_max_keys) {
             self.single.dispatch(pass, 1, self.n_head / self.gq);
         } else if n_tokens == 1 {
             self.partial.dispatch(pass, self.n_chunks, self.n_head / self.gq);

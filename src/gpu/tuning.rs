@@ -1,0 +1,46 @@
+//! The GPU kernels' choices that measurements made, as one value each context owns
+//! ([`GpuContext::with_tuning`](super::GpuContext::with_tuning)). The library never reads them
+//! from the environment: callers pass them in (the `ember` binary reads its `EMBER_*`
+//! benchmark variables into one of these, `cli::gpu_tuning`).
+
+use super::matrix::{DecodeChoice, DecodeKernel};
+
+#[derive(Clone, Debug)]
+pub struct GpuTuning {
+    /// Q4_0/Q4_1 decode products with llama.cpp's 8-bit activations on the integer kernel
+    /// (`--gpu-precision q8`) instead of f32 activations. It decides those matrices' layout at
+    /// upload (GGUF block order) as well as the kernel.
+    pub integer_decode: bool,
+    /// Tokens greedy decoding keeps queued on the GPU ahead of the one being read back (0 to
+    /// 3): one keeps the GPU busy while the host reads a token and records the next.
+    pub decode_ahead: usize,
+    /// Decode attention runs as one dispatch up to this many keys, split over chunks beyond.
+    pub attn_single_max_keys: u32,
+    /// Threads per decode attention workgroup: 64, 128 or 256 (64 measured best on an H200).
+    pub attn_wg: u32,
+    /// Per weight type (lower-case name), a decode kernel replacing the measured default.
+    pub decode_overrides: Vec<(String, DecodeChoice)>,
+    /// Another one-token kernel for `GpuMatrix::bind_matmul_with_out`, so that tests can
+    /// check every kernel variant.
+    pub test_decode: Option<DecodeKernel>,
+    /// RMSNorm (and RoPE) folded into the decode products; off keeps them separate dispatches.
+    pub fold_norms: bool,
+    /// Activations per word in the blocks decode kernel (DV_XW: 0 per slot, 1 per row, 2 once
+    /// for all rows); None takes each type's measured default.
+    pub decode_xw: Option<u32>,
+}
+
+impl Default for GpuTuning {
+    fn default() -> Self {
+        GpuTuning {
+            integer_decode: false,
+            decode_ahead: 1,
+            attn_single_max_keys: super::ops::SINGLE_PASS_MAX_KEYS,
+            attn_wg: 64,
+            decode_overrides: Vec::new(),
+            test_decode: None,
+            fold_norms: true,
+            decode_xw: None,
+        }
+    }
+}
