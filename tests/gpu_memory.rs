@@ -77,7 +77,7 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     };
     let setup = check("setup");
     // The largest batch this session runs: a 40-token prompt, every token's logits read back.
-    let prompt: Vec<u32> = (0..40u32).map(|i| (i * 2654435761u32 >> 7) % hp.n_vocab as u32).collect();
+    let prompt: Vec<u32> = (0..40u32).map(|i| ((i * 2654435761u32) >> 7) % hp.n_vocab as u32).collect();
     let logits = s.forward(&prompt, Logits::All).unwrap();
     assert_eq!(logits.len(), prompt.len() * hp.n_vocab);
     let after = check("the prompt");

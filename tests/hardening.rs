@@ -288,7 +288,8 @@ fn bad_hyper_parameters_are_refused_by_name() {
     let Some(model) = common::default_model() else { return };
     let dir = scratch("hparams");
     let bad = dir.join("bad.gguf");
-    let cases: Vec<(Box<dyn Fn(&mut GgufWriter)>, &[&str])> = vec![
+    type Edit = Box<dyn Fn(&mut GgufWriter)>;
+    let cases: Vec<(Edit, &[&str])> = vec![
         (
             Box::new(|w: &mut GgufWriter| {
                 w.set("llama.rope.scaling.type", Value::String("linear".into()));

@@ -21,9 +21,12 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
     Ok(open_with_context(args, model, n_ctx)?.0)
 }
 
+/// A session and the GPU context it runs on (None on the CPU).
+pub type Opened = (Box<dyn Forward>, Option<Arc<GpuContext>>);
+
 /// [`open`], and the GPU context it runs on (None on the CPU), whose memory the caller can
 /// check after running batches.
-pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<(Box<dyn Forward>, Option<Arc<GpuContext>>)> {
+pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Opened> {
     let explicit = args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap());
     let choice = match (args.backend, explicit) {
         (Backend::Cpu, _) => None,

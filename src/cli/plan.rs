@@ -49,7 +49,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     // runs it: with the profile stretched to its shape.
     // Tokens the counts are over: stretched counts are per million.
     let (counts, counts_tokens) = if profile.n_layer() == hp.n_layer && profile.n_ff() == hp.n_ff {
-        (profile.counts.clone(), profile.n_tokens() as u64)
+        (profile.counts.clone(), profile.n_tokens())
     } else if a.model.simulate_activity.is_some() {
         (crate::sparse::simulate::stretched_counts(&profile, hp.n_layer, hp.n_ff)?, 1_000_000)
     } else {

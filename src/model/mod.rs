@@ -147,7 +147,7 @@ impl HParams {
             Some("linear") => {
                 let factor = f.get_f32(&key("rope.scaling.factor"))?;
                 // Written so that NaN fails too; a factor of 0 would make every angle infinite.
-                if !(factor.is_finite() && factor >= 1e-3 && factor <= MAX_ROPE_SCALING) {
+                if !(factor.is_finite() && (1e-3..=MAX_ROPE_SCALING).contains(&factor)) {
                     return Err(ModelError::BadHParams(format!("{arch}.rope.scaling.factor = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})")));
                 }
                 1.0 / factor

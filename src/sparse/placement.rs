@@ -145,9 +145,9 @@ pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost],
     // byte, as `place` ranks neurons; ties by (layer, id), attention first.
     let t = profile_tokens.max(1) as f64;
     let mut items: Vec<(f64, u32, u32)> = Vec::with_capacity(n_layer * (n_ff + 1));
-    for l in 0..n_layer {
+    for (l, att) in attention.iter().enumerate().take(n_layer) {
         let nb = input.neuron_bytes[l].max(1) as f64;
-        items.push((attention[l].read_share.clamp(0.0, 1.0) * t / nb, l as u32, u32::MAX));
+        items.push((att.read_share.clamp(0.0, 1.0) * t / nb, l as u32, u32::MAX));
         items.extend((0..n_ff as u32).map(|i| (input.counts[l][i as usize] as f64 / nb, l as u32, i)));
     }
     items.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2 != u32::MAX, a.2).cmp(&(b.1, b.2 != u32::MAX, b.2))));
