@@ -88,3 +88,23 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     let want = dense.forward(&prompt, Logits::All).unwrap();
     assert!(common::rel_err(&logits, &want) < 1e-3, "relative logit error {}", common::rel_err(&logits, &want));
 }
+
+/// A budget below what attention, the embeddings and the KV cache need is refused before
+/// anything is uploaded: the context's count stays where it was.
+#[test]
+fn hybrid_refuses_a_budget_too_small_before_uploading() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    let counts: Vec<Vec<u32>> = vec![vec![1; hp.n_ff]; hp.n_layer];
+    // The ReLU model's attention and embeddings alone take more than 16 MiB.
+    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let ctx = Arc::new(ctx);
+    let before = ctx.allocated_bytes();
+    let err = HybridSession::new(model.clone(), ctx.clone(), 4096, plan, false).err().expect("a 16 MiB budget must be refused");
+    let text = err.to_string();
+    assert!(text.contains("cannot hold") && text.contains("KV cache for 4096 positions"), "{text}");
+    assert_eq!(ctx.allocated_bytes(), before, "nothing is uploaded before the refusal");
+}

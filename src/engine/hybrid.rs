@@ -238,6 +238,20 @@ impl HybridSession {
         if !matches!(mode, FfnMode::Relu | FfnMode::Predict) {
             return Err(HybridError::Mode(mode.name()));
         }
+        // A budget that cannot hold the fixed part is refused before anything is uploaded: a
+        // lower bound of what the uploads below allocate (the tensors' own bytes, the f16 KV
+        // cache), so a budget too small never fills the card first (at -c 4096 a 7B held 3.5
+        // GiB in the driver for a moment before the measured check refused it).
+        if let Some(b) = plan.budget {
+            let m = |x: &Matrix| x.bytes().len() as u64;
+            let head = m(&model.token_embd) + if model.tied_embeddings { 0 } else { m(&model.output) };
+            let attention = head + model.layers.iter().map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo)).sum::<u64>();
+            let kv = 2 * 2 * (hp.n_layer * n_ctx * hp.kv_dim()) as u64;
+            if attention + kv > b {
+                let parts = format!("attention, embeddings and output at least {}, KV cache for {n_ctx} positions {}", Bytes(attention), Bytes(kv));
+                return Err(crate::sparse::placement::PlacementError::TooSmall { budget: Bytes(b), need: Bytes(attention + kv), parts }.into());
+            }
+        }
         let start = ctx.allocated_bytes();
         let mut fixed = Vec::new();
         // What each stage really allocated, measured, so the neurons get exactly what is left.
