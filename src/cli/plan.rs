@@ -60,8 +60,8 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         attention += model.output.n_bytes() as u64;
     }
     // Per layer: its attention weights and norms, and its KV cache (f16 keys and values).
-    let layer_attn: Vec<u64> = model.layers.iter().map(|l| [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| m.n_bytes() as u64).sum::<u64>() + 8 * hp.n_embd as u64).collect();
-    let layer_kv = a.ctx_size as u64 * hp.kv_dim() as u64 * 2 * 2;
+    let layer_attn: Vec<u64> = model.layers.iter().map(|l| l.attention_bytes() + 8 * hp.n_embd as u64).collect();
+    let layer_kv = hp.kv_bytes_per_layer(a.ctx_size);
     if !a.host_attention {
         attention += layer_attn.iter().sum::<u64>();
     }

@@ -243,10 +243,9 @@ impl HybridSession {
         // cache), so a budget too small never fills the card first (at -c 4096 a 7B held 3.5
         // GiB in the driver for a moment before the measured check refused it).
         if let Some(b) = plan.budget {
-            let m = |x: &Matrix| x.bytes().len() as u64;
-            let head = m(&model.token_embd) + if model.tied_embeddings { 0 } else { m(&model.output) };
-            let attention = head + model.layers.iter().map(|l| m(&l.wq) + m(&l.wk) + m(&l.wv) + m(&l.wo)).sum::<u64>();
-            let kv = 2 * 2 * (hp.n_layer * n_ctx * hp.kv_dim()) as u64;
+            let head = model.token_embd.n_bytes() as u64 + if model.tied_embeddings { 0 } else { model.output.n_bytes() as u64 };
+            let attention = head + model.layers.iter().map(|l| l.attention_bytes()).sum::<u64>();
+            let kv = hp.n_layer as u64 * hp.kv_bytes_per_layer(n_ctx);
             if attention + kv > b {
                 let parts = format!("attention, embeddings and output at least {}, KV cache for {n_ctx} positions {}", Bytes(attention), Bytes(kv));
                 return Err(crate::sparse::placement::PlacementError::TooSmall { budget: Bytes(b), need: Bytes(attention + kv), parts }.into());

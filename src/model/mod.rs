@@ -119,6 +119,11 @@ impl HParams {
         self.n_head_kv * self.head_dim
     }
 
+    /// One layer's KV cache for `n_ctx` positions: f16 keys and values.
+    pub fn kv_bytes_per_layer(&self, n_ctx: usize) -> u64 {
+        n_ctx as u64 * self.kv_dim() as u64 * 2 * 2
+    }
+
     fn from_gguf(f: &GgufFile, spec: &ArchSpec) -> Result<Self> {
         let arch = f.get_str("general.architecture")?.to_string();
         let key = |k: &str| format!("{arch}.{k}");
@@ -230,6 +235,13 @@ pub struct Layer {
     /// PowerInfer's transposed down projection (`blk.N.ffn_down_t`, row i = neuron i's
     /// column), when the file carries one.
     pub ffn_down_t: Option<Matrix>,
+}
+
+impl Layer {
+    /// Bytes of the attention's four matrices as stored (q, k, v and o).
+    pub fn attention_bytes(&self) -> u64 {
+        [&self.wq, &self.wk, &self.wv, &self.wo].iter().map(|m| m.n_bytes() as u64).sum()
+    }
 }
 
 /// A loaded model: hyper-parameters and weights (mapped from the file where the type is
