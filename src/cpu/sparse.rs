@@ -230,9 +230,14 @@ fn row_to_prefetch(rows: &[u32], k: usize, ahead: usize) -> Option<usize> {
 /// Checks what the row products need of their arguments; these are invariants of the forward
 /// pass, not user input, hence panics with the matrix named.
 fn check_row_product(w: &Matrix, acts: &Activations, rows: &[u32], out: &[f32]) {
+    check_rows(w, acts, rows);
+    assert_eq!(out.len(), w.rows, "{}: output of {} values for {} rows", w.name, out.len(), w.rows);
+}
+
+/// One token as wide as the matrix, and every listed row inside it.
+fn check_rows(w: &Matrix, acts: &Activations, rows: &[u32]) {
     assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", w.name, acts.n_tokens);
     assert_eq!(acts.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, acts.cols, w.cols);
-    assert_eq!(out.len(), w.rows, "{}: output of {} values for {} rows", w.name, out.len(), w.rows);
     if let Some(&bad) = rows.iter().find(|&&r| r as usize >= w.rows) {
         panic!("{}: row {bad} listed, the matrix has {}", w.name, w.rows);
     }
@@ -300,11 +305,7 @@ pub fn matvec_rows(w: &Matrix, acts: &Activations, rows: &[u32], out: &mut [f32]
 /// As [`matvec_rows`], or if `vals` is not as long as `rows`.
 pub fn row_dots_serial(w: &Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
     assert_eq!(vals.len(), rows.len(), "{}: {} outputs for {} rows", w.name, vals.len(), rows.len());
-    assert_eq!(acts.n_tokens, 1, "{}: row products take one token, not {}", w.name, acts.n_tokens);
-    assert_eq!(acts.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, acts.cols, w.cols);
-    if let Some(&bad) = rows.iter().find(|&&r| r as usize >= w.rows) {
-        panic!("{}: row {bad} listed, the matrix has {}", w.name, w.rows);
-    }
+    check_rows(w, acts, rows);
     if rows.is_empty() {
         return;
     }
