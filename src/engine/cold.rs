@@ -8,7 +8,7 @@
 //! not matter, so the result is the same run after run and for any team size.
 
 use super::ffn::{retain_sorted_intersection, FfnMode, SparseFfn};
-use crate::cpu::matmul::{Activations, Precision};
+use crate::cpu::matmul::{matmuls, Activations, Precision};
 use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
 use crate::sparse::predictor::Predictor;
 use crate::cpu::team::Team;
@@ -112,9 +112,8 @@ impl ColdFfn {
         if let Some(p) = predictor {
             let t = std::time::Instant::now();
             let rank = p.fc1.rows;
-            let all: Vec<u32> = (0..rank as u32).collect();
             hidden.resize(rank, 0.0);
-            team_row_dots(team, &p.fc1, &Activations::new(resid, 1).with_precision(precision), &all, hidden);
+            matmuls(team, &Activations::new(resid, 1).with_precision(precision), [(&p.fc1, &mut hidden[..])]);
             for h in hidden.iter_mut() {
                 *h = h.max(0.0);
             }
@@ -155,44 +154,42 @@ fn ffn_on_team(team: &mut Team, partials: &mut Vec<f32>, ffn: &SparseFfn, model:
     let layer = &model.layers[il];
     let act = model.hp.activation;
     let cols = out.len();
-    {
-        gated_ffn_chunks(&layer.ffn_gate, &layer.ffn_up, &ffn.down_t[il], acts, act, gate_given, active, fires, |sum_chunk| {
-            let chunk_len = team_chunk_len(active.len());
-            let n_chunks = active.len().div_ceil(chunk_len);
-            partials.resize(n_chunks * cols, 0.0);
-            {
-                let slots: Vec<Mutex<&mut [f32]>> = partials.chunks_mut(cols).map(Mutex::new).collect();
-                let next = AtomicUsize::new(0);
-                team.run(&|_, _| loop {
-                    let c = next.fetch_add(1, Ordering::Relaxed);
-                    if c >= n_chunks {
-                        break;
-                    }
-                    let mut acc = slots[c].lock().unwrap();
-                    acc.fill(0.0);
-                    let start = c * chunk_len;
-                    sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
-                });
-            }
-            // Partial sums added in chunk order, element by element, columns split over members.
-            let partials: &[f32] = partials;
-            let blocks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(REDUCE_COLS).map(Mutex::new).collect();
+    gated_ffn_chunks(&layer.ffn_gate, &layer.ffn_up, &ffn.down_t[il], acts, act, gate_given, active, fires, |sum_chunk| {
+        let chunk_len = team_chunk_len(active.len());
+        let n_chunks = active.len().div_ceil(chunk_len);
+        partials.resize(n_chunks * cols, 0.0);
+        {
+            let slots: Vec<Mutex<&mut [f32]>> = partials.chunks_mut(cols).map(Mutex::new).collect();
             let next = AtomicUsize::new(0);
             team.run(&|_, _| loop {
-                let b = next.fetch_add(1, Ordering::Relaxed);
-                if b >= blocks.len() {
+                let c = next.fetch_add(1, Ordering::Relaxed);
+                if c >= n_chunks {
                     break;
                 }
-                let mut o = blocks[b].lock().unwrap();
-                let (start, len) = (b * REDUCE_COLS, o.len());
-                o.copy_from_slice(&partials[start..start + len]);
-                for c in 1..n_chunks {
-                    let p = &partials[c * cols + start..c * cols + start + len];
-                    for (a, &v) in o.iter_mut().zip(p) {
-                        *a += v;
-                    }
-                }
+                let mut acc = slots[c].lock().unwrap();
+                acc.fill(0.0);
+                let start = c * chunk_len;
+                sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
             });
+        }
+        // Partial sums added in chunk order, element by element, columns split over members.
+        let partials: &[f32] = partials;
+        let blocks: Vec<Mutex<&mut [f32]>> = out.chunks_mut(REDUCE_COLS).map(Mutex::new).collect();
+        let next = AtomicUsize::new(0);
+        team.run(&|_, _| loop {
+            let b = next.fetch_add(1, Ordering::Relaxed);
+            if b >= blocks.len() {
+                break;
+            }
+            let mut o = blocks[b].lock().unwrap();
+            let (start, len) = (b * REDUCE_COLS, o.len());
+            o.copy_from_slice(&partials[start..start + len]);
+            for c in 1..n_chunks {
+                let p = &partials[c * cols + start..c * cols + start + len];
+                for (a, &v) in o.iter_mut().zip(p) {
+                    *a += v;
+                }
+            }
         });
-    }
+    });
 }
