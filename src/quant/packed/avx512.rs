@@ -1,9 +1,7 @@
 //! AVX-512 VNNI kernels over one 16-row group: one zmm per lane holds that lane of 16 rows.
 
-use super::{TokenActs, GROUP};
+use super::{prefetch_ahead, TokenActs, GROUP};
 use std::arch::x86_64::*;
-
-pub(super) use super::prefetch_ahead;
 
 pub(super) fn supported() -> bool {
     is_x86_feature_detected!("avx512f")
