@@ -284,7 +284,7 @@ impl SimulatedActivity {
 
     /// Expected firing counts per million tokens: what placement ranks neurons by.
     pub fn counts(&self) -> Vec<Vec<u32>> {
-        self.rates.iter().map(|r| r.iter().map(|&v| (v as f64 * 1e6).round() as u32).collect()).collect()
+        per_million(&self.rates)
     }
 
     /// One token's active neurons of `layer`, ascending, each drawn with its rate: a perfect
@@ -364,7 +364,12 @@ fn stretched_rates(profile: &ActivationProfile, n_layer: usize, n_ff: usize) -> 
 /// rates (per million tokens): for placing a synthetic model's neurons by a profile other than
 /// the one the draws use.
 pub fn stretched_counts(profile: &ActivationProfile, n_layer: usize, n_ff: usize) -> Result<Vec<Vec<u32>>, String> {
-    Ok(SimulatedActivity::from_rates(stretched_rates(profile, n_layer, n_ff)?, 0).counts())
+    Ok(per_million(&stretched_rates(profile, n_layer, n_ff)?))
+}
+
+/// Expected firing counts per million tokens of per-neuron rates: what placement ranks by.
+fn per_million(rates: &[Vec<f32>]) -> Vec<Vec<u32>> {
+    rates.iter().map(|r| r.iter().map(|&v| (v as f64 * 1e6).round() as u32).collect()).collect()
 }
 
 #[cfg(test)]
