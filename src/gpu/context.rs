@@ -386,15 +386,10 @@ impl GpuContext {
             }
             let staging = st.buffer.clone().expect("created above");
             if !st.mapped {
-                // Waits for the copies out of it to finish.
-                let (tx, rx) = std::sync::mpsc::channel();
-                staging.slice(..).map_async(wgpu::MapMode::Write, move |r| {
-                    let _ = tx.send(r);
-                });
-                let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
-                // A lost device shows up at the next read (as GpuError::Lost) or through the
-                // uncaptured-error handler; the upload is moot then.
-                if !matches!(rx.recv(), Ok(Ok(()))) {
+                // Waits for the copies out of it to finish. A lost device shows up at the next
+                // read (as GpuError::Lost) or through the uncaptured-error handler; the upload
+                // is moot then.
+                if self.map_wait(&staging, wgpu::MapMode::Write, None).is_err() {
                     return;
                 }
                 (st.mapped, st.fill) = (true, 0);
@@ -519,17 +514,22 @@ impl GpuContext {
     /// Waits for submission `until` (for all work when None), then maps `staging` (a
     /// MAP_READ buffer), copies out its first `len` bytes and unmaps it.
     pub fn read_mapped(&self, staging: &wgpu::Buffer, len: u64, until: Option<wgpu::SubmissionIndex>) -> Result<Vec<u8>, GpuError> {
+        self.map_wait(staging, wgpu::MapMode::Read, until)?;
+        let out = staging.slice(..).get_mapped_range().map_err(|e| GpuError::Lost(e.to_string()))?[..len as usize].to_vec();
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Maps all of `buf` for `mode` and blocks until it is mapped (after submission `until`,
+    /// or every submission so far).
+    fn map_wait(&self, buf: &wgpu::Buffer, mode: wgpu::MapMode, until: Option<wgpu::SubmissionIndex>) -> Result<(), GpuError> {
         let lost = |e: String| GpuError::Lost(e);
-        let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
+        buf.slice(..).map_async(mode, move |r| {
             let _ = tx.send(r);
         });
         self.device.poll(wgpu::PollType::Wait { submission_index: until, timeout: None }).map_err(|e| lost(e.to_string()))?;
-        rx.recv().map_err(|e| lost(e.to_string()))?.map_err(|e| lost(e.to_string()))?;
-        let out = slice.get_mapped_range().map_err(|e| lost(e.to_string()))?[..len as usize].to_vec();
-        staging.unmap();
-        Ok(out)
+        rx.recv().map_err(|e| lost(e.to_string()))?.map_err(|e| lost(e.to_string()))
     }
 
     /// Reads `n` values of type T from the start of `buf`.
