@@ -331,6 +331,13 @@ fn nan_logits_are_an_error_not_silence() {
     }
     let out = run_within(ember().args(["perplexity", "--backend", "cpu", "-c", "64", "--chunks", "1", "-t", "2", "-m"]).arg(&nan).arg("-f").arg(refs.join("ppl-text.txt")), Duration::from_secs(10));
     assert_clear_error(&out, &["NaN or infinite logits"]);
+    // On the GPU, greedy decoding reads back only the argmax: its kernel flags the NaN (CI runs
+    // this on lavapipe; without a Vulkan driver common::gpu says so and it is skipped).
+    if common::gpu().is_some() {
+        let out = run_within(ember().args(["run", "--backend", "gpu", "-p", "Hello", "-n", "4", "--temp", "0", "-m"]).arg(&nan), Duration::from_secs(120));
+        assert_clear_error(&out, &["NaN or infinite logits"]);
+        assert!(out.stdout.iter().all(|b| b.is_ascii_whitespace()), "printed text from NaN logits on the GPU");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -515,5 +522,55 @@ fn synth_refuses_models_that_cannot_be_loaded_or_fit() {
         assert_clear_error(&synth(&["--n-embd", "65536", "--n-ff", "1048576", "--type", "f16", "--n-head", "64", "--n-head-kv", "64"]), &["largest tensor takes 128.0 GiB"]);
     }
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "synth left a file behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- --backend auto ------------------------------------------------------------------------
+
+/// With `--backend auto`, a GPU that opens but cannot take the model falls back to the CPU with a
+/// one-line warning. The model here is the default one's tokenizer on 16-wide layers, which the
+/// CPU runs and the GPU kernels refuse (they need a multiple of 32 columns). On CI, lavapipe is
+/// named with --device (auto alone never picks a software adapter).
+#[test]
+fn auto_backend_falls_back_to_the_cpu_when_the_gpu_fails_after_opening() {
+    let Some(model) = common::default_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let device = ctx.adapter.name.clone();
+    drop(ctx);
+    let dir = scratch("auto-fallback");
+    let tiny = dir.join("tiny16.gguf");
+    let f = GgufFile::open(&model).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in f.metadata() {
+        if !k.starts_with("llama.") {
+            w.set(k, v.clone());
+        }
+    }
+    let (e, ff, vocab) = (16u64, 32u64, f.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len() as u64);
+    for (k, v) in [("block_count", 1), ("embedding_length", e), ("feed_forward_length", ff), ("attention.head_count", 2), ("attention.head_count_kv", 2), ("context_length", 64)] {
+        w.set(&format!("llama.{k}"), Value::U32(v as u32));
+    }
+    w.set("llama.rope.freq_base", Value::F32(10000.0));
+    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    let mut rng = common::Rng(16);
+    let mut add = |name: &str, dims: &[u64]| {
+        let v: Vec<f32> = rng.vec(dims.iter().product::<u64>() as usize).iter().map(|x| 0.3 * x).collect();
+        w.add_f32(name, dims, &v);
+    };
+    add("token_embd.weight", &[e, vocab]);
+    add("output_norm.weight", &[e]);
+    for (t, dims) in [("attn_norm", vec![e]), ("ffn_norm", vec![e]), ("attn_q", vec![e, e]), ("attn_k", vec![e, e]), ("attn_v", vec![e, e]), ("attn_output", vec![e, e]), ("ffn_gate", vec![e, ff]), ("ffn_up", vec![e, ff]), ("ffn_down", vec![ff, e])] {
+        add(&format!("blk.0.{t}.weight"), &dims);
+    }
+    w.write_file(&tiny).unwrap();
+    // --backend gpu on the same device fails and says why; auto runs on the CPU and says so.
+    let out = run_within(ember().args(["run", "--backend", "gpu", "--device", &device, "-p", "Hi", "-n", "2", "--temp", "0", "-m"]).arg(&tiny), Duration::from_secs(60));
+    assert_clear_error(&out, &["multiple of 32 columns"]);
+    let out = run_within(ember().args(["run", "--backend", "auto", "--device", &device, "-p", "Hi", "-n", "2", "--temp", "0", "-m"]).arg(&tiny), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "auto did not fall back: {stderr}");
+    let warning: Vec<&str> = stderr.lines().filter(|l| l.contains("running on the CPU instead")).collect();
+    assert_eq!(warning.len(), 1, "{stderr}");
+    assert!(warning[0].contains("warning: the GPU failed") && warning[0].contains("multiple of 32 columns") && warning[0].len() < 1024, "{}", warning[0]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
