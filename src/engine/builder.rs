@@ -285,7 +285,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     };
     // Attention placed with the neurons, unless a placement file says where it goes (one
     // without ember's attention record, e.g. PowerInfer's, keeps every layer's on the GPU).
-    let placed = AttentionPlace::Placed { profile_tokens };
+    let placed = AttentionPlace::Placed { profile_tokens, slack: 0 };
     let (hot, attention) = match (&args.placement, &cache) {
         (Some(path), _) => {
             let (hot, attention) = read_placement(path, &model)?;
@@ -300,7 +300,20 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let session = match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot, attention), true) {
+    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
+    // Host attention chosen from estimates whose fixed part measured over the budget: again,
+    // on a fresh device (see below), keeping the shortfall free (twice at most).
+    let mut attention = attention;
+    for _ in 0..2 {
+        let Err(e) = &attempt else { break };
+        let Some(more) = attention.with_more_slack(e) else { break };
+        log(&format!("{e}; choosing the host-attention layers again with more room"));
+        drop(ctx);
+        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
+        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
+        attention = more;
+    }
+    let session = match attempt {
         Ok(s) => s,
         Err(HybridError::Placement(e)) if from_cache => {
             let c = cache.as_ref().expect("from the cache");
