@@ -70,6 +70,7 @@ fn open_cpu(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
     }
     let mut s = Session::new(model.clone(), n_ctx);
     s.precision = args.precision.into();
+    s.tuning = super::cpu_tuning();
     if let Some(f) = sparse_ffn(args, &model, true)? {
         s = s.with_ffn(f);
     }
