@@ -222,6 +222,25 @@ pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
     t
 }
 
+/// The CPU products' streaming choices, with the benchmark variables that override the
+/// defaults (the library takes them as a value, never from the environment):
+/// `EMBER_CPU_PREFETCH` (bytes the packed kernels prefetch ahead, 0 for none),
+/// `EMBER_CPU_PARTS` (parts per team member taken from a shared counter; 0 for one equal
+/// share each), `EMBER_CPU_HUGE=0` (no transparent huge pages for the packed weights).
+pub fn cpu_tuning() -> crate::cpu::matmul::CpuTuning {
+    let var = |k: &str| std::env::var(k).ok();
+    let mut t = crate::cpu::matmul::CpuTuning::default();
+    if let Some(v) = var("EMBER_CPU_PREFETCH").and_then(|v| v.parse::<usize>().ok()) {
+        // Whole cache lines, at most 1 MiB.
+        t.prefetch = (v.min(1 << 20) / 64) * 64;
+    }
+    if let Some(v) = var("EMBER_CPU_PARTS").and_then(|v| v.parse::<usize>().ok()) {
+        t.parts_per_member = v.min(64);
+    }
+    t.pack.huge_pages = var("EMBER_CPU_HUGE").as_deref() != Some("0");
+    t
+}
+
 /// `--gpu-precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GpuPrecisionArg {

@@ -102,6 +102,8 @@ pub struct SessionOptions {
     pub precision: Precision,
     /// The GPU kernels' choices (`--gpu-precision` and benchmark overrides).
     pub gpu_tuning: GpuTuning,
+    /// The CPU products' choices (prefetch distance, work split, packing).
+    pub cpu_tuning: crate::cpu::matmul::CpuTuning,
     pub ffn: FfnMode,
     /// Predictors for `FfnMode::Predict` [default: the derived `.predictors.gguf`, else the model's own].
     pub predictor: Option<PathBuf>,
@@ -133,6 +135,7 @@ impl SessionOptions {
             device: None,
             precision: Precision::Llama,
             gpu_tuning: GpuTuning::default(),
+            cpu_tuning: Default::default(),
             ffn: FfnMode::Dense,
             predictor: None,
             ffn_sparsity: 0.5,
@@ -198,6 +201,7 @@ fn open_cpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     }
     let mut s = Session::new(model.clone(), n_ctx);
     s.precision = args.precision;
+    s.tuning = args.cpu_tuning;
     if let Some(f) = sparse_ffn(args, &model, true, log)? {
         s = s.with_ffn(f);
     }
@@ -229,6 +233,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         };
         let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
         s.cpu_mut().precision = args.precision;
+        s.cpu_mut().tuning = args.cpu_tuning;
         ctx.flush_uploads();
         let mem = ctx.memory();
         if let Some(b) = budget {
