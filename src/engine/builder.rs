@@ -179,7 +179,27 @@ pub fn open(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     };
     match choice {
         None => Ok(Opened { session: open_cpu(args, model, n_ctx, log)?, gpu: None }),
-        Some(choice) => open_gpu(args, model, n_ctx, &choice, log).map(|(s, ctx)| Opened { session: s, gpu: Some(ctx) }),
+        Some(choice) => match open_gpu(args, model.clone(), n_ctx, &choice, log) {
+            Ok((s, ctx)) => Ok(Opened { session: s, gpu: Some(ctx) }),
+            // The user left the backend to ember: a GPU that opened but then failed (an upload
+            // out of memory, a kernel its driver rejects, a model shape the GPU kernels lack, a
+            // lost device) leaves the work to the CPU, when the CPU can take these options.
+            Err(e) if args.backend == BackendChoice::Auto && e.is_gpu_failure() => match open_cpu(args, model, n_ctx, log) {
+                Ok(session) => {
+                    log(&format!("warning: the GPU failed while loading the model ({}); running on the CPU instead", e.to_string().replace('\n', " ")));
+                    Ok(Opened { session, gpu: None })
+                }
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+    }
+}
+
+impl BuildError {
+    /// Whether the GPU itself failed (as opposed to options that do not fit together).
+    pub fn is_gpu_failure(&self) -> bool {
+        matches!(self, BuildError::Gpu(_) | BuildError::Forward(ForwardError::Gpu(_)) | BuildError::Hybrid(HybridError::Gpu(_)))
     }
 }
 

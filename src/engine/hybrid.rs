@@ -746,8 +746,8 @@ impl Forward for HybridSession {
         for &t in tokens {
             self.run_token(t)?;
         }
-        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
-        Ok(out[0])
+        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 3).map_err(ForwardError::Gpu)?;
+        super::gpu_forward::argmax_id([out[0], out[1], out[2]])
     }
 
     fn n_past(&self) -> usize {
