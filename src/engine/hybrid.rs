@@ -33,7 +33,7 @@ use super::gpu_ops::{NamedOp, Op};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
-use crate::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
+use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
 use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model};
@@ -41,6 +41,10 @@ use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, Placem
 use crate::sparse::predictor::Predictors;
 use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
+
+mod prefill;
+use prefill::PrefillBuffers;
+pub use prefill::PrefillTiming;
 
 /// What a neuron-aware GPU session needs besides the model.
 pub struct HybridPlan {
@@ -94,6 +98,8 @@ struct SparseLayerOps {
     axpy: SparseAxpyOp,
     _hot: HotFfn,
     _list: ActiveList,
+    /// A prefill batch's FFN over every hot neuron, densely, added into x.
+    batch: BatchFfnOp,
     /// Ascending ids of the neurons the CPU owns (may be empty).
     cold: Vec<u32>,
     /// (xn, x) of the token, mapped by the CPU.
@@ -154,6 +160,8 @@ pub struct HybridSession {
     /// Per layer: the hot neurons' dispatches and the cold neurons' exchange buffers.
     layers: Vec<SparseLayerOps>,
     state: HybridState,
+    /// Batched prefill's exchange buffers (None: prompts run token by token).
+    prefill: Option<PrefillBuffers>,
 }
 
 /// The CPU side of a hybrid session.
@@ -173,6 +181,8 @@ struct HybridState {
     syncs_per_token: usize,
     /// Where decode time went, summed over tokens since the last reset of the counters.
     timing: HybridTiming,
+    /// Where batched prefill time went, since the last reset.
+    prefill_timing: PrefillTiming,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -229,9 +239,16 @@ pub enum HybridError {
 
 impl HybridSession {
     /// Everything but the FFN on the GPU, then as many hot neurons as `plan.budget` leaves
-    /// room for (all of them without a budget); the rest run on the CPU. Decodes one token per
-    /// forward step (a batch is run token by token).
+    /// room for (all of them without a budget); the rest run on the CPU. Prompts run in
+    /// batches of up to [`DEFAULT_PREFILL_BATCH`] tokens.
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<HybridSession, HybridError> {
+        Self::with_prefill(model, ctx, n_ctx, plan, DEFAULT_PREFILL_BATCH, progress)
+    }
+
+    /// [`new`](Self::new) with prompts run in batches of up to `prefill_batch` tokens (1: token
+    /// by token, as decode). The batch's GPU buffers (activations of every row, the CPU
+    /// exchange) are allocated before the neurons are placed, so they come out of the budget.
+    pub fn with_prefill(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, prefill_batch: usize, progress: bool) -> Result<HybridSession, HybridError> {
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -262,8 +279,10 @@ impl HybridSession {
         let mut since = start;
         let weights = Arc::new(GpuWeights::upload_layers(&ctx, &model, hp.n_layer, false, progress)?);
         mark(&mut fixed, "attention, norms, embeddings, output", &mut since);
-        let session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
-        mark(&mut fixed, "KV cache and activations", &mut since);
+        // A batch reads only its last row's logits: no all-logits buffer.
+        let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.max(1), false)?;
+        let prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
+        mark(&mut fixed, "KV cache and activations (prefill batches included)", &mut since);
 
         // Predictors on the GPU (predict mode without simulation).
         let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
@@ -414,6 +433,8 @@ impl HybridSession {
                 }
             };
             let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
+            // The batch's hidden rows live in the session's gate buffer (max_tokens x n_ff).
+            let batch = BatchFfnOp::new(&ctx, &hot, &s.xn, &s.gate, &s.x, hp.activation, session.max_tokens(), &s.step)?;
             let cold: Vec<u32> = complement(hot_ids, ff);
             let staging = (!cold.is_empty()).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
@@ -427,6 +448,7 @@ impl HybridSession {
                 axpy,
                 _hot: hot,
                 _list: list,
+                batch,
                 cold,
                 staging,
                 y_cpu,
@@ -458,8 +480,9 @@ impl HybridSession {
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
+            prefill_timing: PrefillTiming::default(),
         };
-        Ok(HybridSession { gpu: session, layers, state })
+        Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
@@ -515,7 +538,7 @@ impl HybridSession {
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
     fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let HybridSession { gpu, layers, state } = self;
+        let HybridSession { gpu, layers, state, .. } = self;
         let e = gpu.model.hp.n_embd;
         let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -612,10 +635,15 @@ impl HybridSession {
 }
 
 impl Forward for HybridSession {
-    /// Token by token, each with its own active neurons.
+    /// Several tokens for the last row's logits in batches ([`Self::prefill`]); otherwise token
+    /// by token, each with its own active neurons.
     fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         self.gpu.check(tokens)?;
         let nv = self.gpu.model.hp.n_vocab;
+        if want == Logits::Last && self.batched(tokens.len()) {
+            self.prefill(tokens)?;
+            return self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu);
+        }
         let mut all = Vec::new();
         for &t in tokens {
             self.run_token(t)?;
@@ -631,8 +659,12 @@ impl Forward for HybridSession {
 
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
         self.gpu.check(tokens)?;
-        for &t in tokens {
-            self.run_token(t)?;
+        if self.batched(tokens.len()) {
+            self.prefill(tokens)?;
+        } else {
+            for &t in tokens {
+                self.run_token(t)?;
+            }
         }
         let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
         Ok(out[0])
@@ -759,6 +791,11 @@ struct Segment {
     /// The token's tail (its last segment).
     last: bool,
 }
+
+/// Prompt tokens per batch of [`HybridSession::new`]: the batch's activation buffers come out of
+/// the budget (~0.16 MiB per token for a 7B, ~20 KiB for SmolLM2), so the default is moderate;
+/// the CLI passes its own (`--prefill-batch`).
+pub const DEFAULT_PREFILL_BATCH: usize = 64;
 
 /// Layers per submission in runs of layers without a split.
 const LAYERS_PER_SUBMISSION: usize = 8;
