@@ -7,7 +7,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{FfnMode, Forward, HybridPlan, HybridSession, Logits, Session, SparseFfn};
+use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
@@ -41,22 +41,26 @@ fn batched_prefill_matches_token_by_token_and_dense() {
     // A longer prompt too: several batches.
     let mut long: Vec<u32> = prompts.iter().flatten().copied().collect();
     long.truncate(41);
-    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None };
+    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention };
     // Mixed layers: the even ones wholly hot (no CPU part, no synchronisation), the odd ones
     // with every third neuron hot.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();
     let mut saw_mixed = false;
-    // A placed budget with few hot neurons in one batch per prompt; the mixed placement in
-    // batches of 10 (the 31-token prompt: 10, 10, 10 and a last one of a single token).
-    for (budget_mib, hot, batch) in [(100u64, None, 64usize), (240, Some(mixed), 10)] {
+    // Host attention in every third layer (from layer 1: some split, some wholly hot).
+    let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| l % 3 != 1).collect();
+    // A placed budget with few hot neurons in one batch per prompt; the mixed placement with
+    // host-attention layers in batches of 10 (the 31-token prompt: 10, 10, 10 and a last one
+    // of a single token).
+    let cases = [(100u64, None, AttentionPlace::AllGpu, 64usize), (240, Some(mixed), AttentionPlace::Given(on_gpu), 10)];
+    for (budget_mib, hot, attention, batch) in cases {
         let budget = Some(budget_mib << 20);
         let ctx = Arc::new(common::gpu().unwrap());
-        let mut s = HybridSession::with_prefill(model.clone(), ctx.clone(), 96, plan(budget, hot.clone()), batch, false).unwrap();
+        let mut s = HybridSession::with_prefill(model.clone(), ctx.clone(), 96, plan(budget, hot.clone(), attention.clone()), batch, false).unwrap();
         let placement = s.placement().clone();
         let all_hot = placement.hot.iter().filter(|h| h.len() == hp.n_ff).count();
         saw_mixed |= all_hot > 0 && all_hot < hp.n_layer;
         let ctx_tok = Arc::new(common::gpu().unwrap());
-        let mut tok = HybridSession::with_prefill(model.clone(), ctx_tok, 96, plan(budget, hot), 1, false).unwrap();
+        let mut tok = HybridSession::with_prefill(model.clone(), ctx_tok, 96, plan(budget, hot, attention), 1, false).unwrap();
         assert_eq!(tok.placement().hot, placement.hot, "the same placement with and without batches");
         for p in prompts.iter().take(3).chain([&long]) {
             s.reset();

@@ -154,8 +154,11 @@ pub struct ModelArgs {
 pub enum FfnArg {
     /// Every neuron (the reference)
     Dense,
-    /// The gate densely, then up and down only where relu(gate) > 0: dense results up to float
-    /// rounding, on ReLU models (ember.ffn_activation = relu, PowerInfer models)
+    /// The gate densely, then up and down only where relu(gate) > 0, on ReLU models
+    /// (ember.ffn_activation = relu, PowerInfer models). Dense results up to float rounding at
+    /// --precision f32; at the default precision the down product reads a re-quantised
+    /// transposed down matrix with 8-bit activations, which costs +1.3% perplexity on
+    /// SmolLM2-ReLU (BENCHMARKS.md), and greedy text may leave dense's
     Relu,
     /// A trained per-layer predictor picks the neurons first (PowerInfer's way): fastest, approximate
     Predict,

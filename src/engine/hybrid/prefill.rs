@@ -40,6 +40,9 @@ pub(super) struct PrefillBuffers {
     add_cpu: AddOp,
     /// Host side of `y_cpu`.
     y: Vec<f32>,
+    /// x and xn of a host-attention layer's batch.
+    x: Vec<f32>,
+    xn: Vec<f32>,
 }
 
 impl PrefillBuffers {
@@ -48,7 +51,7 @@ impl PrefillBuffers {
         let bytes = 4 * (gpu.max_tokens() * e) as u64;
         let y_cpu = ctx.zeros("prefill cpu ffn part", bytes);
         let add_cpu = AddOp::new(ctx, &gpu.s.x, &y_cpu, e as u32, &gpu.s.step);
-        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new() }
+        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new() }
     }
 }
 
@@ -63,6 +66,8 @@ pub struct PrefillTiming {
     pub wait_gpu: f64,
     /// Computing cold neurons on the CPU.
     pub cpu_ffn: f64,
+    /// Computing host-attention layers' attention half on the CPU.
+    pub cpu_attention: f64,
 }
 
 impl PrefillTiming {
@@ -70,13 +75,14 @@ impl PrefillTiming {
     pub fn summary(&self) -> String {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         format!(
-            "{} tokens in {} batches, {:.3} ms per token: {:.3} waiting for the GPU, {:.3} CPU cold neurons, {:.3} other",
+            "{} tokens in {} batches, {:.3} ms per token: {:.3} waiting for the GPU, {:.3} CPU cold neurons, {:.3} CPU attention, {:.3} other",
             self.tokens,
             self.batches,
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_ffn),
-            per(self.total - self.wait_gpu - self.cpu_ffn)
+            per(self.cpu_attention),
+            per(self.total - self.wait_gpu - self.cpu_ffn - self.cpu_attention)
         )
     }
 }
@@ -122,7 +128,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&Step { n_tokens: 1, ..step }));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::cast_slice(tokens));
         pf.y.resize(n as usize * e, 0.0);
-        let (mut wait_gpu, mut cpu_ffn) = (0.0, 0.0);
+        let (mut wait_gpu, mut cpu_ffn, mut cpu_attention) = (0.0, 0.0, 0.0);
         let this = &*gpu;
         let new_encoder = || this.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid prefill") });
         let mut enc = new_encoder();
@@ -132,26 +138,32 @@ impl HybridSession {
             for (_, op) in layer.attention_sequence(n) {
                 op.record(&mut pass, n);
             }
-            if sp.cold.is_empty() {
+            if sp.cold.is_empty() && !sp.host_attention {
                 sp.batch.record(&mut pass, n);
                 continue;
             }
             drop(pass);
             let bytes = 4 * n as u64 * e as u64;
-            enc.copy_buffer_to_buffer(&this.s.xn, 0, &pf.staging, 0, bytes);
+            // The CPU needs xn for its cold neurons, or x to run a host layer's attention from.
+            let from = if sp.host_attention { &this.s.x } else { &this.s.xn };
+            enc.copy_buffer_to_buffer(from, 0, &pf.staging, 0, bytes);
             this.ctx.queue.submit([enc.finish()]);
             let slice = pf.staging.slice(..bytes);
             let (tx_map, rx_map) = std::sync::mpsc::channel();
             slice.map_async(wgpu::MapMode::Read, move |r| {
                 let _ = tx_map.send(r);
             });
-            // Submission B: the hot neurons of every row, added into x.
+            // Submission B: the hot neurons of every row, added into x (after a host attention,
+            // once the CPU has written x and xn back).
             let mut hot = new_encoder();
             {
                 let mut p = hot.begin_compute_pass(&Default::default());
                 sp.batch.record(&mut p, n);
             }
-            this.ctx.queue.submit([hot.finish()]);
+            let mut hot = Some(hot.finish());
+            if !sp.host_attention {
+                this.ctx.queue.submit(hot.take());
+            }
             let t_wait = Instant::now();
             // Spinning on non-blocking polls, as decode does (a blocking wait costs ~100 µs of
             // wake-up latency).
@@ -165,14 +177,42 @@ impl HybridSession {
             };
             mapped.map_err(lost)?;
             wait_gpu += t_wait.elapsed().as_secs_f64();
-            let t_cpu = Instant::now();
-            {
-                let view = slice.get_mapped_range().map_err(lost)?;
-                let xn: &[f32] = bytemuck::cast_slice(&view);
-                state.cold.batch_dense(&state.ffn, &this.model, il, xn, &sp.cold, state.precision, &mut pf.y);
+            if sp.host_attention {
+                // The attention half of every row on the CPU (the host session's batched
+                // kernels), then x and xn back to the GPU before the hot neurons read them.
+                let t_attn = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    pf.x.clear();
+                    pf.x.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&view));
+                }
+                pf.staging.unmap();
+                pf.xn.resize(pf.x.len(), 0.0);
+                state.host.run(state.cold.team(), &this.model, il, pos0 as usize, &mut pf.x, &mut pf.xn, state.precision)?;
+                this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&pf.x));
+                this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&pf.xn));
+                this.ctx.queue.submit(hot.take());
+                cpu_attention += t_attn.elapsed().as_secs_f64();
+                if !sp.cold.is_empty() {
+                    let t_cpu = Instant::now();
+                    state.cold.batch_dense(&state.ffn, &this.model, il, &pf.xn, &sp.cold, state.precision, &mut pf.y);
+                    cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                }
+            } else {
+                let t_cpu = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    let xn: &[f32] = bytemuck::cast_slice(&view);
+                    state.cold.batch_dense(&state.ffn, &this.model, il, xn, &sp.cold, state.precision, &mut pf.y);
+                }
+                pf.staging.unmap();
+                cpu_ffn += t_cpu.elapsed().as_secs_f64();
             }
-            pf.staging.unmap();
-            cpu_ffn += t_cpu.elapsed().as_secs_f64();
+            if sp.cold.is_empty() {
+                enc = new_encoder();
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                continue;
+            }
             // Ordered before the next submission, whose first dispatch adds it into x.
             this.ctx.queue.write_buffer(&pf.y_cpu, 0, bytemuck::cast_slice(&pf.y));
             enc = new_encoder();
@@ -195,6 +235,7 @@ impl HybridSession {
         t.total += t_batch.elapsed().as_secs_f64();
         t.wait_gpu += wait_gpu;
         t.cpu_ffn += cpu_ffn;
+        t.cpu_attention += cpu_attention;
         Ok(())
     }
 }
