@@ -99,18 +99,37 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     let Some(ctx) = common::gpu() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let hp = &model.hp;
-    // 2048 positions: a 45 MiB KV cache over the 30 layers, more than the budget leaves.
-    let (budget, n_ctx): (u64, usize) = (96 << 20, 2048);
+    // 4096 positions: a 90 MiB KV cache over the 30 layers, more than the budget leaves
+    // beside the attention weights, embeddings and buffers (~80 MiB).
+    let (budget, n_ctx): (u64, usize) = (140 << 20, 4096);
     let relu = || Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
-    // Lower neuron ids fire more often, by fiat, over n_ff tokens (rates 1/n_ff to 1).
+    // Lower neuron ids fire more often, by fiat, over 2 n_ff tokens (rates up to 1/2: an
+    // attention block, whose bytes the host would read at about 0.55 per token, ranks first).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let tokens = hp.n_ff as u64;
+    let tokens = 2 * hp.n_ff as u64;
     let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention };
+    // With every layer's attention on the GPU the budget is refused.
     // With every layer's attention on the GPU the budget is refused.
     assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, plan(AttentionPlace::AllGpu), false).is_err());
 
-    let ctx = Arc::new(ctx);
-    let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(AttentionPlace::Placed { profile_tokens: tokens }), false).unwrap();
+    // As `engine::builder` opens it: where lavapipe's allocator wastes more than the estimate
+    // allows, the choice is made again on a fresh device with the shortfall kept free.
+    drop(ctx);
+    let mut attention = AttentionPlace::Placed { profile_tokens: tokens, slack: 0 };
+    let (ctx, mut s) = loop {
+        let ctx = Arc::new(common::gpu().unwrap());
+        match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(attention.clone()), false) {
+            Ok(s) => break (ctx, s),
+            Err(e) => match attention.with_more_slack(&e) {
+                Some(more) if attention == (AttentionPlace::Placed { profile_tokens: tokens, slack: 0 }) => attention = more,
+                _ => panic!("{e}"),
+            },
+        }
+    };
+    let slack = match attention {
+        AttentionPlace::Placed { slack, .. } => slack,
+        _ => unreachable!(),
+    };
     let on_gpu = s.attention_on_gpu();
     let n_host = on_gpu.iter().filter(|&&g| !g).count();
     assert!(n_host > 0 && n_host < hp.n_layer, "{n_host} layers' attention on the host");
@@ -118,7 +137,7 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     assert!(n_hot > 0 && n_hot < hp.n_layer * hp.n_ff, "{n_hot} hot neurons: the budget should split the FFN");
     // `ember plan --host-attention`'s choice: the same function with the same arguments.
     let neuron_bytes: Vec<u64> = (0..hp.n_layer).map(|l| ember::engine::hybrid::hot_neuron_bytes(&model.layers[l], relu().down_t[l].ty, hp.n_embd)).collect();
-    let (_, planned) = ember::engine::host_attention::choose_attention(&model, n_ctx, budget, &counts, tokens, neuron_bytes, 0, ember::gpu::PLANNING_MARGIN).unwrap();
+    let (_, planned) = ember::engine::host_attention::choose_attention(&model, n_ctx, budget, &counts, tokens, neuron_bytes, 0, ember::gpu::PLANNING_MARGIN + slack).unwrap();
     assert_eq!(on_gpu, planned);
     assert_eq!(s.gpu().state_bytes(), (hp.n_layer - n_host) as u64 * hp.kv_bytes_per_layer(n_ctx));
     let check = |when: &str| {
@@ -128,8 +147,8 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
         m
     };
     let setup = check("setup");
-    // A 300-token prompt, then a few greedy tokens.
-    let prompt: Vec<u32> = (0..300u32).map(|i| ((i * 2654435761u32) >> 7) % hp.n_vocab as u32).collect();
+    // A 128-token prompt (token by token: the largest batch of a hybrid decode).
+    let prompt: Vec<u32> = (0..128u32).map(|i| ((i * 2654435761u32) >> 7) % hp.n_vocab as u32).collect();
     let logits = s.forward(&prompt, Logits::Last).unwrap();
     let after = check("the prompt");
     assert_eq!(after.counted, setup.counted);

@@ -50,6 +50,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         precision: args.precision.into(),
         // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
         gpu_tuning: super::gpu_tuning(args.gpu_precision),
+        cpu_tuning: super::cpu_tuning(),
         ffn: args.ffn.into(),
         predictor: args.predictor.clone(),
         ffn_sparsity: args.ffn_sparsity,

@@ -107,9 +107,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in GiB (fractions allowed: 0.05; or 512MiB). With --ffn relu or
-    /// predict the most-firing FFN neurons fill what attention, embeddings and the KV cache leave
-    /// and the CPU computes the rest (hybrid); with a dense FFN, whole layers are offloaded.
-    /// [default: no limit: everything on the GPU]
+    /// predict (hybrid) the embeddings and output go to the GPU, then the most-firing FFN
+    /// neurons and the layers' attention + KV cache compete for the rest, ranked by the bytes
+    /// the host would read per token (`ember plan --host-attention` shows the choice); the CPU
+    /// computes the cold neurons and the attention of the layers left on the host. With a
+    /// dense FFN, whole layers are offloaded. [default: no limit: everything on the GPU]
     #[arg(long, value_name = "GIB")]
     pub vram_budget: Option<String>,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
@@ -117,9 +119,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub act_profile: Option<PathBuf>,
     /// Hot neurons for --vram-budget from this placement file (`ember plan -o`, or a PowerInfer
-    /// split file) instead of placing them from the profile [default: the placement cached
-    /// beside the model for this budget and profile, MODEL.placement-<MiB>.gguf, written on
-    /// first use]
+    /// split file) instead of placing them from the profile; the layers' attention goes where
+    /// the file says (`ember plan -o` records it), all on the GPU for a file that does not
+    /// [default: the placement cached beside the model for this budget, context and profile,
+    /// MODEL.placement-<MiB>.gguf, written on first use]
     #[arg(long, value_name = "FILE")]
     pub placement: Option<PathBuf>,
     /// Dense layer offload like llama.cpp's -ngl: the first N layers on the GPU, the rest on the CPU
@@ -216,6 +219,25 @@ pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
     t.test_decode = var("EMBER_MV_TEST_DEC").and_then(|v| parse_decode(&v)).map(|d| d.0);
     t.fold_norms = var("EMBER_NO_FOLD").as_deref() != Some("1");
     t.decode_xw = var("EMBER_MV_XW").and_then(|v| v.parse().ok());
+    t
+}
+
+/// The CPU products' streaming choices, with the benchmark variables that override the
+/// defaults (the library takes them as a value, never from the environment):
+/// `EMBER_CPU_PREFETCH` (bytes the packed kernels prefetch ahead, 0 for none),
+/// `EMBER_CPU_PARTS` (parts per team member taken from a shared counter; 0 for one equal
+/// share each), `EMBER_CPU_HUGE=0` (no transparent huge pages for the packed weights).
+pub fn cpu_tuning() -> crate::cpu::matmul::CpuTuning {
+    let var = |k: &str| std::env::var(k).ok();
+    let mut t = crate::cpu::matmul::CpuTuning::default();
+    if let Some(v) = var("EMBER_CPU_PREFETCH").and_then(|v| v.parse::<usize>().ok()) {
+        // Whole cache lines, at most 1 MiB.
+        t.prefetch = (v.min(1 << 20) / 64) * 64;
+    }
+    if let Some(v) = var("EMBER_CPU_PARTS").and_then(|v| v.parse::<usize>().ok()) {
+        t.parts_per_member = v.min(64);
+    }
+    t.pack.huge_pages = var("EMBER_CPU_HUGE").as_deref() != Some("0");
     t
 }
 

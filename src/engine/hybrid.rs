@@ -47,6 +47,21 @@ mod prefill;
 use prefill::PrefillBuffers;
 pub use prefill::PrefillTiming;
 
+impl AttentionPlace {
+    /// After a session that failed with `err`: where a placed choice's measured fixed part
+    /// came out over the budget (an allocator that wastes more than the estimate allows, e.g.
+    /// lavapipe's fifth), the same choice keeping the shortfall and 2% of the budget more
+    /// free, to try again on a fresh context. None for other errors and other variants.
+    pub fn with_more_slack(&self, err: &HybridError) -> Option<AttentionPlace> {
+        match (self, err) {
+            (AttentionPlace::Placed { profile_tokens, slack }, HybridError::Placement(crate::sparse::placement::PlacementError::TooSmall { budget, need, .. })) => {
+                Some(AttentionPlace::Placed { profile_tokens: *profile_tokens, slack: slack + need.0.saturating_sub(budget.0) + budget.0 / 50 })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What a neuron-aware GPU session needs besides the model.
 pub struct HybridPlan {
     /// Mode (relu or predict), transposed down matrices, predictors.
@@ -82,8 +97,10 @@ pub enum AttentionPlace {
     /// Under a budget, chosen together with the hot neurons (`host_attention::choose_attention`:
     /// what `ember plan --host-attention` shows); without a budget every layer's on the GPU.
     /// `profile_tokens`: the tokens the firing counts are over (an attention block ranks like
-    /// a neuron firing at the share of its bytes the host would read per token).
-    Placed { profile_tokens: u64 },
+    /// a neuron firing at the share of its bytes the host would read per token). The choice is
+    /// made from estimates before anything is uploaded, keeping `slack` bytes more free than
+    /// `ember plan` does (0 at first; see [`AttentionPlace::with_more_slack`]).
+    Placed { profile_tokens: u64, slack: u64 },
     /// Given per layer, true = on the GPU (a placement file that records it, tests).
     Given(Vec<bool>),
 }
@@ -339,13 +356,13 @@ impl HybridSession {
         // that both agree; the neurons are then placed in what the measured uploads leave.
         let attention_on_gpu = match (forced, &plan.attention, plan.budget) {
             (Some(f), _, _) => f,
-            (None, AttentionPlace::Placed { profile_tokens }, Some(b)) => {
+            (None, AttentionPlace::Placed { profile_tokens, slack }, Some(b)) => {
                 let predictor_bytes = match (&sim_padded, &plan.ffn.predictors, mode) {
                     (Some(v), _, _) => v.iter().map(|(fc1, _)| fc1.n_bytes() as u64).sum(),
                     (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
                     _ => 0,
                 };
-                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN)?.1
+                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + slack)?.1
             }
             (None, ..) => vec![true; hp.n_layer],
         };
@@ -761,8 +778,8 @@ impl Forward for HybridSession {
                 self.run_token(t)?;
             }
         }
-        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
-        Ok(out[0])
+        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 3).map_err(ForwardError::Gpu)?;
+        super::gpu_forward::argmax_id([out[0], out[1], out[2]])
     }
 
     fn n_past(&self) -> usize {
