@@ -56,6 +56,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         ffn_sparsity: args.ffn_sparsity,
         calibration: args.calibration.clone(),
         vram_budget: args.vram_budget.as_deref().map(parse_budget).transpose()?,
+        prefill_batch: args.prefill_batch as usize,
         act_profile: args.act_profile.clone(),
         placement: args.placement.clone(),
         n_gpu_layers: args.n_gpu_layers,

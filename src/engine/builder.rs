@@ -113,6 +113,9 @@ pub struct SessionOptions {
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in bytes (hybrid or dense offload).
     pub vram_budget: Option<u64>,
+    /// Hybrid: prompt tokens per prefill batch (1: token by token); the batch's GPU buffers
+    /// come out of the budget.
+    pub prefill_batch: usize,
     /// The activation profile ranking neurons [default: the derived `.profile.gguf`].
     pub act_profile: Option<PathBuf>,
     /// Hot neurons from this placement file instead of placing them.
@@ -141,6 +144,7 @@ impl SessionOptions {
             ffn_sparsity: 0.5,
             calibration: None,
             vram_budget: None,
+            prefill_batch: 512,
             act_profile: None,
             placement: None,
             n_gpu_layers: None,
@@ -325,7 +329,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
+    let mut attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true);
     // Host attention chosen from estimates whose fixed part measured over the budget: again,
     // on a fresh device (see below), keeping the shortfall free (twice at most).
     let mut attention = attention;
@@ -335,7 +339,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         log(&format!("{e}; choosing the host-attention layers again with more room"));
         drop(ctx);
         ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
-        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
+        attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), args.prefill_batch, true);
         attention = more;
     }
     let session = match attempt {
@@ -349,7 +353,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             // 2.2 GiB budget, and the driver held both until the old buffers were freed).
             drop(ctx);
             ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None, placed), true)?
+            HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(None, placed), args.prefill_batch, true)?
         }
         Err(e) => return Err(e.into()),
     };

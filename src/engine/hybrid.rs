@@ -380,7 +380,8 @@ impl HybridSession {
         let weights = Arc::new(GpuWeights::upload_parts(&ctx, &model, &attention_on_gpu, false, progress)?);
         mark(&mut fixed, &format!("attention of {n_gpu_attn} of {} layers, norms, embeddings, output", hp.n_layer), &mut since);
         // A batch reads only its last row's logits: no all-logits buffer.
-        let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.max(1), false)?;
+        // No batch is longer than the context.
+        let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
         let prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
         mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations (prefill batches included)"), &mut since);
 
