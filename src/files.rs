@@ -111,3 +111,13 @@ pub fn free_space(path: &Path) -> Option<u64> {
         None
     }
 }
+
+/// `dir/name.gguf` -> `dir/name<suffix>`: where a file derived from a model or a profile
+/// goes beside it. A profile's samples go beside it as X.samples.gguf, not
+/// X.profile.samples.gguf.
+pub fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name.strip_suffix(".gguf").unwrap_or(&name);
+    let stem = stem.strip_suffix(".profile").unwrap_or(stem);
+    path.with_file_name(format!("{stem}{suffix}"))
+}

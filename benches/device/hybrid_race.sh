@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu offload hybrid rates long
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu offload hybrid rates long race4k
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -24,8 +24,13 @@ lscpu | grep -E "Model name|^CPU\(s\)|L3"
 
 # NO_LLAMA=1 skips llama.cpp (when device time is short; its rows are then missing).
 [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-build.txt ||
-(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc > /tmp/lc-build.txt 2>&1; echo built >> /tmp/lc-build.txt) &
+(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc > /tmp/lc-build.txt 2>&1
+ # llama-batched-bench sizes its KV cache by -c, as a user's context would be (llama-bench's
+ # context is only p + n).
+ cmake --build /tmp/lcc/llama.cpp/build --target llama-batched-bench >> /tmp/lc-build.txt 2>&1
+ echo built >> /tmp/lc-build.txt) &
 LB=/tmp/lcc/llama.cpp/build/bin/llama-bench
+LBB=/tmp/lcc/llama.cpp/build/bin/llama-batched-bench
 
 echo "== models"; date
 $E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
@@ -40,7 +45,7 @@ measure() {
   echo; echo "== $name"; echo "\$ $*"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > /tmp/smi.txt &
   local S=$!
-  "$@" 2>&1 | grep -v "^ember: loaded\|^$\|^ggml_cuda_init\|^  Device\|^build:"
+  "$@" 2>&1 | grep -v -E "^ember: loaded|^$|^ggml_|^  Device|^build:|^llama_|^load|^print_info|^common_|^graph_|^sched_|^set_|^init|^system_info|^\.+$"
   kill $S; wait $S 2>/dev/null
   echo "driver peak: $(( $(sort -n /tmp/smi.txt | tail -1) - IDLE )) MiB over idle"
 }
@@ -53,7 +58,7 @@ cpu)
   ;;
 offload)
   measure "ember dense offload, --vram-budget $B" $E bench -m $M/relu.gguf -t $T --vram-budget $B -p 16 -n 64 -r ${REPS:-2}
-  [ "${NO_LLAMA:-0}" = 1 ] || for n in 16 19; do measure "llama.cpp -ngl $n" $LB -m $M/relu.gguf -ngl $n -t $T -p 16 -n 64 -r ${REPS:-2}; done
+  [ "${NO_LLAMA:-0}" = 1 ] || for n in ${OFFLOAD_NGL:-12 14 16}; do measure "llama.cpp -ngl $n" $LB -m $M/relu.gguf -ngl $n -t $T -p 16 -n 64 -r ${REPS:-2}; done
   ;;
 hybrid)
   measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3)" \
@@ -71,5 +76,18 @@ long)
   measure "ember hybrid ${LONG_BUDGET:-4.4} GiB, charged predictor, -c 4096, pp512" \
     $E bench -m $M/relu-pi.gguf $SIM --vram-budget ${LONG_BUDGET:-4.4} -t $T -c 4096 -p 512 -n 32 -r 1
   measure "llama.cpp -ngl ${LONG_NGL:-24}, pp512 tg32" $LB -m $M/relu.gguf -ngl ${LONG_NGL:-24} -t $T -p 512 -n 32 -r ${REPS:-2}
+  ;;
+race4k)
+  # The acceptance setting: -c 4096, a 512-token prompt, the budget B; llama.cpp at several
+  # -ngl to bracket ember's driver peak (the same driver-measured memory).
+  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 -p 512" \
+    $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r ${REPS:-2}
+  measure "ember hybrid $B GiB, free perfect predictor, -c 4096: UPPER BOUND" \
+    $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor perfect --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
+  measure "ember dense offload $B GiB, -c 4096 -p 512" \
+    $E bench -m $M/relu.gguf --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
+  [ "${NO_LLAMA:-0}" = 1 ] || for n in ${RACE_NGL:-6 8 10 12}; do
+    measure "llama.cpp -ngl $n, -c 4096 -npp 512 -ntg 64" $LBB -m $M/relu.gguf -ngl $n -t $T -c 4096 -npp 512 -ntg 64 -npl 1
+  done
   ;;
 esac; done

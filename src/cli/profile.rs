@@ -97,13 +97,9 @@ pub(super) fn model_and_pool(model: &Option<PathBuf>, threads: Option<usize>) ->
     Ok((path, pool))
 }
 
-/// `dir/name.gguf` -> `dir/name<suffix>`.
+/// `dir/name.gguf` -> `dir/name<suffix>` (`crate::files::beside`).
 pub(super) fn beside(path: &Path, suffix: &str) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stem = name.strip_suffix(".gguf").unwrap_or(&name);
-    // A profile's samples go beside it as X.samples.gguf, not X.profile.samples.gguf.
-    let stem = stem.strip_suffix(".profile").unwrap_or(stem);
-    path.with_file_name(format!("{stem}{suffix}"))
+    crate::files::beside(path, suffix)
 }
 
 pub fn profile(a: ProfileArgs) -> Result<()> {

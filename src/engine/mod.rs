@@ -1,11 +1,13 @@
 //! Running a model: the forward pass over a KV cache, sampling and the generation loop.
 
+pub mod builder;
 pub mod cold;
 pub mod ffn;
 pub mod forward;
 pub mod generate;
 pub mod gpu_forward;
 mod gpu_ops;
+pub mod host_attention;
 pub mod hybrid;
 pub mod offload;
 pub mod perplexity;
@@ -14,7 +16,7 @@ pub mod sampler;
 pub use ffn::{FfnMode, SparseFfn};
 pub use forward::{FfnStats, Forward, ForwardError, Logits, Session};
 pub use gpu_forward::{GpuSession, GpuWeights};
-pub use hybrid::{HybridError, HybridPlan, HybridSession};
+pub use hybrid::{AttentionPlace, HybridError, HybridPlan, HybridSession};
 pub use offload::OffloadSession;
 pub use generate::{generate, Generation, StopReason, Timings};
 pub use sampler::{Sampler, SamplerConfig};
