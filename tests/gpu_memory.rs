@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{FfnMode, Forward, HybridPlan, HybridSession, Logits, SparseFfn};
+use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, SparseFfn};
 use ember::gpu::STAGING_CAP;
 use ember::model::Model;
 use std::sync::Arc;
@@ -61,7 +61,7 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     // Lower neuron ids fire more often, by fiat (placement only ranks by it).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
     let ctx = Arc::new(ctx);
     let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
     let n_hot = s.placement().n_hot();
@@ -89,6 +89,75 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     assert!(common::rel_err(&logits, &want) < 1e-3, "relative logit error {}", common::rel_err(&logits, &want));
 }
 
+/// A budget that cannot hold every layer's KV cache for a long context: the placement leaves
+/// some layers' attention on the host, as `ember plan --host-attention` says, and a prompt of
+/// a few hundred tokens runs with ember's count and the allocator's blocks within the budget
+/// after setup and after the prompt, with the dense CPU's result.
+#[test]
+fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    // 4096 positions: a 90 MiB KV cache over the 30 layers, more than the budget leaves
+    // beside the attention weights, embeddings and buffers (~80 MiB).
+    let (budget, n_ctx): (u64, usize) = (140 << 20, 4096);
+    let relu = || Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    // Lower neuron ids fire more often, by fiat, over 2 n_ff tokens (rates up to 1/2: an
+    // attention block, whose bytes the host would read at about 0.55 per token, ranks first).
+    let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
+    let tokens = 2 * hp.n_ff as u64;
+    let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention };
+    // With every layer's attention on the GPU the budget is refused.
+    // With every layer's attention on the GPU the budget is refused.
+    assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, plan(AttentionPlace::AllGpu), false).is_err());
+
+    // As `engine::builder` opens it: where lavapipe's allocator wastes more than the estimate
+    // allows, the choice is made again on a fresh device with the shortfall kept free.
+    drop(ctx);
+    let mut attention = AttentionPlace::Placed { profile_tokens: tokens, slack: 0 };
+    let (ctx, mut s) = loop {
+        let ctx = Arc::new(common::gpu().unwrap());
+        match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(attention.clone()), false) {
+            Ok(s) => break (ctx, s),
+            Err(e) => match attention.with_more_slack(&e) {
+                Some(more) if attention == (AttentionPlace::Placed { profile_tokens: tokens, slack: 0 }) => attention = more,
+                _ => panic!("{e}"),
+            },
+        }
+    };
+    let slack = match attention {
+        AttentionPlace::Placed { slack, .. } => slack,
+        _ => unreachable!(),
+    };
+    let on_gpu = s.attention_on_gpu();
+    let n_host = on_gpu.iter().filter(|&&g| !g).count();
+    assert!(n_host > 0 && n_host < hp.n_layer, "{n_host} layers' attention on the host");
+    let n_hot = s.placement().n_hot();
+    assert!(n_hot > 0 && n_hot < hp.n_layer * hp.n_ff, "{n_hot} hot neurons: the budget should split the FFN");
+    // `ember plan --host-attention`'s choice: the same function with the same arguments.
+    let neuron_bytes: Vec<u64> = (0..hp.n_layer).map(|l| ember::engine::hybrid::hot_neuron_bytes(&model.layers[l], relu().down_t[l].ty, hp.n_embd)).collect();
+    let (_, planned) = ember::engine::host_attention::choose_attention(&model, n_ctx, budget, &counts, tokens, neuron_bytes, 0, ember::gpu::PLANNING_MARGIN + slack).unwrap();
+    assert_eq!(on_gpu, planned);
+    assert_eq!(s.gpu().state_bytes(), (hp.n_layer - n_host) as u64 * hp.kv_bytes_per_layer(n_ctx));
+    let check = |when: &str| {
+        let m = ctx.memory();
+        assert!(m.peak() <= budget, "after {when}: {m}, over {budget}");
+        assert!(m.counted <= budget, "after {when}: ember counted {} over {budget}", m.counted);
+        m
+    };
+    let setup = check("setup");
+    // A 128-token prompt (token by token: the largest batch of a hybrid decode).
+    let prompt: Vec<u32> = (0..128u32).map(|i| ((i * 2654435761u32) >> 7) % hp.n_vocab as u32).collect();
+    let logits = s.forward(&prompt, Logits::Last).unwrap();
+    let after = check("the prompt");
+    assert_eq!(after.counted, setup.counted);
+    let mut dense = ember::engine::Session::new(model.clone(), n_ctx);
+    dense.precision = Precision::F32;
+    let want = dense.forward(&prompt, Logits::Last).unwrap();
+    assert!(common::rel_err(&logits, &want) < 1e-3, "relative logit error {}", common::rel_err(&logits, &want));
+}
+
 /// A budget below what attention, the embeddings and the KV cache need is refused before
 /// anything is uploaded: the context's count stays where it was.
 #[test]
@@ -100,7 +169,7 @@ fn hybrid_refuses_a_budget_too_small_before_uploading() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts: Vec<Vec<u32>> = vec![vec![1; hp.n_ff]; hp.n_layer];
     // The ReLU model's attention and embeddings alone take more than 16 MiB.
-    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
     let ctx = Arc::new(ctx);
     let before = ctx.allocated_bytes();
     let err = HybridSession::new(model.clone(), ctx.clone(), 4096, plan, false).err().expect("a 16 MiB budget must be refused");

@@ -381,7 +381,7 @@ fn chat_templates_run_out_of_fuel_and_output_room() {
     let msgs = [ChatMessage::new("user", "hello")];
     let cases = [
         ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
-        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "output exceeds"),
+        ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "bytes of text"),
     ];
     for (template, want) in cases {
         let tok = tokenizer_with_template(&model, template);
@@ -393,6 +393,54 @@ fn chat_templates_run_out_of_fuel_and_output_room() {
     // Real templates still render.
     let tok = tokenizer_with_template(&model, "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}");
     assert_eq!(tok.apply_chat_template(&msgs, true).unwrap(), "<user>hello");
+}
+
+/// Templates that build text or structures without printing them: each used to run until memory
+/// ran out (doubling a string forty times asks for a terabyte in forty instructions).
+#[test]
+fn chat_templates_that_build_huge_values_stop_at_the_byte_budget() {
+    let unrolled = format!("{{% set s = 'ab' %}}{}{{{{ s|length }}}}", "{% set s = s ~ s %}".repeat(40));
+    let cases: Vec<(String, &str)> = [
+        // The case: a namespace string doubled in a loop, never printed.
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s|length }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s * 2 %}{% endfor %}",
+        "{% macro d(s, n) %}{% if n > 0 %}{{ d(s ~ s, n - 1) }}{% else %}{{ s|length }}{% endif %}{% endmacro %}{{ d('x', 40) }}",
+        // Output captured by a block or a macro instead of printed.
+        "{% macro d(n) %}{% if n > 0 %}{{ d(n - 1) }}{{ d(n - 1) }}{% else %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endif %}{% endmacro %}{% set s = d(22) %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set t %}{{ ns.s }}{{ ns.s }}{% endset %}{% set ns.s = t %}{% endfor %}",
+        // Filters and methods that multiply their input.
+        "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s|replace('x', ns.s) %}{% endfor %}",
+        "{% set ns = namespace(s='xy') %}{% for i in range(40) %}{% set ns.s = ns.s.replace('x', ns.s) %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = [ns.s, ns.s]|join(ns.s) %}{% endfor %}",
+        "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s.join([ns.s, ns.s, ns.s]) %}{% endfor %}",
+        "{% set ns = namespace(s='x\nx') %}{% for i in range(40) %}{% set ns.s = ns.s|indent(60000) ~ ns.s|indent(60000, true) %}{% endfor %}",
+        "{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = '%s%s'|format(ns.s, ns.s) %}{% endfor %}",
+        // Lists that hold themselves: small to build, exponential to print or compare.
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l|join(',') }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = ns.l * 2 %}{% endfor %}{{ ns.l|list|length }}",
+        "{% set ns = namespace(l=[1]) %}{% for i in range(60) %}{% set ns.l = [ns.l, ns.l] %}{% endfor %}{{ ns.l|tojson }}",
+    ]
+    .into_iter()
+    .map(|t| (t.to_string(), "bytes of text"))
+    .chain([(unrolled, "bytes of text")])
+    .collect();
+    let msgs = [ChatMessage::new("user", "hello")];
+    for (template, want) in &cases {
+        let start = Instant::now();
+        let e = ember::tokenizer::render_chat_template(template, &msgs, true, "<s>", "</s>").unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(2), "{template}: {:?}", start.elapsed());
+        assert!(e.contains(want) && e.contains("16777216") && e.len() < 1024, "{template}: {e}");
+    }
+    // The same shapes at a sane size still render, and literal text keeps its exact bytes.
+    let t = "{% set ns = namespace(s='ab', l=[]) %}{% for m in messages %}{% set ns.s = ns.s ~ m.content %}{% set ns.l = ns.l + [m.role] %}{% endfor %}<{{ ns.s }}|{{ ns.l|join(',') }}|{{ 'x' * 3 }}|{{ ns.s|replace('b', 'B')|upper }}>\n &amp;";
+    let two = [ChatMessage::new("user", "hello"), ChatMessage::new("assistant", "hi")];
+    assert_eq!(ember::tokenizer::render_chat_template(t, &two, true, "<s>", "</s>").unwrap(), "<abhellohi|user,assistant|xxx|ABHELLOHI>\n &amp;");
+    // A long conversation is far inside the budget, which grows with the messages.
+    let long: Vec<ChatMessage> = (0..200).map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(2000))).collect();
+    let t = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' + '\n' }}{% endfor %}";
+    assert_eq!(ember::tokenizer::render_chat_template(t, &long, false, "", "").unwrap().len(), 200 * (10000 + 12 + 11 + 1) + 100 * 4 + 100 * 9);
 }
 
 #[test]

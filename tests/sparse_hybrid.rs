@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{FfnMode, Forward, HybridPlan, HybridSession, Logits, OffloadSession, Session, SparseFfn};
+use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use ember::sparse::profile::Profiler;
@@ -46,7 +46,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     // "all of them", and no budget (GPU-resident sparse).
     for budget_mib in [Some(100u64), Some(125), None] {
         let ctx = Arc::new(common::gpu().unwrap());
-        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
         let mut s = HybridSession::new(model.clone(), ctx.clone(), 96, plan, false).unwrap();
         let placement = s.placement().clone();
         let n_hot = placement.n_hot();
@@ -73,6 +73,85 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     }
 }
 
+/// Layers whose attention and KV cache run on the CPU, in every combination with the FFN
+/// split (all neurons hot, all cold, half and half; attention on the GPU or the host): the
+/// dense CPU's greedy tokens, deterministic logits, and no VRAM for the host layers' caches.
+#[test]
+fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
+    let Some(path) = common::relu_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let hp = &model.hp;
+    let prompts = common::ref_prompts();
+    let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
+    // Attention on the host in layers 0, 3, 4, 7, 8, ...; neurons by layer % 3: all hot,
+    // all cold, the even ones hot. So layer 0 is host + all hot, 1 GPU + all cold, 2 GPU +
+    // split, 4 host + all cold, 6 GPU + all hot, 8 host + split.
+    let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| !matches!(l % 4, 0 | 3)).collect();
+    let hot: Vec<Vec<u32>> = (0..hp.n_layer)
+        .map(|l| match l % 3 {
+            0 => (0..hp.n_ff as u32).collect(),
+            1 => Vec::new(),
+            _ => (0..hp.n_ff as u32).step_by(2).collect(),
+        })
+        .collect();
+    let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
+    let n_ctx = 96;
+    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()) };
+    let ctx = Arc::new(ctx);
+    let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
+    assert_eq!(s.attention_on_gpu(), on_gpu);
+    assert_eq!(s.placement().hot, hot);
+    assert!(s.backend_name().contains(&format!("attention of {} layers on the CPU", on_gpu.iter().filter(|&&g| !g).count())), "{}", s.backend_name());
+    // Only the GPU layers' caches are on the GPU.
+    let n_gpu = on_gpu.iter().filter(|&&g| g).count() as u64;
+    assert_eq!(s.gpu().state_bytes(), n_gpu * hp.kv_bytes_per_layer(n_ctx));
+
+    let mut dense = Session::new(model.clone(), n_ctx);
+    dense.precision = Precision::F32;
+    for p in &prompts[..3] {
+        assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "prompt {p:?}");
+    }
+    // Logits close to the dense CPU's, and the same run after run.
+    let p = &prompts[1];
+    s.reset();
+    let a = s.forward(p, Logits::Last).unwrap();
+    s.reset();
+    let b = s.forward(p, Logits::Last).unwrap();
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "not deterministic");
+    dense.reset();
+    let d = dense.forward(p, Logits::Last).unwrap();
+    assert!(common::rel_err(&a, &d) < 1e-3, "relative logit error {}", common::rel_err(&a, &d));
+    // Every layer's attention on the host: the GPU holds no KV cache at all.
+    let all_host = HybridPlan {
+        ffn: Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap()),
+        budget: None,
+        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer],
+        cpu_precision: Precision::F32,
+        simulate: None,
+        sim_predictors: None,
+        hot: None,
+        note: None,
+        attention: AttentionPlace::Given(vec![false; hp.n_layer]),
+    };
+    let mut s = HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, all_host, false).unwrap();
+    assert_eq!(s.gpu().state_bytes(), 0);
+    assert_eq!(common::greedy(&mut s, &prompts[0], 4), common::greedy(&mut dense, &prompts[0], 4));
+    // A per-layer list of the wrong length is a typed error.
+    let bad = HybridPlan {
+        ffn: Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap()),
+        budget: None,
+        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer],
+        cpu_precision: Precision::F32,
+        simulate: None,
+        sim_predictors: None,
+        hot: None,
+        note: None,
+        attention: AttentionPlace::Given(vec![true; 3]),
+    };
+    assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, bad, false).is_err());
+}
+
 #[test]
 fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let Some(path) = common::relu_model() else { return };
@@ -83,7 +162,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
-    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
     let mut s = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -115,7 +194,7 @@ fn hybrid_predict_with_random_predictors_matches_the_cpu() {
     let ffn = || SparseFfn::new(&model, FfnMode::Predict, Some(preds.clone()), Vec::new(), Precision::F32, false).unwrap();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     // A budget that leaves part of every layer's neurons to the CPU.
-    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
     let mut gpu = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     // The CPU session's own way (neuron bundles over fixed ranges), as `--backend cpu` runs it.
     let mut cpu = Session::new(model.clone(), 96).with_ffn(Arc::new(ffn().with_bundles(&model)));
@@ -165,7 +244,7 @@ fn a_budget_too_small_for_attention_is_a_clear_error() {
     let model = Arc::new(Model::load(&path).unwrap());
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
-    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None };
+    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
     let err = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
     assert!(err.to_string().contains("--vram-budget"), "{err}");
 }
@@ -191,7 +270,7 @@ fn simulated_session(model: &Arc<Model>, opts: &str, predictors: Option<Arc<Pred
     let ffn = Arc::new(SparseFfn::simulated(model, Precision::F32, false).unwrap());
     // A given placement gets room for the charged predictor's rows.
     let budget = if hot.is_some() { 116 << 20 } else { 110 << 20 };
-    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None };
+    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::AllGpu };
     let ctx = Arc::new(common::gpu().unwrap());
     HybridSession::new(model.clone(), ctx, 96, plan, false).unwrap()
 }

@@ -113,9 +113,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in GiB (fractions allowed: 0.05; or 512MiB). With --ffn relu or
-    /// predict the most-firing FFN neurons fill what attention, embeddings and the KV cache leave
-    /// and the CPU computes the rest (hybrid); with a dense FFN, whole layers are offloaded.
-    /// [default: no limit: everything on the GPU]
+    /// predict (hybrid) the embeddings and output go to the GPU, then the most-firing FFN
+    /// neurons and the layers' attention + KV cache compete for the rest, ranked by the bytes
+    /// the host would read per token (`ember plan --host-attention` shows the choice); the CPU
+    /// computes the cold neurons and the attention of the layers left on the host. With a
+    /// dense FFN, whole layers are offloaded. [default: no limit: everything on the GPU]
     #[arg(long, value_name = "GIB")]
     pub vram_budget: Option<String>,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
@@ -123,9 +125,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "FILE")]
     pub act_profile: Option<PathBuf>,
     /// Hot neurons for --vram-budget from this placement file (`ember plan -o`, or a PowerInfer
-    /// split file) instead of placing them from the profile [default: the placement cached
-    /// beside the model for this budget and profile, MODEL.placement-<MiB>.gguf, written on
-    /// first use]
+    /// split file) instead of placing them from the profile; the layers' attention goes where
+    /// the file says (`ember plan -o` records it), all on the GPU for a file that does not
+    /// [default: the placement cached beside the model for this budget, context and profile,
+    /// MODEL.placement-<MiB>.gguf, written on first use]
     #[arg(long, value_name = "FILE")]
     pub placement: Option<PathBuf>,
     /// Dense layer offload like llama.cpp's -ngl: the first N layers on the GPU, the rest on the CPU
@@ -160,8 +163,11 @@ pub struct ModelArgs {
 pub enum FfnArg {
     /// Every neuron (the reference)
     Dense,
-    /// The gate densely, then up and down only where relu(gate) > 0: dense results up to float
-    /// rounding, on ReLU models (ember.ffn_activation = relu, PowerInfer models)
+    /// The gate densely, then up and down only where relu(gate) > 0, on ReLU models
+    /// (ember.ffn_activation = relu, PowerInfer models). Dense results up to float rounding at
+    /// --precision f32; at the default precision the down product reads a re-quantised
+    /// transposed down matrix with 8-bit activations, which costs +1.3% perplexity on
+    /// SmolLM2-ReLU (BENCHMARKS.md), and greedy text may leave dense's
     Relu,
     /// A trained per-layer predictor picks the neurons first (PowerInfer's way): fastest, approximate
     Predict,

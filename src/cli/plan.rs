@@ -3,8 +3,9 @@
 
 use super::{ModelArgs, Result};
 use crate::engine::ffn::transposed_downs;
+use crate::engine::host_attention::choose_attention;
 use crate::engine::hybrid::hot_neuron_bytes;
-use crate::sparse::placement::{parse_budget, place, place_with_attention, AttentionCost, Bytes, FixedPart, PlacementInput};
+use crate::sparse::placement::{parse_budget, place, Bytes, FixedPart, PlacementInput};
 use crate::sparse::powerinfer;
 use crate::sparse::predictor::Predictors;
 use crate::sparse::profile::ActivationProfile;
@@ -22,8 +23,9 @@ pub struct PlanArgs {
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<PathBuf>,
     /// Let layers' attention and KV cache stay on the host (CPU attention), chosen together
-    /// with the hot neurons: what long contexts need under small budgets. PLAN ONLY for now:
-    /// the GPU session keeps every layer's attention on the GPU
+    /// with the hot neurons, as `ember run`/`bench --vram-budget` place them: what long
+    /// contexts need under small budgets. Without it every layer's attention stays on the GPU
+    /// (what a placement file without ember's attention record, e.g. PowerInfer's, gives)
     #[arg(long)]
     pub host_attention: bool,
 }
@@ -58,36 +60,36 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     } else {
         return Err(format!("{}: profile of {} x {} neurons, model {} x {} (add --simulate-activity to stretch it, as benchmarks of random-weight models do)", profile_path.display(), profile.n_layer(), profile.n_ff(), hp.n_layer, hp.n_ff).into());
     };
-    let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
-    if !model.tied_embeddings {
-        attention += model.output.n_bytes() as u64;
-    }
-    // Per layer: its attention weights and norms, and its KV cache (f16 keys and values).
-    let layer_attn: Vec<u64> = model.layers.iter().map(|l| l.attention_bytes() + 8 * hp.n_embd as u64).collect();
-    let layer_kv = hp.kv_bytes_per_layer(a.ctx_size);
-    if !a.host_attention {
-        attention += layer_attn.iter().sum::<u64>();
-    }
-    let kv = if a.host_attention { 0 } else { hp.n_layer as u64 * layer_kv };
     let predictor_bytes = match &a.model.predictor {
         Some(p) => Predictors::load(p).map_err(|e| format!("{}: {e}", p.display()))?.n_bytes() as u64,
         None => 0,
     };
-    let fixed = vec![
-        FixedPart { name: "attention, norms, embeddings, output".into(), bytes: attention },
-        FixedPart { name: format!("KV cache ({} tokens)", a.ctx_size), bytes: kv },
-        FixedPart { name: "predictors".into(), bytes: predictor_bytes },
-        // Activations and per-layer sparse buffers (the AXPY's partial sums dominate).
-        FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
-    ];
-    let down_t_ty = |l: &crate::model::Layer| l.ffn_down_t.as_ref().map_or(l.ffn_down.transpose_type(), |t| t.ty);
+    // A hot neuron's GPU bytes, with the transposed down matrix the session would make.
+    let f32_down = crate::cpu::Precision::from(a.model.precision) == crate::cpu::Precision::F32;
+    let down_t_ty = |l: &crate::model::Layer| match &l.ffn_down_t {
+        Some(t) => t.ty,
+        None if f32_down => crate::gguf::GgmlType::F32,
+        None => l.ffn_down.transpose_type(),
+    };
     let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| hot_neuron_bytes(l, down_t_ty(l), hp.n_embd)).collect();
-    let input = PlacementInput { fixed, neuron_bytes, counts };
     let (p, attn_on_gpu) = if a.host_attention {
-        // On the host a layer's weights are read every token and its cache, on average, half.
-        let costs: Vec<AttentionCost> = layer_attn.iter().map(|&w| AttentionCost { gpu_bytes: w + layer_kv, read_share: (w as f64 + layer_kv as f64 / 2.0) / (w + layer_kv).max(1) as f64 }).collect();
-        place_with_attention(&input, &costs, counts_tokens, budget, hp.n_ff)?
+        // The session's own choice (same function and arguments), so that both agree.
+        choose_attention(&model, a.ctx_size, budget, &counts, counts_tokens, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN)?
     } else {
+        let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
+        if !model.tied_embeddings {
+            attention += model.output.n_bytes() as u64;
+        }
+        // Per layer: its attention weights and norms, and its KV cache (f16 keys and values).
+        attention += model.layers.iter().map(|l| l.attention_bytes() + 8 * hp.n_embd as u64).sum::<u64>();
+        let fixed = vec![
+            FixedPart { name: "attention, norms, embeddings, output".into(), bytes: attention },
+            FixedPart { name: format!("KV cache ({} tokens)", a.ctx_size), bytes: hp.n_layer as u64 * hp.kv_bytes_per_layer(a.ctx_size) },
+            FixedPart { name: "predictors".into(), bytes: predictor_bytes },
+            // Activations and per-layer sparse buffers (the AXPY's partial sums dominate).
+            FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
+        ];
+        let input = PlacementInput { fixed, neuron_bytes, counts };
         (place(&input, budget, hp.n_ff)?, vec![true; hp.n_layer])
     };
 
@@ -104,7 +106,9 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     }
     println!("\nexpected share of all FFN firings served by the GPU: {:.1}% (profile: {} tokens)", 100.0 * p.covered, profile.n_tokens());
     if let Some(out) = &a.output {
-        powerinfer::split_file(&p.hot, hp.n_ff, budget).write_file(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let mut w = powerinfer::split_file(&p.hot, hp.n_ff, budget);
+        powerinfer::set_attention(&mut w, &attn_on_gpu);
+        w.write_file(out).map_err(|e| format!("{}: {e}", out.display()))?;
         println!("wrote the placement to {} (PowerInfer split format)", out.display());
     }
     Ok(())

@@ -3,13 +3,13 @@
 //! (the library reads no environment and no command line). The CLI, and any other front-end,
 //! open their sessions through [`open`], so they all run a model the same way.
 
-use super::{FfnMode, Forward, ForwardError, GpuSession, GpuWeights, HybridPlan, HybridSession, OffloadSession, Session, SparseFfn};
+use super::{AttentionPlace, FfnMode, Forward, ForwardError, GpuSession, GpuWeights, HybridPlan, HybridSession, OffloadSession, Session, SparseFfn};
 use super::ffn::FfnError;
 use super::HybridError;
 use crate::cpu::Precision;
 use crate::gguf::{GgufFile, Value};
 use crate::sparse::placement::{counts_fingerprint, Placement};
-use crate::sparse::powerinfer::{read_split, split_file};
+use crate::sparse::powerinfer::{read_attention, read_split, set_attention, split_file};
 use crate::sparse::profile::ActivationProfile;
 use crate::sparse::simulate::{stretched_counts, PredictorSim, SimulatedActivity};
 use crate::sparse::predictor::{Predictor, Predictors};
@@ -256,18 +256,19 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     }
 
     // Neuron-aware FFN on the GPU, hybrid when the budget leaves neurons to the CPU.
-    let (ffn, counts, simulate, sim_predictors, sim_note) = match &args.simulate_activity {
+    // The counts and the tokens they are over (a simulation's are per million).
+    let (ffn, (counts, profile_tokens), simulate, sim_predictors, sim_note) = match &args.simulate_activity {
         Some(path) => {
             let s = simulation(args, &model, path, log)?;
             let ffn = Arc::new(SparseFfn::simulated(&model, args.precision, true)?);
-            (ffn, s.counts, Some(s.activity), s.predictors, Some(s.note))
+            (ffn, (s.counts, 1_000_000), Some(s.activity), s.predictors, Some(s.note))
         }
         None => {
             let ffn = sparse_ffn(args, &model, false, log)?.expect("a sparse mode");
             (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
-    // A placement from --placement, else the one cached beside the model for this budget and
+    // A placement from --placement, else the one cached among the derived files for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
         (Some(b), None) => {
@@ -277,19 +278,42 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
                 (Some(s), p) => 1 + (!s.is_perfect()) as u64 + 2 * p.as_ref().map_or(0, |p| p.layers[0].rank() as u64 * 97 + p.layers[0].fc2.ty as u64),
                 (None, _) => 0,
             };
-            Some(PlacementCache::new(&args.derived, b, &counts, salt))
+            // Host attention depends on the context too (its KV cache's size).
+            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24))
         }
         _ => None,
     };
-    let hot = match (&args.placement, &cache) {
-        (Some(path), _) => Some(read_placement(path, &model)?),
-        (None, Some(c)) => c.load(&model),
-        (None, None) => None,
+    // Attention placed with the neurons, unless a placement file says where it goes (one
+    // without ember's attention record, e.g. PowerInfer's, keeps every layer's on the GPU).
+    let placed = AttentionPlace::Placed { profile_tokens, slack: 0 };
+    let (hot, attention) = match (&args.placement, &cache) {
+        (Some(path), _) => {
+            let (hot, attention) = read_placement(path, &model)?;
+            (Some(hot), attention.map_or(AttentionPlace::AllGpu, AttentionPlace::Given))
+        }
+        (None, Some(c)) => match c.load(&model) {
+            Some((hot, attention)) => (Some(hot), AttentionPlace::Given(attention)),
+            None => (None, placed.clone()),
+        },
+        (None, None) => (None, placed.clone()),
     };
     let cpu_precision = args.precision;
-    let plan = |hot| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone() };
+    let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let session = match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot), true) {
+    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
+    // Host attention chosen from estimates whose fixed part measured over the budget: again,
+    // on a fresh device (see below), keeping the shortfall free (twice at most).
+    let mut attention = attention;
+    for _ in 0..2 {
+        let Err(e) = &attempt else { break };
+        let Some(more) = attention.with_more_slack(e) else { break };
+        log(&format!("{e}; choosing the host-attention layers again with more room"));
+        drop(ctx);
+        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
+        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
+        attention = more;
+    }
+    let session = match attempt {
         Ok(s) => s,
         Err(HybridError::Placement(e)) if from_cache => {
             let c = cache.as_ref().expect("from the cache");
@@ -300,23 +324,25 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             // 2.2 GiB budget, and the driver held both until the old buffers were freed).
             drop(ctx);
             ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None), true)?
+            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None, placed), true)?
         }
         Err(e) => return Err(e.into()),
     };
     if let Some(c) = &cache {
         match from_cache {
             true => log(&format!("placement reused from {}", c.path.display())),
-            false => c.store(session.placement(), model.hp.n_ff, log),
+            false => c.store(session.placement(), &session.attention_on_gpu(), model.hp.n_ff, log),
         }
     }
     let p = session.placement();
     let total = model.hp.n_layer * model.hp.n_ff;
+    let n_host = session.attention_on_gpu().iter().filter(|&&g| !g).count();
     log(&format!(
-        "GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), {:.1} MiB allocated{}; {:.2} s",
+        "GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), attention and KV cache of {n_host} of {} layers on the host (CPU), {:.1} MiB allocated{}; {:.2} s",
         mode.name(),
         p.n_hot(),
         100.0 * p.covered,
+        model.hp.n_layer,
         mib(ctx.memory().peak()),
         budget.map_or(String::new(), |b| format!(" of a {:.1} MiB budget", mib(b))),
         start.elapsed().as_secs_f64()
@@ -441,9 +467,10 @@ pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
     n
 }
 
-/// Firing counts for placement: `--act-profile`, else `MODEL.profile.gguf` beside the model.
-/// Without a budget every neuron is hot and the counts do not matter.
-fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<Vec<Vec<u32>>> {
+/// Firing counts for placement and the tokens they are over: `--act-profile`, else
+/// the derived `.profile.gguf` (the user cache, for the CLI). Without a budget every neuron is hot and the counts
+/// do not matter.
+fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<(Vec<Vec<u32>>, u64)> {
     let model_path = &args.model_path;
     let beside = args.derived.path(".profile.gguf");
     let path = args.act_profile.clone().or_else(|| beside.exists().then_some(beside.clone()));
@@ -453,10 +480,11 @@ fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<Vec
             if profile.n_layer() != model.hp.n_layer || profile.n_ff() != model.hp.n_ff {
                 return Err(format!("{}: a profile of {} layers x {} neurons, the model has {} x {}; profile this model (`ember profile`)", p.display(), profile.n_layer(), profile.n_ff(), model.hp.n_layer, model.hp.n_ff).into());
             }
-            Ok(profile.counts)
+            let tokens = profile.n_tokens();
+            Ok((profile.counts, tokens))
         }
         None if needed => Err(format!("--vram-budget places the most-firing neurons on the GPU, which needs an activation profile: run `ember profile -m {} -f TEXT` (writes {}) or pass --act-profile FILE", model_path.display(), beside.display()).into()),
-        None => Ok(vec![vec![1; model.hp.n_ff]; model.hp.n_layer]),
+        None => Ok((vec![vec![1; model.hp.n_ff]; model.hp.n_layer], 1)),
     }
 }
 
@@ -482,7 +510,7 @@ pub fn sparse_ffn(args: &SessionOptions, model: &Arc<Model>, for_cpu: bool, log:
     Ok(Some(Arc::new(ffn)))
 }
 
-/// `--predictor FILE`, else `MODEL.predictors.gguf` beside the model, else the model's own.
+/// `--predictor FILE`, else the derived `.predictors.gguf`, else the model's own.
 fn load_predictors(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(&str)) -> Result<Predictors> {
     let model_path = &args.model_path;
     let beside = args.derived.path(".predictors.gguf");
@@ -527,13 +555,16 @@ fn calibrate_thresholds(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(
     Ok(t)
 }
 
-/// Hot neurons from a placement file (ember's or PowerInfer's split format).
-fn read_placement(path: &Path, model: &Model) -> Result<Vec<Vec<u32>>> {
+/// Hot neurons from a placement file (ember's or PowerInfer's split format), and where each
+/// layer's attention lives when the file says (`ember plan -o` writes it).
+fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<Vec<bool>>)> {
     let f = GgufFile::open(path).map_err(|e| format!("--placement {}: {e}", path.display()))?;
-    Ok(read_split(&f, model.hp.n_layer, model.hp.n_ff).map_err(|e| format!("--placement {}: {e}", path.display()))?)
+    let hot = read_split(&f, model.hp.n_layer, model.hp.n_ff).map_err(|e| format!("--placement {}: {e}", path.display()))?;
+    let attention = read_attention(&f, model.hp.n_layer).map_err(|e| format!("--placement {}: {e}", path.display()))?;
+    Ok((hot, attention))
 }
 
-/// The placement cached beside a model, `MODEL.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
+/// The placement cached among the derived files, `NAME.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
 /// that also records the budget and a fingerprint of the firing counts it was made from, so
 /// that it is reused only for the same budget and profile. Placing is fast (a sort of the
 /// model's neurons); the cache makes a run's GPU contents inspectable and repeatable, and
@@ -554,16 +585,24 @@ impl PlacementCache {
         PlacementCache { path, budget, fingerprint: counts_fingerprint(counts) ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) }
     }
 
-    /// The cached hot neurons, when the file exists and was made for this budget and profile.
-    fn load(&self, model: &Model) -> Option<Vec<Vec<u32>>> {
+    /// The cached hot neurons and attention placement, when the file exists and was made for
+    /// this budget and profile (one from before host attention, without the attention record,
+    /// is placed anew).
+    fn load(&self, model: &Model) -> Option<(Vec<Vec<u32>>, Vec<bool>)> {
         let f = GgufFile::open(&self.path).ok()?;
         let matches = f.get_u64(KEY_CACHE_BUDGET).ok() == Some(self.budget) && f.get_u64(KEY_CACHE_COUNTS).ok() == Some(self.fingerprint);
-        matches.then(|| read_split(&f, model.hp.n_layer, model.hp.n_ff).ok()).flatten()
+        if !matches {
+            return None;
+        }
+        let hot = read_split(&f, model.hp.n_layer, model.hp.n_ff).ok()?;
+        let attention = read_attention(&f, model.hp.n_layer).ok()??;
+        Some((hot, attention))
     }
 
     /// Writes the placement; a directory that cannot be written costs only the cache.
-    fn store(&self, p: &Placement, n_ff: usize, log: &dyn Fn(&str)) {
+    fn store(&self, p: &Placement, attention_on_gpu: &[bool], n_ff: usize, log: &dyn Fn(&str)) {
         let mut w = split_file(&p.hot, n_ff, self.budget);
+        set_attention(&mut w, attention_on_gpu);
         w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
         w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
         match w.write_file(&self.path) {

@@ -65,6 +65,11 @@ impl ColdFfn {
         self.team.size()
     }
 
+    /// The team, for other CPU work of the hybrid between cold neurons (host attention).
+    pub fn team(&mut self) -> &mut Team {
+        &mut self.team
+    }
+
     /// The FFN output of layer `il`'s active neurons among `cold` (ascending), written to `out`
     /// (n_embd values): `resid` is the residual stream entering the block (the predictor's
     /// input), `xn` its normalised form. In predict mode `given` replaces the predictor's set

@@ -34,15 +34,22 @@ pub struct GpuWeights {
 }
 
 pub struct GpuLayerWeights {
+    /// The attention half; None when it runs outside this session (a hybrid's host-attention
+    /// layer: the wrapper computes attention and the FFN norm and writes x and xn).
+    attn: Option<GpuAttnWeights>,
+    /// (gate and up, down); None when the FFN runs neuron-aware (the hybrid uploads its hot
+    /// rows itself).
+    dense_ffn: Option<(Stacked<2>, GpuMatrix)>,
+}
+
+/// A layer's attention weights on the GPU, and the FFN norm that follows them.
+struct GpuAttnWeights {
     attn_norm: wgpu::Buffer,
     /// q, k and v.
     qkv: Stacked<3>,
     wo: GpuMatrix,
     biases: Option<[wgpu::Buffer; 3]>,
     ffn_norm: wgpu::Buffer,
-    /// (gate and up, down); None when the FFN runs neuron-aware (the hybrid uploads its hot
-    /// rows itself).
-    dense_ffn: Option<(Stacked<2>, GpuMatrix)>,
 }
 
 /// Matrices that multiply one activation vector: uploaded as one matrix where their types and
@@ -94,9 +101,9 @@ impl GpuWeights {
     pub fn matmul_bytes(&self, name: &str) -> u64 {
         let layer = |l: &GpuLayerWeights| -> Option<u64> {
             match name {
-                "matmul o" => Some(l.wo.gpu_bytes()),
+                "matmul o" => l.attn.as_ref().map(|a| a.wo.gpu_bytes()),
                 "matmul down" => l.dense_ffn.as_ref().map(|f| f.1.gpu_bytes()),
-                _ => l.qkv.bytes_named(name, "matmul qkv", ["matmul q", "matmul k", "matmul v"]).or_else(|| l.dense_ffn.as_ref().and_then(|f| f.0.bytes_named(name, "matmul gate_up", ["matmul gate", "matmul up"]))),
+                _ => l.attn.as_ref().and_then(|a| a.qkv.bytes_named(name, "matmul qkv", ["matmul q", "matmul k", "matmul v"])).or_else(|| l.dense_ffn.as_ref().and_then(|f| f.0.bytes_named(name, "matmul gate_up", ["matmul gate", "matmul up"]))),
             }
         };
         match name {
@@ -115,6 +122,18 @@ impl GpuWeights {
     /// stay on the host (a neuron-aware FFN uploads its hot rows itself).
     pub fn upload_layers(ctx: &GpuContext, model: &Model, n_layers: usize, dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
         let n_layers = n_layers.min(model.layers.len());
+        Self::upload_parts(ctx, model, &vec![true; n_layers], dense_ffn, progress)
+    }
+
+    /// [`Self::upload_layers`] for the first `attention_on_gpu.len()` layers, where a layer
+    /// whose entry is false keeps its attention (norms, q/k/v, o; and, in the session, its KV
+    /// cache) off the GPU: the session's wrapper runs it (host attention). Such layers need an
+    /// external FFN too (`dense_ffn` false): the wrapper hands the GPU the FFN norm's output.
+    pub fn upload_parts(ctx: &GpuContext, model: &Model, attention_on_gpu: &[bool], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
+        let n_layers = attention_on_gpu.len().min(model.layers.len());
+        if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
+            return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
+        }
         let with_head = n_layers == model.layers.len();
         let bar = if progress { indicatif::ProgressBar::new(n_layers as u64 + 1) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading weights {bar:30} {pos}/{len} layers").unwrap());
@@ -134,20 +153,27 @@ impl GpuWeights {
                 (Some(q), Some(k), Some(v)) => Some([f32_buffer(ctx, "bq", q), f32_buffer(ctx, "bk", k), f32_buffer(ctx, "bv", v)]),
                 _ => None,
             };
+            let attn = match attention_on_gpu[i] {
+                true => Some(GpuAttnWeights {
+                    attn_norm: f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm),
+                    qkv: Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?,
+                    wo: GpuMatrix::upload(ctx, &l.wo)?,
+                    biases,
+                    ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
+                }),
+                false => None,
+            };
             let lw = GpuLayerWeights {
-                attn_norm: f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm),
-                qkv: Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?,
-                wo: GpuMatrix::upload(ctx, &l.wo)?,
-                biases,
-                ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
+                attn,
                 dense_ffn: match dense_ffn {
                     true => Some((Stacked::upload(ctx, &format!("blk.{i}.ffn_gate_up"), [&l.ffn_gate, &l.ffn_up], true)?, GpuMatrix::upload(ctx, &l.ffn_down)?)),
                     false => None,
                 },
             };
-            bytes += lw.qkv.gpu_bytes() + lw.wo.gpu_bytes();
+            if let Some(a) = &lw.attn {
+                bytes += a.qkv.gpu_bytes() + a.wo.gpu_bytes() + 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+            }
             bytes += lw.dense_ffn.as_ref().map_or(0, |(gate_up, down)| gate_up.gpu_bytes() + down.gpu_bytes());
-            bytes += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
             layers.push(lw);
             bar.inc(1);
         }
@@ -157,6 +183,13 @@ impl GpuWeights {
 }
 
 pub(super) struct LayerOps {
+    /// The attention half up to the FFN norm; None where it runs outside the session.
+    attn: Option<AttnOps>,
+    pub(super) ffn: FfnOps,
+}
+
+/// A layer's attention half on the GPU.
+struct AttnOps {
     /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
     /// one-token product folds it into its kernel).
     attn_norm: Option<RmsNormOp>,
@@ -173,7 +206,6 @@ pub(super) struct LayerOps {
     /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
     /// its output).
     ffn_norm: Option<RmsNormOp>,
-    pub(super) ffn: FfnOps,
 }
 
 /// The products of a [`Stacked`] weight.
@@ -196,8 +228,8 @@ pub(super) enum FfnOps {
     External,
 }
 
-impl LayerOps {
-    /// The layer's dispatches for `n_tokens` in order, each with a name for profiles.
+impl AttnOps {
+    /// The attention half's dispatches for `n_tokens` in order, up to the FFN norm.
     fn sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
         let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
         if let Some(norm) = &self.attn_norm {
@@ -219,15 +251,28 @@ impl LayerOps {
         if let Some(norm) = &self.ffn_norm {
             v.push(("ffn_norm", norm));
         }
+        v
+    }
+}
+
+impl LayerOps {
+    /// The layer's dispatches for `n_tokens` in order, each with a name for profiles.
+    fn sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
+        let mut v = self.attention_sequence(n_tokens);
         v.extend(self.ffn_sequence());
         v
     }
 
-    /// The attention half: everything up to and including the FFN's norm.
+    /// The attention half: everything up to and including the FFN's norm (nothing where the
+    /// attention runs outside the session).
     pub(super) fn attention_sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
-        let mut v = self.sequence(n_tokens);
-        v.truncate(v.len() - self.ffn_sequence().len());
-        v
+        self.attn.as_ref().map_or_else(Vec::new, |a| a.sequence(n_tokens))
+    }
+
+    /// Whether this session computes the layer's attention (else its wrapper does, and
+    /// writes x and xn before the FFN).
+    pub(super) fn attention_on_gpu(&self) -> bool {
+        self.attn.is_some()
     }
 
     /// The FFN's GPU dispatches (for a split layer, the hot neurons only).
@@ -338,7 +383,9 @@ impl GpuSession {
             step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
             step_last: ctx.uniform("step_last", bytemuck::bytes_of(&Step::default())),
         };
-        let kv = GpuKvCache::new(&ctx, weights.layers.len(), n_ctx, hp.kv_dim())?;
+        // Caches only for the layers whose attention runs here, in layer order.
+        let kv_slots: Vec<Option<usize>> = weights.layers.iter().scan(0, |n, w| Some(w.attn.as_ref().map(|_| { *n += 1; *n - 1 }))).collect();
+        let kv = GpuKvCache::new(&ctx, kv_slots.iter().flatten().count(), n_ctx, hp.kv_dim())?;
         let rope = RopeShape {
             n_head: hp.n_head as u32,
             n_head_kv: hp.n_head_kv as u32,
@@ -356,46 +403,53 @@ impl GpuSession {
         let [q_range, k_range, v_range] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
         let add = MatOut::with(Epilogue::Add);
         let mut layers = Vec::with_capacity(hp.n_layer);
-        for (il, w) in weights.layers.iter().enumerate() {
-            let attn_norm = NormIn { x: &s.x, weight: &w.attn_norm, eps: hp.rms_eps };
-            let ffn_norm = NormIn { x: &s.x, weight: &w.ffn_norm, eps: hp.rms_eps };
+        for (w, slot) in weights.layers.iter().zip(&kv_slots) {
+            let (Some(a), Some(slot)) = (&w.attn, *slot) else {
+                // Host attention: the wrapper writes x and xn; the FFN is external too
+                // (`GpuWeights::upload_parts` refuses a dense one).
+                layers.push(LayerOps { attn: None, ffn: FfnOps::External });
+                continue;
+            };
+            let attn_norm = NormIn { x: &s.x, weight: &a.attn_norm, eps: hp.rms_eps };
+            let ffn_norm = NormIn { x: &s.x, weight: &a.ffn_norm, eps: hp.rms_eps };
             let separate = |n: &NormIn| RmsNormOp::new(&ctx, n.x, n.weight, &s.xn, e as u32, n.eps, &s.step);
             // RoPE and the KV write in the qkv product's epilogue: llama's adjacent pairs, and no
             // biases (they are added between the product and RoPE).
-            let rope_in_qkv = !rope.neox && w.biases.is_none();
-            layers.push(LayerOps {
-                attn_norm: matches!(w.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
-                qkv: match &w.qkv {
+            let rope_in_qkv = !rope.neox && a.biases.is_none();
+            let attn = AttnOps {
+                attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
+                qkv: match &a.qkv {
                     Stacked::One(m) if rope_in_qkv => {
-                        let r = RopeIn { cache_k: kv.k(il), cache_v: kv.v(il), shape: rope };
+                        let r = RopeIn { cache_k: kv.k(slot), cache_v: kv.v(slot), shape: rope };
                         StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
                     }
                     Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
                     Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
                 },
-                biases: w.biases.as_ref().map(|[bq, bk, bv]| {
+                biases: a.biases.as_ref().map(|[bq, bk, bv]| {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
-                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(il), kv.v(il), rope, &s.step),
-                qkv_has_rope: rope_in_qkv && matches!(w.qkv, Stacked::One(_)),
-                attention: AttentionOp::new(&ctx, q_range, kv.k(il), kv.v(il), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
-                o: w.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
+                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(slot), kv.v(slot), rope, &s.step),
+                qkv_has_rope: rope_in_qkv && matches!(a.qkv, Stacked::One(_)),
+                attention: AttentionOp::new(&ctx, q_range, kv.k(slot), kv.v(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
+                o: a.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
                 ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
-                ffn: match &w.dense_ffn {
-                    Some((gate_up, down)) => FfnOps::Dense {
-                        gate_up: match gate_up {
-                            Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &ffn_norm, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
-                            Stacked::Apart([gate, up]) => StackedOps::GateUpApart(
-                                gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
-                                up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
-                                GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
-                            ),
-                        },
-                        down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),
+            };
+            let ffn = match &w.dense_ffn {
+                Some((gate_up, down)) => FfnOps::Dense {
+                    gate_up: match gate_up {
+                        Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &ffn_norm, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
+                        Stacked::Apart([gate, up]) => StackedOps::GateUpApart(
+                            gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
+                            up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
+                            GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
+                        ),
                     },
-                    None => FfnOps::External,
+                    down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),
                 },
-            });
+                None => FfnOps::External,
+            };
+            layers.push(LayerOps { attn: Some(attn), ffn });
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
         let head = weights.head.as_ref().map(|(output_norm, output)| HeadOps {
@@ -405,6 +459,12 @@ impl GpuSession {
         });
         let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
         Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
+    }
+
+    /// Whether layer `il`'s attention (and KV cache) runs in this session; where not, the
+    /// session's wrapper computes it and writes x and xn before the layer's FFN.
+    pub fn attention_on_gpu(&self, il: usize) -> bool {
+        self.layers.get(il).is_some_and(|l| l.attention_on_gpu())
     }
 
     /// GPU bytes of the KV cache (weights and scratch buffers not included).
@@ -467,8 +527,8 @@ impl GpuSession {
 
     /// Tells the attention ops the cache's key count for the steps recorded next.
     pub(super) fn set_n_kv(&self, n_kv: u32) {
-        for l in &self.layers {
-            l.attention.set_n_kv(Some(n_kv));
+        for a in self.layers.iter().filter_map(|l| l.attn.as_ref()) {
+            a.attention.set_n_kv(Some(n_kv));
         }
     }
 

@@ -5,7 +5,7 @@
 
 use crate::gpu::matrix::{GetRowsOp, MatmulOp};
 use crate::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, BiasOp, GatedActOp, RmsNormOp, RopeKvOp};
-use crate::gpu::sparse::{DenseGateOp, SelectOp, SparseAxpyOp, SparseMatvecOp};
+use crate::gpu::sparse::{BatchFfnOp, DenseGateOp, SelectOp, SparseAxpyOp, SparseMatvecOp};
 
 /// Anything that records its dispatches into a compute pass.
 pub(super) trait Op {
@@ -25,7 +25,7 @@ macro_rules! impl_op {
         }
     )*};
 }
-impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, GetRowsOp);
+impl_op!(RmsNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, GetRowsOp, BatchFfnOp);
 
 /// The sparse kernels' ops: one token each, their sizes fixed when bound.
 macro_rules! impl_op_one_token {

@@ -30,6 +30,7 @@ use super::ffn::{FfnMode, SparseFfn};
 use super::forward::{Forward, ForwardError, Logits};
 use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
 use super::gpu_ops::{NamedOp, Op};
+use super::host_attention::{choose_attention, HostAttention};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
@@ -41,6 +42,21 @@ use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, Placem
 use crate::sparse::predictor::Predictors;
 use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
+
+impl AttentionPlace {
+    /// After a session that failed with `err`: where a placed choice's measured fixed part
+    /// came out over the budget (an allocator that wastes more than the estimate allows, e.g.
+    /// lavapipe's fifth), the same choice keeping the shortfall and 2% of the budget more
+    /// free, to try again on a fresh context. None for other errors and other variants.
+    pub fn with_more_slack(&self, err: &HybridError) -> Option<AttentionPlace> {
+        match (self, err) {
+            (AttentionPlace::Placed { profile_tokens, slack }, HybridError::Placement(crate::sparse::placement::PlacementError::TooSmall { budget, need, .. })) => {
+                Some(AttentionPlace::Placed { profile_tokens: *profile_tokens, slack: slack + need.0.saturating_sub(budget.0) + budget.0 / 50 })
+            }
+            _ => None,
+        }
+    }
+}
 
 /// What a neuron-aware GPU session needs besides the model.
 pub struct HybridPlan {
@@ -65,6 +81,24 @@ pub struct HybridPlan {
     /// A placement made earlier (per layer ascending hot neuron ids), used instead of placing
     /// anew when it fits the budget.
     pub hot: Option<Vec<Vec<u32>>>,
+    /// Which layers' attention and KV cache live on the GPU (the others' run on the CPU).
+    pub attention: AttentionPlace,
+}
+
+/// Where each layer's attention and KV cache go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AttentionPlace {
+    /// Every layer's on the GPU.
+    AllGpu,
+    /// Under a budget, chosen together with the hot neurons (`host_attention::choose_attention`:
+    /// what `ember plan --host-attention` shows); without a budget every layer's on the GPU.
+    /// `profile_tokens`: the tokens the firing counts are over (an attention block ranks like
+    /// a neuron firing at the share of its bytes the host would read per token). The choice is
+    /// made from estimates before anything is uploaded, keeping `slack` bytes more free than
+    /// `ember plan` does (0 at first; see [`AttentionPlace::with_more_slack`]).
+    Placed { profile_tokens: u64, slack: u64 },
+    /// Given per layer, true = on the GPU (a placement file that records it, tests).
+    Given(Vec<bool>),
 }
 
 /// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x) (a simulated predictor's fc2
@@ -96,7 +130,11 @@ struct SparseLayerOps {
     _list: ActiveList,
     /// Ascending ids of the neurons the CPU owns (may be empty).
     cold: Vec<u32>,
-    /// (xn, x) of the token, mapped by the CPU.
+    /// The layer's attention runs on the CPU ([`HostAttention`]): the GPU hands over x and
+    /// gets back (x after attention, its FFN norm) before the hot neurons.
+    host_attention: bool,
+    /// (xn, x) of the token, mapped by the CPU (x alone for host attention); None where the
+    /// layer needs no CPU work.
     staging: Option<wgpu::Buffer>,
     /// The CPU's partial output and the op adding it to x.
     y_cpu: wgpu::Buffer,
@@ -110,6 +148,10 @@ impl HybridState {
     fn describe(&self, n_neurons: usize) -> String {
         let hot = self.placement.n_hot();
         let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
+        let split = match self.host.n_layers() {
+            0 => split,
+            n => format!("{split}, attention of {n} layers on the CPU"),
+        };
         let sim = match &self.simulate {
             // A free, perfect predictor: no real run reaches it.
             Some(_) if !self.charged && self.sim_predictors.is_none() => ", SIMULATED ACTIVITY, perfect predictor: UPPER BOUND",
@@ -163,6 +205,11 @@ struct HybridState {
     /// The CPU's cold neurons, on a team of spinning threads.
     cold: ColdFfn,
     y: Vec<f32>,
+    /// Host-attention layers (their KV caches), run on the cold neurons' team.
+    host: HostAttention,
+    /// A host-attention layer's x and FFN-normed xn of the token.
+    host_x: Vec<f32>,
+    host_xn: Vec<f32>,
     simulate: Option<Mutex<SimulatedActivity>>,
     /// Simulated with a predictor's errors or costs: candidates and firing neurons apart.
     charged: bool,
@@ -189,6 +236,8 @@ pub struct HybridTiming {
     pub cpu_ffn: f64,
     /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2).
     pub cpu_predictor: f64,
+    /// Host-attention layers' attention half on the CPU (the GPU waits for it).
+    pub cpu_attention: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -199,12 +248,13 @@ impl HybridTiming {
     /// One line for logs: milliseconds per token of each part.
     pub fn summary(&self, syncs: usize) -> String {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
-        let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn;
+        let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} submitting/other; \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} submitting/other; \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
+            per(self.cpu_attention),
             per(self.cpu_ffn),
             per(self.cpu_predictor),
             per(self.wait_recorder),
@@ -238,19 +288,68 @@ impl HybridSession {
         if !matches!(mode, FfnMode::Relu | FfnMode::Predict) {
             return Err(HybridError::Mode(mode.name()));
         }
+        // Layers whose attention must be on the GPU whatever the budget; None: chosen below.
+        let forced: Option<Vec<bool>> = match (&plan.attention, plan.budget) {
+            (AttentionPlace::Given(v), _) if v.len() != hp.n_layer => {
+                return Err(crate::sparse::placement::PlacementError::GivenMismatch { got: v.len(), want: hp.n_layer }.into());
+            }
+            (AttentionPlace::Given(v), _) => Some(v.clone()),
+            (AttentionPlace::Placed { .. }, Some(_)) => None,
+            (AttentionPlace::AllGpu, _) | (AttentionPlace::Placed { .. }, None) => Some(vec![true; hp.n_layer]),
+        };
         // A budget that cannot hold the fixed part is refused before anything is uploaded: a
         // lower bound of what the uploads below allocate (the tensors' own bytes, the f16 KV
-        // cache), so a budget too small never fills the card first (at -c 4096 a 7B held 3.5
-        // GiB in the driver for a moment before the measured check refused it).
+        // cache of the layers whose attention must be on the GPU), so a budget too small never
+        // fills the card first (at -c 4096 a 7B held 3.5 GiB in the driver for a moment
+        // before the measured check refused it). Where the placement chooses, any layer's
+        // attention may go to the host: only the embeddings and output count.
         if let Some(b) = plan.budget {
             let head = model.token_embd.n_bytes() as u64 + if model.tied_embeddings { 0 } else { model.output.n_bytes() as u64 };
-            let attention = head + model.layers.iter().map(|l| l.attention_bytes()).sum::<u64>();
-            let kv = hp.n_layer as u64 * hp.kv_bytes_per_layer(n_ctx);
+            let on_gpu: Vec<usize> = forced.as_ref().map_or_else(Vec::new, |f| (0..hp.n_layer).filter(|&l| f[l]).collect());
+            let attention = head + on_gpu.iter().map(|&l| model.layers[l].attention_bytes()).sum::<u64>();
+            let kv = on_gpu.len() as u64 * hp.kv_bytes_per_layer(n_ctx);
             if attention + kv > b {
-                let parts = format!("attention, embeddings and output at least {}, KV cache for {n_ctx} positions {}", Bytes(attention), Bytes(kv));
+                let parts = match forced {
+                    Some(_) => format!("attention of {} layers, embeddings and output at least {}, KV cache for {n_ctx} positions {}", on_gpu.len(), Bytes(attention), Bytes(kv)),
+                    None => format!("embeddings and output at least {} (every layer's attention and KV cache could stay on the host)", Bytes(attention)),
+                };
                 return Err(crate::sparse::placement::PlacementError::TooSmall { budget: Bytes(b), need: Bytes(attention + kv), parts }.into());
             }
         }
+        // A simulated predictor: fc1 whole on the GPU (fc2's hot rows come with the neurons).
+        let charged = plan.simulate.as_ref().is_some_and(|s| !s.is_perfect()) || (plan.simulate.is_some() && plan.sim_predictors.is_some());
+        let sim_padded: Option<Vec<(Matrix, Matrix)>> = match (&plan.simulate, &plan.sim_predictors) {
+            (Some(_), Some(p)) => Some(p.layers.iter().map(|l| pad_rank(&l.fc1, &l.fc2)).collect()),
+            _ => None,
+        };
+        // A hot neuron's GPU bytes per layer; a simulated predictor's hot neuron also takes its
+        // entry in the candidates' list and its row of fc2.
+        let per_neuron: Vec<u64> = (0..hp.n_layer)
+            .map(|il| {
+                let sim = match (&sim_padded, charged) {
+                    (Some(v), _) => 4 + v[il].1.row_bytes() as u64,
+                    (None, true) => 4,
+                    (None, false) => 0,
+                };
+                hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e) + sim
+            })
+            .collect();
+        // Which layers' attention the GPU holds: chosen from estimates before anything is
+        // uploaded, as `ember plan --host-attention` does (same function, same arguments), so
+        // that both agree; the neurons are then placed in what the measured uploads leave.
+        let attention_on_gpu = match (forced, &plan.attention, plan.budget) {
+            (Some(f), _, _) => f,
+            (None, AttentionPlace::Placed { profile_tokens, slack }, Some(b)) => {
+                let predictor_bytes = match (&sim_padded, &plan.ffn.predictors, mode) {
+                    (Some(v), _, _) => v.iter().map(|(fc1, _)| fc1.n_bytes() as u64).sum(),
+                    (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
+                    _ => 0,
+                };
+                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + slack)?.1
+            }
+            (None, ..) => vec![true; hp.n_layer],
+        };
+        let on_host: Vec<bool> = attention_on_gpu.iter().map(|&g| !g).collect();
         let start = ctx.allocated_bytes();
         let mut fixed = Vec::new();
         // What each stage really allocated, measured, so the neurons get exactly what is left.
@@ -260,10 +359,11 @@ impl HybridSession {
             *since = now;
         };
         let mut since = start;
-        let weights = Arc::new(GpuWeights::upload_layers(&ctx, &model, hp.n_layer, false, progress)?);
-        mark(&mut fixed, "attention, norms, embeddings, output", &mut since);
+        let n_gpu_attn = attention_on_gpu.iter().filter(|&&g| g).count();
+        let weights = Arc::new(GpuWeights::upload_parts(&ctx, &model, &attention_on_gpu, false, progress)?);
+        mark(&mut fixed, &format!("attention of {n_gpu_attn} of {} layers, norms, embeddings, output", hp.n_layer), &mut since);
         let session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
-        mark(&mut fixed, "KV cache and activations", &mut since);
+        mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations"), &mut since);
 
         // Predictors on the GPU (predict mode without simulation).
         let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
@@ -276,12 +376,6 @@ impl HybridSession {
                 })
                 .collect::<Result<_, GpuError>>()?,
             _ => (0..hp.n_layer).map(|_| None).collect(),
-        };
-        // A simulated predictor: fc1 whole on the GPU (fc2's hot rows come with the neurons).
-        let charged = plan.simulate.as_ref().is_some_and(|s| !s.is_perfect()) || (plan.simulate.is_some() && plan.sim_predictors.is_some());
-        let sim_padded: Option<Vec<(Matrix, Matrix)>> = match (&plan.simulate, &plan.sim_predictors) {
-            (Some(_), Some(p)) => Some(p.layers.iter().map(|l| pad_rank(&l.fc1, &l.fc2)).collect()),
-            _ => None,
         };
         let mut sim_fc1: Vec<Option<GpuMatrix>> = match &sim_padded {
             Some(v) => v.iter().map(|(fc1, _)| GpuMatrix::upload(&ctx, fc1).map(Some)).collect::<Result<_, GpuError>>()?,
@@ -305,18 +399,6 @@ impl HybridSession {
         // uniforms) and its fc2 matrix's alignment.
         let layer_overhead = cfg.max_chunks as u64 * e as u64 * 4 + 3 * 4 * e as u64 + 4096 + if charged { 8192 } else { 0 };
         fixed.push(FixedPart { name: "per-layer sparse buffers".into(), bytes: layer_overhead * hp.n_layer as u64 });
-        // A hot neuron of a simulated predictor also takes its entry in the candidates' list
-        // and its row of fc2.
-        let per_neuron: Vec<u64> = (0..hp.n_layer)
-            .map(|il| {
-                let sim = match (&sim_padded, charged) {
-                    (Some(v), _) => 4 + v[il].1.row_bytes() as u64,
-                    (None, true) => 4,
-                    (None, false) => 0,
-                };
-                hot_neuron_bytes(&model.layers[il], plan.ffn.down_t[il].ty, e) + sim
-            })
-            .collect();
         // What the allocator holds beyond ember's buffers so far, room for the staging of the
         // uploads to come, and the same share of waste for the hot neurons' buffers as the
         // allocator has shown so far (the final check measures it all).
@@ -415,7 +497,8 @@ impl HybridSession {
             };
             let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
             let cold: Vec<u32> = complement(hot_ids, ff);
-            let staging = (!cold.is_empty()).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
+            let host_attention = on_host[il];
+            let staging = (!cold.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
             layers.push(SparseLayerOps {
@@ -428,6 +511,7 @@ impl HybridSession {
                 _hot: hot,
                 _list: list,
                 cold,
+                host_attention,
                 staging,
                 y_cpu,
                 add_cpu,
@@ -451,6 +535,9 @@ impl HybridSession {
             precision: plan.cpu_precision,
             cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
             y: vec![0.0; e],
+            host: HostAttention::new(&model, &on_host, n_ctx),
+            host_x: vec![0.0; e],
+            host_xn: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
             charged,
             sim_predictors: plan.sim_predictors.clone(),
@@ -475,6 +562,11 @@ impl HybridSession {
     /// Which neurons are hot.
     pub fn placement(&self) -> &Placement {
         &self.state.placement
+    }
+
+    /// Per layer, whether its attention and KV cache are on the GPU (else on the host).
+    pub fn attention_on_gpu(&self) -> Vec<bool> {
+        (0..self.layers.len()).map(|il| !self.layers[il].host_attention).collect()
     }
 
     /// GPU bytes this session's context has allocated (weights, caches, buffers).
@@ -524,7 +616,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, .. } = state;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, .. } = state;
         let predictor_secs = cold.predictor_secs;
         let this = &*gpu;
         let layers = &*layers;
@@ -556,8 +648,12 @@ impl HybridSession {
                 slice.map_async(wgpu::MapMode::Read, move |r| {
                     let _ = tx_map.send(r);
                 });
-                // Submission B: the hot neurons, added into x on the GPU.
-                this.ctx.queue.submit([split.hot]);
+                // Submission B: the hot neurons, added into x on the GPU; after a host
+                // attention it waits for the CPU's x and xn.
+                let mut hot = Some(split.hot);
+                if !sp.host_attention {
+                    this.ctx.queue.submit(hot.take());
+                }
                 let t_wait = std::time::Instant::now();
                 // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
                 // wake-up latency per layer, more than the GPU's attention half takes.
@@ -572,20 +668,35 @@ impl HybridSession {
                 mapped.map_err(lost)?;
                 t.syncs += 1;
                 t.wait_gpu += t_wait.elapsed().as_secs_f64();
+                let drawn = split.drawn.as_ref();
+                if sp.host_attention {
+                    // The attention half on the CPU, then (x, xn) back to the GPU, ordered
+                    // before the hot neurons' submission that reads them.
+                    let t_attn = std::time::Instant::now();
+                    {
+                        let view = slice.get_mapped_range().map_err(lost)?;
+                        host_x.copy_from_slice(&bytemuck::cast_slice::<u8, f32>(&view)[..e]);
+                    }
+                    staging.unmap();
+                    host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?;
+                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
+                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
+                    this.ctx.queue.submit(hot.take());
+                    t.cpu_attention += t_attn.elapsed().as_secs_f64();
+                    if !sp.cold.is_empty() {
+                        let t_cpu = std::time::Instant::now();
+                        cold_token(cold, ffn, &this.model, split.layer, host_x, host_xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
+                        t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                        this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
+                    }
+                    continue;
+                }
                 let t_cpu = std::time::Instant::now();
                 {
                     let view = slice.get_mapped_range().map_err(lost)?;
                     let v: &[f32] = bytemuck::cast_slice(&view);
                     let (xn, x) = v.split_at(e);
-                    match (&split.drawn, *charged) {
-                        (Some(d), true) => {
-                            let p = sim_predictors.as_ref().map(|p| &p.layers[split.layer]);
-                            cold.token_charged(ffn, &this.model, split.layer, x, xn, &sp.cold, &d.candidates, &d.fires, p, *precision, y);
-                        }
-                        (d, _) => {
-                            cold.token(ffn, &this.model, split.layer, x, xn, &sp.cold, d.as_ref().map(|d| d.candidates.as_slice()), *precision, y);
-                        }
-                    }
+                    cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                 }
                 staging.unmap();
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
@@ -603,6 +714,7 @@ impl HybridSession {
         timing.wait_gpu += t.wait_gpu;
         timing.wait_recorder += t.wait_recorder;
         timing.cpu_ffn += t.cpu_ffn;
+        timing.cpu_attention += t.cpu_attention;
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
@@ -720,8 +832,14 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             continue;
         };
         drop(pass);
-        enc.copy_buffer_to_buffer(&gpu.s.xn, 0, staging, 0, 4 * e);
-        enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
+        match sp.host_attention {
+            // The CPU runs the attention half from x.
+            true => enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 0, 4 * e),
+            false => {
+                enc.copy_buffer_to_buffer(&gpu.s.xn, 0, staging, 0, 4 * e);
+                enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
+            }
+        }
         let mut enc_hot = new_encoder();
         {
             let mut p = enc_hot.begin_compute_pass(&Default::default());
@@ -736,7 +854,9 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         }
         enc = new_encoder();
         pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-        sp.add_cpu.encode(&mut pass, 1);
+        if !sp.cold.is_empty() {
+            sp.add_cpu.encode(&mut pass, 1);
+        }
     }
     drop(pass);
     if gpu.head.is_some() {
@@ -778,8 +898,25 @@ struct TokenTiming {
     wait_gpu: f64,
     wait_recorder: f64,
     cpu_ffn: f64,
+    cpu_attention: f64,
     record: f64,
     simulate: f64,
+}
+
+/// Layer `il`'s active cold neurons for one token into `y`, from the residual `x` entering the
+/// FFN and its norm `xn`: the predictor's or the ReLU's choice, or the draw of a simulation
+/// (`drawn`; with a charged predictor, its candidates and firing flags apart).
+#[allow(clippy::too_many_arguments)]
+fn cold_token(cold: &mut ColdFfn, ffn: &SparseFfn, model: &Model, il: usize, x: &[f32], xn: &[f32], cold_ids: &[u32], drawn: Option<&Drawn>, charged: bool, sim_predictors: Option<&Predictors>, precision: Precision, y: &mut [f32]) {
+    match (drawn, charged) {
+        (Some(d), true) => {
+            let p = sim_predictors.map(|p| &p.layers[il]);
+            cold.token_charged(ffn, model, il, x, xn, cold_ids, &d.candidates, &d.fires, p, precision, y);
+        }
+        (d, _) => {
+            cold.token(ffn, model, il, x, xn, cold_ids, d.map(|d| d.candidates.as_slice()), precision, y);
+        }
+    }
 }
 
 /// A predictor's matrices with the rank padded to a multiple of 32 (the GPU matvec's block):

@@ -148,6 +148,12 @@ struct Staging {
 const DEVICE_BLOCK: std::ops::Range<u64> = (4 << 20)..(8 << 20);
 const HOST_BLOCK_MAX: u64 = 4 << 20;
 
+/// What the allocator may hold beyond ember's buffers whatever the device (the upload
+/// staging, the unused room of a device block and of two host-visible blocks): the margin a
+/// placement made before anything is uploaded keeps (`ember plan`, the hybrid's choice of
+/// host-attention layers); [`GpuContext::headroom_bytes`] adds wgpu's own buffers to it.
+pub const PLANNING_MARGIN: u64 = STAGING_CAP + DEVICE_BLOCK.end + 2 * HOST_BLOCK_MAX;
+
 /// GPU memory of one context: what ember counted and what the allocator under wgpu holds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GpuMemory {
@@ -338,7 +344,7 @@ impl GpuContext {
     /// device-local block, one host-visible block for small per-token writes, one for
     /// readbacks). An estimate, not the measurement: [`GpuContext::memory`] measures.
     pub fn headroom_bytes(&self) -> u64 {
-        self.base_reserved + STAGING_CAP + DEVICE_BLOCK.end + 2 * HOST_BLOCK_MAX
+        self.base_reserved + PLANNING_MARGIN
     }
 
     /// Room for the staging buffer (where no upload has made it yet) and the tail of the

@@ -10,7 +10,7 @@ pub mod timer;
 pub mod tuning;
 
 pub use tuning::GpuTuning;
-pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, STAGING_CAP};
+pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, PLANNING_MARGIN, STAGING_CAP};
 
 /// Per-forward values every kernel may read, in one uniform buffer written once per forward
 /// call, so that bind groups can be built once per model.

@@ -47,10 +47,11 @@ const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
 const MATVEC: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
 const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
 const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
+const BATCH: &str = include_str!("../../shaders/sparse_batch.wgsl");
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
 /// the matvec file it extends.
-pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY)];
+pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY), ("sparse_batch.wgsl", BATCH)];
 
 /// Hot rows per workgroup of the select kernel (256 threads x 8 rows, `SEL_BLOCK`).
 const SELECT_BLOCK: u32 = 2048;
@@ -599,5 +600,66 @@ impl SparseAxpyOp {
         pass.dispatch_workgroups_indirect(&self.args, AXPY_ARGS_OFFSET);
         self.reduce.bind(pass);
         pass.dispatch_workgroups(self.reduce_groups, 1, 1);
+    }
+}
+
+/// The FFN of a batch of tokens over every row of a [`HotFfn`], densely (a prefill batch's
+/// union of firing neurons is nearly all of them, and a silent ReLU neuron adds exactly zero):
+/// `h[t][r] = act(gate[r] · x[t]) * (up[r] · x[t])`, then `y[t] += Σ_r h[t][r] * down_t[r]`
+/// in row order (deterministic, no atomics). Two tiled kernels (`shaders/sparse_batch.wgsl`);
+/// the token count is read from the `step` uniform, so the bind groups are built once.
+pub struct BatchFfnOp {
+    gate_up: Option<Kernel>,
+    down: Option<Kernel>,
+    rows: u32,
+    cols: u32,
+    _params: Buffer,
+}
+
+/// Tokens per workgroup of the batch kernels (rows: 32 for gate/up, columns: 64 for down).
+const BATCH_TOKENS: u32 = 64;
+
+impl BatchFfnOp {
+    /// `x`: the FFN input of up to `max_tokens` tokens (n_embd f32 each); `h`: scratch of
+    /// `max_tokens` x n_hot f32; `y`: `max_tokens` x n_embd f32, added to.
+    pub fn new(ctx: &GpuContext, hot: &HotFfn, x: &Buffer, h: &Buffer, y: &Buffer, act: Activation, max_tokens: usize, step: &Buffer) -> Result<BatchFfnOp, GpuError> {
+        check_len("x", x, max_tokens * hot.n_embd)?;
+        check_len("h", h, max_tokens * hot.n_hot())?;
+        check_len("y", y, max_tokens * hot.n_embd)?;
+        check_distinct(("x", x), ("h", h))?;
+        check_distinct(("x", x), ("y", y))?;
+        check_distinct(("h", h), ("y", y))?;
+        let (rows, cols) = (hot.n_hot() as u32, hot.n_embd as u32);
+        let params = ctx.uniform("sparse batch params", bytemuck::cast_slice(&[rows, cols, 0, 0]));
+        if rows == 0 {
+            return Ok(BatchFfnOp { gate_up: None, down: None, rows, cols, _params: params });
+        }
+        let (g, u, d) = (&hot.gate, &hot.up, &hot.down_t);
+        let src = specialize(BATCH, &[("TYPE_A", g.code()), ("TYPE_B", u.code()), ("ACT", act_code(act))]);
+        let key = format!("sparse/batch/a{}/b{}/act{}", g.code(), u.code(), act_code(act));
+        let gate_up = Kernel::new(ctx, &format!("{key}/gate_up"), &src, "gate_up", &[(0, x), (1, h), (3, &params), (4, &g.quants), (5, &g.scales), (6, &u.quants), (7, &u.scales), (8, step)]);
+        // The down kernel reads its matrix through the first pair of bindings; the second pair
+        // is bound to it too (the shared loader names both).
+        let src = specialize(BATCH, &[("TYPE_A", d.code()), ("TYPE_B", d.code()), ("ACT", 0)]);
+        let key = format!("sparse/batch/d{}", d.code());
+        let down = Kernel::new(ctx, &format!("{key}/down"), &src, "down", &[(1, h), (2, y), (3, &params), (4, &d.quants), (5, &d.scales), (6, &d.quants), (7, &d.scales), (8, step)]);
+        Ok(BatchFfnOp { gate_up: Some(gate_up), down: Some(down), rows, cols, _params: params })
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self._params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (Some(gate_up), Some(down)) = (&self.gate_up, &self.down) else { return };
+        if n_tokens == 0 {
+            return;
+        }
+        let tiles = n_tokens.div_ceil(BATCH_TOKENS);
+        gate_up.bind(pass);
+        pass.dispatch_workgroups(self.rows.div_ceil(32), tiles, 1);
+        down.bind(pass);
+        pass.dispatch_workgroups(self.cols.div_ceil(64), tiles, 1);
     }
 }

@@ -39,6 +39,27 @@ pub fn split_file(hot: &[Vec<u32>], n_ff: usize, vram_capacity: u64) -> GgufWrit
     w
 }
 
+/// ember's key in a placement file for where each layer's attention and KV cache live (an
+/// array of bools, true = GPU); PowerInfer's files have none (every layer's on the GPU).
+pub const ATTENTION_KEY: &str = "ember.placement.attention_on_gpu";
+
+/// Records in a placement file where each layer's attention lives.
+pub fn set_attention(w: &mut GgufWriter, on_gpu: &[bool]) {
+    w.set(ATTENTION_KEY, Value::Array(crate::gguf::ValueType::Bool, on_gpu.iter().map(|&g| Value::Bool(g)).collect()));
+}
+
+/// Where each layer's attention lives according to a placement file (true = GPU); None when
+/// the file does not say (PowerInfer's, or ember's from before host attention).
+pub fn read_attention(f: &GgufFile, n_layer: usize) -> Result<Option<Vec<bool>>, PowerInferError> {
+    let Some(v) = f.get(ATTENTION_KEY) else { return Ok(None) };
+    let bad = || PowerInferError::Split(format!("{ATTENTION_KEY} must be an array of {n_layer} bools, one per layer"));
+    let items = v.as_array().ok_or_else(bad)?;
+    if items.len() != n_layer {
+        return Err(bad());
+    }
+    items.iter().map(|b| b.as_bool().ok_or_else(bad)).collect::<Result<Vec<bool>, _>>().map(Some)
+}
+
 /// Per layer hot neuron lists from a placement file, checked against the model's shape: every
 /// index in range, `gpu_idx` and `gpu_bucket` describing the same set.
 pub fn read_split(f: &GgufFile, n_layer: usize, n_ff: usize) -> Result<Vec<Vec<u32>>, PowerInferError> {

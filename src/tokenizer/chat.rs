@@ -7,6 +7,8 @@
 
 use super::{Result, TokenizerError};
 use minijinja::value::{Kwargs, Value, ValueKind};
+use super::chat_guard;
+use minijinja::machinery;
 use minijinja::{Environment, Error, ErrorKind, State};
 use std::collections::BTreeMap;
 
@@ -28,8 +30,14 @@ const MAX_TEMPLATE_BYTES: usize = 256 << 10;
 /// Instructions a render may execute: real templates need a few thousand per message; the
 /// limit ends a looping template (nested `range(100000)`) in well under a second.
 const FUEL: u64 = 5_000_000;
-/// Output beyond the messages themselves (their text is copied into the prompt once or twice).
-const MAX_EXTRA_OUTPUT: usize = 1 << 20;
+/// Bytes of text a render may make (its output and every string, capture and list on the way;
+/// see `chat_guard`) beyond [`BYTES_PER_MESSAGE_BYTE`] per byte of the messages: real templates
+/// copy each message a few times.
+const BASE_BYTES: u64 = 16 << 20;
+const BYTES_PER_MESSAGE_BYTE: u64 = 16;
+/// Values a render may visit while sizing what it prints and copies (a few per message byte
+/// suffice; the bound ends templates that build self-referencing structures).
+const WORK: u64 = 20_000_000;
 
 pub(super) fn render(template: &str, messages: &[ChatMessage], add_generation_prompt: bool, bos: &str, eos: &str) -> Result<String> {
     if template.len() > MAX_TEMPLATE_BYTES {
@@ -53,38 +61,30 @@ pub(super) fn render(template: &str, messages: &[ChatMessage], add_generation_pr
         bos_token => bos,
         eos_token => eos,
     };
-    let cap = MAX_EXTRA_OUTPUT + 4 * messages.iter().map(|m| m.content.len() + m.role.len()).sum::<usize>();
-    let mut out = CappedWriter { bytes: Vec::new(), cap, over: false };
-    // What the template captured with `{% set %}` blocks is not needed: only the output.
-    let result = tmpl.render_captured_to(ctx, &mut out).map(drop);
+    let message_bytes: u64 = messages.iter().map(|m| (m.content.len() + m.role.len()) as u64).sum();
+    let budget_bytes = BASE_BYTES.saturating_add(message_bytes.saturating_mul(BYTES_PER_MESSAGE_BYTE));
+    // Run the compiled template with every text-making instruction charged (chat_guard).
+    let compiled = machinery::get_compiled_template(&tmpl);
+    let instructions = chat_guard::guard_instructions(&compiled.instructions);
+    let blocks = compiled.blocks.iter().map(|(name, b)| (*name, chat_guard::guard_instructions(b))).collect();
+    let budget = chat_guard::Budget::enter(budget_bytes, WORK);
+    let mut text = String::new();
+    let result = {
+        let mut out = machinery::make_string_output(&mut text);
+        machinery::Vm::new(&env).eval(&instructions, ctx, &blocks, &mut out, compiled.initial_auto_escape).map(drop)
+    };
+    let exhausted = budget.exhausted();
+    drop(budget);
     match result {
-        Ok(_) => String::from_utf8(out.bytes).map_err(|_| TokenizerError::Template("the chat template produced invalid UTF-8".into())),
-        Err(_) if out.over => {
-            Err(TokenizerError::Template(format!("the chat template's output exceeds {cap} bytes (1 MiB beyond four times the messages)")))
-        }
+        Ok(()) => Ok(text),
+        Err(_) if exhausted == Some(chat_guard::Exhausted::Bytes) => Err(TokenizerError::Template(format!(
+            "the chat template made more than {budget_bytes} bytes of text ({BASE_BYTES} plus {BYTES_PER_MESSAGE_BYTE} per byte of the messages): does it double a string in a loop?"
+        ))),
+        Err(_) if exhausted == Some(chat_guard::Exhausted::Work) => Err(TokenizerError::Template(format!(
+            "the chat template walked more than {WORK} values while sizing what it makes: does it build a list that holds itself?"
+        ))),
         Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(TokenizerError::Template(format!("the chat template ran more than {FUEL} instructions (a loop that does not end?)"))),
         Err(e) => Err(template_error(e)),
-    }
-}
-
-/// Collects a render's output and fails once it would pass `cap` bytes.
-struct CappedWriter {
-    bytes: Vec<u8>,
-    cap: usize,
-    over: bool,
-}
-
-impl std::io::Write for CappedWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > self.cap {
-            self.over = true;
-            return Err(std::io::Error::other("chat template output over its limit"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
@@ -98,8 +98,9 @@ fn template_error(e: Error) -> TokenizerError {
     TokenizerError::Template(msg)
 }
 
-fn environment() -> Environment<'static> {
+fn environment<'s>() -> Environment<'s> {
     let mut env = Environment::new();
+    chat_guard::install(&mut env);
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, Error> {
@@ -120,6 +121,8 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::
     };
     let _ = kwargs.get::<Option<Value>>("sort_keys")?; // maps are already ordered by key
     kwargs.assert_all_used()?;
+    // JSON quotes and indents: at most a few bytes per byte shown, plus the indentation.
+    chat_guard::charge(chat_guard::shown_size(value)?.saturating_mul(3 + indent.unwrap_or(0).min(1 << 16) as u64))?;
     let json = serde_json::to_value(value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
     let mut out = String::new();
     py_json(&json, indent, 0, &mut out);
@@ -321,6 +324,22 @@ fn py_method(state: &State, value: &Value, method: &str, args: &[Value]) -> std:
 }
 
 fn str_method(s: &str, method: &str, args: &[Value]) -> std::result::Result<Value, Error> {
+    // Charged before the string is made (chat_guard): a copy or case change of `s` is at most
+    // three bytes per byte; `replace` and `join` can grow past that.
+    let extra = match method {
+        "replace" => {
+            let from = arg_str(args, 0, method)?.unwrap_or("");
+            let to = arg_str(args, 1, method)?.unwrap_or("");
+            let hits = if from.is_empty() { s.chars().count() + 1 } else { s.matches(from).count() };
+            (hits as u64).saturating_mul(to.len() as u64)
+        }
+        "join" => match args.first() {
+            Some(items) => chat_guard::shown_size(items)?.saturating_add((items.len().unwrap_or(0) as u64).saturating_mul(s.len() as u64)),
+            None => 0,
+        },
+        _ => 0,
+    };
+    chat_guard::charge((s.len() as u64).saturating_mul(3).saturating_add(extra))?;
     let v = match method {
         "strip" => Value::from(strip_with(s, arg_str(args, 0, method)?, true, true)),
         "lstrip" => Value::from(strip_with(s, arg_str(args, 0, method)?, true, false)),

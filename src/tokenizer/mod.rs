@@ -30,6 +30,7 @@
 
 mod bytelevel;
 mod chat;
+mod chat_guard;
 mod gguf_load;
 mod hf_dir;
 mod pretok;

@@ -1,0 +1,181 @@
+//! The attention half of a layer on the host, for a GPU session that leaves it there: the
+//! hybrid's host-attention layers, whose attention weights and KV cache take no VRAM.
+//!
+//! A long context's KV cache is what outgrows a small budget first (a 7B-shaped model's f16
+//! cache at 4096 positions is 2 GiB), so the placement may leave some layers' attention on
+//! the host, chosen together with the hot neurons ([`choose_attention`]). For such a layer
+//! the CPU computes RMSNorm, q/k/v, RoPE, the f16 KV write, attention, the output product and
+//! its residual add, then the FFN norm, with the kernels and numerics of the CPU [`Session`]
+//! (`super::forward::Session`), on the team that computes the cold neurons. It takes a batch
+//! of tokens as the CPU session does, so a batched prefill can use it as well as decode.
+
+use super::forward::ForwardError;
+use crate::cpu::attention::{attention_team, AttnShape};
+use crate::cpu::matmul::{matmuls, Activations, Precision};
+use crate::cpu::ops::{self, Rope};
+use crate::cpu::team::Team;
+use crate::cpu::KvCache;
+use crate::model::{Model, Matrix};
+use crate::sparse::placement::{place_with_attention, AttentionCost, FixedPart, Placement, PlacementError, PlacementInput};
+
+/// The host's share of the attention layers: their KV caches and the scratch of one call.
+pub struct HostAttention {
+    /// Per model layer: its slot in `kv`, None where its attention runs on the GPU.
+    slots: Vec<Option<usize>>,
+    kv: KvCache,
+    rope: Rope,
+    shape: AttnShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+}
+
+impl HostAttention {
+    /// Caches for `n_ctx` positions of the layers whose `on_host` entry is true.
+    pub fn new(model: &Model, on_host: &[bool], n_ctx: usize) -> HostAttention {
+        let hp = &model.hp;
+        let slots: Vec<Option<usize>> = on_host.iter().scan(0, |n, &h| Some(h.then(|| {
+            *n += 1;
+            *n - 1
+        }))).collect();
+        let n_host = slots.iter().flatten().count();
+        HostAttention {
+            slots,
+            kv: KvCache::new(n_host, n_ctx, hp.kv_dim()),
+            rope: Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style),
+            shape: AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim },
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            attn: Vec::new(),
+            proj: Vec::new(),
+        }
+    }
+
+    /// Whether layer `il`'s attention runs here.
+    pub fn on_host(&self, il: usize) -> bool {
+        self.slots.get(il).is_some_and(Option::is_some)
+    }
+
+    /// How many layers' attention run here.
+    pub fn n_layers(&self) -> usize {
+        self.slots.iter().flatten().count()
+    }
+
+    /// Host bytes of the KV caches.
+    pub fn cache_bytes(&self) -> u64 {
+        KvCache::bytes(self.n_layers(), self.kv.n_ctx, self.kv.kv_dim)
+    }
+
+    /// Layer `il`'s attention half for the `n` tokens at positions `pos0..pos0 + n`: `x` holds
+    /// their residual stream entering the layer (n rows of n_embd) and leaves holding it after
+    /// the attention block (x + Wo · attention); `xn` (n rows) receives the FFN norm of that.
+    /// The numbers are those of the CPU [`Session`](super::forward::Session) at the same
+    /// precision. Fails when the positions leave the cache or the layer is not on the host.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(&mut self, team: &mut Team, model: &Model, il: usize, pos0: usize, x: &mut [f32], xn: &mut [f32], precision: Precision) -> Result<(), ForwardError> {
+        let hp = &model.hp;
+        let (e, qd, kvd) = (hp.n_embd, hp.q_dim(), hp.kv_dim());
+        let n = x.len() / e;
+        let Some(slot) = self.slots.get(il).copied().flatten() else {
+            return Err(ForwardError::Gpu(crate::gpu::GpuError::Unsupported(format!("layer {il}'s attention is not on the host"))));
+        };
+        if n == 0 || x.len() != n * e || xn.len() != n * e {
+            return Err(ForwardError::Empty);
+        }
+        if pos0 + n > self.kv.n_ctx {
+            return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
+        }
+        let layer = &model.layers[il];
+        let HostAttention { kv, rope, shape, q, k, v, attn, proj, .. } = self;
+        q.resize(n * qd, 0.0);
+        k.resize(n * kvd, 0.0);
+        v.resize(n * kvd, 0.0);
+        attn.resize(n * qd, 0.0);
+        proj.resize(n * e, 0.0);
+        // The CPU session's recipe (`Session::run_layers`), step for step.
+        ops::rms_norm(x, &layer.attn_norm, hp.rms_eps, xn);
+        let acts = Activations::new(xn, n).with_precision(precision);
+        matmuls(team, &acts, [(&layer.wq, &mut q[..]), (&layer.wk, &mut k[..]), (&layer.wv, &mut v[..])]);
+        for (buf, bias, d) in [(&mut *q, &layer.bq, qd), (&mut *k, &layer.bk, kvd), (&mut *v, &layer.bv, kvd)] {
+            if let Some(b) = bias {
+                buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
+            }
+        }
+        for t in 0..n {
+            let angles = rope.angles(pos0 + t);
+            rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles);
+            rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles);
+            kv.store(slot, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+        }
+        let (kc, vc) = kv.layer(slot);
+        attention_team(team, q, kc, vc, pos0, n, *shape, attn);
+        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        ops::add_assign(x, proj);
+        ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
+        Ok(())
+    }
+}
+
+/// GPU bytes of a matrix in the GPU's layouts, an upper bound (the layouts add scales'
+/// alignment and the allocator rounds: 3% and a page cover both).
+fn gpu_matrix_bound(m: &Matrix) -> u64 {
+    m.n_bytes() as u64 * 103 / 100 + 4096
+}
+
+/// Per layer: what its attention block costs on the GPU (weights in the GPU layouts, both
+/// norms, the f16 KV cache for `n_ctx` positions and the attention ops' small buffers, upper
+/// bounds) and the share of that the host reads per token when it runs there instead (the
+/// weights whole, the cache half on average over a context that fills up).
+pub fn attention_costs(model: &Model, n_ctx: usize) -> Vec<AttentionCost> {
+    let hp = &model.hp;
+    let kv = hp.kv_bytes_per_layer(n_ctx);
+    model
+        .layers
+        .iter()
+        .map(|l| {
+            let weights: u64 = [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| gpu_matrix_bound(m)).sum::<u64>() + 8 * hp.n_embd as u64;
+            // The attention's split-sequence partial sums and the ops' uniforms.
+            let buffers = 64 * 1024;
+            // And the allocator's waste on them (an H100 showed 5.5% on the hot neurons'
+            // buffers, lavapipe a fifth): an estimate too low would leave the measured fixed
+            // part over the budget, one too high only moves that room to hot neurons.
+            let gpu_bytes = (weights + kv + buffers) * 110 / 100;
+            let read = l.attention_bytes() as f64 + kv as f64 / 2.0;
+            AttentionCost { gpu_bytes, read_share: (read / gpu_bytes.max(1) as f64).min(1.0) }
+        })
+        .collect()
+}
+
+/// The GPU parts that do not depend on the placement, estimated from the model alone (what
+/// `ember plan` shows and what the hybrid decides its host-attention layers by, before it
+/// uploads anything): embeddings and output, activation and per-layer sparse buffers,
+/// `predictor_bytes`, and `margin` for what the allocator holds beyond ember's buffers.
+pub fn estimated_fixed(model: &Model, predictor_bytes: u64, margin: u64) -> Vec<FixedPart> {
+    let hp = &model.hp;
+    let mut head = gpu_matrix_bound(&model.token_embd) + 4 * hp.n_embd as u64;
+    if !model.tied_embeddings {
+        head += gpu_matrix_bound(&model.output);
+    }
+    vec![
+        FixedPart { name: "embeddings, output".into(), bytes: head },
+        FixedPart { name: "predictors".into(), bytes: predictor_bytes },
+        // Activations and per-layer sparse buffers (the AXPY's partial sums dominate).
+        FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 + 4 * hp.n_vocab as u64 },
+        FixedPart { name: "allocator blocks, upload staging".into(), bytes: margin },
+    ]
+}
+
+/// Which layers' attention and KV cache go to the GPU under `budget`, ranked together with
+/// the neurons (`place_with_attention`), from estimates alone: `ember plan --host-attention`
+/// and the hybrid session call this with the same arguments and so agree. `counts` are the
+/// neurons' firings over `profile_tokens` tokens, `neuron_bytes` a hot neuron's GPU bytes per
+/// layer. The neurons of the returned placement are an estimate too: the session places them
+/// again in what is left once its uploads are measured.
+#[allow(clippy::too_many_arguments)]
+pub fn choose_attention(model: &Model, n_ctx: usize, budget: u64, counts: &[Vec<u32>], profile_tokens: u64, neuron_bytes: Vec<u64>, predictor_bytes: u64, margin: u64) -> Result<(Placement, Vec<bool>), PlacementError> {
+    let input = PlacementInput { fixed: estimated_fixed(model, predictor_bytes, margin), neuron_bytes, counts: counts.to_vec() };
+    place_with_attention(&input, &attention_costs(model, n_ctx), profile_tokens, budget, model.hp.n_ff)
+}
