@@ -102,7 +102,7 @@ pub struct SessionOptions {
     pub precision: Precision,
     /// The GPU kernels' choices (`--gpu-precision` and benchmark overrides).
     pub gpu_tuning: GpuTuning,
-    /// The CPU products' choices (prefetch distance, work split, packing).
+    /// How the CPU's products stream their weights (benchmark overrides).
     pub cpu_tuning: crate::cpu::matmul::CpuTuning,
     pub ffn: FfnMode,
     /// Predictors for `FfnMode::Predict` [default: the derived `.predictors.gguf`, else the model's own].
@@ -113,6 +113,9 @@ pub struct SessionOptions {
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in bytes (hybrid or dense offload).
     pub vram_budget: Option<u64>,
+    /// Hybrid: prompt tokens per prefill batch (1: token by token); the batch's GPU buffers
+    /// come out of the budget.
+    pub prefill_batch: usize,
     /// The activation profile ranking neurons [default: the derived `.profile.gguf`].
     pub act_profile: Option<PathBuf>,
     /// Hot neurons from this placement file instead of placing them.
@@ -141,6 +144,7 @@ impl SessionOptions {
             ffn_sparsity: 0.5,
             calibration: None,
             vram_budget: None,
+            prefill_batch: 512,
             act_profile: None,
             placement: None,
             n_gpu_layers: None,
@@ -293,7 +297,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
-    // A placement from --placement, else the one cached beside the model for this budget and
+    // A placement from --placement, else the one cached among the derived files for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
         (Some(b), None) => {
@@ -325,7 +329,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
+    let mut attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true);
     // Host attention chosen from estimates whose fixed part measured over the budget: again,
     // on a fresh device (see below), keeping the shortfall free (twice at most).
     let mut attention = attention;
@@ -335,7 +339,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         log(&format!("{e}; choosing the host-attention layers again with more room"));
         drop(ctx);
         ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
-        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
+        attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), args.prefill_batch, true);
         attention = more;
     }
     let session = match attempt {
@@ -349,7 +353,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             // 2.2 GiB budget, and the driver held both until the old buffers were freed).
             drop(ctx);
             ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None, placed), true)?
+            HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(None, placed), args.prefill_batch, true)?
         }
         Err(e) => return Err(e.into()),
     };
@@ -493,7 +497,7 @@ pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
 }
 
 /// Firing counts for placement and the tokens they are over: `--act-profile`, else
-/// `MODEL.profile.gguf` beside the model. Without a budget every neuron is hot and the counts
+/// the derived `.profile.gguf` (the user cache, for the CLI). Without a budget every neuron is hot and the counts
 /// do not matter.
 fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<(Vec<Vec<u32>>, u64)> {
     let model_path = &args.model_path;
@@ -535,7 +539,7 @@ pub fn sparse_ffn(args: &SessionOptions, model: &Arc<Model>, for_cpu: bool, log:
     Ok(Some(Arc::new(ffn)))
 }
 
-/// `--predictor FILE`, else `MODEL.predictors.gguf` beside the model, else the model's own.
+/// `--predictor FILE`, else the derived `.predictors.gguf`, else the model's own.
 fn load_predictors(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(&str)) -> Result<Predictors> {
     let model_path = &args.model_path;
     let beside = args.derived.path(".predictors.gguf");
@@ -589,7 +593,7 @@ fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<V
     Ok((hot, attention))
 }
 
-/// The placement cached beside a model, `MODEL.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
+/// The placement cached among the derived files, `NAME.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
 /// that also records the budget and a fingerprint of the firing counts it was made from, so
 /// that it is reused only for the same budget and profile. Placing is fast (a sort of the
 /// model's neurons); the cache makes a run's GPU contents inspectable and repeatable, and

@@ -352,13 +352,21 @@ impl GpuSession {
     /// A session whose forward calls take at most `max_batch` tokens at once (longer inputs
     /// are split): the activation buffers, the all-logits one above all, scale with it.
     pub fn with_batch(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize) -> Result<GpuSession, GpuError> {
+        Self::with_batch_logits(model, ctx, weights, n_ctx, max_batch, true)
+    }
+
+    /// [`with_batch`](Self::with_batch); without `all_logits` the buffer of every row's logits
+    /// is a placeholder (batch x n_vocab floats, 100 MiB at 512 tokens of a 49k vocabulary, that
+    /// a session reading only the last row's logits of a batch need not hold): the caller must
+    /// then never ask for [`Logits::All`] of more than one token.
+    pub fn with_batch_logits(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool) -> Result<GpuSession, GpuError> {
         let hp = &model.hp;
         let (e, qd, kvd, ff) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64);
         let with_head = weights.head.is_some();
         // Without the head there are no logits to hold.
         let nv = if with_head { hp.n_vocab as u64 } else { 1 };
         // The all-logits buffer bounds the batch: it must fit in one binding.
-        let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, max_batch.max(1) as u64) as usize;
+        let max_tokens = (ctx.max_binding() / (4 * if all_logits { nv } else { 1 })).clamp(1, max_batch.max(1) as u64) as usize;
         let mt = max_tokens as u64;
         let f = |label: &str, n: u64| ctx.zeros(label, 4 * n);
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
@@ -378,7 +386,7 @@ impl GpuSession {
             x_last: f("x_last", e),
             xn_last: f("xn_last", e),
             logits_last: f("logits_last", nv),
-            logits_all: f("logits_all", mt * nv),
+            logits_all: f("logits_all", if all_logits { mt * nv } else { 1 }),
             argmax: f("argmax", 3),
             step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
             step_last: ctx.uniform("step_last", bytemuck::bytes_of(&Step::default())),
