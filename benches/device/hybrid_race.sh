@@ -24,13 +24,13 @@ lscpu | grep -E "Model name|^CPU\(s\)|L3"
 
 # NO_LLAMA=1 skips llama.cpp (when device time is short; its rows are then missing).
 [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-build.txt ||
-(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc > /tmp/lc-build.txt 2>&1
+(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-build.txt 2>&1
  # llama-batched-bench sizes its KV cache by -c, as a user's context would be (llama-bench's
  # context is only p + n).
- cmake --build /tmp/lcc/llama.cpp/build --target llama-batched-bench >> /tmp/lc-build.txt 2>&1
+ cmake --build /tmp/lcc-cuda/llama.cpp/build --target llama-batched-bench >> /tmp/lc-build.txt 2>&1
  echo built >> /tmp/lc-build.txt) &
-LB=/tmp/lcc/llama.cpp/build/bin/llama-bench
-LBB=/tmp/lcc/llama.cpp/build/bin/llama-batched-bench
+LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
+LBB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-batched-bench
 
 echo "== models"; date
 $E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
