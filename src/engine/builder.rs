@@ -102,7 +102,7 @@ pub struct SessionOptions {
     pub precision: Precision,
     /// The GPU kernels' choices (`--gpu-precision` and benchmark overrides).
     pub gpu_tuning: GpuTuning,
-    /// The CPU products' choices (prefetch distance, work split, packing).
+    /// How the CPU's products stream their weights (benchmark overrides).
     pub cpu_tuning: crate::cpu::matmul::CpuTuning,
     pub ffn: FfnMode,
     /// Predictors for `FfnMode::Predict` [default: the derived `.predictors.gguf`, else the model's own].
