@@ -297,7 +297,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
-    // A placement from --placement, else the one cached beside the model for this budget and
+    // A placement from --placement, else the one cached among the derived files for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
         (Some(b), None) => {
@@ -497,7 +497,7 @@ pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
 }
 
 /// Firing counts for placement and the tokens they are over: `--act-profile`, else
-/// `MODEL.profile.gguf` beside the model. Without a budget every neuron is hot and the counts
+/// the derived `.profile.gguf` (the user cache, for the CLI). Without a budget every neuron is hot and the counts
 /// do not matter.
 fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<(Vec<Vec<u32>>, u64)> {
     let model_path = &args.model_path;
@@ -539,7 +539,7 @@ pub fn sparse_ffn(args: &SessionOptions, model: &Arc<Model>, for_cpu: bool, log:
     Ok(Some(Arc::new(ffn)))
 }
 
-/// `--predictor FILE`, else `MODEL.predictors.gguf` beside the model, else the model's own.
+/// `--predictor FILE`, else the derived `.predictors.gguf`, else the model's own.
 fn load_predictors(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(&str)) -> Result<Predictors> {
     let model_path = &args.model_path;
     let beside = args.derived.path(".predictors.gguf");
@@ -593,7 +593,7 @@ fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<V
     Ok((hot, attention))
 }
 
-/// The placement cached beside a model, `MODEL.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
+/// The placement cached among the derived files, `NAME.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
 /// that also records the budget and a fingerprint of the firing counts it was made from, so
 /// that it is reused only for the same budget and profile. Placing is fast (a sort of the
 /// model's neurons); the cache makes a run's GPU contents inspectable and repeatable, and
