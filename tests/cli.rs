@@ -49,6 +49,36 @@ fn chat_applies_the_template_and_stops_at_end_of_turn() {
     assert!(text.contains('4'), "{text:?}");
 }
 
+/// `-m` takes the name of a model in the user cache, from any directory; a name that is
+/// neither a file nor a cached model is refused with the cached names; `ember profile`
+/// without -o writes into the cache, not beside the model.
+#[test]
+fn models_are_found_by_name_in_the_user_cache() {
+    let Some(model) = common::default_model() else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cache-{}", std::process::id()));
+    let models = dir.join("cache/models");
+    std::fs::create_dir_all(&models).unwrap();
+    let link = models.join("tiny.gguf");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(std::fs::canonicalize(&model).unwrap(), &link).unwrap();
+    let cmd = |args: &[&str]| ember().args(args).current_dir(&dir).env("EMBER_CACHE_DIR", dir.join("cache")).output().unwrap();
+    let out = cmd(&["run", "-m", "tiny", "-p", "The capital of France is", "-n", "3", "--temp", "0", "--backend", "cpu", "-t", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), " Paris.\n\n");
+    let out = cmd(&["info", "nope"]);
+    let out2 = cmd(&["run", "-m", "nope", "-p", "x"]);
+    let err = String::from_utf8_lossy(&out2.stderr);
+    assert!(!out.status.success() && !out2.status.success() && err.contains("models in the cache: tiny"), "{err}");
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let out = cmd(&["profile", "-m", "tiny", "-f", text.to_str().unwrap(), "-c", "32", "--chunks", "1", "-t", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let derived = std::fs::read_dir(dir.join("cache/derived")).unwrap().next().unwrap().unwrap().path();
+    assert!(derived.join("tiny.profile.gguf").exists(), "{}", derived.display());
+    assert!(!models.join("tiny.profile.gguf").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn info_describes_the_model() {
     let Some(model) = common::default_model() else { return };
@@ -158,11 +188,12 @@ fn bad_inputs_give_clear_errors_not_panics() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
-/// A hybrid run places hot neurons from the profile beside the model and caches the placement
-/// there; the next run with the same budget reuses it and gives the same text; `--placement`
-/// with a file that is not a placement is refused with the reason.
+/// A hybrid run places hot neurons from the profile in the user cache and caches the placement
+/// there, keyed by the model's fingerprint, not beside the model; the next run with the same
+/// budget reuses it and gives the same text; `--placement` with a file that is not a placement
+/// is refused with the reason.
 #[test]
-fn hybrid_placement_is_cached_beside_the_model_and_reused() {
+fn hybrid_placement_is_cached_in_the_user_cache_and_reused() {
     let Some(model) = common::relu_model() else { return };
     if common::gpu().is_none() {
         return;
@@ -173,7 +204,8 @@ fn hybrid_placement_is_cached_beside_the_model_and_reused() {
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(std::fs::canonicalize(&model).unwrap(), &link).unwrap();
     let text = model.parent().unwrap().join("eval-text/english_heldout.txt");
-    let out = ember().args(["profile", "-m"]).arg(&link).arg("-f").arg(&text).args(["-c", "64", "--chunks", "2", "-t", "2"]).output().unwrap();
+    let cache = dir.join("cache");
+    let out = ember().args(["profile", "-m"]).arg(&link).arg("-f").arg(&text).args(["-c", "64", "--chunks", "2", "-t", "2"]).env("EMBER_CACHE_DIR", &cache).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let run = |extra: &[&str]| {
         ember()
@@ -182,13 +214,17 @@ fn hybrid_placement_is_cached_beside_the_model_and_reused() {
             .args(["--backend", "gpu", "--ffn", "relu", "--vram-budget", "0.1", "-c", "128", "-p", "The capital of France is", "-n", "6", "--temp", "0", "-t", "2"])
             .args(extra)
             .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env("EMBER_CACHE_DIR", &cache)
             .output()
             .unwrap()
     };
     let first = run(&[]);
     let err = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success() && err.contains("placement cached in"), "{err}");
-    let cached = dir.join("relu.placement-103MiB.gguf");
+    assert!(!dir.join("relu.placement-103MiB.gguf").exists() && !dir.join("relu.profile.gguf").exists(), "{err}");
+    let derived = std::fs::read_dir(cache.join("derived")).unwrap().next().unwrap().unwrap().path();
+    assert!(derived.file_name().unwrap().to_str().unwrap().starts_with("relu-"), "{}", derived.display());
+    let cached = derived.join("relu.placement-103MiB.gguf");
     assert!(cached.exists(), "{err}");
     let second = run(&[]);
     let err2 = String::from_utf8_lossy(&second.stderr);

@@ -38,8 +38,18 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         Some(_) => args.simulate_predictor.parse().map_err(|e| format!("--simulate-predictor {}: {e}", args.simulate_predictor))?,
         None => Default::default(),
     };
+    // Profiles and predictors are read from the cache, else from beside the model (older
+    // runs put them there); placements are written to the cache only.
+    let derived = super::cache::derived(&model_path)?;
+    let beside = DerivedFiles::beside(&model_path);
+    let found = |suffix: &str| -> Option<std::path::PathBuf> {
+        let p = beside.path(suffix);
+        (!derived.path(suffix).exists() && p.exists()).then_some(p)
+    };
     Ok(SessionOptions {
-        derived: DerivedFiles::beside(&model_path),
+        act_profile: args.act_profile.clone().or_else(|| found(".profile.gguf")),
+        predictor: args.predictor.clone().or_else(|| found(".predictors.gguf")),
+        derived,
         model_path,
         backend: match args.backend {
             Backend::Auto => BackendChoice::Auto,
@@ -52,11 +62,10 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         gpu_tuning: super::gpu_tuning(args.gpu_precision),
         cpu_tuning: super::cpu_tuning(),
         ffn: args.ffn.into(),
-        predictor: args.predictor.clone(),
         ffn_sparsity: args.ffn_sparsity,
         calibration: args.calibration.clone(),
         vram_budget: args.vram_budget.as_deref().map(parse_budget).transpose()?,
-        act_profile: args.act_profile.clone(),
+        prefill_batch: args.prefill_batch as usize,
         placement: args.placement.clone(),
         n_gpu_layers: args.n_gpu_layers,
         simulate_activity: args.simulate_activity.clone(),

@@ -106,6 +106,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            if let Some(h) = session.as_hybrid() {
+                let t = h.prefill_timing(true);
+                if t.batches > 0 {
+                    eprintln!("ember: hybrid prefill (batched, warm-up included), {}", t.summary());
+                }
+            }
             check(&format!("pp{}", a.n_prompt))?;
         }
         if a.n_gen > 0 {
@@ -130,7 +136,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
             check(&format!("tg{}", a.n_gen))?;
-            // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
+            // Covers the warm-up run too (and prompts of a single token).
             if let Some(h) = session.as_hybrid() {
                 let (t, syncs) = h.timing(false);
                 eprintln!("ember: hybrid decode, {}", t.summary(syncs));

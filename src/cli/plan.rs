@@ -38,7 +38,10 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let (model, _) = super::load(&path)?;
     let hp = &model.hp;
     let budget = parse_budget(a.model.vram_budget.as_deref().ok_or("ember plan needs --vram-budget GIB")?)?;
-    let profile_path = a.model.act_profile.clone().unwrap_or_else(|| super::profile::beside(&path, ".profile.gguf"));
+    let profile_path = match &a.model.act_profile {
+        Some(p) => p.clone(),
+        None => super::cache::derived_input(&path, ".profile.gguf")?,
+    };
     if let Some(out) = &a.output {
         crate::files::check_output(out, [path.as_path(), profile_path.as_path()].into_iter().chain(a.model.predictor.as_deref()).chain(a.model.placement.as_deref()))?;
     }

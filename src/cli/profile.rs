@@ -44,7 +44,8 @@ pub struct ProfileArgs {
     /// Parse special tokens written in the text (e.g. ChatML's <|im_start|>) as tokens
     #[arg(long)]
     pub parse_special: bool,
-    /// Profile output [default: beside the model, MODEL.profile.gguf]
+    /// Profile output [default: MODEL.profile.gguf in the user cache, where --vram-budget and
+    /// `ember plan` look for it]
     #[arg(short = 'o', long = "output")]
     pub output: Option<PathBuf>,
     /// Keep a uniform sample of this many tokens per layer for predictor training
@@ -77,18 +78,7 @@ pub enum SampleTypeArg {
 /// The model path (the default model, fetched when missing, as every command does) and a
 /// pool of `threads` (all cores by default). Profiling and training always run on the CPU.
 pub(super) fn model_and_pool(model: &Option<PathBuf>, threads: Option<usize>) -> Result<(PathBuf, rayon::ThreadPool)> {
-    let path = match model {
-        Some(p) if p.exists() => p.clone(),
-        Some(p) => return Err(format!("model file {} does not exist", p.display()).into()),
-        None => {
-            let p = PathBuf::from(super::DEFAULT_MODEL_FILE);
-            if !p.exists() {
-                eprintln!("ember: default model {} is missing; fetching it", p.display());
-                super::fetch_default_model(p.parent().unwrap_or(Path::new(".")))?;
-            }
-            p
-        }
-    };
+    let path = super::resolve_model(model.as_deref())?;
     let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if n == 0 || n > 1024 {
         return Err(format!("--threads {n}: use 1 to 1024").into());
@@ -110,7 +100,10 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         return Err("--samples 0 keeps nothing; leave --samples out to skip sampling".into());
     }
     let (path, pool) = model_and_pool(&a.model, a.threads)?;
-    let output = a.output.clone().unwrap_or_else(|| beside(&path, ".profile.gguf"));
+    let output = match &a.output {
+        Some(o) => o.clone(),
+        None => super::cache::derived_output(&path, ".profile.gguf")?,
+    };
     let samples_out = match (&a.samples_out, a.samples) {
         (Some(p), _) => Some(p.clone()),
         (None, Some(_)) => Some(beside(&output, ".samples.gguf")),

@@ -99,6 +99,8 @@ pub fn run(a: RunArgs) -> Result<()> {
             min_p: a.min_p,
             repeat_penalty: a.repeat_penalty,
             repeat_last_n: a.repeat_last_n,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed,
         });
         let mut session = super::backend::open(&a.model, model, n_ctx)?;
@@ -114,6 +116,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             StopReason::EndOfGeneration => "end of generation".to_string(),
             StopReason::StopString(s) => format!("stop string {s:?}"),
             StopReason::ContextFull => "context full".to_string(),
+            StopReason::Cancelled => "cancelled".to_string(),
         };
         let t = &g.timings;
         eprintln!(

@@ -113,6 +113,9 @@ pub struct SessionOptions {
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in bytes (hybrid or dense offload).
     pub vram_budget: Option<u64>,
+    /// Hybrid: prompt tokens per prefill batch (1: token by token); the batch's GPU buffers
+    /// come out of the budget.
+    pub prefill_batch: usize,
     /// The activation profile ranking neurons [default: the derived `.profile.gguf`].
     pub act_profile: Option<PathBuf>,
     /// Hot neurons from this placement file instead of placing them.
@@ -141,6 +144,7 @@ impl SessionOptions {
             ffn_sparsity: 0.5,
             calibration: None,
             vram_budget: None,
+            prefill_batch: 512,
             act_profile: None,
             placement: None,
             n_gpu_layers: None,
@@ -179,7 +183,27 @@ pub fn open(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     };
     match choice {
         None => Ok(Opened { session: open_cpu(args, model, n_ctx, log)?, gpu: None }),
-        Some(choice) => open_gpu(args, model, n_ctx, &choice, log).map(|(s, ctx)| Opened { session: s, gpu: Some(ctx) }),
+        Some(choice) => match open_gpu(args, model.clone(), n_ctx, &choice, log) {
+            Ok((s, ctx)) => Ok(Opened { session: s, gpu: Some(ctx) }),
+            // The user left the backend to ember: a GPU that opened but then failed (an upload
+            // out of memory, a kernel its driver rejects, a model shape the GPU kernels lack, a
+            // lost device) leaves the work to the CPU, when the CPU can take these options.
+            Err(e) if args.backend == BackendChoice::Auto && e.is_gpu_failure() => match open_cpu(args, model, n_ctx, log) {
+                Ok(session) => {
+                    log(&format!("warning: the GPU failed while loading the model ({}); running on the CPU instead", e.to_string().replace('\n', " ")));
+                    Ok(Opened { session, gpu: None })
+                }
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+    }
+}
+
+impl BuildError {
+    /// Whether the GPU itself failed (as opposed to options that do not fit together).
+    pub fn is_gpu_failure(&self) -> bool {
+        matches!(self, BuildError::Gpu(_) | BuildError::Forward(ForwardError::Gpu(_)) | BuildError::Hybrid(HybridError::Gpu(_)))
     }
 }
 
@@ -273,7 +297,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
-    // A placement from --placement, else the one cached beside the model for this budget and
+    // A placement from --placement, else the one cached among the derived files for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
         (Some(b), None) => {
@@ -305,33 +329,31 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
-    // Host attention chosen from estimates whose fixed part measured over the budget: again,
-    // on a fresh device (see below), keeping the shortfall free (twice at most).
-    let mut attention = attention;
-    for _ in 0..2 {
-        let Err(e) = &attempt else { break };
-        let Some(more) = attention.with_more_slack(e) else { break };
-        log(&format!("{e}; choosing the host-attention layers again with more room"));
-        drop(ctx);
-        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
-        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
-        attention = more;
-    }
-    let session = match attempt {
-        Ok(s) => s,
-        Err(HybridError::Placement(e)) if from_cache => {
+    let (mut hot, mut attention, mut retries) = (hot, attention, 0);
+    let session = loop {
+        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true) {
+            Ok(s) => break s,
+            Err(e) => e,
+        };
+        if from_cache && matches!(e, HybridError::Placement(_)) {
             let c = cache.as_ref().expect("from the cache");
             log(&format!("the placement cached in {} does not fit here ({e}); placing anew", c.path.display()));
             from_cache = false;
-            // On a fresh device: the failed session's buffers are gone with the old one, and
-            // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
-            // 2.2 GiB budget, and the driver held both until the old buffers were freed).
-            drop(ctx);
-            ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None, placed), true)?
+            (hot, attention) = (None, placed.clone());
+        } else if let (Some(more), true) = (attention.with_more_slack(&e), retries < 2) {
+            // Host attention chosen from estimates whose fixed part measured over the
+            // budget: chosen again keeping the shortfall free (twice at most).
+            log(&format!("{e}; choosing the host-attention layers again with more room"));
+            retries += 1;
+            attention = more;
+        } else {
+            return Err(e.into());
         }
-        Err(e) => return Err(e.into()),
+        // On a fresh device: the failed session's buffers are gone with the old one, and
+        // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
+        // 2.2 GiB budget, and the driver held both until the old buffers were freed).
+        drop(ctx);
+        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
     };
     if let Some(c) = &cache {
         match from_cache {
@@ -473,7 +495,7 @@ pub fn layers_fitting(model: &Model, budget: u64, n_ctx: usize) -> usize {
 }
 
 /// Firing counts for placement and the tokens they are over: `--act-profile`, else
-/// `MODEL.profile.gguf` beside the model. Without a budget every neuron is hot and the counts
+/// the derived `.profile.gguf` (the user cache, for the CLI). Without a budget every neuron is hot and the counts
 /// do not matter.
 fn load_counts(args: &SessionOptions, model: &Model, needed: bool) -> Result<(Vec<Vec<u32>>, u64)> {
     let model_path = &args.model_path;
@@ -515,7 +537,7 @@ pub fn sparse_ffn(args: &SessionOptions, model: &Arc<Model>, for_cpu: bool, log:
     Ok(Some(Arc::new(ffn)))
 }
 
-/// `--predictor FILE`, else `MODEL.predictors.gguf` beside the model, else the model's own.
+/// `--predictor FILE`, else the derived `.predictors.gguf`, else the model's own.
 fn load_predictors(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(&str)) -> Result<Predictors> {
     let model_path = &args.model_path;
     let beside = args.derived.path(".predictors.gguf");
@@ -569,7 +591,7 @@ fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<V
     Ok((hot, attention))
 }
 
-/// The placement cached beside a model, `MODEL.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
+/// The placement cached among the derived files, `NAME.placement-<MiB>.gguf` (MODEL without `.gguf`): a PowerInfer split file
 /// that also records the budget and a fingerprint of the firing counts it was made from, so
 /// that it is reused only for the same budget and profile. Placing is fast (a sort of the
 /// model's neurons); the cache makes a run's GPU contents inspectable and repeatable, and
@@ -610,7 +632,9 @@ impl PlacementCache {
         set_attention(&mut w, attention_on_gpu);
         w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
         w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
-        match w.write_file(&self.path) {
+        // The derived-files folder (the user cache's, keyed by the model) may not exist yet.
+        let made = self.path.parent().map_or(Ok(()), std::fs::create_dir_all);
+        match made.and_then(|()| w.write_file(&self.path).map_err(std::io::Error::other)) {
             Ok(()) => log(&format!("placement cached in {}", self.path.display())),
             Err(e) => log(&format!("note: could not cache the placement in {}: {e}", self.path.display())),
         }

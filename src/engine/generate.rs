@@ -17,6 +17,8 @@ pub enum StopReason {
     StopString(String),
     /// The context is full.
     ContextFull,
+    /// The caller asked to stop (a client went away, Ctrl-C).
+    Cancelled,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -69,7 +71,23 @@ pub fn generate(
     prompt: &[u32],
     n_predict: usize,
     stop_strings: &[String],
+    emit: impl FnMut(&str),
+) -> Result<Generation, ForwardError> {
+    generate_cancellable(session, tokenizer, sampler, prompt, n_predict, stop_strings, emit, &|| false)
+}
+
+/// [`generate`], asking `cancelled` before taking each new token: when it says yes,
+/// generation ends with [`StopReason::Cancelled`] (the text so far stays emitted).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_cancellable(
+    session: &mut dyn Forward,
+    tokenizer: &Tokenizer,
+    sampler: &mut Sampler,
+    prompt: &[u32],
+    n_predict: usize,
+    stop_strings: &[String],
     mut emit: impl FnMut(&str),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Generation, ForwardError> {
     for &t in prompt {
         sampler.accept(t);
@@ -86,7 +104,7 @@ pub fn generate(
     };
     timings.prompt_secs = start.elapsed().as_secs_f64();
 
-    let mut out = Output { stream: TextStream::new(stop_strings), tokens: Vec::new(), stop: None, n_predict };
+    let mut out = Output { stream: TextStream::new(stop_strings), tokens: Vec::new(), stop: None, n_predict, cancelled };
     let start = Instant::now();
     if n_predict > 0 {
         match next {
@@ -134,12 +152,17 @@ struct Output<'a> {
     tokens: Vec<u32>,
     stop: Option<StopReason>,
     n_predict: usize,
+    cancelled: &'a dyn Fn() -> bool,
 }
 
 impl Output<'_> {
     /// Takes a predicted token; false when generation ends with it (end of generation, a stop
     /// string, or `n_predict` tokens).
     fn take(&mut self, token: u32, tokenizer: &Tokenizer, emit: &mut impl FnMut(&str)) -> bool {
+        if (self.cancelled)() {
+            self.stop = Some(StopReason::Cancelled);
+            return false;
+        }
         if tokenizer.is_eog(token) {
             self.stop = Some(StopReason::EndOfGeneration);
             return false;

@@ -12,11 +12,12 @@ pub mod hybrid;
 pub mod offload;
 pub mod perplexity;
 pub mod sampler;
+pub mod slots;
 
 pub use ffn::{FfnMode, SparseFfn};
 pub use forward::{FfnStats, Forward, ForwardError, Logits, Session};
 pub use gpu_forward::{GpuSession, GpuWeights};
 pub use hybrid::{AttentionPlace, HybridError, HybridPlan, HybridSession};
 pub use offload::OffloadSession;
-pub use generate::{generate, Generation, StopReason, Timings};
+pub use generate::{generate, generate_cancellable, Generation, StopReason, Timings};
 pub use sampler::{Sampler, SamplerConfig};

@@ -13,14 +13,20 @@ pub struct SamplerConfig {
     pub min_p: f32,
     /// Divide positive (multiply negative) logits of recent tokens by this (1 = off).
     pub repeat_penalty: f32,
-    /// How many recent tokens the penalty looks at.
+    /// How many recent tokens the penalties look at.
     pub repeat_last_n: usize,
+    /// Subtracted from the logit of every token seen in the recent tokens (OpenAI's
+    /// presence_penalty; 0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted from a recent token's logit once per occurrence (OpenAI's
+    /// frequency_penalty; 0 = off).
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, seed: 0 }
+        SamplerConfig { temperature: 0.8, top_k: 40, top_p: 0.95, min_p: 0.05, repeat_penalty: 1.0, repeat_last_n: 64, presence_penalty: 0.0, frequency_penalty: 0.0, seed: 0 }
     }
 }
 
@@ -74,7 +80,8 @@ impl Sampler {
 
     /// Whether every choice is the argmax of the raw logits (greedy, no penalty).
     pub fn is_greedy(&self) -> bool {
-        self.config.temperature <= 0.0 && (self.config.repeat_penalty == 1.0 || self.config.repeat_last_n == 0)
+        let c = &self.config;
+        c.temperature <= 0.0 && ((c.repeat_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0) || c.repeat_last_n == 0)
     }
 
     /// Tells the sampler about tokens already in the context (for the repetition penalty).
@@ -103,6 +110,18 @@ impl Sampler {
                     if let Some(x) = cand.get_mut(t as usize) {
                         x.1 = if x.1 > 0.0 { x.1 / c.repeat_penalty } else { x.1 * c.repeat_penalty };
                     }
+                }
+            }
+        }
+        if (c.presence_penalty != 0.0 || c.frequency_penalty != 0.0) && c.repeat_last_n > 0 {
+            // Occurrences counted in a sorted map: the order of the updates is fixed.
+            let mut counts = std::collections::BTreeMap::new();
+            for &t in &self.recent {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+            for (t, n) in counts {
+                if let Some(x) = cand.get_mut(t as usize) {
+                    x.1 -= c.presence_penalty + c.frequency_penalty * n as f32;
                 }
             }
         }
@@ -175,6 +194,20 @@ mod tests {
         s.accept(1);
         // 3.0 / 1.1 = 2.727 < 2.9
         assert_eq!(s.sample(&logits()), 5);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_subtract_from_seen_tokens() {
+        // Token 1 (3.0) seen twice: 3.0 - 0.05 - 2 * 0.1 = 2.75 < 2.9 (token 5).
+        let mut s = Sampler::new(SamplerConfig { temperature: 0.0, presence_penalty: 0.05, frequency_penalty: 0.1, ..Default::default() });
+        assert!(!s.is_greedy());
+        s.accept(1);
+        s.accept(1);
+        assert_eq!(s.sample(&logits()), 5);
+        // Seen once: 3.0 - 0.05 - 0.1 = 2.85 < 2.9 as well; with presence alone, 2.95 > 2.9.
+        let mut s = Sampler::new(SamplerConfig { temperature: 0.0, presence_penalty: 0.05, ..Default::default() });
+        s.accept(1);
+        assert_eq!(s.sample(&logits()), 1);
     }
 
     #[test]
