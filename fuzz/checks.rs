@@ -113,12 +113,48 @@ pub fn sparse_files(data: &[u8]) {
     }
 }
 
+/// A tokenizer under test, with the bytes its byte-level vocabulary cannot spell (SmolLM2's lacks
+/// 21 of the 256, e.g. 0x13: such bytes are dropped on encoding, by llama.cpp as well).
+pub struct FuzzTokenizer {
+    pub tok: Tokenizer,
+    missing_bytes: [bool; 256],
+}
+
+/// GPT-2's byte-to-character map of byte-level BPE: printable Latin-1 bytes stand for
+/// themselves, the others for U+0100 onwards in byte order.
+fn byte_level_char(b: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
+    if printable(b) {
+        return b as char;
+    }
+    let rank = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(0x100 + rank).unwrap()
+}
+
+impl FuzzTokenizer {
+    pub fn new(tok: Tokenizer) -> Self {
+        let singles: std::collections::HashSet<&str> = (0..tok.vocab_size() as u32).filter_map(|id| tok.token_text(id)).filter(|t| t.chars().count() == 1).collect();
+        let mut missing_bytes = [false; 256];
+        for (b, m) in missing_bytes.iter_mut().enumerate() {
+            *m = !singles.contains(byte_level_char(b as u8).to_string().as_str());
+        }
+        FuzzTokenizer { tok, missing_bytes }
+    }
+
+    /// `text` without the characters the vocabulary cannot spell.
+    fn spellable(&self, text: &str) -> String {
+        text.chars().filter(|c| c.to_string().bytes().all(|b| !self.missing_bytes[b as usize])).collect()
+    }
+}
+
 /// A loaded tokenizer on arbitrary bytes: the first byte picks the tokenizer (high nibble) and
 /// the mode; the rest is text to encode or, read as little-endian u32s, token ids to decode.
-/// Plain text (no special-token parsing, no BOS/EOS) must survive encode/decode exactly.
-pub fn tokenizer(toks: &[Tokenizer], data: &[u8]) {
+/// Plain text (no special-token parsing, no BOS/EOS) must survive encode/decode exactly, less
+/// the bytes the vocabulary cannot spell.
+pub fn tokenizer(toks: &[FuzzTokenizer], data: &[u8]) {
     let Some((&flags, rest)) = data.split_first() else { return };
-    let tok = &toks[(flags >> 4) as usize % toks.len()];
+    let ft = &toks[(flags >> 4) as usize % toks.len()];
+    let tok = &ft.tok;
     if flags & 1 == 0 {
         let text = String::from_utf8_lossy(rest);
         let parse_special = flags & 2 != 0;
@@ -127,7 +163,7 @@ pub fn tokenizer(toks: &[Tokenizer], data: &[u8]) {
         assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size()), "an encoded id is outside the vocabulary");
         let back = tok.decode(&ids, true);
         if !parse_special && !add_special {
-            assert_eq!(back, text, "plain text did not survive encode/decode");
+            assert_eq!(back, ft.spellable(&text), "plain text did not survive encode/decode");
         }
         let streamed: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id, true)).collect();
         assert_eq!(String::from_utf8_lossy(&streamed), back, "token_bytes and decode disagree");
@@ -143,12 +179,12 @@ pub fn tokenizer(toks: &[Tokenizer], data: &[u8]) {
 }
 
 /// The tokenizers of the GGUF files at `paths` (fuzz and test setup; panics name the file).
-pub fn load_tokenizers(paths: &[std::path::PathBuf]) -> Vec<Tokenizer> {
+pub fn load_tokenizers(paths: &[std::path::PathBuf]) -> Vec<FuzzTokenizer> {
     paths
         .iter()
         .map(|p| {
             let f = GgufFile::open(p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()));
-            Tokenizer::from_gguf(&f).unwrap_or_else(|e| panic!("no tokenizer in {}: {e}", p.display()))
+            FuzzTokenizer::new(Tokenizer::from_gguf(&f).unwrap_or_else(|e| panic!("no tokenizer in {}: {e}", p.display())))
         })
         .collect()
 }

@@ -1,10 +1,15 @@
 // Greedy argmax of the last token's logits row (row step.n_tokens - 1): the index and value of
-// the largest element, the lowest index on ties; -inf and NaN are never chosen (all of them:
-// index 0, value -inf), as ember::cpu::ops::argmax.
+// the largest element, the lowest index on ties; NaN and infinities are never chosen (all of them:
+// index 0, value -inf), as ember::cpu::ops::argmax does for NaN and -inf. out[2] is 1 when the row holds a NaN or an
+// infinity, else 0: the host reads it with the id and reports the logits as the CPU path does,
+// instead of generating a token from them.
 //
 // `blocks`: n_blocks workgroups of 256 threads, each over block_len consecutive logits (strided
-// loads, then a shared-memory tree reduction), writing (index, value bits) per block.
-// `finish`: one workgroup reduces the blocks' results into out[0] = index, out[1] = value bits.
+// loads, then a shared-memory tree reduction), writing (index, value bits) per block; a block
+// that saw a non-finite value sets the index's top bit (indices are below 2^31), or writes
+// NONE_BAD when it has no candidate at all.
+// `finish`: one workgroup reduces the blocks' results into out[0] = index, out[1] = value bits,
+// out[2] = the non-finite flag.
 
 struct Step {
     n_tokens: u32,
@@ -28,10 +33,18 @@ struct Params {
 
 const WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
-const MIN_FINITE: f32 = -3.40282347e38;
+const NONE_BAD: u32 = 0xfffffffeu;
+const BAD: u32 = 0x80000000u;
 
 var<workgroup> sv: array<f32, WG>;
 var<workgroup> si: array<u32, WG>;
+// Set by any thread that saw a NaN or an infinity (workgroup memory starts zeroed).
+var<workgroup> wbad: atomic<u32>;
+
+// NaN or +-infinity, from the bits: compilers may fold float NaN tests away.
+fn non_finite(v: f32) -> bool {
+    return (bitcast<u32>(v) & 0x7f800000u) == 0x7f800000u;
+}
 
 // (av, ai) beats (bv, bi): a real candidate, larger, or as large with a lower index.
 fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
@@ -60,13 +73,15 @@ fn blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     let end = min(start + params.block_len, n);
     var bv = 0.0;
     var bi = NONE;
+    var bad = false;
     // Increasing indices per thread: the strict > keeps the first of equal values. Four
     // independent loads per step, so that their latencies overlap.
     var i = start + tid;
     for (; i + 3u * WG < end; i += 4u * WG) {
         let v = vec4<f32>(logits[row + i], logits[row + i + WG], logits[row + i + 2u * WG], logits[row + i + 3u * WG]);
         for (var j = 0u; j < 4u; j++) {
-            if (v[j] >= MIN_FINITE && (bi == NONE || v[j] > bv)) {
+            bad = bad || non_finite(v[j]);
+            if (!non_finite(v[j]) && (bi == NONE || v[j] > bv)) {
                 bv = v[j];
                 bi = i + j * WG;
             }
@@ -74,14 +89,22 @@ fn blocks(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
     }
     for (; i < end; i += WG) {
         let v = logits[row + i];
-        if (v >= MIN_FINITE && (bi == NONE || v > bv)) {
+        bad = bad || non_finite(v);
+        if (!non_finite(v) && (bi == NONE || v > bv)) {
             bv = v;
             bi = i;
         }
     }
+    if (bad) {
+        atomicOr(&wbad, 1u);
+    }
     reduce(tid, bv, bi);
     if (tid == 0u) {
-        part[wg.x] = vec2<u32>(si[0], bitcast<u32>(sv[0]));
+        var idx = si[0];
+        if (atomicLoad(&wbad) != 0u) {
+            idx = select(idx | BAD, NONE_BAD, idx == NONE);
+        }
+        part[wg.x] = vec2<u32>(idx, bitcast<u32>(sv[0]));
     }
 }
 
@@ -92,13 +115,22 @@ fn finish(@builtin(local_invocation_index) tid: u32) {
     for (var j = tid; j < params.n_blocks; j += WG) {
         let c = part[j];
         let cv = bitcast<f32>(c.y);
-        if (better(cv, c.x, bv, bi)) {
+        var ci = c.x;
+        if (ci == NONE_BAD) {
+            atomicOr(&wbad, 1u);
+            ci = NONE;
+        } else if (ci != NONE && (ci & BAD) != 0u) {
+            atomicOr(&wbad, 1u);
+            ci = ci & ~BAD;
+        }
+        if (better(cv, ci, bv, bi)) {
             bv = cv;
-            bi = c.x;
+            bi = ci;
         }
     }
     reduce(tid, bv, bi);
     if (tid == 0u) {
+        out[2] = atomicLoad(&wbad);
         if (si[0] == NONE) {
             out[0] = 0u;
             out[1] = 0xff800000u;

@@ -244,14 +244,14 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     out
 }
 
-fn tokenizers() -> Option<Vec<ember::tokenizer::Tokenizer>> {
+fn tokenizers() -> Option<Vec<checks::FuzzTokenizer>> {
     let mut paths: Vec<PathBuf> = common::default_model().into_iter().collect();
     paths.extend(common::relu_model());
     (!paths.is_empty()).then(|| checks::load_tokenizers(&paths))
 }
 
 /// Runs one input through its target's checks, within a time limit (a slow input is a finding).
-fn replay(target: &str, name: &str, data: &[u8], toks: Option<&[ember::tokenizer::Tokenizer]>) {
+fn replay(target: &str, name: &str, data: &[u8], toks: Option<&[checks::FuzzTokenizer]>) {
     let t = Instant::now();
     match target {
         "gguf_parse" => checks::gguf_parse(data),

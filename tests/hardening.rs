@@ -29,8 +29,33 @@ fn sha256(path: &Path) -> String {
     Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Runs `cmd` and insists that it ends within `limit` (killing it otherwise).
+/// Memory a command may use: the bound for every bad input, enforced as the data limit
+/// (heap and other private writable memory; the model's read-only mapping is not counted):
+/// going over aborts the command, which then fails the exit-status check. Runs that get as far
+/// as generating pass a small `-c`: the KV cache of the default model's whole trained context
+/// alone is about 190 MiB.
+const ERROR_DATA_BYTES: u64 = 200 << 20;
+
+/// Runs `cmd` within [`ERROR_DATA_BYTES`] of memory and insists that it ends within `limit`
+/// (killing it otherwise).
 fn run_within(cmd: &mut Command, limit: Duration) -> Output {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe, and the closure touches nothing else.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit { rlim_cur: ERROR_DATA_BYTES as libc::rlim_t, rlim_max: ERROR_DATA_BYTES as libc::rlim_t };
+            if libc::setrlimit(libc::RLIMIT_DATA, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run_within_any_memory(cmd, limit)
+}
+
+/// [`run_within`] without the memory bound, for GPU runs: the driver (lavapipe: LLVM and its
+/// threads) alone takes more.
+fn run_within_any_memory(cmd: &mut Command, limit: Duration) -> Output {
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
     let start = Instant::now();
     loop {
@@ -262,7 +287,9 @@ fn alignment_one_runs_on_the_cpu_like_the_original() {
     assert_eq!(f.alignment, 1);
     assert_eq!(f.data_offset % 2, 1, "the test needs unaligned data");
     drop(f);
-    let out = run_within(ember().args(["run", "--backend", "cpu", "-p", "The capital of France is", "-n", "8", "--temp", "0", "-t", "2", "-m"]).arg(&odd), Duration::from_secs(30));
+    // Unaligned weights are copied once into aligned memory: the whole model, beyond the bound
+    // for failing commands.
+    let out = run_within_any_memory(ember().args(["run", "--backend", "cpu", "-c", "256", "-p", "The capital of France is", "-n", "8", "--temp", "0", "-t", "2", "-m"]).arg(&odd), Duration::from_secs(30));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The same greedy text as the original file (tests/cli.rs, llama.cpp's continuation).
     assert_eq!(String::from_utf8(out.stdout).unwrap(), " Paris.\n\nThe United States has\n");
@@ -325,12 +352,19 @@ fn nan_logits_are_an_error_not_silence() {
     let nan = dir.join("nan.gguf");
     rewrite(&model, &nan, |_| {}, |name, data| (name == "output_norm.weight").then(|| f32::NAN.to_le_bytes().repeat(data.len() / 4)));
     for temp in ["0", "0.8"] {
-        let out = run_within(ember().args(["run", "--backend", "cpu", "-p", "Hello", "-n", "4", "-t", "2", "--temp", temp, "-m"]).arg(&nan), Duration::from_secs(10));
+        let out = run_within(ember().args(["run", "--backend", "cpu", "-c", "256", "-p", "Hello", "-n", "4", "-t", "2", "--temp", temp, "-m"]).arg(&nan), Duration::from_secs(10));
         assert_clear_error(&out, &["NaN or infinite logits"]);
         assert!(out.stdout.iter().all(|b| b.is_ascii_whitespace()), "printed text from NaN logits");
     }
     let out = run_within(ember().args(["perplexity", "--backend", "cpu", "-c", "64", "--chunks", "1", "-t", "2", "-m"]).arg(&nan).arg("-f").arg(refs.join("ppl-text.txt")), Duration::from_secs(10));
     assert_clear_error(&out, &["NaN or infinite logits"]);
+    // On the GPU, greedy decoding reads back only the argmax: its kernel flags the NaN (CI runs
+    // this on lavapipe; without a Vulkan driver common::gpu says so and it is skipped).
+    if common::gpu().is_some() {
+        let out = run_within_any_memory(ember().args(["run", "--backend", "gpu", "-p", "Hello", "-n", "4", "--temp", "0", "-m"]).arg(&nan), Duration::from_secs(120));
+        assert_clear_error(&out, &["NaN or infinite logits"]);
+        assert!(out.stdout.iter().all(|b| b.is_ascii_whitespace()), "printed text from NaN logits on the GPU");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -483,7 +517,7 @@ fn predictors_of_another_model_are_refused_or_named() {
     let Some(model) = common::default_model() else { return };
     let dir = scratch("predictor-model");
     let hp = ember::model::Model::load(&model).unwrap().hp;
-    let run = |p: &Path| run_within(ember().args(["run", "--backend", "cpu", "--ffn", "predict", "-p", "Hi", "-n", "2", "--temp", "0", "-t", "2", "-m"]).arg(&model).arg("--predictor").arg(p), Duration::from_secs(20));
+    let run = |p: &Path| run_within(ember().args(["run", "--backend", "cpu", "-c", "256", "--ffn", "predict", "-p", "Hi", "-n", "2", "--temp", "0", "-t", "2", "-m"]).arg(&model).arg("--predictor").arg(p), Duration::from_secs(20));
     // Another shape: refused.
     let other = dir.join("other.predictors.gguf");
     ember::sparse::predictor::Predictors::always_on(hp.n_layer - 1, hp.n_embd, hp.n_ff).save(&other).unwrap();
@@ -515,5 +549,55 @@ fn synth_refuses_models_that_cannot_be_loaded_or_fit() {
         assert_clear_error(&synth(&["--n-embd", "65536", "--n-ff", "1048576", "--type", "f16", "--n-head", "64", "--n-head-kv", "64"]), &["largest tensor takes 128.0 GiB"]);
     }
     assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "synth left a file behind");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- --backend auto ------------------------------------------------------------------------
+
+/// With `--backend auto`, a GPU that opens but cannot take the model falls back to the CPU with a
+/// one-line warning. The model here is the default one's tokenizer on 16-wide layers, which the
+/// CPU runs and the GPU kernels refuse (they need a multiple of 32 columns). On CI, lavapipe is
+/// named with --device (auto alone never picks a software adapter).
+#[test]
+fn auto_backend_falls_back_to_the_cpu_when_the_gpu_fails_after_opening() {
+    let Some(model) = common::default_model() else { return };
+    let Some(ctx) = common::gpu() else { return };
+    let device = ctx.adapter.name.clone();
+    drop(ctx);
+    let dir = scratch("auto-fallback");
+    let tiny = dir.join("tiny16.gguf");
+    let f = GgufFile::open(&model).unwrap();
+    let mut w = GgufWriter::new();
+    for (k, v) in f.metadata() {
+        if !k.starts_with("llama.") {
+            w.set(k, v.clone());
+        }
+    }
+    let (e, ff, vocab) = (16u64, 32u64, f.get("tokenizer.ggml.tokens").unwrap().as_array().unwrap().len() as u64);
+    for (k, v) in [("block_count", 1), ("embedding_length", e), ("feed_forward_length", ff), ("attention.head_count", 2), ("attention.head_count_kv", 2), ("context_length", 64)] {
+        w.set(&format!("llama.{k}"), Value::U32(v as u32));
+    }
+    w.set("llama.rope.freq_base", Value::F32(10000.0));
+    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
+    let mut rng = common::Rng(16);
+    let mut add = |name: &str, dims: &[u64]| {
+        let v: Vec<f32> = rng.vec(dims.iter().product::<u64>() as usize).iter().map(|x| 0.3 * x).collect();
+        w.add_f32(name, dims, &v);
+    };
+    add("token_embd.weight", &[e, vocab]);
+    add("output_norm.weight", &[e]);
+    for (t, dims) in [("attn_norm", vec![e]), ("ffn_norm", vec![e]), ("attn_q", vec![e, e]), ("attn_k", vec![e, e]), ("attn_v", vec![e, e]), ("attn_output", vec![e, e]), ("ffn_gate", vec![e, ff]), ("ffn_up", vec![e, ff]), ("ffn_down", vec![ff, e])] {
+        add(&format!("blk.0.{t}.weight"), &dims);
+    }
+    w.write_file(&tiny).unwrap();
+    // --backend gpu on the same device fails and says why; auto runs on the CPU and says so.
+    let out = run_within_any_memory(ember().args(["run", "--backend", "gpu", "--device", &device, "-p", "Hi", "-n", "2", "--temp", "0", "-m"]).arg(&tiny), Duration::from_secs(60));
+    assert_clear_error(&out, &["multiple of 32 columns"]);
+    let out = run_within_any_memory(ember().args(["run", "--backend", "auto", "--device", &device, "-p", "Hi", "-n", "2", "--temp", "0", "-m"]).arg(&tiny), Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "auto did not fall back: {stderr}");
+    let warning: Vec<&str> = stderr.lines().filter(|l| l.contains("running on the CPU instead")).collect();
+    assert_eq!(warning.len(), 1, "{stderr}");
+    assert!(warning[0].contains("warning: the GPU failed") && warning[0].contains("multiple of 32 columns") && warning[0].len() < 1024, "{}", warning[0]);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,7 +7,7 @@ use common::{random_matrix, Rng};
 use ember::cpu::attention::AttnShape;
 use ember::cpu::ops::{self, Rope};
 use ember::cpu::attention::attention_team;
-use ember::cpu::matmul::matmuls;
+use ember::cpu::matmul::{matmuls, matmuls_tuned, CpuTuning};
 use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
 use ember::gguf::GgmlType;
@@ -255,12 +255,19 @@ fn matmuls_on_a_team_equal_matmul_for_any_team_size() {
                 .collect();
             for size in [1, 2, 3, 5] {
                 let mut team = Team::new(size);
-                let (mut oa, mut ob, mut oc) = (vec![f32::NAN; 67 * tokens], vec![f32::NAN; 16 * tokens], vec![f32::NAN; 5 * tokens]);
-                let acts = Activations::new(&x, tokens).with_precision(precision);
-                matmuls(&mut team, &acts, [(&a, &mut oa[..]), (&b, &mut ob[..]), (&c, &mut oc[..])]);
-                for (got, want) in [oa, ob, oc].iter().zip(&want) {
-                    let (g, w): (Vec<u32>, Vec<u32>) = (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
-                    assert_eq!(g, w, "{ty} {precision:?} team of {size}");
+                // The default, then parts taken from a counter, with and without prefetching.
+                let tunings = [None, Some(CpuTuning { parts_per_member: 3, prefetch: 0, ..CpuTuning::default() }), Some(CpuTuning { parts_per_member: 1, prefetch: 4096, ..CpuTuning::default() })];
+                for tuning in tunings {
+                    let (mut oa, mut ob, mut oc) = (vec![f32::NAN; 67 * tokens], vec![f32::NAN; 16 * tokens], vec![f32::NAN; 5 * tokens]);
+                    let acts = Activations::new(&x, tokens).with_precision(precision);
+                    match &tuning {
+                        None => matmuls(&mut team, &acts, [(&a, &mut oa[..]), (&b, &mut ob[..]), (&c, &mut oc[..])]),
+                        Some(t) => matmuls_tuned(&mut team, t, &acts, [(&a, &mut oa[..]), (&b, &mut ob[..]), (&c, &mut oc[..])]),
+                    }
+                    for (got, want) in [oa, ob, oc].iter().zip(&want) {
+                        let (g, w): (Vec<u32>, Vec<u32>) = (got.iter().map(|v| v.to_bits()).collect(), want.iter().map(|v| v.to_bits()).collect());
+                        assert_eq!(g, w, "{ty} {precision:?} team of {size}, {tuning:?}");
+                    }
                 }
             }
         }

@@ -371,6 +371,12 @@ fn read_pairs(ctx: &GpuContext, buf: &Buffer, k: usize) -> Vec<(u32, f32)> {
     words.chunks_exact(2).map(|p| (p[0], f32::from_bits(p[1]))).collect()
 }
 
+/// The argmax kernel's (index, value, non-finite flag).
+fn read_argmax(ctx: &ember::gpu::GpuContext, buf: &wgpu::Buffer) -> (u32, f32, u32) {
+    let w: Vec<u32> = ctx.read(buf, 3).unwrap();
+    (w[0], f32::from_bits(w[1]), w[2])
+}
+
 #[test]
 fn argmax_matches_cpu() {
     let Some(ctx) = gpu() else { return };
@@ -380,32 +386,39 @@ fn argmax_matches_cpu() {
         let rows = 3;
         let logits = distinct_values(&mut rng, rows * n_vocab);
         let lb = upload_f32(&ctx, "logits", &logits);
-        let ob = ctx.zeros("out", 8);
+        let ob = ctx.zeros("out", 12);
         let op = ArgmaxOp::new(&ctx, &lb, n_vocab as u32, &ob, &step);
         for n_tokens in [1usize, 3] {
             run(&ctx, &step, n_tokens as u32, 0, |p| op.encode(p, n_tokens as u32));
-            let got = read_pairs(&ctx, &ob, 1)[0];
+            let got = read_argmax(&ctx, &ob);
             let (i, v) = argmax(&logits[(n_tokens - 1) * n_vocab..n_tokens * n_vocab]);
-            assert_eq!(got, (i as u32, v), "argmax n_vocab {n_vocab} row {}", n_tokens - 1);
+            assert_eq!(got, (i as u32, v, 0), "argmax n_vocab {n_vocab} row {}", n_tokens - 1);
         }
     }
-    // Ties go to the lowest index; -inf and NaN never win.
+    // Ties go to the lowest index; NaN and infinities never win, and they set the flag the host
+    // turns into the CPU path's non-finite error, wherever they are in the row.
     let n_vocab = 40_000;
-    let mut logits = distinct_values(&mut rng, n_vocab);
-    for (i, x) in [(39_000, 100.0), (12_345, 100.0), (30_000, 100.0), (5, f32::NAN), (6, f32::NEG_INFINITY)] {
-        logits[i] = x;
+    let base = distinct_values(&mut rng, n_vocab);
+    for (bad_at, bad) in [(5, f32::NAN), (6, f32::NEG_INFINITY), (39_999, f32::INFINITY), (20_001, -f32::NAN)] {
+        let mut logits = base.clone();
+        for (i, x) in [(39_000, 100.0), (12_345, 100.0), (30_000, 100.0), (bad_at, bad)] {
+            logits[i] = x;
+        }
+        let lb = upload_f32(&ctx, "logits", &logits);
+        let ob = ctx.zeros("out", 12);
+        let op = ArgmaxOp::new(&ctx, &lb, n_vocab as u32, &ob, &step);
+        run(&ctx, &step, 1, 0, |p| op.encode(p, 1));
+        assert_eq!(read_argmax(&ctx, &ob), (12_345, 100.0, 1), "{bad} at {bad_at}");
     }
-    let lb = upload_f32(&ctx, "logits", &logits);
-    let ob = ctx.zeros("out", 8);
-    let op = ArgmaxOp::new(&ctx, &lb, n_vocab as u32, &ob, &step);
-    run(&ctx, &step, 1, 0, |p| op.encode(p, 1));
-    assert_eq!(read_pairs(&ctx, &ob, 1)[0], (12_345, 100.0));
+    let mut logits = base.clone();
+    logits[12_345] = 100.0;
     assert_eq!(argmax(&logits), (12_345, 100.0));
+    let ob = ctx.zeros("out", 12);
     let all_nan = vec![f32::NAN; 3000];
     let lb = upload_f32(&ctx, "logits", &all_nan);
     let op = ArgmaxOp::new(&ctx, &lb, 3000, &ob, &step);
     run(&ctx, &step, 1, 0, |p| op.encode(p, 1));
-    assert_eq!(read_pairs(&ctx, &ob, 1)[0], (0, f32::NEG_INFINITY));
+    assert_eq!(read_argmax(&ctx, &ob), (0, f32::NEG_INFINITY, 1));
 }
 
 /// The CPU's top k: values descending, lower index first on ties, -inf and NaN left out.

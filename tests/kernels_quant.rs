@@ -815,6 +815,37 @@ fn packed_q4_1_equals_reference_dots() {
     }
 }
 
+/// A matrix of several MiB is packed in parallel into a huge-page mapping (where the kernel
+/// has them): the same products, with and without huge pages, at any prefetch distance.
+#[test]
+fn large_packed_matrices_equal_reference_dots() {
+    use quant::packed::{ActScales, PackOptions, PackedActs, PackedMatrix};
+    let mut rng = Rng(62);
+    let (rows, nb) = (1001, 131);
+    let mut y = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; nb];
+    quant::quantize_row_q8_0(&rng.vec(32 * nb), &mut y);
+    let scales = ActScales::from_q8_0(&y, 32 * nb);
+    let acts = PackedActs::q8_0(&y, &scales, 1);
+    let w = random_q4_0(&mut rng, rows * nb);
+    let want: Vec<u32> = (0..rows).map(|r| reference::vec_dot_q4_0_q8_0(&w[r * nb..(r + 1) * nb], &y).to_bits()).collect();
+    for huge_pages in [true, false] {
+        let p = PackedMatrix::with_options(GgmlType::Q4_0, rows, 32 * nb, bits(&w), PackOptions { huge_pages }).unwrap();
+        assert!(p.n_bytes() > 2 << 20);
+        for isa in packed_isas() {
+            for prefetch in [0, 64, 4096, 1 << 16] {
+                let mut out = vec![f32::NAN; rows];
+                // Two uneven parts, as a team's members would take them.
+                for part in [0..7, 7..p.groups()] {
+                    // SAFETY: the ISA is available and `out` holds every row of these groups.
+                    unsafe { p.mul_groups(isa, &acts, part, out.as_mut_ptr(), rows, prefetch) };
+                }
+                let got: Vec<u32> = out.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "{isa:?} huge pages {huge_pages}, prefetch {prefetch}");
+            }
+        }
+    }
+}
+
 #[test]
 fn packed_matrix_rejects_bad_input() {
     use quant::packed::{PackError, PackedMatrix};

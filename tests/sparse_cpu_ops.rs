@@ -293,6 +293,52 @@ fn axpy_rows_is_bit_identical_for_any_thread_count_and_follows_its_documented_or
     }
 }
 
+/// Every AXPY instruction set this CPU has, one row at a time through `axpy_row_on`, against
+/// the scalar twins at odd lengths (tails shorter than a vector included).
+#[test]
+fn every_axpy_isa_equals_the_scalar_twins() {
+    use sparse::{axpy_row_on, AxpyIsa};
+    let mut rng = Rng(25);
+    let h = -1.3127f32;
+    let isas: Vec<AxpyIsa> = [AxpyIsa::Avx512, AxpyIsa::Avx2, AxpyIsa::Scalar].into_iter().filter(|i| i.available()).collect();
+    for n in [1usize, 15, 16, 17, 33, 1001] {
+        let row = rng.vec(n);
+        let init = rng.vec(n);
+        let halves: Vec<f16> = row.iter().map(|&v| f16::from_f32(v)).collect();
+        let (mut want32, mut want16) = (init.clone(), init.clone());
+        sparse::reference::axpy_row_f32(&row, h, &mut want32);
+        sparse::reference::axpy_row_f16(&halves, h, &mut want16);
+        for &isa in &isas {
+            let mut a = init.clone();
+            axpy_row_on(isa, GgmlType::F32, bytemuck::cast_slice(&row), h, &mut a);
+            assert_eq!(a, want32, "{isa:?} f32 n={n}");
+            let mut a = init.clone();
+            axpy_row_on(isa, GgmlType::F16, bytemuck::cast_slice(&halves), h, &mut a);
+            assert_eq!(a, want16, "{isa:?} f16 n={n}");
+        }
+    }
+    for blocks in [1usize, 5, 37] {
+        let n = 32 * blocks;
+        let values: Vec<f32> = rng.vec(n).iter().map(|v| v * 5.0).collect();
+        let init = rng.vec(n);
+        let q8 = quant::quantize_q8_0(&values);
+        let q40 = quant::quantize_q4_0(&values);
+        let q41 = quant::quantize_q4_1(&values);
+        let mut want = [init.clone(), init.clone(), init.clone()];
+        sparse::reference::axpy_row_q8_0(&q8, h, &mut want[0]);
+        sparse::reference::axpy_row_q4_0(&q40, h, &mut want[1]);
+        sparse::reference::axpy_row_q4_1(&q41, h, &mut want[2]);
+        for &isa in &isas {
+            let rows: [(GgmlType, &[u8]); 3] = [(GgmlType::Q8_0, bytemuck::cast_slice(&q8)), (GgmlType::Q4_0, bytemuck::cast_slice(&q40)), (GgmlType::Q4_1, bytemuck::cast_slice(&q41))];
+            for ((ty, bytes), want) in rows.into_iter().zip(&want) {
+                let mut a = init.clone();
+                axpy_row_on(isa, ty, bytes, h, &mut a);
+                assert_eq!(&a, want, "{isa:?} {ty} {blocks} blocks");
+            }
+        }
+    }
+}
+
 #[test]
 fn simd_row_axpy_kernels_equal_their_scalar_twins() {
     let mut rng = Rng(24);

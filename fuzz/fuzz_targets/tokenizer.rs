@@ -8,7 +8,6 @@
 #[path = "../checks.rs"]
 mod checks;
 
-use ember::tokenizer::Tokenizer;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -27,8 +26,8 @@ fn model_paths() -> Vec<PathBuf> {
     panic!("fuzz setup: no model found; set EMBER_FUZZ_TOKENIZER_MODELS=path.gguf")
 }
 
-fn tokenizers() -> &'static [Tokenizer] {
-    static TOKS: OnceLock<Vec<Tokenizer>> = OnceLock::new();
+fn tokenizers() -> &'static [checks::FuzzTokenizer] {
+    static TOKS: OnceLock<Vec<checks::FuzzTokenizer>> = OnceLock::new();
     TOKS.get_or_init(|| checks::load_tokenizers(&model_paths()))
 }
 

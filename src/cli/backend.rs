@@ -60,10 +60,12 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         precision: args.precision.into(),
         // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
         gpu_tuning: super::gpu_tuning(args.gpu_precision),
+        cpu_tuning: super::cpu_tuning(),
         ffn: args.ffn.into(),
         ffn_sparsity: args.ffn_sparsity,
         calibration: args.calibration.clone(),
         vram_budget: args.vram_budget.as_deref().map(parse_budget).transpose()?,
+        prefill_batch: args.prefill_batch as usize,
         placement: args.placement.clone(),
         n_gpu_layers: args.n_gpu_layers,
         simulate_activity: args.simulate_activity.clone(),

@@ -106,21 +106,37 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            if let Some(h) = session.as_hybrid() {
+                let t = h.prefill_timing(true);
+                if t.batches > 0 {
+                    eprintln!("ember: hybrid prefill (batched, warm-up included), {}", t.summary());
+                }
+            }
             check(&format!("pp{}", a.n_prompt))?;
         }
         if a.n_gen > 0 {
-            let mut run = || -> Result<f64> {
+            let run = |session: &mut Box<dyn crate::engine::Forward>| -> Result<f64> {
                 session.reset();
                 let t = Instant::now();
                 // Greedy decoding, each token fed back (on the GPU without a round trip).
                 session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?;
                 Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
             };
-            run()?;
-            let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
+            run(&mut session)?;
+            // Step timers over the timed runs, when asked for (EMBER_CPU_TIMES=1).
+            let timed = std::env::var("EMBER_CPU_TIMES").as_deref() == Ok("1");
+            if let Some(s) = session.as_cpu().filter(|_| timed) {
+                s.times = Some(Default::default());
+            }
+            let v = (0..a.repetitions).map(|_| run(&mut session)).collect::<Result<Vec<_>>>()?;
+            if let Some(t) = session.as_cpu().and_then(|s| s.times.take()) {
+                let per = (a.repetitions * a.n_gen) as f64;
+                let t = crate::engine::forward::CpuTimes { products: t.products / per, product_bytes: (t.product_bytes as f64 / per) as u64, attention: t.attention / per, total: t.total / per };
+                eprintln!("ember: CPU decode per token: {}", t.summary());
+            }
             rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
             check(&format!("tg{}", a.n_gen))?;
-            // Covers the warm-up run too, and the pp runs (token by token in hybrid mode).
+            // Covers the warm-up run too (and prompts of a single token).
             if let Some(h) = session.as_hybrid() {
                 let (t, syncs) = h.timing(false);
                 eprintln!("ember: hybrid decode, {}", t.summary(syncs));

@@ -123,6 +123,11 @@ pub struct ModelArgs {
     /// dense FFN, whole layers are offloaded. [default: no limit: everything on the GPU]
     #[arg(long, value_name = "GIB")]
     pub vram_budget: Option<String>,
+    /// Hybrid (--ffn relu or predict on the GPU): prompt tokens per prefill batch. Each batch
+    /// runs every layer once (one CPU<->GPU sync per split layer, not one per token); its GPU
+    /// buffers (~0.16 MiB per token for a 7B) come out of --vram-budget. 1: token by token
+    #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub prefill_batch: u32,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
     /// [default: MODEL.profile.gguf beside the model]
     #[arg(long, value_name = "FILE")]
@@ -231,6 +236,25 @@ pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
     t
 }
 
+/// The CPU products' streaming choices, with the benchmark variables that override the
+/// defaults (the library takes them as a value, never from the environment):
+/// `EMBER_CPU_PREFETCH` (bytes the packed kernels prefetch ahead, 0 for none),
+/// `EMBER_CPU_PARTS` (parts per team member taken from a shared counter; 0 for one equal
+/// share each), `EMBER_CPU_HUGE=0` (no transparent huge pages for the packed weights).
+pub fn cpu_tuning() -> crate::cpu::matmul::CpuTuning {
+    let var = |k: &str| std::env::var(k).ok();
+    let mut t = crate::cpu::matmul::CpuTuning::default();
+    if let Some(v) = var("EMBER_CPU_PREFETCH").and_then(|v| v.parse::<usize>().ok()) {
+        // Whole cache lines, at most 1 MiB.
+        t.prefetch = (v.min(1 << 20) / 64) * 64;
+    }
+    if let Some(v) = var("EMBER_CPU_PARTS").and_then(|v| v.parse::<usize>().ok()) {
+        t.parts_per_member = v.min(64);
+    }
+    t.pack.huge_pages = var("EMBER_CPU_HUGE").as_deref() != Some("0");
+    t
+}
+
 /// `--gpu-precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum GpuPrecisionArg {
@@ -250,7 +274,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// The model path, fetching the default model when none was given and it is missing.

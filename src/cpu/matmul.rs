@@ -3,11 +3,34 @@
 
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
-use crate::quant::packed::{ActScales, Isa, PackedActs, PackedMatrix};
+use crate::quant::packed::{ActScales, Isa, PackOptions, PackedActs, PackedMatrix, DEFAULT_PREFETCH};
 use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
 use super::team::Team;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+
+/// How the team's products stream their weights: values the caller passes in (the binary
+/// reads its `EMBER_CPU_*` benchmark variables into one; the library reads no environment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuTuning {
+    /// Bytes ahead of the packed kernels' reads that they prefetch into L2 (0: none).
+    pub prefetch: usize,
+    /// 0: each member computes one equal share of every matrix of a step. N > 0: every matrix
+    /// is cut into N parts per member, which the members take in turn from a shared counter,
+    /// so that a member slowed down (another process, a busy host) delays the step by one
+    /// part rather than by its whole share. Results are the same either way: each output is
+    /// one group's dot products, whoever computes it.
+    pub parts_per_member: usize,
+    /// How matrices are packed on their first product.
+    pub pack: PackOptions,
+}
+
+impl Default for CpuTuning {
+    fn default() -> Self {
+        CpuTuning { prefetch: DEFAULT_PREFETCH, parts_per_member: 0, pack: PackOptions::default() }
+    }
+}
 
 /// Activation rows (`n_tokens` x `cols`) and, computed once on first use, their conversions
 /// to the format each weight type multiplies with (Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, f16 for
@@ -97,7 +120,7 @@ impl OutPtr {
 
 /// `out[t * w.rows + r] = dot(w row r, x row t)` for every token t and row r, over rayon.
 pub fn matmul(w: &Matrix, x: &Activations, out: &mut [f32]) {
-    let plan = Plan::new(w, x, out.len());
+    let plan = Plan::new(w, x, out.len(), &CpuTuning::default());
     let parts = plan.parts(rayon::current_num_threads());
     let ptr = OutPtr(out.as_mut_ptr());
     (0..parts).into_par_iter().for_each(|k| {
@@ -110,7 +133,12 @@ pub fn matmul(w: &Matrix, x: &Activations, out: &mut [f32]) {
 /// of `team`: each member computes its equal share of every matrix, so the step costs one
 /// start and one join however many matrices it has.
 pub fn matmuls<const N: usize>(team: &mut Team, x: &Activations, products: [(&Matrix, &mut [f32]); N]) {
-    let plans: [(Plan, OutPtr); N] = products.map(|(w, out)| (Plan::new(w, x, out.len()), OutPtr(out.as_mut_ptr())));
+    matmuls_tuned(team, &CpuTuning::default(), x, products)
+}
+
+/// [`matmuls`] with the given [`CpuTuning`].
+pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Activations, products: [(&Matrix, &mut [f32]); N]) {
+    let plans: [(Plan, OutPtr); N] = products.map(|(w, out)| (Plan::new(w, x, out.len(), tuning), OutPtr(out.as_mut_ptr())));
     if team.size() == 1 {
         for (plan, ptr) in &plans {
             // SAFETY: as below, with one part.
@@ -118,11 +146,34 @@ pub fn matmuls<const N: usize>(team: &mut Team, x: &Activations, products: [(&Ma
         }
         return;
     }
-    team.run(&|member, size| {
-        for (plan, ptr) in &plans {
-            // SAFETY: `Plan::new` checked each output's length, members write disjoint rows,
-            // and the outputs are distinct `&mut` slices borrowed for this call.
-            unsafe { plan.run_part(*ptr, member, size) };
+    let size = team.size();
+    if tuning.parts_per_member == 0 {
+        team.run(&|member, size| {
+            for (plan, ptr) in &plans {
+                // SAFETY: `Plan::new` checked each output's length, members write disjoint rows,
+                // and the outputs are distinct `&mut` slices borrowed for this call.
+                unsafe { plan.run_part(*ptr, member, size) };
+            }
+        });
+        return;
+    }
+    // Parts numbered matrix after matrix; member m starts with part m of the first matrix,
+    // then takes the next unclaimed part.
+    let parts: [usize; N] = std::array::from_fn(|i| plans[i].0.parts(size * tuning.parts_per_member));
+    let total: usize = parts.iter().sum();
+    let next = AtomicUsize::new(size);
+    team.run(&|member, _| {
+        let mut k = member;
+        while k < total {
+            let (mut i, mut part) = (0, k);
+            while part >= parts[i] {
+                part -= parts[i];
+                i += 1;
+            }
+            // SAFETY: as above; every part number is claimed once (the first `size` by the
+            // members' indices, the rest through the counter).
+            unsafe { plans[i].0.run_part(plans[i].1, part, parts[i]) };
+            k = next.fetch_add(1, Ordering::Relaxed);
         }
     });
 }
@@ -130,7 +181,7 @@ pub fn matmuls<const N: usize>(team: &mut Team, x: &Activations, products: [(&Ma
 /// How one product is computed, decided once per call (before any thread starts): the packed
 /// kernels where this CPU has them, else one row dot at a time.
 enum Plan<'a> {
-    Packed { p: &'a PackedMatrix, isa: Isa, acts: PackedActs<'a> },
+    Packed { p: &'a PackedMatrix, isa: Isa, acts: PackedActs<'a>, prefetch: usize },
     Rows { dot: RowDot<'a>, rows: usize, n_tokens: usize },
     /// [`Precision::F32`]: rows dequantised into a scratch row.
     Dequantised { w: &'a Matrix, x: &'a [f32], n_tokens: usize },
@@ -165,15 +216,17 @@ impl RowDot<'_> {
 impl<'a> Plan<'a> {
     /// Checks the shapes and prepares the activations (quantised once, before any thread
     /// starts, so that no member waits on another's conversion).
-    fn new(w: &'a Matrix, x: &'a Activations, out_len: usize) -> Plan<'a> {
+    fn new(w: &'a Matrix, x: &'a Activations, out_len: usize, tuning: &CpuTuning) -> Plan<'a> {
         assert_eq!(x.cols, w.cols, "{}: activation width {} vs matrix columns {}", w.name, x.cols, w.cols);
         assert_eq!(out_len, x.n_tokens * w.rows, "{}: output length", w.name);
         let (rows, n_tokens) = (w.rows, x.n_tokens);
         if x.precision == Precision::F32 && w.ty != GgmlType::F32 {
             return Plan::Dequantised { w, x: x.x, n_tokens };
         }
-        if let (Some(isa), Some(p)) = (Isa::detect(), w.packed()) {
-            return Plan::Packed { p, isa, acts: x.packed_for(w.ty) };
+        if let Some(isa) = Isa::detect() {
+            if let Some(p) = w.packed_with(tuning.pack) {
+                return Plan::Packed { p, isa, acts: x.packed_for(w.ty), prefetch: tuning.prefetch };
+            }
         }
         let b = w.bytes();
         let dot = match w.ty {
@@ -207,7 +260,7 @@ impl<'a> Plan<'a> {
     unsafe fn run_part(&self, out: OutPtr, k: usize, parts: usize) {
         let share = |n: usize| n * k / parts..n * (k + 1) / parts;
         match self {
-            Plan::Packed { p, isa, acts } => p.mul_groups(*isa, acts, share(p.groups()), out.at(0), p.rows()),
+            Plan::Packed { p, isa, acts, prefetch } => p.mul_groups(*isa, acts, share(p.groups()), out.at(0), p.rows(), *prefetch),
             Plan::Rows { dot, rows, n_tokens } => {
                 for r in share(*rows) {
                     for t in 0..*n_tokens {

@@ -484,49 +484,112 @@ fn encode_row(ty: GgmlType, values: &[f32], dst: &mut [u8]) {
 /// costs more than the multiply-adds.
 const GROUP: usize = 4;
 
+/// The instruction sets of the row AXPY kernels; every one gives the scalar [`reference`]'s
+/// results bit for bit (each element gets the same fused multiply-adds in the same order,
+/// only more elements at a time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AxpyIsa {
+    /// AVX-512 F (16 elements per instruction).
+    Avx512,
+    /// AVX2 + FMA + F16C (8 elements).
+    Avx2,
+    /// The portable scalar code.
+    Scalar,
+}
+
+impl AxpyIsa {
+    /// The widest kernels this CPU runs, chosen once.
+    pub fn detect() -> AxpyIsa {
+        static ISA: std::sync::OnceLock<AxpyIsa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| [AxpyIsa::Avx512, AxpyIsa::Avx2].into_iter().find(|i| i.available()).unwrap_or(AxpyIsa::Scalar))
+    }
+
+    /// Whether this CPU runs kernels written for `self` (tests try every one).
+    pub fn available(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            AxpyIsa::Avx512 => x86::has_avx2() && is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            AxpyIsa::Avx2 => x86::has_avx2(),
+            AxpyIsa::Scalar => true,
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// `acc += h * row` for one row of type `ty` (F32, F16, Q8_0, Q4_0 or Q4_1; `row` its bytes)
+/// with the kernels of `isa`: what the public `axpy_row_*` functions do with the detected one.
+///
+/// # Panics
+/// If `isa` is not available, the type has no row AXPY, or the row is not as long as `acc`.
+pub fn axpy_row_on(isa: AxpyIsa, ty: GgmlType, row: &[u8], h: f32, acc: &mut [f32]) {
+    assert!(isa.available(), "{isa:?} AXPY kernels on a CPU without them");
+    let want = ty.bytes_for(acc.len() as u64).filter(|_| acc.len().is_multiple_of(ty.block_len()));
+    assert_eq!(want, Some(row.len() as u64), "axpy_row_on: {} bytes of {ty} for {} values", row.len(), acc.len());
+    match (isa, ty) {
+        #[cfg(target_arch = "x86_64")]
+        (AxpyIsa::Avx512, _) => {
+            // SAFETY: the features are present (checked above), the row's length matches.
+            unsafe {
+                match ty {
+                    GgmlType::F32 => x512::axpy_f32([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::F16 => x512::axpy_f16([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q8_0 => x512::axpy_q8_0([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q4_0 => x512::axpy_q4_0([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q4_1 => x512::axpy_q4_1([bytemuck::cast_slice(row)], [h], acc),
+                    other => panic!("no row AXPY for {other}"),
+                }
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        (AxpyIsa::Avx2, _) => {
+            // SAFETY: as above.
+            unsafe {
+                match ty {
+                    GgmlType::F32 => x86::axpy_f32([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::F16 => x86::axpy_f16([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q8_0 => x86::axpy_q8_0([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q4_0 => x86::axpy_q4_0([bytemuck::cast_slice(row)], [h], acc),
+                    GgmlType::Q4_1 => x86::axpy_q4_1([bytemuck::cast_slice(row)], [h], acc),
+                    other => panic!("no row AXPY for {other}"),
+                }
+            }
+        }
+        _ => match ty {
+            GgmlType::F32 => reference::axpy_row_f32(bytemuck::cast_slice(row), h, acc),
+            GgmlType::F16 => reference::axpy_row_f16(bytemuck::cast_slice(row), h, acc),
+            GgmlType::Q8_0 => reference::axpy_row_q8_0(bytemuck::cast_slice(row), h, acc),
+            GgmlType::Q4_0 => reference::axpy_row_q4_0(bytemuck::cast_slice(row), h, acc),
+            GgmlType::Q4_1 => reference::axpy_row_q4_1(bytemuck::cast_slice(row), h, acc),
+            other => panic!("no row AXPY for {other}"),
+        },
+    }
+}
+
 /// `acc[j] += h * row[j]` for one F32 row, one fused multiply-add per element.
 pub fn axpy_row_f32(row: &[f32], h: f32, acc: &mut [f32]) {
     assert_eq!(row.len(), acc.len(), "axpy_row_f32: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
-        return unsafe { x86::axpy_f32([row], [h], acc) };
-    }
-    reference::axpy_row_f32(row, h, acc)
+    axpy_row_on(AxpyIsa::detect(), GgmlType::F32, bytemuck::cast_slice(row), h, acc)
 }
 
 /// `acc[j] += h * row[j]` for one F16 row (the f16 values convert to f32 exactly).
 pub fn axpy_row_f16(row: &[f16], h: f32, acc: &mut [f32]) {
     assert_eq!(row.len(), acc.len(), "axpy_row_f16: lengths differ");
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
-        return unsafe { x86::axpy_f16([row], [h], acc) };
-    }
-    reference::axpy_row_f16(row, h, acc)
+    axpy_row_on(AxpyIsa::detect(), GgmlType::F16, bytemuck::cast_slice(row), h, acc)
 }
 
 /// `acc += h * row` for one Q8_0 row: `h * d` is formed once per block, then one fused
 /// multiply-add per quant.
 pub fn axpy_row_q8_0(row: &[BlockQ8_0], h: f32, acc: &mut [f32]) {
     assert_eq!(QK * row.len(), acc.len(), "axpy_row_q8_0: {} blocks for {} values", row.len(), acc.len());
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
-        return unsafe { x86::axpy_q8_0([row], [h], acc) };
-    }
-    reference::axpy_row_q8_0(row, h, acc)
+    axpy_row_on(AxpyIsa::detect(), GgmlType::Q8_0, bytemuck::cast_slice(row), h, acc)
 }
 
 /// `acc += h * row` for one Q4_0 row, `h * d` once per block as for Q8_0.
 pub fn axpy_row_q4_0(row: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
     assert_eq!(QK * row.len(), acc.len(), "axpy_row_q4_0: {} blocks for {} values", row.len(), acc.len());
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
-        return unsafe { x86::axpy_q4_0([row], [h], acc) };
-    }
-    reference::axpy_row_q4_0(row, h, acc)
+    axpy_row_on(AxpyIsa::detect(), GgmlType::Q4_0, bytemuck::cast_slice(row), h, acc)
 }
 
 /// `acc += h * row` for one Q4_1 row: each weight is dequantised exactly (`q * d + m` has one
@@ -534,12 +597,7 @@ pub fn axpy_row_q4_0(row: &[BlockQ4_0], h: f32, acc: &mut [f32]) {
 /// `m` by `h` first would round twice per element.
 pub fn axpy_row_q4_1(row: &[BlockQ4_1], h: f32, acc: &mut [f32]) {
     assert_eq!(QK * row.len(), acc.len(), "axpy_row_q4_1: {} blocks for {} values", row.len(), acc.len());
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx2() {
-        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
-        return unsafe { x86::axpy_q4_1([row], [h], acc) };
-    }
-    reference::axpy_row_q4_1(row, h, acc)
+    axpy_row_on(AxpyIsa::detect(), GgmlType::Q4_1, bytemuck::cast_slice(row), h, acc)
 }
 
 /// Rows waiting to be added to an accumulator [`GROUP`] at a time (one pass over it per group),
@@ -597,6 +655,21 @@ impl<'a> AxpyRows<'a> {
     #[inline]
     fn add<const N: usize>(&self, rows: [usize; N], h: [f32; N], acc: &mut [f32]) {
         let at = &self.rows;
+        #[cfg(target_arch = "x86_64")]
+        if AxpyIsa::detect() == AxpyIsa::Avx512 {
+            // SAFETY: as below, for the AVX-512 kernels.
+            unsafe {
+                match at.ty {
+                    GgmlType::F32 => x512::axpy_f32(rows.map(|i| bytemuck::cast_slice(at.row(i))), h, acc),
+                    GgmlType::F16 => x512::axpy_f16(rows.map(|i| bytemuck::cast_slice(at.row(i))), h, acc),
+                    GgmlType::Q8_0 => x512::axpy_q8_0(rows.map(|i| bytemuck::cast_slice(at.row(i))), h, acc),
+                    GgmlType::Q4_0 => x512::axpy_q4_0(rows.map(|i| bytemuck::cast_slice(at.row(i))), h, acc),
+                    GgmlType::Q4_1 => x512::axpy_q4_1(rows.map(|i| bytemuck::cast_slice(at.row(i))), h, acc),
+                    _ => unreachable!("checked in AxpyRows::at"),
+                }
+            }
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if x86::has_avx2() {
             // SAFETY: the CPU supports the features the kernels are compiled for; every row
@@ -1294,6 +1367,120 @@ mod x86 {
                 _mm256_storeu_ps(lo_at, lo);
                 _mm256_storeu_ps(hi_at, hi);
             }
+        }
+    }
+}
+
+/// AVX-512 twins of the [`x86`] AXPY kernels: 16 elements per instruction, the same fused
+/// multiply-adds per element in the same order, so bit-identical to [`reference`]. A Q4_0/Q4_1
+/// block's 16 quant bytes widen to one register, whose low nibbles are elements 0..16 and high
+/// nibbles 16..32.
+#[cfg(target_arch = "x86_64")]
+mod x512 {
+    use super::{f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, QK};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn half_to_f32(v: f16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(v.to_bits()))))
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_f32<const N: usize>(rows: [&[f32]; N], h: [f32; N], acc: &mut [f32]) {
+        debug_assert!(rows.iter().all(|r| r.len() == acc.len()));
+        let n16 = acc.len() / 16 * 16;
+        let p = acc.as_mut_ptr();
+        let hv: [__m512; N] = std::array::from_fn(|k| _mm512_set1_ps(h[k]));
+        for i in (0..n16).step_by(16) {
+            let mut v = _mm512_loadu_ps(p.add(i));
+            for k in 0..N {
+                v = _mm512_fmadd_ps(hv[k], _mm512_loadu_ps(rows[k].as_ptr().add(i)), v);
+            }
+            _mm512_storeu_ps(p.add(i), v);
+        }
+        for k in 0..N {
+            super::reference::axpy_row_f32(&rows[k][n16..], h[k], &mut acc[n16..]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_f16<const N: usize>(rows: [&[f16]; N], h: [f32; N], acc: &mut [f32]) {
+        debug_assert!(rows.iter().all(|r| r.len() == acc.len()));
+        let n16 = acc.len() / 16 * 16;
+        let p = acc.as_mut_ptr();
+        let hv: [__m512; N] = std::array::from_fn(|k| _mm512_set1_ps(h[k]));
+        for i in (0..n16).step_by(16) {
+            let mut v = _mm512_loadu_ps(p.add(i));
+            for k in 0..N {
+                let w = _mm512_cvtph_ps(_mm256_loadu_si256(rows[k].as_ptr().add(i).cast()));
+                v = _mm512_fmadd_ps(hv[k], w, v);
+            }
+            _mm512_storeu_ps(p.add(i), v);
+        }
+        for k in 0..N {
+            super::reference::axpy_row_f16(&rows[k][n16..], h[k], &mut acc[n16..]);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_q8_0<const N: usize>(rows: [&[BlockQ8_0]; N], h: [f32; N], acc: &mut [f32]) {
+        debug_assert!(rows.iter().all(|r| QK * r.len() == acc.len()));
+        let p = acc.as_mut_ptr();
+        for b in 0..acc.len() / QK {
+            let s: [__m512; N] = std::array::from_fn(|k| _mm512_set1_ps(h[k] * half_to_f32(rows[k].get_unchecked(b).d)));
+            for half in 0..2 {
+                let a = p.add(QK * b + 16 * half);
+                let mut v = _mm512_loadu_ps(a);
+                for k in 0..N {
+                    let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(rows[k].get_unchecked(b).qs.as_ptr().add(16 * half).cast()));
+                    v = _mm512_fmadd_ps(s[k], _mm512_cvtepi32_ps(q), v);
+                }
+                _mm512_storeu_ps(a, v);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_q4_0<const N: usize>(rows: [&[BlockQ4_0]; N], h: [f32; N], acc: &mut [f32]) {
+        debug_assert!(rows.iter().all(|r| QK * r.len() == acc.len()));
+        let p = acc.as_mut_ptr();
+        let (low4, eight) = (_mm512_set1_epi32(0x0F), _mm512_set1_epi32(8));
+        for b in 0..acc.len() / QK {
+            let s: [__m512; N] = std::array::from_fn(|k| _mm512_set1_ps(h[k] * half_to_f32(rows[k].get_unchecked(b).d)));
+            let (lo_at, hi_at) = (p.add(QK * b), p.add(QK * b + 16));
+            let (mut lo, mut hi) = (_mm512_loadu_ps(lo_at), _mm512_loadu_ps(hi_at));
+            for k in 0..N {
+                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(rows[k].get_unchecked(b).qs.as_ptr().cast()));
+                let ql = _mm512_sub_epi32(_mm512_and_si512(q, low4), eight);
+                let qh = _mm512_sub_epi32(_mm512_srli_epi32::<4>(q), eight);
+                lo = _mm512_fmadd_ps(s[k], _mm512_cvtepi32_ps(ql), lo);
+                hi = _mm512_fmadd_ps(s[k], _mm512_cvtepi32_ps(qh), hi);
+            }
+            _mm512_storeu_ps(lo_at, lo);
+            _mm512_storeu_ps(hi_at, hi);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn axpy_q4_1<const N: usize>(rows: [&[BlockQ4_1]; N], h: [f32; N], acc: &mut [f32]) {
+        debug_assert!(rows.iter().all(|r| QK * r.len() == acc.len()));
+        let p = acc.as_mut_ptr();
+        let low4 = _mm512_set1_epi32(0x0F);
+        let hv: [__m512; N] = std::array::from_fn(|k| _mm512_set1_ps(h[k]));
+        for b in 0..acc.len() / QK {
+            let (lo_at, hi_at) = (p.add(QK * b), p.add(QK * b + 16));
+            let (mut lo, mut hi) = (_mm512_loadu_ps(lo_at), _mm512_loadu_ps(hi_at));
+            for k in 0..N {
+                let block = rows[k].get_unchecked(b);
+                let (d, m) = (_mm512_set1_ps(half_to_f32(block.d)), _mm512_set1_ps(half_to_f32(block.m)));
+                let q = _mm512_cvtepu8_epi32(_mm_loadu_si128(block.qs.as_ptr().cast()));
+                let wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d, m);
+                let wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q)), d, m);
+                lo = _mm512_fmadd_ps(hv[k], wl, lo);
+                hi = _mm512_fmadd_ps(hv[k], wh, hi);
+            }
+            _mm512_storeu_ps(lo_at, lo);
+            _mm512_storeu_ps(hi_at, hi);
         }
     }
 }

@@ -102,6 +102,8 @@ pub struct SessionOptions {
     pub precision: Precision,
     /// The GPU kernels' choices (`--gpu-precision` and benchmark overrides).
     pub gpu_tuning: GpuTuning,
+    /// How the CPU's products stream their weights (benchmark overrides).
+    pub cpu_tuning: crate::cpu::matmul::CpuTuning,
     pub ffn: FfnMode,
     /// Predictors for `FfnMode::Predict` [default: the derived `.predictors.gguf`, else the model's own].
     pub predictor: Option<PathBuf>,
@@ -111,6 +113,9 @@ pub struct SessionOptions {
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in bytes (hybrid or dense offload).
     pub vram_budget: Option<u64>,
+    /// Hybrid: prompt tokens per prefill batch (1: token by token); the batch's GPU buffers
+    /// come out of the budget.
+    pub prefill_batch: usize,
     /// The activation profile ranking neurons [default: the derived `.profile.gguf`].
     pub act_profile: Option<PathBuf>,
     /// Hot neurons from this placement file instead of placing them.
@@ -133,11 +138,13 @@ impl SessionOptions {
             device: None,
             precision: Precision::Llama,
             gpu_tuning: GpuTuning::default(),
+            cpu_tuning: Default::default(),
             ffn: FfnMode::Dense,
             predictor: None,
             ffn_sparsity: 0.5,
             calibration: None,
             vram_budget: None,
+            prefill_batch: 512,
             act_profile: None,
             placement: None,
             n_gpu_layers: None,
@@ -176,7 +183,27 @@ pub fn open(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     };
     match choice {
         None => Ok(Opened { session: open_cpu(args, model, n_ctx, log)?, gpu: None }),
-        Some(choice) => open_gpu(args, model, n_ctx, &choice, log).map(|(s, ctx)| Opened { session: s, gpu: Some(ctx) }),
+        Some(choice) => match open_gpu(args, model.clone(), n_ctx, &choice, log) {
+            Ok((s, ctx)) => Ok(Opened { session: s, gpu: Some(ctx) }),
+            // The user left the backend to ember: a GPU that opened but then failed (an upload
+            // out of memory, a kernel its driver rejects, a model shape the GPU kernels lack, a
+            // lost device) leaves the work to the CPU, when the CPU can take these options.
+            Err(e) if args.backend == BackendChoice::Auto && e.is_gpu_failure() => match open_cpu(args, model, n_ctx, log) {
+                Ok(session) => {
+                    log(&format!("warning: the GPU failed while loading the model ({}); running on the CPU instead", e.to_string().replace('\n', " ")));
+                    Ok(Opened { session, gpu: None })
+                }
+                Err(_) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
+    }
+}
+
+impl BuildError {
+    /// Whether the GPU itself failed (as opposed to options that do not fit together).
+    pub fn is_gpu_failure(&self) -> bool {
+        matches!(self, BuildError::Gpu(_) | BuildError::Forward(ForwardError::Gpu(_)) | BuildError::Hybrid(HybridError::Gpu(_)))
     }
 }
 
@@ -198,6 +225,7 @@ fn open_cpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     }
     let mut s = Session::new(model.clone(), n_ctx);
     s.precision = args.precision;
+    s.tuning = args.cpu_tuning;
     if let Some(f) = sparse_ffn(args, &model, true, log)? {
         s = s.with_ffn(f);
     }
@@ -229,6 +257,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         };
         let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
         s.cpu_mut().precision = args.precision;
+        s.cpu_mut().tuning = args.cpu_tuning;
         ctx.flush_uploads();
         let mem = ctx.memory();
         if let Some(b) = budget {
@@ -300,7 +329,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let mut attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), true);
+    let mut attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true);
     // Host attention chosen from estimates whose fixed part measured over the budget: again,
     // on a fresh device (see below), keeping the shortfall free (twice at most).
     let mut attention = attention;
@@ -310,7 +339,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         log(&format!("{e}; choosing the host-attention layers again with more room"));
         drop(ctx);
         ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
-        attempt = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), true);
+        attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), args.prefill_batch, true);
         attention = more;
     }
     let session = match attempt {
@@ -324,7 +353,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             // 2.2 GiB budget, and the driver held both until the old buffers were freed).
             drop(ctx);
             ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(None, placed), true)?
+            HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(None, placed), args.prefill_batch, true)?
         }
         Err(e) => return Err(e.into()),
     };

@@ -105,6 +105,44 @@ impl ColdFfn {
         active.len()
     }
 
+    /// Layer `il`'s FFN output over the neurons `cold` (ascending) for each of the `n` tokens
+    /// of `xn` (n x n_embd, normalised inputs) into `out` (n x n_embd), densely: every cold
+    /// neuron's gate row, then up and down rows for those whose activation is not zero (ReLU:
+    /// gate > 0; SiLU: all). What a prefill batch computes whatever the FFN mode (the union of
+    /// a batch's firing neurons is nearly all of them, and a predictor is not consulted); for
+    /// `--ffn relu` the numbers of [`Self::token`], token by token. Returns the neurons
+    /// computed past their gate row, summed over the tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn batch_dense(&mut self, ffn: &SparseFfn, model: &Model, il: usize, xn: &[f32], cold: &[u32], precision: Precision, out: &mut [f32]) -> usize {
+        let layer = &model.layers[il];
+        let act = model.hp.activation;
+        let e = model.hp.n_embd;
+        let n = xn.len() / e;
+        let ColdFfn { team, gate, active, partials, logits: vals, .. } = self;
+        gate.resize(model.hp.n_ff, 0.0);
+        vals.resize(cold.len(), 0.0);
+        let mut computed = 0;
+        for t in 0..n {
+            let acts = Activations::new(&xn[t * e..(t + 1) * e], 1).with_precision(precision);
+            let out_t = &mut out[t * e..(t + 1) * e];
+            team_row_dots(team, &layer.ffn_gate, &acts, cold, vals);
+            active.clear();
+            for (&i, &g) in cold.iter().zip(vals.iter()) {
+                gate[i as usize] = g;
+                if act != crate::model::Activation::Relu || g > 0.0 {
+                    active.push(i);
+                }
+            }
+            if active.is_empty() {
+                out_t.fill(0.0);
+                continue;
+            }
+            ffn_on_team(team, partials, ffn, model, il, &acts, Some(gate), active, None, out_t);
+            computed += active.len();
+        }
+        computed
+    }
+
     /// A simulated predictor's token for layer `il`'s cold neurons: the predictor runs first
     /// (`predictor`: fc1 on the residual `resid`, its ReLU, and the fc2 rows of every cold
     /// neuron, split over the team; the logits are then set aside, since the draw decides),

@@ -4,7 +4,7 @@
 use crate::cpu::attention::AttnShape;
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::attention::attention_team;
-use crate::cpu::matmul::matmuls;
+use crate::cpu::matmul::{matmuls_tuned, CpuTuning};
 use crate::cpu::team::Team;
 use crate::cpu::{Activations, KvCache, Precision};
 use crate::model::Model;
@@ -67,6 +67,11 @@ pub trait Forward {
 
     /// The hybrid session behind this backend, if it is one (its timing, placement, profile).
     fn as_hybrid(&mut self) -> Option<&mut super::HybridSession> {
+        None
+    }
+
+    /// The CPU session behind this backend, if it is one (its step timers).
+    fn as_cpu(&mut self) -> Option<&mut Session> {
         None
     }
 }
@@ -132,6 +137,42 @@ pub struct Session {
     /// parallel steps of a token instead of sleeping like rayon's, so each step starts on every
     /// core within a microsecond (sized by the rayon pool the session is made in).
     team: Team,
+    /// How the products stream their weights.
+    pub tuning: CpuTuning,
+    /// Where the time goes, when asked for (`Some`): costs two clock reads per step.
+    pub times: Option<CpuTimes>,
+}
+
+/// Time spent in a CPU session's steps, summed over the tokens run since it was set.
+#[derive(Clone, Debug, Default)]
+pub struct CpuTimes {
+    /// Seconds in the team's matrix products, and the weight bytes they read.
+    pub products: f64,
+    pub product_bytes: u64,
+    /// Seconds in attention (the team's step).
+    pub attention: f64,
+    /// Seconds in the whole forward pass.
+    pub total: f64,
+}
+
+impl CpuTimes {
+    /// One line: the products' share and their bandwidth, attention, and the rest.
+    pub fn summary(&self) -> String {
+        let other = self.total - self.products - self.attention;
+        format!(
+            "products {:.1} ms ({:.1} GB/s), attention {:.1} ms, other {:.1} ms, of {:.1} ms",
+            self.products * 1e3,
+            self.product_bytes as f64 / self.products.max(1e-9) / 1e9,
+            self.attention * 1e3,
+            other * 1e3,
+            self.total * 1e3
+        )
+    }
+}
+
+/// Starts a clock when `times` is on.
+fn tick(times: &Option<CpuTimes>) -> Option<std::time::Instant> {
+    times.as_ref().map(|_| std::time::Instant::now())
 }
 
 /// Neurons the sparse FFN computed: per layer, summed over tokens.
@@ -154,7 +195,7 @@ impl Session {
         let hp = &model.hp;
         let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()) }
+        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()), tuning: CpuTuning::default(), times: None }
     }
 
     /// Runs the FFN blocks through `ffn` (neuron-aware) instead of densely.
@@ -173,7 +214,27 @@ impl Session {
     /// Runs layers `first..` on the hidden states `x` (`n_tokens` rows of `n_embd`) at the next
     /// positions, then the output: how a dense layer offload hands the CPU the layers the GPU
     /// does not hold. The caller has checked the batch.
-    pub fn run_layers(&mut self, mut x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
+    pub fn run_layers(&mut self, x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
+        let t = tick(&self.times);
+        let out = self.layers(x, first, want);
+        if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
+            times.total += t.elapsed().as_secs_f64();
+        }
+        out
+    }
+
+    /// One product step on the team ([`matmuls_tuned`]), timed when asked for.
+    fn products<const N: usize>(&mut self, x: &Activations, products: [(&crate::model::Matrix, &mut [f32]); N]) {
+        let t = tick(&self.times);
+        let bytes: usize = products.iter().map(|(w, _)| w.n_bytes()).sum();
+        matmuls_tuned(&mut self.team, &self.tuning, x, products);
+        if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
+            times.products += t.elapsed().as_secs_f64();
+            times.product_bytes += bytes as u64;
+        }
+    }
+
+    fn layers(&mut self, mut x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
         let m = self.model.clone();
         let hp = &m.hp;
         let (e, qd, kvd, ff) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_ff);
@@ -198,7 +259,7 @@ impl Session {
             // Attention block.
             ops::rms_norm(&x, &layer.attn_norm, hp.rms_eps, &mut xn);
             let acts = Activations::new(&xn, n).with_precision(self.precision);
-            matmuls(&mut self.team, &acts, [(&layer.wq, &mut q[..]), (&layer.wk, &mut k[..]), (&layer.wv, &mut v[..])]);
+            self.products(&acts, [(&layer.wq, &mut q[..]), (&layer.wk, &mut k[..]), (&layer.wv, &mut v[..])]);
             for (buf, bias, d) in [(&mut q, &layer.bq, qd), (&mut k, &layer.bk, kvd), (&mut v, &layer.bv, kvd)] {
                 if let Some(b) = bias {
                     buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
@@ -210,8 +271,13 @@ impl Session {
                 self.kv.store(il, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
             }
             let (kc, vc) = self.kv.layer(il);
+            let t = tick(&self.times);
             attention_team(&mut self.team, &q, kc, vc, pos0, n, shape, &mut attn);
-            matmuls(&mut self.team, &Activations::new(&attn, n).with_precision(self.precision), [(&layer.wo, &mut proj[..])]);
+            if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
+                times.attention += t.elapsed().as_secs_f64();
+            }
+            let precision = self.precision;
+            self.products(&Activations::new(&attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
             ops::add_assign(&mut x, &proj);
 
             // In the last layer only the rows whose logits are wanted go on.
@@ -239,14 +305,15 @@ impl Session {
                 continue;
             }
             let acts = Activations::new(xn, rows).with_precision(self.precision);
-            matmuls(&mut self.team, &acts, [(&layer.ffn_gate, &mut gate[..rows * ff]), (&layer.ffn_up, &mut up[..rows * ff])]);
+            self.products(&acts, [(&layer.ffn_gate, &mut gate[..rows * ff]), (&layer.ffn_up, &mut up[..rows * ff])]);
             if let Some(obs) = self.observer.as_mut() {
                 for t in 0..rows {
                     obs.observe(il, &x[t * e..(t + 1) * e], &gate[t * ff..(t + 1) * ff]);
                 }
             }
             ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);
-            matmuls(&mut self.team, &Activations::new(&gate[..rows * ff], rows).with_precision(self.precision), [(&layer.ffn_down, &mut proj[..rows * e])]);
+            let precision = self.precision;
+            self.products(&Activations::new(&gate[..rows * ff], rows).with_precision(precision), [(&layer.ffn_down, &mut proj[..rows * e])]);
             ops::add_assign(&mut x, &proj[..rows * e]);
         }
         self.n_past += n;
@@ -255,7 +322,8 @@ impl Session {
         let xn = &mut xn[..rows * e];
         ops::rms_norm(&x, &m.output_norm, hp.rms_eps, xn);
         let mut logits = vec![0.0; rows * hp.n_vocab];
-        matmuls(&mut self.team, &Activations::new(xn, rows).with_precision(self.precision), [(&m.output, &mut logits[..])]);
+        let precision = self.precision;
+        self.products(&Activations::new(xn, rows).with_precision(precision), [(&m.output, &mut logits[..])]);
         Ok(logits)
     }
 }
@@ -283,5 +351,9 @@ impl Forward for Session {
 
     fn backend_name(&self) -> String {
         "CPU".into()
+    }
+
+    fn as_cpu(&mut self) -> Option<&mut Session> {
+        Some(self)
     }
 }

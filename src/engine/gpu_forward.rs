@@ -352,13 +352,21 @@ impl GpuSession {
     /// A session whose forward calls take at most `max_batch` tokens at once (longer inputs
     /// are split): the activation buffers, the all-logits one above all, scale with it.
     pub fn with_batch(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize) -> Result<GpuSession, GpuError> {
+        Self::with_batch_logits(model, ctx, weights, n_ctx, max_batch, true)
+    }
+
+    /// [`with_batch`](Self::with_batch); without `all_logits` the buffer of every row's logits
+    /// is a placeholder (batch x n_vocab floats, 100 MiB at 512 tokens of a 49k vocabulary, that
+    /// a session reading only the last row's logits of a batch need not hold): the caller must
+    /// then never ask for [`Logits::All`] of more than one token.
+    pub fn with_batch_logits(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool) -> Result<GpuSession, GpuError> {
         let hp = &model.hp;
         let (e, qd, kvd, ff) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64);
         let with_head = weights.head.is_some();
         // Without the head there are no logits to hold.
         let nv = if with_head { hp.n_vocab as u64 } else { 1 };
         // The all-logits buffer bounds the batch: it must fit in one binding.
-        let max_tokens = (ctx.max_binding() / (4 * nv)).clamp(1, max_batch.max(1) as u64) as usize;
+        let max_tokens = (ctx.max_binding() / (4 * if all_logits { nv } else { 1 })).clamp(1, max_batch.max(1) as u64) as usize;
         let mt = max_tokens as u64;
         let f = |label: &str, n: u64| ctx.zeros(label, 4 * n);
         let align = ctx.limits.min_storage_buffer_offset_alignment as u64;
@@ -378,8 +386,8 @@ impl GpuSession {
             x_last: f("x_last", e),
             xn_last: f("xn_last", e),
             logits_last: f("logits_last", nv),
-            logits_all: f("logits_all", mt * nv),
-            argmax: f("argmax", 2),
+            logits_all: f("logits_all", if all_logits { mt * nv } else { 1 }),
+            argmax: f("argmax", 3),
             step: ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
             step_last: ctx.uniform("step_last", bytemuck::bytes_of(&Step::default())),
         };
@@ -457,7 +465,7 @@ impl GpuSession {
             output_all: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x, weight: output_norm, eps: hp.rms_eps }, &s.xn, &s.logits_all, &s.step, &MatOut::default()),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
-        let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", 4)).collect();
+        let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", ARGMAX_BYTES)).collect();
         Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
     }
 
@@ -512,7 +520,7 @@ impl GpuSession {
             }
         }
         if let Some(slot) = argmax_to {
-            enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.argmax_ring[slot], 0, 4);
+            enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.argmax_ring[slot], 0, ARGMAX_BYTES);
         }
         let index = self.ctx.queue.submit([enc.finish()]);
         self.n_past += n as usize;
@@ -521,8 +529,9 @@ impl GpuSession {
 
     /// Waits for `index` and reads the token id in readback slot `slot`.
     fn read_argmax_slot(&self, slot: usize, index: wgpu::SubmissionIndex) -> Result<u32, ForwardError> {
-        let bytes = self.ctx.read_mapped(&self.argmax_ring[slot], 4, Some(index)).map_err(ForwardError::Gpu)?;
-        Ok(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
+        let bytes = self.ctx.read_mapped(&self.argmax_ring[slot], ARGMAX_BYTES, Some(index)).map_err(ForwardError::Gpu)?;
+        let word = |i: usize| u32::from_le_bytes([bytes[4 * i], bytes[4 * i + 1], bytes[4 * i + 2], bytes[4 * i + 3]]);
+        argmax_id([word(0), word(1), word(2)])
     }
 
     /// Tells the attention ops the cache's key count for the steps recorded next.
@@ -694,8 +703,8 @@ impl Forward for GpuSession {
         for chunk in tokens.chunks(self.max_tokens) {
             self.run_batch(chunk, Logits::Last)?;
         }
-        let out: Vec<u32> = self.ctx.read(&self.s.argmax, 1).map_err(ForwardError::Gpu)?;
-        Ok(out[0])
+        let out: Vec<u32> = self.ctx.read(&self.s.argmax, 3).map_err(ForwardError::Gpu)?;
+        argmax_id([out[0], out[1], out[2]])
     }
 
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
@@ -757,4 +766,16 @@ impl Forward for GpuSession {
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {
         Some(self)
     }
+}
+
+/// Bytes the argmax kernel writes: the id, its logit's bits, and the non-finite flag.
+pub(super) const ARGMAX_BYTES: u64 = 12;
+
+/// The token id from the argmax kernel's output, or the error the CPU path gives when the
+/// logits hold a NaN or an infinity (the kernel flags them; see argmax.wgsl).
+pub(super) fn argmax_id(out: [u32; 3]) -> Result<u32, ForwardError> {
+    if out[2] != 0 {
+        return Err(ForwardError::NonFiniteLogits);
+    }
+    Ok(out[0])
 }

@@ -34,7 +34,7 @@ use super::host_attention::{choose_attention, HostAttention};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
-use crate::gpu::sparse::{ActiveList, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
+use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
 use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Matrix, Model};
@@ -42,6 +42,10 @@ use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, Placem
 use crate::sparse::predictor::Predictors;
 use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
+
+mod prefill;
+use prefill::PrefillBuffers;
+pub use prefill::PrefillTiming;
 
 impl AttentionPlace {
     /// After a session that failed with `err`: where a placed choice's measured fixed part
@@ -128,6 +132,8 @@ struct SparseLayerOps {
     axpy: SparseAxpyOp,
     _hot: HotFfn,
     _list: ActiveList,
+    /// A prefill batch's FFN over every hot neuron, densely, added into x.
+    batch: BatchFfnOp,
     /// Ascending ids of the neurons the CPU owns (may be empty).
     cold: Vec<u32>,
     /// The layer's attention runs on the CPU ([`HostAttention`]): the GPU hands over x and
@@ -196,6 +202,8 @@ pub struct HybridSession {
     /// Per layer: the hot neurons' dispatches and the cold neurons' exchange buffers.
     layers: Vec<SparseLayerOps>,
     state: HybridState,
+    /// Batched prefill's exchange buffers (None: prompts run token by token).
+    prefill: Option<PrefillBuffers>,
 }
 
 /// The CPU side of a hybrid session.
@@ -220,6 +228,8 @@ struct HybridState {
     syncs_per_token: usize,
     /// Where decode time went, summed over tokens since the last reset of the counters.
     timing: HybridTiming,
+    /// Where batched prefill time went, since the last reset.
+    prefill_timing: PrefillTiming,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -279,9 +289,16 @@ pub enum HybridError {
 
 impl HybridSession {
     /// Everything but the FFN on the GPU, then as many hot neurons as `plan.budget` leaves
-    /// room for (all of them without a budget); the rest run on the CPU. Decodes one token per
-    /// forward step (a batch is run token by token).
+    /// room for (all of them without a budget); the rest run on the CPU. Prompts run in
+    /// batches of up to [`DEFAULT_PREFILL_BATCH`] tokens.
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, progress: bool) -> Result<HybridSession, HybridError> {
+        Self::with_prefill(model, ctx, n_ctx, plan, DEFAULT_PREFILL_BATCH, progress)
+    }
+
+    /// [`new`](Self::new) with prompts run in batches of up to `prefill_batch` tokens (1: token
+    /// by token, as decode). The batch's GPU buffers (activations of every row, the CPU
+    /// exchange) are allocated before the neurons are placed, so they come out of the budget.
+    pub fn with_prefill(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, prefill_batch: usize, progress: bool) -> Result<HybridSession, HybridError> {
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -362,8 +379,11 @@ impl HybridSession {
         let n_gpu_attn = attention_on_gpu.iter().filter(|&&g| g).count();
         let weights = Arc::new(GpuWeights::upload_parts(&ctx, &model, &attention_on_gpu, false, progress)?);
         mark(&mut fixed, &format!("attention of {n_gpu_attn} of {} layers, norms, embeddings, output", hp.n_layer), &mut since);
-        let session = GpuSession::with_batch(model.clone(), ctx.clone(), weights, n_ctx, 1)?;
-        mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations"), &mut since);
+        // A batch reads only its last row's logits: no all-logits buffer.
+        // No batch is longer than the context.
+        let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
+        let prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
+        mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations (prefill batches included)"), &mut since);
 
         // Predictors on the GPU (predict mode without simulation).
         let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
@@ -496,6 +516,8 @@ impl HybridSession {
                 }
             };
             let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
+            // The batch's hidden rows live in the session's gate buffer (max_tokens x n_ff).
+            let batch = BatchFfnOp::new(&ctx, &hot, &s.xn, &s.gate, &s.x, hp.activation, session.max_tokens(), &s.step)?;
             let cold: Vec<u32> = complement(hot_ids, ff);
             let host_attention = on_host[il];
             let staging = (!cold.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
@@ -510,6 +532,7 @@ impl HybridSession {
                 axpy,
                 _hot: hot,
                 _list: list,
+                batch,
                 cold,
                 host_attention,
                 staging,
@@ -545,8 +568,9 @@ impl HybridSession {
             placement,
             syncs_per_token: 0,
             timing: HybridTiming::default(),
+            prefill_timing: PrefillTiming::default(),
         };
-        Ok(HybridSession { gpu: session, layers, state })
+        Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
@@ -607,7 +631,7 @@ impl HybridSession {
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
     fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let HybridSession { gpu, layers, state } = self;
+        let HybridSession { gpu, layers, state, .. } = self;
         let e = gpu.model.hp.n_embd;
         let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -724,10 +748,15 @@ impl HybridSession {
 }
 
 impl Forward for HybridSession {
-    /// Token by token, each with its own active neurons.
+    /// Several tokens for the last row's logits in batches ([`Self::prefill`]); otherwise token
+    /// by token, each with its own active neurons.
     fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         self.gpu.check(tokens)?;
         let nv = self.gpu.model.hp.n_vocab;
+        if want == Logits::Last && self.batched(tokens.len()) {
+            self.prefill(tokens)?;
+            return self.gpu.ctx.read::<f32>(&self.gpu.s.logits_last, nv).map_err(ForwardError::Gpu);
+        }
         let mut all = Vec::new();
         for &t in tokens {
             self.run_token(t)?;
@@ -743,11 +772,15 @@ impl Forward for HybridSession {
 
     fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
         self.gpu.check(tokens)?;
-        for &t in tokens {
-            self.run_token(t)?;
+        if self.batched(tokens.len()) {
+            self.prefill(tokens)?;
+        } else {
+            for &t in tokens {
+                self.run_token(t)?;
+            }
         }
-        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 1).map_err(ForwardError::Gpu)?;
-        Ok(out[0])
+        let out: Vec<u32> = self.gpu.ctx.read(&self.gpu.s.argmax, 3).map_err(ForwardError::Gpu)?;
+        super::gpu_forward::argmax_id([out[0], out[1], out[2]])
     }
 
     fn n_past(&self) -> usize {
@@ -879,6 +912,11 @@ struct Segment {
     /// The token's tail (its last segment).
     last: bool,
 }
+
+/// Prompt tokens per batch of [`HybridSession::new`]: the batch's activation buffers come out of
+/// the budget (~0.16 MiB per token for a 7B, ~20 KiB for SmolLM2), so the default is moderate;
+/// the CLI passes its own (`--prefill-batch`).
+pub const DEFAULT_PREFILL_BATCH: usize = 64;
 
 /// Layers per submission in runs of layers without a split.
 const LAYERS_PER_SUBMISSION: usize = 8;

@@ -470,7 +470,8 @@ pub struct ArgmaxOp {
 
 impl ArgmaxOp {
     pub fn new(ctx: &GpuContext, logits: &Buffer, n_vocab: u32, out: &Buffer, step: &Buffer) -> Self {
-        assert!(n_vocab > 0 && out.size() >= 8);
+        // Indices carry a flag in their top bit between the passes (argmax.wgsl).
+        assert!(n_vocab > 0 && n_vocab < 1 << 31 && out.size() >= 12);
         let n_blocks = n_vocab.div_ceil(2048).min(256);
         let block_len = n_vocab.div_ceil(n_blocks);
         let p = params(ctx, "argmax.params", &[n_vocab, n_blocks, block_len, 0]);

@@ -106,8 +106,14 @@ impl Matrix {
     /// The matrix repacked into 16-row interleaved groups for the CPU's packed kernels, made
     /// once (and shared by clones); `None` for types that are not packed.
     pub fn packed(&self) -> Option<&PackedMatrix> {
+        self.packed_with(packed::PackOptions::default())
+    }
+
+    /// [`Matrix::packed`], packed with `opts` if this is the first call (the copy, once made,
+    /// is kept as it is).
+    pub fn packed_with(&self, opts: packed::PackOptions) -> Option<&PackedMatrix> {
         self.packed
-            .get_or_init(|| packed::packs(self.ty).then(|| PackedMatrix::new(self.ty, self.rows, self.cols, self.bytes()).expect("a matrix's bytes match its shape")))
+            .get_or_init(|| packed::packs(self.ty).then(|| PackedMatrix::with_options(self.ty, self.rows, self.cols, self.bytes(), opts).expect("a matrix's bytes match its shape")))
             .as_ref()
     }
 

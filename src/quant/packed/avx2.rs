@@ -63,7 +63,7 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         for b in 0..nb {
             let (chunk, j) = (g.add(576 * (b / 2)), b % 2);
             if h == 0 {
-                prefetch_ahead(g.add(288 * b), 320);
+                prefetch_ahead(g.add(288 * b), 320, y.prefetch);
             }
             let d = scales(chunk.add(512 + 32 * j + 16 * h), *y.d.add(b));
             q4_block::<true>(chunk.add(256 * j + 32 * h), y, b, d, &mut acc);
@@ -80,7 +80,7 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         for b in 0..nb {
             let chunk = g.add(320 * b);
             if h == 0 {
-                prefetch_ahead(chunk, 320);
+                prefetch_ahead(chunk, 320, y.prefetch);
             }
             let d = scales(chunk.add(256 + 16 * h), *y.d.add(b));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(288 + 16 * h).cast()));
@@ -99,7 +99,7 @@ pub(super) unsafe fn group_q8_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         for b in 0..nb {
             let (chunk, j) = (g.add(1088 * (b / 2)), b % 2);
             if h == 0 {
-                prefetch_ahead(g.add(544 * b), 576);
+                prefetch_ahead(g.add(544 * b), 576, y.prefetch);
             }
             let d = scales(chunk.add(1024 + 32 * j + 16 * h), *y.d.add(b));
             let q = y.qs.add(b * y.step);

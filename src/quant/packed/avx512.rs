@@ -63,7 +63,7 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
         let (chunk, j) = (g.add(576 * (b / 2)), b % 2);
-        prefetch_ahead(g.add(288 * b), 320);
+        prefetch_ahead(g.add(288 * b), 320, y.prefetch);
         let d = scales(chunk.add(512 + 32 * j), *y.d.add(b));
         q4_block::<true>(chunk.add(256 * j), y, b, d, &mut acc);
     }
@@ -78,7 +78,7 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
     let mut summs = _mm512_setzero_ps();
     for b in 0..nb {
         let chunk = g.add(320 * b);
-        prefetch_ahead(chunk, 320);
+        prefetch_ahead(chunk, 320, y.prefetch);
         let d = scales(chunk.add(256), *y.d.add(b));
         let m = _mm512_cvtph_ps(_mm256_load_si256(chunk.add(288).cast()));
         summs = _mm512_fmadd_ps(m, _mm512_set1_ps(*y.s.add(b)), summs);
@@ -94,7 +94,7 @@ pub(super) unsafe fn group_q8_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
         let (chunk, j) = (g.add(1088 * (b / 2)), b % 2);
-        prefetch_ahead(g.add(544 * b), 576);
+        prefetch_ahead(g.add(544 * b), 576, y.prefetch);
         let d = scales(chunk.add(1024 + 32 * j), *y.d.add(b));
         let q = y.qs.add(b * y.step);
         let bias = y.bias8.add(8 * b);

@@ -1,0 +1,241 @@
+//! Batched prefill of a hybrid session: a prompt goes through the layers in batches of up to
+//! the GPU session's `max_tokens`, not one token per step.
+//!
+//! Per batch and layer:
+//!
+//! ```text
+//! GPU, submission A: (+ the CPU's part of the previous layer) attention for every row of the
+//!                    batch, + residual, FFN norm -> copy xn (n x n_embd) to a mapped buffer
+//! GPU, submission B: every hot neuron for every row, densely (BatchFfnOp), added into x
+//! CPU, meanwhile:    wait for A, read xn, every cold neuron for every row -> y (n x n_embd),
+//!                    written to the GPU before the next submission
+//! ```
+//!
+//! So a split layer costs one GPU->CPU synchronisation per batch instead of one per token, and
+//! the GPU's weights are read once per batch. The FFN is dense in both parts: the union of a
+//! batch's firing neurons is nearly all of them, and a silent ReLU neuron adds exactly zero, so
+//! for `--ffn relu` the result is the token-by-token one up to summation order. For `--ffn
+//! predict` and simulated activity the batch computes the exact FFN (no predictor is asked, no
+//! activity drawn, a simulated predictor's cost is not charged): the prefill of those runs is
+//! what a perfect predictor would give, and its speed is that of the dense FFN.
+//! A layer whose neurons are all hot needs no synchronisation; x + hot part + cold part are
+//! added in that order, as in decode.
+
+use super::{lost, HybridSession};
+use crate::engine::forward::ForwardError;
+use crate::engine::gpu_forward::GpuSession;
+use crate::engine::gpu_ops::Op;
+use crate::gpu::ops::AddOp;
+use crate::gpu::{GpuContext, Step};
+use std::time::Instant;
+
+/// A batch's exchange between the GPU and the CPU, shared by the layers (they run one after
+/// another): allocated with the session, before the neurons are placed, so the budget covers
+/// them.
+pub(super) struct PrefillBuffers {
+    /// xn of the batch's rows, mapped by the CPU.
+    staging: wgpu::Buffer,
+    /// The CPU's part of the batch's FFN and the op adding it into x.
+    y_cpu: wgpu::Buffer,
+    add_cpu: AddOp,
+    /// Host side of `y_cpu`.
+    y: Vec<f32>,
+    /// x and xn of a host-attention layer's batch.
+    x: Vec<f32>,
+    xn: Vec<f32>,
+}
+
+impl PrefillBuffers {
+    pub(super) fn new(ctx: &GpuContext, gpu: &GpuSession) -> PrefillBuffers {
+        let e = gpu.model.hp.n_embd;
+        let bytes = 4 * (gpu.max_tokens() * e) as u64;
+        let y_cpu = ctx.zeros("prefill cpu ffn part", bytes);
+        let add_cpu = AddOp::new(ctx, &gpu.s.x, &y_cpu, e as u32, &gpu.s.step);
+        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new() }
+    }
+}
+
+/// Host-side time of batched prefill, in seconds, summed over `batches`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PrefillTiming {
+    pub tokens: u64,
+    pub batches: u64,
+    /// Whole batches, from the first write to the last submission.
+    pub total: f64,
+    /// Blocked waiting for the GPU's attention half of split layers.
+    pub wait_gpu: f64,
+    /// Computing cold neurons on the CPU.
+    pub cpu_ffn: f64,
+    /// Computing host-attention layers' attention half on the CPU.
+    pub cpu_attention: f64,
+}
+
+impl PrefillTiming {
+    /// One line for logs.
+    pub fn summary(&self) -> String {
+        let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
+        format!(
+            "{} tokens in {} batches, {:.3} ms per token: {:.3} waiting for the GPU, {:.3} CPU cold neurons, {:.3} CPU attention, {:.3} other",
+            self.tokens,
+            self.batches,
+            per(self.total),
+            per(self.wait_gpu),
+            per(self.cpu_ffn),
+            per(self.cpu_attention),
+            per(self.total - self.wait_gpu - self.cpu_ffn - self.cpu_attention)
+        )
+    }
+}
+
+impl HybridSession {
+    /// Whether `n` tokens go through batched prefill.
+    pub(super) fn batched(&self, n: usize) -> bool {
+        n > 1 && self.prefill.is_some()
+    }
+
+    /// Runs `tokens` (checked by the caller) in batches of up to `max_tokens`; a batch of one
+    /// runs as decode does. Leaves the last row's logits and argmax in the GPU session.
+    pub(super) fn prefill(&mut self, tokens: &[u32]) -> Result<(), ForwardError> {
+        for chunk in tokens.chunks(self.gpu.max_tokens()) {
+            match chunk {
+                [t] => self.run_token(*t)?,
+                _ => self.prefill_batch(chunk)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Where batched prefill time went; `reset` zeroes the sums.
+    pub fn prefill_timing(&mut self, reset: bool) -> PrefillTiming {
+        let out = self.state.prefill_timing;
+        if reset {
+            self.state.prefill_timing = PrefillTiming::default();
+        }
+        out
+    }
+
+    fn prefill_batch(&mut self, tokens: &[u32]) -> Result<(), ForwardError> {
+        let t_batch = Instant::now();
+        let HybridSession { gpu, layers, state, prefill } = self;
+        let pf = prefill.as_mut().expect("batched prefill has its buffers");
+        let n = tokens.len() as u32;
+        let e = gpu.model.hp.n_embd;
+        let pos0 = gpu.n_past as u32;
+        let step = Step { n_tokens: n, pos0, n_kv: pos0 + n, _pad: 0 };
+        gpu.set_n_kv(step.n_kv);
+        let q = &gpu.ctx.queue;
+        q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
+        q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&Step { n_tokens: 1, ..step }));
+        q.write_buffer(&gpu.s.ids, 0, bytemuck::cast_slice(tokens));
+        pf.y.resize(n as usize * e, 0.0);
+        let (mut wait_gpu, mut cpu_ffn, mut cpu_attention) = (0.0, 0.0, 0.0);
+        let this = &*gpu;
+        let new_encoder = || this.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid prefill") });
+        let mut enc = new_encoder();
+        let mut pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+        this.embed.encode(&mut pass, n);
+        for (il, (layer, sp)) in this.layers.iter().zip(layers.iter()).enumerate() {
+            for (_, op) in layer.attention_sequence(n) {
+                op.record(&mut pass, n);
+            }
+            if sp.cold.is_empty() && !sp.host_attention {
+                sp.batch.record(&mut pass, n);
+                continue;
+            }
+            drop(pass);
+            let bytes = 4 * n as u64 * e as u64;
+            // The CPU needs xn for its cold neurons, or x to run a host layer's attention from.
+            let from = if sp.host_attention { &this.s.x } else { &this.s.xn };
+            enc.copy_buffer_to_buffer(from, 0, &pf.staging, 0, bytes);
+            this.ctx.queue.submit([enc.finish()]);
+            let slice = pf.staging.slice(..bytes);
+            let (tx_map, rx_map) = std::sync::mpsc::channel();
+            slice.map_async(wgpu::MapMode::Read, move |r| {
+                let _ = tx_map.send(r);
+            });
+            // Submission B: the hot neurons of every row, added into x (after a host attention,
+            // once the CPU has written x and xn back).
+            let mut hot = new_encoder();
+            {
+                let mut p = hot.begin_compute_pass(&Default::default());
+                sp.batch.record(&mut p, n);
+            }
+            let mut hot = Some(hot.finish());
+            if !sp.host_attention {
+                this.ctx.queue.submit(hot.take());
+            }
+            let t_wait = Instant::now();
+            // Spinning on non-blocking polls, as decode does (a blocking wait costs ~100 µs of
+            // wake-up latency).
+            let mapped = loop {
+                this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                match rx_map.try_recv() {
+                    Ok(r) => break r,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                    Err(err) => return Err(lost(err)),
+                }
+            };
+            mapped.map_err(lost)?;
+            wait_gpu += t_wait.elapsed().as_secs_f64();
+            if sp.host_attention {
+                // The attention half of every row on the CPU (the host session's batched
+                // kernels), then x and xn back to the GPU before the hot neurons read them.
+                let t_attn = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    pf.x.clear();
+                    pf.x.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&view));
+                }
+                pf.staging.unmap();
+                pf.xn.resize(pf.x.len(), 0.0);
+                state.host.run(state.cold.team(), &this.model, il, pos0 as usize, &mut pf.x, &mut pf.xn, state.precision)?;
+                this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&pf.x));
+                this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&pf.xn));
+                this.ctx.queue.submit(hot.take());
+                cpu_attention += t_attn.elapsed().as_secs_f64();
+                if !sp.cold.is_empty() {
+                    let t_cpu = Instant::now();
+                    state.cold.batch_dense(&state.ffn, &this.model, il, &pf.xn, &sp.cold, state.precision, &mut pf.y);
+                    cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                }
+            } else {
+                let t_cpu = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    let xn: &[f32] = bytemuck::cast_slice(&view);
+                    state.cold.batch_dense(&state.ffn, &this.model, il, xn, &sp.cold, state.precision, &mut pf.y);
+                }
+                pf.staging.unmap();
+                cpu_ffn += t_cpu.elapsed().as_secs_f64();
+            }
+            if sp.cold.is_empty() {
+                enc = new_encoder();
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                continue;
+            }
+            // Ordered before the next submission, whose first dispatch adds it into x.
+            this.ctx.queue.write_buffer(&pf.y_cpu, 0, bytemuck::cast_slice(&pf.y));
+            enc = new_encoder();
+            pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+            pf.add_cpu.encode(&mut pass, n);
+        }
+        drop(pass);
+        if this.head.is_some() {
+            this.copy_last_row(&mut enc, n);
+            let mut p = enc.begin_compute_pass(&Default::default());
+            for (_, op) in this.output_sequence() {
+                op.record(&mut p, 1);
+            }
+        }
+        this.ctx.queue.submit([enc.finish()]);
+        gpu.n_past += n as usize;
+        let t = &mut state.prefill_timing;
+        t.tokens += n as u64;
+        t.batches += 1;
+        t.total += t_batch.elapsed().as_secs_f64();
+        t.wait_gpu += wait_gpu;
+        t.cpu_ffn += cpu_ffn;
+        t.cpu_attention += cpu_attention;
+        Ok(())
+    }
+}
