@@ -632,7 +632,9 @@ impl PlacementCache {
         set_attention(&mut w, attention_on_gpu);
         w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
         w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
-        match w.write_file(&self.path) {
+        // The derived-files folder (the user cache's, keyed by the model) may not exist yet.
+        let made = self.path.parent().map_or(Ok(()), std::fs::create_dir_all);
+        match made.and_then(|()| w.write_file(&self.path).map_err(std::io::Error::other)) {
             Ok(()) => log(&format!("placement cached in {}", self.path.display())),
             Err(e) => log(&format!("note: could not cache the placement in {}: {e}", self.path.display())),
         }
