@@ -241,10 +241,11 @@ fn next_turn_reuses_the_cache_and_a_dropped_client_is_cancelled() {
     let (reused, prefilled) = (num(" reused from the cache"), num(" prefilled at"));
     assert!(reused >= p1 && reused + prefilled == p2, "{line} (first prompt {p1}, second {p2})");
 
-    // A streaming client that reads one chunk and goes away.
-    let body = json!({ "prompt": "Write a long story about the sea.", "max_tokens": 400, "temperature": 0, "stream": true }).to_string();
+    // A streaming client that reads one chunk and goes away (a chat answer: a raw completion
+    // of this prompt ends at once).
+    let body = json!({ "messages": user("Write a long story about the sea."), "max_tokens": 400, "temperature": 0, "stream": true }).to_string();
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut buf = [0u8; 512];
     let n = s.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));

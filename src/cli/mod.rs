@@ -3,6 +3,7 @@
 mod backend;
 pub mod cache;
 mod bench;
+mod chat;
 mod gpu_bench;
 mod fetch;
 mod info;
@@ -60,6 +61,8 @@ pub enum Command {
     TrainPredictor(train_predictor::TrainPredictorArgs),
     /// Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions)
     Serve(serve::ServeArgs),
+    /// Chat with the model in the terminal, turn after turn (one turn per line when piped)
+    Chat(chat::ChatArgs),
 }
 
 /// Where the computation runs.
@@ -308,7 +311,7 @@ pub fn resolve_model(model: Option<&std::path::Path>) -> Result<PathBuf> {
                     true => format!("the cache ({}) holds no models; `ember fetch` downloads the default one", cache::models_dir().map_or("?".into(), |d| d.display().to_string())),
                     false => format!("models in the cache: {}", cached.join(", ")),
                 };
-                Err(format!("model {} is neither a file nor a cached model's name; {have}", p.display()).into())
+                Err(format!("model file {} does not exist, nor is it the name of a cached model; {have}", p.display()).into())
             }
         },
         None => {
@@ -345,6 +348,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Convert(a) => plan::convert(a),
         Command::TrainPredictor(a) => train_predictor::train_predictor(a),
         Command::Serve(a) => serve::serve(a),
+        Command::Chat(a) => chat::chat(a),
     }
 }
 
