@@ -147,7 +147,7 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
         m
     };
     let setup = check("setup");
-    // A 128-token prompt (token by token: the largest batch of a hybrid decode).
+    // A 128-token prompt (batched prefill: the largest batches this session runs).
     let prompt: Vec<u32> = (0..128u32).map(|i| ((i * 2654435761u32) >> 7) % hp.n_vocab as u32).collect();
     let logits = s.forward(&prompt, Logits::Last).unwrap();
     let after = check("the prompt");

@@ -416,6 +416,8 @@ fn chat_templates_run_out_of_fuel_and_output_room() {
     let cases = [
         ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "instructions"),
         ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", "bytes of text"),
+        // Arithmetic until the fuel runs out: each + and * goes through the budget's checks.
+        ("{% set ns = namespace(n=0) %}{% for i in range(100000) %}{% for j in range(100) %}{% set ns.n = ns.n + j * 2 %}{% endfor %}{% endfor %}", "instructions"),
     ];
     for (template, want) in cases {
         let tok = tokenizer_with_template(&model, template);
@@ -471,6 +473,9 @@ fn chat_templates_that_build_huge_values_stop_at_the_byte_budget() {
     let t = "{% set ns = namespace(s='ab', l=[]) %}{% for m in messages %}{% set ns.s = ns.s ~ m.content %}{% set ns.l = ns.l + [m.role] %}{% endfor %}<{{ ns.s }}|{{ ns.l|join(',') }}|{{ 'x' * 3 }}|{{ ns.s|replace('b', 'B')|upper }}>\n &amp;";
     let two = [ChatMessage::new("user", "hello"), ChatMessage::new("assistant", "hi")];
     assert_eq!(ember::tokenizer::render_chat_template(t, &two, true, "<s>", "</s>").unwrap(), "<abhellohi|user,assistant|xxx|ABHELLOHI>\n &amp;");
+    // Operators keep minijinja's meaning through the guard.
+    let t = "{{ 1 + 2 }} {{ 1.5 + 2 }} {{ 2 * 3 }} {{ 9223372036854775807 + 1 }} {{ [1] + [2] }} {{ 'ab' * 2 }} {{ [1] * 2 }} {{ 'a' ~ 1 ~ none }}";
+    assert_eq!(ember::tokenizer::render_chat_template(t, &two, true, "", "").unwrap(), "3 3.5 6 9223372036854775808 [1, 2] abab [1, 1] a1None");
     // A long conversation is far inside the budget, which grows with the messages.
     let long: Vec<ChatMessage> = (0..200).map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(2000))).collect();
     let t = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' + '\n' }}{% endfor %}";

@@ -853,3 +853,29 @@ fn packed_matrix_rejects_bad_input() {
     assert!(matches!(PackedMatrix::new(GgmlType::Q4_0, 2, 32, &[0; 35]), Err(PackError::Length { expected: 36, got: 35, .. })));
     assert!(matches!(PackedMatrix::new(GgmlType::Q8_0, 1, 40, &[0; 34]), Err(PackError::Length { .. })));
 }
+
+/// The four-row dots give each row's one-row (and reference) value bit for bit, at odd
+/// block counts, with rows of different contents side by side.
+#[test]
+fn four_row_dots_equal_one_row_dots() {
+    let mut rng = Rng(63);
+    for nb in [1usize, 3, 37, 130] {
+        let mut y0 = vec![BlockQ8_0 { d: f16::ZERO, qs: [0; 32] }; nb];
+        quant::quantize_row_q8_0(&rng.vec(32 * nb), &mut y0);
+        let mut y1 = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] }; nb];
+        quant::quantize_row_q8_1(&rng.vec(32 * nb), &mut y1);
+        let w4 = random_q4_0(&mut rng, 4 * nb);
+        let w41 = random_q4_1(&mut rng, 4 * nb);
+        let w8 = random_q8_0(&mut rng, 4 * nb);
+        let row = |r: usize| r * nb..(r + 1) * nb;
+        let got = quant::vec_dot_q4_0_q8_0_x4(std::array::from_fn(|r| &w4[row(r)]), &y0);
+        let got41 = quant::vec_dot_q4_1_q8_1_x4(std::array::from_fn(|r| &w41[row(r)]), &y1);
+        let got8 = quant::vec_dot_q8_0_q8_0_x4(std::array::from_fn(|r| &w8[row(r)]), &y0);
+        for r in 0..4 {
+            assert_eq!(got[r].to_bits(), reference::vec_dot_q4_0_q8_0(&w4[row(r)], &y0).to_bits(), "q4_0 nb {nb} row {r}");
+            assert_eq!(got[r].to_bits(), quant::vec_dot_q4_0_q8_0(&w4[row(r)], &y0).to_bits(), "q4_0 nb {nb} row {r}");
+            assert_eq!(got41[r].to_bits(), reference::vec_dot_q4_1_q8_1(&w41[row(r)], &y1).to_bits(), "q4_1 nb {nb} row {r}");
+            assert_eq!(got8[r].to_bits(), reference::vec_dot_q8_0_q8_0(&w8[row(r)], &y0).to_bits(), "q8_0 nb {nb} row {r}");
+        }
+    }
+}

@@ -191,6 +191,25 @@ impl<'a> RowDots<'a> {
         }
     }
 
+    /// [`RowDots::dot`] of four rows, each value bit-identical to it: the 8-bit types run
+    /// the four rows side by side ([`quant::vec_dot_q4_0_q8_0_x4`]), so that a gathered list
+    /// of rows is not paced by one row's chain of per-block multiply-adds.
+    #[inline]
+    fn dot4(&self, r: [usize; 4], scratch: &mut [f32]) -> [f32; 4] {
+        match *self {
+            RowDots::Q4_0(w, x) => quant::vec_dot_q4_0_q8_0_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
+            RowDots::Q4_1(w, x) => quant::vec_dot_q4_1_q8_1_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
+            RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
+            _ => {
+                let mut out = [0.0; 4];
+                for (o, &i) in out.iter_mut().zip(&r) {
+                    *o = self.dot(i, scratch);
+                }
+                out
+            }
+        }
+    }
+
     /// `dot(row r, token)`, the value `matmul` writes for row r. A row holds as many weight
     /// blocks (or values) as the converted token.
     #[inline]
@@ -311,7 +330,11 @@ pub fn row_dots_serial(w: &Matrix, acts: &Activations, rows: &[u32], vals: &mut 
     }
     let dots = RowDots::new(w, &TokenForm::new(w.ty, acts));
     let mut scratch = vec![0.0f32; dots.scratch_len()];
-    for (v, &r) in vals.iter_mut().zip(rows) {
+    let whole = rows.len() / 4 * 4;
+    for (v, r) in vals[..whole].chunks_exact_mut(4).zip(rows.chunks_exact(4)) {
+        v.copy_from_slice(&dots.dot4([r[0], r[1], r[2], r[3]].map(|i| i as usize), &mut scratch));
+    }
+    for (v, &r) in vals[whole..].iter_mut().zip(&rows[whole..]) {
         *v = dots.dot(r as usize, &mut scratch);
     }
 }
@@ -908,6 +931,9 @@ pub fn gated_ffn_chunks<R>(
         assert_eq!(acc.len(), down_t.cols, "{}: output of {} values for {} columns", down_t.name, acc.len(), down_t.cols);
         let mut scratch = vec![0.0f32; scratch_len];
         let mut pending = PendingRows::new();
+        // Gate values of the next four neurons, computed together (`RowDots::dot4`: the same
+        // values as one at a time).
+        let mut gates = [0.0f32; 4];
         for k in start..start + len {
             if let Some(&next) = active.get(k + ahead) {
                 let n = next as usize;
@@ -922,7 +948,18 @@ pub fn gated_ffn_chunks<R>(
             let i = active[k] as usize;
             let g = match (gate_given, &gate_dots) {
                 (Some(v), _) => v[i],
-                (None, Some(d)) => d.dot(i, &mut scratch),
+                (None, Some(d)) => {
+                    let j = (k - start) % 4;
+                    if j == 0 && k + 4 <= start + len {
+                        gates = d.dot4(std::array::from_fn(|m| active[k + m] as usize), &mut scratch);
+                    } else if j == 0 {
+                        // The chunk's last neurons, fewer than four.
+                        for (m, g) in gates.iter_mut().enumerate().take(start + len - k) {
+                            *g = d.dot(active[k + m] as usize, &mut scratch);
+                        }
+                    }
+                    gates[j]
+                }
                 (None, None) => unreachable!("gate dots exist without given values"),
             };
             if fires.is_some_and(|f| !f[k]) {

@@ -329,33 +329,31 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let cpu_precision = args.precision;
     let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let mut attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true);
-    // Host attention chosen from estimates whose fixed part measured over the budget: again,
-    // on a fresh device (see below), keeping the shortfall free (twice at most).
-    let mut attention = attention;
-    for _ in 0..2 {
-        let Err(e) = &attempt else { break };
-        let Some(more) = attention.with_more_slack(e) else { break };
-        log(&format!("{e}; choosing the host-attention layers again with more room"));
-        drop(ctx);
-        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
-        attempt = HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), more.clone()), args.prefill_batch, true);
-        attention = more;
-    }
-    let session = match attempt {
-        Ok(s) => s,
-        Err(HybridError::Placement(e)) if from_cache => {
+    let (mut hot, mut attention, mut retries) = (hot, attention, 0);
+    let session = loop {
+        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true) {
+            Ok(s) => break s,
+            Err(e) => e,
+        };
+        if from_cache && matches!(e, HybridError::Placement(_)) {
             let c = cache.as_ref().expect("from the cache");
             log(&format!("the placement cached in {} does not fit here ({e}); placing anew", c.path.display()));
             from_cache = false;
-            // On a fresh device: the failed session's buffers are gone with the old one, and
-            // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
-            // 2.2 GiB budget, and the driver held both until the old buffers were freed).
-            drop(ctx);
-            ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning));
-            HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(None, placed), args.prefill_batch, true)?
+            (hot, attention) = (None, placed.clone());
+        } else if let (Some(more), true) = (attention.with_more_slack(&e), retries < 2) {
+            // Host attention chosen from estimates whose fixed part measured over the
+            // budget: chosen again keeping the shortfall free (twice at most).
+            log(&format!("{e}; choosing the host-attention layers again with more room"));
+            retries += 1;
+            attention = more;
+        } else {
+            return Err(e.into());
         }
-        Err(e) => return Err(e.into()),
+        // On a fresh device: the failed session's buffers are gone with the old one, and
+        // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
+        // 2.2 GiB budget, and the driver held both until the old buffers were freed).
+        drop(ctx);
+        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
     };
     if let Some(c) = &cache {
         match from_cache {
@@ -634,7 +632,9 @@ impl PlacementCache {
         set_attention(&mut w, attention_on_gpu);
         w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
         w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
-        match w.write_file(&self.path) {
+        // The derived-files folder (the user cache's, keyed by the model) may not exist yet.
+        let made = self.path.parent().map_or(Ok(()), std::fs::create_dir_all);
+        match made.and_then(|()| w.write_file(&self.path).map_err(std::io::Error::other)) {
             Ok(()) => log(&format!("placement cached in {}", self.path.display())),
             Err(e) => log(&format!("note: could not cache the placement in {}: {e}", self.path.display())),
         }

@@ -16,6 +16,9 @@
 //!   SparseAxpyOp    as above
 //! ```
 //!
+//! A prefill batch runs every hot row instead, densely ([`BatchFfnOp`]: tiled products over
+//! the same layout for many tokens at once).
+//!
 //! The list's length is known only on the GPU: [`SelectOp`] writes the indirect dispatch
 //! arguments of the matvec and the AXPY into [`ActiveList::args`], so nothing is read back and
 //! every bind group is built once. Everything is deterministic bit for bit: the list is

@@ -150,6 +150,49 @@ pub fn vec_dot_q4_0_q8_0(x: &[BlockQ4_0], y: &[BlockQ8_0]) -> f32 {
     reference::vec_dot_q4_0_q8_0(x, y)
 }
 
+/// Four Q4_0 rows' [`vec_dot_q4_0_q8_0`] with one activation row, each result bit-identical to
+/// the one-row function's (the rows' latency chains run side by side).
+///
+/// # Panics
+/// If a row holds another number of blocks than `y`.
+pub fn vec_dot_q4_0_q8_0_x4(x: [&[BlockQ4_0]; 4], y: &[BlockQ8_0]) -> [f32; 4] {
+    assert!(x.iter().all(|r| r.len() == y.len()), "vec_dot_q4_0_q8_0_x4: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU supports the features the kernel is compiled for; lengths checked.
+        return unsafe { x86::vec_dot_q4_0_q8_0_x4(x, y) };
+    }
+    x.map(|r| reference::vec_dot_q4_0_q8_0(r, y))
+}
+
+/// Four Q8_0 rows' [`vec_dot_q8_0_q8_0`], as [`vec_dot_q4_0_q8_0_x4`].
+///
+/// # Panics
+/// If a row holds another number of blocks than `y`.
+pub fn vec_dot_q8_0_q8_0_x4(x: [&[BlockQ8_0]; 4], y: &[BlockQ8_0]) -> [f32; 4] {
+    assert!(x.iter().all(|r| r.len() == y.len()), "vec_dot_q8_0_q8_0_x4: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::vec_dot_q8_0_q8_0_x4(x, y) };
+    }
+    x.map(|r| reference::vec_dot_q8_0_q8_0(r, y))
+}
+
+/// Four Q4_1 rows' [`vec_dot_q4_1_q8_1`], as [`vec_dot_q4_0_q8_0_x4`].
+///
+/// # Panics
+/// If a row holds another number of blocks than `y`.
+pub fn vec_dot_q4_1_q8_1_x4(x: [&[BlockQ4_1]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+    assert!(x.iter().all(|r| r.len() == y.len()), "vec_dot_q4_1_q8_1_x4: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: as above.
+        return unsafe { x86::vec_dot_q4_1_q8_1_x4(x, y) };
+    }
+    x.map(|r| reference::vec_dot_q4_1_q8_1(r, y))
+}
+
 /// Dot product of a Q4_1 weight row with Q8_1 activations (llama.cpp `ggml_vec_dot_q4_1_q8_1`).
 ///
 /// # Panics

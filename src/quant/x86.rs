@@ -112,6 +112,59 @@ pub(super) unsafe fn vec_dot_q4_1_q8_1(x: &[BlockQ4_1], y: &[BlockQ8_1]) -> f32 
     hsum_ps(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
 }
 
+/// Four rows' [`vec_dot_q4_0_q8_0`] at once: each row's instructions are the one-row kernel's,
+/// in its order (so each result is bit-identical to it), interleaved so that the four
+/// accumulators' FMA latency chains overlap instead of following one another.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn vec_dot_q4_0_q8_0_x4(x: [&[BlockQ4_0]; 4], y: &[BlockQ8_0]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, by) in y.iter().enumerate() {
+        let qy = _mm256_loadu_si256(by.qs.as_ptr().cast());
+        for r in 0..4 {
+            let bx = x[r].get_unchecked(b);
+            let d = scale_product(bx, by);
+            let qx = _mm256_sub_epi8(nibbles(&bx.qs), _mm256_set1_epi8(8));
+            acc[r] = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc[r]);
+        }
+    }
+    acc.map(|a| hsum_ps(a))
+}
+
+/// Four rows' [`vec_dot_q8_0_q8_0`], as [`vec_dot_q4_0_q8_0_x4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn vec_dot_q8_0_q8_0_x4(x: [&[BlockQ8_0]; 4], y: &[BlockQ8_0]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for (b, by) in y.iter().enumerate() {
+        let qy = _mm256_loadu_si256(by.qs.as_ptr().cast());
+        for r in 0..4 {
+            let bx = x[r].get_unchecked(b);
+            let d = scale_product(bx, by);
+            let qx = _mm256_loadu_si256(bx.qs.as_ptr().cast());
+            acc[r] = _mm256_fmadd_ps(d, mul_sum_i8(qx, qy), acc[r]);
+        }
+    }
+    acc.map(|a| hsum_ps(a))
+}
+
+/// Four rows' [`vec_dot_q4_1_q8_1`], as [`vec_dot_q4_0_q8_0_x4`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn vec_dot_q4_1_q8_1_x4(x: [&[BlockQ4_1]; 4], y: &[BlockQ8_1]) -> [f32; 4] {
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [_mm_setzero_ps(); 4];
+    for (b, by) in y.iter().enumerate() {
+        let ds = head_f16x2(by);
+        let qy = _mm256_loadu_si256(by.qs.as_ptr().cast());
+        for r in 0..4 {
+            let bx = x[r].get_unchecked(b);
+            let dm = head_f16x2(bx);
+            summs[r] = _mm_fmadd_ps(dm, ds, summs[r]);
+            let d = _mm256_broadcastss_ps(_mm_mul_ss(dm, ds));
+            acc[r] = _mm256_fmadd_ps(d, mul_sum_us8(nibbles(&bx.qs), qy), acc[r]);
+        }
+    }
+    std::array::from_fn(|r| hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[r])))
+}
+
 /// The 64-element steps of ggml's AVX-512 F16/F32 dot, with each 16-lane accumulator held as two
 /// 8-lane halves (`acc[2j]` lanes 0..8 and `acc[2j + 1]` lanes 8..16 of accumulator `j`).
 /// Returns the reduced sum of the first `n - n % 64` elements.

@@ -198,18 +198,29 @@ pub(super) fn guard_instructions<'s>(old: &Instructions<'s>) -> Instructions<'s>
     out
 }
 
-/// Evaluates `a <op> b` with minijinja's own operator, for the cases that make no text.
+/// Evaluates `a <op> b` with minijinja's own operator, for the cases that make no text. The
+/// expressions are compiled once: this runs for every `+` and `*` of a render.
 fn native(op: &str, a: &Value, b: &Value) -> Result<Value, Error> {
-    thread_local! {
-        static ENV: Environment<'static> = Environment::new();
+    use minijinja::Expression;
+    use std::sync::LazyLock;
+    static ENV: LazyLock<Environment<'static>> = LazyLock::new(Environment::new);
+    static ADD_EXPR: LazyLock<Expression<'static, 'static>> = LazyLock::new(|| ENV.compile_expression("a + b").expect("a valid expression"));
+    static MUL_EXPR: LazyLock<Expression<'static, 'static>> = LazyLock::new(|| ENV.compile_expression("a * b").expect("a valid expression"));
+    // Numbers directly, as minijinja does them (integers exact, else floats): evaluating an
+    // expression costs a new frame each time, and templates count in loops.
+    if a.is_integer() && b.is_integer() {
+        if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
+            if let Some(r) = if op == "+" { x.checked_add(y) } else { x.checked_mul(y) } {
+                return Ok(Value::from(r));
+            }
+        }
+    } else if a.is_number() && b.is_number() {
+        if let (Ok(x), Ok(y)) = (f64::try_from(a.clone()), f64::try_from(b.clone())) {
+            return Ok(Value::from(if op == "+" { x + y } else { x * y }));
+        }
     }
-    ENV.with(|env| {
-        let expr = env.compile_expression(match op {
-            "+" => "a + b",
-            _ => "a * b",
-        })?;
-        expr.eval(minijinja::context! { a => a, b => b })
-    })
+    let expr = if op == "+" { &ADD_EXPR } else { &MUL_EXPR };
+    expr.eval(minijinja::context! { a => a, b => b })
 }
 
 fn item_count(v: &Value) -> Option<u64> {
