@@ -9,7 +9,7 @@ use ember::engine::ffn::transposed_downs;
 use ember::engine::{FfnMode, Forward, Logits, Session, SparseFfn};
 use ember::gguf::{GgmlType, GgufFile, GgufWriter, Magic};
 use ember::model::Model;
-use ember::sparse::powerinfer::{export_model, read_split, split_file};
+use ember::sparse::powerinfer::{export_model, read_attention, read_split, set_attention, split_file};
 use ember::sparse::predictor::Predictors;
 use std::process::Command;
 use std::sync::Arc;
@@ -82,4 +82,19 @@ fn split_files_round_trip_and_bad_ones_are_refused() {
     w.add_tensor("blk.0.gpu_bucket", &[1], GgmlType::I32, bytemuck::cast_slice(&[0i32]).to_vec());
     let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
     assert!(read_split(&f, 1, 3).unwrap_err().to_string().contains("disagree"));
+}
+
+#[test]
+fn placement_files_record_where_attention_lives() {
+    let hot = vec![vec![1u32], vec![0, 2], vec![]];
+    // PowerInfer's files (and ember's before host attention) say nothing: None.
+    let plain = GgufFile::from_bytes(split_file(&hot, 3, 1 << 20).to_bytes()).unwrap();
+    assert_eq!(read_attention(&plain, 3).unwrap(), None);
+    let mut w = split_file(&hot, 3, 1 << 20);
+    set_attention(&mut w, &[true, false, true]);
+    let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
+    assert_eq!(read_attention(&f, 3).unwrap(), Some(vec![true, false, true]));
+    assert_eq!(read_split(&f, 3, 3).unwrap(), hot);
+    // A record for another layer count is refused, naming the key.
+    assert!(read_attention(&f, 4).unwrap_err().to_string().contains("ember.placement.attention_on_gpu"));
 }

@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu offload hybrid rates long race4k
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuvar offload hybrid rates long race4k
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -51,10 +51,20 @@ measure() {
 }
 SIM="--ffn predict --simulate-activity $D/relu-30..60.profile.gguf --act-profile $D/relu-0..30.profile.gguf"
 
-for phase in "$@"; do case $phase in
+# DEADLINE=S skips the phases that would start after S seconds (a call has a fixed limit).
+for phase in "$@"; do
+  [ $SECONDS -gt ${DEADLINE:-999999} ] && { echo; echo "== $phase skipped: $SECONDS s elapsed"; continue; }
+  case $phase in
 cpu)
   measure "ember CPU only, $T threads" $E bench -m $M/relu.gguf --backend cpu -t $T -p 0 -n 32 -r ${REPS:-2}
   measure "llama.cpp CPU only, $T threads" $LB -m $M/relu.gguf -ngl 0 -nopo 1 -t $T -p 0 -n 32 -r ${REPS:-2}
+  ;;
+cpuvar)
+  # ember's CPU tuning variants (EMBER_CPU_*: prefetch distance in bytes, huge pages off).
+  for v in EMBER_CPU_PREFETCH=4096 EMBER_CPU_PREFETCH=65536 EMBER_CPU_HUGE=0; do
+    measure "ember CPU only, $T threads, $v" env $v $E bench -m $M/relu.gguf --backend cpu -t $T -p 0 -n 32 -r ${REPS:-2}
+  done
+  measure "llama.cpp CPU only, $T threads (again)" $LB -m $M/relu.gguf -ngl 0 -nopo 1 -t $T -p 0 -n 32 -r ${REPS:-2}
   ;;
 offload)
   measure "ember dense offload, --vram-budget $B" $E bench -m $M/relu.gguf -t $T --vram-budget $B -p 16 -n 64 -r ${REPS:-2}
