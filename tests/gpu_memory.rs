@@ -61,7 +61,7 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     // Lower neuron ids fire more often, by fiat (placement only ranks by it).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let ctx = Arc::new(ctx);
     let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
     let n_hot = s.placement().n_hot();
@@ -107,7 +107,7 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     // attention block, whose bytes the host would read at about 0.55 per token, ranks first).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
     let tokens = 2 * hp.n_ff as u64;
-    let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention };
+    let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention, reserve: 0 };
     // With every layer's attention on the GPU the budget is refused.
     // With every layer's attention on the GPU the budget is refused.
     assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, plan(AttentionPlace::AllGpu), false).is_err());
@@ -169,7 +169,7 @@ fn hybrid_refuses_a_budget_too_small_before_uploading() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts: Vec<Vec<u32>> = vec![vec![1; hp.n_ff]; hp.n_layer];
     // The ReLU model's attention and embeddings alone take more than 16 MiB.
-    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let ctx = Arc::new(ctx);
     let before = ctx.allocated_bytes();
     let err = HybridSession::new(model.clone(), ctx.clone(), 4096, plan, false).err().expect("a 16 MiB budget must be refused");

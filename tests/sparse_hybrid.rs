@@ -46,7 +46,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     // "all of them", and no budget (GPU-resident sparse).
     for budget_mib in [Some(100u64), Some(125), None] {
         let ctx = Arc::new(common::gpu().unwrap());
-        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
         let mut s = HybridSession::new(model.clone(), ctx.clone(), 96, plan, false).unwrap();
         let placement = s.placement().clone();
         let n_hot = placement.n_hot();
@@ -97,7 +97,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         .collect();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     let n_ctx = 96;
-    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()) };
+    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()), reserve: 0 };
     let ctx = Arc::new(ctx);
     let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
     assert_eq!(s.attention_on_gpu(), on_gpu);
@@ -133,6 +133,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         hot: None,
         note: None,
         attention: AttentionPlace::Given(vec![false; hp.n_layer]),
+        reserve: 0,
     };
     let mut s = HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, all_host, false).unwrap();
     assert_eq!(s.gpu().state_bytes(), 0);
@@ -148,6 +149,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         hot: None,
         note: None,
         attention: AttentionPlace::Given(vec![true; 3]),
+        reserve: 0,
     };
     assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, bad, false).is_err());
 }
@@ -162,7 +164,7 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
-    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let mut s = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -194,7 +196,7 @@ fn hybrid_predict_with_random_predictors_matches_the_cpu() {
     let ffn = || SparseFfn::new(&model, FfnMode::Predict, Some(preds.clone()), Vec::new(), Precision::F32, false).unwrap();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     // A budget that leaves part of every layer's neurons to the CPU.
-    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let mut gpu = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     // The CPU session's own way (neuron bundles over fixed ranges), as `--backend cpu` runs it.
     let mut cpu = Session::new(model.clone(), 96).with_ffn(Arc::new(ffn().with_bundles(&model)));
@@ -244,7 +246,7 @@ fn a_budget_too_small_for_attention_is_a_clear_error() {
     let model = Arc::new(Model::load(&path).unwrap());
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
-    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let err = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
     assert!(err.to_string().contains("--vram-budget"), "{err}");
 }
@@ -270,7 +272,7 @@ fn simulated_session(model: &Arc<Model>, opts: &str, predictors: Option<Arc<Pred
     let ffn = Arc::new(SparseFfn::simulated(model, Precision::F32, false).unwrap());
     // A given placement gets room for the charged predictor's rows.
     let budget = if hot.is_some() { 116 << 20 } else { 110 << 20 };
-    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::AllGpu };
+    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let ctx = Arc::new(common::gpu().unwrap());
     HybridSession::new(model.clone(), ctx, 96, plan, false).unwrap()
 }

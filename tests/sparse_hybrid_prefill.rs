@@ -41,7 +41,7 @@ fn batched_prefill_matches_token_by_token_and_dense() {
     // A longer prompt too: several batches.
     let mut long: Vec<u32> = prompts.iter().flatten().copied().collect();
     long.truncate(41);
-    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention };
+    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention, reserve: 0 };
     // Mixed layers: the even ones wholly hot (no CPU part, no synchronisation), the odd ones
     // with every third neuron hot.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();

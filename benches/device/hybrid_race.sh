@@ -94,7 +94,7 @@ race4k)
     $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r ${REPS:-2}
   measure "ember hybrid $B GiB, free perfect predictor, -c 4096: UPPER BOUND" \
     $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor perfect --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
-  measure "ember dense offload $B GiB, -c 4096 -p 512" \
+  [ "${SKIP_OFFLOAD4K:-0}" = 1 ] || measure "ember dense offload $B GiB, -c 4096 -p 512" \
     $E bench -m $M/relu.gguf --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
   [ "${NO_LLAMA:-0}" = 1 ] || for n in ${RACE_NGL:-6 8 10 12}; do
     measure "llama.cpp -ngl $n, -c 4096 -npp 512 -ntg 64" $LBB -m $M/relu.gguf -ngl $n -t $T -c 4096 -npp 512 -ntg 64 -npl 1

@@ -327,11 +327,11 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         (None, None) => (None, placed.clone()),
     };
     let cpu_precision = args.precision;
-    let plan = |hot, attention| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention };
+    let plan = |hot, attention, reserve| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention, reserve };
     let mut from_cache = cache.is_some() && hot.is_some();
-    let (mut hot, mut attention, mut retries) = (hot, attention, 0);
+    let (mut hot, mut attention, mut retries, mut reserve) = (hot, attention, 0, 0u64);
     let session = loop {
-        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone()), args.prefill_batch, true) {
+        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone(), reserve), args.prefill_batch, true) {
             Ok(s) => break s,
             Err(e) => e,
         };
@@ -340,6 +340,17 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             log(&format!("the placement cached in {} does not fit here ({e}); placing anew", c.path.display()));
             from_cache = false;
             (hot, attention) = (None, placed.clone());
+        } else if let (Some(more), true, None) = (e.more_reserve(reserve), retries < 2, &args.placement) {
+            // The allocator wasted more on the hot neurons' buffers than the estimate kept
+            // free: placed anew with the measured overshoot (and 2% more) kept free.
+            log(&format!("{e}; placing the hot neurons again with {:.1} MiB more kept free", (more - reserve) as f64 / (1u64 << 20) as f64));
+            retries += 1;
+            reserve = more;
+            from_cache = false;
+            hot = None;
+            if let AttentionPlace::Given(_) = attention {
+                attention = placed.clone();
+            }
         } else if let (Some(more), true) = (attention.with_more_slack(&e), retries < 2) {
             // Host attention chosen from estimates whose fixed part measured over the
             // budget: chosen again keeping the shortfall free (twice at most).

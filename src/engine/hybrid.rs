@@ -87,6 +87,11 @@ pub struct HybridPlan {
     pub hot: Option<Vec<Vec<u32>>>,
     /// Which layers' attention and KV cache live on the GPU (the others' run on the CPU).
     pub attention: AttentionPlace,
+    /// Bytes of the budget the hot neurons must leave free, beyond the estimated allocator
+    /// waste: 0 at first; after an attempt that measured over the budget
+    /// ([`HybridError::OverBudget`]), its overshoot and a margin (see
+    /// [`HybridError::more_reserve`]).
+    pub reserve: u64,
 }
 
 /// Where each layer's attention and KV cache go.
@@ -287,6 +292,18 @@ pub enum HybridError {
     OverBudget { used: Bytes, budget: Bytes },
 }
 
+impl HybridError {
+    /// After an attempt whose measured allocation came out over the budget (the allocator
+    /// wasted more on the hot neurons' buffers than estimated): the reserve that keeps its
+    /// overshoot and 2% of the budget more free. None for other errors.
+    pub fn more_reserve(&self, reserve: u64) -> Option<u64> {
+        match self {
+            HybridError::OverBudget { used, budget } => Some(reserve + used.0.saturating_sub(budget.0) + budget.0 / 50),
+            _ => None,
+        }
+    }
+}
+
 impl HybridSession {
     /// Everything but the FFN on the GPU, then as many hot neurons as `plan.budget` leaves
     /// room for (all of them without a budget); the rest run on the CPU. Prompts run in
@@ -430,6 +447,9 @@ impl HybridSession {
         let waste = (2.0 * measured).max(0.05);
         fixed.push(FixedPart { name: "allocator blocks beyond ember's buffers".into(), bytes: excess });
         fixed.push(FixedPart { name: "upload staging".into(), bytes: ctx.upload_margin() });
+        if plan.reserve > 0 {
+            fixed.push(FixedPart { name: "kept free after an attempt measured over the budget".into(), bytes: plan.reserve });
+        }
         let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
         fixed.push(FixedPart { name: format!("allocator waste on hot neurons ({:.1}%)", 100.0 * waste), bytes: (left as f64 * waste / (1.0 + waste)) as u64 });
         let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
