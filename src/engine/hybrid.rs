@@ -1023,3 +1023,18 @@ fn complement(ids: &[u32], n: usize) -> Vec<u32> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sparse::placement::Bytes;
+
+    #[test]
+    fn an_attempt_over_the_budget_keeps_its_overshoot_and_two_percent_free() {
+        let over = HybridError::OverBudget { used: Bytes(1_100), budget: Bytes(1_000) };
+        // 100 over, 2% of 1000 = 20, on top of what was already kept free.
+        assert_eq!(over.more_reserve(0), Some(120));
+        assert_eq!(over.more_reserve(50), Some(170));
+        assert_eq!(HybridError::Mode("dense").more_reserve(0), None);
+    }
+}
