@@ -141,9 +141,14 @@ impl FuzzTokenizer {
         FuzzTokenizer { tok, missing_bytes }
     }
 
-    /// `text` without the characters the vocabulary cannot spell.
+    /// What encode/decode gives back for `text`: its bytes without those the vocabulary cannot
+    /// spell (the encoder drops them one by one, as llama.cpp's does), read as UTF-8 with
+    /// replacement characters, as decode reads token bytes. Dropping only a character's lead
+    /// byte leaves its continuation bytes behind: the fuzzer's first campaign found that a
+    /// whole-character filter expected too little.
     fn spellable(&self, text: &str) -> String {
-        text.chars().filter(|c| c.to_string().bytes().all(|b| !self.missing_bytes[b as usize])).collect()
+        let kept: Vec<u8> = text.bytes().filter(|&b| !self.missing_bytes[b as usize]).collect();
+        String::from_utf8_lossy(&kept).into_owned()
     }
 }
 
