@@ -480,6 +480,16 @@ fn chat_templates_that_build_huge_values_stop_at_the_byte_budget() {
     let long: Vec<ChatMessage> = (0..200).map(|i| ChatMessage::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(2000))).collect();
     let t = "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>' + '\n' }}{% endfor %}";
     assert_eq!(ember::tokenizer::render_chat_template(t, &long, false, "", "").unwrap().len(), 200 * (10000 + 12 + 11 + 1) + 100 * 4 + 100 * 9);
+    // tojson: a huge indent is refused before anything is made (it aborted the process on one
+    // allocation: a fuzz finding), deep nesting times a large indent is charged to the budget,
+    // and an ordinary indent renders as Python's json.dumps does.
+    let e = ember::tokenizer::render_chat_template("{{ messages|tojson(indent=222222222222222224) }}", &two, true, "", "").unwrap_err().to_string();
+    assert!(e.contains("indent") && e.contains("65536"), "{e}");
+    let deep = "{% set ns = namespace(v=[]) %}{% for i in range(2000) %}{% set ns.v = [ns.v] %}{% endfor %}{{ ns.v|tojson(indent=60000) }}";
+    let start = Instant::now();
+    let e = ember::tokenizer::render_chat_template(deep, &two, true, "", "").unwrap_err().to_string();
+    assert!(start.elapsed() < Duration::from_secs(2) && e.contains("16777216"), "{e}");
+    assert_eq!(ember::tokenizer::render_chat_template("{{ [1, [2]]|tojson(indent=2) }}", &two, true, "", "").unwrap(), "[\n  1,\n  [\n    2\n  ]\n]");
 }
 
 #[test]

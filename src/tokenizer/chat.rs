@@ -121,12 +121,37 @@ fn tojson(value: &Value, indent: Option<Value>, kwargs: Kwargs) -> std::result::
     };
     let _ = kwargs.get::<Option<Value>>("sort_keys")?; // maps are already ordered by key
     kwargs.assert_all_used()?;
-    // JSON quotes and indents: at most a few bytes per byte shown, plus the indentation.
-    chat_guard::charge(chat_guard::shown_size(value)?.saturating_mul(3 + indent.unwrap_or(0).min(1 << 16) as u64))?;
+    // The same bound as the builtin filters' widths: a huge indent aborted the process on one
+    // allocation (a fuzz finding) before any budget saw it.
+    if let Some(n) = indent.filter(|&n| n > MAX_TOJSON_INDENT) {
+        return Err(Error::new(ErrorKind::InvalidOperation, format!("tojson: indent {n} is over the {MAX_TOJSON_INDENT} a chat template may pass")));
+    }
+    // JSON quotes: at most a few bytes per byte shown; then the indentation, which grows with
+    // the nesting depth, counted exactly before any of it is made.
+    chat_guard::charge(chat_guard::shown_size(value)?.saturating_mul(3))?;
     let json = serde_json::to_value(value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    if let Some(n) = indent {
+        chat_guard::charge(indentation_bytes(&json, n as u64, 0))?;
+    }
     let mut out = String::new();
     py_json(&json, indent, 0, &mut out);
     Ok(Value::from_safe_string(out))
+}
+
+/// Largest `tojson` indent a chat template may ask for.
+const MAX_TOJSON_INDENT: usize = 1 << 16;
+
+/// Bytes of newlines and indentation that [`py_json`] writes for `v` at `level` with indent
+/// `n` (saturating).
+fn indentation_bytes(v: &serde_json::Value, n: u64, level: u64) -> u64 {
+    use serde_json::Value as J;
+    let line = |level: u64| n.saturating_mul(level).saturating_add(1);
+    let children: Box<dyn Iterator<Item = &serde_json::Value>> = match v {
+        J::Array(items) if !items.is_empty() => Box::new(items.iter()),
+        J::Object(map) if !map.is_empty() => Box::new(map.values()),
+        _ => return 0,
+    };
+    children.fold(line(level), |acc, it| acc.saturating_add(line(level + 1)).saturating_add(indentation_bytes(it, n, level + 1)))
 }
 
 fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
