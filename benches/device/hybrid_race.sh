@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuvar offload hybrid rates long race4k
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -29,13 +29,19 @@ rm -f /tmp/lc-cuda-build.txt; [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-c
  # context is only p + n).
  cmake --build /tmp/lcc-cuda/llama.cpp/build --target llama-batched-bench >> /tmp/lc-cuda-build.txt 2>&1
  echo built >> /tmp/lc-cuda-build.txt) &
+# LCCPU=1 also builds a CPU-only llama.cpp (the CPU yardstick), alongside, for phase cpuonly.
+rm -f /tmp/lc-cpu-build.txt; [ "${LCCPU:-0}" = 1 ] || echo built > /tmp/lc-cpu-build.txt
+[ "${LCCPU:-0}" = 1 ] && (mkdir -p /tmp/lcc-cpu && tar xJf .lc/lcsrc.tar.xz -C /tmp/lcc-cpu &&
+ cd /tmp/lcc-cpu/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF > /tmp/lc-cpu-build.txt 2>&1 &&
+ cmake --build build -j 8 --target llama-bench >> /tmp/lc-cpu-build.txt 2>&1; echo built >> /tmp/lc-cpu-build.txt) &
 LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
+LBC=/tmp/lcc-cpu/llama.cpp/build/bin/llama-bench
 LBB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-batched-bench
 
 echo "== models"; date
 $E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
 $E convert -m $M/relu.gguf --powerinfer --down-t-type q4_0 -o $M/relu-pi.gguf 2>&1 | tail -1
-date; until grep -q built /tmp/lc-cuda-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt; date
+date; until grep -q built /tmp/lc-cuda-build.txt && grep -q built /tmp/lc-cpu-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt /tmp/lc-cpu-build.txt; date
 
 IDLE=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
 echo "driver idle: $IDLE MiB"
@@ -58,6 +64,13 @@ for phase in "$@"; do
 cpu)
   measure "ember CPU only, $T threads" $E bench -m $M/relu.gguf --backend cpu -t $T -p 0 -n 32 -r ${REPS:-2}
   measure "llama.cpp CPU only, $T threads" $LB -m $M/relu.gguf -ngl 0 -nopo 1 -t $T -p 0 -n 32 -r ${REPS:-2}
+  ;;
+cpuonly)
+  # The CPU yardstick proper: llama.cpp built without CUDA (LCCPU=1), alternating with ember.
+  for i in 1 2; do
+    measure "ember CPU only, $T threads ($i)" $E bench -m $M/relu.gguf --backend cpu -t $T -p 0 -n 32 -r ${REPS:-2}
+    measure "llama.cpp CPU-only build, $T threads ($i)" $LBC -m $M/relu.gguf -t $T -p 0 -n 32 -r ${REPS:-2}
+  done
   ;;
 cpuvar)
   # ember's CPU tuning variants (EMBER_CPU_*: prefetch distance in bytes, huge pages off).
