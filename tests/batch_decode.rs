@@ -7,6 +7,7 @@
 mod common;
 
 use ember::engine::batch::{Batcher, Request};
+use ember::engine::builder::{self, BackendChoice, SessionOptions};
 use ember::engine::{generate, Forward, Logits, Sampler, SamplerConfig, Session};
 use ember::model::Model;
 use ember::tokenizer::Tokenizer;
@@ -138,6 +139,30 @@ fn cpu_batched_requests_equal_sequential_ones() {
         }).collect();
         let want: Vec<Vec<u32>> = sampled.iter().map(|r| alone(&mut single, &tok, &r.0, r.1, r.3.clone())).collect();
         let got = batched(Box::new(Session::new(model.clone(), 128).with_seqs(5)), 5, &tok, sampled);
+        assert_eq!(got, want);
+    });
+}
+
+/// The dense GPU session with several sequences (lavapipe in CI): five greedy requests of
+/// different lengths through 3 slots, each equal to its sequential greedy tokens on a
+/// one-sequence GPU session.
+#[test]
+fn gpu_batched_requests_equal_sequential_ones() {
+    let Some(path) = common::default_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+        let mut single = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        opts.n_seqs = 3;
+        let batch = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        assert_eq!(batch.n_seqs(), 3);
+        let reqs: Vec<_> = (0..5).map(|i| (tok.encode(PROMPTS[i], true, false).unwrap(), [6, 3, 8, 1, 5][i], [0, 0, 1, 2, 4][i], greedy_config())).collect();
+        let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(single.as_mut(), &tok, &r.0, r.1, r.3.clone())).collect();
+        let got = batched(batch, 3, &tok, reqs);
         assert_eq!(got, want);
     });
 }

@@ -47,9 +47,10 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Sequence slots, each with its own KV cache of --ctx-size tokens (a chat's next turn
-    /// reuses its slot's cache); up to this many requests decode together as one batch on the
-    /// CPU and the dense GPU backend. The hybrid (--vram-budget with --ffn) and dense offload
-    /// (--n-gpu-layers) run one session per slot, one sequence at a time
+    /// reuses its slot's cache); up to this many requests run together, one token each per
+    /// step. On the CPU they decode as one batch (the weights read once per step for all);
+    /// the GPU sessions (dense over shared weights, the hybrid, the dense offload) decode them
+    /// one after another for now (the hybrid and offload with one session per slot)
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Requests that may wait for the worker beyond those running; more get 503

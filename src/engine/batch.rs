@@ -273,3 +273,69 @@ fn finish(mut a: Active, stop: StopReason, emit: &mut dyn FnMut(&str)) -> Finish
     }
     Finished { stop, tokens: a.tokens, text: a.stream.text, n_prompt: a.n_prompt, n_reused: a.n_reused, prompt_secs: a.prompt_secs, gen_secs: a.started.elapsed().as_secs_f64() }
 }
+
+/// Several one-sequence sessions as one session of several sequences: what a backend without
+/// a batched decode offers (the dense GPU session, each sequence its own `GpuSession` over the
+/// same uploaded weights). Its [`Forward::decode_batch`] runs the rows one after another.
+pub struct Sequences {
+    seqs: Vec<Box<dyn Forward>>,
+    seq: usize,
+}
+
+impl Sequences {
+    /// At least one session; all of one model and context.
+    pub fn new(seqs: Vec<Box<dyn Forward>>) -> Self {
+        assert!(!seqs.is_empty(), "at least one sequence");
+        Sequences { seqs, seq: 0 }
+    }
+}
+
+impl Forward for Sequences {
+    fn forward(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
+        self.seqs[self.seq].forward(tokens, want)
+    }
+
+    fn forward_argmax(&mut self, tokens: &[u32]) -> Result<u32, ForwardError> {
+        self.seqs[self.seq].forward_argmax(tokens)
+    }
+
+    fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        self.seqs[self.seq].decode_greedy(token, n, each)
+    }
+
+    fn n_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn select_seq(&mut self, seq: usize) -> Result<(), ForwardError> {
+        if seq >= self.seqs.len() {
+            return Err(ForwardError::BadSequence(format!("sequence {seq} of a session holding {}", self.seqs.len())));
+        }
+        self.seq = seq;
+        Ok(())
+    }
+
+    fn n_past(&self) -> usize {
+        self.seqs[self.seq].n_past()
+    }
+
+    fn n_ctx(&self) -> usize {
+        self.seqs[self.seq].n_ctx()
+    }
+
+    fn reset(&mut self) {
+        self.seqs[self.seq].reset()
+    }
+
+    fn model(&self) -> &std::sync::Arc<crate::model::Model> {
+        self.seqs[0].model()
+    }
+
+    fn backend_name(&self) -> String {
+        self.seqs[0].backend_name()
+    }
+
+    fn as_gpu(&mut self) -> Option<&mut super::GpuSession> {
+        self.seqs[self.seq].as_gpu()
+    }
+}

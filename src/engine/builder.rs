@@ -280,9 +280,18 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         log(&format!(
             "GPU {gpu_name}: weights {:.1} MiB + KV cache {:.1} MiB uploaded in {:.2} s",
             mib(weights.bytes),
-            mib(session.state_bytes()),
+            mib(session.state_bytes() * args.n_seqs.max(1) as u64),
             start.elapsed().as_secs_f64()
         ));
+        if args.n_seqs > 1 {
+            // Several sequences over the same weights, each its own session (decoded one after
+            // another: the GPU has no batched decode across sequences yet).
+            let mut seqs: Vec<Box<dyn Forward>> = vec![Box::new(session)];
+            for _ in 1..args.n_seqs {
+                seqs.push(Box::new(GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?));
+            }
+            return Ok((Box::new(super::batch::Sequences::new(seqs)), ctx));
+        }
         return Ok((Box::new(session), ctx));
     }
     if mode == FfnMode::Threshold {
