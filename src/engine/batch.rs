@@ -160,7 +160,7 @@ impl Batcher {
                 s.cached.extend_from_slice(chunk);
             }
             check_finite(&logits)?;
-            Ok(sampler.sample(&logits))
+            Ok(pick(&mut sampler, &logits))
         })();
         let first = match first {
             Ok(t) => t,
@@ -227,7 +227,7 @@ impl Batcher {
                     ended.push((i, Err(e)));
                     continue;
                 }
-                let t = a.sampler.sample(row);
+                let t = pick(&mut a.sampler, row);
                 a.next = t;
                 let stop = match take(a, t, tokenizer, &mut |p| emit(i, p)) {
                     Some(stop) => Some(stop),
@@ -251,6 +251,18 @@ impl Batcher {
         if e.select_seq(s.seq).is_ok() {
             e.reset();
         }
+    }
+}
+
+/// The next token from a row's logits: the argmax where the sampler is greedy (as
+/// `generate`'s greedy path takes it, without the sampler's candidate list), else a draw.
+fn pick(sampler: &mut Sampler, logits: &[f32]) -> u32 {
+    if sampler.is_greedy() {
+        let t = crate::cpu::ops::argmax(logits).0 as u32;
+        sampler.accept(t);
+        t
+    } else {
+        sampler.sample(logits)
     }
 }
 
