@@ -25,15 +25,17 @@
 //! same float operations in the same order, so SIMD and scalar results are bit-identical; the x86
 //! versions are picked at run time from the CPU's features.
 
+pub mod blocks;
 mod dequant;
 pub mod packed;
 mod quantize;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 use crate::gguf::GgmlType;
 
+pub use blocks::{quantize_row_q8_k, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, WeightBlock};
 pub use dequant::dequantize;
 pub use half::f16;
 pub use quantize::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
