@@ -7,8 +7,8 @@
 //! drew the same numbers: xorshift64, exact integer-to-float steps only). Each line: type,
 //! blocks, the result's f32 bits, the value.
 
-use ember::quant::blocks::{q4_k, WeightBlock};
-use ember::quant::{self, f16, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1};
+use ember::quant::blocks::WeightBlock;
+use ember::quant::{self, f16, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1};
 
 struct Gen(u64);
 
@@ -55,8 +55,7 @@ fn ember_dot(name: &str, w: &[u8], a: &[f32]) -> f32 {
             let mut y = vec![BlockQ8K::ZERO; n / 256];
             quant::quantize_row_q8_k(a, &mut y);
             match name {
-                // llama.cpp's vec_dot (not its repacked 8-row product) is what the harness called.
-                "q4_K" => q4_k::dot_lanes(bytemuck::cast_slice(w), &y),
+                "q4_K" => BlockQ4K::dot(bytemuck::cast_slice(w), &y),
                 "q5_K" => BlockQ5K::dot(bytemuck::cast_slice(w), &y),
                 _ => BlockQ6K::dot(bytemuck::cast_slice(w), &y),
             }

@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | Q5_0 | Q8_0 | `ggml_vec_dot_q5_0_q8_0` (AVX2) |
 //! | Q5_1 | Q8_1 | `ggml_vec_dot_q5_1_q8_1` (AVX2) |
-//! | Q4_K | Q8_K | `ggml_gemv_q4_K_8x8_q8_K` (AVX2 repack) for matrices of 8k rows, else `ggml_vec_dot_q4_K_q8_K` |
+//! | Q4_K | Q8_K | `ggml_vec_dot_q4_K_q8_K` (AVX2; the repacked `ggml_gemv_q4_K_8x8_q8_K` as `q4_k::dot_repacked`) |
 //! | Q5_K | Q8_K | `ggml_vec_dot_q5_K_q8_K` (AVX2) |
 //! | Q6_K | Q8_K | `ggml_vec_dot_q6_K_q8_K` (AVX2) |
 //!

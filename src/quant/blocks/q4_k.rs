@@ -2,13 +2,16 @@
 //! quants and 6-bit sub-block scales and mins. Each 64 elements use 32 bytes of `qs`: the low
 //! nibbles are sub-block 2c, the high nibbles 2c + 1. Multiplied with Q8_K activations.
 //!
-//! llama.cpp has two x86 products for it. Matrices whose row count is a multiple of 8 are
-//! repacked at load into 8-row groups (`block_q4_Kx8`) and multiplied by `ggml_gemv_q4_K_8x8`,
-//! which keeps one float accumulator per row and per term: `sum += isum * (d * d8)` and
-//! `mins += imin * (dmin * d8)` per super-block, `sum - mins` at the end
-//! ([`BlockQ4K::dot`], what [`crate::cpu`] uses for such matrices). Other matrices use
-//! `ggml_vec_dot_q4_K_q8_K`, with eight float lanes and four for the mins
-//! ([`dot_lanes`]).
+//! llama.cpp has two x86 products for it. `ggml_vec_dot_q4_K_q8_K`, with eight float lanes
+//! and four for the mins, is [`BlockQ4K::dot`], what [`crate::cpu`] uses: it is llama.cpp's
+//! product with `--no-repack` (no extra buffer types), and for matrices whose rows are not a
+//! multiple of 8. By default llama.cpp repacks other Q4_K matrices at load into 8-row groups
+//! (`block_q4_Kx8`, `ggml_gemv_q4_K_8x8_q8_K` on AVX2), which keeps one float accumulator per
+//! row and term: `sum += isum * (d * d8)` and `mins += imin * (dmin * d8)` per super-block,
+//! `sum - mins` at the end ([`dot_repacked`], kept and tested for a caller that wants those
+//! numerics). On CPUs with AMX, its AMX buffer type has numerics of its own again. The
+//! reference tokens in `tests/refs` were made with `--no-repack`: on the development VM the
+//! default run dies in the AMX kernels (the hypervisor does not grant the AMX tile state).
 
 use super::{scales_mins_k4, to_f32, BlockQ8K, WeightBlock};
 use crate::gguf::GgmlType;
@@ -48,32 +51,42 @@ impl WeightBlock for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4_K;
     type Act = BlockQ8K;
 
-    /// The repacked (8-row) product's numerics.
-    fn dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
-        assert_eq!(x.len(), y.len(), "Q4_K dot: block counts differ");
-        #[cfg(target_arch = "x86_64")]
-        if super::has_avx2() {
-            // SAFETY: the CPU has the kernel's features; lengths checked.
-            return unsafe { avx2::dot(x, y) };
-        }
-        Self::dot_ref(x, y)
+        fn dot(x: &[Self], y: &[BlockQ8K]) -> f32 {
+        dot_lanes(x, y)
     }
 
     fn dot_ref(x: &[Self], y: &[BlockQ8K]) -> f32 {
-        assert_eq!(x.len(), y.len(), "Q4_K dot: block counts differ");
-        let (mut sum, mut mins) = (0.0f32, 0.0f32);
-        for (bx, by) in x.iter().zip(y) {
-            let (sc, m) = scales_mins_k4(&bx.scales);
-            let isum = int_lanes(bx, by, &sc).iter().fold(0i32, |a, &v| a.wrapping_add(v));
-            sum = to_f32(isum).mul_add(bx.d.to_f32() * by.d, sum);
-            mins = to_f32(min_term(by, &m)).mul_add(bx.dmin.to_f32() * by.d, mins);
-        }
-        sum - mins
+        dot_lanes_ref(x, y)
     }
 }
 
-/// `ggml_vec_dot_q4_K_q8_K`'s numerics (matrices whose rows are not a multiple of 8), SIMD
-/// where the CPU has it; bit-identical to [`dot_lanes_ref`].
+/// The repacked (8-row) product's numerics, SIMD where the CPU has it; bit-identical to
+/// [`dot_repacked_ref`].
+pub fn dot_repacked(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len(), "Q4_K dot: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2() {
+        // SAFETY: the CPU has the kernel's features; lengths checked.
+        return unsafe { avx2::dot_repacked(x, y) };
+    }
+    dot_repacked_ref(x, y)
+}
+
+/// Scalar twin of [`dot_repacked`].
+pub fn dot_repacked_ref(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    assert_eq!(x.len(), y.len(), "Q4_K dot: block counts differ");
+    let (mut sum, mut mins) = (0.0f32, 0.0f32);
+    for (bx, by) in x.iter().zip(y) {
+        let (sc, m) = scales_mins_k4(&bx.scales);
+        let isum = int_lanes(bx, by, &sc).iter().fold(0i32, |a, &v| a.wrapping_add(v));
+        sum = to_f32(isum).mul_add(bx.d.to_f32() * by.d, sum);
+        mins = to_f32(min_term(by, &m)).mul_add(bx.dmin.to_f32() * by.d, mins);
+    }
+    sum - mins
+}
+
+/// `ggml_vec_dot_q4_K_q8_K`'s numerics, SIMD where the CPU has it; bit-identical to
+/// [`dot_lanes_ref`].
 pub fn dot_lanes(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     assert_eq!(x.len(), y.len(), "Q4_K dot: block counts differ");
     #[cfg(target_arch = "x86_64")]
@@ -132,7 +145,7 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
+    pub unsafe fn dot_repacked(x: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
         let (mut sum, mut mins) = (0.0f32, 0.0f32);
         for (bx, by) in x.iter().zip(y) {
             let (sc, m) = scales_mins_k4(&bx.scales);
@@ -185,8 +198,9 @@ mod tests {
             let a: Vec<f32> = (0..256 * n).map(|_| rng.f32()).collect();
             let mut y = vec![BlockQ8K::ZERO; n];
             quantize_row_q8_k(&a, &mut y);
-            let r = BlockQ4K::dot_ref(&x, &y);
-            assert_eq!(BlockQ4K::dot(&x, &y).to_bits(), r.to_bits(), "n = {n}");
+            let r = dot_repacked_ref(&x, &y);
+            assert_eq!(dot_repacked(&x, &y).to_bits(), r.to_bits(), "n = {n}");
+            assert_eq!(BlockQ4K::dot(&x, &y).to_bits(), dot_lanes_ref(&x, &y).to_bits(), "n = {n}");
             let rl = dot_lanes_ref(&x, &y);
             assert_eq!(dot_lanes(&x, &y).to_bits(), rl.to_bits(), "n = {n}");
             let mut w = vec![0.0f32; 256 * n];

@@ -20,7 +20,7 @@ impl BlockQ8K {
 /// ggml's `nearest_int`: adding 1.5 * 2^23 rounds to an integer (ties to even) in the
 /// mantissa; valid for |v| < 2^22, which the quantiser guarantees (|v| <= 127).
 #[inline(always)]
-fn nearest_int(v: f32) -> i32 {
+pub(crate) fn nearest_int(v: f32) -> i32 {
     let bits = (v + 12_582_912.0).to_bits() as i32;
     (bits & 0x007f_ffff) - 0x0040_0000
 }
