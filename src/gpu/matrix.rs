@@ -167,6 +167,12 @@ pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
 /// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
 
+/// The weight types the GPU kernels compute with as they are.
+pub const GPU_TYPES: [GgmlType; 10] = [
+    GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1,
+    GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+];
+
 fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
     Some(match ty {
         GgmlType::F32 => &F32_SRC,
@@ -511,8 +517,8 @@ fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[(
 }
 
 impl GpuMatrix {
-    /// Repacks a CPU matrix (F32, F16, Q8_0, Q4_0, Q4_1; columns a multiple of 32) into the
-    /// GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
+    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16;
+    /// columns a multiple of 32) into the GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
     /// largest storage binding.
     pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
@@ -557,7 +563,13 @@ impl GpuMatrix {
     pub fn upload_layout(ctx: &GpuContext, m: &Matrix, limit: u64, perm: bool) -> Result<GpuMatrix, GpuError> {
         let perm = perm && perm_group(m.ty).is_some_and(|g| (m.cols / 32).is_multiple_of(g));
         if sources(m.ty).is_none() {
-            return Err(GpuError::Unsupported(format!("{}: no GPU matmul kernel for {} weights", m.name, m.ty.name())));
+            // A type the loader kept (the CPU's kernels use it) but the GPU has no kernel for:
+            // F16 on the GPU's side.
+            let mut values = vec![0.0f32; m.rows * m.cols];
+            if crate::quant::dequantize(m.ty, m.bytes(), &mut values).is_err() {
+                return Err(GpuError::Unsupported(format!("{}: no GPU matmul kernel for {} weights", m.name, m.ty.name())));
+            }
+            return Self::upload_layout(ctx, &Matrix::from_f32(&m.name, m.rows, m.cols, &values, GgmlType::F16), limit, perm);
         }
         if m.cols == 0 || !m.cols.is_multiple_of(32) || m.rows == 0 {
             return Err(GpuError::Unsupported(format!("{}: GPU matrices need a multiple of 32 columns, not {}x{}", m.name, m.rows, m.cols)));
