@@ -279,9 +279,10 @@ impl ModelArgs {
 
     /// Weight types to keep as the file has them although the CPU kernels do not compute with
     /// them: the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
-    /// layer limit); none otherwise (the CPU may compute, and such matrices become F16).
+    /// layer limit or budget, which would offload layers to the CPU); none otherwise (the CPU
+    /// may compute, and such matrices become F16).
     pub fn gpu_only_types(&self) -> &'static [crate::gguf::GgmlType] {
-        if self.backend == Backend::Gpu && self.ffn == FfnArg::Dense && self.n_gpu_layers.is_none() {
+        if self.backend == Backend::Gpu && self.ffn == FfnArg::Dense && self.n_gpu_layers.is_none() && self.vram_budget.is_none() {
             &crate::gpu::matrix::GPU_TYPES
         } else {
             &[]
