@@ -11,6 +11,11 @@
 //! | Q8_0 | the 32 quant bytes of each block | f16 scales, two per word |
 //! | Q4_0 | the 16 quant bytes of each block | f16 scales, two per word |
 //! | Q4_1 | as Q4_0 | `d | m << 16` per block |
+//! | Q5_0, Q5_1, Q4_K, Q5_K, Q6_K | 16 bytes of low nibbles per 32 elements, then the high bits | the file's scales (see `gpu/kquant.rs`) |
+//!
+//! The 5-bit and K-quant types (`gpu/kquant.rs`) are cut into 32-element groups laid out alike
+//! (nibbles in Q4_1's order, high bits in a second segment, K-quant super-block headers kept
+//! packed as the file has them and unpacked by the kernels), so they take the file's bytes.
 //!
 //! The quants of a row are in GGUF order, or, where the row's block count allows and the
 //! type's decode kernel wants it, permuted within runs of 8 (Q4) or 4 (Q8_0) blocks (`PERM` in
