@@ -218,9 +218,13 @@ fn hot_sizes(n_ff: usize, rng: &mut Rng) -> Vec<usize> {
 }
 
 fn predictor_for_types(types: [GgmlType; 3], config: impl Fn(&GpuContext) -> SparseConfig, seed: u64) {
+    predictor_for_types_at(types, config, seed, &[(1007, 96), (333, 576)]);
+}
+
+fn predictor_for_types_at(types: [GgmlType; 3], config: impl Fn(&GpuContext) -> SparseConfig, seed: u64, shapes: &[(usize, usize)]) {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(seed);
-    for (n_ff, n_embd) in [(1007usize, 96usize), (333, 576)] {
+    for &(n_ff, n_embd) in shapes {
         let gate = matrix(types[0], n_ff, n_embd, &mut rng);
         let up = matrix(types[1], n_ff, n_embd, &mut rng);
         let down_t = matrix(types[2], n_ff, n_embd, &mut rng);
@@ -259,6 +263,15 @@ fn predictor_path_q4_0() {
 #[test]
 fn predictor_path_q4_1() {
     predictor_for_types([GgmlType::Q4_1; 3], SparseConfig::for_context, 35);
+}
+
+/// The 5-bit and K-quant types as gate and up (src/gpu/kquant.rs's layout over the hot rows),
+/// down_t as ember transposes it (Q8_0), against the dequantised reference.
+#[test]
+fn predictor_path_grouped_types() {
+    for (i, ty) in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K].into_iter().enumerate() {
+        predictor_for_types_at([ty, ty, GgmlType::Q8_0], SparseConfig::for_context, 40 + i as u64, &[(301, 512)]);
+    }
 }
 
 /// Different types per matrix (down_t as ember transposes it: Q8_0), with the shared-memory
