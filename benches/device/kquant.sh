@@ -11,7 +11,7 @@
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs) and llama-cpp.sh (shared/tools); the
 # carried .lc/lcsrc.tar.xz (`llama-cpp.sh fetch .lc`) and .gl (the Vulkan loader) too, as for
-# hybrid_race.sh. About 3.5 minutes of llama.cpp build (overlapping the synth), then ~2 minutes.
+# hybrid_race.sh. About 3.5 minutes of llama.cpp build (overlapping the synth), then ~2.5 minutes.
 # NO_LLAMA=1 skips llama.cpp. Output: one log on stdout.
 set -uo pipefail
 D=$(realpath "$1"); shift
@@ -35,6 +35,14 @@ for i in 1 2; do
   echo; echo "== ember --backend gpu, tg128 ($i)"
   $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r ${REPS:-3} 2>&1 | grep -v "^ember: loaded\|^$" | tee /tmp/ember-$i.txt
   [ "${NO_LLAMA:-0}" = 1 ] || { echo; echo "== llama.cpp CUDA -ngl 99, tg128 ($i)"; $LB -m $M/q4km.gguf -ngl 99 -p 0 -n 128 -r ${REPS:-3} 2>&1 | grep -E "^\|"; }
+done
+
+# The grouped types' decode kernel shapes (EMBER_MV_DEC=type=threads:rows:slots:prefetch; the
+# default for Q4_K and Q6_K is 32:2:1:1, chosen for Q4_0 on an H200, never measured for these):
+# SWEEP=0 skips.
+[ "${SWEEP:-1}" = 1 ] && for v in 64:2:1:1 128:2:1:1 32:4:1:1 64:4:1:1 128:1:2:1 64:2:2:0; do
+  echo; echo "== ember --backend gpu, tg128, EMBER_MV_DEC=q4_k=$v,q6_k=$v"
+  EMBER_MV_DEC="q4_k=$v,q6_k=$v" $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r 2 2>&1 | grep tg128
 done
 
 # Weight bytes read per decoded token: the file's tensors less the embedding table (one row is
