@@ -1,6 +1,7 @@
-//! GPU layouts of the 5-bit and K-quant weight types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K): the
-//! file's bytes rearranged, none added, so a matrix takes its file size on the GPU (plus at most
-//! 16 bytes of padding per buffer).
+//! GPU layouts of the 5-bit and K-quant weight types (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K; Q2_K and
+//! Q3_K in a 2-bit variant, see `repack_two_bit`): the file's bytes rearranged, none added, so a
+//! matrix takes its file size on the GPU (plus at most 16 bytes of padding per buffer; Q3_K 2
+//! bytes per super-block more).
 //!
 //! Every type is cut into 32-element *groups* (a Q5 block, a K-quant sub-block of 32) whose
 //! quants all go the same way, so the decode and unit kernels share one shape (see
@@ -28,7 +29,13 @@ use crate::gguf::GgmlType;
 
 /// The types laid out here.
 pub(super) fn is_grouped(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+    matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K) || is_two_bit(ty)
+}
+
+/// The 2-bit-based K-quants (Q2_K, Q3_K), whose groups hold 2-bit fields instead of nibbles
+/// (see [`repack`]).
+pub(super) fn is_two_bit(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q2_K | GgmlType::Q3_K)
 }
 
 /// Bytes per row of `wq` and `wd` for a row of `cols` (without padding).
@@ -40,6 +47,8 @@ pub(super) fn layout_bytes(ty: GgmlType, cols: usize) -> (usize, usize) {
         GgmlType::Q4_K => (groups * 16, groups * 2),
         GgmlType::Q5_K => (groups * 20, groups * 2),
         GgmlType::Q6_K => (groups * 24, groups * 2 + groups / 4),
+        GgmlType::Q2_K => (groups * 8, groups * 5 / 2),
+        GgmlType::Q3_K => (groups * 12, groups * 2),
         _ => unreachable!("not a grouped type: {ty}"),
     }
 }
@@ -71,9 +80,55 @@ fn codes(ty: GgmlType, b: &[u8], sub: usize) -> [u8; 32] {
     q
 }
 
+/// Q2_K and Q3_K: each 32-element group's low 2 bits as 8 bytes (byte k holds elements 4k..4k+3
+/// at bits 0, 2, 4, 6), then for Q3_K from word 2 G one word of high bits per group (bit e set:
+/// element e is not lowered by 4). `wd`: Q2_K, each super-block's 16 scale bytes (low nibble
+/// scale, high nibble min, one per 16 elements), then from word 4 SB its `d | dmin << 16`;
+/// Q3_K, each super-block's 12 bytes of packed 6-bit scales and its f16 d, padded to 16 bytes
+/// (112 bytes per 256 elements against the file's 110).
+fn repack_two_bit(ty: GgmlType, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let blocks = bytes.len() / ty.block_bytes();
+    let mut q = Vec::with_capacity(blocks * 96 + 16);
+    let mut high = Vec::new();
+    let mut d = Vec::with_capacity(blocks * 20 + 16);
+    let mut d2 = Vec::new();
+    for b in bytes.chunks_exact(ty.block_bytes()) {
+        let qs = if ty == GgmlType::Q2_K { &b[16..80] } else { &b[32..96] };
+        for sub in 0..8 {
+            let code = |e: usize| {
+                let el = 32 * sub + e;
+                (qs[32 * (el / 128) + el % 32] >> (2 * (el % 128 / 32))) & 3
+            };
+            for k in 0..8 {
+                q.push((0..4).map(|c| code(4 * k + c) << (2 * c)).fold(0, |a, v| a | v));
+            }
+            if ty == GgmlType::Q3_K {
+                let hmask = &b[0..32];
+                let bits = (0..32).map(|e| u32::from((hmask[e] >> sub) & 1) << e).fold(0, |a, v| a | v);
+                high.extend_from_slice(&bits.to_le_bytes());
+            }
+        }
+        if ty == GgmlType::Q2_K {
+            d.extend_from_slice(&b[0..16]);
+            d2.extend_from_slice(&b[80..84]);
+        } else {
+            d.extend_from_slice(&b[96..110]);
+            d.extend_from_slice(&[0, 0]);
+        }
+    }
+    q.extend_from_slice(&high);
+    d.extend_from_slice(&d2);
+    q.resize(q.len().div_ceil(16) * 16, 0);
+    d.resize(d.len().div_ceil(16) * 16, 0);
+    (q, d)
+}
+
 /// Rearranges whole blocks of a grouped type into its `wq` and `wd` arrays (see the module
 /// docs), each padded to a multiple of 16 bytes.
 pub(super) fn repack(ty: GgmlType, bytes: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    if is_two_bit(ty) {
+        return repack_two_bit(ty, bytes);
+    }
     let bb = ty.block_bytes();
     let per_block = ty.block_len() / 32;
     let groups = bytes.len() / bb * per_block;

@@ -108,6 +108,8 @@ const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul
 const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl"]);
 const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl"]);
 const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl"]);
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
 /// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
@@ -152,7 +154,7 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 20]; 10] = [
+const LISTED: [[(&str, &str); 20]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -163,6 +165,8 @@ const LISTED: [[(&str, &str); 20]; 10] = [
     listed!(Q4_K_SRC, "matmul_q4_k.wgsl", "matmul_dec_q4_k.wgsl", Q4_K_SRC.mm),
     listed!(Q5_K_SRC, "matmul_q5_k.wgsl", "matmul_dec_q5_k.wgsl", Q5_K_SRC.mm),
     listed!(Q6_K_SRC, "matmul_q6_k.wgsl", "matmul_dec_q6_k.wgsl", Q6_K_SRC.mm),
+    listed!(Q2_K_SRC, "matmul_q2_k.wgsl", "matmul_dec_q2_k.wgsl", Q2_K_SRC.mm),
+    listed!(Q3_K_SRC, "matmul_q3_k.wgsl", "matmul_dec_q3_k.wgsl", Q3_K_SRC.mm),
 ];
 
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
@@ -173,9 +177,10 @@ pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
 
 /// The weight types the GPU kernels compute with as they are.
-pub const GPU_TYPES: [GgmlType; 10] = [
+pub const GPU_TYPES: [GgmlType; 12] = [
     GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1,
     GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+    GgmlType::Q2_K, GgmlType::Q3_K,
 ];
 
 fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
@@ -190,6 +195,8 @@ fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
         GgmlType::Q4_K => &Q4_K_SRC,
         GgmlType::Q5_K => &Q5_K_SRC,
         GgmlType::Q6_K => &Q6_K_SRC,
+        GgmlType::Q2_K => &Q2_K_SRC,
+        GgmlType::Q3_K => &Q3_K_SRC,
         _ => return None,
     })
 }

@@ -139,7 +139,7 @@ fn unit_values(ty: GgmlType) -> usize {
 
 /// (quant bytes, scale bytes) of one row of `cols` values in the GPU layout.
 fn row_layout(ty: GgmlType, cols: usize) -> (usize, usize) {
-    if super::kquant::is_grouped(ty) {
+    if super::kquant::is_grouped(ty) && type_code(ty).is_some() {
         return super::kquant::layout_bytes(ty, cols);
     }
     let blocks = cols / 32;
@@ -202,7 +202,7 @@ impl HotRows {
         }
         let row_bytes = m.row_bytes();
         let bytes = m.bytes();
-        if super::kquant::is_grouped(m.ty) {
+        if super::kquant::is_grouped(m.ty) && type_code(m.ty).is_some() {
             // The hot rows in the file's blocks, then the grouped layout of gpu/kquant.rs over
             // them (its high-bit and scale segments start after the hot rows' groups).
             let mut rows = Vec::with_capacity(hot.len() * row_bytes);
@@ -277,7 +277,7 @@ impl HotFfn {
         let bad = |why: String| Err(GpuError::Unsupported(format!("hot FFN rows: {why}")));
         let (n_ff, n_embd) = (gate.rows, gate.cols);
         for m in [gate, up, down_t] {
-            if type_code(m.ty).is_none() {
+            if type_code(m.ty).is_none() && !super::matrix::GPU_TYPES.contains(&m.ty) {
                 return bad(format!("{}: no sparse GPU kernel for {} weights", m.name, m.ty.name()));
             }
             if m.rows != n_ff || m.cols != n_embd {
