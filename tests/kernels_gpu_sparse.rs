@@ -608,3 +608,29 @@ fn bench_sparse() {
         );
     }
 }
+
+/// What placement charges per hot neuron (`HotFfn::bytes_per_neuron`) is what the hot rows
+/// take, for the grouped types too: in their own layout (the file's bytes) where the kernels
+/// take them, as F16 where not (Q2_K and Q3_K; a grouped down_t).
+#[test]
+fn grouped_hot_rows_take_what_placement_charges() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x5107);
+    let (n_ff, n_embd) = (90, 512);
+    for ty in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q2_K, GgmlType::Q3_K] {
+        for down_ty in [GgmlType::Q8_0, ty] {
+            let gate = matrix(ty, n_ff, n_embd, &mut rng);
+            let up = matrix(ty, n_ff, n_embd, &mut rng);
+            let down_t = matrix(down_ty, n_ff, n_embd, &mut rng);
+            let ids = subset(n_ff, 37, &mut rng);
+            let hot = HotFfn::upload(&ctx, &gate, &up, &down_t, &ids).unwrap();
+            let charged = 37 * HotFfn::bytes_per_neuron(ty, ty, down_ty, n_embd);
+            // Each of the six buffers is padded by at most 16 bytes.
+            assert!(hot.gpu_bytes() >= charged && hot.gpu_bytes() <= charged + 6 * 16, "{ty:?}/{down_ty:?}: {} bytes held, {charged} charged", hot.gpu_bytes());
+            if ty != GgmlType::Q2_K && ty != GgmlType::Q3_K {
+                // Gate and up in the file's bytes.
+                assert_eq!(HotFfn::row_bytes(ty, n_embd) as usize, gate.row_bytes(), "{ty:?}");
+            }
+        }
+    }
+}

@@ -127,6 +127,16 @@ fn type_code(ty: GgmlType) -> Option<u32> {
     })
 }
 
+/// The type hot rows of `ty` are held in: their own, or F16 where the kernels reading them
+/// (`grouped`: the matvecs, which take the grouped types; else the AXPY) have none for it.
+fn gathered_type(ty: GgmlType, grouped: bool) -> GgmlType {
+    if type_code(ty).is_none() || (!grouped && super::kquant::is_grouped(ty)) {
+        GgmlType::F16
+    } else {
+        ty
+    }
+}
+
 /// Values per 16-byte unit of quants.
 fn unit_values(ty: GgmlType) -> usize {
     match ty {
@@ -174,7 +184,7 @@ impl HotRows {
     /// `grouped`: whether the kernels reading these rows take the grouped types (the matvecs
     /// do, the AXPY does not).
     fn gather(ctx: &GpuContext, m: &Matrix, hot: &[u32], what: &str, grouped: bool) -> Result<HotRows, GpuError> {
-        if type_code(m.ty).is_none() || (!grouped && super::kquant::is_grouped(m.ty)) {
+        if gathered_type(m.ty, grouped) != m.ty {
             // No sparse kernel for the type (the AXPY over a grouped down_t, which ember's own
             // transposes never are): its hot rows become F16.
             let rb = m.row_bytes();
@@ -312,7 +322,7 @@ impl HotFfn {
     /// GPU bytes one hot neuron takes in this layout (its three rows and its id): what
     /// placement charges per neuron, before the ops' per-row buffers (`g`, `h`, the list).
     pub fn bytes_per_neuron(gate: GgmlType, up: GgmlType, down_t: GgmlType, n_embd: usize) -> u64 {
-        Self::row_bytes(gate, n_embd) + Self::row_bytes(up, n_embd) + Self::row_bytes(down_t, n_embd) + 4
+        Self::row_bytes(gathered_type(gate, true), n_embd) + Self::row_bytes(gathered_type(up, true), n_embd) + Self::row_bytes(gathered_type(down_t, false), n_embd) + 4
     }
 
     /// GPU bytes of one hot row of `n_embd` values of type `ty` (quants and scales): what a
