@@ -68,7 +68,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
-        let (model, _tokenizer) = super::load(&path)?;
+        let (model, _tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         // pp and tg each start from an empty context; both must fit the trained one.
         for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
             if n > model.hp.n_ctx_train {
