@@ -237,7 +237,9 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
 /// matrices, the f16 tensor-core one: each dispatch alone in its own timestamped pass (median of
 /// 15 after a warm-up), TFLOPS as 2 rows cols n / time. The last column is what 32 such
 /// layers' products alone would allow: an upper bound of a 7B model's prompt rate (attention,
-/// norms and RoPE come on top).
+/// norms and RoPE come on top). Where both kernels run, each product is also checked: the
+/// cooperative-matrix kernel's results against the portable one's, the largest difference
+/// relative to the largest |y|, which f16 inputs keep near 1e-3 (a broken kernel shows as ~1).
 pub fn prefill_products(ctx: &GpuContext, n: usize) -> Result<()> {
     let mut kernels = vec![("tiled f32", Kernel::Tiled)];
     if ctx.has_coop_matrix() {
@@ -246,8 +248,8 @@ pub fn prefill_products(ctx: &GpuContext, n: usize) -> Result<()> {
     println!("
 prefill products at {n} tokens, median µs per dispatch alone (cooperative matrices: {})
 ", if ctx.has_coop_matrix() { "yes" } else { "no" });
-    println!("| type | product | rows x cols | kernel | µs | TFLOPS |");
-    println!("| --- | --- | --- | --- | ---: | ---: |");
+    println!("| type | product | rows x cols | kernel | µs | TFLOPS | max diff / max abs, against tiled f32 |");
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: |");
     let reps = 15;
     let Some(mut timer) = PassTimer::new(ctx, reps) else {
         return Err("the adapter has no timestamp queries".into());
@@ -265,6 +267,21 @@ prefill products at {n} tokens, median µs per dispatch alone (cooperative matri
             let y = ctx.zeros("y", 4 * (n * rows) as u64);
             let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
             let op = m.bind_matmul_out(ctx, &x, &y, &step, &MatOut::with(epilogue));
+            // One run of each kernel from zeros, read back for the comparison.
+            let out_len = n * if epilogue.pairs() { rows / 2 } else { rows };
+            let mut outs: Vec<Vec<f32>> = Vec::new();
+            for &(_, kernel) in &kernels {
+                ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                op.encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
+                ctx.submit_and_wait(enc)?;
+                outs.push(ctx.read(&y, out_len)?);
+            }
+            let diff = |o: &[f32]| {
+                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = o.iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                d / max.max(f32::MIN_POSITIVE)
+            };
             for (ki, &(label, kernel)) in kernels.iter().enumerate() {
                 let mut us = Vec::new();
                 for _round in 0..2 {
@@ -277,7 +294,8 @@ prefill products at {n} tokens, median µs per dispatch alone (cooperative matri
                 us.sort_by(f64::total_cmp);
                 let med = us[us.len() / 2];
                 layer_us[ki] += med * count;
-                println!("| {ty} | {} | {rows} x {cols} | {label} | {med:.1} | {:.1} |", what.trim(), 2.0 * (rows * cols * n) as f64 / med / 1e6);
+                let check = if ki == 0 { "-".to_string() } else { format!("{:.1e}", diff(&outs[ki])) };
+                println!("| {ty} | {} | {rows} x {cols} | {label} | {med:.1} | {:.1} | {check} |", what.trim(), 2.0 * (rows * cols * n) as f64 / med / 1e6);
             }
         }
         layers.push((ty, layer_us));

@@ -431,7 +431,8 @@ impl Epilogue {
         }
     }
 
-    fn pairs(self) -> bool {
+    /// Whether the epilogue combines (gate, up) row pairs into one value (half as many outputs as rows).
+    pub fn pairs(self) -> bool {
         matches!(self, Epilogue::GatedPairs { .. })
     }
 }
