@@ -26,17 +26,21 @@ var<workgroup> cm_x: array<f16, CM_TN * CM_S>;
 var<workgroup> cm_out: array<f32, 8u * 256u>;
 
 @compute @workgroup_size(256)
-fn mm_coop(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+fn mm_coop(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
     let rows = chunk.rows;
     let cols = chunk.cols;
     let n = step.n_tokens;
     let rbase = wid.x * CM_TM;
     let tbase = wid.y * CM_TN;
     let nkb = cols / 32u;
-    // Subgroup sg (threads 32 sg..: the host only picks this kernel where subgroups have 32
-    // invocations) owns rows wr..wr+31 and tokens wt..wt+31 of the tile.
-    let sg = lid / 32u;
-    let lane = lid % 32u;
+    // Subgroup sg (of 8: the host only picks this kernel where subgroups have 32 invocations)
+    // owns rows wr..wr+31 and tokens wt..wt+31 of the tile: every operand of its fragment
+    // operations is uniform across it, whichever invocations it holds.
     let wr = (sg % 4u) * 32u;
     let wt = (sg / 4u) * 32u;
     // Loaders: 4 consecutive threads take the 4 eighths (p) of one row's (or token's) block, so
