@@ -39,6 +39,13 @@ pub struct ColdFfn {
     /// Predictor rows computed (for tests: the charged work really runs), and the seconds.
     pub predictor_rows: u64,
     pub predictor_secs: f64,
+    /// With a charged predictor: when at least this share of the cold neurons are candidates,
+    /// every gate row is computed by the dense (packed, streaming) product instead of the
+    /// candidates' rows one by one, and only the firing candidates go on to their up and down
+    /// rows. A dense read of all rows can beat a gathered read of most of them. None: always
+    /// gathered. The sums are then cut into chunks by the firing list instead of the candidate
+    /// list (the same run after run; not bit-identical to the gathered order).
+    pub dense_gate_above: Option<f32>,
 }
 
 /// `vals[k] = w row rows[k] · acts` with the list split into one contiguous part per member.
@@ -58,7 +65,7 @@ fn team_row_dots(team: &mut Team, w: &crate::model::Matrix, acts: &Activations, 
 impl ColdFfn {
     /// A team of `threads` members (the calling thread is one of them).
     pub fn new(threads: usize) -> ColdFfn {
-        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0 }
+        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0, dense_gate_above: None }
     }
 
     pub fn threads(&self) -> usize {
@@ -151,7 +158,7 @@ impl ColdFfn {
     /// candidates were cold.
     #[allow(clippy::too_many_arguments)]
     pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold: &[u32], candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
-        let ColdFfn { team, active, fires: cold_fires, partials, hidden, logits, predictor_rows, predictor_secs, .. } = self;
+        let ColdFfn { team, gate, active, fires: cold_fires, partials, hidden, logits, predictor_rows, predictor_secs, dense_gate_above } = self;
         if let Some(p) = predictor {
             let t = std::time::Instant::now();
             let rank = p.fc1.rows;
@@ -184,8 +191,24 @@ impl ColdFfn {
             return 0;
         }
         let acts = Activations::new(xn, 1).with_precision(precision);
+        let n_candidates = active.len();
+        if dense_gate_above.is_some_and(|share| n_candidates as f32 >= share * cold.len() as f32) {
+            gate.resize(model.hp.n_ff, 0.0);
+            matmuls(team, &acts, [(&model.layers[il].ffn_gate, &mut gate[..])]);
+            let mut k = 0;
+            active.retain(|_| {
+                k += 1;
+                cold_fires[k - 1]
+            });
+            if active.is_empty() {
+                out.fill(0.0);
+            } else {
+                ffn_on_team(team, partials, ffn, model, il, &acts, Some(gate), active, None, out);
+            }
+            return n_candidates;
+        }
         ffn_on_team(team, partials, ffn, model, il, &acts, None, active, Some(cold_fires), out);
-        active.len()
+        n_candidates
     }
 }
 

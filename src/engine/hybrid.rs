@@ -608,6 +608,12 @@ impl HybridSession {
         self.fused_hot = fused;
     }
 
+    /// With a charged predictor's simulation: above this share of cold candidates, the cold
+    /// gate rows are one dense product ([`ColdFfn::dense_gate_above`]; a benchmark variant).
+    pub fn set_dense_gate_above(&mut self, share: Option<f32>) {
+        self.state.cold.dense_gate_above = share;
+    }
+
     pub fn timing(&mut self, reset: bool) -> (HybridTiming, usize) {
         let out = (self.state.timing, self.state.syncs_per_token);
         if reset {
