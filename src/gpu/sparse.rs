@@ -162,6 +162,11 @@ pub struct HotRows {
 
 impl HotRows {
     fn gather(ctx: &GpuContext, m: &Matrix, hot: &[u32], what: &str) -> Result<HotRows, GpuError> {
+        // Types the GPU kernels lack (Q5_x, K-quants) go up as F16, converted here on the GPU's
+        // side: the CPU keeps the file's bytes.
+        if type_code(m.ty).is_none() && crate::model::Matrix::NATIVE.contains(&m.ty) {
+            return Self::gather(ctx, &m.to_f16(), hot, what);
+        }
         let (qb, sb) = row_layout(m.ty, m.cols);
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
         let total = hot.len() as u64 * qb as u64;
