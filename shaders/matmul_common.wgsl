@@ -178,14 +178,20 @@ fn mv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
     }
 }
 
-// Prefill: 64 rows x 64 tokens per workgroup of 256 threads, K in steps of one 32-element block.
-// Each step dequantises the weight tile once into shared memory and reuses it for 64 tokens;
-// each thread accumulates 4 rows x 4 tokens.
-const TM: u32 = 64u;
-const TN: u32 = 64u;
+// Prefill: MM_TM rows x 64 tokens per workgroup of 256 threads, K in steps of one 32-element
+// block. Each step dequantises the weight tile once into shared memory (tile8 of the type file)
+// and reuses it for 64 tokens. A thread accumulates MM_TM / 16 rows x 4 tokens: with 128 rows,
+// two groups of 4 rows 64 apart (so the 16 threads of a row group read 16 consecutive vec4 of
+// the tile, not every second one), 3 shared vec4 loads per 32 FMAs where 64 rows need 2 per 16.
+// MM_TM is 128 (24 KiB of shared memory) unless the adapter's limit is below that, then 64
+// (16 KiB, WebGPU's default limit); rewritten by src/gpu/matrix.rs.
+const MM_TM: u32 = 128u;
+const MM_TN: u32 = 64u;
+// Row groups of 4 per thread.
+const MM_RG: u32 = MM_TM / 64u;
 
 // [k][row / 4] and [k][token / 4], 32 k per step.
-var<workgroup> tile_w: array<vec4<f32>, 512>;
+var<workgroup> tile_w: array<vec4<f32>, 8u * MM_TM>;
 var<workgroup> tile_x: array<vec4<f32>, 512>;
 
 @compute @workgroup_size(256)
@@ -193,52 +199,64 @@ fn mm_tiled(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wi
     let rows = chunk.rows;
     let cols = chunk.cols;
     let n = step.n_tokens;
-    let rbase = wid.x * TM;
-    let tbase = wid.y * TN;
-    // Loader role: row (or token) lid % 64, elements 8p..8p+7 of the block.
-    let lr = lid % 64u;
+    let rbase = wid.x * MM_TM;
+    let tbase = wid.y * MM_TN;
+    // Token loader: token lid % 64, elements 8p..8p+7 of the block.
+    let lt = lid % 64u;
     let p = lid / 64u;
-    let wrow = min(rbase + lr, rows - 1u);
-    let xtok = min(tbase + lr, n - 1u);
+    let xtok = min(tbase + lt, n - 1u);
     let xrow = xtok * (cols / 4u) + 2u * p;
-    // Compute role: rows 4tx..4tx+3 and tokens 4ty..4ty+3 of the tile.
+    // Compute role: rows 4tx + 64g .. + 3 (g < MM_RG) and tokens 4ty..4ty+3 of the tile.
     let tx = lid % 16u;
     let ty = lid / 16u;
-    var acc: array<vec4<f32>, 4>;
+    var acc: array<array<vec4<f32>, 4>, MM_RG>;
     let nkb = cols / 32u;
     for (var kb = 0u; kb < nkb; kb++) {
-        let wv = tile8(wrow, kb, p, cols);
+        // Weight loader: row i % MM_TM, elements 8 (i / MM_TM).. of the block, for the
+        // MM_RG indices i = lid + 256 j (consecutive threads on consecutive rows, so the
+        // shared stores do not conflict).
+        for (var j = 0u; j < MM_RG; j++) {
+            let i = lid + 256u * j;
+            let lr = i % MM_TM;
+            let wp = i / MM_TM;
+            let wv = tile8(min(rbase + lr, rows - 1u), kb, wp, cols);
+            for (var e = 0u; e < 8u; e++) {
+                tile_w[(8u * wp + e) * (MM_TM / 4u) + lr / 4u][lr % 4u] = wv[e];
+            }
+        }
         let x0 = x[xrow + kb * 8u];
         let x1 = x[xrow + kb * 8u + 1u];
         let xv = array<f32, 8>(x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w);
-        for (var j = 0u; j < 8u; j++) {
-            let k = 8u * p + j;
-            tile_w[k * 16u + lr / 4u][lr % 4u] = wv[j];
-            tile_x[k * 16u + lr / 4u][lr % 4u] = xv[j];
+        for (var e = 0u; e < 8u; e++) {
+            tile_x[(8u * p + e) * 16u + lt / 4u][lt % 4u] = xv[e];
         }
         workgroupBarrier();
         for (var k = 0u; k < 32u; k++) {
-            let a = tile_w[k * 16u + tx];
             let b = tile_x[k * 16u + ty];
-            acc[0] += a * b.x;
-            acc[1] += a * b.y;
-            acc[2] += a * b.z;
-            acc[3] += a * b.w;
+            for (var g = 0u; g < MM_RG; g++) {
+                let a = tile_w[k * (MM_TM / 4u) + 16u * g + tx];
+                acc[g][0] += a * b.x;
+                acc[g][1] += a * b.y;
+                acc[g][2] += a * b.z;
+                acc[g][3] += a * b.w;
+            }
         }
         workgroupBarrier();
     }
     for (var j = 0u; j < 4u; j++) {
         let t = tbase + 4u * ty + j;
         if (t < n) {
-            for (var i = 0u; i < 4u; i++) {
-                let r = rbase + 4u * tx + i;
-                if (EPI_PAIRS) {
-                    // Rows 4tx + 0, 1 and 4tx + 2, 3 are (gate, up) pairs.
-                    if (i % 2u == 0u && r < rows) {
-                        y_put_pair(t, r, acc[j][i], acc[j][i + 1u]);
+            for (var g = 0u; g < MM_RG; g++) {
+                for (var i = 0u; i < 4u; i++) {
+                    let r = rbase + 64u * g + 4u * tx + i;
+                    if (EPI_PAIRS) {
+                        // Rows 4tx + 0, 1 and 4tx + 2, 3 are (gate, up) pairs.
+                        if (i % 2u == 0u && r < rows) {
+                            y_put_pair(t, r, acc[g][j][i], acc[g][j][i + 1u]);
+                        }
+                    } else if (r < rows) {
+                        y_put(t, r, acc[g][j][i]);
                     }
-                } else if (r < rows) {
-                    y_put(t, r, acc[j][i]);
                 }
             }
         }

@@ -290,6 +290,42 @@ fn attention_matches_cpu() {
     eprintln!("attention: max |gpu - cpu| {worst_cpu:e}, max |gpu - f64| {worst_exact:e}");
 }
 
+/// A prompt of over 1000 tokens in one batch (the prefill kernel's query tiles and key tiles
+/// many times over, an odd count so the last of each is partial), GQA, after a few cached
+/// positions: against the exact f64 answer and the CPU.
+#[test]
+fn attention_long_prompt_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let step = step_buffer(&ctx);
+    let mut rng = Rng(0x10_37);
+    let (n_head, n_head_kv, hd, n_ctx) = (6usize, 2usize, 64usize, 1100usize);
+    let (n, pos0) = (1037usize, 7usize);
+    let (q_dim, kv_dim) = (n_head * hd, n_head_kv * hd);
+    let k: Vec<f16> = rng.vec(n_ctx * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+    let v: Vec<f16> = rng.vec(n_ctx * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+    let kb = ctx.upload("k", bytemuck::cast_slice(&k));
+    let vb = ctx.upload("v", bytemuck::cast_slice(&v));
+    let q: Vec<f32> = rng.vec(n * q_dim).iter().map(|x| x * 4.0).collect();
+    let qb = upload_f32(&ctx, "q", &q);
+    let ob = ctx.zeros("out", (n * q_dim * 4) as u64);
+    let shape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
+    let op = AttentionOp::new(&ctx, &qb, &kb, &vb, &ob, shape, n_ctx as u32, n as u32, &step).unwrap();
+    ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&vec![f32::NAN; n * q_dim]));
+    run(&ctx, &step, n as u32, pos0 as u32, |p| op.encode(p, n as u32));
+    let got: Vec<f32> = ctx.read(&ob, n * q_dim).unwrap();
+    let mut want = vec![0.0; n * q_dim];
+    ember::cpu::attention(&q, &k, &v, pos0, n, ember::cpu::attention::AttnShape { n_head, n_head_kv, head_dim: hd }, &mut want);
+    let exact = attention_f64(&q, &k, &v, pos0, n, n_head, n_head_kv, hd);
+    let (e_cpu, e_exact) = (max_abs_diff(&got, &want), max_abs_diff(&got, &exact));
+    assert!(e_exact <= 2e-5, "attention over a {n}-token prompt: differs from the exact f64 answer by {e_exact:e}");
+    assert!(e_cpu <= 4e-3, "attention over a {n}-token prompt: differs from the CPU by {e_cpu:e}");
+    // Deterministic: the same bits again.
+    run(&ctx, &step, n as u32, pos0 as u32, |p| op.encode(p, n as u32));
+    let again: Vec<f32> = ctx.read(&ob, n * q_dim).unwrap();
+    assert!(got.iter().zip(&again).all(|(a, b)| a.to_bits() == b.to_bits()), "attention over a {n}-token prompt: a second run differs");
+    eprintln!("attention, {n}-token prompt: max |gpu - cpu| {e_cpu:e}, max |gpu - f64| {e_exact:e}");
+}
+
 #[test]
 fn attention_refuses_unsupported_shapes() {
     let Some(ctx) = gpu() else { return };

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// of each type, rotating over more matrices than the L2 cache holds; implies --copy-bandwidth
     #[arg(long)]
     pub kernels: bool,
+    /// GPU: time the prefill (batched) products of a llama-7B layer at -p tokens for each
+    /// weight type, portable and cooperative-matrix kernels (also part of --kernels)
+    #[arg(long)]
+    pub prefill_kernels: bool,
 }
 
 const MAX_REPETITIONS: usize = 1000;
@@ -60,9 +64,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions > MAX_REPETITIONS {
         return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
     }
-    if a.kernels || a.copy_bandwidth {
+    if a.kernels || a.copy_bandwidth || a.prefill_kernels {
         if a.model.backend == super::Backend::Cpu {
-            return Err("--kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
+            return Err("--kernels, --prefill-kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
         }
         return device_bench(&a);
     }
@@ -267,6 +271,9 @@ fn device_bench(a: &BenchArgs) -> Result<()> {
                 100.0 * stream_gbps / copy
             );
         }
+    }
+    if a.kernels || a.prefill_kernels {
+        super::gpu_bench::prefill_products(&ctx, a.n_prompt)?;
     }
     Ok(())
 }

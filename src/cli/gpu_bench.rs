@@ -5,7 +5,7 @@ use super::Result;
 use crate::engine::gpu_forward::Profile;
 use crate::engine::GpuWeights;
 use crate::gguf::GgmlType;
-use crate::gpu::matrix::{parse_decode, DecodeKernel, Epilogue, GpuMatrix, MatOut, MatmulOp, MvConfig};
+use crate::gpu::matrix::{parse_decode, DecodeKernel, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig};
 use crate::gpu::timer::PassTimer;
 use crate::gpu::{GpuContext, Step};
 use crate::model::Matrix;
@@ -230,6 +230,85 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
         println!("| matvec {}{} | {} x {} | {:.1} | {:.0} |", r.ty, r.what, r.rows, r.cols, r.alone_us, r.bytes as f64 / r.alone_us / 1e3);
     }
     Ok(rows_out)
+}
+
+/// Times the prefill (batched) products of one llama-7B layer (FUSED_LAYER) at `n` tokens for
+/// each weight type, with the portable f32 tiled kernel and, where the adapter has cooperative
+/// matrices, the f16 tensor-core one: each dispatch alone in its own timestamped pass (median of
+/// 15 after a warm-up), TFLOPS as 2 rows cols n / time. The last column is what 32 such
+/// layers' products alone would allow: an upper bound of a 7B model's prompt rate (attention,
+/// norms and RoPE come on top). Where both kernels run, each product is also checked: the
+/// cooperative-matrix kernel's results against the portable one's, the largest difference
+/// relative to the largest |y|, which f16 inputs keep near 1e-3 (a broken kernel shows as ~1).
+pub fn prefill_products(ctx: &GpuContext, n: usize) -> Result<()> {
+    let mut kernels = vec![("tiled f32", Kernel::Tiled)];
+    if ctx.has_coop_matrix() {
+        kernels.push(("coop f16", Kernel::Coop));
+    }
+    println!("
+prefill products at {n} tokens, median µs per dispatch alone (cooperative matrices: {})
+", if ctx.has_coop_matrix() { "yes" } else { "no" });
+    println!("| type | product | rows x cols | kernel | µs | TFLOPS | max diff / max abs, against tiled f32 |");
+    println!("| --- | --- | --- | --- | ---: | ---: | ---: |");
+    let reps = 15;
+    let Some(mut timer) = PassTimer::new(ctx, reps) else {
+        return Err("the adapter has no timestamp queries".into());
+    };
+    let mut layers = Vec::new();
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16] {
+        let mut layer_us = vec![0.0; kernels.len()];
+        for &(rows, cols, what, epilogue, count) in &FUSED_LAYER {
+            let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
+            let mut raw = vec![0u8; bytes as usize];
+            super::synth::fill(&mut raw, ty, cols as u64, 7);
+            let m = GpuMatrix::upload(ctx, &Matrix::from_raw("prefill bench", rows, cols, ty, &raw))?;
+            let xv: Vec<f32> = (0..n * cols).map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect();
+            let x = ctx.upload("x", bytemuck::cast_slice(&xv));
+            let y = ctx.zeros("y", 4 * (n * rows) as u64);
+            let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
+            let op = m.bind_matmul_out(ctx, &x, &y, &step, &MatOut::with(epilogue));
+            // One run of each kernel from zeros, read back for the comparison.
+            let out_len = n * if epilogue.pairs() { rows / 2 } else { rows };
+            let mut outs: Vec<Vec<f32>> = Vec::new();
+            for &(_, kernel) in &kernels {
+                ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
+                let mut enc = ctx.device.create_command_encoder(&Default::default());
+                op.encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
+                ctx.submit_and_wait(enc)?;
+                outs.push(ctx.read(&y, out_len)?);
+            }
+            let diff = |o: &[f32]| {
+                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = o.iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                d / max.max(f32::MIN_POSITIVE)
+            };
+            for (ki, &(label, kernel)) in kernels.iter().enumerate() {
+                let mut us = Vec::new();
+                for _round in 0..2 {
+                    let mut enc = ctx.device.create_command_encoder(&Default::default());
+                    for _ in 0..reps {
+                        op.encode_with(&mut timer.pass(&mut enc, "prefill product"), n as u32, kernel);
+                    }
+                    us = timer.finish(ctx, enc)?.into_iter().map(|t| t / 1e3).collect();
+                }
+                us.sort_by(f64::total_cmp);
+                let med = us[us.len() / 2];
+                layer_us[ki] += med * count;
+                let check = if ki == 0 { "-".to_string() } else { format!("{:.1e}", diff(&outs[ki])) };
+                println!("| {ty} | {} | {rows} x {cols} | {label} | {med:.1} | {:.1} | {check} |", what.trim(), 2.0 * (rows * cols * n) as f64 / med / 1e6);
+            }
+        }
+        layers.push((ty, layer_us));
+    }
+    println!("
+| type | kernel | one layer's products µs | 32 layers: pp{n} upper bound t/s |");
+    println!("| --- | --- | ---: | ---: |");
+    for (ty, layer_us) in layers {
+        for (ki, &(label, _)) in kernels.iter().enumerate() {
+            println!("| {ty} | {label} | {:.0} | {:.0} |", layer_us[ki], n as f64 / (32.0 * layer_us[ki] * 1e-6));
+        }
+    }
+    Ok(())
 }
 
 /// The integer Q4_0 variants of the kernel table (`EMBER_MV_DEC` syntax: rows per step, steps

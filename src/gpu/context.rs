@@ -97,6 +97,22 @@ fn summarize(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
     }
 }
 
+/// Whether shaders/matmul_coop.wgsl can run on this adapter: cooperative matrices of 16x16x16
+/// f16 accumulating in f32 (the only shape it uses), f16 and subgroups in shaders, subgroups
+/// of exactly 32 invocations (it maps 8 subgroups onto its 256 threads) and the 35 KiB of
+/// shared memory it takes.
+fn coop_matrix_usable(adapter: &wgpu::Adapter, limits: &wgpu::Limits) -> bool {
+    use wgpu::CooperativeScalarType as T;
+    let need = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP;
+    let info = adapter.get_info();
+    adapter.features().contains(need)
+        && info.subgroup_min_size == 32
+        && info.subgroup_max_size == 32
+        && limits.max_compute_workgroup_storage_size >= 36 * 1024
+        && limits.max_compute_invocations_per_workgroup >= 256
+        && adapter.cooperative_matrix_properties().iter().any(|p| (p.m_size, p.n_size, p.k_size, p.ab_type, p.cr_type) == (16, 16, 16, T::F16, T::F32))
+}
+
 /// Every adapter wgpu finds, in a stable order (the indices `--device N` refers to).
 pub fn list_adapters() -> Vec<AdapterSummary> {
     enumerate().iter().enumerate().map(|(i, a)| summarize(i, a)).collect()
@@ -229,14 +245,22 @@ impl GpuContext {
         } else if summary.is_software() {
             eprintln!("ember: warning: {} is a software rasteriser: correct but slow; use it for tests.", summary.name);
         }
-        let wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
-        let features = adapter.features() & wanted;
+        let mut wanted = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let limits = adapter.limits();
+        let coop = coop_matrix_usable(adapter, &limits);
+        if coop {
+            wanted |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+        }
+        let features = adapter.features() & wanted;
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("ember"),
             required_features: features,
             required_limits: limits.clone(),
             memory_hints: wgpu::MemoryHints::Manual { suballocated_device_memory_block_size: DEVICE_BLOCK },
+            // SAFETY: the one experimental feature ember asks for is the cooperative matrix,
+            // used by one kernel (shaders/matmul_coop.wgsl) in the shapes the adapter lists,
+            // with the portable kernel as the tested reference beside it.
+            experimental_features: if coop { unsafe { wgpu::ExperimentalFeatures::enabled() } } else { wgpu::ExperimentalFeatures::disabled() },
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(summary.name.clone(), e.to_string()))?;
@@ -263,6 +287,13 @@ impl GpuContext {
 
     pub fn has_f16(&self) -> bool {
         self.features.contains(wgpu::Features::SHADER_F16)
+    }
+
+    /// Whether the tiled prefill products run on cooperative matrices (tensor cores): the
+    /// adapter offers 16x16x16 f16 fragments accumulating in f32 with subgroups of 32, and the
+    /// tuning does not turn them off ([`GpuTuning::coop_matrix`](super::GpuTuning)).
+    pub fn has_coop_matrix(&self) -> bool {
+        self.features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) && self.tuning.coop_matrix
     }
 
     pub fn has_subgroups(&self) -> bool {

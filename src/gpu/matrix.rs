@@ -38,8 +38,13 @@
 //! - A few tokens (up to [`MATVEC_MAX_TOKENS`]): `shaders/matmul_common.wgsl`'s `mv_main` after
 //!   `matmul_<type>.wgsl`, which decodes *units* of 8 elements (a Q4 word, a Q8 double word);
 //!   groups of up to 8 tokens (the grid's z dimension), each unit dequantised once for the group.
-//! - More tokens: the tiled `mm_tiled` (64 rows x 64 tokens per workgroup, dequantised tiles in
-//!   shared memory); embedding lookups: `shaders/get_rows_common.wgsl`.
+//! - More tokens: the tiled `mm_tiled` (128 rows x 64 tokens per workgroup, 8 x 4 per thread,
+//!   the type's `tile8` dequantising the weight tile once into shared memory; 64 rows where the
+//!   adapter has under 24 KiB of shared memory), or where the context has cooperative matrices
+//!   (`GpuContext::has_coop_matrix`), `shaders/matmul_coop.wgsl`'s `mm_coop`: the same tiles as
+//!   f16 in shared memory multiplied on 16x16x16 fragments with f32 sums (tensor cores). The
+//!   portable kernel stays the reference ([`Kernel::Tiled`]); embedding lookups:
+//!   `shaders/get_rows_common.wgsl`.
 //!
 //! Quants become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA):
 //! a nibble or byte or'ed into the mantissa of a power of two and the power subtracted.
@@ -75,6 +80,9 @@ struct TypeSources {
     /// The same with RoPE and the KV-cache write in the epilogue (matmul_dec_rope.wgsl).
     dec_norm_rope: &'static str,
     dec_sg_norm_rope: &'static str,
+    /// The prefill product on cooperative matrices: `enable`s + type + matmul_common.wgsl +
+    /// matmul_coop.wgsl.
+    coop: &'static str,
 }
 
 macro_rules! type_sources {
@@ -92,6 +100,8 @@ macro_rules! type_sources {
             dec_sg_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            // `enable` directives must open a module: they are not in matmul_coop.wgsl itself.
+            coop: concat!("enable f16;\nenable wgpu_cooperative_matrix;\n", compose!($file, "matmul_common.wgsl", "matmul_coop.wgsl", "matmul_store.wgsl", "act.wgsl")),
         }
     };
 }
@@ -150,11 +160,12 @@ macro_rules! listed {
             ("matmul_kq_sg.wgsl", KQ_SG_NORM_SRC),
             ("matmul_kq.wgsl", KQ_NORM_ROPE_SRC),
             ("matmul_kq_sg.wgsl", KQ_SG_NORM_ROPE_SRC),
+            ("matmul_coop.wgsl", $src.coop),
         ]
     };
 }
 
-const LISTED: [[(&str, &str); 20]; 12] = [
+const LISTED: [[(&str, &str); 21]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
@@ -431,8 +442,11 @@ pub enum Kernel {
     Auto,
     /// The matvec (several groups of tokens when n_tokens exceeds the largest variant's nt).
     Matvec,
-    /// The tiled matmul.
+    /// The portable tiled matmul (the reference of the cooperative-matrix one).
     Tiled,
+    /// The tiled matmul on cooperative matrices; the portable one where the context has none
+    /// ([`GpuContext::has_coop_matrix`]).
+    Coop,
 }
 
 /// What a product does with its results (shaders/matmul_store.wgsl's EPI).
@@ -459,7 +473,8 @@ impl Epilogue {
         }
     }
 
-    fn pairs(self) -> bool {
+    /// Whether the epilogue combines (gate, up) row pairs into one value (half as many outputs as rows).
+    pub fn pairs(self) -> bool {
         matches!(self, Epilogue::GatedPairs { .. })
     }
 }
@@ -487,6 +502,22 @@ impl MatOut {
         assert!(self.sections.len() <= 3 && self.sections.iter().map(|s| s.0).sum::<u32>() == rows, "output sections {:?} do not cover {rows} rows", self.sections);
         assert!(!self.epilogue.pairs() || self.sections.len() == 1, "gated pairs take one output section");
         self.sections.clone()
+    }
+}
+
+/// Tokens per workgroup of the portable tiled kernel (MM_TN in matmul_common.wgsl).
+const TILED_TOKENS: u32 = 64;
+/// Rows and tokens per workgroup of the cooperative-matrix kernel (CM_TM, CM_TN).
+const COOP_ROWS: u32 = 128;
+const COOP_TOKENS: u32 = 64;
+
+/// Rows per workgroup of the portable tiled kernel: 128 (24 KiB of shared memory) where the
+/// adapter allows, else 64 (16 KiB, WebGPU's default limit).
+fn tiled_rows(ctx: &GpuContext) -> u32 {
+    if ctx.limits.max_compute_workgroup_storage_size >= 24 * 1024 {
+        128
+    } else {
+        64
     }
 }
 
@@ -884,7 +915,10 @@ impl GpuMatrix {
             mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
-        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled/epi{epi}", src.name, self.perm_key()), &with_epi(&self.specialize(src.mm)), "mm_tiled");
+        let tm = tiled_rows(ctx);
+        let tiled_code = set_const(&with_epi(&self.specialize(src.mm)), "MM_TM", 128, tm);
+        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled{tm}/epi{epi}", src.name, self.perm_key()), &tiled_code, "mm_tiled");
+        let coop = ctx.has_coop_matrix().then(|| pipeline(ctx, &format!("matmul/{}{}/coop/epi{epi}", src.name, self.perm_key()), &with_epi(&self.specialize(src.coop)), "mm_coop"));
         // MatOut of matmul_store.wgsl: section ends (whole-matrix rows), then offsets.
         let r = self.rows as u32;
         let mut words = [r, r, r, r, 0, 0, 0, 0];
@@ -909,7 +943,8 @@ impl GpuMatrix {
                     }
                     (*nr, p.clone(), bind_group(ctx, p, &entries))
                 });
-                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), folded }
+                let coop = coop.as_ref().map(|p| (p.clone(), bind_group(ctx, p, &res())));
+                OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), tiled_rows: tm, coop, folded }
             })
             .collect();
         // Elements of y that n tokens reach: the end of the last section's n rows.
@@ -941,6 +976,10 @@ struct OpChunk {
     /// (nt, nr, pipeline, bind group), by increasing nt.
     mv: Vec<(u32, u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
     tiled: (Arc<wgpu::ComputePipeline>, wgpu::BindGroup),
+    /// Rows per workgroup of the tiled kernel (MM_TM).
+    tiled_rows: u32,
+    /// The cooperative-matrix tiled kernel, where the context has cooperative matrices.
+    coop: Option<(Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
     /// The one-token decode kernel with the op's RMSNorm folded in: (nr, pipeline, bind group).
     folded: Option<(u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
 }
@@ -983,7 +1022,7 @@ impl MatmulOp {
     }
 
     fn folds_with(&self, n_tokens: u32, kernel: Kernel) -> bool {
-        n_tokens == 1 && kernel != Kernel::Tiled && self.norm.is_some() && self.chunks.iter().all(|c| c.folded.is_some())
+        n_tokens == 1 && !matches!(kernel, Kernel::Tiled | Kernel::Coop) && self.norm.is_some() && self.chunks.iter().all(|c| c.folded.is_some())
     }
 
     /// Records the product for `n_tokens` tokens (the Step uniform's n_tokens for this
@@ -1006,8 +1045,10 @@ impl MatmulOp {
         let matvec = match kernel {
             Kernel::Auto => n_tokens <= MATVEC_MAX_TOKENS,
             Kernel::Matvec => true,
-            Kernel::Tiled => false,
+            Kernel::Tiled | Kernel::Coop => false,
         };
+        // Auto takes the cooperative-matrix kernel wherever it was built.
+        let coop = matches!(kernel, Kernel::Auto | Kernel::Coop);
         if let Some(norm) = &self.norm {
             if self.folds_with(n_tokens, kernel) {
                 for c in &self.chunks {
@@ -1029,11 +1070,15 @@ impl MatmulOp {
                 pass.set_pipeline(p);
                 pass.set_bind_group(0, bg, &[]);
                 pass.dispatch_workgroups(gx, gy, n_tokens.div_ceil(*nt));
+            } else if let (true, Some((p, bg))) = (coop, &c.coop) {
+                pass.set_pipeline(p);
+                pass.set_bind_group(0, bg, &[]);
+                pass.dispatch_workgroups(c.rows.div_ceil(COOP_ROWS), n_tokens.div_ceil(COOP_TOKENS), 1);
             } else {
                 let (p, bg) = &c.tiled;
                 pass.set_pipeline(p);
                 pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(c.rows.div_ceil(64), n_tokens.div_ceil(64), 1);
+                pass.dispatch_workgroups(c.rows.div_ceil(c.tiled_rows), n_tokens.div_ceil(TILED_TOKENS), 1);
             }
         }
     }

@@ -28,6 +28,9 @@ pub struct GpuTuning {
     /// Activations per word in the blocks decode kernel (DV_XW: 0 per slot, 1 per row, 2 once
     /// for all rows); None takes each type's measured default.
     pub decode_xw: Option<u32>,
+    /// The prefill products on cooperative matrices where the adapter has them (f16 inputs,
+    /// f32 sums); off keeps the portable f32 tiled kernel everywhere.
+    pub coop_matrix: bool,
 }
 
 impl Default for GpuTuning {
@@ -41,6 +44,7 @@ impl Default for GpuTuning {
             test_decode: None,
             fold_norms: true,
             decode_xw: None,
+            coop_matrix: true,
         }
     }
 }

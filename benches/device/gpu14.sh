@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 14's prefill on the lent GPU: ember's pp512, pp2048 and tg128 (7B-shaped Q4_0 from
+# `ember synth`, all in VRAM) against llama.cpp CUDA's `llama-bench -p 512,2048 -n 128` built in
+# the same call, plus the prefill products' own times and a check of the cooperative-matrix
+# kernel against the portable one on this card.
+#
+# Run from the repository root on the device:
+#   benches/device/gpu14.sh D PHASE...      PHASE: kernels pp nocoop llama
+# D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
+# of the default model: the tokenizer) and llama-cpp.sh; .lc/lcsrc.tar.xz (`llama-cpp.sh fetch
+# .lc`) and .gl (the Vulkan loader) are carried too, as for hybrid_race.sh. After llama.cpp's
+# build (~3.5 min, started first, in the background), the phases take about 2.5 minutes:
+#   kernels  `ember bench --prefill-kernels -p 512`: every type's batched products of a 7B layer,
+#            portable f32 and cooperative-matrix kernels, and the latter's difference from the
+#            former (~1e-3 is f16 rounding; ~1 or inf is a broken kernel: then read `nocoop`)
+#   pp       ember pp512 + tg128 and pp2048 (cooperative matrices where the card has them)
+#   nocoop   ember pp512 with EMBER_NO_COOP=1 (the portable tiled kernel)
+#   llama    llama.cpp CUDA -p 512,2048 -n 128, all layers on the GPU
+set -uo pipefail
+D=$(realpath "$1"); shift
+for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
+E=$D/ember; M=/tmp/models; mkdir -p $M
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$E devices 2>&1 | head -4
+
+rm -f /tmp/lc-cuda-build.txt; [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-cuda-build.txt ||
+(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1; echo built >> /tmp/lc-cuda-build.txt) &
+LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
+
+echo "== model"; date
+$E synth --type q4_0 --tokenizer-from $D/tok.gguf -o $M/q4.gguf 2>&1 | tail -1
+quiet() { grep -v -E "^ember: loaded|^$|^ggml_|^  Device|^build:|^llama_|^load|^print_info|^common_|^graph_|^sched_|^set_|^init|^system_info|^\.+$"; }
+
+for phase in "$@"; do
+  [ $SECONDS -gt ${DEADLINE:-999999} ] && { echo; echo "== $phase skipped: $SECONDS s elapsed"; continue; }
+  echo; echo "== $phase"; date
+  case $phase in
+kernels) $E bench --prefill-kernels -p 512 2>&1 | quiet ;;
+pp)
+  $E bench --backend gpu -m $M/q4.gguf -p 512 -n 128 -r ${REPS:-3} 2>&1 | quiet
+  $E bench --backend gpu -m $M/q4.gguf -p 2048 -n 0 -r ${REPS:-3} 2>&1 | quiet
+  ;;
+nocoop) EMBER_NO_COOP=1 $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} 2>&1 | quiet ;;
+llama)
+  until grep -q built /tmp/lc-cuda-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt
+  $LB -m $M/q4.gguf -ngl 99 -p 512,2048 -n 128 -r ${REPS:-3} 2>&1 | quiet
+  ;;
+*) echo "unknown phase $phase" ;;
+esac; done
