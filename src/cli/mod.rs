@@ -10,6 +10,7 @@ mod info;
 mod perplexity;
 mod plan;
 mod profile;
+mod quantize;
 mod run;
 mod serve;
 mod synth;
@@ -63,6 +64,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Chat with the model in the terminal, turn after turn (one turn per line when piped)
     Chat(chat::ChatArgs),
+    /// Re-encode a model's weights in another type (Q4_K_M, Q5_K_M, Q8_0, ...) as llama-quantize does
+    Quantize(quantize::QuantizeArgs),
 }
 
 /// Where the computation runs.
@@ -278,7 +281,7 @@ impl ModelArgs {
     }
 
     /// Weight types to keep as the file has them although the CPU kernels do not compute with
-    /// them: the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
+    /// them (Q2_K, Q3_K): the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
     /// layer limit or budget, which would offload layers to the CPU); none otherwise (the CPU
     /// may compute, and such matrices become F16).
     pub fn gpu_only_types(&self) -> &'static [crate::gguf::GgmlType] {
@@ -361,6 +364,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::TrainPredictor(a) => train_predictor::train_predictor(a),
         Command::Serve(a) => serve::serve(a),
         Command::Chat(a) => chat::chat(a),
+        Command::Quantize(a) => quantize::run(a),
     }
 }
 

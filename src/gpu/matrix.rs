@@ -529,9 +529,9 @@ fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[(
 }
 
 impl GpuMatrix {
-    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16;
-    /// columns a multiple of 32) into the GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
-    /// largest storage binding.
+    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16, on the
+    /// GPU's side; columns a multiple of 32) into the GPU layout and uploads it, split by rows
+    /// where a buffer would exceed the adapter's largest storage binding.
     pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
         Self::upload_with_limit(ctx, m, limit)

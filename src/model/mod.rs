@@ -6,6 +6,7 @@
 
 mod llama;
 mod qwen2;
+pub mod quantize;
 mod weights;
 
 pub use weights::{Matrix, TensorStore};
@@ -323,6 +324,32 @@ impl Model {
             layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
+    }
+
+    /// The weight matrices, each once (the output only where it is not the embedding).
+    pub fn matrices(&self) -> Vec<&Matrix> {
+        let mut out = vec![&self.token_embd];
+        if !self.tied_embeddings {
+            out.push(&self.output);
+        }
+        for l in &self.layers {
+            out.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down]);
+        }
+        out
+    }
+
+    /// Bytes of weight matrices as they are held, per type (largest first); norms and biases,
+    /// held as f32, are left out.
+    pub fn matrix_bytes_by_type(&self) -> Vec<(crate::gguf::GgmlType, u64)> {
+        let mut by: Vec<(crate::gguf::GgmlType, u64)> = Vec::new();
+        for m in self.matrices() {
+            match by.iter_mut().find(|(t, _)| *t == m.ty) {
+                Some(e) => e.1 += m.n_bytes() as u64,
+                None => by.push((m.ty, m.n_bytes() as u64)),
+            }
+        }
+        by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+        by
     }
 
     /// Bytes of weights as they are held (mapped or converted).

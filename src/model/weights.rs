@@ -15,7 +15,8 @@ enum Data {
 }
 
 /// A row-major weight matrix: `rows` rows of `cols` values each, in one of the types the
-/// kernels compute with directly (F32, F16, Q4_0, Q4_1, Q8_0).
+/// CPU kernels compute with directly ([`Matrix::NATIVE`]). A GPU backend without kernels for
+/// some of them converts at upload, on its side.
 #[derive(Clone)]
 pub struct Matrix {
     pub name: String,
@@ -29,8 +30,18 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Types the CPU kernels use without conversion.
-    pub const NATIVE: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    /// Types the CPU kernels use without conversion: they stay as the file's mapped bytes.
+    pub const NATIVE: [GgmlType; 10] = [
+        GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0,
+        GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+    ];
+
+    /// This matrix as F16 values (a copy), for a backend without kernels for its type.
+    pub fn to_f16(&self) -> Matrix {
+        let mut values = vec![0.0f32; self.rows * self.cols];
+        crate::quant::dequantize(self.ty, self.bytes(), &mut values).expect("native matrix types dequantise");
+        Matrix::from_f32(&self.name, self.rows, self.cols, &values, GgmlType::F16)
+    }
 
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
@@ -184,7 +195,7 @@ impl TensorStore {
             let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
             return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data, packed: Arc::default() });
         }
-        // Other types are dequantised once; F16 keeps them compact and computes with the fast
+        // Other types (Q2_K, Q3_K, BF16) are dequantised once; F16 keeps them compact and computes with the fast
         // F16 kernel (BF16 goes to F32, whose range it needs).
         let mut values = vec![0.0f32; rows * cols];
         crate::quant::dequantize(t.ty, self.file.tensor_data(&t), &mut values)

@@ -216,3 +216,21 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
     num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
 }
+
+/// A Python interpreter that imports the official `openai` client (`EMBER_PYTHON`, else
+/// `python3`; `.ci/run` installs the client). Without one the test says so and skips, except
+/// under CI, where it fails.
+pub fn python_with_openai() -> Option<PathBuf> {
+    let python = std::env::var_os("EMBER_PYTHON").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"));
+    let ok = std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    let msg = format!("{} cannot import the openai client (pip install openai, or set EMBER_PYTHON to an interpreter that has it)", python.display());
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must have it (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    record_skip();
+    None
+}
