@@ -282,7 +282,7 @@ impl ModelArgs {
     }
 
     /// Weight types to keep as the file has them although the CPU kernels do not compute with
-    /// them: the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
+    /// them (Q2_K, Q3_K): the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
     /// layer limit or budget, which would offload layers to the CPU); none otherwise (the CPU
     /// may compute, and such matrices become F16).
     pub fn gpu_only_types(&self) -> &'static [crate::gguf::GgmlType] {

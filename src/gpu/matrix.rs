@@ -559,16 +559,10 @@ fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[(
     ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &entries })
 }
 
-/// An F16 copy of a matrix whose type the CPU computes with but these kernels do not (Q5_x,
-/// K-quants): the conversion happens here, at upload, so the CPU keeps the file's bytes.
-fn gpu_form(m: &Matrix) -> Option<Matrix> {
-    (sources(m.ty).is_none() && Matrix::NATIVE.contains(&m.ty)).then(|| m.to_f16())
-}
-
 impl GpuMatrix {
-    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16;
-    /// columns a multiple of 32) into the GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
-    /// largest storage binding.
+    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16, on the
+    /// GPU's side; columns a multiple of 32) into the GPU layout and uploads it, split by rows
+    /// where a buffer would exceed the adapter's largest storage binding.
     pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
         Self::upload_with_limit(ctx, m, limit)
@@ -603,9 +597,6 @@ impl GpuMatrix {
     /// [`upload`](Self::upload) with buffers of at most `limit` bytes (tests force splits).
     #[doc(hidden)]
     pub fn upload_with_limit(ctx: &GpuContext, m: &Matrix, limit: u64) -> Result<GpuMatrix, GpuError> {
-        if let Some(f16) = gpu_form(m) {
-            return Self::upload_with_limit(ctx, &f16, limit);
-        }
         Self::upload_layout(ctx, m, limit, uses_perm(ctx, m.ty, m.cols))
     }
 
@@ -613,9 +604,6 @@ impl GpuMatrix {
     /// the type's group divides the row).
     #[doc(hidden)]
     pub fn upload_layout(ctx: &GpuContext, m: &Matrix, limit: u64, perm: bool) -> Result<GpuMatrix, GpuError> {
-        if let Some(f16) = gpu_form(m) {
-            return Self::upload_layout(ctx, &f16, limit, perm);
-        }
         let perm = perm && perm_group(m.ty).is_some_and(|g| (m.cols / 32).is_multiple_of(g));
         if sources(m.ty).is_none() {
             // A type the loader kept (the CPU's kernels use it) but the GPU has no kernel for:
