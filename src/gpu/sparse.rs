@@ -151,6 +151,36 @@ fn block_split(ty: GgmlType) -> Option<(usize, usize)> {
     }
 }
 
+/// (quant bytes, scale bytes) of one row of `cols` values of type `ty` in the GPU layout
+/// (see the module docs); scales are 0 bytes for F32 and F16.
+pub fn row_parts(ty: GgmlType, cols: usize) -> (usize, usize) {
+    row_layout(ty, cols)
+}
+
+/// Writes rows `ids` of `m` (a type the kernels take, its columns a multiple of 32) in the
+/// GPU layout: row after row, quants into `quants` and block scales into `scales`, each
+/// `ids.len()` times [`row_parts`] long at least (bytes past that are left alone). What
+/// [`HotFfn::upload`] uploads, and what a prefill batch streams into a mapped buffer.
+pub fn pack_rows(m: &Matrix, ids: &[u32], quants: &mut [u8], scales: &mut [u8]) {
+    let (qb, sb) = row_layout(m.ty, m.cols);
+    let row_bytes = m.row_bytes();
+    let bytes = m.bytes();
+    for (k, &id) in ids.iter().enumerate() {
+        let row = &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+        let (q, s) = (&mut quants[k * qb..(k + 1) * qb], &mut scales[k * sb..(k + 1) * sb]);
+        match block_split(m.ty) {
+            None => q.copy_from_slice(row),
+            Some((block, scale)) => {
+                let qpb = block - scale;
+                for (j, b) in row.chunks_exact(block).enumerate() {
+                    s[j * scale..(j + 1) * scale].copy_from_slice(&b[..scale]);
+                    q[j * qpb..(j + 1) * qpb].copy_from_slice(&b[scale..]);
+                }
+            }
+        }
+    }
+}
+
 /// The hot rows of one matrix in the GPU layout (see the module docs).
 pub struct HotRows {
     pub ty: GgmlType,
@@ -174,26 +204,23 @@ impl HotRows {
                 limit >> 20
             )));
         }
-        let row_bytes = m.row_bytes();
-        let bytes = m.bytes();
-        let mut quants = Vec::with_capacity(hot.len() * qb);
-        let mut scales = Vec::with_capacity(hot.len() * sb);
-        for &id in hot {
-            let row = &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
-            match block_split(m.ty) {
-                None => quants.extend_from_slice(row),
-                Some((block, scale)) => {
-                    for b in row.chunks_exact(block) {
-                        scales.extend_from_slice(&b[..scale]);
-                        quants.extend_from_slice(&b[scale..]);
-                    }
-                }
-            }
-        }
+        let mut quants = vec![0u8; hot.len() * qb];
+        let mut scales = vec![0u8; hot.len() * sb];
+        pack_rows(m, hot, &mut quants, &mut scales);
         // An empty matrix still binds one unit (`array<vec4<u32>>`'s smallest binding).
         quants.resize(quants.len().max(16), 0);
         let label = format!("{} hot {what}", m.name);
         Ok(HotRows { ty: m.ty, rows: hot.len(), cols: m.cols, quants: ctx.upload(&label, &quants), scales: ctx.upload(&format!("{label} scales"), &scales) })
+    }
+
+    /// The quants buffer (`rows` x [`row_parts`].0 bytes, at least 16).
+    pub fn quants(&self) -> &Buffer {
+        &self.quants
+    }
+
+    /// The scales buffer (`rows` x [`row_parts`].1 bytes, at least 4).
+    pub fn scales(&self) -> &Buffer {
+        &self.scales
     }
 
     /// 16-byte units per row.
@@ -268,6 +295,35 @@ impl HotFfn {
             hot_ids: ctx.upload("hot ids", bytemuck::cast_slice(hot)),
             config,
         })
+    }
+
+    /// An FFN of `rows` neurons over buffers the caller fills (a streaming area's slot): for
+    /// each of gate, up and down_t its type and (quants, scales) buffers, of at least `rows`
+    /// rows in the layout of [`row_parts`] (the quants at least 16 bytes, the scales 4). The
+    /// neurons' ids are not kept (the batch op needs none). Types and sizes as
+    /// [`upload`](Self::upload) takes them.
+    pub fn over_buffers(ctx: &GpuContext, n_embd: usize, rows: usize, parts: [(GgmlType, &Buffer, &Buffer); 3]) -> Result<HotFfn, GpuError> {
+        let bad = |why: String| Err(GpuError::Unsupported(format!("streamed FFN rows: {why}")));
+        if n_embd == 0 || !n_embd.is_multiple_of(32) {
+            return bad(format!("n_embd {n_embd} is not a positive multiple of 32"));
+        }
+        if rows.checked_mul(n_embd).is_none_or(|n| n > u32::MAX as usize / 2) {
+            return bad(format!("{rows} rows of {n_embd} values are too many for 32-bit indexing"));
+        }
+        let mut hot = Vec::with_capacity(3);
+        for (ty, quants, scales) in parts {
+            if type_code(ty).is_none() {
+                return bad(format!("no sparse GPU kernel for {} weights", ty.name()));
+            }
+            let (qb, sb) = row_layout(ty, n_embd);
+            if quants.size() < (rows * qb).max(16) as u64 || scales.size() < (rows * sb).max(4) as u64 {
+                return bad(format!("buffers of {} and {} bytes hold fewer than {rows} rows of {} values", quants.size(), scales.size(), ty.name()));
+            }
+            hot.push(HotRows { ty, rows, cols: n_embd, quants: quants.clone(), scales: scales.clone() });
+        }
+        let mut it = hot.into_iter();
+        let (gate, up, down_t) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        Ok(HotFfn { n_embd, n_ff: rows, gate, up, down_t, hot_ids: ctx.zeros("streamed ids (unused)", 4), config: SparseConfig::for_context(ctx) })
     }
 
     /// GPU bytes one hot neuron takes in this layout (its three rows and its id): what
