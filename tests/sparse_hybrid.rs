@@ -70,6 +70,15 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
         dense.reset();
         let d = dense.forward(&prompts[1], Logits::Last).unwrap();
         assert!(common::rel_err(&a, &d) < 1e-3, "budget {budget_mib:?}: relative logit error {}", common::rel_err(&a, &d));
+        // The hot neurons recorded in the attention half's submission: the same dispatches in
+        // the same order, so the same tokens.
+        if budget_mib == Some(100) {
+            s.set_fused_hot(true);
+            for (p, w) in prompts.iter().zip(&want).take(2) {
+                s.reset();
+                assert_eq!(&common::greedy(&mut s, p, N), w, "fused hot submission, prompt {p:?}");
+            }
+        }
     }
 }
 

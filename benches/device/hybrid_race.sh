@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -99,6 +99,14 @@ long)
   measure "ember hybrid ${LONG_BUDGET:-4.4} GiB, charged predictor, -c 4096, pp512" \
     $E bench -m $M/relu-pi.gguf $SIM --vram-budget ${LONG_BUDGET:-4.4} -t $T -c 4096 -p 512 -n 32 -r 1
   measure "llama.cpp -ngl ${LONG_NGL:-24}, pp512 tg32" $LB -m $M/relu.gguf -ngl ${LONG_NGL:-24} -t $T -p 512 -n 32 -r ${REPS:-2}
+  ;;
+sync)
+  # The hybrid's per-layer exchange: two submissions per split layer (default) against one
+  # (EMBER_HYBRID_FUSED=1: the hot neurons on the wait), alternating.
+  for v in 0 1 0 1; do
+    measure "ember hybrid $B GiB, charged predictor, -c 4096, EMBER_HYBRID_FUSED=$v" \
+      env EMBER_HYBRID_FUSED=$v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
+  done
   ;;
 hprofile)
   # Where a hybrid token's GPU time goes (timestamp queries per pass), at the race's setting.

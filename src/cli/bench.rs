@@ -90,6 +90,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         // The budget covers every batch: checked after setup and after each test.
         let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
         check("setup")?;
+        // Benchmark variant (the CLI's variable; the library takes a value): the hot neurons in
+        // the attention half's submission.
+        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_FUSED").as_deref() == Ok("1")) {
+            eprintln!("ember: EMBER_HYBRID_FUSED=1: each split layer's hot neurons go in its attention half's submission");
+            h.set_fused_hot(true);
+        }
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();

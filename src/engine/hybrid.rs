@@ -212,6 +212,9 @@ pub struct HybridSession {
     state: HybridState,
     /// Batched prefill's exchange buffers (None: prompts run token by token).
     prefill: Option<PrefillBuffers>,
+    /// Decode records a split layer's hot neurons in the same submission as its attention half
+    /// (one `queue.submit` per layer instead of two; the CPU then waits for the hot part too).
+    fused_hot: bool,
 }
 
 /// The CPU side of a hybrid session.
@@ -250,6 +253,9 @@ pub struct HybridTiming {
     pub wait_gpu: f64,
     /// Blocked waiting for the recorder thread's next command buffer.
     pub wait_recorder: f64,
+    /// Inside `queue.submit`, `map_async`, `unmap` and `write_buffer` (wgpu's own host work per
+    /// exchange, part of "other").
+    pub submit: f64,
     /// Computing cold neurons on the CPU (a charged predictor's CPU part included).
     pub cpu_ffn: f64,
     /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2).
@@ -268,7 +274,7 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} submitting/other; \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
@@ -277,6 +283,7 @@ impl HybridTiming {
             per(self.cpu_predictor),
             per(self.wait_recorder),
             per(rest),
+            per(self.submit),
             per(self.record),
             per(self.simulate),
         )
@@ -610,11 +617,17 @@ impl HybridSession {
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
         };
-        Ok(HybridSession { gpu: session, layers, state, prefill })
+        Ok(HybridSession { gpu: session, layers, state, prefill, fused_hot: false })
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
     /// zeroes the sums.
+    /// Records each split layer's hot neurons in its attention half's submission (a benchmark
+    /// variant: one submission per layer, the hot part on the wait).
+    pub fn set_fused_hot(&mut self, fused: bool) {
+        self.fused_hot = fused;
+    }
+
     pub fn timing(&mut self, reset: bool) -> (HybridTiming, usize) {
         let out = (self.state.timing, self.state.syncs_per_token);
         if reset {
@@ -676,7 +689,8 @@ impl HybridSession {
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
     fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let HybridSession { gpu, layers, state, .. } = self;
+        let HybridSession { gpu, layers, state, fused_hot, .. } = self;
+        let fused = *fused_hot;
         let e = gpu.model.hp.n_embd;
         let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -696,14 +710,16 @@ impl HybridSession {
         std::thread::scope(|scope| -> Result<(), ForwardError> {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
-            let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
+            let recorder = scope.spawn(move || record_split_token(this, layers, sim, fused, tx));
             loop {
                 let t_recv = std::time::Instant::now();
                 let Ok(segment) = rx.recv() else { break };
                 t.wait_recorder += t_recv.elapsed().as_secs_f64();
                 // Submission A: up to the split layer's FFN norm and the copy of (xn, x); or
                 // the token's tail.
+                let t_submit = std::time::Instant::now();
                 this.ctx.queue.submit([segment.commands]);
+                t.submit += t_submit.elapsed().as_secs_f64();
                 let Some(split) = segment.split else {
                     match segment.last {
                         true => break,
@@ -713,16 +729,20 @@ impl HybridSession {
                 let sp = &layers[split.layer];
                 let staging = sp.staging.as_ref().expect("split layers have staging");
                 let slice = staging.slice(..);
+                let t_submit = std::time::Instant::now();
                 let (tx_map, rx_map) = std::sync::mpsc::channel();
                 slice.map_async(wgpu::MapMode::Read, move |r| {
                     let _ = tx_map.send(r);
                 });
                 // Submission B: the hot neurons, added into x on the GPU; after a host
                 // attention it waits for the CPU's x and xn.
-                let mut hot = Some(split.hot);
+                let mut hot = split.hot;
                 if !sp.host_attention {
-                    this.ctx.queue.submit(hot.take());
+                    if let Some(h) = hot.take() {
+                        this.ctx.queue.submit([h]);
+                    }
                 }
+                t.submit += t_submit.elapsed().as_secs_f64();
                 let t_wait = std::time::Instant::now();
                 // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
                 // wake-up latency per layer, more than the GPU's attention half takes.
@@ -767,10 +787,12 @@ impl HybridSession {
                     let (xn, x) = v.split_at(e);
                     cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                 }
-                staging.unmap();
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                let t_submit = std::time::Instant::now();
+                staging.unmap();
                 // Ordered before the next submission, whose first dispatch adds it into x.
                 this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
+                t.submit += t_submit.elapsed().as_secs_f64();
             }
             let (record, draw) = recorder.join().expect("the command recorder thread panicked");
             t.record = record;
@@ -782,6 +804,7 @@ impl HybridSession {
         timing.total += t_token.elapsed().as_secs_f64();
         timing.wait_gpu += t.wait_gpu;
         timing.wait_recorder += t.wait_recorder;
+        timing.submit += t.submit;
         timing.cpu_ffn += t.cpu_ffn;
         timing.cpu_attention += t.cpu_attention;
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
@@ -858,7 +881,7 @@ impl Forward for HybridSession {
 /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
 /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns the
 /// seconds spent recording and drawing. Stops early when the receiver is gone.
-fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, fused: bool, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
     let t_start = std::time::Instant::now();
     let mut draw_time = 0.0;
     let e = gpu.model.hp.n_embd as u64;
@@ -918,14 +941,23 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
                 enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
             }
         }
-        let mut enc_hot = new_encoder();
-        {
-            let mut p = enc_hot.begin_compute_pass(&Default::default());
+        let hot = if fused && !sp.host_attention {
+            let mut p = enc.begin_compute_pass(&Default::default());
             for (_, op) in sp.gpu_sequence() {
                 op.record(&mut p, 1);
             }
-        }
-        let split = SplitPart { layer: il, hot: enc_hot.finish(), drawn };
+            None
+        } else {
+            let mut enc_hot = new_encoder();
+            {
+                let mut p = enc_hot.begin_compute_pass(&Default::default());
+                for (_, op) in sp.gpu_sequence() {
+                    op.record(&mut p, 1);
+                }
+            }
+            Some(enc_hot.finish())
+        };
+        let split = SplitPart { layer: il, hot, drawn };
         layers_recorded = 0;
         if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
             return (t_start.elapsed().as_secs_f64(), draw_time);
@@ -970,7 +1002,8 @@ const LAYERS_PER_SUBMISSION: usize = 8;
 /// when activity is simulated.
 struct SplitPart {
     layer: usize,
-    hot: wgpu::CommandBuffer,
+    /// None when recorded in the segment itself (fused).
+    hot: Option<wgpu::CommandBuffer>,
     drawn: Option<Drawn>,
 }
 
@@ -980,6 +1013,7 @@ struct TokenTiming {
     syncs: usize,
     wait_gpu: f64,
     wait_recorder: f64,
+    submit: f64,
     cpu_ffn: f64,
     cpu_attention: f64,
     record: f64,

@@ -134,7 +134,7 @@ impl HybridSession {
 
     fn prefill_batch(&mut self, tokens: &[u32]) -> Result<(), ForwardError> {
         let t_batch = Instant::now();
-        let HybridSession { gpu, layers, state, prefill } = self;
+        let HybridSession { gpu, layers, state, prefill, .. } = self;
         let pf = prefill.as_mut().expect("batched prefill has its buffers");
         let n = tokens.len() as u32;
         let e = gpu.model.hp.n_embd;
