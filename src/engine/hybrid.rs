@@ -333,7 +333,7 @@ impl HybridSession {
         let prefill_batch = prefill.batch;
         // The streaming area, where one would be used: a budget leaves cold neurons, and
         // batches can be long enough.
-        let stream_cfg = prefill.stream.filter(|c| plan.budget.is_some() && prefill_batch.min(n_ctx) >= c.min_rows.max(2));
+        let stream_cfg = prefill.stream_for(n_ctx, plan.budget);
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -397,7 +397,7 @@ impl HybridSession {
                     (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
                     _ => 0,
                 };
-                let area = stream_cfg.map_or(0, |c| c.area_bytes());
+                let area = prefill.area_bytes(n_ctx, plan.budget);
                 choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
             }
             (None, ..) => vec![true; hp.n_layer],

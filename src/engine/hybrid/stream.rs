@@ -96,6 +96,20 @@ pub struct PrefillConfig {
     pub stream: Option<StreamConfig>,
 }
 
+impl PrefillConfig {
+    /// The streaming a session of `n_ctx` positions under `budget` sets up: none without a
+    /// budget (everything is hot) or where no batch reaches `min_rows`.
+    pub fn stream_for(&self, n_ctx: usize, budget: Option<u64>) -> Option<StreamConfig> {
+        self.stream.filter(|c| budget.is_some() && self.batch.min(n_ctx) >= c.min_rows.max(2))
+    }
+
+    /// What a placement keeps free for the streaming area ([`StreamConfig::area_bytes`], 0
+    /// without one): the same in `ember plan` and the session.
+    pub fn area_bytes(&self, n_ctx: usize, budget: Option<u64>) -> u64 {
+        self.stream_for(n_ctx, budget).map_or(0, |c| c.area_bytes())
+    }
+}
+
 impl From<usize> for PrefillConfig {
     /// Batches of `batch` tokens, cold neurons on the CPU.
     fn from(batch: usize) -> PrefillConfig {
