@@ -722,3 +722,69 @@ impl BatchFfnOp {
         pass.dispatch_workgroups(self.cols.div_ceil(64), tiles, 1);
     }
 }
+
+/// `y[t * stride + offset + r] = W[r] · x[t]` for rows r of a matrix in the hot layout and the
+/// tokens of a batch (`shaders/sparse_batch.wgsl`, entry `rows`): a streamed prefill's q/k/v
+/// and o products, a chunk of rows at a time. The rows, stride and offset change per chunk
+/// ([`RowsOp::set`], a queue write: ordered before the next submission, so one submission may
+/// use one setting); the token count comes from the `step` uniform.
+pub struct RowsOp {
+    kernel: Kernel,
+    params: Buffer,
+    /// Rows of the current setting.
+    rows: u32,
+    /// The most rows the weight buffers hold.
+    capacity: usize,
+    cols: usize,
+    y_len: usize,
+}
+
+impl RowsOp {
+    /// `quants`/`scales`: room for `capacity` rows of `cols` values of type `ty` in the hot
+    /// layout ([`row_parts`]); `x`: `max_tokens` x cols f32; `y`: `y_len` f32 (every setting's
+    /// writes must stay inside: checked by [`RowsOp::set`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(ctx: &GpuContext, ty: GgmlType, cols: usize, capacity: usize, quants: &Buffer, scales: &Buffer, x: &Buffer, y: &Buffer, max_tokens: usize, step: &Buffer) -> Result<RowsOp, GpuError> {
+        let Some(code) = type_code(ty) else {
+            return Err(GpuError::Unsupported(format!("streamed rows: no sparse GPU kernel for {} weights", ty.name())));
+        };
+        if cols == 0 || !cols.is_multiple_of(32) {
+            return Err(GpuError::Unsupported(format!("streamed rows: {cols} columns, not a positive multiple of 32")));
+        }
+        let (qb, sb) = row_layout(ty, cols);
+        if quants.size() < (capacity * qb) as u64 || scales.size() < (capacity * sb) as u64 {
+            return Err(GpuError::Unsupported(format!("streamed rows: buffers of {} and {} bytes hold fewer than {capacity} rows", quants.size(), scales.size())));
+        }
+        check_len("x", x, max_tokens * cols)?;
+        check_distinct(("x", x), ("y", y))?;
+        let params = ctx.uniform("streamed rows params", bytemuck::cast_slice(&[0u32, cols as u32, 0, 0]));
+        let src = specialize(BATCH, &[("TYPE_A", code), ("TYPE_B", code), ("ACT", 0)]);
+        let kernel = Kernel::new(ctx, &format!("sparse/batch/r{code}/rows"), &src, "rows", &[(0, x), (1, y), (3, &params), (4, quants), (5, scales), (6, quants), (7, scales), (8, step)]);
+        Ok(RowsOp { kernel, params, rows: 0, capacity, cols, y_len: (y.size() / 4) as usize })
+    }
+
+    /// The next submission computes `rows` rows (at most the capacity) for `n_tokens` tokens
+    /// into `y[t * stride + offset + r]`.
+    pub fn set(&mut self, queue: &wgpu::Queue, rows: usize, stride: usize, offset: usize, n_tokens: usize) -> Result<(), GpuError> {
+        let last = (n_tokens.max(1) - 1) * stride + offset + rows;
+        if rows > self.capacity || offset + rows > stride || last > self.y_len {
+            return Err(GpuError::Unsupported(format!("streamed rows: {rows} rows at offset {offset} of {stride} for {n_tokens} tokens do not fit ({} rows, {} values of output)", self.capacity, self.y_len)));
+        }
+        queue.write_buffer(&self.params, 0, bytemuck::cast_slice(&[rows as u32, self.cols as u32, stride as u32, offset as u32]));
+        self.rows = rows as u32;
+        Ok(())
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        if self.rows == 0 || n_tokens == 0 {
+            return;
+        }
+        self.kernel.bind(pass);
+        pass.dispatch_workgroups(self.rows.div_ceil(32), n_tokens.div_ceil(BATCH_TOKENS), 1);
+    }
+}
