@@ -1,6 +1,6 @@
 //! Streamed hybrid prefill (lavapipe in CI) on the real ReLU model: a large batch's cold
-//! neurons packed into the GPU layout, streamed through the two-slot area and computed by the
-//! GPU give the logits of the token-by-token hybrid, of the batched path with the cold neurons
+//! neurons and host-attention layers' q/k/v/o rows packed into the GPU layout, streamed
+//! through the two-slot area and computed by the GPU give the logits of the token-by-token hybrid, of the batched path with the cold neurons
 //! on the CPU and of the dense CPU path within the hybrid tests' tolerance, with split, wholly
 //! hot and host-attention layers, prompts spanning several batches (some streamed, some small
 //! enough for the CPU), a prompt extending an earlier one (n_past > 0), chunks reused many
@@ -48,6 +48,7 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
     // host attention in every third layer.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();
     let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| l % 3 != 1).collect();
+    let n_host = on_gpu.iter().filter(|&&g| !g).count() as u64;
     // Chunks of 64 neurons (their gate, up and down_t rows): 16 per split layer,
     // each slot reused 8 times per layer. Batches of 10 tokens or more stream: of the long
     // prompt's 16, 16 and 9, the last goes to the CPU.
@@ -69,7 +70,10 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
         assert!(ec < 1e-3 && eb < 1e-3 && ed < 3e-3, "{what}: relative logit error {ec} against the CPU's cold neurons, {eb} against token by token, {ed} against dense");
     };
     for p in prompts.iter().take(2).chain([&long]) {
-        let (ch_before, b_before) = { let t = s.prefill_timing(false); (t.stream.chunks, t.streamed_batches) };
+        let (ch_before, b_before, al_before) = {
+            let t = s.prefill_timing(false);
+            (t.stream.chunks, t.streamed_batches, t.stream.attn_layers)
+        };
         s.reset();
         let a = s.forward(p, Logits::Last).unwrap();
         let t = s.prefill_timing(false);
@@ -77,6 +81,8 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
         let big = p.chunks(16).filter(|c| c.len() >= 10).count() as u64;
         assert_eq!(t.streamed_batches - b_before, big, "{} tokens", p.len());
         assert_eq!(t.stream.chunks - ch_before, big * 16 * (hp.n_layer as u64 / 2), "{} tokens", p.len());
+        // Every host-attention layer's products streamed too.
+        assert_eq!(t.stream.attn_layers - al_before, big * n_host, "{} tokens", p.len());
         cpu.reset();
         let c = cpu.forward(p, Logits::Last).unwrap();
         tok.reset();

@@ -75,7 +75,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let (p, attn_on_gpu) = if a.host_attention {
         // The session's own choice (same function and arguments), so that both agree.
         // The session keeps room for the prefill streaming area the same way.
-        let area = crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(a.ctx_size, Some(budget));
+        let area = crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget));
         choose_attention(&model, a.ctx_size, budget, &counts, counts_tokens, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN + area)?
     } else {
         let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
@@ -92,7 +92,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
             FixedPart {
                 name: "prefill streaming area".into(),
-                bytes: crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(a.ctx_size, Some(budget)),
+                bytes: crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget)),
             },
         ];
         let input = PlacementInput { fixed, neuron_bytes, counts };

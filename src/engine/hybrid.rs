@@ -397,7 +397,7 @@ impl HybridSession {
                     (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
                     _ => 0,
                 };
-                let area = prefill.area_bytes(n_ctx, plan.budget);
+                let area = prefill.area_bytes(&model, n_ctx, plan.budget);
                 choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
             }
             (None, ..) => vec![true; hp.n_layer],
@@ -425,7 +425,9 @@ impl HybridSession {
             let s = &session.s;
             // The chunks' hidden rows live in the session's gate buffer (max_tokens x n_ff), as
             // the hot part's do; both run one after the other.
-            pf.stream = Some(StreamArea::new(&ctx, cfg, &types, e, ff, hp.activation, &s.xn, &s.gate, &s.x, session.max_tokens(), &s.step)?);
+            let attn = stream::AttnParts { model: &model, on_host: &on_host, x: &s.x, qkv: &s.qkv, attn: &s.attn, y: pf.y_cpu() };
+            let area = StreamArea::new(&ctx, cfg, &types, e, ff, hp.activation, &s.xn, &s.gate, &s.x, session.max_tokens(), &s.step, Some(attn))?;
+            pf.stream = Some(area);
             mark(&mut fixed, "prefill streaming area (cold neurons of large batches)", &mut since);
         }
 

@@ -49,6 +49,11 @@ pub(super) struct PrefillBuffers {
 }
 
 impl PrefillBuffers {
+    /// The CPU part's output buffer (n x n_embd f32), added into x by `add_cpu`.
+    pub(super) fn y_cpu(&self) -> &wgpu::Buffer {
+        &self.y_cpu
+    }
+
     pub(super) fn new(ctx: &GpuContext, gpu: &GpuSession) -> PrefillBuffers {
         let e = gpu.model.hp.n_embd;
         let bytes = 4 * (gpu.max_tokens() * e) as u64;
@@ -84,8 +89,10 @@ impl PrefillTiming {
         let streamed = match self.streamed_batches {
             0 => String::new(),
             b => format!(
-                "; {b} batches streamed their cold neurons to the GPU: {} chunks, {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
+                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows, {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
                 st.chunks,
+                st.attn_chunks,
+                st.attn_layers,
                 st.bytes as f64 / (1u64 << 20) as f64,
                 per(st.pack),
                 per(st.wait_slot)
@@ -172,6 +179,58 @@ impl HybridSession {
                 let area = pf.stream.as_mut().expect("streamed batches have the area");
                 enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
                 pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                continue;
+            }
+            if streamed && pf.stream.as_ref().is_some_and(|a| a.streams_attention(il)) {
+                // A host-attention layer's products on the GPU, its weights streamed: the
+                // attention norm and q/k/v there, RoPE, the KV write and attention on the CPU
+                // (its KV cache is on the host), o there, added into x, the FFN norm, hot and
+                // streamed cold neurons: one synchronisation (q/k/v read back).
+                let area = pf.stream.as_mut().expect("checked");
+                area.record_attn_norm(&mut pass, il, n);
+                drop(pass);
+                enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
+                let (rb, width) = area.qkv_readback().map(|(b, w)| (b.clone(), w)).expect("streamed attention has its read-back");
+                let bytes = 4 * n as u64 * width as u64;
+                enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
+                this.ctx.queue.submit([enc.finish()]);
+                let t_wait = Instant::now();
+                let slice = rb.slice(..bytes);
+                let (tx_map, rx_map) = std::sync::mpsc::channel();
+                slice.map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx_map.send(r);
+                });
+                let mapped = loop {
+                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                    match rx_map.try_recv() {
+                        Ok(r) => break r,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                        Err(err) => return Err(lost(err)),
+                    }
+                };
+                mapped.map_err(lost)?;
+                wait_gpu += t_wait.elapsed().as_secs_f64();
+                let t_attn = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    pf.x.clear();
+                    pf.x.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&view));
+                }
+                rb.unmap();
+                let attn = state.host.run_core(state.cold.team(), &this.model, il, pos0 as usize, &pf.x)?;
+                // Through the context's one counted staging buffer, not a queue write's own.
+                this.ctx.write(&this.s.attn, 0, bytemuck::cast_slice(attn));
+                cpu_attention += t_attn.elapsed().as_secs_f64();
+                enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wo], true, n, new_encoder())?;
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                pf.add_cpu.encode(&mut pass, n);
+                area.record_ffn_norm(&mut pass, il, n);
+                sp.batch.record(&mut pass, n);
+                if !sp.cold.is_empty() {
+                    drop(pass);
+                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                }
                 continue;
             }
             drop(pass);
@@ -278,6 +337,8 @@ impl HybridSession {
             let a = std::mem::take(&mut area.timing);
             t.streamed_batches += 1;
             t.stream.chunks += a.chunks;
+            t.stream.attn_chunks += a.attn_chunks;
+            t.stream.attn_layers += a.attn_layers;
             t.stream.bytes += a.bytes;
             t.stream.pack += a.pack;
             t.stream.wait_slot += a.wait_slot;

@@ -33,9 +33,10 @@ use super::lost;
 use crate::cpu::team::Team;
 use crate::engine::forward::ForwardError;
 use crate::gguf::GgmlType;
-use crate::gpu::sparse::{pack_rows, row_parts, BatchFfnOp, HotFfn};
+use crate::gpu::ops::RmsNormOp;
+use crate::gpu::sparse::{pack_rows, row_parts, BatchFfnOp, HotFfn, RowsOp};
 use crate::gpu::{GpuContext, GpuError};
-use crate::model::{Activation, Matrix};
+use crate::model::{Activation, Matrix, Model};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use wgpu::WriteOnly;
 use std::sync::Mutex;
@@ -103,10 +104,15 @@ impl PrefillConfig {
         self.stream.filter(|c| budget.is_some() && self.batch.min(n_ctx) >= c.min_rows.max(2))
     }
 
-    /// What a placement keeps free for the streaming area ([`StreamConfig::area_bytes`], 0
-    /// without one): the same in `ember plan` and the session.
-    pub fn area_bytes(&self, n_ctx: usize, budget: Option<u64>) -> u64 {
-        self.stream_for(n_ctx, budget).map_or(0, |c| c.area_bytes())
+    /// What a placement keeps free for the streaming area, 0 without one: the same in
+    /// `ember plan` and the session. The chunks ([`StreamConfig::area_bytes`]) and, for
+    /// host-attention layers' products, the q | k | v read-back of a batch and every layer's
+    /// two norms (upper bounds: which layers are on the host is not known yet).
+    pub fn area_bytes(&self, model: &Model, n_ctx: usize, budget: Option<u64>) -> u64 {
+        let hp = &model.hp;
+        let tokens = self.batch.min(n_ctx) as u64;
+        let attention = tokens * (hp.q_dim() + 2 * hp.kv_dim()) as u64 * 4 + hp.n_layer as u64 * (8 * hp.n_embd as u64 + 8192) + 64 * 1024;
+        self.stream_for(n_ctx, budget).map_or(0, |c| c.area_bytes() + attention)
     }
 }
 
@@ -131,7 +137,11 @@ struct Slot {
 /// Host time and volume of streamed prefill, summed since the last reset.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StreamTiming {
+    /// Chunks of cold neurons.
     pub chunks: u64,
+    /// Chunks of host-attention layers' q/k/v and o rows, and those layers' count.
+    pub attn_chunks: u64,
+    pub attn_layers: u64,
     /// Bytes packed and copied (padding included).
     pub bytes: u64,
     /// Packing rows into staging (the CPU team).
@@ -153,6 +163,39 @@ pub(super) struct StreamArea {
     /// The slot the next chunk goes to.
     next: usize,
     pub(super) timing: StreamTiming,
+    /// Host-attention layers' q/k/v and o products (None: they stay on the CPU).
+    attn: Option<AttnStream>,
+}
+
+/// Host-attention layers' products on the GPU for streamed batches: their weights stream
+/// through the same slots (each of a slot's three regions holds a run of one matrix's rows),
+/// the outputs land side by side (q | k | v per token), the CPU keeps RoPE, the KV cache and
+/// attention itself (its KV cache is on the host: uploading a layer's earlier KV would cost
+/// more than the attention does there, and the cache would need VRAM).
+struct AttnStream {
+    /// Per slot, per region: the rows op reading xn into the qkv buffer and the one reading
+    /// the attention's output into y (added into x afterwards).
+    ops: Vec<Vec<Option<(RowsOp, RowsOp)>>>,
+    /// Rows of the weights' type each region holds.
+    caps: [usize; 3],
+    /// Per layer (the host ones): the attention norm and the FFN norm, x -> xn.
+    norms: Vec<Option<(RmsNormOp, RmsNormOp)>>,
+    /// The q | k | v rows read back (max_tokens x width f32).
+    readback: wgpu::Buffer,
+    /// q_dim + 2 kv_dim.
+    width: usize,
+}
+
+/// What the host-attention products need of the session: the model, which layers are on the
+/// host, and the GPU session's buffers (x, xn, the qkv and attention scratch, the step
+/// uniform) and the CPU part's exchange buffer y (the o product's output, added into x).
+pub(super) struct AttnParts<'a> {
+    pub model: &'a Model,
+    pub on_host: &'a [bool],
+    pub x: &'a wgpu::Buffer,
+    pub qkv: &'a wgpu::Buffer,
+    pub attn: &'a wgpu::Buffer,
+    pub y: &'a wgpu::Buffer,
 }
 
 impl StreamArea {
@@ -161,7 +204,7 @@ impl StreamArea {
     /// scratch of at least `max_tokens` x n_ff f32 (the session's, shared with the hot part:
     /// the kernels run one after another).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn new(ctx: &GpuContext, cfg: StreamConfig, types: &[[GgmlType; 3]], n_embd: usize, n_ff: usize, act: Activation, xn: &wgpu::Buffer, h: &wgpu::Buffer, x: &wgpu::Buffer, max_tokens: usize, step: &wgpu::Buffer) -> Result<StreamArea, GpuError> {
+    pub(super) fn new(ctx: &GpuContext, cfg: StreamConfig, types: &[[GgmlType; 3]], n_embd: usize, n_ff: usize, act: Activation, xn: &wgpu::Buffer, h: &wgpu::Buffer, x: &wgpu::Buffer, max_tokens: usize, step: &wgpu::Buffer, attn: Option<AttnParts<'_>>) -> Result<StreamArea, GpuError> {
         // Per matrix, the largest row over the layers' types.
         let mut row_max = [(0usize, 0usize); 3];
         for t in types {
@@ -208,7 +251,168 @@ impl StreamArea {
                 .collect::<Result<Vec<_>, GpuError>>()?;
             ops.push((t, per_slot));
         }
-        Ok(StreamArea { min_rows: cfg.min_rows, rows, slots, regions, ops, next: 0, timing: StreamTiming::default() })
+        let mut area = StreamArea { min_rows: cfg.min_rows, rows, slots, regions, ops, next: 0, timing: StreamTiming::default(), attn: None };
+        if let Some(parts) = attn {
+            area.attn = area.attn_stream(ctx, parts, xn, max_tokens, step)?;
+        }
+        Ok(area)
+    }
+
+    /// The host-attention products' ops, or None where they cannot stream (no host layer,
+    /// weights of different or unsupported types, shapes the buffers do not hold): those
+    /// layers' products then stay on the CPU.
+    fn attn_stream(&self, ctx: &GpuContext, p: AttnParts<'_>, xn: &wgpu::Buffer, max_tokens: usize, step: &wgpu::Buffer) -> Result<Option<AttnStream>, GpuError> {
+        let hp = &p.model.hp;
+        let (e, qd, kvd) = (hp.n_embd, hp.q_dim(), hp.kv_dim());
+        let host: Vec<usize> = (0..hp.n_layer).filter(|&l| p.on_host.get(l) == Some(&true)).collect();
+        let Some(&first) = host.first() else { return Ok(None) };
+        let ty = p.model.layers[first].wq.ty;
+        let same = host.iter().all(|&l| {
+            let l = &p.model.layers[l];
+            [&l.wq, &l.wk, &l.wv, &l.wo].iter().all(|m| m.ty == ty)
+        });
+        let width = qd + 2 * kvd;
+        let fits = p.qkv.size() >= (max_tokens * width * 4) as u64 && p.attn.size() >= (max_tokens * qd * 4) as u64 && p.y.size() >= (max_tokens * e * 4) as u64;
+        if !same || !fits || !e.is_multiple_of(32) || !qd.is_multiple_of(32) {
+            return Ok(None);
+        }
+        // The rows of this type each region holds (its quants and scales both).
+        let (qb, sb) = row_parts(ty, e.max(qd));
+        let caps = self.regions.map(|((_, q), (_, s))| {
+            let by_q = q as usize / qb.max(1);
+            if sb == 0 { by_q } else { by_q.min(s as usize / sb) }
+        });
+        // A region too small for one row of this type (a down_t region of F32 rows has no room
+        // for scales) is left out; none at all: no streaming.
+        if caps.iter().all(|&c| c == 0) {
+            return Ok(None);
+        }
+        let mut ops = Vec::with_capacity(self.slots.len());
+        for slot in &self.slots {
+            let mut per_region = Vec::with_capacity(3);
+            for (j, (q, s)) in slot.device.iter().enumerate() {
+                if caps[j] == 0 {
+                    per_region.push(None);
+                    continue;
+                }
+                let qkv = RowsOp::new(ctx, ty, e, caps[j], q, s, xn, p.qkv, max_tokens, step)?;
+                let o = RowsOp::new(ctx, ty, qd, caps[j], q, s, p.attn, p.y, max_tokens, step)?;
+                per_region.push(Some((qkv, o)));
+            }
+            ops.push(per_region);
+        }
+        let norms = (0..hp.n_layer)
+            .map(|l| {
+                p.on_host.get(l).copied().unwrap_or(false).then(|| {
+                    let layer = &p.model.layers[l];
+                    let wa = ctx.upload(&format!("blk.{l}.attn_norm (streamed)"), bytemuck::cast_slice(&layer.attn_norm));
+                    let wf = ctx.upload(&format!("blk.{l}.ffn_norm (streamed)"), bytemuck::cast_slice(&layer.ffn_norm));
+                    (RmsNormOp::new(ctx, p.x, &wa, xn, e as u32, hp.rms_eps, step), RmsNormOp::new(ctx, p.x, &wf, xn, e as u32, hp.rms_eps, step))
+                })
+            })
+            .collect();
+        let readback = ctx.readback_buffer("streamed q|k|v readback", (max_tokens * width * 4) as u64);
+        Ok(Some(AttnStream { ops, caps, norms, readback, width }))
+    }
+
+    /// Whether layer `il`'s attention products stream (it is a host-attention layer and the
+    /// area has their ops).
+    pub(super) fn streams_attention(&self, il: usize) -> bool {
+        self.attn.as_ref().is_some_and(|a| a.norms.get(il).is_some_and(Option::is_some))
+    }
+
+    /// Records layer `il`'s attention norm (x -> xn), before its q/k/v products.
+    pub(super) fn record_attn_norm(&mut self, pass: &mut wgpu::ComputePass<'_>, il: usize, n: u32) {
+        if let Some((norm, _)) = self.attn.as_ref().and_then(|a| a.norms[il].as_ref()) {
+            norm.encode(pass, n);
+            self.timing.attn_layers += 1;
+        }
+    }
+
+    /// Records layer `il`'s FFN norm (x -> xn), after the o product was added into x.
+    pub(super) fn record_ffn_norm(&self, pass: &mut wgpu::ComputePass<'_>, il: usize, n: u32) {
+        if let Some((_, norm)) = self.attn.as_ref().and_then(|a| a.norms[il].as_ref()) {
+            norm.encode(pass, n);
+        }
+    }
+
+    /// The read-back buffer of q | k | v and their width per token.
+    pub(super) fn qkv_readback(&self) -> Option<(&wgpu::Buffer, usize)> {
+        self.attn.as_ref().map(|a| (&a.readback, a.width))
+    }
+
+    /// Streams the rows of `mats` for `n` tokens through the slots, their outputs side by side
+    /// (each token's row holds every matrix's outputs in order): `o` false, the q/k/v products
+    /// of xn into the qkv buffer; true, the o product of the attention's output into y.
+    /// Submits `enc` first; returns a fresh encoder.
+    pub(super) fn run_rows(&mut self, ctx: &GpuContext, team: &mut Team, mats: &[&Matrix], o: bool, n: u32, enc: wgpu::CommandEncoder) -> Result<wgpu::CommandEncoder, ForwardError> {
+        let new_encoder = || ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("streamed attention") });
+        ctx.queue.submit([enc.finish()]);
+        let caps = self.attn.as_ref().ok_or_else(|| ForwardError::Gpu(GpuError::Unsupported("no streamed attention ops".into())))?.caps;
+        let stride: usize = mats.iter().map(|m| m.rows).sum();
+        let ids: Vec<u32> = (0..mats.iter().map(|m| m.rows).max().unwrap_or(0) as u32).collect();
+        let (mut mi, mut row, mut offset) = (0usize, 0usize, 0usize);
+        while mi < mats.len() {
+            let k = self.next;
+            self.next = (k + 1) % self.slots.len();
+            self.acquire(ctx, k)?;
+            // Up to one run per region, each from one matrix.
+            let mut runs: Vec<(usize, &Matrix, &[u32], usize)> = Vec::with_capacity(3);
+            let mut offsets = Vec::with_capacity(3);
+            for (j, &cap) in caps.iter().enumerate() {
+                if mi == mats.len() {
+                    break;
+                }
+                if cap == 0 {
+                    continue;
+                }
+                let m = mats[mi];
+                let count = (m.rows - row).min(cap);
+                runs.push((j, m, &ids[row..row + count], count));
+                offsets.push(offset);
+                (row, offset) = (row + count, offset + count);
+                if row == m.rows {
+                    (mi, row) = (mi + 1, 0);
+                }
+            }
+            let t_pack = Instant::now();
+            self.pack(team, k, &runs)?;
+            self.timing.pack += t_pack.elapsed().as_secs_f64();
+            let slot = &mut self.slots[k];
+            slot.staging.unmap();
+            slot.mapped = false;
+            let a = self.attn.as_mut().expect("checked above");
+            let mut enc = new_encoder();
+            for (&(j, m, _, count), &off) in runs.iter().zip(&offsets) {
+                let (q, s) = row_parts(m.ty, m.cols);
+                let ((qo, _), (so, _)) = self.regions[j];
+                let (qb, sb) = ((count * q) as u64, ((count * s) as u64).next_multiple_of(4));
+                enc.copy_buffer_to_buffer(&slot.staging, qo, &slot.device[j].0, 0, qb);
+                if s > 0 {
+                    enc.copy_buffer_to_buffer(&slot.staging, so, &slot.device[j].1, 0, sb);
+                }
+                self.timing.bytes += qb + sb;
+                let pair = a.ops[k][j].as_mut().expect("regions with room have ops");
+                let op = if o { &mut pair.1 } else { &mut pair.0 };
+                op.set(&ctx.queue, count, stride, off, n as usize)?;
+            }
+            {
+                let mut pass = enc.begin_compute_pass(&Default::default());
+                for &(j, ..) in &runs {
+                    let pair = a.ops[k][j].as_ref().expect("regions with room have ops");
+                    let op = if o { &pair.1 } else { &pair.0 };
+                    op.encode(&mut pass, n);
+                }
+            }
+            ctx.queue.submit([enc.finish()]);
+            let (tx, rx) = std::sync::mpsc::channel();
+            slot.staging.slice(..).map_async(wgpu::MapMode::Write, move |r| {
+                let _ = tx.send(r);
+            });
+            slot.pending = Some(rx);
+            self.timing.attn_chunks += 1;
+        }
+        Ok(new_encoder())
     }
 
     /// Neurons per chunk.
@@ -254,7 +458,8 @@ impl StreamArea {
             self.next = (k + 1) % self.slots.len();
             self.acquire(ctx, k)?;
             let t_pack = Instant::now();
-            self.pack(team, k, mats, parts, ids)?;
+            let runs: Vec<(usize, &Matrix, &[u32], usize)> = mats.iter().enumerate().map(|(j, &m)| (j, m, ids, self.rows)).collect();
+            self.pack(team, k, &runs)?;
             self.timing.pack += t_pack.elapsed().as_secs_f64();
             let slot = &mut self.slots[k];
             slot.staging.unmap();
@@ -284,29 +489,31 @@ impl StreamArea {
         Ok(new_encoder())
     }
 
-    /// Packs rows `ids` of the three matrices into slot `k`'s mapped staging, the team's
-    /// members taking equal ranges of the chunk's rows; rows past `ids` are zeroed. Mapped
+    /// Packs `runs` into slot `k`'s mapped staging: each (region, matrix, row ids, rows)
+    /// writes the rows `ids` of the matrix into the region (regions ascending), zero rows after
+    /// them up to `rows`; the team's members take equal ranges of each run's rows. Mapped
     /// memory may be write-combining (device memory behind a BAR), never read: each member
     /// packs [`PACK_ROWS`] rows at a time in its own cache-sized buffer and copies them out in
     /// sequential runs.
-    fn pack(&self, team: &mut Team, k: usize, mats: [&Matrix; 3], parts: [(usize, usize); 3], ids: &[u32]) -> Result<(), ForwardError> {
+    fn pack(&self, team: &mut Team, k: usize, runs: &[(usize, &Matrix, &[u32], usize)]) -> Result<(), ForwardError> {
         let mut view = self.slots[k].staging.slice(..).get_mapped_range_mut().map_err(lost)?;
-        let rows = self.rows;
         let members = team.size();
-        let per = rows.div_ceil(members).next_multiple_of(2);
-        // Per member, its rows' bytes in each of the six regions (disjoint).
-        let mut cut: Vec<Vec<WriteOnly<'_, [u8]>>> = (0..members).map(|_| Vec::with_capacity(6)).collect();
+        let per: Vec<usize> = runs.iter().map(|r| r.3.div_ceil(members).next_multiple_of(2)).collect();
+        let parts: Vec<(usize, usize)> = runs.iter().map(|r| row_parts(r.1.ty, r.1.cols)).collect();
+        // Per member, its rows' bytes in each run's quants and scales (disjoint pieces).
+        let mut cut: Vec<Vec<WriteOnly<'_, [u8]>>> = (0..members).map(|_| Vec::with_capacity(2 * runs.len())).collect();
         let mut rest = view.slice(..);
         let mut consumed = 0u64;
-        for (j, &(q, s)) in parts.iter().enumerate() {
-            let ((qo, _), (so, _)) = self.regions[j];
+        for (i, run) in runs.iter().enumerate() {
+            let ((qo, _), (so, _)) = self.regions[run.0];
+            let (q, s) = parts[i];
             for (off, row) in [(qo, q), (so, s)] {
                 let (_, tail) = std::mem::take(&mut rest).split_at((off - consumed) as usize);
-                let (mut region, tail) = tail.split_at(rows * row);
+                let (mut region, tail) = tail.split_at(run.3 * row);
                 rest = tail;
-                consumed = off + (rows * row) as u64;
+                consumed = off + (run.3 * row) as u64;
                 for c in cut.iter_mut() {
-                    let take = (per * row).min(region.len());
+                    let take = (per[i] * row).min(region.len());
                     let (mine, after) = std::mem::take(&mut region).split_at(take);
                     c.push(mine);
                     region = after;
@@ -316,11 +523,11 @@ impl StreamArea {
         let cut: Vec<Mutex<Regions<'_>>> = cut.into_iter().map(|c| Mutex::new(Regions(c))).collect();
         team.run(&|member, _| {
             let mine = &mut cut[member].lock().unwrap().0;
-            let start = (member * per).min(rows);
-            let end = (start + per).min(rows);
             let (mut q_buf, mut s_buf) = (Vec::new(), Vec::new());
-            for (j, m) in mats.iter().enumerate() {
-                let (q, s) = parts[j];
+            for (i, &(_, m, ids, rows)) in runs.iter().enumerate() {
+                let (q, s) = parts[i];
+                let start = (member * per[i]).min(rows);
+                let end = (start + per[i]).min(rows);
                 q_buf.resize(PACK_ROWS * q, 0);
                 s_buf.resize(PACK_ROWS * s, 0);
                 for a in (start..end).step_by(PACK_ROWS) {
@@ -332,8 +539,8 @@ impl StreamArea {
                     qs[real.len() * q..].fill(0);
                     ss[real.len() * s..].fill(0);
                     let r = (a - start, b - start);
-                    mine[2 * j].slice(r.0 * q..r.1 * q).copy_from_slice(qs);
-                    mine[2 * j + 1].slice(r.0 * s..r.1 * s).copy_from_slice(ss);
+                    mine[2 * i].slice(r.0 * q..r.1 * q).copy_from_slice(qs);
+                    mine[2 * i + 1].slice(r.0 * s..r.1 * s).copy_from_slice(ss);
                 }
             }
         });
