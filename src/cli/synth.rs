@@ -332,7 +332,9 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             return Err(format!("{flag} {v}: use 1 to {max}").into());
         }
     }
-    let tok_path = a.tokenizer_from.clone().unwrap_or_else(|| PathBuf::from(super::DEFAULT_MODEL_FILE));
+    // A path or a cached model's name, as -m takes; without it the default model, found (or
+    // fetched) where every command finds it, from any folder.
+    let tok_path = super::resolve_model(a.tokenizer_from.as_deref())?;
     crate::files::check_output(&a.output, [tok_path.as_path()])?;
     let tok = GgufFile::open(&tok_path).map_err(|e| format!("--tokenizer-from {}: {e}", tok_path.display()))?;
     let vocab = tok.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|t| t.len() as u64).ok_or("the tokenizer source has no tokenizer.ggml.tokens")?;
