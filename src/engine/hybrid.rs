@@ -429,8 +429,10 @@ impl HybridSession {
         let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
         let mut prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
         mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations (prefill batches included)"), &mut since);
-        if let (Some(pf), Some(cfg)) = (prefill.as_mut(), stream_cfg) {
-            let types: Vec<[GgmlType; 3]> = (0..hp.n_layer).map(|il| [model.layers[il].ffn_gate.ty, model.layers[il].ffn_up.ty, plan.ffn.down_t[il].ty]).collect();
+        let types: Vec<[GgmlType; 3]> = (0..hp.n_layer).map(|il| [model.layers[il].ffn_gate.ty, model.layers[il].ffn_up.ty, plan.ffn.down_t[il].ty]).collect();
+        // Rows of the grouped types are not laid out row by row: their batches stay on the CPU.
+        let packable = types.iter().flatten().all(|&t| crate::gpu::sparse::packable(t));
+        if let (Some(pf), Some(cfg), true) = (prefill.as_mut(), stream_cfg, packable) {
             let s = &session.s;
             // The chunks' hidden rows live in the session's gate buffer (max_tokens x n_ff), as
             // the hot part's do; both run one after the other.

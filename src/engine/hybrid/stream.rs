@@ -267,6 +267,9 @@ impl StreamArea {
         let host: Vec<usize> = (0..hp.n_layer).filter(|&l| p.on_host.get(l) == Some(&true)).collect();
         let Some(&first) = host.first() else { return Ok(None) };
         let ty = p.model.layers[first].wq.ty;
+        if !crate::gpu::sparse::packable(ty) {
+            return Ok(None);
+        }
         let same = host.iter().all(|&l| {
             let l = &p.model.layers[l];
             [&l.wq, &l.wk, &l.wv, &l.wo].iter().all(|m| m.ty == ty)
