@@ -11,6 +11,10 @@
 //   each), for every column c; tiles of 64 columns x 64 tokens, K in steps of 32 rows. Each
 //   output is one thread's sum over the rows in row order: deterministic, no atomics.
 //
+// `rows`: y[t * params.pad0 + params.pad1 + r] = W[r] · x[t] (W at bindings 4-5, TYPE_A), for
+//   rows r < params.rows and tokens t < step.n_tokens: a plain product over rows in the hot
+//   layout, written at a stride and offset (a streamed chunk of q/k/v or o rows into its place
+//   among all of them). Tiles of 32 rows x 64 tokens as `gate_up`, the gate tile alone.
 // TYPE_A and TYPE_B are the weight types of bindings 4-5 and 6-7 (gate and up; for `down` both
 // hold D), ACT the activation (0 relu, 1 silu); the lines are rewritten by src/gpu/sparse.rs and
 // must stay of the form `const NAME: u32 = <n>u;`.
@@ -295,6 +299,61 @@ fn gate_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
                 let r = rbase + 4u * tx + i;
                 if (r < rows) {
                     h[t * rows + r] = act(ag[j][i]) * au[j][i];
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn rows(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>) {
+    let rows = params.rows;
+    let cols = params.cols;
+    let n = step.n_tokens;
+    let rbase = wid.x * 32u;
+    let tbase = wid.y * 64u;
+    // Loader roles: threads 0..127 load W (row lid % 32, elements 8p..8p+7); every thread
+    // loads x as in gate_up.
+    let lr = lid % 32u;
+    let lp = (lid / 32u) % 4u;
+    let wrow = min(rbase + lr, rows - 1u);
+    let lt = lid % 64u;
+    let xp = lid / 64u;
+    let xrow = min(tbase + lt, n - 1u) * (cols / 4u) + 2u * xp;
+    let tx = lid % 8u;
+    let ty = lid / 8u;
+    var acc: array<vec4<f32>, 2>;
+    let nkb = cols / 32u;
+    for (var kb = 0u; kb < nkb; kb++) {
+        if (lid < 128u) {
+            let wv = deq8(0u, TYPE_A, wrow, kb, lp, cols);
+            for (var j = 0u; j < 8u; j++) {
+                let k = 8u * lp + j;
+                tile_g[k * 8u + lr / 4u][lr % 4u] = wv[j / 4u][j % 4u];
+            }
+        }
+        let x0 = x[xrow + kb * 8u];
+        let x1 = x[xrow + kb * 8u + 1u];
+        for (var j = 0u; j < 8u; j++) {
+            let kx = 8u * xp + j;
+            tile_x[kx * 16u + lt / 4u][lt % 4u] = select(x0[j % 4u], x1[j % 4u], j >= 4u);
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < 32u; k++) {
+            let a = tile_g[k * 8u + tx];
+            let xv = tile_x[k * 16u + ty / 2u];
+            acc[0] = fma(a, vec4<f32>(select(xv.x, xv.z, (ty & 1u) == 1u)), acc[0]);
+            acc[1] = fma(a, vec4<f32>(select(xv.y, xv.w, (ty & 1u) == 1u)), acc[1]);
+        }
+        workgroupBarrier();
+    }
+    for (var j = 0u; j < 2u; j++) {
+        let t = tbase + 2u * ty + j;
+        if (t < n) {
+            for (var i = 0u; i < 4u; i++) {
+                let r = rbase + 4u * tx + i;
+                if (r < rows) {
+                    h[t * params.pad0 + params.pad1 + r] = acc[j][i];
                 }
             }
         }

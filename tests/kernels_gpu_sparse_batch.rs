@@ -124,6 +124,76 @@ fn batch_ffn_matches_reference() {
     eprintln!("batch FFN: worst relative error {worst:e}");
 }
 
+/// The streamed rows' plain product (`RowsOp`, the `rows` entry): rows packed by `pack_rows`
+/// from the middle of a matrix, every weight type, written at a stride and offset into an
+/// output whose other values stay untouched, token counts across the 64-token tile, rows past
+/// a 32-row tile, and a second setting of the same op (the next chunk).
+#[test]
+fn streamed_rows_match_reference() {
+    use ember::gpu::sparse::{pack_rows, row_parts, RowsOp};
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x5eed);
+    let (cols, n_rows, max_tokens, stride) = (96usize, 77usize, 70usize, 101usize);
+    let mut worst = 0.0f64;
+    for &ty in &TYPES {
+        let m = matrix(ty, n_rows, cols, &mut rng);
+        let capacity = 40usize;
+        let (qb, sb) = row_parts(ty, cols);
+        let quants = ctx.zeros("q", (capacity * qb) as u64);
+        let scales = ctx.zeros("s", (capacity * sb).max(4) as u64);
+        let x = ctx.zeros("x", (max_tokens * cols * 4) as u64);
+        let y = ctx.zeros("y", (max_tokens * stride * 4) as u64);
+        let step = ctx.uniform("step", bytemuck::bytes_of(&Step::default()));
+        let mut op = RowsOp::new(&ctx, ty, cols, capacity, &quants, &scales, &x, &y, max_tokens, &step).unwrap();
+        let deq: Vec<Vec<f32>> = (0..n_rows).map(|r| m.row_f32(r)).collect();
+        // Two chunks of the matrix: rows 3..40 (37) at offset 0, then 40..77 (37) at 37 + 5.
+        for (first, count, offset, n) in [(3usize, 37usize, 0usize, 70usize), (40, 37, 42, 5), (40, 37, 42, 65), (3, 1, 100, 1)] {
+            let ids: Vec<u32> = (first as u32..(first + count) as u32).collect();
+            let (mut q, mut s) = (vec![0u8; count * qb], vec![0u8; count * sb]);
+            pack_rows(&m, &ids, &mut q, &mut s);
+            q.resize(q.len().next_multiple_of(4), 0);
+            s.resize(s.len().next_multiple_of(4), 0);
+            ctx.write(&quants, 0, &q);
+            if !s.is_empty() {
+                ctx.write(&scales, 0, &s);
+            }
+            let xv = rng.vec(max_tokens * cols);
+            let y0 = rng.vec(max_tokens * stride);
+            ctx.queue.write_buffer(&x, 0, bytemuck::cast_slice(&xv));
+            ctx.queue.write_buffer(&y, 0, bytemuck::cast_slice(&y0));
+            ctx.queue.write_buffer(&step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
+            op.set(&ctx.queue, count, stride, offset, n).unwrap();
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                op.encode(&mut pass, n as u32);
+            }
+            ctx.submit_and_wait(enc).unwrap();
+            let got = ctx.read::<f32>(&y, max_tokens * stride).unwrap();
+            for t in 0..max_tokens {
+                for c in 0..stride {
+                    let (g, y0v) = (got[t * stride + c], y0[t * stride + c]);
+                    if t >= n || c < offset || c >= offset + count {
+                        assert_eq!(g.to_bits(), y0v.to_bits(), "{ty:?} n {n} token {t} value {c}: changed");
+                        continue;
+                    }
+                    let row = &deq[first + c - offset];
+                    let xt = &xv[t * cols..(t + 1) * cols];
+                    let want: f64 = row.iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let scale: f64 = row.iter().zip(xt).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let err = (g as f64 - want).abs() / scale.max(1e-30);
+                    assert!(err < 1e-5, "{ty:?} n {n} token {t} row {}: got {g}, want {want} ({err:e})", first + c - offset);
+                    worst = worst.max(err);
+                }
+            }
+        }
+        // A setting whose writes would leave the output is refused.
+        assert!(op.set(&ctx.queue, 30, stride, 90, max_tokens).is_err());
+        assert!(op.set(&ctx.queue, capacity + 1, stride, 0, 1).is_err());
+    }
+    eprintln!("streamed rows: worst relative error {worst:e}");
+}
+
 /// The grouped types (5-bit and K-quants, src/gpu/kquant.rs's layout) as gate and up, with a
 /// Q8_0 down_t (ember's transposes) or one of their own (gathered as F16), against the f64
 /// reference over the dequantised rows.

@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync coldvar coldbench
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync coldvar coldbench stream
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -107,6 +107,18 @@ sync)
     measure "ember hybrid $B GiB, charged predictor, -c 4096, EMBER_HYBRID_FUSED=$v" \
       env EMBER_HYBRID_FUSED=$v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
   done
+  ;;
+stream)
+  # Batched hybrid prefill at the acceptance setting: a 512-token batch's cold neurons streamed
+  # to the GPU (--stream-min-batch 32, the default) against computed on the CPU (0), alternating;
+  # the bench's "hybrid prefill" line splits the time (CPU cold neurons, CPU attention, upload:
+  # packing on the CPU and waiting for a slot, i.e. the GPU copying and computing). llama.cpp's
+  # pp512 in the same call for the ratio.
+  for v in 32 0 32; do
+    measure "ember hybrid $B GiB, charged predictor, -c 4096 -p 512, --stream-min-batch $v" \
+      $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 512 -n 8 -r 2 --stream-min-batch $v
+  done
+  [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${STREAM_NGL:-8}, -c 4096 -npp 512 -ntg 8" $LBB -m $M/relu.gguf -ngl ${STREAM_NGL:-8} -t $T -c 4096 -npp 512 -ntg 8 -npl 1
   ;;
 coldvar)
   # The hybrid's CPU half: the team reading the next step's weights while the CPU waits for

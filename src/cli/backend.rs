@@ -66,6 +66,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         calibration: args.calibration.clone(),
         vram_budget: args.vram_budget.as_deref().map(parse_budget).transpose()?,
         prefill_batch: args.prefill_batch as usize,
+        stream_min_batch: args.stream_min_batch as usize,
         placement: args.placement.clone(),
         n_gpu_layers: args.n_gpu_layers,
         simulate_activity: args.simulate_activity.clone(),

@@ -131,6 +131,13 @@ pub struct ModelArgs {
     /// buffers (~0.16 MiB per token for a 7B) come out of --vram-budget. 1: token by token
     #[arg(long, value_name = "N", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub prefill_batch: u32,
+    /// Hybrid under --vram-budget: prefill batches of at least N tokens stream their cold
+    /// neurons to the GPU (packed into the GPU layout, copied through a two-slot area of
+    /// 4 x 1/64 of the budget, at most 64 MiB, counted in the budget) instead of computing
+    /// them on the CPU token by token; smaller batches (a chat turn's few new tokens) stay on
+    /// the CPU. 0: never stream (no area)
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    pub stream_min_batch: u32,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
     /// [default: MODEL.profile.gguf beside the model]
     #[arg(long, value_name = "FILE")]
@@ -278,7 +285,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, stream_min_batch: 32, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// Weight types to keep as the file has them although the CPU kernels do not compute with

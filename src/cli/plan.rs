@@ -74,7 +74,9 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| hot_neuron_bytes(l, down_t_ty(l), hp.n_embd)).collect();
     let (p, attn_on_gpu) = if a.host_attention {
         // The session's own choice (same function and arguments), so that both agree.
-        choose_attention(&model, a.ctx_size, budget, &counts, counts_tokens, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN)?
+        // The session keeps room for the prefill streaming area the same way.
+        let area = crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget));
+        choose_attention(&model, a.ctx_size, budget, &counts, counts_tokens, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN + area)?
     } else {
         let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
         if !model.tied_embeddings {
@@ -88,6 +90,10 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             FixedPart { name: "predictors".into(), bytes: predictor_bytes },
             // Activations and per-layer sparse buffers (the AXPY's partial sums dominate).
             FixedPart { name: "activations and sparse buffers".into(), bytes: hp.n_layer as u64 * (64 * 4 * hp.n_embd as u64 + 4096) + 16 * hp.n_ff as u64 },
+            FixedPart {
+                name: "prefill streaming area".into(),
+                bytes: crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget)),
+            },
         ];
         let input = PlacementInput { fixed, neuron_bytes, counts };
         (place(&input, budget, hp.n_ff)?, vec![true; hp.n_layer])

@@ -116,6 +116,9 @@ pub struct SessionOptions {
     /// Hybrid: prompt tokens per prefill batch (1: token by token); the batch's GPU buffers
     /// come out of the budget.
     pub prefill_batch: usize,
+    /// Hybrid under a budget: prefill batches of at least this many tokens stream their cold
+    /// neurons to the GPU (`StreamConfig`); 0: never (no streaming area).
+    pub stream_min_batch: usize,
     /// The activation profile ranking neurons [default: the derived `.profile.gguf`].
     pub act_profile: Option<PathBuf>,
     /// Hot neurons from this placement file instead of placing them.
@@ -149,6 +152,7 @@ impl SessionOptions {
             calibration: None,
             vram_budget: None,
             prefill_batch: 512,
+            stream_min_batch: crate::engine::hybrid::StreamConfig::DEFAULT_MIN_ROWS,
             act_profile: None,
             placement: None,
             n_gpu_layers: None,
@@ -345,7 +349,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let mut from_cache = cache.is_some() && hot.is_some();
     let (mut hot, mut attention, mut retries, mut reserve) = (hot, attention, 0, 0u64);
     let session = loop {
-        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone(), reserve), args.prefill_batch, true) {
+        let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone(), reserve), prefill_config(args.prefill_batch, args.stream_min_batch, budget), true) {
             Ok(s) => break s,
             Err(e) => e,
         };
@@ -664,4 +668,12 @@ impl PlacementCache {
             Err(e) => log(&format!("note: could not cache the placement in {}: {e}", self.path.display())),
         }
     }
+}
+
+/// Prefill batches of `batch` tokens, those of `stream_min_batch` or more (0: none) streaming
+/// their cold neurons to the GPU under `budget` (the default area: `StreamConfig::for_budget`).
+/// What `ember plan` keeps free for the area too.
+pub fn prefill_config(batch: usize, stream_min_batch: usize, budget: Option<u64>) -> crate::engine::hybrid::PrefillConfig {
+    let stream = crate::engine::hybrid::StreamConfig::for_budget(budget).filter(|_| stream_min_batch > 0).map(|c| crate::engine::hybrid::StreamConfig { min_rows: stream_min_batch, ..c });
+    crate::engine::hybrid::PrefillConfig { batch, stream }
 }

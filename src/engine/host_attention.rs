@@ -89,16 +89,62 @@ impl HostAttention {
             return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
         }
         let layer = &model.layers[il];
-        let HostAttention { kv, rope, shape, q, k, v, attn, proj, .. } = self;
-        q.resize(n * qd, 0.0);
-        k.resize(n * kvd, 0.0);
-        v.resize(n * kvd, 0.0);
-        attn.resize(n * qd, 0.0);
-        proj.resize(n * e, 0.0);
+        self.q.resize(n * qd, 0.0);
+        self.k.resize(n * kvd, 0.0);
+        self.v.resize(n * kvd, 0.0);
+        self.proj.resize(n * e, 0.0);
         // The CPU session's recipe (`Session::run_layers`), step for step.
         ops::rms_norm(x, &layer.attn_norm, hp.rms_eps, xn);
         let acts = Activations::new(xn, n).with_precision(precision);
-        matmuls(team, &acts, [(&layer.wq, &mut q[..]), (&layer.wk, &mut k[..]), (&layer.wv, &mut v[..])]);
+        matmuls(team, &acts, [(&layer.wq, &mut self.q[..]), (&layer.wk, &mut self.k[..]), (&layer.wv, &mut self.v[..])]);
+        self.core(team, model, il, slot, pos0, n);
+        let HostAttention { attn, proj, .. } = self;
+        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        ops::add_assign(x, proj);
+        ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
+        Ok(())
+    }
+
+    /// The middle of [`run`](Self::run) for q, k and v computed elsewhere (a streamed
+    /// prefill's GPU products, before biases and RoPE): `qkv` holds the `n` tokens' rows of
+    /// q | k | v (q_dim + 2 kv_dim values each) at positions `pos0..pos0 + n`. Adds the biases,
+    /// applies RoPE, writes the KV cache and runs attention; returns its output, n rows of
+    /// q_dim (the o product's input). The KV cache ends as [`run`](Self::run) leaves it (up to
+    /// the products' rounding), so decode afterwards reads the same.
+    pub fn run_core(&mut self, team: &mut Team, model: &Model, il: usize, pos0: usize, qkv: &[f32]) -> Result<&[f32], ForwardError> {
+        let hp = &model.hp;
+        let (qd, kvd) = (hp.q_dim(), hp.kv_dim());
+        let w = qd + 2 * kvd;
+        let n = qkv.len() / w;
+        let Some(slot) = self.slots.get(il).copied().flatten() else {
+            return Err(ForwardError::Gpu(crate::gpu::GpuError::Unsupported(format!("layer {il}'s attention is not on the host"))));
+        };
+        if n == 0 || qkv.len() != n * w {
+            return Err(ForwardError::Empty);
+        }
+        if pos0 + n > self.kv.n_ctx {
+            return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
+        }
+        self.q.resize(n * qd, 0.0);
+        self.k.resize(n * kvd, 0.0);
+        self.v.resize(n * kvd, 0.0);
+        for (t, row) in qkv.chunks_exact(w).enumerate() {
+            self.q[t * qd..(t + 1) * qd].copy_from_slice(&row[..qd]);
+            self.k[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
+            self.v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
+        }
+        self.core(team, model, il, slot, pos0, n);
+        Ok(&self.attn[..n * qd])
+    }
+
+    /// From q, k and v of `n` tokens (before biases and RoPE) to the attention's output in
+    /// `attn`: biases, RoPE, the KV write at `pos0..`, attention.
+    fn core(&mut self, team: &mut Team, model: &Model, il: usize, slot: usize, pos0: usize, n: usize) {
+        let hp = &model.hp;
+        let (qd, kvd) = (hp.q_dim(), hp.kv_dim());
+        let layer = &model.layers[il];
+        let HostAttention { kv, rope, shape, q, k, v, attn, .. } = self;
+        attn.resize(n * qd, 0.0);
         for (buf, bias, d) in [(&mut *q, &layer.bq, qd), (&mut *k, &layer.bk, kvd), (&mut *v, &layer.bv, kvd)] {
             if let Some(b) = bias {
                 buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
@@ -112,10 +158,6 @@ impl HostAttention {
         }
         let (kc, vc) = kv.layer(slot);
         attention_team(team, q, kc, vc, pos0, n, *shape, attn);
-        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
-        ops::add_assign(x, proj);
-        ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
-        Ok(())
     }
 }
 

@@ -44,8 +44,11 @@ use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
 
 mod prefill;
+mod stream;
 use prefill::PrefillBuffers;
 pub use prefill::PrefillTiming;
+pub use stream::{PrefillConfig, StreamConfig, StreamTiming};
+use stream::StreamArea;
 
 impl AttentionPlace {
     /// After a session that failed with `err`: where a placed choice's measured fixed part
@@ -328,10 +331,18 @@ impl HybridSession {
         Self::with_prefill(model, ctx, n_ctx, plan, DEFAULT_PREFILL_BATCH, progress)
     }
 
-    /// [`new`](Self::new) with prompts run in batches of up to `prefill_batch` tokens (1: token
-    /// by token, as decode). The batch's GPU buffers (activations of every row, the CPU
-    /// exchange) are allocated before the neurons are placed, so they come out of the budget.
-    pub fn with_prefill(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, prefill_batch: usize, progress: bool) -> Result<HybridSession, HybridError> {
+    /// [`new`](Self::new) with prompts run in batches of up to `prefill.batch` tokens (1: token
+    /// by token, as decode; a plain number is such a batch size, nothing streamed), whose cold
+    /// neurons stream to the GPU where `prefill.stream` says (under a budget, for batches of
+    /// its `min_rows` tokens or more). The batch's GPU buffers (activations of every row, the
+    /// CPU exchange, the streaming area) are allocated before the neurons are placed, so they
+    /// come out of the budget.
+    pub fn with_prefill(model: Arc<Model>, ctx: Arc<GpuContext>, n_ctx: usize, plan: HybridPlan, prefill: impl Into<PrefillConfig>, progress: bool) -> Result<HybridSession, HybridError> {
+        let prefill: PrefillConfig = prefill.into();
+        let prefill_batch = prefill.batch;
+        // The streaming area, where one would be used: a budget leaves cold neurons, and
+        // batches can be long enough.
+        let stream_cfg = prefill.stream_for(n_ctx, plan.budget);
         let hp = model.hp.clone();
         let (e, ff) = (hp.n_embd, hp.n_ff);
         let mode = plan.ffn.mode;
@@ -395,7 +406,8 @@ impl HybridSession {
                     (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
                     _ => 0,
                 };
-                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + slack)?.1
+                let area = prefill.area_bytes(&model, n_ctx, plan.budget);
+                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
             }
             (None, ..) => vec![true; hp.n_layer],
         };
@@ -415,8 +427,20 @@ impl HybridSession {
         // A batch reads only its last row's logits: no all-logits buffer.
         // No batch is longer than the context.
         let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
-        let prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
+        let mut prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
         mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations (prefill batches included)"), &mut since);
+        let types: Vec<[GgmlType; 3]> = (0..hp.n_layer).map(|il| [model.layers[il].ffn_gate.ty, model.layers[il].ffn_up.ty, plan.ffn.down_t[il].ty]).collect();
+        // Rows of the grouped types are not laid out row by row: their batches stay on the CPU.
+        let packable = types.iter().flatten().all(|&t| crate::gpu::sparse::packable(t));
+        if let (Some(pf), Some(cfg), true) = (prefill.as_mut(), stream_cfg, packable) {
+            let s = &session.s;
+            // The chunks' hidden rows live in the session's gate buffer (max_tokens x n_ff), as
+            // the hot part's do; both run one after the other.
+            let attn = stream::AttnParts { model: &model, on_host: &on_host, x: &s.x, qkv: &s.qkv, attn: &s.attn, y: pf.y_cpu() };
+            let area = StreamArea::new(&ctx, cfg, &types, e, ff, hp.activation, &s.xn, &s.gate, &s.x, session.max_tokens(), &s.step, Some(attn))?;
+            pf.stream = Some(area);
+            mark(&mut fixed, "prefill streaming area (cold neurons of large batches)", &mut since);
+        }
 
         // Predictors on the GPU (predict mode without simulation).
         let predictor_weights: Vec<Option<[GpuMatrix; 2]>> = match (&plan.ffn.predictors, mode, &plan.simulate) {
@@ -635,6 +659,11 @@ impl HybridSession {
             self.state.timing = HybridTiming::default();
         }
         out
+    }
+
+    /// Neurons per chunk of the prefill streaming area; None without one.
+    pub fn stream_chunk_rows(&self) -> Option<usize> {
+        self.prefill.as_ref()?.stream.as_ref().map(|s| s.chunk_rows())
     }
 
     /// Which neurons are hot.

@@ -527,6 +527,15 @@ impl GpuContext {
         self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false })
     }
 
+    /// A buffer the host fills to have the GPU copy it elsewhere (kept, counted; mapped for
+    /// writing at creation): a streaming area's staging, as opposed to the one reused upload
+    /// staging buffer behind [`GpuContext::write`].
+    pub fn upload_buffer(&self, label: &str, size: u64) -> wgpu::Buffer {
+        let size = size.max(4).div_ceil(4) * 4;
+        self.count(size);
+        self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size, usage: wgpu::BufferUsages::MAP_WRITE | wgpu::BufferUsages::COPY_SRC, mapped_at_creation: true })
+    }
+
     /// A uniform buffer holding `data`.
     pub fn uniform(&self, label: &str, data: &[u8]) -> wgpu::Buffer {
         let size = (data.len().max(16) as u64).div_ceil(16) * 16;

@@ -171,6 +171,44 @@ fn block_split(ty: GgmlType) -> Option<(usize, usize)> {
     }
 }
 
+/// (quant bytes, scale bytes) of one row of `cols` values of type `ty` in the GPU layout
+/// (see the module docs); scales are 0 bytes for F32 and F16.
+pub fn row_parts(ty: GgmlType, cols: usize) -> (usize, usize) {
+    row_layout(ty, cols)
+}
+
+/// Writes rows `ids` of `m` (a type the kernels take, its columns a multiple of 32) in the
+/// GPU layout: row after row, quants into `quants` and block scales into `scales`, each
+/// `ids.len()` times [`row_parts`] long at least (bytes past that are left alone). What
+/// [`HotFfn::upload`] uploads, and what a prefill batch streams into a mapped buffer.
+pub fn pack_rows(m: &Matrix, ids: &[u32], quants: &mut [u8], scales: &mut [u8]) {
+    debug_assert!(packable(m.ty), "{} rows are not laid out row by row", m.ty.name());
+    let (qb, sb) = row_layout(m.ty, m.cols);
+    let row_bytes = m.row_bytes();
+    let bytes = m.bytes();
+    for (k, &id) in ids.iter().enumerate() {
+        let row = &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
+        let (q, s) = (&mut quants[k * qb..(k + 1) * qb], &mut scales[k * sb..(k + 1) * sb]);
+        match block_split(m.ty) {
+            None => q.copy_from_slice(row),
+            Some((block, scale)) => {
+                let qpb = block - scale;
+                for (j, b) in row.chunks_exact(block).enumerate() {
+                    s[j * scale..(j + 1) * scale].copy_from_slice(&b[..scale]);
+                    q[j * qpb..(j + 1) * qpb].copy_from_slice(&b[scale..]);
+                }
+            }
+        }
+    }
+}
+
+/// Whether rows of `ty` are laid out row after row ([`pack_rows`] packs them): the types with
+/// sparse kernels but the grouped ones (`gpu::kquant`, whose high bits and scales follow all
+/// the rows).
+pub fn packable(ty: GgmlType) -> bool {
+    type_code(ty).is_some() && !super::kquant::is_grouped(ty)
+}
+
 /// The hot rows of one matrix in the GPU layout (see the module docs).
 pub struct HotRows {
     pub ty: GgmlType,
@@ -224,24 +262,23 @@ impl HotRows {
             let label = format!("{} hot {what}", m.name);
             return Ok(HotRows { ty: m.ty, rows: hot.len(), cols: m.cols, quants: ctx.upload(&label, &quants), scales: ctx.upload(&format!("{label} scales"), &scales) });
         }
-        let mut quants = Vec::with_capacity(hot.len() * qb);
-        let mut scales = Vec::with_capacity(hot.len() * sb);
-        for &id in hot {
-            let row = &bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes];
-            match block_split(m.ty) {
-                None => quants.extend_from_slice(row),
-                Some((block, scale)) => {
-                    for b in row.chunks_exact(block) {
-                        scales.extend_from_slice(&b[..scale]);
-                        quants.extend_from_slice(&b[scale..]);
-                    }
-                }
-            }
-        }
+        let mut quants = vec![0u8; hot.len() * qb];
+        let mut scales = vec![0u8; hot.len() * sb];
+        pack_rows(m, hot, &mut quants, &mut scales);
         // An empty matrix still binds one unit (`array<vec4<u32>>`'s smallest binding).
         quants.resize(quants.len().max(16), 0);
         let label = format!("{} hot {what}", m.name);
         Ok(HotRows { ty: m.ty, rows: hot.len(), cols: m.cols, quants: ctx.upload(&label, &quants), scales: ctx.upload(&format!("{label} scales"), &scales) })
+    }
+
+    /// The quants buffer (`rows` x [`row_parts`].0 bytes, at least 16).
+    pub fn quants(&self) -> &Buffer {
+        &self.quants
+    }
+
+    /// The scales buffer (`rows` x [`row_parts`].1 bytes, at least 4).
+    pub fn scales(&self) -> &Buffer {
+        &self.scales
     }
 
     /// 16-byte units per row.
@@ -317,6 +354,35 @@ impl HotFfn {
             hot_ids: ctx.upload("hot ids", bytemuck::cast_slice(hot)),
             config,
         })
+    }
+
+    /// An FFN of `rows` neurons over buffers the caller fills (a streaming area's slot): for
+    /// each of gate, up and down_t its type and (quants, scales) buffers, of at least `rows`
+    /// rows in the layout of [`row_parts`] (the quants at least 16 bytes, the scales 4). The
+    /// neurons' ids are not kept (the batch op needs none). Types and sizes as
+    /// [`upload`](Self::upload) takes them.
+    pub fn over_buffers(ctx: &GpuContext, n_embd: usize, rows: usize, parts: [(GgmlType, &Buffer, &Buffer); 3]) -> Result<HotFfn, GpuError> {
+        let bad = |why: String| Err(GpuError::Unsupported(format!("streamed FFN rows: {why}")));
+        if n_embd == 0 || !n_embd.is_multiple_of(32) {
+            return bad(format!("n_embd {n_embd} is not a positive multiple of 32"));
+        }
+        if rows.checked_mul(n_embd).is_none_or(|n| n > u32::MAX as usize / 2) {
+            return bad(format!("{rows} rows of {n_embd} values are too many for 32-bit indexing"));
+        }
+        let mut hot = Vec::with_capacity(3);
+        for (ty, quants, scales) in parts {
+            if type_code(ty).is_none() {
+                return bad(format!("no sparse GPU kernel for {} weights", ty.name()));
+            }
+            let (qb, sb) = row_layout(ty, n_embd);
+            if quants.size() < (rows * qb).max(16) as u64 || scales.size() < (rows * sb).max(4) as u64 {
+                return bad(format!("buffers of {} and {} bytes hold fewer than {rows} rows of {} values", quants.size(), scales.size(), ty.name()));
+            }
+            hot.push(HotRows { ty, rows, cols: n_embd, quants: quants.clone(), scales: scales.clone() });
+        }
+        let mut it = hot.into_iter();
+        let (gate, up, down_t) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+        Ok(HotFfn { n_embd, n_ff: rows, gate, up, down_t, hot_ids: ctx.zeros("streamed ids (unused)", 4), config: SparseConfig::for_context(ctx) })
     }
 
     /// GPU bytes one hot neuron takes in this layout (its three rows and its id): what
@@ -713,5 +779,71 @@ impl BatchFfnOp {
         pass.dispatch_workgroups(self.rows.div_ceil(32), tiles, 1);
         down.bind(pass);
         pass.dispatch_workgroups(self.cols.div_ceil(64), tiles, 1);
+    }
+}
+
+/// `y[t * stride + offset + r] = W[r] · x[t]` for rows r of a matrix in the hot layout and the
+/// tokens of a batch (`shaders/sparse_batch.wgsl`, entry `rows`): a streamed prefill's q/k/v
+/// and o products, a chunk of rows at a time. The rows, stride and offset change per chunk
+/// ([`RowsOp::set`], a queue write: ordered before the next submission, so one submission may
+/// use one setting); the token count comes from the `step` uniform.
+pub struct RowsOp {
+    kernel: Kernel,
+    params: Buffer,
+    /// Rows of the current setting.
+    rows: u32,
+    /// The most rows the weight buffers hold.
+    capacity: usize,
+    cols: usize,
+    y_len: usize,
+}
+
+impl RowsOp {
+    /// `quants`/`scales`: room for `capacity` rows of `cols` values of type `ty` in the hot
+    /// layout ([`row_parts`]); `x`: `max_tokens` x cols f32; `y`: `y_len` f32 (every setting's
+    /// writes must stay inside: checked by [`RowsOp::set`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(ctx: &GpuContext, ty: GgmlType, cols: usize, capacity: usize, quants: &Buffer, scales: &Buffer, x: &Buffer, y: &Buffer, max_tokens: usize, step: &Buffer) -> Result<RowsOp, GpuError> {
+        let Some(code) = type_code(ty) else {
+            return Err(GpuError::Unsupported(format!("streamed rows: no sparse GPU kernel for {} weights", ty.name())));
+        };
+        if cols == 0 || !cols.is_multiple_of(32) {
+            return Err(GpuError::Unsupported(format!("streamed rows: {cols} columns, not a positive multiple of 32")));
+        }
+        let (qb, sb) = row_layout(ty, cols);
+        if quants.size() < (capacity * qb) as u64 || scales.size() < (capacity * sb) as u64 {
+            return Err(GpuError::Unsupported(format!("streamed rows: buffers of {} and {} bytes hold fewer than {capacity} rows", quants.size(), scales.size())));
+        }
+        check_len("x", x, max_tokens * cols)?;
+        check_distinct(("x", x), ("y", y))?;
+        let params = ctx.uniform("streamed rows params", bytemuck::cast_slice(&[0u32, cols as u32, 0, 0]));
+        let src = specialize(BATCH, &[("TYPE_A", code), ("TYPE_B", code), ("ACT", 0)]);
+        let kernel = Kernel::new(ctx, &format!("sparse/batch/r{code}/rows"), &src, "rows", &[(0, x), (1, y), (3, &params), (4, quants), (5, scales), (6, quants), (7, scales), (8, step)]);
+        Ok(RowsOp { kernel, params, rows: 0, capacity, cols, y_len: (y.size() / 4) as usize })
+    }
+
+    /// The next submission computes `rows` rows (at most the capacity) for `n_tokens` tokens
+    /// into `y[t * stride + offset + r]`.
+    pub fn set(&mut self, queue: &wgpu::Queue, rows: usize, stride: usize, offset: usize, n_tokens: usize) -> Result<(), GpuError> {
+        let last = (n_tokens.max(1) - 1) * stride + offset + rows;
+        if rows > self.capacity || offset + rows > stride || last > self.y_len {
+            return Err(GpuError::Unsupported(format!("streamed rows: {rows} rows at offset {offset} of {stride} for {n_tokens} tokens do not fit ({} rows, {} values of output)", self.capacity, self.y_len)));
+        }
+        queue.write_buffer(&self.params, 0, bytemuck::cast_slice(&[rows as u32, self.cols as u32, stride as u32, offset as u32]));
+        self.rows = rows as u32;
+        Ok(())
+    }
+
+    /// Bytes of the op's own buffers.
+    pub fn gpu_bytes(&self) -> u64 {
+        self.params.size()
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        if self.rows == 0 || n_tokens == 0 {
+            return;
+        }
+        self.kernel.bind(pass);
+        pass.dispatch_workgroups(self.rows.div_ceil(32), n_tokens.div_ceil(BATCH_TOKENS), 1);
     }
 }

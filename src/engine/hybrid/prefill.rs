@@ -21,6 +21,7 @@
 //! A layer whose neurons are all hot needs no synchronisation; x + hot part + cold part are
 //! added in that order, as in decode.
 
+use super::stream::StreamArea;
 use super::{lost, HybridSession};
 use crate::engine::forward::ForwardError;
 use crate::engine::gpu_forward::GpuSession;
@@ -43,15 +44,22 @@ pub(super) struct PrefillBuffers {
     /// x and xn of a host-attention layer's batch.
     x: Vec<f32>,
     xn: Vec<f32>,
+    /// Where large batches stream their cold neurons to the GPU (None: always the CPU).
+    pub(super) stream: Option<StreamArea>,
 }
 
 impl PrefillBuffers {
+    /// The CPU part's output buffer (n x n_embd f32), added into x by `add_cpu`.
+    pub(super) fn y_cpu(&self) -> &wgpu::Buffer {
+        &self.y_cpu
+    }
+
     pub(super) fn new(ctx: &GpuContext, gpu: &GpuSession) -> PrefillBuffers {
         let e = gpu.model.hp.n_embd;
         let bytes = 4 * (gpu.max_tokens() * e) as u64;
         let y_cpu = ctx.zeros("prefill cpu ffn part", bytes);
         let add_cpu = AddOp::new(ctx, &gpu.s.x, &y_cpu, e as u32, &gpu.s.step);
-        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new() }
+        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new(), stream: None }
     }
 }
 
@@ -68,21 +76,38 @@ pub struct PrefillTiming {
     pub cpu_ffn: f64,
     /// Computing host-attention layers' attention half on the CPU.
     pub cpu_attention: f64,
+    /// Batches whose cold neurons streamed to the GPU, and the streaming's figures.
+    pub streamed_batches: u64,
+    pub stream: super::stream::StreamTiming,
 }
 
 impl PrefillTiming {
     /// One line for logs.
     pub fn summary(&self) -> String {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
+        let st = &self.stream;
+        let streamed = match self.streamed_batches {
+            0 => String::new(),
+            b => format!(
+                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows, {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
+                st.chunks,
+                st.attn_chunks,
+                st.attn_layers,
+                st.bytes as f64 / (1u64 << 20) as f64,
+                per(st.pack),
+                per(st.wait_slot)
+            ),
+        };
         format!(
-            "{} tokens in {} batches, {:.3} ms per token: {:.3} waiting for the GPU, {:.3} CPU cold neurons, {:.3} CPU attention, {:.3} other",
+            "{} tokens in {} batches, {:.3} ms per token: {:.3} waiting for the GPU, {:.3} CPU cold neurons, {:.3} CPU attention, {:.3} upload (packing and waiting for a slot), {:.3} other{streamed}",
             self.tokens,
             self.batches,
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_ffn),
             per(self.cpu_attention),
-            per(self.total - self.wait_gpu - self.cpu_ffn - self.cpu_attention)
+            per(st.pack + st.wait_slot),
+            per(self.total - self.wait_gpu - self.cpu_ffn - self.cpu_attention - st.pack - st.wait_slot)
         )
     }
 }
@@ -129,6 +154,8 @@ impl HybridSession {
         q.write_buffer(&gpu.s.ids, 0, bytemuck::cast_slice(tokens));
         pf.y.resize(n as usize * e, 0.0);
         let (mut wait_gpu, mut cpu_ffn, mut cpu_attention) = (0.0, 0.0, 0.0);
+        // Large batches stream their cold neurons to the GPU (`stream`'s module docs).
+        let streamed = pf.stream.as_ref().is_some_and(|s| n as usize >= s.min_rows);
         let this = &*gpu;
         let new_encoder = || this.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid prefill") });
         let mut enc = new_encoder();
@@ -140,6 +167,70 @@ impl HybridSession {
             }
             if sp.cold.is_empty() && !sp.host_attention {
                 sp.batch.record(&mut pass, n);
+                continue;
+            }
+            let l = &this.model.layers[il];
+            let mats = [&l.ffn_gate, &l.ffn_up, &state.ffn.down_t[il]];
+            if streamed && !sp.host_attention {
+                // x + hot, then + each chunk of the cold neurons, all on the GPU: no
+                // synchronisation with the CPU but the streaming slots'.
+                sp.batch.record(&mut pass, n);
+                drop(pass);
+                let area = pf.stream.as_mut().expect("streamed batches have the area");
+                enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                continue;
+            }
+            if streamed && pf.stream.as_ref().is_some_and(|a| a.streams_attention(il)) {
+                // A host-attention layer's products on the GPU, its weights streamed: the
+                // attention norm and q/k/v there, RoPE, the KV write and attention on the CPU
+                // (its KV cache is on the host), o there, added into x, the FFN norm, hot and
+                // streamed cold neurons: one synchronisation (q/k/v read back).
+                let area = pf.stream.as_mut().expect("checked");
+                area.record_attn_norm(&mut pass, il, n);
+                drop(pass);
+                enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
+                let (rb, width) = area.qkv_readback().map(|(b, w)| (b.clone(), w)).expect("streamed attention has its read-back");
+                let bytes = 4 * n as u64 * width as u64;
+                enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
+                this.ctx.queue.submit([enc.finish()]);
+                let t_wait = Instant::now();
+                let slice = rb.slice(..bytes);
+                let (tx_map, rx_map) = std::sync::mpsc::channel();
+                slice.map_async(wgpu::MapMode::Read, move |r| {
+                    let _ = tx_map.send(r);
+                });
+                let mapped = loop {
+                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                    match rx_map.try_recv() {
+                        Ok(r) => break r,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                        Err(err) => return Err(lost(err)),
+                    }
+                };
+                mapped.map_err(lost)?;
+                wait_gpu += t_wait.elapsed().as_secs_f64();
+                let t_attn = Instant::now();
+                {
+                    let view = slice.get_mapped_range().map_err(lost)?;
+                    pf.x.clear();
+                    pf.x.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&view));
+                }
+                rb.unmap();
+                let attn = state.host.run_core(state.cold.team(), &this.model, il, pos0 as usize, &pf.x)?;
+                // Through the context's one counted staging buffer, not a queue write's own.
+                this.ctx.write(&this.s.attn, 0, bytemuck::cast_slice(attn));
+                cpu_attention += t_attn.elapsed().as_secs_f64();
+                enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wo], true, n, new_encoder())?;
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                pf.add_cpu.encode(&mut pass, n);
+                area.record_ffn_norm(&mut pass, il, n);
+                sp.batch.record(&mut pass, n);
+                if !sp.cold.is_empty() {
+                    drop(pass);
+                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                }
                 continue;
             }
             drop(pass);
@@ -193,6 +284,12 @@ impl HybridSession {
                 this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&pf.xn));
                 this.ctx.queue.submit(hot.take());
                 cpu_attention += t_attn.elapsed().as_secs_f64();
+                if streamed && !sp.cold.is_empty() {
+                    let area = pf.stream.as_mut().expect("streamed batches have the area");
+                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, new_encoder())?;
+                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    continue;
+                }
                 if !sp.cold.is_empty() {
                     let t_cpu = Instant::now();
                     state.cold.batch_dense(&state.ffn, &this.model, il, &pf.xn, &sp.cold, state.precision, &mut pf.y);
@@ -236,6 +333,16 @@ impl HybridSession {
         t.wait_gpu += wait_gpu;
         t.cpu_ffn += cpu_ffn;
         t.cpu_attention += cpu_attention;
+        if let Some(area) = pf.stream.as_mut().filter(|_| streamed) {
+            let a = std::mem::take(&mut area.timing);
+            t.streamed_batches += 1;
+            t.stream.chunks += a.chunks;
+            t.stream.attn_chunks += a.attn_chunks;
+            t.stream.attn_layers += a.attn_layers;
+            t.stream.bytes += a.bytes;
+            t.stream.pack += a.pack;
+            t.stream.wait_slot += a.wait_slot;
+        }
         Ok(())
     }
 }
