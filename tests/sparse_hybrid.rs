@@ -108,7 +108,9 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     let n_ctx = 96;
     let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()), reserve: 0 };
     let ctx = Arc::new(ctx);
-    let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
+    // Four threads, so the cold team has members besides the caller (warming below).
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+    let mut s = pool.install(|| HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false)).unwrap();
     assert_eq!(s.attention_on_gpu(), on_gpu);
     assert_eq!(s.placement().hot, hot);
     assert!(s.backend_name().contains(&format!("attention of {} layers on the CPU", on_gpu.iter().filter(|&&g| !g).count())), "{}", s.backend_name());
@@ -121,6 +123,15 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     for p in &prompts[..3] {
         assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "prompt {p:?}");
     }
+    // The team reading the next CPU step's weights while waiting changes nothing.
+    s.set_warm_while_waiting(true);
+    for p in &prompts[..2] {
+        s.reset();
+        assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "warming while waiting, prompt {p:?}");
+    }
+    let (t, _) = s.timing(false);
+    assert!(t.warmed > 0.0, "no weights read while waiting");
+    s.set_warm_while_waiting(false);
     // Logits close to the dense CPU's, and the same run after run.
     let p = &prompts[1];
     s.reset();

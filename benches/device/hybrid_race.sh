@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync coldvar coldbench
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -107,6 +107,22 @@ sync)
     measure "ember hybrid $B GiB, charged predictor, -c 4096, EMBER_HYBRID_FUSED=$v" \
       env EMBER_HYBRID_FUSED=$v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
   done
+  ;;
+coldvar)
+  # The hybrid's CPU half: the team reading the next step's weights while the CPU waits for
+  # the GPU (EMBER_HYBRID_WARM=1), the cold gate rows as one dense product above a share of
+  # candidates (EMBER_COLD_DENSE_GATE), both; the default first and last.
+  for v in "X=0" EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5 "EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5" "X=0"; do
+    measure "ember hybrid $B GiB, charged predictor, -c 4096, $v" \
+      env $v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
+  done
+  ;;
+coldbench)
+  # The CPU half alone (examples/cold_ffn_bench, carried as D/cold_ffn_bench) on a 4-layer
+  # 7B-shaped model: gathered gate rows against one dense product, candidates 77% / 40%.
+  $E synth --type q4_0 --act relu --n-layer 4 --tokenizer-from $D/tok.gguf -o $M/s4.gguf 2>&1 | tail -1
+  $E convert -m $M/s4.gguf --powerinfer --down-t-type q4_0 -o $M/s4-pi.gguf 2>&1 | tail -1
+  for c in 77.4 40; do $D/cold_ffn_bench $M/s4-pi.gguf $(( T - 2 )) 9 $c 24.2; done
   ;;
 hprofile)
   # Where a hybrid token's GPU time goes (timestamp queries per pass), at the race's setting.

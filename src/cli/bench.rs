@@ -68,7 +68,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
-        let (model, _tokenizer) = super::load(&path)?;
+        let (model, _tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         // pp and tg each start from an empty context; both must fit the trained one.
         for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
             if n > model.hp.n_ctx_train {
@@ -107,6 +107,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_FUSED").as_deref() == Ok("1")) {
             eprintln!("ember: EMBER_HYBRID_FUSED=1: each split layer's hot neurons go in its attention half's submission");
             h.set_fused_hot(true);
+        }
+        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_WARM").as_deref() == Ok("1")) {
+            eprintln!("ember: EMBER_HYBRID_WARM=1: the cold team reads the next CPU step's weights while waiting for the GPU");
+            h.set_warm_while_waiting(true);
         }
         if let (Some(h), Ok(v)) = (session.as_hybrid(), std::env::var("EMBER_COLD_DENSE_GATE")) {
             let share: f32 = v.parse().map_err(|_| format!("EMBER_COLD_DENSE_GATE={v}: a share of the cold neurons, 0 to 1"))?;

@@ -53,6 +53,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
             for (name, from, to) in &model.conversions {
                 println!("converted:     {name} {from} -> {to} at load time (no fast kernel for {from})");
             }
+            let held = model.matrix_bytes_by_type();
+            let total: u64 = held.iter().map(|(_, b)| b).sum();
+            let shares: Vec<String> = held.iter().map(|(t, b)| format!("{t} {} ({:.1}%)", mib(*b), 100.0 * *b as f64 / total.max(1) as f64)).collect();
+            println!("as loaded:     {}", shares.join(", "));
             let kv = KvCache::bytes(hp.n_layer, a.ctx_size, hp.kv_dim());
             println!("memory:        weights {} + KV cache {} at context {} (f16) = {}", mib(model.weight_bytes()), mib(kv), a.ctx_size, mib(model.weight_bytes() + kv));
         }

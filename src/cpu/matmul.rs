@@ -4,7 +4,7 @@
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
 use crate::quant::packed::{ActScales, Isa, PackOptions, PackedActs, PackedMatrix, DEFAULT_PREFETCH};
-use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1};
+use crate::quant::{self, f16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, WeightBlock};
 use super::team::Team;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,8 +33,8 @@ impl Default for CpuTuning {
 }
 
 /// Activation rows (`n_tokens` x `cols`) and, computed once on first use, their conversions
-/// to the format each weight type multiplies with (Q8_0 for Q4_0/Q8_0, Q8_1 for Q4_1, f16 for
-/// F16), so q/k/v or gate/up reuse one quantisation.
+/// to the format each weight type multiplies with (Q8_0 for Q4_0/Q5_0/Q8_0, Q8_1 for
+/// Q4_1/Q5_1, Q8_K for the K-quants, f16 for F16), so q/k/v or gate/up reuse one quantisation.
 pub struct Activations<'a> {
     pub x: &'a [f32],
     pub n_tokens: usize,
@@ -42,6 +42,7 @@ pub struct Activations<'a> {
     pub precision: Precision,
     q8_0: OnceLock<Vec<BlockQ8_0>>,
     q8_1: OnceLock<Vec<BlockQ8_1>>,
+    q8_k: OnceLock<Vec<BlockQ8K>>,
     half: OnceLock<Vec<f16>>,
     q8_0_scales: OnceLock<ActScales>,
     q8_1_scales: OnceLock<ActScales>,
@@ -50,7 +51,7 @@ pub struct Activations<'a> {
 impl<'a> Activations<'a> {
     pub fn new(x: &'a [f32], n_tokens: usize) -> Self {
         assert!(n_tokens > 0 && x.len().is_multiple_of(n_tokens));
-        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), half: OnceLock::new(), q8_0_scales: OnceLock::new(), q8_1_scales: OnceLock::new() }
+        Activations { x, n_tokens, cols: x.len() / n_tokens, precision: Precision::Llama, q8_0: OnceLock::new(), q8_1: OnceLock::new(), q8_k: OnceLock::new(), half: OnceLock::new(), q8_0_scales: OnceLock::new(), q8_1_scales: OnceLock::new() }
     }
 
     pub fn with_precision(mut self, precision: Precision) -> Self {
@@ -71,6 +72,15 @@ impl<'a> Activations<'a> {
         self.q8_1.get_or_init(|| {
             let mut y = vec![BlockQ8_1 { d: f16::ZERO, s: f16::ZERO, qs: [0; 32] }; self.x.len() / 32];
             quant::quantize_row_q8_1(self.x, &mut y);
+            y
+        })
+    }
+
+    /// The token(s) quantised to Q8_K (rows of a multiple of 256 values), once.
+    pub(crate) fn q8_k(&self) -> &[BlockQ8K] {
+        self.q8_k.get_or_init(|| {
+            let mut y = vec![BlockQ8K::ZERO; self.x.len() / quant::QK_K];
+            quant::quantize_row_q8_k(self.x, &mut y);
             y
         })
     }
@@ -192,6 +202,11 @@ enum RowDot<'a> {
     Q4_0(&'a [BlockQ4_0], &'a [BlockQ8_0]),
     Q4_1(&'a [BlockQ4_1], &'a [BlockQ8_1]),
     Q8_0(&'a [BlockQ8_0], &'a [BlockQ8_0]),
+    Q5_0(&'a [BlockQ5_0], &'a [BlockQ8_0]),
+    Q5_1(&'a [BlockQ5_1], &'a [BlockQ8_1]),
+    Q4K(&'a [BlockQ4K], &'a [BlockQ8K]),
+    Q5K(&'a [BlockQ5K], &'a [BlockQ8K]),
+    Q6K(&'a [BlockQ6K], &'a [BlockQ8K]),
     F16(&'a [f16], &'a [f16]),
     F32(&'a [f32], &'a [f32]),
 }
@@ -207,6 +222,11 @@ impl RowDot<'_> {
             RowDot::Q4_0(w, a) => quant::vec_dot_q4_0_q8_0(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q4_1(w, a) => quant::vec_dot_q4_1_q8_1(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q8_0(w, a) => quant::vec_dot_q8_0_q8_0(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q5_0(w, a) => BlockQ5_0::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q5_1(w, a) => BlockQ5_1::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q4K(w, a) => BlockQ4K::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q5K(w, a) => BlockQ5K::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q6K(w, a) => BlockQ6K::dot(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::F16(w, a) => quant::vec_dot_f16_f16(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::F32(w, a) => quant::vec_dot_f32(split(w, r, rows), split(a, t, n_tokens)),
         }
@@ -233,6 +253,11 @@ impl<'a> Plan<'a> {
             GgmlType::Q4_0 => RowDot::Q4_0(bytemuck::cast_slice(b), x.q8_0()),
             GgmlType::Q4_1 => RowDot::Q4_1(bytemuck::cast_slice(b), x.q8_1()),
             GgmlType::Q8_0 => RowDot::Q8_0(bytemuck::cast_slice(b), x.q8_0()),
+            GgmlType::Q5_0 => RowDot::Q5_0(bytemuck::cast_slice(b), x.q8_0()),
+            GgmlType::Q5_1 => RowDot::Q5_1(bytemuck::cast_slice(b), x.q8_1()),
+            GgmlType::Q4_K => RowDot::Q4K(bytemuck::cast_slice(b), x.q8_k()),
+            GgmlType::Q5_K => RowDot::Q5K(bytemuck::cast_slice(b), x.q8_k()),
+            GgmlType::Q6_K => RowDot::Q6K(bytemuck::cast_slice(b), x.q8_k()),
             GgmlType::F16 => RowDot::F16(bytemuck::cast_slice(b), x.half()),
             GgmlType::F32 => RowDot::F32(bytemuck::cast_slice(b), x.x),
             other => panic!("{}: no CPU kernel for {other} (the loader converts such types)", w.name),

@@ -19,7 +19,7 @@
 use super::matmul::{Activations, Precision};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
-use crate::quant::{self, f16, BlockQ4_0, BlockQ4_1, BlockQ8_0, BlockQ8_1, QuantError, QK};
+use crate::quant::{self, f16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantError, WeightBlock, QK};
 use rayon::prelude::*;
 
 /// Weight bytes below which a task is not worth handing to another thread: rayon's hand-off
@@ -94,6 +94,7 @@ fn prefetch_lines<const HINT: i32>(bytes: &[u8]) {
 enum TokenForm<'a> {
     Q8_0(&'a [BlockQ8_0]),
     Q8_1(&'a [BlockQ8_1]),
+    Q8K(&'a [BlockQ8K]),
     Half(&'a [f16]),
     F32(&'a [f32]),
     /// A weight type `matmul` has no kernel for at [`Precision::Llama`].
@@ -107,8 +108,9 @@ impl<'a> TokenForm<'a> {
             return TokenForm::F32(x);
         }
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q8_0 => TokenForm::Q8_0(acts.q8_0()),
-            GgmlType::Q4_1 => TokenForm::Q8_1(acts.q8_1()),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => TokenForm::Q8_0(acts.q8_0()),
+            GgmlType::Q4_1 | GgmlType::Q5_1 => TokenForm::Q8_1(acts.q8_1()),
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => TokenForm::Q8K(acts.q8_k()),
             GgmlType::F16 => TokenForm::Half(acts.half()),
             GgmlType::F32 => TokenForm::F32(x),
             _ => TokenForm::NoKernel,
@@ -153,6 +155,11 @@ enum RowDots<'a> {
     Q4_0(RowsAt<'a>, &'a [BlockQ8_0]),
     Q4_1(RowsAt<'a>, &'a [BlockQ8_1]),
     Q8_0(RowsAt<'a>, &'a [BlockQ8_0]),
+    Q5_0(RowsAt<'a>, &'a [BlockQ8_0]),
+    Q5_1(RowsAt<'a>, &'a [BlockQ8_1]),
+    Q4K(RowsAt<'a>, &'a [BlockQ8K]),
+    Q5K(RowsAt<'a>, &'a [BlockQ8K]),
+    Q6K(RowsAt<'a>, &'a [BlockQ8K]),
     F16(RowsAt<'a>, &'a [f16]),
     F32(RowsAt<'a>, &'a [f32]),
     /// [`Precision::F32`] with a non-F32 matrix: each row is dequantised and dotted in f32.
@@ -171,6 +178,11 @@ impl<'a> RowDots<'a> {
             (GgmlType::Q4_0, TokenForm::Q8_0(x)) => RowDots::Q4_0(rows, x),
             (GgmlType::Q8_0, TokenForm::Q8_0(x)) => RowDots::Q8_0(rows, x),
             (GgmlType::Q4_1, TokenForm::Q8_1(x)) => RowDots::Q4_1(rows, x),
+            (GgmlType::Q5_0, TokenForm::Q8_0(x)) => RowDots::Q5_0(rows, x),
+            (GgmlType::Q5_1, TokenForm::Q8_1(x)) => RowDots::Q5_1(rows, x),
+            (GgmlType::Q4_K, TokenForm::Q8K(x)) => RowDots::Q4K(rows, x),
+            (GgmlType::Q5_K, TokenForm::Q8K(x)) => RowDots::Q5K(rows, x),
+            (GgmlType::Q6_K, TokenForm::Q8K(x)) => RowDots::Q6K(rows, x),
             (GgmlType::F16, TokenForm::Half(x)) => RowDots::F16(rows, x),
             // Forms are made per weight type, so only `NoKernel` is left.
             (other, _) => panic!("{name}: no CPU kernel for {other} (the loader converts such types)"),
@@ -179,7 +191,7 @@ impl<'a> RowDots<'a> {
 
     fn rows(&self) -> &RowsAt<'a> {
         match self {
-            RowDots::Q4_0(r, _) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
+            RowDots::Q4_0(r, _) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, _) | RowDots::Q5_0(r, _) | RowDots::Q5_1(r, _) | RowDots::Q4K(r, _) | RowDots::Q5K(r, _) | RowDots::Q6K(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
         }
     }
 
@@ -218,6 +230,11 @@ impl<'a> RowDots<'a> {
             RowDots::Q4_0(w, x) => quant::vec_dot_q4_0_q8_0(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q4_1(w, x) => quant::vec_dot_q4_1_q8_1(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q5_0(w, x) => BlockQ5_0::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q5_1(w, x) => BlockQ5_1::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q4K(w, x) => BlockQ4K::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q5K(w, x) => BlockQ5K::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q6K(w, x) => BlockQ6K::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::F16(w, x) => quant::vec_dot_f16_f16(bytemuck::cast_slice(w.row(r)), x),
             RowDots::F32(w, x) => quant::vec_dot_f32(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Dequantised(w, x) => {

@@ -212,6 +212,9 @@ pub struct HybridSession {
     /// Decode records a split layer's hot neurons in the same submission as its attention half
     /// (one `queue.submit` per layer instead of two; the CPU then waits for the hot part too).
     fused_hot: bool,
+    /// While the CPU waits for the GPU, the cold team reads the weights the layer's CPU part
+    /// reads next, so they come from the last-level cache ([`ColdFfn::wait_warming`]).
+    warm_while_waiting: bool,
 }
 
 /// The CPU side of a hybrid session.
@@ -263,6 +266,8 @@ pub struct HybridTiming {
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
     pub simulate: f64,
+    /// Bytes of weights the cold team read while the CPU waited for the GPU.
+    pub warmed: f64,
 }
 
 impl HybridTiming {
@@ -272,7 +277,7 @@ impl HybridTiming {
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
             "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
-             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token{}",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
@@ -283,6 +288,10 @@ impl HybridTiming {
             per(self.submit),
             per(self.record),
             per(self.simulate),
+            match self.warmed > 0.0 {
+                true => format!("; {:.1} MB of weights read ahead while waiting", self.warmed / self.tokens.max(1) as f64 / 1e6),
+                false => String::new(),
+            },
         )
     }
 }
@@ -597,7 +606,7 @@ impl HybridSession {
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
         };
-        Ok(HybridSession { gpu: session, layers, state, prefill, fused_hot: false })
+        Ok(HybridSession { gpu: session, layers, state, prefill, fused_hot: false, warm_while_waiting: false })
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
@@ -606,6 +615,12 @@ impl HybridSession {
     /// variant: one submission per layer, the hot part on the wait).
     pub fn set_fused_hot(&mut self, fused: bool) {
         self.fused_hot = fused;
+    }
+
+    /// Lets the cold team read the next CPU step's weights while the CPU waits for the GPU
+    /// ([`ColdFfn::wait_warming`]; a benchmark variant).
+    pub fn set_warm_while_waiting(&mut self, warm: bool) {
+        self.warm_while_waiting = warm;
     }
 
     /// With a charged predictor's simulation: above this share of cold candidates, the cold
@@ -670,8 +685,8 @@ impl HybridSession {
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
     fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let HybridSession { gpu, layers, state, fused_hot, .. } = self;
-        let fused = *fused_hot;
+        let HybridSession { gpu, layers, state, fused_hot, warm_while_waiting, .. } = self;
+        let (fused, warm) = (*fused_hot, *warm_while_waiting);
         let e = gpu.model.hp.n_embd;
         let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -727,12 +742,40 @@ impl HybridSession {
                 let t_wait = std::time::Instant::now();
                 // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
                 // wake-up latency per layer, more than the GPU's attention half takes.
-                let mapped = loop {
-                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                    match rx_map.try_recv() {
-                        Ok(r) => break r,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                        Err(err) => return Err(lost(err)),
+                let mapped = if warm && !(sp.cold.is_empty() && !sp.host_attention) {
+                    // The team reads what this layer's CPU part reads next (a host layer's
+                    // attention weights, then the FFN's) while the caller waits.
+                    let layer = &this.model.layers[split.layer];
+                    let mut regions: Vec<&[u8]> = Vec::new();
+                    if sp.host_attention {
+                        regions.extend([layer.wq.bytes(), layer.wk.bytes(), layer.wv.bytes(), layer.wo.bytes()]);
+                    }
+                    if !sp.cold.is_empty() {
+                        regions.extend([layer.ffn_gate.bytes(), layer.ffn_up.bytes(), ffn.down_t[split.layer].bytes()]);
+                    }
+                    let got = Mutex::new(None);
+                    let (device, got_ref) = (&this.ctx.device, &got);
+                    let warmed = cold.wait_warming(&regions, move || {
+                        device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                        match rx_map.try_recv() {
+                            Ok(r) => {
+                                *got_ref.lock().unwrap() = Some(r);
+                                Ok(true)
+                            }
+                            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(false),
+                            Err(err) => Err(lost(err)),
+                        }
+                    })?;
+                    t.warmed += warmed as f64;
+                    got.into_inner().unwrap().expect("the wait ended with the mapping")
+                } else {
+                    loop {
+                        this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                        match rx_map.try_recv() {
+                            Ok(r) => break r,
+                            Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                            Err(err) => return Err(lost(err)),
+                        }
                     }
                 };
                 mapped.map_err(lost)?;
@@ -791,6 +834,7 @@ impl HybridSession {
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
+        timing.warmed += t.warmed;
         gpu.n_past += 1;
         Ok(())
     }
@@ -999,6 +1043,7 @@ struct TokenTiming {
     cpu_attention: f64,
     record: f64,
     simulate: f64,
+    warmed: f64,
 }
 
 /// Layer `il`'s active cold neurons for one token into `y`, from the residual `x` entering the

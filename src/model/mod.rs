@@ -6,6 +6,7 @@
 
 mod llama;
 mod qwen2;
+pub mod quantize;
 mod weights;
 
 pub use weights::{Matrix, TensorStore};
@@ -266,10 +267,26 @@ impl Model {
     }
 
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model> {
+        Self::from_gguf_keeping(file, &[])
+    }
+
+    /// [`Model::load`] keeping matrices of the types in `keep` as the file has them, besides
+    /// those the CPU kernels use ([`Matrix::NATIVE`]): a session that runs every product on the
+    /// GPU passes the GPU's types (`gpu::matrix::GPU_TYPES`), so that they are not converted
+    /// to F16 for a CPU that never computes with them. Only the CPU's F32 products (and
+    /// dequantising lookups) work on such a model.
+    pub fn load_keeping(path: impl AsRef<Path>, keep: &[crate::gguf::GgmlType]) -> Result<Model> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf_keeping(file, keep)
+    }
+
+    /// [`Model::from_gguf`] keeping the types in `keep` (see [`Model::load_keeping`]).
+    pub fn from_gguf_keeping(file: Arc<GgufFile>, keep: &[crate::gguf::GgmlType]) -> Result<Model> {
         let arch = file.get_str("general.architecture")?.to_string();
         let spec = arch_spec(&arch)?;
         let hp = HParams::from_gguf(&file, spec)?;
         let mut store = TensorStore::new(file.clone(), &arch);
+        store.keep = keep.to_vec();
         let (e, ff, q, kv) = (hp.n_embd as u64, hp.n_ff as u64, hp.q_dim() as u64, hp.kv_dim() as u64);
         let v = hp.n_vocab as u64;
 
@@ -307,6 +324,32 @@ impl Model {
             layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
+    }
+
+    /// The weight matrices, each once (the output only where it is not the embedding).
+    pub fn matrices(&self) -> Vec<&Matrix> {
+        let mut out = vec![&self.token_embd];
+        if !self.tied_embeddings {
+            out.push(&self.output);
+        }
+        for l in &self.layers {
+            out.extend([&l.wq, &l.wk, &l.wv, &l.wo, &l.ffn_gate, &l.ffn_up, &l.ffn_down]);
+        }
+        out
+    }
+
+    /// Bytes of weight matrices as they are held, per type (largest first); norms and biases,
+    /// held as f32, are left out.
+    pub fn matrix_bytes_by_type(&self) -> Vec<(crate::gguf::GgmlType, u64)> {
+        let mut by: Vec<(crate::gguf::GgmlType, u64)> = Vec::new();
+        for m in self.matrices() {
+            match by.iter_mut().find(|(t, _)| *t == m.ty) {
+                Some(e) => e.1 += m.n_bytes() as u64,
+                None => by.push((m.ty, m.n_bytes() as u64)),
+            }
+        }
+        by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.name().cmp(b.0.name())));
+        by
     }
 
     /// Bytes of weights as they are held (mapped or converted).

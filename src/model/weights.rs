@@ -15,7 +15,8 @@ enum Data {
 }
 
 /// A row-major weight matrix: `rows` rows of `cols` values each, in one of the types the
-/// kernels compute with directly (F32, F16, Q4_0, Q4_1, Q8_0).
+/// CPU kernels compute with directly ([`Matrix::NATIVE`]). A GPU backend without kernels for
+/// some of them converts at upload, on its side.
 #[derive(Clone)]
 pub struct Matrix {
     pub name: String,
@@ -29,8 +30,18 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// Types the CPU kernels use without conversion.
-    pub const NATIVE: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    /// Types the CPU kernels use without conversion: they stay as the file's mapped bytes.
+    pub const NATIVE: [GgmlType; 10] = [
+        GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0,
+        GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+    ];
+
+    /// This matrix as F16 values (a copy), for a backend without kernels for its type.
+    pub fn to_f16(&self) -> Matrix {
+        let mut values = vec![0.0f32; self.rows * self.cols];
+        crate::quant::dequantize(self.ty, self.bytes(), &mut values).expect("native matrix types dequantise");
+        Matrix::from_f32(&self.name, self.rows, self.cols, &values, GgmlType::F16)
+    }
 
     pub fn bytes(&self) -> &[u8] {
         match &self.data {
@@ -133,11 +144,14 @@ pub struct TensorStore {
     file: Arc<GgufFile>,
     arch: String,
     pub conversions: Vec<(String, GgmlType, GgmlType)>,
+    /// Types kept as the file has them besides [`Matrix::NATIVE`]: those a GPU-only session
+    /// computes with although the CPU kernels do not (see [`crate::model::Model::from_gguf_keeping`]).
+    pub keep: Vec<GgmlType>,
 }
 
 impl TensorStore {
     pub fn new(file: Arc<GgufFile>, arch: &str) -> Self {
-        TensorStore { file, arch: arch.to_string(), conversions: Vec::new() }
+        TensorStore { file, arch: arch.to_string(), conversions: Vec::new(), keep: Vec::new() }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -170,7 +184,7 @@ impl TensorStore {
     pub fn matrix(&mut self, name: &str, dims: &[u64; 2]) -> Result<Matrix> {
         let t = self.info(name, dims)?;
         let (cols, rows) = (dims[0] as usize, dims[1] as usize);
-        if Matrix::NATIVE.contains(&t.ty) {
+        if Matrix::NATIVE.contains(&t.ty) || self.keep.contains(&t.ty) {
             let bytes = self.file.tensor_data(&t);
             // The kernels view weights as slices of f32, f16 or blocks (alignment up to 4). A
             // file with `general.alignment` = 1 may place a tensor at any byte: such a tensor
@@ -181,7 +195,7 @@ impl TensorStore {
             let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
             return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data, packed: Arc::default() });
         }
-        // Other types are dequantised once; F16 keeps them compact and computes with the fast
+        // Other types (Q2_K, Q3_K, BF16) are dequantised once; F16 keeps them compact and computes with the fast
         // F16 kernel (BF16 goes to F32, whose range it needs).
         let mut values = vec![0.0f32; rows * cols];
         crate::quant::dequantize(t.ty, self.file.tensor_data(&t), &mut values)

@@ -25,18 +25,20 @@
 //! same float operations in the same order, so SIMD and scalar results are bit-identical; the x86
 //! versions are picked at run time from the CPU's features.
 
+pub mod blocks;
 mod dequant;
 pub mod packed;
 mod quantize;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 use crate::gguf::GgmlType;
 
+pub use blocks::{quantize_row_q8_k, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, WeightBlock};
 pub use dequant::dequantize;
 pub use half::f16;
-pub use quantize::{quantize_q4_0, quantize_q4_1, quantize_q8_0};
+pub use quantize::{quantize_q4_0, quantize_q4_1, quantize_q4_k, quantize_q5_0, quantize_q5_1, quantize_q5_k, quantize_q6_k, quantize_q8_0, quantize_to};
 
 /// Elements per block of the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1).
 pub const QK: usize = 32;

@@ -23,7 +23,7 @@ fn reduce16(l: [f32; 16]) -> f32 {
 
 /// Value of element `e` (0..32) of a 4-bit block: low nibbles first, then high nibbles.
 #[inline(always)]
-fn nibble(qs: &[u8; 16], e: usize) -> u8 {
+pub(crate) fn nibble(qs: &[u8; 16], e: usize) -> u8 {
     if e < 16 {
         qs[e] & 0x0F
     } else {
@@ -48,7 +48,7 @@ fn sign_trick_product(x: i8, y: i8) -> i32 {
 /// One block of a signed-by-signed dot product accumulated into the eight lanes: lane `j` gets
 /// the sum of the products of elements `4j..4j+4`, scaled by `d` with one fused multiply-add.
 #[inline(always)]
-fn accumulate_signed(acc: &mut [f32; 8], d: f32, x: impl Fn(usize) -> i8, y: &[i8; 32]) {
+pub(crate) fn accumulate_signed(acc: &mut [f32; 8], d: f32, x: impl Fn(usize) -> i8, y: &[i8; 32]) {
     for (lane, a) in acc.iter_mut().enumerate() {
         let s: i32 = (4 * lane..4 * lane + 4).map(|e| sign_trick_product(x(e), y[e])).sum();
         *a = d.mul_add(s as f32, *a);

@@ -27,7 +27,7 @@ pub(super) fn has_avx2() -> bool {
 
 /// ggml's `hsum_float_8`; see [`super::reference`] for the order.
 #[inline(always)]
-unsafe fn hsum_ps(v: __m256) -> f32 {
+pub(super) unsafe fn hsum_ps(v: __m256) -> f32 {
     let r = _mm_add_ps(_mm256_extractf128_ps::<1>(v), _mm256_castps256_ps128(v));
     let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
@@ -35,7 +35,7 @@ unsafe fn hsum_ps(v: __m256) -> f32 {
 
 /// The first two f16 values of a block (`d` and `m` or `s`) as f32 in lanes 0 and 1.
 #[inline(always)]
-unsafe fn head_f16x2<T>(block: &T) -> __m128 {
+pub(super) unsafe fn head_f16x2<T>(block: &T) -> __m128 {
     let bits = (block as *const T).cast::<u32>().read_unaligned();
     _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))
 }
@@ -44,7 +44,7 @@ unsafe fn head_f16x2<T>(block: &T) -> __m128 {
 /// through one conversion: converting one alone lets LLVM narrow the load into a lane insert that
 /// depends on whatever register it picks, often the accumulator, which serialises the loop.
 #[inline(always)]
-unsafe fn scale_product<X, Y>(x: &X, y: &Y) -> __m256 {
+pub(super) unsafe fn scale_product<X, Y>(x: &X, y: &Y) -> __m256 {
     let dx = (x as *const X).cast::<u16>().read_unaligned();
     let dy = (y as *const Y).cast::<u16>().read_unaligned();
     let d = _mm_cvtph_ps(_mm_cvtsi32_si128((u32::from(dx) | u32::from(dy) << 16) as i32));
@@ -53,7 +53,7 @@ unsafe fn scale_product<X, Y>(x: &X, y: &Y) -> __m256 {
 
 /// 32 nibbles as bytes 0..=15 in element order: low nibbles in the lower 128 bits.
 #[inline(always)]
-unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
+pub(super) unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
     let lo = _mm_loadu_si128(qs.as_ptr().cast());
     let hi = _mm_srli_epi16::<4>(lo);
     _mm256_and_si256(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(0x0F))
@@ -61,14 +61,14 @@ unsafe fn nibbles(qs: &[u8; 16]) -> __m256i {
 
 /// Unsigned-by-signed byte products, summed in groups of four into i32 lanes.
 #[inline(always)]
-unsafe fn mul_sum_us8(ux: __m256i, sy: __m256i) -> __m256 {
+pub(super) unsafe fn mul_sum_us8(ux: __m256i, sy: __m256i) -> __m256 {
     let pairs = _mm256_maddubs_epi16(ux, sy);
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
 /// Signed-by-signed byte products via the sign trick, as llama.cpp's `mul_sum_i8_pairs_float`.
 #[inline(always)]
-unsafe fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
+pub(super) unsafe fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
     mul_sum_us8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
 }
 
