@@ -23,6 +23,8 @@
 //   Q4_0: one block: 16 bytes, byte j's low nibble element j, high nibble j + 16 (GGUF order);
 //         x = d (q - 8), d = half g of wd.
 //   Q4_1: as Q4_0 with x = d q + m, wd[g] = d | m << 16 (f16 each).
+//   Q5_0, Q5_1, Q4_K, Q5_K, Q6_K (codes 5..9, gate and up only): one 32-element group in
+//         src/gpu/kquant.rs's layout (see grouped_fetch).
 // (g is the unit's index in wq.) For F32 and F16 wd is a placeholder, never read.
 //
 // TYPE_A, TYPE_B, MV_WG and ACT are rewritten by src/gpu/sparse.rs before compilation (the
@@ -54,16 +56,118 @@ const T_Q8_0: u32 = 2u;
 const T_Q4_0: u32 = 3u;
 const T_Q4_1: u32 = 4u;
 
+// The grouped types (src/gpu/kquant.rs's layout: per 32-element group 16 bytes of low nibbles
+// in Q4_1's order, then from vec4 G the high bits; the scales as the file has them).
+const T_Q5_0: u32 = 5u;
+const T_Q5_1: u32 = 6u;
+const T_Q4_K: u32 = 7u;
+const T_Q5_K: u32 = 8u;
+const T_Q6_K: u32 = 9u;
+
+fn wqv(b: u32, i: u32) -> vec4<u32> {
+    if (b == 0u) {
+        return wq_a[i];
+    }
+    return wq_b[i];
+}
+
+fn wdw(b: u32, i: u32) -> u32 {
+    if (b == 0u) {
+        return wd_a[i];
+    }
+    return wd_b[i];
+}
+
+// Sub-block j's 6-bit scale and min from a Q4_K/Q5_K super-block header h (ggml's
+// get_scale_min_k4; see matmul_dec_q4_k.wgsl).
+fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
+    let i = 8u * (j & 3u);
+    if (j < 4u) {
+        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
+    }
+    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
+    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
+    return vec2<f32>(f32(sc), f32(m));
+}
+
+// Group g (of n in the buffer) of a grouped-type matrix at bindings b: its quants, its high
+// bits (5-bit: one word, bit e for element e; Q6_K: two words of bit pairs, elements 0..15 and
+// 16..31), and (scale of elements 0..15, minimum, scale of elements 16..31), x = scale (q -
+// offset) + minimum; each scale a product ggml also forms exactly.
+fn grouped_fetch(b: u32, ty: u32, g: u32, n: u32) -> GUnit {
+    var h = vec2<u32>(0u);
+    if (ty == T_Q6_K) {
+        let v = wqv(b, n + (g >> 1u));
+        h = select(v.xy, v.zw, (g & 1u) == 1u);
+    } else if (ty != T_Q4_K) {
+        h.x = wqv(b, n + (g >> 2u))[g & 3u];
+    }
+    var s: vec3<f32>;
+    if (ty == T_Q5_0) {
+        let d = half_of(wdw(b, g >> 1u), g);
+        s = vec3<f32>(d, 0.0, d);
+    } else if (ty == T_Q5_1) {
+        let dm = unpack2x16float(wdw(b, g));
+        s = vec3<f32>(dm.x, dm.y, dm.x);
+    } else if (ty == T_Q6_K) {
+        let sb = g >> 3u;
+        let sub = g & 7u;
+        let sc = bitcast<i32>(wdw(b, 4u * sb + (sub >> 1u)));
+        let sh = 16u * (sub & 1u);
+        let d = half_of(wdw(b, 4u * (n >> 3u) + (sb >> 1u)), sb);
+        s = vec3<f32>(d * f32(extractBits(sc, sh, 8u)), 0.0, d * f32(extractBits(sc, sh + 8u, 8u)));
+    } else {
+        let sb = 4u * (g >> 3u);
+        let hd = vec4<u32>(wdw(b, sb), wdw(b, sb + 1u), wdw(b, sb + 2u), wdw(b, sb + 3u));
+        let dm = unpack2x16float(hd.x);
+        let sm = k4_scale_min(hd, g & 7u);
+        s = vec3<f32>(dm.x * sm.x, -(dm.y * sm.y), dm.x * sm.x);
+    }
+    return GUnit(wqv(b, g), h, s);
+}
+
+struct GUnit {
+    q: vec4<u32>,
+    h: vec2<u32>,
+    s: vec3<f32>,
+}
+
+// The offset a grouped type's quants are stored with.
+fn grouped_bias(ty: u32) -> f32 {
+    return select(select(0.0, 16.0, ty == T_Q5_0), 32.0, ty == T_Q6_K);
+}
+
+// Whether a grouped type has a minimum.
+fn grouped_min(ty: u32) -> bool {
+    return ty == T_Q5_1 || ty == T_Q4_K || ty == T_Q5_K;
+}
+
+// The high bits of word k's four elements in the low (hi_half false) or high nibbles, times 16.
+fn grouped_high(ty: u32, h: vec2<u32>, k: u32, hi_half: bool) -> vec4<f32> {
+    if (ty == T_Q6_K) {
+        let w = select(h.x, h.y, hi_half);
+        return vec4<f32>((vec4<u32>(w >> (8u * k)) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) * 16.0;
+    }
+    if (ty == T_Q4_K) {
+        return vec4<f32>(0.0);
+    }
+    let w = select(h.x, h.x >> 16u, hi_half);
+    return vec4<f32>((vec4<u32>(w >> (4u * k)) >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u)) * 16.0;
+}
+
 const TYPE_A: u32 = 3u;
 const TYPE_B: u32 = 3u;
 const MV_WG: u32 = 128u;
 // Activation of sparse_gated: 0 ReLU, 1 SiLU.
 const ACT: u32 = 0u;
 
-// One unit as loaded: quants and (scale, offset).
+// One unit as loaded: quants and (scale, offset); for the grouped types also the scale of the
+// high-nibble elements and the high bits (grouped_fetch).
 struct Unit {
     q: vec4<u32>,
     s: vec2<f32>,
+    s_hi: f32,
+    h: vec2<u32>,
 }
 
 fn half_of(word: u32, i: u32) -> f32 {
@@ -72,6 +176,10 @@ fn half_of(word: u32, i: u32) -> f32 {
 }
 
 fn fetch_a(g: u32) -> Unit {
+    if (TYPE_A >= T_Q5_0) {
+        let w = grouped_fetch(0u, TYPE_A, g, params.n_rows * params.units_a);
+        return Unit(w.q, w.s.xy, w.s.z, w.h);
+    }
     var s = vec2<f32>(1.0, 0.0);
     if (TYPE_A == T_Q8_0) {
         s.x = half_of(wd_a[g >> 2u], g >> 1u);
@@ -80,10 +188,14 @@ fn fetch_a(g: u32) -> Unit {
     } else if (TYPE_A == T_Q4_1) {
         s = unpack2x16float(wd_a[g]);
     }
-    return Unit(wq_a[g], s);
+    return Unit(wq_a[g], s, s.x, vec2<u32>(0u));
 }
 
 fn fetch_b(g: u32) -> Unit {
+    if (TYPE_B >= T_Q5_0) {
+        let w = grouped_fetch(1u, TYPE_B, g, params.n_rows * params.units_b);
+        return Unit(w.q, w.s.xy, w.s.z, w.h);
+    }
     var s = vec2<f32>(1.0, 0.0);
     if (TYPE_B == T_Q8_0) {
         s.x = half_of(wd_b[g >> 2u], g >> 1u);
@@ -92,7 +204,7 @@ fn fetch_b(g: u32) -> Unit {
     } else if (TYPE_B == T_Q4_1) {
         s = unpack2x16float(wd_b[g]);
     }
-    return Unit(wq_b[g], s);
+    return Unit(wq_b[g], s, s.x, vec2<u32>(0u));
 }
 
 // Quants become floats without int-to-float conversions (a quarter of the FMA rate on some
@@ -134,6 +246,26 @@ fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
         let o = 4u * u;
         let s = (dot(i8x4(q.x), x[o]) + dot(i8x4(q.y), x[o + 1u])) + (dot(i8x4(q.z), x[o + 2u]) + dot(i8x4(q.w), x[o + 3u]));
         return w.s.x * s;
+    }
+    if (ty >= T_Q5_0) {
+        // Grouped types: as Q4_1, plus the high bits, the offset, and a scale per half.
+        let o = 8u * u;
+        let bias = grouped_bias(ty);
+        var lo = vec4<f32>(0.0);
+        var hi = vec4<f32>(0.0);
+        for (var k = 0u; k < 4u; k++) {
+            lo = fma(nib_lo(q[k], bias) + grouped_high(ty, w.h, k, false), x[o + k], lo);
+            hi = fma(nib_hi(q[k], bias) + grouped_high(ty, w.h, k, true), x[o + 4u + k], hi);
+        }
+        var s = w.s.x * ((lo.x + lo.y) + (lo.z + lo.w)) + w.s_hi * ((hi.x + hi.y) + (hi.z + hi.w));
+        if (grouped_min(ty)) {
+            var xs = vec4<f32>(0.0);
+            for (var k = 0u; k < 8u; k++) {
+                xs += x[o + k];
+            }
+            s += w.s.y * ((xs.x + xs.y) + (xs.z + xs.w));
+        }
+        return s;
     }
     // Q4_0 and Q4_1: word k holds elements 4k.. (low nibbles) and 16 + 4k.. (high nibbles).
     let o = 8u * u;

@@ -697,3 +697,95 @@ fn bench_matvec() {
         }
     }
 }
+
+/// The grouped types (5-bit and K-quants, src/gpu/kquant.rs): random blocks (every quant,
+/// scale and high bit random) at odd row counts and widths of 1, 3 and 6 super-blocks, through
+/// every kernel (decode with both reductions, the few-token matvec, tiled), split across
+/// bindings, the embedding lookup (exact), stacked sections with the residual add, gated
+/// pairs and a folded RMSNorm, against the CPU's plain dequantise-then-dot product.
+#[test]
+fn grouped_types_match_dequantised_reference() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x6B51);
+    let blocks = DecodeKernel::Blocks { prefetch: true };
+    for ty in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q2_K, GgmlType::Q3_K] {
+        let t0 = std::time::Instant::now();
+        for (rows, cols) in [(1, 256), (37, 768), (133, 1536)] {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = GpuMatrix::upload(&ctx, &m).unwrap();
+            // The file's bytes, plus at most 16 bytes of padding per buffer and the uniform (and
+            // Q3_K's 2 bytes per super-block).
+            let extra = if ty == GgmlType::Q3_K { m.n_bytes() / 110 * 2 } else { 0 };
+            assert!(g.gpu_bytes() as usize <= m.n_bytes() + extra + 32 + 16, "{ty:?}: {} GPU bytes for {} file bytes", g.gpu_bytes(), m.n_bytes());
+            check_matrix(&ctx, &m, &g, &[1, 2, 5, 9, 17], &mut rng);
+        }
+        // Q5_0 and Q5_1 rows of 3 blocks: an odd number of groups per buffer.
+        if matches!(ty, GgmlType::Q5_0 | GgmlType::Q5_1) {
+            let m = matrix(ty, 7, 96, &mut rng);
+            check_matrix(&ctx, &m, &GpuMatrix::upload(&ctx, &m).unwrap(), &[1, 3], &mut rng);
+        }
+        // Split by rows: 200 rows in chunks of 64 (room for 80 rows of both arrays).
+        let m = matrix(ty, 200, 512, &mut rng);
+        let row_bytes = GpuMatrix::upload(&ctx, &m).unwrap().gpu_bytes() as usize / 200;
+        let g = GpuMatrix::upload_with_limit(&ctx, &m, (row_bytes * 80) as u64).unwrap();
+        assert_eq!(g.n_chunks(), 4, "{ty:?}");
+        check_matrix(&ctx, &m, &g, &[1, 3, 17], &mut rng);
+        check_get_rows(&ctx, &m, &g, &[0, 199, 64, 63, 128, 127, 192, 5, 5], &mut rng);
+
+        // Stacked q/k/v-like sections, stored and added.
+        let heights = [64, 33, 1];
+        let parts: Vec<Matrix> = heights.iter().map(|&r| matrix(ty, r, 512, &mut rng)).collect();
+        let refs: Vec<&Matrix> = parts.iter().collect();
+        let g = GpuMatrix::upload_stacked(&ctx, "qkv", &refs, false).unwrap().unwrap();
+        let max_n = 17;
+        let x = rng.vec(max_n * 512);
+        let offsets = [5usize, 5 + max_n * 64 + 3, 5 + max_n * 97 + 100];
+        let y_len = offsets[2] + max_n + 7;
+        let y0 = rng.vec(y_len);
+        let b = Bufs::new(&ctx, &x, y_len);
+        let wants: Vec<(Vec<f32>, Vec<f32>)> = parts.iter().map(|m| reference(m, &x, max_n)).collect();
+        let out = MatOut { epilogue: Epilogue::Add, sections: heights.iter().zip(offsets).map(|(&r, o)| (r as u32, o as u32)).collect() };
+        let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &default_mv_configs(&ctx), blocks, &out);
+        for n in [1, 3, 17] {
+            let got = run_over(&ctx, &op, &b, &y0, n, Kernel::Auto);
+            for (s, (want, mag)) in wants.iter().enumerate() {
+                for i in 0..n * heights[s] {
+                    let o = offsets[s] + i;
+                    let err = (got[o] - (y0[o] + want[i])).abs() / (mag[i] + y0[o].abs());
+                    assert!(err < 1e-4, "{ty:?} stacked add n={n}: section {s} element {i}: got {}, want {}", got[o], y0[o] + want[i]);
+                }
+            }
+        }
+
+        // Gated pairs (SiLU) over a folded RMSNorm: one token folds it into the decode kernel.
+        let (ff, cols) = (45, 768);
+        let gate = matrix(ty, ff, cols, &mut rng);
+        let up = matrix(ty, ff, cols, &mut rng);
+        let gu = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&gate, &up], true).unwrap().unwrap();
+        let max_n = 3;
+        let raw: Vec<f32> = rng.vec(max_n * cols).iter().enumerate().map(|(i, v)| 30.0 * v + (i % 7) as f32).collect();
+        let weight: Vec<f32> = rng.vec(cols).iter().map(|v| 1.0 + v).collect();
+        let mut xn = vec![0.0; max_n * cols];
+        for t in 0..max_n {
+            ember::cpu::ops::rms_norm(&raw[t * cols..(t + 1) * cols], &weight, 1e-5, &mut xn[t * cols..(t + 1) * cols]);
+        }
+        let (wg, mg) = reference(&gate, &xn, max_n);
+        let (wu, mu) = reference(&up, &xn, max_n);
+        let xb = ctx.upload("raw", bytemuck::cast_slice(&raw));
+        let wb = ctx.upload("norm weight", bytemuck::cast_slice(&weight));
+        let yb = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], max_n * ff);
+        let norm = NormIn { x: &xb, weight: &wb, eps: 1e-5 };
+        let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+        assert!(op.folds(1));
+        for n in [1, 3] {
+            let got = run_over(&ctx, &op, &yb, &vec![f32::NAN; max_n * ff], n, Kernel::Auto);
+            for i in 0..n * ff {
+                let (gv, uv) = (wg[i] as f64, wu[i] as f64);
+                let want = gv / (1.0 + (-gv).exp()) * uv;
+                let bound = 2e-4 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
+                assert!((got[i] as f64 - want).abs() <= bound, "{ty:?} normed gate_up n={n}: element {i}: got {}, want {want} (bound {bound:.2e})", got[i]);
+            }
+        }
+        eprintln!("{ty:?}: {:.2} s", t0.elapsed().as_secs_f64());
+    }
+}

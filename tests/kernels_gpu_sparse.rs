@@ -218,9 +218,13 @@ fn hot_sizes(n_ff: usize, rng: &mut Rng) -> Vec<usize> {
 }
 
 fn predictor_for_types(types: [GgmlType; 3], config: impl Fn(&GpuContext) -> SparseConfig, seed: u64) {
+    predictor_for_types_at(types, config, seed, &[(1007, 96), (333, 576)]);
+}
+
+fn predictor_for_types_at(types: [GgmlType; 3], config: impl Fn(&GpuContext) -> SparseConfig, seed: u64, shapes: &[(usize, usize)]) {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(seed);
-    for (n_ff, n_embd) in [(1007usize, 96usize), (333, 576)] {
+    for &(n_ff, n_embd) in shapes {
         let gate = matrix(types[0], n_ff, n_embd, &mut rng);
         let up = matrix(types[1], n_ff, n_embd, &mut rng);
         let down_t = matrix(types[2], n_ff, n_embd, &mut rng);
@@ -259,6 +263,15 @@ fn predictor_path_q4_0() {
 #[test]
 fn predictor_path_q4_1() {
     predictor_for_types([GgmlType::Q4_1; 3], SparseConfig::for_context, 35);
+}
+
+/// The 5-bit and K-quant types as gate and up (src/gpu/kquant.rs's layout over the hot rows),
+/// down_t as ember transposes it (Q8_0), against the dequantised reference.
+#[test]
+fn predictor_path_grouped_types() {
+    for (i, ty) in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K].into_iter().enumerate() {
+        predictor_for_types_at([ty, ty, GgmlType::Q8_0], SparseConfig::for_context, 40 + i as u64, &[(301, 512)]);
+    }
 }
 
 /// Different types per matrix (down_t as ember transposes it: Q8_0), with the shared-memory
@@ -593,5 +606,31 @@ fn bench_sparse() {
             mv_bytes / tm / 1000.0,
             ax_bytes / ta / 1000.0
         );
+    }
+}
+
+/// What placement charges per hot neuron (`HotFfn::bytes_per_neuron`) is what the hot rows
+/// take, for the grouped types too: in their own layout (the file's bytes) where the kernels
+/// take them, as F16 where not (Q2_K and Q3_K; a grouped down_t).
+#[test]
+fn grouped_hot_rows_take_what_placement_charges() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x5107);
+    let (n_ff, n_embd) = (90, 512);
+    for ty in [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q2_K, GgmlType::Q3_K] {
+        for down_ty in [GgmlType::Q8_0, ty] {
+            let gate = matrix(ty, n_ff, n_embd, &mut rng);
+            let up = matrix(ty, n_ff, n_embd, &mut rng);
+            let down_t = matrix(down_ty, n_ff, n_embd, &mut rng);
+            let ids = subset(n_ff, 37, &mut rng);
+            let hot = HotFfn::upload(&ctx, &gate, &up, &down_t, &ids).unwrap();
+            let charged = 37 * HotFfn::bytes_per_neuron(ty, ty, down_ty, n_embd);
+            // Each of the six buffers is padded by at most 16 bytes.
+            assert!(hot.gpu_bytes() >= charged && hot.gpu_bytes() <= charged + 6 * 16, "{ty:?}/{down_ty:?}: {} bytes held, {charged} charged", hot.gpu_bytes());
+            if ty != GgmlType::Q2_K && ty != GgmlType::Q3_K {
+                // Gate and up in the file's bytes.
+                assert_eq!(HotFfn::row_bytes(ty, n_embd) as usize, gate.row_bytes(), "{ty:?}");
+            }
+        }
     }
 }

@@ -123,3 +123,58 @@ fn batch_ffn_matches_reference() {
     }
     eprintln!("batch FFN: worst relative error {worst:e}");
 }
+
+/// The grouped types (5-bit and K-quants, src/gpu/kquant.rs's layout) as gate and up, with a
+/// Q8_0 down_t (ember's transposes) or one of their own (gathered as F16), against the f64
+/// reference over the dequantised rows.
+#[test]
+fn batch_ffn_grouped_types_match_reference() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x6b);
+    let (n_embd, n_ff, max_tokens) = (512usize, 77usize, 40usize);
+    let grouped = [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+    for (i, &ty) in grouped.iter().enumerate() {
+        let gate = matrix(ty, n_ff, n_embd, &mut rng);
+        let up = matrix(grouped[(i + 1) % 5], n_ff, n_embd, &mut rng);
+        let down_t = matrix(if i % 2 == 0 { GgmlType::Q8_0 } else { ty }, n_ff, n_embd, &mut rng);
+        let ids = subset(n_ff, if i % 2 == 0 { n_ff } else { 33 }, &mut rng);
+        let hot = HotFfn::upload(&ctx, &gate, &up, &down_t, &ids).unwrap();
+        let act = if i % 2 == 0 { Activation::Silu } else { Activation::Relu };
+        let bufs = (
+            ctx.zeros("x", (max_tokens * n_embd * 4) as u64),
+            ctx.zeros("h", (max_tokens * n_ff * 4) as u64),
+            ctx.zeros("y", (max_tokens * n_embd * 4) as u64),
+            ctx.uniform("step", bytemuck::bytes_of(&Step::default())),
+        );
+        let op = BatchFfnOp::new(&ctx, &hot, &bufs.0, &bufs.1, &bufs.2, act, max_tokens, &bufs.3).unwrap();
+        let deq = |m: &ember::model::Matrix| -> Vec<Vec<f32>> { (0..m.rows).map(|r| m.row_f32(r)).collect() };
+        let (g, u, d) = (deq(&gate), deq(&up), deq(&down_t));
+        for n in [1usize, 37] {
+            let x = rng.vec(max_tokens * n_embd);
+            let y0 = rng.vec(max_tokens * n_embd);
+            let y = run(&ctx, &op, &bufs, &x, &y0, n);
+            for t in 0..n {
+                let xt = &x[t * n_embd..(t + 1) * n_embd];
+                let mut want = vec![0.0f64; n_embd];
+                let mut scale = vec![0.0f64; n_embd];
+                for &r in &ids {
+                    let r = r as usize;
+                    let gv: f64 = g[r].iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let uv: f64 = u[r].iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let hv = act64(act, gv) * uv;
+                    for c in 0..n_embd {
+                        want[c] += hv * d[r][c] as f64;
+                        scale[c] += (hv * d[r][c] as f64).abs();
+                    }
+                }
+                for c in 0..n_embd {
+                    let (got, y0v) = (y[t * n_embd + c], y0[t * n_embd + c] as f64);
+                    let err = (got as f64 - (want[c] + y0v)).abs() / (scale[c] + y0v.abs()).max(1e-30);
+                    // A grouped down_t is held as F16 (its values rounded to 11 bits).
+                    let tol = if down_t.ty == GgmlType::Q8_0 { 1e-4 } else { 2e-3 };
+                    assert!(err < tol, "{ty:?} gate, {:?} down_t, {act:?}, n {n} token {t} col {c}: got {got}, want {} (relative {err:e})", down_t.ty, want[c] + y0v);
+                }
+            }
+        }
+    }
+}

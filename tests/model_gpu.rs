@@ -112,3 +112,51 @@ fn gpu_queued_greedy_decoding_matches_token_by_token_and_stops_cleanly() {
     // More predictions than the context holds: refused up front.
     assert!(gpu.decode_greedy(rest[5], 64, &mut |_| true).is_err());
 }
+
+/// Synthetic models in the grouped types (`ember synth --type q4_k_m`: llama.cpp's Q4_K_M mix
+/// of Q4_K and Q6_K; and all-Q5_K, Q5_0, Q5_1), loaded keeping their types for a GPU-only
+/// session: the GPU holds the file's tensor bytes (no F16 conversion), and its logits over a
+/// prompt and a few greedy steps match the CPU's f32 products over the dequantised weights.
+#[test]
+fn grouped_type_models_stay_native_and_match_the_cpu() {
+    let Some(tok) = common::default_model() else { return };
+    let Some(ctx) = common::gpu().map(Arc::new) else { return };
+    let dir = std::env::temp_dir().join(format!("ember-kq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (ty, layers) in [("q4_k_m", "8"), ("q5_k", "2"), ("q5_0", "2"), ("q5_1", "2")] {
+        let path = dir.join(format!("{ty}.gguf"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ember"))
+            .args(["synth", "--type", ty, "--n-embd", "256", "--n-ff", "512", "--n-layer", layers, "--n-head", "4", "--n-head-kv", "2", "--seed", "7", "-o"])
+            .arg(&path)
+            .arg("--tokenizer-from")
+            .arg(&tok)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "synth {ty}: {}", String::from_utf8_lossy(&out.stderr));
+        let model = Arc::new(Model::load_keeping(&path, &ember::gpu::matrix::GPU_TYPES).unwrap());
+        assert!(model.conversions.is_empty(), "{ty}: converted {:?}", model.conversions);
+        let types: std::collections::BTreeSet<String> = model.layers.iter().flat_map(|l| [l.wv.ty, l.ffn_down.ty, l.ffn_gate.ty]).chain([model.output.ty]).map(|t| t.name().to_string()).collect();
+        eprintln!("{ty}: matrix types {types:?}");
+        // The context's reused upload staging buffer (made on the first upload) is not weights.
+        let (before, margin) = (ctx.allocated_bytes(), ctx.upload_margin());
+        let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
+        let on_gpu = ctx.allocated_bytes() - before - (margin - ctx.upload_margin());
+        let file = model.weight_bytes();
+        // The layouts add at most 16 bytes per buffer, plus the small per-matrix uniforms.
+        assert!((on_gpu as f64 - file as f64).abs() < 0.01 * file as f64, "{ty}: {on_gpu} bytes on the GPU for {file} bytes of weights");
+        let mut gpu = GpuSession::new(model.clone(), ctx.clone(), weights, 64).unwrap();
+        let mut cpu = Session::new(model, 64);
+        cpu.precision = Precision::F32;
+        let prompt: Vec<u32> = (0..11).map(|i| (i * 4099 + 17) % 49152).collect();
+        let (mut c, mut g) = (cpu.forward(&prompt, Logits::Last).unwrap(), gpu.forward(&prompt, Logits::Last).unwrap());
+        for step in 0..4 {
+            let err = common::rel_err(&g, &c);
+            assert!(err < 2e-3, "{ty} step {step}: relative logit error {err}");
+            let t = ember::cpu::ops::argmax(&c).0 as u32;
+            c = cpu.forward(&[t], Logits::Last).unwrap();
+            g = gpu.forward(&[t], Logits::Last).unwrap();
+        }
+        eprintln!("{ty}: {on_gpu} GPU bytes for {file} file bytes; logits within 2e-3");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -70,6 +70,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         n_gpu_layers: args.n_gpu_layers,
         simulate_activity: args.simulate_activity.clone(),
         simulate_predictor,
+        n_seqs: 1,
     })
 }
 

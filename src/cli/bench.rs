@@ -29,6 +29,11 @@ pub struct BenchArgs {
     /// of the token spent outside kernels
     #[arg(long)]
     pub profile: bool,
+    /// Also a tg test of this many sequences decoding together (`ember serve --parallel`):
+    /// each generates -n tokens, one token per sequence per step; its t/s is the aggregate
+    /// (all sequences' tokens per second). On the CPU the sequences' products run as one batch
+    #[arg(long, value_name = "N")]
+    pub parallel: Option<usize>,
     /// GPU: measure the device's copy bandwidth (the ceiling for memory-bound kernels)
     #[arg(long)]
     pub copy_bandwidth: bool,
@@ -63,7 +68,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     }
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
-        let (model, _tokenizer) = super::load(&path)?;
+        let (model, _tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         // pp and tg each start from an empty context; both must fit the trained one.
         for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
             if n > model.hp.n_ctx_train {
@@ -86,7 +91,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
-        let (mut session, gpu) = super::backend::open_with_context(&a.model, model.clone(), n_ctx)?;
+        let n_par = a.parallel.unwrap_or(1);
+        if n_par == 0 || n_par > 256 {
+            return Err(format!("--parallel {n_par}: use 1 to 256 sequences").into());
+        }
+        let mut opts = super::backend::session_options(&a.model)?;
+        opts.n_seqs = n_par;
+        let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;
+        let (mut session, gpu) = (o.session, o.gpu);
         // The budget covers every batch: checked after setup and after each test.
         let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
         check("setup")?;
@@ -156,6 +168,31 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let (t, syncs) = h.timing(false);
                 eprintln!("ember: hybrid decode, {}", t.summary(syncs));
             }
+        }
+        if a.n_gen > 0 && a.parallel.is_some() {
+            // Every sequence starts from an empty context with its own token and decodes -n
+            // tokens, each step one batch of all of them (greedy on the host, as the server).
+            let nv = model.hp.n_vocab;
+            let mut run = || -> Result<f64> {
+                for s in 0..n_par {
+                    session.select_seq(s)?;
+                    session.reset();
+                }
+                let mut rows: Vec<(usize, u32)> = (0..n_par).map(|s| (s, tokens[s % tokens.len()])).collect();
+                let t = Instant::now();
+                for _ in 0..a.n_gen {
+                    let logits = session.decode_batch(&rows)?;
+                    for (r, row) in rows.iter_mut().enumerate() {
+                        row.1 = crate::cpu::ops::argmax(&logits[r * nv..(r + 1) * nv]).0 as u32;
+                    }
+                }
+                Ok((n_par * a.n_gen) as f64 / t.elapsed().as_secs_f64())
+            };
+            run()?;
+            let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
+            rows.push((format!("tg{} x{n_par}", a.n_gen), mean_sd(&v)));
+            check(&format!("tg{} x{n_par}", a.n_gen))?;
+            session.select_seq(0)?;
         }
         if a.profile {
             session.reset();

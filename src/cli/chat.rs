@@ -62,7 +62,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let path = a.model.resolve_model()?;
     let pool = a.model.pool()?;
     pool.install(|| -> Result<()> {
-        let (model, tokenizer) = super::load(&path)?;
+        let (model, tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         if tokenizer.chat_template().is_none() {
             eprintln!("ember: note: {} has no chat template; using ember's default (ChatML)", path.display());
         }

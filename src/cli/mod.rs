@@ -280,6 +280,18 @@ impl ModelArgs {
         ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
+    /// Weight types to keep as the file has them although the CPU kernels do not compute with
+    /// them: the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
+    /// layer limit or budget, which would offload layers to the CPU); none otherwise (the CPU
+    /// may compute, and such matrices become F16).
+    pub fn gpu_only_types(&self) -> &'static [crate::gguf::GgmlType] {
+        if self.backend == Backend::Gpu && self.ffn == FfnArg::Dense && self.n_gpu_layers.is_none() && self.vram_budget.is_none() {
+            &crate::gpu::matrix::GPU_TYPES
+        } else {
+            &[]
+        }
+    }
+
     /// The model path, fetching the default model when none was given and it is missing.
     pub fn resolve_model(&self) -> Result<PathBuf> {
         resolve_model(self.model.as_deref())
@@ -371,8 +383,13 @@ pub(crate) fn parse_windows(s: &str) -> std::result::Result<std::ops::Range<usiz
 
 /// Loads the model and its tokenizer, printing one line about them to stderr.
 pub(crate) fn load(path: &std::path::Path) -> Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
+    load_keeping(path, &[])
+}
+
+/// [`load`] keeping the weight types in `keep` as they are ([`ModelArgs::gpu_only_types`]).
+pub(crate) fn load_keeping(path: &std::path::Path, keep: &[crate::gguf::GgmlType]) -> Result<(std::sync::Arc<crate::model::Model>, crate::tokenizer::Tokenizer)> {
     let start = std::time::Instant::now();
-    let model = crate::model::Model::load(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let model = crate::model::Model::load_keeping(path, keep).map_err(|e| format!("{}: {e}", path.display()))?;
     let tokenizer = crate::tokenizer::Tokenizer::from_gguf(&model.file).map_err(|e| format!("{}: tokenizer: {e}", path.display()))?;
     let hp = &model.hp;
     eprintln!(

@@ -32,7 +32,7 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let text = std::fs::read_to_string(&a.file).map_err(|e| format!("{}: {e}", a.file.display()))?;
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
-        let (model, tokenizer) = super::load(&path)?;
+        let (model, tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         super::check_ctx("--ctx-size", a.ctx_size, &model.hp)?;
         let tokens = tokenizer.encode(&text, true, false)?;
         eprintln!("ember: {} tokens, windows of {}, scoring the second half of each", tokens.len(), a.ctx_size);

@@ -69,7 +69,7 @@ pub fn run(a: RunArgs) -> Result<()> {
     let path = a.model.resolve_model()?;
     let pool = a.model.pool()?;
     pool.install(|| -> Result<()> {
-        let (model, tokenizer) = super::load(&path)?;
+        let (model, tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
         let text = if a.chat {
             let mut messages = Vec::new();
             if let Some(s) = &a.system {

@@ -4,13 +4,16 @@
 //! HTTP runs on a small tokio runtime (axum); the model runs on one worker thread that owns
 //! `--parallel` slots (`engine::slots::Slot`: a session and the tokens its KV cache holds).
 //! Requests go to the worker through a queue bounded by `--queue`; beyond it they get 503.
-//! For now the worker runs one request at a time: the slots keep their caches, so a request
-//! whose prompt extends a slot's tokens (a chat's next turn) prefills only the new ones, but
-//! sequences do not yet decode together as one batch. A request whose client goes away (its
-//! stream or response dropped) is cancelled before its next token and frees the worker.
+//! The worker steps every running request one token at a time, together (`engine::batch`):
+//! on the CPU and the dense GPU session the slots are sequences of one session, decoded as one
+//! batch per step (the weights read once for all of them); a new request is prefilled between
+//! steps and joins the next one. The slots keep their caches, so a request whose prompt
+//! extends a slot's tokens (a chat's next turn) prefills only the new ones. A request whose
+//! client goes away (its stream or response dropped) is cancelled before its next token and
+//! frees its slot.
 
 use super::{ModelArgs, Result};
-use crate::engine::slots::Slot;
+use crate::engine::batch::{self, Batcher, Finished};
 use crate::engine::{Sampler, SamplerConfig, StopReason};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use axum::body::{Body, Bytes};
@@ -44,7 +47,10 @@ pub struct ServeArgs {
     #[arg(long, env = "EMBER_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     /// Sequence slots, each with its own KV cache of --ctx-size tokens (a chat's next turn
-    /// reuses its slot's cache). Requests run one at a time for now
+    /// reuses its slot's cache); up to this many requests run together, one token each per
+    /// step. On the CPU they decode as one batch (the weights read once per step for all);
+    /// the GPU sessions (dense over shared weights, the hybrid, the dense offload) decode them
+    /// one after another for now (the hybrid and offload with one session per slot)
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Requests that may wait for the worker beyond those running; more get 503
@@ -129,7 +135,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let (model, tokenizer) = pool.install(|| super::load(&path))?;
     let n_ctx = a.ctx_size.unwrap_or_else(|| model.hp.n_ctx_train.min(4096));
     super::check_ctx("--ctx-size", n_ctx, &model.hp)?;
-    let opts = super::backend::session_options(&a.model)?;
+    let mut opts = super::backend::session_options(&a.model)?;
+    opts.n_seqs = a.parallel;
     let tokenizer = Arc::new(tokenizer);
     let model_id = a.alias.clone().unwrap_or_else(|| {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -145,12 +152,29 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .name("ember-worker".into())
         .spawn(move || {
             pool.install(|| {
-                let slots: std::result::Result<Vec<Slot>, String> =
-                    (0..parallel).map(|_| crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log).map(|o| Slot::new(o.session)).map_err(|e| e.to_string())).collect();
-                match slots {
-                    Ok(slots) => {
+                // One session holding every slot's sequence where the backend batches (CPU, dense
+                // GPU); else one session per slot, stepped one after another.
+                let mut engines = Vec::new();
+                let mut seqs = 0;
+                let opened = loop {
+                    if seqs >= parallel {
+                        break Ok(());
+                    }
+                    match crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log) {
+                        Ok(o) => {
+                            seqs += o.session.n_seqs();
+                            engines.push(o.session);
+                        }
+                        Err(e) => break Err(e.to_string()),
+                    }
+                };
+                if engines.len() > 1 {
+                    super::backend::log(&format!("this backend decodes one sequence at a time: {} sessions, stepped in turn", engines.len()));
+                }
+                match opened {
+                    Ok(()) => {
                         let _ = opened_tx.send(Ok(()));
-                        worker(slots, &worker_tok, rx)
+                        worker(Batcher::new(engines, parallel), &worker_tok, rx)
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -188,60 +212,96 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     })
 }
 
-/// The worker: runs each job in the slot that holds the longest prefix of its prompt, else in
-/// the least recently used one.
-fn worker(mut slots: Vec<Slot>, tokenizer: &Tokenizer, rx: std::sync::mpsc::Receiver<Job>) {
-    let mut last_used = vec![0u64; slots.len()];
-    let mut clock = 0u64;
-    for job in rx {
-        if job.cancel.load(Ordering::SeqCst) {
+/// The worker: starts waiting jobs in free slots (the slot holding the longest prefix of the
+/// prompt, else the least recently used), then steps every active sequence one token, the
+/// sequences of one session decoded as one batch; a finished or cancelled job leaves its slot
+/// free for the next. Jobs whose client went away while they waited are dropped unrun.
+fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Receiver<Job>) {
+    let mut waiting: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut running: Vec<Option<Job>> = (0..batcher.n_slots()).map(|_| None).collect();
+    let n_ctx = batcher.n_ctx();
+    loop {
+        if batcher.n_active() == 0 && waiting.is_empty() {
+            match rx.recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            waiting.push_back(job);
+        }
+        waiting.retain(|j| !j.cancel.load(Ordering::SeqCst));
+        // New requests join before the next step (each prefilled here, in batches).
+        while let Some(slot) = waiting.front().and_then(|j| batcher.free_slot(&j.prompt)) {
+            let job = waiting.pop_front().expect("a waiting job");
+            let req = batch::Request {
+                prompt: job.prompt.clone(),
+                sampler: Sampler::new(job.sampler.clone()),
+                n_predict: job.max_tokens.min(n_ctx.saturating_sub(job.prompt.len())),
+                stops: job.stops.clone(),
+            };
+            let (events, cancel) = (job.events.clone(), job.cancel.clone());
+            let ended = batcher.start(slot, req, tokenizer, &mut |p| send_piece(&events, &cancel, p));
+            match ended {
+                Some(end) => report(slot, &job, end),
+                None => running[slot] = Some(job),
+            }
+        }
+        if batcher.n_active() == 0 {
             continue;
         }
-        clock += 1;
-        let best = (0..slots.len()).max_by_key(|&i| (slots[i].reusable(&job.prompt), u64::MAX - last_used[i])).expect("at least one slot");
-        last_used[best] = clock;
-        let slot = &mut slots[best];
-        let mut sampler = Sampler::new(job.sampler.clone());
-        let cancel = job.cancel.clone();
-        let events = job.events.clone();
-        let emit = |piece: &str| {
-            if events.send(Event::Piece(piece.to_string())).is_err() {
-                cancel.store(true, Ordering::SeqCst);
+        let cancelled = |slot: usize| running[slot].as_ref().is_none_or(|j| j.cancel.load(Ordering::SeqCst));
+        let ended = batcher.step(tokenizer, &cancelled, &mut |slot, p| {
+            if let Some(j) = &running[slot] {
+                send_piece(&j.events, &j.cancel, p);
             }
-        };
-        let cancelled = || job.cancel.load(Ordering::SeqCst);
-        let n_predict = job.max_tokens.min(slot.n_ctx().saturating_sub(job.prompt.len()));
-        let event = match slot.generate(tokenizer, &mut sampler, &job.prompt, n_predict, &job.stops, emit, &cancelled) {
-            Ok(g) => {
-                let t = &g.generation.timings;
-                eprintln!(
-                    "ember: slot {best}: prompt {} tokens ({} reused from the cache, {} prefilled at {:.1} t/s) | generated {} at {:.1} t/s | {}",
-                    job.prompt.len(),
-                    g.n_reused,
-                    t.n_prompt,
-                    t.prompt_tps(),
-                    t.n_generated,
-                    t.gen_tps(),
-                    match &g.generation.stop {
-                        StopReason::Cancelled => "cancelled: the client went away",
-                        StopReason::EndOfGeneration => "end of generation",
-                        StopReason::StopString(_) => "stop string",
-                        StopReason::Length | StopReason::ContextFull => "length",
-                    }
-                );
-                Event::Done {
-                finish: match g.generation.stop {
+        });
+        for (slot, end) in ended {
+            if let Some(job) = running[slot].take() {
+                report(slot, &job, end);
+            }
+        }
+    }
+}
+
+/// Sends a piece of text to a job's client; a client gone cancels the job.
+fn send_piece(events: &tokio::sync::mpsc::UnboundedSender<Event>, cancel: &AtomicBool, piece: &str) {
+    if events.send(Event::Piece(piece.to_string())).is_err() {
+        cancel.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Logs how a job ended and tells its client.
+fn report(slot: usize, job: &Job, end: std::result::Result<Finished, crate::engine::ForwardError>) {
+    let event = match end {
+        Ok(f) => {
+            eprintln!(
+                "ember: slot {slot}: prompt {} tokens ({} reused from the cache, {} prefilled at {:.1} t/s) | generated {} at {:.1} t/s | {}",
+                f.n_prompt,
+                f.n_reused,
+                f.n_prompt - f.n_reused,
+                f.prompt_tps(),
+                f.tokens.len(),
+                f.gen_tps(),
+                match &f.stop {
+                    StopReason::Cancelled => "cancelled: the client went away",
+                    StopReason::EndOfGeneration => "end of generation",
+                    StopReason::StopString(_) => "stop string",
+                    StopReason::Length | StopReason::ContextFull => "length",
+                }
+            );
+            Event::Done {
+                finish: match f.stop {
                     StopReason::EndOfGeneration | StopReason::StopString(_) | StopReason::Cancelled => "stop",
                     StopReason::Length | StopReason::ContextFull => "length",
                 },
-                prompt_tokens: job.prompt.len(),
-                completion_tokens: g.generation.timings.n_generated,
-                }
+                prompt_tokens: f.n_prompt,
+                completion_tokens: f.tokens.len(),
             }
-            Err(e) => Event::Failed(e.to_string()),
-        };
-        let _ = job.events.send(event);
-    }
+        }
+        Err(e) => Event::Failed(e.to_string()),
+    };
+    let _ = job.events.send(event);
 }
 
 /// An OpenAI-style error response.

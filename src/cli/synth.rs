@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[allow(non_camel_case_types)]
 pub enum SynthType {
     F16,
     #[value(name = "q8_0")]
@@ -16,15 +17,52 @@ pub enum SynthType {
     Q4_0,
     #[value(name = "q4_1")]
     Q4_1,
+    #[value(name = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    Q5_1,
+    #[value(name = "q4_k")]
+    Q4_K,
+    #[value(name = "q5_k")]
+    Q5_K,
+    #[value(name = "q6_k")]
+    Q6_K,
+    /// llama.cpp's Q4_K_M mix for a llama model: Q4_K, with Q6_K for the output matrix and for
+    /// attn_v and ffn_down in the first and last eighth of the layers and every third between
+    /// (llama-quantize's `use_more_bits`).
+    #[value(name = "q4_k_m")]
+    Q4_K_M,
 }
 
 impl SynthType {
+    /// The base type (Q4_K for the Q4_K_M mix).
     fn ggml(self) -> GgmlType {
         match self {
             SynthType::F16 => GgmlType::F16,
             SynthType::Q8_0 => GgmlType::Q8_0,
             SynthType::Q4_0 => GgmlType::Q4_0,
             SynthType::Q4_1 => GgmlType::Q4_1,
+            SynthType::Q5_0 => GgmlType::Q5_0,
+            SynthType::Q5_1 => GgmlType::Q5_1,
+            SynthType::Q4_K | SynthType::Q4_K_M => GgmlType::Q4_K,
+            SynthType::Q5_K => GgmlType::Q5_K,
+            SynthType::Q6_K => GgmlType::Q6_K,
+        }
+    }
+
+    /// The type of tensor `role` (`output`, `token_embd`, or a layer tensor's name after
+    /// `blk.N.`) of layer `layer` of `n_layer`.
+    fn of(self, role: &str, layer: u64, n_layer: u64) -> GgmlType {
+        if self != SynthType::Q4_K_M {
+            return self.ggml();
+        }
+        // llama-quantize (src/llama-quant.cpp, llama_tensor_get_type) for a llama model
+        // without grouped-query attention.
+        let more_bits = layer < n_layer / 8 || layer >= 7 * n_layer / 8 || (layer as i64 - (n_layer / 8) as i64) % 3 == 2;
+        match role {
+            "output" => GgmlType::Q6_K,
+            "attn_v.weight" | "ffn_down.weight" if more_bits => GgmlType::Q6_K,
+            _ => GgmlType::Q4_K,
         }
     }
 }
@@ -107,7 +145,29 @@ pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
                 b[..2].copy_from_slice(&half(std / 4.6));
                 b[2..4].copy_from_slice(&half(-7.5 * std / 4.6));
             }),
-            _ => unreachable!("synth writes F32, F16, Q8_0, Q4_0 and Q4_1"),
+            // Q5 codes spread about 9.2 steps (centred by the offset 16, or by m).
+            GgmlType::Q5_0 => part.chunks_exact_mut(bb).for_each(|b| b[..2].copy_from_slice(&half(std / 9.2))),
+            GgmlType::Q5_1 => part.chunks_exact_mut(bb).for_each(|b| {
+                b[..2].copy_from_slice(&half(std / 9.2));
+                b[2..4].copy_from_slice(&half(-15.5 * std / 9.2));
+            }),
+            // K-quants: every sub-block's 6-bit scale and min 32 (bytes 0..8 hold 32 in their
+            // low six bits and the top bits of the other four, 2; bytes 8..12 the other four's
+            // low nibbles, 0), d and dmin centring the codes.
+            GgmlType::Q4_K | GgmlType::Q5_K => part.chunks_exact_mut(bb).for_each(|b| {
+                let (spread, mid) = if ty == GgmlType::Q4_K { (4.6, 7.5) } else { (9.2, 15.5) };
+                let d = std / spread / 32.0;
+                b[..2].copy_from_slice(&half(d));
+                b[2..4].copy_from_slice(&half(d * mid));
+                b[4..12].fill(0xA0);
+                b[12..16].fill(0);
+            }),
+            // Q6_K: 16 scales of 16, codes (offset 32) spreading about 18.5 steps.
+            GgmlType::Q6_K => part.chunks_exact_mut(bb).for_each(|b| {
+                b[192..208].fill(16);
+                b[208..210].copy_from_slice(&half(std / 18.5 / 16.0));
+            }),
+            _ => unreachable!("synth writes F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K"),
         }
     });
 }
@@ -340,9 +400,15 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     let vocab = tok.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|t| t.len() as u64).ok_or("the tokenizer source has no tokenizer.ggml.tokens")?;
 
     let ty = a.ty.ggml();
+    if a.act == "relu" && !matches!(ty, GgmlType::F16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1) {
+        return Err("--act relu: synth writes relu models as f16, q8_0, q4_0 or q4_1".into());
+    }
+    if ty.block_len() == 256 && !(divides(a.n_embd, 256) && divides(a.n_ff, 256)) {
+        return Err(format!("--type {:?}: K-quant rows are whole super-blocks: n_embd and n_ff must be multiples of 256", a.ty).into());
+    }
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String("llama".into()));
-    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, a.act, ty)));
+    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, a.act, format!("{:?}", a.ty).to_uppercase())));
     for (k, v) in [("block_count", a.n_layer), ("embedding_length", a.n_embd), ("feed_forward_length", a.n_ff), ("attention.head_count", a.n_head), ("attention.head_count_kv", a.n_head_kv), ("context_length", 4096), ("vocab_size", vocab), ("rope.dimension_count", a.n_embd / a.n_head)] {
         w.set(&format!("llama.{k}"), Value::U32(v as u32));
     }
@@ -357,20 +423,22 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         }
     }
     let (e, ff, kv) = (a.n_embd, a.n_ff, a.n_embd / a.n_head * a.n_head_kv);
-    w.add_generated("token_embd.weight", &[e, vocab], ty);
+    let nl = a.n_layer;
+    w.add_generated("token_embd.weight", &[e, vocab], a.ty.of("token_embd", 0, nl));
     w.add_generated("output_norm.weight", &[e], GgmlType::F32);
-    w.add_generated("output.weight", &[e, vocab], ty);
+    w.add_generated("output.weight", &[e, vocab], a.ty.of("output", 0, nl));
     for l in 0..a.n_layer {
         let n = |s: &str| format!("blk.{l}.{s}");
+        let t = |s: &str| a.ty.of(s, l, nl);
         w.add_generated(&n("attn_norm.weight"), &[e], GgmlType::F32);
-        w.add_generated(&n("attn_q.weight"), &[e, e], ty);
-        w.add_generated(&n("attn_k.weight"), &[e, kv], ty);
-        w.add_generated(&n("attn_v.weight"), &[e, kv], ty);
-        w.add_generated(&n("attn_output.weight"), &[e, e], ty);
+        w.add_generated(&n("attn_q.weight"), &[e, e], t("attn_q.weight"));
+        w.add_generated(&n("attn_k.weight"), &[e, kv], t("attn_k.weight"));
+        w.add_generated(&n("attn_v.weight"), &[e, kv], t("attn_v.weight"));
+        w.add_generated(&n("attn_output.weight"), &[e, e], t("attn_output.weight"));
         w.add_generated(&n("ffn_norm.weight"), &[e], GgmlType::F32);
-        w.add_generated(&n("ffn_gate.weight"), &[e, ff], ty);
-        w.add_generated(&n("ffn_up.weight"), &[e, ff], ty);
-        w.add_generated(&n("ffn_down.weight"), &[ff, e], ty);
+        w.add_generated(&n("ffn_gate.weight"), &[e, ff], t("ffn_gate.weight"));
+        w.add_generated(&n("ffn_up.weight"), &[e, ff], t("ffn_up.weight"));
+        w.add_generated(&n("ffn_down.weight"), &[ff, e], t("ffn_down.weight"));
     }
     if a.profile.is_some() && a.act != "relu" {
         return Err("--profile sets firing rates of a relu model: add --act relu".into());
@@ -419,6 +487,6 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     if let (Some((target, reached)), Some(p)) = (rates, &a.profile) {
         eprintln!("ember: firing rates of {} imitated: mean {:.1}% on {} calibration tokens (the profile's {:.1}%)", p.display(), 100.0 * reached, 64, 100.0 * target);
     }
-    eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {ty} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, a.act);
+    eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, format!("{:?}", a.ty).to_uppercase(), a.act);
     Ok(())
 }

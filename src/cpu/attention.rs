@@ -80,6 +80,36 @@ pub fn attention_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: us
     });
 }
 
+/// One query row's cache and position: the row sees keys `0..=pos` of `k` and `v`.
+#[derive(Clone, Copy)]
+pub struct RowKv<'a> {
+    pub k: &'a [f16],
+    pub v: &'a [f16],
+    pub pos: usize,
+}
+
+/// Attention for query rows of different sequences (a decode batch): row t of `q`
+/// (`[rows.len()][n_head * head_dim]`) attends to its own `rows[t]`. Each (row, head) is the
+/// same computation as [`attention_team`]'s for that row alone, dealt round-robin.
+pub fn attention_rows_team(team: &mut Team, q: &[f32], rows: &[RowKv], shape: AttnShape, out: &mut [f32]) {
+    let head_dim = shape.head_dim;
+    let q_dim = shape.n_head * head_dim;
+    let n = rows.len() * shape.n_head;
+    assert_eq!(out.len(), n * head_dim);
+    assert_eq!(q.len(), rows.len() * q_dim);
+    let ptr = SharedOut(out.as_mut_ptr());
+    team.run(&|member, size| {
+        let mut scratch = vec![f16::ZERO; 2 * head_dim];
+        for i in (member..n).step_by(size) {
+            let (t, h) = (i / shape.n_head, i % shape.n_head);
+            let r = rows[t];
+            // SAFETY: as in `attention_team`.
+            let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(i * head_dim), head_dim) };
+            one_head(&q[t * q_dim..(t + 1) * q_dim], r.k, r.v, r.pos, shape, h, o, &mut scratch);
+        }
+    });
+}
+
 /// Raw pointer to the output, shared by members that write disjoint heads.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);

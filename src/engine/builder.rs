@@ -126,6 +126,10 @@ pub struct SessionOptions {
     pub simulate_activity: Option<PathBuf>,
     /// BENCHMARK ONLY: the simulated predictor.
     pub simulate_predictor: PredictorSim,
+    /// Sequences the session holds, each with its own KV cache of the context, decoded
+    /// together by `Forward::decode_batch` (`ember serve --parallel`). The CPU and the dense
+    /// GPU session hold them; the hybrid and the dense offload hold one whatever this says.
+    pub n_seqs: usize,
 }
 
 impl SessionOptions {
@@ -150,6 +154,7 @@ impl SessionOptions {
             n_gpu_layers: None,
             simulate_activity: None,
             simulate_predictor: PredictorSim::default(),
+            n_seqs: 1,
         }
     }
 }
@@ -223,7 +228,7 @@ fn open_cpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     if args.simulate_activity.is_some() || args.n_gpu_layers.is_some() || args.vram_budget.is_some() {
         return Err("--simulate-activity, --n-gpu-layers and --vram-budget need a GPU (--backend gpu)".into());
     }
-    let mut s = Session::new(model.clone(), n_ctx);
+    let mut s = Session::new(model.clone(), n_ctx).with_seqs(args.n_seqs);
     s.precision = args.precision;
     s.tuning = args.cpu_tuning;
     if let Some(f) = sparse_ffn(args, &model, true, log)? {
@@ -275,9 +280,18 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         log(&format!(
             "GPU {gpu_name}: weights {:.1} MiB + KV cache {:.1} MiB uploaded in {:.2} s",
             mib(weights.bytes),
-            mib(session.state_bytes()),
+            mib(session.state_bytes() * args.n_seqs.max(1) as u64),
             start.elapsed().as_secs_f64()
         ));
+        if args.n_seqs > 1 {
+            // Several sequences over the same weights, each its own session (decoded one after
+            // another: the GPU has no batched decode across sequences yet).
+            let mut seqs: Vec<Box<dyn Forward>> = vec![Box::new(session)];
+            for _ in 1..args.n_seqs {
+                seqs.push(Box::new(GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?));
+            }
+            return Ok((Box::new(super::batch::Sequences::new(seqs)), ctx));
+        }
         return Ok((Box::new(session), ctx));
     }
     if mode == FfnMode::Threshold {

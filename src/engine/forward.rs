@@ -3,7 +3,7 @@
 
 use crate::cpu::attention::AttnShape;
 use crate::cpu::ops::{self, Rope};
-use crate::cpu::attention::attention_team;
+use crate::cpu::attention::{attention_rows_team, attention_team, RowKv};
 use crate::cpu::matmul::{matmuls_tuned, CpuTuning};
 use crate::cpu::team::Team;
 use crate::cpu::{Activations, KvCache, Precision};
@@ -23,6 +23,8 @@ pub enum ForwardError {
     Empty,
     #[error("the model produced NaN or infinite logits: its weights or hyper-parameters are broken (check them with `ember info`)")]
     NonFiniteLogits,
+    #[error("bad batch of sequences: {0}")]
+    BadSequence(String),
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
 }
@@ -52,9 +54,41 @@ pub trait Forward {
         decode_greedy_one_by_one(self, token, n, each)
     }
 
+    /// Independent sequences this session holds, each with its own KV cache and position (1
+    /// unless it was opened for several: `SessionOptions::n_seqs`).
+    fn n_seqs(&self) -> usize {
+        1
+    }
+
+    /// Makes sequence `seq` (below [`Self::n_seqs`]) the one that `forward`, `n_past` and
+    /// `reset` act on.
+    fn select_seq(&mut self, seq: usize) -> Result<(), ForwardError> {
+        match seq {
+            0 => Ok(()),
+            _ => Err(ForwardError::BadSequence(format!("sequence {seq} of a session holding one"))),
+        }
+    }
+
+    /// One token for each of several distinct sequences, decoded together: row i feeds
+    /// `rows[i].1` to sequence `rows[i].0` at that sequence's next position. Returns every
+    /// row's logits (`[rows.len()][n_vocab]`), each exactly what that sequence alone would
+    /// give (whatever else is in the batch). A session that batches runs the products once
+    /// over all rows (the weights are read once for the batch) and attention per row against
+    /// its own cache; this default runs the rows one after another. The selected sequence
+    /// afterwards is unspecified.
+    fn decode_batch(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
+        check_seqs(rows, self.n_seqs())?;
+        let mut out = Vec::new();
+        for &(seq, token) in rows {
+            self.select_seq(seq)?;
+            out.extend(self.forward(&[token], Logits::Last)?);
+        }
+        Ok(out)
+    }
+
     fn n_past(&self) -> usize;
     fn n_ctx(&self) -> usize;
-    /// Forgets the sequence (the cache is overwritten from position 0).
+    /// Forgets the selected sequence (its cache is overwritten from position 0).
     fn reset(&mut self);
     fn model(&self) -> &Arc<Model>;
     /// Where it runs, for tables and messages ("CPU", "GPU").
@@ -103,6 +137,23 @@ pub(super) fn decode_greedy_one_by_one<F: Forward + ?Sized>(session: &mut F, tok
     Ok(n)
 }
 
+/// The sequences of a [`Forward::decode_batch`]: at least one row, each below `n_seqs`, none
+/// twice (a sequence's second token needs its first one's keys).
+pub(super) fn check_seqs(rows: &[(usize, u32)], n_seqs: usize) -> Result<(), ForwardError> {
+    if rows.is_empty() {
+        return Err(ForwardError::Empty);
+    }
+    let mut seen = vec![false; n_seqs];
+    for &(seq, _) in rows {
+        match seen.get_mut(seq) {
+            None => return Err(ForwardError::BadSequence(format!("sequence {seq} of a session holding {n_seqs}"))),
+            Some(true) => return Err(ForwardError::BadSequence(format!("sequence {seq} appears twice in one batch"))),
+            Some(s) => *s = true,
+        }
+    }
+    Ok(())
+}
+
 /// What every backend checks before running `tokens` after `n_past` positions of a context of
 /// `n_ctx`: a non-empty batch that fits, of ids inside the vocabulary.
 pub(super) fn check_batch(hp: &crate::model::HParams, n_past: usize, n_ctx: usize, tokens: &[u32]) -> Result<(), ForwardError> {
@@ -118,12 +169,15 @@ pub(super) fn check_batch(hp: &crate::model::HParams, n_past: usize, n_ctx: usiz
     Ok(())
 }
 
-/// A model plus the state of one sequence: its KV cache and position.
+/// A model plus the state of its sequences (one unless made [`Session::with_seqs`]): a KV
+/// cache and a position each.
 pub struct Session {
     pub model: Arc<Model>,
-    kv: KvCache,
+    kv: Vec<KvCache>,
     rope: Rope,
-    n_past: usize,
+    n_past: Vec<usize>,
+    /// The sequence `forward` runs.
+    seq: usize,
     /// How activations meet quantised weights (llama.cpp's 8-bit way by default).
     pub precision: Precision,
     /// Sees each token's FFN input and gate (profiling, dense FFN only); `None` costs nothing.
@@ -193,9 +247,20 @@ impl FfnStats {
 impl Session {
     pub fn new(model: Arc<Model>, n_ctx: usize) -> Self {
         let hp = &model.hp;
-        let kv = KvCache::new(hp.n_layer, n_ctx, hp.kv_dim());
+        let kv = vec![KvCache::new(hp.n_layer, n_ctx, hp.kv_dim())];
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()), tuning: CpuTuning::default(), times: None }
+        Session { model, kv, rope, n_past: vec![0], seq: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()), tuning: CpuTuning::default(), times: None }
+    }
+
+    /// A session of `n` sequences (at least one), each with its own KV cache of the context
+    /// it was made with, for [`Forward::decode_batch`].
+    pub fn with_seqs(mut self, n: usize) -> Self {
+        let hp = &self.model.hp;
+        let n_ctx = self.kv[0].n_ctx;
+        self.kv.resize_with(n.max(1), || KvCache::new(hp.n_layer, n_ctx, hp.kv_dim()));
+        self.n_past.resize(n.max(1), 0);
+        self.seq = 0;
+        self
     }
 
     /// Runs the FFN blocks through `ffn` (neuron-aware) instead of densely.
@@ -206,17 +271,36 @@ impl Session {
     }
 
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
-        check_batch(&self.model.hp, self.n_past, self.kv.n_ctx, tokens)?;
+        check_batch(&self.model.hp, self.n_past[self.seq], self.kv[self.seq].n_ctx, tokens)?;
         let x: Vec<f32> = tokens.iter().flat_map(|&t| self.model.token_embd.row_f32(t as usize)).collect();
         self.run_layers(x, 0, want)
+    }
+
+    /// [`Forward::decode_batch`]: the rows' products together, attention per row.
+    fn run_rows(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
+        check_seqs(rows, self.kv.len())?;
+        for &(seq, t) in rows {
+            check_batch(&self.model.hp, self.n_past[seq], self.kv[seq].n_ctx, &[t])?;
+        }
+        let x: Vec<f32> = rows.iter().flat_map(|&(_, t)| self.model.token_embd.row_f32(t as usize)).collect();
+        let at: Vec<(usize, usize)> = rows.iter().map(|&(seq, _)| (seq, self.n_past[seq])).collect();
+        let t = tick(&self.times);
+        let out = self.layers(x, 0, &at, Logits::All);
+        if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
+            times.total += t.elapsed().as_secs_f64();
+        }
+        out
     }
 
     /// Runs layers `first..` on the hidden states `x` (`n_tokens` rows of `n_embd`) at the next
     /// positions, then the output: how a dense layer offload hands the CPU the layers the GPU
     /// does not hold. The caller has checked the batch.
     pub fn run_layers(&mut self, x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
+        let e = self.model.hp.n_embd;
+        let (seq, pos0) = (self.seq, self.n_past[self.seq]);
+        let at: Vec<(usize, usize)> = (0..x.len() / e).map(|t| (seq, pos0 + t)).collect();
         let t = tick(&self.times);
-        let out = self.layers(x, first, want);
+        let out = self.layers(x, first, &at, want);
         if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
             times.total += t.elapsed().as_secs_f64();
         }
@@ -234,7 +318,12 @@ impl Session {
         }
     }
 
-    fn layers(&mut self, mut x: Vec<f32>, first: usize, want: Logits) -> Result<Vec<f32>, ForwardError> {
+    /// The layers and the output over the rows of `x`, row t at sequence `at[t].0`, position
+    /// `at[t].1` (a prompt: one sequence, consecutive positions; a decode batch: one row per
+    /// sequence). Every row's products run together; its RoPE, KV write and attention use its
+    /// own position and cache, so a row computes what it would alone (the products' per-row
+    /// results do not depend on the batch, tested).
+    fn layers(&mut self, mut x: Vec<f32>, first: usize, at: &[(usize, usize)], want: Logits) -> Result<Vec<f32>, ForwardError> {
         let m = self.model.clone();
         let hp = &m.hp;
         let (e, qd, kvd, ff) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_ff);
@@ -242,12 +331,12 @@ impl Session {
         if n == 0 {
             return Err(ForwardError::Empty);
         }
-        if self.n_past + n > self.kv.n_ctx {
-            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.kv.n_ctx, n_ctx_train: hp.n_ctx_train });
+        debug_assert_eq!(at.len(), n);
+        if let Some(&(seq, pos)) = at.iter().find(|&&(seq, pos)| pos >= self.kv[seq].n_ctx) {
+            return Err(ForwardError::ContextFull { needed: pos + 1, n_ctx: self.kv[seq].n_ctx, n_ctx_train: hp.n_ctx_train });
         }
         let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
-        let pos0 = self.n_past;
-        let angles: Vec<_> = (0..n).map(|t| self.rope.angles(pos0 + t)).collect();
+        let angles: Vec<_> = at.iter().map(|&(_, pos)| self.rope.angles(pos)).collect();
 
         let mut xn = vec![0.0; n * e];
         let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
@@ -268,11 +357,21 @@ impl Session {
             for t in 0..n {
                 self.rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles[t]);
                 self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles[t]);
-                self.kv.store(il, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+                let (seq, pos) = at[t];
+                self.kv[seq].store(il, pos, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
             }
-            let (kc, vc) = self.kv.layer(il);
             let t = tick(&self.times);
-            attention_team(&mut self.team, &q, kc, vc, pos0, n, shape, &mut attn);
+            if at.iter().all(|&(seq, _)| seq == at[0].0) {
+                // One sequence (a prompt, or one token): its rows are consecutive positions.
+                let (kc, vc) = self.kv[at[0].0].layer(il);
+                attention_team(&mut self.team, &q, kc, vc, at[0].1, n, shape, &mut attn);
+            } else {
+                let kv: Vec<RowKv> = at.iter().map(|&(seq, pos)| {
+                    let (k, v) = self.kv[seq].layer(il);
+                    RowKv { k, v, pos }
+                }).collect();
+                attention_rows_team(&mut self.team, &q, &kv, shape, &mut attn);
+            }
             if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
                 times.attention += t.elapsed().as_secs_f64();
             }
@@ -316,7 +415,10 @@ impl Session {
             self.products(&Activations::new(&gate[..rows * ff], rows).with_precision(precision), [(&layer.ffn_down, &mut proj[..rows * e])]);
             ops::add_assign(&mut x, &proj[..rows * e]);
         }
-        self.n_past += n;
+        // Each sequence now follows its last row (a prompt's rows are consecutive positions).
+        for &(seq, pos) in at {
+            self.n_past[seq] = pos + 1;
+        }
 
         let rows = x.len() / e;
         let xn = &mut xn[..rows * e];
@@ -333,16 +435,32 @@ impl Forward for Session {
         self.run(tokens, want)
     }
 
+    fn n_seqs(&self) -> usize {
+        self.kv.len()
+    }
+
+    fn select_seq(&mut self, seq: usize) -> Result<(), ForwardError> {
+        if seq >= self.kv.len() {
+            return Err(ForwardError::BadSequence(format!("sequence {seq} of a session holding {}", self.kv.len())));
+        }
+        self.seq = seq;
+        Ok(())
+    }
+
+    fn decode_batch(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
+        self.run_rows(rows)
+    }
+
     fn n_past(&self) -> usize {
-        self.n_past
+        self.n_past[self.seq]
     }
 
     fn n_ctx(&self) -> usize {
-        self.kv.n_ctx
+        self.kv[self.seq].n_ctx
     }
 
     fn reset(&mut self) {
-        self.n_past = 0;
+        self.n_past[self.seq] = 0;
     }
 
     fn model(&self) -> &Arc<Model> {

@@ -181,14 +181,19 @@ impl Output<'_> {
 pub struct TextStream<'a> {
     bytes: Vec<u8>,
     held: String,
-    stops: &'a [String],
+    stops: std::borrow::Cow<'a, [String]>,
     /// Everything emitted so far.
     pub text: String,
 }
 
 impl<'a> TextStream<'a> {
     pub fn new(stops: &'a [String]) -> Self {
-        TextStream { bytes: Vec::new(), held: String::new(), stops, text: String::new() }
+        TextStream { bytes: Vec::new(), held: String::new(), stops: stops.into(), text: String::new() }
+    }
+
+    /// A stream that owns its stop strings (one of several sequences kept side by side).
+    pub fn owned(stops: Vec<String>) -> TextStream<'static> {
+        TextStream { bytes: Vec::new(), held: String::new(), stops: stops.into(), text: String::new() }
     }
 
     /// Adds bytes; returns the stop string if one is now complete (text before it is emitted).
@@ -218,11 +223,11 @@ impl<'a> TextStream<'a> {
                 }
             }
         }
-        if let Some((at, s)) = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s))).min() {
+        if let Some((at, s)) = self.stops.iter().filter_map(|s| self.held.find(s.as_str()).map(|i| (i, s.clone()))).min() {
             let before = self.held[..at].to_string();
             self.out(&before, emit);
             self.held.clear();
-            return Some(s.clone());
+            return Some(s);
         }
         // Emit all but the longest tail that is a prefix of a stop string.
         let keep = self

@@ -1,5 +1,6 @@
 //! Running a model: the forward pass over a KV cache, sampling and the generation loop.
 
+pub mod batch;
 pub mod builder;
 pub mod cold;
 pub mod ffn;

@@ -11,6 +11,11 @@
 //! | Q8_0 | the 32 quant bytes of each block | f16 scales, two per word |
 //! | Q4_0 | the 16 quant bytes of each block | f16 scales, two per word |
 //! | Q4_1 | as Q4_0 | `d | m << 16` per block |
+//! | Q5_0, Q5_1, Q4_K, Q5_K, Q6_K | 16 bytes of low nibbles per 32 elements, then the high bits | the file's scales (see `gpu/kquant.rs`) |
+//!
+//! The 5-bit and K-quant types (`gpu/kquant.rs`) are cut into 32-element groups laid out alike
+//! (nibbles in Q4_1's order, high bits in a second segment, K-quant super-block headers kept
+//! packed as the file has them and unpacked by the kernels), so they take the file's bytes.
 //!
 //! The quants of a row are in GGUF order, or, where the row's block count allows and the
 //! type's decode kernel wants it, permuted within runs of 8 (Q4) or 4 (Q8_0) blocks (`PERM` in
@@ -39,6 +44,7 @@
 //! Quants become floats without int-to-float conversions (a quarter-rate instruction on NVIDIA):
 //! a nibble or byte or'ed into the mantissa of a power of two and the power subtracted.
 
+use super::kquant;
 use super::ops::RopeShape;
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
@@ -95,6 +101,15 @@ const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", ["matmul_de
 const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl"]);
 const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", ["matmul_dec_q4_0.wgsl"]);
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl"]);
+// The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
+// they are validated only as composed.
+const Q5_0_SRC: TypeSources = type_sources!("q5_0", "matmul_q5_0.wgsl", ["matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl"]);
+const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl"]);
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
 /// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
@@ -108,8 +123,12 @@ const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wg
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
+        listed!($src, $file, $dec, include_str!(concat!("../../shaders/", $file)))
+    };
+    // `$alone`: the type file as validated by itself.
+    ($src:ident, $file:literal, $dec:literal, $alone:expr) => {
         [
-            ($file, include_str!(concat!("../../shaders/", $file))),
+            ($file, $alone),
             ("matmul_common.wgsl", $src.mm),
             ("matmul_vec_sg.wgsl", $src.mm_sg),
             ("get_rows_common.wgsl", $src.get_rows),
@@ -135,12 +154,19 @@ macro_rules! listed {
     };
 }
 
-const LISTED: [[(&str, &str); 20]; 5] = [
+const LISTED: [[(&str, &str); 20]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
     listed!(Q4_0_SRC, "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl"),
     listed!(Q4_1_SRC, "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl"),
+    listed!(Q5_0_SRC, "matmul_q5_0.wgsl", "matmul_dec_q5_0.wgsl", Q5_0_SRC.mm),
+    listed!(Q5_1_SRC, "matmul_q5_1.wgsl", "matmul_dec_q5_1.wgsl", Q5_1_SRC.mm),
+    listed!(Q4_K_SRC, "matmul_q4_k.wgsl", "matmul_dec_q4_k.wgsl", Q4_K_SRC.mm),
+    listed!(Q5_K_SRC, "matmul_q5_k.wgsl", "matmul_dec_q5_k.wgsl", Q5_K_SRC.mm),
+    listed!(Q6_K_SRC, "matmul_q6_k.wgsl", "matmul_dec_q6_k.wgsl", Q6_K_SRC.mm),
+    listed!(Q2_K_SRC, "matmul_q2_k.wgsl", "matmul_dec_q2_k.wgsl", Q2_K_SRC.mm),
+    listed!(Q3_K_SRC, "matmul_q3_k.wgsl", "matmul_dec_q3_k.wgsl", Q3_K_SRC.mm),
 ];
 
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
@@ -150,6 +176,13 @@ pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
 /// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
 
+/// The weight types the GPU kernels compute with as they are.
+pub const GPU_TYPES: [GgmlType; 12] = [
+    GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1,
+    GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+    GgmlType::Q2_K, GgmlType::Q3_K,
+];
+
 fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
     Some(match ty {
         GgmlType::F32 => &F32_SRC,
@@ -157,6 +190,13 @@ fn sources(ty: GgmlType) -> Option<&'static TypeSources> {
         GgmlType::Q8_0 => &Q8_0_SRC,
         GgmlType::Q4_0 => &Q4_0_SRC,
         GgmlType::Q4_1 => &Q4_1_SRC,
+        GgmlType::Q5_0 => &Q5_0_SRC,
+        GgmlType::Q5_1 => &Q5_1_SRC,
+        GgmlType::Q4_K => &Q4_K_SRC,
+        GgmlType::Q5_K => &Q5_K_SRC,
+        GgmlType::Q6_K => &Q6_K_SRC,
+        GgmlType::Q2_K => &Q2_K_SRC,
+        GgmlType::Q3_K => &Q3_K_SRC,
         _ => return None,
     })
 }
@@ -170,6 +210,7 @@ fn layout_bytes(ty: GgmlType, cols: usize) -> (usize, usize) {
         GgmlType::Q8_0 => (blocks * 32, blocks * 2),
         GgmlType::Q4_0 => (blocks * 16, blocks * 2),
         GgmlType::Q4_1 => (blocks * 16, blocks * 4),
+        t if kquant::is_grouped(t) => kquant::layout_bytes(t, cols),
         _ => unreachable!(),
     }
 }
@@ -212,6 +253,7 @@ fn repack(ty: GgmlType, bytes: &[u8], cols: usize, perm: bool) -> (Vec<u8>, Vec<
         GgmlType::Q8_0 => (34, 2),
         GgmlType::Q4_0 => (18, 2),
         GgmlType::Q4_1 => (20, 4),
+        t if kquant::is_grouped(t) => return kquant::repack(t, bytes),
         _ => unreachable!(),
     };
     let n = bytes.len() / block;
@@ -493,8 +535,8 @@ fn gpu_form(m: &Matrix) -> Option<Matrix> {
 }
 
 impl GpuMatrix {
-    /// Repacks a CPU matrix (F32, F16, Q8_0, Q4_0, Q4_1; columns a multiple of 32) into the
-    /// GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
+    /// Repacks a CPU matrix ([`GPU_TYPES`]; another type that dequantises becomes F16;
+    /// columns a multiple of 32) into the GPU layout and uploads it, split by rows where a buffer would exceed the adapter's
     /// largest storage binding.
     pub fn upload(ctx: &GpuContext, m: &Matrix) -> Result<GpuMatrix, GpuError> {
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
@@ -545,7 +587,13 @@ impl GpuMatrix {
         }
         let perm = perm && perm_group(m.ty).is_some_and(|g| (m.cols / 32).is_multiple_of(g));
         if sources(m.ty).is_none() {
-            return Err(GpuError::Unsupported(format!("{}: no GPU matmul kernel for {} weights", m.name, m.ty.name())));
+            // A type the loader kept (the CPU's kernels use it) but the GPU has no kernel for:
+            // F16 on the GPU's side.
+            let mut values = vec![0.0f32; m.rows * m.cols];
+            if crate::quant::dequantize(m.ty, m.bytes(), &mut values).is_err() {
+                return Err(GpuError::Unsupported(format!("{}: no GPU matmul kernel for {} weights", m.name, m.ty.name())));
+            }
+            return Self::upload_layout(ctx, &Matrix::from_f32(&m.name, m.rows, m.cols, &values, GgmlType::F16), limit, perm);
         }
         if m.cols == 0 || !m.cols.is_multiple_of(32) || m.rows == 0 {
             return Err(GpuError::Unsupported(format!("{}: GPU matrices need a multiple of 32 columns, not {}x{}", m.name, m.rows, m.cols)));
@@ -555,8 +603,9 @@ impl GpuMatrix {
         }
         let (qb, sb) = layout_bytes(m.ty, m.cols);
         let fit = |per_row: usize| if per_row == 0 { usize::MAX } else { (limit / per_row as u64) as usize };
-        // The scales are padded by up to 16 bytes per chunk.
+        // The quants and scales are padded by up to 16 bytes per chunk.
         let max_rows = fit(qb).min(if sb == 0 { usize::MAX } else { (limit.saturating_sub(16) / sb as u64) as usize });
+        let max_rows = max_rows.min((limit.saturating_sub(16) / qb as u64) as usize);
         let per_chunk = if m.rows <= max_rows { m.rows } else { max_rows / CHUNK_ROWS_ALIGN * CHUNK_ROWS_ALIGN };
         if per_chunk == 0 {
             return Err(GpuError::Unsupported(format!(

@@ -2,6 +2,7 @@
 //! dispatchers that run them.
 
 mod context;
+mod kquant;
 pub mod matrix;
 pub mod ops;
 pub mod shaders;

@@ -116,8 +116,25 @@ fn type_code(ty: GgmlType) -> Option<u32> {
         GgmlType::Q8_0 => 2,
         GgmlType::Q4_0 => 3,
         GgmlType::Q4_1 => 4,
+        // The grouped types in `gpu::kquant`'s layout: gate and up only (the AXPY over down_t
+        // takes the first five; a grouped down_t is gathered as F16).
+        GgmlType::Q5_0 => 5,
+        GgmlType::Q5_1 => 6,
+        GgmlType::Q4_K => 7,
+        GgmlType::Q5_K => 8,
+        GgmlType::Q6_K => 9,
         _ => return None,
     })
+}
+
+/// The type hot rows of `ty` are held in: their own, or F16 where the kernels reading them
+/// (`grouped`: the matvecs, which take the grouped types; else the AXPY) have none for it.
+fn gathered_type(ty: GgmlType, grouped: bool) -> GgmlType {
+    if type_code(ty).is_none() || (!grouped && super::kquant::is_grouped(ty)) {
+        GgmlType::F16
+    } else {
+        ty
+    }
 }
 
 /// Values per 16-byte unit of quants.
@@ -132,6 +149,9 @@ fn unit_values(ty: GgmlType) -> usize {
 
 /// (quant bytes, scale bytes) of one row of `cols` values in the GPU layout.
 fn row_layout(ty: GgmlType, cols: usize) -> (usize, usize) {
+    if super::kquant::is_grouped(ty) && type_code(ty).is_some() {
+        return super::kquant::layout_bytes(ty, cols);
+    }
     let blocks = cols / 32;
     let scales = match ty {
         GgmlType::Q8_0 | GgmlType::Q4_0 => blocks * 2,
@@ -161,11 +181,22 @@ pub struct HotRows {
 }
 
 impl HotRows {
-    fn gather(ctx: &GpuContext, m: &Matrix, hot: &[u32], what: &str) -> Result<HotRows, GpuError> {
-        // Types the GPU kernels lack (Q5_x, K-quants) go up as F16, converted here on the GPU's
-        // side: the CPU keeps the file's bytes.
-        if type_code(m.ty).is_none() && crate::model::Matrix::NATIVE.contains(&m.ty) {
-            return Self::gather(ctx, &m.to_f16(), hot, what);
+    /// `grouped`: whether the kernels reading these rows take the grouped types (the matvecs
+    /// do, the AXPY does not).
+    fn gather(ctx: &GpuContext, m: &Matrix, hot: &[u32], what: &str, grouped: bool) -> Result<HotRows, GpuError> {
+        if gathered_type(m.ty, grouped) != m.ty {
+            // No sparse kernel for the type (the AXPY over a grouped down_t, which ember's own
+            // transposes never are): its hot rows become F16.
+            let rb = m.row_bytes();
+            let mut values = vec![0.0f32; m.cols];
+            let mut bytes = Vec::with_capacity(hot.len() * m.cols * 2);
+            for &id in hot {
+                crate::quant::dequantize(m.ty, &m.bytes()[id as usize * rb..(id as usize + 1) * rb], &mut values)
+                    .map_err(|e| GpuError::Unsupported(format!("hot FFN rows: {}: no sparse GPU kernel for {} weights ({e})", m.name, m.ty.name())))?;
+                bytes.extend(values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()));
+            }
+            let rows: Vec<u32> = (0..hot.len() as u32).collect();
+            return Self::gather(ctx, &Matrix::from_raw(&m.name, hot.len(), m.cols, GgmlType::F16, &bytes), &rows, what, grouped);
         }
         let (qb, sb) = row_layout(m.ty, m.cols);
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
@@ -181,6 +212,18 @@ impl HotRows {
         }
         let row_bytes = m.row_bytes();
         let bytes = m.bytes();
+        if super::kquant::is_grouped(m.ty) && type_code(m.ty).is_some() {
+            // The hot rows in the file's blocks, then the grouped layout of gpu/kquant.rs over
+            // them (its high-bit and scale segments start after the hot rows' groups).
+            let mut rows = Vec::with_capacity(hot.len() * row_bytes);
+            for &id in hot {
+                rows.extend_from_slice(&bytes[id as usize * row_bytes..(id as usize + 1) * row_bytes]);
+            }
+            let (mut quants, scales) = super::kquant::repack(m.ty, &rows);
+            quants.resize(quants.len().max(16), 0);
+            let label = format!("{} hot {what}", m.name);
+            return Ok(HotRows { ty: m.ty, rows: hot.len(), cols: m.cols, quants: ctx.upload(&label, &quants), scales: ctx.upload(&format!("{label} scales"), &scales) });
+        }
         let mut quants = Vec::with_capacity(hot.len() * qb);
         let mut scales = Vec::with_capacity(hot.len() * sb);
         for &id in hot {
@@ -230,8 +273,9 @@ pub struct HotFfn {
 impl HotFfn {
     /// Gathers rows `hot` (strictly ascending neuron ids below n_ff; any number, none or all)
     /// of gate and up (n_ff x n_embd) and of the transposed down matrix down_t (n_ff x n_embd)
-    /// and uploads them. Types: F32, F16, Q8_0, Q4_0, Q4_1, each matrix its own; n_embd a
-    /// multiple of 32.
+    /// and uploads them. Types: F32, F16, Q8_0, Q4_0, Q4_1 (gate and up also Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), each matrix its own; n_embd a
+    /// multiple of 32; Q5_0, Q5_1, Q4_K, Q5_K and Q6_K gate and up rows in `gpu::kquant`'s
+    /// layout (a down_t of those types is gathered as F16: the AXPY has no kernel for them).
     pub fn upload(ctx: &GpuContext, gate: &Matrix, up: &Matrix, down_t: &Matrix, hot: &[u32]) -> Result<HotFfn, GpuError> {
         Self::upload_with(ctx, gate, up, down_t, hot, SparseConfig::for_context(ctx))
     }
@@ -243,7 +287,7 @@ impl HotFfn {
         let bad = |why: String| Err(GpuError::Unsupported(format!("hot FFN rows: {why}")));
         let (n_ff, n_embd) = (gate.rows, gate.cols);
         for m in [gate, up, down_t] {
-            if type_code(m.ty).is_none() {
+            if type_code(m.ty).is_none() && !super::matrix::GPU_TYPES.contains(&m.ty) {
                 return bad(format!("{}: no sparse GPU kernel for {} weights", m.name, m.ty.name()));
             }
             if m.rows != n_ff || m.cols != n_embd {
@@ -267,9 +311,9 @@ impl HotFfn {
         Ok(HotFfn {
             n_embd,
             n_ff,
-            gate: HotRows::gather(ctx, gate, hot, "gate")?,
-            up: HotRows::gather(ctx, up, hot, "up")?,
-            down_t: HotRows::gather(ctx, down_t, hot, "down_t")?,
+            gate: HotRows::gather(ctx, gate, hot, "gate", true)?,
+            up: HotRows::gather(ctx, up, hot, "up", true)?,
+            down_t: HotRows::gather(ctx, down_t, hot, "down_t", false)?,
             hot_ids: ctx.upload("hot ids", bytemuck::cast_slice(hot)),
             config,
         })
@@ -278,7 +322,7 @@ impl HotFfn {
     /// GPU bytes one hot neuron takes in this layout (its three rows and its id): what
     /// placement charges per neuron, before the ops' per-row buffers (`g`, `h`, the list).
     pub fn bytes_per_neuron(gate: GgmlType, up: GgmlType, down_t: GgmlType, n_embd: usize) -> u64 {
-        Self::row_bytes(gate, n_embd) + Self::row_bytes(up, n_embd) + Self::row_bytes(down_t, n_embd) + 4
+        Self::row_bytes(gathered_type(gate, true), n_embd) + Self::row_bytes(gathered_type(up, true), n_embd) + Self::row_bytes(gathered_type(down_t, false), n_embd) + 4
     }
 
     /// GPU bytes of one hot row of `n_embd` values of type `ty` (quants and scales): what a

@@ -267,10 +267,26 @@ impl Model {
     }
 
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Model> {
+        Self::from_gguf_keeping(file, &[])
+    }
+
+    /// [`Model::load`] keeping matrices of the types in `keep` as the file has them, besides
+    /// those the CPU kernels use ([`Matrix::NATIVE`]): a session that runs every product on the
+    /// GPU passes the GPU's types (`gpu::matrix::GPU_TYPES`), so that they are not converted
+    /// to F16 for a CPU that never computes with them. Only the CPU's F32 products (and
+    /// dequantising lookups) work on such a model.
+    pub fn load_keeping(path: impl AsRef<Path>, keep: &[crate::gguf::GgmlType]) -> Result<Model> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_gguf_keeping(file, keep)
+    }
+
+    /// [`Model::from_gguf`] keeping the types in `keep` (see [`Model::load_keeping`]).
+    pub fn from_gguf_keeping(file: Arc<GgufFile>, keep: &[crate::gguf::GgmlType]) -> Result<Model> {
         let arch = file.get_str("general.architecture")?.to_string();
         let spec = arch_spec(&arch)?;
         let hp = HParams::from_gguf(&file, spec)?;
         let mut store = TensorStore::new(file.clone(), &arch);
+        store.keep = keep.to_vec();
         let (e, ff, q, kv) = (hp.n_embd as u64, hp.n_ff as u64, hp.q_dim() as u64, hp.kv_dim() as u64);
         let v = hp.n_vocab as u64;
 

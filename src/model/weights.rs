@@ -144,11 +144,14 @@ pub struct TensorStore {
     file: Arc<GgufFile>,
     arch: String,
     pub conversions: Vec<(String, GgmlType, GgmlType)>,
+    /// Types kept as the file has them besides [`Matrix::NATIVE`]: those a GPU-only session
+    /// computes with although the CPU kernels do not (see [`crate::model::Model::from_gguf_keeping`]).
+    pub keep: Vec<GgmlType>,
 }
 
 impl TensorStore {
     pub fn new(file: Arc<GgufFile>, arch: &str) -> Self {
-        TensorStore { file, arch: arch.to_string(), conversions: Vec::new() }
+        TensorStore { file, arch: arch.to_string(), conversions: Vec::new(), keep: Vec::new() }
     }
 
     pub fn has(&self, name: &str) -> bool {
@@ -181,7 +184,7 @@ impl TensorStore {
     pub fn matrix(&mut self, name: &str, dims: &[u64; 2]) -> Result<Matrix> {
         let t = self.info(name, dims)?;
         let (cols, rows) = (dims[0] as usize, dims[1] as usize);
-        if Matrix::NATIVE.contains(&t.ty) {
+        if Matrix::NATIVE.contains(&t.ty) || self.keep.contains(&t.ty) {
             let bytes = self.file.tensor_data(&t);
             // The kernels view weights as slices of f32, f16 or blocks (alignment up to 4). A
             // file with `general.alignment` = 1 may place a tensor at any byte: such a tensor

@@ -164,8 +164,43 @@ pub fn matrix(ty: ember::gguf::GgmlType, rows: usize, cols: usize, rng: &mut Rng
         GgmlType::Q8_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q8_0(&v))),
         GgmlType::Q4_0 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_0(&v))),
         GgmlType::Q4_1 => Matrix::from_raw(&name, rows, cols, ty, bytemuck::cast_slice(&quantize_q4_1(&v))),
-        _ => panic!("random matrices are F32, F16, Q8_0, Q4_0 or Q4_1, not {ty}"),
+        GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K | GgmlType::Q2_K | GgmlType::Q3_K => Matrix::from_raw(&name, rows, cols, ty, &random_blocks(ty, rows * cols, rng)),
+        _ => panic!("random matrices are F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K, not {ty}"),
     }
+}
+
+/// `n` elements of random blocks of `ty` (Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K, Q3_K): every quant, scale
+/// and high bit random, the f16 scales random in (-1/64, 1/64) (positive for the K-quants'
+/// super-block scales, as llama.cpp writes them) so that products stay finite.
+pub fn random_blocks(ty: ember::gguf::GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    use ember::gguf::GgmlType;
+    let bb = ty.block_bytes();
+    let mut bytes: Vec<u8> = (0..n / ty.block_len() * bb).map(|_| rng.next_u64() as u8).collect();
+    for b in bytes.chunks_exact_mut(bb) {
+        let mut half = |at: usize, positive: bool, rng: &mut Rng| {
+            let v = rng.signed() / 64.0;
+            b[at..at + 2].copy_from_slice(&half::f16::from_f32(if positive { v.abs() } else { v }).to_le_bytes());
+        };
+        match ty {
+            GgmlType::Q5_0 => half(0, false, rng),
+            GgmlType::Q5_1 => {
+                half(0, false, rng);
+                half(2, false, rng);
+            }
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                half(0, true, rng);
+                half(2, true, rng);
+            }
+            GgmlType::Q6_K => half(208, true, rng),
+            GgmlType::Q2_K => {
+                half(80, true, rng);
+                half(82, true, rng);
+            }
+            GgmlType::Q3_K => half(108, true, rng),
+            _ => panic!("random_blocks makes Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q2_K or Q3_K, not {ty}"),
+        }
+    }
+    bytes
 }
 
 /// [`matrix`], named `w`, and its dequantised values, row-major.
@@ -180,4 +215,22 @@ pub fn random_matrix(rng: &mut Rng, rows: usize, cols: usize, ty: ember::gguf::G
 pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum::<f32>().sqrt();
     num / b.iter().map(|y| y * y).sum::<f32>().sqrt()
+}
+
+/// A Python interpreter that imports the official `openai` client (`EMBER_PYTHON`, else
+/// `python3`; `.ci/run` installs the client). Without one the test says so and skips, except
+/// under CI, where it fails.
+pub fn python_with_openai() -> Option<PathBuf> {
+    let python = std::env::var_os("EMBER_PYTHON").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("python3"));
+    let ok = std::process::Command::new(&python).args(["-c", "import openai"]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(python);
+    }
+    let msg = format!("{} cannot import the openai client (pip install openai, or set EMBER_PYTHON to an interpreter that has it)", python.display());
+    if std::env::var_os("CI").is_some() {
+        panic!("{msg}; CI must have it (.ci/run installs it)");
+    }
+    eprintln!("SKIPPED: {msg}");
+    record_skip();
+    None
 }

@@ -1,0 +1,79 @@
+// Q4_K slots of the decode matvec (matmul_dec.wgsl), in the layout of src/gpu/kquant.rs: a slot
+// is one 32-element sub-block, 16 bytes of quants in Q4_1's order (byte i: element i in the low
+// nibble, element i + 16 in the high one); its super-block's 16-byte header (f16 d and dmin,
+// the 12 bytes of packed 6-bit scales and mins, as in the file) is one vec4 that the 8 threads
+// of a super-block load together. x = d * sc * q - dmin * m.
+
+@group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> wd: array<vec4<u32>>;
+
+const PERM: u32 = 0u;
+// Elements per slot.
+const SLOT: u32 = 32u;
+
+// a[k]: the activations of word k's low nibbles (elements 4k..4k+3), a[4 + k] of its high
+// nibbles (16 + 4k..); sum: of all 32 (for the minimum).
+struct XSlot {
+    a: array<vec4<f32>, 8>,
+    sum: f32,
+}
+
+// Quants, the super-block's header and the sub-block's index in it (decoded in slot_dot, so
+// that a prefetched slot's loads are not waited for early).
+struct WSlot {
+    q: vec4<u32>,
+    hdr: vec4<u32>,
+    sub: u32,
+}
+
+fn slot_fetch(b: u32) -> WSlot {
+    return WSlot(wq[b], wd[b >> 3u], b & 7u);
+}
+
+fn slot_x(row4: u32, j: u32) -> XSlot {
+    var a: array<vec4<f32>, 8>;
+    let c = row4 + 8u * j;
+    var s = vec4<f32>(0.0);
+    for (var k = 0u; k < 8u; k++) {
+        a[k] = xa(c + k);
+        s += a[k];
+    }
+    return XSlot(a, (s.x + s.y) + (s.z + s.w));
+}
+
+// Sub-block j's 6-bit scale and min from a header whose words 1..3 hold the 12 packed bytes
+// (ggml's get_scale_min_k4: sub-blocks 0..3 whole in bytes 0..3 and 4..7, 4..7 split between a
+// nibble of bytes 8..11 and the top two bits of bytes 0..7).
+fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
+    let i = 8u * (j & 3u);
+    if (j < 4u) {
+        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
+    }
+    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
+    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
+    return vec2<f32>(f32(sc), f32(m));
+}
+
+// Nibbles become floats as in matmul_dec_q4_1.wgsl: or'ed into the mantissa of 2^(23-p) and
+// the power subtracted (s = w >> 12).
+const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
+const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
+const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
+const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
+const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
+const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
+
+// sum (d sc q - dmin m) x over the slot.
+fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
+    var acc = 0.0;
+    for (var k = 0u; k < 4u; k++) {
+        let q = w.q[k];
+        let s = q >> 12u;
+        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        acc += dot(lo, xs.a[k]) + dot(hi, xs.a[4u + k]);
+    }
+    let dm = unpack2x16float(w.hdr.x);
+    let sm = k4_scale_min(w.hdr, w.sub);
+    return (dm.x * sm.x) * acc - (dm.y * sm.y) * xs.sum;
+}

@@ -1,0 +1,102 @@
+// Q6_K weights in the layout of src/gpu/kquant.rs for the unit kernels (matmul_common.wgsl,
+// get_rows_common.wgsl): wq holds each 32-element group's low nibbles as 4 words in Q4_1's
+// order, then from word 4 G two words of high bit pairs per group (elements 0..15, 16..31; bits
+// 2 (e % 16)); wd each super-block's 16 signed 8-bit scales (one per 16 elements), then from
+// word 4 SB the super-blocks' f16 d, two per word. x = d * sc * (q - 32).
+
+@group(0) @binding(4) var<storage, read> wq: array<u32>;
+@group(0) @binding(5) var<storage, read> wd: array<u32>;
+
+// Elements per unit; every type has 8, as two vec4 of activations.
+const UNIT: u32 = 8u;
+alias XUnit = array<vec4<f32>, 2>;
+const PERM: u32 = 0u;
+
+// Offsets (in vec4, from the row's start) of unit u's two activation vec4: word u % 4 of group
+// u / 4 holds elements 4 (u % 4).. in its low nibbles and 16 + 4 (u % 4).. in its high ones.
+fn x_chunks(u: u32) -> vec2<u32> {
+    let c = (u >> 2u) * 8u + (u & 3u);
+    return vec2<u32>(c, c + 4u);
+}
+
+fn x_sum(xv: XUnit) -> f32 {
+    let s = xv[0] + xv[1];
+    return (s.x + s.y) + (s.z + s.w);
+}
+
+fn x_prep(xv: XUnit) -> XUnit {
+    return xv;
+}
+
+// One unit decoded: its quants as exact floats (after the type's offset) for the low-nibble
+// and the high-nibble elements, and (scale, min) of each: x = scale * q + min.
+struct WUnit {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+    s: vec4<f32>,
+}
+
+// Word w's low and high nibbles (4 each) as integers.
+fn nibbles_lo(w: u32) -> vec4<u32> {
+    return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
+}
+
+fn nibbles_hi(w: u32) -> vec4<u32> {
+    return (vec4<u32>(w) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u);
+}
+
+// Groups (32 elements) in this buffer: the start, in words / 4, of wq's high-bit segment.
+fn n_groups() -> u32 {
+    return chunk.rows * (chunk.cols / 32u);
+}
+
+// Word k's elements' high bit pairs (of the half's word h), shifted to bits 4 and 5.
+fn pairs(h: u32, k: u32) -> vec4<u32> {
+    return ((vec4<u32>(h >> (8u * k)) >> vec4<u32>(0u, 2u, 4u, 6u)) & vec4<u32>(3u)) << vec4<u32>(4u);
+}
+
+fn unit_fetch(u: u32) -> WUnit {
+    let g = u >> 2u;
+    let k = u & 3u;
+    let sb = g >> 3u;
+    let sub = g & 7u;
+    let ng = n_groups();
+    let sc = bitcast<i32>(wd[4u * sb + (sub >> 1u)]);
+    let sh = 16u * (sub & 1u);
+    let d = unpack2x16float(wd[4u * (ng >> 3u) + (sb >> 1u)] >> (16u * (sb & 1u))).x;
+    // d * sc is exact in f32 (ggml multiplies them first too).
+    let s0 = d * f32(extractBits(sc, sh, 8u));
+    let s1 = d * f32(extractBits(sc, sh + 8u, 8u));
+    let q = wq[u];
+    let h0 = wq[4u * ng + 2u * g];
+    let h1 = wq[4u * ng + 2u * g + 1u];
+    let lo = vec4<f32>(nibbles_lo(q) | pairs(h0, k)) - 32.0;
+    let hi = vec4<f32>(nibbles_hi(q) | pairs(h1, k)) - 32.0;
+    return WUnit(lo, hi, vec4<f32>(s0, 0.0, s1, 0.0));
+}
+
+fn sum4(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// A unit times activations (xs, the sum of x, is not used: each half has its own minimum).
+fn unit_dot(w: WUnit, xp: XUnit, xs: f32) -> f32 {
+    return w.s.x * dot(w.lo, xp[0]) + w.s.y * sum4(xp[0]) + w.s.z * dot(w.hi, xp[1]) + w.s.w * sum4(xp[1]);
+}
+
+// A unit dequantised exactly as ggml does: scale * q is exact (or, for Q6_K, ggml's one
+// rounding), so the one add of the minimum, fused or not, rounds the same.
+fn unit_deq(w: WUnit) -> XUnit {
+    return XUnit(w.lo * w.s.x + w.s.y, w.hi * w.s.z + w.s.w);
+}
+
+// Elements 8p..8p+7 of group kb of `row`, dequantised (for the tiled kernel): the low (p < 2)
+// or high halves of units 2 (p % 2) and the next.
+fn tile8(row: u32, kb: u32, p: u32, cols: u32) -> array<f32, 8> {
+    let u = (row * (cols / 32u) + kb) * 4u + 2u * (p & 1u);
+    let a = unit_deq(unit_fetch(u));
+    let b = unit_deq(unit_fetch(u + 1u));
+    let va = select(a[0], a[1], p >= 2u);
+    let vb = select(b[0], b[1], p >= 2u);
+    return array<f32, 8>(va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w);
+}

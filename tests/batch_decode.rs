@@ -1,0 +1,168 @@
+//! Several sequences decoded together (`Forward::decode_batch`, `engine::batch::Batcher`) give
+//! exactly what each gives alone: the same logits bit for bit, the same greedy tokens, the
+//! same sampled text for the same seed, whatever else is in the batch, with sequences of
+//! different lengths joining and leaving. On the CPU (SmolLM2, 2 threads) and, where a GPU
+//! adapter exists (lavapipe in CI), on the dense GPU session.
+
+mod common;
+
+use ember::engine::batch::{Batcher, Request};
+use ember::engine::builder::{self, BackendChoice, SessionOptions};
+use ember::engine::{generate, Forward, Logits, Sampler, SamplerConfig, Session};
+use ember::model::Model;
+use ember::tokenizer::Tokenizer;
+use std::sync::Arc;
+
+fn load(path: &std::path::Path) -> (Arc<Model>, Tokenizer) {
+    let model = Model::load(path).expect("model loads");
+    let tok = Tokenizer::from_gguf(&model.file).expect("tokenizer loads");
+    (Arc::new(model), tok)
+}
+
+/// Two threads; the tests take turns (their teams spin, and the machine has few cores).
+fn pool() -> (std::sync::MutexGuard<'static, ()>, rayon::ThreadPool) {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    (turn, rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap())
+}
+
+const PROMPTS: [&str; 5] = ["The capital of France is", "Once upon a time, in a land far away,", "1, 2, 3,", "def fib(n):", "Water boils at"];
+
+fn greedy_config() -> SamplerConfig {
+    SamplerConfig { temperature: 0.0, ..Default::default() }
+}
+
+/// Each prompt alone, through `generate` on a fresh one-sequence session.
+fn alone(session: &mut dyn Forward, tok: &Tokenizer, prompt: &[u32], n: usize, config: SamplerConfig) -> Vec<u32> {
+    session.reset();
+    generate(session, tok, &mut Sampler::new(config), prompt, n, &[], |_| {}).unwrap().tokens
+}
+
+/// Runs the requests through a batcher: request i joins at step `join[i]` and asks for
+/// `n[i]` tokens; returns each one's tokens.
+fn batched(engine: Box<dyn Forward>, n_slots: usize, tok: &Tokenizer, reqs: Vec<(Vec<u32>, usize, usize, SamplerConfig)>) -> Vec<Vec<u32>> {
+    let mut b = Batcher::new(vec![engine], n_slots);
+    let mut out: Vec<Option<Vec<u32>>> = vec![None; reqs.len()];
+    let mut slot_of: Vec<Option<usize>> = vec![None; n_slots];
+    let mut waiting: Vec<usize> = (0..reqs.len()).collect();
+    let mut step = 0;
+    let mut max_active = 0;
+    while out.iter().any(Option::is_none) {
+        // Requests whose step has come join while slots are free.
+        while let Some(pos) = waiting.iter().position(|&i| reqs[i].2 <= step) {
+            let i = waiting[pos];
+            let Some(slot) = b.free_slot(&reqs[i].0) else { break };
+            waiting.remove(pos);
+            let (prompt, n, _, config) = reqs[i].clone();
+            match b.start(slot, Request { prompt, sampler: Sampler::new(config), n_predict: n, stops: vec![] }, tok, &mut |_| {}) {
+                Some(end) => out[i] = Some(end.unwrap().tokens),
+                None => slot_of[slot] = Some(i),
+            }
+        }
+        max_active = max_active.max(b.n_active());
+        for (slot, end) in b.step(tok, &|_| false, &mut |_, _| {}) {
+            let i = slot_of[slot].take().unwrap();
+            out[i] = Some(end.unwrap().tokens);
+        }
+        step += 1;
+        assert!(step < 10_000);
+    }
+    assert!(max_active >= n_slots.min(reqs.len()).min(3), "the batch never held several sequences ({max_active})");
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+/// decode_batch's rows equal each sequence's own forward, bit for bit, at odd batch sizes and
+/// positions, and the session refuses a sequence twice or out of range.
+#[test]
+fn cpu_decode_batch_rows_equal_each_sequence_alone() {
+    let Some(path) = common::default_model() else { return };
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        let nv = model.hp.n_vocab;
+        let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| tok.encode(p, true, false).unwrap()).collect();
+        let mut batch = Session::new(model.clone(), 64).with_seqs(5);
+        let mut single = Session::new(model.clone(), 64);
+        // Prefill each sequence (different lengths), then one batched step over 3 of them (odd,
+        // out of order) and one over all 5.
+        for (s, p) in prompts.iter().enumerate() {
+            batch.select_seq(s).unwrap();
+            batch.forward(p, Logits::Last).unwrap();
+        }
+        for rows in [vec![(3usize, 42u32), (0, 7), (4, 1000)], vec![(0, 5), (1, 6), (2, 7), (3, 8), (4, 9)]] {
+            let got = batch.decode_batch(&rows).unwrap();
+            assert_eq!(got.len(), rows.len() * nv);
+            for (r, &(s, t)) in rows.iter().enumerate() {
+                // The same sequence alone: its prompt, the tokens fed to it so far, then t.
+                let mut fed = prompts[s].clone();
+                if rows.len() == 5 && [3, 0, 4].contains(&s) {
+                    fed.push([(3, 42), (0, 7), (4, 1000)].iter().find(|x| x.0 == s).unwrap().1);
+                }
+                single.reset();
+                single.forward(&fed, Logits::Last).unwrap();
+                let want = single.forward(&[t], Logits::Last).unwrap();
+                assert!(got[r * nv..(r + 1) * nv] == want[..], "sequence {s} in a batch of {} differs from alone", rows.len());
+            }
+        }
+        assert!(batch.decode_batch(&[(1, 3), (1, 4)]).is_err());
+        assert!(batch.decode_batch(&[(5, 3)]).is_err());
+        assert!(batch.decode_batch(&[]).is_err());
+    });
+}
+
+/// Seven greedy requests of different prompt and answer lengths through 3 slots (so they join
+/// and leave while others run): each request's tokens are its sequential greedy tokens. Then
+/// sampled requests: the same seed gives the same tokens in a batch as alone.
+#[test]
+fn cpu_batched_requests_equal_sequential_ones() {
+    let Some(path) = common::default_model() else { return };
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        let mut single = Session::new(model.clone(), 128);
+        let mut reqs = Vec::new();
+        for i in 0..7 {
+            let p = tok.encode(PROMPTS[i % PROMPTS.len()], true, false).unwrap();
+            reqs.push((p, [9, 4, 13, 6, 1, 11, 5][i], [0, 0, 0, 2, 3, 5, 9][i], greedy_config()));
+        }
+        let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(&mut single, &tok, &r.0, r.1, r.3.clone())).collect();
+        let got = batched(Box::new(Session::new(model.clone(), 128).with_seqs(3)), 3, &tok, reqs.clone());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g, w, "request {i}");
+        }
+        // A sequence ending with an end-of-generation token stops short of its limit.
+        assert!(got.iter().zip(&reqs).all(|(g, r)| g.len() <= r.1));
+
+        let sampled: Vec<_> = (0..5).map(|i| {
+            let p = tok.encode(PROMPTS[i], true, false).unwrap();
+            (p, 8, i / 2, SamplerConfig { temperature: 0.9, seed: 100 + i as u64, presence_penalty: 0.3, ..Default::default() })
+        }).collect();
+        let want: Vec<Vec<u32>> = sampled.iter().map(|r| alone(&mut single, &tok, &r.0, r.1, r.3.clone())).collect();
+        let got = batched(Box::new(Session::new(model.clone(), 128).with_seqs(5)), 5, &tok, sampled);
+        assert_eq!(got, want);
+    });
+}
+
+/// The dense GPU session with several sequences (lavapipe in CI): five greedy requests of
+/// different lengths through 3 slots, each equal to its sequential greedy tokens on a
+/// one-sequence GPU session.
+#[test]
+fn gpu_batched_requests_equal_sequential_ones() {
+    let Some(path) = common::default_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+        let mut single = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        opts.n_seqs = 3;
+        let batch = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        assert_eq!(batch.n_seqs(), 3);
+        let reqs: Vec<_> = (0..5).map(|i| (tok.encode(PROMPTS[i], true, false).unwrap(), [6, 3, 8, 1, 5][i], [0, 0, 1, 2, 4][i], greedy_config())).collect();
+        let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(single.as_mut(), &tok, &r.0, r.1, r.3.clone())).collect();
+        let got = batched(batch, 3, &tok, reqs);
+        assert_eq!(got, want);
+    });
+}
