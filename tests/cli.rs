@@ -307,3 +307,29 @@ fn synth_relu_imitates_a_profiles_firing_rate() {
     assert!((imitated - 0.2).abs() < 0.08, "synth imitating a 20% profile fires on {imitated:.3}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn quantize_writes_atomically_and_refuses_its_input_as_output() {
+    let Some(model) = common::default_model() else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cli-quantize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // The input as output (another spelling of the same path) is refused before any work.
+    let same = model.parent().unwrap().join(".").join(model.file_name().unwrap());
+    let out = ember().args(["quantize"]).arg(&model).arg(&same).arg("Q8_0").output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("same file as the input"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ember().args(["quantize"]).arg(&model).arg(dir.join("x.gguf")).arg("Q3_XYZ").output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown quantisation type"));
+    // A previous file at the output path stays whole until the new one is complete: here the
+    // run succeeds and replaces it; no temporary file is left beside it.
+    let target = dir.join("q8.gguf");
+    std::fs::write(&target, b"old").unwrap();
+    let out = ember().args(["quantize"]).arg(&model).arg(&target).arg("Q8_0").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("q8.gguf")]);
+    let info = ember().arg("info").arg(&target).output().unwrap();
+    let text = String::from_utf8(info.stdout).unwrap();
+    assert!(text.contains("as loaded:     Q8_0"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
