@@ -23,7 +23,8 @@ E=$D/ember; M=/tmp/models; mkdir -p $M
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $E devices 2>&1 | head -4
 
-rm -f /tmp/lc-cuda-build.txt; [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-cuda-build.txt ||
+# A build left by an earlier script of the same call is reused.
+rm -f /tmp/lc-cuda-build.txt; { [ "${NO_LLAMA:-0}" = 1 ] || [ -x /tmp/lcc-cuda/llama.cpp/build/bin/llama-bench ]; } && echo built > /tmp/lc-cuda-build.txt ||
 (bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1; echo built >> /tmp/lc-cuda-build.txt) &
 LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
 

@@ -18,7 +18,8 @@ D=$(realpath "$1"); shift
 for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
 E=$D/ember; M=/tmp/models; mkdir -p $M
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-rm -f /tmp/lc-cuda-build.txt; [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-cuda-build.txt ||
+# A build left by an earlier script of the same call is reused.
+rm -f /tmp/lc-cuda-build.txt; { [ "${NO_LLAMA:-0}" = 1 ] || [ -x /tmp/lcc-cuda/llama.cpp/build/bin/llama-bench ]; } && echo built > /tmp/lc-cuda-build.txt ||
 (bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1; echo built >> /tmp/lc-cuda-build.txt) &
 LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
 
