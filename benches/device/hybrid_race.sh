@@ -124,7 +124,9 @@ coldvar)
   # The hybrid's CPU half: the team reading the next step's weights while the CPU waits for
   # the GPU (EMBER_HYBRID_WARM=1), the cold gate rows as one dense product above a share of
   # candidates (EMBER_COLD_DENSE_GATE), both; the default first and last.
-  for v in "X=0" EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5 "EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5" "X=0"; do
+  # COLDVARS replaces the list (space-separated; a variant's several variables joined by commas).
+  for v in ${COLDVARS:-X=0 EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5 EMBER_HYBRID_WARM=1,EMBER_COLD_DENSE_GATE=0.5 X=0}; do
+    v=${v//,/ }
     measure "ember hybrid $B GiB, charged predictor, -c 4096, $v" \
       env $v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
   done
