@@ -47,14 +47,14 @@ use wgpu::{Buffer, ComputePass};
 
 const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
 // The gather matvec takes exp_poly from act.wgsl, the activations' one copy of it.
-const MATVEC: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
-const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
+const MATVEC: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
+const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
 const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
-const BATCH: &str = include_str!("../../shaders/sparse_batch.wgsl");
+const BATCH: &str = concat!(include_str!("../../shaders/sparse_batch.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"));
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
 /// the matvec file it extends.
-pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY), ("sparse_batch.wgsl", BATCH)];
+pub const SHADERS: &[(&str, &str)] = &[("sparse_select.wgsl", SELECT), ("sparse_matvec.wgsl", MATVEC), ("sparse_matvec_sg.wgsl", MATVEC_SG), ("sparse_axpy.wgsl", AXPY), ("sparse_batch.wgsl", BATCH), ("sparse_grouped.wgsl", BATCH)];
 
 /// Hot rows per workgroup of the select kernel (256 threads x 8 rows, `SEL_BLOCK`).
 const SELECT_BLOCK: u32 = 2048;
