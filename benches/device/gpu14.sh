@@ -18,18 +18,15 @@
 #   llama    llama.cpp CUDA -p 512,2048 -n 128, all layers on the GPU
 set -uo pipefail
 D=$(realpath "$1"); shift
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
+. benches/device/lib.sh; vulkan_setup
 E=$D/ember; M=/tmp/models; mkdir -p $M
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $E devices 2>&1 | head -4
 
-# A build left by an earlier script of the same call is reused.
-rm -f /tmp/lc-cuda-build.txt; { [ "${NO_LLAMA:-0}" = 1 ] || [ -x /tmp/lcc-cuda/llama.cpp/build/bin/llama-bench ]; } && echo built > /tmp/lc-cuda-build.txt ||
-(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1; echo built >> /tmp/lc-cuda-build.txt) &
-LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
+llama_cuda_start $D
 
-echo "== model"; date
-$E synth --type q4_0 --tokenizer-from $D/tok.gguf -o $M/q4.gguf 2>&1 | tail -1
+# The model, made once per machine (the kernels phase needs none).
+model() { [ -f $M/q4.gguf ] || { echo "== model"; date; $E synth --type q4_0 --tokenizer-from $D/tok.gguf -o $M/q4.gguf 2>&1 | tail -1; }; }
 quiet() { grep -v -E "^ember: loaded|^$|^ggml_|^  Device|^build:|^llama_|^load|^print_info|^common_|^graph_|^sched_|^set_|^init|^system_info|^\.+$"; }
 
 for phase in "$@"; do
@@ -38,12 +35,13 @@ for phase in "$@"; do
   case $phase in
 kernels) $E bench --prefill-kernels -p 512 2>&1 | quiet ;;
 pp)
+  model
   $E bench --backend gpu -m $M/q4.gguf -p 512 -n 128 -r ${REPS:-3} 2>&1 | quiet
   $E bench --backend gpu -m $M/q4.gguf -p 2048 -n 0 -r ${REPS:-3} 2>&1 | quiet
   ;;
-nocoop) EMBER_NO_COOP=1 $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} 2>&1 | quiet ;;
+nocoop) model; EMBER_NO_COOP=1 $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} 2>&1 | quiet ;;
 llama)
-  until grep -q built /tmp/lc-cuda-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt
+  model; llama_cuda_wait
   $LB -m $M/q4.gguf -ngl 99 -p 512,2048 -n 128 -r ${REPS:-3} 2>&1 | quiet
   ;;
 *) echo "unknown phase $phase" ;;

@@ -16,32 +16,26 @@
 # followed by "driver peak: X MiB over idle".
 set -uo pipefail
 D=$(realpath "$1"); shift
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
+. benches/device/lib.sh; vulkan_setup
 E=$D/ember; M=/tmp/models; mkdir -p $M
 T=${THREADS:-16}; B=${BUDGET:-2.2}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)|L3"
 
 # NO_LLAMA=1 skips llama.cpp (when device time is short; its rows are then missing).
-rm -f /tmp/lc-cuda-build.txt; [ "${NO_LLAMA:-0}" = 1 ] && echo built > /tmp/lc-cuda-build.txt ||
-(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1
- # llama-batched-bench sizes its KV cache by -c, as a user's context would be (llama-bench's
- # context is only p + n).
- cmake --build /tmp/lcc-cuda/llama.cpp/build --target llama-batched-bench >> /tmp/lc-cuda-build.txt 2>&1
- echo built >> /tmp/lc-cuda-build.txt) &
+llama_cuda_start $D
 # LCCPU=1 also builds a CPU-only llama.cpp (the CPU yardstick), alongside, for phase cpuonly.
 rm -f /tmp/lc-cpu-build.txt; [ "${LCCPU:-0}" = 1 ] || echo built > /tmp/lc-cpu-build.txt
 [ "${LCCPU:-0}" = 1 ] && (mkdir -p /tmp/lcc-cpu && tar xJf .lc/lcsrc.tar.xz -C /tmp/lcc-cpu &&
  cd /tmp/lcc-cpu/llama.cpp && cmake -B build -DGGML_NATIVE=ON -DGGML_CUDA=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_SERVER=OFF > /tmp/lc-cpu-build.txt 2>&1 &&
  cmake --build build -j 8 --target llama-bench >> /tmp/lc-cpu-build.txt 2>&1; echo built >> /tmp/lc-cpu-build.txt) &
-LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
 LBC=/tmp/lcc-cpu/llama.cpp/build/bin/llama-bench
-LBB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-batched-bench
 
 echo "== models"; date
-$E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
-$E convert -m $M/relu.gguf --powerinfer --down-t-type q4_0 -o $M/relu-pi.gguf 2>&1 | tail -1
-date; until grep -q built /tmp/lc-cuda-build.txt && grep -q built /tmp/lc-cpu-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt /tmp/lc-cpu-build.txt; date
+# A warm machine keeps the models of an earlier call.
+[ -f $M/relu.gguf ] || $E synth --type q4_0 --act relu --tokenizer-from $D/tok.gguf -o $M/relu.gguf 2>&1 | tail -1
+[ -f $M/relu-pi.gguf ] || $E convert -m $M/relu.gguf --powerinfer --down-t-type q4_0 -o $M/relu-pi.gguf 2>&1 | tail -1
+date; llama_cuda_wait; until grep -q built /tmp/lc-cpu-build.txt; do sleep 2; done; date
 
 IDLE=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
 echo "driver idle: $IDLE MiB"

@@ -15,18 +15,15 @@
 # NO_LLAMA=1 skips llama.cpp. Output: one log on stdout.
 set -uo pipefail
 D=$(realpath "$1"); shift
-for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; export XDG_RUNTIME_DIR=$(mktemp -d)
+. benches/device/lib.sh; vulkan_setup
 E=$D/ember; M=/tmp/models; mkdir -p $M
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-# A build left by an earlier script of the same call is reused.
-rm -f /tmp/lc-cuda-build.txt; { [ "${NO_LLAMA:-0}" = 1 ] || [ -x /tmp/lcc-cuda/llama.cpp/build/bin/llama-bench ]; } && echo built > /tmp/lc-cuda-build.txt ||
-(bash $D/llama-cpp.sh build-cuda .lc/lcsrc.tar.xz /tmp/lcc-cuda > /tmp/lc-cuda-build.txt 2>&1; echo built >> /tmp/lc-cuda-build.txt) &
-LB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-bench
+llama_cuda_start $D
 
 echo "== model"; date
-$E synth --type q4_k_m --tokenizer-from $D/tok.gguf -o $M/q4km.gguf 2>&1 | tail -1
+[ -f $M/q4km.gguf ] || $E synth --type q4_k_m --tokenizer-from $D/tok.gguf -o $M/q4km.gguf 2>&1 | tail -1
 $E info $M/q4km.gguf 2>&1 | grep -E "Q4_K|Q6_K|converted" | head -5
-date; until grep -q built /tmp/lc-cuda-build.txt; do sleep 2; done; tail -2 /tmp/lc-cuda-build.txt; date
+date; llama_cuda_wait; date
 
 echo; echo "== copy bandwidth"
 $E bench --backend gpu --copy-bandwidth 2>&1 | grep -E "^device|^copy bandwidth" | tee /tmp/copy.txt

@@ -8,13 +8,12 @@
 #   benches/device/serve.sh D [PHASE...]      PHASE: gpu cpu llama (default: gpu cpu)
 # D, a carried folder, holds ember (release binary) and tok.gguf (a 1-layer `ember synth` of the
 # default model: its tokenizer), as for hybrid_race.sh. Phase llama needs llama.cpp's CUDA build
-# in /tmp/lcc-cuda (hybrid_race.sh builds it; it is not built here: that takes minutes).
+# (lib.sh: built here, ~3.5 min, unless an earlier script built it or it was carried).
 # Expected run: ~2-3 minutes (the synth model ~1 min, each bench ~20-40 s).
 set -uo pipefail
 D=$(realpath "$1"); shift
 [ $# -eq 0 ] && set -- gpu cpu
-[ -d .gl ] && { for f in .gl/*.deb; do dpkg -x "$f" /; done; ldconfig; }
-export XDG_RUNTIME_DIR=$(mktemp -d)
+. benches/device/lib.sh; vulkan_setup
 E=$D/ember; M=/tmp/models; mkdir -p $M
 T=${THREADS:-16}; N=${NGEN:-32}; R=${REPS:-2}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -22,7 +21,7 @@ lscpu | grep -E "Model name|^CPU\(s\)"
 git log -1 --format='ember commit %h' 2>/dev/null
 
 echo "== model"; date
-[ -f $M/dense.gguf ] || $E synth --type q4_0 --tokenizer-from $D/tok.gguf -o $M/dense.gguf 2>&1 | tail -1
+[ -f $M/q4.gguf ] || $E synth --type q4_0 --tokenizer-from $D/tok.gguf -o $M/q4.gguf 2>&1 | tail -1
 date
 for phase in "$@"; do
   case $phase in
@@ -32,21 +31,20 @@ gpu)
   # another for now (engine::batch::Sequences), so about 1x is what this build should show.
   for P in 1 8; do
     echo; echo "== GPU, --parallel $P"
-    $E bench -m $M/dense.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel $P 2>&1 | grep -E "^\||^ember: GPU|context"
+    $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel $P 2>&1 | grep -E "^\||^ember: GPU|context"
   done
   ;;
 cpu)
   # The CPU batches: weights read once per step for all 8.
   for P in 1 8; do
     echo; echo "== CPU, $T threads, --parallel $P"
-    $E bench -m $M/dense.gguf --backend cpu -t $T -c 256 -p 0 -n 16 -r 1 --parallel $P 2>&1 | grep -E "^\||context"
+    $E bench -m $M/q4.gguf --backend cpu -t $T -c 256 -p 0 -n 16 -r 1 --parallel $P 2>&1 | grep -E "^\||context"
   done
   ;;
 llama)
-  LBB=/tmp/lcc-cuda/llama.cpp/build/bin/llama-batched-bench
-  [ -x $LBB ] || { echo "phase llama: $LBB not built (run hybrid_race.sh's build first)"; continue; }
+  llama_cuda_start $D; llama_cuda_wait
   echo; echo "== llama.cpp llama-batched-bench, all layers on the GPU, 1 and 8 sequences"
-  $LBB -m $M/dense.gguf -ngl 99 -c 4096 -npp 1 -ntg $N -npl 1,8 2>&1 | grep -E "^\||PP|TG"
+  $LBB -m $M/q4.gguf -ngl 99 -c 4096 -npp 1 -ntg $N -npl 1,8 2>&1 | grep -E "^\||PP|TG"
   ;;
 *) echo "unknown phase $phase" ;;
   esac
