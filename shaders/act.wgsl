@@ -39,3 +39,8 @@ fn silu_mul(g: f32, u: f32) -> f32 {
 fn relu_mul(g: f32, u: f32) -> f32 {
     return select(0.0, g * u, g > 0.0);
 }
+
+// dReLU: relu(g) * relu(u), zero unless both are positive (as ember::cpu::ops::gated).
+fn drelu_mul(g: f32, u: f32) -> f32 {
+    return select(0.0, g * u, g > 0.0 && u > 0.0);
+}

@@ -16,7 +16,7 @@
 //   layout, written at a stride and offset (a streamed chunk of q/k/v or o rows into its place
 //   among all of them). Tiles of 32 rows x 64 tokens as `gate_up`, the gate tile alone.
 // TYPE_A and TYPE_B are the weight types of bindings 4-5 and 6-7 (gate and up; for `down` both
-// hold D), ACT the activation (0 relu, 1 silu); the lines are rewritten by src/gpu/sparse.rs and
+// hold D), ACT the activation (0 relu, 1 silu, 2 drelu); the lines are rewritten by src/gpu/sparse.rs and
 // must stay of the form `const NAME: u32 = <n>u;`.
 
 struct Params {
@@ -153,6 +153,15 @@ fn deq8(b: u32, ty: u32, row: u32, kb: u32, p: u32, cols: u32) -> array<vec4<f32
     return array<vec4<f32>, 2>(fma(vec4<f32>(d), nib4(w0, high), vec4<f32>(m)), fma(vec4<f32>(d), nib4(w1, high), vec4<f32>(m)));
 }
 
+// A neuron's hidden value from its gate and up values: act(g) * u, or for dReLU (ACT 2)
+// relu(g) * relu(u).
+fn act_mul(g: f32, u: f32) -> f32 {
+    if (ACT == 2u) {
+        return select(0.0, g * u, g > 0.0 && u > 0.0);
+    }
+    return act(g) * u;
+}
+
 fn act(g: f32) -> f32 {
     if (ACT == 0u) {
         return max(g, 0.0);
@@ -222,7 +231,7 @@ fn gate_up(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
             for (var i = 0u; i < 4u; i++) {
                 let r = rbase + 4u * tx + i;
                 if (r < rows) {
-                    h[t * rows + r] = act(ag[j][i]) * au[j][i];
+                    h[t * rows + r] = act_mul(ag[j][i], au[j][i]);
                 }
             }
         }

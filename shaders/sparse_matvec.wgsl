@@ -250,6 +250,15 @@ fn act(g: f32) -> f32 {
     return max(g, 0.0);
 }
 
+// A neuron's hidden value from its gate and up values: act(g) * u, or for dReLU (ACT 2)
+// relu(g) * relu(u).
+fn act_mul(g: f32, u: f32) -> f32 {
+    if (ACT == 2u) {
+        return select(0.0, g * u, g > 0.0 && u > 0.0);
+    }
+    return act(g) * u;
+}
+
 // A job: the workgroup's row and whether it has one (grids are 2D past 65535 workgroups).
 struct Job {
     row: u32,
@@ -306,13 +315,13 @@ fn relu_store(job: Job, s: vec2<f32>) {
 
 fn act_up_store(job: Job, s: vec2<f32>) {
     if (job.valid) {
-        out[job.row] = act(gate[job.row]) * s.y;
+        out[job.row] = act_mul(gate[job.row], s.y);
     }
 }
 
 fn gated_store(job: Job, s: vec2<f32>) {
     if (job.valid) {
-        out[job.row] = act(s.x) * s.y;
+        out[job.row] = act_mul(s.x, s.y);
     }
 }
 

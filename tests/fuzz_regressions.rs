@@ -196,9 +196,9 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for _ in 0..6 {
         for l in 0..n_layer {
             let (resid, gate) = (rng.vec(n_embd), rng.vec(n_ff));
-            prof.record(l, Activation::Relu, &gate);
-            coll16.offer(l, Activation::Relu, &resid, &gate);
-            coll32.offer(l, Activation::Relu, &resid, &gate);
+            prof.record(l, Activation::Relu, &gate, &gate);
+            coll16.offer(l, Activation::Relu, &resid, &gate, &gate);
+            coll32.offer(l, Activation::Relu, &resid, &gate, &gate);
         }
     }
     out.push(("sparse_files", "profile".into(), prof.to_gguf().unwrap().to_bytes()));

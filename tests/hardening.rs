@@ -510,7 +510,7 @@ fn samples_file(path: &Path, n_layer: usize, n_embd: usize, n_ff: usize) {
     let mut c = SampleCollector::new(n_layer, n_embd, n_ff, 40, SampleType::F32, 1);
     for _ in 0..40 {
         for l in 0..n_layer {
-            c.offer(l, Activation::Relu, &rng.vec(n_embd), &rng.vec(n_ff));
+            c.offer(l, Activation::Relu, &rng.vec(n_embd), &rng.vec(n_ff), &rng.vec(n_ff));
         }
     }
     c.save(path, "tiny").unwrap();

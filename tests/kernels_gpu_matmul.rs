@@ -9,7 +9,7 @@ use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
 use ember::gpu::matrix::{default_mv_configs, DecodeKernel, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
-use ember::model::Matrix;
+use ember::model::{Activation, Matrix};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 
@@ -364,8 +364,8 @@ fn gated_pairs_match_cpu() {
             let (wg, mg) = reference(&gate, &x, max_n);
             let (wu, mu) = reference(&up, &x, max_n);
             let b = Bufs::new(&ctx, &x, max_n * ff);
-            for relu in [false, true] {
-                let out = MatOut::with(Epilogue::GatedPairs { relu });
+            for act in [Activation::Silu, Activation::Relu, Activation::Drelu] {
+                let out = MatOut::with(Epilogue::GatedPairs { act });
                 for (label, cfg, decode) in fused_variants(&ctx) {
                     let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, decode, &out);
                     for n in [1, 2, 3, 9, 17, 40] {
@@ -373,13 +373,16 @@ fn gated_pairs_match_cpu() {
                             let got = run_over(&ctx, &op, &b, &vec![f32::NAN; max_n * ff], n, kernel);
                             for i in 0..n * ff {
                                 let (gv, uv) = (wg[i] as f64, wu[i] as f64);
-                                let act = if relu { gv.max(0.0) } else { gv / (1.0 + (-gv).exp()) };
-                                let want = act * uv;
+                                let want = match act {
+                                    Activation::Silu => gv / (1.0 + (-gv).exp()) * uv,
+                                    Activation::Relu => gv.max(0.0) * uv,
+                                    Activation::Drelu => gv.max(0.0) * uv.max(0.0),
+                                };
                                 // The products' own error (1e-4 of sum |w x|) through act(g) * u.
                                 let bound = 2.0 * tol(&ctx, n, kernel) as f64 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;
                                 assert!(
                                     (got[i] as f64 - want).abs() <= bound,
-                                    "{ty:?} gate_up {ff}x{cols} relu {relu} n={n} {kernel:?} {label}: element {i}: got {}, want {want} (bound {bound:.2e})",
+                                    "{ty:?} gate_up {ff}x{cols} {act:?} n={n} {kernel:?} {label}: element {i}: got {}, want {want} (bound {bound:.2e})",
                                     got[i]
                                 );
                             }
@@ -388,7 +391,7 @@ fn gated_pairs_match_cpu() {
                 }
             }
             // The model's own decode kernel (the type's configuration) too.
-            let op = g.bind_matmul_out(&ctx, &b.x, &b.y, &b.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+            let op = g.bind_matmul_out(&ctx, &b.x, &b.y, &b.step, &MatOut::with(Epilogue::GatedPairs { act: Activation::Silu }));
             let got = run_over(&ctx, &op, &b, &vec![f32::NAN; max_n * ff], 1, Kernel::Auto);
             for i in 0..ff {
                 let (gv, uv) = (wg[i] as f64, wu[i] as f64);
@@ -453,7 +456,7 @@ fn folded_rms_norm_matches_cpu() {
                 let gu = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&m, &up], true).unwrap().unwrap();
                 let (wu, mu) = reference(&up, &xn, max_n);
                 let yb = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], max_n * rows);
-                let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+                let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { act: Activation::Silu }));
                 for n in [1, 3] {
                     let got = run_over(&ctx, &op, &yb, &vec![f32::NAN; max_n * rows], n, Kernel::Auto);
                     for i in 0..n * rows {
@@ -829,7 +832,7 @@ fn grouped_types_match_dequantised_reference() {
         let wb = ctx.upload("norm weight", bytemuck::cast_slice(&weight));
         let yb = Bufs::new(&ctx, &vec![f32::NAN; max_n * cols], max_n * ff);
         let norm = NormIn { x: &xb, weight: &wb, eps: 1e-5 };
-        let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { relu: false }));
+        let op = gu.bind_matmul_normed(&ctx, &norm, &yb.x, &yb.y, &yb.step, &MatOut::with(Epilogue::GatedPairs { act: Activation::Silu }));
         assert!(op.folds(1));
         for n in [1, 3] {
             let got = run_over(&ctx, &op, &yb, &vec![f32::NAN; max_n * ff], n, Kernel::Auto);

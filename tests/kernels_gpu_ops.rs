@@ -86,19 +86,18 @@ fn gated_activation_and_add_match_cpu() {
     for dim in [67usize * 5, 1536] {
         let gate: Vec<f32> = rng.vec(max_tokens * dim).iter().map(|v| v * 12.0).collect();
         let up = rng.vec(max_tokens * dim);
-        for relu in [false, true] {
+        for act in [Activation::Silu, Activation::Relu, Activation::Drelu] {
             for n in [1usize, 5, 33] {
                 let gb = upload_f32(&ctx, "gate", &gate);
                 let ub = upload_f32(&ctx, "up", &up);
-                let op = GatedActOp::new(&ctx, &gb, &ub, dim as u32, relu, &step);
+                let op = GatedActOp::new(&ctx, &gb, &ub, dim as u32, act, &step);
                 run(&ctx, &step, n as u32, 3, |p| op.encode(p, n as u32));
                 let got: Vec<f32> = ctx.read(&gb, max_tokens * dim).unwrap();
                 let mut want = gate.clone();
-                let act = if relu { Activation::Relu } else { Activation::Silu };
                 for t in 0..n {
                     gated_activation(act, &mut want[t * dim..(t + 1) * dim], &up[t * dim..(t + 1) * dim]);
                 }
-                assert_close(&got, &want, 1e-5, 1e-6, &format!("gated act relu={relu} dim {dim} n {n}"));
+                assert_close(&got, &want, 1e-5, 1e-6, &format!("gated act {act:?} dim {dim} n {n}"));
             }
         }
         // x += y; the sums are exact in f32, so equal to the bit; rows past n_tokens untouched.
@@ -556,7 +555,7 @@ fn bench_ops() {
         let rope = RopeKvOp::new(&ctx, &q, &k, &v, cache.k(0), cache.v(0), rshape, &step);
         let ashape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
         let attn = AttentionOp::new(&ctx, &q, cache.k(0), cache.v(0), &ao, ashape, n_ctx as u32, max_tokens as u32, &step).unwrap();
-        let act = GatedActOp::new(&ctx, &gate, &up, ffn as u32, false, &step);
+        let act = GatedActOp::new(&ctx, &gate, &up, ffn as u32, Activation::Silu, &step);
         let add = AddOp::new(&ctx, &x, &o, dim as u32, &step);
         let am = ArgmaxOp::new(&ctx, &logits, vocab as u32, &out, &step);
         let tk = TopKOp::new(&ctx, &logits, vocab as u32, 40, &out, &step);

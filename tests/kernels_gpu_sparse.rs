@@ -56,10 +56,19 @@ fn dot64(a: &[f32], b: &[f32]) -> (f64, f64) {
     a.iter().zip(b).fold((0.0, 0.0), |(s, m), (&p, &q)| (s + p as f64 * q as f64, m + (p as f64 * q as f64).abs()))
 }
 
+/// The gate's factor (dReLU's is ReLU's).
 fn act64(act: Activation, g: f64) -> f64 {
     match act {
-        Activation::Relu => g.max(0.0),
+        Activation::Relu | Activation::Drelu => g.max(0.0),
         Activation::Silu => g / (1.0 + (-g).exp()),
+    }
+}
+
+/// A neuron's hidden value: act(g) * u, or for dReLU relu(g) * relu(u).
+fn gated64(act: Activation, g: f64, u: f64) -> f64 {
+    match act {
+        Activation::Drelu => g.max(0.0) * u.max(0.0),
+        _ => act64(act, g) * u,
     }
 }
 
@@ -189,7 +198,7 @@ fn check_predictor(ctx: &GpuContext, hot: &HotFfn, ids: &[u32], dense: &Dense, a
                 continue;
             }
             let ((g, gm), (u, um)) = dots[r];
-            let want = act64(act, g) * u;
+            let want = gated64(act, g, u);
             // d(act(g) u) ~ |act'(g)| |dg| |u| + |act(g)| |du| with |dg| ~ eps sum |g_j x_j|,
             // |du| ~ eps sum |u_j x_j| and |act'| <= 1.1 (ReLU and SiLU).
             let scale = 1.1 * gm * u.abs() + act64(act, g).abs() * um;
@@ -232,7 +241,7 @@ fn predictor_for_types_at(types: [GgmlType; 3], config: impl Fn(&GpuContext) -> 
         for (i, n_hot) in hot_sizes(n_ff, &mut rng).into_iter().enumerate() {
             let ids = subset(n_ff, n_hot, &mut rng);
             let hot = HotFfn::upload_with(&ctx, &gate, &up, &down_t, &ids, config(&ctx)).unwrap();
-            let act = if i % 2 == 0 { Activation::Silu } else { Activation::Relu };
+            let act = [Activation::Silu, Activation::Relu, Activation::Drelu][i % 3];
             let what = format!("{types:?} n_ff {n_ff} n_embd {n_embd} hot {n_hot} {act:?}");
             let (wh, wy) = check_predictor(&ctx, &hot, &ids, &dense, act, &mut rng, &what);
             eprintln!("{what}: ok, worst relative error h {wh:.1e} y {wy:.1e}");
@@ -296,7 +305,7 @@ fn gate_then_up_over_two_lists() {
     for (ci, config) in configs.iter().enumerate() {
         for (ti, &ty) in TYPES.iter().enumerate() {
             let (n_ff, n_embd) = if (ti + ci) % 2 == 0 { (1007, 576) } else { (333, 96) };
-            let act = if ti % 2 == 0 { Activation::Silu } else { Activation::Relu };
+            let act = [Activation::Silu, Activation::Relu, Activation::Drelu][ti % 3];
             let gate = matrix(ty, n_ff, n_embd, &mut rng);
             let up = matrix(ty, n_ff, n_embd, &mut rng);
             let down_t = matrix(ty, n_ff, n_embd, &mut rng);
@@ -345,7 +354,7 @@ fn gate_then_up_over_two_lists() {
                 }
                 n_f += 1;
                 let scale = 1.1 * gm * ud.abs() + act64(act, gd).abs() * um;
-                check(&format!("{what}: h[{r}]"), hv[r], act64(act, gd) * ud, scale, 1e-5);
+                check(&format!("{what}: h[{r}]"), hv[r], gated64(act, gd, ud), scale, 1e-5);
                 assert_eq!(hv[r].to_bits(), h1[r].to_bits(), "{what}: row {r}: two lists {} vs one {}", hv[r], h1[r]);
             }
             assert!(n_c > n_f && n_f > 0, "{what}: {n_c} candidates, {n_f} firing: the test needs both kinds");

@@ -26,10 +26,19 @@ fn subset(n_ff: usize, n: usize, rng: &mut Rng) -> Vec<u32> {
     out
 }
 
+/// The gate's factor (dReLU's is ReLU's).
 fn act64(act: Activation, g: f64) -> f64 {
     match act {
-        Activation::Relu => g.max(0.0),
+        Activation::Relu | Activation::Drelu => g.max(0.0),
         Activation::Silu => g / (1.0 + (-g).exp()),
+    }
+}
+
+/// A neuron's hidden value: act(g) * u, or for dReLU relu(g) * relu(u).
+fn gated64(act: Activation, g: f64, u: f64) -> f64 {
+    match act {
+        Activation::Drelu => g.max(0.0) * u.max(0.0),
+        _ => act64(act, g) * u,
     }
 }
 
@@ -71,7 +80,7 @@ fn batch_ffn_matches_reference() {
             };
             let ids = subset(n_ff, n_hot, &mut rng);
             let hot = HotFfn::upload(&ctx, &gate, &up, &down_t, &ids).unwrap();
-            let act = if (i + j) % 3 == 0 { Activation::Silu } else { Activation::Relu };
+            let act = [Activation::Silu, Activation::Relu, Activation::Drelu][(i + j) % 3];
             let bufs = (
                 ctx.zeros("x", (max_tokens * n_embd * 4) as u64),
                 ctx.zeros("h", (max_tokens * n_ff.max(1) * 4) as u64),
@@ -94,7 +103,7 @@ fn batch_ffn_matches_reference() {
                             let (r, xs) = (r as usize, xt.iter().map(|&v| v as f64));
                             let gv: f64 = g[r].iter().zip(xs.clone()).map(|(&a, b)| a as f64 * b).sum();
                             let uv: f64 = u[r].iter().zip(xs).map(|(&a, b)| a as f64 * b).sum();
-                            let hv = act64(act, gv) * uv;
+                            let hv = gated64(act, gv, uv);
                             for c in 0..n_embd {
                                 want[c] += hv * d[r][c] as f64;
                                 scale[c] += (hv * d[r][c] as f64).abs();
@@ -209,7 +218,7 @@ fn batch_ffn_grouped_types_match_reference() {
         let down_t = matrix(if i % 2 == 0 { GgmlType::Q8_0 } else { ty }, n_ff, n_embd, &mut rng);
         let ids = subset(n_ff, if i % 2 == 0 { n_ff } else { 33 }, &mut rng);
         let hot = HotFfn::upload(&ctx, &gate, &up, &down_t, &ids).unwrap();
-        let act = if i % 2 == 0 { Activation::Silu } else { Activation::Relu };
+        let act = [Activation::Silu, Activation::Relu, Activation::Drelu][i % 3];
         let bufs = (
             ctx.zeros("x", (max_tokens * n_embd * 4) as u64),
             ctx.zeros("h", (max_tokens * n_ff * 4) as u64),
@@ -231,7 +240,7 @@ fn batch_ffn_grouped_types_match_reference() {
                     let r = r as usize;
                     let gv: f64 = g[r].iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let uv: f64 = u[r].iter().zip(xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-                    let hv = act64(act, gv) * uv;
+                    let hv = gated64(act, gv, uv);
                     for c in 0..n_embd {
                         want[c] += hv * d[r][c] as f64;
                         scale[c] += (hv * d[r][c] as f64).abs();

@@ -23,7 +23,8 @@ const LAYERS: usize = 2;
 
 struct Spec {
     arch: &'static str,
-    relu: bool,
+    /// `ember.ffn_activation`, when the file names one (else the architecture's own).
+    act: Option<&'static str>,
     tied: bool,
     /// Store this tensor of layer 0 as Q5_0 (converted at load time).
     q5_tensor: Option<&'static str>,
@@ -40,8 +41,8 @@ fn build(spec: &Spec, seed: u64) -> (Vec<u8>, HashMap<String, Vec<f32>>) {
     }
     w.set(&format!("{a}.rope.freq_base"), Value::F32(10000.0));
     w.set(&format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5));
-    if spec.relu {
-        w.set("ember.ffn_activation", Value::String("relu".into()));
+    if let Some(act) = spec.act {
+        w.set("ember.ffn_activation", Value::String(act.into()));
     }
     let mut values = HashMap::new();
     let mut add = |w: &mut GgufWriter, name: String, dims: &[u64], scale: f32, q5: bool| {
@@ -156,7 +157,17 @@ fn reference_logits(spec: &Spec, w: &HashMap<String, Vec<f32>>, tokens: &[u32]) 
             x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
             let h = norm(x, &p("ffn_norm.weight"));
             let (gate, up) = (matvec(&p("ffn_gate.weight"), &h, FF), matvec(&p("ffn_up.weight"), &h, FF));
-            let act: Vec<f64> = gate.iter().zip(&up).map(|(&g, &u)| if spec.relu { g.max(0.0) * u } else { g / (1.0 + (-g).exp()) * u }).collect();
+            // Bamboo (PowerInfer's dReLU architecture) is dReLU unless the file says otherwise.
+            let act_name = spec.act.unwrap_or(if spec.arch == "bamboo" { "drelu" } else { "silu" });
+            let act: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&g, &u)| match act_name {
+                    "relu" => g.max(0.0) * u,
+                    "drelu" => g.max(0.0) * u.max(0.0),
+                    _ => g / (1.0 + (-g).exp()) * u,
+                })
+                .collect();
             let d = matvec(&p("ffn_down.weight"), &act, E);
             x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
         }
@@ -189,22 +200,111 @@ fn check(spec: Spec) {
 
 #[test]
 fn llama_matches_the_reference() {
-    check(Spec { arch: "llama", relu: false, tied: true, q5_tensor: None });
+    check(Spec { arch: "llama", act: None, tied: true, q5_tensor: None });
 }
 
 #[test]
 fn qwen2_biases_and_neox_rope_match_the_reference() {
-    check(Spec { arch: "qwen2", relu: false, tied: false, q5_tensor: None });
+    check(Spec { arch: "qwen2", act: None, tied: false, q5_tensor: None });
 }
 
 #[test]
 fn relu_ffn_matches_the_reference() {
-    check(Spec { arch: "mistral", relu: true, tied: false, q5_tensor: None });
+    check(Spec { arch: "mistral", act: Some("relu"), tied: false, q5_tensor: None });
+}
+
+#[test]
+fn drelu_ffn_matches_the_reference() {
+    check(Spec { arch: "mistral", act: Some("drelu"), tied: false, q5_tensor: None });
+}
+
+#[test]
+fn bamboo_is_drelu_without_a_key() {
+    check(Spec { arch: "bamboo", act: None, tied: true, q5_tensor: None });
+    let (bytes, _) = build(&Spec { arch: "bamboo", act: None, tied: true, q5_tensor: None }, 42);
+    let model = Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes).unwrap())).unwrap();
+    assert_eq!(model.hp.activation, ember::model::Activation::Drelu);
+}
+
+/// dReLU under `--ffn relu`: the sparse paths pick neurons by a positive gate and apply the
+/// up value's ReLU after, so over the matrices and over the bundles they give the dense
+/// logits up to summation order, and skip the neurons whose gate is not positive.
+#[test]
+fn drelu_sparse_ffn_matches_dense() {
+    use ember::engine::{FfnMode, SparseFfn};
+    let spec = Spec { arch: "bamboo", act: None, tied: false, q5_tensor: None };
+    let (bytes, _) = build(&spec, 7);
+    let model = Arc::new(Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes).unwrap())).unwrap());
+    let tokens = [3u32, 17, 42, 0, 9, 31, 8, 11];
+    let mut dense = Session::new(model.clone(), 32);
+    dense.precision = Precision::F32;
+    let want = dense.forward(&tokens, Logits::All).unwrap();
+    for bundled in [false, true] {
+        let f = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap();
+        let f = Arc::new(if bundled { f.with_bundles(&model) } else { f });
+        let mut s = Session::new(model.clone(), 32);
+        s.precision = Precision::F32;
+        let mut s = s.with_ffn(f);
+        let got = s.forward(&tokens, Logits::All).unwrap();
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "bundled {bundled}: logit {i}: {g} vs {w}");
+        }
+        let density = s.ffn_stats.density(FF);
+        let mean = density.iter().sum::<f64>() / density.len() as f64;
+        assert!(mean > 0.2 && mean < 0.8, "bundled {bundled}: mean active fraction {mean} (positive gates)");
+    }
+}
+
+/// The dense GPU forward pass (lavapipe in CI) on a dReLU model: gate and up stacked, the
+/// product's dReLU epilogue, against the CPU at f32 precision.
+#[test]
+fn drelu_on_the_gpu_matches_the_cpu() {
+    use ember::engine::{GpuSession, GpuWeights};
+    let Some(ctx) = common::gpu() else { return };
+    let ctx = Arc::new(ctx);
+    let (bytes, _) = build(&Spec { arch: "bamboo", act: None, tied: false, q5_tensor: None }, 9);
+    let model = Arc::new(Model::from_gguf(Arc::new(GgufFile::from_bytes(bytes).unwrap())).unwrap());
+    let tokens = [3u32, 17, 42, 0, 9, 31, 8];
+    let mut cpu = Session::new(model.clone(), 32);
+    cpu.precision = Precision::F32;
+    let want = cpu.forward(&tokens, Logits::All).unwrap();
+    let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
+    let mut gpu = GpuSession::new(model.clone(), ctx, weights, 32).unwrap();
+    // The prompt as one batch, then token by token (the decode kernels and their epilogue).
+    let got = gpu.forward(&tokens, Logits::All).unwrap();
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "batch: logit {i}: {g} vs {w}");
+    }
+    gpu.reset();
+    for (t, &tok) in tokens.iter().enumerate() {
+        let got = gpu.forward(&[tok], Logits::Last).unwrap();
+        for (v, &g) in got.iter().enumerate() {
+            let w = want[t * VOCAB + v];
+            assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "decode token {t}: logit {v}: {g} vs {w}");
+        }
+    }
+}
+
+/// The profiler counts a dReLU neuron as firing only when gate and up are both positive.
+#[test]
+fn drelu_fires_only_when_both_branches_are_positive() {
+    use ember::model::Activation;
+    use ember::sparse::profile::fires;
+    assert!(fires(Activation::Drelu, 0.5, 0.1));
+    assert!(!fires(Activation::Drelu, 0.5, -0.1));
+    assert!(!fires(Activation::Drelu, -0.5, 0.1));
+    assert!(!fires(Activation::Drelu, 0.0, 1.0));
+    assert!(fires(Activation::Relu, 0.5, -0.1), "relu ignores the up value");
+    assert_eq!(ember::cpu::ops::gated(Activation::Drelu, 2.0, -3.0), 0.0);
+    assert_eq!(ember::cpu::ops::gated(Activation::Drelu, 2.0, 3.0), 6.0);
+    let (mut g, u) = (vec![2.0f32, -1.0, 0.5, 3.0], vec![3.0f32, 2.0, -4.0, 0.0]);
+    ember::cpu::ops::gated_activation(Activation::Drelu, &mut g, &u);
+    assert_eq!(g, vec![6.0, 0.0, 0.0, 0.0]);
 }
 
 #[test]
 fn q5_0_weights_are_kept_native_and_still_match() {
-    check(Spec { arch: "llama", relu: true, tied: true, q5_tensor: Some("ffn_down.weight") });
+    check(Spec { arch: "llama", act: Some("relu"), tied: true, q5_tensor: Some("ffn_down.weight") });
 }
 
 fn load_err(bytes: Vec<u8>) -> ModelError {
@@ -220,7 +320,7 @@ fn variant(edit: impl Fn(&str, &Value) -> Option<Value>, drop_tensor: Option<&st
 }
 
 fn variant_with(edit: impl Fn(&str, &Value) -> Option<Value>, drop_tensor: Option<&str>, extra: Option<(&str, Value)>) -> Vec<u8> {
-    let (bytes, _) = build(&Spec { arch: "llama", relu: false, tied: true, q5_tensor: None }, 1);
+    let (bytes, _) = build(&Spec { arch: "llama", act: None, tied: true, q5_tensor: None }, 1);
     let f = GgufFile::from_bytes(bytes).unwrap();
     let mut w = GgufWriter::new();
     for (k, v) in f.metadata() {

@@ -70,7 +70,7 @@ type Seen = (usize, Vec<f32>, Vec<f32>);
 struct Recorder(Arc<Mutex<Vec<Seen>>>);
 
 impl FfnObserver for Recorder {
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], _up_pre: &[f32]) {
         self.0.lock().unwrap().push((layer, resid.to_vec(), gate_pre.to_vec()));
     }
 }
@@ -260,7 +260,7 @@ fn sampling_is_uniform() {
     for seed in 0..seeds {
         let mut c = SampleCollector::new(1, 1, 1, 10, SampleType::F32, seed);
         for _ in 0..50 {
-            c.offer(0, ember::model::Activation::Relu, &[0.0], &[1.0]);
+            c.offer(0, ember::model::Activation::Relu, &[0.0], &[1.0], &[1.0]);
         }
         for t in &c.finish()[0].tokens {
             hits[*t as usize] += 1;

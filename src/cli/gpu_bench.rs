@@ -322,7 +322,7 @@ const INTEGER_Q4_0: [&str; 2] = ["kq:8:2:0:1", "kq:8:4:0:1"];
 const FUSED_LAYER: [(usize, usize, &str, Epilogue, f64); 4] = [
     (12288, 4096, " qkv", Epilogue::Store, 1.0),
     (4096, 4096, " o+add", Epilogue::Add, 1.0),
-    (22016, 4096, " gate_up+silu", Epilogue::GatedPairs { relu: false }, 1.0),
+    (22016, 4096, " gate_up+silu", Epilogue::GatedPairs { act: crate::model::Activation::Silu }, 1.0),
     (4096, 11008, " down+add", Epilogue::Add, 1.0),
 ];
 

@@ -125,8 +125,8 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         let (model, tokenizer) = super::load(&path)?;
         let hp = model.hp.clone();
         super::check_ctx("--ctx-size", a.ctx_size, &hp)?;
-        if hp.activation != crate::model::Activation::Relu {
-            eprintln!("ember: warning: the model's FFN activation is {}; almost every neuron is nonzero on every token, so the counts say little (sparsity comes from ReLU)", hp.activation.name());
+        if !hp.activation.gate_is_relu() {
+            eprintln!("ember: warning: the model's FFN activation is {}; almost every neuron is nonzero on every token, so the counts say little (sparsity comes from ReLU or dReLU)", hp.activation.name());
         }
         let mut profiler = Profiler::for_model(&model);
         if let Some(out) = &samples_out {

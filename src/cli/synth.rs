@@ -75,8 +75,8 @@ pub struct SynthArgs {
     /// Type of every 2D weight (token embedding and output included); norms are F32
     #[arg(long = "type", value_enum, default_value = "q4_0")]
     pub ty: SynthType,
-    /// FFN activation
-    #[arg(long, default_value = "silu", value_parser = ["silu", "relu"])]
+    /// FFN activation (drelu: relu(gate) * relu(up), written as `ember.ffn_activation`)
+    #[arg(long, default_value = "silu", value_parser = ["silu", "relu", "drelu"])]
     pub act: String,
     #[arg(long, default_value_t = 4096)]
     pub n_embd: u64,
@@ -289,7 +289,7 @@ struct Calibrator {
 }
 
 impl crate::sparse::FfnObserver for std::sync::Arc<std::sync::Mutex<Calibrator>> {
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], _up_pre: &[f32]) {
         let mut c = self.lock().unwrap_or_else(|e| e.into_inner());
         let ms = resid.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / resid.len() as f64;
         let xn0 = resid[0] as f64 * c.norm0[layer] as f64 / (ms + c.eps as f64).sqrt();
@@ -414,8 +414,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     }
     w.set("llama.rope.freq_base", Value::F32(10000.0));
     w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
-    if a.act == "relu" {
-        w.set("ember.ffn_activation", Value::String("relu".into()));
+    if a.act != "silu" {
+        w.set("ember.ffn_activation", Value::String(a.act.clone()));
     }
     for (k, v) in tok.metadata() {
         if k.starts_with("tokenizer.") {

@@ -213,6 +213,28 @@ pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
                 *g = if *g > 0.0 { *g * u } else { 0.0 };
             }
         }
+        Activation::Drelu => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = gated(Activation::Drelu, *g, u);
+            }
+        }
+    }
+}
+
+/// One neuron's hidden value from its gate and up pre-activations: `act(g) * u`, or for dReLU
+/// `relu(g) * relu(u)`. For ReLU and dReLU the same value as [`gated_activation`] (ReLU's zero
+/// may be -0 here); SiLU's scalar division may differ from the vectorised one in the last bit.
+#[inline]
+pub fn gated(act: Activation, g: f32, u: f32) -> f32 {
+    match act {
+        Activation::Drelu => {
+            if g > 0.0 && u > 0.0 {
+                g * u
+            } else {
+                0.0
+            }
+        }
+        _ => activate(act, g) * u,
     }
 }
 
@@ -234,11 +256,12 @@ pub fn argmax(x: &[f32]) -> (usize, f32) {
     best
 }
 
-/// `act(g)` for one neuron (the sparse paths, which see neurons one by one). SiLU uses
-/// [`exp_poly`] like the vectorised dense path.
+/// The gate's factor `act(g)` for one neuron (the sparse paths, which see neurons one by one
+/// and decide from the gate which ones to compute further). SiLU uses [`exp_poly`] like the
+/// vectorised dense path. dReLU's gate factor is ReLU's; its up factor is applied by [`gated`].
 pub fn activate(act: Activation, g: f32) -> f32 {
     match act {
         Activation::Silu => g / (1.0 + exp_poly(-g)),
-        Activation::Relu => g.max(0.0),
+        Activation::Relu | Activation::Drelu => g.max(0.0),
     }
 }

@@ -984,7 +984,7 @@ pub fn gated_ffn_chunks<R>(
                 std::hint::black_box(g);
                 continue;
             }
-            let h = super::ops::activate(act, g) * up_dots.dot(i, &mut scratch);
+            let h = super::ops::gated(act, g, up_dots.dot(i, &mut scratch));
             if h == 0.0 {
                 continue;
             }
@@ -1182,7 +1182,7 @@ pub fn ffn_over_ranges(
                     prefetch(bundle.neuron(next as usize));
                 }
                 let (i, g) = (kept[k].0 as usize, kept[k].1);
-                let h = super::ops::activate(act, g) * up_dots.dot(i, &mut scratch);
+                let h = super::ops::gated(act, g, up_dots.dot(i, &mut scratch));
                 if h == 0.0 {
                     continue;
                 }

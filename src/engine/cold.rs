@@ -189,7 +189,8 @@ impl ColdFfn {
             active.clear();
             for (&i, &g) in cold.iter().zip(vals.iter()) {
                 gate[i as usize] = g;
-                if act != crate::model::Activation::Relu || g > 0.0 {
+                // A ReLU gate (ReLU or dReLU) that is not positive makes the neuron silent.
+                if !act.gate_is_relu() || g > 0.0 {
                     active.push(i);
                 }
             }

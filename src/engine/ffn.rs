@@ -1,7 +1,7 @@
 //! How each layer's FFN block is computed on the CPU: densely, or only for the neurons that
 //! fire (neuron-aware: gathered up/gate rows, AXPY over the transposed down matrix).
 
-use crate::cpu::ops::activate;
+use crate::cpu::ops::{activate, gated};
 use crate::cpu::sparse::{axpy_rows, ffn_over_ranges, gated_ffn_rows, matvec_rows, matvec_rows_pair, transpose_matrix, NeuronBundle};
 use crate::cpu::{matmul, Activations, Precision};
 use crate::model::{Activation, Matrix, Model};
@@ -62,7 +62,7 @@ pub struct FfnScratch {
 /// Why a sparse FFN cannot be set up for a model.
 #[derive(Debug, thiserror::Error)]
 pub enum FfnError {
-    #[error("--ffn relu needs a ReLU model (ember.ffn_activation = relu); this one uses {0}: try --ffn threshold")]
+    #[error("--ffn relu needs a ReLU or dReLU model (ember.ffn_activation = relu or drelu); this one uses {0}: try --ffn threshold")]
     NotRelu(&'static str),
     #[error("--ffn predict needs predictors: pass --predictor FILE (made by `ember train-predictor`) or use a PowerInfer model that carries blk.N.fc1/fc2")]
     NoPredictors,
@@ -95,7 +95,7 @@ impl SparseFfn {
     fn build(model: &Model, mode: FfnMode, predictors: Option<Arc<Predictors>>, thresholds: Vec<f32>, precision: Precision, simulated: bool, progress: bool) -> Result<SparseFfn, FfnError> {
         let hp = &model.hp;
         match mode {
-            FfnMode::Relu if hp.activation != Activation::Relu => return Err(FfnError::NotRelu(hp.activation.name())),
+            FfnMode::Relu if !hp.activation.gate_is_relu() => return Err(FfnError::NotRelu(hp.activation.name())),
             FfnMode::Predict if predictors.is_none() && !simulated => return Err(FfnError::NoPredictors),
             FfnMode::Threshold if thresholds.len() != hp.n_layer => return Err(FfnError::NoThresholds),
             _ => {}
@@ -120,7 +120,9 @@ impl SparseFfn {
     pub(crate) fn keeps(&self, il: usize, act: Activation, g: f32) -> bool {
         match self.mode {
             FfnMode::Dense => true,
-            // ReLU: exactly the neurons whose activation is non-zero.
+            // ReLU: exactly the neurons whose activation is non-zero. dReLU: those whose gate
+            // is positive, a superset (the up value's sign is known only once its row is read;
+            // a neuron with a negative one then contributes exactly zero).
             FfnMode::Relu => g > 0.0,
             FfnMode::Threshold => activate(act, g).abs() > self.thresholds[il],
             FfnMode::Predict => unreachable!("predict mode does not select by the gate"),
@@ -189,7 +191,7 @@ impl SparseFfn {
             }
             for &i in &s.active {
                 let i = i as usize;
-                s.h[i] = activate(act, s.gate[i]) * s.up[i];
+                s.h[i] = gated(act, s.gate[i], s.up[i]);
             }
             axpy_rows(&self.down_t[il], &s.h, &s.active, out);
         }

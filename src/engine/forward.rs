@@ -407,7 +407,7 @@ impl Session {
             self.products(&acts, [(&layer.ffn_gate, &mut gate[..rows * ff]), (&layer.ffn_up, &mut up[..rows * ff])]);
             if let Some(obs) = self.observer.as_mut() {
                 for t in 0..rows {
-                    obs.observe(il, &x[t * e..(t + 1) * e], &gate[t * ff..(t + 1) * ff]);
+                    obs.observe(il, &x[t * e..(t + 1) * e], &gate[t * ff..(t + 1) * ff], &up[t * ff..(t + 1) * ff]);
                 }
             }
             ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);

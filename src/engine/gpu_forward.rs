@@ -404,7 +404,7 @@ impl GpuSession {
             neox: hp.rope_style == RopeStyle::Halves,
         };
         let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
-        let relu = hp.activation == crate::model::Activation::Relu;
+        let act = hp.activation;
         // q, k and v: sections of `qkv` (offsets in f32 elements).
         let [(q_off, _), (k_off, _), (v_off, _)] = s.qkv_ranges;
         let sections = vec![(qd as u32, (q_off / 4) as u32), (kvd as u32, (k_off / 4) as u32), (kvd as u32, (v_off / 4) as u32)];
@@ -446,11 +446,11 @@ impl GpuSession {
             let ffn = match &w.dense_ffn {
                 Some((gate_up, down)) => FfnOps::Dense {
                     gate_up: match gate_up {
-                        Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &ffn_norm, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { relu }))),
+                        Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &ffn_norm, &s.xn, &s.gate, &s.step, &MatOut::with(Epilogue::GatedPairs { act }))),
                         Stacked::Apart([gate, up]) => StackedOps::GateUpApart(
                             gate.bind_matmul(&ctx, &s.xn, &s.gate, &s.step),
                             up.bind_matmul(&ctx, &s.xn, &s.up, &s.step),
-                            GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, relu, &s.step),
+                            GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, act, &s.step),
                         ),
                     },
                     down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),

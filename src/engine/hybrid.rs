@@ -37,7 +37,7 @@ use crate::gpu::ops::{AddOp, GatedActOp};
 use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
 use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
-use crate::model::{Matrix, Model};
+use crate::model::{Activation, Matrix, Model};
 use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, PlacementInput};
 use crate::sparse::predictor::Predictors;
 use crate::sparse::simulate::{Drawn, SimulatedActivity};
@@ -520,7 +520,7 @@ impl HybridSession {
                 let rank = fc1.rows as u32;
                 PredictorOps {
                     fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
-                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
+                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, Activation::Relu, &s.step),
                     fc2: Some(fc2.bind_matmul(&ctx, &p1, &logits, &s.step)),
                     _weights: vec![fc1, fc2],
                 }
@@ -539,7 +539,7 @@ impl HybridSession {
                 let fc2_op = fc2_hot.as_ref().map(|m| m.bind_matmul(&ctx, &p1, &logits, &s.step));
                 predictor = Some(PredictorOps {
                     fc1: fc1.bind_matmul(&ctx, &s.x, &p1, &s.step),
-                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, true, &s.step),
+                    relu: GatedActOp::new(&ctx, &p1, &ones, rank, Activation::Relu, &s.step),
                     fc2: fc2_op,
                     _weights: std::iter::once(fc1).chain(fc2_hot).collect(),
                 });
@@ -549,7 +549,12 @@ impl HybridSession {
                 FfnMode::Relu => {
                     let gate = DenseGateOp::new(&ctx, &hot, &s.xn, &g)?;
                     let select = SelectOp::new(&ctx, &hot, &list, Criterion::Relu { values: &g })?;
-                    let matvec = SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Relu { g: &g })?;
+                    // dReLU also zeroes a negative up value: the act-up kernel applies the
+                    // whole activation to the gate computed above.
+                    let matvec = match hp.activation {
+                        Activation::Drelu => SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::ActUp { g: &g, act: Activation::Drelu })?,
+                        _ => SparseMatvecOp::new(&ctx, &hot, &list, &s.xn, &h, MatvecMode::Relu { g: &g })?,
+                    };
                     (Some(gate), select, matvec)
                 }
                 _ if charged => {

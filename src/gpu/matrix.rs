@@ -53,7 +53,7 @@ use super::kquant;
 use super::ops::RopeShape;
 use super::{GpuContext, GpuError};
 use crate::gguf::GgmlType;
-use crate::model::Matrix;
+use crate::model::{Activation, Matrix};
 use std::sync::Arc;
 
 macro_rules! compose {
@@ -458,9 +458,9 @@ pub enum Epilogue {
     /// y += W x: the residual connection, with no separate add.
     Add,
     /// The matrix's rows interleave gate and up (row 2i gate i, row 2i + 1 up i, see
-    /// [`GpuMatrix::upload_stacked`]): y = act(gate) * up, half as many values as rows (SiLU,
-    /// or ReLU).
-    GatedPairs { relu: bool },
+    /// [`GpuMatrix::upload_stacked`]): y = act(gate) * up (dReLU: relu(gate) * relu(up)), half
+    /// as many values as rows.
+    GatedPairs { act: Activation },
 }
 
 impl Epilogue {
@@ -468,8 +468,9 @@ impl Epilogue {
         match self {
             Epilogue::Store => 0,
             Epilogue::Add => 1,
-            Epilogue::GatedPairs { relu: false } => 2,
-            Epilogue::GatedPairs { relu: true } => 3,
+            Epilogue::GatedPairs { act: Activation::Silu } => 2,
+            Epilogue::GatedPairs { act: Activation::Relu } => 3,
+            Epilogue::GatedPairs { act: Activation::Drelu } => 4,
         }
     }
 

@@ -403,9 +403,10 @@ pub struct GatedActOp {
 }
 
 impl GatedActOp {
-    pub fn new(ctx: &GpuContext, gate: &Buffer, up: &Buffer, dim: u32, relu: bool, step: &Buffer) -> Self {
+    pub fn new(ctx: &GpuContext, gate: &Buffer, up: &Buffer, dim: u32, act: crate::model::Activation, step: &Buffer) -> Self {
         let p = params(ctx, "gated_act.params", &[dim, 0, 0, 0]);
-        let entry = if relu { "relu" } else { "silu" };
+        // The shader's entry points are named after the activations.
+        let entry = act.name();
         let kernel = Kernel::new(ctx, &format!("ops/gated_act.{entry}"), GATED_ACT, entry, &[(0, gate), (1, up), (2, &p), (3, step)]);
         GatedActOp { kernel, dim, _params: p }
     }

@@ -604,10 +604,12 @@ pub enum MatvecMode<'a> {
     ActUp { g: &'a Buffer, act: Activation },
 }
 
+/// The shaders' ACT constant.
 fn act_code(act: Activation) -> u32 {
     match act {
         Activation::Relu => 0,
         Activation::Silu => 1,
+        Activation::Drelu => 2,
     }
 }
 

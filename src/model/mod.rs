@@ -4,6 +4,7 @@
 //! names it answers to, its RoPE layout and whether attention projections carry biases. The
 //! layer recipe itself (pre-norm attention + gated FFN) is shared by the whole llama family.
 
+mod bamboo;
 mod llama;
 mod qwen2;
 pub mod quantize;
@@ -46,11 +47,19 @@ pub enum RopeStyle {
     Halves,
 }
 
-/// The FFN's gate activation.
+/// The gated FFN's activation: the hidden value of neuron i is `act(g_i, u_i)` for its gate
+/// and up pre-activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
+    /// `silu(g) * u` (SwiGLU).
     Silu,
+    /// `relu(g) * u` (ReLU-fied llama models, PowerInfer's ReluLLaMA).
     Relu,
+    /// dReLU, `relu(g) * relu(u)` (TurboSparse, Bamboo: ReLU on both branches, so a neuron is
+    /// silent unless both are positive). Its gate factor is ReLU's, so every path that decides
+    /// from the gate alone (`g > 0`) keeps a superset of the firing neurons and gets the exact
+    /// result once the up value's ReLU is applied.
+    Drelu,
 }
 
 impl Activation {
@@ -58,7 +67,14 @@ impl Activation {
         match self {
             Activation::Silu => "silu",
             Activation::Relu => "relu",
+            Activation::Drelu => "drelu",
         }
+    }
+
+    /// Whether the gate passes through a ReLU: a neuron whose gate is not positive contributes
+    /// exactly zero (ReLU and dReLU), which is what `--ffn relu` needs.
+    pub fn gate_is_relu(self) -> bool {
+        matches!(self, Activation::Relu | Activation::Drelu)
     }
 }
 
@@ -70,9 +86,11 @@ pub struct ArchSpec {
     pub rope: RopeStyle,
     /// q, k and v projections have biases.
     pub qkv_bias: bool,
+    /// The FFN activation when the file does not say (`ember.ffn_activation`).
+    pub activation: Activation,
 }
 
-const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2];
+const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &bamboo::BAMBOO];
 
 fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
     ARCHITECTURES.iter().copied().find(|a| a.names.contains(&name)).ok_or_else(|| {
@@ -144,9 +162,11 @@ impl HParams {
             None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
         };
         let activation = match opt_s("ember.ffn_activation")? {
-            None | Some("silu") => Activation::Silu,
+            None => spec.activation,
+            Some("silu") => Activation::Silu,
             Some("relu") => Activation::Relu,
-            Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu or relu)"))),
+            Some("drelu") => Activation::Drelu,
+            Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu, relu or drelu)"))),
         };
         let rope_freq_scale = match opt_s(&key("rope.scaling.type"))? {
             None | Some("none") => 1.0,

@@ -18,6 +18,9 @@ pub mod train;
 pub trait FfnObserver: Send {
     /// `resid`: the residual stream entering the FFN block (before its RMSNorm; PowerInfer's
     /// predictor input for llama models), `n_embd` values. `gate_pre`: the gate projection
-    /// before the activation, `n_ff` values; neuron i fires when `act(gate_pre[i]) != 0`.
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]);
+    /// before the activation, `n_ff` values; `up_pre`: the up projection, `n_ff` values.
+    /// Neuron i fires when its hidden value can be non-zero
+    /// ([`profile::fires`]`(act, gate_pre[i], up_pre[i])`: the gate's activation, and for
+    /// dReLU the up value's ReLU too).
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], up_pre: &[f32]);
 }

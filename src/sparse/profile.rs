@@ -111,12 +111,13 @@ impl ActivationProfile {
         self.layer_tokens.first().copied().unwrap_or(0)
     }
 
-    /// Counts one token of `layer` whose neurons fired where `act(gate_pre) != 0`.
-    pub fn record(&mut self, layer: usize, act: Activation, gate_pre: &[f32]) {
+    /// Counts one token of `layer` whose neurons fired where [`fires`] says so.
+    pub fn record(&mut self, layer: usize, act: Activation, gate_pre: &[f32], up_pre: &[f32]) {
         let counts = &mut self.counts[layer];
         debug_assert_eq!(counts.len(), gate_pre.len());
-        for (c, &g) in counts.iter_mut().zip(gate_pre) {
-            *c += fires(act, g) as u32;
+        debug_assert_eq!(up_pre.len(), gate_pre.len());
+        for ((c, &g), &u) in counts.iter_mut().zip(gate_pre).zip(up_pre) {
+            *c += fires(act, g, u) as u32;
         }
         self.layer_tokens[layer] += 1;
     }
@@ -315,12 +316,15 @@ impl ActivationProfile {
     }
 }
 
-/// Whether a neuron with gate pre-activation `g` contributes (`act(g) != 0`).
+/// Whether a neuron with gate and up pre-activations `g` and `u` contributes (its hidden
+/// value is not forced to zero by the activation).
 #[inline]
-pub fn fires(act: Activation, g: f32) -> bool {
+pub fn fires(act: Activation, g: f32, u: f32) -> bool {
     match act {
         // The dense path's ReLU keeps exactly the positive gates.
         Activation::Relu => g > 0.0,
+        // dReLU: both branches pass a ReLU, so both must be positive (TurboSparse's count).
+        Activation::Drelu => g > 0.0 && u > 0.0,
         Activation::Silu => crate::cpu::ops::activate(act, g) != 0.0,
     }
 }
@@ -406,7 +410,7 @@ impl SampleCollector {
     }
 
     /// Offers token number `layer.seen` of `layer`.
-    pub fn offer(&mut self, layer: usize, act: Activation, resid: &[f32], gate_pre: &[f32]) {
+    pub fn offer(&mut self, layer: usize, act: Activation, resid: &[f32], gate_pre: &[f32], up_pre: &[f32]) {
         let (e, words, cap, ty) = (self.n_embd, self.words(), self.capacity, self.ty);
         let key = mix64(self.seed ^ mix64(self.layers[layer].seen.wrapping_add(0x5851_F42D_4C95_7F2D)));
         let r = &mut self.layers[layer];
@@ -441,8 +445,8 @@ impl SampleCollector {
         }
         let m = &mut r.masks[slot * words..(slot + 1) * words];
         m.fill(0);
-        for (i, &g) in gate_pre.iter().enumerate() {
-            if fires(act, g) {
+        for (i, (&g, &u)) in gate_pre.iter().zip(up_pre).enumerate() {
+            if fires(act, g, u) {
                 m[i / 32] |= 1 << (i % 32);
             }
         }
@@ -740,15 +744,15 @@ impl Profiler {
 }
 
 impl FfnObserver for Profiler {
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
-        if layer >= self.profile.n_layer() || gate_pre.len() != self.profile.n_ff() {
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], up_pre: &[f32]) {
+        if layer >= self.profile.n_layer() || gate_pre.len() != self.profile.n_ff() || up_pre.len() != gate_pre.len() {
             // A session of another model: counting it would corrupt the profile.
             return;
         }
-        self.profile.record(layer, self.act, gate_pre);
+        self.profile.record(layer, self.act, gate_pre, up_pre);
         if let Some(s) = self.samples.as_mut() {
             if resid.len() == s.n_embd {
-                s.offer(layer, self.act, resid, gate_pre);
+                s.offer(layer, self.act, resid, gate_pre, up_pre);
             }
         }
     }
@@ -756,9 +760,9 @@ impl FfnObserver for Profiler {
 
 /// Lets the caller keep the profiler after handing it to a session as a boxed observer.
 impl FfnObserver for Arc<Mutex<Profiler>> {
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], up_pre: &[f32]) {
         // A poisoned lock means another observer call panicked; its counts are still usable.
         let mut p = self.lock().unwrap_or_else(|e| e.into_inner());
-        p.observe(layer, resid, gate_pre)
+        p.observe(layer, resid, gate_pre, up_pre)
     }
 }

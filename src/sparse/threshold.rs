@@ -35,7 +35,7 @@ impl ThresholdCalibrator {
 }
 
 impl FfnObserver for ThresholdCalibrator {
-    fn observe(&mut self, layer: usize, _resid: &[f32], gate_pre: &[f32]) {
+    fn observe(&mut self, layer: usize, _resid: &[f32], gate_pre: &[f32], _up_pre: &[f32]) {
         let act = self.act;
         self.magnitudes[layer].extend(gate_pre.iter().map(|&g| crate::cpu::ops::activate(act, g).abs()));
     }
@@ -43,8 +43,8 @@ impl FfnObserver for ThresholdCalibrator {
 
 /// Lets the caller keep the calibrator after handing it to a session as a boxed observer.
 impl FfnObserver for std::sync::Arc<std::sync::Mutex<ThresholdCalibrator>> {
-    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32]) {
-        self.lock().unwrap().observe(layer, resid, gate_pre)
+    fn observe(&mut self, layer: usize, resid: &[f32], gate_pre: &[f32], up_pre: &[f32]) {
+        self.lock().unwrap().observe(layer, resid, gate_pre, up_pre)
     }
 }
 
@@ -56,8 +56,8 @@ mod tests {
     fn quantile_per_layer() {
         let mut c = ThresholdCalibrator::new(Activation::Relu, 2);
         let gate: Vec<f32> = (1..=100).map(|i| i as f32).collect();
-        c.observe(0, &[], &gate);
-        c.observe(1, &[], &gate.iter().map(|g| -g).collect::<Vec<_>>());
+        c.observe(0, &[], &gate, &gate);
+        c.observe(1, &[], &gate.iter().map(|g| -g).collect::<Vec<_>>(), &gate);
         let t = c.thresholds(0.3);
         assert_eq!(t[0], 30.0);
         // ReLU of negative gates is zero everywhere.
