@@ -78,6 +78,14 @@ pub struct SynthArgs {
     /// FFN activation (drelu: relu(gate) * relu(up), written as `ember.ffn_activation`)
     #[arg(long, default_value = "silu", value_parser = ["silu", "relu", "drelu"])]
     pub act: String,
+    /// Model family, with its tensor names, shapes and metadata keys as llama.cpp's converter
+    /// writes them: llama; qwen3 (per-head q/k norms, NeoX RoPE, `qwen3.attention.key_length`);
+    /// bamboo (PowerInfer's dReLU llama, which implies --act drelu)
+    #[arg(long, default_value = "llama", value_parser = ["llama", "qwen3", "bamboo"])]
+    pub arch: String,
+    /// Size of an attention head [default: n_embd / n_head]; qwen3 only, where it may differ
+    #[arg(long)]
+    pub head_dim: Option<u64>,
     #[arg(long, default_value_t = 4096)]
     pub n_embd: u64,
     #[arg(long, default_value_t = 11008)]
@@ -406,15 +414,34 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     if ty.block_len() == 256 && !(divides(a.n_embd, 256) && divides(a.n_ff, 256)) {
         return Err(format!("--type {:?}: K-quant rows are whole super-blocks: n_embd and n_ff must be multiples of 256", a.ty).into());
     }
-    let mut w = GgufWriter::new();
-    w.set("general.architecture", Value::String("llama".into()));
-    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, a.act, format!("{:?}", a.ty).to_uppercase())));
-    for (k, v) in [("block_count", a.n_layer), ("embedding_length", a.n_embd), ("feed_forward_length", a.n_ff), ("attention.head_count", a.n_head), ("attention.head_count_kv", a.n_head_kv), ("context_length", 4096), ("vocab_size", vocab), ("rope.dimension_count", a.n_embd / a.n_head)] {
-        w.set(&format!("llama.{k}"), Value::U32(v as u32));
+    let arch = a.arch.as_str();
+    if arch == "bamboo" && a.act != "drelu" {
+        return Err("--arch bamboo is PowerInfer's dReLU architecture: add --act drelu".into());
     }
-    w.set("llama.rope.freq_base", Value::F32(10000.0));
-    w.set("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5));
-    if a.act != "silu" {
+    let hd = a.head_dim.unwrap_or(a.n_embd / a.n_head);
+    if a.head_dim.is_some() && arch != "qwen3" {
+        return Err("--head-dim: only qwen3 heads may differ from n_embd / n_head".into());
+    }
+    if hd == 0 || hd > 1024 || !hd.is_multiple_of(2) || (a.n_head * hd) % ty.block_len() as u64 != 0 {
+        return Err(format!("--head-dim {hd}: use an even size up to 1024 with n_head x head_dim a multiple of {}", ty.block_len()).into());
+    }
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String(arch.into()));
+    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, a.act, format!("{:?}", a.ty).to_uppercase())));
+    let mut keys = vec![("block_count", a.n_layer), ("embedding_length", a.n_embd), ("feed_forward_length", a.n_ff), ("attention.head_count", a.n_head), ("attention.head_count_kv", a.n_head_kv), ("context_length", 4096)];
+    match arch {
+        // convert_hf_to_gguf.py's Qwen3: the head size as key and value length, RoPE over whole
+        // heads (no dimension count), no vocabulary size key.
+        "qwen3" => keys.extend([("attention.key_length", hd), ("attention.value_length", hd)]),
+        _ => keys.extend([("vocab_size", vocab), ("rope.dimension_count", hd)]),
+    }
+    for (k, v) in keys {
+        w.set(&format!("{arch}.{k}"), Value::U32(v as u32));
+    }
+    w.set(&format!("{arch}.rope.freq_base"), Value::F32(if arch == "qwen3" { 1_000_000.0 } else { 10000.0 }));
+    w.set(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(if arch == "qwen3" { 1e-6 } else { 1e-5 }));
+    // Bamboo's dReLU is its architecture's; elsewhere ember's own key says it.
+    if a.act != "silu" && arch != "bamboo" {
         w.set("ember.ffn_activation", Value::String(a.act.clone()));
     }
     for (k, v) in tok.metadata() {
@@ -422,7 +449,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             w.set(k, v.clone());
         }
     }
-    let (e, ff, kv) = (a.n_embd, a.n_ff, a.n_embd / a.n_head * a.n_head_kv);
+    let (e, ff, q, kv) = (a.n_embd, a.n_ff, hd * a.n_head, hd * a.n_head_kv);
     let nl = a.n_layer;
     w.add_generated("token_embd.weight", &[e, vocab], a.ty.of("token_embd", 0, nl));
     w.add_generated("output_norm.weight", &[e], GgmlType::F32);
@@ -431,10 +458,14 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let n = |s: &str| format!("blk.{l}.{s}");
         let t = |s: &str| a.ty.of(s, l, nl);
         w.add_generated(&n("attn_norm.weight"), &[e], GgmlType::F32);
-        w.add_generated(&n("attn_q.weight"), &[e, e], t("attn_q.weight"));
+        w.add_generated(&n("attn_q.weight"), &[e, q], t("attn_q.weight"));
         w.add_generated(&n("attn_k.weight"), &[e, kv], t("attn_k.weight"));
         w.add_generated(&n("attn_v.weight"), &[e, kv], t("attn_v.weight"));
-        w.add_generated(&n("attn_output.weight"), &[e, e], t("attn_output.weight"));
+        w.add_generated(&n("attn_output.weight"), &[q, e], t("attn_output.weight"));
+        if arch == "qwen3" {
+            w.add_generated(&n("attn_q_norm.weight"), &[hd], GgmlType::F32);
+            w.add_generated(&n("attn_k_norm.weight"), &[hd], GgmlType::F32);
+        }
         w.add_generated(&n("ffn_norm.weight"), &[e], GgmlType::F32);
         w.add_generated(&n("ffn_gate.weight"), &[e, ff], t("ffn_gate.weight"));
         w.add_generated(&n("ffn_up.weight"), &[e, ff], t("ffn_up.weight"));
@@ -461,14 +492,14 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             return Err(format!("{}: the model takes {:.1} GiB, more than the {:.1} GiB free there", a.output.display(), gib(total), gib(free)).into());
         }
     }
-    let n_tensors = 3 + 9 * a.n_layer;
+    let n_tensors = 3 + if arch == "qwen3" { 11 } else { 9 } * a.n_layer;
     let bar = indicatif::ProgressBar::new(n_tensors);
     bar.set_style(indicatif::ProgressStyle::with_template("ember: writing {msg} {bar:30} {pos}/{len} tensors").unwrap());
     bar.set_message(a.output.display().to_string());
     let mut index = 0u64;
     crate::files::write_atomic(&a.output, |out| {
         w.write_generated(out, &mut |name, t, buf| {
-            let cols = if name.ends_with("ffn_down.weight") { ff } else { e };
+            let cols = if name.ends_with("ffn_down.weight") { ff } else if name.ends_with("attn_output.weight") { q } else { e };
             fill(buf, t, cols, mix(a.seed ^ mix(index)));
             if relu && t != GgmlType::F32 {
                 relu_structure(name, buf, t, cols);

@@ -16,6 +16,20 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm`] in place: each `weight.len()` values of `x` divided by their RMS and scaled by
+/// `weight` (qwen3's per-head q/k norms run it over rows of one head).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let n = weight.len();
+    for row in x.chunks_exact_mut(n) {
+        let sum: f64 = row.iter().map(|&v| (v * v) as f64).sum();
+        let mean = (sum / n as f64) as f32;
+        let scale = 1.0 / (mean + eps).sqrt();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = (*v * scale) * w;
+        }
+    }
+}
+
 /// Precomputed RoPE angles for a model: `theta_i = pos * base^(-2i/d)`, built by repeated
 /// multiplication in f32 like llama.cpp so both agree to the bit.
 pub struct Rope {

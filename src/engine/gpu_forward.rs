@@ -134,6 +134,11 @@ impl GpuWeights {
         if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
             return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
         }
+        // Refused before any upload: running such a layer without its norms would give wrong
+        // numbers, not an error.
+        if model.layers.iter().zip(attention_on_gpu).any(|(l, &on_gpu)| on_gpu && l.q_norm.is_some()) {
+            return Err(GpuError::Unsupported(format!("{} attention (per-head q/k norms) is not on the GPU yet: use --backend cpu", model.hp.arch)));
+        }
         let with_head = n_layers == model.layers.len();
         let bar = if progress { indicatif::ProgressBar::new(n_layers as u64 + 1) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading weights {bar:30} {pos}/{len} layers").unwrap());

@@ -150,6 +150,11 @@ impl HostAttention {
                 buf.chunks_exact_mut(d).for_each(|row| ops::add_assign(row, b));
             }
         }
+        // qwen3: every head of q and k normalised on its own, before RoPE.
+        if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+            ops::rms_norm_in_place(&mut q[..n * qd], qn, hp.rms_eps);
+            ops::rms_norm_in_place(&mut k[..n * kvd], kn, hp.rms_eps);
+        }
         for t in 0..n {
             let angles = rope.angles(pos0 + t);
             rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles);

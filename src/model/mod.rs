@@ -7,6 +7,7 @@
 mod bamboo;
 mod llama;
 mod qwen2;
+mod qwen3;
 pub mod quantize;
 mod weights;
 
@@ -88,9 +89,12 @@ pub struct ArchSpec {
     pub qkv_bias: bool,
     /// The FFN activation when the file does not say (`ember.ffn_activation`).
     pub activation: Activation,
+    /// Each head of q and k passes through an RMSNorm of its own (`attn_q_norm`,
+    /// `attn_k_norm`, `head_dim` weights) before RoPE.
+    pub qk_norm: bool,
 }
 
-const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &bamboo::BAMBOO];
+const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &bamboo::BAMBOO];
 
 fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
     ARCHITECTURES.iter().copied().find(|a| a.names.contains(&name)).ok_or_else(|| {
@@ -156,7 +160,13 @@ impl HParams {
         let n_embd = req_u("embedding_length")?;
         let n_head = req_u("attention.head_count")?;
         let n_head_kv = opt_u("attention.head_count_kv")?.map(usize_of).unwrap_or(n_head);
+        // Qwen3 and others give heads a size of their own, not n_embd / n_head.
         let head_dim = opt_u("attention.key_length")?.map(usize_of).unwrap_or(n_embd.checked_div(n_head).unwrap_or(0));
+        if let Some(v) = opt_u("attention.value_length")? {
+            if usize_of(v) != head_dim {
+                return Err(ModelError::BadHParams(format!("{arch}.attention.value_length = {v} differs from the key length {head_dim}; ember's attention needs them equal")));
+            }
+        }
         let n_vocab = match opt_u("vocab_size")? {
             Some(v) => usize_of(v),
             None => f.get("tokenizer.ggml.tokens").and_then(|v| v.as_array()).map(|a| a.len()).unwrap_or(0),
@@ -249,6 +259,9 @@ pub struct Layer {
     pub bq: Option<Vec<f32>>,
     pub bk: Option<Vec<f32>>,
     pub bv: Option<Vec<f32>>,
+    /// Per-head RMSNorm weights of q and k (`head_dim` each; qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     pub ffn_gate: Matrix,
     pub ffn_up: Matrix,
@@ -331,6 +344,10 @@ impl Model {
             let bq = bias(&mut store, "attn_q.bias", q)?;
             let bk = bias(&mut store, "attn_k.bias", kv)?;
             let bv = bias(&mut store, "attn_v.bias", kv)?;
+            let (q_norm, k_norm) = match spec.qk_norm {
+                true => (Some(store.vector(&n("attn_q_norm.weight"), hp.head_dim as u64)?), Some(store.vector(&n("attn_k_norm.weight"), hp.head_dim as u64)?)),
+                false => (None, None),
+            };
             let ffn_norm = store.vector(&n("ffn_norm.weight"), e)?;
             let ffn_gate = store.matrix(&n("ffn_gate.weight"), &[e, ff])?;
             let ffn_up = store.matrix(&n("ffn_up.weight"), &[e, ff])?;
@@ -341,7 +358,7 @@ impl Model {
                 (Some(t), false) => t.transposed(t.transpose_type()).map_err(|m| ModelError::Other(format!("{}: {m}", t.name)))?,
                 _ => store.matrix(&n("ffn_down.weight"), &[ff, e])?,
             };
-            layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
+            layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
     }
@@ -383,6 +400,7 @@ impl Model {
                 total += m.n_bytes() as u64;
             }
             total += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
+            total += 4 * (l.q_norm.as_ref().map_or(0, |v| v.len()) + l.k_norm.as_ref().map_or(0, |v| v.len())) as u64;
         }
         total
     }

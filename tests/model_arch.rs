@@ -1,0 +1,229 @@
+//! The model families beyond llama (qwen3; PowerInfer's dReLU `bamboo`) on small models that
+//! `ember synth` writes with each family's real tensor names, shapes and metadata keys:
+//! ember's forward pass against a plain f64 forward pass written here from the architectures'
+//! descriptions, and ember's greedy tokens against llama.cpp's on the same files
+//! (`tests/refs/arch-*.greedy.jsonl`, made by `tests/refs/tools/greedy_ids.c`; see
+//! tests/refs/README.md). The synthetic models take the default model's tokenizer, so these
+//! tests skip without it.
+
+mod common;
+
+use ember::cpu::Precision;
+use ember::engine::{Forward, Logits, Session};
+use ember::gguf::GgufFile;
+use ember::model::Model;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+/// A folder under the system's temporary folder, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("ember-arch-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `ember synth ARGS -o DIR/NAME.gguf` with the default model's tokenizer (None without it).
+/// The same arguments give the same bytes (the seed is fixed), which is what the llama.cpp
+/// references were made from.
+fn synth(dir: &TempDir, name: &str, args: &[&str]) -> Option<PathBuf> {
+    let tok = common::default_model()?;
+    let out = dir.0.join(format!("{name}.gguf"));
+    let status = Command::new(env!("CARGO_BIN_EXE_ember"))
+        .arg("synth")
+        .args(args)
+        .arg("--tokenizer-from")
+        .arg(&tok)
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "ember synth {args:?}");
+    Some(out)
+}
+
+/// The small shapes the references were made with (a few MB, most of it the 49152-token
+/// embedding and output).
+const QWEN3: &[&str] = &["--arch", "qwen3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--seed", "3"];
+const BAMBOO: &[&str] = &["--arch", "bamboo", "--act", "drelu", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "5"];
+
+/// A tensor's values, dequantised.
+fn values(f: &GgufFile, name: &str) -> Vec<f64> {
+    let t = f.tensor(name).unwrap_or_else(|| panic!("no tensor {name}"));
+    let n = t.dims.iter().product::<u64>() as usize;
+    let mut out = vec![0.0f32; n];
+    ember::quant::dequantize(t.ty, f.tensor_data(t), &mut out).unwrap();
+    out.into_iter().map(f64::from).collect()
+}
+
+/// The forward pass from the architectures' descriptions, in f64, read straight from the file:
+/// pre-norm decoder; RMSNorm; q, k, v projections (qwen3: each head of q and k RMS-normalised
+/// with its own weights, then RoPE on halves; llama/bamboo: RoPE on adjacent pairs); causal
+/// softmax attention with grouped KV heads; gated FFN (SiLU, or dReLU: relu(gate) * relu(up)).
+/// Returns every position's logits.
+fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let arch = f.get_str("general.architecture").unwrap().to_string();
+    let u = |k: &str| f.get_u64(&format!("{arch}.{k}")).unwrap() as usize;
+    let (n_layer, e, ff, n_head, n_kv) = (u("block_count"), u("embedding_length"), u("feed_forward_length"), u("attention.head_count"), u("attention.head_count_kv"));
+    let hd = f.get_u64(&format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(e / n_head);
+    let eps = f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap() as f64;
+    let base = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap() as f64;
+    let (qwen3, drelu) = (arch == "qwen3", arch == "bamboo");
+    let vocab = f.tensor("token_embd.weight").unwrap().dims[1] as usize;
+    let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> { m.chunks_exact(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect() };
+    let norm = |x: &[f64], w: &[f64]| -> Vec<f64> {
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + eps).sqrt();
+        x.iter().zip(w).map(|(v, w)| v / rms * w).collect()
+    };
+    let rope = |x: &mut [f64], pos: usize| {
+        for head in x.chunks_mut(hd) {
+            for i in 0..hd / 2 {
+                let theta = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
+                let (a, b) = if qwen3 { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * theta.cos() - x1 * theta.sin();
+                head[b] = x0 * theta.sin() + x1 * theta.cos();
+            }
+        }
+    };
+    let embd = values(f, "token_embd.weight");
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embd[t as usize * e..(t as usize + 1) * e].to_vec()).collect();
+    for l in 0..n_layer {
+        let p = |t: &str| values(f, &format!("blk.{l}.{t}"));
+        let (wq, wk, wv, wo) = (p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight"), p("attn_output.weight"));
+        let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
+        for (pos, x) in xs.iter().enumerate() {
+            let h = norm(x, &p("attn_norm.weight"));
+            let (mut q, mut k) = (matvec(&wq, &h), matvec(&wk, &h));
+            if qwen3 {
+                let (qn, kn) = (p("attn_q_norm.weight"), p("attn_k_norm.weight"));
+                q = q.chunks(hd).flat_map(|head| norm(head, &qn)).collect();
+                k = k.chunks(hd).flat_map(|head| norm(head, &kn)).collect();
+            }
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(matvec(&wv, &h));
+        }
+        let (gate_w, up_w, down_w) = (p("ffn_gate.weight"), p("ffn_up.weight"), p("ffn_down.weight"));
+        for (pos, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0.0; n_head * hd];
+            for h in 0..n_head {
+                let kvh = h / (n_head / n_kv);
+                let s: Vec<f64> = (0..=pos).map(|j| (0..hd).map(|i| qs[pos][h * hd + i] * ks[j][kvh * hd + i]).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
+                for i in 0..hd {
+                    att[h * hd + i] = (0..=pos).map(|j| (s[j] - m).exp() / z * vs[j][kvh * hd + i]).sum();
+                }
+            }
+            x.iter_mut().zip(matvec(&wo, &att)).for_each(|(a, b)| *a += b);
+            let h = norm(x, &p("ffn_norm.weight"));
+            let (g, u) = (matvec(&gate_w, &h), matvec(&up_w, &h));
+            assert_eq!(g.len(), ff);
+            let act: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| if drelu { g.max(0.0) * u.max(0.0) } else { g / (1.0 + (-g).exp()) * u }).collect();
+            x.iter_mut().zip(matvec(&down_w, &act)).for_each(|(a, b)| *a += b);
+        }
+    }
+    let out = if f.tensor("output.weight").is_some() { values(f, "output.weight") } else { embd };
+    let on = values(f, "output_norm.weight");
+    xs.iter().map(|x| { let l = matvec(&out, &norm(x, &on)); assert_eq!(l.len(), vocab); l }).collect()
+}
+
+/// ember's CPU logits at f32 precision within the f16 KV cache's rounding of the reference.
+fn check_reference(path: &Path) {
+    let file = Arc::new(GgufFile::open(path).unwrap());
+    let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
+    let tokens = [504u32, 3575, 282, 4649, 314, 17, 9001];
+    let want = reference_logits(&file, &tokens);
+    let mut s = Session::new(model.clone(), 64);
+    s.precision = Precision::F32;
+    let got = s.forward(&tokens, Logits::All).unwrap();
+    let vocab = model.hp.n_vocab;
+    let mut worst = 0.0f64;
+    for (t, w) in want.iter().enumerate() {
+        for (v, &wv) in w.iter().enumerate() {
+            let g = got[t * vocab + v] as f64;
+            let err = (g - wv).abs() / wv.abs().max(1.0);
+            worst = worst.max(err);
+            // f16 keys and values in the cache: about three significant digits.
+            assert!(err < 1e-2, "{} token {t} logit {v}: {g} vs {wv}", model.hp.arch);
+        }
+    }
+    eprintln!("{}: worst relative logit error vs the f64 reference {worst:.1e}", model.hp.arch);
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
+}
+
+/// ember's greedy tokens (CPU, llama.cpp's precision) against llama.cpp's for each prompt.
+/// Random weights over a 49152-token vocabulary leave small top-2 margins, so a prompt may
+/// leave llama.cpp's tokens only at a step where llama.cpp's own margin was a near tie
+/// (under 0.02), and at least five of the six must match to the end.
+fn check_llama_cpp(path: &Path, refs: &str) {
+    let model = Arc::new(Model::load(path).unwrap());
+    let cases: Vec<serde_json::Value> = refs.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(cases.len(), 6);
+    let mut full = 0;
+    let mut report = Vec::new();
+    for case in &cases {
+        let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["generated_ids"]));
+        let margins: Vec<f64> = case["top1_top2_logit_margin"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let mut s = Session::new(model.clone(), 64);
+        s.precision = Precision::Llama;
+        let got = common::greedy(&mut s, &prompt, want.len());
+        match got.iter().zip(&want).position(|(a, b)| a != b) {
+            None => full += 1,
+            Some(step) => report.push((format!("prompt {prompt:?}: diverges at step {step}: {got:?} vs llama.cpp {want:?}"), margins[step])),
+        }
+    }
+    eprintln!("{}: {full} of 6 prompts give llama.cpp's tokens; {report:?}", model.hp.arch);
+    for (what, margin) in &report {
+        assert!(*margin < 0.02, "{what} (llama.cpp's top-2 margin {margin})");
+    }
+    assert!(full >= 5, "only {full} of 6 prompts match llama.cpp: {report:?}");
+}
+
+#[test]
+fn qwen3_matches_the_reference_and_llama_cpp() {
+    let dir = TempDir::new("qwen3");
+    let Some(path) = synth(&dir, "qwen3", QWEN3) else { return };
+    let model = Model::load(&path).unwrap();
+    // The head size is the file's (32), not n_embd / n_head (16).
+    assert_eq!((model.hp.head_dim, model.hp.q_dim()), (32, 128));
+    assert!(model.layers.iter().all(|l| l.q_norm.as_ref().map(|v| v.len()) == Some(32) && l.bq.is_none()));
+    check_reference(&path);
+    check_llama_cpp(&path, include_str!("refs/arch-qwen3.greedy.jsonl"));
+}
+
+#[test]
+fn bamboo_drelu_matches_the_reference() {
+    let dir = TempDir::new("bamboo");
+    let Some(path) = synth(&dir, "bamboo", BAMBOO) else { return };
+    assert_eq!(Model::load(&path).unwrap().hp.activation, ember::model::Activation::Drelu);
+    check_reference(&path);
+}
+
+/// qwen3's per-head norms have no GPU kernel yet: the GPU upload refuses the model with an
+/// error that says what to do, rather than running attention without them.
+#[test]
+fn qwen3_on_the_gpu_is_refused_clearly() {
+    let Some(ctx) = common::gpu() else { return };
+    let dir = TempDir::new("qwen3-gpu");
+    let Some(path) = synth(&dir, "qwen3", QWEN3) else { return };
+    let model = Model::load(&path).unwrap();
+    let err = ember::engine::GpuWeights::upload(&ctx, &model, false).err().expect("refused");
+    assert!(err.to_string().contains("--backend cpu"), "{err}");
+}
