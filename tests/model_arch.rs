@@ -1,4 +1,4 @@
-//! The model families beyond llama (qwen3; PowerInfer's dReLU `bamboo`) on small models that
+//! The model families beyond llama (qwen3, phi3; PowerInfer's dReLU `bamboo`) on small models that
 //! `ember synth` writes with each family's real tensor names, shapes and metadata keys:
 //! ember's forward pass against a plain f64 forward pass written here from the architectures'
 //! descriptions, and ember's greedy tokens against llama.cpp's on the same files
@@ -55,6 +55,7 @@ fn synth(dir: &TempDir, name: &str, args: &[&str]) -> Option<PathBuf> {
 /// The small shapes the references were made with (a few MB, most of it the 49152-token
 /// embedding and output).
 const QWEN3: &[&str] = &["--arch", "qwen3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--seed", "3"];
+const PHI3: &[&str] = &["--arch", "phi3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "4"];
 const BAMBOO: &[&str] = &["--arch", "bamboo", "--act", "drelu", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "5"];
 
 /// A tensor's values, dequantised.
@@ -78,7 +79,8 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
     let hd = f.get_u64(&format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(e / n_head);
     let eps = f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap() as f64;
     let base = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap() as f64;
-    let (qwen3, drelu) = (arch == "qwen3", arch == "bamboo");
+    let (qwen3, phi3, drelu) = (arch == "qwen3", arch == "phi3", arch == "bamboo");
+    let neox = qwen3 || phi3;
     let vocab = f.tensor("token_embd.weight").unwrap().dims[1] as usize;
     let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> { m.chunks_exact(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect() };
     let norm = |x: &[f64], w: &[f64]| -> Vec<f64> {
@@ -89,7 +91,7 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
         for head in x.chunks_mut(hd) {
             for i in 0..hd / 2 {
                 let theta = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
-                let (a, b) = if qwen3 { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+                let (a, b) = if neox { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * theta.cos() - x1 * theta.sin();
                 head[b] = x0 * theta.sin() + x1 * theta.cos();
@@ -100,7 +102,16 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
     let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embd[t as usize * e..(t as usize + 1) * e].to_vec()).collect();
     for l in 0..n_layer {
         let p = |t: &str| values(f, &format!("blk.{l}.{t}"));
-        let (wq, wk, wv, wo) = (p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight"), p("attn_output.weight"));
+        let (q_len, kv_len) = (n_head * hd * e, n_kv * hd * e);
+        let (wq, wk, wv) = match phi3 {
+            // One tensor: q's rows, k's, v's.
+            true => {
+                let qkv = p("attn_qkv.weight");
+                (qkv[..q_len].to_vec(), qkv[q_len..q_len + kv_len].to_vec(), qkv[q_len + kv_len..].to_vec())
+            }
+            false => (p("attn_q.weight"), p("attn_k.weight"), p("attn_v.weight")),
+        };
+        let wo = p("attn_output.weight");
         let (mut qs, mut ks, mut vs) = (vec![], vec![], vec![]);
         for (pos, x) in xs.iter().enumerate() {
             let h = norm(x, &p("attn_norm.weight"));
@@ -116,7 +127,15 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
             ks.push(k);
             vs.push(matvec(&wv, &h));
         }
-        let (gate_w, up_w, down_w) = (p("ffn_gate.weight"), p("ffn_up.weight"), p("ffn_down.weight"));
+        let (gate_w, up_w) = match phi3 {
+            // ffn_up holds the gate's rows, then up's.
+            true => {
+                let gu = p("ffn_up.weight");
+                (gu[..ff * e].to_vec(), gu[ff * e..].to_vec())
+            }
+            false => (p("ffn_gate.weight"), p("ffn_up.weight")),
+        };
+        let down_w = p("ffn_down.weight");
         for (pos, x) in xs.iter_mut().enumerate() {
             let mut att = vec![0.0; n_head * hd];
             for h in 0..n_head {
@@ -206,6 +225,44 @@ fn qwen3_matches_the_reference_and_llama_cpp() {
     assert!(model.layers.iter().all(|l| l.q_norm.as_ref().map(|v| v.len()) == Some(32) && l.bq.is_none()));
     check_reference(&path);
     check_llama_cpp(&path, include_str!("refs/arch-qwen3.greedy.jsonl"));
+}
+
+#[test]
+fn phi3_matches_the_reference_and_llama_cpp() {
+    let dir = TempDir::new("phi3");
+    let Some(path) = synth(&dir, "phi3", PHI3) else { return };
+    let model = Model::load(&path).unwrap();
+    // The fused tensors become views: q, k, v of 64, 32, 32 rows; gate and up of 128.
+    let l = &model.layers[0];
+    assert_eq!((l.wq.rows, l.wk.rows, l.wv.rows, l.ffn_gate.rows, l.ffn_up.rows), (64, 32, 32, 128, 128));
+    assert!(model.conversions.is_empty());
+    check_reference(&path);
+    check_llama_cpp(&path, include_str!("refs/arch-phi3.greedy.jsonl"));
+}
+
+/// phi3 on the GPU (lavapipe in CI): the split views upload like separate matrices; logits
+/// against the f64 reference, within the f16 KV cache's rounding as the CPU's are.
+#[test]
+fn phi3_on_the_gpu_matches_the_reference() {
+    use ember::engine::{GpuSession, GpuWeights};
+    let Some(ctx) = common::gpu() else { return };
+    let ctx = Arc::new(ctx);
+    let dir = TempDir::new("phi3-gpu");
+    let Some(path) = synth(&dir, "phi3", PHI3) else { return };
+    let file = Arc::new(GgufFile::open(&path).unwrap());
+    let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
+    let tokens = [504u32, 3575, 282, 4649, 314];
+    let want: Vec<f64> = reference_logits(&file, &tokens).concat();
+    let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
+    let mut gpu = GpuSession::new(model.clone(), ctx, weights, 32).unwrap();
+    let got = gpu.forward(&tokens, Logits::All).unwrap();
+    let mut worst = 0.0f64;
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        let err = (g as f64 - w).abs() / w.abs().max(1.0);
+        worst = worst.max(err);
+        assert!(err < 1e-2, "logit {i}: {g} vs {w}");
+    }
+    eprintln!("phi3 on the GPU: worst relative logit error vs the f64 reference {worst:.1e}");
 }
 
 #[test]

@@ -80,8 +80,9 @@ pub struct SynthArgs {
     pub act: String,
     /// Model family, with its tensor names, shapes and metadata keys as llama.cpp's converter
     /// writes them: llama; qwen3 (per-head q/k norms, NeoX RoPE, `qwen3.attention.key_length`);
-    /// bamboo (PowerInfer's dReLU llama, which implies --act drelu)
-    #[arg(long, default_value = "llama", value_parser = ["llama", "qwen3", "bamboo"])]
+    /// bamboo (PowerInfer's dReLU llama, which implies --act drelu); phi3 (fused attn_qkv, and
+    /// gate and up fused in ffn_up)
+    #[arg(long, default_value = "llama", value_parser = ["llama", "qwen3", "phi3", "bamboo"])]
     pub arch: String,
     /// Size of an attention head [default: n_embd / n_head]; qwen3 only, where it may differ
     #[arg(long)]
@@ -433,6 +434,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         // convert_hf_to_gguf.py's Qwen3: the head size as key and value length, RoPE over whole
         // heads (no dimension count), no vocabulary size key.
         "qwen3" => keys.extend([("attention.key_length", hd), ("attention.value_length", hd)]),
+        // Phi3MiniModel: the RoPE dimension and the original context, no vocabulary size.
+        "phi3" => keys.extend([("rope.dimension_count", hd), ("rope.scaling.original_context_length", 4096)]),
         _ => keys.extend([("vocab_size", vocab), ("rope.dimension_count", hd)]),
     }
     for (k, v) in keys {
@@ -458,17 +461,26 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         let n = |s: &str| format!("blk.{l}.{s}");
         let t = |s: &str| a.ty.of(s, l, nl);
         w.add_generated(&n("attn_norm.weight"), &[e], GgmlType::F32);
-        w.add_generated(&n("attn_q.weight"), &[e, q], t("attn_q.weight"));
-        w.add_generated(&n("attn_k.weight"), &[e, kv], t("attn_k.weight"));
-        w.add_generated(&n("attn_v.weight"), &[e, kv], t("attn_v.weight"));
+        if arch == "phi3" {
+            w.add_generated(&n("attn_qkv.weight"), &[e, q + 2 * kv], t("attn_qkv.weight"));
+        } else {
+            w.add_generated(&n("attn_q.weight"), &[e, q], t("attn_q.weight"));
+            w.add_generated(&n("attn_k.weight"), &[e, kv], t("attn_k.weight"));
+            w.add_generated(&n("attn_v.weight"), &[e, kv], t("attn_v.weight"));
+        }
         w.add_generated(&n("attn_output.weight"), &[q, e], t("attn_output.weight"));
         if arch == "qwen3" {
             w.add_generated(&n("attn_q_norm.weight"), &[hd], GgmlType::F32);
             w.add_generated(&n("attn_k_norm.weight"), &[hd], GgmlType::F32);
         }
         w.add_generated(&n("ffn_norm.weight"), &[e], GgmlType::F32);
-        w.add_generated(&n("ffn_gate.weight"), &[e, ff], t("ffn_gate.weight"));
-        w.add_generated(&n("ffn_up.weight"), &[e, ff], t("ffn_up.weight"));
+        if arch == "phi3" {
+            // Gate rows, then up rows.
+            w.add_generated(&n("ffn_up.weight"), &[e, 2 * ff], t("ffn_up.weight"));
+        } else {
+            w.add_generated(&n("ffn_gate.weight"), &[e, ff], t("ffn_gate.weight"));
+            w.add_generated(&n("ffn_up.weight"), &[e, ff], t("ffn_up.weight"));
+        }
         w.add_generated(&n("ffn_down.weight"), &[ff, e], t("ffn_down.weight"));
     }
     if a.profile.is_some() && a.act != "relu" {
@@ -492,7 +504,11 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             return Err(format!("{}: the model takes {:.1} GiB, more than the {:.1} GiB free there", a.output.display(), gib(total), gib(free)).into());
         }
     }
-    let n_tensors = 3 + if arch == "qwen3" { 11 } else { 9 } * a.n_layer;
+    let n_tensors = 3 + match arch {
+        "qwen3" => 11,
+        "phi3" => 6,
+        _ => 9,
+    } * a.n_layer;
     let bar = indicatif::ProgressBar::new(n_tensors);
     bar.set_style(indicatif::ProgressStyle::with_template("ember: writing {msg} {bar:30} {pos}/{len} tensors").unwrap());
     bar.set_message(a.output.display().to_string());

@@ -6,6 +6,7 @@
 
 mod bamboo;
 mod llama;
+mod phi3;
 mod qwen2;
 mod qwen3;
 pub mod quantize;
@@ -92,9 +93,12 @@ pub struct ArchSpec {
     /// Each head of q and k passes through an RMSNorm of its own (`attn_q_norm`,
     /// `attn_k_norm`, `head_dim` weights) before RoPE.
     pub qk_norm: bool,
+    /// The FFN's gate and up are one tensor, `ffn_up` of 2 x n_ff rows (gate first), as phi3
+    /// writes them; q, k and v may be one `attn_qkv` tensor in every architecture.
+    pub fused_gate_up: bool,
 }
 
-const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &bamboo::BAMBOO];
+const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3, &bamboo::BAMBOO];
 
 fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
     ARCHITECTURES.iter().copied().find(|a| a.names.contains(&name)).ok_or_else(|| {
@@ -320,6 +324,11 @@ impl Model {
         let hp = HParams::from_gguf(&file, spec)?;
         let mut store = TensorStore::new(file.clone(), &arch);
         store.keep = keep.to_vec();
+        // Per-dimension RoPE factors (Phi-3 128k's LongRoPE) change every angle: without them
+        // the model would run, wrongly.
+        if let Some(t) = ["rope_factors_long.weight", "rope_factors_short.weight"].into_iter().find(|t| store.has(t)) {
+            return Err(ModelError::Other(format!("{t}: per-dimension RoPE factors (long-context RoPE scaling) are not supported yet; use a model without them (e.g. a 4k-context variant)")));
+        }
         let (e, ff, q, kv) = (hp.n_embd as u64, hp.n_ff as u64, hp.q_dim() as u64, hp.kv_dim() as u64);
         let v = hp.n_vocab as u64;
 
@@ -337,9 +346,15 @@ impl Model {
             };
             // In file order, so the first error named is the first bad tensor.
             let attn_norm = store.vector(&n("attn_norm.weight"), e)?;
-            let wq = store.matrix(&n("attn_q.weight"), &[e, q])?;
-            let wk = store.matrix(&n("attn_k.weight"), &[e, kv])?;
-            let wv = store.matrix(&n("attn_v.weight"), &[e, kv])?;
+            // A fused `attn_qkv` (phi3; llama.cpp accepts it for any architecture) is q's rows,
+            // then k's, then v's: split into views of the same bytes.
+            let (wq, wk, wv) = if store.has(&n("attn_qkv.weight")) {
+                let qkv = store.matrix(&n("attn_qkv.weight"), &[e, q + 2 * kv])?;
+                let (q, kv) = (q as usize, kv as usize);
+                (qkv.row_range(&n("attn_q.weight"), 0, q), qkv.row_range(&n("attn_k.weight"), q, q + kv), qkv.row_range(&n("attn_v.weight"), q + kv, q + 2 * kv))
+            } else {
+                (store.matrix(&n("attn_q.weight"), &[e, q])?, store.matrix(&n("attn_k.weight"), &[e, kv])?, store.matrix(&n("attn_v.weight"), &[e, kv])?)
+            };
             let wo = store.matrix(&n("attn_output.weight"), &[q, e])?;
             let bq = bias(&mut store, "attn_q.bias", q)?;
             let bk = bias(&mut store, "attn_k.bias", kv)?;
@@ -349,8 +364,14 @@ impl Model {
                 false => (None, None),
             };
             let ffn_norm = store.vector(&n("ffn_norm.weight"), e)?;
-            let ffn_gate = store.matrix(&n("ffn_gate.weight"), &[e, ff])?;
-            let ffn_up = store.matrix(&n("ffn_up.weight"), &[e, ff])?;
+            let (ffn_gate, ffn_up) = if spec.fused_gate_up {
+                // phi3: gate rows then up rows in one tensor (llama.cpp's SwiGLU over halves).
+                let gate_up = store.matrix(&n("ffn_up.weight"), &[e, 2 * ff])?;
+                let ff = ff as usize;
+                (gate_up.row_range(&n("ffn_gate.weight"), 0, ff), gate_up.row_range(&n("ffn_up.weight"), ff, 2 * ff))
+            } else {
+                (store.matrix(&n("ffn_gate.weight"), &[e, ff])?, store.matrix(&n("ffn_up.weight"), &[e, ff])?)
+            };
             // PowerInfer files store the down projection transposed; either form is enough.
             let down_t_name = [n("ffn_down_t.weight"), n("ffn_down_t")].into_iter().find(|t| store.has(t));
             let ffn_down_t = down_t_name.as_deref().map(|t| store.matrix(t, &[e, ff])).transpose()?;

@@ -128,6 +128,20 @@ impl Matrix {
             .as_ref()
     }
 
+    /// Rows `r0..r1` as a matrix of their own named `name`: a view of the same mapped bytes
+    /// (a copy for owned ones). How a fused tensor (phi3's `attn_qkv`, its gate-and-up
+    /// `ffn_up`) becomes the separate matrices the rest of ember multiplies with: rows are
+    /// whole blocks, so any row range is a valid matrix of the same type.
+    pub fn row_range(&self, name: &str, r0: usize, r1: usize) -> Matrix {
+        assert!(r0 <= r1 && r1 <= self.rows, "{}: rows {r0}..{r1} of {}", self.name, self.rows);
+        let rb = self.row_bytes();
+        let data = match &self.data {
+            Data::Mapped { file, start, .. } => Data::Mapped { file: file.clone(), start: start + r0 * rb, len: (r1 - r0) * rb },
+            Data::Owned { .. } => return Matrix::from_raw(name, r1 - r0, self.cols, self.ty, &self.bytes()[r0 * rb..r1 * rb]),
+        };
+        Matrix { name: name.into(), ty: self.ty, rows: r1 - r0, cols: self.cols, data, packed: Arc::default() }
+    }
+
     /// Row `r` dequantised to f32.
     pub fn row_f32(&self, r: usize) -> Vec<f32> {
         let rb = self.row_bytes();
