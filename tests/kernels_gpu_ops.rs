@@ -6,7 +6,7 @@ mod common;
 
 use common::{gpu, Rng};
 use ember::cpu::ops::{argmax, gated_activation, rms_norm, Rope};
-use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape, TopKOp};
+use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape, TopKOp};
 use ember::gpu::{GpuContext, Step};
 use ember::model::{Activation, RopeStyle};
 use half::f16;
@@ -46,6 +46,35 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, floor: f32, what: &str) -> 
 
 fn upload_f32(ctx: &GpuContext, label: &str, x: &[f32]) -> Buffer {
     ctx.upload(label, bytemuck::cast_slice(x))
+}
+
+/// qwen3's per-head norm, in place on a range that starts inside its buffer (as k's range of
+/// the qkv buffer does), at odd head sizes and counts; heads of tokens past n_tokens and the
+/// values around the range stay as they were.
+#[test]
+fn head_norm_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let step = step_buffer(&ctx);
+    let mut rng = Rng(23);
+    let max_tokens = 9;
+    for (head_dim, n_heads) in [(32usize, 3usize), (134, 5), (256, 2), (7 * 2, 1)] {
+        let w: Vec<f32> = rng.vec(head_dim).iter().map(|v| 1.0 + 0.5 * v).collect();
+        let wb = upload_f32(&ctx, "w", &w);
+        let len = max_tokens * n_heads * head_dim;
+        // 64 floats (256 bytes, the storage offset alignment) before the range, 64 after.
+        let x: Vec<f32> = rng.vec(64 + len + 64).iter().map(|v| 3.0 * v).collect();
+        for n in [1usize, 4, 9] {
+            let xb = upload_f32(&ctx, "x", &x);
+            let op = HeadNormOp::new(&ctx, xb.slice(256..256 + 4 * len as u64), &wb, head_dim as u32, n_heads as u32, 1e-6, &step);
+            run(&ctx, &step, n as u32, 0, |p| op.encode(p, n as u32));
+            let got: Vec<f32> = ctx.read(&xb, x.len()).unwrap();
+            let mut want = x.clone();
+            ember::cpu::ops::rms_norm_in_place(&mut want[64..64 + n * n_heads * head_dim], &w, 1e-6);
+            assert_close(&got, &want, 1e-5, 1e-6, &format!("head norm {head_dim} x {n_heads}, n {n}"));
+            assert_eq!(&got[64 + n * n_heads * head_dim..], &x[64 + n * n_heads * head_dim..], "past n_tokens or the range");
+            assert_eq!(&got[..64], &x[..64], "before the range");
+        }
+    }
 }
 
 #[test]

@@ -240,29 +240,51 @@ fn phi3_matches_the_reference_and_llama_cpp() {
     check_llama_cpp(&path, include_str!("refs/arch-phi3.greedy.jsonl"));
 }
 
-/// phi3 on the GPU (lavapipe in CI): the split views upload like separate matrices; logits
-/// against the f64 reference, within the f16 KV cache's rounding as the CPU's are.
-#[test]
-fn phi3_on_the_gpu_matches_the_reference() {
+/// The dense GPU forward pass (lavapipe in CI) against the f64 reference, within the f16 KV
+/// cache's rounding as the CPU's is: the prompt as one batch, then token by token (the decode
+/// kernels).
+fn check_gpu(name: &str, args: &[&str]) {
     use ember::engine::{GpuSession, GpuWeights};
     let Some(ctx) = common::gpu() else { return };
     let ctx = Arc::new(ctx);
-    let dir = TempDir::new("phi3-gpu");
-    let Some(path) = synth(&dir, "phi3", PHI3) else { return };
+    let dir = TempDir::new(&format!("{name}-gpu"));
+    let Some(path) = synth(&dir, name, args) else { return };
     let file = Arc::new(GgufFile::open(&path).unwrap());
     let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
     let tokens = [504u32, 3575, 282, 4649, 314];
     let want: Vec<f64> = reference_logits(&file, &tokens).concat();
     let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
     let mut gpu = GpuSession::new(model.clone(), ctx, weights, 32).unwrap();
-    let got = gpu.forward(&tokens, Logits::All).unwrap();
+    let batch = gpu.forward(&tokens, Logits::All).unwrap();
+    gpu.reset();
+    let one_by_one: Vec<f32> = tokens.iter().flat_map(|&t| gpu.forward(&[t], Logits::Last).unwrap()).collect();
     let mut worst = 0.0f64;
-    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-        let err = (g as f64 - w).abs() / w.abs().max(1.0);
-        worst = worst.max(err);
-        assert!(err < 1e-2, "logit {i}: {g} vs {w}");
+    for (what, got) in [("batch", batch), ("decode", one_by_one)] {
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            let err = (g as f64 - w).abs() / w.abs().max(1.0);
+            worst = worst.max(err);
+            assert!(err < 1e-2, "{name} {what}: logit {i}: {g} vs {w}");
+        }
     }
-    eprintln!("phi3 on the GPU: worst relative logit error vs the f64 reference {worst:.1e}");
+    eprintln!("{name} on the GPU: worst relative logit error vs the f64 reference {worst:.1e}");
+}
+
+/// phi3's split views upload like separate matrices.
+#[test]
+fn phi3_on_the_gpu_matches_the_reference() {
+    check_gpu("phi3", PHI3);
+}
+
+/// qwen3's per-head norms run between the qkv product and RoPE (`shaders/head_norm.wgsl`).
+#[test]
+fn qwen3_on_the_gpu_matches_the_reference() {
+    check_gpu("qwen3", QWEN3);
+}
+
+/// dReLU through the stacked gate/up product's epilogue.
+#[test]
+fn bamboo_on_the_gpu_matches_the_reference() {
+    check_gpu("bamboo", BAMBOO);
 }
 
 #[test]
@@ -273,14 +295,3 @@ fn bamboo_drelu_matches_the_reference() {
     check_reference(&path);
 }
 
-/// qwen3's per-head norms have no GPU kernel yet: the GPU upload refuses the model with an
-/// error that says what to do, rather than running attention without them.
-#[test]
-fn qwen3_on_the_gpu_is_refused_clearly() {
-    let Some(ctx) = common::gpu() else { return };
-    let dir = TempDir::new("qwen3-gpu");
-    let Some(path) = synth(&dir, "qwen3", QWEN3) else { return };
-    let model = Model::load(&path).unwrap();
-    let err = ember::engine::GpuWeights::upload(&ctx, &model, false).err().expect("refused");
-    assert!(err.to_string().contains("--backend cpu"), "{err}");
-}

@@ -4,7 +4,7 @@
 
 use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
-use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape};
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::gpu_ops::{NamedOp, Op};
 use crate::model::{Model, RopeStyle};
@@ -49,6 +49,8 @@ struct GpuAttnWeights {
     qkv: Stacked<3>,
     wo: GpuMatrix,
     biases: Option<[wgpu::Buffer; 3]>,
+    /// qwen3's per-head q and k norm weights.
+    qk_norm: Option<[wgpu::Buffer; 2]>,
     ffn_norm: wgpu::Buffer,
 }
 
@@ -134,11 +136,6 @@ impl GpuWeights {
         if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
             return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
         }
-        // Refused before any upload: running such a layer without its norms would give wrong
-        // numbers, not an error.
-        if model.layers.iter().zip(attention_on_gpu).any(|(l, &on_gpu)| on_gpu && l.q_norm.is_some()) {
-            return Err(GpuError::Unsupported(format!("{} attention (per-head q/k norms) is not on the GPU yet: use --backend cpu", model.hp.arch)));
-        }
         let with_head = n_layers == model.layers.len();
         let bar = if progress { indicatif::ProgressBar::new(n_layers as u64 + 1) } else { indicatif::ProgressBar::hidden() };
         bar.set_style(indicatif::ProgressStyle::with_template("ember: uploading weights {bar:30} {pos}/{len} layers").unwrap());
@@ -164,6 +161,10 @@ impl GpuWeights {
                     qkv: Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?,
                     wo: GpuMatrix::upload(ctx, &l.wo)?,
                     biases,
+                    qk_norm: match (&l.q_norm, &l.k_norm) {
+                        (Some(q), Some(k)) => Some([f32_buffer(ctx, &format!("blk.{i}.attn_q_norm"), q), f32_buffer(ctx, &format!("blk.{i}.attn_k_norm"), k)]),
+                        _ => None,
+                    },
                     ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
                 }),
                 false => None,
@@ -201,6 +202,8 @@ struct AttnOps {
     /// One product for q, k and v, or three.
     qkv: StackedOps,
     biases: Option<[BiasOp; 3]>,
+    /// qwen3: every head of q and k normalised in place, after the biases, before RoPE.
+    qk_norm: Option<[HeadNormOp; 2]>,
     /// RoPE + KV write; for one token the qkv product's epilogue does it where
     /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
@@ -247,6 +250,9 @@ impl AttnOps {
         }
         if let Some(b) = &self.biases {
             v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
+        }
+        if let Some(n) = &self.qk_norm {
+            v.extend(n.iter().map(|op| ("qk_norm", op as &dyn Op)));
         }
         let rope_in_qkv = self.qkv_has_rope && matches!(&self.qkv, StackedOps::One(op) if op.folds(n_tokens));
         if !rope_in_qkv {
@@ -427,8 +433,8 @@ impl GpuSession {
             let ffn_norm = NormIn { x: &s.x, weight: &a.ffn_norm, eps: hp.rms_eps };
             let separate = |n: &NormIn| RmsNormOp::new(&ctx, n.x, n.weight, &s.xn, e as u32, n.eps, &s.step);
             // RoPE and the KV write in the qkv product's epilogue: llama's adjacent pairs, and no
-            // biases (they are added between the product and RoPE).
-            let rope_in_qkv = !rope.neox && a.biases.is_none();
+            // biases or per-head norms (they come between the product and RoPE).
+            let rope_in_qkv = !rope.neox && a.biases.is_none() && a.qk_norm.is_none();
             let attn = AttnOps {
                 attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &a.qkv {
@@ -441,6 +447,10 @@ impl GpuSession {
                 },
                 biases: a.biases.as_ref().map(|[bq, bk, bv]| {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
+                }),
+                qk_norm: a.qk_norm.as_ref().map(|[qn, kn]| {
+                    let hd = hp.head_dim as u32;
+                    [HeadNormOp::new(&ctx, q_range, qn, hd, hp.n_head as u32, hp.rms_eps, &s.step), HeadNormOp::new(&ctx, k_range, kn, hd, hp.n_head_kv as u32, hp.rms_eps, &s.step)]
                 }),
                 rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(slot), kv.v(slot), rope, &s.step),
                 qkv_has_rope: rope_in_qkv && matches!(a.qkv, Stacked::One(_)),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
 
 const RMS_NORM: &str = include_str!("../../shaders/rms_norm.wgsl");
+const HEAD_NORM: &str = include_str!("../../shaders/head_norm.wgsl");
 const ROPE_KV: &str = include_str!("../../shaders/rope_kv.wgsl");
 const ATTENTION_DECODE: &str = include_str!("../../shaders/attention_decode.wgsl");
 const ATTENTION_PREFILL: &str = include_str!("../../shaders/attention_prefill.wgsl");
@@ -25,6 +26,7 @@ const TOPK: &str = include_str!("../../shaders/topk.wgsl");
 /// (file name, source) of this module's kernels.
 pub const SHADERS: &[(&str, &str)] = &[
     ("rms_norm.wgsl", RMS_NORM),
+    ("head_norm.wgsl", HEAD_NORM),
     ("rope_kv.wgsl", ROPE_KV),
     ("attention_decode.wgsl", ATTENTION_DECODE),
     ("attention_prefill.wgsl", ATTENTION_PREFILL),
@@ -454,6 +456,28 @@ impl BiasOp {
 
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
         let (x, y) = grid((n_tokens * self.dim).div_ceil(256));
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
+/// Every head of a q or k range normalised in place: per token row, `n_heads` heads of
+/// `head_dim` values, each divided by its RMS and multiplied by `weight` (qwen3's per-head
+/// norms). One workgroup of 64 threads per head.
+pub struct HeadNormOp {
+    kernel: Kernel,
+    n_heads: u32,
+    _params: Buffer,
+}
+
+impl HeadNormOp {
+    pub fn new<'a>(ctx: &GpuContext, x: impl Into<BufRange<'a>>, weight: &Buffer, head_dim: u32, n_heads: u32, eps: f32, step: &Buffer) -> Self {
+        let p = params(ctx, "head_norm.params", &[head_dim, n_heads, eps.to_bits(), 0]);
+        let kernel = Kernel::with_ranges(ctx, "ops/head_norm", HEAD_NORM, "main", &[(0, x.into()), (1, weight.into()), (2, (&p).into()), (3, step.into())]);
+        HeadNormOp { kernel, n_heads, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid(n_tokens * self.n_heads);
         self.kernel.dispatch(pass, x, y);
     }
 }
