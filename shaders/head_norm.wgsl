@@ -4,13 +4,6 @@
 // ember::cpu::ops::rms_norm_in_place. One workgroup of 64 threads per head: heads are short
 // (64 to 256 values), so a wider workgroup would idle.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     head_dim: u32,
     n_heads: u32,
