@@ -219,7 +219,7 @@ pub enum PrecisionArg {
 /// `EMBER_DECODE_AHEAD` (0-3 tokens queued in greedy decoding), `EMBER_ATTN_SINGLE_MAX`
 /// (keys up to which decode attention is one dispatch), `EMBER_ATTN_WG` (64/128/256),
 /// `EMBER_MV_DEC` (`q4_0=kq:8:4:0:1,f16=128:2:2:1`: decode kernels per type),
-/// `EMBER_MV_TEST_DEC` (one kernel for the tests' configs), `EMBER_NO_FOLD=1` (norms and RoPE
+/// `EMBER_NO_FOLD=1` (norms and RoPE
 /// as separate dispatches), `EMBER_MV_XW` (0/1/2), `EMBER_NO_COOP=1` (the portable tiled prefill products where the adapter has cooperative matrices).
 pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
     use crate::gpu::matrix::parse_decode;
@@ -240,7 +240,6 @@ pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
             Some((name.trim().to_lowercase(), parse_decode(cfg)?))
         }).collect();
     }
-    t.test_decode = var("EMBER_MV_TEST_DEC").and_then(|v| parse_decode(&v)).map(|d| d.0);
     t.fold_norms = var("EMBER_NO_FOLD").as_deref() != Some("1");
     t.decode_xw = var("EMBER_MV_XW").and_then(|v| v.parse().ok());
     t.coop_matrix = var("EMBER_NO_COOP").as_deref() != Some("1");
@@ -497,4 +496,24 @@ fn devices(a: DevicesArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mesa's Vulkan loader complains on stderr ("XDG_RUNTIME_DIR is invalid or not set") on headless
+/// machines while ember probes for a GPU. Give it a private runtime directory, as a login session
+/// would; done first thing, while the process has one thread. (Here in the CLI: the
+/// library reads and writes no environment.)
+#[cfg(unix)]
+pub fn quiet_headless_vulkan() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("ember-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let ok = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+    if ok {
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
 }
