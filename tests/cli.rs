@@ -103,6 +103,22 @@ fn bench_prints_a_llama_bench_table() {
 }
 
 #[test]
+fn bench_depth_runs_the_tests_after_tokens_in_the_cache() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-d", "20", "-p", "6", "-n", "3", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The context holds the depth and the longer test: 20 + 6 + 1.
+    assert!(text.starts_with("context 27\ndepth 20: "), "{text}");
+    assert!(text.contains("| pp6 @ d20 |") && text.contains("| tg3 @ d20 |"), "{text}");
+    // A context too small for depth plus test says what would do.
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-d", "20", "-p", "6", "-n", "3", "-r", "1", "-t", "2", "-c", "26"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--ctx-size 26 cannot hold the 27 positions") && err.contains("--ctx-size 27 or more"), "{err}");
+}
+
+#[test]
 fn perplexity_prints_a_final_estimate() {
     let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
     // llama-perplexity's protocol at -c 256 (refs/perplexity.json): the estimate after two

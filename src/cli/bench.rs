@@ -1,6 +1,8 @@
 //! `ember bench`: llama-bench's protocol and table. `ppN`: N prompt tokens evaluated as one
-//! batch from an empty context; `tgN`: N tokens generated one at a time from an empty context.
-//! Each test runs once to warm up, then `--repetitions` times; t/s is mean ± sample sd.
+//! batch; `tgN`: N tokens generated one at a time; both from an empty context, or with `-d D`
+//! after D tokens already in the KV cache (`ppN @ dD`, filled by an untimed prefill before each
+//! run, as llama-bench's `-d`). Each test runs once to warm up, then `--repetitions` times; t/s
+//! is mean ± sample sd.
 
 use super::Result;
 use super::ModelArgs;
@@ -18,8 +20,12 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 = skip)
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Depth: tokens already in the KV cache when each pp and tg run starts (an untimed
+    /// prefill of D tokens before every run), as llama-bench's -d
+    #[arg(short = 'd', long = "n-depth", value_name = "D", default_value_t = 0)]
+    pub n_depth: usize,
     /// Context size the session is made for (KV cache and, in a hybrid, what the budget must
-    /// hold) [default: the larger of -p and -n, plus 1]
+    /// hold) [default: -d plus the larger of -p and -n, plus 1]
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<usize>,
     /// Timed repetitions of each test
@@ -73,15 +79,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, _tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
-        // pp and tg each start from an empty context; both must fit the trained one.
+        // pp and tg each start at depth -d; both must fit the trained context.
+        let depth = a.n_depth;
         for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
-            if n > model.hp.n_ctx_train {
-                return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
+            if depth + n > model.hp.n_ctx_train {
+                let what = if depth > 0 { format!("-d {depth} plus {flag} {n}") } else { format!("{flag} {n}") };
+                return Err(format!("{what}: more than the {} the model was trained for; use at most {} in all", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
             }
         }
-        let needed = a.n_prompt.max(a.n_gen) + 1;
+        let needed = depth + a.n_prompt.max(a.n_gen) + 1;
         let n_ctx = match a.ctx_size {
-            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -p {} / -n {} use", a.n_prompt, a.n_gen).into()),
+            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -d {depth} / -p {} / -n {} use; use --ctx-size {needed} or more", a.n_prompt, a.n_gen).into()),
             Some(c) => {
                 super::check_ctx("--ctx-size", c, &model.hp)?;
                 c
@@ -95,6 +103,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+        // The depth's tokens: another such sequence.
+        let depth_tokens: Vec<u32> = (0..depth as u32).map(|i| (i.wrapping_add(0x5bd1).wrapping_mul(2246822519) >> 9) % vocab).collect();
+        // Each run starts from an empty cache holding the depth's tokens (not timed).
+        let fill = |session: &mut dyn crate::engine::Forward| -> Result<()> {
+            session.reset();
+            if depth > 0 {
+                crate::engine::generate::prefill(session, &depth_tokens)?;
+            }
+            Ok(())
+        };
+        let at_depth = |test: String| if depth > 0 { format!("{test} @ d{depth}") } else { test };
         let n_par = a.parallel.unwrap_or(1);
         if n_par == 0 || n_par > 256 {
             return Err(format!("--parallel {n_par}: use 1 to 256 sequences").into());
@@ -129,14 +148,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut rows = Vec::new();
         if a.n_prompt > 0 {
             let mut run = || -> Result<f64> {
-                session.reset();
+                fill(session.as_mut())?;
                 let t = Instant::now();
                 session.forward(&tokens[..a.n_prompt], Logits::Last)?;
                 Ok(a.n_prompt as f64 / t.elapsed().as_secs_f64())
             };
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
-            rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            rows.push((at_depth(format!("pp{}", a.n_prompt)), mean_sd(&v)));
             if let Some(h) = session.as_hybrid() {
                 let t = h.prefill_timing(true);
                 if t.batches > 0 {
@@ -147,7 +166,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         if a.n_gen > 0 {
             let run = |session: &mut Box<dyn crate::engine::Forward>| -> Result<f64> {
-                session.reset();
+                fill(session.as_mut())?;
                 let t = Instant::now();
                 // Greedy decoding, each token fed back (on the GPU without a round trip).
                 session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?;
@@ -165,7 +184,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let t = crate::engine::forward::CpuTimes { products: t.products / per, product_bytes: (t.product_bytes as f64 / per) as u64, attention: t.attention / per, total: t.total / per };
                 eprintln!("ember: CPU decode per token: {}", t.summary());
             }
-            rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+            rows.push((at_depth(format!("tg{}", a.n_gen)), mean_sd(&v)));
             check(&format!("tg{}", a.n_gen))?;
             // Covers the warm-up run too (and prompts of a single token).
             if let Some(h) = session.as_hybrid() {
@@ -199,7 +218,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             session.select_seq(0)?;
         }
         if a.profile {
-            session.reset();
+            fill(session.as_mut())?;
             // Profile a token late in the tg run's context.
             for _ in 0..a.n_gen.max(1) - 1 {
                 session.forward_argmax(&tokens[..1])?;
@@ -212,6 +231,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             println!();
         }
         println!("context {n_ctx}");
+        if depth > 0 {
+            println!("depth {depth}: pp and tg run after {depth} tokens already in the KV cache (an untimed prefill before each run; --parallel starts empty)");
+        }
         println!();
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
