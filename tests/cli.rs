@@ -119,6 +119,19 @@ fn bench_depth_runs_the_tests_after_tokens_in_the_cache() {
 }
 
 #[test]
+fn bench_temp_samples_the_tg_tokens() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["--temp", "0.8", "-p", "0", "-n", "3", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\nsampling: tg draws at temperature 0.8 (top-k 40, top-p 0.95, min-p 0.05, seed 0)"), "{text}");
+    assert!(text.contains("| tg3 |"), "{text}");
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["--temp=-1", "-n", "3"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--temp -1: use a temperature of 0 (greedy) or more"));
+}
+
+#[test]
 fn perplexity_prints_a_final_estimate() {
     let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
     // llama-perplexity's protocol at -c 256 (refs/perplexity.json): the estimate after two

@@ -28,6 +28,11 @@ pub struct BenchArgs {
     /// hold) [default: -d plus the larger of -p and -n, plus 1]
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<usize>,
+    /// tg: draw each token at this temperature with llama.cpp's default chain (top-k 40, top-p
+    /// 0.95, min-p 0.05; seed 0) instead of greedy; on the GPU the draw runs there, queued as
+    /// greedy decoding is
+    #[arg(long = "temp", value_name = "T", default_value_t = 0.0)]
+    pub temperature: f32,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -69,6 +74,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     // Bounded so that a mistyped count ends with a message, not hours of timing.
     if a.repetitions > MAX_REPETITIONS {
         return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
+    }
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        return Err(format!("--temp {}: use a temperature of 0 (greedy) or more", a.temperature).into());
     }
     if a.kernels || a.copy_bandwidth || a.prefill_kernels {
         if a.model.backend == super::Backend::Cpu {
@@ -164,12 +172,16 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
             check(&format!("pp{}", a.n_prompt))?;
         }
+        let rule = (a.temperature > 0.0).then(|| crate::engine::sampler::SampleRule::new(&crate::engine::SamplerConfig { temperature: a.temperature, seed: 0, ..Default::default() }));
         if a.n_gen > 0 {
             let run = |session: &mut Box<dyn crate::engine::Forward>| -> Result<f64> {
                 fill(session.as_mut())?;
                 let t = Instant::now();
-                // Greedy decoding, each token fed back (on the GPU without a round trip).
-                session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?;
+                // Greedy or sampled decoding, each token fed back (on the GPU without a round trip).
+                match &rule {
+                    Some(rule) => session.decode_sampled(tokens[0], a.n_gen, rule, 0, &mut |_| true)?,
+                    None => session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?,
+                };
                 Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
             };
             run(&mut session)?;
@@ -233,6 +245,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         println!("context {n_ctx}");
         if depth > 0 {
             println!("depth {depth}: pp and tg run after {depth} tokens already in the KV cache (an untimed prefill before each run; --parallel starts empty)");
+        }
+        if let Some(r) = &rule {
+            println!("sampling: tg draws at temperature {} (top-k {}, top-p {}, min-p 0.05, seed {}); --parallel stays greedy", a.temperature, r.top_k, r.top_p, r.seed);
         }
         println!();
         println!("| model | size | params | backend | threads | test | t/s |");
