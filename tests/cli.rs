@@ -132,6 +132,24 @@ fn bench_temp_samples_the_tg_tokens() {
 }
 
 #[test]
+fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
+    let Some(model) = common::default_model() else { return };
+    let bench = |extra: &[&str]| ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-p", "0", "-n", "2", "-r", "1", "-t", "2"]).args(extra).output().unwrap();
+    let out = bench(&["--tune", "cpu-prefetch=4096", "--tune", "cpu-times=1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // cpu-times=1 prints the step times: the knob reached the session.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CPU decode per token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bench(&["--tune", "warp-speed=9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown tuning key `warp-speed`") && err.contains("decode-ahead"), "{err}");
+    let out = bench(&["--tune", "cpu-parts=many"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("tuning cpu-parts (--tune cpu-parts=... or EMBER_CPU_PARTS) = `many`: not a number"), "{err}");
+}
+
+#[test]
 fn perplexity_prints_a_final_estimate() {
     let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
     // llama-perplexity's protocol at -c 256 (refs/perplexity.json): the estimate after two

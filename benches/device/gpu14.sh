@@ -14,7 +14,7 @@
 #            portable f32 and cooperative-matrix kernels, and the latter's difference from the
 #            former (~1e-3 is f16 rounding; ~1 or inf is a broken kernel: then read `nocoop`)
 #   pp       ember pp512 + tg128 and pp2048 (cooperative matrices where the card has them)
-#   nocoop   ember pp512 with EMBER_NO_COOP=1 (the portable tiled kernel)
+#   nocoop   ember pp512 with --tune no-coop=1 (the portable tiled kernel)
 #   llama    llama.cpp CUDA -p 512,2048 -n 128, all layers on the GPU
 #   sampled  ember tg128 greedy and at --temp 0.8 (top-k 40, top-p 0.95, min-p 0.05: drawn on
 #            the GPU, queued like greedy), alternating, twice each (~40 s; no llama.cpp).
@@ -44,7 +44,7 @@ pp)
   $E bench --backend gpu -m $M/q4.gguf -p 512 -n 128 -r ${REPS:-3} 2>&1 | quiet
   $E bench --backend gpu -m $M/q4.gguf -p 2048 -n 0 -r ${REPS:-3} 2>&1 | quiet
   ;;
-nocoop) model; EMBER_NO_COOP=1 $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} 2>&1 | quiet ;;
+nocoop) model; $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} --tune no-coop=1 2>&1 | quiet ;;
 llama)
   model; llama_cuda_wait
   $LB -m $M/q4.gguf -ngl 99 -p 512,2048 -n 128 -r ${REPS:-3} 2>&1 | quiet

@@ -33,6 +33,12 @@ pub struct BenchArgs {
     /// greedy decoding is
     #[arg(long = "temp", value_name = "T", default_value_t = 0.0)]
     pub temperature: f32,
+    /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable): decode-ahead,
+    /// attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop (GPU kernels), cpu-prefetch,
+    /// cpu-parts, cpu-huge, cpu-times (CPU products), hybrid-fused, hybrid-warm,
+    /// cold-dense-gate (hybrid); e.g. --tune no-coop=1 --tune mv-dec=q4_0=kq:8:4:0:1
+    #[arg(long = "tune", value_name = "KEY=VALUE", value_parser = super::parse_tune)]
+    pub tune: Vec<(String, String)>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -128,24 +134,28 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         let mut opts = super::backend::session_options(&a.model)?;
         opts.n_seqs = n_par;
+        opts.gpu_tuning = super::gpu_tuning(a.model.gpu_precision, &a.tune)?;
+        opts.cpu_tuning = super::cpu_tuning(&a.tune)?;
         let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;
         let (mut session, gpu) = (o.session, o.gpu);
         // The budget covers every batch: checked after setup and after each test.
         let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
         check("setup")?;
-        // Benchmark variant (the CLI's variable; the library takes a value): the hot neurons in
-        // the attention half's submission.
-        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_FUSED").as_deref() == Ok("1")) {
-            eprintln!("ember: EMBER_HYBRID_FUSED=1: each split layer's hot neurons go in its attention half's submission");
+        // Benchmark variants (--tune or the EMBER_* variables; the library takes values): the
+        // hot neurons in the attention half's submission, the cold team warming the next step's
+        // weights, the cold gate rows as one dense product.
+        let knob = |key: &str| super::tune_value(&a.tune, key);
+        if let Some(h) = session.as_hybrid().filter(|_| knob("hybrid-fused").as_deref() == Some("1")) {
+            eprintln!("ember: hybrid-fused=1: each split layer's hot neurons go in its attention half's submission");
             h.set_fused_hot(true);
         }
-        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_WARM").as_deref() == Ok("1")) {
-            eprintln!("ember: EMBER_HYBRID_WARM=1: the cold team reads the next CPU step's weights while waiting for the GPU");
+        if let Some(h) = session.as_hybrid().filter(|_| knob("hybrid-warm").as_deref() == Some("1")) {
+            eprintln!("ember: hybrid-warm=1: the cold team reads the next CPU step's weights while waiting for the GPU");
             h.set_warm_while_waiting(true);
         }
-        if let (Some(h), Ok(v)) = (session.as_hybrid(), std::env::var("EMBER_COLD_DENSE_GATE")) {
-            let share: f32 = v.parse().map_err(|_| format!("EMBER_COLD_DENSE_GATE={v}: a share of the cold neurons, 0 to 1"))?;
-            eprintln!("ember: EMBER_COLD_DENSE_GATE={share}: cold gate rows in one dense product when at least that share of cold neurons are candidates");
+        if let (Some(h), Some(v)) = (session.as_hybrid(), knob("cold-dense-gate")) {
+            let share: f32 = v.parse().ok().filter(|s: &f32| (0.0..=1.0).contains(s)).ok_or_else(|| format!("tuning cold-dense-gate (--tune or EMBER_COLD_DENSE_GATE) = `{v}`: a share of the cold neurons, 0 to 1"))?;
+            eprintln!("ember: cold-dense-gate={share}: cold gate rows in one dense product when at least that share of cold neurons are candidates");
             h.set_dense_gate_above(Some(share));
         }
         let size = model.file.bytes().len() as u64;
@@ -185,8 +195,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
             };
             run(&mut session)?;
-            // Step timers over the timed runs, when asked for (EMBER_CPU_TIMES=1).
-            let timed = std::env::var("EMBER_CPU_TIMES").as_deref() == Ok("1");
+            // Step timers over the timed runs, when asked for (--tune cpu-times=1).
+            let timed = knob("cpu-times").as_deref() == Some("1");
             if let Some(s) = session.as_cpu().filter(|_| timed) {
                 s.times = Some(Default::default());
             }
@@ -282,7 +292,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 fn device_bench(a: &BenchArgs) -> Result<()> {
     let choice = a.model.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
-    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision));
+    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision, &a.tune)?);
     println!("device: {} ({:?}, {:?}), driver {}", ctx.adapter.name, ctx.adapter.backend, ctx.adapter.device_type, ctx.adapter.driver);
     let (engine, shader) = super::gpu_bench::copy_bandwidth(&ctx)?;
     let copy = engine.max(shader);

@@ -1,7 +1,7 @@
 //! The GPU kernels' choices that measurements made, as one value each context owns
 //! ([`GpuContext::with_tuning`](super::GpuContext::with_tuning)). The library never reads them
-//! from the environment: callers pass them in (the `ember` binary reads its `EMBER_*`
-//! benchmark variables into one of these, `cli::gpu_tuning`).
+//! from the environment: callers pass them in (the `ember` binary fills one from `ember bench
+//! --tune KEY=VALUE` or its `EMBER_*` benchmark variables, `cli::gpu_tuning`).
 
 use super::matrix::DecodeChoice;
 
