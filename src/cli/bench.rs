@@ -35,8 +35,8 @@ pub struct BenchArgs {
     pub temperature: f32,
     /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable): decode-ahead,
     /// attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop (GPU kernels), cpu-prefetch,
-    /// cpu-parts, cpu-huge, cpu-times (CPU products), hybrid-fused, hybrid-warm,
-    /// cold-dense-gate (hybrid); e.g. --tune no-coop=1 --tune mv-dec=q4_0=kq:8:4:0:1
+    /// cpu-parts, cpu-huge, cpu-times (CPU products); e.g. --tune no-coop=1
+    /// --tune mv-dec=q4_0=kq:8:4:0:1
     #[arg(long = "tune", value_name = "KEY=VALUE", value_parser = super::parse_tune)]
     pub tune: Vec<(String, String)>,
     /// Timed repetitions of each test
@@ -141,23 +141,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         // The budget covers every batch: checked after setup and after each test.
         let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
         check("setup")?;
-        // Benchmark variants (--tune or the EMBER_* variables; the library takes values): the
-        // hot neurons in the attention half's submission, the cold team warming the next step's
-        // weights, the cold gate rows as one dense product.
-        let knob = |key: &str| super::tune_value(&a.tune, key);
-        if let Some(h) = session.as_hybrid().filter(|_| knob("hybrid-fused").as_deref() == Some("1")) {
-            eprintln!("ember: hybrid-fused=1: each split layer's hot neurons go in its attention half's submission");
-            h.set_fused_hot(true);
-        }
-        if let Some(h) = session.as_hybrid().filter(|_| knob("hybrid-warm").as_deref() == Some("1")) {
-            eprintln!("ember: hybrid-warm=1: the cold team reads the next CPU step's weights while waiting for the GPU");
-            h.set_warm_while_waiting(true);
-        }
-        if let (Some(h), Some(v)) = (session.as_hybrid(), knob("cold-dense-gate")) {
-            let share: f32 = v.parse().ok().filter(|s: &f32| (0.0..=1.0).contains(s)).ok_or_else(|| format!("tuning cold-dense-gate (--tune or EMBER_COLD_DENSE_GATE) = `{v}`: a share of the cold neurons, 0 to 1"))?;
-            eprintln!("ember: cold-dense-gate={share}: cold gate rows in one dense product when at least that share of cold neurons are candidates");
-            h.set_dense_gate_above(Some(share));
-        }
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();
@@ -196,7 +179,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             };
             run(&mut session)?;
             // Step timers over the timed runs, when asked for (--tune cpu-times=1).
-            let timed = knob("cpu-times").as_deref() == Some("1");
+            let timed = super::tune_value(&a.tune, "cpu-times").as_deref() == Some("1");
             if let Some(s) = session.as_cpu().filter(|_| timed) {
                 s.times = Some(Default::default());
             }

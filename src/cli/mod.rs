@@ -216,8 +216,8 @@ pub enum PrecisionArg {
 
 /// The tuning knobs for benchmarks: `ember bench --tune KEY=VALUE` sets one; where no flag
 /// gives it, its variable `EMBER_<KEY>` (upper case, `_` for `-`) does, as the device scripts
-/// use them. The library takes them as values (`GpuTuning`, `CpuTuning`, the hybrid session's
-/// setters), never from the environment. (key, what it sets)
+/// use them. The library takes them as values (`GpuTuning`, `CpuTuning`), never from the
+/// environment. (key, what it sets)
 pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("decode-ahead", "tokens greedy decoding keeps queued on the GPU, 0 to 3"),
     ("attn-single-max", "keys up to which decode attention is one dispatch"),
@@ -230,9 +230,6 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
     ("cpu-times", "1: print the CPU decode's step times"),
-    ("hybrid-fused", "1: each split layer's hot neurons in its attention half's submission"),
-    ("hybrid-warm", "1: the cold team reads the next CPU step's weights while waiting for the GPU"),
-    ("cold-dense-gate", "a share of the cold neurons (0 to 1) from which the cold gate rows are one dense product"),
 ];
 
 /// `--tune KEY=VALUE`: a known key and its value.
