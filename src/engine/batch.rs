@@ -315,6 +315,10 @@ impl Forward for Sequences {
         self.seqs[self.seq].decode_greedy(token, n, each)
     }
 
+    fn decode_sampled(&mut self, token: u32, n: usize, rule: &super::sampler::SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        self.seqs[self.seq].decode_sampled(token, n, rule, draw0, each)
+    }
+
     fn n_seqs(&self) -> usize {
         self.seqs.len()
     }
