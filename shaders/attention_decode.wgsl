@@ -14,6 +14,9 @@
 // output itself; for short contexts, where the combine's dispatch costs more than walking a
 // few tiles one after another.
 //
+// The query and the output are row step.row of q and out (0 but in a batched decode's
+// per-sequence steps, each sequence's query at its own row of the batch).
+//
 // KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
 // HD (head_dim) and GQ (a divisor of n_head / n_head_kv) are specialised at pipeline creation.
 
@@ -21,7 +24,8 @@ struct Step {
     n_tokens: u32,
     pos0: u32,
     n_kv: u32,
-    pad: u32,
+    // the query's row in q and out (0 but in a batched decode's per-sequence steps)
+    row: u32,
 }
 
 struct Params {
@@ -118,7 +122,7 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
     let c1 = min(c0 + len, n_kv);
     let krow = (h0 / params.group) * G;
     for (var i = tid; i < GQ * H4; i += WG) {
-        qs[i] = round_f16(q[h0 * H4 + i]);
+        qs[i] = round_f16(q[(step.row * params.n_head + h0) * H4 + i]);
     }
     workgroupBarrier();
     // The running maximum and the last tile's rescaling factor per head, the same in every
@@ -225,7 +229,7 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
                 o += red[2u * ln * G + i];
             }
             if (whole) {
-                out[(h0 + r) * H4 + i] = o * select(0.0, 1.0 / lt, lt > 0.0);
+                out[(step.row * params.n_head + h0 + r) * H4 + i] = o * select(0.0, 1.0 / lt, lt > 0.0);
             } else {
                 part_o[slot * H4 + i] = o;
             }
@@ -285,6 +289,6 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         for (var p = 0u; p < PARTS; p++) {
             sum += cred[p * H4 + tid];
         }
-        out[h * H4 + tid] = sum * inv;
+        out[(step.row * params.n_head + h) * H4 + tid] = sum * inv;
     }
 }

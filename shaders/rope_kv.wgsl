@@ -2,6 +2,9 @@
 // cache write: rotated k and plain v stored as f16 pairs (one u32 per two values) at those
 // positions of this layer's cache ([pos][kv_dim] halves).
 //
+// Token t's q, k and v are row step.row + t of their buffers (row is 0 but in a batched
+// decode's per-sequence steps, where each sequence's token sits at its own row of the batch).
+//
 // Grid: x covers one token's work items in workgroups of 64 threads, y is the token. Items are
 // n_head * head_dim / 2 q rotation pairs (a thread owns both values of its pair, so the in-place
 // update needs no barrier), then kv_dim / 2 k words, then kv_dim / 2 v words.
@@ -15,7 +18,8 @@ struct Step {
     n_tokens: u32,
     pos0: u32,
     n_kv: u32,
-    pad: u32,
+    // first row of the batch in q, k and v
+    row: u32,
 }
 
 struct Params {
@@ -95,6 +99,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         return;
     }
     let pos = step.pos0 + t;
+    let row = step.row + t;
     let hd = params.head_dim;
     let hw = hd / 2u;
     let nq = params.n_head * hw;
@@ -114,7 +119,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             a = i;
             b = i + params.rope_dim / 2u;
         }
-        let base = t * params.n_head * hd + head * hd;
+        let base = row * params.n_head * hd + head * hd;
         let x0 = q[base + a];
         let x1 = q[base + b];
         let cs = angle(pos, i);
@@ -131,7 +136,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         let w = item - nq;
         let head = w / hw;
         let e = 2u * (w % hw);
-        let base = t * kv_dim + head * hd;
+        let base = row * kv_dim + head * hd;
         var r: vec2<f32>;
         if (params.neox == 0u && e < params.rope_dim) {
             // Adjacent pair: both values share one angle.
@@ -145,7 +150,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         cache_k[dst + w] = pack2x16float(r);
     } else if (item < nq + 2u * nkv) {
         let w = item - nq - nkv;
-        let src = t * kv_dim + 2u * w;
+        let src = row * kv_dim + 2u * w;
         cache_v[dst + w] = pack2x16float(vec2<f32>(v[src], v[src + 1u]));
     }
 }

@@ -288,13 +288,13 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             start.elapsed().as_secs_f64()
         ));
         if args.n_seqs > 1 {
-            // Several sequences over the same weights, each its own session (decoded one after
-            // another: the GPU has no batched decode across sequences yet).
-            let mut seqs: Vec<Box<dyn Forward>> = vec![Box::new(session)];
+            // Several sequences over the same weights, each its own session (cache, position,
+            // prefill), decoded together (`GpuBatch`: one step's products over all rows).
+            let mut seqs = vec![session];
             for _ in 1..args.n_seqs {
-                seqs.push(Box::new(GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?));
+                seqs.push(GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?);
             }
-            return Ok((Box::new(super::batch::Sequences::new(seqs)), ctx));
+            return Ok((Box::new(super::GpuBatch::new(seqs)?), ctx));
         }
         return Ok((Box::new(session), ctx));
     }

@@ -184,28 +184,28 @@ impl GpuWeights {
 
 pub(super) struct LayerOps {
     /// The attention half up to the FFN norm; None where it runs outside the session.
-    attn: Option<AttnOps>,
+    pub(super) attn: Option<AttnOps>,
     pub(super) ffn: FfnOps,
 }
 
 /// A layer's attention half on the GPU.
-struct AttnOps {
+pub(super) struct AttnOps {
     /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
     /// one-token product folds it into its kernel).
-    attn_norm: Option<RmsNormOp>,
+    pub(super) attn_norm: Option<RmsNormOp>,
     /// One product for q, k and v, or three.
-    qkv: StackedOps,
-    biases: Option<[BiasOp; 3]>,
+    pub(super) qkv: StackedOps,
+    pub(super) biases: Option<[BiasOp; 3]>,
     /// RoPE + KV write; for one token the qkv product's epilogue does it where
     /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
     qkv_has_rope: bool,
-    attention: AttentionOp,
+    pub(super) attention: AttentionOp,
     /// x += Wo attn (the residual add in the product's epilogue).
-    o: MatmulOp,
+    pub(super) o: MatmulOp,
     /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
     /// its output).
-    ffn_norm: Option<RmsNormOp>,
+    pub(super) ffn_norm: Option<RmsNormOp>,
 }
 
 /// The products of a [`Stacked`] weight.
@@ -313,7 +313,7 @@ pub(super) struct Scratch {
 /// products hold the norm, see [`GpuMatrix::bind_matmul_normed`]).
 pub(super) struct HeadOps {
     output_last: MatmulOp,
-    output_all: MatmulOp,
+    pub(super) output_all: MatmulOp,
     argmax: ArgmaxOp,
 }
 
@@ -394,16 +394,7 @@ impl GpuSession {
         // Caches only for the layers whose attention runs here, in layer order.
         let kv_slots: Vec<Option<usize>> = weights.layers.iter().scan(0, |n, w| Some(w.attn.as_ref().map(|_| { *n += 1; *n - 1 }))).collect();
         let kv = GpuKvCache::new(&ctx, kv_slots.iter().flatten().count(), n_ctx, hp.kv_dim())?;
-        let rope = RopeShape {
-            n_head: hp.n_head as u32,
-            n_head_kv: hp.n_head_kv as u32,
-            head_dim: hp.head_dim as u32,
-            rope_dim: hp.rope_dim as u32,
-            base: hp.rope_base,
-            freq_scale: hp.rope_freq_scale,
-            neox: hp.rope_style == RopeStyle::Halves,
-        };
-        let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
+        let (rope, attn_shape) = (rope_shape(hp), attn_shape(hp));
         let relu = hp.activation == crate::model::Activation::Relu;
         // q, k and v: sections of `qkv` (offsets in f32 elements).
         let [(q_off, _), (k_off, _), (v_off, _)] = s.qkv_ranges;
@@ -766,6 +757,24 @@ impl Forward for GpuSession {
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {
         Some(self)
     }
+}
+
+/// The model's RoPE for the GPU kernels.
+pub(super) fn rope_shape(hp: &crate::model::HParams) -> RopeShape {
+    RopeShape {
+        n_head: hp.n_head as u32,
+        n_head_kv: hp.n_head_kv as u32,
+        head_dim: hp.head_dim as u32,
+        rope_dim: hp.rope_dim as u32,
+        base: hp.rope_base,
+        freq_scale: hp.rope_freq_scale,
+        neox: hp.rope_style == RopeStyle::Halves,
+    }
+}
+
+/// The model's attention heads for the GPU kernels.
+pub(super) fn attn_shape(hp: &crate::model::HParams) -> crate::gpu::ops::AttnShape {
+    crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 }
 }
 
 /// Bytes the argmax kernel writes: the id, its logit's bits, and the non-finite flag.

@@ -304,7 +304,21 @@ pub struct AttentionOp {
 impl AttentionOp {
     #[allow(clippy::too_many_arguments)]
     pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
-        let q = q.into();
+        Self::build(ctx, q.into(), cache_k, cache_v, out, shape, n_ctx, max_tokens, step, None)
+    }
+
+    /// [`new`](Self::new) writing its decode partials into `share`'s buffers rather than its
+    /// own (1 MiB per op at 64 chunks of 32 heads of 128): for ops that never run at the same
+    /// time, such as a batched decode's per-sequence attentions, recorded one after another
+    /// (the dispatches' writes to one buffer are ordered). `share` must be of the same shape
+    /// and context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sharing<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: &AttentionOp) -> Result<Self, GpuError> {
+        Self::build(ctx, q.into(), cache_k, cache_v, out, shape, n_ctx, max_tokens, step, Some(share))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(ctx: &GpuContext, q: BufRange<'_>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: Option<&AttentionOp>) -> Result<Self, GpuError> {
         let AttnShape { n_head, n_head_kv, head_dim } = shape;
         let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
         if !head_dim.is_multiple_of(8) || head_dim == 0 || head_dim > 512 {
@@ -349,8 +363,11 @@ impl AttentionOp {
         let n_chunks = n_ctx.div_ceil(64).clamp(1, DECODE_MAX_CHUNKS);
 
         let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
-        let part_o = ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4);
-        let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
+        let (part_o, part_ml) = match share {
+            Some(op) if op._buffers[1].size() == (n_head * n_chunks * head_dim) as u64 * 4 && op._buffers[2].size() == (n_head * n_chunks) as u64 * 8 => (op._buffers[1].clone(), op._buffers[2].clone()),
+            Some(_) => return unsupported("the shared partials are of another shape".into()),
+            None => (ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4), ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8)),
+        };
         let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
         let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}.wg{wg}");
         // `partial` and `single` share one function that writes either the partials or the
