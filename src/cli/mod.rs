@@ -219,7 +219,8 @@ pub enum PrecisionArg {
 /// `EMBER_DECODE_AHEAD` (0-3 tokens queued in greedy decoding), `EMBER_ATTN_SINGLE_MAX`
 /// (keys up to which decode attention is one dispatch), `EMBER_ATTN_WG` (64/128/256),
 /// `EMBER_MV_DEC` (`q4_0=kq:8:4:0:1,f16=128:2:2:1`: decode kernels per type),
-/// `EMBER_MV_TEST_DEC` (one kernel for the tests' configs), `EMBER_NO_FOLD=1` (norms and RoPE
+/// `EMBER_MV_BATCH` (`128:4`: threads and rows per workgroup of the few-token matvec, a
+/// batched decode's products), `EMBER_MV_TEST_DEC` (one kernel for the tests' configs), `EMBER_NO_FOLD=1` (norms and RoPE
 /// as separate dispatches), `EMBER_MV_XW` (0/1/2), `EMBER_NO_COOP=1` (the portable tiled prefill products where the adapter has cooperative matrices).
 pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
     use crate::gpu::matrix::parse_decode;
@@ -240,6 +241,10 @@ pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
             Some((name.trim().to_lowercase(), parse_decode(cfg)?))
         }).collect();
     }
+    t.batch_matvec = var("EMBER_MV_BATCH").and_then(|v| {
+        let (wg, nr) = v.split_once(':')?;
+        Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?))
+    });
     t.test_decode = var("EMBER_MV_TEST_DEC").and_then(|v| parse_decode(&v)).map(|d| d.0);
     t.fold_norms = var("EMBER_NO_FOLD").as_deref() != Some("1");
     t.decode_xw = var("EMBER_MV_XW").and_then(|v| v.parse().ok());

@@ -354,11 +354,28 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 
 /// The matvec variants: n tokens use the first with nt >= n. The nt = 1 variant is the
 /// generic default here; [`GpuMatrix::bind_matmul`] uses each type's own (see
-/// [`decode_config`]).
+/// [`decode_config`]). The few-token variants load each unit's activations once for the
+/// workgroup's rows, so the activation loads per weight element fall with the rows: 8 tokens
+/// take 4 rows (16 KiB of reduction memory at 128 threads, WebGPU's least limit), where 2 made
+/// a batched decode's 8 rows load 16 bytes of activations per weight. The context's
+/// [`GpuTuning::batch_matvec`](super::GpuTuning) replaces (threads, rows) where the adapter
+/// has the memory and threads for it.
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
-    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 2, 1)].into_iter().map(|(nt, wg, nr, unroll)| MvConfig { nt, wg, nr, unroll, subgroups }).collect()
+    let fits = |nt: u32, (wg, nr): (u32, u32)| {
+        wg.is_power_of_two() && nr >= 2 && nr.is_multiple_of(2) && wg <= ctx.limits.max_compute_invocations_per_workgroup && wg * nr * nt * 4 <= ctx.limits.max_compute_workgroup_storage_size
+    };
+    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 4, 1)]
+        .into_iter()
+        .map(|(nt, wg, nr, unroll)| {
+            let (wg, nr) = match ctx.tuning.batch_matvec {
+                Some(c) if nt > 1 && fits(nt, c) => c,
+                _ => (wg, nr),
+            };
+            MvConfig { nt, wg, nr, unroll, subgroups }
+        })
+        .collect()
 }
 
 /// A decode kernel and, for [`DecodeKernel::Blocks`], its workgroup's (threads, rows, slots per
