@@ -98,14 +98,32 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (t >= step.n_tokens) {
         return;
     }
-    let pos = step.pos0 + t;
-    let row = step.row + t;
+    rope_kv(step.row + t, step.pos0 + t, gid.x, 0u);
+}
+
+// A batched decode's rows, each a sequence's token (`batch`, grid y = row < n_tokens): row r's
+// position is rows[r].y and its sequence's cache starts at u32 word rows[r].x of cache_k and
+// cache_v (every sequence's cache in one buffer per layer).
+@group(0) @binding(7) var<storage, read> rows: array<vec4<u32>>;
+
+@compute @workgroup_size(64)
+fn batch(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.y;
+    if (r >= step.n_tokens) {
+        return;
+    }
+    let info = rows[r];
+    rope_kv(r, info.y, gid.x, info.x);
+}
+
+// Work item `item` of the token in row `row` of q, k and v, at position pos, its cache from
+// word cache0.
+fn rope_kv(row: u32, pos: u32, item: u32, cache0: u32) {
     let hd = params.head_dim;
     let hw = hd / 2u;
     let nq = params.n_head * hw;
     let kv_dim = params.n_head_kv * hd;
     let nkv = kv_dim / 2u;
-    let item = gid.x;
     if (item < nq) {
         // q pair p: rotate in place.
         let head = item / hw;
@@ -130,7 +148,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (pos >= params.n_ctx) {
         return;
     }
-    let dst = pos * nkv;
+    let dst = cache0 + pos * nkv;
     if (item < nq + nkv) {
         // k word w: two rotated values as f16.
         let w = item - nq;

@@ -8,7 +8,7 @@ mod common;
 
 use ember::engine::batch::{Batcher, Request};
 use ember::engine::builder::{self, BackendChoice, SessionOptions};
-use ember::engine::{generate, Forward, ForwardError, Logits, Sampler, SamplerConfig, Session};
+use ember::engine::{generate, Forward, ForwardError, GpuBatch, Logits, Sampler, SamplerConfig, Session};
 use ember::model::Model;
 use ember::tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -211,11 +211,16 @@ fn gpu_decode_batch_equals_each_sequence_alone() {
     let (_turn, pool) = pool();
     pool.install(|| {
         const N: usize = 6;
-        let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+        let opts = SessionOptions::new(&path, BackendChoice::Gpu);
         let mut single = builder::open(&opts, model.clone(), 64, &|_| {}).unwrap().session;
-        opts.n_seqs = 8;
-        let mut batch = builder::open(&opts, model.clone(), 64, &|_| {}).unwrap().session;
-        assert_eq!(batch.n_seqs(), 8);
+        // Both ways a batch reaches its caches: in one buffer per layer (one RoPE and one
+        // attention dispatch for all rows), and apart (per-row dispatches).
+        let g = single.as_gpu().unwrap();
+        let (ctx, weights) = (g.ctx.clone(), g.weights.clone());
+        let together = GpuBatch::open(model.clone(), ctx.clone(), weights.clone(), 64, 8).unwrap();
+        assert!(together.caches_together());
+        let apart = GpuBatch::open_apart(model.clone(), ctx, weights, 64, 8).unwrap();
+        assert!(!apart.caches_together());
         // f32 activations, as the GPU computes (the default's 8-bit ones flip near-ties).
         let mut cpu = Session::new(model.clone(), 64).with_seqs(8);
         cpu.precision = ember::cpu::Precision::F32;
@@ -229,33 +234,37 @@ fn gpu_decode_batch_equals_each_sequence_alone() {
         assert!(lens.len() >= 4, "prompt lengths {lens:?}");
         let nv = model.hp.n_vocab;
         let alone: Vec<Vec<u32>> = prompts.iter().map(|p| common::greedy(single.as_mut(), p, N + 1)).collect();
-        for seqs in [vec![5usize], vec![6, 1, 3], vec![7, 0, 2, 4, 6, 1, 3, 5]] {
-            let (got, first) = decode_together(batch.as_mut(), &seqs, &prompts, N);
-            let (on_cpu, _) = decode_together(&mut cpu, &seqs, &prompts, N);
-            for (r, &s) in seqs.iter().enumerate() {
-                assert_eq!(got[r], alone[s][..N], "sequence {s} in a GPU batch of {} against alone on the GPU", seqs.len());
-                assert_eq!(got[r], on_cpu[r], "sequence {s} in a GPU batch of {} against the CPU's batch", seqs.len());
-                // Its first batched row against the single session's logits after the same
-                // tokens.
-                let mut fed = prompts[s].clone();
-                fed.push(alone[s][0]);
-                single.reset();
-                let want = single.forward(&fed, Logits::Last).unwrap();
-                assert_eq!(first[r].len(), nv);
-                let err = common::rel_err(&first[r], &want);
-                assert!(err < 2e-3, "sequence {s} in a batch of {}: logits differ from alone by {err}", seqs.len());
+        let batches = [vec![5usize], vec![6, 1, 3], vec![7, 0, 2, 4, 6, 1, 3, 5]];
+        let on_cpu: Vec<Vec<Vec<u32>>> = batches.iter().map(|seqs| decode_together(&mut cpu, seqs, &prompts, N).0).collect();
+        for (mode, mut batch) in [("together", together), ("apart", apart)] {
+            assert_eq!(batch.n_seqs(), 8);
+            for (seqs, on_cpu) in batches.iter().zip(&on_cpu) {
+                let (got, first) = decode_together(&mut batch, seqs, &prompts, N);
+                for (r, &s) in seqs.iter().enumerate() {
+                    assert_eq!(got[r], alone[s][..N], "sequence {s} in a GPU batch of {} (caches {mode}) against alone on the GPU", seqs.len());
+                    assert_eq!(got[r], on_cpu[r], "sequence {s} in a GPU batch of {} (caches {mode}) against the CPU's batch", seqs.len());
+                    // Its first batched row against the single session's logits after the same
+                    // tokens.
+                    let mut fed = prompts[s].clone();
+                    fed.push(alone[s][0]);
+                    single.reset();
+                    let want = single.forward(&fed, Logits::Last).unwrap();
+                    assert_eq!(first[r].len(), nv);
+                    let err = common::rel_err(&first[r], &want);
+                    assert!(err < 2e-3, "sequence {s} in a batch of {} (caches {mode}): logits differ from alone by {err}", seqs.len());
+                }
             }
+            // Each cache holds its own sequence's history: after the batch of 8, sequences 4
+            // and 2 go on together from where they were (their last tokens not yet fed).
+            let rows = [(4usize, alone[4][N - 1]), (2, alone[2][N - 1])];
+            let logits = batch.decode_batch(&rows).unwrap();
+            for (r, &(s, _)) in rows.iter().enumerate() {
+                assert_eq!(ember::cpu::ops::argmax(&logits[r * nv..(r + 1) * nv]).0 as u32, alone[s][N], "sequence {s} after the batches (caches {mode})");
+            }
+            assert!(matches!(batch.decode_batch(&[(1, 3), (1, 4)]), Err(ForwardError::BadSequence(_))));
+            assert!(matches!(batch.decode_batch(&[(8, 3)]), Err(ForwardError::BadSequence(_))));
+            assert!(batch.decode_batch(&[]).is_err());
+            assert!(matches!(batch.decode_batch(&[(0, 3), (1, nv as u32)]), Err(ForwardError::BadToken(..))));
         }
-        // Each cache holds its own sequence's history: after the batch of 8, sequences 4 and 2
-        // go on together from where they were (their last tokens not yet fed).
-        let rows = [(4usize, alone[4][N - 1]), (2, alone[2][N - 1])];
-        let logits = batch.decode_batch(&rows).unwrap();
-        for (r, &(s, _)) in rows.iter().enumerate() {
-            assert_eq!(ember::cpu::ops::argmax(&logits[r * nv..(r + 1) * nv]).0 as u32, alone[s][N], "sequence {s} after the batches");
-        }
-        assert!(matches!(batch.decode_batch(&[(1, 3), (1, 4)]), Err(ForwardError::BadSequence(_))));
-        assert!(matches!(batch.decode_batch(&[(8, 3)]), Err(ForwardError::BadSequence(_))));
-        assert!(batch.decode_batch(&[]).is_err());
-        assert!(matches!(batch.decode_batch(&[(0, 3), (1, nv as u32)]), Err(ForwardError::BadToken(..))));
     });
 }
