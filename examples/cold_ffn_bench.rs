@@ -51,8 +51,6 @@ fn main() {
         .collect();
     let (grb, urb, drb) = (model.layers[0].ffn_gate.row_bytes(), model.layers[0].ffn_up.row_bytes(), ffn.down_t[0].row_bytes());
     let iters = 40;
-    for dense_gate in [None, Some(0.0f32)] {
-    cold_ffn.dense_gate_above = dense_gate;
     let mut bytes = 0u64;
     let t = Instant::now();
     for it in 0..iters {
@@ -82,8 +80,6 @@ fn main() {
         bytes as f64 / (iters * nl) as f64 / 1e6,
         bytes as f64 / secs / 1e9
     );
-    println!("  ({})", if dense_gate.is_some() { "gate rows of all neurons in one dense product, then the firing candidates" } else { "gate rows of the candidates, gathered" });
-    }
     // Dense gate product over the whole matrix on a team of the same size.
     let mut team = Team::new(threads);
     let mut out = vec![0.0f32; ff];

@@ -11,13 +11,6 @@
 // `finish`: one workgroup reduces the blocks' results into out[0] = index, out[1] = value bits,
 // out[2] = the non-finite flag.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     n_vocab: u32,
     n_blocks: u32,

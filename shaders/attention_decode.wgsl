@@ -20,14 +20,6 @@
 // KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
 // HD (head_dim) and GQ (a divisor of n_head / n_head_kv) are specialised at pipeline creation.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    // the query's row in q and out (0 but in a batched decode's per-sequence steps)
-    row: u32,
-}
-
 struct Params {
     n_head: u32,
     // query heads per KV head

@@ -2,13 +2,6 @@
 // n_tokens rows of `dim` values; entry points `silu` and `relu`. 256 threads per workgroup,
 // one element each, over a 2D grid of workgroups. Composed before act.wgsl (the activations).
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     dim: u32,
     pad0: u32,

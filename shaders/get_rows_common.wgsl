@@ -5,13 +5,6 @@
 // Composed after one of the matmul_<type>.wgsl files (weight bindings 4, 5; UNIT, x_chunks,
 // unit_fetch and unit_deq, the exact dequantisation of one 8-element unit).
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    _pad: u32,
-}
-
 struct Chunk {
     rows: u32,
     row0: u32,

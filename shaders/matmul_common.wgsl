@@ -11,13 +11,6 @@
 // The constants MV_WG, MV_NR, MV_NT and MV_UNROLL are rewritten by src/gpu/matrix.rs before
 // compilation (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    _pad: u32,
-}
-
 // One row-chunk of the matrix (large matrices are split across buffers by rows).
 struct Chunk {
     // Rows in this chunk.

@@ -27,13 +27,6 @@
 // DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    _pad: u32,
-}
-
 // One row-chunk of the matrix (large matrices are split across buffers by rows).
 struct Chunk {
     rows: u32,

@@ -33,13 +33,6 @@
 // KQ_Q41, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
 // compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    _pad: u32,
-}
-
 struct Chunk {
     rows: u32,
     row0: u32,

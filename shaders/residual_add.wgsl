@@ -2,13 +2,6 @@
 // `bias` entry point adds one row of `dim` values to every token instead (q/k/v biases).
 // 256 threads per workgroup, one element each, over a 2D grid (x then y) of workgroups.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     dim: u32,
     pad0: u32,

@@ -2,13 +2,6 @@
 // rows of `dim` values. One workgroup of 256 threads per row: strided sum of squares, a
 // shared-memory tree reduction, then a strided scale-and-multiply pass.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     dim: u32,
     eps: f32,

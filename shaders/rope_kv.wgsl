@@ -14,14 +14,6 @@
 // f32, as the CPU backend (and llama.cpp) does, and reduced to [-pi, pi] before cos and sin so
 // GPU trigonometry stays accurate at large positions.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    // first row of the batch in q, k and v
-    row: u32,
-}
-
 struct Params {
     n_head: u32,
     n_head_kv: u32,

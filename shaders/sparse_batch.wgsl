@@ -28,13 +28,6 @@ struct Params {
     pad1: u32,
 }
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    _pad: u32,
-}
-
 @group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(1) var<storage, read_write> h: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;

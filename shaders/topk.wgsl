@@ -12,13 +12,6 @@
 // (a second bisection over the index bits, only when there are too many); the at most k taken
 // entries are then ranked by comparing each with all the others.
 
-struct Step {
-    n_tokens: u32,
-    pos0: u32,
-    n_kv: u32,
-    pad: u32,
-}
-
 struct Params {
     n_vocab: u32,
     n_blocks: u32,

@@ -195,34 +195,3 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
         }
     }
 }
-
-/// A charged predictor's cold neurons with the gate rows as one dense product (every row, then
-/// the firing candidates' up and down rows) against the candidates' rows one by one: the same
-/// neurons, summed in other chunks.
-#[test]
-fn cold_neurons_with_dense_gate_rows_match_the_gathered_ones() {
-    use ember::engine::cold::ColdFfn;
-    let Some(path) = common::relu_model() else { return };
-    let model = Arc::new(Model::load(&path).unwrap());
-    let (e, ff) = (model.hp.n_embd, model.hp.n_ff);
-    let mut rng = common::Rng(29);
-    for precision in [Precision::F32, Precision::Llama] {
-        let ffn = SparseFfn::simulated(&model, precision, false).unwrap();
-        for il in [0, model.hp.n_layer - 1] {
-            let xn = rng.vec(e);
-            let cold: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(3)).collect();
-            let candidates: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(4)).collect();
-            let fires: Vec<bool> = candidates.iter().map(|_| rng.next_u64().is_multiple_of(3)).collect();
-            let mut outs = Vec::new();
-            for dense in [None, Some(0.0f32)] {
-                let mut team = ColdFfn::new(3);
-                team.dense_gate_above = dense;
-                let mut out = vec![f32::NAN; e];
-                team.token_charged(&ffn, &model, il, &xn, &xn, &cold, &candidates, &fires, None, precision, &mut out);
-                outs.push(out);
-            }
-            let err = common::rel_err(&outs[1], &outs[0]);
-            assert!(err < 1e-5, "layer {il}, {precision:?}: dense gate rows: relative error {err}");
-        }
-    }
-}

@@ -70,15 +70,6 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
         dense.reset();
         let d = dense.forward(&prompts[1], Logits::Last).unwrap();
         assert!(common::rel_err(&a, &d) < 1e-3, "budget {budget_mib:?}: relative logit error {}", common::rel_err(&a, &d));
-        // The hot neurons recorded in the attention half's submission: the same dispatches in
-        // the same order, so the same tokens.
-        if budget_mib == Some(100) {
-            s.set_fused_hot(true);
-            for (p, w) in prompts.iter().zip(&want).take(2) {
-                s.reset();
-                assert_eq!(&common::greedy(&mut s, p, N), w, "fused hot submission, prompt {p:?}");
-            }
-        }
     }
 }
 
@@ -108,7 +99,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     let n_ctx = 96;
     let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()), reserve: 0 };
     let ctx = Arc::new(ctx);
-    // Four threads, so the cold team has members besides the caller (warming below).
+    // Four threads, so the cold team has members besides the caller.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     let mut s = pool.install(|| HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false)).unwrap();
     assert_eq!(s.attention_on_gpu(), on_gpu);
@@ -123,15 +114,6 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     for p in &prompts[..3] {
         assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "prompt {p:?}");
     }
-    // The team reading the next CPU step's weights while waiting changes nothing.
-    s.set_warm_while_waiting(true);
-    for p in &prompts[..2] {
-        s.reset();
-        assert_eq!(common::greedy(&mut s, p, 4), common::greedy(&mut dense, p, 4), "warming while waiting, prompt {p:?}");
-    }
-    let (t, _) = s.timing(false);
-    assert!(t.warmed > 0.0, "no weights read while waiting");
-    s.set_warm_while_waiting(false);
     // Logits close to the dense CPU's, and the same run after run.
     let p = &prompts[1];
     s.reset();
@@ -345,16 +327,5 @@ fn simulated_predictor_is_charged_deterministic_and_perfect_equals_the_free_path
         }
         let (t, _) = a.timing(false);
         assert!(t.cpu_predictor > 0.0, "{opts}: no CPU predictor time charged");
-        // The cold gate rows as one dense product (every row, then the firing candidates'
-        // up and down rows): the same neurons' values, summed in other chunks.
-        let mut c = simulated_session(&model, opts, Some(predictors.clone()), None);
-        c.set_dense_gate_above(Some(0.0));
-        let (tc, _) = run(&mut c);
-        assert_eq!(tc, ta, "{opts}: dense cold gate rows change the tokens");
-        let next = *ta.last().unwrap();
-        let (da, dc) = (a.forward(&[next], Logits::Last).unwrap(), c.forward(&[next], Logits::Last).unwrap());
-        // Per layer the two agree to 1e-5 (tests/sparse_ffn.rs); seven tokens through 30 layers
-        // with random firing draws amplify the reordered sums to ~3e-3.
-        assert!(common::rel_err(&dc, &da) < 1e-2, "{opts}: dense cold gate rows: relative logit error {}", common::rel_err(&dc, &da));
     }
 }

@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile sync coldvar coldbench stream
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile coldbench stream
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -84,23 +84,18 @@ hybrid)
     $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor perfect --vram-budget $B -t $T -p 0 -n 64 -r ${REPS:-2}
   ;;
 rates)
-  for r in 25% 10% 5%; do
-    measure "ember hybrid $B GiB, charged predictor, profile scaled to $r mean activity" \
-      $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor recall=0.99,precision=0.3,rate=$r --vram-budget $B -t $T -p 0 -n 32 -r ${REPS:-2}
+  # The acceptance setting (-c 4096, a 512-token prompt) with the profile scaled to 25%, 10% and
+  # 5% mean activity: what PowerInfer's sparser models would get. llama.cpp's rows (race4k) are
+  # the same whatever the activity.
+  for r in ${RATES:-25% 10% 5%}; do
+    measure "ember hybrid $B GiB, charged predictor, profile scaled to $r mean activity, -c 4096 -p 512" \
+      $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor recall=0.99,precision=0.3,rate=$r --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
   done
   ;;
 long)
   measure "ember hybrid ${LONG_BUDGET:-4.4} GiB, charged predictor, -c 4096, pp512" \
     $E bench -m $M/relu-pi.gguf $SIM --vram-budget ${LONG_BUDGET:-4.4} -t $T -c 4096 -p 512 -n 32 -r 1
   measure "llama.cpp -ngl ${LONG_NGL:-24}, pp512 tg32" $LB -m $M/relu.gguf -ngl ${LONG_NGL:-24} -t $T -p 512 -n 32 -r ${REPS:-2}
-  ;;
-sync)
-  # The hybrid's per-layer exchange: two submissions per split layer (default) against one
-  # (EMBER_HYBRID_FUSED=1: the hot neurons on the wait), alternating.
-  for v in 0 1 0 1; do
-    measure "ember hybrid $B GiB, charged predictor, -c 4096, EMBER_HYBRID_FUSED=$v" \
-      env EMBER_HYBRID_FUSED=$v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
-  done
   ;;
 stream)
   # Batched hybrid prefill at the acceptance setting: a 512-token batch's cold neurons streamed
@@ -114,20 +109,9 @@ stream)
   done
   [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${STREAM_NGL:-8}, -c 4096 -npp 512 -ntg 8" $LBB -m $M/relu.gguf -ngl ${STREAM_NGL:-8} -t $T -c 4096 -npp 512 -ntg 8 -npl 1
   ;;
-coldvar)
-  # The hybrid's CPU half: the team reading the next step's weights while the CPU waits for
-  # the GPU (EMBER_HYBRID_WARM=1), the cold gate rows as one dense product above a share of
-  # candidates (EMBER_COLD_DENSE_GATE), both; the default first and last.
-  # COLDVARS replaces the list (space-separated; a variant's several variables joined by commas).
-  for v in ${COLDVARS:-X=0 EMBER_HYBRID_WARM=1 EMBER_COLD_DENSE_GATE=0.5 EMBER_HYBRID_WARM=1,EMBER_COLD_DENSE_GATE=0.5 X=0}; do
-    v=${v//,/ }
-    measure "ember hybrid $B GiB, charged predictor, -c 4096, $v" \
-      env $v $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 0 -n 64 -r 2
-  done
-  ;;
 coldbench)
   # The CPU half alone (examples/cold_ffn_bench, carried as D/cold_ffn_bench) on a 4-layer
-  # 7B-shaped model: gathered gate rows against one dense product, candidates 77% / 40%.
+  # 7B-shaped model: gathered gate rows against a dense gate product, candidates 77% / 40%.
   $E synth --type q4_0 --act relu --n-layer 4 --tokenizer-from $D/tok.gguf -o $M/s4.gguf 2>&1 | tail -1
   $E convert -m $M/s4.gguf --powerinfer --down-t-type q4_0 -o $M/s4-pi.gguf 2>&1 | tail -1
   for c in 77.4 40; do $D/cold_ffn_bench $M/s4-pi.gguf $(( T - 2 )) 9 $c 24.2; done

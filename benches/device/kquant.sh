@@ -47,6 +47,6 @@ done
 # read); the KV cache's reads (at most 64 MiB at position 128) are left out.
 SIZE=$(stat -c %s $M/q4km.gguf); EMB=$((4096 * 49152 * 144 / 256))
 for i in 1 2; do
-  TG=$(grep -E "tg128" /tmp/ember-$i.txt | awk -F'|' '{print $8}' | awk '{print $1}')
+  TG=$(grep -E "^\|.*\| tg128 \|" /tmp/ember-$i.txt | awk -F'|' '{print $8}' | awk '{print $1}')
   [ -n "$TG" ] && [ -n "$COPY" ] && awk -v s=$SIZE -v e=$EMB -v tg=$TG -v c=$COPY 'BEGIN { bw = (s - e) * tg / 1e9; printf "ember run %s: %.1f t/s x %.2f GB = %.0f GB/s of weights, %.0f%% of the copy bandwidth (%.0f GB/s)\n", "'$i'", tg, (s - e) / 1e9, bw, 100 * bw / c, c }'
 done

@@ -106,21 +106,6 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         // The budget covers every batch: checked after setup and after each test.
         let check = |when: &str| gpu.as_ref().map_or(Ok(()), |ctx| super::backend::check_gpu_memory(&a.model, ctx, when));
         check("setup")?;
-        // Benchmark variant (the CLI's variable; the library takes a value): the hot neurons in
-        // the attention half's submission.
-        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_FUSED").as_deref() == Ok("1")) {
-            eprintln!("ember: EMBER_HYBRID_FUSED=1: each split layer's hot neurons go in its attention half's submission");
-            h.set_fused_hot(true);
-        }
-        if let Some(h) = session.as_hybrid().filter(|_| std::env::var("EMBER_HYBRID_WARM").as_deref() == Ok("1")) {
-            eprintln!("ember: EMBER_HYBRID_WARM=1: the cold team reads the next CPU step's weights while waiting for the GPU");
-            h.set_warm_while_waiting(true);
-        }
-        if let (Some(h), Ok(v)) = (session.as_hybrid(), std::env::var("EMBER_COLD_DENSE_GATE")) {
-            let share: f32 = v.parse().map_err(|_| format!("EMBER_COLD_DENSE_GATE={v}: a share of the cold neurons, 0 to 1"))?;
-            eprintln!("ember: EMBER_COLD_DENSE_GATE={share}: cold gate rows in one dense product when at least that share of cold neurons are candidates");
-            h.set_dense_gate_above(Some(share));
-        }
         let size = model.file.bytes().len() as u64;
         let params: u64 = model.file.tensors().iter().map(|t| t.n_elements()).sum();
         let types: std::collections::BTreeSet<&str> = model.layers.iter().flat_map(|l| [l.wq.ty.name(), l.ffn_down.ty.name()]).collect();

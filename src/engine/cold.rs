@@ -39,13 +39,6 @@ pub struct ColdFfn {
     /// Predictor rows computed (for tests: the charged work really runs), and the seconds.
     pub predictor_rows: u64,
     pub predictor_secs: f64,
-    /// With a charged predictor: when at least this share of the cold neurons are candidates,
-    /// every gate row is computed by the dense (packed, streaming) product instead of the
-    /// candidates' rows one by one, and only the firing candidates go on to their up and down
-    /// rows. A dense read of all rows can beat a gathered read of most of them. None: always
-    /// gathered. The sums are then cut into chunks by the firing list instead of the candidate
-    /// list (the same run after run; not bit-identical to the gathered order).
-    pub dense_gate_above: Option<f32>,
 }
 
 /// `vals[k] = w row rows[k] · acts` with the list split into one contiguous part per member.
@@ -62,63 +55,10 @@ fn team_row_dots(team: &mut Team, w: &crate::model::Matrix, acts: &Activations, 
     });
 }
 
-/// Bytes each warming member reads between looks at the stop flag (64 cache lines).
-const WARM_STEP: usize = 4096;
-
 impl ColdFfn {
-    /// Runs `ready` on the calling member until it returns true (or fails) while the other
-    /// members read `regions` (in order; each member a contiguous share of every region), one
-    /// load per cache line, and stop as soon as the caller is done. For the hybrid's wait on
-    /// the GPU: the cold weights the next step reads then come from the last-level cache
-    /// instead of memory, so the CPU's idle time becomes useful bandwidth. Reading has no
-    /// effect on the results. Returns the bytes read.
-    pub fn wait_warming<E: Send>(&mut self, regions: &[&[u8]], ready: impl FnMut() -> Result<bool, E> + Send) -> Result<u64, E> {
-        use std::sync::atomic::{AtomicBool, AtomicU64};
-        let done = AtomicBool::new(false);
-        let read = AtomicU64::new(0);
-        let ready = Mutex::new(ready);
-        let outcome: Mutex<Option<Result<(), E>>> = Mutex::new(None);
-        self.team.run(&|member, size| {
-            if member == 0 {
-                let mut ready = ready.lock().unwrap();
-                let r = loop {
-                    match ready() {
-                        Ok(true) => break Ok(()),
-                        Ok(false) => std::hint::spin_loop(),
-                        Err(e) => break Err(e),
-                    }
-                };
-                done.store(true, Ordering::Release);
-                *outcome.lock().unwrap() = Some(r);
-                return;
-            }
-            let (warmers, me) = (size - 1, member - 1);
-            let mut n = 0u64;
-            'regions: for region in regions {
-                let share = region.len().div_ceil(warmers).next_multiple_of(64);
-                let start = (me * share).min(region.len());
-                let end = (start + share).min(region.len());
-                for block in region[start..end].chunks(WARM_STEP) {
-                    if done.load(Ordering::Relaxed) {
-                        break 'regions;
-                    }
-                    let mut acc = 0u8;
-                    for line in block.chunks(64) {
-                        // SAFETY: a plain read of an initialised byte of the slice.
-                        acc ^= unsafe { std::ptr::read_volatile(line.as_ptr()) };
-                    }
-                    std::hint::black_box(acc);
-                    n += block.len() as u64;
-                }
-            }
-            read.fetch_add(n, Ordering::Relaxed);
-        });
-        outcome.into_inner().unwrap().expect("the caller's wait ran").map(|()| read.into_inner())
-    }
-
     /// A team of `threads` members (the calling thread is one of them).
     pub fn new(threads: usize) -> ColdFfn {
-        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0, dense_gate_above: None }
+        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0 }
     }
 
     pub fn threads(&self) -> usize {
@@ -211,7 +151,7 @@ impl ColdFfn {
     /// candidates were cold.
     #[allow(clippy::too_many_arguments)]
     pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold: &[u32], candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
-        let ColdFfn { team, gate, active, fires: cold_fires, partials, hidden, logits, predictor_rows, predictor_secs, dense_gate_above } = self;
+        let ColdFfn { team, active, fires: cold_fires, partials, hidden, logits, predictor_rows, predictor_secs, .. } = self;
         if let Some(p) = predictor {
             let t = std::time::Instant::now();
             let rank = p.fc1.rows;
@@ -245,21 +185,6 @@ impl ColdFfn {
         }
         let acts = Activations::new(xn, 1).with_precision(precision);
         let n_candidates = active.len();
-        if dense_gate_above.is_some_and(|share| n_candidates as f32 >= share * cold.len() as f32) {
-            gate.resize(model.hp.n_ff, 0.0);
-            matmuls(team, &acts, [(&model.layers[il].ffn_gate, &mut gate[..])]);
-            let mut k = 0;
-            active.retain(|_| {
-                k += 1;
-                cold_fires[k - 1]
-            });
-            if active.is_empty() {
-                out.fill(0.0);
-            } else {
-                ffn_on_team(team, partials, ffn, model, il, &acts, Some(gate), active, None, out);
-            }
-            return n_candidates;
-        }
         ffn_on_team(team, partials, ffn, model, il, &acts, None, active, Some(cold_fires), out);
         n_candidates
     }

@@ -212,12 +212,6 @@ pub struct HybridSession {
     state: HybridState,
     /// Batched prefill's exchange buffers (None: prompts run token by token).
     prefill: Option<PrefillBuffers>,
-    /// Decode records a split layer's hot neurons in the same submission as its attention half
-    /// (one `queue.submit` per layer instead of two; the CPU then waits for the hot part too).
-    fused_hot: bool,
-    /// While the CPU waits for the GPU, the cold team reads the weights the layer's CPU part
-    /// reads next, so they come from the last-level cache ([`ColdFfn::wait_warming`]).
-    warm_while_waiting: bool,
 }
 
 /// The CPU side of a hybrid session.
@@ -269,8 +263,6 @@ pub struct HybridTiming {
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
     pub simulate: f64,
-    /// Bytes of weights the cold team read while the CPU waited for the GPU.
-    pub warmed: f64,
 }
 
 impl HybridTiming {
@@ -280,7 +272,7 @@ impl HybridTiming {
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
             "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
-             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token{}",
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
@@ -291,10 +283,6 @@ impl HybridTiming {
             per(self.submit),
             per(self.record),
             per(self.simulate),
-            match self.warmed > 0.0 {
-                true => format!("; {:.1} MB of weights read ahead while waiting", self.warmed / self.tokens.max(1) as f64 / 1e6),
-                false => String::new(),
-            },
         )
     }
 }
@@ -630,29 +618,11 @@ impl HybridSession {
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
         };
-        Ok(HybridSession { gpu: session, layers, state, prefill, fused_hot: false, warm_while_waiting: false })
+        Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
     /// zeroes the sums.
-    /// Records each split layer's hot neurons in its attention half's submission (a benchmark
-    /// variant: one submission per layer, the hot part on the wait).
-    pub fn set_fused_hot(&mut self, fused: bool) {
-        self.fused_hot = fused;
-    }
-
-    /// Lets the cold team read the next CPU step's weights while the CPU waits for the GPU
-    /// ([`ColdFfn::wait_warming`]; a benchmark variant).
-    pub fn set_warm_while_waiting(&mut self, warm: bool) {
-        self.warm_while_waiting = warm;
-    }
-
-    /// With a charged predictor's simulation: above this share of cold candidates, the cold
-    /// gate rows are one dense product ([`ColdFfn::dense_gate_above`]; a benchmark variant).
-    pub fn set_dense_gate_above(&mut self, share: Option<f32>) {
-        self.state.cold.dense_gate_above = share;
-    }
-
     pub fn timing(&mut self, reset: bool) -> (HybridTiming, usize) {
         let out = (self.state.timing, self.state.syncs_per_token);
         if reset {
@@ -714,8 +684,7 @@ impl HybridSession {
     /// the CPU computes that layer's cold neurons while the GPU computes the hot ones.
     fn run_token(&mut self, token: u32) -> Result<(), ForwardError> {
         let t_token = std::time::Instant::now();
-        let HybridSession { gpu, layers, state, fused_hot, warm_while_waiting, .. } = self;
-        let (fused, warm) = (*fused_hot, *warm_while_waiting);
+        let HybridSession { gpu, layers, state, .. } = self;
         let e = gpu.model.hp.n_embd;
         let pos0 = gpu.n_past as u32;
         let step = Step { n_tokens: 1, pos0, n_kv: pos0 + 1, _pad: 0 };
@@ -735,7 +704,7 @@ impl HybridSession {
         std::thread::scope(|scope| -> Result<(), ForwardError> {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
-            let recorder = scope.spawn(move || record_split_token(this, layers, sim, fused, tx));
+            let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
             loop {
                 let t_recv = std::time::Instant::now();
                 let Ok(segment) = rx.recv() else { break };
@@ -771,40 +740,12 @@ impl HybridSession {
                 let t_wait = std::time::Instant::now();
                 // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
                 // wake-up latency per layer, more than the GPU's attention half takes.
-                let mapped = if warm && !(sp.cold.is_empty() && !sp.host_attention) {
-                    // The team reads what this layer's CPU part reads next (a host layer's
-                    // attention weights, then the FFN's) while the caller waits.
-                    let layer = &this.model.layers[split.layer];
-                    let mut regions: Vec<&[u8]> = Vec::new();
-                    if sp.host_attention {
-                        regions.extend([layer.wq.bytes(), layer.wk.bytes(), layer.wv.bytes(), layer.wo.bytes()]);
-                    }
-                    if !sp.cold.is_empty() {
-                        regions.extend([layer.ffn_gate.bytes(), layer.ffn_up.bytes(), ffn.down_t[split.layer].bytes()]);
-                    }
-                    let got = Mutex::new(None);
-                    let (device, got_ref) = (&this.ctx.device, &got);
-                    let warmed = cold.wait_warming(&regions, move || {
-                        device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                        match rx_map.try_recv() {
-                            Ok(r) => {
-                                *got_ref.lock().unwrap() = Some(r);
-                                Ok(true)
-                            }
-                            Err(std::sync::mpsc::TryRecvError::Empty) => Ok(false),
-                            Err(err) => Err(lost(err)),
-                        }
-                    })?;
-                    t.warmed += warmed as f64;
-                    got.into_inner().unwrap().expect("the wait ended with the mapping")
-                } else {
-                    loop {
-                        this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                        match rx_map.try_recv() {
-                            Ok(r) => break r,
-                            Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                            Err(err) => return Err(lost(err)),
-                        }
+                let mapped = loop {
+                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
+                    match rx_map.try_recv() {
+                        Ok(r) => break r,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                        Err(err) => return Err(lost(err)),
                     }
                 };
                 mapped.map_err(lost)?;
@@ -863,7 +804,6 @@ impl HybridSession {
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
-        timing.warmed += t.warmed;
         gpu.n_past += 1;
         Ok(())
     }
@@ -935,7 +875,7 @@ impl Forward for HybridSession {
 /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
 /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns the
 /// seconds spent recording and drawing. Stops early when the receiver is gone.
-fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, fused: bool, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
     let t_start = std::time::Instant::now();
     let mut draw_time = 0.0;
     let e = gpu.model.hp.n_embd as u64;
@@ -995,22 +935,17 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
                 enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);
             }
         }
-        let hot = if fused && !sp.host_attention {
-            let mut p = enc.begin_compute_pass(&Default::default());
+        // The hot neurons go in a submission of their own, made right after the CPU asks for
+        // the mapping: recorded into the attention half's, they put their ~170 µs on the CPU's
+        // wait (measured slower on an H200, BENCHMARKS.md, session 7).
+        let mut enc_hot = new_encoder();
+        {
+            let mut p = enc_hot.begin_compute_pass(&Default::default());
             for (_, op) in sp.gpu_sequence() {
                 op.record(&mut p, 1);
             }
-            None
-        } else {
-            let mut enc_hot = new_encoder();
-            {
-                let mut p = enc_hot.begin_compute_pass(&Default::default());
-                for (_, op) in sp.gpu_sequence() {
-                    op.record(&mut p, 1);
-                }
-            }
-            Some(enc_hot.finish())
-        };
+        }
+        let hot = Some(enc_hot.finish());
         let split = SplitPart { layer: il, hot, drawn };
         layers_recorded = 0;
         if tx.send(Segment { commands: enc.finish(), split: Some(split), last: false }).is_err() {
@@ -1056,7 +991,7 @@ const LAYERS_PER_SUBMISSION: usize = 8;
 /// when activity is simulated.
 struct SplitPart {
     layer: usize,
-    /// None when recorded in the segment itself (fused).
+    /// Taken when submitted.
     hot: Option<wgpu::CommandBuffer>,
     drawn: Option<Drawn>,
 }
@@ -1072,7 +1007,6 @@ struct TokenTiming {
     cpu_attention: f64,
     record: f64,
     simulate: f64,
-    warmed: f64,
 }
 
 /// Layer `il`'s active cold neurons for one token into `y`, from the residual `x` entering the

@@ -9,18 +9,19 @@
 //! buffer bound both read-only and read-write in a dispatch).
 
 use super::{GpuContext, GpuError};
+use super::shaders::compose;
 use std::sync::Arc;
 use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
 
-const RMS_NORM: &str = include_str!("../../shaders/rms_norm.wgsl");
-const ROPE_KV: &str = include_str!("../../shaders/rope_kv.wgsl");
-const ATTENTION_DECODE: &str = include_str!("../../shaders/attention_decode.wgsl");
-const ATTENTION_PREFILL: &str = include_str!("../../shaders/attention_prefill.wgsl");
-const GATED_ACT: &str = concat!(include_str!("../../shaders/gated_act.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
-const ACT: &str = include_str!("../../shaders/act.wgsl");
-const RESIDUAL_ADD: &str = include_str!("../../shaders/residual_add.wgsl");
-const ARGMAX: &str = include_str!("../../shaders/argmax.wgsl");
-const TOPK: &str = include_str!("../../shaders/topk.wgsl");
+const RMS_NORM: &str = compose!("rms_norm.wgsl");
+const ROPE_KV: &str = compose!("rope_kv.wgsl");
+const ATTENTION_DECODE: &str = compose!("attention_decode.wgsl");
+const ATTENTION_PREFILL: &str = compose!("attention_prefill.wgsl");
+const GATED_ACT: &str = compose!("gated_act.wgsl", "act.wgsl");
+const ACT: &str = compose!("act.wgsl");
+const RESIDUAL_ADD: &str = compose!("residual_add.wgsl");
+const ARGMAX: &str = compose!("argmax.wgsl");
+const TOPK: &str = compose!("topk.wgsl");
 
 /// (file name, source) of this module's kernels.
 pub const SHADERS: &[(&str, &str)] = &[

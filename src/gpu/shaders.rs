@@ -1,10 +1,18 @@
 //! Every WGSL kernel, compiled into the binary. [`all`] lists them for the naga validation test.
 
-pub const COPY: &str = include_str!("../../shaders/copy.wgsl");
+/// A kernel's source: shaders/step.wgsl (the prelude every kernel shares), then the named files
+/// of shaders/ in order, so that no fragment is written twice.
+macro_rules! compose {
+    ($($file:literal),+) => { concat!(include_str!("../../shaders/step.wgsl"), "\n", $(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
+}
+pub(crate) use compose;
+
+pub const COPY: &str = compose!("copy.wgsl");
 
 /// (file name, source) of every kernel under shaders/.
 pub fn all() -> Vec<(&'static str, &'static str)> {
-    let mut v = vec![("copy.wgsl", COPY)];
+    // step.wgsl, the prelude, is validated inside every kernel; listed here with the smallest.
+    let mut v = vec![("copy.wgsl", COPY), ("step.wgsl", COPY)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.push(super::matrix::DEC_ROWS_SHADER);
     v.extend_from_slice(super::ops::SHADERS);

@@ -41,16 +41,17 @@
 
 use super::ops::{specialize, Kernel, MAX_GROUPS};
 use super::{GpuContext, GpuError};
+use super::shaders::compose;
 use crate::gguf::GgmlType;
 use crate::model::{Activation, Matrix};
 use wgpu::{Buffer, ComputePass};
 
-const SELECT: &str = include_str!("../../shaders/sparse_select.wgsl");
+const SELECT: &str = compose!("sparse_select.wgsl");
 // The gather matvec takes exp_poly from act.wgsl, the activations' one copy of it.
-const MATVEC: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
-const MATVEC_SG: &str = concat!(include_str!("../../shaders/sparse_matvec.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"), "\n", include_str!("../../shaders/sparse_matvec_sg.wgsl"), "\n", include_str!("../../shaders/act.wgsl"));
-const AXPY: &str = include_str!("../../shaders/sparse_axpy.wgsl");
-const BATCH: &str = concat!(include_str!("../../shaders/sparse_batch.wgsl"), "\n", include_str!("../../shaders/sparse_grouped.wgsl"));
+const MATVEC: &str = compose!("sparse_matvec.wgsl", "sparse_grouped.wgsl", "act.wgsl");
+const MATVEC_SG: &str = compose!("sparse_matvec.wgsl", "sparse_grouped.wgsl", "sparse_matvec_sg.wgsl", "act.wgsl");
+const AXPY: &str = compose!("sparse_axpy.wgsl");
+const BATCH: &str = compose!("sparse_batch.wgsl", "sparse_grouped.wgsl");
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
 /// the matvec file it extends.
