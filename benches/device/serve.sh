@@ -29,8 +29,10 @@ for phase in "$@"; do
 gpu)
   # tg32 (one sequence, the GPU's queued greedy decode), then 1 and 8 sequences through
   # decode_batch (greedy on the host, as the server samples). The GPU batches the 8
-  # (engine::gpu_batch: each step's products over all rows, RoPE and attention per row), so
-  # the x8 row's tokens/s against the x1 row is the acceptance's ratio (>= 4x). Then the 8 with
+  # (engine::gpu_batch: each step's products over all rows, then one RoPE and one attention
+  # dispatch per layer for every row against its own cache), so the x8 row's tokens/s against
+  # the x1 row (and against tg32, the queued single stream) is the acceptance's ratio (>= 4x).
+  # Then the 8 with
   # other shapes of the few-token matvec (EMBER_MV_BATCH=threads:rows; default 128:4, 128:2
   # the earlier one), to tell which the default should be.
   for P in 1 8; do
