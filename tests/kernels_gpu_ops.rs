@@ -8,7 +8,7 @@ use common::{gpu, Rng};
 use ember::cpu::ops::{argmax, gated_activation, rms_norm, Rope};
 use ember::engine::sampler::{uniform, SampleRule};
 use ember::engine::SamplerConfig;
-use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape, SampleOp, SampleParams, TopKOp};
+use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeKvRowsOp, RopeShape, SampleOp, SampleParams, TopKOp};
 use ember::gpu::{GpuContext, Step};
 use ember::model::{Activation, RopeStyle};
 use half::f16;
@@ -391,6 +391,179 @@ fn rope_cache_attention_chain_matches_cpu() {
             assert!(e <= 4e-3, "chain neox={neox} n {n} pos {pos}: differs from the CPU by {e:e}");
             pos += n;
         }
+    }
+}
+
+/// A batched decode's per-row dispatches (`engine::gpu_batch`): each sequence's RoPE + KV
+/// write and attention read and write its token's row of shared q, k, v and out buffers (the
+/// Step's row) against its own cache at its own position; the attentions share one set of
+/// partials. Against the CPU's RoPE and attention per sequence, positions on both sides of
+/// the one-pass limit, odd head shapes; rows past the batch stay untouched.
+#[test]
+fn decode_rows_at_their_own_rows_match_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(26);
+    let (n_head, n_head_kv, hd, n_ctx, max_tokens) = (9usize, 3usize, 40usize, 700usize, 6usize);
+    let (q_dim, kv_dim) = (n_head * hd, n_head_kv * hd);
+    let rope = Rope::new(hd, 10000.0, 1.0, RopeStyle::Adjacent);
+    let rshape = RopeShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32, rope_dim: hd as u32, base: 10000.0, freq_scale: 1.0, neox: false };
+    let ashape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
+    // Rows 0..4 of the batch: (sequence, its position).
+    let rows = [(2usize, 600usize), (0, 7), (3, 0), (1, 255)];
+    let n_seqs = 4;
+    let qb = ctx.zeros("q", (max_tokens * q_dim * 4) as u64);
+    let kb = ctx.zeros("k", (max_tokens * kv_dim * 4) as u64);
+    let vb = ctx.zeros("v", (max_tokens * kv_dim * 4) as u64);
+    let ob = ctx.zeros("out", (max_tokens * q_dim * 4) as u64);
+    let steps: Vec<Buffer> = (0..n_seqs).map(|_| step_buffer(&ctx)).collect();
+    let caches: Vec<GpuKvCache> = (0..n_seqs).map(|_| GpuKvCache::new(&ctx, 1, n_ctx, kv_dim).unwrap()).collect();
+    // Every cache random below its sequence's position (what its earlier tokens wrote).
+    let mut cpu_caches = Vec::new();
+    for (s, cache) in caches.iter().enumerate() {
+        let pos = rows.iter().find(|r| r.0 == s).unwrap().1;
+        let mut cc = ember::cpu::KvCache::new(1, n_ctx, kv_dim);
+        for p in 0..pos {
+            cc.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+        }
+        let (k, v) = cc.layer(0);
+        ctx.queue.write_buffer(cache.k(0), 0, bytemuck::cast_slice(k));
+        ctx.queue.write_buffer(cache.v(0), 0, bytemuck::cast_slice(v));
+        cpu_caches.push(cc);
+    }
+    let first = AttentionOp::new(&ctx, &qb, caches[0].k(0), caches[0].v(0), &ob, ashape, n_ctx as u32, max_tokens as u32, &steps[0]).unwrap();
+    let ops: Vec<(RopeKvOp, AttentionOp)> = (0..n_seqs)
+        .map(|s| {
+            let rope_op = RopeKvOp::new(&ctx, &qb, &kb, &vb, caches[s].k(0), caches[s].v(0), rshape, &steps[s]);
+            let attn = AttentionOp::sharing(&ctx, &qb, caches[s].k(0), caches[s].v(0), &ob, ashape, n_ctx as u32, max_tokens as u32, &steps[s], &first).unwrap();
+            (rope_op, attn)
+        })
+        .collect();
+    let q: Vec<f32> = rng.vec(max_tokens * q_dim).iter().map(|x| x * 3.0).collect();
+    let k = rng.vec(max_tokens * kv_dim);
+    let v = rng.vec(max_tokens * kv_dim);
+    ctx.queue.write_buffer(&qb, 0, bytemuck::cast_slice(&q));
+    ctx.queue.write_buffer(&kb, 0, bytemuck::cast_slice(&k));
+    ctx.queue.write_buffer(&vb, 0, bytemuck::cast_slice(&v));
+    ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&vec![f32::NAN; max_tokens * q_dim]));
+    for (r, &(s, pos)) in rows.iter().enumerate() {
+        let step = Step { n_tokens: 1, pos0: pos as u32, n_kv: pos as u32 + 1, _pad: r as u32 };
+        ctx.queue.write_buffer(&steps[s], 0, bytemuck::bytes_of(&step));
+        ops[s].1.set_n_kv(Some(pos as u32 + 1));
+    }
+    let mut enc = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+        for &(s, _) in &rows {
+            ops[s].0.encode(&mut pass, 1);
+            ops[s].1.encode(&mut pass, 1);
+        }
+    }
+    ctx.submit_and_wait(enc).unwrap();
+    let got: Vec<f32> = ctx.read(&ob, max_tokens * q_dim).unwrap();
+    for (r, &(s, pos)) in rows.iter().enumerate() {
+        let (mut qr, mut kr) = (q[r * q_dim..(r + 1) * q_dim].to_vec(), k[r * kv_dim..(r + 1) * kv_dim].to_vec());
+        let angles = rope.angles(pos);
+        rope.apply(&mut qr, hd, &angles);
+        rope.apply(&mut kr, hd, &angles);
+        cpu_caches[s].store(0, pos, &kr, &v[r * kv_dim..(r + 1) * kv_dim]);
+        let (ck, cv) = cpu_caches[s].layer(0);
+        let mut want = vec![0.0; q_dim];
+        ember::cpu::attention(&qr, ck, cv, pos, 1, ember::cpu::attention::AttnShape { n_head, n_head_kv, head_dim: hd }, &mut want);
+        let e = max_abs_diff(&got[r * q_dim..(r + 1) * q_dim], &want);
+        assert!(e <= 4e-3, "row {r} (sequence {s} at {pos}): differs from the CPU by {e:e}");
+        // Its key went to its own cache at its position.
+        let words: Vec<u32> = ctx.read(caches[s].k(0), (pos + 1) * kv_dim / 2).unwrap();
+        let cached = f16_bits(&words[pos * kv_dim / 2..]);
+        for (i, (&g, &w)) in cached.iter().zip(&kr).enumerate() {
+            assert!((g - w).abs() <= w.abs() / 2048.0 + 2e-6, "row {r}: cached k {i}: got {g} want {w}");
+        }
+    }
+    assert!(got[rows.len() * q_dim..].iter().all(|x| x.is_nan()), "rows past the batch written");
+}
+
+/// A batched decode's RoPE + KV write and attention over every row in one dispatch each
+/// (`RopeKvRowsOp`, `AttentionOp::rows`): the sequences' caches in one buffer per layer
+/// (`GpuKvCache::with_seqs`), each row reading its sequence's offset and position from the
+/// table. Against the CPU per sequence, with every row short (one pass over the keys) and
+/// with one row past the one-pass limit (chunks and a combine for all rows); the other
+/// sequences' caches and the rows past the batch stay untouched.
+#[test]
+fn decode_rows_in_one_dispatch_match_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(27);
+    let (n_head, n_head_kv, hd, n_ctx, max_rows) = (9usize, 3usize, 40usize, 700usize, 6usize);
+    let (q_dim, kv_dim) = (n_head * hd, n_head_kv * hd);
+    let rope = Rope::new(hd, 10000.0, 1.0, RopeStyle::Adjacent);
+    let rshape = RopeShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32, rope_dim: hd as u32, base: 10000.0, freq_scale: 1.0, neox: false };
+    let ashape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
+    let n_seqs = 5;
+    let cache = GpuKvCache::with_seqs(&ctx, 1, n_ctx, kv_dim, n_seqs).unwrap();
+    assert_eq!(cache.n_seqs(), n_seqs);
+    let qb = ctx.zeros("q", (max_rows * q_dim * 4) as u64);
+    let kb = ctx.zeros("k", (max_rows * kv_dim * 4) as u64);
+    let vb = ctx.zeros("v", (max_rows * kv_dim * 4) as u64);
+    let ob = ctx.zeros("out", (max_rows * q_dim * 4) as u64);
+    let table = ctx.zeros("rows", 16 * max_rows as u64);
+    let step = step_buffer(&ctx);
+    let rope_op = RopeKvRowsOp::new(&ctx, &qb, &kb, &vb, cache.k(0), cache.v(0), n_ctx as u32, rshape, &table, &step);
+    let attn = AttentionOp::rows(&ctx, &qb, cache.k(0), cache.v(0), &ob, ashape, n_ctx as u32, max_rows as u32, &table, &step).unwrap();
+    // (sequence, position) per row: short ones only, then one past the one-pass limit.
+    for rows in [vec![(3usize, 40usize), (0, 0), (4, 17)], vec![(2, 650), (0, 7), (4, 0), (1, 255)]] {
+        // Every sequence's cache random below its position (sequence 3, absent from the second
+        // batch, keeps what it holds).
+        let mut cpu: Vec<ember::cpu::KvCache> = Vec::new();
+        for s in 0..n_seqs {
+            let mut cc = ember::cpu::KvCache::new(1, n_ctx, kv_dim);
+            for p in 0..n_ctx {
+                cc.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+            }
+            let (k, v) = cc.layer(0);
+            let off = cache.seq_words(s) as u64 * 4;
+            ctx.queue.write_buffer(cache.k(0), off, bytemuck::cast_slice(k));
+            ctx.queue.write_buffer(cache.v(0), off, bytemuck::cast_slice(v));
+            cpu.push(cc);
+        }
+        let before: Vec<u32> = ctx.read(cache.k(0), (cache.k(0).size() / 4) as usize).unwrap();
+        let q: Vec<f32> = rng.vec(max_rows * q_dim).iter().map(|x| x * 3.0).collect();
+        let k = rng.vec(max_rows * kv_dim);
+        let v = rng.vec(max_rows * kv_dim);
+        ctx.queue.write_buffer(&qb, 0, bytemuck::cast_slice(&q));
+        ctx.queue.write_buffer(&kb, 0, bytemuck::cast_slice(&k));
+        ctx.queue.write_buffer(&vb, 0, bytemuck::cast_slice(&v));
+        ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&vec![f32::NAN; max_rows * q_dim]));
+        let t: Vec<[u32; 4]> = rows.iter().map(|&(s, pos)| [cache.seq_words(s), pos as u32, 0, 0]).collect();
+        ctx.queue.write_buffer(&table, 0, bytemuck::cast_slice(&t));
+        let b = rows.len() as u32;
+        let max_n_kv = rows.iter().map(|r| r.1 as u32 + 1).max().unwrap();
+        run(&ctx, &step, b, 0, |p| {
+            rope_op.encode(p, b);
+            attn.encode_rows(p, b, max_n_kv);
+        });
+        let got: Vec<f32> = ctx.read(&ob, max_rows * q_dim).unwrap();
+        let after: Vec<u32> = ctx.read(cache.k(0), before.len()).unwrap();
+        let mut written = vec![false; after.len()];
+        for (r, &(s, pos)) in rows.iter().enumerate() {
+            let (mut qr, mut kr) = (q[r * q_dim..(r + 1) * q_dim].to_vec(), k[r * kv_dim..(r + 1) * kv_dim].to_vec());
+            let angles = rope.angles(pos);
+            rope.apply(&mut qr, hd, &angles);
+            rope.apply(&mut kr, hd, &angles);
+            cpu[s].store(0, pos, &kr, &v[r * kv_dim..(r + 1) * kv_dim]);
+            let (ck, cv) = cpu[s].layer(0);
+            let mut want = vec![0.0; q_dim];
+            ember::cpu::attention(&qr, ck, cv, pos, 1, ember::cpu::attention::AttnShape { n_head, n_head_kv, head_dim: hd }, &mut want);
+            let e = max_abs_diff(&got[r * q_dim..(r + 1) * q_dim], &want);
+            assert!(e <= 4e-3, "row {r} (sequence {s} at {pos}, {max_n_kv} keys at most): differs from the CPU by {e:e}");
+            let w0 = cache.seq_words(s) as usize + pos * kv_dim / 2;
+            let cached = f16_bits(&after[w0..w0 + kv_dim / 2]);
+            for (i, (&g, &w)) in cached.iter().zip(&kr).enumerate() {
+                assert!((g - w).abs() <= w.abs() / 2048.0 + 2e-6, "row {r}: cached k {i}: got {g} want {w}");
+            }
+            written[w0..w0 + kv_dim / 2].iter_mut().for_each(|x| *x = true);
+        }
+        for (i, (a, bf)) in after.iter().zip(&before).enumerate() {
+            assert!(written[i] || a == bf, "cache word {i} changed");
+        }
+        assert!(got[rows.len() * q_dim..].iter().all(|x| x.is_nan()), "rows past the batch written");
     }
 }
 

@@ -226,6 +226,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("no-fold", "1: norms and RoPE as separate dispatches"),
     ("mv-xw", "activations per word in the blocks decode kernel: 0, 1 or 2"),
     ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
+    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 128:4"),
     ("cpu-prefetch", "bytes the packed CPU kernels prefetch ahead, 0 for none"),
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
@@ -270,7 +271,7 @@ fn tune_number<T: std::str::FromStr>(tune: &[(String, String)], key: &str) -> Re
 
 /// The GPU kernels' choices for `--gpu-precision`, with the tuning knobs that override the
 /// measured defaults ([`TUNE_KEYS`]: decode-ahead, attn-single-max, attn-wg, mv-dec, no-fold,
-/// mv-xw, no-coop).
+/// mv-xw, no-coop, mv-batch).
 pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Result<crate::gpu::GpuTuning> {
     use crate::gpu::matrix::parse_decode;
     let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
@@ -299,6 +300,10 @@ pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Resu
     t.fold_norms = tune_value(tune, "no-fold").as_deref() != Some("1");
     t.decode_xw = tune_number(tune, "mv-xw")?;
     t.coop_matrix = tune_value(tune, "no-coop").as_deref() != Some("1");
+    if let Some(v) = tune_value(tune, "mv-batch") {
+        let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
+        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 128:4", tune_name("mv-batch")))?);
+    }
     Ok(t)
 }
 

@@ -185,28 +185,28 @@ impl GpuWeights {
 
 pub(super) struct LayerOps {
     /// The attention half up to the FFN norm; None where it runs outside the session.
-    attn: Option<AttnOps>,
+    pub(super) attn: Option<AttnOps>,
     pub(super) ffn: FfnOps,
 }
 
 /// A layer's attention half on the GPU.
-struct AttnOps {
+pub(super) struct AttnOps {
     /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
     /// one-token product folds it into its kernel).
-    attn_norm: Option<RmsNormOp>,
+    pub(super) attn_norm: Option<RmsNormOp>,
     /// One product for q, k and v, or three.
-    qkv: StackedOps,
-    biases: Option<[BiasOp; 3]>,
+    pub(super) qkv: StackedOps,
+    pub(super) biases: Option<[BiasOp; 3]>,
     /// RoPE + KV write; for one token the qkv product's epilogue does it where
     /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
     qkv_has_rope: bool,
-    attention: AttentionOp,
+    pub(super) attention: AttentionOp,
     /// x += Wo attn (the residual add in the product's epilogue).
-    o: MatmulOp,
+    pub(super) o: MatmulOp,
     /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
     /// its output).
-    ffn_norm: Option<RmsNormOp>,
+    pub(super) ffn_norm: Option<RmsNormOp>,
 }
 
 /// The products of a [`Stacked`] weight.
@@ -314,7 +314,7 @@ pub(super) struct Scratch {
 /// products hold the norm, see [`GpuMatrix::bind_matmul_normed`]).
 pub(super) struct HeadOps {
     output_last: MatmulOp,
-    output_all: MatmulOp,
+    pub(super) output_all: MatmulOp,
     argmax: ArgmaxOp,
 }
 
@@ -364,6 +364,16 @@ impl GpuSession {
     /// a session reading only the last row's logits of a batch need not hold): the caller must
     /// then never ask for [`Logits::All`] of more than one token.
     pub fn with_batch_logits(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool) -> Result<GpuSession, GpuError> {
+        Self::build(model, ctx, weights, n_ctx, max_batch, all_logits, None)
+    }
+
+    /// [`new`](Self::new) over `kv`, one sequence's view of a cache of several (a batched
+    /// session's, `engine::gpu_batch`), of `n_ctx` positions for every attention layer.
+    pub(super) fn with_kv(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, kv: GpuKvCache) -> Result<GpuSession, GpuError> {
+        Self::build(model, ctx, weights, n_ctx, 512, true, Some(kv))
+    }
+
+    fn build(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool, kv: Option<GpuKvCache>) -> Result<GpuSession, GpuError> {
         let hp = &model.hp;
         let (e, qd, kvd, ff) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64);
         let with_head = weights.head.is_some();
@@ -397,17 +407,13 @@ impl GpuSession {
         };
         // Caches only for the layers whose attention runs here, in layer order.
         let kv_slots: Vec<Option<usize>> = weights.layers.iter().scan(0, |n, w| Some(w.attn.as_ref().map(|_| { *n += 1; *n - 1 }))).collect();
-        let kv = GpuKvCache::new(&ctx, kv_slots.iter().flatten().count(), n_ctx, hp.kv_dim())?;
-        let rope = RopeShape {
-            n_head: hp.n_head as u32,
-            n_head_kv: hp.n_head_kv as u32,
-            head_dim: hp.head_dim as u32,
-            rope_dim: hp.rope_dim as u32,
-            base: hp.rope_base,
-            freq_scale: hp.rope_freq_scale,
-            neox: hp.rope_style == RopeStyle::Halves,
+        let n_slots = kv_slots.iter().flatten().count();
+        let kv = match kv {
+            Some(kv) if kv.n_layer() == n_slots && kv.n_ctx == n_ctx && kv.kv_dim == hp.kv_dim() => kv,
+            Some(_) => return Err(GpuError::Unsupported("the KV cache given is of another shape than the session's".into())),
+            None => GpuKvCache::new(&ctx, n_slots, n_ctx, hp.kv_dim())?,
         };
-        let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
+        let (rope, attn_shape) = (rope_shape(hp), attn_shape(hp));
         let relu = hp.activation == crate::model::Activation::Relu;
         // q, k and v: sections of `qkv` (offsets in f32 elements).
         let [(q_off, _), (k_off, _), (v_off, _)] = s.qkv_ranges;
@@ -432,7 +438,7 @@ impl GpuSession {
                 attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &a.qkv {
                     Stacked::One(m) if rope_in_qkv => {
-                        let r = RopeIn { cache_k: kv.k(slot), cache_v: kv.v(slot), shape: rope };
+                        let r = RopeIn { cache_k: kv.k_range(slot), cache_v: kv.v_range(slot), shape: rope };
                         StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
                     }
                     Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
@@ -441,9 +447,9 @@ impl GpuSession {
                 biases: a.biases.as_ref().map(|[bq, bk, bv]| {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
-                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(slot), kv.v(slot), rope, &s.step),
+                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k_range(slot), kv.v_range(slot), rope, &s.step),
                 qkv_has_rope: rope_in_qkv && matches!(a.qkv, Stacked::One(_)),
-                attention: AttentionOp::new(&ctx, q_range, kv.k(slot), kv.v(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
+                attention: AttentionOp::new(&ctx, q_range, kv.k_range(slot), kv.v_range(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
                 o: a.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
                 ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
             };
@@ -798,6 +804,24 @@ impl Forward for GpuSession {
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {
         Some(self)
     }
+}
+
+/// The model's RoPE for the GPU kernels.
+pub(super) fn rope_shape(hp: &crate::model::HParams) -> RopeShape {
+    RopeShape {
+        n_head: hp.n_head as u32,
+        n_head_kv: hp.n_head_kv as u32,
+        head_dim: hp.head_dim as u32,
+        rope_dim: hp.rope_dim as u32,
+        base: hp.rope_base,
+        freq_scale: hp.rope_freq_scale,
+        neox: hp.rope_style == RopeStyle::Halves,
+    }
+}
+
+/// The model's attention heads for the GPU kernels.
+pub(super) fn attn_shape(hp: &crate::model::HParams) -> crate::gpu::ops::AttnShape {
+    crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 }
 }
 
 /// Bytes the argmax kernel writes: the id, its logit's bits, and the non-finite flag.

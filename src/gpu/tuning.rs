@@ -28,6 +28,11 @@ pub struct GpuTuning {
     /// The prefill products on cooperative matrices where the adapter has them (f16 inputs,
     /// f32 sums); off keeps the portable f32 tiled kernel everywhere.
     pub coop_matrix: bool,
+    /// (threads, rows) per workgroup of the few-token matvec (2 to 16 tokens: a batched
+    /// decode's products), replacing [`matrix::default_mv_configs`](super::matrix::default_mv_configs)'
+    /// choice for every group size; threads a power of two, rows even, within the adapter's
+    /// limits, else ignored. None keeps the default.
+    pub batch_matvec: Option<(u32, u32)>,
 }
 
 impl Default for GpuTuning {
@@ -41,6 +46,7 @@ impl Default for GpuTuning {
             fold_norms: true,
             decode_xw: None,
             coop_matrix: true,
+            batch_matvec: None,
         }
     }
 }
