@@ -14,6 +14,9 @@
 // output itself; for short contexts, where the combine's dispatch costs more than walking a
 // few tiles one after another.
 //
+// The query and the output are row step.row of q and out (0 but in a batched decode's
+// per-sequence steps, each sequence's query at its own row of the batch).
+//
 // KV cache: f16 pairs in u32, read 4 words (8 halves) at a time, so head_dim % 8 == 0.
 // HD (head_dim) and GQ (a divisor of n_head / n_head_kv) are specialised at pipeline creation.
 
@@ -93,25 +96,48 @@ fn partial(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
     if (wg.x * len >= step.n_kv) {
         return;
     }
-    attend(wg.x, wg.y, tid, len, false);
+    attend(wg.x, wg.y, tid, len, false, step.row, 0u, step.n_kv, 0u);
 }
 
 @compute @workgroup_size(WG)
 fn single(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    attend(0u, wg.y, tid, step.n_kv, true);
+    attend(0u, wg.y, tid, step.n_kv, true, step.row, 0u, step.n_kv, 0u);
+}
+
+// A batched decode's rows, each a sequence's query (grid z = row): row r's keys are its
+// position rows[r].y and those before, in its sequence's cache from u32 word rows[r].x (every
+// sequence's cache in one buffer per layer); its partials are row r's of part_o and part_ml.
+@group(0) @binding(8) var<storage, read> rows: array<vec4<u32>>;
+
+@compute @workgroup_size(WG)
+fn partial_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let info = rows[wg.z];
+    let n_kv = info.y + 1u;
+    let len = chunk_len(n_kv);
+    if (wg.x * len >= n_kv) {
+        return;
+    }
+    attend(wg.x, wg.y, tid, len, false, wg.z, wg.z, n_kv, info.x / 4u);
+}
+
+@compute @workgroup_size(WG)
+fn single_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    let info = rows[wg.z];
+    attend(0u, wg.y, tid, info.y + 1u, true, wg.z, wg.z, info.y + 1u, info.x / 4u);
 }
 
 // Chunk c (keys c * len .. (c + 1) * len) for the query heads of workgroup row `hg`: partial
-// results, or with `whole` (one chunk of every key) the normalised output.
-fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
+// results, or with `whole` (one chunk of every key) the normalised output. The query is row
+// `row` of q (its output row `row` of out), its partials row `prow`'s, over n_kv keys of the
+// cache from vec4 word `k0`.
+fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool, row: u32, prow: u32, n_kv: u32, k0: u32) {
     // query heads h0 .. h0 + GQ - 1, all on KV head h0 / group
     let h0 = hg * GQ;
-    let n_kv = step.n_kv;
     let c0 = c * len;
     let c1 = min(c0 + len, n_kv);
-    let krow = (h0 / params.group) * G;
+    let krow = k0 + (h0 / params.group) * G;
     for (var i = tid; i < GQ * H4; i += WG) {
-        qs[i] = round_f16(q[h0 * H4 + i]);
+        qs[i] = round_f16(q[(row * params.n_head + h0) * H4 + i]);
     }
     workgroupBarrier();
     // The running maximum and the last tile's rescaling factor per head, the same in every
@@ -206,7 +232,7 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
         red[2u * tid] = acc[2u * r];
         red[2u * tid + 1u] = acc[2u * r + 1u];
         workgroupBarrier();
-        let slot = (h0 + r) * params.n_chunks + c;
+        let slot = (prow * params.n_head + h0 + r) * params.n_chunks + c;
         var lt = 0.0;
         for (var ln = 0u; ln < LANES; ln++) {
             lt += red_l[r * LANES + ln];
@@ -218,7 +244,7 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool) {
                 o += red[2u * ln * G + i];
             }
             if (whole) {
-                out[(h0 + r) * H4 + i] = o * select(0.0, 1.0 / lt, lt > 0.0);
+                out[(row * params.n_head + h0 + r) * H4 + i] = o * select(0.0, 1.0 / lt, lt > 0.0);
             } else {
                 part_o[slot * H4 + i] = o;
             }
@@ -241,11 +267,20 @@ var<workgroup> cred: array<vec4<f32>, CWG>;
 
 @compute @workgroup_size(CWG)
 fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
-    let h = wg.x;
-    let n_kv = step.n_kv;
+    combine_head(wg.x, tid, step.row, 0u, step.n_kv);
+}
+
+// A batched decode's rows (grid y = row, see partial_rows).
+@compute @workgroup_size(CWG)
+fn combine_rows(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
+    combine_head(wg.x, tid, wg.y, wg.y, rows[wg.y].y + 1u);
+}
+
+// Head h of the query in row `row` of out, from row `prow`'s partials over n_kv keys.
+fn combine_head(h: u32, tid: u32, row: u32, prow: u32, n_kv: u32) {
     let len = chunk_len(n_kv);
     let nc = min((n_kv + len - 1u) / len, MAX_CHUNKS);
-    let first = h * params.n_chunks;
+    let first = (prow * params.n_head + h) * params.n_chunks;
     if (tid < nc) {
         cml[tid] = part_ml[first + tid];
     }
@@ -278,6 +313,6 @@ fn combine(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index
         for (var p = 0u; p < PARTS; p++) {
             sum += cred[p * H4 + tid];
         }
-        out[h * H4 + tid] = sum * inv;
+        out[(row * params.n_head + h) * H4 + tid] = sum * inv;
     }
 }

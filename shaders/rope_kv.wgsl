@@ -2,6 +2,9 @@
 // cache write: rotated k and plain v stored as f16 pairs (one u32 per two values) at those
 // positions of this layer's cache ([pos][kv_dim] halves).
 //
+// Token t's q, k and v are row step.row + t of their buffers (row is 0 but in a batched
+// decode's per-sequence steps, where each sequence's token sits at its own row of the batch).
+//
 // Grid: x covers one token's work items in workgroups of 64 threads, y is the token. Items are
 // n_head * head_dim / 2 q rotation pairs (a thread owns both values of its pair, so the in-place
 // update needs no barrier), then kv_dim / 2 k words, then kv_dim / 2 v words.
@@ -87,13 +90,32 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (t >= step.n_tokens) {
         return;
     }
-    let pos = step.pos0 + t;
+    rope_kv(step.row + t, step.pos0 + t, gid.x, 0u);
+}
+
+// A batched decode's rows, each a sequence's token (`batch`, grid y = row < n_tokens): row r's
+// position is rows[r].y and its sequence's cache starts at u32 word rows[r].x of cache_k and
+// cache_v (every sequence's cache in one buffer per layer).
+@group(0) @binding(7) var<storage, read> rows: array<vec4<u32>>;
+
+@compute @workgroup_size(64)
+fn batch(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r = gid.y;
+    if (r >= step.n_tokens) {
+        return;
+    }
+    let info = rows[r];
+    rope_kv(r, info.y, gid.x, info.x);
+}
+
+// Work item `item` of the token in row `row` of q, k and v, at position pos, its cache from
+// word cache0.
+fn rope_kv(row: u32, pos: u32, item: u32, cache0: u32) {
     let hd = params.head_dim;
     let hw = hd / 2u;
     let nq = params.n_head * hw;
     let kv_dim = params.n_head_kv * hd;
     let nkv = kv_dim / 2u;
-    let item = gid.x;
     if (item < nq) {
         // q pair p: rotate in place.
         let head = item / hw;
@@ -107,7 +129,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
             a = i;
             b = i + params.rope_dim / 2u;
         }
-        let base = t * params.n_head * hd + head * hd;
+        let base = row * params.n_head * hd + head * hd;
         let x0 = q[base + a];
         let x1 = q[base + b];
         let cs = angle(pos, i);
@@ -118,13 +140,13 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
     if (pos >= params.n_ctx) {
         return;
     }
-    let dst = pos * nkv;
+    let dst = cache0 + pos * nkv;
     if (item < nq + nkv) {
         // k word w: two rotated values as f16.
         let w = item - nq;
         let head = w / hw;
         let e = 2u * (w % hw);
-        let base = t * kv_dim + head * hd;
+        let base = row * kv_dim + head * hd;
         var r: vec2<f32>;
         if (params.neox == 0u && e < params.rope_dim) {
             // Adjacent pair: both values share one angle.
@@ -138,7 +160,7 @@ fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
         cache_k[dst + w] = pack2x16float(r);
     } else if (item < nq + 2u * nkv) {
         let w = item - nq - nkv;
-        let src = t * kv_dim + 2u * w;
+        let src = row * kv_dim + 2u * w;
         cache_v[dst + w] = pack2x16float(vec2<f32>(v[src], v[src + 1u]));
     }
 }

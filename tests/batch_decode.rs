@@ -8,7 +8,7 @@ mod common;
 
 use ember::engine::batch::{Batcher, Request};
 use ember::engine::builder::{self, BackendChoice, SessionOptions};
-use ember::engine::{generate, Forward, Logits, Sampler, SamplerConfig, Session};
+use ember::engine::{generate, Forward, ForwardError, GpuBatch, Logits, Sampler, SamplerConfig, Session};
 use ember::model::Model;
 use ember::tokenizer::Tokenizer;
 use std::sync::Arc;
@@ -164,5 +164,107 @@ fn gpu_batched_requests_equal_sequential_ones() {
         let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(single.as_mut(), &tok, &r.0, r.1, r.3.clone())).collect();
         let got = batched(batch, 3, &tok, reqs);
         assert_eq!(got, want);
+    });
+}
+
+/// Greedy tokens of the sequences `seqs` of a session, decoded together: each prefilled
+/// (prompt `prompts[s]`, from position 0), then `n` steps of one `decode_batch` over all of
+/// them. Returns each one's tokens and the logits rows of its first batched step.
+fn decode_together(session: &mut dyn Forward, seqs: &[usize], prompts: &[Vec<u32>], n: usize) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let argmax = |l: &[f32]| ember::cpu::ops::argmax(l).0 as u32;
+    let mut next: Vec<u32> = seqs.iter().map(|&s| {
+        session.select_seq(s).unwrap();
+        session.reset();
+        argmax(&session.forward(&prompts[s], Logits::Last).unwrap())
+    }).collect();
+    let mut out: Vec<Vec<u32>> = next.iter().map(|&t| vec![t]).collect();
+    let mut first = Vec::new();
+    let nv = session.model().hp.n_vocab;
+    for step in 1..n {
+        let rows: Vec<(usize, u32)> = seqs.iter().copied().zip(next.iter().copied()).collect();
+        let logits = session.decode_batch(&rows).unwrap();
+        assert_eq!(logits.len(), rows.len() * nv);
+        for (r, row) in logits.chunks_exact(nv).enumerate() {
+            if step == 1 {
+                first.push(row.to_vec());
+            }
+            next[r] = argmax(row);
+            out[r].push(next[r]);
+        }
+    }
+    (out, first)
+}
+
+/// The dense GPU session decodes several sequences in one batched step (`GpuBatch`: the
+/// products over all rows, RoPE and attention per row against its own cache): at B = 1, 3 and
+/// 8, out of order, with prompts of different lengths (so positions differ per row), every
+/// sequence's greedy tokens equal the single-sequence GPU session's and the CPU's
+/// `decode_batch`'s, and its logits the single-sequence GPU session's to rounding (the
+/// few-token kernels against the one-token ones). Then the session refuses a bad batch.
+#[test]
+fn gpu_decode_batch_equals_each_sequence_alone() {
+    let Some(path) = common::default_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        const N: usize = 6;
+        let opts = SessionOptions::new(&path, BackendChoice::Gpu);
+        let mut single = builder::open(&opts, model.clone(), 64, &|_| {}).unwrap().session;
+        // Both ways a batch reaches its caches: in one buffer per layer (one RoPE and one
+        // attention dispatch for all rows), and apart (per-row dispatches).
+        let g = single.as_gpu().unwrap();
+        let (ctx, weights) = (g.ctx.clone(), g.weights.clone());
+        let together = GpuBatch::open(model.clone(), ctx.clone(), weights.clone(), 64, 8).unwrap();
+        assert!(together.caches_together());
+        let apart = GpuBatch::open_apart(model.clone(), ctx, weights, 64, 8).unwrap();
+        assert!(!apart.caches_together());
+        // f32 activations, as the GPU computes (the default's 8-bit ones flip near-ties).
+        let mut cpu = Session::new(model.clone(), 64).with_seqs(8);
+        cpu.precision = ember::cpu::Precision::F32;
+        // Eight prompts of 2 to 13 tokens.
+        let prompts: Vec<Vec<u32>> = (0..8).map(|i| {
+            let mut p = tok.encode(PROMPTS[i % PROMPTS.len()], true, false).unwrap();
+            p.truncate(2 + (i * 5) % 12);
+            p
+        }).collect();
+        let lens: std::collections::BTreeSet<usize> = prompts.iter().map(Vec::len).collect();
+        assert!(lens.len() >= 4, "prompt lengths {lens:?}");
+        let nv = model.hp.n_vocab;
+        let alone: Vec<Vec<u32>> = prompts.iter().map(|p| common::greedy(single.as_mut(), p, N + 1)).collect();
+        let batches = [vec![5usize], vec![6, 1, 3], vec![7, 0, 2, 4, 6, 1, 3, 5]];
+        let on_cpu: Vec<Vec<Vec<u32>>> = batches.iter().map(|seqs| decode_together(&mut cpu, seqs, &prompts, N).0).collect();
+        for (mode, mut batch) in [("together", together), ("apart", apart)] {
+            assert_eq!(batch.n_seqs(), 8);
+            for (seqs, on_cpu) in batches.iter().zip(&on_cpu) {
+                let (got, first) = decode_together(&mut batch, seqs, &prompts, N);
+                for (r, &s) in seqs.iter().enumerate() {
+                    assert_eq!(got[r], alone[s][..N], "sequence {s} in a GPU batch of {} (caches {mode}) against alone on the GPU", seqs.len());
+                    assert_eq!(got[r], on_cpu[r], "sequence {s} in a GPU batch of {} (caches {mode}) against the CPU's batch", seqs.len());
+                    // Its first batched row against the single session's logits after the same
+                    // tokens.
+                    let mut fed = prompts[s].clone();
+                    fed.push(alone[s][0]);
+                    single.reset();
+                    let want = single.forward(&fed, Logits::Last).unwrap();
+                    assert_eq!(first[r].len(), nv);
+                    let err = common::rel_err(&first[r], &want);
+                    assert!(err < 2e-3, "sequence {s} in a batch of {} (caches {mode}): logits differ from alone by {err}", seqs.len());
+                }
+            }
+            // Each cache holds its own sequence's history: after the batch of 8, sequences 4
+            // and 2 go on together from where they were (their last tokens not yet fed).
+            let rows = [(4usize, alone[4][N - 1]), (2, alone[2][N - 1])];
+            let logits = batch.decode_batch(&rows).unwrap();
+            for (r, &(s, _)) in rows.iter().enumerate() {
+                assert_eq!(ember::cpu::ops::argmax(&logits[r * nv..(r + 1) * nv]).0 as u32, alone[s][N], "sequence {s} after the batches (caches {mode})");
+            }
+            assert!(matches!(batch.decode_batch(&[(1, 3), (1, 4)]), Err(ForwardError::BadSequence(_))));
+            assert!(matches!(batch.decode_batch(&[(8, 3)]), Err(ForwardError::BadSequence(_))));
+            assert!(batch.decode_batch(&[]).is_err());
+            assert!(matches!(batch.decode_batch(&[(0, 3), (1, nv as u32)]), Err(ForwardError::BadToken(..))));
+        }
     });
 }

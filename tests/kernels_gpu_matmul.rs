@@ -506,7 +506,7 @@ fn rope_epilogue_matches_separate_rope() {
             let caches: Vec<wgpu::Buffer> = (0..4).map(|i| ctx.upload(&format!("cache {i}"), bytemuck::cast_slice(&cache0))).collect();
             let range = |off: u64, len: usize| b.y.slice(off * 4..(off + len as u64) * 4);
             let separate = RopeKvOp::new(&ctx, range(0, qd), range(k_off, kvd), range(v_off, kvd), &caches[2], &caches[3], shape, &b.step);
-            let rope = RopeIn { cache_k: &caches[0], cache_v: &caches[1], shape };
+            let rope = RopeIn { cache_k: (&caches[0]).into(), cache_v: (&caches[1]).into(), shape };
             let mut ops = vec![("type's decode kernel", g.bind_matmul_normed_rope(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &out))];
             for (label, cfg, decode) in fused_variants(&ctx) {
                 ops.push((label, g.bind_matmul_normed_rope_with(&ctx, &norm, &rope, &b.x, &b.y, &b.step, &cfg, decode, &out)));

@@ -9,7 +9,8 @@
 # D, a carried folder, holds ember (release binary) and tok.gguf (a 1-layer `ember synth` of the
 # default model: its tokenizer), as for hybrid_race.sh. Phase llama needs llama.cpp's CUDA build
 # (lib.sh: built here, ~3.5 min, unless an earlier script built it or it was carried).
-# Expected run: ~2-3 minutes (the synth model ~1 min, each bench ~20-40 s).
+# Expected run: ~3-4 minutes (the synth model ~1 min, each bench ~20-40 s); phase gpu alone
+# ~2.5 minutes after the model.
 set -uo pipefail
 D=$(realpath "$1"); shift
 [ $# -eq 0 ] && set -- gpu cpu
@@ -27,11 +28,20 @@ for phase in "$@"; do
   case $phase in
 gpu)
   # tg32 (one sequence, the GPU's queued greedy decode), then 1 and 8 sequences through
-  # decode_batch (greedy on the host, as the server samples). The GPU decodes the 8 one after
-  # another for now (engine::batch::Sequences), so about 1x is what this build should show.
+  # decode_batch (greedy on the host, as the server samples). The GPU batches the 8
+  # (engine::gpu_batch: each step's products over all rows, then one RoPE and one attention
+  # dispatch per layer for every row against its own cache), so the x8 row's tokens/s against
+  # the x1 row (and against tg32, the queued single stream) is the acceptance's ratio (>= 4x).
+  # Then the 8 with
+  # other shapes of the few-token matvec (EMBER_MV_BATCH=threads:rows; default 128:4, 128:2
+  # the earlier one), to tell which the default should be.
   for P in 1 8; do
     echo; echo "== GPU, --parallel $P"
     $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel $P 2>&1 | grep -E "^\||^ember: GPU|context"
+  done
+  for MV in 128:2 128:8 64:8; do
+    echo; echo "== GPU, --parallel 8, EMBER_MV_BATCH=$MV"
+    EMBER_MV_BATCH=$MV $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel 8 2>&1 | grep -E "x8"
   done
   ;;
 cpu)

@@ -48,9 +48,9 @@ pub struct ServeArgs {
     pub api_key: Option<String>,
     /// Sequence slots, each with its own KV cache of --ctx-size tokens (a chat's next turn
     /// reuses its slot's cache); up to this many requests run together, one token each per
-    /// step. On the CPU they decode as one batch (the weights read once per step for all);
-    /// the GPU sessions (dense over shared weights, the hybrid, the dense offload) decode them
-    /// one after another for now (the hybrid and offload with one session per slot)
+    /// step. On the CPU and the dense GPU session they decode as one batch (the weights read
+    /// once per step for all); the hybrid and the dense offload decode them one after another
+    /// for now (one session per slot)
     #[arg(long, default_value_t = 1)]
     pub parallel: usize,
     /// Requests that may wait for the worker beyond those running; more get 503

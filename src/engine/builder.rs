@@ -280,23 +280,24 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
 
     if mode == FfnMode::Dense && args.simulate_activity.is_none() {
         let weights = Arc::new(GpuWeights::upload(&ctx, &model, true)?);
-        let session = GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?;
+        // Several sequences: each its own cache, position and prefill, decoded together
+        // (`GpuBatch`: one step's products over all rows).
+        let (session, state): (Box<dyn Forward>, u64) = if args.n_seqs > 1 {
+            let b = super::GpuBatch::open(model.clone(), ctx.clone(), weights.clone(), n_ctx, args.n_seqs)?;
+            let state = b.state_bytes();
+            (Box::new(b), state)
+        } else {
+            let s = GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?;
+            let state = s.state_bytes();
+            (Box::new(s), state)
+        };
         log(&format!(
             "GPU {gpu_name}: weights {:.1} MiB + KV cache {:.1} MiB uploaded in {:.2} s",
             mib(weights.bytes),
-            mib(session.state_bytes() * args.n_seqs.max(1) as u64),
+            mib(state),
             start.elapsed().as_secs_f64()
         ));
-        if args.n_seqs > 1 {
-            // Several sequences over the same weights, each its own session (decoded one after
-            // another: the GPU has no batched decode across sequences yet).
-            let mut seqs: Vec<Box<dyn Forward>> = vec![Box::new(session)];
-            for _ in 1..args.n_seqs {
-                seqs.push(Box::new(GpuSession::new(model.clone(), ctx.clone(), weights.clone(), n_ctx)?));
-            }
-            return Ok((Box::new(super::batch::Sequences::new(seqs)), ctx));
-        }
-        return Ok((Box::new(session), ctx));
+        return Ok((session, ctx));
     }
     if mode == FfnMode::Threshold {
         return Err("--ffn threshold runs on the CPU only for now (add --backend cpu)".into());

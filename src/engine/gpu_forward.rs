@@ -4,7 +4,8 @@
 
 use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
-use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape, SampleOp, SampleParams};
+use super::sampler::SampleRule;
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::gpu_ops::{NamedOp, Op};
 use crate::model::{Model, RopeStyle};
@@ -190,30 +191,30 @@ impl GpuWeights {
 
 pub(super) struct LayerOps {
     /// The attention half up to the FFN norm; None where it runs outside the session.
-    attn: Option<AttnOps>,
+    pub(super) attn: Option<AttnOps>,
     pub(super) ffn: FfnOps,
 }
 
 /// A layer's attention half on the GPU.
-struct AttnOps {
+pub(super) struct AttnOps {
     /// The attention's RMSNorm where q, k and v are apart (a stacked qkv product holds it: a
     /// one-token product folds it into its kernel).
-    attn_norm: Option<RmsNormOp>,
+    pub(super) attn_norm: Option<RmsNormOp>,
     /// One product for q, k and v, or three.
-    qkv: StackedOps,
-    biases: Option<[BiasOp; 3]>,
+    pub(super) qkv: StackedOps,
+    pub(super) biases: Option<[BiasOp; 3]>,
     /// qwen3: every head of q and k normalised in place, after the biases, before RoPE.
-    qk_norm: Option<[HeadNormOp; 2]>,
+    pub(super) qk_norm: Option<[HeadNormOp; 2]>,
     /// RoPE + KV write; for one token the qkv product's epilogue does it where
     /// `qkv_has_rope` (llama's pairs, no biases).
     rope_kv: RopeKvOp,
     qkv_has_rope: bool,
-    attention: AttentionOp,
+    pub(super) attention: AttentionOp,
     /// x += Wo attn (the residual add in the product's epilogue).
-    o: MatmulOp,
+    pub(super) o: MatmulOp,
     /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
     /// its output).
-    ffn_norm: Option<RmsNormOp>,
+    pub(super) ffn_norm: Option<RmsNormOp>,
 }
 
 /// The products of a [`Stacked`] weight.
@@ -324,7 +325,7 @@ pub(super) struct Scratch {
 /// products hold the norm, see [`GpuMatrix::bind_matmul_normed`]).
 pub(super) struct HeadOps {
     output_last: MatmulOp,
-    output_all: MatmulOp,
+    pub(super) output_all: MatmulOp,
     argmax: ArgmaxOp,
 }
 
@@ -345,6 +346,9 @@ pub struct GpuSession {
     pub(super) n_past: usize,
     /// Host-readable copies of the argmax of the tokens in flight ([`Forward::decode_greedy`]).
     argmax_ring: Vec<wgpu::Buffer>,
+    /// Top-k and the draw over the last logits row, writing the token where the argmax put
+    /// its own; made on the first sampled decoding ([`Forward::decode_sampled`]).
+    sampling: Option<SampleOp>,
 }
 
 /// Where a batch's token ids come from.
@@ -371,6 +375,16 @@ impl GpuSession {
     /// a session reading only the last row's logits of a batch need not hold): the caller must
     /// then never ask for [`Logits::All`] of more than one token.
     pub fn with_batch_logits(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool) -> Result<GpuSession, GpuError> {
+        Self::build(model, ctx, weights, n_ctx, max_batch, all_logits, None)
+    }
+
+    /// [`new`](Self::new) over `kv`, one sequence's view of a cache of several (a batched
+    /// session's, `engine::gpu_batch`), of `n_ctx` positions for every attention layer.
+    pub(super) fn with_kv(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, kv: GpuKvCache) -> Result<GpuSession, GpuError> {
+        Self::build(model, ctx, weights, n_ctx, 512, true, Some(kv))
+    }
+
+    fn build(model: Arc<Model>, ctx: Arc<GpuContext>, weights: Arc<GpuWeights>, n_ctx: usize, max_batch: usize, all_logits: bool, kv: Option<GpuKvCache>) -> Result<GpuSession, GpuError> {
         let hp = &model.hp;
         let (e, qd, kvd, ff) = (hp.n_embd as u64, hp.q_dim() as u64, hp.kv_dim() as u64, hp.n_ff as u64);
         let with_head = weights.head.is_some();
@@ -404,17 +418,13 @@ impl GpuSession {
         };
         // Caches only for the layers whose attention runs here, in layer order.
         let kv_slots: Vec<Option<usize>> = weights.layers.iter().scan(0, |n, w| Some(w.attn.as_ref().map(|_| { *n += 1; *n - 1 }))).collect();
-        let kv = GpuKvCache::new(&ctx, kv_slots.iter().flatten().count(), n_ctx, hp.kv_dim())?;
-        let rope = RopeShape {
-            n_head: hp.n_head as u32,
-            n_head_kv: hp.n_head_kv as u32,
-            head_dim: hp.head_dim as u32,
-            rope_dim: hp.rope_dim as u32,
-            base: hp.rope_base,
-            freq_scale: hp.rope_freq_scale,
-            neox: hp.rope_style == RopeStyle::Halves,
+        let n_slots = kv_slots.iter().flatten().count();
+        let kv = match kv {
+            Some(kv) if kv.n_layer() == n_slots && kv.n_ctx == n_ctx && kv.kv_dim == hp.kv_dim() => kv,
+            Some(_) => return Err(GpuError::Unsupported("the KV cache given is of another shape than the session's".into())),
+            None => GpuKvCache::new(&ctx, n_slots, n_ctx, hp.kv_dim())?,
         };
-        let attn_shape = crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 };
+        let (rope, attn_shape) = (rope_shape(hp), attn_shape(hp));
         let act = hp.activation;
         // q, k and v: sections of `qkv` (offsets in f32 elements).
         let [(q_off, _), (k_off, _), (v_off, _)] = s.qkv_ranges;
@@ -439,7 +449,7 @@ impl GpuSession {
                 attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &a.qkv {
                     Stacked::One(m) if rope_in_qkv => {
-                        let r = RopeIn { cache_k: kv.k(slot), cache_v: kv.v(slot), shape: rope };
+                        let r = RopeIn { cache_k: kv.k_range(slot), cache_v: kv.v_range(slot), shape: rope };
                         StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
                     }
                     Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
@@ -452,9 +462,9 @@ impl GpuSession {
                     let hd = hp.head_dim as u32;
                     [HeadNormOp::new(&ctx, q_range, qn, hd, hp.n_head as u32, hp.rms_eps, &s.step), HeadNormOp::new(&ctx, k_range, kn, hd, hp.n_head_kv as u32, hp.rms_eps, &s.step)]
                 }),
-                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k(slot), kv.v(slot), rope, &s.step),
+                rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k_range(slot), kv.v_range(slot), rope, &s.step),
                 qkv_has_rope: rope_in_qkv && matches!(a.qkv, Stacked::One(_)),
-                attention: AttentionOp::new(&ctx, q_range, kv.k(slot), kv.v(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
+                attention: AttentionOp::new(&ctx, q_range, kv.k_range(slot), kv.v_range(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
                 o: a.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
                 ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
             };
@@ -481,7 +491,7 @@ impl GpuSession {
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
         let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", ARGMAX_BYTES)).collect();
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring, sampling: None })
     }
 
     /// Whether layer `il`'s attention (and KV cache) runs in this session; where not, the
@@ -498,13 +508,14 @@ impl GpuSession {
     /// Encodes and submits one batch (at most max_tokens). Returns after submission; the caller
     /// reads what it needs.
     fn run_batch(&mut self, tokens: &[u32], want: Logits) -> Result<(), ForwardError> {
-        self.submit_batch(Ids::Host(tokens), want, None);
+        self.submit_batch(Ids::Host(tokens), want, None, None);
         Ok(())
     }
 
     /// Encodes and submits one batch of `ids`; with `argmax_to`, the batch's argmax is copied
-    /// there at its end.
-    fn submit_batch(&mut self, ids: Ids, want: Logits, argmax_to: Option<usize>) -> wgpu::SubmissionIndex {
+    /// there at its end. With `sample` (and the head here, and `self.sampling` made), the
+    /// token drawn with it replaces the argmax's.
+    fn submit_batch(&mut self, ids: Ids, want: Logits, argmax_to: Option<usize>, sample: Option<&SampleParams>) -> wgpu::SubmissionIndex {
         let n = match ids {
             Ids::Host(t) => t.len() as u32,
             Ids::PreviousArgmax => 1,
@@ -533,6 +544,12 @@ impl GpuSession {
             for (_, op) in self.output_sequence() {
                 op.record(&mut pass, 1);
             }
+            if let (Some(p), Some(op)) = (sample, &self.sampling) {
+                // Written before this submission, after the one before: each queued token
+                // draws with its own counter.
+                op.set(&self.ctx, p);
+                op.encode(&mut pass, 1);
+            }
         }
         if let Some(slot) = argmax_to {
             enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.argmax_ring[slot], 0, ARGMAX_BYTES);
@@ -540,6 +557,43 @@ impl GpuSession {
         let index = self.ctx.queue.submit([enc.finish()]);
         self.n_past += n as usize;
         index
+    }
+
+    /// Greedy or (with `sample`: the rule and the first draw's counter) sampled decoding with
+    /// tokens queued on the GPU: each step's token moves from the argmax buffer (where the
+    /// sampling kernel overwrites the argmax's id) into the next step's embedding lookup, and
+    /// the host reads the steps' copies behind them. Needs the head on the GPU.
+    fn decode_queued(&mut self, token: u32, n: usize, sample: Option<(&SampleRule, u32)>, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        self.check(&[token])?;
+        if self.n_past + n > self.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.n_ctx, n_ctx_train: self.model.hp.n_ctx_train });
+        }
+        let start = self.n_past;
+        let slots = self.argmax_ring.len();
+        let mut queued = std::collections::VecDeque::new();
+        let mut made = 0;
+        while made < n {
+            // Keep slots - 1 tokens queued behind the one read next.
+            while queued.len() < slots && made + queued.len() < n {
+                let i = made + queued.len();
+                let ids = if i == 0 { Ids::Host(std::slice::from_ref(&token)) } else { Ids::PreviousArgmax };
+                let p = sample.map(|(r, draw0)| SampleParams { top_k: r.top_k, top_p: r.top_p, ln_min_p: r.ln_min_p, inv_temp: r.inv_temp, seed: r.seed, draw: draw0.wrapping_add(i as u32) });
+                queued.push_back(self.submit_batch(ids, Logits::Last, Some(i % slots), p.as_ref()));
+            }
+            let index = queued.pop_front().expect("a token is queued");
+            let t = self.read_argmax_slot(made % slots, index)?;
+            made += 1;
+            if !each(t) {
+                break;
+            }
+        }
+        // Tokens fed after the last prediction taken are forgotten (their cache rows are
+        // overwritten later).
+        for index in queued {
+            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| ForwardError::Gpu(GpuError::Lost(e.to_string())))?;
+        }
+        self.n_past = start + made;
+        Ok(made)
     }
 
     /// Waits for `index` and reads the token id in readback slot `slot`.
@@ -727,35 +781,19 @@ impl Forward for GpuSession {
             // Without a head there is no argmax on the GPU.
             return super::forward::decode_greedy_one_by_one(self, token, n, each);
         }
-        self.check(&[token])?;
-        if self.n_past + n > self.n_ctx {
-            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.n_ctx, n_ctx_train: self.model.hp.n_ctx_train });
+        self.decode_queued(token, n, None, each)
+    }
+
+    fn decode_sampled(&mut self, token: u32, n: usize, rule: &SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        if self.head.is_none() || n == 0 || !(1..=64).contains(&rule.top_k) {
+            // Without a head there are no logits here; the top-k kernel keeps at most 64.
+            return super::forward::decode_sampled_one_by_one(self, token, n, rule, draw0, each);
         }
-        let start = self.n_past;
-        let slots = self.argmax_ring.len();
-        let mut queued = std::collections::VecDeque::new();
-        let mut made = 0;
-        while made < n {
-            // Keep slots - 1 tokens queued behind the one read next.
-            while queued.len() < slots && made + queued.len() < n {
-                let i = made + queued.len();
-                let ids = if i == 0 { Ids::Host(std::slice::from_ref(&token)) } else { Ids::PreviousArgmax };
-                queued.push_back(self.submit_batch(ids, Logits::Last, Some(i % slots)));
-            }
-            let index = queued.pop_front().expect("a token is queued");
-            let t = self.read_argmax_slot(made % slots, index)?;
-            made += 1;
-            if !each(t) {
-                break;
-            }
+        if self.sampling.is_none() {
+            let nv = self.model.hp.n_vocab as u32;
+            self.sampling = Some(SampleOp::new(&self.ctx, &self.s.logits_last, nv, &self.s.argmax, &self.s.step_last));
         }
-        // Tokens fed after the last prediction taken are forgotten (their cache rows are
-        // overwritten later).
-        for index in queued {
-            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| ForwardError::Gpu(GpuError::Lost(e.to_string())))?;
-        }
-        self.n_past = start + made;
-        Ok(made)
+        self.decode_queued(token, n, Some((rule, draw0)), each)
     }
 
     fn n_past(&self) -> usize {
@@ -781,6 +819,24 @@ impl Forward for GpuSession {
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {
         Some(self)
     }
+}
+
+/// The model's RoPE for the GPU kernels.
+pub(super) fn rope_shape(hp: &crate::model::HParams) -> RopeShape {
+    RopeShape {
+        n_head: hp.n_head as u32,
+        n_head_kv: hp.n_head_kv as u32,
+        head_dim: hp.head_dim as u32,
+        rope_dim: hp.rope_dim as u32,
+        base: hp.rope_base,
+        freq_scale: hp.rope_freq_scale,
+        neox: hp.rope_style == RopeStyle::Halves,
+    }
+}
+
+/// The model's attention heads for the GPU kernels.
+pub(super) fn attn_shape(hp: &crate::model::HParams) -> crate::gpu::ops::AttnShape {
+    crate::gpu::ops::AttnShape { n_head: hp.n_head as u32, n_head_kv: hp.n_head_kv as u32, head_dim: hp.head_dim as u32 }
 }
 
 /// Bytes the argmax kernel writes: the id, its logit's bits, and the non-finite flag.

@@ -6,6 +6,7 @@ pub mod cold;
 pub mod ffn;
 pub mod forward;
 pub mod generate;
+pub mod gpu_batch;
 pub mod gpu_forward;
 mod gpu_ops;
 pub mod host_attention;
@@ -17,6 +18,7 @@ pub mod slots;
 
 pub use ffn::{FfnMode, SparseFfn};
 pub use forward::{FfnStats, Forward, ForwardError, Logits, Session};
+pub use gpu_batch::GpuBatch;
 pub use gpu_forward::{GpuSession, GpuWeights};
 pub use hybrid::{AttentionPlace, HybridError, HybridPlan, HybridSession, PrefillConfig, StreamConfig};
 pub use offload::OffloadSession;

@@ -352,11 +352,28 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 
 /// The matvec variants: n tokens use the first with nt >= n. The nt = 1 variant is the
 /// generic default here; [`GpuMatrix::bind_matmul`] uses each type's own (see
-/// [`decode_config`]).
+/// [`decode_config`]). The few-token variants load each unit's activations once for the
+/// workgroup's rows, so the activation loads per weight element fall with the rows: 8 tokens
+/// take 4 rows (16 KiB of reduction memory at 128 threads, WebGPU's least limit), where 2 made
+/// a batched decode's 8 rows load 16 bytes of activations per weight. The context's
+/// [`GpuTuning::batch_matvec`](super::GpuTuning) replaces (threads, rows) where the adapter
+/// has the memory and threads for it.
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
-    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 2, 1)].into_iter().map(|(nt, wg, nr, unroll)| MvConfig { nt, wg, nr, unroll, subgroups }).collect()
+    let fits = |nt: u32, (wg, nr): (u32, u32)| {
+        wg.is_power_of_two() && nr >= 2 && nr.is_multiple_of(2) && wg <= ctx.limits.max_compute_invocations_per_workgroup && wg * nr * nt * 4 <= ctx.limits.max_compute_workgroup_storage_size
+    };
+    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 4, 1)]
+        .into_iter()
+        .map(|(nt, wg, nr, unroll)| {
+            let (wg, nr) = match ctx.tuning.batch_matvec {
+                Some(c) if nt > 1 && fits(nt, c) => c,
+                _ => (wg, nr),
+            };
+            MvConfig { nt, wg, nr, unroll, subgroups }
+        })
+        .collect()
 }
 
 /// A decode kernel and, for [`DecodeKernel::Blocks`], its workgroup's (threads, rows, slots per
@@ -716,11 +733,8 @@ impl GpuMatrix {
     /// [`bind_matmul_with`](Self::bind_matmul_with) with an output layout and epilogue.
     #[doc(hidden)]
     pub fn bind_matmul_with_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
-        // The tuning's test kernel: another nt = 1 kernel for the tests' configs (kq replaces
-        // them; the blocks kernel keeps each config's own shape and takes its prefetch), so
-        // that the test suite can check every kernel.
-        let decode = ctx.tuning.test_decode.unwrap_or(DecodeKernel::Blocks { prefetch: true });
-        self.bind_matmul_variant(ctx, x, y, step, configs, decode, out)
+        // Tests wanting another one-token kernel name it through `bind_matmul_variant`.
+        self.bind_matmul_variant(ctx, x, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out)
     }
 
     /// [`bind_matmul_with`](Self::bind_matmul_with) with a chosen kernel for the nt = 1
@@ -783,7 +797,7 @@ impl GpuMatrix {
             assert!(sections.len() == 3 && sections[1].0 == sections[2].0 && !r.shape.neox && !out.epilogue.pairs() && out.epilogue != Epilogue::Add, "{}: the RoPE epilogue needs q, k, v sections, adjacent pairs and a plain store", self.name);
             let RopeShape { head_dim, rope_dim, base, freq_scale, .. } = r.shape;
             assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && sections[0].0.is_multiple_of(head_dim) && sections[1].0.is_multiple_of(head_dim));
-            let n_ctx = (r.cache_k.size() / (sections[1].0 as u64 * 2)).min(u32::MAX as u64) as u32;
+            let n_ctx = (r.cache_k.size / (sections[1].0 as u64 * 2)).min(u32::MAX as u64) as u32;
             // As RopeKvOp (and the CPU): computed on the host so the backends share the bits.
             let theta_scale = base.powf(-2.0 / rope_dim as f32);
             let words = [head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), n_ctx, 0, 0, 0];
@@ -930,7 +944,7 @@ impl GpuMatrix {
                     let mut entries = self.weight_bindings(c, [n.x, y, step], Some(&mat_out));
                     entries.push((7, n.weight.as_entire_binding()));
                     if let (Some(r), Some(p)) = (rope, &rope_params) {
-                        entries.extend([(8, r.cache_k.as_entire_binding()), (9, r.cache_v.as_entire_binding()), (10, p.as_entire_binding())]);
+                        entries.extend([(8, r.cache_k.binding()), (9, r.cache_v.binding()), (10, p.as_entire_binding())]);
                     }
                     (*nr, p.clone(), bind_group(ctx, p, &entries))
                 });
@@ -978,8 +992,10 @@ struct OpChunk {
 /// RoPE and the KV-cache write in a q/k/v product's epilogue
 /// ([`GpuMatrix::bind_matmul_normed_rope`]): this layer's caches (f16 pairs, `[pos][kv_dim]`).
 pub struct RopeIn<'a> {
-    pub cache_k: &'a wgpu::Buffer,
-    pub cache_v: &'a wgpu::Buffer,
+    /// One sequence's cache of this layer (a buffer, or its sequence's range of a cache of
+    /// several, `GpuKvCache::k_range`).
+    pub cache_k: super::ops::BufRange<'a>,
+    pub cache_v: super::ops::BufRange<'a>,
     pub shape: RopeShape,
 }
 

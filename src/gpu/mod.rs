@@ -24,6 +24,10 @@ pub struct Step {
     pub pos0: u32,
     /// Keys in the cache after this batch: pos0 + n_tokens.
     pub n_kv: u32,
+    /// The batch's first row in q, k, v and the attention output, for RoPE with the KV write
+    /// and decode attention: 0 but in a batched decode's per-sequence steps, where each
+    /// sequence's token sits at its own row of the batch (`engine::gpu_batch`). Other kernels
+    /// ignore it. (Named as padding for the many callers that write 0.)
     pub _pad: u32,
 }
 

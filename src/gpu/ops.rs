@@ -1,5 +1,5 @@
 //! The forward pass's other kernels: norms, RoPE with the KV-cache write, attention,
-//! activations, the residual add, argmax and top-k.
+//! activations, the residual add, argmax, top-k and sampling.
 //!
 //! Every op builds its pipeline, uniform parameters and bind groups once in `new` (its buffers
 //! are fixed for the model's lifetime); `encode` only records dispatches whose sizes follow from
@@ -23,6 +23,7 @@ const ACT: &str = compose!("act.wgsl");
 const RESIDUAL_ADD: &str = compose!("residual_add.wgsl");
 const ARGMAX: &str = compose!("argmax.wgsl");
 const TOPK: &str = compose!("topk.wgsl");
+const SAMPLE: &str = compose!("sample.wgsl");
 
 /// (file name, source) of this module's kernels.
 pub const SHADERS: &[(&str, &str)] = &[
@@ -36,6 +37,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("residual_add.wgsl", RESIDUAL_ADD),
     ("argmax.wgsl", ARGMAX),
     ("topk.wgsl", TOPK),
+    ("sample.wgsl", SAMPLE),
 ];
 
 /// The most workgroups one grid dimension may hold (WebGPU's default limit).
@@ -86,7 +88,7 @@ impl<'a> From<wgpu::BufferSlice<'a>> for BufRange<'a> {
 }
 
 impl<'a> BufRange<'a> {
-    fn binding(self) -> wgpu::BindingResource<'a> {
+    pub(super) fn binding(self) -> wgpu::BindingResource<'a> {
         wgpu::BindingResource::Buffer(wgpu::BufferBinding { buffer: self.buffer, offset: self.offset, size: std::num::NonZeroU64::new(self.size) })
     }
 }
@@ -114,11 +116,15 @@ impl Kernel {
     }
 
     fn dispatch(&self, pass: &mut ComputePass<'_>, x: u32, y: u32) {
-        if x == 0 || y == 0 {
+        self.dispatch3(pass, x, y, 1)
+    }
+
+    fn dispatch3(&self, pass: &mut ComputePass<'_>, x: u32, y: u32, z: u32) {
+        if x == 0 || y == 0 || z == 0 {
             return;
         }
         self.bind(pass);
-        pass.dispatch_workgroups(x, y, 1);
+        pass.dispatch_workgroups(x, y, z);
     }
 
     /// Sets the pipeline and bind group, for a dispatch the caller makes (e.g. indirect).
@@ -165,45 +171,102 @@ impl RmsNormOp {
 /// The KV cache on the GPU: per layer a K and a V buffer of `n_ctx` positions of `kv_dim` f16
 /// values, two to a u32 (`[pos][kv_dim]` halves). One buffer per layer and kind, so that none
 /// exceeds the adapter's largest storage binding.
+///
+/// A cache of several sequences ([`with_seqs`](Self::with_seqs)) holds them one after another
+/// in each layer's buffers (each at an offset the adapter can bind), so that one dispatch can
+/// reach every sequence's keys (a batched decode's RoPE and attention, rows by sequence); a
+/// [`view`](Self::view) of it is one sequence's cache, which a session binds as ranges
+/// ([`k_range`](Self::k_range)).
+#[derive(Clone)]
 pub struct GpuKvCache {
     pub n_ctx: usize,
     pub kv_dim: usize,
     k: Vec<Buffer>,
     v: Vec<Buffer>,
+    /// Bytes from one sequence's cache to the next's in each buffer.
+    seq_bytes: u64,
+    n_seqs: usize,
+    /// The sequence this value stands for (0 unless a view).
+    seq: usize,
 }
 
 impl GpuKvCache {
     pub fn new(ctx: &GpuContext, n_layer: usize, n_ctx: usize, kv_dim: usize) -> Result<Self, GpuError> {
+        Self::with_seqs(ctx, n_layer, n_ctx, kv_dim, 1)
+    }
+
+    /// The caches of `n_seqs` sequences in one buffer per layer and kind;
+    /// [`GpuError::Unsupported`] where those buffers exceed what the adapter binds at once
+    /// (then give each sequence its own cache).
+    pub fn with_seqs(ctx: &GpuContext, n_layer: usize, n_ctx: usize, kv_dim: usize, n_seqs: usize) -> Result<Self, GpuError> {
         if !kv_dim.is_multiple_of(2) {
             return Err(GpuError::Unsupported(format!("KV cache: kv_dim {kv_dim} is odd (f16 values are stored in pairs)")));
         }
+        let n_seqs = n_seqs.max(1);
         let bytes = (n_ctx * kv_dim * 2) as u64;
+        // Each sequence's cache starts where a binding may start (and on a 16-byte word, as the
+        // attention reads it).
+        let align = (ctx.limits.min_storage_buffer_offset_alignment as u64).max(16);
+        let seq_bytes = if n_seqs == 1 { bytes } else { bytes.next_multiple_of(align) };
+        let total = seq_bytes * n_seqs as u64;
         let limit = ctx.max_binding().min(ctx.limits.max_buffer_size);
-        if bytes > limit {
+        if total > limit {
             return Err(GpuError::Unsupported(format!(
-                "KV cache: one layer's keys for {n_ctx} positions take {} MiB, more than the {} MiB this GPU binds at once; use a smaller context",
-                bytes >> 20,
+                "KV cache: one layer's keys for {n_seqs} x {n_ctx} positions take {} MiB, more than the {} MiB this GPU binds at once; use a smaller context",
+                total >> 20,
                 limit >> 20
             )));
         }
-        let k = (0..n_layer).map(|l| ctx.zeros(&format!("kv.k{l}"), bytes)).collect();
-        let v = (0..n_layer).map(|l| ctx.zeros(&format!("kv.v{l}"), bytes)).collect();
-        Ok(GpuKvCache { n_ctx, kv_dim, k, v })
+        let k = (0..n_layer).map(|l| ctx.zeros(&format!("kv.k{l}"), total)).collect();
+        let v = (0..n_layer).map(|l| ctx.zeros(&format!("kv.v{l}"), total)).collect();
+        Ok(GpuKvCache { n_ctx, kv_dim, k, v, seq_bytes, n_seqs, seq: 0 })
     }
 
-    /// Bytes of GPU memory the cache holds.
+    /// Sequence `seq`'s cache (the same buffers).
+    pub fn view(&self, seq: usize) -> GpuKvCache {
+        assert!(seq < self.n_seqs, "KV cache: sequence {seq} of {}", self.n_seqs);
+        GpuKvCache { seq, ..self.clone() }
+    }
+
+    pub fn n_seqs(&self) -> usize {
+        self.n_seqs
+    }
+
+    /// Where sequence `seq`'s cache starts in each buffer, in u32 words.
+    pub fn seq_words(&self, seq: usize) -> u32 {
+        (seq as u64 * self.seq_bytes / 4) as u32
+    }
+
+    /// Bytes of GPU memory the cache holds; a view, its sequence's share.
     pub fn gpu_bytes(&self) -> u64 {
-        self.k.iter().chain(&self.v).map(|b| b.size()).sum()
+        let all: u64 = self.k.iter().chain(&self.v).map(|b| b.size()).sum();
+        all / self.n_seqs as u64
+    }
+
+    /// Layer `layer`'s keys of this value's sequence.
+    pub fn k_range(&self, layer: usize) -> BufRange<'_> {
+        self.range(&self.k[layer])
+    }
+
+    /// Layer `layer`'s values of this value's sequence.
+    pub fn v_range(&self, layer: usize) -> BufRange<'_> {
+        self.range(&self.v[layer])
+    }
+
+    fn range<'a>(&self, b: &'a Buffer) -> BufRange<'a> {
+        BufRange { buffer: b, offset: self.seq as u64 * self.seq_bytes, size: (self.n_ctx * self.kv_dim * 2) as u64 }
     }
 
     pub fn n_layer(&self) -> usize {
         self.k.len()
     }
 
+    /// Layer `layer`'s key buffer, every sequence's.
     pub fn k(&self, layer: usize) -> &Buffer {
         &self.k[layer]
     }
 
+    /// Layer `layer`'s value buffer, every sequence's.
     pub fn v(&self, layer: usize) -> &Buffer {
         &self.v[layer]
     }
@@ -233,19 +296,50 @@ pub struct RopeKvOp {
     _params: Buffer,
 }
 
+/// [`RopeKvOp`] for a batched decode: row r of q, k and v is a sequence's token, at the
+/// position and cache offset `rows[r]` holds (`[cache word, position, 0, 0]` per row, the
+/// caches a [`GpuKvCache::with_seqs`]'s buffers); one dispatch for every row.
+pub struct RopeKvRowsOp {
+    kernel: Kernel,
+    items: u32,
+    _params: Buffer,
+}
+
+impl RopeKvRowsOp {
+    /// `n_ctx`: positions of each sequence's cache.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, k: impl Into<BufRange<'a>>, v: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, n_ctx: u32, shape: RopeShape, rows: &Buffer, step: &Buffer) -> Self {
+        let (p, items) = rope_params(ctx, shape, n_ctx);
+        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv.batch", ROPE_KV, "batch", &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k.into()), (4, cache_v.into()), (5, (&p).into()), (6, step.into()), (7, rows.into())]);
+        RopeKvRowsOp { kernel, items, _params: p }
+    }
+
+    /// Records the step's `n_rows` rows (the Step uniform's n_tokens).
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_rows: u32) {
+        assert!(n_rows <= MAX_GROUPS, "RoPE: at most {MAX_GROUPS} rows per batch");
+        self.kernel.dispatch(pass, self.items.div_ceil(64), n_rows);
+    }
+}
+
+/// RoPE's parameters for a cache of `n_ctx` positions, and the work items of one token.
+fn rope_params(ctx: &GpuContext, shape: RopeShape, n_ctx: u32) -> (Buffer, u32) {
+    let RopeShape { n_head, n_head_kv, head_dim, rope_dim, base, freq_scale, neox } = shape;
+    assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
+    // As ember::cpu::ops::Rope::new: computed on the host so both backends share the bits.
+    let theta_scale = base.powf(-2.0 / rope_dim as f32);
+    let p = params(ctx, "rope_kv.params", &[n_head, n_head_kv, head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), neox as u32, n_ctx]);
+    (p, n_head * head_dim / 2 + n_head_kv * head_dim)
+}
+
 impl RopeKvOp {
     #[allow(clippy::too_many_arguments)]
-    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, k: impl Into<BufRange<'a>>, v: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, shape: RopeShape, step: &Buffer) -> Self {
-        let (q, k, v) = (q.into(), k.into(), v.into());
-        let RopeShape { n_head, n_head_kv, head_dim, rope_dim, base, freq_scale, neox } = shape;
-        assert!(head_dim.is_multiple_of(2) && rope_dim.is_multiple_of(2) && rope_dim <= head_dim && rope_dim > 0, "RoPE: head_dim {head_dim} and rope_dim {rope_dim} must be even, rope_dim <= head_dim");
-        let kv_dim = n_head_kv * head_dim;
-        let n_ctx = (cache_k.size() / (kv_dim as u64 * 2)).min(u32::MAX as u64) as u32;
-        // As ember::cpu::ops::Rope::new: computed on the host so both backends share the bits.
-        let theta_scale = base.powf(-2.0 / rope_dim as f32);
-        let p = params(ctx, "rope_kv.params", &[n_head, n_head_kv, head_dim, rope_dim, theta_scale.to_bits(), freq_scale.to_bits(), neox as u32, n_ctx]);
-        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q), (1, k), (2, v), (3, cache_k.into()), (4, cache_v.into()), (5, (&p).into()), (6, step.into())]);
-        RopeKvOp { kernel, items: n_head * head_dim / 2 + kv_dim, _params: p }
+    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, k: impl Into<BufRange<'a>>, v: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, shape: RopeShape, step: &Buffer) -> Self {
+        let (cache_k, cache_v) = (cache_k.into(), cache_v.into());
+        let kv_dim = shape.n_head_kv * shape.head_dim;
+        let n_ctx = (cache_k.size / (kv_dim as u64 * 2)).min(u32::MAX as u64) as u32;
+        let (p, items) = rope_params(ctx, shape, n_ctx);
+        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k), (4, cache_v), (5, (&p).into()), (6, step.into())]);
+        RopeKvOp { kernel, items, _params: p }
     }
 
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
@@ -301,13 +395,39 @@ pub struct AttentionOp {
     n_chunks: u32,
     tq: u32,
     max_tokens: u32,
+    /// A batched decode's kernels (single, partial, combine over rows), where built by
+    /// [`rows`](Self::rows).
+    by_rows: Option<[Kernel; 3]>,
     _buffers: [Buffer; 4],
 }
 
 impl AttentionOp {
     #[allow(clippy::too_many_arguments)]
-    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
-        let q = q.into();
+    pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_tokens, step, None, None)
+    }
+
+    /// A batched decode's attention ([`encode_rows`](Self::encode_rows)): row r of q (and of
+    /// out) is a sequence's query, at the position and cache offset `rows[r]` holds (`[cache
+    /// word, position, 0, 0]`, the caches a [`GpuKvCache::with_seqs`]'s buffers of `n_ctx`
+    /// positions per sequence), up to `max_rows` rows, each with its own partials.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rows<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_rows: u32, rows: &Buffer, step: &Buffer) -> Result<Self, GpuError> {
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_rows, step, None, Some(rows))
+    }
+
+    /// [`new`](Self::new) writing its decode partials into `share`'s buffers rather than its
+    /// own (1 MiB per op at 64 chunks of 32 heads of 128): for ops that never run at the same
+    /// time, such as a batched decode's per-sequence attentions, recorded one after another
+    /// (the dispatches' writes to one buffer are ordered). `share` must be of the same shape
+    /// and context.
+    #[allow(clippy::too_many_arguments)]
+    pub fn sharing<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: &AttentionOp) -> Result<Self, GpuError> {
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_tokens, step, Some(share), None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(ctx: &GpuContext, q: BufRange<'_>, cache_k: BufRange<'_>, cache_v: BufRange<'_>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: Option<&AttentionOp>, rows: Option<&Buffer>) -> Result<Self, GpuError> {
         let AttnShape { n_head, n_head_kv, head_dim } = shape;
         let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
         if !head_dim.is_multiple_of(8) || head_dim == 0 || head_dim > 512 {
@@ -318,7 +438,7 @@ impl AttentionOp {
         }
         let kv_dim = n_head_kv * head_dim;
         let cache_bytes = n_ctx as u64 * kv_dim as u64 * 2;
-        if cache_k.size() < cache_bytes || cache_v.size() < cache_bytes {
+        if cache_k.size < cache_bytes || cache_v.size < cache_bytes {
             return unsupported(format!("the cache buffers hold fewer than {n_ctx} positions"));
         }
         let q_bytes = max_tokens as u64 * (n_head * head_dim) as u64 * 4;
@@ -352,21 +472,37 @@ impl AttentionOp {
         let n_chunks = n_ctx.div_ceil(64).clamp(1, DECODE_MAX_CHUNKS);
 
         let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
-        let part_o = ctx.zeros("attention.part_o", (n_head * n_chunks * head_dim) as u64 * 4);
-        let part_ml = ctx.zeros("attention.part_ml", (n_head * n_chunks) as u64 * 8);
+        let (part_o, part_ml) = match share {
+            Some(op) if op._buffers[1].size() == (n_head * n_chunks * head_dim) as u64 * 4 && op._buffers[2].size() == (n_head * n_chunks) as u64 * 8 => (op._buffers[1].clone(), op._buffers[2].clone()),
+            Some(_) => return unsupported("the shared partials are of another shape".into()),
+            // Rows: each row's own partials.
+            None => {
+                let n = if rows.is_some() { max_tokens } else { 1 };
+                (ctx.zeros("attention.part_o", (n * n_head * n_chunks * head_dim) as u64 * 4), ctx.zeros("attention.part_ml", (n * n_head * n_chunks) as u64 * 8))
+            }
+        };
         let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
         let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}.wg{wg}");
         // `partial` and `single` share one function that writes either the partials or the
         // output, so both bind all of them.
-        let attend = [(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
+        let attend = [(0, q), (1, cache_k), (2, cache_v), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
         let partial = Kernel::with_ranges(ctx, &format!("{key}.partial"), &src, "partial", &attend);
         let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
         let single = Kernel::with_ranges(ctx, &format!("{key}.single"), &src, "single", &attend);
+        let by_rows = rows.map(|rows| {
+            let attend = [(0, q), (1, cache_k), (2, cache_v), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (8, rows.into())];
+            let combine = [(3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (8, rows.into())];
+            [
+                Kernel::with_ranges(ctx, &format!("{key}.single_rows"), &src, "single_rows", &attend),
+                Kernel::with_ranges(ctx, &format!("{key}.partial_rows"), &src, "partial_rows", &attend),
+                Kernel::with_ranges(ctx, &format!("{key}.combine_rows"), &src, "combine_rows", &combine),
+            ]
+        });
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
-        let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k.into()), (2, cache_v.into()), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
-        Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, _buffers: [decode_params, part_o, part_ml, prefill_params] })
+        let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
+        Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, by_rows, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
     /// The most chunks a decode step is split into.
@@ -393,6 +529,20 @@ impl AttentionOp {
             let tiles = n_tokens.div_ceil(self.tq);
             assert!(tiles <= MAX_GROUPS, "attention: too many tokens in one batch");
             self.prefill.dispatch(pass, tiles, self.n_head);
+        }
+    }
+
+    /// Records a batched decode's attention over `n_rows` rows (see [`rows`](Self::rows)), the
+    /// longest with `max_n_kv` keys: every row in one dispatch (one pass over all keys up to
+    /// the one-pass limit, else chunks and a combine).
+    pub fn encode_rows(&self, pass: &mut ComputePass<'_>, n_rows: u32, max_n_kv: u32) {
+        let [single, partial, combine] = self.by_rows.as_ref().expect("attention: built for rows (AttentionOp::rows)");
+        assert!(n_rows <= self.max_tokens, "attention: {n_rows} rows, room for {}", self.max_tokens);
+        if max_n_kv <= self.single_max_keys {
+            single.dispatch3(pass, 1, self.n_head / self.gq, n_rows);
+        } else {
+            partial.dispatch3(pass, self.n_chunks, self.n_head / self.gq, n_rows);
+            combine.dispatch(pass, self.n_head, n_rows);
         }
     }
 }
@@ -555,5 +705,59 @@ impl TopKOp {
     pub fn encode(&self, pass: &mut ComputePass<'_>, _n_tokens: u32) {
         self.blocks.dispatch(pass, self.n_blocks, 1);
         self.finish.dispatch(pass, 1, 1);
+    }
+}
+
+/// The sampling rule as the GPU takes it (the engine's `SampleRule` plus the draw's counter):
+/// keep the `top_k` (1 to 64) best, then top-p, a floor at `ln_min_p` below the best logit,
+/// weights at 1 / `inv_temp`, and draw number `draw` of `seed` (shaders/sample.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    pub top_k: u32,
+    pub top_p: f32,
+    pub ln_min_p: f32,
+    pub inv_temp: f32,
+    pub seed: u64,
+    pub draw: u32,
+}
+
+impl SampleParams {
+    fn words(&self) -> [u32; 8] {
+        [self.top_k, self.top_p.to_bits(), self.ln_min_p.to_bits(), self.inv_temp.to_bits(), self.seed as u32, (self.seed >> 32) as u32, self.draw, 0]
+    }
+}
+
+/// Sampling of the last token's logits row on the GPU: the top 64 ([`TopKOp`]), then one
+/// thread drawing from the first `top_k` of them (shaders/sample.wgsl), writing the token id into
+/// word 0 of `out`, an [`ArgmaxOp`]'s output (run the argmax first: its non-finite flag stays
+/// and reports broken logits as in greedy decoding). The rule's parameters, the draw counter
+/// with them, live in a uniform buffer that [`set`](Self::set) writes before each submission.
+pub struct SampleOp {
+    topk: TopKOp,
+    sample: Kernel,
+    params: Buffer,
+    _cand: Buffer,
+}
+
+impl SampleOp {
+    pub fn new(ctx: &GpuContext, logits: &Buffer, n_vocab: u32, out: &Buffer, step: &Buffer) -> Self {
+        let k = 64;
+        let cand = ctx.zeros("sample.cand", k as u64 * 8);
+        let topk = TopKOp::new(ctx, logits, n_vocab, k, &cand, step);
+        let params = ctx.uniform("sample.params", bytemuck::cast_slice(&[0u32; 8]));
+        let sample = Kernel::new(ctx, "ops/sample", SAMPLE, "sample", &[(0, &cand), (1, out), (2, &params)]);
+        SampleOp { topk, sample, params, _cand: cand }
+    }
+
+    /// The rule for the dispatches submitted next (queue order: a later `set` does not reach
+    /// a submission made before it).
+    pub fn set(&self, ctx: &GpuContext, p: &SampleParams) {
+        assert!((1..=64).contains(&p.top_k), "sample: top_k = {} is not in 1..=64", p.top_k);
+        ctx.queue.write_buffer(&self.params, 0, bytemuck::cast_slice(&p.words()));
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        self.topk.encode(pass, n_tokens);
+        self.sample.dispatch(pass, 1, 1);
     }
 }

@@ -1,9 +1,9 @@
 //! The GPU kernels' choices that measurements made, as one value each context owns
 //! ([`GpuContext::with_tuning`](super::GpuContext::with_tuning)). The library never reads them
-//! from the environment: callers pass them in (the `ember` binary reads its `EMBER_*`
-//! benchmark variables into one of these, `cli::gpu_tuning`).
+//! from the environment: callers pass them in (the `ember` binary fills one from `ember bench
+//! --tune KEY=VALUE` or its `EMBER_*` benchmark variables, `cli::gpu_tuning`).
 
-use super::matrix::{DecodeChoice, DecodeKernel};
+use super::matrix::DecodeChoice;
 
 #[derive(Clone, Debug)]
 pub struct GpuTuning {
@@ -20,9 +20,6 @@ pub struct GpuTuning {
     pub attn_wg: u32,
     /// Per weight type (lower-case name), a decode kernel replacing the measured default.
     pub decode_overrides: Vec<(String, DecodeChoice)>,
-    /// Another one-token kernel for `GpuMatrix::bind_matmul_with_out`, so that tests can
-    /// check every kernel variant.
-    pub test_decode: Option<DecodeKernel>,
     /// RMSNorm (and RoPE) folded into the decode products; off keeps them separate dispatches.
     pub fold_norms: bool,
     /// Activations per word in the blocks decode kernel (DV_XW: 0 per slot, 1 per row, 2 once
@@ -31,6 +28,11 @@ pub struct GpuTuning {
     /// The prefill products on cooperative matrices where the adapter has them (f16 inputs,
     /// f32 sums); off keeps the portable f32 tiled kernel everywhere.
     pub coop_matrix: bool,
+    /// (threads, rows) per workgroup of the few-token matvec (2 to 16 tokens: a batched
+    /// decode's products), replacing [`matrix::default_mv_configs`](super::matrix::default_mv_configs)'
+    /// choice for every group size; threads a power of two, rows even, within the adapter's
+    /// limits, else ignored. None keeps the default.
+    pub batch_matvec: Option<(u32, u32)>,
 }
 
 impl Default for GpuTuning {
@@ -41,10 +43,10 @@ impl Default for GpuTuning {
             attn_single_max_keys: super::ops::SINGLE_PASS_MAX_KEYS,
             attn_wg: 64,
             decode_overrides: Vec::new(),
-            test_decode: None,
             fold_norms: true,
             decode_xw: None,
             coop_matrix: true,
+            batch_matvec: None,
         }
     }
 }
