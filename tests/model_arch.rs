@@ -295,3 +295,38 @@ fn bamboo_drelu_matches_the_reference() {
     check_reference(&path);
 }
 
+
+/// qwen3 on a GPU session of two sequences decoded together (`decode_batch`, the batched
+/// decode's own dispatch sequence): each row's logits are its sequence's alone.
+#[test]
+fn qwen3_batched_gpu_decode_matches_each_sequence() {
+    use ember::engine::builder::{self, BackendChoice, SessionOptions};
+    if common::gpu().is_none() {
+        return;
+    }
+    let dir = TempDir::new("qwen3-batch");
+    let Some(path) = synth(&dir, "qwen3", QWEN3) else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let vocab = model.hp.n_vocab;
+    let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+    let mut single = builder::open(&opts, model.clone(), 64, &|_| {}).unwrap().session;
+    opts.n_seqs = 2;
+    let mut batch = builder::open(&opts, model.clone(), 64, &|_| {}).unwrap().session;
+    let prompts = [vec![504u32, 3575, 282], vec![6403u32, 1980, 253, 655, 12]];
+    let mut next = Vec::new();
+    for (s, p) in prompts.iter().enumerate() {
+        batch.select_seq(s).unwrap();
+        let l = batch.forward(p, Logits::Last).unwrap();
+        next.push(ember::cpu::ops::argmax(&l).0 as u32);
+    }
+    let rows: Vec<(usize, u32)> = next.iter().enumerate().map(|(s, &t)| (s, t)).collect();
+    let got = batch.decode_batch(&rows).unwrap();
+    for (s, p) in prompts.iter().enumerate() {
+        single.reset();
+        let toks: Vec<u32> = p.iter().copied().chain([next[s]]).collect();
+        let want = single.forward(&toks, Logits::Last).unwrap();
+        for (v, (&g, &w)) in got[s * vocab..(s + 1) * vocab].iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-3 * w.abs().max(1.0), "sequence {s}: logit {v}: {g} vs {w}");
+        }
+    }
+}
