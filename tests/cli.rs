@@ -103,6 +103,53 @@ fn bench_prints_a_llama_bench_table() {
 }
 
 #[test]
+fn bench_depth_runs_the_tests_after_tokens_in_the_cache() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-d", "20", "-p", "6", "-n", "3", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    // The context holds the depth and the longer test: 20 + 6 + 1.
+    assert!(text.starts_with("context 27\ndepth 20: "), "{text}");
+    assert!(text.contains("| pp6 @ d20 |") && text.contains("| tg3 @ d20 |"), "{text}");
+    // A context too small for depth plus test says what would do.
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-d", "20", "-p", "6", "-n", "3", "-r", "1", "-t", "2", "-c", "26"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--ctx-size 26 cannot hold the 27 positions") && err.contains("--ctx-size 27 or more"), "{err}");
+}
+
+#[test]
+fn bench_temp_samples_the_tg_tokens() {
+    let Some(model) = common::default_model() else { return };
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["--temp", "0.8", "-p", "0", "-n", "3", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\nsampling: tg draws at temperature 0.8 (top-k 40, top-p 0.95, min-p 0.05, seed 0)"), "{text}");
+    assert!(text.contains("| tg3 |"), "{text}");
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["--temp=-1", "-n", "3"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--temp -1: use a temperature of 0 (greedy) or more"));
+}
+
+#[test]
+fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
+    let Some(model) = common::default_model() else { return };
+    let bench = |extra: &[&str]| ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-p", "0", "-n", "2", "-r", "1", "-t", "2"]).args(extra).output().unwrap();
+    let out = bench(&["--tune", "cpu-prefetch=4096", "--tune", "cpu-times=1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // cpu-times=1 prints the step times: the knob reached the session.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("CPU decode per token"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bench(&["--tune", "warp-speed=9"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("unknown tuning key `warp-speed`") && err.contains("decode-ahead"), "{err}");
+    let out = bench(&["--tune", "cpu-parts=many"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("tuning cpu-parts (--tune cpu-parts=... or EMBER_CPU_PARTS) = `many`: not a number"), "{err}");
+}
+
+#[test]
 fn perplexity_prints_a_final_estimate() {
     let (Some(model), Some(refs)) = (common::default_model(), common::refs_dir()) else { return };
     // llama-perplexity's protocol at -c 256 (refs/perplexity.json): the estimate after two

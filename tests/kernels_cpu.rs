@@ -6,7 +6,7 @@ mod common;
 use common::{random_matrix, Rng};
 use ember::cpu::attention::AttnShape;
 use ember::cpu::ops::{self, Rope};
-use ember::cpu::attention::attention_team;
+use ember::cpu::attention::{attention_team, attention_tiled_team};
 use ember::cpu::matmul::{matmuls, matmuls_tuned, CpuTuning};
 use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
@@ -308,5 +308,47 @@ fn attention_on_a_team_equals_attention() {
         let mut got = vec![f32::NAN; q.len()];
         attention_team(&mut Team::new(size), &q, k, v, past, n_tokens, shape, &mut got);
         assert_eq!(got, want, "team of {size}");
+    }
+}
+
+/// The tiled f32 attention (a hybrid's streamed prefill) against softmax attention in f64 at
+/// odd sizes: several query and key tiles, a past, grouped heads; the same bits for every team
+/// size.
+#[test]
+fn tiled_attention_matches_f64_softmax_attention() {
+    let mut rng = Rng(21);
+    for (shape, past, n_tokens) in [(AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 }, 37, 53), (AttnShape { n_head: 3, n_head_kv: 3, head_dim: 64 }, 0, 17), (AttnShape { n_head: 4, n_head_kv: 1, head_dim: 24 }, 130, 1)] {
+        let total = past + n_tokens;
+        let (hd, kv_dim, q_dim) = (shape.head_dim, shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
+        let mut cache = KvCache::new(1, total, kv_dim);
+        for p in 0..total {
+            cache.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+        }
+        let (k, v) = cache.layer(0);
+        let q: Vec<f32> = rng.vec(n_tokens * q_dim).iter().map(|x| 3.0 * x).collect();
+        let mut got = vec![f32::NAN; q.len()];
+        attention_tiled_team(&mut Team::new(3), &q, k, v, past, n_tokens, shape, &mut got);
+        let mut worst = 0.0f64;
+        for t in 0..n_tokens {
+            for h in 0..shape.n_head {
+                let kvh = h / (shape.n_head / shape.n_head_kv);
+                let qh = &q[t * q_dim + h * hd..][..hd];
+                let scores: Vec<f64> = (0..=past + t).map(|p| (0..hd).map(|i| qh[i] as f64 * k[p * kv_dim + kvh * hd + i].to_f64()).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for i in 0..hd {
+                    let want: f64 = (0..=past + t).map(|p| w[p] / z * v[p * kv_dim + kvh * hd + i].to_f64()).sum();
+                    worst = worst.max((got[t * q_dim + h * hd + i] as f64 - want).abs());
+                }
+            }
+        }
+        // f32 sums over at most a few hundred f16-exact keys: about 6 decimal digits.
+        assert!(worst < 2e-5, "{shape:?}, past {past}, {n_tokens} tokens: max error {worst}");
+        for size in [1, 2, 5] {
+            let mut again = vec![f32::NAN; q.len()];
+            attention_tiled_team(&mut Team::new(size), &q, k, v, past, n_tokens, shape, &mut again);
+            assert!(again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "team of {size}");
+        }
     }
 }

@@ -6,7 +6,9 @@ mod common;
 
 use common::{gpu, Rng};
 use ember::cpu::ops::{argmax, gated_activation, rms_norm, Rope};
-use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeKvRowsOp, RopeShape, TopKOp};
+use ember::engine::sampler::{uniform, SampleRule};
+use ember::engine::SamplerConfig;
+use ember::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, AttnShape, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeKvRowsOp, RopeShape, SampleOp, SampleParams, TopKOp};
 use ember::gpu::{GpuContext, Step};
 use ember::model::{Activation, RopeStyle};
 use half::f16;
@@ -680,6 +682,123 @@ fn top_k_matches_cpu() {
     let op = TopKOp::new(&ctx, &lb, 100_000, 6, &ob, &step);
     run(&ctx, &step, 1, 0, |p| op.encode(p, 1));
     assert_eq!(read_pairs(&ctx, &ob, 6), [(7, 1042.0), (77_777, 1041.0), (5, 1040.0), (33, 1040.0), (123, 1040.0), (4_095, 1040.0)]);
+}
+
+fn sample_params(rule: &SampleRule, draw: u32) -> SampleParams {
+    SampleParams { top_k: rule.top_k, top_p: rule.top_p, ln_min_p: rule.ln_min_p, inv_temp: rule.inv_temp, seed: rule.seed, draw }
+}
+
+/// Whether draw `draw` of `rule` over `logits` lands within `eps` of a boundary of the chain,
+/// computed in f64: where the top-p prefix ends (mass at temperature 1 against top_p) or
+/// between two candidates (the draw against the cumulative mass). There `exp`'s rounding,
+/// which Vulkan leaves to the driver within a few ulp, may move the CPU's and GPU's choice.
+fn near_boundary(rule: &SampleRule, logits: &[f32], draw: u32, eps: f64) -> bool {
+    let mut c: Vec<(u32, f32)> = logits.iter().enumerate().filter(|(_, &l)| l >= f32::MIN).map(|(i, &l)| (i as u32, l)).collect();
+    c.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
+    c.truncate(rule.top_k as usize);
+    let l0 = c[0].1 as f64;
+    let mut n = c.len();
+    let mut near = false;
+    if rule.top_p < 1.0 {
+        let total: f64 = c.iter().map(|x| (x.1 as f64 - l0).exp()).sum();
+        let mut cum = 0.0;
+        for (i, x) in c.iter().enumerate() {
+            cum += (x.1 as f64 - l0).exp();
+            near |= (cum / total - rule.top_p as f64).abs() < eps;
+            if cum / total >= rule.top_p as f64 {
+                n = i + 1;
+                break;
+            }
+        }
+    }
+    n = c[..n].iter().take_while(|x| x.1 as f64 >= l0 + rule.ln_min_p as f64).count().max(1);
+    let w: Vec<f64> = c[..n].iter().map(|x| ((x.1 as f64 - l0) * rule.inv_temp as f64).max(-200.0).exp()).collect();
+    let total: f64 = w.iter().sum();
+    let u = uniform(rule.seed, draw) as f64;
+    let mut cum = 0.0;
+    for wi in &w {
+        cum += wi;
+        near |= (cum / total - u).abs() < eps;
+    }
+    near
+}
+
+#[test]
+fn sampling_matches_the_cpu_rule() {
+    let Some(ctx) = gpu() else { return };
+    let step = step_buffer(&ctx);
+    let mut rng = Rng(31);
+    let cfg = |temperature: f32, top_k: usize, top_p: f32, min_p: f32, seed: u64| SamplerConfig { temperature, top_k, top_p, min_p, seed, ..Default::default() };
+    let rules = [
+        cfg(0.8, 40, 0.95, 0.05, 1), // ember run's defaults (llama.cpp's)
+        cfg(1.5, 64, 1.0, 0.0, 2),
+        cfg(1.0, 7, 0.6, 0.0, u64::MAX),
+        cfg(2.0, 64, 0.5, 0.2, 3),
+        cfg(0.3, 1, 0.95, 0.05, 4),   // top-k 1: the argmax
+        cfg(1.0, 10, 1e-6, 0.0, 5),   // top-p below the best token's mass: the argmax
+        cfg(1e-30, 64, 1.0, 0.0, 6),  // a tiny temperature: the argmax, no inf times zero
+    ]
+    .map(|c| SampleRule::new(&c));
+    let (mut cases, mut skipped) = (0usize, 0usize);
+    for n_vocab in [5usize, 1000, 49_153, 151_937] {
+        // Logits on a scale where the chain keeps several candidates: N(0, 2)-ish spread, a
+        // few large ones, ties among them, and tokens that can never be drawn.
+        let mut logits: Vec<f32> = rng.vec(n_vocab).iter().map(|v| v * 6.0).collect();
+        if n_vocab > 100 {
+            for (i, x) in [(n_vocab - 1, 9.0), (3, 9.0), (n_vocab / 2, 8.5), (17, 8.75), (n_vocab / 3, 8.75), (40, f32::NEG_INFINITY), (41, f32::NAN)] {
+                logits[i] = x;
+            }
+        }
+        let lb = upload_f32(&ctx, "logits", &logits);
+        let ob = ctx.zeros("out", 12);
+        let am = ArgmaxOp::new(&ctx, &lb, n_vocab as u32, &ob, &step);
+        let op = SampleOp::new(&ctx, &lb, n_vocab as u32, &ob, &step);
+        for rule in &rules {
+            let draws = if n_vocab > 100_000 { 6 } else { 24 };
+            for draw in (0..draws).map(|d| d * 7919 + 3) {
+                op.set(&ctx, &sample_params(rule, draw));
+                run(&ctx, &step, 1, 0, |p| {
+                    am.encode(p, 1);
+                    op.encode(p, 1);
+                });
+                let got: Vec<u32> = ctx.read(&ob, 3).unwrap();
+                let want = rule.pick(&logits, draw);
+                cases += 1;
+                if got[0] != want && near_boundary(rule, &logits, draw, 1e-5) {
+                    skipped += 1;
+                    continue;
+                }
+                assert_eq!(got[0], want, "vocab {n_vocab}, {rule:?}, draw {draw}");
+                // The argmax's flag stays: NaN and -inf in the larger vocabularies.
+                assert_eq!(got[2], u32::from(n_vocab > 100), "non-finite flag, vocab {n_vocab}");
+            }
+        }
+    }
+    eprintln!("sampling: {skipped} of {cases} draws differ between CPU and GPU, each at a rounding boundary");
+    assert!(skipped * 50 <= cases, "{skipped} of {cases} draws differ at a rounding boundary");
+    // Exact ties (exp(0) = 1 on both sides): four tokens tied for the best, top-p 0.5 keeps the
+    // two lowest ids, and both draws over many counters stay among them, equal to the CPU's.
+    let mut logits = vec![-30.0f32; 777];
+    for i in [700, 13, 250, 12] {
+        logits[i] = 3.0;
+    }
+    let lb = upload_f32(&ctx, "logits", &logits);
+    let ob = ctx.zeros("out", 12);
+    let am = ArgmaxOp::new(&ctx, &lb, 777, &ob, &step);
+    let op = SampleOp::new(&ctx, &lb, 777, &ob, &step);
+    let rule = SampleRule::new(&cfg(1.0, 40, 0.5, 0.0, 9));
+    let mut seen = std::collections::BTreeSet::new();
+    for draw in 0..40 {
+        op.set(&ctx, &sample_params(&rule, draw));
+        run(&ctx, &step, 1, 0, |p| {
+            am.encode(p, 1);
+            op.encode(p, 1);
+        });
+        let got: Vec<u32> = ctx.read(&ob, 3).unwrap();
+        assert_eq!(got[0], rule.pick(&logits, draw), "tie draw {draw}");
+        seen.insert(got[0]);
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec![12, 13]);
 }
 
 /// Wall time per call of what `f` encodes, over `reps` calls in one pass (after a warm-up).

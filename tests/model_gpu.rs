@@ -147,6 +147,57 @@ fn gpu_queued_greedy_decoding_matches_token_by_token_and_stops_cleanly() {
     assert!(gpu.decode_greedy(rest[5], 64, &mut |_| true).is_err());
 }
 
+#[test]
+fn gpu_queued_sampling_matches_host_sampling_of_the_same_logits() {
+    use ember::engine::sampler::SampleRule;
+    let Some(path) = common::default_model() else { return };
+    let Some((_, mut gpu)) = sessions(&path, 64) else { return };
+    let prompt: Vec<u32> = (0..9).map(|i| (i * 4099 + 77) % 49152).collect();
+    // A high temperature, so that the draws really leave the argmax.
+    let rule = SampleRule::new(&ember::engine::SamplerConfig { temperature: 1.5, top_k: 40, top_p: 0.95, min_p: 0.0, seed: 77, ..Default::default() });
+    let logits = gpu.forward(&prompt, Logits::Last).unwrap();
+    let first = rule.pick(&logits, 0);
+    // On the host: each token's logits read back and drawn from with draws 1, 2, ...
+    let (mut expect, mut greedy) = (Vec::new(), Vec::new());
+    let mut t = first;
+    for i in 0..10 {
+        let logits = gpu.forward(&[t], Logits::Last).unwrap();
+        greedy.push(ember::cpu::ops::argmax(&logits).0 as u32);
+        t = rule.pick(&logits, 1 + i);
+        expect.push(t);
+    }
+    assert_ne!(expect, greedy, "the draws never left the argmax: the test checks nothing");
+    let end = gpu.n_past();
+    // Drawn on the GPU, each token fed back there.
+    gpu.reset();
+    gpu.forward(&prompt, Logits::Last).unwrap();
+    let mut got = Vec::new();
+    let n = gpu
+        .decode_sampled(first, 10, &rule, 1, &mut |t| {
+            got.push(t);
+            true
+        })
+        .unwrap();
+    assert_eq!((n, &got, gpu.n_past()), (10, &expect, end));
+    // Stopped after four, then resumed from the fourth with the next counter: the same run.
+    gpu.reset();
+    gpu.forward(&prompt, Logits::Last).unwrap();
+    let mut got = Vec::new();
+    gpu.decode_sampled(first, 10, &rule, 1, &mut |t| {
+        got.push(t);
+        got.len() < 4
+    })
+    .unwrap();
+    assert_eq!((&got[..], gpu.n_past()), (&expect[..4], prompt.len() + 4));
+    let mut rest = Vec::new();
+    gpu.decode_sampled(got[3], 6, &rule, 5, &mut |t| {
+        rest.push(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(rest, expect[4..]);
+}
+
 /// Synthetic models in the grouped types (`ember synth --type q4_k_m`: llama.cpp's Q4_K_M mix
 /// of Q4_K and Q6_K; and all-Q5_K, Q5_0, Q5_1), loaded keeping their types for a GPU-only
 /// session: the GPU holds the file's tensor bytes (no F16 conversion), and its logits over a

@@ -5,7 +5,7 @@
 # kernel against the portable one on this card.
 #
 # Run from the repository root on the device:
-#   benches/device/gpu14.sh D PHASE...      PHASE: kernels pp nocoop llama
+#   benches/device/gpu14.sh D PHASE...      PHASE: kernels pp nocoop llama sampled depth
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer) and llama-cpp.sh; .lc/lcsrc.tar.xz (`llama-cpp.sh fetch
 # .lc`) and .gl (the Vulkan loader) are carried too, as for hybrid_race.sh. After llama.cpp's
@@ -14,8 +14,13 @@
 #            portable f32 and cooperative-matrix kernels, and the latter's difference from the
 #            former (~1e-3 is f16 rounding; ~1 or inf is a broken kernel: then read `nocoop`)
 #   pp       ember pp512 + tg128 and pp2048 (cooperative matrices where the card has them)
-#   nocoop   ember pp512 with EMBER_NO_COOP=1 (the portable tiled kernel)
+#   nocoop   ember pp512 with --tune no-coop=1 (the portable tiled kernel)
 #   llama    llama.cpp CUDA -p 512,2048 -n 128, all layers on the GPU
+#   sampled  ember tg128 greedy and at --temp 0.8 (top-k 40, top-p 0.95, min-p 0.05: drawn on
+#            the GPU, queued like greedy), alternating, twice each (~40 s; no llama.cpp).
+#            Acceptance: sampled within 5% of greedy
+#   depth    tg64 after 4000 tokens in the KV cache (`-d 4000`; the synthetic model's trained
+#            context is 4096), ember then llama.cpp CUDA (~40 s after llama.cpp's build)
 set -uo pipefail
 D=$(realpath "$1"); shift
 . benches/device/lib.sh; vulkan_setup
@@ -39,10 +44,25 @@ pp)
   $E bench --backend gpu -m $M/q4.gguf -p 512 -n 128 -r ${REPS:-3} 2>&1 | quiet
   $E bench --backend gpu -m $M/q4.gguf -p 2048 -n 0 -r ${REPS:-3} 2>&1 | quiet
   ;;
-nocoop) model; EMBER_NO_COOP=1 $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} 2>&1 | quiet ;;
+nocoop) model; $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} --tune no-coop=1 2>&1 | quiet ;;
 llama)
   model; llama_cuda_wait
   $LB -m $M/q4.gguf -ngl 99 -p 512,2048 -n 128 -r ${REPS:-3} 2>&1 | quiet
+  ;;
+sampled)
+  model
+  for i in 1 2; do
+    for t in 0 0.8; do
+      echo "-- tg128 --temp $t"
+      $E bench --backend gpu -m $M/q4.gguf -p 0 -n 128 -r ${REPS:-3} --temp $t 2>&1 | quiet | grep -E "^sampling|tg128"
+    done
+  done
+  ;;
+depth)
+  model
+  $E bench --backend gpu -m $M/q4.gguf -p 0 -n 64 -d 4000 -r ${REPS:-3} 2>&1 | quiet
+  llama_cuda_wait
+  $LB -m $M/q4.gguf -ngl 99 -p 0 -n 64 -d 4000 -r ${REPS:-3} 2>&1 | quiet
   ;;
 *) echo "unknown phase $phase" ;;
 esac; done

@@ -39,8 +39,8 @@ done
 # default for Q4_K and Q6_K is 32:2:1:1, chosen for Q4_0 on an H200, never measured for these):
 # SWEEP=0 skips.
 [ "${SWEEP:-1}" = 1 ] && for v in 64:2:1:1 128:2:1:1 64:4:1:1 128:1:2:1; do
-  echo; echo "== ember --backend gpu, tg128, EMBER_MV_DEC=q4_k=$v,q6_k=$v"
-  EMBER_MV_DEC="q4_k=$v,q6_k=$v" $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r 2 2>&1 | grep tg128
+  echo; echo "== ember --backend gpu, tg128, --tune mv-dec=q4_k=$v,q6_k=$v"
+  $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r 2 --tune mv-dec=q4_k=$v,q6_k=$v 2>&1 | grep tg128
 done
 
 # Weight bytes read per decoded token: the file's tensors less the embedding table (one row is

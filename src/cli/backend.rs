@@ -59,8 +59,8 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         device: args.device.as_deref().map(|d| d.parse::<DeviceChoice>().unwrap()),
         precision: args.precision.into(),
         // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
-        gpu_tuning: super::gpu_tuning(args.gpu_precision),
-        cpu_tuning: super::cpu_tuning(),
+        gpu_tuning: super::gpu_tuning(args.gpu_precision, &[])?,
+        cpu_tuning: super::cpu_tuning(&[])?,
         ffn: args.ffn.into(),
         ffn_sparsity: args.ffn_sparsity,
         calibration: args.calibration.clone(),

@@ -1,6 +1,8 @@
 //! `ember bench`: llama-bench's protocol and table. `ppN`: N prompt tokens evaluated as one
-//! batch from an empty context; `tgN`: N tokens generated one at a time from an empty context.
-//! Each test runs once to warm up, then `--repetitions` times; t/s is mean ± sample sd.
+//! batch; `tgN`: N tokens generated one at a time; both from an empty context, or with `-d D`
+//! after D tokens already in the KV cache (`ppN @ dD`, filled by an untimed prefill before each
+//! run, as llama-bench's `-d`). Each test runs once to warm up, then `--repetitions` times; t/s
+//! is mean ± sample sd.
 
 use super::Result;
 use super::ModelArgs;
@@ -18,10 +20,25 @@ pub struct BenchArgs {
     /// Generated tokens of the tg test (0 = skip)
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     pub n_gen: usize,
+    /// Depth: tokens already in the KV cache when each pp and tg run starts (an untimed
+    /// prefill of D tokens before every run), as llama-bench's -d
+    #[arg(short = 'd', long = "n-depth", value_name = "D", default_value_t = 0)]
+    pub n_depth: usize,
     /// Context size the session is made for (KV cache and, in a hybrid, what the budget must
-    /// hold) [default: the larger of -p and -n, plus 1]
+    /// hold) [default: -d plus the larger of -p and -n, plus 1]
     #[arg(short = 'c', long = "ctx-size", value_name = "N")]
     pub ctx_size: Option<usize>,
+    /// tg: draw each token at this temperature with llama.cpp's default chain (top-k 40, top-p
+    /// 0.95, min-p 0.05; seed 0) instead of greedy; on the GPU the draw runs there, queued as
+    /// greedy decoding is
+    #[arg(long = "temp", value_name = "T", default_value_t = 0.0)]
+    pub temperature: f32,
+    /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable): decode-ahead,
+    /// attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop (GPU kernels), cpu-prefetch,
+    /// cpu-parts, cpu-huge, cpu-times (CPU products); e.g. --tune no-coop=1
+    /// --tune mv-dec=q4_0=kq:8:4:0:1
+    #[arg(long = "tune", value_name = "KEY=VALUE", value_parser = super::parse_tune)]
+    pub tune: Vec<(String, String)>,
     /// Timed repetitions of each test
     #[arg(short = 'r', long = "repetitions", default_value_t = 5)]
     pub repetitions: usize,
@@ -64,6 +81,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if a.repetitions > MAX_REPETITIONS {
         return Err(format!("--repetitions {}: at most {MAX_REPETITIONS}", a.repetitions).into());
     }
+    if !(a.temperature.is_finite() && a.temperature >= 0.0) {
+        return Err(format!("--temp {}: use a temperature of 0 (greedy) or more", a.temperature).into());
+    }
     if a.kernels || a.copy_bandwidth || a.prefill_kernels {
         if a.model.backend == super::Backend::Cpu {
             return Err("--kernels, --prefill-kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
@@ -73,15 +93,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     let path = a.model.resolve_model()?;
     a.model.pool()?.install(|| -> Result<()> {
         let (model, _tokenizer) = super::load_keeping(&path, a.model.gpu_only_types())?;
-        // pp and tg each start from an empty context; both must fit the trained one.
+        // pp and tg each start at depth -d; both must fit the trained context.
+        let depth = a.n_depth;
         for (flag, n) in [("-p", a.n_prompt), ("-n", a.n_gen)] {
-            if n > model.hp.n_ctx_train {
-                return Err(format!("{flag} {n}: more than the {} the model was trained for; use at most {}", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
+            if depth + n > model.hp.n_ctx_train {
+                let what = if depth > 0 { format!("-d {depth} plus {flag} {n}") } else { format!("{flag} {n}") };
+                return Err(format!("{what}: more than the {} the model was trained for; use at most {} in all", super::tokens(model.hp.n_ctx_train), model.hp.n_ctx_train).into());
             }
         }
-        let needed = a.n_prompt.max(a.n_gen) + 1;
+        let needed = depth + a.n_prompt.max(a.n_gen) + 1;
         let n_ctx = match a.ctx_size {
-            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -p {} / -n {} use", a.n_prompt, a.n_gen).into()),
+            Some(c) if c < needed => return Err(format!("--ctx-size {c} cannot hold the {needed} positions that -d {depth} / -p {} / -n {} use; use --ctx-size {needed} or more", a.n_prompt, a.n_gen).into()),
             Some(c) => {
                 super::check_ctx("--ctx-size", c, &model.hp)?;
                 c
@@ -95,12 +117,25 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let vocab = model.hp.n_vocab as u32;
         // Deterministic pseudo-random tokens, as llama-bench uses random ones.
         let tokens: Vec<u32> = (0..a.n_prompt.max(1) as u32).map(|i| (i.wrapping_mul(2654435761) >> 7) % vocab).collect();
+        // The depth's tokens: another such sequence.
+        let depth_tokens: Vec<u32> = (0..depth as u32).map(|i| (i.wrapping_add(0x5bd1).wrapping_mul(2246822519) >> 9) % vocab).collect();
+        // Each run starts from an empty cache holding the depth's tokens (not timed).
+        let fill = |session: &mut dyn crate::engine::Forward| -> Result<()> {
+            session.reset();
+            if depth > 0 {
+                crate::engine::generate::prefill(session, &depth_tokens)?;
+            }
+            Ok(())
+        };
+        let at_depth = |test: String| if depth > 0 { format!("{test} @ d{depth}") } else { test };
         let n_par = a.parallel.unwrap_or(1);
         if n_par == 0 || n_par > 256 {
             return Err(format!("--parallel {n_par}: use 1 to 256 sequences").into());
         }
         let mut opts = super::backend::session_options(&a.model)?;
         opts.n_seqs = n_par;
+        opts.gpu_tuning = super::gpu_tuning(a.model.gpu_precision, &a.tune)?;
+        opts.cpu_tuning = super::cpu_tuning(&a.tune)?;
         let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;
         let (mut session, gpu) = (o.session, o.gpu);
         // The budget covers every batch: checked after setup and after each test.
@@ -114,14 +149,14 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         let mut rows = Vec::new();
         if a.n_prompt > 0 {
             let mut run = || -> Result<f64> {
-                session.reset();
+                fill(session.as_mut())?;
                 let t = Instant::now();
                 session.forward(&tokens[..a.n_prompt], Logits::Last)?;
                 Ok(a.n_prompt as f64 / t.elapsed().as_secs_f64())
             };
             run()?;
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
-            rows.push((format!("pp{}", a.n_prompt), mean_sd(&v)));
+            rows.push((at_depth(format!("pp{}", a.n_prompt)), mean_sd(&v)));
             if let Some(h) = session.as_hybrid() {
                 let t = h.prefill_timing(true);
                 if t.batches > 0 {
@@ -130,17 +165,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             }
             check(&format!("pp{}", a.n_prompt))?;
         }
+        let rule = (a.temperature > 0.0).then(|| crate::engine::sampler::SampleRule::new(&crate::engine::SamplerConfig { temperature: a.temperature, seed: 0, ..Default::default() }));
         if a.n_gen > 0 {
             let run = |session: &mut Box<dyn crate::engine::Forward>| -> Result<f64> {
-                session.reset();
+                fill(session.as_mut())?;
                 let t = Instant::now();
-                // Greedy decoding, each token fed back (on the GPU without a round trip).
-                session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?;
+                // Greedy or sampled decoding, each token fed back (on the GPU without a round trip).
+                match &rule {
+                    Some(rule) => session.decode_sampled(tokens[0], a.n_gen, rule, 0, &mut |_| true)?,
+                    None => session.decode_greedy(tokens[0], a.n_gen, &mut |_| true)?,
+                };
                 Ok(a.n_gen as f64 / t.elapsed().as_secs_f64())
             };
             run(&mut session)?;
-            // Step timers over the timed runs, when asked for (EMBER_CPU_TIMES=1).
-            let timed = std::env::var("EMBER_CPU_TIMES").as_deref() == Ok("1");
+            // Step timers over the timed runs, when asked for (--tune cpu-times=1).
+            let timed = super::tune_value(&a.tune, "cpu-times").as_deref() == Some("1");
             if let Some(s) = session.as_cpu().filter(|_| timed) {
                 s.times = Some(Default::default());
             }
@@ -150,7 +189,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 let t = crate::engine::forward::CpuTimes { products: t.products / per, product_bytes: (t.product_bytes as f64 / per) as u64, attention: t.attention / per, total: t.total / per };
                 eprintln!("ember: CPU decode per token: {}", t.summary());
             }
-            rows.push((format!("tg{}", a.n_gen), mean_sd(&v)));
+            rows.push((at_depth(format!("tg{}", a.n_gen)), mean_sd(&v)));
             check(&format!("tg{}", a.n_gen))?;
             // Covers the warm-up run too (and prompts of a single token).
             if let Some(h) = session.as_hybrid() {
@@ -184,7 +223,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             session.select_seq(0)?;
         }
         if a.profile {
-            session.reset();
+            fill(session.as_mut())?;
             // Profile a token late in the tg run's context.
             for _ in 0..a.n_gen.max(1) - 1 {
                 session.forward_argmax(&tokens[..1])?;
@@ -197,6 +236,12 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             println!();
         }
         println!("context {n_ctx}");
+        if depth > 0 {
+            println!("depth {depth}: pp and tg run after {depth} tokens already in the KV cache (an untimed prefill before each run; --parallel starts empty)");
+        }
+        if let Some(r) = &rule {
+            println!("sampling: tg draws at temperature {} (top-k {}, top-p {}, min-p 0.05, seed {}); --parallel stays greedy", a.temperature, r.top_k, r.top_p, r.seed);
+        }
         println!();
         println!("| model | size | params | backend | threads | test | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: | ---: |");
@@ -230,7 +275,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 fn device_bench(a: &BenchArgs) -> Result<()> {
     let choice = a.model.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
-    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision));
+    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision, &a.tune)?);
     println!("device: {} ({:?}, {:?}), driver {}", ctx.adapter.name, ctx.adapter.backend, ctx.adapter.device_type, ctx.adapter.driver);
     let (engine, shader) = super::gpu_bench::copy_bandwidth(&ctx)?;
     let copy = engine.max(shader);

@@ -214,61 +214,112 @@ pub enum PrecisionArg {
     F32,
 }
 
-/// The GPU kernels' choices for `--gpu-precision`, with the benchmark variables that override
-/// the measured defaults (the library takes them as a value, never from the environment):
-/// `EMBER_DECODE_AHEAD` (0-3 tokens queued in greedy decoding), `EMBER_ATTN_SINGLE_MAX`
-/// (keys up to which decode attention is one dispatch), `EMBER_ATTN_WG` (64/128/256),
-/// `EMBER_MV_DEC` (`q4_0=kq:8:4:0:1,f16=128:2:2:1`: decode kernels per type),
-/// `EMBER_MV_BATCH` (`128:4`: threads and rows per workgroup of the few-token matvec, a
-/// batched decode's products), `EMBER_MV_TEST_DEC` (one kernel for the tests' configs), `EMBER_NO_FOLD=1` (norms and RoPE
-/// as separate dispatches), `EMBER_MV_XW` (0/1/2), `EMBER_NO_COOP=1` (the portable tiled prefill products where the adapter has cooperative matrices).
-pub fn gpu_tuning(precision: GpuPrecisionArg) -> crate::gpu::GpuTuning {
-    use crate::gpu::matrix::parse_decode;
-    let var = |k: &str| std::env::var(k).ok();
-    let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
-    if let Some(v) = var("EMBER_DECODE_AHEAD").and_then(|v| v.parse::<usize>().ok()) {
-        t.decode_ahead = v.min(3);
+/// The tuning knobs for benchmarks: `ember bench --tune KEY=VALUE` sets one; where no flag
+/// gives it, its variable `EMBER_<KEY>` (upper case, `_` for `-`) does, as the device scripts
+/// use them. The library takes them as values (`GpuTuning`, `CpuTuning`), never from the
+/// environment. (key, what it sets)
+pub const TUNE_KEYS: &[(&str, &str)] = &[
+    ("decode-ahead", "tokens greedy decoding keeps queued on the GPU, 0 to 3"),
+    ("attn-single-max", "keys up to which decode attention is one dispatch"),
+    ("attn-wg", "threads per decode attention workgroup: 64, 128 or 256"),
+    ("mv-dec", "decode kernels per type, e.g. q4_0=kq:8:4:0:1,f16=128:2:2:1"),
+    ("no-fold", "1: norms and RoPE as separate dispatches"),
+    ("mv-xw", "activations per word in the blocks decode kernel: 0, 1 or 2"),
+    ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
+    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 128:4"),
+    ("cpu-prefetch", "bytes the packed CPU kernels prefetch ahead, 0 for none"),
+    ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
+    ("cpu-huge", "0: no transparent huge pages for the packed weights"),
+    ("cpu-times", "1: print the CPU decode's step times"),
+];
+
+/// `--tune KEY=VALUE`: a known key and its value.
+pub fn parse_tune(s: &str) -> std::result::Result<(String, String), String> {
+    let keys = || TUNE_KEYS.iter().map(|k| k.0).collect::<Vec<_>>().join(", ");
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("`{s}`: use KEY=VALUE with a KEY of {}", keys()))?;
+    let k = k.trim().to_lowercase();
+    if !TUNE_KEYS.iter().any(|t| t.0 == k) {
+        return Err(format!("unknown tuning key `{k}`: use one of {}", keys()));
     }
-    if let Some(v) = var("EMBER_ATTN_SINGLE_MAX").and_then(|v| v.parse().ok()) {
-        t.attn_single_max_keys = v;
-    }
-    if let Some(v) = var("EMBER_ATTN_WG").and_then(|v| v.parse().ok()) {
-        t.attn_wg = v;
-    }
-    if let Some(v) = var("EMBER_MV_DEC") {
-        t.decode_overrides = v.split(',').filter_map(|item| {
-            let (name, cfg) = item.split_once('=')?;
-            Some((name.trim().to_lowercase(), parse_decode(cfg)?))
-        }).collect();
-    }
-    t.batch_matvec = var("EMBER_MV_BATCH").and_then(|v| {
-        let (wg, nr) = v.split_once(':')?;
-        Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?))
-    });
-    t.test_decode = var("EMBER_MV_TEST_DEC").and_then(|v| parse_decode(&v)).map(|d| d.0);
-    t.fold_norms = var("EMBER_NO_FOLD").as_deref() != Some("1");
-    t.decode_xw = var("EMBER_MV_XW").and_then(|v| v.parse().ok());
-    t.coop_matrix = var("EMBER_NO_COOP").as_deref() != Some("1");
-    t
+    Ok((k, v.trim().to_string()))
 }
 
-/// The CPU products' streaming choices, with the benchmark variables that override the
-/// defaults (the library takes them as a value, never from the environment):
-/// `EMBER_CPU_PREFETCH` (bytes the packed kernels prefetch ahead, 0 for none),
-/// `EMBER_CPU_PARTS` (parts per team member taken from a shared counter; 0 for one equal
-/// share each), `EMBER_CPU_HUGE=0` (no transparent huge pages for the packed weights).
-pub fn cpu_tuning() -> crate::cpu::matmul::CpuTuning {
-    let var = |k: &str| std::env::var(k).ok();
+/// A knob's value: the last `--tune` for it, else its `EMBER_*` variable (the only place the
+/// binary reads them).
+pub fn tune_value(tune: &[(String, String)], key: &str) -> Option<String> {
+    debug_assert!(TUNE_KEYS.iter().any(|t| t.0 == key), "{key}");
+    tune.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone()).or_else(|| std::env::var(tune_env(key)).ok())
+}
+
+/// A knob's variable: `EMBER_` and the key in upper case, `_` for `-`.
+fn tune_env(key: &str) -> String {
+    format!("EMBER_{}", key.to_uppercase().replace('-', "_"))
+}
+
+/// A knob as errors name it: both ways of setting it.
+fn tune_name(key: &str) -> String {
+    format!("tuning {key} (--tune {key}=... or {})", tune_env(key))
+}
+
+/// A knob parsed as a number, or an error that names it.
+fn tune_number<T: std::str::FromStr>(tune: &[(String, String)], key: &str) -> Result<Option<T>> {
+    match tune_value(tune, key) {
+        None => Ok(None),
+        Some(v) => v.parse().map(Some).map_err(|_| format!("{} = `{v}`: not a number ({})", tune_name(key), TUNE_KEYS.iter().find(|t| t.0 == key).map_or("", |t| t.1)).into()),
+    }
+}
+
+/// The GPU kernels' choices for `--gpu-precision`, with the tuning knobs that override the
+/// measured defaults ([`TUNE_KEYS`]: decode-ahead, attn-single-max, attn-wg, mv-dec, no-fold,
+/// mv-xw, no-coop, mv-batch).
+pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Result<crate::gpu::GpuTuning> {
+    use crate::gpu::matrix::parse_decode;
+    let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
+    if let Some(v) = tune_number::<usize>(tune, "decode-ahead")? {
+        t.decode_ahead = v.min(3);
+    }
+    if let Some(v) = tune_number(tune, "attn-single-max")? {
+        t.attn_single_max_keys = v;
+    }
+    if let Some(v) = tune_number(tune, "attn-wg")? {
+        if ![64, 128, 256].contains(&v) {
+            return Err(format!("{} = {v}: use 64, 128 or 256", tune_name("attn-wg")).into());
+        }
+        t.attn_wg = v;
+    }
+    if let Some(v) = tune_value(tune, "mv-dec") {
+        t.decode_overrides = v
+            .split(',')
+            .filter(|item| !item.trim().is_empty())
+            .map(|item| {
+                let parsed = item.split_once('=').and_then(|(name, cfg)| Some((name.trim().to_lowercase(), parse_decode(cfg.trim())?)));
+                parsed.ok_or_else(|| format!("{} item `{item}`: use TYPE=kq:nr:rg:pf or TYPE=wg:nr:ub:pf, e.g. q4_0=kq:8:4:0:1", tune_name("mv-dec")))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+    }
+    t.fold_norms = tune_value(tune, "no-fold").as_deref() != Some("1");
+    t.decode_xw = tune_number(tune, "mv-xw")?;
+    t.coop_matrix = tune_value(tune, "no-coop").as_deref() != Some("1");
+    if let Some(v) = tune_value(tune, "mv-batch") {
+        let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
+        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 128:4", tune_name("mv-batch")))?);
+    }
+    Ok(t)
+}
+
+/// The CPU products' streaming choices, with the tuning knobs that override the defaults
+/// ([`TUNE_KEYS`]: cpu-prefetch, cpu-parts, cpu-huge).
+pub fn cpu_tuning(tune: &[(String, String)]) -> Result<crate::cpu::matmul::CpuTuning> {
     let mut t = crate::cpu::matmul::CpuTuning::default();
-    if let Some(v) = var("EMBER_CPU_PREFETCH").and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(v) = tune_number::<usize>(tune, "cpu-prefetch")? {
         // Whole cache lines, at most 1 MiB.
         t.prefetch = (v.min(1 << 20) / 64) * 64;
     }
-    if let Some(v) = var("EMBER_CPU_PARTS").and_then(|v| v.parse::<usize>().ok()) {
+    if let Some(v) = tune_number::<usize>(tune, "cpu-parts")? {
         t.parts_per_member = v.min(64);
     }
-    t.pack.huge_pages = var("EMBER_CPU_HUGE").as_deref() != Some("0");
-    t
+    t.pack.huge_pages = tune_value(tune, "cpu-huge").as_deref() != Some("0");
+    Ok(t)
 }
 
 /// `--gpu-precision`.
@@ -502,4 +553,24 @@ fn devices(a: DevicesArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Mesa's Vulkan loader complains on stderr ("XDG_RUNTIME_DIR is invalid or not set") on headless
+/// machines while ember probes for a GPU. Give it a private runtime directory, as a login session
+/// would; done first thing, while the process has one thread. (Here in the CLI: the
+/// library reads and writes no environment.)
+#[cfg(unix)]
+pub fn quiet_headless_vulkan() {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some() {
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("ember-runtime-{uid}"));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let ok = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0);
+    if ok {
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
 }

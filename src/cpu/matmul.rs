@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 /// How the team's products stream their weights: values the caller passes in (the binary
-/// reads its `EMBER_CPU_*` benchmark variables into one; the library reads no environment).
+/// fills one from `ember bench --tune` or its `EMBER_CPU_*` variables; the library reads no environment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CpuTuning {
     /// Bytes ahead of the packed kernels' reads that they prefetch into L2 (0: none).

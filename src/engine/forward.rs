@@ -10,6 +10,7 @@ use crate::cpu::{Activations, KvCache, Precision};
 use crate::model::Model;
 use crate::sparse::FfnObserver;
 use super::ffn::{FfnScratch, SparseFfn};
+use super::sampler::SampleRule;
 use std::sync::Arc;
 use thiserror::Error;
 
@@ -52,6 +53,14 @@ pub trait Forward {
     /// the host between tokens.
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
         decode_greedy_one_by_one(self, token, n, each)
+    }
+
+    /// [`decode_greedy`](Self::decode_greedy) with each prediction drawn by `rule`, the i-th
+    /// (from 0) with draw counter `draw0 + i`. A GPU backend samples on the GPU and queues the
+    /// next token as in greedy decoding; elsewhere each token's logits come back to the host.
+    /// Both pick what [`SampleRule::pick`] picks from the logits (up to the rounding of `exp`).
+    fn decode_sampled(&mut self, token: u32, n: usize, rule: &SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        decode_sampled_one_by_one(self, token, n, rule, draw0, each)
     }
 
     /// Independent sequences this session holds, each with its own KV cache and position (1
@@ -130,6 +139,21 @@ pub(super) fn decode_greedy_one_by_one<F: Forward + ?Sized>(session: &mut F, tok
     let mut t = token;
     for i in 0..n {
         t = session.forward_argmax(&[t])?;
+        if !each(t) {
+            return Ok(i + 1);
+        }
+    }
+    Ok(n)
+}
+
+/// [`Forward::decode_sampled`] one token at a time, each token's logits read back and drawn
+/// from on the host.
+pub(super) fn decode_sampled_one_by_one<F: Forward + ?Sized>(session: &mut F, token: u32, n: usize, rule: &SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+    let mut t = token;
+    for i in 0..n {
+        let logits = session.forward(&[t], Logits::Last)?;
+        check_finite(&logits)?;
+        t = rule.pick(&logits, draw0.wrapping_add(i as u32));
         if !each(t) {
             return Ok(i + 1);
         }

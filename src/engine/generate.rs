@@ -122,6 +122,25 @@ pub fn generate_cancellable(
                     }
                 }
             }
+            Next::Logits(logits) if sampler.device_rule().is_some() => {
+                // Sampling that needs nothing from the host past the first token: the backend
+                // draws (on the GPU, queued like greedy decoding), with this sampler's counter.
+                check_finite(&logits)?;
+                let first = sampler.sample(&logits);
+                let rule = sampler.device_rule().expect("checked above");
+                if out.take(first, tokenizer, &mut emit) {
+                    let room = session.n_ctx().saturating_sub(session.n_past());
+                    let n = (n_predict - out.tokens.len()).min(room);
+                    let draw0 = sampler.next_draw();
+                    session.decode_sampled(first, n, &rule, draw0, &mut |t| {
+                        sampler.accept_drawn(t);
+                        out.take(t, tokenizer, &mut emit)
+                    })?;
+                    if out.stop.is_none() && out.tokens.len() < n_predict {
+                        out.stop = Some(StopReason::ContextFull);
+                    }
+                }
+            }
             Next::Logits(mut logits) => loop {
                 check_finite(&logits)?;
                 let token = sampler.sample(&logits);

@@ -4,7 +4,8 @@
 
 use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
-use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape};
+use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, RmsNormOp, RopeKvOp, RopeShape, SampleOp, SampleParams};
+use super::sampler::SampleRule;
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::gpu_ops::{NamedOp, Op};
 use crate::model::{Model, RopeStyle};
@@ -334,6 +335,9 @@ pub struct GpuSession {
     pub(super) n_past: usize,
     /// Host-readable copies of the argmax of the tokens in flight ([`Forward::decode_greedy`]).
     argmax_ring: Vec<wgpu::Buffer>,
+    /// Top-k and the draw over the last logits row, writing the token where the argmax put
+    /// its own; made on the first sampled decoding ([`Forward::decode_sampled`]).
+    sampling: Option<SampleOp>,
 }
 
 /// Where a batch's token ids come from.
@@ -472,7 +476,7 @@ impl GpuSession {
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
         let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", ARGMAX_BYTES)).collect();
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring })
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring, sampling: None })
     }
 
     /// Whether layer `il`'s attention (and KV cache) runs in this session; where not, the
@@ -489,13 +493,14 @@ impl GpuSession {
     /// Encodes and submits one batch (at most max_tokens). Returns after submission; the caller
     /// reads what it needs.
     fn run_batch(&mut self, tokens: &[u32], want: Logits) -> Result<(), ForwardError> {
-        self.submit_batch(Ids::Host(tokens), want, None);
+        self.submit_batch(Ids::Host(tokens), want, None, None);
         Ok(())
     }
 
     /// Encodes and submits one batch of `ids`; with `argmax_to`, the batch's argmax is copied
-    /// there at its end.
-    fn submit_batch(&mut self, ids: Ids, want: Logits, argmax_to: Option<usize>) -> wgpu::SubmissionIndex {
+    /// there at its end. With `sample` (and the head here, and `self.sampling` made), the
+    /// token drawn with it replaces the argmax's.
+    fn submit_batch(&mut self, ids: Ids, want: Logits, argmax_to: Option<usize>, sample: Option<&SampleParams>) -> wgpu::SubmissionIndex {
         let n = match ids {
             Ids::Host(t) => t.len() as u32,
             Ids::PreviousArgmax => 1,
@@ -524,6 +529,12 @@ impl GpuSession {
             for (_, op) in self.output_sequence() {
                 op.record(&mut pass, 1);
             }
+            if let (Some(p), Some(op)) = (sample, &self.sampling) {
+                // Written before this submission, after the one before: each queued token
+                // draws with its own counter.
+                op.set(&self.ctx, p);
+                op.encode(&mut pass, 1);
+            }
         }
         if let Some(slot) = argmax_to {
             enc.copy_buffer_to_buffer(&self.s.argmax, 0, &self.argmax_ring[slot], 0, ARGMAX_BYTES);
@@ -531,6 +542,43 @@ impl GpuSession {
         let index = self.ctx.queue.submit([enc.finish()]);
         self.n_past += n as usize;
         index
+    }
+
+    /// Greedy or (with `sample`: the rule and the first draw's counter) sampled decoding with
+    /// tokens queued on the GPU: each step's token moves from the argmax buffer (where the
+    /// sampling kernel overwrites the argmax's id) into the next step's embedding lookup, and
+    /// the host reads the steps' copies behind them. Needs the head on the GPU.
+    fn decode_queued(&mut self, token: u32, n: usize, sample: Option<(&SampleRule, u32)>, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        self.check(&[token])?;
+        if self.n_past + n > self.n_ctx {
+            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.n_ctx, n_ctx_train: self.model.hp.n_ctx_train });
+        }
+        let start = self.n_past;
+        let slots = self.argmax_ring.len();
+        let mut queued = std::collections::VecDeque::new();
+        let mut made = 0;
+        while made < n {
+            // Keep slots - 1 tokens queued behind the one read next.
+            while queued.len() < slots && made + queued.len() < n {
+                let i = made + queued.len();
+                let ids = if i == 0 { Ids::Host(std::slice::from_ref(&token)) } else { Ids::PreviousArgmax };
+                let p = sample.map(|(r, draw0)| SampleParams { top_k: r.top_k, top_p: r.top_p, ln_min_p: r.ln_min_p, inv_temp: r.inv_temp, seed: r.seed, draw: draw0.wrapping_add(i as u32) });
+                queued.push_back(self.submit_batch(ids, Logits::Last, Some(i % slots), p.as_ref()));
+            }
+            let index = queued.pop_front().expect("a token is queued");
+            let t = self.read_argmax_slot(made % slots, index)?;
+            made += 1;
+            if !each(t) {
+                break;
+            }
+        }
+        // Tokens fed after the last prediction taken are forgotten (their cache rows are
+        // overwritten later).
+        for index in queued {
+            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| ForwardError::Gpu(GpuError::Lost(e.to_string())))?;
+        }
+        self.n_past = start + made;
+        Ok(made)
     }
 
     /// Waits for `index` and reads the token id in readback slot `slot`.
@@ -718,35 +766,19 @@ impl Forward for GpuSession {
             // Without a head there is no argmax on the GPU.
             return super::forward::decode_greedy_one_by_one(self, token, n, each);
         }
-        self.check(&[token])?;
-        if self.n_past + n > self.n_ctx {
-            return Err(ForwardError::ContextFull { needed: self.n_past + n, n_ctx: self.n_ctx, n_ctx_train: self.model.hp.n_ctx_train });
+        self.decode_queued(token, n, None, each)
+    }
+
+    fn decode_sampled(&mut self, token: u32, n: usize, rule: &SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        if self.head.is_none() || n == 0 || !(1..=64).contains(&rule.top_k) {
+            // Without a head there are no logits here; the top-k kernel keeps at most 64.
+            return super::forward::decode_sampled_one_by_one(self, token, n, rule, draw0, each);
         }
-        let start = self.n_past;
-        let slots = self.argmax_ring.len();
-        let mut queued = std::collections::VecDeque::new();
-        let mut made = 0;
-        while made < n {
-            // Keep slots - 1 tokens queued behind the one read next.
-            while queued.len() < slots && made + queued.len() < n {
-                let i = made + queued.len();
-                let ids = if i == 0 { Ids::Host(std::slice::from_ref(&token)) } else { Ids::PreviousArgmax };
-                queued.push_back(self.submit_batch(ids, Logits::Last, Some(i % slots)));
-            }
-            let index = queued.pop_front().expect("a token is queued");
-            let t = self.read_argmax_slot(made % slots, index)?;
-            made += 1;
-            if !each(t) {
-                break;
-            }
+        if self.sampling.is_none() {
+            let nv = self.model.hp.n_vocab as u32;
+            self.sampling = Some(SampleOp::new(&self.ctx, &self.s.logits_last, nv, &self.s.argmax, &self.s.step_last));
         }
-        // Tokens fed after the last prediction taken are forgotten (their cache rows are
-        // overwritten later).
-        for index in queued {
-            self.ctx.device.poll(wgpu::PollType::Wait { submission_index: Some(index), timeout: None }).map_err(|e| ForwardError::Gpu(GpuError::Lost(e.to_string())))?;
-        }
-        self.n_past = start + made;
-        Ok(made)
+        self.decode_queued(token, n, Some((rule, draw0)), each)
     }
 
     fn n_past(&self) -> usize {

@@ -1,5 +1,7 @@
 //! Token sampling: greedy, or llama.cpp's default chain (repetition penalty -> top-k -> top-p
-//! -> min-p -> temperature -> draw) with a seeded generator, so a seed reproduces a run.
+//! -> min-p -> temperature -> draw) with a seeded counter-based generator, so a seed reproduces
+//! a run, and the GPU, which runs the chain after the penalties (`SampleRule`,
+//! shaders/sample.wgsl), draws the same numbers.
 
 /// Sampling settings; `temperature <= 0` means greedy.
 #[derive(Clone, Debug)]
@@ -30,58 +32,158 @@ impl Default for SamplerConfig {
     }
 }
 
-/// xoshiro256** seeded through splitmix64: small, fast and the same on every platform.
-#[derive(Clone, Debug)]
-pub struct Rng([u64; 4]);
+/// One round of a 32-bit integer hash with full avalanche (xorshift-multiply, with the
+/// constants of Wellons' low-bias search).
+const fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^ (x >> 16)
+}
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        let mut z = seed;
-        let mut next = || {
-            z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            x ^ (x >> 31)
-        };
-        Rng([next(), next(), next(), next()])
+/// Draw number `draw` of `seed`: uniform in [0, 1) on a grid of 2^-24 (exact in f32). A
+/// counter-based generator: each draw is a pure function of (seed, draw), so the GPU's sampling
+/// kernel (shaders/sample.wgsl, the same three rounds) draws token n without the host's state,
+/// and the CPU and GPU draw the same numbers.
+pub fn uniform(seed: u64, draw: u32) -> f32 {
+    let h = mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(draw ^ 0x9e37_79b9)));
+    (h >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
+/// Largest top-k the GPU samples from (the top-k kernel's limit, shaders/topk.wgsl).
+pub const DEVICE_TOP_K_MAX: usize = 64;
+
+/// The chain after the penalties: top-k -> top-p -> min-p -> temperature -> draw, with every
+/// quantity a device needs fixed on the host (ln min_p, 1 / temperature) so that the GPU's
+/// kernel (shaders/sample.wgsl) and [`SampleRule::pick_sorted`] do the same f32 arithmetic in
+/// the same order. They pick the same token except where a draw or the top-p mass lands within
+/// the rounding of `exp` (which Vulkan allows a few ulp of) of a boundary.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleRule {
+    /// Candidates kept (0 = all).
+    pub top_k: u32,
+    pub top_p: f32,
+    /// ln(min_p); -f32::MAX for no floor (finite: a GPU compiler may assume no infinities).
+    pub ln_min_p: f32,
+    /// 1 / temperature, at most f32::MAX (so that ties times it stay 0).
+    pub inv_temp: f32,
+    pub seed: u64,
+}
+
+impl SampleRule {
+    pub fn new(c: &SamplerConfig) -> Self {
+        SampleRule {
+            top_k: c.top_k.min(u32::MAX as usize) as u32,
+            top_p: c.top_p,
+            ln_min_p: if c.min_p > 0.0 { c.min_p.ln() } else { -f32::MAX },
+            inv_temp: (1.0 / c.temperature).min(f32::MAX),
+            seed: c.seed,
+        }
     }
 
-    pub fn next_u64(&mut self) -> u64 {
-        let s = &mut self.0;
-        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = s[1] << 17;
-        s[2] ^= s[0];
-        s[3] ^= s[1];
-        s[1] ^= s[2];
-        s[0] ^= s[3];
-        s[2] ^= t;
-        s[3] = s[3].rotate_left(45);
-        result
+    /// The token for draw `draw` from raw logits (the CPU twin of the GPU's argmax + top-k +
+    /// sample kernels). NaN and -inf logits are never chosen; with nothing else, token 0.
+    pub fn pick(&self, logits: &[f32], draw: u32) -> u32 {
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+        self.pick_from(&mut cand, draw)
     }
 
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    /// [`pick`](Self::pick) over (id, logit) candidates, reordered in place.
+    fn pick_from(&self, cand: &mut Vec<(u32, f32)>, draw: u32) -> u32 {
+        // As the top-k kernel's keys: NaN and -inf are never candidates.
+        cand.retain(|x| x.1 >= f32::MIN);
+        if cand.is_empty() {
+            return 0;
+        }
+        // By logit, ties by id, so the order (and so the draw) is reproducible; -0 ties +0, as
+        // in the top-k kernel's keys (no NaN is left to compare).
+        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0));
+        let k = self.top_k as usize;
+        if k > 0 && k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, by_logit);
+            cand.truncate(k);
+        }
+        cand.sort_by(by_logit);
+        self.pick_sorted(cand, draw)
+    }
+
+    /// The token for draw `draw` from candidates sorted by descending logit, ties by id (at
+    /// least one): top-p, min-p, temperature, draw. Sums run in f32 in candidate order, one at
+    /// a time, exactly as the GPU's single sampling thread does.
+    pub fn pick_sorted(&self, cand: &[(u32, f32)], draw: u32) -> u32 {
+        let l0 = cand[0].1;
+        let mut n = cand.len();
+        if self.top_p < 1.0 {
+            // The smallest prefix whose mass at temperature 1 reaches top_p (at least one).
+            let total: f32 = cand.iter().fold(0.0, |s, x| s + (x.1 - l0).exp());
+            let target = self.top_p * total;
+            let mut cum = 0.0f32;
+            for (i, x) in cand.iter().enumerate() {
+                cum += (x.1 - l0).exp();
+                if cum >= target {
+                    n = i + 1;
+                    break;
+                }
+            }
+        }
+        // min-p: logits at least ln(min_p) below the best one go (the best always stays).
+        let floor = l0 + self.ln_min_p;
+        n = cand[..n].iter().take_while(|x| x.1 >= floor).count().max(1);
+        // Clamped so that a tiny temperature gives exact zeros, never -inf times anything.
+        let weight = |x: &(u32, f32)| ((x.1 - l0) * self.inv_temp).max(-200.0).exp();
+        let total: f32 = cand[..n].iter().fold(0.0, |s, x| s + weight(x));
+        let target = uniform(self.seed, draw) * total;
+        let mut cum = 0.0f32;
+        for x in &cand[..n] {
+            cum += weight(x);
+            if target < cum {
+                return x.0;
+            }
+        }
+        cand[n - 1].0
     }
 }
 
 pub struct Sampler {
     pub config: SamplerConfig,
-    rng: Rng,
+    /// Draws made so far: the next draw's counter for [`uniform`].
+    draws: u32,
     recent: Vec<u32>,
 }
 
 impl Sampler {
     pub fn new(config: SamplerConfig) -> Self {
-        let rng = Rng::new(config.seed);
-        Sampler { config, rng, recent: Vec::new() }
+        Sampler { config, draws: 0, recent: Vec::new() }
     }
 
     /// Whether every choice is the argmax of the raw logits (greedy, no penalty).
     pub fn is_greedy(&self) -> bool {
+        self.config.temperature <= 0.0 && self.no_penalty()
+    }
+
+    fn no_penalty(&self) -> bool {
         let c = &self.config;
-        c.temperature <= 0.0 && ((c.repeat_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0) || c.repeat_last_n == 0)
+        (c.repeat_penalty == 1.0 && c.presence_penalty == 0.0 && c.frequency_penalty == 0.0) || c.repeat_last_n == 0
+    }
+
+    /// The rule a device can apply to the raw logits on its own, when sampling needs nothing
+    /// from the host: a temperature, no penalty (they depend on the tokens so far) and a top-k
+    /// of 1 to [`DEVICE_TOP_K_MAX`].
+    pub fn device_rule(&self) -> Option<SampleRule> {
+        let c = &self.config;
+        (c.temperature > 0.0 && self.no_penalty() && (1..=DEVICE_TOP_K_MAX).contains(&c.top_k)).then(|| SampleRule::new(c))
+    }
+
+    /// The counter of the next draw (a device sampling for this sampler starts there).
+    pub fn next_draw(&self) -> u32 {
+        self.draws
+    }
+
+    /// Records a token that a device drew with counter [`next_draw`](Self::next_draw).
+    pub fn accept_drawn(&mut self, token: u32) {
+        self.draws = self.draws.wrapping_add(1);
+        self.accept(token);
     }
 
     /// Tells the sampler about tokens already in the context (for the repetition penalty).
@@ -129,49 +231,10 @@ impl Sampler {
             // Greedy: the first of equal maxima, like an argmax.
             return cand.iter().fold((0u32, f32::NEG_INFINITY), |b, &x| if x.1 > b.1 { x } else { b }).0;
         }
-        // Sort by logit, ties by id, so the order (and so the draw) is reproducible.
-        let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        if c.top_k > 0 && c.top_k < cand.len() {
-            cand.select_nth_unstable_by(c.top_k - 1, by_logit);
-            cand.truncate(c.top_k);
-        }
-        cand.sort_by(by_logit);
-        if c.top_p < 1.0 {
-            let p = softmax(&cand);
-            let mut cum = 0.0;
-            let keep = p.iter().position(|&pi| {
-                cum += pi;
-                cum >= c.top_p as f64
-            });
-            cand.truncate(keep.map_or(cand.len(), |i| i + 1));
-        }
-        if c.min_p > 0.0 {
-            let floor = cand[0].1 + c.min_p.ln();
-            let keep = cand.iter().take_while(|x| x.1 >= floor).count().max(1);
-            cand.truncate(keep);
-        }
-        for x in cand.iter_mut() {
-            x.1 /= c.temperature;
-        }
-        let p = softmax(&cand);
-        let r = self.rng.uniform();
-        let mut cum = 0.0;
-        for (i, &pi) in p.iter().enumerate() {
-            cum += pi;
-            if r < cum {
-                return cand[i].0;
-            }
-        }
-        cand[cand.len() - 1].0
+        let draw = self.draws;
+        self.draws = self.draws.wrapping_add(1);
+        SampleRule::new(c).pick_from(&mut cand, draw)
     }
-}
-
-/// Probabilities of candidates sorted by descending logit.
-fn softmax(cand: &[(u32, f32)]) -> Vec<f64> {
-    let max = cand[0].1 as f64;
-    let e: Vec<f64> = cand.iter().map(|x| (x.1 as f64 - max).exp()).collect();
-    let sum: f64 = e.iter().sum();
-    e.into_iter().map(|v| v / sum).collect()
 }
 
 #[cfg(test)]
@@ -252,5 +315,77 @@ mod tests {
         let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: 1, ..Default::default() });
         let ones = (0..20000).filter(|_| s.sample(&l) == 1).count();
         assert!((ones as f64 / 20000.0 - 0.75).abs() < 0.02, "{ones}");
+    }
+
+    #[test]
+    fn uniform_draws_are_uniform_and_seeded() {
+        // 64 bins over 200k counters: each within 5 sd of its expectation.
+        let n = 200_000u32;
+        let mut bins = [0u32; 64];
+        for d in 0..n {
+            let u = uniform(42, d);
+            assert!((0.0..1.0).contains(&u));
+            bins[(u * 64.0) as usize] += 1;
+        }
+        let (e, sd) = (n as f64 / 64.0, (n as f64 / 64.0 * (63.0 / 64.0)).sqrt());
+        assert!(bins.iter().all(|&b| (b as f64 - e).abs() < 5.0 * sd), "{bins:?}");
+        // Neighbouring counters and seeds (high word too) give unrelated draws.
+        assert_ne!(uniform(42, 0), uniform(42, 1));
+        assert_ne!(uniform(42, 0), uniform(43, 0));
+        assert_ne!(uniform(1 << 40, 0), uniform(2 << 40, 0));
+    }
+
+    #[test]
+    fn sampler_draws_are_the_rule_with_its_counter() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32) * 0.05).collect();
+        let config = SamplerConfig { temperature: 1.3, top_k: 20, top_p: 0.9, min_p: 0.02, seed: 99, ..Default::default() };
+        let rule = SampleRule::new(&config);
+        let mut s = Sampler::new(config);
+        assert_eq!(s.device_rule(), Some(rule));
+        let drawn: Vec<u32> = (0..50).map(|_| s.sample(&logits)).collect();
+        assert_eq!(s.next_draw(), 50);
+        let want: Vec<u32> = (0..50).map(|d| rule.pick(&logits, d)).collect();
+        assert_eq!(drawn, want);
+        assert!(drawn.iter().collect::<std::collections::BTreeSet<_>>().len() > 3, "{drawn:?}");
+        // A device's draws advance the counter as the sampler's own.
+        s.accept_drawn(7);
+        assert_eq!(s.next_draw(), 51);
+    }
+
+    #[test]
+    fn only_penalty_free_small_top_k_sampling_goes_to_a_device() {
+        let rule = |c: SamplerConfig| Sampler::new(c).device_rule();
+        assert!(rule(SamplerConfig::default()).is_some());
+        assert!(rule(SamplerConfig { top_k: 64, ..Default::default() }).is_some());
+        assert!(rule(SamplerConfig { top_k: 65, ..Default::default() }).is_none());
+        assert!(rule(SamplerConfig { top_k: 0, ..Default::default() }).is_none());
+        assert!(rule(SamplerConfig { temperature: 0.0, ..Default::default() }).is_none());
+        assert!(rule(SamplerConfig { repeat_penalty: 1.1, ..Default::default() }).is_none());
+        assert!(rule(SamplerConfig { presence_penalty: 0.5, ..Default::default() }).is_none());
+        // A penalty over no recent tokens is no penalty.
+        assert!(rule(SamplerConfig { repeat_penalty: 1.1, repeat_last_n: 0, ..Default::default() }).is_some());
+    }
+
+    #[test]
+    fn rule_edges_ties_and_broken_logits() {
+        let rule = |top_k, top_p, min_p| SampleRule::new(&SamplerConfig { temperature: 1.0, top_k, top_p, min_p, seed: 5, ..Default::default() });
+        // Four tokens tied for the best: top-p 0.5 keeps exactly the two lowest ids (1 + 1 of
+        // 4 equal weights), whatever the draw.
+        let mut l = vec![-40.0f32; 50];
+        for i in [44, 9, 30, 8] {
+            l[i] = 2.0;
+        }
+        let picks: std::collections::BTreeSet<u32> = (0..200).map(|d| rule(10, 0.5, 0.0).pick(&l, d)).collect();
+        assert_eq!(picks.into_iter().collect::<Vec<_>>(), vec![8, 9]);
+        // top-p below the best token's mass and top-k 1: the argmax (the lowest tied id).
+        assert!((0..50).all(|d| rule(10, 1e-6, 0.0).pick(&l, d) == 8 && rule(1, 1.0, 0.0).pick(&l, d) == 8));
+        // -0 ties +0 (ids decide), as in the GPU's keys.
+        let z = [-0.0f32, 0.0, -5.0];
+        assert_eq!(rule(1, 1.0, 0.0).pick(&z, 0), 0);
+        // NaN and -inf are never drawn; nothing finite at all gives token 0, no panic.
+        let bad = [f32::NAN, -1.0, f32::NEG_INFINITY, -1.0];
+        assert!((0..100).all(|d| matches!(rule(0, 1.0, 0.0).pick(&bad, d), 1 | 3)));
+        assert_eq!(rule(0, 1.0, 0.0).pick(&[f32::NAN, f32::NEG_INFINITY], 0), 0);
+        assert_eq!(rule(0, 1.0, 0.0).pick(&[], 0), 0);
     }
 }

@@ -732,11 +732,8 @@ impl GpuMatrix {
     /// [`bind_matmul_with`](Self::bind_matmul_with) with an output layout and epilogue.
     #[doc(hidden)]
     pub fn bind_matmul_with_out(&self, ctx: &GpuContext, x: &wgpu::Buffer, y: &wgpu::Buffer, step: &wgpu::Buffer, configs: &[MvConfig], out: &MatOut) -> MatmulOp {
-        // The tuning's test kernel: another nt = 1 kernel for the tests' configs (kq replaces
-        // them; the blocks kernel keeps each config's own shape and takes its prefetch), so
-        // that the test suite can check every kernel.
-        let decode = ctx.tuning.test_decode.unwrap_or(DecodeKernel::Blocks { prefetch: true });
-        self.bind_matmul_variant(ctx, x, y, step, configs, decode, out)
+        // Tests wanting another one-token kernel name it through `bind_matmul_variant`.
+        self.bind_matmul_variant(ctx, x, y, step, configs, DecodeKernel::Blocks { prefetch: true }, out)
     }
 
     /// [`bind_matmul_with`](Self::bind_matmul_with) with a chosen kernel for the nt = 1

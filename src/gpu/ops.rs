@@ -1,5 +1,5 @@
 //! The forward pass's other kernels: norms, RoPE with the KV-cache write, attention,
-//! activations, the residual add, argmax and top-k.
+//! activations, the residual add, argmax, top-k and sampling.
 //!
 //! Every op builds its pipeline, uniform parameters and bind groups once in `new` (its buffers
 //! are fixed for the model's lifetime); `encode` only records dispatches whose sizes follow from
@@ -22,6 +22,7 @@ const ACT: &str = compose!("act.wgsl");
 const RESIDUAL_ADD: &str = compose!("residual_add.wgsl");
 const ARGMAX: &str = compose!("argmax.wgsl");
 const TOPK: &str = compose!("topk.wgsl");
+const SAMPLE: &str = compose!("sample.wgsl");
 
 /// (file name, source) of this module's kernels.
 pub const SHADERS: &[(&str, &str)] = &[
@@ -34,6 +35,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("residual_add.wgsl", RESIDUAL_ADD),
     ("argmax.wgsl", ARGMAX),
     ("topk.wgsl", TOPK),
+    ("sample.wgsl", SAMPLE),
 ];
 
 /// The most workgroups one grid dimension may hold (WebGPU's default limit).
@@ -678,5 +680,59 @@ impl TopKOp {
     pub fn encode(&self, pass: &mut ComputePass<'_>, _n_tokens: u32) {
         self.blocks.dispatch(pass, self.n_blocks, 1);
         self.finish.dispatch(pass, 1, 1);
+    }
+}
+
+/// The sampling rule as the GPU takes it (the engine's `SampleRule` plus the draw's counter):
+/// keep the `top_k` (1 to 64) best, then top-p, a floor at `ln_min_p` below the best logit,
+/// weights at 1 / `inv_temp`, and draw number `draw` of `seed` (shaders/sample.wgsl).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SampleParams {
+    pub top_k: u32,
+    pub top_p: f32,
+    pub ln_min_p: f32,
+    pub inv_temp: f32,
+    pub seed: u64,
+    pub draw: u32,
+}
+
+impl SampleParams {
+    fn words(&self) -> [u32; 8] {
+        [self.top_k, self.top_p.to_bits(), self.ln_min_p.to_bits(), self.inv_temp.to_bits(), self.seed as u32, (self.seed >> 32) as u32, self.draw, 0]
+    }
+}
+
+/// Sampling of the last token's logits row on the GPU: the top 64 ([`TopKOp`]), then one
+/// thread drawing from the first `top_k` of them (shaders/sample.wgsl), writing the token id into
+/// word 0 of `out`, an [`ArgmaxOp`]'s output (run the argmax first: its non-finite flag stays
+/// and reports broken logits as in greedy decoding). The rule's parameters, the draw counter
+/// with them, live in a uniform buffer that [`set`](Self::set) writes before each submission.
+pub struct SampleOp {
+    topk: TopKOp,
+    sample: Kernel,
+    params: Buffer,
+    _cand: Buffer,
+}
+
+impl SampleOp {
+    pub fn new(ctx: &GpuContext, logits: &Buffer, n_vocab: u32, out: &Buffer, step: &Buffer) -> Self {
+        let k = 64;
+        let cand = ctx.zeros("sample.cand", k as u64 * 8);
+        let topk = TopKOp::new(ctx, logits, n_vocab, k, &cand, step);
+        let params = ctx.uniform("sample.params", bytemuck::cast_slice(&[0u32; 8]));
+        let sample = Kernel::new(ctx, "ops/sample", SAMPLE, "sample", &[(0, &cand), (1, out), (2, &params)]);
+        SampleOp { topk, sample, params, _cand: cand }
+    }
+
+    /// The rule for the dispatches submitted next (queue order: a later `set` does not reach
+    /// a submission made before it).
+    pub fn set(&self, ctx: &GpuContext, p: &SampleParams) {
+        assert!((1..=64).contains(&p.top_k), "sample: top_k = {} is not in 1..=64", p.top_k);
+        ctx.queue.write_buffer(&self.params, 0, bytemuck::cast_slice(&p.words()));
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        self.topk.encode(pass, n_tokens);
+        self.sample.dispatch(pass, 1, 1);
     }
 }

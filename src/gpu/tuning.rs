@@ -1,9 +1,9 @@
 //! The GPU kernels' choices that measurements made, as one value each context owns
 //! ([`GpuContext::with_tuning`](super::GpuContext::with_tuning)). The library never reads them
-//! from the environment: callers pass them in (the `ember` binary reads its `EMBER_*`
-//! benchmark variables into one of these, `cli::gpu_tuning`).
+//! from the environment: callers pass them in (the `ember` binary fills one from `ember bench
+//! --tune KEY=VALUE` or its `EMBER_*` benchmark variables, `cli::gpu_tuning`).
 
-use super::matrix::{DecodeChoice, DecodeKernel};
+use super::matrix::DecodeChoice;
 
 #[derive(Clone, Debug)]
 pub struct GpuTuning {
@@ -20,9 +20,6 @@ pub struct GpuTuning {
     pub attn_wg: u32,
     /// Per weight type (lower-case name), a decode kernel replacing the measured default.
     pub decode_overrides: Vec<(String, DecodeChoice)>,
-    /// Another one-token kernel for `GpuMatrix::bind_matmul_with_out`, so that tests can
-    /// check every kernel variant.
-    pub test_decode: Option<DecodeKernel>,
     /// RMSNorm (and RoPE) folded into the decode products; off keeps them separate dispatches.
     pub fold_norms: bool,
     /// Activations per word in the blocks decode kernel (DV_XW: 0 per slot, 1 per row, 2 once
@@ -46,7 +43,6 @@ impl Default for GpuTuning {
             attn_single_max_keys: super::ops::SINGLE_PASS_MAX_KEYS,
             attn_wg: 64,
             decode_overrides: Vec::new(),
-            test_decode: None,
             fold_norms: true,
             decode_xw: None,
             coop_matrix: true,

@@ -33,6 +33,13 @@ pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
 
+/// Whether the CPU has AVX2, FMA and F16C (the x86 kernels' features), for other modules'
+/// run-time choices.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx2_fma() -> bool {
+    x86::has_avx2()
+}
+
 use crate::gguf::GgmlType;
 
 pub use blocks::{quantize_row_q8_k, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, WeightBlock};
