@@ -33,15 +33,15 @@ gpu)
   # dispatch per layer for every row against its own cache), so the x8 row's tokens/s against
   # the x1 row (and against tg32, the queued single stream) is the acceptance's ratio (>= 4x).
   # Then the 8 with
-  # other shapes of the few-token matvec (EMBER_MV_BATCH=threads:rows; default 128:4, 128:2
+  # other shapes of the few-token matvec (--tune mv-batch=threads:rows; default 128:4, 128:2
   # the earlier one), to tell which the default should be.
   for P in 1 8; do
     echo; echo "== GPU, --parallel $P"
     $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel $P 2>&1 | grep -E "^\||^ember: GPU|context"
   done
   for MV in 128:2 128:8 64:8; do
-    echo; echo "== GPU, --parallel 8, EMBER_MV_BATCH=$MV"
-    EMBER_MV_BATCH=$MV $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel 8 2>&1 | grep -E "x8"
+    echo; echo "== GPU, --parallel 8, --tune mv-batch=$MV"
+    $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel 8 --tune mv-batch=$MV 2>&1 | grep -E "x8"
   done
   ;;
 cpu)

@@ -59,6 +59,9 @@ pub struct GpuBatch {
     /// The selected sequence (`forward`, `n_past`, `reset`).
     seq: usize,
     rows: Rows,
+    /// Host-readable copy of a step's logits, every row's (copied in the step's own command
+    /// buffer: one submission and no allocation per step).
+    readback: wgpu::Buffer,
 }
 
 impl GpuBatch {
@@ -117,7 +120,8 @@ impl GpuBatch {
                 Ok((rope_kv, attention))
             })
             .collect::<Result<Vec<_>, GpuError>>()?;
-        Ok(GpuBatch { seqs, seq: 0, rows: Rows::Together { kv, table, layers } })
+        let readback = Self::readback(&seqs);
+        Ok(GpuBatch { seqs, seq: 0, rows: Rows::Together { kv, table, layers }, readback })
     }
 
     /// Sessions with caches of their own.
@@ -141,7 +145,12 @@ impl GpuBatch {
             }
             rows.push(RowOps { step, layers });
         }
-        Ok(GpuBatch { seqs, seq: 0, rows: Rows::Apart(rows) })
+        let readback = Self::readback(&seqs);
+        Ok(GpuBatch { seqs, seq: 0, rows: Rows::Apart(rows), readback })
+    }
+
+    fn readback(seqs: &[GpuSession]) -> wgpu::Buffer {
+        seqs[0].ctx.readback_buffer("batch logits readback", (4 * seqs.len() * seqs[0].model.hp.n_vocab) as u64)
     }
 
     /// Whether every sequence's cache is in one buffer per layer (one RoPE and one attention
@@ -227,9 +236,11 @@ impl GpuBatch {
             }
             core.head.as_ref().expect("the output on the GPU").output_all.record(p, b);
         }
-        q.submit([enc.finish()]);
         let nv = core.model.hp.n_vocab;
-        let logits = core.ctx.read::<f32>(&core.s.logits_all, rows.len() * nv).map_err(ForwardError::Gpu)?;
+        let bytes = (4 * rows.len() * nv) as u64;
+        enc.copy_buffer_to_buffer(&core.s.logits_all, 0, &self.readback, 0, bytes);
+        let index = q.submit([enc.finish()]);
+        let logits = bytemuck::pod_collect_to_vec(&core.ctx.read_mapped(&self.readback, bytes, Some(index)).map_err(ForwardError::Gpu)?);
         for &(seq, _) in rows {
             self.seqs[seq].n_past += 1;
         }
