@@ -243,7 +243,7 @@ fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Rece
             let (events, cancel) = (job.events.clone(), job.cancel.clone());
             let ended = batcher.start(slot, req, tokenizer, &mut |p| send_piece(&events, &cancel, p));
             match ended {
-                Some(end) => report(slot, &job, end),
+                Some(end) => report(slot, job, end),
                 None => running[slot] = Some(job),
             }
         }
@@ -258,7 +258,7 @@ fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Rece
         });
         for (slot, end) in ended {
             if let Some(job) = running[slot].take() {
-                report(slot, &job, end);
+                report(slot, job, end);
             }
         }
     }
@@ -271,8 +271,10 @@ fn send_piece(events: &tokio::sync::mpsc::UnboundedSender<Event>, cancel: &Atomi
     }
 }
 
-/// Logs how a job ended and tells its client.
-fn report(slot: usize, job: &Job, end: std::result::Result<Finished, crate::engine::ForwardError>) {
+/// Logs how a job ended and tells its client, after giving its place among the requests in
+/// flight back: a client holding its whole answer may send the next request at once, and must
+/// not find its own finished request still counted against the limit.
+fn report(slot: usize, job: Job, end: std::result::Result<Finished, crate::engine::ForwardError>) {
     let event = match end {
         Ok(f) => {
             eprintln!(
@@ -301,7 +303,9 @@ fn report(slot: usize, job: &Job, end: std::result::Result<Finished, crate::engi
         }
         Err(e) => Event::Failed(e.to_string()),
     };
-    let _ = job.events.send(event);
+    let Job { events, _admitted, .. } = job;
+    drop(_admitted);
+    let _ = events.send(event);
 }
 
 /// An OpenAI-style error response.
