@@ -249,11 +249,18 @@ fn add(a: &Value, b: &Value) -> Result<Value, Error> {
 
 fn mul(a: &Value, b: &Value) -> Result<Value, Error> {
     for (x, n) in [(a, b), (b, a)] {
-        let Some(times) = n.as_usize().map(|t| t as u64) else { continue };
+        // A count past u64 (minijinja's integers reach i128) costs the whole budget.
+        let times = match n.as_usize() {
+            Some(t) => t as u64,
+            None if n.is_integer() && n.as_i64().is_none() => u64::MAX,
+            None => continue,
+        };
+        // At least one unit per repetition: repeating an empty list still loops `times` times
+        // (a fuzzed `messages * 10**20` with no messages ran for minutes).
         if let Some(s) = x.as_str() {
-            charge((s.len() as u64).saturating_mul(times))?;
+            charge((s.len() as u64).max(1).saturating_mul(times))?;
         } else if let Some(items) = item_count(x) {
-            charge(items.saturating_mul(times).saturating_mul(ITEM_BYTES))?;
+            charge(items.max(1).saturating_mul(times).saturating_mul(ITEM_BYTES))?;
         }
     }
     native("*", a, b)
