@@ -181,6 +181,19 @@ fn lost(err: impl std::fmt::Display) -> ForwardError {
     ForwardError::Gpu(GpuError::Lost(err.to_string()))
 }
 
+/// Spins on non-blocking polls until a `map_async` reports through `rx`: a blocking wait on the
+/// fence costs ~100 µs of wake-up latency per exchange, more than a layer's GPU half takes.
+fn spin_until_mapped(device: &wgpu::Device, rx: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>) -> Result<(), ForwardError> {
+    loop {
+        device.poll(wgpu::PollType::Poll).map_err(lost)?;
+        match rx.try_recv() {
+            Ok(r) => return r.map_err(lost),
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+            Err(err) => return Err(lost(err)),
+        }
+    }
+}
+
 impl SparseLayerOps {
     /// The GPU's hot-neuron dispatches, in order.
     fn gpu_sequence(&self) -> Vec<NamedOp<'_>> {
@@ -743,17 +756,7 @@ impl HybridSession {
                 }
                 t.submit += t_submit.elapsed().as_secs_f64();
                 let t_wait = std::time::Instant::now();
-                // Spin on non-blocking polls: a blocking wait on the fence costs ~100 µs of
-                // wake-up latency per layer, more than the GPU's attention half takes.
-                let mapped = loop {
-                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                    match rx_map.try_recv() {
-                        Ok(r) => break r,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                        Err(err) => return Err(lost(err)),
-                    }
-                };
-                mapped.map_err(lost)?;
+                spin_until_mapped(&this.ctx.device, &rx_map)?;
                 t.syncs += 1;
                 t.wait_gpu += t_wait.elapsed().as_secs_f64();
                 let drawn = split.drawn.as_ref();

@@ -22,7 +22,7 @@
 //! added in that order, as in decode.
 
 use super::stream::StreamArea;
-use super::{lost, HybridSession};
+use super::{lost, spin_until_mapped, HybridSession};
 use crate::engine::forward::ForwardError;
 use crate::engine::gpu_forward::GpuSession;
 use crate::engine::gpu_ops::Op;
@@ -200,15 +200,7 @@ impl HybridSession {
                 slice.map_async(wgpu::MapMode::Read, move |r| {
                     let _ = tx_map.send(r);
                 });
-                let mapped = loop {
-                    this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                    match rx_map.try_recv() {
-                        Ok(r) => break r,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                        Err(err) => return Err(lost(err)),
-                    }
-                };
-                mapped.map_err(lost)?;
+                spin_until_mapped(&this.ctx.device, &rx_map)?;
                 wait_gpu += t_wait.elapsed().as_secs_f64();
                 let t_attn = Instant::now();
                 {
@@ -256,17 +248,7 @@ impl HybridSession {
                 this.ctx.queue.submit(hot.take());
             }
             let t_wait = Instant::now();
-            // Spinning on non-blocking polls, as decode does (a blocking wait costs ~100 µs of
-            // wake-up latency).
-            let mapped = loop {
-                this.ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-                match rx_map.try_recv() {
-                    Ok(r) => break r,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
-                    Err(err) => return Err(lost(err)),
-                }
-            };
-            mapped.map_err(lost)?;
+            spin_until_mapped(&this.ctx.device, &rx_map)?;
             wait_gpu += t_wait.elapsed().as_secs_f64();
             if sp.host_attention {
                 // The attention half of every row on the CPU (the host session's batched

@@ -29,7 +29,7 @@
 //! 1.6 GB for a 7B at 2.2 GiB); it is a strided copy (Q4_0: each 18-byte block split into its
 //! 2-byte scale and 16 bytes of quants), a few GB/s per core.
 
-use super::lost;
+use super::{lost, spin_until_mapped};
 use crate::cpu::team::Team;
 use crate::engine::forward::ForwardError;
 use crate::gguf::GgmlType;
@@ -37,7 +37,7 @@ use crate::gpu::ops::RmsNormOp;
 use crate::gpu::sparse::{pack_rows, row_parts, BatchFfnOp, HotFfn, RowsOp};
 use crate::gpu::{GpuContext, GpuError};
 use crate::model::{Activation, Matrix, Model};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use wgpu::WriteOnly;
 use std::sync::Mutex;
 use std::time::Instant;
@@ -431,15 +431,7 @@ impl StreamArea {
         }
         let rx = s.pending.take().expect("an unmapped slot has a map request");
         let t = Instant::now();
-        let r = loop {
-            ctx.device.poll(wgpu::PollType::Poll).map_err(lost)?;
-            match rx.try_recv() {
-                Ok(r) => break r,
-                Err(TryRecvError::Empty) => std::hint::spin_loop(),
-                Err(err) => return Err(lost(err)),
-            }
-        };
-        r.map_err(lost)?;
+        spin_until_mapped(&ctx.device, &rx)?;
         s.mapped = true;
         self.timing.wait_slot += t.elapsed().as_secs_f64();
         Ok(())
