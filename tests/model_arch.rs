@@ -1,4 +1,4 @@
-//! The model families beyond llama (qwen3, phi3; PowerInfer's dReLU `bamboo`) on small models that
+//! The model families beyond llama (qwen3, phi3, gemma2, gemma3; PowerInfer's dReLU `bamboo`) on small models that
 //! `ember synth` writes with each family's real tensor names, shapes and metadata keys:
 //! ember's forward pass against a plain f64 forward pass written here from the architectures'
 //! descriptions, and ember's greedy tokens against llama.cpp's on the same files
@@ -56,6 +56,9 @@ fn synth(dir: &TempDir, name: &str, args: &[&str]) -> Option<PathBuf> {
 /// embedding and output).
 const QWEN3: &[&str] = &["--arch", "qwen3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--seed", "3"];
 const PHI3: &[&str] = &["--arch", "phi3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "4"];
+/// Gemma: a window of 8 positions, which the prompts (and the greedy runs) cross, and small
+/// caps, which bend the scores and logits of random weights (the real 50 and 30 barely would).
+const GEMMA2: &[&str] = &["--arch", "gemma2", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--sliding-window", "8", "--attn-softcap", "2", "--final-softcap", "10", "--seed", "6"];
 const BAMBOO: &[&str] = &["--arch", "bamboo", "--act", "drelu", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "5"];
 
 /// A tensor's values, dequantised.
@@ -71,6 +74,13 @@ fn values(f: &GgufFile, name: &str) -> Vec<f64> {
 /// pre-norm decoder; RMSNorm; q, k, v projections (qwen3: each head of q and k RMS-normalised
 /// with its own weights, then RoPE on halves; llama/bamboo: RoPE on adjacent pairs); causal
 /// softmax attention with grouped KV heads; gated FFN (SiLU, or dReLU: relu(gate) * relu(up)).
+/// Gemma (2 and 3): the embedding times sqrt(n_embd); the attention's and the FFN's outputs
+/// RMS-normalised again (`post_attention_norm`, `post_ffw_norm`) before each residual add;
+/// q times 1/sqrt(head_dim) and no other score scaling; scores `cap * tanh(s / cap)` (gemma2's
+/// `attn_logit_softcapping`); local layers (gemma2: the even ones; gemma3: all but every sixth)
+/// see the last `sliding_window` positions only, gemma3's with RoPE base 10000 and its global
+/// ones with the file's base and linear scaling; FFN gelu(gate) * up with GELU's tanh form
+/// (exact here: ember rounds as llama.cpp does); logits `cap * tanh(l / cap)`; output tied.
 /// Returns every position's logits.
 fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
     let arch = f.get_str("general.architecture").unwrap().to_string();
@@ -78,19 +88,31 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
     let (n_layer, e, ff, n_head, n_kv) = (u("block_count"), u("embedding_length"), u("feed_forward_length"), u("attention.head_count"), u("attention.head_count_kv"));
     let hd = f.get_u64(&format!("{arch}.attention.key_length")).map(|v| v as usize).unwrap_or(e / n_head);
     let eps = f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon")).unwrap() as f64;
-    let base = f.get_f32(&format!("{arch}.rope.freq_base")).unwrap() as f64;
+    let file_base = f.get_f32(&format!("{arch}.rope.freq_base")).map(f64::from).unwrap_or(10000.0);
     let (qwen3, phi3, drelu) = (arch == "qwen3", arch == "phi3", arch == "bamboo");
-    let neox = qwen3 || phi3;
+    let (gemma2, gemma3) = (arch == "gemma2", arch == "gemma3");
+    let gemma = gemma2 || gemma3;
+    let neox = qwen3 || phi3 || gemma;
+    let opt_f = |k: &str| f.get_f32(&format!("{arch}.{k}")).ok().map(f64::from);
+    // RoPE scaling (gemma3's global layers): positions divided by the factor.
+    let rope_factor = opt_f("rope.scaling.factor").unwrap_or(1.0);
+    let window = f.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).ok();
+    let local = |l: usize| window.is_some() && if gemma2 { l % 2 == 0 } else { gemma3 && l % 6 != 5 };
+    let attn_cap = if gemma2 { opt_f("attn_logit_softcapping") } else { None };
+    let final_cap = if gemma { opt_f("final_logit_softcapping") } else { None };
+    let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
     let vocab = f.tensor("token_embd.weight").unwrap().dims[1] as usize;
     let matvec = |m: &[f64], x: &[f64]| -> Vec<f64> { m.chunks_exact(x.len()).map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect() };
     let norm = |x: &[f64], w: &[f64]| -> Vec<f64> {
         let rms = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + eps).sqrt();
         x.iter().zip(w).map(|(v, w)| v / rms * w).collect()
     };
-    let rope = |x: &mut [f64], pos: usize| {
+    // (base, position divisor) of layer l's RoPE.
+    let rope_of = |l: usize| if gemma3 && local(l) { (10000.0, 1.0) } else { (file_base, rope_factor) };
+    let rope = |x: &mut [f64], pos: usize, (base, div): (f64, f64)| {
         for head in x.chunks_mut(hd) {
             for i in 0..hd / 2 {
-                let theta = pos as f64 * base.powf(-2.0 * i as f64 / hd as f64);
+                let theta = pos as f64 / div * base.powf(-2.0 * i as f64 / hd as f64);
                 let (a, b) = if neox { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
                 let (x0, x1) = (head[a], head[b]);
                 head[a] = x0 * theta.cos() - x1 * theta.sin();
@@ -99,7 +121,8 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
         }
     };
     let embd = values(f, "token_embd.weight");
-    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embd[t as usize * e..(t as usize + 1) * e].to_vec()).collect();
+    let emb_scale = if gemma { (e as f64).sqrt() } else { 1.0 };
+    let mut xs: Vec<Vec<f64>> = tokens.iter().map(|&t| embd[t as usize * e..(t as usize + 1) * e].iter().map(|v| v * emb_scale).collect()).collect();
     for l in 0..n_layer {
         let p = |t: &str| values(f, &format!("blk.{l}.{t}"));
         let (q_len, kv_len) = (n_head * hd * e, n_kv * hd * e);
@@ -116,13 +139,13 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
         for (pos, x) in xs.iter().enumerate() {
             let h = norm(x, &p("attn_norm.weight"));
             let (mut q, mut k) = (matvec(&wq, &h), matvec(&wk, &h));
-            if qwen3 {
+            if qwen3 || gemma3 {
                 let (qn, kn) = (p("attn_q_norm.weight"), p("attn_k_norm.weight"));
                 q = q.chunks(hd).flat_map(|head| norm(head, &qn)).collect();
                 k = k.chunks(hd).flat_map(|head| norm(head, &kn)).collect();
             }
-            rope(&mut q, pos);
-            rope(&mut k, pos);
+            rope(&mut q, pos, rope_of(l));
+            rope(&mut k, pos, rope_of(l));
             qs.push(q);
             ks.push(k);
             vs.push(matvec(&wv, &h));
@@ -136,39 +159,64 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
             false => (p("ffn_gate.weight"), p("ffn_up.weight")),
         };
         let down_w = p("ffn_down.weight");
+        // Keys a query at `pos` sees: the last `window` positions on local layers.
+        let first = |pos: usize| if local(l) { (pos + 1).saturating_sub(window.unwrap()) } else { 0 };
         for (pos, x) in xs.iter_mut().enumerate() {
             let mut att = vec![0.0; n_head * hd];
             for h in 0..n_head {
                 let kvh = h / (n_head / n_kv);
-                let s: Vec<f64> = (0..=pos).map(|j| (0..hd).map(|i| qs[pos][h * hd + i] * ks[j][kvh * hd + i]).sum::<f64>() / (hd as f64).sqrt()).collect();
+                let keys = first(pos)..=pos;
+                let s: Vec<f64> = keys.clone().map(|j| {
+                    let s = (0..hd).map(|i| qs[pos][h * hd + i] * ks[j][kvh * hd + i]).sum::<f64>() / (hd as f64).sqrt();
+                    attn_cap.map_or(s, |c| c * (s / c).tanh())
+                }).collect();
                 let m = s.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = s.iter().map(|v| (v - m).exp()).sum();
                 for i in 0..hd {
-                    att[h * hd + i] = (0..=pos).map(|j| (s[j] - m).exp() / z * vs[j][kvh * hd + i]).sum();
+                    att[h * hd + i] = keys.clone().zip(&s).map(|(j, &sj)| (sj - m).exp() / z * vs[j][kvh * hd + i]).sum();
                 }
             }
-            x.iter_mut().zip(matvec(&wo, &att)).for_each(|(a, b)| *a += b);
+            let mut o = matvec(&wo, &att);
+            if gemma {
+                o = norm(&o, &p("post_attention_norm.weight"));
+            }
+            x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
             let h = norm(x, &p("ffn_norm.weight"));
             let (g, u) = (matvec(&gate_w, &h), matvec(&up_w, &h));
             assert_eq!(g.len(), ff);
-            let act: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| if drelu { g.max(0.0) * u.max(0.0) } else { g / (1.0 + (-g).exp()) * u }).collect();
-            x.iter_mut().zip(matvec(&down_w, &act)).for_each(|(a, b)| *a += b);
+            let act: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| if drelu { g.max(0.0) * u.max(0.0) } else if gemma { gelu(g) * u } else { g / (1.0 + (-g).exp()) * u }).collect();
+            let mut d = matvec(&down_w, &act);
+            if gemma {
+                d = norm(&d, &p("post_ffw_norm.weight"));
+            }
+            x.iter_mut().zip(d).for_each(|(a, b)| *a += b);
         }
     }
     let out = if f.tensor("output.weight").is_some() { values(f, "output.weight") } else { embd };
     let on = values(f, "output_norm.weight");
-    xs.iter().map(|x| { let l = matvec(&out, &norm(x, &on)); assert_eq!(l.len(), vocab); l }).collect()
+    xs.iter().map(|x| {
+        let l = matvec(&out, &norm(x, &on));
+        assert_eq!(l.len(), vocab);
+        l.into_iter().map(|v| final_cap.map_or(v, |c| c * (v / c).tanh())).collect()
+    }).collect()
 }
 
 /// ember's CPU logits at f32 precision within the f16 KV cache's rounding of the reference.
 fn check_reference(path: &Path) {
+    check_reference_on(path, &[504u32, 3575, 282, 4649, 314, 17, 9001]);
+}
+
+/// Twenty tokens: past a window of 8 several times over.
+const LONG_PROMPT: [u32; 20] = [504, 3575, 282, 4649, 314, 17, 9001, 6403, 1980, 253, 655, 1604, 3987, 46477, 24, 94, 727, 788, 216, 33];
+
+/// [`check_reference`] on `tokens` (as one batch).
+fn check_reference_on(path: &Path, tokens: &[u32]) {
     let file = Arc::new(GgufFile::open(path).unwrap());
     let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
-    let tokens = [504u32, 3575, 282, 4649, 314, 17, 9001];
     let want = reference_logits(&file, &tokens);
     let mut s = Session::new(model.clone(), 64);
     s.precision = Precision::F32;
-    let got = s.forward(&tokens, Logits::All).unwrap();
+    let got = s.forward(tokens, Logits::All).unwrap();
     let vocab = model.hp.n_vocab;
     let mut worst = 0.0f64;
     for (t, w) in want.iter().enumerate() {
@@ -225,6 +273,60 @@ fn qwen3_matches_the_reference_and_llama_cpp() {
     assert!(model.layers.iter().all(|l| l.q_norm.as_ref().map(|v| v.len()) == Some(32) && l.bq.is_none()));
     check_reference(&path);
     check_llama_cpp(&path, include_str!("refs/arch-qwen3.greedy.jsonl"));
+}
+
+#[test]
+fn gemma2_matches_the_reference_and_llama_cpp() {
+    let dir = TempDir::new("gemma2");
+    let Some(path) = synth(&dir, "gemma2", GEMMA2) else { return };
+    let model = Model::load(&path).unwrap();
+    let hp = &model.hp;
+    // Even layers local over 8 positions, the caps the file gives, q scaled by 1/sqrt(32),
+    // the output tied to the embedding.
+    let swa = hp.swa.as_ref().unwrap();
+    assert_eq!((swa.window, swa.layers.as_slice(), swa.rope_base), (8, &[true, false][..], 10000.0));
+    assert_eq!((hp.attn_softcap, hp.final_softcap, hp.q_scale, hp.embd_scale), (Some(2.0), Some(10.0), Some(1.0 / 32f32.sqrt()), Some(8.0)));
+    assert!(model.tied_embeddings && model.layers.iter().all(|l| l.attn_post_norm.is_some() && l.ffn_post_norm.is_some()));
+    assert_eq!(hp.activation, ember::model::Activation::GeluTanh);
+    check_reference_on(&path, &LONG_PROMPT);
+    check_llama_cpp(&path, include_str!("refs/arch-gemma2.greedy.jsonl"));
+}
+
+/// Gemma's decode (one token at a time, the window sliding past the cache's first positions)
+/// gives the logits of the whole prompt run as one batch.
+#[test]
+fn gemma2_decode_equals_the_batch() {
+    let dir = TempDir::new("gemma2-decode");
+    let Some(path) = synth(&dir, "gemma2", GEMMA2) else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let mut s = Session::new(model.clone(), 64);
+    s.precision = Precision::F32;
+    let batch = s.forward(&LONG_PROMPT, Logits::All).unwrap();
+    s.reset();
+    let one: Vec<f32> = LONG_PROMPT.iter().flat_map(|&t| s.forward(&[t], Logits::Last).unwrap()).collect();
+    for (i, (a, b)) in batch.iter().zip(&one).enumerate() {
+        assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "logit {i}: batch {a} vs decode {b}");
+    }
+}
+
+/// The GPU kernels have no Gemma yet: `--backend gpu` says so, `auto` runs it on the CPU,
+/// and the sparse FFN refuses GeGLU.
+#[test]
+fn gemma2_is_refused_on_the_gpu_and_the_sparse_ffn() {
+    use ember::engine::builder::{self, BackendChoice, SessionOptions};
+    use ember::engine::FfnMode;
+    let dir = TempDir::new("gemma2-gpu");
+    let Some(path) = synth(&dir, "gemma2", GEMMA2) else { return };
+    let model = Arc::new(Model::load(&path).unwrap());
+    let opts = SessionOptions::new(&path, BackendChoice::Gpu);
+    let err = builder::open(&opts, model.clone(), 64, &|_| {}).err().expect("a GPU session of gemma2");
+    assert!(err.to_string().contains("gemma2 is not supported on the GPU yet: use --backend cpu"), "{err}");
+    let lines = std::sync::Mutex::new(Vec::new());
+    let auto = builder::open(&SessionOptions::new(&path, BackendChoice::Auto), model.clone(), 64, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
+    assert_eq!(auto.session.backend_name(), "CPU");
+    assert!(lines.lock().unwrap().iter().any(|l| l.contains("gemma2 is not supported on the GPU")));
+    let e = ember::engine::SparseFfn::new(&model, FfnMode::Threshold, None, vec![0.0; 2], Precision::F32, false).err().expect("a sparse FFN for gemma2");
+    assert!(e.to_string().contains("gemma2"), "{e}");
 }
 
 #[test]

@@ -173,8 +173,15 @@ pub struct Opened {
 /// Opens the session the options ask for, with the model loaded onto it; `log` receives the
 /// lines a front-end shows the user (what runs where, what was reused or cached).
 pub fn open(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn(&str)) -> Result<Opened> {
+    // A model the GPU kernels cannot run yet: --backend gpu fails, auto takes the CPU.
+    let gpu_unsupported = model.hp.gpu_unsupported();
     let choice = match (args.backend, args.device.clone()) {
         (BackendChoice::Cpu, _) => None,
+        (BackendChoice::Gpu, _) if gpu_unsupported.is_some() => return Err(BuildError::Gpu(GpuError::Unsupported(gpu_unsupported.unwrap_or_default()))),
+        (BackendChoice::Auto, _) if gpu_unsupported.is_some() => {
+            log(&format!("running on the CPU ({})", gpu_unsupported.unwrap_or_default()));
+            None
+        }
         (BackendChoice::Gpu, choice) => Some(choice.unwrap_or(DeviceChoice::BestOrSoftware)),
         (BackendChoice::Auto, Some(choice)) => Some(choice),
         (BackendChoice::Auto, None) => match GpuContext::new(&DeviceChoice::Best) {

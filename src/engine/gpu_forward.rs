@@ -133,6 +133,11 @@ impl GpuWeights {
     /// cache) off the GPU: the session's wrapper runs it (host attention). Such layers need an
     /// external FFN too (`dense_ffn` false): the wrapper hands the GPU the FFN norm's output.
     pub fn upload_parts(ctx: &GpuContext, model: &Model, attention_on_gpu: &[bool], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
+        // Every GPU session (dense, batched, offload, hybrid) uploads here: a model the kernels
+        // cannot run stops before any kernel is built.
+        if let Some(why) = model.hp.gpu_unsupported() {
+            return Err(GpuError::Unsupported(why));
+        }
         let n_layers = attention_on_gpu.len().min(model.layers.len());
         if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
             return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
