@@ -59,6 +59,9 @@ const PHI3: &[&str] = &["--arch", "phi3", "--type", "q8_0", "--n-embd", "64", "-
 /// Gemma: a window of 8 positions, which the prompts (and the greedy runs) cross, and small
 /// caps, which bend the scores and logits of random weights (the real 50 and 30 barely would).
 const GEMMA2: &[&str] = &["--arch", "gemma2", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--sliding-window", "8", "--attn-softcap", "2", "--final-softcap", "10", "--seed", "6"];
+/// Seven layers: local 0-4 and 6, global 5 (RoPE base 1e6 scaled by 1/8 there, 10000 on the
+/// local ones); a window of 8.
+const GEMMA3: &[&str] = &["--arch", "gemma3", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "7", "--n-head", "4", "--n-head-kv", "2", "--head-dim", "32", "--sliding-window", "8", "--seed", "7"];
 const BAMBOO: &[&str] = &["--arch", "bamboo", "--act", "drelu", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--seed", "5"];
 
 /// A tensor's values, dequantised.
@@ -290,6 +293,23 @@ fn gemma2_matches_the_reference_and_llama_cpp() {
     assert_eq!(hp.activation, ember::model::Activation::GeluTanh);
     check_reference_on(&path, &LONG_PROMPT);
     check_llama_cpp(&path, include_str!("refs/arch-gemma2.greedy.jsonl"));
+}
+
+#[test]
+fn gemma3_matches_the_reference_and_llama_cpp() {
+    let dir = TempDir::new("gemma3");
+    let Some(path) = synth(&dir, "gemma3", GEMMA3) else { return };
+    let model = Model::load(&path).unwrap();
+    let hp = &model.hp;
+    // Five of every six layers local, with RoPE base 10000 unscaled; the global one at the
+    // file's 1e6 with its linear factor 8; no soft-capping; q/k norms of the head size.
+    let swa = hp.swa.as_ref().unwrap();
+    assert_eq!((swa.window, swa.layers.as_slice()), (8, &[true, true, true, true, true, false, true][..]));
+    assert_eq!((swa.rope_base, swa.rope_freq_scale, hp.rope_base, hp.rope_freq_scale), (10000.0, 1.0, 1e6, 0.125));
+    assert_eq!((hp.attn_softcap, hp.final_softcap), (None, None));
+    assert!(model.tied_embeddings && model.layers.iter().all(|l| l.q_norm.as_ref().map(|v| v.len()) == Some(32) && l.attn_post_norm.is_some()));
+    check_reference_on(&path, &LONG_PROMPT);
+    check_llama_cpp(&path, include_str!("refs/arch-gemma3.greedy.jsonl"));
 }
 
 /// Gemma's decode (one token at a time, the window sliding past the cache's first positions)

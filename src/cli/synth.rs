@@ -95,13 +95,13 @@ pub struct SynthArgs {
     /// for gemma2, 1024 for gemma3, as the real models]
     #[arg(long)]
     pub sliding_window: Option<u64>,
-    /// gemma2: `attn_logit_softcapping` (the real models' 50 barely bends random weights'
-    /// scores: the tests pass a small cap so that it shows)
-    #[arg(long, default_value_t = 50.0)]
-    pub attn_softcap: f32,
-    /// gemma2: `final_logit_softcapping` (the real models' 30)
-    #[arg(long, default_value_t = 30.0)]
-    pub final_softcap: f32,
+    /// gemma2 only: `attn_logit_softcapping` [default: 50, the real models'; it barely bends
+    /// random weights' scores, so the tests pass a small cap]
+    #[arg(long)]
+    pub attn_softcap: Option<f32>,
+    /// gemma2 only: `final_logit_softcapping` [default: 30, the real models']
+    #[arg(long)]
+    pub final_softcap: Option<f32>,
     #[arg(long, default_value_t = 4096)]
     pub n_embd: u64,
     #[arg(long, default_value_t = 11008)]
@@ -448,8 +448,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         return Err("--sliding-window: only gemma2 and gemma3 have sliding-window layers".into());
     }
     for (flag, v) in [("--attn-softcap", a.attn_softcap), ("--final-softcap", a.final_softcap)] {
-        if !(v.is_finite() && v > 0.0) {
-            return Err(format!("{flag} {v}: use a positive number").into());
+        match v {
+            Some(_) if arch != "gemma2" => return Err(format!("{flag}: only gemma2 soft-caps (gemma3 has no attention cap, and no final cap in its released configs)").into()),
+            Some(v) if !(v.is_finite() && v > 0.0) => return Err(format!("{flag} {v}: use a positive number").into()),
+            _ => {}
         }
     }
     if hd == 0 || hd > 1024 || !hd.is_multiple_of(2) || (a.n_head * hd) % ty.block_len() as u64 != 0 {
@@ -477,8 +479,8 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     match arch {
         // Gemma2Model writes no RoPE base (llama.cpp's default 10000 applies) but the caps.
         "gemma2" => {
-            w.set("gemma2.attn_logit_softcapping", Value::F32(a.attn_softcap));
-            w.set("gemma2.final_logit_softcapping", Value::F32(a.final_softcap));
+            w.set("gemma2.attn_logit_softcapping", Value::F32(a.attn_softcap.unwrap_or(50.0)));
+            w.set("gemma2.final_logit_softcapping", Value::F32(a.final_softcap.unwrap_or(30.0)));
         }
         // Gemma3Model: the global layers' base; 4B and larger scale their RoPE linearly by 8.
         "gemma3" => {
