@@ -452,3 +452,68 @@ fn qwen3_batched_gpu_decode_matches_each_sequence() {
         }
     }
 }
+
+/// `path`'s metadata without the keys `drop`, edited by `edit` (tensors as they are), loaded.
+fn load_edited(path: &Path, tag: &str, drop: &[&str], edit: impl FnOnce(&mut ember::gguf::GgufWriter)) -> Result<Model, ember::model::ModelError> {
+    let f = GgufFile::open(path).unwrap();
+    let mut w = ember::gguf::GgufWriter::new();
+    for (k, v) in f.metadata() {
+        if k != "general.alignment" && !drop.contains(&k.as_str()) {
+            w.set(k, v.clone());
+        }
+    }
+    edit(&mut w);
+    for t in f.tensors() {
+        w.add_tensor(&t.name, &t.dims, t.ty, f.tensor_data(t).to_vec());
+    }
+    let out = path.with_file_name(format!("{tag}.gguf"));
+    w.write_file(&out).unwrap();
+    Model::load(&out)
+}
+
+/// Gemma's hyper-parameters as llama.cpp reads them: its defaults where keys are missing
+/// (gemma2: window 4096 and caps 50/30; gemma3: no window, every layer global), the pattern
+/// and local RoPE base keys, the 27B's query scale; bad values refused with the key named.
+#[test]
+fn gemma_hyper_parameters_follow_llama_cpp() {
+    use ember::gguf::Value;
+    let dir = TempDir::new("gemma-hparams");
+    let Some(g2) = synth(&dir, "gemma2", GEMMA2) else { return };
+    let Some(g3) = synth(&dir, "gemma3", GEMMA3) else { return };
+    // gemma2 without its optional keys.
+    let m = load_edited(&g2, "g2-bare", &["gemma2.attention.sliding_window", "gemma2.attn_logit_softcapping", "gemma2.final_logit_softcapping"], |_| {}).unwrap();
+    assert_eq!((m.hp.swa.as_ref().map(|s| s.window), m.hp.attn_softcap, m.hp.final_softcap), (Some(4096), Some(50.0), Some(30.0)));
+    // A pattern of 3 (layers 0 and 1 local of 2), a local RoPE base of its own, caps of 0 (none).
+    let m = load_edited(&g2, "g2-keys", &[], |w| {
+        w.set("gemma2.attention.sliding_window_pattern", Value::U32(3));
+        w.set("gemma2.rope.freq_base_swa", Value::F32(5000.0));
+        w.set("gemma2.final_logit_softcapping", Value::F32(0.0));
+    })
+    .unwrap();
+    let swa = m.hp.swa.as_ref().unwrap();
+    assert_eq!((swa.layers.as_slice(), swa.rope_base, m.hp.final_softcap), (&[true, true][..], 5000.0, None));
+    // The pattern as one bool per layer.
+    let m = load_edited(&g2, "g2-arr", &[], |w| {
+        w.set("gemma2.attention.sliding_window_pattern", Value::Array(ember::gguf::ValueType::Bool, vec![Value::Bool(false), Value::Bool(true)]));
+    })
+    .unwrap();
+    assert_eq!(m.hp.swa.as_ref().unwrap().layers, vec![false, true]);
+    // q scaled by 1/sqrt(head_dim), not 1/sqrt(n_embd / n_head) = 1/4 (the 27B's, by layer count).
+    assert_eq!(m.hp.q_scale, Some(1.0 / 32f32.sqrt()));
+    // gemma3 without a window: every layer global, at the file's RoPE.
+    let m = load_edited(&g3, "g3-bare", &["gemma3.attention.sliding_window"], |_| {}).unwrap();
+    assert!(m.hp.swa.is_none() && m.hp.attn_softcap.is_none());
+    // Bad values name their key.
+    for (tag, key, v, want) in [
+        ("g2-cap", "gemma2.attn_logit_softcapping", Value::F32(-1.0), "attn_logit_softcapping = -1"),
+        ("g2-pat", "gemma2.attention.sliding_window_pattern", Value::Array(ember::gguf::ValueType::Bool, vec![Value::Bool(true)]), "one bool per layer"),
+        ("g2-base", "gemma2.rope.freq_base_swa", Value::F32(f32::NAN), "rope.freq_base_swa = NaN"),
+    ] {
+        let e = load_edited(&g2, tag, &[], |w| {
+            w.set(key, v);
+        })
+        .err()
+        .unwrap_or_else(|| panic!("{key} accepted"));
+        assert!(e.to_string().contains(want), "{key}: {e}");
+    }
+}

@@ -248,17 +248,20 @@ impl HParams {
             Some("gelu") => Activation::GeluTanh,
             Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu, relu, drelu or gelu)"))),
         };
-        let rope_freq_scale = match opt_s(&key("rope.scaling.type"))? {
-            None | Some("none") => 1.0,
-            Some("linear") => {
-                let factor = f.get_f32(&key("rope.scaling.factor"))?;
+        // llama.cpp takes a missing scaling type for linear and applies a factor the file
+        // gives (`rope.scaling.factor`, or the older `rope.scale_linear`) whatever the type.
+        let factor_key = ["rope.scaling.factor", "rope.scale_linear"].into_iter().map(key).find(|k| f.get(k).is_some());
+        let rope_freq_scale = match (opt_s(&key("rope.scaling.type"))?, &factor_key) {
+            (None, None) | (Some("none"), _) => 1.0,
+            (None | Some("linear"), _) => {
+                let factor = f.get_f32(factor_key.as_deref().unwrap_or(&key("rope.scaling.factor")))?;
                 // Written so that NaN fails too; a factor of 0 would make every angle infinite.
                 if !(factor.is_finite() && (1e-3..=MAX_ROPE_SCALING).contains(&factor)) {
-                    return Err(ModelError::BadHParams(format!("{arch}.rope.scaling.factor = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})")));
+                    return Err(ModelError::BadHParams(format!("{} = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})", factor_key.unwrap_or_else(|| key("rope.scaling.factor")))));
                 }
                 1.0 / factor
             }
-            Some(other) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
+            (Some(other), _) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
         };
         let n_layer = req_u("block_count")?;
         let rope_base = opt_f("rope.freq_base")?.unwrap_or(10000.0);
