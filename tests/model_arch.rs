@@ -327,6 +327,25 @@ fn gemma2_decode_equals_the_batch() {
     for (i, (a, b)) in batch.iter().zip(&one).enumerate() {
         assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "logit {i}: batch {a} vs decode {b}");
     }
+    // Two sequences at different positions (one past the window, one not) decoded together:
+    // each row's logits are its sequence's alone.
+    let vocab = model.hp.n_vocab;
+    let mut two = Session::new(model.clone(), 64).with_seqs(2);
+    two.precision = Precision::F32;
+    let prompts = [&LONG_PROMPT[..12], &LONG_PROMPT[12..15]];
+    for (q, p) in prompts.iter().enumerate() {
+        two.select_seq(q).unwrap();
+        two.forward(p, Logits::Last).unwrap();
+    }
+    let got = two.decode_batch(&[(0, 9001), (1, 17)]).unwrap();
+    for (q, (p, t)) in prompts.iter().zip([9001u32, 17]).enumerate() {
+        s.reset();
+        let toks: Vec<u32> = p.iter().copied().chain([t]).collect();
+        let want = s.forward(&toks, Logits::Last).unwrap();
+        for (v, (&g, &w)) in got[q * vocab..(q + 1) * vocab].iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-4 * w.abs().max(1.0), "sequence {q}: logit {v}: {g} vs {w}");
+        }
+    }
 }
 
 /// The GPU kernels have no Gemma yet: `--backend gpu` says so, `auto` runs it on the CPU,
