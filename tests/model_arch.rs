@@ -348,22 +348,34 @@ fn gemma2_decode_equals_the_batch() {
     }
 }
 
-/// The GPU kernels have no Gemma yet: `--backend gpu` says so, `auto` runs it on the CPU,
+/// Only the dense single-sequence GPU session runs Gemma: `--backend gpu` with several
+/// sequences (or an offload, a budget, a sparse FFN) says so, `auto` then runs it on the CPU,
 /// and the sparse FFN refuses GeGLU.
 #[test]
-fn gemma2_is_refused_on_the_gpu_and_the_sparse_ffn() {
+fn gemma2_beyond_the_dense_gpu_session_is_refused() {
     use ember::engine::builder::{self, BackendChoice, SessionOptions};
     use ember::engine::FfnMode;
     let dir = TempDir::new("gemma2-gpu");
     let Some(path) = synth(&dir, "gemma2", GEMMA2) else { return };
     let model = Arc::new(Model::load(&path).unwrap());
-    let opts = SessionOptions::new(&path, BackendChoice::Gpu);
-    let err = builder::open(&opts, model.clone(), 64, &|_| {}).err().expect("a GPU session of gemma2");
-    assert!(err.to_string().contains("gemma2 is not supported on the GPU yet: use --backend cpu"), "{err}");
+    let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+    opts.n_seqs = 2;
+    let err = builder::open(&opts, model.clone(), 64, &|_| {}).err().expect("a batched GPU session of gemma2");
+    assert!(err.to_string().contains("gemma2 runs on the GPU only as one dense sequence yet"), "{err}");
     let lines = std::sync::Mutex::new(Vec::new());
-    let auto = builder::open(&SessionOptions::new(&path, BackendChoice::Auto), model.clone(), 64, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
+    opts.backend = BackendChoice::Auto;
+    let auto = builder::open(&opts, model.clone(), 64, &|l| lines.lock().unwrap().push(l.to_string())).unwrap();
     assert_eq!(auto.session.backend_name(), "CPU");
-    assert!(lines.lock().unwrap().iter().any(|l| l.contains("gemma2 is not supported on the GPU")));
+    assert!(lines.lock().unwrap().iter().any(|l| l.contains("gemma2 runs on the GPU only as one dense sequence")));
+    // The library's own sessions refuse it too (no GPU needed to ask: the check comes first).
+    if let Some(ctx) = common::gpu() {
+        let ctx = Arc::new(ctx);
+        let e = ember::engine::OffloadSession::new(model.clone(), ctx.clone(), 1, 64, 16, false).err().expect("an offload of gemma2");
+        assert!(e.to_string().contains("one dense sequence"), "{e}");
+        let w = Arc::new(ember::engine::GpuWeights::upload(&ctx, &model, false).unwrap());
+        let e = ember::engine::GpuBatch::open(model.clone(), ctx, w, 64, 2).err().expect("a GPU batch of gemma2");
+        assert!(e.to_string().contains("one dense sequence"), "{e}");
+    }
     let e = ember::engine::SparseFfn::new(&model, FfnMode::Threshold, None, vec![0.0; 2], Precision::F32, false).err().expect("a sparse FFN for gemma2");
     assert!(e.to_string().contains("gemma2"), "{e}");
 }
@@ -385,6 +397,11 @@ fn phi3_matches_the_reference_and_llama_cpp() {
 /// cache's rounding as the CPU's is: the prompt as one batch, then token by token (the decode
 /// kernels).
 fn check_gpu(name: &str, args: &[&str]) {
+    check_gpu_on(name, args, &[504u32, 3575, 282, 4649, 314]);
+}
+
+/// [`check_gpu`] on `tokens`.
+fn check_gpu_on(name: &str, args: &[&str], tokens: &[u32]) {
     use ember::engine::{GpuSession, GpuWeights};
     let Some(ctx) = common::gpu() else { return };
     let ctx = Arc::new(ctx);
@@ -392,11 +409,10 @@ fn check_gpu(name: &str, args: &[&str]) {
     let Some(path) = synth(&dir, name, args) else { return };
     let file = Arc::new(GgufFile::open(&path).unwrap());
     let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
-    let tokens = [504u32, 3575, 282, 4649, 314];
-    let want: Vec<f64> = reference_logits(&file, &tokens).concat();
+    let want: Vec<f64> = reference_logits(&file, tokens).concat();
     let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
     let mut gpu = GpuSession::new(model.clone(), ctx, weights, 32).unwrap();
-    let batch = gpu.forward(&tokens, Logits::All).unwrap();
+    let batch = gpu.forward(tokens, Logits::All).unwrap();
     gpu.reset();
     let one_by_one: Vec<f32> = tokens.iter().flat_map(|&t| gpu.forward(&[t], Logits::Last).unwrap()).collect();
     let mut worst = 0.0f64;
@@ -420,6 +436,20 @@ fn phi3_on_the_gpu_matches_the_reference() {
 #[test]
 fn qwen3_on_the_gpu_matches_the_reference() {
     check_gpu("qwen3", QWEN3);
+}
+
+/// Gemma on the GPU: GeGLU in the stacked gate/up product's epilogue, the post-norms, the
+/// embedding scale, the query scale and soft-capping, a window of 8 that the 20 tokens cross
+/// (the prefill kernel's mask, then the decode kernel's), final soft-capping.
+#[test]
+fn gemma2_on_the_gpu_matches_the_reference() {
+    check_gpu_on("gemma2", GEMMA2, &LONG_PROMPT);
+}
+
+/// gemma3's q/k norms and its local layers' own RoPE on the GPU.
+#[test]
+fn gemma3_on_the_gpu_matches_the_reference() {
+    check_gpu_on("gemma3", GEMMA3, &LONG_PROMPT);
 }
 
 /// dReLU through the stacked gate/up product's epilogue.

@@ -56,7 +56,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 let cap = |c: Option<f32>| c.map_or("none".to_string(), |c| c.to_string());
                 println!("gemma:         embedding x {}, post-norms, query scale {}, soft-capping: attention {}, logits {}", hp.embd_scale.unwrap_or(1.0), hp.q_scale.unwrap_or(0.0), cap(hp.attn_softcap), cap(hp.final_softcap));
             }
-            if let Some(why) = hp.gpu_unsupported() {
+            if let Some(why) = hp.gpu_dense_only() {
                 println!("gpu:           {why}");
             }
             println!("vocab:         {} (embeddings {})", hp.n_vocab, if model.tied_embeddings { "tied to the output" } else { "separate from the output" });

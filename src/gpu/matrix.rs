@@ -490,8 +490,7 @@ impl Epilogue {
             Epilogue::GatedPairs { act: Activation::Silu } => 2,
             Epilogue::GatedPairs { act: Activation::Relu } => 3,
             Epilogue::GatedPairs { act: Activation::Drelu } => 4,
-            // As in `sparse::act_code`: GPU sessions refuse GeLU models before any upload.
-            Epilogue::GatedPairs { act: Activation::GeluTanh } => unreachable!("no GPU kernel computes GeLU; GPU sessions refuse these models"),
+            Epilogue::GatedPairs { act: Activation::GeluTanh } => 5,
         }
     }
 

@@ -15,8 +15,9 @@
 //!   `sliding_window_pattern` key overrides it), the others global; both use the file's RoPE
 //!   base. NeoX RoPE. No biases.
 //!
-//! The GPU kernels have none of this yet: GPU sessions refuse these models
-//! ([`super::HParams::gpu_unsupported`]) and `--backend auto` runs them on the CPU.
+//! The dense GPU session runs it (GeGLU in the products' epilogue, the post-norms as norm +
+//! add dispatches, the options in the attention kernels); the batched decode, the offload, the
+//! hybrid and the sparse FFN refuse it ([`super::HParams::gpu_dense_only`]).
 use super::{Activation, ArchSpec, GemmaSpec, RopeStyle, SwaRope};
 
 pub const GEMMA2: ArchSpec = ArchSpec {

@@ -65,8 +65,8 @@ pub enum Activation {
     /// result once the up value's ReLU is applied.
     Drelu,
     /// GeGLU, `gelu(g) * u` with GELU's tanh approximation (Gemma 2 and 3), computed as
-    /// llama.cpp's CPU backend does (`ops::gelu_tanh`). No GPU kernel has it: GPU sessions
-    /// refuse these models.
+    /// llama.cpp's CPU backend does (`ops::gelu_tanh`; the GPU's dense products and gated
+    /// activation too; the sparse kernels do not have it).
     GeluTanh,
 }
 
@@ -339,11 +339,12 @@ impl HParams {
         Ok(hp)
     }
 
-    /// Why the GPU kernels cannot run this model, if they cannot: they have no GeLU,
-    /// post-norms, soft-capping or sliding window yet.
-    pub fn gpu_unsupported(&self) -> Option<String> {
+    /// Why only the dense, single-sequence GPU session runs this model, if so: the batched
+    /// decode, the dense layer offload, the hybrid and the sparse kernels have no GeLU,
+    /// post-norms, soft-capping or sliding window yet (Gemma).
+    pub fn gpu_dense_only(&self) -> Option<String> {
         let gemma = self.post_norms || self.embd_scale.is_some() || self.swa.is_some() || self.attn_softcap.is_some() || self.final_softcap.is_some() || self.q_scale.is_some();
-        (gemma || self.activation == Activation::GeluTanh).then(|| format!("{} is not supported on the GPU yet: use --backend cpu", self.arch))
+        (gemma || self.activation == Activation::GeluTanh).then(|| format!("{} runs on the GPU only as one dense sequence yet (not with --parallel, --n-gpu-layers, --vram-budget or --ffn): drop those options or use --backend cpu", self.arch))
     }
 
     /// Rejects values that would make later arithmetic or allocation absurd.
