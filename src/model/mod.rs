@@ -245,8 +245,8 @@ impl HParams {
             Some("silu") => Activation::Silu,
             Some("relu") => Activation::Relu,
             Some("drelu") => Activation::Drelu,
-            Some("gelu") => Activation::GeluTanh,
-            Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu, relu, drelu or gelu)"))),
+            // GeGLU comes with Gemma's architecture, not from this key.
+            Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu, relu or drelu)"))),
         };
         // llama.cpp takes a missing scaling type for linear and applies a factor the file
         // gives (`rope.scaling.factor`, or the older `rope.scale_linear`) whatever the type.
