@@ -167,7 +167,9 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool, row: u32, prow: u32,
     let lane = tid / G;
     var acc: array<vec4<f32>, 2u * GQ>;
     var l: array<f32, GQ>;
-    for (var tb = c0; tb < c1; tb += T) {
+    // Tiles wholly before the window are skipped (a chunk before it then holds no weight);
+    // chunks start at multiples of T, so the tiles stay aligned.
+    for (var tb = max(c0, kmin / T * T); tb < c1; tb += T) {
         let p = tb + tid;
         let valid = p < c1 && p >= kmin;
         var s: array<f32, GQ>;

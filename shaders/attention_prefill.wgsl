@@ -112,7 +112,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     workgroupBarrier();
     var acc: array<vec4<f32>, 2u * SPT>;
     var l: array<f32, SPT>;
-    for (var tb = 0u; tb < kend; tb += T) {
+    // With a window, the tiles before the first query's first key are skipped (no query of
+    // this tile sees them); tiles stay aligned to T.
+    let kfirst = select(0u, (qpos0 + 1u - min(params.window, qpos0 + 1u)) / T * T, params.window > 0u);
+    for (var tb = kfirst; tb < kend; tb += T) {
         let p = tb + tid;
         var s: array<f32, TQ>;
         if (p < kend) {

@@ -368,7 +368,8 @@ pub const SINGLE_PASS_MAX_KEYS: u32 = 256;
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
 /// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
 /// and accumulation. [`with_opts`](Self::with_opts): another scale, soft-capped scores and a
-/// sliding window (masked keys weigh nothing; tiles and chunks are still walked).
+/// sliding window (masked keys weigh nothing; key tiles wholly before a window are skipped,
+/// so a local layer's decode reads about `window` keys, though every chunk is dispatched).
 ///
 /// Decode (`n_tokens == 1`): flash-decoding. The keys are split into at most
 /// [`DECODE_MAX_CHUNKS`] chunks (a multiple of 64 keys, at least 64; fewer for short contexts);
