@@ -100,7 +100,7 @@ fn reference_logits(f: &GgufFile, tokens: &[u32]) -> Vec<Vec<f64>> {
     // RoPE scaling (gemma3's global layers): positions divided by the factor.
     let rope_factor = opt_f("rope.scaling.factor").unwrap_or(1.0);
     let window = f.get_u64(&format!("{arch}.attention.sliding_window")).map(|v| v as usize).ok();
-    let local = |l: usize| window.is_some() && if gemma2 { l % 2 == 0 } else { gemma3 && l % 6 != 5 };
+    let local = |l: usize| window.is_some() && if gemma2 { l.is_multiple_of(2) } else { gemma3 && l % 6 != 5 };
     let attn_cap = if gemma2 { opt_f("attn_logit_softcapping") } else { None };
     let final_cap = if gemma { opt_f("final_logit_softcapping") } else { None };
     let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
@@ -216,7 +216,7 @@ const LONG_PROMPT: [u32; 20] = [504, 3575, 282, 4649, 314, 17, 9001, 6403, 1980,
 fn check_reference_on(path: &Path, tokens: &[u32]) {
     let file = Arc::new(GgufFile::open(path).unwrap());
     let model = Arc::new(Model::from_gguf(file.clone()).unwrap());
-    let want = reference_logits(&file, &tokens);
+    let want = reference_logits(&file, tokens);
     let mut s = Session::new(model.clone(), 64);
     s.precision = Precision::F32;
     let got = s.forward(tokens, Logits::All).unwrap();

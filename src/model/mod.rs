@@ -298,12 +298,13 @@ impl HParams {
             let cap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
                 // A cap of 0 means none (llama.cpp tests the value), as does a missing key
                 // where the architecture has no default.
-                let v = opt_f(k)?.or(default);
-                match v {
-                    Some(c) if c == 0.0 => Ok(None),
-                    Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
-                    Some(c) => Err(ModelError::BadHParams(format!("{arch}.{k} = {c} (must be a positive number)"))),
+                match opt_f(k)?.or(default) {
                     None => Ok(None),
+                    Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
+                    Some(c) => match c == 0.0 {
+                        true => Ok(None),
+                        false => Err(ModelError::BadHParams(format!("{arch}.{k} = {c} (must be a positive number)"))),
+                    },
                 }
             };
             // Gemma 3 has no attention soft-capping at all, whatever the file says.
