@@ -547,8 +547,14 @@ fn gemma_hyper_parameters_follow_llama_cpp() {
     })
     .unwrap();
     assert_eq!(m.hp.swa.as_ref().unwrap().layers, vec![false, true]);
-    // q scaled by 1/sqrt(head_dim), not 1/sqrt(n_embd / n_head) = 1/4 (the 27B's, by layer count).
+    // q scaled by 1/sqrt(head_dim), not 1/sqrt(n_embd / n_head) = 1/4 ...
     assert_eq!(m.hp.q_scale, Some(1.0 / 32f32.sqrt()));
+    // ... which is the 27B's, told by its 46 layers (gemma3's: 62).
+    let mut args = GEMMA2.to_vec();
+    assert_eq!(args[8], "--n-layer");
+    args[9] = "46";
+    let Some(g27) = synth(&dir, "gemma2-46", &args) else { return };
+    assert_eq!(Model::load(&g27).unwrap().hp.q_scale, Some(0.25));
     // gemma3 without a window: every layer global, at the file's RoPE.
     let m = load_edited(&g3, "g3-bare", &["gemma3.attention.sliding_window"], |_| {}).unwrap();
     assert!(m.hp.swa.is_none() && m.hp.attn_softcap.is_none());
