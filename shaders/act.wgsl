@@ -44,3 +44,27 @@ fn relu_mul(g: f32, u: f32) -> f32 {
 fn drelu_mul(g: f32, u: f32) -> f32 {
     return select(0.0, g * u, g > 0.0 && u > 0.0);
 }
+
+// x rounded to the nearest f16 (ties to even) by bit arithmetic, for x in f16's normal range
+// (GeLU's table inputs and outputs below; 2^-14 and smaller round to multiples of 2^-24).
+fn act_round_f16(x: f32) -> f32 {
+    let b = bitcast<u32>(x);
+    let normal = bitcast<f32>((b + 0xfffu + ((b >> 13u) & 1u)) & 0xffffe000u);
+    let tiny = round(x * 16777216.0) * 5.9604644775390625e-08;
+    return select(normal, tiny, abs(x) < 6.103515625e-05);
+}
+
+// GeGLU: gelu(g) * u with GELU's tanh form, as llama.cpp's CPU backend computes it (and
+// ember::cpu::ops::gelu_tanh): 0 from g <= -10, g * u from g >= 10, else the f16-rounded
+// GELU of the f16-rounded g (its table). tanh's argument stays below 44 there.
+fn gelu_mul(g: f32, u: f32) -> f32 {
+    if (g <= -10.0) {
+        return 0.0;
+    }
+    if (g >= 10.0) {
+        return g * u;
+    }
+    let h = act_round_f16(g);
+    let y = 0.5 * h * (1.0 + tanh(clamp(0.7978845608 * h * (1.0 + 0.044715 * h * h), -15.0, 15.0)));
+    return act_round_f16(y) * u;
+}

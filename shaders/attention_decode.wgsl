@@ -27,9 +27,12 @@ struct Params {
     // vec4<u32> words per cache position: kv_dim / 8
     kv4: u32,
     n_chunks: u32,
+    // scores are the dot products times this (divided by the cap when capped)
     scale: f32,
-    pad0: u32,
-    pad1: u32,
+    // 0, or scores become softcap * tanh(score) (Gemma 2)
+    softcap: f32,
+    // 0, or a query at position p sees keys p - window + 1 ..= p only (Gemma's local layers)
+    window: u32,
     pad2: u32,
 }
 
@@ -84,6 +87,16 @@ fn round_f16(x: vec4<f32>) -> vec4<f32> {
     return select(normal, tiny, abs(x) < vec4<f32>(6.103515625e-05));
 }
 
+// A score as softmax takes it: scaled, soft-capped where the model caps.
+fn score(s: f32) -> f32 {
+    let x = s * params.scale;
+    if (params.softcap > 0.0) {
+        // tanh is 1 in f32 long before 15; the clamp keeps drivers' exp-based tanh finite.
+        return params.softcap * tanh(clamp(x, -15.0, 15.0));
+    }
+    return x;
+}
+
 // Keys per chunk for n_kv keys: a multiple of the tile, at least one tile.
 fn chunk_len(n_kv: u32) -> u32 {
     let per = (n_kv + params.n_chunks - 1u) / params.n_chunks;
@@ -135,6 +148,9 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool, row: u32, prow: u32,
     let h0 = hg * GQ;
     let c0 = c * len;
     let c1 = min(c0 + len, n_kv);
+    // The first key the query (at position n_kv - 1) sees: a sliding window masks the others
+    // (their chunks' partials then hold no weight, and the combine rescales them to zero).
+    let kmin = select(0u, n_kv - min(params.window, n_kv), params.window > 0u);
     let krow = k0 + (h0 / params.group) * G;
     for (var i = tid; i < GQ * H4; i += WG) {
         qs[i] = round_f16(q[(row * params.n_head + h0) * H4 + i]);
@@ -151,9 +167,11 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool, row: u32, prow: u32,
     let lane = tid / G;
     var acc: array<vec4<f32>, 2u * GQ>;
     var l: array<f32, GQ>;
-    for (var tb = c0; tb < c1; tb += T) {
+    // Tiles wholly before the window are skipped (a chunk before it then holds no weight);
+    // chunks start at multiples of T, so the tiles stay aligned.
+    for (var tb = max(c0, kmin / T * T); tb < c1; tb += T) {
         let p = tb + tid;
-        let valid = p < c1;
+        let valid = p < c1 && p >= kmin;
         var s: array<f32, GQ>;
         if (valid) {
             let base = p * params.kv4 + krow;
@@ -168,7 +186,7 @@ fn attend(c: u32, hg: u32, tid: u32, len: u32, whole: bool, row: u32, prow: u32,
         }
         for (var r = 0u; r < GQ; r++) {
             let i = r * T + tid;
-            pw[i / 4u][i % 4u] = select(NEG, s[r] * params.scale, valid);
+            pw[i / 4u][i % 4u] = select(NEG, score(s[r]), valid);
         }
         workgroupBarrier();
         // Every thread finds the tile's maxima itself (broadcast reads of shared memory), rather

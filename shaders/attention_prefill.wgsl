@@ -17,10 +17,28 @@ struct Params {
     // vec4<u32> words per cache position: kv_dim / 8
     kv4: u32,
     pad0: u32,
+    // scores are the dot products times this (divided by the cap when capped)
     scale: f32,
-    pad1: u32,
-    pad2: u32,
+    // 0, or scores become softcap * tanh(score) (Gemma 2)
+    softcap: f32,
+    // 0, or a query at position p sees keys p - window + 1 ..= p only (Gemma's local layers)
+    window: u32,
     pad3: u32,
+}
+
+// A score as softmax takes it: scaled, soft-capped where the model caps.
+fn score(s: f32) -> f32 {
+    let x = s * params.scale;
+    if (params.softcap > 0.0) {
+        // tanh is 1 in f32 long before 15; the clamp keeps drivers' exp-based tanh finite.
+        return params.softcap * tanh(clamp(x, -15.0, 15.0));
+    }
+    return x;
+}
+
+// Whether the query at position `qp` sees key `p` (causal, and inside a sliding window).
+fn sees(p: u32, qp: u32) -> bool {
+    return p <= qp && (params.window == 0u || p + params.window > qp);
 }
 
 @group(0) @binding(0) var<storage, read> q: array<vec4<f32>>;
@@ -94,7 +112,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
     workgroupBarrier();
     var acc: array<vec4<f32>, 2u * SPT>;
     var l: array<f32, SPT>;
-    for (var tb = 0u; tb < kend; tb += T) {
+    // With a window, the tiles before the first query's first key are skipped (no query of
+    // this tile sees them); tiles stay aligned to T.
+    let kfirst = select(0u, (qpos0 + 1u - min(params.window, qpos0 + 1u)) / T * T, params.window > 0u);
+    for (var tb = kfirst; tb < kend; tb += T) {
         let p = tb + tid;
         var s: array<f32, TQ>;
         if (p < kend) {
@@ -109,9 +130,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
             }
         }
         for (var qi = 0u; qi < TQ; qi++) {
-            let valid = qi < nt && p <= qpos0 + qi;
+            let valid = qi < nt && sees(p, qpos0 + qi);
             let i = qi * T + tid;
-            sc[i / 4u][i % 4u] = select(NEG, s[qi] * params.scale, valid);
+            sc[i / 4u][i % 4u] = select(NEG, score(s[qi]), valid);
         }
         workgroupBarrier();
         if (tid < TQ) {
@@ -127,7 +148,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) t
         }
         workgroupBarrier();
         for (var qi = 0u; qi < TQ; qi++) {
-            let valid = qi < nt && p <= qpos0 + qi;
+            let valid = qi < nt && sees(p, qpos0 + qi);
             let i = qi * T + tid;
             sc[i / 4u][i % 4u] = select(0.0, exp(sc[i / 4u][i % 4u] - mrow[qi]), valid);
         }

@@ -1,5 +1,5 @@
 // The gated FFN's hidden vector, in place: gate[i] = act(gate[i]) * up[i] over the step's
-// n_tokens rows of `dim` values; entry points `silu`, `relu` and `drelu`. 256 threads per workgroup,
+// n_tokens rows of `dim` values; entry points `silu`, `relu`, `drelu` and `gelu`. 256 threads per workgroup,
 // one element each, over a 2D grid of workgroups. Composed before act.wgsl (the activations).
 
 struct Params {
@@ -39,5 +39,13 @@ fn drelu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
     let i = index(gid, nwg);
     if (i < step.n_tokens * params.dim) {
         gate[i] = drelu_mul(gate[i], up[i]);
+    }
+}
+
+@compute @workgroup_size(256)
+fn gelu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = index(gid, nwg);
+    if (i < step.n_tokens * params.dim) {
+        gate[i] = gelu_mul(gate[i], up[i]);
     }
 }

@@ -11,7 +11,7 @@
 // 0: store; 1: add to what y holds (the residual connection x += W v, with no separate add
 // pass); 2, 3 and 4: the gated FFN, whose matrix interleaves gate and up rows (row 2i is gate
 // i, row 2i + 1 up i): act(gate) * up is stored at offs.x + t * ends.x / 2 + i (2: SiLU, 3: ReLU,
-// 4: dReLU, relu(gate) * relu(up)),
+// 4: dReLU, relu(gate) * relu(up); 5: GeGLU, gelu(gate) * up),
 // so the hidden vector needs neither a second product nor an activation pass.
 
 struct MatOut {
@@ -22,7 +22,7 @@ struct MatOut {
 @group(0) @binding(6) var<uniform> mat_out: MatOut;
 
 const EPI: u32 = 0u;
-// Whether the epilogue combines pairs of rows (EPI 2, 3, 4).
+// Whether the epilogue combines pairs of rows (EPI 2 to 5).
 const EPI_PAIRS: bool = EPI >= 2u;
 
 // y's element for row r of the chunk and token t.
@@ -48,10 +48,12 @@ fn y_put(t: u32, r: u32, v: f32) {
     }
 }
 
-// EPI 2, 3, 4: act(g) * u for the chunk's rows r (even: a gate row) and r + 1 (its up row).
+// EPI 2 to 5: act(g) * u for the chunk's rows r (even: a gate row) and r + 1 (its up row).
 fn y_put_pair(t: u32, r: u32, g: f32, u: f32) {
     let i = mat_out.offs.x + t * (mat_out.ends.x / 2u) + (chunk.row0 + r) / 2u;
-    if (EPI == 4u) {
+    if (EPI == 5u) {
+        y[i] = gelu_mul(g, u);
+    } else if (EPI == 4u) {
         y[i] = drelu_mul(g, u);
     } else if (EPI == 3u) {
         y[i] = relu_mul(g, u);

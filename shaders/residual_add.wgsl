@@ -29,3 +29,24 @@ fn bias(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) 
         x[i] += y[i % params.dim];
     }
 }
+
+// x[i] *= s, s the f32 whose bits params.pad0 holds (Gemma's embedding scale).
+@compute @workgroup_size(256)
+fn scale(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i < step.n_tokens * params.dim) {
+        x[i] *= bitcast<f32>(params.pad0);
+    }
+}
+
+// x[i] = c * tanh(x[i] / c), c the f32 whose bits params.pad0 holds (final logit soft-capping,
+// as llama.cpp: x times 1 / c, tanh, times c; the argument clamped where tanh is 1 in f32,
+// so that no driver's exp-based tanh overflows).
+@compute @workgroup_size(256)
+fn softcap(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * 256u;
+    if (i < step.n_tokens * params.dim) {
+        let c = bitcast<f32>(params.pad0);
+        x[i] = tanh(clamp(x[i] * (1.0 / c), -15.0, 15.0)) * c;
+    }
+}

@@ -380,3 +380,35 @@ fn quantize_writes_atomically_and_refuses_its_input_as_output() {
     assert!(text.contains("as loaded:     Q8_0"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A Gemma model as a user meets it: `info` shows its window and caps, `run` on the CPU
+/// generates, a dense layer offload says the GPU runs it only whole (exit 1, no panic) and
+/// `--ffn` refuses its GeGLU FFN.
+#[test]
+fn gemma_runs_on_the_cpu_and_is_refused_beyond_the_dense_gpu_session() {
+    let Some(tok) = common::default_model() else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cli-gemma-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("gemma2.gguf");
+    let out = ember()
+        .args(["synth", "--arch", "gemma2", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "2", "--sliding-window", "8", "--tokenizer-from"])
+        .arg(&tok)
+        .arg("-o")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = ember().arg("info").arg(&path).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(text.contains("activation gelu") && text.contains("sliding window of 8 on 1 of 2 layers") && text.contains("attention 50, logits 30"), "{text}");
+    let run = |extra: &[&str]| ember().args(["run", "-m"]).arg(&path).args(["-p", "The capital of France is", "-n", "4", "--temp", "0"]).args(extra).output().unwrap();
+    let out = run(&["--backend", "cpu"]);
+    assert!(out.status.success() && !out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (extra, want) in [(&["--backend", "gpu", "--n-gpu-layers", "1"][..], "gemma2 runs on the GPU only as one dense sequence yet"), (&["--backend", "cpu", "--ffn", "relu"][..], "gemma2")] {
+        let out = run(extra);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{extra:?}: {err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

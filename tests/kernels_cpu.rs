@@ -120,6 +120,7 @@ fn gated_activations_match_their_definitions() {
                 Activation::Silu => x / (1.0 + (-x).exp()) * u,
                 Activation::Relu => x.max(0.0) * u,
                 Activation::Drelu => x.max(0.0) * u.max(0.0),
+                Activation::GeluTanh => unreachable!("tested on its own below (its f16 table)"),
             };
             assert!((g[i] as f64 - want).abs() < 1e-5 * want.abs().max(1e-3), "{act:?} {x} {u}");
             // The one-neuron form the sparse paths use gives the same value for the ReLU kinds
@@ -357,5 +358,94 @@ fn tiled_attention_matches_f64_softmax_attention() {
             attention_tiled_team(&mut Team::new(size), &q, k, v, past, n_tokens, shape, &mut again);
             assert!(again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "team of {size}");
         }
+    }
+}
+
+/// Attention with Gemma's options (a score scale of its own, soft-capping, a sliding window)
+/// against softmax attention in f64 at odd sizes: windows shorter than, equal to and longer
+/// than the keys; the same bits on teams of every size and through the per-row path.
+#[test]
+fn attention_with_softcap_and_window_matches_f64() {
+    use ember::cpu::attention::{attention_rows_team_opts, attention_team_opts, AttnOpts, RowKv};
+    let mut rng = Rng(23);
+    let shape = AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 };
+    let (past, n_tokens) = (11, 7);
+    let total = past + n_tokens;
+    let (hd, kv_dim, q_dim) = (shape.head_dim, shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
+    let mut cache = KvCache::new(1, total, kv_dim);
+    for p in 0..total {
+        cache.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+    }
+    let (k, v) = cache.layer(0);
+    // Large scores, so that a cap of 1.5 bends them.
+    let q: Vec<f32> = rng.vec(n_tokens * q_dim).iter().map(|x| 4.0 * x).collect();
+    for opts in [AttnOpts { scale: 0.3, softcap: 1.5, window: 5 }, AttnOpts { scale: 0.15, softcap: 0.0, window: 1 }, AttnOpts { scale: 0.2, softcap: 3.0, window: 0 }, AttnOpts { scale: 0.2, softcap: 0.0, window: 100 }] {
+        let mut got = vec![f32::NAN; q.len()];
+        attention_team_opts(&mut Team::new(1), &q, k, v, past, n_tokens, shape, opts, &mut got);
+        for t in 0..n_tokens {
+            let pos = past + t;
+            let first = if opts.window == 0 { 0 } else { (pos + 1).saturating_sub(opts.window) };
+            for h in 0..shape.n_head {
+                let kvh = h / (shape.n_head / shape.n_head_kv);
+                // The query rounded to f16 as the kernel's products take it.
+                let qh: Vec<f64> = q[t * q_dim + h * hd..][..hd].iter().map(|&x| f16::from_f32(x).to_f64()).collect();
+                let scores: Vec<f64> = (first..=pos)
+                    .map(|p| {
+                        let s = (0..hd).map(|i| qh[i] * k[p * kv_dim + kvh * hd + i].to_f64()).sum::<f64>() * opts.scale as f64;
+                        if opts.softcap > 0.0 { opts.softcap as f64 * (s / opts.softcap as f64).tanh() } else { s }
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for i in 0..hd {
+                    let want: f64 = (first..=pos).zip(&w).map(|(p, wp)| wp / z * v[p * kv_dim + kvh * hd + i].to_f64()).sum();
+                    let got = got[t * q_dim + h * hd + i] as f64;
+                    // The f16 accumulator: about 3 decimal digits.
+                    assert!((got - want).abs() < 4e-3, "{opts:?} t{t} h{h} i{i}: {got} vs {want}");
+                }
+            }
+        }
+        for size in [2, 3] {
+            let mut again = vec![f32::NAN; q.len()];
+            attention_team_opts(&mut Team::new(size), &q, k, v, past, n_tokens, shape, opts, &mut again);
+            assert_eq!(again, got, "{opts:?}: team of {size}");
+        }
+        // Each row alone through the decode-batch path.
+        let rows: Vec<RowKv> = (0..n_tokens).map(|t| RowKv { k, v, pos: past + t }).collect();
+        let mut by_rows = vec![f32::NAN; q.len()];
+        attention_rows_team_opts(&mut Team::new(2), &q, &rows, shape, opts, &mut by_rows);
+        assert_eq!(by_rows, got, "{opts:?}: per-row path");
+    }
+}
+
+/// GeGLU against `gelu_tanh(g) * u` in f64 at an odd size: within the f16 roundings of
+/// llama.cpp's table (input and output), exactly 0 below -10 and `g * u` from 10 on.
+#[test]
+fn geglu_matches_f64_gelu_within_the_f16_table() {
+    let mut rng = Rng(24);
+    let n = 1001;
+    let mut gate: Vec<f32> = rng.vec(n).iter().map(|x| 8.0 * x).collect();
+    gate[..4].copy_from_slice(&[-10.0, -12.5, 10.0, 31.0]);
+    let up: Vec<f32> = rng.vec(n).iter().map(|x| 2.0 * x + 0.1).collect();
+    let mut got = gate.clone();
+    ops::gated_activation(Activation::GeluTanh, &mut got, &up);
+    let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+    for i in 0..n {
+        let (g, u) = (gate[i] as f64, up[i] as f64);
+        if g <= -10.0 {
+            assert_eq!(got[i], 0.0);
+        } else if g >= 10.0 {
+            assert_eq!(got[i], gate[i] * up[i]);
+        } else {
+            let want = gelu(g) * u;
+            // f16 input (its rounding moves gelu by up to |gelu'| |g| 2^-11) and output (2^-11).
+            let tol = (g.abs() * 1.2 * 2f64.powi(-11) + gelu(g).abs() * 2f64.powi(-11) + 1e-6) * u.abs() * 1.01;
+            assert!((got[i] as f64 - want).abs() <= tol, "g {g} u {u}: {} vs {want}", got[i]);
+        }
+    }
+    // The scalar path the sparse and profiling code use agrees.
+    for i in 0..n {
+        assert_eq!(ops::gated(Activation::GeluTanh, gate[i], up[i]), got[i]);
     }
 }

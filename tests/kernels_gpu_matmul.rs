@@ -377,6 +377,7 @@ fn gated_pairs_match_cpu() {
                                     Activation::Silu => gv / (1.0 + (-gv).exp()) * uv,
                                     Activation::Relu => gv.max(0.0) * uv,
                                     Activation::Drelu => gv.max(0.0) * uv.max(0.0),
+                                    Activation::GeluTanh => unreachable!("no GPU kernel computes GeLU"),
                                 };
                                 // The products' own error (1e-4 of sum |w x|) through act(g) * u.
                                 let bound = 2.0 * tol(&ctx, n, kernel) as f64 * (mg[i] as f64 * uv.abs() + (gv.abs() + mg[i] as f64) * mu[i] as f64) + 1e-6;

@@ -908,3 +908,100 @@ fn bench_ops() {
         );
     }
 }
+
+/// Gemma's element-wise ops: GeGLU (the f16-table GELU of llama.cpp's CPU backend, as the
+/// CPU's: within one f16 step where a driver's tanh lands on the other side of a rounding
+/// boundary, 1e-6 in absolute terms in GELU's negative tail), the embedding scale (exact) and final soft-capping, at odd sizes, rows past
+/// n_tokens untouched.
+#[test]
+fn gelu_scale_and_softcap_match_cpu() {
+    use ember::gpu::ops::ScaleOp;
+    let Some(ctx) = gpu() else { return };
+    let step = step_buffer(&ctx);
+    let mut rng = Rng(31);
+    let (max_tokens, dim) = (7usize, 67usize * 5);
+    let mut gate: Vec<f32> = rng.vec(max_tokens * dim).iter().map(|v| v * 12.0).collect();
+    gate[..4].copy_from_slice(&[-10.0, -10.5, 10.0, 11.0]);
+    let up = rng.vec(max_tokens * dim);
+    for n in [1usize, 7] {
+        let gb = upload_f32(&ctx, "gate", &gate);
+        let ub = upload_f32(&ctx, "up", &up);
+        let op = GatedActOp::new(&ctx, &gb, &ub, dim as u32, Activation::GeluTanh, &step);
+        run(&ctx, &step, n as u32, 0, |p| op.encode(p, n as u32));
+        let got: Vec<f32> = ctx.read(&gb, max_tokens * dim).unwrap();
+        let mut want = gate.clone();
+        gated_activation(Activation::GeluTanh, &mut want[..n * dim], &up[..n * dim]);
+        // Relative to the value, or for GELU's tiny negative tail (1 + tanh cancels, and a
+        // driver's tanh is a few 1e-8 from the C library's near -1) to 1e-3.
+        assert_close(&got, &want, 1e-3, 1e-3, &format!("gelu n {n}"));
+        assert_eq!(got[n * dim..], want[n * dim..], "gelu n {n}: rows past n_tokens");
+        let x: Vec<f32> = rng.vec(max_tokens * dim).iter().map(|v| v * 40.0).collect();
+        let xb = upload_f32(&ctx, "x", &x);
+        let op = ScaleOp::scale(&ctx, &xb, dim as u32, 8.0f32.sqrt(), &step);
+        run(&ctx, &step, n as u32, 0, |p| op.encode(p, n as u32));
+        let got: Vec<f32> = ctx.read(&xb, max_tokens * dim).unwrap();
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, &v)| if i < n * dim { v * 8.0f32.sqrt() } else { v }).collect();
+        assert_eq!(got, want, "scale n {n}");
+        let xb = upload_f32(&ctx, "x", &x);
+        let op = ScaleOp::softcap(&ctx, &xb, dim as u32, 3.0, &step);
+        run(&ctx, &step, n as u32, 0, |p| op.encode(p, n as u32));
+        let got: Vec<f32> = ctx.read(&xb, max_tokens * dim).unwrap();
+        let want: Vec<f32> = x.iter().enumerate().map(|(i, &v)| if i < n * dim { ((v as f64 / 3.0).tanh() * 3.0) as f32 } else { v }).collect();
+        // A driver's tanh is good to about 1e-7 in absolute terms near 0.
+        assert_close(&got, &want, 1e-5, 0.1, &format!("softcap n {n}"));
+    }
+}
+
+/// Attention with Gemma's options (another scale, soft-capped scores, a sliding window)
+/// against the exact f64 answer: decode split into chunks of which the window leaves some
+/// without a key (the combine must weigh them zero) and in one pass, and prefill tiles whose
+/// first keys fall out of every query's window.
+#[test]
+fn attention_with_softcap_and_window_matches_f64() {
+    use ember::cpu::attention::AttnOpts;
+    let Some(ctx) = gpu() else { return };
+    let step = step_buffer(&ctx);
+    let mut rng = Rng(32);
+    let (n_head, n_head_kv, hd, n_ctx, max_tokens) = (6usize, 2usize, 32usize, 300usize, 40usize);
+    let (q_dim, kv_dim, group) = (n_head * hd, n_head_kv * hd, n_head / n_head_kv);
+    let k: Vec<f16> = rng.vec(n_ctx * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+    let v: Vec<f16> = rng.vec(n_ctx * kv_dim).iter().map(|&x| f16::from_f32(x)).collect();
+    let kb = ctx.upload("k", bytemuck::cast_slice(&k));
+    let vb = ctx.upload("v", bytemuck::cast_slice(&v));
+    let q: Vec<f32> = rng.vec(max_tokens * q_dim).iter().map(|x| x * 4.0).collect();
+    let qb = upload_f32(&ctx, "q", &q);
+    let ob = ctx.zeros("out", (max_tokens * q_dim * 4) as u64);
+    let shape = AttnShape { n_head: n_head as u32, n_head_kv: n_head_kv as u32, head_dim: hd as u32 };
+    for opts in [AttnOpts { scale: 0.2, softcap: 1.5, window: 70 }, AttnOpts { scale: 0.3, softcap: 0.0, window: 5 }, AttnOpts { scale: 0.25, softcap: 2.0, window: 0 }] {
+        let op = AttentionOp::with_opts(&ctx, &qb, &kb, &vb, &ob, shape, opts, n_ctx as u32, max_tokens as u32, &step).unwrap();
+        for (n, pos0, hint) in [(1usize, 250usize, None), (1, 250, Some(251u32)), (1, 3, None), (9, 100, None), (40, 0, None)] {
+            op.set_n_kv(hint);
+            ctx.queue.write_buffer(&ob, 0, bytemuck::cast_slice(&vec![f32::NAN; max_tokens * q_dim]));
+            run(&ctx, &step, n as u32, pos0 as u32, |p| op.encode(p, n as u32));
+            let got: Vec<f32> = ctx.read(&ob, n * q_dim).unwrap();
+            let mut worst = 0.0f64;
+            for t in 0..n {
+                let pos = pos0 + t;
+                let first = if opts.window == 0 { 0 } else { (pos + 1).saturating_sub(opts.window) };
+                for h in 0..n_head {
+                    let kvh = h / group;
+                    let qh: Vec<f64> = q[t * q_dim + h * hd..][..hd].iter().map(|&x| f16::from_f32(x).to_f64()).collect();
+                    let scores: Vec<f64> = (first..=pos)
+                        .map(|p| {
+                            let s = k[p * kv_dim + kvh * hd..][..hd].iter().zip(&qh).map(|(a, b)| a.to_f64() * b).sum::<f64>() * opts.scale as f64;
+                            if opts.softcap > 0.0 { opts.softcap as f64 * (s / opts.softcap as f64).tanh() } else { s }
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let sum: f64 = w.iter().sum();
+                    for d in 0..hd {
+                        let o: f64 = (first..=pos).zip(&w).map(|(p, wp)| wp * v[p * kv_dim + kvh * hd + d].to_f64()).sum::<f64>() / sum;
+                        worst = worst.max((got[t * q_dim + h * hd + d] as f64 - o).abs());
+                    }
+                }
+            }
+            assert!(worst <= 2e-5, "{opts:?} n {n} pos0 {pos0} (told {hint:?}, chunks {}): differs from the exact answer by {worst:e}", op.n_chunks());
+        }
+    }
+}

@@ -61,6 +61,7 @@ fn act64(act: Activation, g: f64) -> f64 {
     match act {
         Activation::Relu | Activation::Drelu => g.max(0.0),
         Activation::Silu => g / (1.0 + (-g).exp()),
+        Activation::GeluTanh => unreachable!("no GPU kernel computes GeLU"),
     }
 }
 

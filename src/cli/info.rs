@@ -48,6 +48,17 @@ pub fn info(a: InfoArgs) -> Result<()> {
             println!("architecture:  {} ({} layers, n_embd {}, n_ff {}, {} heads / {} KV heads, head dim {})", hp.arch, hp.n_layer, hp.n_embd, hp.n_ff, hp.n_head, hp.n_head_kv, hp.head_dim);
             println!("ffn:           gated, activation {}", hp.activation.name());
             println!("rope:          base {}, {} dims, {:?} pairs, freq scale {}", hp.rope_base, hp.rope_dim, hp.rope_style, hp.rope_freq_scale);
+            if let Some(w) = &hp.swa {
+                let local = w.layers.iter().filter(|&&l| l).count();
+                println!("attention:     sliding window of {} on {local} of {} layers (RoPE base {}, freq scale {} there)", w.window, hp.n_layer, w.rope_base, w.rope_freq_scale);
+            }
+            if hp.post_norms {
+                let cap = |c: Option<f32>| c.map_or("none".to_string(), |c| c.to_string());
+                println!("gemma:         embedding x {}, post-norms, query scale {}, soft-capping: attention {}, logits {}", hp.embd_scale.unwrap_or(1.0), hp.q_scale.unwrap_or(0.0), cap(hp.attn_softcap), cap(hp.final_softcap));
+            }
+            if let Some(why) = hp.gpu_dense_only() {
+                println!("gpu:           {why}");
+            }
             println!("vocab:         {} (embeddings {})", hp.n_vocab, if model.tied_embeddings { "tied to the output" } else { "separate from the output" });
             println!("context:       trained for {}", hp.n_ctx_train);
             for (name, from, to) in &model.conversions {

@@ -81,12 +81,27 @@ pub struct SynthArgs {
     /// Model family, with its tensor names, shapes and metadata keys as llama.cpp's converter
     /// writes them: llama; qwen3 (per-head q/k norms, NeoX RoPE, `qwen3.attention.key_length`);
     /// bamboo (PowerInfer's dReLU llama, which implies --act drelu); phi3 (fused attn_qkv, and
-    /// gate and up fused in ffn_up)
-    #[arg(long, default_value = "llama", value_parser = ["llama", "qwen3", "phi3", "bamboo"])]
+    /// gate and up fused in ffn_up); gemma2 (GeGLU, four norms per layer, soft-capping,
+    /// sliding window on even layers, tied output); gemma3 (gemma2 with q/k norms, no attention
+    /// soft-capping, 5 of 6 layers local with RoPE base 10000, global layers at 1e6 with linear
+    /// scaling 8)
+    #[arg(long, default_value = "llama", value_parser = ["llama", "qwen3", "phi3", "bamboo", "gemma2", "gemma3"])]
     pub arch: String,
-    /// Size of an attention head [default: n_embd / n_head]; qwen3 only, where it may differ
+    /// Size of an attention head [default: n_embd / n_head]; qwen3, gemma2 and gemma3 only,
+    /// where it may differ
     #[arg(long)]
     pub head_dim: Option<u64>,
+    /// gemma2/gemma3: the local layers' window (`attention.sliding_window`) [default: 4096
+    /// for gemma2, 1024 for gemma3, as the real models]
+    #[arg(long)]
+    pub sliding_window: Option<u64>,
+    /// gemma2 only: `attn_logit_softcapping` [default: 50, the real models'; it barely bends
+    /// random weights' scores, so the tests pass a small cap]
+    #[arg(long)]
+    pub attn_softcap: Option<f32>,
+    /// gemma2 only: `final_logit_softcapping` [default: 30, the real models']
+    #[arg(long)]
+    pub final_softcap: Option<f32>,
     #[arg(long, default_value_t = 4096)]
     pub n_embd: u64,
     #[arg(long, default_value_t = 11008)]
@@ -420,15 +435,31 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         return Err("--arch bamboo is PowerInfer's dReLU architecture: add --act drelu".into());
     }
     let hd = a.head_dim.unwrap_or(a.n_embd / a.n_head);
-    if a.head_dim.is_some() && arch != "qwen3" {
-        return Err("--head-dim: only qwen3 heads may differ from n_embd / n_head".into());
+    let gemma = arch.starts_with("gemma");
+    if a.head_dim.is_some() && !(arch == "qwen3" || gemma) {
+        return Err("--head-dim: only qwen3 and gemma heads may differ from n_embd / n_head".into());
+    }
+    if gemma && a.act != "silu" {
+        return Err(format!("--act {}: gemma models have their own GeGLU FFN (gelu(gate) * up); leave --act out", a.act).into());
+    }
+    // What the FFN computes, for the messages.
+    let act_name = if gemma { "gelu" } else { a.act.as_str() };
+    if a.sliding_window.is_some() && !gemma {
+        return Err("--sliding-window: only gemma2 and gemma3 have sliding-window layers".into());
+    }
+    for (flag, v) in [("--attn-softcap", a.attn_softcap), ("--final-softcap", a.final_softcap)] {
+        match v {
+            Some(_) if arch != "gemma2" => return Err(format!("{flag}: only gemma2 soft-caps (gemma3 has no attention cap, and no final cap in its released configs)").into()),
+            Some(v) if !(v.is_finite() && v > 0.0) => return Err(format!("{flag} {v}: use a positive number").into()),
+            _ => {}
+        }
     }
     if hd == 0 || hd > 1024 || !hd.is_multiple_of(2) || (a.n_head * hd) % ty.block_len() as u64 != 0 {
         return Err(format!("--head-dim {hd}: use an even size up to 1024 with n_head x head_dim a multiple of {}", ty.block_len()).into());
     }
     let mut w = GgufWriter::new();
     w.set("general.architecture", Value::String(arch.into()));
-    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, a.act, format!("{:?}", a.ty).to_uppercase())));
+    w.set("general.name", Value::String(format!("ember-synth {}x{} {} {} (random weights)", a.n_layer, a.n_embd, act_name, format!("{:?}", a.ty).to_uppercase())));
     let mut keys = vec![("block_count", a.n_layer), ("embedding_length", a.n_embd), ("feed_forward_length", a.n_ff), ("attention.head_count", a.n_head), ("attention.head_count_kv", a.n_head_kv), ("context_length", 4096)];
     match arch {
         // convert_hf_to_gguf.py's Qwen3: the head size as key and value length, RoPE over whole
@@ -436,13 +467,32 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         "qwen3" => keys.extend([("attention.key_length", hd), ("attention.value_length", hd)]),
         // Phi3MiniModel: the RoPE dimension and the original context, no vocabulary size.
         "phi3" => keys.extend([("rope.dimension_count", hd), ("rope.scaling.original_context_length", 4096)]),
+        // Gemma2Model/Gemma3Model: the head size as key and value length, the window, no
+        // vocabulary size or RoPE dimension count.
+        "gemma2" => keys.extend([("attention.key_length", hd), ("attention.value_length", hd), ("attention.sliding_window", a.sliding_window.unwrap_or(4096))]),
+        "gemma3" => keys.extend([("attention.key_length", hd), ("attention.value_length", hd), ("attention.sliding_window", a.sliding_window.unwrap_or(1024))]),
         _ => keys.extend([("vocab_size", vocab), ("rope.dimension_count", hd)]),
     }
     for (k, v) in keys {
         w.set(&format!("{arch}.{k}"), Value::U32(v as u32));
     }
-    w.set(&format!("{arch}.rope.freq_base"), Value::F32(if arch == "qwen3" { 1_000_000.0 } else { 10000.0 }));
-    w.set(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(if arch == "qwen3" { 1e-6 } else { 1e-5 }));
+    match arch {
+        // Gemma2Model writes no RoPE base (llama.cpp's default 10000 applies) but the caps.
+        "gemma2" => {
+            w.set("gemma2.attn_logit_softcapping", Value::F32(a.attn_softcap.unwrap_or(50.0)));
+            w.set("gemma2.final_logit_softcapping", Value::F32(a.final_softcap.unwrap_or(30.0)));
+        }
+        // Gemma3Model: the global layers' base; 4B and larger scale their RoPE linearly by 8.
+        "gemma3" => {
+            w.set("gemma3.rope.freq_base", Value::F32(1_000_000.0));
+            w.set("gemma3.rope.scaling.type", Value::String("linear".into()));
+            w.set("gemma3.rope.scaling.factor", Value::F32(8.0));
+        }
+        _ => {
+            w.set(&format!("{arch}.rope.freq_base"), Value::F32(if arch == "qwen3" { 1_000_000.0 } else { 10000.0 }));
+        }
+    }
+    w.set(&format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(if arch == "qwen3" || gemma { 1e-6 } else { 1e-5 }));
     // Bamboo's dReLU is its architecture's; elsewhere ember's own key says it.
     if a.act != "silu" && arch != "bamboo" {
         w.set("ember.ffn_activation", Value::String(a.act.clone()));
@@ -456,7 +506,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     let nl = a.n_layer;
     w.add_generated("token_embd.weight", &[e, vocab], a.ty.of("token_embd", 0, nl));
     w.add_generated("output_norm.weight", &[e], GgmlType::F32);
-    w.add_generated("output.weight", &[e, vocab], a.ty.of("output", 0, nl));
+    // Gemma ties the output to the embedding: the converter writes no output tensor.
+    if !gemma {
+        w.add_generated("output.weight", &[e, vocab], a.ty.of("output", 0, nl));
+    }
     for l in 0..a.n_layer {
         let n = |s: &str| format!("blk.{l}.{s}");
         let t = |s: &str| a.ty.of(s, l, nl);
@@ -469,7 +522,10 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             w.add_generated(&n("attn_v.weight"), &[e, kv], t("attn_v.weight"));
         }
         w.add_generated(&n("attn_output.weight"), &[q, e], t("attn_output.weight"));
-        if arch == "qwen3" {
+        if gemma {
+            w.add_generated(&n("post_attention_norm.weight"), &[e], GgmlType::F32);
+        }
+        if arch == "qwen3" || arch == "gemma3" {
             w.add_generated(&n("attn_q_norm.weight"), &[hd], GgmlType::F32);
             w.add_generated(&n("attn_k_norm.weight"), &[hd], GgmlType::F32);
         }
@@ -482,6 +538,9 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             w.add_generated(&n("ffn_up.weight"), &[e, ff], t("ffn_up.weight"));
         }
         w.add_generated(&n("ffn_down.weight"), &[ff, e], t("ffn_down.weight"));
+        if gemma {
+            w.add_generated(&n("post_ffw_norm.weight"), &[e], GgmlType::F32);
+        }
     }
     if a.profile.is_some() && a.act != "relu" {
         return Err("--profile sets firing rates of a relu model: add --act relu".into());
@@ -504,9 +563,11 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             return Err(format!("{}: the model takes {:.1} GiB, more than the {:.1} GiB free there", a.output.display(), gib(total), gib(free)).into());
         }
     }
-    let n_tensors = 3 + match arch {
+    let n_tensors = if gemma { 2 } else { 3 } + match arch {
         "qwen3" => 11,
         "phi3" => 6,
+        "gemma2" => 11,
+        "gemma3" => 13,
         _ => 9,
     } * a.n_layer;
     let bar = indicatif::ProgressBar::new(n_tensors);
@@ -517,6 +578,15 @@ pub fn synth(a: SynthArgs) -> Result<()> {
         w.write_generated(out, &mut |name, t, buf| {
             let cols = if name.ends_with("ffn_down.weight") { ff } else if name.ends_with("attn_output.weight") { q } else { e };
             fill(buf, t, cols, mix(a.seed ^ mix(index)));
+            if gemma && (name.ends_with("post_attention_norm.weight") || name.ends_with("post_ffw_norm.weight")) {
+                // Post-norm gains of about 4, so that the layers' outputs outweigh the scaled
+                // embedding in the residual: with the output tied to random embeddings a
+                // model would otherwise predict its last token again and again.
+                for v in buf.chunks_exact_mut(4) {
+                    let g = f32::from_le_bytes([v[0], v[1], v[2], v[3]]) * 4.0;
+                    v.copy_from_slice(&g.to_le_bytes());
+                }
+            }
             if relu && t != GgmlType::F32 {
                 relu_structure(name, buf, t, cols);
             }
@@ -534,6 +604,6 @@ pub fn synth(a: SynthArgs) -> Result<()> {
     if let (Some((target, reached)), Some(p)) = (rates, &a.profile) {
         eprintln!("ember: firing rates of {} imitated: mean {:.1}% on {} calibration tokens (the profile's {:.1}%)", p.display(), 100.0 * reached, 64, 100.0 * target);
     }
-    eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, format!("{:?}", a.ty).to_uppercase(), a.act);
+    eprintln!("ember: wrote {} ({:.2} GiB, {} layers, {} weights, {} FFN, random weights: for speed tests only)", a.output.display(), size as f64 / (1u64 << 30) as f64, a.n_layer, format!("{:?}", a.ty).to_uppercase(), act_name);
     Ok(())
 }

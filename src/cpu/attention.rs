@@ -50,6 +50,31 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// What an attention call does beyond the plain causal softmax(q k / sqrt(d)) v.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnOpts {
+    /// Scores are the f16 dot products times this (1/sqrt(head_dim) by default; 1 where the
+    /// model scaled q itself before the f16 rounding, as Gemma does).
+    pub scale: f32,
+    /// Scores become `cap * tanh(s / cap)` (0: none; Gemma 2: 50). As llama.cpp's flash
+    /// attention computes it: the scale divided by the cap, then `cap * tanhf`.
+    pub softcap: f32,
+    /// A query at position p sees keys `p - window + 1 ..= p` only (0: all of 0..=p).
+    pub window: usize,
+}
+
+impl AttnOpts {
+    /// Plain causal attention for heads of `head_dim`.
+    pub fn causal(head_dim: usize) -> AttnOpts {
+        AttnOpts { scale: 1.0 / (head_dim as f32).sqrt(), softcap: 0.0, window: 0 }
+    }
+
+    /// The first key a query at `pos` sees.
+    fn first_key(&self, pos: usize) -> usize {
+        if self.window == 0 { 0 } else { (pos + 1).saturating_sub(self.window) }
+    }
+}
+
 /// Attention for `n_tokens` queries at positions `pos0..pos0 + n_tokens` (each sees keys
 /// `0..=its position`). `q` is `[n_tokens][n_head * head_dim]`, `out` likewise. Over rayon.
 pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, out: &mut [f32]) {
@@ -57,7 +82,7 @@ pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, 
     assert_eq!(out.len(), n_tokens * shape.n_head * head_dim);
     out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
         let mut scratch = vec![f16::ZERO; 2 * head_dim];
-        one_head(q, k, v, pos0, shape, i, o, &mut scratch)
+        one_head(q, k, v, pos0, shape, AttnOpts::causal(head_dim), i, o, &mut scratch)
     });
 }
 
@@ -65,6 +90,12 @@ pub fn attention(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, 
 /// the longer causal rows of a prompt's later tokens evenly.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, out: &mut [f32]) {
+    attention_team_opts(team, q, k, v, pos0, n_tokens, shape, AttnOpts::causal(shape.head_dim), out)
+}
+
+/// [`attention_team`] with `opts` (Gemma's scale, soft-capping and sliding window).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_team_opts(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, opts: AttnOpts, out: &mut [f32]) {
     let head_dim = shape.head_dim;
     let n = n_tokens * shape.n_head;
     assert_eq!(out.len(), n * head_dim);
@@ -75,7 +106,7 @@ pub fn attention_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos0: us
             // SAFETY: task i owns out[i * head_dim..][..head_dim], inside `out`; each task
             // belongs to one member.
             let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(i * head_dim), head_dim) };
-            one_head(q, k, v, pos0, shape, i, o, &mut scratch);
+            one_head(q, k, v, pos0, shape, opts, i, o, &mut scratch);
         }
     });
 }
@@ -254,6 +285,11 @@ pub struct RowKv<'a> {
 /// (`[rows.len()][n_head * head_dim]`) attends to its own `rows[t]`. Each (row, head) is the
 /// same computation as [`attention_team`]'s for that row alone, dealt round-robin.
 pub fn attention_rows_team(team: &mut Team, q: &[f32], rows: &[RowKv], shape: AttnShape, out: &mut [f32]) {
+    attention_rows_team_opts(team, q, rows, shape, AttnOpts::causal(shape.head_dim), out)
+}
+
+/// [`attention_rows_team`] with `opts`.
+pub fn attention_rows_team_opts(team: &mut Team, q: &[f32], rows: &[RowKv], shape: AttnShape, opts: AttnOpts, out: &mut [f32]) {
     let head_dim = shape.head_dim;
     let q_dim = shape.n_head * head_dim;
     let n = rows.len() * shape.n_head;
@@ -267,7 +303,7 @@ pub fn attention_rows_team(team: &mut Team, q: &[f32], rows: &[RowKv], shape: At
             let r = rows[t];
             // SAFETY: as in `attention_team`.
             let o = unsafe { std::slice::from_raw_parts_mut(ptr.at(i * head_dim), head_dim) };
-            one_head(&q[t * q_dim..(t + 1) * q_dim], r.k, r.v, r.pos, shape, h, o, &mut scratch);
+            one_head(&q[t * q_dim..(t + 1) * q_dim], r.k, r.v, r.pos, shape, opts, h, o, &mut scratch);
         }
     });
 }
@@ -289,21 +325,25 @@ impl SharedOut {
 /// Task `i` = (token `i / n_head`, head `i % n_head`): online softmax over its keys, the
 /// weighted values summed in f16. `scratch` holds `2 * head_dim` halves.
 #[allow(clippy::too_many_arguments)]
-fn one_head(q: &[f32], k: &[f16], v: &[f16], pos0: usize, shape: AttnShape, i: usize, o: &mut [f32], scratch: &mut [f16]) {
+fn one_head(q: &[f32], k: &[f16], v: &[f16], pos0: usize, shape: AttnShape, opts: AttnOpts, i: usize, o: &mut [f32], scratch: &mut [f16]) {
     let AttnShape { n_head, n_head_kv, head_dim } = shape;
     let q_dim = n_head * head_dim;
     let kv_dim = n_head_kv * head_dim;
     let group = n_head / n_head_kv;
-    let scale = 1.0 / (head_dim as f32).sqrt();
+    let cap = opts.softcap;
+    let scale = if cap != 0.0 { opts.scale / cap } else { opts.scale };
     let (t, h) = (i / n_head, i % n_head);
     let kvh = h / group;
     let (qh, acc) = scratch.split_at_mut(head_dim);
     acc.fill(f16::ZERO);
     crate::quant::f32_to_f16_row(&q[t * q_dim + h * head_dim..][..head_dim], qh);
     let (mut m, mut s) = (f32::NEG_INFINITY, 0.0f32);
-    for p in 0..=pos0 + t {
+    for p in opts.first_key(pos0 + t)..=pos0 + t {
         let kr = &k[p * kv_dim + kvh * head_dim..][..head_dim];
-        let score = crate::quant::vec_dot_f16_f16(kr, qh) * scale;
+        let mut score = crate::quant::vec_dot_f16_f16(kr, qh) * scale;
+        if cap != 0.0 {
+            score = cap * score.tanh();
+        }
         let (mut ms, mut vs) = (1.0f32, 1.0f32);
         if score > m {
             ms = (m - score).exp();

@@ -232,7 +232,34 @@ pub fn gated_activation(act: Activation, gate: &mut [f32], up: &[f32]) {
                 *g = gated(Activation::Drelu, *g, u);
             }
         }
+        Activation::GeluTanh => {
+            for (g, &u) in gate.iter_mut().zip(up) {
+                *g = gelu_tanh(*g) * u;
+            }
+        }
     }
+}
+
+/// GELU with the tanh approximation, `x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`, as
+/// llama.cpp's CPU backend computes it for GeGLU: from -10 to 10 the input is rounded to f16
+/// and the result (computed in f32 with the C library's tanhf) rounded to f16 again (its
+/// 65536-entry table); below -10 it is 0, from 10 on x itself. Matching it keeps Gemma's greedy
+/// tokens on llama.cpp's; the f16 roundings are within GELU's own approximation error.
+#[inline]
+#[allow(clippy::excessive_precision)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    use half::f16;
+    if x <= -10.0 {
+        return 0.0;
+    }
+    if x >= 10.0 {
+        return x;
+    }
+    const SQRT_2_OVER_PI: f32 = 0.79788456080286535587989211986876;
+    const COEF_A: f32 = 0.044715;
+    let h = f16::from_f32(x).to_f32();
+    let y = 0.5 * h * (1.0 + (SQRT_2_OVER_PI * h * (1.0 + COEF_A * h * h)).tanh());
+    f16::from_f32(y).to_f32()
 }
 
 /// One neuron's hidden value from its gate and up pre-activations: `act(g) * u`, or for dReLU
@@ -277,5 +304,6 @@ pub fn activate(act: Activation, g: f32) -> f32 {
     match act {
         Activation::Silu => g / (1.0 + exp_poly(-g)),
         Activation::Relu | Activation::Drelu => g.max(0.0),
+        Activation::GeluTanh => gelu_tanh(g),
     }
 }

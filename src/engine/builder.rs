@@ -173,8 +173,17 @@ pub struct Opened {
 /// Opens the session the options ask for, with the model loaded onto it; `log` receives the
 /// lines a front-end shows the user (what runs where, what was reused or cached).
 pub fn open(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn(&str)) -> Result<Opened> {
+    // A model that only the dense single-sequence GPU session runs (Gemma), with options that
+    // need another: --backend gpu fails, auto takes the CPU.
+    let beyond_dense = args.n_seqs > 1 || args.n_gpu_layers.is_some() || args.vram_budget.is_some() || args.ffn != FfnMode::Dense || args.simulate_activity.is_some();
+    let gpu_unsupported = model.hp.gpu_dense_only().filter(|_| beyond_dense);
     let choice = match (args.backend, args.device.clone()) {
         (BackendChoice::Cpu, _) => None,
+        (BackendChoice::Gpu, _) if gpu_unsupported.is_some() => return Err(BuildError::Gpu(GpuError::Unsupported(gpu_unsupported.unwrap_or_default()))),
+        (BackendChoice::Auto, _) if gpu_unsupported.is_some() => {
+            log(&format!("running on the CPU ({})", gpu_unsupported.unwrap_or_default()));
+            None
+        }
         (BackendChoice::Gpu, choice) => Some(choice.unwrap_or(DeviceChoice::BestOrSoftware)),
         (BackendChoice::Auto, Some(choice)) => Some(choice),
         (BackendChoice::Auto, None) => match GpuContext::new(&DeviceChoice::Best) {

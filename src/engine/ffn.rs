@@ -72,6 +72,8 @@ pub enum FfnError {
     PredictorShape(String),
     #[error("cannot transpose {0}: {1}")]
     Transpose(String, String),
+    #[error("the neuron-aware FFN (--ffn, the hybrid) does not run {0} models yet (their GeGLU FFN has no sparse path): use the dense FFN (--ffn dense) on the CPU")]
+    Unsupported(String),
 }
 
 impl SparseFfn {
@@ -94,6 +96,11 @@ impl SparseFfn {
 
     fn build(model: &Model, mode: FfnMode, predictors: Option<Arc<Predictors>>, thresholds: Vec<f32>, precision: Precision, simulated: bool, progress: bool) -> Result<SparseFfn, FfnError> {
         let hp = &model.hp;
+        // GeGLU's gate never rules a neuron out, nothing measured its sparsity, and the sparse
+        // paths have no post-FFN norm (Gemma).
+        if mode != FfnMode::Dense && (hp.activation == Activation::GeluTanh || hp.post_norms) {
+            return Err(FfnError::Unsupported(hp.arch.clone()));
+        }
         match mode {
             FfnMode::Relu if !hp.activation.gate_is_relu() => return Err(FfnError::NotRelu(hp.activation.name())),
             FfnMode::Predict if predictors.is_none() && !simulated => return Err(FfnError::NoPredictors),

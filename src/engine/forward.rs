@@ -3,7 +3,7 @@
 
 use crate::cpu::attention::AttnShape;
 use crate::cpu::ops::{self, Rope};
-use crate::cpu::attention::{attention_rows_team, attention_team, RowKv};
+use crate::cpu::attention::{attention_rows_team_opts, attention_team_opts, AttnOpts, RowKv};
 use crate::cpu::matmul::{matmuls_tuned, CpuTuning};
 use crate::cpu::team::Team;
 use crate::cpu::{Activations, KvCache, Precision};
@@ -199,6 +199,8 @@ pub struct Session {
     pub model: Arc<Model>,
     kv: Vec<KvCache>,
     rope: Rope,
+    /// The RoPE of sliding-window layers, where the model has them (Gemma 3's base differs).
+    rope_swa: Option<Rope>,
     n_past: Vec<usize>,
     /// The sequence `forward` runs.
     seq: usize,
@@ -273,7 +275,8 @@ impl Session {
         let hp = &model.hp;
         let kv = vec![KvCache::new(hp.n_layer, n_ctx, hp.kv_dim())];
         let rope = Rope::new(hp.rope_dim, hp.rope_base, hp.rope_freq_scale, hp.rope_style);
-        Session { model, kv, rope, n_past: vec![0], seq: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()), tuning: CpuTuning::default(), times: None }
+        let rope_swa = hp.swa.as_ref().map(|w| Rope::new(hp.rope_dim, w.rope_base, w.rope_freq_scale, hp.rope_style));
+        Session { model, kv, rope, rope_swa, n_past: vec![0], seq: 0, precision: Precision::default(), observer: None, ffn: None, ffn_scratch: FfnScratch::default(), ffn_stats: FfnStats::default(), team: Team::new(rayon::current_num_threads()), tuning: CpuTuning::default(), times: None }
     }
 
     /// A session of `n` sequences (at least one), each with its own KV cache of the context
@@ -296,7 +299,7 @@ impl Session {
 
     fn run(&mut self, tokens: &[u32], want: Logits) -> Result<Vec<f32>, ForwardError> {
         check_batch(&self.model.hp, self.n_past[self.seq], self.kv[self.seq].n_ctx, tokens)?;
-        let x: Vec<f32> = tokens.iter().flat_map(|&t| self.model.token_embd.row_f32(t as usize)).collect();
+        let x = embed(&self.model, tokens.iter().copied());
         self.run_layers(x, 0, want)
     }
 
@@ -306,7 +309,7 @@ impl Session {
         for &(seq, t) in rows {
             check_batch(&self.model.hp, self.n_past[seq], self.kv[seq].n_ctx, &[t])?;
         }
-        let x: Vec<f32> = rows.iter().flat_map(|&(_, t)| self.model.token_embd.row_f32(t as usize)).collect();
+        let x = embed(&self.model, rows.iter().map(|&(_, t)| t));
         let at: Vec<(usize, usize)> = rows.iter().map(|&(seq, _)| (seq, self.n_past[seq])).collect();
         let t = tick(&self.times);
         let out = self.layers(x, 0, &at, Logits::All);
@@ -361,6 +364,9 @@ impl Session {
         }
         let shape = AttnShape { n_head: hp.n_head, n_head_kv: hp.n_head_kv, head_dim: hp.head_dim };
         let angles: Vec<_> = at.iter().map(|&(_, pos)| self.rope.angles(pos)).collect();
+        let angles_swa: Option<Vec<_>> = self.rope_swa.as_ref().map(|r| at.iter().map(|&(_, pos)| r.angles(pos)).collect());
+        // Gemma scales q itself (before the f16 rounding of the score products).
+        let base_opts = AttnOpts { scale: if hp.q_scale.is_some() { 1.0 } else { 1.0 / (hp.head_dim as f32).sqrt() }, softcap: hp.attn_softcap.unwrap_or(0.0), window: 0 };
 
         let mut xn = vec![0.0; n * e];
         let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
@@ -383,9 +389,19 @@ impl Session {
                 ops::rms_norm_in_place(&mut q[..n * qd], qn, hp.rms_eps);
                 ops::rms_norm_in_place(&mut k[..n * kvd], kn, hp.rms_eps);
             }
+            // Sliding-window layers see the last `window` positions, with their own RoPE.
+            let local = hp.swa.as_ref().filter(|w| w.layers[il]);
+            let (rope, angles) = match (local, &self.rope_swa, &angles_swa) {
+                (Some(_), Some(r), Some(a)) => (r, a),
+                _ => (&self.rope, &angles),
+            };
+            let opts = AttnOpts { window: local.map_or(0, |w| w.window), ..base_opts };
             for t in 0..n {
-                self.rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles[t]);
-                self.rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles[t]);
+                rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles[t]);
+                rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles[t]);
+                if let Some(s) = hp.q_scale {
+                    q[t * qd..(t + 1) * qd].iter_mut().for_each(|v| *v *= s);
+                }
                 let (seq, pos) = at[t];
                 self.kv[seq].store(il, pos, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
             }
@@ -393,19 +409,22 @@ impl Session {
             if at.iter().all(|&(seq, _)| seq == at[0].0) {
                 // One sequence (a prompt, or one token): its rows are consecutive positions.
                 let (kc, vc) = self.kv[at[0].0].layer(il);
-                attention_team(&mut self.team, &q, kc, vc, at[0].1, n, shape, &mut attn);
+                attention_team_opts(&mut self.team, &q, kc, vc, at[0].1, n, shape, opts, &mut attn);
             } else {
                 let kv: Vec<RowKv> = at.iter().map(|&(seq, pos)| {
                     let (k, v) = self.kv[seq].layer(il);
                     RowKv { k, v, pos }
                 }).collect();
-                attention_rows_team(&mut self.team, &q, &kv, shape, &mut attn);
+                attention_rows_team_opts(&mut self.team, &q, &kv, shape, opts, &mut attn);
             }
             if let (Some(t), Some(times)) = (t, self.times.as_mut()) {
                 times.attention += t.elapsed().as_secs_f64();
             }
             let precision = self.precision;
             self.products(&Activations::new(&attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+            if let Some(w) = &layer.attn_post_norm {
+                ops::rms_norm_in_place(&mut proj, w, hp.rms_eps);
+            }
             ops::add_assign(&mut x, &proj);
 
             // In the last layer only the rows whose logits are wanted go on.
@@ -442,6 +461,9 @@ impl Session {
             ops::gated_activation(hp.activation, &mut gate[..rows * ff], &up[..rows * ff]);
             let precision = self.precision;
             self.products(&Activations::new(&gate[..rows * ff], rows).with_precision(precision), [(&layer.ffn_down, &mut proj[..rows * e])]);
+            if let Some(w) = &layer.ffn_post_norm {
+                ops::rms_norm_in_place(&mut proj[..rows * e], w, hp.rms_eps);
+            }
             ops::add_assign(&mut x, &proj[..rows * e]);
         }
         // Each sequence now follows its last row (a prompt's rows are consecutive positions).
@@ -455,8 +477,23 @@ impl Session {
         let mut logits = vec![0.0; rows * hp.n_vocab];
         let precision = self.precision;
         self.products(&Activations::new(xn, rows).with_precision(precision), [(&m.output, &mut logits[..])]);
+        if let Some(cap) = hp.final_softcap {
+            // As llama.cpp: scale by 1/cap, tanh, scale by cap.
+            let inv = 1.0 / cap;
+            logits.iter_mut().for_each(|l| *l = (*l * inv).tanh() * cap);
+        }
         Ok(logits)
     }
+}
+
+/// The token embeddings of `tokens`, one row each, scaled where the model scales them
+/// (Gemma: by sqrt(n_embd), in f32 as llama.cpp does).
+fn embed(model: &Model, tokens: impl Iterator<Item = u32>) -> Vec<f32> {
+    let mut x: Vec<f32> = tokens.flat_map(|t| model.token_embd.row_f32(t as usize)).collect();
+    if let Some(s) = model.hp.embd_scale {
+        x.iter_mut().for_each(|v| *v *= s);
+    }
+    x
 }
 
 impl Forward for Session {

@@ -93,6 +93,11 @@ impl GpuBatch {
     /// Whether the sessions are fit to batch: the dense session, shared weights and context.
     fn check(seqs: &[GpuSession]) -> Result<(), GpuError> {
         let Some(core) = seqs.first() else { return Err(GpuError::Unsupported("a batch of no sequences".into())) };
+        // The batched step records the layers' products and attention itself, without
+        // Gemma's post-norms, scales and caps.
+        if let Some(why) = core.model.hp.gpu_dense_only() {
+            return Err(GpuError::Unsupported(why));
+        }
         if core.head.is_none() || core.layers.iter().any(|l| l.attn.is_none()) {
             return Err(GpuError::Unsupported("batched decoding needs every layer and the output on the GPU (the dense session)".into()));
         }

@@ -4,7 +4,8 @@
 
 use super::forward::{Forward, ForwardError, Logits};
 use crate::gpu::matrix::{Epilogue, GpuMatrix, MatOut, MatmulOp, NormIn, RopeIn};
-use crate::gpu::ops::{ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape, SampleOp, SampleParams};
+use crate::cpu::attention::AttnOpts;
+use crate::gpu::ops::{AddOp, ArgmaxOp, BiasOp, AttentionOp, GatedActOp, GpuKvCache, HeadNormOp, RmsNormOp, RopeKvOp, RopeShape, SampleOp, SampleParams, ScaleOp};
 use super::sampler::SampleRule;
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::gpu_ops::{NamedOp, Op};
@@ -53,6 +54,8 @@ struct GpuAttnWeights {
     /// qwen3's per-head q and k norm weights.
     qk_norm: Option<[wgpu::Buffer; 2]>,
     ffn_norm: wgpu::Buffer,
+    /// Gemma's norms of the attention's and the FFN's outputs.
+    post_norms: Option<[wgpu::Buffer; 2]>,
 }
 
 /// Matrices that multiply one activation vector: uploaded as one matrix where their types and
@@ -134,6 +137,13 @@ impl GpuWeights {
     /// external FFN too (`dense_ffn` false): the wrapper hands the GPU the FFN norm's output.
     pub fn upload_parts(ctx: &GpuContext, model: &Model, attention_on_gpu: &[bool], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
         let n_layers = attention_on_gpu.len().min(model.layers.len());
+        // Gemma runs only as a whole dense model here (the offload's and the hybrid's layers
+        // have no post-norms, soft-capping or windows).
+        if let Some(why) = model.hp.gpu_dense_only() {
+            if n_layers < model.layers.len() || !dense_ffn || attention_on_gpu.iter().any(|&g| !g) {
+                return Err(GpuError::Unsupported(why));
+            }
+        }
         if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
             return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
         }
@@ -167,6 +177,10 @@ impl GpuWeights {
                         _ => None,
                     },
                     ffn_norm: f32_buffer(ctx, &format!("blk.{i}.ffn_norm"), &l.ffn_norm),
+                    post_norms: match (&l.attn_post_norm, &l.ffn_post_norm) {
+                        (Some(a), Some(f)) => Some([f32_buffer(ctx, &format!("blk.{i}.post_attention_norm"), a), f32_buffer(ctx, &format!("blk.{i}.post_ffw_norm"), f)]),
+                        _ => None,
+                    },
                 }),
                 false => None,
             };
@@ -193,6 +207,8 @@ pub(super) struct LayerOps {
     /// The attention half up to the FFN norm; None where it runs outside the session.
     pub(super) attn: Option<AttnOps>,
     pub(super) ffn: FfnOps,
+    /// Gemma: the FFN's output (stored in xn) normalised into `post`, then x += post.
+    ffn_post: Option<(RmsNormOp, AddOp)>,
 }
 
 /// A layer's attention half on the GPU.
@@ -210,8 +226,10 @@ pub(super) struct AttnOps {
     rope_kv: RopeKvOp,
     qkv_has_rope: bool,
     pub(super) attention: AttentionOp,
-    /// x += Wo attn (the residual add in the product's epilogue).
+    /// x += Wo attn (the residual add in the product's epilogue); Gemma: xn = Wo attn.
     pub(super) o: MatmulOp,
+    /// Gemma: xn normalised into `post`, then x += post.
+    post_norm: Option<(RmsNormOp, AddOp)>,
     /// The FFN's RMSNorm unless the stacked gate/up product holds it (a neuron-aware FFN reads
     /// its output).
     pub(super) ffn_norm: Option<RmsNormOp>,
@@ -260,6 +278,9 @@ impl AttnOps {
             v.push(("rope_kv", &self.rope_kv));
         }
         v.extend([("attention", &self.attention as &dyn Op), ("matmul o", &self.o)]);
+        if let Some((norm, add)) = &self.post_norm {
+            v.extend([("post_norm", norm as &dyn Op), ("post_add", add)]);
+        }
         if let Some(norm) = &self.ffn_norm {
             v.push(("ffn_norm", norm));
         }
@@ -289,12 +310,16 @@ impl LayerOps {
 
     /// The FFN's GPU dispatches (for a split layer, the hot neurons only).
     pub(super) fn ffn_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
-        match &self.ffn {
+        let mut v: Vec<(&'static str, &dyn Op)> = match &self.ffn {
             FfnOps::Dense { gate_up: StackedOps::One(gate_up), down } => vec![("matmul gate_up", gate_up), ("matmul down", down)],
             FfnOps::Dense { gate_up: StackedOps::GateUpApart(gate, up, act), down } => vec![("matmul gate", gate), ("matmul up", up), ("gated_act", act), ("matmul down", down)],
             FfnOps::Dense { gate_up: StackedOps::QkvApart(..), .. } => unreachable!("gate and up are stacked or apart"),
             FfnOps::External => Vec::new(),
+        };
+        if let Some((norm, add)) = &self.ffn_post {
+            v.extend([("post_norm", norm as &dyn Op), ("post_add", add)]);
         }
+        v
     }
 }
 
@@ -312,6 +337,8 @@ pub(super) struct Scratch {
     /// The FFN's hidden vector act(gate) * up (gate, where gate and up are computed apart).
     pub(super) gate: wgpu::Buffer,
     pub(super) up: wgpu::Buffer,
+    /// Gemma: a post-norm's output (n_embd per token), added to x.
+    pub(super) post: wgpu::Buffer,
     pub(super) x_last: wgpu::Buffer,
     pub(super) xn_last: wgpu::Buffer,
     pub(super) logits_last: wgpu::Buffer,
@@ -326,6 +353,9 @@ pub(super) struct Scratch {
 pub(super) struct HeadOps {
     output_last: MatmulOp,
     pub(super) output_all: MatmulOp,
+    /// Gemma's final soft-capping of the last row's logits and of every row's.
+    softcap_last: Option<ScaleOp>,
+    softcap_all: Option<ScaleOp>,
     argmax: ArgmaxOp,
 }
 
@@ -337,6 +367,8 @@ pub struct GpuSession {
     pub(super) kv: GpuKvCache,
     pub(super) s: Scratch,
     pub(super) embed: crate::gpu::matrix::GetRowsOp,
+    /// Gemma's embedding scale, after the lookup.
+    embed_scale: Option<ScaleOp>,
     pub(super) layers: Vec<LayerOps>,
     /// Final norm, logits and argmax; None when the CPU computes them (dense layer offload).
     pub(super) head: Option<HeadOps>,
@@ -408,6 +440,7 @@ impl GpuSession {
             gate: f("gate", mt * ff),
             // Only gate and up computed apart need it.
             up: f("up", if weights.layers.iter().any(|l| matches!(l.dense_ffn, Some((Stacked::Apart(_), _)))) { mt * ff } else { 1 }),
+            post: f("post", if hp.post_norms { mt * e } else { 1 }),
             x_last: f("x_last", e),
             xn_last: f("xn_last", e),
             logits_last: f("logits_last", nv),
@@ -432,11 +465,11 @@ impl GpuSession {
         let [q_range, k_range, v_range] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
         let add = MatOut::with(Epilogue::Add);
         let mut layers = Vec::with_capacity(hp.n_layer);
-        for (w, slot) in weights.layers.iter().zip(&kv_slots) {
+        for (il, (w, slot)) in weights.layers.iter().zip(&kv_slots).enumerate() {
             let (Some(a), Some(slot)) = (&w.attn, *slot) else {
                 // Host attention: the wrapper writes x and xn; the FFN is external too
                 // (`GpuWeights::upload_parts` refuses a dense one).
-                layers.push(LayerOps { attn: None, ffn: FfnOps::External });
+                layers.push(LayerOps { attn: None, ffn: FfnOps::External, ffn_post: None });
                 continue;
             };
             let attn_norm = NormIn { x: &s.x, weight: &a.attn_norm, eps: hp.rms_eps };
@@ -445,6 +478,16 @@ impl GpuSession {
             // RoPE and the KV write in the qkv product's epilogue: llama's adjacent pairs, and no
             // biases or per-head norms (they come between the product and RoPE).
             let rope_in_qkv = !rope.neox && a.biases.is_none() && a.qk_norm.is_none();
+            // Gemma: local layers' RoPE and window, the query scale, soft-capped scores.
+            let local = hp.swa.as_ref().filter(|w| w.layers[il]);
+            let rope = match local {
+                Some(w) => RopeShape { base: w.rope_base, freq_scale: w.rope_freq_scale, ..rope },
+                None => rope,
+            };
+            let attn_opts = AttnOpts { scale: hp.q_scale.unwrap_or(1.0 / (hp.head_dim as f32).sqrt()), softcap: hp.attn_softcap.unwrap_or(0.0), window: local.map_or(0, |w| w.window) };
+            // Gemma: the output products store into xn, normalised into `post` and added.
+            let post = |weight: &wgpu::Buffer| (RmsNormOp::new(&ctx, &s.xn, weight, &s.post, e as u32, hp.rms_eps, &s.step), AddOp::new(&ctx, &s.x, &s.post, e as u32, &s.step));
+            let out_to = |post: bool| if post { (&s.xn, MatOut::with(Epilogue::Store)) } else { (&s.x, add.clone()) };
             let attn = AttnOps {
                 attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
                 qkv: match &a.qkv {
@@ -464,8 +507,12 @@ impl GpuSession {
                 }),
                 rope_kv: RopeKvOp::new(&ctx, q_range, k_range, v_range, kv.k_range(slot), kv.v_range(slot), rope, &s.step),
                 qkv_has_rope: rope_in_qkv && matches!(a.qkv, Stacked::One(_)),
-                attention: AttentionOp::new(&ctx, q_range, kv.k_range(slot), kv.v_range(slot), &s.attn, attn_shape, n_ctx as u32, max_tokens as u32, &s.step)?,
-                o: a.wo.bind_matmul_out(&ctx, &s.attn, &s.x, &s.step, &add),
+                attention: AttentionOp::with_opts(&ctx, q_range, kv.k_range(slot), kv.v_range(slot), &s.attn, attn_shape, attn_opts, n_ctx as u32, max_tokens as u32, &s.step)?,
+                o: {
+                    let (y, out) = out_to(a.post_norms.is_some());
+                    a.wo.bind_matmul_out(&ctx, &s.attn, y, &s.step, &out)
+                },
+                post_norm: a.post_norms.as_ref().map(|[w, _]| post(w)),
                 ffn_norm: (!matches!(w.dense_ffn, Some((Stacked::One(_), _)))).then(|| separate(&ffn_norm)),
             };
             let ffn = match &w.dense_ffn {
@@ -478,20 +525,30 @@ impl GpuSession {
                             GatedActOp::new(&ctx, &s.gate, &s.up, ff as u32, act, &s.step),
                         ),
                     },
-                    down: down.bind_matmul_out(&ctx, &s.gate, &s.x, &s.step, &add),
+                    down: {
+                        let (y, out) = out_to(a.post_norms.is_some());
+                        down.bind_matmul_out(&ctx, &s.gate, y, &s.step, &out)
+                    },
                 },
                 None => FfnOps::External,
             };
-            layers.push(LayerOps { attn: Some(attn), ffn });
+            let ffn_post = match (&w.dense_ffn, &a.post_norms) {
+                (Some(_), Some([_, f])) => Some(post(f)),
+                _ => None,
+            };
+            layers.push(LayerOps { attn: Some(attn), ffn, ffn_post });
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
         let head = weights.head.as_ref().map(|(output_norm, output)| HeadOps {
             output_last: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x_last, weight: output_norm, eps: hp.rms_eps }, &s.xn_last, &s.logits_last, &s.step_last, &MatOut::default()),
             output_all: output.bind_matmul_normed(&ctx, &NormIn { x: &s.x, weight: output_norm, eps: hp.rms_eps }, &s.xn, &s.logits_all, &s.step, &MatOut::default()),
+            softcap_last: hp.final_softcap.map(|c| ScaleOp::softcap(&ctx, &s.logits_last, nv as u32, c, &s.step_last)),
+            softcap_all: hp.final_softcap.map(|c| ScaleOp::softcap(&ctx, &s.logits_all, nv as u32, c, &s.step)),
             argmax: ArgmaxOp::new(&ctx, &s.logits_last, nv as u32, &s.argmax, &s.step_last),
         });
+        let embed_scale = hp.embd_scale.map(|v| ScaleOp::scale(&ctx, &s.x, e as u32, v, &s.step));
         let argmax_ring = (0..=ctx.tuning.decode_ahead.min(3)).map(|_| ctx.readback_buffer("argmax readback", ARGMAX_BYTES)).collect();
-        Ok(GpuSession { model, ctx, weights, kv, s, embed, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring, sampling: None })
+        Ok(GpuSession { model, ctx, weights, kv, s, embed, embed_scale, layers, head, n_ctx, max_tokens, n_past: 0, argmax_ring, sampling: None })
     }
 
     /// Whether layer `il`'s attention (and KV cache) runs in this session; where not, the
@@ -619,6 +676,9 @@ impl GpuSession {
     /// layer whose FFN this session does not hold.
     fn layer_sequence_with<'a>(&'a self, want: Logits, n_tokens: u32, external: &dyn Fn(usize) -> Vec<NamedOp<'a>>) -> Vec<NamedOp<'a>> {
         let mut v: Vec<NamedOp<'a>> = vec![("embed", &self.embed)];
+        if let Some(op) = &self.embed_scale {
+            v.push(("embed_scale", op));
+        }
         for (il, l) in self.layers.iter().enumerate() {
             v.extend(l.sequence(n_tokens));
             if matches!(l.ffn, FfnOps::External) {
@@ -627,6 +687,9 @@ impl GpuSession {
         }
         if let (Logits::All, Some(h)) = (want, &self.head) {
             v.push(("matmul output", &h.output_all));
+            if let Some(op) = &h.softcap_all {
+                v.push(("softcap", op));
+            }
         }
         v
     }
@@ -634,7 +697,14 @@ impl GpuSession {
     /// After `copy_last_row`: the last token's final norm, logits and argmax.
     pub(super) fn output_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
         match &self.head {
-            Some(h) => vec![("matmul output", &h.output_last), ("argmax", &h.argmax)],
+            Some(h) => {
+                let mut v: Vec<(&'static str, &dyn Op)> = vec![("matmul output", &h.output_last)];
+                if let Some(op) = &h.softcap_last {
+                    v.push(("softcap", op));
+                }
+                v.push(("argmax", &h.argmax));
+                v
+            }
             None => Vec::new(),
         }
     }

@@ -4,7 +4,7 @@
 //! record through it, so neither needs the other's types to build a dispatch sequence.
 
 use crate::gpu::matrix::{GetRowsOp, MatmulOp};
-use crate::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, BiasOp, GatedActOp, HeadNormOp, RmsNormOp, RopeKvOp};
+use crate::gpu::ops::{AddOp, ArgmaxOp, AttentionOp, BiasOp, GatedActOp, HeadNormOp, RmsNormOp, RopeKvOp, ScaleOp};
 use crate::gpu::sparse::{BatchFfnOp, DenseGateOp, SelectOp, SparseAxpyOp, SparseMatvecOp};
 
 /// Anything that records its dispatches into a compute pass.
@@ -25,7 +25,7 @@ macro_rules! impl_op {
         }
     )*};
 }
-impl_op!(RmsNormOp, HeadNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, GetRowsOp, BatchFfnOp);
+impl_op!(RmsNormOp, HeadNormOp, MatmulOp, BiasOp, RopeKvOp, AttentionOp, AddOp, GatedActOp, ArgmaxOp, GetRowsOp, BatchFfnOp, ScaleOp);
 
 /// The sparse kernels' ops: one token each, their sizes fixed when bound.
 macro_rules! impl_op_one_token {

@@ -18,6 +18,11 @@ impl OffloadSession {
     /// Uploads the first `n_gpu_layers` layers (all of them runs everything on the GPU but the
     /// head) and prepares the CPU for the rest.
     pub fn new(model: Arc<Model>, ctx: Arc<GpuContext>, n_gpu_layers: usize, n_ctx: usize, max_batch: usize, progress: bool) -> Result<Self, GpuError> {
+        // The CPU's share of the layers and the head would follow Gemma, the GPU's would not
+        // hand them over with its post-norms and caps in the right places: not yet.
+        if let Some(why) = model.hp.gpu_dense_only() {
+            return Err(GpuError::Unsupported(why));
+        }
         let n_gpu_layers = n_gpu_layers.min(model.hp.n_layer);
         let mut weights = GpuWeights::upload_layers(&ctx, &model, n_gpu_layers, true, progress)?;
         // The CPU computes the head, even when every layer is on the GPU.

@@ -490,6 +490,7 @@ impl Epilogue {
             Epilogue::GatedPairs { act: Activation::Silu } => 2,
             Epilogue::GatedPairs { act: Activation::Relu } => 3,
             Epilogue::GatedPairs { act: Activation::Drelu } => 4,
+            Epilogue::GatedPairs { act: Activation::GeluTanh } => 5,
         }
     }
 

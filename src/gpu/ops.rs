@@ -8,6 +8,7 @@
 //! laid out `[token][dim]`. An op's input and output buffers must be distinct (wgpu refuses one
 //! buffer bound both read-only and read-write in a dispatch).
 
+use crate::cpu::attention::AttnOpts;
 use super::{GpuContext, GpuError};
 use super::shaders::compose;
 use std::sync::Arc;
@@ -366,7 +367,9 @@ pub const SINGLE_PASS_MAX_KEYS: u32 = 256;
 /// Causal attention over the KV cache: `out[t][h * head_dim..]` for the query at position
 /// `pos0 + t` over cached keys `0..=pos0 + t`; GQA (head h reads KV head h / (n_head /
 /// n_head_kv)); scale 1/sqrt(head_dim); q rounded to f16 as the CPU backend does; f32 softmax
-/// and accumulation.
+/// and accumulation. [`with_opts`](Self::with_opts): another scale, soft-capped scores and a
+/// sliding window (masked keys weigh nothing; key tiles wholly before a window are skipped,
+/// so a local layer's decode reads about `window` keys, though every chunk is dispatched).
 ///
 /// Decode (`n_tokens == 1`): flash-decoding. The keys are split into at most
 /// [`DECODE_MAX_CHUNKS`] chunks (a multiple of 64 keys, at least 64; fewer for short contexts);
@@ -404,7 +407,14 @@ pub struct AttentionOp {
 impl AttentionOp {
     #[allow(clippy::too_many_arguments)]
     pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
-        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_tokens, step, None, None)
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, AttnOpts::causal(shape.head_dim as usize), n_ctx, max_tokens, step, None, None)
+    }
+
+    /// [`new`](Self::new) with a score scale of its own, soft-capping and a sliding window
+    /// (Gemma; the same options as the CPU's attention).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_opts<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, out: &Buffer, shape: AttnShape, opts: AttnOpts, n_ctx: u32, max_tokens: u32, step: &Buffer) -> Result<Self, GpuError> {
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, opts, n_ctx, max_tokens, step, None, None)
     }
 
     /// A batched decode's attention ([`encode_rows`](Self::encode_rows)): row r of q (and of
@@ -413,7 +423,7 @@ impl AttentionOp {
     /// positions per sequence), up to `max_rows` rows, each with its own partials.
     #[allow(clippy::too_many_arguments)]
     pub fn rows<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, out: &Buffer, shape: AttnShape, n_ctx: u32, max_rows: u32, rows: &Buffer, step: &Buffer) -> Result<Self, GpuError> {
-        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_rows, step, None, Some(rows))
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, AttnOpts::causal(shape.head_dim as usize), n_ctx, max_rows, step, None, Some(rows))
     }
 
     /// [`new`](Self::new) writing its decode partials into `share`'s buffers rather than its
@@ -423,11 +433,11 @@ impl AttentionOp {
     /// and context.
     #[allow(clippy::too_many_arguments)]
     pub fn sharing<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, cache_k: impl Into<BufRange<'a>>, cache_v: impl Into<BufRange<'a>>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: &AttentionOp) -> Result<Self, GpuError> {
-        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, n_ctx, max_tokens, step, Some(share), None)
+        Self::build(ctx, q.into(), cache_k.into(), cache_v.into(), out, shape, AttnOpts::causal(shape.head_dim as usize), n_ctx, max_tokens, step, Some(share), None)
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn build(ctx: &GpuContext, q: BufRange<'_>, cache_k: BufRange<'_>, cache_v: BufRange<'_>, out: &Buffer, shape: AttnShape, n_ctx: u32, max_tokens: u32, step: &Buffer, share: Option<&AttentionOp>, rows: Option<&Buffer>) -> Result<Self, GpuError> {
+    fn build(ctx: &GpuContext, q: BufRange<'_>, cache_k: BufRange<'_>, cache_v: BufRange<'_>, out: &Buffer, shape: AttnShape, opts: AttnOpts, n_ctx: u32, max_tokens: u32, step: &Buffer, share: Option<&AttentionOp>, rows: Option<&Buffer>) -> Result<Self, GpuError> {
         let AttnShape { n_head, n_head_kv, head_dim } = shape;
         let unsupported = |why: String| Err(GpuError::Unsupported(format!("attention: {why}")));
         if !head_dim.is_multiple_of(8) || head_dim == 0 || head_dim > 512 {
@@ -468,10 +478,14 @@ impl AttentionOp {
             return unsupported(format!("head_dim {head_dim} needs more workgroup memory than the GPU's {shared} bytes"));
         }
         let kv4 = kv_dim / 8;
-        let scale = (1.0 / (head_dim as f32).sqrt()).to_bits();
+        // As llama.cpp's flash attention: with a cap, the scale is divided by it, then the
+        // shader takes cap * tanh(score).
+        let cap = opts.softcap;
+        let scale = if cap > 0.0 { opts.scale / cap } else { opts.scale }.to_bits();
+        let window = u32::try_from(opts.window).unwrap_or(u32::MAX);
         let n_chunks = n_ctx.div_ceil(64).clamp(1, DECODE_MAX_CHUNKS);
 
-        let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, 0, 0, 0]);
+        let decode_params = params(ctx, "attention.decode.params", &[n_head, group, kv4, n_chunks, scale, cap.to_bits(), window, 0]);
         let (part_o, part_ml) = match share {
             Some(op) if op._buffers[1].size() == (n_head * n_chunks * head_dim) as u64 * 4 && op._buffers[2].size() == (n_head * n_chunks) as u64 * 8 => (op._buffers[1].clone(), op._buffers[2].clone()),
             Some(_) => return unsupported("the shared partials are of another shape".into()),
@@ -499,7 +513,7 @@ impl AttentionOp {
             ]
         });
 
-        let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, 0, 0, 0]);
+        let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, cap.to_bits(), window, 0]);
         let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
         let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
         Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, by_rows, _buffers: [decode_params, part_o, part_ml, prefill_params] })
@@ -582,6 +596,36 @@ impl AddOp {
         let p = params(ctx, "residual_add.params", &[dim, 0, 0, 0]);
         let kernel = Kernel::new(ctx, "ops/residual_add", RESIDUAL_ADD, "main", &[(0, x), (1, y), (2, &p), (3, step)]);
         AddOp { kernel, dim, _params: p }
+    }
+
+    pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {
+        let (x, y) = grid((n_tokens * self.dim).div_ceil(256));
+        self.kernel.dispatch(pass, x, y);
+    }
+}
+
+/// In place over `n_tokens * dim` values: `x *= s` ([`ScaleOp::scale`]: Gemma's embedding
+/// scale) or `x = c tanh(x / c)` ([`ScaleOp::softcap`]: its final logit soft-capping). The
+/// residual-add shader's `scale` and `softcap` entry points.
+pub struct ScaleOp {
+    kernel: Kernel,
+    dim: u32,
+    _params: Buffer,
+}
+
+impl ScaleOp {
+    pub fn scale(ctx: &GpuContext, x: &Buffer, dim: u32, s: f32, step: &Buffer) -> Self {
+        Self::build(ctx, "scale", x, dim, s, step)
+    }
+
+    pub fn softcap(ctx: &GpuContext, x: &Buffer, dim: u32, cap: f32, step: &Buffer) -> Self {
+        Self::build(ctx, "softcap", x, dim, cap, step)
+    }
+
+    fn build(ctx: &GpuContext, entry: &str, x: &Buffer, dim: u32, v: f32, step: &Buffer) -> Self {
+        let p = params(ctx, "residual_add.params", &[dim, v.to_bits(), 0, 0]);
+        let kernel = Kernel::new(ctx, &format!("ops/residual_add.{entry}"), RESIDUAL_ADD, entry, &[(0, x), (2, &p), (3, step)]);
+        ScaleOp { kernel, dim, _params: p }
     }
 
     pub fn encode(&self, pass: &mut ComputePass<'_>, n_tokens: u32) {

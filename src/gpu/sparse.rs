@@ -611,6 +611,9 @@ fn act_code(act: Activation) -> u32 {
         Activation::Relu => 0,
         Activation::Silu => 1,
         Activation::Drelu => 2,
+        // GPU sessions refuse GeLU models before any kernel is built (`HParams::gpu_unsupported`,
+        // checked by `GpuWeights::upload_parts`): reaching this is a bug in ember, not bad input.
+        Activation::GeluTanh => unreachable!("no GPU kernel computes GeLU; GPU sessions refuse these models"),
     }
 }
 

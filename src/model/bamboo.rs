@@ -6,4 +6,4 @@
 //! `ember.ffn_activation = drelu` instead.
 use super::{Activation, ArchSpec, RopeStyle};
 
-pub const BAMBOO: ArchSpec = ArchSpec { names: &["bamboo"], rope: RopeStyle::Adjacent, qkv_bias: false, activation: Activation::Drelu, qk_norm: false, fused_gate_up: false };
+pub const BAMBOO: ArchSpec = ArchSpec { names: &["bamboo"], rope: RopeStyle::Adjacent, qkv_bias: false, activation: Activation::Drelu, qk_norm: false, fused_gate_up: false, gemma: None };

@@ -5,6 +5,8 @@
 //! layer recipe itself (pre-norm attention + gated FFN) is shared by the whole llama family.
 
 mod bamboo;
+mod gemma2;
+mod gemma3;
 mod llama;
 mod phi3;
 mod qwen2;
@@ -62,6 +64,10 @@ pub enum Activation {
     /// from the gate alone (`g > 0`) keeps a superset of the firing neurons and gets the exact
     /// result once the up value's ReLU is applied.
     Drelu,
+    /// GeGLU, `gelu(g) * u` with GELU's tanh approximation (Gemma 2 and 3), computed as
+    /// llama.cpp's CPU backend does (`ops::gelu_tanh`; the GPU's dense products and gated
+    /// activation too; the sparse kernels do not have it).
+    GeluTanh,
 }
 
 impl Activation {
@@ -70,6 +76,7 @@ impl Activation {
             Activation::Silu => "silu",
             Activation::Relu => "relu",
             Activation::Drelu => "drelu",
+            Activation::GeluTanh => "gelu",
         }
     }
 
@@ -96,9 +103,53 @@ pub struct ArchSpec {
     /// The FFN's gate and up are one tensor, `ffn_up` of 2 x n_ff rows (gate first), as phi3
     /// writes them; q, k and v may be one `attn_qkv` tensor in every architecture.
     pub fused_gate_up: bool,
+    /// Gemma's additions (embedding scale, post-norms, soft-capping, sliding-window layers).
+    pub gemma: Option<GemmaSpec>,
 }
 
-const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3, &bamboo::BAMBOO];
+/// What Gemma 2 and 3 add to the llama layer, with the defaults llama.cpp uses where the file
+/// says nothing (see gemma2.rs and gemma3.rs). Every Gemma multiplies the token embedding by
+/// sqrt(n_embd), has `post_attention_norm` and `post_ffw_norm`, and scales q before attention.
+#[derive(Debug)]
+pub struct GemmaSpec {
+    /// Sliding-window layers: il is local when `il % swa_pattern < swa_pattern - 1`, unless
+    /// the file's `sliding_window_pattern` says otherwise.
+    pub swa_pattern: usize,
+    /// The window when the file has no `attention.sliding_window` key (0: no local layers).
+    pub default_window: usize,
+    /// Attention score soft-capping (`attn_logit_softcapping`): `Some(default)` where the
+    /// architecture always caps, `None` where it never does.
+    pub attn_softcap: Option<f32>,
+    /// Final logit soft-capping when the file has no `final_logit_softcapping` key.
+    pub final_softcap: Option<f32>,
+    /// The RoPE of local layers.
+    pub swa_rope: SwaRope,
+    /// The layer count of the 27B model, whose query scale is 1/sqrt(n_embd / n_head) instead
+    /// of 1/sqrt(head_dim) (llama.cpp recognises it by its layer count).
+    pub layers_27b: usize,
+}
+
+/// The RoPE of a model's sliding-window layers (`rope.freq_base_swa` overrides the base).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SwaRope {
+    /// The global layers' base and scaling (Gemma 2).
+    Global,
+    /// This base, unscaled (Gemma 3's local layers: 10000).
+    Fixed(f32),
+}
+
+/// Sliding-window attention: which layers have it, over how many positions, with which RoPE.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow {
+    /// A query at position p sees keys `p - window + 1 ..= p` (llama.cpp masks p - k >= window).
+    pub window: usize,
+    /// Per layer: whether it is local (windowed).
+    pub layers: Vec<bool>,
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+}
+
+const ARCHITECTURES: &[&ArchSpec] = &[&llama::LLAMA, &qwen2::QWEN2, &qwen3::QWEN3, &phi3::PHI3, &bamboo::BAMBOO, &gemma2::GEMMA2, &gemma3::GEMMA3];
 
 fn arch_spec(name: &str) -> Result<&'static ArchSpec> {
     ARCHITECTURES.iter().copied().find(|a| a.names.contains(&name)).ok_or_else(|| {
@@ -136,6 +187,20 @@ pub struct HParams {
     pub rope_style: RopeStyle,
     pub rms_eps: f32,
     pub activation: Activation,
+    /// The token embedding is multiplied by this (Gemma: sqrt(n_embd)).
+    pub embd_scale: Option<f32>,
+    /// q is multiplied by this after RoPE and attention scores are not scaled again (Gemma,
+    /// as llama.cpp does it: the product rounds q to f16 after the scaling). `None`: scores
+    /// are scaled by 1/sqrt(head_dim) after the dot product.
+    pub q_scale: Option<f32>,
+    /// Attention scores become `cap * tanh(s / cap)` (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Logits become `cap * tanh(l / cap)` (Gemma 2, some Gemma 3).
+    pub final_softcap: Option<f32>,
+    /// Local (sliding-window) layers, where the model has them.
+    pub swa: Option<SlidingWindow>,
+    /// Each layer has `post_attention_norm` and `post_ffw_norm` (Gemma).
+    pub post_norms: bool,
 }
 
 impl HParams {
@@ -180,23 +245,29 @@ impl HParams {
             Some("silu") => Activation::Silu,
             Some("relu") => Activation::Relu,
             Some("drelu") => Activation::Drelu,
+            // GeGLU comes with Gemma's architecture, not from this key.
             Some(other) => return Err(ModelError::BadHParams(format!("ember.ffn_activation = {other:?} (silu, relu or drelu)"))),
         };
-        let rope_freq_scale = match opt_s(&key("rope.scaling.type"))? {
-            None | Some("none") => 1.0,
-            Some("linear") => {
-                let factor = f.get_f32(&key("rope.scaling.factor"))?;
+        // llama.cpp takes a missing scaling type for linear and applies a factor the file
+        // gives (`rope.scaling.factor`, or the older `rope.scale_linear`) whatever the type.
+        let factor_key = ["rope.scaling.factor", "rope.scale_linear"].into_iter().map(key).find(|k| f.get(k).is_some());
+        let rope_freq_scale = match (opt_s(&key("rope.scaling.type"))?, &factor_key) {
+            (None, None) | (Some("none"), _) => 1.0,
+            (None | Some("linear"), _) => {
+                let factor = f.get_f32(factor_key.as_deref().unwrap_or(&key("rope.scaling.factor")))?;
                 // Written so that NaN fails too; a factor of 0 would make every angle infinite.
                 if !(factor.is_finite() && (1e-3..=MAX_ROPE_SCALING).contains(&factor)) {
-                    return Err(ModelError::BadHParams(format!("{arch}.rope.scaling.factor = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})")));
+                    return Err(ModelError::BadHParams(format!("{} = {factor} (must be a finite number from 0.001 to {MAX_ROPE_SCALING})", factor_key.unwrap_or_else(|| key("rope.scaling.factor")))));
                 }
                 1.0 / factor
             }
-            Some(other) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
+            (Some(other), _) => return Err(ModelError::BadHParams(format!("RoPE scaling {other:?} is not supported yet (none, linear)"))),
         };
-        let hp = HParams {
+        let n_layer = req_u("block_count")?;
+        let rope_base = opt_f("rope.freq_base")?.unwrap_or(10000.0);
+        let mut hp = HParams {
             arch: arch.clone(),
-            n_layer: req_u("block_count")?,
+            n_layer,
             n_embd,
             n_ff: req_u("feed_forward_length")?,
             n_head,
@@ -204,15 +275,77 @@ impl HParams {
             head_dim,
             n_vocab,
             n_ctx_train: opt_u("context_length")?.map(usize_of).unwrap_or(2048),
-            rope_base: opt_f("rope.freq_base")?.unwrap_or(10000.0),
+            rope_base,
             rope_dim: opt_u("rope.dimension_count")?.map(usize_of).unwrap_or(head_dim),
             rope_freq_scale,
             rope_style: spec.rope,
             rms_eps: f.get_f32(&key("attention.layer_norm_rms_epsilon"))?,
             activation,
+            embd_scale: None,
+            q_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            swa: None,
+            post_norms: false,
         };
+        if let Some(g) = &spec.gemma {
+            hp.embd_scale = Some((n_embd as f32).sqrt());
+            hp.post_norms = true;
+            // gemma_pytorch's query_pre_attn_scalar: n_embd / n_head for the 27B, else the
+            // head size (llama.cpp tells the 27B by its layer count).
+            let q_pre = if n_layer == g.layers_27b { n_embd.checked_div(n_head).unwrap_or(0) } else { head_dim };
+            hp.q_scale = Some(1.0 / (q_pre as f32).sqrt());
+            let cap = |k: &str, default: Option<f32>| -> Result<Option<f32>> {
+                // A cap of 0 means none (llama.cpp tests the value), as does a missing key
+                // where the architecture has no default.
+                match opt_f(k)?.or(default) {
+                    None => Ok(None),
+                    Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
+                    Some(c) => match c == 0.0 {
+                        true => Ok(None),
+                        false => Err(ModelError::BadHParams(format!("{arch}.{k} = {c} (must be a positive number)"))),
+                    },
+                }
+            };
+            // Gemma 3 has no attention soft-capping at all, whatever the file says.
+            hp.attn_softcap = match g.attn_softcap {
+                Some(d) => cap("attn_logit_softcapping", Some(d))?,
+                None => None,
+            };
+            hp.final_softcap = cap("final_logit_softcapping", g.final_softcap)?;
+            let window = opt_u("attention.sliding_window")?.map(usize_of).unwrap_or(g.default_window);
+            if window > 0 {
+                let layers = match f.get(&key("attention.sliding_window_pattern")) {
+                    None => swa_pattern(n_layer, g.swa_pattern),
+                    Some(v) => match v.as_array() {
+                        Some(a) => {
+                            let flags: Option<Vec<bool>> = a.iter().map(|v| v.as_bool()).collect();
+                            match flags {
+                                Some(flags) if flags.len() == n_layer => flags,
+                                _ => return Err(ModelError::BadHParams(format!("{arch}.attention.sliding_window_pattern: an array must hold one bool per layer ({n_layer})"))),
+                            }
+                        }
+                        None => swa_pattern(n_layer, usize_of(f.get_u64(&key("attention.sliding_window_pattern"))?)),
+                    },
+                };
+                let (base, scale) = match g.swa_rope {
+                    SwaRope::Global => (rope_base, rope_freq_scale),
+                    SwaRope::Fixed(b) => (b, 1.0),
+                };
+                let base = opt_f("rope.freq_base_swa")?.unwrap_or(base);
+                hp.swa = Some(SlidingWindow { window, layers, rope_base: base, rope_freq_scale: scale });
+            }
+        }
         hp.validate()?;
         Ok(hp)
+    }
+
+    /// Why only the dense, single-sequence GPU session runs this model, if so: the batched
+    /// decode, the dense layer offload, the hybrid and the sparse kernels have no GeLU,
+    /// post-norms, soft-capping or sliding window yet (Gemma).
+    pub fn gpu_dense_only(&self) -> Option<String> {
+        let gemma = self.post_norms || self.embd_scale.is_some() || self.swa.is_some() || self.attn_softcap.is_some() || self.final_softcap.is_some() || self.q_scale.is_some();
+        (gemma || self.activation == Activation::GeluTanh).then(|| format!("{} runs on the GPU only as one dense sequence yet (not with --parallel, --n-gpu-layers, --vram-budget or --ffn): drop those options or use --backend cpu", self.arch))
     }
 
     /// Rejects values that would make later arithmetic or allocation absurd.
@@ -249,8 +382,22 @@ impl HParams {
         if !(self.rope_freq_scale.is_finite() && self.rope_freq_scale > 0.0) {
             return bad(format!("RoPE frequency scale {} (must be finite and positive)", self.rope_freq_scale));
         }
+        if let Some(s) = &self.swa {
+            if s.window > MAX_CTX_TRAIN {
+                return bad(format!("attention.sliding_window = {} (at most {MAX_CTX_TRAIN})", s.window));
+            }
+            if !(s.rope_base > 1.0 && s.rope_base <= MAX_ROPE_BASE) {
+                return bad(format!("rope.freq_base_swa = {} (must be a finite number above 1, at most {MAX_ROPE_BASE:e})", s.rope_base));
+            }
+        }
         Ok(())
     }
+}
+
+/// llama.cpp's `set_swa_pattern`: with a pattern of n, layer il is local unless it is the
+/// last of each n (n = 0: every layer local; n = 1: none).
+fn swa_pattern(n_layer: usize, n: usize) -> Vec<bool> {
+    (0..n_layer).map(|il| n == 0 || il % n < n - 1).collect()
 }
 
 /// One transformer block's weights.
@@ -266,6 +413,9 @@ pub struct Layer {
     /// Per-head RMSNorm weights of q and k (`head_dim` each; qwen3).
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
+    /// Gemma's norms of the attention's and the FFN's outputs, before each residual add.
+    pub attn_post_norm: Option<Vec<f32>>,
+    pub ffn_post_norm: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     pub ffn_gate: Matrix,
     pub ffn_up: Matrix,
@@ -363,6 +513,7 @@ impl Model {
                 true => (Some(store.vector(&n("attn_q_norm.weight"), hp.head_dim as u64)?), Some(store.vector(&n("attn_k_norm.weight"), hp.head_dim as u64)?)),
                 false => (None, None),
             };
+            let attn_post_norm = if hp.post_norms { Some(store.vector(&n("post_attention_norm.weight"), e)?) } else { None };
             let ffn_norm = store.vector(&n("ffn_norm.weight"), e)?;
             let (ffn_gate, ffn_up) = if spec.fused_gate_up {
                 // phi3: gate rows then up rows in one tensor (llama.cpp's SwiGLU over halves).
@@ -379,7 +530,8 @@ impl Model {
                 (Some(t), false) => t.transposed(t.transpose_type()).map_err(|m| ModelError::Other(format!("{}: {m}", t.name)))?,
                 _ => store.matrix(&n("ffn_down.weight"), &[ff, e])?,
             };
-            layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
+            let ffn_post_norm = if hp.post_norms { Some(store.vector(&n("post_ffw_norm.weight"), e)?) } else { None };
+            layers.push(Layer { attn_norm, wq, wk, wv, wo, bq, bk, bv, q_norm, k_norm, attn_post_norm, ffn_post_norm, ffn_norm, ffn_gate, ffn_up, ffn_down, ffn_down_t });
         }
         Ok(Model { hp, file, token_embd, output_norm, output, tied_embeddings, layers, conversions: store.conversions })
     }
@@ -421,7 +573,7 @@ impl Model {
                 total += m.n_bytes() as u64;
             }
             total += 4 * (l.attn_norm.len() + l.ffn_norm.len()) as u64;
-            total += 4 * (l.q_norm.as_ref().map_or(0, |v| v.len()) + l.k_norm.as_ref().map_or(0, |v| v.len())) as u64;
+            total += 4 * [&l.q_norm, &l.k_norm, &l.attn_post_norm, &l.ffn_post_norm].iter().map(|v| v.as_ref().map_or(0, |v| v.len())).sum::<usize>() as u64;
         }
         total
     }

@@ -7,4 +7,4 @@
 //! `phi3.attention.sliding_window` is ignored, as llama.cpp does.
 use super::{Activation, ArchSpec, RopeStyle};
 
-pub const PHI3: ArchSpec = ArchSpec { names: &["phi3"], rope: RopeStyle::Halves, qkv_bias: false, activation: Activation::Silu, qk_norm: false, fused_gate_up: true };
+pub const PHI3: ArchSpec = ArchSpec { names: &["phi3"], rope: RopeStyle::Halves, qkv_bias: false, activation: Activation::Silu, qk_norm: false, fused_gate_up: true, gemma: None };

@@ -9,4 +9,4 @@
 //! a real Qwen3 vocabulary is not tested here.
 use super::{Activation, ArchSpec, RopeStyle};
 
-pub const QWEN3: ArchSpec = ArchSpec { names: &["qwen3"], rope: RopeStyle::Halves, qkv_bias: false, activation: Activation::Silu, qk_norm: true, fused_gate_up: false };
+pub const QWEN3: ArchSpec = ArchSpec { names: &["qwen3"], rope: RopeStyle::Halves, qkv_bias: false, activation: Activation::Silu, qk_norm: true, fused_gate_up: false, gemma: None };

@@ -325,7 +325,7 @@ pub fn fires(act: Activation, g: f32, u: f32) -> bool {
         Activation::Relu => g > 0.0,
         // dReLU: both branches pass a ReLU, so both must be positive (TurboSparse's count).
         Activation::Drelu => g > 0.0 && u > 0.0,
-        Activation::Silu => crate::cpu::ops::activate(act, g) != 0.0,
+        Activation::Silu | Activation::GeluTanh => crate::cpu::ops::activate(act, g) != 0.0,
     }
 }
 
