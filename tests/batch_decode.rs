@@ -60,7 +60,7 @@ fn batched(engine: Box<dyn Forward>, n_slots: usize, tok: &Tokenizer, reqs: Vec<
             }
         }
         max_active = max_active.max(b.n_active());
-        for (slot, end) in b.step(tok, &|_| false, &mut |_, _| {}) {
+        for (slot, end) in b.step(tok, &|_| false, &|| !waiting.is_empty(), &mut |_, _| {}) {
             let i = slot_of[slot].take().unwrap();
             out[i] = Some(end.unwrap().tokens);
         }
@@ -164,6 +164,60 @@ fn gpu_batched_requests_equal_sequential_ones() {
         let want: Vec<Vec<u32>> = reqs.iter().map(|r| alone(single.as_mut(), &tok, &r.0, r.1, r.3.clone())).collect();
         let got = batched(batch, 3, &tok, reqs);
         assert_eq!(got, want);
+    });
+}
+
+/// A request running alone decodes in the backend's own loop (`Forward::decode_greedy` /
+/// `decode_sampled`, on the GPU with the next token queued): one `step` takes it to its end when
+/// nobody waits, and one token per step while someone does; either way its tokens are
+/// `generate`'s, greedy and sampled on the device's rule (no penalties).
+fn check_alone_in_the_batcher(mut single: Box<dyn Forward>, batch: Box<dyn Forward>, tok: &Tokenizer) {
+    let mut b = Batcher::new(vec![batch], 2);
+    let sampled = SamplerConfig { temperature: 0.8, top_k: 40, seed: 7, ..Default::default() };
+    for (i, config) in [greedy_config(), sampled].into_iter().enumerate() {
+        let prompt = tok.encode(PROMPTS[i], true, false).unwrap();
+        let want = alone(single.as_mut(), tok, &prompt, 12, config.clone());
+        for waiting in [false, true] {
+            let slot = b.free_slot(&prompt).unwrap();
+            let start = b.start(slot, Request { prompt: prompt.clone(), sampler: Sampler::new(config.clone()), n_predict: 12, stops: vec![] }, tok, &mut |_| {});
+            assert!(start.is_none(), "the request ended at its first token");
+            let mut steps = 0;
+            let got = loop {
+                steps += 1;
+                let mut ended = b.step(tok, &|_| false, &|| waiting, &mut |_, _| {});
+                if let Some((_, end)) = ended.pop() {
+                    break end.unwrap().tokens;
+                }
+            };
+            assert_eq!(got, want, "request {i}, someone waiting: {waiting}");
+            let expect_steps = if waiting { want.len().saturating_sub(1).max(1) } else { 1 };
+            assert_eq!(steps, expect_steps, "request {i}, someone waiting: {waiting}");
+        }
+    }
+}
+
+#[test]
+fn cpu_request_alone_runs_in_the_backends_loop() {
+    let Some(path) = common::default_model() else { return };
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| check_alone_in_the_batcher(Box::new(Session::new(model.clone(), 96)), Box::new(Session::new(model.clone(), 96).with_seqs(2)), &tok));
+}
+
+#[test]
+fn gpu_request_alone_runs_in_the_backends_loop() {
+    let Some(path) = common::default_model() else { return };
+    if common::gpu().is_none() {
+        return;
+    }
+    let (model, tok) = load(&path);
+    let (_turn, pool) = pool();
+    pool.install(|| {
+        let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
+        let single = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        opts.n_seqs = 2;
+        let batch = builder::open(&opts, model.clone(), 96, &|_| {}).unwrap().session;
+        check_alone_in_the_batcher(single, batch, &tok);
     });
 }
 

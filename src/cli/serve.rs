@@ -144,6 +144,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     });
     let (jobs, rx) = std::sync::mpsc::channel::<Job>();
     let worker_tok = tokenizer.clone();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let worker_in_flight = in_flight.clone();
     let parallel = a.parallel;
     let (opened_tx, opened_rx) = std::sync::mpsc::sync_channel::<std::result::Result<(), String>>(1);
     // The sessions live on the worker thread (they are not Send), opened there before the port
@@ -174,7 +176,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 match opened {
                     Ok(()) => {
                         let _ = opened_tx.send(Ok(()));
-                        worker(Batcher::new(engines, parallel), &worker_tok, rx)
+                        worker(Batcher::new(engines, parallel), &worker_tok, rx, &worker_in_flight)
                     }
                     Err(e) => {
                         let _ = opened_tx.send(Err(e));
@@ -190,7 +192,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         tokenizer,
         n_ctx,
         jobs,
-        in_flight: Arc::new(AtomicUsize::new(0)),
+        in_flight,
         limit: a.parallel + a.queue,
         next_id: AtomicU64::new(1),
     });
@@ -215,8 +217,10 @@ pub fn serve(a: ServeArgs) -> Result<()> {
 /// The worker: starts waiting jobs in free slots (the slot holding the longest prefix of the
 /// prompt, else the least recently used), then steps every active sequence one token, the
 /// sequences of one session decoded as one batch; a finished or cancelled job leaves its slot
-/// free for the next. Jobs whose client went away while they waited are dropped unrun.
-fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Receiver<Job>) {
+/// free for the next. Jobs whose client went away while they waited are dropped unrun. A
+/// request running alone decodes in the backend's own loop (`Batcher::step`) until another
+/// is admitted (`in_flight` counts the admitted requests) and a slot is free for it.
+fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Receiver<Job>, in_flight: &AtomicUsize) {
     let mut waiting: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
     let mut running: Vec<Option<Job>> = (0..batcher.n_slots()).map(|_| None).collect();
     let n_ctx = batcher.n_ctx();
@@ -251,7 +255,9 @@ fn worker(mut batcher: Batcher, tokenizer: &Tokenizer, rx: std::sync::mpsc::Rece
             continue;
         }
         let cancelled = |slot: usize| running[slot].as_ref().is_none_or(|j| j.cancel.load(Ordering::SeqCst));
-        let ended = batcher.step(tokenizer, &cancelled, &mut |slot, p| {
+        let several = batcher.n_slots() > 1;
+        let others_waiting = || several && in_flight.load(Ordering::SeqCst) > 1;
+        let ended = batcher.step(tokenizer, &cancelled, &others_waiting, &mut |slot, p| {
             if let Some(j) = &running[slot] {
                 send_piece(&j.events, &j.cancel, p);
             }

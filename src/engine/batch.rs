@@ -188,12 +188,25 @@ impl Batcher {
     /// One token for every active request: cancelled ones (`cancelled(slot)`) end first; the
     /// others' last tokens are fed, one batch per engine, and each row sampled. Text goes to
     /// `emit(slot, piece)`; the requests that ended are returned (their slots are free again).
-    pub fn step(&mut self, tokenizer: &Tokenizer, cancelled: &dyn Fn(usize) -> bool, emit: &mut dyn FnMut(usize, &str)) -> Ended {
+    ///
+    /// A request running alone whose next tokens the backend can pick itself (greedy, or a
+    /// [`Sampler::device_rule`]) decodes as `generate` does instead: on the GPU the token is
+    /// picked there and the next one queued before the host reads it, where a batch of one
+    /// would read all the logits back every token. It goes on until the request ends, is
+    /// cancelled, or `others_waiting()` says another request could join (then the next step
+    /// batches). The tokens are those of a batch of one: the same rule on the same logits.
+    pub fn step(&mut self, tokenizer: &Tokenizer, cancelled: &dyn Fn(usize) -> bool, others_waiting: &dyn Fn() -> bool, emit: &mut dyn FnMut(usize, &str)) -> Ended {
         let mut ended = Vec::new();
         for i in 0..self.slots.len() {
             if self.slots[i].active.is_some() && cancelled(i) {
                 let a = self.slots[i].active.take().expect("active");
                 ended.push((i, Ok(finish(a, StopReason::Cancelled, &mut |p| emit(i, p)))));
+            }
+        }
+        let mut active = (0..self.slots.len()).filter(|&i| self.slots[i].active.is_some());
+        if let (Some(i), None) = (active.next(), active.next()) {
+            if self.solo(i, tokenizer, &|| cancelled(i) || others_waiting(), &mut |p| emit(i, p), &mut ended) {
+                return ended;
             }
         }
         for engine in 0..self.engines.len() {
@@ -241,6 +254,66 @@ impl Batcher {
             }
         }
         ended
+    }
+
+    /// The request in slot `i`, alone, decoded by the backend's own loop until it ends or
+    /// `pause()`; false (nothing done) when its sampler needs the logits on the host.
+    fn solo(&mut self, i: usize, tokenizer: &Tokenizer, pause: &dyn Fn() -> bool, emit: &mut dyn FnMut(&str), ended: &mut Ended) -> bool {
+        let Batcher { engines, slots, .. } = self;
+        let s = &mut slots[i];
+        let a = s.active.as_mut().expect("active");
+        let rule = if a.sampler.is_greedy() {
+            None
+        } else {
+            match a.sampler.device_rule() {
+                Some(r) => Some(r),
+                None => return false,
+            }
+        };
+        let engine = engines[s.engine].as_mut();
+        let n_ctx = engine.n_ctx();
+        let room = n_ctx.saturating_sub(s.cached.len());
+        let n = a.n_predict.saturating_sub(a.tokens.len()).min(room);
+        let mut stop = None;
+        let cached = &mut s.cached;
+        let mut each = |t: u32, a: &mut Active| {
+            // The token fed before this prediction is in the cache now.
+            cached.push(a.next);
+            a.next = t;
+            stop = match take(a, t, tokenizer, emit) {
+                Some(stop) => Some(stop),
+                None if cached.len() >= n_ctx => Some(StopReason::ContextFull),
+                None => None,
+            };
+            stop.is_none() && !pause()
+        };
+        let result = engine.select_seq(s.seq).and_then(|()| match &rule {
+            None => engine.decode_greedy(a.next, n, &mut |t| {
+                a.sampler.accept(t);
+                each(t, a)
+            }),
+            Some(rule) => {
+                let draw0 = a.sampler.next_draw();
+                engine.decode_sampled(a.next, n, rule, draw0, &mut |t| {
+                    a.sampler.accept_drawn(t);
+                    each(t, a)
+                })
+            }
+        });
+        match result {
+            Err(e) => {
+                s.active = None;
+                self.forget(i);
+                ended.push((i, Err(ForwardError::BadSequence(format!("the batch failed: {e}")))));
+            }
+            Ok(_) => {
+                if let Some(stop) = stop {
+                    let a = s.active.take().expect("active");
+                    ended.push((i, Ok(finish(a, stop, emit))));
+                }
+            }
+        }
+        true
     }
 
     /// Forgets slot `slot`'s cache (after an error: it may hold part of a batch).

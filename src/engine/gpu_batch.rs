@@ -28,6 +28,7 @@
 //! but not bit for bit as on the CPU.
 
 use super::forward::{check_batch, check_seqs, Forward, ForwardError, Logits};
+use super::sampler::SampleRule;
 use super::gpu_forward::{attn_shape, rope_shape, FfnOps, GpuSession, StackedOps};
 use super::gpu_ops::Op;
 use crate::gpu::ops::{AttentionOp, GpuKvCache, RopeKvOp, RopeKvRowsOp};
@@ -259,6 +260,10 @@ impl Forward for GpuBatch {
 
     fn decode_greedy(&mut self, token: u32, n: usize, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
         self.seqs[self.seq].decode_greedy(token, n, each)
+    }
+
+    fn decode_sampled(&mut self, token: u32, n: usize, rule: &SampleRule, draw0: u32, each: &mut dyn FnMut(u32) -> bool) -> Result<usize, ForwardError> {
+        self.seqs[self.seq].decode_sampled(token, n, rule, draw0, each)
     }
 
     fn n_seqs(&self) -> usize {
