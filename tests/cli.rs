@@ -412,3 +412,46 @@ fn gemma_runs_on_the_cpu_and_is_refused_beyond_the_dense_gpu_session() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `ember profile` and `ember bench --ffn relu` on a ReLU model report the parameters
+/// activated per token (TurboSparse's count, `sparse::accounting`): all of the model's
+/// parameters as the total, the always-active ones plus some but not all FFN neurons per token.
+#[test]
+fn profile_and_sparse_bench_report_activated_parameters() {
+    let Some(tok) = common::default_model() else { return };
+    let dir = std::env::temp_dir().join(format!("ember-cli-activated-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = dir.join("relu.gguf");
+    let o = ember()
+        .args(["synth", "--act", "relu", "--type", "q8_0", "--n-embd", "64", "--n-ff", "128", "--n-layer", "2", "--n-head", "4", "--n-head-kv", "4", "-o"])
+        .arg(&model)
+        .arg("--tokenizer-from")
+        .arg(&tok)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let params = ember::gguf::GgufFile::open(&model).unwrap().tensors().iter().map(|t| t.n_elements()).sum::<u64>() as f64;
+    // "X M of Y M parameters per token (Z%; per layer A-B% of the FFN, ...": Y is every
+    // parameter (no predictors here), and the FFN is neither silent nor whole.
+    let check = |stdout: &str, prefix: &str| {
+        let line = stdout.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} line in\n{stdout}"));
+        let (head, tail) = line.split_once(" parameters per token (").unwrap_or_else(|| panic!("{line}"));
+        let total: f64 = head.rsplit(" of ").next().unwrap().trim_end_matches(" M").parse().unwrap();
+        assert!((total * 1e6 - params).abs() < 0.01e6, "{line}: total vs {params}");
+        let pct = tail.split('%').next().unwrap().parse::<f64>().unwrap();
+        assert!(pct > 0.0 && pct < 100.0, "{line}");
+        assert!(line.contains("% of the FFN"), "{line}");
+    };
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog. ".repeat(20)).unwrap();
+    let out = ember().args(["profile", "-m"]).arg(&model).arg("-f").arg(&text).args(["-c", "32", "--chunks", "1", "-t", "2", "-o"]).arg(dir.join("p.gguf")).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check(&String::from_utf8_lossy(&out.stdout), "activated (firing neurons");
+    let out = ember().args(["bench", "--backend", "cpu", "--ffn", "relu", "-m"]).arg(&model).args(["-p", "4", "-n", "4", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    check(&String::from_utf8_lossy(&out.stdout), "activated (--ffn relu");
+    // Dense runs compute every neuron and print no such line.
+    let out = ember().args(["bench", "--backend", "cpu", "-m"]).arg(&model).args(["-p", "0", "-n", "2", "-r", "1", "-t", "2"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("activated"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

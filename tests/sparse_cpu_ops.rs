@@ -555,14 +555,14 @@ fn matvec_rows_follows_matmul_at_f32_precision_for_other_types_and_transposes_th
     }
 }
 
-/// Q2_K has no CPU kernel (the loader converts it): a row product over one is a bug in the
-/// caller, and says so, rather than computing garbage.
+/// BF16 has no CPU kernel (the loader converts it to F32): a row product over one is a bug in
+/// the caller, and says so, rather than computing garbage.
 #[test]
-#[should_panic(expected = "no CPU kernel for Q2_K")]
+#[should_panic(expected = "no CPU kernel for BF16")]
 fn matvec_rows_has_no_integer_kernel_where_matmul_has_none() {
     let mut rng = Rng(62);
-    let bytes: Vec<u8> = (0..8 * GgmlType::Q2_K.block_bytes()).map(|_| rng.next_u64() as u8).collect();
-    let w = Matrix::from_raw("q2", 8, 256, GgmlType::Q2_K, &bytes);
+    let bytes: Vec<u8> = (0..8 * 256 * 2).map(|_| rng.next_u64() as u8).collect();
+    let w = Matrix::from_raw("bf16", 8, 256, GgmlType::BF16, &bytes);
     let x = rng.vec(256);
     matvec_rows(&w, &Activations::new(&x, 1), &[1], &mut [0.0; 8]);
 }

@@ -522,3 +522,41 @@ fn q8_0_predictor_logits_follow_the_f64_formula() {
         }
     }
 }
+
+/// TurboSparse's accounting on a real profile of the tiny ReLU model, against a hand count of
+/// its tensors: always active = the embedding table whole + the output norm + per layer the
+/// attention norms, q, k, v, o and the FFN norm; a firing neuron = a gate row, an up row and a
+/// down column (3 x E parameters).
+#[test]
+fn activated_parameters_equal_a_hand_count() {
+    use ember::sparse::accounting::ParamCounts;
+    let (model, _) = relu_model(7);
+    let shared = Profiler::for_model(&model).shared();
+    run(&model, Box::new(shared.clone()), &windows(1, 3, 21));
+    let p = shared.lock().unwrap().profile.clone();
+    let (e, ff, kv, v) = (E as u64, FF as u64, 32u64, VOCAB as u64);
+    let per_layer = e + e * e + e * kv + e * kv + e * e + e;
+    let always = e * v + e + LAYERS as u64 * per_layer;
+    assert_eq!(always, 28_096);
+    let counts = ParamCounts::of(&model.file, LAYERS, FF);
+    assert_eq!(counts, ParamCounts { always, ffn: vec![3 * e * ff; LAYERS], n_ff: ff });
+    let got = counts.activated_by(&p);
+    let fired: Vec<f64> = p.counts.iter().map(|c| c.iter().map(|&n| f64::from(n)).sum::<f64>() / 63.0).collect();
+    let want = always as f64 + fired.iter().map(|f| f * (3 * e) as f64).sum::<f64>();
+    assert!((got.per_token - want).abs() < 1e-6 * want, "{} vs {want}", got.per_token);
+    assert_eq!(got.total, always + 2 * 3 * e * ff);
+    for (l, f) in got.ffn_fraction.iter().enumerate() {
+        assert!((f - fired[l] / FF as f64).abs() < 1e-12, "layer {l}");
+        assert!(*f > 0.05 && *f < 0.95, "layer {l}: a random ReLU layer fires on some neurons, not all: {f}");
+    }
+    let line = got.summary();
+    assert!(line.contains("of 58.82 K parameters per token"), "{line}");
+    // Predictors and a transposed copy of down are not parameters; a file holding only the
+    // transposed down counts it as the down matrix.
+    let named = [("token_embd.weight", 10u64), ("blk.0.ffn_gate.weight", 30), ("blk.0.ffn_up.weight", 30), ("blk.0.ffn_down.weight", 30), ("blk.0.ffn_down_t.weight", 30), ("blk.0.fc1.weight", 7), ("blk.0.fc2.weight", 7), ("blk.0.ffn_gate_inp.weight", 4), ("blk.1.ffn_up.weight", 30), ("blk.1.ffn_down_t.weight", 30)];
+    let c = ParamCounts::from_tensors(named.iter().copied(), 2, 10);
+    assert_eq!(c, ParamCounts { always: 14, ffn: vec![90, 60], n_ff: 10 });
+    let a = c.activated(&[2.0, 5.0]);
+    assert_eq!(a.per_token, 14.0 + 2.0 * 9.0 + 5.0 * 6.0);
+    assert_eq!(a.ffn_fraction, vec![0.2, 0.5]);
+}

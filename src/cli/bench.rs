@@ -254,6 +254,20 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 rayon::current_num_threads()
             );
         }
+        // A CPU session with a sparse FFN counted the neurons it computed, over every run's
+        // tokens (warm-ups included): the parameters they activated, as TurboSparse counts them.
+        if let Some(stats) = session.as_cpu().map(|s| &s.ffn_stats).filter(|st| st.tokens.iter().any(|&t| t > 0)) {
+            let active: Vec<f64> = stats.active.iter().zip(&stats.tokens).map(|(&a, &t)| a as f64 / t.max(1) as f64).collect();
+            let counts = crate::sparse::accounting::ParamCounts::of(&model.file, model.hp.n_layer, model.hp.n_ff);
+            println!();
+            // Predict mode counts the predicted neurons; one that then does not fire costs its
+            // gate row only, so charging it whole makes the figure an upper bound.
+            let what = match a.model.ffn {
+                super::FfnArg::Predict => "the predicted neurons, each charged a gate row, an up row and a down column (an upper bound: a mispredicted one reads its gate row only)",
+                _ => "the neurons computed, each a gate row, an up row and a down column",
+            };
+            println!("activated (--ffn {}: {what}): {}", crate::engine::FfnMode::from(a.model.ffn).name(), counts.activated(&active).summary());
+        }
         if a.profile {
             let pos = session.n_past();
             let profile = match (session.as_hybrid().is_some(), session.as_gpu().is_some()) {

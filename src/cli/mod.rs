@@ -344,10 +344,11 @@ impl ModelArgs {
         ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, stream_min_batch: 32, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
-    /// Weight types to keep as the file has them although the CPU kernels do not compute with
-    /// them (Q2_K, Q3_K): the GPU's, when every product runs on the GPU (`--backend gpu`, dense FFN, no
-    /// layer limit or budget, which would offload layers to the CPU); none otherwise (the CPU
-    /// may compute, and such matrices become F16).
+    /// Weight types to keep as the file has them even where the CPU kernels do not compute with
+    /// them (today every GPU type has a CPU kernel too, so this keeps nothing more): the GPU's,
+    /// when every product runs on the GPU (`--backend gpu`, dense FFN, no layer limit or budget,
+    /// which would offload layers to the CPU); none otherwise (the CPU may compute, and such
+    /// matrices become F16).
     pub fn gpu_only_types(&self) -> &'static [crate::gguf::GgmlType] {
         if self.backend == Backend::Gpu && self.ffn == FfnArg::Dense && self.n_gpu_layers.is_none() && self.vram_budget.is_none() {
             &crate::gpu::matrix::GPU_TYPES

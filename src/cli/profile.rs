@@ -186,6 +186,8 @@ pub fn profile(a: ProfileArgs) -> Result<()> {
         eprintln!("ember: profiled {total} tokens in {secs:.1} s ({:.0} tokens/s)", total as f64 / secs);
 
         print_summary(&p.profile);
+        let counts = crate::sparse::accounting::ParamCounts::of(&model.file, hp.n_layer, hp.n_ff);
+        println!("activated (firing neurons as TurboSparse counts them: gate row, up row, down column): {}", counts.activated_by(&p.profile).summary());
         p.profile.save(&output).map_err(|e| format!("{}: {e} (choose another place with -o)", output.display()))?;
         eprintln!("ember: wrote {}", output.display());
         if let (Some(out), Some(s)) = (&samples_out, &p.samples) {

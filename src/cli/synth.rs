@@ -21,6 +21,10 @@ pub enum SynthType {
     Q5_0,
     #[value(name = "q5_1")]
     Q5_1,
+    #[value(name = "q2_k")]
+    Q2_K,
+    #[value(name = "q3_k")]
+    Q3_K,
     #[value(name = "q4_k")]
     Q4_K,
     #[value(name = "q5_k")]
@@ -44,6 +48,8 @@ impl SynthType {
             SynthType::Q4_1 => GgmlType::Q4_1,
             SynthType::Q5_0 => GgmlType::Q5_0,
             SynthType::Q5_1 => GgmlType::Q5_1,
+            SynthType::Q2_K => GgmlType::Q2_K,
+            SynthType::Q3_K => GgmlType::Q3_K,
             SynthType::Q4_K | SynthType::Q4_K_M => GgmlType::Q4_K,
             SynthType::Q5_K => GgmlType::Q5_K,
             SynthType::Q6_K => GgmlType::Q6_K,
@@ -191,7 +197,26 @@ pub(crate) fn fill(buf: &mut [u8], ty: GgmlType, cols: u64, seed: u64) {
                 b[192..208].fill(16);
                 b[208..210].copy_from_slice(&half(std / 18.5 / 16.0));
             }),
-            _ => unreachable!("synth writes F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K"),
+            // Q2_K: every sub-block's 4-bit scale and min 8 (0x88); codes 0..=3 spread about
+            // 1.12 steps, centred by dmin = 1.5 d.
+            GgmlType::Q2_K => part.chunks_exact_mut(bb).for_each(|b| {
+                let d = std / 1.12 / 8.0;
+                b[..16].fill(0x88);
+                b[80..82].copy_from_slice(&half(d));
+                b[82..84].copy_from_slice(&half(1.5 * d));
+            }),
+            // Q3_K: signed codes -4..=3 spread about 2.3 steps but average -0.5, which every
+            // row would share; so each sub-block's 6-bit scale is 40 or 24 at random (+8 or -8
+            // once the offset of 32 is taken off: low nibbles 8, top bits 2 or 1), and the
+            // offsets cancel along a row.
+            GgmlType::Q3_K => part.chunks_exact_mut(bb).for_each(|b| {
+                b[96..104].fill(0x88);
+                for byte in &mut b[104..108] {
+                    *byte = (0..4).map(|k| if (*byte >> (2 * k)) & 1 == 1 { 1u8 << (2 * k) } else { 2u8 << (2 * k) }).sum();
+                }
+                b[108..110].copy_from_slice(&half(std / 2.3 / 8.0));
+            }),
+            _ => unreachable!("synth writes F32, F16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K and Q6_K"),
         }
     });
 }

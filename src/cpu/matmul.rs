@@ -4,7 +4,7 @@
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
 use crate::quant::packed::{ActScales, Isa, PackOptions, PackedActs, PackedMatrix, DEFAULT_PREFETCH};
-use crate::quant::{self, f16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, WeightBlock};
+use crate::quant::{self, f16, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, WeightBlock};
 use super::team::Team;
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -204,6 +204,8 @@ enum RowDot<'a> {
     Q8_0(&'a [BlockQ8_0], &'a [BlockQ8_0]),
     Q5_0(&'a [BlockQ5_0], &'a [BlockQ8_0]),
     Q5_1(&'a [BlockQ5_1], &'a [BlockQ8_1]),
+    Q2K(&'a [BlockQ2K], &'a [BlockQ8K]),
+    Q3K(&'a [BlockQ3K], &'a [BlockQ8K]),
     Q4K(&'a [BlockQ4K], &'a [BlockQ8K]),
     Q5K(&'a [BlockQ5K], &'a [BlockQ8K]),
     Q6K(&'a [BlockQ6K], &'a [BlockQ8K]),
@@ -224,6 +226,8 @@ impl RowDot<'_> {
             RowDot::Q8_0(w, a) => quant::vec_dot_q8_0_q8_0(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q5_0(w, a) => BlockQ5_0::dot(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q5_1(w, a) => BlockQ5_1::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q2K(w, a) => BlockQ2K::dot(split(w, r, rows), split(a, t, n_tokens)),
+            RowDot::Q3K(w, a) => BlockQ3K::dot(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q4K(w, a) => BlockQ4K::dot(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q5K(w, a) => BlockQ5K::dot(split(w, r, rows), split(a, t, n_tokens)),
             RowDot::Q6K(w, a) => BlockQ6K::dot(split(w, r, rows), split(a, t, n_tokens)),
@@ -255,6 +259,8 @@ impl<'a> Plan<'a> {
             GgmlType::Q8_0 => RowDot::Q8_0(bytemuck::cast_slice(b), x.q8_0()),
             GgmlType::Q5_0 => RowDot::Q5_0(bytemuck::cast_slice(b), x.q8_0()),
             GgmlType::Q5_1 => RowDot::Q5_1(bytemuck::cast_slice(b), x.q8_1()),
+            GgmlType::Q2_K => RowDot::Q2K(bytemuck::cast_slice(b), x.q8_k()),
+            GgmlType::Q3_K => RowDot::Q3K(bytemuck::cast_slice(b), x.q8_k()),
             GgmlType::Q4_K => RowDot::Q4K(bytemuck::cast_slice(b), x.q8_k()),
             GgmlType::Q5_K => RowDot::Q5K(bytemuck::cast_slice(b), x.q8_k()),
             GgmlType::Q6_K => RowDot::Q6K(bytemuck::cast_slice(b), x.q8_k()),

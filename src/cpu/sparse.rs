@@ -19,7 +19,7 @@
 use super::matmul::{Activations, Precision};
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
-use crate::quant::{self, f16, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantError, WeightBlock, QK};
+use crate::quant::{self, f16, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantError, WeightBlock, QK};
 use rayon::prelude::*;
 
 /// Weight bytes below which a task is not worth handing to another thread: rayon's hand-off
@@ -110,7 +110,7 @@ impl<'a> TokenForm<'a> {
         match ty {
             GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => TokenForm::Q8_0(acts.q8_0()),
             GgmlType::Q4_1 | GgmlType::Q5_1 => TokenForm::Q8_1(acts.q8_1()),
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => TokenForm::Q8K(acts.q8_k()),
+            GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => TokenForm::Q8K(acts.q8_k()),
             GgmlType::F16 => TokenForm::Half(acts.half()),
             GgmlType::F32 => TokenForm::F32(x),
             _ => TokenForm::NoKernel,
@@ -157,6 +157,8 @@ enum RowDots<'a> {
     Q8_0(RowsAt<'a>, &'a [BlockQ8_0]),
     Q5_0(RowsAt<'a>, &'a [BlockQ8_0]),
     Q5_1(RowsAt<'a>, &'a [BlockQ8_1]),
+    Q2K(RowsAt<'a>, &'a [BlockQ8K]),
+    Q3K(RowsAt<'a>, &'a [BlockQ8K]),
     Q4K(RowsAt<'a>, &'a [BlockQ8K]),
     Q5K(RowsAt<'a>, &'a [BlockQ8K]),
     Q6K(RowsAt<'a>, &'a [BlockQ8K]),
@@ -180,6 +182,8 @@ impl<'a> RowDots<'a> {
             (GgmlType::Q4_1, TokenForm::Q8_1(x)) => RowDots::Q4_1(rows, x),
             (GgmlType::Q5_0, TokenForm::Q8_0(x)) => RowDots::Q5_0(rows, x),
             (GgmlType::Q5_1, TokenForm::Q8_1(x)) => RowDots::Q5_1(rows, x),
+            (GgmlType::Q2_K, TokenForm::Q8K(x)) => RowDots::Q2K(rows, x),
+            (GgmlType::Q3_K, TokenForm::Q8K(x)) => RowDots::Q3K(rows, x),
             (GgmlType::Q4_K, TokenForm::Q8K(x)) => RowDots::Q4K(rows, x),
             (GgmlType::Q5_K, TokenForm::Q8K(x)) => RowDots::Q5K(rows, x),
             (GgmlType::Q6_K, TokenForm::Q8K(x)) => RowDots::Q6K(rows, x),
@@ -191,7 +195,7 @@ impl<'a> RowDots<'a> {
 
     fn rows(&self) -> &RowsAt<'a> {
         match self {
-            RowDots::Q4_0(r, _) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, _) | RowDots::Q5_0(r, _) | RowDots::Q5_1(r, _) | RowDots::Q4K(r, _) | RowDots::Q5K(r, _) | RowDots::Q6K(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
+            RowDots::Q4_0(r, _) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, _) | RowDots::Q5_0(r, _) | RowDots::Q5_1(r, _) | RowDots::Q2K(r, _) | RowDots::Q3K(r, _) | RowDots::Q4K(r, _) | RowDots::Q5K(r, _) | RowDots::Q6K(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
         }
     }
 
@@ -232,6 +236,8 @@ impl<'a> RowDots<'a> {
             RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q5_0(w, x) => BlockQ5_0::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q5_1(w, x) => BlockQ5_1::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q2K(w, x) => BlockQ2K::dot(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q3K(w, x) => BlockQ3K::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q4K(w, x) => BlockQ4K::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q5K(w, x) => BlockQ5K::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q6K(w, x) => BlockQ6K::dot(bytemuck::cast_slice(w.row(r)), x),

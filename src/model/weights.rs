@@ -31,9 +31,10 @@ pub struct Matrix {
 
 impl Matrix {
     /// Types the CPU kernels use without conversion: they stay as the file's mapped bytes.
-    pub const NATIVE: [GgmlType; 10] = [
+    pub const NATIVE: [GgmlType; 12] = [
         GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0,
-        GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K,
+        GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q2_K, GgmlType::Q3_K, GgmlType::Q4_K,
+        GgmlType::Q5_K, GgmlType::Q6_K,
     ];
 
     /// This matrix as F16 values (a copy), for a backend without kernels for its type.
@@ -209,8 +210,8 @@ impl TensorStore {
             let data = Data::Mapped { file: self.file.clone(), start: t.offset as usize, len: t.n_bytes as usize };
             return Ok(Matrix { name: name.into(), ty: t.ty, rows, cols, data, packed: Arc::default() });
         }
-        // Other types (Q2_K, Q3_K, BF16) are dequantised once; F16 keeps them compact and computes with the fast
-        // F16 kernel (BF16 goes to F32, whose range it needs).
+        // Other types (BF16, and those without a CPU kernel) are dequantised once: BF16 to F32,
+        // whose range it needs; the rest to F16, compact and computed with the fast F16 kernel.
         let mut values = vec![0.0f32; rows * cols];
         crate::quant::dequantize(t.ty, self.file.tensor_data(&t), &mut values)
             .map_err(|_| ModelError::UnsupportedType { name: name.into(), ty: t.ty, role: "a weight matrix" })?;

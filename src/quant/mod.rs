@@ -42,7 +42,7 @@ pub(crate) fn has_avx2_fma() -> bool {
 
 use crate::gguf::GgmlType;
 
-pub use blocks::{quantize_row_q8_k, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, WeightBlock};
+pub use blocks::{quantize_row_q8_k, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, WeightBlock};
 pub use dequant::dequantize;
 pub use half::f16;
 pub use quantize::{quantize_q4_0, quantize_q4_1, quantize_q4_k, quantize_q5_0, quantize_q5_1, quantize_q5_k, quantize_q6_k, quantize_q8_0, quantize_to};

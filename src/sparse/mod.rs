@@ -5,6 +5,7 @@
 //! column i of down (row i of the transposed `down_t`). With ReLU most neurons are exactly zero
 //! per token, so their up row and down column need not be read at all.
 
+pub mod accounting;
 pub mod placement;
 pub mod powerinfer;
 pub mod simulate;

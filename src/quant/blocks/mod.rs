@@ -7,6 +7,8 @@
 //! | --- | --- | --- |
 //! | Q5_0 | Q8_0 | `ggml_vec_dot_q5_0_q8_0` (AVX2) |
 //! | Q5_1 | Q8_1 | `ggml_vec_dot_q5_1_q8_1` (AVX2) |
+//! | Q2_K | Q8_K | `ggml_vec_dot_q2_K_q8_K` (AVX2) |
+//! | Q3_K | Q8_K | `ggml_vec_dot_q3_K_q8_K` (AVX2) |
 //! | Q4_K | Q8_K | `ggml_vec_dot_q4_K_q8_K` (AVX2; the repacked `ggml_gemv_q4_K_8x8_q8_K` as `q4_k::dot_repacked`) |
 //! | Q5_K | Q8_K | `ggml_vec_dot_q5_K_q8_K` (AVX2) |
 //! | Q6_K | Q8_K | `ggml_vec_dot_q6_K_q8_K` (AVX2) |
@@ -16,6 +18,8 @@
 //! llama.cpp's order: which integer lanes exist, which scale multiplies them, and the order of
 //! the fused multiply-adds and the final sums. The scalar twins spell that order out.
 
+pub mod q2_k;
+pub mod q3_k;
 pub mod q4_k;
 pub mod q5_0;
 pub mod q5_1;
@@ -23,6 +27,8 @@ pub mod q5_k;
 pub mod q6_k;
 pub mod q8_k;
 
+pub use q2_k::BlockQ2K;
+pub use q3_k::BlockQ3K;
 pub use q4_k::BlockQ4K;
 pub use q5_0::BlockQ5_0;
 pub use q5_1::BlockQ5_1;
