@@ -431,6 +431,50 @@ fn chat_templates_run_out_of_fuel_and_output_room() {
     assert_eq!(tok.apply_chat_template(&msgs, true).unwrap(), "<user>hello");
 }
 
+/// A printf key with a non-ASCII character made minijinja's `format` panic inside the
+/// character (fuzzed, session 9): now an error naming it; ASCII keys and text around still work.
+#[test]
+fn format_with_a_non_ascii_key_is_an_error_not_a_panic() {
+    let Some(model) = common::default_model() else { return };
+    let msgs = [ChatMessage::new("user", "hello")];
+    for template in ["{{ '%(é)s'|format({'é': 1}) }}", "{{ 'a%%(b) %(kéy' | format }}"] {
+        let tok = tokenizer_with_template(&model, template);
+        let e = tok.apply_chat_template(&msgs, true).unwrap_err().to_string();
+        assert!(e.contains("not ASCII") && e.len() < 1024, "{template}: {e}");
+    }
+    let tok = tokenizer_with_template(&model, "{{ 'é %(n)s %%'|format({'n': 'x'}) }}|{{ '%%(é) %s'|format(1) }}");
+    assert_eq!(tok.apply_chat_template(&msgs, true).unwrap(), "é x %|%(é) 1");
+}
+
+/// Repeats of an empty list: minijinja repeats lazily, so `messages * 13022 * 6466` with no
+/// messages walked 84 million empty rounds at every use (fuzzed, session 9), and a constant
+/// `[] * N` is repeated while compiling, out of the budget's sight. Now a repeat is a list of
+/// its own (empty stays empty), and so is a repeated constant (a long one is refused by name).
+#[test]
+fn repeats_of_empty_lists_cost_nothing_and_long_constant_repeats_are_refused() {
+    let Some(model) = common::default_model() else { return };
+    let one = [ChatMessage::new("user", "hello")];
+    let tok = tokenizer_with_template(&model, "{{ messages * 13022 * 6466 }}|{{ (messages * 3 * 2)|length }}");
+    let start = Instant::now();
+    assert_eq!(tok.apply_chat_template(&[], true).unwrap(), "[]|0");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    let tok = tokenizer_with_template(&model, "{{ (messages * 3 * 2)|length }} {% for m in messages * 2 %}{{ m.content }}{% endfor %}");
+    assert_eq!(tok.apply_chat_template(&one, true).unwrap(), "6 hellohello");
+    // Constants repeated while compiling: an empty repeat is an empty list at once, a short one
+    // a list, a long one an error naming the limit.
+    let tok = tokenizer_with_template(&model, "{{ [] * 84200252 }}|{{ [[] * 84200252, [1] * 3] }}|{{ ([] * 84200252)|length }}|{{ {'a': [] * 84200252} }}");
+    let start = Instant::now();
+    assert_eq!(tok.apply_chat_template(&one, true).unwrap(), "[]|[[], [1, 1, 1]]|0|{\"a\": []}");
+    assert!(start.elapsed() < Duration::from_secs(2), "{:?}", start.elapsed());
+    for (template, want) in [("{{ [1] * 84200252 }}", "more than 65536 items")] {
+        let tok = tokenizer_with_template(&model, template);
+        let start = Instant::now();
+        let e = tok.apply_chat_template(&one, true).unwrap_err().to_string();
+        assert!(start.elapsed() < Duration::from_secs(2), "{template}: {:?}", start.elapsed());
+        assert!(e.contains(want) && e.len() < 1024, "{template}: {e}");
+    }
+}
+
 /// Templates that build text or structures without printing them: each used to run until memory
 /// ran out (doubling a string forty times asks for a terabyte in forty instructions).
 #[test]

@@ -65,8 +65,8 @@ pub(super) fn render(template: &str, messages: &[ChatMessage], add_generation_pr
     let budget_bytes = BASE_BYTES.saturating_add(message_bytes.saturating_mul(BYTES_PER_MESSAGE_BYTE));
     // Run the compiled template with every text-making instruction charged (chat_guard).
     let compiled = machinery::get_compiled_template(&tmpl);
-    let instructions = chat_guard::guard_instructions(&compiled.instructions);
-    let blocks = compiled.blocks.iter().map(|(name, b)| (*name, chat_guard::guard_instructions(b))).collect();
+    let instructions = chat_guard::guard_instructions(&compiled.instructions).map_err(TokenizerError::Template)?;
+    let blocks = compiled.blocks.iter().map(|(name, b)| Ok((*name, chat_guard::guard_instructions(b)?))).collect::<std::result::Result<_, String>>().map_err(TokenizerError::Template)?;
     let budget = chat_guard::Budget::enter(budget_bytes, WORK);
     let mut text = String::new();
     let result = {
