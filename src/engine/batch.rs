@@ -175,9 +175,8 @@ impl Batcher {
         if n_predict == 0 {
             return Some(Ok(finish(a, StopReason::Length, emit)));
         }
-        match take(&mut a, first, tokenizer, emit) {
+        match take(&mut a, first, tokenizer, s.cached.len(), self.engines[s.engine].n_ctx(), emit) {
             Some(stop) => Some(Ok(finish(a, stop, emit))),
-            None if s.cached.len() >= self.engines[s.engine].n_ctx() => Some(Ok(finish(a, StopReason::ContextFull, emit))),
             None => {
                 s.active = Some(a);
                 None
@@ -242,12 +241,7 @@ impl Batcher {
                 }
                 let t = pick(&mut a.sampler, row);
                 a.next = t;
-                let stop = match take(a, t, tokenizer, &mut |p| emit(i, p)) {
-                    Some(stop) => Some(stop),
-                    None if s.cached.len() >= n_ctx => Some(StopReason::ContextFull),
-                    None => None,
-                };
-                if let Some(stop) = stop {
+                if let Some(stop) = take(a, t, tokenizer, s.cached.len(), n_ctx, &mut |p| emit(i, p)) {
                     let a = s.active.take().expect("active");
                     ended.push((i, Ok(finish(a, stop, &mut |p| emit(i, p)))));
                 }
@@ -280,11 +274,7 @@ impl Batcher {
             // The token fed before this prediction is in the cache now.
             cached.push(a.next);
             a.next = t;
-            stop = match take(a, t, tokenizer, emit) {
-                Some(stop) => Some(stop),
-                None if cached.len() >= n_ctx => Some(StopReason::ContextFull),
-                None => None,
-            };
+            stop = take(a, t, tokenizer, cached.len(), n_ctx, emit);
             stop.is_none() && !pause()
         };
         let result = engine.select_seq(s.seq).and_then(|()| match &rule {
@@ -340,8 +330,9 @@ fn pick(sampler: &mut Sampler, logits: &[f32]) -> u32 {
 }
 
 /// Takes a predicted token: the reason generation ends with it, if it does (end of
-/// generation, a stop string, `n_predict` tokens), as [`super::generate()`] decides.
-fn take(a: &mut Active, token: u32, tokenizer: &Tokenizer, emit: &mut dyn FnMut(&str)) -> Option<StopReason> {
+/// generation, a stop string, `n_predict` tokens, as [`super::generate()`] decides; or a cache
+/// of `n_cached` tokens that holds `n_ctx`, with no room to feed it).
+fn take(a: &mut Active, token: u32, tokenizer: &Tokenizer, n_cached: usize, n_ctx: usize, emit: &mut dyn FnMut(&str)) -> Option<StopReason> {
     if tokenizer.is_eog(token) {
         return Some(StopReason::EndOfGeneration);
     }
@@ -349,7 +340,10 @@ fn take(a: &mut Active, token: u32, tokenizer: &Tokenizer, emit: &mut dyn FnMut(
     if let Some(s) = a.stream.push(&tokenizer.token_bytes(token, false), &mut |p: &str| emit(p)) {
         return Some(StopReason::StopString(s));
     }
-    (a.tokens.len() >= a.n_predict).then_some(StopReason::Length)
+    if a.tokens.len() >= a.n_predict {
+        return Some(StopReason::Length);
+    }
+    (n_cached >= n_ctx).then_some(StopReason::ContextFull)
 }
 
 fn finish(mut a: Active, stop: StopReason, emit: &mut dyn FnMut(&str)) -> Finished {
