@@ -128,27 +128,14 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
-    use super::super::quantize_row_q8_k;
-    use super::super::testutil::Rng;
+    use super::super::testutil::check_k_dot;
     use super::*;
 
     #[test]
     fn simd_equals_scalar_twin_and_dequantised_dot() {
-        let mut rng = Rng(0x2_b);
-        for n in [1usize, 2, 3, 5] {
-            let x: Vec<BlockQ2K> = rng.blocks(n, |b: &mut BlockQ2K, r| {
-                b.d = r.half(0.01);
-                b.dmin = r.half(0.01);
-            });
-            let a: Vec<f32> = (0..256 * n).map(|_| rng.f32()).collect();
-            let mut y = vec![BlockQ8K::ZERO; n];
-            quantize_row_q8_k(&a, &mut y);
-            let r = BlockQ2K::dot_ref(&x, &y);
-            assert_eq!(BlockQ2K::dot(&x, &y).to_bits(), r.to_bits(), "n = {n}");
-            let mut w = vec![0.0f32; 256 * n];
-            crate::quant::dequantize(GgmlType::Q2_K, bytemuck::cast_slice(&x), &mut w).unwrap();
-            let plain: f64 = w.iter().enumerate().map(|(i, &v)| f64::from(v) * f64::from(y[i / 256].qs[i % 256]) * f64::from(y[i / 256].d)).sum();
-            assert!((f64::from(r) - plain).abs() <= 1e-4 * (1.0 + plain.abs()), "n = {n}: {r} vs {plain}");
-        }
+        check_k_dot(0x2_b, |b: &mut BlockQ2K, r| {
+            b.d = r.half(0.01);
+            b.dmin = r.half(0.01);
+        });
     }
 }
