@@ -220,6 +220,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             let v = (0..a.repetitions).map(|_| run()).collect::<Result<Vec<_>>>()?;
             rows.push((format!("tg{} x{n_par}", a.n_gen), mean_sd(&v)));
             check(&format!("tg{} x{n_par}", a.n_gen))?;
+            // The batched step's own kernels, at the positions the run ended on.
+            if a.profile && n_par > 1 {
+                if let Some(batch) = session.as_gpu_batch() {
+                    let step: Vec<(usize, u32)> = (0..n_par).map(|s| (s, tokens[s % tokens.len()])).collect();
+                    let pos = a.n_gen;
+                    let weights = batch.weights().clone();
+                    let p = batch.profile_step(&step)?;
+                    println!("\nthe batched step of {n_par} sequences (`--parallel {n_par}`) at position {pos}:");
+                    super::gpu_bench::print_profile(p, &weights, pos);
+                }
+            }
             session.select_seq(0)?;
         }
         if a.profile {

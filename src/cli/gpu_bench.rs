@@ -405,7 +405,9 @@ pub fn print_profile(profile: Option<Profile>, weights: &GpuWeights, pos: usize)
         return;
     };
     let wall = profile.wall_ns;
-    print_profile_table(weights, &profile.alone, &format!("per-kernel time of one decode token at position {pos}, each dispatch in its own timed pass"), wall);
+    if !profile.alone.is_empty() {
+        print_profile_table(weights, &profile.alone, &format!("per-kernel time of one decode token at position {pos}, each dispatch in its own timed pass"), wall);
+    }
     match &profile.in_pass {
         Some(in_pass) => print_profile_table(weights, in_pass, "the same token in one pass, as it runs (a dispatch's time includes the barrier before it)", wall),
         None => println!("\n(no timestamps inside passes on this adapter: no in-pass profile)"),

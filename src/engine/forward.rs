@@ -108,6 +108,12 @@ pub trait Forward {
         None
     }
 
+    /// The GPU session of several sequences behind this backend, if it is one (the batched
+    /// step's profile).
+    fn as_gpu_batch(&mut self) -> Option<&mut super::gpu_batch::GpuBatch> {
+        None
+    }
+
     /// The hybrid session behind this backend, if it is one (its timing, placement, profile).
     fn as_hybrid(&mut self) -> Option<&mut super::HybridSession> {
         None

@@ -29,7 +29,7 @@
 
 use super::forward::{check_batch, check_seqs, Forward, ForwardError, Logits};
 use super::sampler::SampleRule;
-use super::gpu_forward::{attn_shape, rope_shape, FfnOps, GpuSession, StackedOps};
+use super::gpu_forward::{attn_shape, rope_shape, FfnOps, GpuSession, Profile, StackedOps};
 use super::gpu_ops::Op;
 use crate::gpu::ops::{AttentionOp, GpuKvCache, RopeKvOp, RopeKvRowsOp};
 use crate::gpu::{GpuContext};
@@ -165,14 +165,19 @@ impl GpuBatch {
         matches!(self.rows, Rows::Together { .. })
     }
 
+    /// The weights every sequence shares.
+    pub fn weights(&self) -> &Arc<GpuWeights> {
+        &self.seqs[0].weights
+    }
+
     /// GPU bytes of the KV caches, all sequences'.
     pub fn state_bytes(&self) -> u64 {
         self.seqs.iter().map(|s| s.state_bytes()).sum()
     }
 
-    /// One step of B >= 2 rows (checked): records and submits it, then reads every row's
-    /// logits.
-    fn step(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
+    /// Writes a step's uniforms (its rows' tokens, positions and cache offsets); returns the
+    /// most keys any row attends to.
+    fn prepare(&self, rows: &[(usize, u32)]) -> u32 {
         let b = rows.len() as u32;
         let core = &self.seqs[0];
         let q = &core.ctx.queue;
@@ -180,7 +185,6 @@ impl GpuBatch {
         q.write_buffer(&core.s.ids, 0, bytemuck::cast_slice(&ids));
         // The shared dispatches read only n_tokens (no product folds RoPE at B >= 2).
         q.write_buffer(&core.s.step, 0, bytemuck::bytes_of(&Step { n_tokens: b, pos0: 0, n_kv: b, _pad: 0 }));
-        let max_n_kv = rows.iter().map(|&(seq, _)| self.seqs[seq].n_past as u32 + 1).max().unwrap_or(1);
         match &self.rows {
             Rows::Together { kv, table, .. } => {
                 let t: Vec<[u32; 4]> = rows.iter().map(|&(seq, _)| [kv.seq_words(seq), self.seqs[seq].n_past as u32, 0, 0]).collect();
@@ -196,61 +200,149 @@ impl GpuBatch {
                 }
             }
         }
+        rows.iter().map(|&(seq, _)| self.seqs[seq].n_past as u32 + 1).max().unwrap_or(1)
+    }
+
+    /// Records a prepared step's dispatches into one pass, calling `after(pass, name)` after
+    /// each (the profile's timestamps; nothing in a real step).
+    fn record(&self, p: &mut wgpu::ComputePass<'_>, rows: &[(usize, u32)], max_n_kv: u32, after: &mut dyn FnMut(&mut wgpu::ComputePass<'_>, &'static str)) {
+        let b = rows.len() as u32;
+        let core = &self.seqs[0];
+        core.embed.record(p, b);
+        after(p, "embed");
+        for (il, layer) in core.layers.iter().enumerate() {
+            let a = layer.attn.as_ref().expect("attention on the GPU");
+            if let Some(norm) = &a.attn_norm {
+                norm.record(p, b);
+                after(p, "attn_norm");
+            }
+            match &a.qkv {
+                StackedOps::One(qkv) => {
+                    qkv.record(p, b);
+                    after(p, "matmul qkv");
+                }
+                StackedOps::QkvApart(ops) => {
+                    for (op, name) in ops.iter().zip(["matmul q", "matmul k", "matmul v"]) {
+                        op.record(p, b);
+                        after(p, name);
+                    }
+                }
+                StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
+            }
+            for bias in a.biases.iter().flatten() {
+                bias.record(p, b);
+                after(p, "bias");
+            }
+            // qwen3's per-head q/k norms, before RoPE.
+            for norm in a.qk_norm.iter().flatten() {
+                norm.record(p, b);
+                after(p, "qk_norm");
+            }
+            match &self.rows {
+                Rows::Together { layers, .. } => {
+                    layers[il].0.encode(p, b);
+                    after(p, "rope_kv rows");
+                    layers[il].1.encode_rows(p, b, max_n_kv);
+                    after(p, "attention rows");
+                }
+                Rows::Apart(ops) => {
+                    for &(seq, _) in rows {
+                        let (rope_kv, attention) = &ops[seq].layers[il];
+                        rope_kv.record(p, 1);
+                        after(p, "rope_kv");
+                        attention.record(p, 1);
+                        after(p, "attention");
+                    }
+                }
+            }
+            a.o.record(p, b);
+            after(p, "matmul o");
+            if let Some(norm) = &a.ffn_norm {
+                norm.record(p, b);
+                after(p, "ffn_norm");
+            }
+            debug_assert!(matches!(layer.ffn, FfnOps::Dense { .. }), "the dense session's FFN");
+            for (name, op) in layer.ffn_sequence() {
+                op.record(p, b);
+                after(p, name);
+            }
+        }
+        core.head.as_ref().expect("the output on the GPU").output_all.record(p, b);
+        after(p, "matmul output");
+    }
+
+    /// One step of B >= 2 rows (checked): records and submits it, then reads every row's
+    /// logits.
+    fn step(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
+        let max_n_kv = self.prepare(rows);
+        let core = &self.seqs[0];
         let mut enc = core.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("decode batch") });
         {
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode batch"), timestamp_writes: None });
-            let p = &mut pass;
-            core.embed.record(p, b);
-            for (il, layer) in core.layers.iter().enumerate() {
-                let a = layer.attn.as_ref().expect("attention on the GPU");
-                if let Some(norm) = &a.attn_norm {
-                    norm.record(p, b);
-                }
-                match &a.qkv {
-                    StackedOps::One(qkv) => qkv.record(p, b),
-                    StackedOps::QkvApart(ops) => ops.iter().for_each(|op| op.record(p, b)),
-                    StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
-                }
-                for bias in a.biases.iter().flatten() {
-                    bias.record(p, b);
-                }
-                // qwen3's per-head q/k norms, before RoPE.
-                for norm in a.qk_norm.iter().flatten() {
-                    norm.record(p, b);
-                }
-                match &self.rows {
-                    Rows::Together { layers, .. } => {
-                        layers[il].0.encode(p, b);
-                        layers[il].1.encode_rows(p, b, max_n_kv);
-                    }
-                    Rows::Apart(ops) => {
-                        for &(seq, _) in rows {
-                            let (rope_kv, attention) = &ops[seq].layers[il];
-                            rope_kv.record(p, 1);
-                            attention.record(p, 1);
-                        }
-                    }
-                }
-                a.o.record(p, b);
-                if let Some(norm) = &a.ffn_norm {
-                    norm.record(p, b);
-                }
-                debug_assert!(matches!(layer.ffn, FfnOps::Dense { .. }), "the dense session's FFN");
-                for (_, op) in layer.ffn_sequence() {
-                    op.record(p, b);
-                }
-            }
-            core.head.as_ref().expect("the output on the GPU").output_all.record(p, b);
+            self.record(&mut pass, rows, max_n_kv, &mut |_, _| {});
         }
         let nv = core.model.hp.n_vocab;
         let bytes = (4 * rows.len() * nv) as u64;
         enc.copy_buffer_to_buffer(&core.s.logits_all, 0, &self.readback, 0, bytes);
-        let index = q.submit([enc.finish()]);
+        let index = core.ctx.queue.submit([enc.finish()]);
         let logits = bytemuck::pod_collect_to_vec(&core.ctx.read_mapped(&self.readback, bytes, Some(index)).map_err(ForwardError::Gpu)?);
         for &(seq, _) in rows {
             self.seqs[seq].n_past += 1;
         }
         Ok(logits)
+    }
+
+    /// Times one step of `rows` (at least two) dispatch by dispatch, as it runs (one pass, a
+    /// timestamp after each dispatch: a dispatch's time includes the barrier before it), then
+    /// the same step on the host clock (submission and logits read back). No position is
+    /// consumed. None where the adapter has no timestamps inside passes.
+    pub fn profile_step(&mut self, rows: &[(usize, u32)]) -> Result<Option<Profile>, ForwardError> {
+        check_seqs(rows, self.seqs.len())?;
+        if rows.len() < 2 {
+            return Err(ForwardError::BadSequence("a batched step's profile needs two rows or more".into()));
+        }
+        for &(seq, t) in rows {
+            let s = &self.seqs[seq];
+            check_batch(&s.model.hp, s.n_past, s.n_ctx, &[t])?;
+        }
+        let ctx = self.seqs[0].ctx.clone();
+        if !ctx.has_timestamps_in_passes() {
+            return Ok(None);
+        }
+        // Marks: one before the first dispatch and one after each (at most 16 a layer and two
+        // a row a layer, plus the embedding and the output).
+        let most = self.seqs[0].layers.len() * (16 + 2 * rows.len()) + 4;
+        let Some(mut timer) = crate::gpu::timer::PassTimer::new(&ctx, most.div_ceil(2) as u32) else { return Ok(None) };
+        let max_n_kv = self.prepare(rows);
+        let mut names = Vec::new();
+        let mut enc = ctx.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("decode batch (timed)"), timestamp_writes: None });
+            timer.mark(&mut pass, 0);
+            self.record(&mut pass, rows, max_n_kv, &mut |p, name| {
+                names.push(name);
+                timer.mark(p, names.len() as u32);
+            });
+        }
+        let ends = timer.finish_marks(&ctx, enc).map_err(ForwardError::Gpu)?;
+        let mut prev = 0.0;
+        let in_pass = names
+            .into_iter()
+            .zip(ends)
+            .map(|(name, end)| {
+                let d = end - prev;
+                prev = end;
+                (name, d)
+            })
+            .collect::<Vec<_>>();
+        // The same step as it really runs, on the host clock; then the positions go back.
+        let start = std::time::Instant::now();
+        self.step(rows)?;
+        let wall_ns = start.elapsed().as_secs_f64() * 1e9;
+        for &(seq, _) in rows {
+            self.seqs[seq].n_past -= 1;
+        }
+        Ok(Some(Profile { alone: Vec::new(), in_pass: Some(in_pass), wall_ns }))
     }
 }
 
@@ -319,5 +411,9 @@ impl Forward for GpuBatch {
 
     fn as_gpu(&mut self) -> Option<&mut GpuSession> {
         Some(&mut self.seqs[self.seq])
+    }
+
+    fn as_gpu_batch(&mut self) -> Option<&mut GpuBatch> {
+        Some(self)
     }
 }
