@@ -24,7 +24,14 @@
 // in (matmul_dec_norm.wgsl; matmul_dec_x.wgsl otherwise, one of the two follows this file);
 // likewise matmul_dec_rope.wgsl or matmul_dec_norope.wgsl.
 //
-// DV_WG, DV_NR, DV_UB, DV_PF and DV_XW are rewritten by src/gpu/matrix.rs before compilation
+// The few-token entry points (dvt_main, dvt_main_sg: 2 to 16 tokens, a batched decode's
+// products) walk the same slots and, per slot, apply each row's weights to DV_NT tokens: the
+// type's slot_dot_tokens (matmul_dec_rows.wgsl's, or the type file's own that dequantises a
+// word once for all tokens). So each weight is read from memory once per group of DV_NT
+// tokens, in the decode kernel's coalesced 16-byte loads, and the accumulators (DV_NR x DV_NT)
+// are indexed only by constant-trip loops the driver unrolls.
+//
+// DV_WG, DV_NR, DV_UB, DV_PF, DV_XW and DV_NT are rewritten by src/gpu/matrix.rs before compilation
 // (the lines must stay exactly of the form `const NAME: u32 = <n>u;`).
 
 // One row-chunk of the matrix (large matrices are split across buffers by rows).
@@ -49,8 +56,14 @@ const DV_PF: u32 = 0u;
 // 2: per word once for all rows (slot_dot_rows).
 const DV_XW: u32 = 0u;
 
-// Partial sums of each row, then (with a folded norm) of the sum of squares.
-var<workgroup> dv_sh: array<f32, DV_WG * (DV_NR + 1u)>;
+// Tokens per workgroup of the few-token entry points (dvt_main, dvt_main_sg); 1 for decode.
+const DV_NT: u32 = 1u;
+// Partial sums per thread of the few-token kernel: row r of token t at t * DV_NR + r.
+const DV_NRT: u32 = DV_NR * DV_NT;
+
+// Partial sums of each row (of each token), then (with a folded norm, one token) of the sum of
+// squares.
+var<workgroup> dv_sh: array<f32, DV_WG * (DV_NRT + 1u)>;
 
 // With a folded norm: this thread's sum of squares of the activations it loaded, whether the
 // loads being made now count towards it (with DV_XW = 1 a slot's activations are loaded once
@@ -207,5 +220,97 @@ fn dv_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid
         let r = dv_store_row(lid);
         let scale = dv_norm_scale(dv_sh[DV_NR * DV_WG]);
         dv_store(group, t, lid, scale * dv_sh[r * DV_WG], scale * dv_sh[min(r + 1u, DV_NR - 1u) * DV_WG]);
+    }
+}
+
+// The few-token kernel (DV_NT tokens per workgroup, from token wid.z * DV_NT).
+
+// The workgroup's first token.
+var<private> dvt_t0: u32;
+
+// The first activation vec4 of token t of the workgroup. Tokens past the step's count read the
+// last token's activations (no branch in the unrolled loops); their sums are never stored.
+fn dvt_row4(t: u32) -> u32 {
+    return min(dvt_t0 + t, step.n_tokens - 1u) * (chunk.cols / 4u);
+}
+
+// acc[t * DV_NR + r] += the slots' dot products with token t's activations.
+fn dvt_accumulate(acc: ptr<function, array<f32, DV_NRT>>, w: array<WSlot, DV_NR * DV_UB>, b0: u32, nb: u32) {
+    for (var j = 0u; j < DV_UB; j++) {
+        let b = b0 + j * DV_WG;
+        if (b < nb) {
+            slot_dot_tokens(acc, w, j * DV_NR, b);
+        }
+    }
+}
+
+// This thread's partial sums of the workgroup's rows and tokens.
+fn dvt_partial(lid: u32, group: u32) -> array<f32, DV_NRT> {
+    let nb = chunk.cols / SLOT;
+    var base: array<u32, DV_NR>;
+    for (var r = 0u; r < DV_NR; r++) {
+        // Rows past the end read the last row; their sums are never written.
+        base[r] = min(group * DV_NR + r, chunk.rows - 1u) * nb;
+    }
+    var acc: array<f32, DV_NRT>;
+    if (DV_PF == 1u) {
+        // The next step's weights in flight during this step's arithmetic (as dv_partial).
+        var wn = dv_fetch(base, lid, nb);
+        for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
+            let wc = wn;
+            wn = dv_fetch(base, b0 + DV_WG * DV_UB, nb);
+            dvt_accumulate(&acc, wc, b0, nb);
+        }
+    } else {
+        for (var b0 = lid; b0 < nb; b0 += DV_WG * DV_UB) {
+            dvt_accumulate(&acc, dv_fetch(base, b0, nb), b0, nb);
+        }
+    }
+    return acc;
+}
+
+// Threads that store: one per (row, token), or with a pairs epilogue per (pair of rows, token).
+const DVT_STORERS: u32 = select(DV_NRT, DV_NRT / 2u, EPI_PAIRS);
+
+// The partial-sum element of store i (with pairs, the gate row's; the up row's is the next):
+// pair p of token t is store t * DV_NR / 2 + p and element t * DV_NR + 2p.
+fn dvt_elem(i: u32) -> u32 {
+    return select(i, 2u * i, EPI_PAIRS);
+}
+
+// Stores element e's total (and with pairs, the next element's).
+fn dvt_store(group: u32, e: u32, total0: f32, total1: f32) {
+    let row = group * DV_NR + e % DV_NR;
+    let t = dvt_t0 + e / DV_NR;
+    if (row < chunk.rows && t < step.n_tokens) {
+        if (EPI_PAIRS) {
+            y_put_pair(t, row, total0, total1);
+        } else {
+            y_put(t, row, total0);
+        }
+    }
+}
+
+// Few tokens, shared-memory tree reduction (any adapter).
+@compute @workgroup_size(DV_WG)
+fn dvt_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let group = dv_group(wid, nwg);
+    dvt_t0 = wid.z * DV_NT;
+    let acc = dvt_partial(lid, group);
+    for (var i = 0u; i < DV_NRT; i++) {
+        dv_sh[i * DV_WG + lid] = acc[i];
+    }
+    for (var s = DV_WG / 2u; s > 0u; s >>= 1u) {
+        workgroupBarrier();
+        if (lid < s) {
+            for (var i = 0u; i < DV_NRT; i++) {
+                dv_sh[i * DV_WG + lid] += dv_sh[i * DV_WG + lid + s];
+            }
+        }
+    }
+    workgroupBarrier();
+    for (var i = lid; i < DVT_STORERS; i += DV_WG) {
+        let e = dvt_elem(i);
+        dvt_store(group, e, dv_sh[e * DV_WG], dv_sh[min(e + 1u, DV_NRT - 1u) * DV_WG]);
     }
 }

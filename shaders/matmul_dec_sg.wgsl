@@ -47,3 +47,37 @@ fn dv_main_sg(
         dv_store(group, t, lid, scale * total0, scale * total1);
     }
 }
+
+// Few tokens (matmul_dec.wgsl's dvt_main) with the subgroup reduction: one shared slot per
+// subgroup and (row, token).
+@compute @workgroup_size(DV_WG)
+fn dvt_main_sg(
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(subgroup_invocation_id) lane: u32,
+    @builtin(subgroup_id) sg: u32,
+    @builtin(num_subgroups) n_sg: u32,
+) {
+    let group = dv_group(wid, nwg);
+    dvt_t0 = wid.z * DV_NT;
+    let acc = dvt_partial(lid, group);
+    for (var i = 0u; i < DV_NRT; i++) {
+        let s = subgroupAdd(acc[i]);
+        if (lane == 0u) {
+            dv_sh[sg * DV_NRT + i] = s;
+        }
+    }
+    workgroupBarrier();
+    for (var i = lid; i < DVT_STORERS; i += DV_WG) {
+        let e0 = dvt_elem(i);
+        let e1 = min(e0 + 1u, DV_NRT - 1u);
+        var total0 = 0.0;
+        var total1 = 0.0;
+        for (var k = 0u; k < n_sg; k++) {
+            total0 += dv_sh[k * DV_NRT + e0];
+            total1 += dv_sh[k * DV_NRT + e1];
+        }
+        dvt_store(group, e0, total0, total1);
+    }
+}

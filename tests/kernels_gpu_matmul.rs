@@ -170,13 +170,70 @@ fn odd_matvec_configs() {
         let x = rng.vec(3 * m.cols);
         let (want, mag) = reference(&m, &x, 3);
         let b = Bufs::new(&ctx, &x, 3 * m.rows);
-        for (wg, nr, nt, unroll) in [(32, 1, 3, 1), (64, 3, 3, 1), (256, 4, 3, 1), (1024, 1, 3, 1), (8, 5, 3, 1), (32, 3, 1, 2), (8, 5, 1, 2), (64, 1, 1, 1)] {
+        // nt > 1: the units kernel and the blocks kernel (unroll 2: two slots per row and step,
+        // with and without prefetch); nt = 1: the decode kernel.
+        for (wg, nr, nt, unroll) in [(32, 1, 3, 1), (64, 3, 3, 1), (256, 4, 3, 1), (1024, 1, 3, 1), (8, 5, 3, 1), (32, 3, 3, 2), (32, 3, 1, 2), (8, 5, 1, 2), (64, 1, 1, 1)] {
             for subgroups in [false, true] {
-                let cfg = [MvConfig { nt, wg, nr, unroll, subgroups }];
-                let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
-                for n in [1, 3] {
-                    let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
-                    check(&format!("{} wg {wg} nr {nr} nt {nt} unroll {unroll} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+                for (units, prefetch) in [(true, false), (false, true), (false, false)] {
+                    if (nt == 1 && !units) || (units && unroll > 2) {
+                        continue;
+                    }
+                    let cfg = [MvConfig { nt, wg, nr, unroll, units, prefetch, subgroups }];
+                    let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
+                    for n in [1, 3] {
+                        let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
+                        check(&format!("{} wg {wg} nr {nr} nt {nt} unroll {unroll} units {units} pf {prefetch} sg {subgroups} n={n}", m.name), &got, &want[..n * m.rows], &mag[..n * m.rows]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The few-token blocks kernel (a batched decode's products, matmul_dec.wgsl's `dvt_main`) at
+/// every token count 2..=16 for every weight type, odd row counts, GGUF and permuted word
+/// orders (608 and 1024 columns for the Q4/Q8 types), against the CPU's f32 product at f32's
+/// tolerance: the default variants (groups of 2, 4, 8, 16 tokens; padding tokens of a group
+/// never stored), both reductions, and for Q4_0, Q8_0, F16 and Q4_K other shapes (groups of
+/// at most 8, so 9..16 tokens run as two; 2 slots per row and step; 6 rows; no prefetch).
+#[test]
+fn few_token_matvec_every_count() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0xB47C);
+    let defaults = default_mv_configs(&ctx);
+    assert!(defaults.iter().any(|c| c.nt == 16 && !c.units), "the default reads the weights once for 16 tokens: {defaults:?}");
+    let sg = ctx.has_subgroups();
+    let shape = |wg: u32, nr: u32, unroll: u32, prefetch: bool, max_nt: u32| -> Vec<MvConfig> {
+        [1, 2, 4, 8, 16].into_iter().filter(|&nt| nt <= max_nt).map(|nt| MvConfig { nt, wg, nr, unroll, units: false, prefetch, subgroups: sg }).collect()
+    };
+    let mut variants = vec![("default", defaults.clone()), ("shared-memory", defaults.iter().map(|c| MvConfig { subgroups: false, ..*c }).collect())];
+    variants.push(("32x2 up to 8, no prefetch", shape(32, 2, 1, false, 8)));
+    variants.push(("16x6 unroll 2", shape(16, 6, 2, true, 16)));
+    let grouped = [GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q2_K, GgmlType::Q3_K];
+    for ty in TYPES.into_iter().chain(grouped) {
+        let shapes: &[(usize, usize)] = if grouped.contains(&ty) { &[(37, 768)] } else { &[(75, 608), (67, 1024)] };
+        for &(rows, cols) in shapes {
+            let m = matrix(ty, rows, cols, &mut rng);
+            let g = GpuMatrix::upload(&ctx, &m).unwrap();
+            let x = rng.vec(16 * cols);
+            let (want, mag) = reference(&m, &x, 16);
+            let b = Bufs::new(&ctx, &x, 16 * rows);
+            // The other shapes on the types of the 7B models batched decode is measured with
+            // (lavapipe's time).
+            let shapes_too = matches!(ty, GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::F16 | GgmlType::Q4_K);
+            for (label, cfg) in variants.iter().take(if shapes_too { variants.len() } else { 2 }) {
+                let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, cfg);
+                for n in 2..=16 {
+                    let got = run(&ctx, &op, &b, rows, n, Kernel::Auto);
+                    let what = format!("{ty:?} {rows}x{cols} n={n} {label}");
+                    let len = n * rows;
+                    for (i, ((&gv, &w), &mg)) in got.iter().zip(&want[..len]).zip(&mag[..len]).enumerate() {
+                        let err = (gv - w).abs() / mg.max(1e-30);
+                        assert!(err < 1e-4, "{what}: element {i}: got {gv}, want {w} (sum |w x| {mg}, relative error {err:.2e})");
+                    }
+                    // The group's padding tokens store nothing.
+                    let all: Vec<f32> = ctx.read(&b.y, 16 * rows).unwrap();
+                    assert!(all[len..].iter().all(|v| v.is_nan()), "{what}: a value stored past token {n}");
                 }
             }
         }
@@ -200,7 +257,7 @@ fn integer_matvec_matches_cpu() {
                 let b = Bufs::new(&ctx, &x, 3 * rows);
                 for (nr, rg, prefetch) in [(1, 1, false), (4, 2, true), (3, 3, false), (2, 5, true)] {
                     for subgroups in [false, true] {
-                        let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, subgroups }];
+                        let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
                         let kernel = ember::gpu::matrix::DecodeKernel::Quantized { nr, rg, prefetch, limbs };
                         let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, kernel, &MatOut::default());
                         for n in [1, 3] {
@@ -604,7 +661,7 @@ fn large_grids() {
     let x = rng.vec(3 * 32);
     let (want, mag) = reference(&m, &x, 3);
     let b = Bufs::new(&ctx, &x, 3 * m.rows);
-    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, unroll: 1, subgroups: ctx.has_subgroups() }];
+    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, unroll: 1, units: false, prefetch: true, subgroups: ctx.has_subgroups() }];
     let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
     for n in [1, 3] {
         let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
@@ -740,7 +797,7 @@ fn bench_matvec() {
             };
             {
                 for &(wg, nr, unroll) in &variants {
-                    let cfg = [MvConfig { nt: 1, wg, nr, unroll, subgroups: ctx.has_subgroups() }];
+                    let cfg = [MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups() }];
                     let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul_with(&ctx, &x, y, &step, &cfg)).collect();
                     report(&format!("mv wg {wg} nr {nr} x{unroll}"), 1, &ops, Kernel::Matvec);
                 }

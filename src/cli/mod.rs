@@ -226,7 +226,10 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("no-fold", "1: norms and RoPE as separate dispatches"),
     ("mv-xw", "activations per word in the blocks decode kernel: 0, 1 or 2"),
     ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
-    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 128:4"),
+    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 64:4"),
+    ("mv-batch-kernel", "the few-token matvec's kernel: blocks (matmul_dec.wgsl, the default) or units (matmul_common.wgsl)"),
+    ("mv-batch-nt", "the blocks few-token kernel's largest group of tokens per workgroup: 2, 4, 8 or 16"),
+    ("mv-batch-pf", "0: the blocks few-token kernel without prefetching the next step's weights"),
     ("cpu-prefetch", "bytes the packed CPU kernels prefetch ahead, 0 for none"),
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
@@ -271,7 +274,7 @@ fn tune_number<T: std::str::FromStr>(tune: &[(String, String)], key: &str) -> Re
 
 /// The GPU kernels' choices for `--gpu-precision`, with the tuning knobs that override the
 /// measured defaults ([`TUNE_KEYS`]: decode-ahead, attn-single-max, attn-wg, mv-dec, no-fold,
-/// mv-xw, no-coop, mv-batch).
+/// mv-xw, no-coop, mv-batch, mv-batch-kernel, mv-batch-nt, mv-batch-pf).
 pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Result<crate::gpu::GpuTuning> {
     use crate::gpu::matrix::parse_decode;
     let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
@@ -302,8 +305,22 @@ pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Resu
     t.coop_matrix = tune_value(tune, "no-coop").as_deref() != Some("1");
     if let Some(v) = tune_value(tune, "mv-batch") {
         let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
-        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 128:4", tune_name("mv-batch")))?);
+        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 64:4", tune_name("mv-batch")))?);
     }
+    if let Some(v) = tune_value(tune, "mv-batch-kernel") {
+        t.batch_units = match v.trim() {
+            "blocks" => false,
+            "units" => true,
+            _ => return Err(format!("{} = {v}: use blocks or units", tune_name("mv-batch-kernel")).into()),
+        };
+    }
+    if let Some(v) = tune_number::<u32>(tune, "mv-batch-nt")? {
+        if ![2, 4, 8, 16].contains(&v) {
+            return Err(format!("{} = {v}: use 2, 4, 8 or 16", tune_name("mv-batch-nt")).into());
+        }
+        t.batch_max_tokens = v;
+    }
+    t.batch_prefetch = tune_value(tune, "mv-batch-pf").as_deref() != Some("0");
     Ok(t)
 }
 

@@ -340,8 +340,16 @@ pub struct MvConfig {
     pub nt: u32,
     pub wg: u32,
     pub nr: u32,
-    /// Decode (nt = 1): units per thread per loop iteration, 1 or 2.
+    /// Decode (nt = 1): units per thread per loop iteration, 1 or 2 (slots per row per step
+    /// for the blocks kernels, 1 to 4, also for nt > 1).
     pub unroll: u32,
+    /// nt > 1: the units kernel (matmul_common.wgsl's `mv_main`, each 8-element unit
+    /// dequantised once for the group) instead of the blocks kernel (matmul_dec.wgsl's
+    /// `dvt_main`). Not used at nt = 1, whose kernel is the [`DecodeKernel`].
+    pub units: bool,
+    /// nt > 1, blocks kernel: the next step's weights loaded before this step's arithmetic
+    /// (DV_PF = 1).
+    pub prefetch: bool,
     pub subgroups: bool,
 }
 
@@ -352,28 +360,47 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 
 /// The matvec variants: n tokens use the first with nt >= n. The nt = 1 variant is the
 /// generic default here; [`GpuMatrix::bind_matmul`] uses each type's own (see
-/// [`decode_config`]). The few-token variants load each unit's activations once for the
-/// workgroup's rows, so the activation loads per weight element fall with the rows: 8 tokens
-/// take 4 rows (16 KiB of reduction memory at 128 threads, WebGPU's least limit), where 2 made
-/// a batched decode's 8 rows load 16 bytes of activations per weight. The context's
-/// [`GpuTuning::batch_matvec`](super::GpuTuning) replaces (threads, rows) where the adapter
-/// has the memory and threads for it.
+/// [`decode_config`]).
+///
+/// A few tokens (a batched decode's products) run the blocks kernel over groups of 2, 4, 8
+/// and 16 tokens (matmul_dec.wgsl's `dvt_main`: the one-token kernel's coalesced 16-byte
+/// slots, each row's weights applied to every token of the group, so a 16-token step reads
+/// each weight once), 64 threads and 4 rows per workgroup (4 rows: the activation loads per
+/// weight element, 4 / rows bytes per token, bound the kernel with the arithmetic once the
+/// weights are read once; more rows would need more registers than the accumulators and
+/// dequantised words leave). The context's [`GpuTuning`](super::GpuTuning) replaces the
+/// shape (`batch_matvec`, where the adapter has the threads; threads are halved where the
+/// reduction's memory would not fit), the largest group (`batch_max_tokens`), the prefetch,
+/// or takes the earlier units kernel (`batch_units`: groups of up to 8 tokens, 128 threads and
+/// 4 rows by default; measured at 57 GB/s on an H100 at 8 tokens, BENCHMARKS.md).
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
-    let fits = |nt: u32, (wg, nr): (u32, u32)| {
-        wg.is_power_of_two() && nr >= 2 && nr.is_multiple_of(2) && wg <= ctx.limits.max_compute_invocations_per_workgroup && wg * nr * nt * 4 <= ctx.limits.max_compute_workgroup_storage_size
-    };
-    [(1, 128, 2, 1), (2, 128, 4, 1), (4, 128, 4, 1), (8, 128, 4, 1)]
-        .into_iter()
-        .map(|(nt, wg, nr, unroll)| {
-            let (wg, nr) = match ctx.tuning.batch_matvec {
-                Some(c) if nt > 1 && fits(nt, c) => c,
-                _ => (wg, nr),
-            };
-            MvConfig { nt, wg, nr, unroll, subgroups }
-        })
-        .collect()
+    let t = &ctx.tuning;
+    let storage = ctx.limits.max_compute_workgroup_storage_size;
+    let max_wg = ctx.limits.max_compute_invocations_per_workgroup;
+    let shape_ok = |(wg, nr): (u32, u32)| wg.is_power_of_two() && wg <= max_wg && nr >= 2 && nr.is_multiple_of(2);
+    let mut v = vec![MvConfig { nt: 1, wg: 128, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
+    if t.batch_units {
+        let fits = |nt: u32, (wg, nr): (u32, u32)| shape_ok((wg, nr)) && wg * nr * nt * 4 <= storage;
+        for nt in [2, 4, 8] {
+            let (wg, nr) = t.batch_matvec.filter(|&c| fits(nt, c)).unwrap_or((128, 4));
+            v.push(MvConfig { nt, wg, nr, unroll: 1, units: true, prefetch: false, subgroups });
+        }
+        return v;
+    }
+    let (wg, nr) = t.batch_matvec.filter(|&c| shape_ok(c)).unwrap_or((64.min(max_wg), 4));
+    for nt in [2, 4, 8, 16].into_iter().filter(|&nt| nt <= t.batch_max_tokens.max(2)) {
+        // The reduction keeps (rows x tokens + 1) partial sums per thread in shared memory.
+        let mut wg = wg;
+        while wg > 8 && wg * (nr * nt + 1) * 4 > storage {
+            wg /= 2;
+        }
+        if wg * (nr * nt + 1) * 4 <= storage {
+            v.push(MvConfig { nt, wg, nr, unroll: 1, units: false, prefetch: t.batch_prefetch, subgroups });
+        }
+    }
+    v
 }
 
 /// A decode kernel and, for [`DecodeKernel::Blocks`], its workgroup's (threads, rows, slots per
@@ -433,7 +460,7 @@ fn type_mv_configs(ctx: &GpuContext, ty: GgmlType) -> Vec<MvConfig> {
     let (_, (wg, nr, unroll)) = decode_config(ctx, ty);
     let wg = wg.min(ctx.limits.max_compute_invocations_per_workgroup);
     let mut v = default_mv_configs(ctx);
-    v[0] = MvConfig { nt: 1, wg, nr, unroll, subgroups: ctx.has_subgroups() };
+    v[0] = MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups() };
     v
 }
 
@@ -861,6 +888,22 @@ impl GpuMatrix {
                 }
                 let (code, key) = kq_code(false);
                 mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, entry)));
+                continue;
+            }
+            if cfg.nt > 1 && !cfg.units {
+                // The few-token blocks kernel (no folded norm: only one token folds).
+                assert!(
+                    (1..=4).contains(&cfg.unroll) && cfg.nr >= 1 && cfg.wg.is_power_of_two() && cfg.wg <= ctx.limits.max_compute_invocations_per_workgroup,
+                    "bad matvec config {cfg:?}"
+                );
+                assert!(cfg.wg * (cfg.nr * cfg.nt + 1) * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
+                let pf = cfg.prefetch as u32;
+                let mut code = with_epi(&self.specialize(if sg { src.dec_sg } else { src.dec }));
+                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf), ("DV_NT", 1, cfg.nt)] {
+                    code = set_const(&code, name, default, value);
+                }
+                let key = format!("matmul/{}{}/dect/wg{}/nr{}/nt{}/ub{}/pf{pf}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
+                mv_pipes.push((*cfg, pipeline(ctx, &key, &code, if sg { "dvt_main_sg" } else { "dvt_main" })));
                 continue;
             }
             let blocks = cfg.nt == 1 && decode != DecodeKernel::Units;

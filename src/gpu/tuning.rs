@@ -33,6 +33,14 @@ pub struct GpuTuning {
     /// choice for every group size; threads a power of two, rows even, within the adapter's
     /// limits, else ignored. None keeps the default.
     pub batch_matvec: Option<(u32, u32)>,
+    /// The few-token matvec on the earlier units kernel (matmul_common.wgsl's `mv_main`,
+    /// groups of up to 8 tokens) instead of the blocks kernel (matmul_dec.wgsl's `dvt_main`).
+    pub batch_units: bool,
+    /// The blocks kernel's largest group of tokens per workgroup, 2 to 16 (more tokens run in
+    /// several groups, each reading the weights again).
+    pub batch_max_tokens: u32,
+    /// The blocks kernel loads the next step's weights before this step's arithmetic.
+    pub batch_prefetch: bool,
 }
 
 impl Default for GpuTuning {
@@ -47,6 +55,9 @@ impl Default for GpuTuning {
             decode_xw: None,
             coop_matrix: true,
             batch_matvec: None,
+            batch_units: false,
+            batch_max_tokens: 16,
+            batch_prefetch: true,
         }
     }
 }
