@@ -30,3 +30,12 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     let b = vec4<f32>(unpack2x16float(w.q.z), unpack2x16float(w.q.w));
     return dot(a, xs.a[0]) + dot(b, xs.a[1]);
 }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): halves 4i..4i+3.
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    return vec4<f32>(unpack2x16float(w.q[2u * i]), unpack2x16float(w.q[2u * i + 1u]));
+}
+
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    return row4 + 2u * j + i;
+}

@@ -27,3 +27,12 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     return dot(bitcast<vec4<f32>>(w.q), xs.a);
 }
+
+// The few-token kernel's group of 4 (matmul_dec_tok.wgsl): the slot.
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(w.q);
+}
+
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    return row4 + j;
+}

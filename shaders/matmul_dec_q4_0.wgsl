@@ -131,30 +131,20 @@ fn slot_dot_rows(w: array<WSlot, DV_NR * DV_UB>, j0: u32, row4: u32, j: u32) -> 
     return acc;
 }
 
-// The few-token kernel's products of slot j (matmul_dec.wgsl's dvt_*; w[j0 + r] is row r's):
-// word by word, each row's 8 weights dequantised once (scale included) and applied to every
-// token, whose two activation vec4 are loaded once for all rows. Per weight element and token
-// that is one FMA and 4 / DV_NR bytes of activation loads (from L1), where the one-token
-// slot_dot_rows spends three operations decoding each element for each token.
-fn slot_dot_tokens(acc: ptr<function, array<f32, DV_NRT>>, w: array<WSlot, DV_NR * DV_UB>, j0: u32, j: u32) {
-    for (var k = 0u; k < 4u; k++) {
-        var lo: array<vec4<f32>, DV_NR>;
-        var hi: array<vec4<f32>, DV_NR>;
-        for (var r = 0u; r < DV_NR; r++) {
-            let ws = w[j0 + r];
-            let q = ws.q[k];
-            let s = q >> 12u;
-            let d = unpack2x16float(ws.d[k]);
-            lo[r] = (bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB) * d.x;
-            hi[r] = (bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB) * d.y;
-        }
-        for (var t = 0u; t < DV_NT; t++) {
-            let ca = slot_x_lo(dvt_row4(t), j, k);
-            let xl = xa(ca);
-            let xh = xa(ca + select(4u, 8u, PERM == 1u));
-            for (var r = 0u; r < DV_NR; r++) {
-                (*acc)[t * DV_NR + r] += dot(lo[r], xl) + dot(hi[r], xh);
-            }
-        }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): group i < 4 is word i's low
+// nibbles, group 4 + k word k's high nibbles, (q - 8) d.
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    let k = i & 3u;
+    let q = w.q[k];
+    let s = q >> 12u;
+    let d = unpack2x16float(w.d[k]);
+    if (i < 4u) {
+        return (bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB) * d.x;
     }
+    return (bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB) * d.y;
+}
+
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    return slot_x_lo(row4, j, i & 3u) + select(0u, select(4u, 8u, PERM == 1u), i >= 4u);
 }

@@ -76,3 +76,25 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     }
     return acc;
 }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): group i < 4 is word i's low
+// nibbles, group 4 + k word k's high nibbles, d q + m.
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    let k = i & 3u;
+    let q = w.q[k];
+    let s = q >> 12u;
+    if (i < 4u) {
+        let a = unpack2x16float(w.dm[k].x);
+        return (bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB) * a.x + a.y;
+    }
+    let b = unpack2x16float(w.dm[k].y);
+    return (bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB) * b.x + b.y;
+}
+
+// slot_x's a[i].
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    if (PERM == 1u) {
+        return row4 + (j >> 3u) * 64u + (j & 7u) + 16u * (i & 3u) + select(0u, 8u, i >= 4u);
+    }
+    return row4 + 8u * j + i;
+}

@@ -69,3 +69,18 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     }
     return acc;
 }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): word i, q d.
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    let a = w.q[i] ^ 0x80808080u;
+    let s = a >> 16u;
+    return (bitcast<vec4<f32>>((vec4<u32>(a, a, s, s) & DQ8_MASK) | DQ8_MAGIC) - DQ8_SUB) * w.d[i];
+}
+
+// slot_x's a[i].
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    if (PERM == 1u) {
+        return row4 + (j >> 3u) * 32u + (j & 7u) + 8u * i;
+    }
+    return row4 + 4u * j + i;
+}

@@ -1,5 +1,5 @@
-// The decode matvec's per-word and all-rows slot products (matmul_dec.wgsl's DV_XW = 1 and 2),
-// and the few-token kernel's slot products (slot_dot_tokens), for a type whose slot gains nothing from loading its activations word by word (F32, F16,
+// The decode matvec's per-word and all-rows slot products (matmul_dec.wgsl's DV_XW = 1 and 2)
+// for a type whose slot gains nothing from loading its activations word by word (F32, F16,
 // Q8_0, Q4_1): both load the slot's activations once with slot_x. Composed right after such a
 // type's matmul_dec_<type>.wgsl; Q4_0 has its own (matmul_dec_q4_0.wgsl).
 
@@ -18,15 +18,3 @@ fn slot_dot_rows(w: array<WSlot, DV_NR * DV_UB>, j0: u32, row4: u32, j: u32) -> 
     return acc;
 }
 
-// The few-token kernel's products of slot j (matmul_dec.wgsl's dvt_*): for each of the DV_NT
-// tokens, its activations loaded once for all rows, acc[t * DV_NR + r] += row r's dot product.
-// Each token decodes the weights again (slot_dot), which costs little for the float types and
-// is what the 5-bit and K-quant types do here; Q4_0 has its own that decodes a word once.
-fn slot_dot_tokens(acc: ptr<function, array<f32, DV_NRT>>, w: array<WSlot, DV_NR * DV_UB>, j0: u32, j: u32) {
-    for (var t = 0u; t < DV_NT; t++) {
-        let xs = slot_x(dvt_row4(t), j);
-        for (var r = 0u; r < DV_NR; r++) {
-            (*acc)[t * DV_NR + r] += slot_dot(w[j0 + r], xs);
-        }
-    }
-}

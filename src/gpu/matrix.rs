@@ -35,9 +35,15 @@
 //!   and, for q/k/v, RoPE and the KV-cache write (`matmul_dec_rope.wgsl`). `shaders/matmul_kq.wgsl` is
 //!   an alternative for Q4_0 and Q4_1 in GGUF order: activations quantised once per workgroup to
 //!   22 bits (about f32's own rounding) and integer dot products, a third of the arithmetic.
-//! - A few tokens (up to [`MATVEC_MAX_TOKENS`]): `shaders/matmul_common.wgsl`'s `mv_main` after
-//!   `matmul_<type>.wgsl`, which decodes *units* of 8 elements (a Q4 word, a Q8 double word);
-//!   groups of up to 8 tokens (the grid's z dimension), each unit dequantised once for the group.
+//! - A few tokens (up to [`MATVEC_MAX_TOKENS`], a batched decode's products): the decode
+//!   kernel's few-token entry points (`matmul_dec.wgsl`'s `dvt_main`, `matmul_dec_sg.wgsl`'s
+//!   `dvt_main_sg`) over groups of 2, 4, 8 or 16 tokens (the grid's z dimension): the same
+//!   slots and loads as one token, each row's slot applied to every token of the group
+//!   (`matmul_dec_tok.wgsl`: dequantised once per 4 elements for all tokens, F32, F16, Q8_0,
+//!   Q4_0, Q4_1; `matmul_dec_tok_slot.wgsl`: decoded per token, the 5-bit and K-quant types),
+//!   so the weights are read once per group; see [`default_mv_configs`]. The earlier
+//!   `shaders/matmul_common.wgsl` `mv_main` (units of 8 elements, groups of up to 8 tokens)
+//!   stays behind [`MvConfig::units`] (`ember bench --tune mv-batch-kernel=units`).
 //! - More tokens: the tiled `mm_tiled` (128 rows x 64 tokens per workgroup, 8 x 4 per thread,
 //!   the type's `tile8` dequantising the weight tile once into shared memory; 64 rows where the
 //!   adapter has under 24 KiB of shared memory), or where the context has cooperative matrices
@@ -85,7 +91,8 @@ struct TypeSources {
 
 macro_rules! type_sources {
     // `$dec`: the decode type file, then (unless it has its own slot_dot_x and slot_dot_rows)
-    // matmul_dec_rows.wgsl.
+    // matmul_dec_rows.wgsl, then the few-token kernel's slot product: matmul_dec_tok.wgsl
+    // (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl (per token).
     ($name:literal, $file:literal, [$($dec:literal),+]) => {
         TypeSources {
             name: $name,
@@ -104,20 +111,20 @@ macro_rules! type_sources {
     };
 }
 
-const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl"]);
-const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl"]);
-const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl"]);
-const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", ["matmul_dec_q4_0.wgsl"]);
-const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl"]);
+const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", ["matmul_dec_q4_0.wgsl", "matmul_dec_tok.wgsl"]);
+const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 // The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
 // they are validated only as composed.
-const Q5_0_SRC: TypeSources = type_sources!("q5_0", "matmul_q5_0.wgsl", ["matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl"]);
-const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl"]);
-const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl"]);
-const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl"]);
-const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl"]);
+const Q5_0_SRC: TypeSources = type_sources!("q5_0", "matmul_q5_0.wgsl", ["matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
 /// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
@@ -184,6 +191,9 @@ pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
 
 /// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
+
+/// The few-token kernel's slot products as compiled after a type file of each kind.
+pub const DEC_TOK_SHADERS: [(&str, &str); 2] = [("matmul_dec_tok.wgsl", Q4_0_SRC.dec), ("matmul_dec_tok_slot.wgsl", Q4_K_SRC.dec)];
 
 /// The weight types the GPU kernels compute with as they are.
 pub const GPU_TYPES: [GgmlType; 12] = [
@@ -372,7 +382,8 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 /// shape (`batch_matvec`, where the adapter has the threads; threads are halved where the
 /// reduction's memory would not fit), the largest group (`batch_max_tokens`), the prefetch,
 /// or takes the earlier units kernel (`batch_units`: groups of up to 8 tokens, 128 threads and
-/// 4 rows by default; measured at 57 GB/s on an H100 at 8 tokens, BENCHMARKS.md).
+/// 4 rows by default; its gate/up products ran at 57 GB/s on an H100 at 8 tokens with ember
+/// 1b515c4, against 830-1100 GB/s for the one-token kernels on the same matrices).
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();

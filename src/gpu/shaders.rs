@@ -15,6 +15,7 @@ pub fn all() -> Vec<(&'static str, &'static str)> {
     let mut v = vec![("copy.wgsl", COPY), ("step.wgsl", COPY)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.push(super::matrix::DEC_ROWS_SHADER);
+    v.extend_from_slice(&super::matrix::DEC_TOK_SHADERS);
     v.extend_from_slice(super::ops::SHADERS);
     v.extend_from_slice(super::sparse::SHADERS);
     v
