@@ -130,8 +130,8 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
         AttentionPlace::Placed { slack, .. } => slack,
         _ => unreachable!(),
     };
-    let on_gpu = s.attention_on_gpu();
-    let n_host = on_gpu.iter().filter(|&&g| !g).count();
+    let on_gpu = s.attention_sites().to_vec();
+    let n_host = on_gpu.iter().filter(|&&g| g != ember::sparse::placement::AttnSite::Gpu).count();
     assert!(n_host > 0 && n_host < hp.n_layer, "{n_host} layers' attention on the host");
     let n_hot = s.placement().n_hot();
     assert!(n_hot > 0 && n_hot < hp.n_layer * hp.n_ff, "{n_hot} hot neurons: the budget should split the FFN");

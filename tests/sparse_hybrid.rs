@@ -8,6 +8,7 @@ use ember::cpu::Precision;
 use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
+use ember::sparse::placement::AttnSite;
 use ember::sparse::profile::Profiler;
 use ember::sparse::simulate::{PredictorSim, SimulatedActivity};
 use std::sync::Arc;
@@ -84,10 +85,16 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     let hp = &model.hp;
     let prompts = common::ref_prompts();
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
-    // Attention on the host in layers 0, 3, 4, 7, 8, ...; neurons by layer % 3: all hot,
-    // all cold, the even ones hot. So layer 0 is host + all hot, 1 GPU + all cold, 2 GPU +
-    // split, 4 host + all cold, 6 GPU + all hot, 8 host + split.
-    let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| !matches!(l % 4, 0 | 3)).collect();
+    // Attention on the host in layers 0, 3, 4, 7, 8, ... (the q/k/v product on the GPU in
+    // 3, 7, 11, ...); neurons by layer % 3: all hot, all cold, the even ones hot. So layer 0
+    // is host + all hot, 1 GPU + all cold, 2 GPU + split, 3 q/k/v + all hot, 4 host + all
+    // cold, 6 GPU + all hot, 7 q/k/v + all cold, 8 host + split, 11 q/k/v + split.
+    let sites: Vec<AttnSite> = (0..hp.n_layer).map(|l| match l % 4 {
+        0 => AttnSite::Host,
+        3 => AttnSite::Qkv,
+        _ => AttnSite::Gpu,
+    }).collect();
+    let on_gpu: Vec<bool> = sites.iter().map(|&s| s == AttnSite::Gpu).collect();
     let hot: Vec<Vec<u32>> = (0..hp.n_layer)
         .map(|l| match l % 3 {
             0 => (0..hp.n_ff as u32).collect(),
@@ -97,14 +104,14 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         .collect();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
     let n_ctx = 96;
-    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(on_gpu.clone()), reserve: 0 };
+    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(sites.clone()), reserve: 0 };
     let ctx = Arc::new(ctx);
     // Four threads, so the cold team has members besides the caller.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
     let mut s = pool.install(|| HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false)).unwrap();
-    assert_eq!(s.attention_on_gpu(), on_gpu);
+    assert_eq!(s.attention_sites(), sites);
     assert_eq!(s.placement().hot, hot);
-    assert!(s.backend_name().contains(&format!("attention of {} layers on the CPU", on_gpu.iter().filter(|&&g| !g).count())), "{}", s.backend_name());
+    assert!(s.backend_name().contains(&format!("attention of {} layers on the CPU, the q/k/v of {} of them on the GPU", on_gpu.iter().filter(|&&g| !g).count(), hp.n_layer / 4)), "{}", s.backend_name());
     // Only the GPU layers' caches are on the GPU.
     let n_gpu = on_gpu.iter().filter(|&&g| g).count() as u64;
     assert_eq!(s.gpu().state_bytes(), n_gpu * hp.kv_bytes_per_layer(n_ctx));
@@ -134,7 +141,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         sim_predictors: None,
         hot: None,
         note: None,
-        attention: AttentionPlace::Given(vec![false; hp.n_layer]),
+        attention: AttentionPlace::Given(vec![AttnSite::Host; hp.n_layer]),
         reserve: 0,
     };
     let mut s = HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, all_host, false).unwrap();
@@ -150,7 +157,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         sim_predictors: None,
         hot: None,
         note: None,
-        attention: AttentionPlace::Given(vec![true; 3]),
+        attention: AttentionPlace::Given(vec![AttnSite::Gpu; 3]),
         reserve: 0,
     };
     assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, bad, false).is_err());

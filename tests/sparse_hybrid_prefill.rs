@@ -9,6 +9,7 @@ mod common;
 use ember::cpu::Precision;
 use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, Session, SparseFfn};
 use ember::model::Model;
+use ember::sparse::placement::AttnSite;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
 
@@ -47,11 +48,16 @@ fn batched_prefill_matches_token_by_token_and_dense() {
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();
     let mut saw_mixed = false;
     // Host attention in every third layer (from layer 1: some split, some wholly hot).
-    let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| l % 3 != 1).collect();
+    // (Of those, layers 4, 10, ... run their q/k/v product on the GPU in decode.)
+    let sites: Vec<AttnSite> = (0..hp.n_layer).map(|l| match l % 6 {
+        1 => AttnSite::Host,
+        4 => AttnSite::Qkv,
+        _ => AttnSite::Gpu,
+    }).collect();
     // A placed budget with few hot neurons in one batch per prompt; the mixed placement with
     // host-attention layers in batches of 10 (the 31-token prompt: 10, 10, 10 and a last one
     // of a single token).
-    let cases = [(100u64, None, AttentionPlace::AllGpu, 64usize), (240, Some(mixed), AttentionPlace::Given(on_gpu), 10)];
+    let cases = [(100u64, None, AttentionPlace::AllGpu, 64usize), (240, Some(mixed), AttentionPlace::Given(sites), 10)];
     for (budget_mib, hot, attention, batch) in cases {
         let budget = Some(budget_mib << 20);
         let ctx = Arc::new(common::gpu().unwrap());

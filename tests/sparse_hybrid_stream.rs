@@ -13,6 +13,7 @@ use ember::cpu::Precision;
 use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, PrefillConfig, Session, SparseFfn, StreamConfig};
 use ember::gpu::sparse::HotFfn;
 use ember::model::Model;
+use ember::sparse::placement::AttnSite;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
 
@@ -47,8 +48,13 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
     // Even layers wholly hot, odd ones with every third neuron hot (1024 cold neurons);
     // host attention in every third layer.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();
-    let on_gpu: Vec<bool> = (0..hp.n_layer).map(|l| l % 3 != 1).collect();
-    let n_host = on_gpu.iter().filter(|&&g| !g).count() as u64;
+    // (Layers 4, 10, ... run their q/k/v product on the GPU in decode.)
+    let sites: Vec<AttnSite> = (0..hp.n_layer).map(|l| match l % 6 {
+        1 => AttnSite::Host,
+        4 => AttnSite::Qkv,
+        _ => AttnSite::Gpu,
+    }).collect();
+    let n_host = sites.iter().filter(|&&s| s != AttnSite::Gpu).count() as u64;
     // Chunks of 64 neurons (their gate, up and down_t rows): 16 per split layer,
     // each slot reused 8 times per layer. Batches of 10 tokens or more stream: of the long
     // prompt's 16, 16 and 9, the last goes to the CPU.
@@ -58,11 +64,11 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
     let budget = Some(240u64 << 20);
     let ctx = Arc::new(common::gpu().unwrap());
     let streamed_cfg = PrefillConfig { batch: 16, stream: Some(tiny) };
-    let mut s = HybridSession::with_prefill(model.clone(), ctx.clone(), 128, plan(budget, Some(mixed.clone()), AttentionPlace::Given(on_gpu.clone())), streamed_cfg, false).unwrap();
+    let mut s = HybridSession::with_prefill(model.clone(), ctx.clone(), 128, plan(budget, Some(mixed.clone()), AttentionPlace::Given(sites.clone())), streamed_cfg, false).unwrap();
     assert_eq!(s.stream_chunk_rows(), Some(64));
-    let mut cpu = HybridSession::with_prefill(model.clone(), Arc::new(common::gpu().unwrap()), 128, plan(budget, Some(mixed.clone()), AttentionPlace::Given(on_gpu.clone())), 16, false).unwrap();
+    let mut cpu = HybridSession::with_prefill(model.clone(), Arc::new(common::gpu().unwrap()), 128, plan(budget, Some(mixed.clone()), AttentionPlace::Given(sites.clone())), 16, false).unwrap();
     assert_eq!(cpu.stream_chunk_rows(), None);
-    let mut tok = HybridSession::with_prefill(model.clone(), Arc::new(common::gpu().unwrap()), 128, plan(budget, Some(mixed), AttentionPlace::Given(on_gpu)), 1, false).unwrap();
+    let mut tok = HybridSession::with_prefill(model.clone(), Arc::new(common::gpu().unwrap()), 128, plan(budget, Some(mixed), AttentionPlace::Given(sites)), 1, false).unwrap();
     assert_eq!(s.placement().hot, tok.placement().hot);
     let check = |what: &str, a: &[f32], c: &[f32], b: &[f32], d: &[f32]| {
         let (ec, eb, ed) = (common::rel_err(a, c), common::rel_err(a, b), common::rel_err(a, d));

@@ -7,7 +7,8 @@ mod common;
 use ember::cpu::Precision;
 use ember::engine::ffn::transposed_downs;
 use ember::engine::{FfnMode, Forward, Logits, Session, SparseFfn};
-use ember::gguf::{GgmlType, GgufFile, GgufWriter, Magic};
+use ember::gguf::{GgmlType, GgufFile, GgufWriter, Magic, Value, ValueType};
+use ember::sparse::placement::AttnSite;
 use ember::model::Model;
 use ember::sparse::powerinfer::{export_model, read_attention, read_split, set_attention, split_file};
 use ember::sparse::predictor::Predictors;
@@ -91,10 +92,19 @@ fn placement_files_record_where_attention_lives() {
     let plain = GgufFile::from_bytes(split_file(&hot, 3, 1 << 20).to_bytes()).unwrap();
     assert_eq!(read_attention(&plain, 3).unwrap(), None);
     let mut w = split_file(&hot, 3, 1 << 20);
-    set_attention(&mut w, &[true, false, true]);
+    set_attention(&mut w, &[AttnSite::Gpu, AttnSite::Host, AttnSite::Qkv]);
     let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
-    assert_eq!(read_attention(&f, 3).unwrap(), Some(vec![true, false, true]));
+    assert_eq!(read_attention(&f, 3).unwrap(), Some(vec![AttnSite::Gpu, AttnSite::Host, AttnSite::Qkv]));
     assert_eq!(read_split(&f, 3, 3).unwrap(), hot);
     // A record for another layer count is refused, naming the key.
     assert!(read_attention(&f, 4).unwrap_err().to_string().contains("ember.placement.attention_on_gpu"));
+    // A file from before the q/k/v record keeps every host layer's q/k/v on the host.
+    let mut w = split_file(&hot, 3, 1 << 20);
+    w.set("ember.placement.attention_on_gpu", Value::Array(ValueType::Bool, vec![Value::Bool(true), Value::Bool(false), Value::Bool(false)]));
+    let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
+    assert_eq!(read_attention(&f, 3).unwrap(), Some(vec![AttnSite::Gpu, AttnSite::Host, AttnSite::Host]));
+    // Both records claiming one layer are refused.
+    w.set("ember.placement.qkv_on_gpu", Value::Array(ValueType::Bool, vec![Value::Bool(true), Value::Bool(false), Value::Bool(false)]));
+    let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
+    assert!(read_attention(&f, 3).is_err());
 }

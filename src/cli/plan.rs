@@ -5,7 +5,7 @@ use super::{ModelArgs, Result};
 use crate::engine::ffn::transposed_downs;
 use crate::engine::host_attention::choose_attention;
 use crate::engine::hybrid::hot_neuron_bytes;
-use crate::sparse::placement::{parse_budget, place, Bytes, FixedPart, PlacementInput};
+use crate::sparse::placement::{parse_budget, place, AttnSite, Bytes, FixedPart, PlacementInput};
 use crate::sparse::powerinfer;
 use crate::sparse::predictor::Predictors;
 use crate::sparse::profile::ActivationProfile;
@@ -96,7 +96,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
             },
         ];
         let input = PlacementInput { fixed, neuron_bytes, counts };
-        (place(&input, budget, hp.n_ff)?, vec![true; hp.n_layer])
+        (place(&input, budget, hp.n_ff)?, vec![AttnSite::Gpu; hp.n_layer])
     };
 
     println!("budget {} on the GPU, placed in this order (estimated sizes):", Bytes(budget));
@@ -108,7 +108,11 @@ pub fn plan(a: PlanArgs) -> Result<()> {
     println!("\n| layer | hot neurons | of layer | share of the layer's firings on the GPU | attention |");
     println!("| ---: | ---: | ---: | ---: | --- |");
     for (l, (h, c)) in p.hot.iter().zip(&p.covered_per_layer).enumerate() {
-        println!("| {l} | {} | {:.1}% | {:.1}% | {} |", h.len(), 100.0 * h.len() as f64 / hp.n_ff as f64, 100.0 * c, if attn_on_gpu[l] { "GPU" } else { "host" });
+        println!("| {l} | {} | {:.1}% | {:.1}% | {} |", h.len(), 100.0 * h.len() as f64 / hp.n_ff as f64, 100.0 * c, match attn_on_gpu[l] {
+            AttnSite::Gpu => "GPU",
+            AttnSite::Qkv => "q/k/v on the GPU, the rest on the host",
+            AttnSite::Host => "host",
+        });
     }
     println!("\nexpected share of all FFN firings served by the GPU: {:.1}% (profile: {} tokens)", 100.0 * p.covered, profile.n_tokens());
     if let Some(out) = &a.output {

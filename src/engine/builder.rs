@@ -8,7 +8,7 @@ use super::ffn::FfnError;
 use super::HybridError;
 use crate::cpu::Precision;
 use crate::gguf::{GgufFile, Value};
-use crate::sparse::placement::{counts_fingerprint, Placement};
+use crate::sparse::placement::{counts_fingerprint, AttnSite, Placement};
 use crate::sparse::powerinfer::{read_attention, read_split, set_attention, split_file};
 use crate::sparse::profile::ActivationProfile;
 use crate::sparse::simulate::{stretched_counts, PredictorSim, SimulatedActivity};
@@ -336,7 +336,8 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
                 (None, _) => 0,
             };
             // Host attention depends on the context too (its KV cache's size).
-            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24))
+            // (and q/k/v placed apart since session 10: placements from before are made anew).
+            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24 ^ 0x51c0_0000_0000))
         }
         _ => None,
     };
@@ -397,14 +398,15 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     if let Some(c) = &cache {
         match from_cache {
             true => log(&format!("placement reused from {}", c.path.display())),
-            false => c.store(session.placement(), &session.attention_on_gpu(), model.hp.n_ff, log),
+            false => c.store(session.placement(), session.attention_sites(), model.hp.n_ff, log),
         }
     }
     let p = session.placement();
     let total = model.hp.n_layer * model.hp.n_ff;
-    let n_host = session.attention_on_gpu().iter().filter(|&&g| !g).count();
+    let n_host = session.attention_sites().iter().filter(|&&s| s != AttnSite::Gpu).count();
+    let n_qkv = session.attention_sites().iter().filter(|&&s| s == AttnSite::Qkv).count();
     log(&format!(
-        "GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), attention and KV cache of {n_host} of {} layers on the host (CPU), {:.1} MiB allocated{}; {:.2} s",
+        "GPU {gpu_name}: --ffn {}: {} of {total} FFN neurons hot on the GPU ({:.1}% of profiled firings), attention and KV cache of {n_host} of {} layers on the host (CPU; the q/k/v product of {n_qkv} of them on the GPU), {:.1} MiB allocated{}; {:.2} s",
         mode.name(),
         p.n_hot(),
         100.0 * p.covered,
@@ -623,7 +625,7 @@ fn calibrate_thresholds(args: &SessionOptions, model: &Arc<Model>, log: &dyn Fn(
 
 /// Hot neurons from a placement file (ember's or PowerInfer's split format), and where each
 /// layer's attention lives when the file says (`ember plan -o` writes it).
-fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<Vec<bool>>)> {
+fn read_placement(path: &Path, model: &Model) -> Result<(Vec<Vec<u32>>, Option<Vec<AttnSite>>)> {
     let f = GgufFile::open(path).map_err(|e| format!("--placement {}: {e}", path.display()))?;
     let hot = read_split(&f, model.hp.n_layer, model.hp.n_ff).map_err(|e| format!("--placement {}: {e}", path.display()))?;
     let attention = read_attention(&f, model.hp.n_layer).map_err(|e| format!("--placement {}: {e}", path.display()))?;
@@ -654,7 +656,7 @@ impl PlacementCache {
     /// The cached hot neurons and attention placement, when the file exists and was made for
     /// this budget and profile (one from before host attention, without the attention record,
     /// is placed anew).
-    fn load(&self, model: &Model) -> Option<(Vec<Vec<u32>>, Vec<bool>)> {
+    fn load(&self, model: &Model) -> Option<(Vec<Vec<u32>>, Vec<AttnSite>)> {
         let f = GgufFile::open(&self.path).ok()?;
         let matches = f.get_u64(KEY_CACHE_BUDGET).ok() == Some(self.budget) && f.get_u64(KEY_CACHE_COUNTS).ok() == Some(self.fingerprint);
         if !matches {
@@ -666,9 +668,9 @@ impl PlacementCache {
     }
 
     /// Writes the placement; a directory that cannot be written costs only the cache.
-    fn store(&self, p: &Placement, attention_on_gpu: &[bool], n_ff: usize, log: &dyn Fn(&str)) {
+    fn store(&self, p: &Placement, sites: &[AttnSite], n_ff: usize, log: &dyn Fn(&str)) {
         let mut w = split_file(&p.hot, n_ff, self.budget);
-        set_attention(&mut w, attention_on_gpu);
+        set_attention(&mut w, sites);
         w.set(KEY_CACHE_BUDGET, Value::U64(self.budget));
         w.set(KEY_CACHE_COUNTS, Value::U64(self.fingerprint));
         // The derived-files folder (the user cache's, keyed by the model) may not exist yet.

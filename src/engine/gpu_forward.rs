@@ -10,6 +10,7 @@ use super::sampler::SampleRule;
 use crate::gpu::{GpuContext, GpuError, Step};
 use super::gpu_ops::{NamedOp, Op};
 use crate::model::{Model, RopeStyle};
+use crate::sparse::placement::AttnSite;
 use std::sync::Arc;
 
 /// One decode token's GPU time by dispatch (nanoseconds).
@@ -39,6 +40,9 @@ pub struct GpuLayerWeights {
     /// The attention half; None when it runs outside this session (a hybrid's host-attention
     /// layer: the wrapper computes attention and the FFN norm and writes x and xn).
     attn: Option<GpuAttnWeights>,
+    /// A host-attention layer's attention norm and q/k/v weights, where its q/k/v product
+    /// runs here ([`AttnSite::Qkv`]).
+    qkv_only: Option<(wgpu::Buffer, Stacked<3>)>,
     /// (gate and up, down); None when the FFN runs neuron-aware (the hybrid uploads its hot
     /// rows itself).
     dense_ffn: Option<(Stacked<2>, GpuMatrix)>,
@@ -109,7 +113,13 @@ impl GpuWeights {
             match name {
                 "matmul o" => l.attn.as_ref().map(|a| a.wo.gpu_bytes()),
                 "matmul down" => l.dense_ffn.as_ref().map(|f| f.1.gpu_bytes()),
-                _ => l.attn.as_ref().and_then(|a| a.qkv.bytes_named(name, "matmul qkv", ["matmul q", "matmul k", "matmul v"])).or_else(|| l.dense_ffn.as_ref().and_then(|f| f.0.bytes_named(name, "matmul gate_up", ["matmul gate", "matmul up"]))),
+                _ => l
+                    .attn
+                    .as_ref()
+                    .map(|a| &a.qkv)
+                    .or(l.qkv_only.as_ref().map(|q| &q.1))
+                    .and_then(|qkv| qkv.bytes_named(name, "matmul qkv", ["matmul q", "matmul k", "matmul v"]))
+                    .or_else(|| l.dense_ffn.as_ref().and_then(|f| f.0.bytes_named(name, "matmul gate_up", ["matmul gate", "matmul up"]))),
             }
         };
         match name {
@@ -128,15 +138,16 @@ impl GpuWeights {
     /// stay on the host (a neuron-aware FFN uploads its hot rows itself).
     pub fn upload_layers(ctx: &GpuContext, model: &Model, n_layers: usize, dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
         let n_layers = n_layers.min(model.layers.len());
-        Self::upload_parts(ctx, model, &vec![true; n_layers], dense_ffn, progress)
+        Self::upload_parts(ctx, model, &vec![AttnSite::Gpu; n_layers], dense_ffn, progress)
     }
 
     /// [`Self::upload_layers`] for the first `attention_on_gpu.len()` layers, where a layer
     /// whose entry is false keeps its attention (norms, q/k/v, o; and, in the session, its KV
     /// cache) off the GPU: the session's wrapper runs it (host attention). Such layers need an
     /// external FFN too (`dense_ffn` false): the wrapper hands the GPU the FFN norm's output.
-    pub fn upload_parts(ctx: &GpuContext, model: &Model, attention_on_gpu: &[bool], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
-        let n_layers = attention_on_gpu.len().min(model.layers.len());
+    pub fn upload_parts(ctx: &GpuContext, model: &Model, sites: &[AttnSite], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
+        let n_layers = sites.len().min(model.layers.len());
+        let attention_on_gpu: Vec<bool> = sites.iter().map(|&s| s == AttnSite::Gpu).collect();
         // Gemma runs only as a whole dense model here (the offload's and the hybrid's layers
         // have no post-norms, soft-capping or windows).
         if let Some(why) = model.hp.gpu_dense_only() {
@@ -184,8 +195,16 @@ impl GpuWeights {
                 }),
                 false => None,
             };
+            let qkv_only = match sites[i] {
+                AttnSite::Qkv => Some((f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm), Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?)),
+                _ => None,
+            };
+            if let Some((_, qkv)) = &qkv_only {
+                bytes += qkv.gpu_bytes() + 4 * l.attn_norm.len() as u64;
+            }
             let lw = GpuLayerWeights {
                 attn,
+                qkv_only,
                 dense_ffn: match dense_ffn {
                     true => Some((Stacked::upload(ctx, &format!("blk.{i}.ffn_gate_up"), [&l.ffn_gate, &l.ffn_up], true)?, GpuMatrix::upload(ctx, &l.ffn_down)?)),
                     false => None,
@@ -206,9 +225,19 @@ impl GpuWeights {
 pub(super) struct LayerOps {
     /// The attention half up to the FFN norm; None where it runs outside the session.
     pub(super) attn: Option<AttnOps>,
+    /// A host-attention layer's q/k/v product on the GPU ([`AttnSite::Qkv`]): attention norm
+    /// and q/k/v into `qkv` (before biases and RoPE), for the wrapper to read.
+    pub(super) qkv_only: Option<QkvOps>,
     pub(super) ffn: FfnOps,
     /// Gemma: the FFN's output (stored in xn) normalised into `post`, then x += post.
     ffn_post: Option<(RmsNormOp, AddOp)>,
+}
+
+/// A host-attention layer's q/k/v product on the GPU.
+pub(super) struct QkvOps {
+    /// The attention's RMSNorm where q, k and v are apart (a stacked product holds it).
+    norm: Option<RmsNormOp>,
+    qkv: StackedOps,
 }
 
 /// A layer's attention half on the GPU.
@@ -300,6 +329,21 @@ impl LayerOps {
     /// attention runs outside the session).
     pub(super) fn attention_sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
         self.attn.as_ref().map_or_else(Vec::new, |a| a.sequence(n_tokens))
+    }
+
+    /// A host-attention layer's q/k/v product, where it runs here (else nothing).
+    pub(super) fn qkv_sequence(&self) -> Vec<(&'static str, &dyn Op)> {
+        let Some(q) = &self.qkv_only else { return Vec::new() };
+        let mut v: Vec<(&'static str, &dyn Op)> = Vec::new();
+        if let Some(norm) = &q.norm {
+            v.push(("attn_norm", norm));
+        }
+        match &q.qkv {
+            StackedOps::QkvApart([a, b, c]) => v.extend([("matmul q", a as &dyn Op), ("matmul k", b), ("matmul v", c)]),
+            StackedOps::One(op) => v.push(("matmul qkv", op)),
+            StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
+        }
+        v
     }
 
     /// Whether this session computes the layer's attention (else its wrapper does, and
@@ -468,8 +512,19 @@ impl GpuSession {
         for (il, (w, slot)) in weights.layers.iter().zip(&kv_slots).enumerate() {
             let (Some(a), Some(slot)) = (&w.attn, *slot) else {
                 // Host attention: the wrapper writes x and xn; the FFN is external too
-                // (`GpuWeights::upload_parts` refuses a dense one).
-                layers.push(LayerOps { attn: None, ffn: FfnOps::External, ffn_post: None });
+                // (`GpuWeights::upload_parts` refuses a dense one). Its q/k/v product may run
+                // here, into `qkv`, for the wrapper to read.
+                let qkv_only = w.qkv_only.as_ref().map(|(norm_w, qkv)| {
+                    let norm = NormIn { x: &s.x, weight: norm_w, eps: hp.rms_eps };
+                    QkvOps {
+                        norm: matches!(qkv, Stacked::Apart(_)).then(|| RmsNormOp::new(&ctx, &s.x, norm_w, &s.xn, e as u32, hp.rms_eps, &s.step)),
+                        qkv: match qkv {
+                            Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
+                            Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
+                        },
+                    }
+                });
+                layers.push(LayerOps { attn: None, qkv_only, ffn: FfnOps::External, ffn_post: None });
                 continue;
             };
             let attn_norm = NormIn { x: &s.x, weight: &a.attn_norm, eps: hp.rms_eps };
@@ -536,7 +591,7 @@ impl GpuSession {
                 (Some(_), Some([_, f])) => Some(post(f)),
                 _ => None,
             };
-            layers.push(LayerOps { attn: Some(attn), ffn, ffn_post });
+            layers.push(LayerOps { attn: Some(attn), qkv_only: None, ffn, ffn_post });
         }
         let embed = weights.token_embd.bind_get_rows(&ctx, &s.ids, &s.x, &s.step);
         let head = weights.head.as_ref().map(|(output_norm, output)| HeadOps {

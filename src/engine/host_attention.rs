@@ -16,7 +16,7 @@ use crate::cpu::ops::{self, Rope};
 use crate::cpu::team::Team;
 use crate::cpu::KvCache;
 use crate::model::{Model, Matrix};
-use crate::sparse::placement::{place_with_attention, AttentionCost, FixedPart, Placement, PlacementError, PlacementInput};
+use crate::sparse::placement::{place_with_attention, AttentionCost, AttnSite, FixedPart, Placement, PlacementError, PlacementInput};
 
 /// The host's share of the attention layers: their KV caches and the scratch of one call.
 pub struct HostAttention {
@@ -105,23 +105,40 @@ impl HostAttention {
         Ok(())
     }
 
-    /// The middle of [`run`](Self::run) for q, k and v computed elsewhere (a streamed
-    /// prefill's GPU products, before biases and RoPE): `qkv` holds the `n` tokens' rows of
-    /// q | k | v (q_dim + 2 kv_dim values each) at positions `pos0..pos0 + n`. Adds the biases,
-    /// applies RoPE, writes the KV cache and runs attention; returns its output, n rows of
-    /// q_dim (the o product's input). The KV cache ends as [`run`](Self::run) leaves it (up to
-    /// the products' rounding), so decode afterwards reads the same. Attention runs in f32 by
-    /// tiles ([`attention_tiled_team`]): the products came from the GPU, so llama.cpp's
-    /// rounding is not at stake, and the tiles make a 512-token prompt's attention several
-    /// times faster.
-    pub fn run_core(&mut self, team: &mut Team, model: &Model, il: usize, pos0: usize, qkv: &[f32]) -> Result<&[f32], ForwardError> {
+    /// [`run`](Self::run) for a layer whose q/k/v product ran on the GPU ([`AttnSite::Qkv`]):
+    /// `qkv` holds the `n` tokens' rows of q | k | v (before biases and RoPE), `x` their
+    /// residual stream entering the layer; the rest as `run` (KV write, attention, o, the
+    /// residual add, the FFN norm into `xn`), with the CPU session's attention kernel for one
+    /// token and the tiled one for several.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_from_qkv(&mut self, team: &mut Team, model: &Model, il: usize, pos0: usize, qkv: &[f32], x: &mut [f32], xn: &mut [f32], precision: Precision) -> Result<(), ForwardError> {
+        let hp = &model.hp;
+        let e = hp.n_embd;
+        let n = x.len() / e;
+        if n == 0 || x.len() != n * e || xn.len() != n * e || qkv.len() != n * (hp.q_dim() + 2 * hp.kv_dim()) {
+            return Err(ForwardError::Empty);
+        }
+        self.split_qkv(model, il, pos0, qkv)?;
+        let slot = self.slots[il].expect("checked by split_qkv");
+        self.core(team, model, il, slot, pos0, n, n > 1);
+        let layer = &model.layers[il];
+        self.proj.resize(n * e, 0.0);
+        let HostAttention { attn, proj, .. } = self;
+        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        ops::add_assign(x, proj);
+        ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
+        Ok(())
+    }
+
+    /// Checks a q | k | v batch for layer `il` at `pos0` and copies it into q, k and v.
+    fn split_qkv(&mut self, model: &Model, il: usize, pos0: usize, qkv: &[f32]) -> Result<usize, ForwardError> {
         let hp = &model.hp;
         let (qd, kvd) = (hp.q_dim(), hp.kv_dim());
         let w = qd + 2 * kvd;
         let n = qkv.len() / w;
-        let Some(slot) = self.slots.get(il).copied().flatten() else {
+        if self.slots.get(il).copied().flatten().is_none() {
             return Err(ForwardError::Gpu(crate::gpu::GpuError::Unsupported(format!("layer {il}'s attention is not on the host"))));
-        };
+        }
         if n == 0 || qkv.len() != n * w {
             return Err(ForwardError::Empty);
         }
@@ -136,8 +153,23 @@ impl HostAttention {
             self.k[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd..qd + kvd]);
             self.v[t * kvd..(t + 1) * kvd].copy_from_slice(&row[qd + kvd..]);
         }
+        Ok(n)
+    }
+
+    /// The middle of [`run`](Self::run) for q, k and v computed elsewhere (a streamed
+    /// prefill's GPU products, before biases and RoPE): `qkv` holds the `n` tokens' rows of
+    /// q | k | v (q_dim + 2 kv_dim values each) at positions `pos0..pos0 + n`. Adds the biases,
+    /// applies RoPE, writes the KV cache and runs attention; returns its output, n rows of
+    /// q_dim (the o product's input). The KV cache ends as [`run`](Self::run) leaves it (up to
+    /// the products' rounding), so decode afterwards reads the same. Attention runs in f32 by
+    /// tiles ([`attention_tiled_team`]): the products came from the GPU, so llama.cpp's
+    /// rounding is not at stake, and the tiles make a 512-token prompt's attention several
+    /// times faster.
+    pub fn run_core(&mut self, team: &mut Team, model: &Model, il: usize, pos0: usize, qkv: &[f32]) -> Result<&[f32], ForwardError> {
+        let n = self.split_qkv(model, il, pos0, qkv)?;
+        let slot = self.slots[il].expect("checked by split_qkv");
         self.core(team, model, il, slot, pos0, n, true);
-        Ok(&self.attn[..n * qd])
+        Ok(&self.attn[..n * model.hp.q_dim()])
     }
 
     /// From q, k and v of `n` tokens (before biases and RoPE) to the attention's output in
@@ -180,10 +212,11 @@ fn gpu_matrix_bound(m: &Matrix) -> u64 {
     m.n_bytes() as u64 * 103 / 100 + 4096
 }
 
-/// Per layer: what its attention block costs on the GPU (weights in the GPU layouts, both
-/// norms, the f16 KV cache for `n_ctx` positions and the attention ops' small buffers, upper
-/// bounds) and the share of that the host reads per token when it runs there instead (the
-/// weights whole, the cache half on average over a context that fills up).
+/// Per layer: what its attention block costs on the GPU, as two parts (upper bounds): the
+/// q/k/v weights with the attention norm, and the rest (o weights, the FFN norm, the f16 KV
+/// cache for `n_ctx` positions and the attention ops' small buffers), with the share of the
+/// rest the host reads per token when it runs there instead (o whole, the cache half on
+/// average over a context that fills up).
 pub fn attention_costs(model: &Model, n_ctx: usize) -> Vec<AttentionCost> {
     let hp = &model.hp;
     let kv = hp.kv_bytes_per_layer(n_ctx);
@@ -191,15 +224,16 @@ pub fn attention_costs(model: &Model, n_ctx: usize) -> Vec<AttentionCost> {
         .layers
         .iter()
         .map(|l| {
-            let weights: u64 = [&l.wq, &l.wk, &l.wv, &l.wo].iter().map(|m| gpu_matrix_bound(m)).sum::<u64>() + 8 * hp.n_embd as u64;
+            let qkv = [&l.wq, &l.wk, &l.wv].iter().map(|m| gpu_matrix_bound(m)).sum::<u64>() + 4 * hp.n_embd as u64;
+            let wo = gpu_matrix_bound(&l.wo) + 4 * hp.n_embd as u64;
             // The attention's split-sequence partial sums and the ops' uniforms.
             let buffers = 64 * 1024;
             // And the allocator's waste on them (an H100 showed 5.5% on the hot neurons'
             // buffers, lavapipe a fifth): an estimate too low would leave the measured fixed
             // part over the budget, one too high only moves that room to hot neurons.
-            let gpu_bytes = (weights + kv + buffers) * 110 / 100;
-            let read = l.attention_bytes() as f64 + kv as f64 / 2.0;
-            AttentionCost { gpu_bytes, read_share: (read / gpu_bytes.max(1) as f64).min(1.0) }
+            let rest_bytes = (wo + kv + buffers) * 110 / 100;
+            let read = l.wo.n_bytes() as f64 + kv as f64 / 2.0;
+            AttentionCost { qkv_bytes: qkv * 110 / 100, rest_bytes, rest_read_share: (read / rest_bytes.max(1) as f64).min(1.0) }
         })
         .collect()
 }
@@ -223,14 +257,14 @@ pub fn estimated_fixed(model: &Model, predictor_bytes: u64, margin: u64) -> Vec<
     ]
 }
 
-/// Which layers' attention and KV cache go to the GPU under `budget`, ranked together with
+/// Where each layer's attention goes under `budget` ([`AttnSite`]), ranked together with
 /// the neurons (`place_with_attention`), from estimates alone: `ember plan --host-attention`
 /// and the hybrid session call this with the same arguments and so agree. `counts` are the
 /// neurons' firings over `profile_tokens` tokens, `neuron_bytes` a hot neuron's GPU bytes per
 /// layer. The neurons of the returned placement are an estimate too: the session places them
 /// again in what is left once its uploads are measured.
 #[allow(clippy::too_many_arguments)]
-pub fn choose_attention(model: &Model, n_ctx: usize, budget: u64, counts: &[Vec<u32>], profile_tokens: u64, neuron_bytes: Vec<u64>, predictor_bytes: u64, margin: u64) -> Result<(Placement, Vec<bool>), PlacementError> {
+pub fn choose_attention(model: &Model, n_ctx: usize, budget: u64, counts: &[Vec<u32>], profile_tokens: u64, neuron_bytes: Vec<u64>, predictor_bytes: u64, margin: u64) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
     let input = PlacementInput { fixed: estimated_fixed(model, predictor_bytes, margin), neuron_bytes, counts: counts.to_vec() };
     place_with_attention(&input, &attention_costs(model, n_ctx), profile_tokens, budget, model.hp.n_ff)
 }

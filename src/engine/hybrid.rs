@@ -38,7 +38,7 @@ use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn,
 use crate::gpu::{GpuContext, GpuError, Step};
 use crate::gguf::GgmlType;
 use crate::model::{Activation, Matrix, Model};
-use crate::sparse::placement::{given, place, Bytes, FixedPart, Placement, PlacementInput};
+use crate::sparse::placement::{given, place, AttnSite, Bytes, FixedPart, Placement, PlacementInput};
 use crate::sparse::predictor::Predictors;
 use crate::sparse::simulate::{Drawn, SimulatedActivity};
 use std::sync::{Arc, Mutex};
@@ -109,8 +109,8 @@ pub enum AttentionPlace {
     /// made from estimates before anything is uploaded, keeping `slack` bytes more free than
     /// `ember plan` does (0 at first; see [`AttentionPlace::with_more_slack`]).
     Placed { profile_tokens: u64, slack: u64 },
-    /// Given per layer, true = on the GPU (a placement file that records it, tests).
-    Given(Vec<bool>),
+    /// Given per layer (a placement file that records it, tests).
+    Given(Vec<AttnSite>),
 }
 
 /// The predictor's GPU dispatches: logits = fc2 · relu(fc1 · x) (a simulated predictor's fc2
@@ -147,6 +147,9 @@ struct SparseLayerOps {
     /// The layer's attention runs on the CPU ([`HostAttention`]): the GPU hands over x and
     /// gets back (x after attention, its FFN norm) before the hot neurons.
     host_attention: bool,
+    /// Of a host-attention layer: its q/k/v product runs on the GPU ([`AttnSite::Qkv`]), and
+    /// the GPU hands over q, k and v with x.
+    qkv_on_gpu: bool,
     /// (xn, x) of the token, mapped by the CPU (x alone for host attention); None where the
     /// layer needs no CPU work.
     staging: Option<wgpu::Buffer>,
@@ -162,9 +165,11 @@ impl HybridState {
     fn describe(&self, n_neurons: usize) -> String {
         let hot = self.placement.n_hot();
         let split = if hot == n_neurons { "all neurons hot".to_string() } else { format!("+ CPU, {:.0}% neurons hot", 100.0 * hot as f64 / n_neurons as f64) };
-        let split = match self.host.n_layers() {
-            0 => split,
-            n => format!("{split}, attention of {n} layers on the CPU"),
+        let n_qkv = self.sites.iter().filter(|&&s| s == AttnSite::Qkv).count();
+        let split = match (self.host.n_layers(), n_qkv) {
+            (0, _) => split,
+            (n, 0) => format!("{split}, attention of {n} layers on the CPU"),
+            (n, q) => format!("{split}, attention of {n} layers on the CPU, the q/k/v of {q} of them on the GPU"),
         };
         let sim = match &self.simulate {
             // A free, perfect predictor: no real run reaches it.
@@ -236,6 +241,10 @@ struct HybridState {
     y: Vec<f32>,
     /// Host-attention layers (their KV caches), run on the cold neurons' team.
     host: HostAttention,
+    /// Where each layer's attention runs.
+    sites: Vec<AttnSite>,
+    /// A host-attention layer's q | k | v of the token, where the GPU computed them.
+    host_qkv: Vec<f32>,
     /// A host-attention layer's x and FFN-normed xn of the token.
     host_x: Vec<f32>,
     host_xn: Vec<f32>,
@@ -351,13 +360,13 @@ impl HybridSession {
             return Err(HybridError::Mode(mode.name()));
         }
         // Layers whose attention must be on the GPU whatever the budget; None: chosen below.
-        let forced: Option<Vec<bool>> = match (&plan.attention, plan.budget) {
+        let forced: Option<Vec<AttnSite>> = match (&plan.attention, plan.budget) {
             (AttentionPlace::Given(v), _) if v.len() != hp.n_layer => {
                 return Err(crate::sparse::placement::PlacementError::GivenMismatch { got: v.len(), want: hp.n_layer }.into());
             }
             (AttentionPlace::Given(v), _) => Some(v.clone()),
             (AttentionPlace::Placed { .. }, Some(_)) => None,
-            (AttentionPlace::AllGpu, _) | (AttentionPlace::Placed { .. }, None) => Some(vec![true; hp.n_layer]),
+            (AttentionPlace::AllGpu, _) | (AttentionPlace::Placed { .. }, None) => Some(vec![AttnSite::Gpu; hp.n_layer]),
         };
         // A budget that cannot hold the fixed part is refused before anything is uploaded: a
         // lower bound of what the uploads below allocate (the tensors' own bytes, the f16 KV
@@ -367,8 +376,9 @@ impl HybridSession {
         // attention may go to the host: only the embeddings and output count.
         if let Some(b) = plan.budget {
             let head = model.token_embd.n_bytes() as u64 + if model.tied_embeddings { 0 } else { model.output.n_bytes() as u64 };
-            let on_gpu: Vec<usize> = forced.as_ref().map_or_else(Vec::new, |f| (0..hp.n_layer).filter(|&l| f[l]).collect());
-            let attention = head + on_gpu.iter().map(|&l| model.layers[l].attention_bytes()).sum::<u64>();
+            let on_gpu: Vec<usize> = forced.as_ref().map_or_else(Vec::new, |f| (0..hp.n_layer).filter(|&l| f[l] == AttnSite::Gpu).collect());
+            let qkv: u64 = forced.as_ref().map_or(0, |f| (0..hp.n_layer).filter(|&l| f[l] == AttnSite::Qkv).map(|l| [&model.layers[l].wq, &model.layers[l].wk, &model.layers[l].wv].iter().map(|m| m.n_bytes() as u64).sum::<u64>()).sum());
+            let attention = head + qkv + on_gpu.iter().map(|&l| model.layers[l].attention_bytes()).sum::<u64>();
             let kv = on_gpu.len() as u64 * hp.kv_bytes_per_layer(n_ctx);
             if attention + kv > b {
                 let parts = match forced {
@@ -399,7 +409,7 @@ impl HybridSession {
         // Which layers' attention the GPU holds: chosen from estimates before anything is
         // uploaded, as `ember plan --host-attention` does (same function, same arguments), so
         // that both agree; the neurons are then placed in what the measured uploads leave.
-        let attention_on_gpu = match (forced, &plan.attention, plan.budget) {
+        let sites = match (forced, &plan.attention, plan.budget) {
             (Some(f), _, _) => f,
             (None, AttentionPlace::Placed { profile_tokens, slack }, Some(b)) => {
                 let predictor_bytes = match (&sim_padded, &plan.ffn.predictors, mode) {
@@ -410,9 +420,9 @@ impl HybridSession {
                 let area = prefill.area_bytes(&model, n_ctx, plan.budget);
                 choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
             }
-            (None, ..) => vec![true; hp.n_layer],
+            (None, ..) => vec![AttnSite::Gpu; hp.n_layer],
         };
-        let on_host: Vec<bool> = attention_on_gpu.iter().map(|&g| !g).collect();
+        let on_host: Vec<bool> = sites.iter().map(|&s| s != AttnSite::Gpu).collect();
         let start = ctx.allocated_bytes();
         let mut fixed = Vec::new();
         // What each stage really allocated, measured, so the neurons get exactly what is left.
@@ -422,9 +432,10 @@ impl HybridSession {
             *since = now;
         };
         let mut since = start;
-        let n_gpu_attn = attention_on_gpu.iter().filter(|&&g| g).count();
-        let weights = Arc::new(GpuWeights::upload_parts(&ctx, &model, &attention_on_gpu, false, progress)?);
-        mark(&mut fixed, &format!("attention of {n_gpu_attn} of {} layers, norms, embeddings, output", hp.n_layer), &mut since);
+        let n_gpu_attn = sites.iter().filter(|&&s| s == AttnSite::Gpu).count();
+        let n_qkv = sites.iter().filter(|&&s| s == AttnSite::Qkv).count();
+        let weights = Arc::new(GpuWeights::upload_parts(&ctx, &model, &sites, false, progress)?);
+        mark(&mut fixed, &format!("attention of {n_gpu_attn} of {} layers (q/k/v of {n_qkv} more), norms, embeddings, output", hp.n_layer), &mut since);
         // A batch reads only its last row's logits: no all-logits buffer.
         // No batch is longer than the context.
         let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
@@ -586,7 +597,10 @@ impl HybridSession {
             let batch = BatchFfnOp::new(&ctx, &hot, &s.xn, &s.gate, &s.x, hp.activation, session.max_tokens(), &s.step)?;
             let cold: Vec<u32> = complement(hot_ids, ff);
             let host_attention = on_host[il];
-            let staging = (!cold.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", 8 * e as u64));
+            let qkv_on_gpu = sites[il] == AttnSite::Qkv;
+            // (xn, x), or x and with q/k/v from the GPU, q | k | v after it.
+            let staging_bytes = 4 * (2 * e).max(e + hp.q_dim() + 2 * hp.kv_dim()) as u64;
+            let staging = (!cold.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", staging_bytes));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
             layers.push(SparseLayerOps {
@@ -601,6 +615,7 @@ impl HybridSession {
                 batch,
                 cold,
                 host_attention,
+                qkv_on_gpu,
                 staging,
                 y_cpu,
                 add_cpu,
@@ -625,6 +640,8 @@ impl HybridSession {
             cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
             y: vec![0.0; e],
             host: HostAttention::new(&model, &on_host, n_ctx),
+            sites,
+            host_qkv: vec![0.0; hp.q_dim() + 2 * hp.kv_dim()],
             host_x: vec![0.0; e],
             host_xn: vec![0.0; e],
             simulate: plan.simulate.map(Mutex::new),
@@ -660,8 +677,8 @@ impl HybridSession {
     }
 
     /// Per layer, whether its attention and KV cache are on the GPU (else on the host).
-    pub fn attention_on_gpu(&self) -> Vec<bool> {
-        (0..self.layers.len()).map(|il| !self.layers[il].host_attention).collect()
+    pub fn attention_sites(&self) -> &[AttnSite] {
+        &self.state.sites
     }
 
     /// GPU bytes this session's context has allocated (weights, caches, buffers).
@@ -689,8 +706,9 @@ impl HybridSession {
     /// CPU's cold neurons are not in the GPU's profile); the host-clock figure is a real hybrid
     /// token. The position is not consumed.
     pub fn profile_decode(&mut self, token: u32) -> Result<Option<Profile>, ForwardError> {
-        let layers = &self.layers;
-        let Some((alone, in_pass)) = self.gpu.profile_passes(token, &|il| layers[il].gpu_sequence())? else { return Ok(None) };
+        let (layers, gpu) = (&self.layers, &self.gpu);
+        let external = |il: usize| -> Vec<NamedOp<'_>> { gpu.layers[il].qkv_sequence().into_iter().chain(layers[il].gpu_sequence()).collect() };
+        let Some((alone, in_pass)) = self.gpu.profile_passes(token, &external)? else { return Ok(None) };
         let start = std::time::Instant::now();
         self.run_token(token)?;
         let wall_ns = start.elapsed().as_secs_f64() * 1e9;
@@ -711,7 +729,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, .. } = state;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, .. } = state;
         let predictor_secs = cold.predictor_secs;
         let this = &*gpu;
         let layers = &*layers;
@@ -766,10 +784,18 @@ impl HybridSession {
                     let t_attn = std::time::Instant::now();
                     {
                         let view = slice.get_mapped_range().map_err(lost)?;
-                        host_x.copy_from_slice(&bytemuck::cast_slice::<u8, f32>(&view)[..e]);
+                        let v: &[f32] = bytemuck::cast_slice(&view);
+                        host_x.copy_from_slice(&v[..e]);
+                        if sp.qkv_on_gpu {
+                            let n = host_qkv.len();
+                            host_qkv.copy_from_slice(&v[e..e + n]);
+                        }
                     }
                     staging.unmap();
-                    host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?;
+                    match sp.qkv_on_gpu {
+                        true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
+                        false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
+                    }
                     this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
                     this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
                     this.ctx.queue.submit(hot.take());
@@ -913,7 +939,7 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             drawn = Some(active);
             draw_time += t.elapsed().as_secs_f64();
         }
-        for (_, op) in layer.attention_sequence(1) {
+        for (_, op) in layer.attention_sequence(1).into_iter().chain(layer.qkv_sequence()) {
             op.record(&mut pass, 1);
         }
         layers_recorded += 1;
@@ -936,8 +962,18 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         };
         drop(pass);
         match sp.host_attention {
-            // The CPU runs the attention half from x.
-            true => enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 0, 4 * e),
+            // The CPU runs the attention half from x, and q, k, v where the GPU made them.
+            true => {
+                enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 0, 4 * e);
+                if sp.qkv_on_gpu {
+                    let hp = &gpu.model.hp;
+                    let mut at = 4 * e;
+                    for ((off, _), len) in gpu.s.qkv_ranges.iter().zip([hp.q_dim(), hp.kv_dim(), hp.kv_dim()]) {
+                        enc.copy_buffer_to_buffer(&gpu.s.qkv, *off, staging, at, 4 * len as u64);
+                        at += 4 * len as u64;
+                    }
+                }
+            }
             false => {
                 enc.copy_buffer_to_buffer(&gpu.s.xn, 0, staging, 0, 4 * e);
                 enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 4 * e, 4 * e);

@@ -120,46 +120,80 @@ pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placeme
     Ok(finish(input, budget, hot, n_ff))
 }
 
-/// One layer's attention as a candidate for the GPU: the bytes it takes there (q, k, v and o
-/// weights, its KV cache for the whole context, its buffers), and the share of them the host
-/// reads per token when it runs there instead (the weights whole, on average half the cache).
+/// Where a layer's attention half runs in a hybrid session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnSite {
+    /// All of it on the GPU: norms, q/k/v, o and the KV cache.
+    Gpu,
+    /// The q/k/v product on the GPU (the weights every token reads whole); the KV cache, the
+    /// attention itself and the o product on the host. One exchange a layer, as [`Host`](Self::Host).
+    Qkv,
+    /// All of it on the host.
+    Host,
+}
+
+impl AttnSite {
+    /// Sites from per-layer flags: true = [`Gpu`](Self::Gpu), false = [`Host`](Self::Host).
+    pub fn from_flags(on_gpu: &[bool]) -> Vec<AttnSite> {
+        on_gpu.iter().map(|&g| if g { AttnSite::Gpu } else { AttnSite::Host }).collect()
+    }
+}
+
+/// One layer's attention as two candidates for the GPU: its q/k/v weights (read whole by the
+/// host every token when they stay there), and the rest, the o weights and the KV cache for
+/// the whole context with the ops' buffers, of which the host reads `rest_read_share` per
+/// token (o whole, on average half the cache). The rest goes to the GPU only with the q/k/v.
 #[derive(Clone, Copy, Debug)]
 pub struct AttentionCost {
-    pub gpu_bytes: u64,
-    pub read_share: f64,
+    pub qkv_bytes: u64,
+    pub rest_bytes: u64,
+    pub rest_read_share: f64,
 }
 
 /// [`place`] where each layer's attention and KV cache may also stay on the host (CPU
 /// attention): `input.fixed` then leaves the layers' attention out, and the attention blocks
 /// compete with the neurons for the budget. Both are ranked by what the host would read per
 /// token per GPU byte they take: a neuron by its firing rate (count over `profile_tokens`), an
-/// attention block by its `read_share`, i.e. like a neuron of that rate. Returns the
-/// placement and, per layer, whether its attention is on the GPU.
-pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost], profile_tokens: u64, budget: u64, n_ff: usize) -> Result<(Placement, Vec<bool>), PlacementError> {
+/// attention block by its read share, i.e. like a neuron of that rate (the q/k/v block at 1:
+/// it goes before any neuron that fires less than every token). Returns the placement and
+/// each layer's [`AttnSite`].
+pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost], profile_tokens: u64, budget: u64, n_ff: usize) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
     let mut left = room_for_neurons(input, budget, n_ff)?;
     let n_layer = input.neuron_bytes.len();
     if attention.len() != n_layer {
         return Err(PlacementError::GivenMismatch { got: attention.len(), want: n_layer });
     }
-    // Items: (key, layer, neuron id or u32::MAX for the attention block). Keys in firings per
-    // byte, as `place` ranks neurons; ties by (layer, id), attention first.
+    // Items: (key, layer, neuron id, or QKV / REST for the attention blocks). Keys in firings
+    // per byte, as `place` ranks neurons; ties by (layer, id), attention first.
+    const QKV: u32 = u32::MAX - 1;
+    const REST: u32 = u32::MAX;
     let t = profile_tokens.max(1) as f64;
-    let mut items: Vec<(f64, u32, u32)> = Vec::with_capacity(n_layer * (n_ff + 1));
+    let mut items: Vec<(f64, u32, u32)> = Vec::with_capacity(n_layer * (n_ff + 2));
     for (l, att) in attention.iter().enumerate().take(n_layer) {
         let nb = input.neuron_bytes[l].max(1) as f64;
-        items.push((att.read_share.clamp(0.0, 1.0) * t / nb, l as u32, u32::MAX));
+        items.push((t / nb, l as u32, QKV));
+        items.push((att.rest_read_share.clamp(0.0, 1.0) * t / nb, l as u32, REST));
         items.extend((0..n_ff as u32).map(|i| (input.counts[l][i as usize] as f64 / nb, l as u32, i)));
     }
-    items.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2 != u32::MAX, a.2).cmp(&(b.1, b.2 != u32::MAX, b.2))));
+    let rank = |i: u32| if i >= QKV { (0u8, i) } else { (1u8, i) };
+    items.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, rank(a.2)).cmp(&(b.1, rank(b.2)))));
     let mut hot = vec![Vec::new(); n_layer];
-    let mut on_gpu = vec![false; n_layer];
+    let mut sites = vec![AttnSite::Host; n_layer];
     for &(_, l, i) in &items {
-        let c = if i == u32::MAX { attention[l as usize].gpu_bytes } else { input.neuron_bytes[l as usize] };
+        let l = l as usize;
+        let c = match i {
+            QKV => attention[l].qkv_bytes,
+            // The rest only after the layer's q/k/v.
+            REST if sites[l] != AttnSite::Qkv => continue,
+            REST => attention[l].rest_bytes,
+            _ => input.neuron_bytes[l],
+        };
         if c <= left {
             left -= c;
             match i {
-                u32::MAX => on_gpu[l as usize] = true,
-                _ => hot[l as usize].push(i),
+                QKV => sites[l] = AttnSite::Qkv,
+                REST => sites[l] = AttnSite::Gpu,
+                _ => hot[l].push(i),
             }
         }
     }
@@ -167,10 +201,19 @@ pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost],
         h.sort_unstable();
     }
     let mut input = input.clone();
-    let attn_bytes: u64 = attention.iter().zip(&on_gpu).filter(|(_, &g)| g).map(|(a, _)| a.gpu_bytes).sum();
-    let n_gpu = on_gpu.iter().filter(|&&g| g).count();
-    input.fixed.push(FixedPart { name: format!("attention and KV cache of {n_gpu} of {n_layer} layers"), bytes: attn_bytes });
-    Ok((finish(&input, budget, hot, n_ff), on_gpu))
+    let attn_bytes: u64 = attention
+        .iter()
+        .zip(&sites)
+        .map(|(a, s)| match s {
+            AttnSite::Gpu => a.qkv_bytes + a.rest_bytes,
+            AttnSite::Qkv => a.qkv_bytes,
+            AttnSite::Host => 0,
+        })
+        .sum();
+    let n_gpu = sites.iter().filter(|&&s| s == AttnSite::Gpu).count();
+    let n_qkv = sites.iter().filter(|&&s| s == AttnSite::Qkv).count();
+    input.fixed.push(FixedPart { name: format!("attention and KV cache of {n_gpu} of {n_layer} layers, q/k/v of {n_qkv} more"), bytes: attn_bytes });
+    Ok((finish(&input, budget, hot, n_ff), sites))
 }
 
 /// A placement made earlier (`ember plan -o`, a PowerInfer split file, or ember's cache beside
@@ -288,22 +331,36 @@ mod tests {
 
     #[test]
     fn attention_competes_with_neurons_by_rate() {
-        // Two layers of 4 neurons of 10 bytes, fired over 10 tokens; attention blocks of 30
-        // bytes, read at 0.75 per token (like a neuron firing 7.5 times in 10).
+        use AttnSite::*;
+        // Two layers of 4 neurons of 10 bytes, fired over 10 tokens; attention blocks of 10
+        // bytes of q/k/v (read every token, like a neuron firing 10 times in 10) and 20 of
+        // the rest, read at 0.75 per token (like a neuron firing 7.5 times in 10).
         let input = PlacementInput { fixed: vec![FixedPart { name: "embeddings".into(), bytes: 100 }], neuron_bytes: vec![10, 10], counts: vec![vec![9, 1, 8, 0], vec![7, 7, 2, 10]] };
-        let attn = [AttentionCost { gpu_bytes: 30, read_share: 0.75 }; 2];
-        // 100 fixed + 80: neurons 10 (l1 n3), 9 (l0 n0), 8 (l0 n2), then layer 0's attention,
-        // then layer 1's (30 > 20 left: skipped), then two neurons firing 7 times.
-        let (p, gpu) = place_with_attention(&input, &attn, 10, 180, 4).unwrap();
-        assert_eq!(gpu, vec![true, false]);
-        assert_eq!(p.hot, vec![vec![0, 2], vec![0, 1, 3]]);
-        assert_eq!(p.used(), 100 + 30 + 50);
-        // Attention read whole every token goes first; never read, last.
-        let (_, gpu) = place_with_attention(&input, &[AttentionCost { gpu_bytes: 30, read_share: 1.0 }; 2], 10, 160, 4).unwrap();
-        assert_eq!(gpu, vec![true, true]);
-        let (p, gpu) = place_with_attention(&input, &[AttentionCost { gpu_bytes: 30, read_share: 0.0 }; 2], 10, 160, 4).unwrap();
-        assert_eq!((gpu, p.n_hot()), (vec![false, false], 6));
+        let attn = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 0.75 }; 2];
+        // 100 fixed + 90: layer 0's q/k/v, layer 1's q/k/v, neuron 10 (l1 n3), 9 (l0 n0), 8
+        // (l0 n2), then layer 0's rest (20 of 40 left), then layer 1's (20 left), nothing more.
+        let (p, sites) = place_with_attention(&input, &attn, 10, 190, 4).unwrap();
+        assert_eq!(sites, vec![Gpu, Gpu]);
+        assert_eq!(p.hot, vec![vec![0, 2], vec![3]]);
+        assert_eq!(p.used(), 100 + 60 + 30);
+        // 10 less: layer 1's rest no longer fits; a neuron firing 7 times takes half its room.
+        let (p, sites) = place_with_attention(&input, &attn, 10, 180, 4).unwrap();
+        assert_eq!(sites, vec![Gpu, Qkv]);
+        assert_eq!(p.hot, vec![vec![0, 2], vec![0, 3]]);
+        assert_eq!(p.used(), 100 + 40 + 40);
+        // A rest never read goes last; one read whole every token ranks with its q/k/v.
+        let never = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 0.0 }; 2];
+        let (p, sites) = place_with_attention(&input, &never, 10, 160, 4).unwrap();
+        assert_eq!((sites, p.n_hot()), (vec![Qkv, Qkv], 4));
+        let whole = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 1.0 }; 2];
+        let (p, sites) = place_with_attention(&input, &whole, 10, 160, 4).unwrap();
+        assert_eq!((sites, p.n_hot()), (vec![Gpu, Gpu], 0));
+        // The rest never goes without its q/k/v: q/k/v too large for the room left.
+        let big_qkv = [AttentionCost { qkv_bytes: 70, rest_bytes: 5, rest_read_share: 1.0 }; 2];
+        let (_, sites) = place_with_attention(&input, &big_qkv, 10, 160, 4).unwrap();
+        assert_eq!(sites, vec![Host, Host]);
         assert!(place_with_attention(&input, &attn[..1], 10, 180, 4).is_err());
+        assert_eq!(AttnSite::from_flags(&[true, false]), vec![Gpu, Host]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 use crate::gguf::{GgmlType, GgufFile, GgufWriter, Magic, Value};
 use crate::model::{Matrix, Model};
 use crate::sparse::predictor::Predictors;
+use crate::sparse::placement::AttnSite;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PowerInferError {
@@ -43,21 +44,36 @@ pub fn split_file(hot: &[Vec<u32>], n_ff: usize, vram_capacity: u64) -> GgufWrit
 /// array of bools, true = GPU); PowerInfer's files have none (every layer's on the GPU).
 pub const ATTENTION_KEY: &str = "ember.placement.attention_on_gpu";
 
+/// Per layer, whether the q/k/v product of a layer whose attention is on the host runs on the
+/// GPU ([`AttnSite::Qkv`]); absent in files from before that site existed.
+pub const QKV_KEY: &str = "ember.placement.qkv_on_gpu";
+
 /// Records in a placement file where each layer's attention lives.
-pub fn set_attention(w: &mut GgufWriter, on_gpu: &[bool]) {
-    w.set(ATTENTION_KEY, Value::Array(crate::gguf::ValueType::Bool, on_gpu.iter().map(|&g| Value::Bool(g)).collect()));
+pub fn set_attention(w: &mut GgufWriter, sites: &[AttnSite]) {
+    let flags = |on: &dyn Fn(AttnSite) -> bool| Value::Array(crate::gguf::ValueType::Bool, sites.iter().map(|&s| Value::Bool(on(s))).collect());
+    w.set(ATTENTION_KEY, flags(&|s| s == AttnSite::Gpu));
+    w.set(QKV_KEY, flags(&|s| s == AttnSite::Qkv));
 }
 
-/// Where each layer's attention lives according to a placement file (true = GPU); None when
-/// the file does not say (PowerInfer's, or ember's from before host attention).
-pub fn read_attention(f: &GgufFile, n_layer: usize) -> Result<Option<Vec<bool>>, PowerInferError> {
-    let Some(v) = f.get(ATTENTION_KEY) else { return Ok(None) };
-    let bad = || PowerInferError::Split(format!("{ATTENTION_KEY} must be an array of {n_layer} bools, one per layer"));
-    let items = v.as_array().ok_or_else(bad)?;
-    if items.len() != n_layer {
-        return Err(bad());
+/// Where each layer's attention lives according to a placement file; None when the file does
+/// not say (PowerInfer's, or ember's from before host attention). A file without the q/k/v
+/// record keeps every host layer's q/k/v on the host.
+pub fn read_attention(f: &GgufFile, n_layer: usize) -> Result<Option<Vec<AttnSite>>, PowerInferError> {
+    let flags = |key: &str| -> Result<Option<Vec<bool>>, PowerInferError> {
+        let Some(v) = f.get(key) else { return Ok(None) };
+        let bad = || PowerInferError::Split(format!("{key} must be an array of {n_layer} bools, one per layer"));
+        let items = v.as_array().ok_or_else(bad)?;
+        if items.len() != n_layer {
+            return Err(bad());
+        }
+        items.iter().map(|b| b.as_bool().ok_or_else(bad)).collect::<Result<Vec<bool>, _>>().map(Some)
+    };
+    let Some(on_gpu) = flags(ATTENTION_KEY)? else { return Ok(None) };
+    let qkv = flags(QKV_KEY)?.unwrap_or_else(|| vec![false; n_layer]);
+    if on_gpu.iter().zip(&qkv).any(|(&g, &q)| g && q) {
+        return Err(PowerInferError::Split(format!("{ATTENTION_KEY} and {QKV_KEY} both claim a layer: a layer's attention is whole on the GPU or its q/k/v alone")));
     }
-    items.iter().map(|b| b.as_bool().ok_or_else(bad)).collect::<Result<Vec<bool>, _>>().map(Some)
+    Ok(Some(on_gpu.iter().zip(&qkv).map(|(&g, &q)| if g { AttnSite::Gpu } else if q { AttnSite::Qkv } else { AttnSite::Host }).collect()))
 }
 
 /// Per layer hot neuron lists from a placement file, checked against the model's shape: every
