@@ -15,7 +15,11 @@ fn slot_dot_tokens(acc: ptr<function, array<f32, DV_NRT>>, w: array<WSlot, DV_NR
         for (var t = 0u; t < DV_NT; t++) {
             let xv = xa(slot_x4(dvt_row4(t), j, i));
             for (var r = 0u; r < DV_NR; r++) {
-                (*acc)[t * DV_NR + r] += dot(wv[r], xv);
+                // Four FMAs into the sum: dot() and an add would be five operations, and this
+                // loop's arithmetic is what bounds the kernel at 8 or more tokens.
+                let e = t * DV_NR + r;
+                let wr = wv[r];
+                (*acc)[e] = fma(wr.w, xv.w, fma(wr.z, xv.z, fma(wr.y, xv.y, fma(wr.x, xv.x, (*acc)[e]))));
             }
         }
     }
