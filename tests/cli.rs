@@ -147,6 +147,18 @@ fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
     assert!(!out.status.success());
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("tuning cpu-parts (--tune cpu-parts=... or EMBER_CPU_PARTS) = `many`: not a number"), "{err}");
+    // The few-token matvec's knobs (read for any backend, so refused here too).
+    for (knob, want) in [("mv-batch-kernel=fast", "use blocks or units"), ("mv-batch-nt=3", "use 2, 4, 8 or 16"), ("mv-batch=64", "use threads:rows")] {
+        let out = bench(&["--tune", knob]);
+        assert!(!out.status.success(), "{knob}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(want), "{knob}: {err}");
+    }
+    let tune = |kv: &[(&str, &str)]| ember::cli::gpu_tuning(ember::cli::GpuPrecisionArg::F32, &kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>()).unwrap();
+    let t = tune(&[("mv-batch-kernel", "units"), ("mv-batch-nt", "8"), ("mv-batch-pf", "0"), ("mv-batch", "32:4")]);
+    assert!(t.batch_units && t.batch_max_tokens == 8 && !t.batch_prefetch && t.batch_matvec == Some((32, 4)), "{t:?}");
+    let t = tune(&[]);
+    assert!(!t.batch_units && t.batch_max_tokens == 16 && t.batch_prefetch && t.batch_matvec.is_none(), "{t:?}");
 }
 
 #[test]
