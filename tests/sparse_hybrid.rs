@@ -271,7 +271,9 @@ fn random_predictors(model: &Model, seed: u64) -> Arc<Predictors> {
 }
 
 /// A simulated hybrid session of the ReLU model at 110 MiB (hot and cold neurons in every
-/// layer), drawing at a 25% rate with the given predictor.
+/// layer), drawing at a 25% rate with the given predictor; the q/k/v product alone on the GPU
+/// in every fifth layer from layer 2 (their x and q/k/v reach the CPU with the predictor's
+/// input, x, in the same exchange).
 fn simulated_session(model: &Arc<Model>, opts: &str, predictors: Option<Arc<Predictors>>, hot: Option<Vec<Vec<u32>>>) -> HybridSession {
     let hp = &model.hp;
     let opts: PredictorSim = opts.parse().unwrap();
@@ -281,7 +283,8 @@ fn simulated_session(model: &Arc<Model>, opts: &str, predictors: Option<Arc<Pred
     let ffn = Arc::new(SparseFfn::simulated(model, Precision::F32, false).unwrap());
     // A given placement gets room for the charged predictor's rows.
     let budget = if hot.is_some() { 116 << 20 } else { 110 << 20 };
-    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let sites = (0..hp.n_layer).map(|l| if l % 5 == 2 { AttnSite::Qkv } else { AttnSite::Gpu }).collect();
+    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::Given(sites), reserve: 0 };
     let ctx = Arc::new(common::gpu().unwrap());
     HybridSession::new(model.clone(), ctx, 96, plan, false).unwrap()
 }

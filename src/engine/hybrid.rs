@@ -812,7 +812,8 @@ impl HybridSession {
                 {
                     let view = slice.get_mapped_range().map_err(lost)?;
                     let v: &[f32] = bytemuck::cast_slice(&view);
-                    let (xn, x) = v.split_at(e);
+                    // (The staging may be longer: room for a q/k/v exchange.)
+                    let (xn, x) = v[..2 * e].split_at(e);
                     cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                 }
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
