@@ -6,23 +6,30 @@
 # The acceptance: tg32 x8 >= 4 x tg32.
 #
 # Run from the repository root on the device:
-#   benches/device/batch_mv.sh D [PHASE...]     PHASE: scale profile shapes llama (default: scale profile shapes)
+#   benches/device/batch_mv.sh D [PHASE...]     PHASE: scale profile kernels shapes llama
+#                                                (default: scale profile kernels shapes)
 # D, a carried folder, holds ember (release binary) and tok.gguf (a 1-layer `ember synth` of the
 # default model: its tokenizer), as for serve.sh and hybrid_race.sh. Phase llama needs
 # llama.cpp's CUDA build (lib.sh: built here, ~3.5 min, unless an earlier script built it).
 # Expected run: the model ~1 min unless /tmp/models/q4.gguf is there from an earlier call, then
-# ~10-15 s per bench (12 of them): ~3 minutes in all. DEADLINE=S skips phases starting after S s.
+# ~5-15 s per bench (10 of them) and ~1 min of kernel table: ~3-4 minutes in all. DEADLINE=S
+# skips the phases that would start after S seconds (shapes comes last for that reason).
 #
 #   scale    tg32 and tg32 xP for P = 2, 4, 8, 16 (the default kernel: groups of up to 16 tokens,
 #            64 threads x 4 rows, prefetch)
-#   profile  P = 8 with --profile: the batched step's per-dispatch times and GB/s (matmul rows)
-#   shapes   P = 8 with other shapes (--tune mv-batch=threads:rows), no prefetch (mv-batch-pf=0),
-#            and the earlier units kernel (mv-batch-kernel=units, the 124 t/s of 1b515c4);
-#            P = 16 in two groups of 8 (mv-batch-nt=8)
+#   profile  P = 8 with --profile: the batched step's per-dispatch times and GB/s (matmul rows),
+#            and its wall time per step on the host clock (the rest of 1 / (t/s) is the host's)
+#   kernels  `ember bench --batch-kernels`: a 7B layer's products at 1, 2, 4, 8, 16 tokens for
+#            Q4_0, Q4_1, Q8_0, F16, each checked against the tiled kernel (the column must be
+#            ~1e-6, as on lavapipe: a driver that miscompiles the kernel shows ~1 or inf there), weight GB/s,
+#            and 32 layers' products as an upper bound of the aggregate t/s
+#   shapes   P = 8 with other shapes (--tune mv-batch=threads:rows, MV_SHAPES), the earlier units
+#            kernel (mv-batch-kernel=units, the 124 t/s of 1b515c4), P = 16 in two groups of 8
+#            (mv-batch-nt=8); EXTRA=1 adds P = 8 without prefetch (mv-batch-pf=0)
 #   llama    llama.cpp's llama-batched-bench (CUDA), all layers on the GPU, 1 and 8 sequences
 set -uo pipefail
 D=$(realpath "$1"); shift
-[ $# -eq 0 ] && set -- scale profile shapes
+[ $# -eq 0 ] && set -- scale profile kernels shapes
 . benches/device/lib.sh; vulkan_setup
 E=$D/ember; M=/tmp/models; mkdir -p $M
 N=${NGEN:-32}; R=${REPS:-1}
@@ -51,11 +58,15 @@ profile)
   echo; echo "== GPU, --parallel 8 --profile"
   $E bench -m $M/q4.gguf --backend gpu -c 256 -p 0 -n $N -r $R --parallel 8 --profile 2>&1 | grep -v -E "^ember: loaded|^$"
   ;;
+kernels)
+  echo; echo "== ember bench --batch-kernels"
+  $E bench --backend gpu --batch-kernels 2>&1 | grep -v -E "^$"
+  ;;
 shapes)
-  for MV in ${MV_SHAPES-32:4 128:4 64:2 64:8}; do bench 8 --tune mv-batch=$MV; done
-  bench 8 --tune mv-batch-pf=0
+  for MV in ${MV_SHAPES-32:4 128:4 64:8}; do bench 8 --tune mv-batch=$MV; done
   bench 8 --tune mv-batch-kernel=units
   bench 16 --tune mv-batch-nt=8
+  [ "${EXTRA:-0}" = 1 ] && bench 8 --tune mv-batch-pf=0
   ;;
 llama)
   llama_cuda_start $D; llama_cuda_wait

@@ -62,6 +62,10 @@ pub struct BenchArgs {
     /// weight type, portable and cooperative-matrix kernels (also part of --kernels)
     #[arg(long)]
     pub prefill_kernels: bool,
+    /// GPU: time the few-token products (a batched decode's, `--parallel`) of a llama-7B layer
+    /// at 1, 2, 4, 8 and 16 tokens for each weight type, checked against the tiled kernel
+    #[arg(long)]
+    pub batch_kernels: bool,
 }
 
 const MAX_REPETITIONS: usize = 1000;
@@ -84,9 +88,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if !(a.temperature.is_finite() && a.temperature >= 0.0) {
         return Err(format!("--temp {}: use a temperature of 0 (greedy) or more", a.temperature).into());
     }
-    if a.kernels || a.copy_bandwidth || a.prefill_kernels {
+    if a.kernels || a.copy_bandwidth || a.prefill_kernels || a.batch_kernels {
         if a.model.backend == super::Backend::Cpu {
-            return Err("--kernels, --prefill-kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
+            return Err("--kernels, --prefill-kernels, --batch-kernels and --copy-bandwidth measure the GPU; they do not combine with --backend cpu".into());
         }
         return device_bench(&a);
     }
@@ -329,6 +333,9 @@ fn device_bench(a: &BenchArgs) -> Result<()> {
     }
     if a.kernels || a.prefill_kernels {
         super::gpu_bench::prefill_products(&ctx, a.n_prompt)?;
+    }
+    if a.batch_kernels {
+        super::gpu_bench::batch_products(&ctx)?;
     }
     Ok(())
 }

@@ -70,6 +70,10 @@ pub struct KernelRow {
 struct BenchSet {
     mats: Vec<GpuMatrix>,
     epilogue: Epilogue,
+    /// Tokens the buffers hold (x, y and each of ys); the Step uniform's n_tokens is set by
+    /// [`Self::set_tokens`] (1 at first).
+    max_tokens: usize,
+    n: std::cell::Cell<u32>,
     x: wgpu::Buffer,
     y: wgpu::Buffer,
     ys: Vec<wgpu::Buffer>,
@@ -82,6 +86,11 @@ const STREAM_OPS: usize = 64;
 impl BenchSet {
     /// `perm`: the word order (None: the type's default, as the model uses).
     fn new(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize, perm: Option<bool>, epilogue: Epilogue) -> Result<BenchSet> {
+        Self::with_tokens(ctx, ty, rows, cols, perm, epilogue, 1)
+    }
+
+    /// [`Self::new`] with room for `max_tokens` tokens.
+    fn with_tokens(ctx: &GpuContext, ty: GgmlType, rows: usize, cols: usize, perm: Option<bool>, epilogue: Epilogue, max_tokens: usize) -> Result<BenchSet> {
         let bytes = ty.bytes_for((rows * cols) as u64).unwrap();
         let count = (400_000_000 / bytes).clamp(2, 16) as usize;
         let mut mats = Vec::new();
@@ -95,12 +104,13 @@ impl BenchSet {
             });
         }
         // Activations of varied sign and size (not zeros: a kernel must not time on zeros).
-        let xv: Vec<f32> = (0..cols).map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect();
+        let xv: Vec<f32> = (0..cols * max_tokens).map(|i| ((i as u32).wrapping_mul(2654435761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5).collect();
         let x = ctx.upload("x", bytemuck::cast_slice(&xv));
         let step = ctx.uniform("step", bytemuck::bytes_of(&Step { n_tokens: 1, pos0: 0, n_kv: 1, _pad: 0 }));
-        let y = ctx.zeros("y", 4 * rows as u64);
-        let ys = (0..STREAM_OPS).map(|_| ctx.zeros("y", 4 * rows as u64)).collect();
-        let set = BenchSet { mats, epilogue, x, y, ys, step };
+        let y_bytes = 4 * (rows * max_tokens) as u64;
+        let y = ctx.zeros("y", y_bytes);
+        let ys = (0..STREAM_OPS).map(|_| ctx.zeros("y", y_bytes)).collect();
+        let set = BenchSet { mats, epilogue, max_tokens, n: std::cell::Cell::new(1), x, y, ys, step };
         set.warm(ctx, &set.bind(ctx, None).0, 300)?;
         Ok(set)
     }
@@ -116,6 +126,13 @@ impl BenchSet {
         (shared, own)
     }
 
+    /// The tokens every later dispatch computes (the Step uniform's n_tokens).
+    fn set_tokens(&self, ctx: &GpuContext, n: usize) {
+        assert!((1..=self.max_tokens).contains(&n));
+        self.n.set(n as u32);
+        ctx.queue.write_buffer(&self.step, 0, bytemuck::bytes_of(&Step { n_tokens: n as u32, pos0: 0, n_kv: n as u32, _pad: 0 }));
+    }
+
     /// Runs `ops` for at least `ms` milliseconds: a GPU left idle while the host prepares
     /// matrices lowers its clocks, and timing a few milliseconds of work right after that
     /// measured 3-4x too slow (the first H200 run of this table).
@@ -126,7 +143,7 @@ impl BenchSet {
             {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("warm-up"), timestamp_writes: None });
                 for i in 0..256 {
-                    ops[i % ops.len()].encode(&mut pass, 1);
+                    ops[i % ops.len()].encode(&mut pass, self.n.get());
                 }
             }
             ctx.submit_and_wait(enc)?;
@@ -154,7 +171,7 @@ impl BenchSet {
             for p in 0..passes {
                 let mut pass = timer.pass(&mut enc, "matvec row");
                 for i in 0..per_pass {
-                    ops[(p + i) % n].encode(&mut pass, 1);
+                    ops[(p + i) % n].encode(&mut pass, self.n.get());
                 }
             }
             row = timer.finish(ctx, enc)?.into_iter().map(|t| t / per_pass as f64).collect();
@@ -162,13 +179,13 @@ impl BenchSet {
             for _ in 0..passes {
                 let mut pass = timer.pass(&mut enc, "matvec stream");
                 for op in stream_ops {
-                    op.encode(&mut pass, 1);
+                    op.encode(&mut pass, self.n.get());
                 }
             }
             stream = timer.finish(ctx, enc)?.into_iter().map(|t| t / stream_ops.len() as f64).collect();
             let mut enc = ctx.device.create_command_encoder(&Default::default());
             for i in 0..alone_n {
-                ops[i % n].encode(&mut timer.pass(&mut enc, "matvec"), 1);
+                ops[i % n].encode(&mut timer.pass(&mut enc, "matvec"), self.n.get());
             }
             alone = timer.finish(ctx, enc)?;
             let _ = round;
@@ -230,6 +247,64 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
         println!("| matvec {}{} | {} x {} | {:.1} | {:.0} |", r.ty, r.what, r.rows, r.cols, r.alone_us, r.bytes as f64 / r.alone_us / 1e3);
     }
     Ok(rows_out)
+}
+
+/// Times the few-token products (a batched decode's: the matvec at 2..16 tokens, the kernel
+/// the context's tuning picks) of one llama-7B layer (FUSED_LAYER) at 1, 2, 4, 8 and 16 tokens
+/// for each weight type, back to back over more matrices than the L2 cache holds (as
+/// [`kernel_bandwidth`]), with the weight bytes per second and the time per token; each shape
+/// and count is first checked against the portable tiled kernel (max difference relative to the
+/// max |y|: ~1e-6 for a working kernel, f32 sums in another order; ~1 or inf for a broken one).
+/// The last table is what 32 such layers' products allow: an upper bound of a 7B model's batched decode (attention,
+/// norms, the output product and the host's part of a step come on top).
+pub fn batch_products(ctx: &GpuContext) -> Result<()> {
+    const COUNTS: [usize; 5] = [1, 2, 4, 8, 16];
+    println!("\nfew-token products of a llama-7B layer (the batched decode's matvec), median µs back to back per dispatch\n");
+    println!("| type | product | rows x cols | tokens | µs | µs per token | weight GB/s | max diff / max abs, against tiled |");
+    println!("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |");
+    let mut layers = Vec::new();
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::F16] {
+        let mut layer_us = [0.0f64; COUNTS.len()];
+        for &(rows, cols, what, epilogue, count) in &FUSED_LAYER {
+            let set = BenchSet::with_tokens(ctx, ty, rows, cols, None, epilogue, 16)?;
+            let ops = set.bind(ctx, None);
+            let bytes = set.mats[0].gpu_bytes() as f64;
+            let out_len = if epilogue.pairs() { rows / 2 } else { rows };
+            for (ci, &n) in COUNTS.iter().enumerate() {
+                set.set_tokens(ctx, n);
+                // The check: this kernel and the tiled one from zeros, read back.
+                let mut outs = Vec::new();
+                for kernel in [Kernel::Tiled, Kernel::Auto] {
+                    ctx.queue.write_buffer(&set.y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
+                    let mut enc = ctx.device.create_command_encoder(&Default::default());
+                    ops.0[0].encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
+                    ctx.submit_and_wait(enc)?;
+                    outs.push(ctx.read::<f32>(&set.y, n * out_len)?);
+                }
+                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let diff = outs[1].iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                let (row_us, _, _) = set.time(ctx, &ops)?;
+                layer_us[ci] += row_us * count;
+                println!(
+                    "| {ty} | {} | {rows} x {cols} | {n} | {row_us:.1} | {:.1} | {:.0} | {:.1e} |",
+                    what.trim(),
+                    row_us / n as f64,
+                    bytes / row_us / 1e3,
+                    diff / max.max(f32::MIN_POSITIVE)
+                );
+            }
+        }
+        layers.push((ty, layer_us));
+    }
+    println!("\n| type | tokens | one layer's products µs | 32 layers: ms per step | upper bound t/s (all sequences) |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for (ty, layer_us) in layers {
+        for (ci, &n) in COUNTS.iter().enumerate() {
+            let step_ms = 32.0 * layer_us[ci] / 1e3;
+            println!("| {ty} | {n} | {:.0} | {step_ms:.2} | {:.0} |", layer_us[ci], n as f64 / step_ms * 1e3);
+        }
+    }
+    Ok(())
 }
 
 /// Times the prefill (batched) products of one llama-7B layer (FUSED_LAYER) at `n` tokens for
