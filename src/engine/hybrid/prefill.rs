@@ -89,7 +89,7 @@ impl PrefillTiming {
         let streamed = match self.streamed_batches {
             0 => String::new(),
             b => format!(
-                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows, {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
+                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows (o alone where q/k/v are on the GPU), {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
                 st.chunks,
                 st.attn_chunks,
                 st.attn_layers,
@@ -186,13 +186,34 @@ impl HybridSession {
                 // attention norm and q/k/v there, RoPE, the KV write and attention on the CPU
                 // (its KV cache is on the host), o there, added into x, the FFN norm, hot and
                 // streamed cold neurons: one synchronisation (q/k/v read back).
+                // A layer whose q/k/v weights are on the GPU (`AttnSite::Qkv`) runs that product
+                // from them: q, k and v land in their sections of the qkv buffer, copied to the
+                // read-back one after another; streamed ones land as rows of q | k | v.
                 let area = pf.stream.as_mut().expect("checked");
-                area.record_attn_norm(&mut pass, il, n);
-                drop(pass);
-                enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
+                let resident = layer.qkv_sequence();
                 let (rb, width) = area.qkv_readback().map(|(b, w)| (b.clone(), w)).expect("streamed attention has its read-back");
                 let bytes = 4 * n as u64 * width as u64;
-                enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
+                let sections = !resident.is_empty();
+                if sections {
+                    // (Its o rows stream: it counts as a streamed host-attention layer.)
+                    area.timing.attn_layers += 1;
+                    for (_, op) in resident {
+                        op.record(&mut pass, n);
+                    }
+                    drop(pass);
+                    let hp = &this.model.hp;
+                    let mut at = 0;
+                    for (&(off, _), d) in this.s.qkv_ranges.iter().zip([hp.q_dim(), hp.kv_dim(), hp.kv_dim()]) {
+                        let len = 4 * n as u64 * d as u64;
+                        enc.copy_buffer_to_buffer(&this.s.qkv, off, &rb, at, len);
+                        at += len;
+                    }
+                } else {
+                    area.record_attn_norm(&mut pass, il, n);
+                    drop(pass);
+                    enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
+                    enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
+                }
                 this.ctx.queue.submit([enc.finish()]);
                 let t_wait = Instant::now();
                 let slice = rb.slice(..bytes);
@@ -205,8 +226,22 @@ impl HybridSession {
                 let t_attn = Instant::now();
                 {
                     let view = slice.get_mapped_range().map_err(lost)?;
+                    let v: &[f32] = bytemuck::cast_slice::<u8, f32>(&view);
                     pf.x.clear();
-                    pf.x.extend_from_slice(bytemuck::cast_slice::<u8, f32>(&view));
+                    if sections {
+                        // Sections of n rows each to rows of q | k | v.
+                        let hp = &this.model.hp;
+                        let (qd, kvd, n) = (hp.q_dim(), hp.kv_dim(), n as usize);
+                        let (q, rest) = v.split_at(n * qd);
+                        let (k, vv) = rest.split_at(n * kvd);
+                        for t in 0..n {
+                            pf.x.extend_from_slice(&q[t * qd..(t + 1) * qd]);
+                            pf.x.extend_from_slice(&k[t * kvd..(t + 1) * kvd]);
+                            pf.x.extend_from_slice(&vv[t * kvd..(t + 1) * kvd]);
+                        }
+                    } else {
+                        pf.x.extend_from_slice(v);
+                    }
                 }
                 rb.unmap();
                 let attn = state.host.run_core(state.cold.team(), &this.model, il, pos0 as usize, &pf.x)?;
