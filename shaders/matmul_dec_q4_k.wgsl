@@ -77,3 +77,26 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     let sm = k4_scale_min(w.hdr, w.sub);
     return (dm.x * sm.x) * acc - (dm.y * sm.y) * xs.sum;
 }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): group i < 4 is word i's low
+// nibbles, group 4 + k word k's high nibbles, d sc q - dmin m (the scales decoded per group:
+// per row, not per token, and the same values for a slot's 8 groups).
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    let k = i & 3u;
+    let q = w.q[k];
+    let s = q >> 12u;
+    let dm = unpack2x16float(w.hdr.x);
+    let sm = k4_scale_min(w.hdr, w.sub);
+    var v: vec4<f32>;
+    if (i < 4u) {
+        v = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+    } else {
+        v = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+    }
+    return v * (dm.x * sm.x) - dm.y * sm.y;
+}
+
+// slot_x's a[i].
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    return row4 + 8u * j + i;
+}

@@ -75,3 +75,27 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     let d = unpack2x16float(w.d >> w.d_shift).x;
     return d * (f32(extractBits(sc, w.sc_shift, 8u)) * lo_acc + f32(extractBits(sc, w.sc_shift + 8u, 8u)) * hi_acc);
 }
+
+// The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): group i < 4 is word i's low
+// nibbles (the first 16 elements' scale), group 4 + k word k's high nibbles (the second's),
+// with their high pairs: d sc (q - 32).
+fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
+    let k = i & 3u;
+    let q = w.q[k];
+    let s = q >> 12u;
+    let sc = bitcast<i32>(w.sc);
+    let d = unpack2x16float(w.d >> w.d_shift).x;
+    if (i < 4u) {
+        let pl = vec4<f32>((vec4<u32>(w.h.x >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
+        let v = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB + 16.0 * pl;
+        return v * (d * f32(extractBits(sc, w.sc_shift, 8u)));
+    }
+    let ph = vec4<f32>((vec4<u32>(w.h.y >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
+    let v = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB + 16.0 * ph;
+    return v * (d * f32(extractBits(sc, w.sc_shift + 8u, 8u)));
+}
+
+// slot_x's a[i].
+fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {
+    return row4 + 8u * j + i;
+}

@@ -40,7 +40,8 @@
 //!   `dvt_main_sg`) over groups of 2, 4, 8 or 16 tokens (the grid's z dimension): the same
 //!   slots and loads as one token, each row's slot applied to every token of the group
 //!   (`matmul_dec_tok.wgsl`: dequantised once per 4 elements for all tokens, F32, F16, Q8_0,
-//!   Q4_0, Q4_1; `matmul_dec_tok_slot.wgsl`: decoded per token, the 5-bit and K-quant types),
+//!   Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; `matmul_dec_tok_slot.wgsl`: decoded per token, Q5_0, Q5_1,
+//!   Q2_K, Q3_K),
 //!   so the weights are read once per group; see [`default_mv_configs`]. The earlier
 //!   `shaders/matmul_common.wgsl` `mv_main` (units of 8 elements, groups of up to 8 tokens)
 //!   stays behind [`MvConfig::units`] (`ember bench --tune mv-batch-kernel=units`).
@@ -120,9 +121,9 @@ const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul
 // they are validated only as composed.
 const Q5_0_SRC: TypeSources = type_sources!("q5_0", "matmul_q5_0.wgsl", ["matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
@@ -193,7 +194,7 @@ pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
 
 /// The few-token kernel's slot products as compiled after a type file of each kind.
-pub const DEC_TOK_SHADERS: [(&str, &str); 2] = [("matmul_dec_tok.wgsl", Q4_0_SRC.dec), ("matmul_dec_tok_slot.wgsl", Q4_K_SRC.dec)];
+pub const DEC_TOK_SHADERS: [(&str, &str); 2] = [("matmul_dec_tok.wgsl", Q4_0_SRC.dec), ("matmul_dec_tok_slot.wgsl", Q5_0_SRC.dec)];
 
 /// The weight types the GPU kernels compute with as they are.
 pub const GPU_TYPES: [GgmlType; 12] = [
