@@ -21,12 +21,13 @@
 #            and its wall time per step on the host clock (the rest of 1 / (t/s) is the host's)
 #   kernels  `ember bench --batch-kernels`: a 7B layer's products at 1, 2, 4, 8, 16 tokens for
 #            Q4_0, Q4_1, Q8_0, F16, each checked against the tiled kernel (the column must be
-#            ~1e-6, as on lavapipe: a driver that miscompiles the kernel shows ~1 or inf there), weight GB/s,
-#            and 32 layers' products as an upper bound of the aggregate t/s
+#            ~1e-6, as on lavapipe; a driver that miscompiles the kernel shows ~1 or inf),
+#            weight GB/s, and 32 layers' products as an upper bound of the aggregate t/s
 #   shapes   P = 8 with other shapes (--tune mv-batch=threads:rows, MV_SHAPES), the earlier units
 #            kernel (mv-batch-kernel=units, the 124 t/s of 1b515c4), P = 16 in two groups of 8
 #            (mv-batch-nt=8); EXTRA=1 adds P = 8 without prefetch (mv-batch-pf=0)
-#   llama    llama.cpp's llama-batched-bench (CUDA), all layers on the GPU, 1 and 8 sequences
+#   llama    llama.cpp's llama-batched-bench (CUDA), all layers on the GPU, 1, 2, 4, 8 and 16
+#            sequences (its S_TG t/s at each is the aggregate to compare with tg32 xP)
 set -uo pipefail
 D=$(realpath "$1"); shift
 [ $# -eq 0 ] && set -- scale profile kernels shapes
