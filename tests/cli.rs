@@ -155,10 +155,10 @@ fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
         assert!(err.contains(want), "{knob}: {err}");
     }
     let tune = |kv: &[(&str, &str)]| ember::cli::gpu_tuning(ember::cli::GpuPrecisionArg::F32, &kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>()).unwrap();
-    let t = tune(&[("mv-batch-kernel", "units"), ("mv-batch-nt", "8"), ("mv-batch-pf", "0"), ("mv-batch", "32:4")]);
-    assert!(t.batch_units && t.batch_max_tokens == 8 && !t.batch_prefetch && t.batch_matvec == Some((32, 4)), "{t:?}");
+    let t = tune(&[("mv-batch-kernel", "units"), ("mv-batch-nt", "16"), ("mv-batch-pf", "0"), ("mv-batch", "32:4")]);
+    assert!(t.batch_units && t.batch_max_tokens == 16 && !t.batch_prefetch && t.batch_matvec == Some((32, 4)), "{t:?}");
     let t = tune(&[]);
-    assert!(!t.batch_units && t.batch_max_tokens == 16 && t.batch_prefetch && t.batch_matvec.is_none(), "{t:?}");
+    assert!(!t.batch_units && t.batch_max_tokens == 8 && t.batch_prefetch && t.batch_matvec.is_none(), "{t:?}");
 }
 
 #[test]

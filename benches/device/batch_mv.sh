@@ -16,7 +16,7 @@
 # skips the phases that would start after S seconds (shapes comes last for that reason).
 #
 #   scale    tg32 and tg32 xP for P = 2, 4, 8, 16 (the default kernel: groups of up to 16 tokens,
-#            64 threads x 4 rows, prefetch)
+#            64 threads x 2 rows, groups of up to 8, prefetch)
 #   profile  P = 8 with --profile: the batched step's per-dispatch times and GB/s (matmul rows),
 #            and its wall time per step on the host clock (the rest of 1 / (t/s) is the host's)
 #   kernels  `ember bench --batch-kernels`: a 7B layer's products at 1, 2, 4, 8, 16 tokens for

@@ -33,7 +33,7 @@ gpu)
   # dispatch per layer for every row against its own cache), so the x8 row's tokens/s against
   # the x1 row (and against tg32, the queued single stream) is the acceptance's ratio (>= 4x).
   # Then the 8 with
-  # other shapes of the few-token matvec (--tune mv-batch=threads:rows; default 64:4 on the
+  # other shapes of the few-token matvec (--tune mv-batch=threads:rows; default 64:2 on the
   # blocks kernel; batch_mv.sh compares more), to tell which the default should be.
   for P in 1 8; do
     echo; echo "== GPU, --parallel $P"

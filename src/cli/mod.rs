@@ -226,7 +226,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("no-fold", "1: norms and RoPE as separate dispatches"),
     ("mv-xw", "activations per word in the blocks decode kernel: 0, 1 or 2"),
     ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
-    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 64:4"),
+    ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 64:2"),
     ("mv-batch-kernel", "the few-token matvec's kernel: blocks (matmul_dec.wgsl, the default) or units (matmul_common.wgsl)"),
     ("mv-batch-nt", "the blocks few-token kernel's largest group of tokens per workgroup: 2, 4, 8 or 16"),
     ("mv-batch-pf", "0: the blocks few-token kernel without prefetching the next step's weights"),
@@ -305,7 +305,7 @@ pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Resu
     t.coop_matrix = tune_value(tune, "no-coop").as_deref() != Some("1");
     if let Some(v) = tune_value(tune, "mv-batch") {
         let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
-        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 64:4", tune_name("mv-batch")))?);
+        t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 64:2", tune_name("mv-batch")))?);
     }
     if let Some(v) = tune_value(tune, "mv-batch-kernel") {
         t.batch_units = match v.trim() {

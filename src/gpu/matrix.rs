@@ -373,13 +373,13 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 /// generic default here; [`GpuMatrix::bind_matmul`] uses each type's own (see
 /// [`decode_config`]).
 ///
-/// A few tokens (a batched decode's products) run the blocks kernel over groups of 2, 4, 8
-/// and 16 tokens (matmul_dec.wgsl's `dvt_main`: the one-token kernel's coalesced 16-byte
-/// slots, each row's weights applied to every token of the group, so a 16-token step reads
-/// each weight once), 64 threads and 4 rows per workgroup (4 rows: the activation loads per
-/// weight element, 4 / rows bytes per token, bound the kernel with the arithmetic once the
-/// weights are read once; more rows would need more registers than the accumulators and
-/// dequantised words leave). The context's [`GpuTuning`](super::GpuTuning) replaces the
+/// A few tokens (a batched decode's products) run the blocks kernel over groups of 2, 4 and 8
+/// tokens (matmul_dec.wgsl's `dvt_main`: the one-token kernel's coalesced 16-byte slots, each
+/// row's weights applied to every token of the group, so an 8-token step reads each weight
+/// once), 64 threads and 2 rows per workgroup. Measured on an H100 (BENCHMARKS.md, session
+/// 10): 16 accumulators per thread (rows x tokens) keep the kernel near the one-token kernel's
+/// bandwidth (4 tokens x 4 rows: 750-810 GB/s), 32 made it spill (8 x 4: 83 GB/s; a step of 8
+/// sequences at 168 t/s against 617 with groups of 4 and 615 with 8 x 2). The context's [`GpuTuning`](super::GpuTuning) replaces the
 /// shape (`batch_matvec`, where the adapter has the threads; threads are halved where the
 /// reduction's memory would not fit), the largest group (`batch_max_tokens`), the prefetch,
 /// or takes the earlier units kernel (`batch_units`: groups of up to 8 tokens, 128 threads and
@@ -401,7 +401,7 @@ pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
         }
         return v;
     }
-    let (wg, nr) = t.batch_matvec.filter(|&c| shape_ok(c)).unwrap_or((64.min(max_wg), 4));
+    let (wg, nr) = t.batch_matvec.filter(|&c| shape_ok(c)).unwrap_or((64.min(max_wg), 2));
     for nt in [2, 4, 8, 16].into_iter().filter(|&nt| nt <= t.batch_max_tokens.max(2)) {
         // The reduction keeps (rows x tokens + 1) partial sums per thread in shared memory.
         let mut wg = wg;

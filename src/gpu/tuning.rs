@@ -36,7 +36,7 @@ pub struct GpuTuning {
     /// The few-token matvec on the earlier units kernel (matmul_common.wgsl's `mv_main`,
     /// groups of up to 8 tokens) instead of the blocks kernel (matmul_dec.wgsl's `dvt_main`).
     pub batch_units: bool,
-    /// The blocks kernel's largest group of tokens per workgroup, 2 to 16 (more tokens run in
+    /// The blocks kernel's largest group of tokens per workgroup, 2 to 16, default 8 (more tokens run in
     /// several groups, each reading the weights again).
     pub batch_max_tokens: u32,
     /// The blocks kernel loads the next step's weights before this step's arithmetic.
@@ -56,7 +56,7 @@ impl Default for GpuTuning {
             coop_matrix: true,
             batch_matvec: None,
             batch_units: false,
-            batch_max_tokens: 16,
+            batch_max_tokens: 8,
             batch_prefetch: true,
         }
     }
