@@ -120,10 +120,12 @@ pub struct ModelArgs {
     pub calibration: Option<PathBuf>,
     /// GPU memory ember may use, in GiB (fractions allowed: 0.05; or 512MiB). With --ffn relu or
     /// predict (hybrid) the embeddings and output go to the GPU, then the most-firing FFN
-    /// neurons and the layers' attention + KV cache compete for the rest, ranked by the bytes
-    /// the host would read per token (`ember plan --host-attention` shows the choice); the CPU
-    /// computes the cold neurons and the attention of the layers left on the host. With a
-    /// dense FFN, whole layers are offloaded. [default: no limit: everything on the GPU]
+    /// neurons, each layer's q/k/v weights and each layer's o weights + KV cache compete for
+    /// the rest, ranked by the bytes the host would read per token (`ember plan
+    /// --host-attention` shows the choice); the CPU computes the cold neurons and the
+    /// attention of the layers left on the host (with their q/k/v product on the GPU where
+    /// those weights went there). With a dense FFN, whole layers are offloaded. [default: no
+    /// limit: everything on the GPU]
     #[arg(long, value_name = "GIB")]
     pub vram_budget: Option<String>,
     /// Hybrid (--ffn relu or predict on the GPU): prompt tokens per prefill batch. Each batch

@@ -22,9 +22,10 @@ pub struct PlanArgs {
     /// Also write the placement as a PowerInfer split file (blk.N.gpu_idx / gpu_bucket)
     #[arg(short = 'o', long, value_name = "FILE")]
     pub output: Option<PathBuf>,
-    /// Let layers' attention and KV cache stay on the host (CPU attention), chosen together
-    /// with the hot neurons, as `ember run`/`bench --vram-budget` place them: what long
-    /// contexts need under small budgets. Without it every layer's attention stays on the GPU
+    /// Let layers' attention and KV cache stay on the host (CPU attention; their q/k/v product
+    /// may stay on the GPU, whose weights every token reads whole), chosen together with the
+    /// hot neurons, as `ember run`/`bench --vram-budget` place them: what long contexts need
+    /// under small budgets. Without it every layer's attention stays on the GPU
     /// (what a placement file without ember's attention record, e.g. PowerInfer's, gives)
     #[arg(long)]
     pub host_attention: bool,
@@ -101,10 +102,10 @@ pub fn plan(a: PlanArgs) -> Result<()> {
 
     println!("budget {} on the GPU, placed in this order (estimated sizes):", Bytes(budget));
     for f in &p.fixed {
-        println!("  {:<40} {:>12}", f.name, Bytes(f.bytes).to_string());
+        println!("  {:<64} {:>12}", f.name, Bytes(f.bytes).to_string());
     }
-    println!("  {:<40} {:>12}  ({} of {} neurons)", "FFN hot neurons", Bytes(p.hot_bytes()).to_string(), p.n_hot(), hp.n_layer * hp.n_ff);
-    println!("  {:<40} {:>12}", "free", Bytes(budget - p.used()).to_string());
+    println!("  {:<64} {:>12}  ({} of {} neurons)", "FFN hot neurons", Bytes(p.hot_bytes()).to_string(), p.n_hot(), hp.n_layer * hp.n_ff);
+    println!("  {:<64} {:>12}", "free", Bytes(budget - p.used()).to_string());
     println!("\n| layer | hot neurons | of layer | share of the layer's firings on the GPU | attention |");
     println!("| ---: | ---: | ---: | ---: | --- |");
     for (l, (h, c)) in p.hot.iter().zip(&p.covered_per_layer).enumerate() {
