@@ -320,12 +320,13 @@ fn attention_on_a_team_equals_attention() {
 }
 
 /// The tiled f32 attention (a hybrid's streamed prefill) against softmax attention in f64 at
-/// odd sizes: several query and key tiles, a past, grouped heads; the same bits for every team
-/// size.
+/// odd sizes: several query and key tiles (150 queries: three query tiles, the last of 22;
+/// head sizes that are and are not multiples of the 16-wide register blocks), a past, grouped
+/// heads; the same bits for every team size.
 #[test]
 fn tiled_attention_matches_f64_softmax_attention() {
     let mut rng = Rng(21);
-    for (shape, past, n_tokens) in [(AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 }, 37, 53), (AttnShape { n_head: 3, n_head_kv: 3, head_dim: 64 }, 0, 17), (AttnShape { n_head: 4, n_head_kv: 1, head_dim: 24 }, 130, 1)] {
+    for (shape, past, n_tokens) in [(AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 }, 37, 53), (AttnShape { n_head: 3, n_head_kv: 3, head_dim: 64 }, 0, 17), (AttnShape { n_head: 4, n_head_kv: 1, head_dim: 24 }, 130, 1), (AttnShape { n_head: 2, n_head_kv: 1, head_dim: 48 }, 5, 150)] {
         let total = past + n_tokens;
         let (hd, kv_dim, q_dim) = (shape.head_dim, shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
         let mut cache = KvCache::new(1, total, kv_dim);

@@ -40,6 +40,23 @@ impl KvCache {
     pub fn layer(&self, layer: usize) -> (&[f16], &[f16]) {
         (&self.k[layer], &self.v[layer])
     }
+
+    /// Positions `pos0..pos0 + n` of `layer`'s keys and values, for stores split among threads
+    /// ([`store_row`] on each position's rows).
+    pub fn rows_mut(&mut self, layer: usize, pos0: usize, n: usize) -> (&mut [f16], &mut [f16]) {
+        let d = self.kv_dim;
+        (&mut self.k[layer][pos0 * d..(pos0 + n) * d], &mut self.v[layer][pos0 * d..(pos0 + n) * d])
+    }
+}
+
+/// [`KvCache::store`] into one position's rows (`rows_mut`'s slices): the same rounding.
+pub fn store_row(k_dst: &mut [f16], v_dst: &mut [f16], k: &[f32], v: &[f32]) {
+    for (dst, &x) in k_dst.iter_mut().zip(k) {
+        *dst = f16::from_f32(x);
+    }
+    for (dst, &x) in v_dst.iter_mut().zip(v) {
+        *dst = f16::from_f32(x);
+    }
 }
 
 /// Shape of one attention call.
@@ -156,10 +173,15 @@ pub fn attention_tiled_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], po
 
 /// One member's buffers for [`tile_task`].
 struct TileScratch {
+    /// The tile's queries, scaled, rows padded to a multiple of 4 with zeros.
     q: Vec<f32>,
+    /// The key tile transposed (`k[d * TILE_K + j]`).
     k: Vec<f32>,
+    /// The value tile (`v[j * hd + d]`), rows past the tile's keys zero.
     v: Vec<f32>,
     o: Vec<f32>,
+    /// Scores, then probabilities, of the tile's queries against the key tile (`TILE_Q` x
+    /// `TILE_K`).
     s: Vec<f32>,
     m: [f32; TILE_Q],
     l: [f32; TILE_Q],
@@ -167,7 +189,7 @@ struct TileScratch {
 
 impl TileScratch {
     fn new(hd: usize) -> TileScratch {
-        TileScratch { q: vec![0.0; TILE_Q * hd], k: vec![0.0; TILE_K * hd], v: vec![0.0; TILE_K * hd], o: vec![0.0; TILE_Q * hd], s: vec![0.0; TILE_K], m: [f32::NEG_INFINITY; TILE_Q], l: [0.0; TILE_Q] }
+        TileScratch { q: vec![0.0; TILE_Q * hd], k: vec![0.0; TILE_K * hd], v: vec![0.0; TILE_K * hd], o: vec![0.0; TILE_Q * hd], s: vec![0.0; TILE_Q * TILE_K], m: [f32::NEG_INFINITY; TILE_Q], l: [0.0; TILE_Q] }
     }
 }
 
@@ -178,10 +200,19 @@ unsafe fn tile_task_avx2(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens:
     tile_task(q, k, v, pos0, n_tokens, shape, tile, h, out, sc)
 }
 
+/// Rows of a register block of [`tile_task`]'s two products, and columns (keys of the scores,
+/// head dimensions of the output): 4 x 16 sums, 8 AVX2 registers.
+const BLOCK_R: usize = 4;
+const BLOCK_C: usize = 16;
+
 /// Head `h`, queries `tile * TILE_Q..` (at most TILE_Q of them): see [`attention_tiled_team`].
-/// The key tile is held transposed (`k[d * TILE_K + j]`), so that a query's scores against the
-/// tile are sums of whole vectors of keys (no horizontal sums), and the exponentials run over
-/// the tile's scores as one vector loop ([`exp_neg`]).
+/// Per key tile: the scores as a product of the query tile and the transposed key tile, by
+/// register blocks of 4 queries x 16 keys (each key vector loaded once for 4 queries); the
+/// online softmax per query over them (exponentials as one vector loop, [`exp_neg`]), masked
+/// keys given probability 0; then the output as a product of the probabilities and the value
+/// tile, by blocks of 4 queries x 16 dimensions (each value vector loaded once for 4 queries).
+/// One query at a time, the output row was loaded and stored around every value row (three
+/// memory operations per multiply-add).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn tile_task(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shape: AttnShape, tile: usize, h: usize, out: SharedOut, sc: &mut TileScratch) {
@@ -192,19 +223,23 @@ fn tile_task(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shap
     let scale = 1.0 / (hd as f32).sqrt();
     let t0 = tile * TILE_Q;
     let tq = TILE_Q.min(n_tokens - t0);
+    let tq4 = tq.next_multiple_of(BLOCK_R);
     for i in 0..tq {
         let src = &q[(t0 + i) * q_dim + h * hd..][..hd];
         for (d, &x) in sc.q[i * hd..(i + 1) * hd].iter_mut().zip(src) {
             *d = x * scale;
         }
     }
-    sc.o[..tq * hd].fill(0.0);
+    sc.q[tq * hd..tq4 * hd].fill(0.0);
+    sc.o[..tq4 * hd].fill(0.0);
     sc.m = [f32::NEG_INFINITY; TILE_Q];
     sc.l = [0.0; TILE_Q];
     let n_keys = pos0 + t0 + tq;
+    let hd16 = hd - hd % BLOCK_C;
     let mut row = [0.0f32; 256];
     for j0 in (0..n_keys).step_by(TILE_K) {
         let nk = TILE_K.min(n_keys - j0);
+        let nk16 = nk.next_multiple_of(BLOCK_C);
         for j in 0..nk {
             let at = (j0 + j) * kv_dim + kvh * hd;
             v[at..at + hd].convert_to_f32_slice(&mut sc.v[j * hd..(j + 1) * hd]);
@@ -216,36 +251,78 @@ fn tile_task(q: &[f32], k: &[f16], v: &[f16], pos0: usize, n_tokens: usize, shap
                 }
             }
         }
-        for i in 0..tq {
+        // Keys past the tile's end: their scores are masked, their values must add nothing.
+        sc.v[nk * hd..nk16 * hd].fill(0.0);
+        // Scores S = Q K^T for the tile's queries (rows padded to 4) and keys (padded to 16).
+        for ib in (0..tq4).step_by(BLOCK_R) {
+            for jb in (0..nk16).step_by(BLOCK_C) {
+                let mut acc = [[0.0f32; BLOCK_C]; BLOCK_R];
+                for d in 0..hd {
+                    let kr: &[f32; BLOCK_C] = sc.k[d * TILE_K + jb..][..BLOCK_C].try_into().unwrap();
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let qv = sc.q[(ib + r) * hd + d];
+                        for c in 0..BLOCK_C {
+                            a[c] += qv * kr[c];
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    sc.s[(ib + r) * TILE_K + jb..][..BLOCK_C].copy_from_slice(a);
+                }
+            }
+        }
+        // The online softmax per query: probabilities in place of the scores, 0 where masked.
+        for i in 0..tq4 {
+            let p = &mut sc.s[i * TILE_K..i * TILE_K + nk16];
             // Query i sees keys 0..=pos0 + t0 + i.
             let seen = (pos0 + t0 + i + 1).min(j0 + nk);
-            if seen <= j0 {
+            if i >= tq || seen <= j0 {
+                p.fill(0.0);
                 continue;
             }
             let cnt = seen - j0;
-            let s = &mut sc.s[..TILE_K];
-            s.fill(0.0);
-            for (d, &qd) in sc.q[i * hd..(i + 1) * hd].iter().enumerate() {
-                for (sj, &kj) in s.iter_mut().zip(&sc.k[d * TILE_K..(d + 1) * TILE_K]) {
-                    *sj += qd * kj;
-                }
-            }
-            let mx = s[..cnt].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mx = p[..cnt].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let m_new = sc.m[i].max(mx);
-            let oi = &mut sc.o[i * hd..(i + 1) * hd];
             if sc.m[i] != f32::NEG_INFINITY && sc.m[i] < m_new {
                 let c = (sc.m[i] - m_new).exp();
                 sc.l[i] *= c;
-                oi.iter_mut().for_each(|x| *x *= c);
+                sc.o[i * hd..(i + 1) * hd].iter_mut().for_each(|x| *x *= c);
             }
             sc.m[i] = m_new;
-            for x in s[..cnt].iter_mut() {
+            for x in p[..cnt].iter_mut() {
                 *x = exp_neg(*x - m_new);
             }
-            sc.l[i] += s[..cnt].iter().sum::<f32>();
-            for (j, &p) in s[..cnt].iter().enumerate() {
-                for (o, &x) in oi.iter_mut().zip(&sc.v[j * hd..(j + 1) * hd]) {
-                    *o += p * x;
+            p[cnt..].fill(0.0);
+            sc.l[i] += p[..cnt].iter().sum::<f32>();
+        }
+        // O += P V.
+        for ib in (0..tq4).step_by(BLOCK_R) {
+            for db in (0..hd16).step_by(BLOCK_C) {
+                let mut acc = [[0.0f32; BLOCK_C]; BLOCK_R];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    a.copy_from_slice(&sc.o[(ib + r) * hd + db..][..BLOCK_C]);
+                }
+                for j in 0..nk16 {
+                    let vr: &[f32; BLOCK_C] = sc.v[j * hd + db..][..BLOCK_C].try_into().unwrap();
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let pv = sc.s[(ib + r) * TILE_K + j];
+                        for c in 0..BLOCK_C {
+                            a[c] += pv * vr[c];
+                        }
+                    }
+                }
+                for (r, a) in acc.iter().enumerate() {
+                    sc.o[(ib + r) * hd + db..][..BLOCK_C].copy_from_slice(a);
+                }
+            }
+            // A head size not a multiple of 16: its last dimensions one query at a time.
+            for r in 0..BLOCK_R {
+                let i = ib + r;
+                for j in 0..nk16 {
+                    let pv = sc.s[i * TILE_K + j];
+                    for d in hd16..hd {
+                        sc.o[i * hd + d] += pv * sc.v[j * hd + d];
+                    }
                 }
             }
         }

@@ -10,7 +10,7 @@
 //! of tokens as the CPU session does, so a batched prefill can use it as well as decode.
 
 use super::forward::ForwardError;
-use crate::cpu::attention::{attention_team, attention_tiled_team, AttnShape};
+use crate::cpu::attention::{attention_team, attention_tiled_team, store_row, AttnShape};
 use crate::cpu::matmul::{matmuls, Activations, Precision};
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::team::Team;
@@ -192,11 +192,35 @@ impl HostAttention {
             ops::rms_norm_in_place(&mut q[..n * qd], qn, hp.rms_eps);
             ops::rms_norm_in_place(&mut k[..n * kvd], kn, hp.rms_eps);
         }
-        for t in 0..n {
-            let angles = rope.angles(pos0 + t);
-            rope.apply(&mut q[t * qd..(t + 1) * qd], hp.head_dim, &angles);
-            rope.apply(&mut k[t * kvd..(t + 1) * kvd], hp.head_dim, &angles);
-            kv.store(slot, pos0 + t, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+        // RoPE and the f16 KV write, per token: split among the team for a batch (a 512-token
+        // batch's took longer than its attention when serial), each token's the same.
+        let hd = hp.head_dim;
+        let (kc, vc) = kv.rows_mut(slot, pos0, n);
+        let parts = if n >= 16 { team.size() } else { 1 };
+        let per = n.div_ceil(parts);
+        let jobs: Vec<std::sync::Mutex<_>> = q[..n * qd]
+            .chunks_mut(per * qd)
+            .zip(k[..n * kvd].chunks_mut(per * kvd))
+            .zip(v[..n * kvd].chunks(per * kvd))
+            .zip(kc.chunks_mut(per * kvd).zip(vc.chunks_mut(per * kvd)))
+            .enumerate()
+            .map(|(c, (((q, k), v), (kc, vc)))| std::sync::Mutex::new((pos0 + c * per, q, k, v, kc, vc)))
+            .collect();
+        let rope = &*rope;
+        let job = |part: usize| {
+            let Some(j) = jobs.get(part) else { return };
+            let mut guard = j.lock().unwrap_or_else(|e| e.into_inner());
+            let (p0, q, k, v, kc, vc) = &mut *guard;
+            for (t, (((q, k), v), (kc, vc))) in q.chunks_mut(qd).zip(k.chunks_mut(kvd)).zip(v.chunks(kvd)).zip(kc.chunks_mut(kvd).zip(vc.chunks_mut(kvd))).enumerate() {
+                let angles = rope.angles(*p0 + t);
+                rope.apply(q, hd, &angles);
+                rope.apply(k, hd, &angles);
+                store_row(kc, vc, k, v);
+            }
+        };
+        match parts {
+            1 => job(0),
+            _ => team.run(&|member, _| job(member)),
         }
         let (kc, vc) = kv.layer(slot);
         match tiled {
