@@ -29,7 +29,7 @@
 
 use super::forward::{check_batch, check_seqs, Forward, ForwardError, Logits};
 use super::sampler::SampleRule;
-use super::gpu_forward::{attn_shape, rope_shape, FfnOps, GpuSession, Profile, StackedOps};
+use super::gpu_forward::{attn_shape, rope_shape, FfnOps, GpuSession, Profile};
 use super::gpu_ops::Op;
 use crate::gpu::ops::{AttentionOp, GpuKvCache, RopeKvOp, RopeKvRowsOp};
 use crate::gpu::{GpuContext};
@@ -175,6 +175,16 @@ impl GpuBatch {
         self.seqs.iter().map(|s| s.state_bytes()).sum()
     }
 
+    /// Checks a step's rows: sequences of this session, each with room for one more token.
+    fn check_rows(&self, rows: &[(usize, u32)]) -> Result<(), ForwardError> {
+        check_seqs(rows, self.seqs.len())?;
+        for &(seq, t) in rows {
+            let s = &self.seqs[seq];
+            check_batch(&s.model.hp, s.n_past, s.n_ctx, &[t])?;
+        }
+        Ok(())
+    }
+
     /// Writes a step's uniforms (its rows' tokens, positions and cache offsets); returns the
     /// most keys any row attends to.
     fn prepare(&self, rows: &[(usize, u32)]) -> u32 {
@@ -216,18 +226,9 @@ impl GpuBatch {
                 norm.record(p, b);
                 after(p, "attn_norm");
             }
-            match &a.qkv {
-                StackedOps::One(qkv) => {
-                    qkv.record(p, b);
-                    after(p, "matmul qkv");
-                }
-                StackedOps::QkvApart(ops) => {
-                    for (op, name) in ops.iter().zip(["matmul q", "matmul k", "matmul v"]) {
-                        op.record(p, b);
-                        after(p, name);
-                    }
-                }
-                StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
+            for (name, op) in a.qkv.qkv_named() {
+                op.record(p, b);
+                after(p, name);
             }
             for bias in a.biases.iter().flatten() {
                 bias.record(p, b);
@@ -297,13 +298,9 @@ impl GpuBatch {
     /// the same step on the host clock (submission and logits read back). No position is
     /// consumed. None where the adapter has no timestamps inside passes.
     pub fn profile_step(&mut self, rows: &[(usize, u32)]) -> Result<Option<Profile>, ForwardError> {
-        check_seqs(rows, self.seqs.len())?;
+        self.check_rows(rows)?;
         if rows.len() < 2 {
             return Err(ForwardError::BadSequence("a batched step's profile needs two rows or more".into()));
-        }
-        for &(seq, t) in rows {
-            let s = &self.seqs[seq];
-            check_batch(&s.model.hp, s.n_past, s.n_ctx, &[t])?;
         }
         let ctx = self.seqs[0].ctx.clone();
         if !ctx.has_timestamps_in_passes() {
@@ -325,16 +322,7 @@ impl GpuBatch {
             });
         }
         let ends = timer.finish_marks(&ctx, enc).map_err(ForwardError::Gpu)?;
-        let mut prev = 0.0;
-        let in_pass = names
-            .into_iter()
-            .zip(ends)
-            .map(|(name, end)| {
-                let d = end - prev;
-                prev = end;
-                (name, d)
-            })
-            .collect::<Vec<_>>();
+        let in_pass = names.into_iter().zip(crate::gpu::timer::intervals(&ends)).collect();
         // The same step as it really runs, on the host clock; then the positions go back.
         let start = std::time::Instant::now();
         self.step(rows)?;
@@ -378,11 +366,7 @@ impl Forward for GpuBatch {
     /// One row: that sequence's own one-token forward (the decode kernels). Several: one
     /// batched step (see the module's comment).
     fn decode_batch(&mut self, rows: &[(usize, u32)]) -> Result<Vec<f32>, ForwardError> {
-        check_seqs(rows, self.seqs.len())?;
-        for &(seq, t) in rows {
-            let s = &self.seqs[seq];
-            check_batch(&s.model.hp, s.n_past, s.n_ctx, &[t])?;
-        }
+        self.check_rows(rows)?;
         if let [(seq, t)] = rows {
             return self.seqs[*seq].forward(&[*t], Logits::Last);
         }

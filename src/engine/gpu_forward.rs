@@ -141,21 +141,22 @@ impl GpuWeights {
         Self::upload_parts(ctx, model, &vec![AttnSite::Gpu; n_layers], dense_ffn, progress)
     }
 
-    /// [`Self::upload_layers`] for the first `attention_on_gpu.len()` layers, where a layer
-    /// whose entry is false keeps its attention (norms, q/k/v, o; and, in the session, its KV
-    /// cache) off the GPU: the session's wrapper runs it (host attention). Such layers need an
-    /// external FFN too (`dense_ffn` false): the wrapper hands the GPU the FFN norm's output.
+    /// [`Self::upload_layers`] for the first `sites.len()` layers, where a layer whose site is
+    /// not [`AttnSite::Gpu`] keeps its attention (norms, o; q/k/v too unless its site is
+    /// [`AttnSite::Qkv`]; and, in the session, its KV cache) off the GPU: the session's wrapper
+    /// runs it (host attention). Such layers need an external FFN too (`dense_ffn` false): the
+    /// wrapper hands the GPU the FFN norm's output.
     pub fn upload_parts(ctx: &GpuContext, model: &Model, sites: &[AttnSite], dense_ffn: bool, progress: bool) -> Result<GpuWeights, GpuError> {
         let n_layers = sites.len().min(model.layers.len());
-        let attention_on_gpu: Vec<bool> = sites.iter().map(|&s| s == AttnSite::Gpu).collect();
+        let all_on_gpu = sites.iter().all(|&s| s == AttnSite::Gpu);
         // Gemma runs only as a whole dense model here (the offload's and the hybrid's layers
         // have no post-norms, soft-capping or windows).
         if let Some(why) = model.hp.gpu_dense_only() {
-            if n_layers < model.layers.len() || !dense_ffn || attention_on_gpu.iter().any(|&g| !g) {
+            if n_layers < model.layers.len() || !dense_ffn || !all_on_gpu {
                 return Err(GpuError::Unsupported(why));
             }
         }
-        if dense_ffn && attention_on_gpu.iter().any(|&g| !g) {
+        if dense_ffn && !all_on_gpu {
             return Err(GpuError::Unsupported("attention off the GPU needs the FFN off it too (the hybrid's host-attention layers)".into()));
         }
         let with_head = n_layers == model.layers.len();
@@ -177,10 +178,16 @@ impl GpuWeights {
                 (Some(q), Some(k), Some(v)) => Some([f32_buffer(ctx, "bq", q), f32_buffer(ctx, "bk", k), f32_buffer(ctx, "bv", v)]),
                 _ => None,
             };
-            let attn = match attention_on_gpu[i] {
-                true => Some(GpuAttnWeights {
-                    attn_norm: f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm),
-                    qkv: Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?,
+            // The attention norm and q/k/v weights: on the GPU for both sites that run the
+            // product there.
+            let norm_qkv = match sites[i] {
+                AttnSite::Host => None,
+                AttnSite::Gpu | AttnSite::Qkv => Some((f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm), Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?)),
+            };
+            let (attn, qkv_only) = match (sites[i], norm_qkv) {
+                (AttnSite::Gpu, Some((attn_norm, qkv))) => (Some(GpuAttnWeights {
+                    attn_norm,
+                    qkv,
                     wo: GpuMatrix::upload(ctx, &l.wo)?,
                     biases,
                     qk_norm: match (&l.q_norm, &l.k_norm) {
@@ -192,12 +199,8 @@ impl GpuWeights {
                         (Some(a), Some(f)) => Some([f32_buffer(ctx, &format!("blk.{i}.post_attention_norm"), a), f32_buffer(ctx, &format!("blk.{i}.post_ffw_norm"), f)]),
                         _ => None,
                     },
-                }),
-                false => None,
-            };
-            let qkv_only = match sites[i] {
-                AttnSite::Qkv => Some((f32_buffer(ctx, &format!("blk.{i}.attn_norm"), &l.attn_norm), Stacked::upload(ctx, &format!("blk.{i}.attn_qkv"), [&l.wq, &l.wk, &l.wv], false)?)),
-                _ => None,
+                }), None),
+                (_, norm_qkv) => (None, norm_qkv),
             };
             if let Some((_, qkv)) = &qkv_only {
                 bytes += qkv.gpu_bytes() + 4 * l.attn_norm.len() as u64;
@@ -284,6 +287,17 @@ pub(super) enum FfnOps {
     External,
 }
 
+impl StackedOps {
+    /// A q/k/v product's dispatches, named for profiles.
+    pub(super) fn qkv_named(&self) -> Vec<NamedOp<'_>> {
+        match self {
+            StackedOps::QkvApart([q, k, v]) => vec![("matmul q", q as &dyn Op), ("matmul k", k), ("matmul v", v)],
+            StackedOps::One(qkv) => vec![("matmul qkv", qkv)],
+            StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
+        }
+    }
+}
+
 impl AttnOps {
     /// The attention half's dispatches for `n_tokens` in order, up to the FFN norm.
     fn sequence(&self, n_tokens: u32) -> Vec<(&'static str, &dyn Op)> {
@@ -291,11 +305,7 @@ impl AttnOps {
         if let Some(norm) = &self.attn_norm {
             v.push(("attn_norm", norm));
         }
-        match &self.qkv {
-            StackedOps::QkvApart([q, k, vv]) => v.extend([("matmul q", q as &dyn Op), ("matmul k", k), ("matmul v", vv)]),
-            StackedOps::One(qkv) => v.push(("matmul qkv", qkv)),
-            StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
-        }
+        v.extend(self.qkv.qkv_named());
         if let Some(b) = &self.biases {
             v.extend(b.iter().map(|op| ("bias", op as &dyn Op)));
         }
@@ -338,11 +348,7 @@ impl LayerOps {
         if let Some(norm) = &q.norm {
             v.push(("attn_norm", norm));
         }
-        match &q.qkv {
-            StackedOps::QkvApart([a, b, c]) => v.extend([("matmul q", a as &dyn Op), ("matmul k", b), ("matmul v", c)]),
-            StackedOps::One(op) => v.push(("matmul qkv", op)),
-            StackedOps::GateUpApart(..) => unreachable!("q, k, v are stacked or apart"),
-        }
+        v.extend(q.qkv.qkv_named());
         v
     }
 
@@ -508,6 +514,17 @@ impl GpuSession {
         let sections = vec![(qd as u32, (q_off / 4) as u32), (kvd as u32, (k_off / 4) as u32), (kvd as u32, (v_off / 4) as u32)];
         let [q_range, k_range, v_range] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
         let add = MatOut::with(Epilogue::Add);
+        // The q/k/v product of x normalised by `norm` into the sections of `qkv`: the norm
+        // folded into a stacked product (for one token), else a separate dispatch into xn.
+        let bind_qkv = |qkv: &Stacked<3>, norm: &NormIn| -> (Option<RmsNormOp>, StackedOps) {
+            match qkv {
+                Stacked::One(m) => (None, StackedOps::One(m.bind_matmul_normed(&ctx, norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))),
+                Stacked::Apart(ms) => (
+                    Some(RmsNormOp::new(&ctx, norm.x, norm.weight, &s.xn, e as u32, norm.eps, &s.step)),
+                    StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
+                ),
+            }
+        };
         let mut layers = Vec::with_capacity(hp.n_layer);
         for (il, (w, slot)) in weights.layers.iter().zip(&kv_slots).enumerate() {
             let (Some(a), Some(slot)) = (&w.attn, *slot) else {
@@ -515,14 +532,8 @@ impl GpuSession {
                 // (`GpuWeights::upload_parts` refuses a dense one). Its q/k/v product may run
                 // here, into `qkv`, for the wrapper to read.
                 let qkv_only = w.qkv_only.as_ref().map(|(norm_w, qkv)| {
-                    let norm = NormIn { x: &s.x, weight: norm_w, eps: hp.rms_eps };
-                    QkvOps {
-                        norm: matches!(qkv, Stacked::Apart(_)).then(|| RmsNormOp::new(&ctx, &s.x, norm_w, &s.xn, e as u32, hp.rms_eps, &s.step)),
-                        qkv: match qkv {
-                            Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
-                            Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
-                        },
-                    }
+                    let (norm, qkv) = bind_qkv(qkv, &NormIn { x: &s.x, weight: norm_w, eps: hp.rms_eps });
+                    QkvOps { norm, qkv }
                 });
                 layers.push(LayerOps { attn: None, qkv_only, ffn: FfnOps::External, ffn_post: None });
                 continue;
@@ -543,16 +554,16 @@ impl GpuSession {
             // Gemma: the output products store into xn, normalised into `post` and added.
             let post = |weight: &wgpu::Buffer| (RmsNormOp::new(&ctx, &s.xn, weight, &s.post, e as u32, hp.rms_eps, &s.step), AddOp::new(&ctx, &s.x, &s.post, e as u32, &s.step));
             let out_to = |post: bool| if post { (&s.xn, MatOut::with(Epilogue::Store)) } else { (&s.x, add.clone()) };
+            let (attn_norm_op, qkv) = match &a.qkv {
+                Stacked::One(m) if rope_in_qkv => {
+                    let r = RopeIn { cache_k: kv.k_range(slot), cache_v: kv.v_range(slot), shape: rope };
+                    (None, StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })))
+                }
+                other => bind_qkv(other, &attn_norm),
+            };
             let attn = AttnOps {
-                attn_norm: matches!(a.qkv, Stacked::Apart(_)).then(|| separate(&attn_norm)),
-                qkv: match &a.qkv {
-                    Stacked::One(m) if rope_in_qkv => {
-                        let r = RopeIn { cache_k: kv.k_range(slot), cache_v: kv.v_range(slot), shape: rope };
-                        StackedOps::One(m.bind_matmul_normed_rope(&ctx, &attn_norm, &r, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() }))
-                    }
-                    Stacked::One(m) => StackedOps::One(m.bind_matmul_normed(&ctx, &attn_norm, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: sections.clone() })),
-                    Stacked::Apart(ms) => StackedOps::QkvApart(std::array::from_fn(|i| ms[i].bind_matmul_out(&ctx, &s.xn, &s.qkv, &s.step, &MatOut { epilogue: Epilogue::Store, sections: vec![sections[i]] }))),
-                },
+                attn_norm: attn_norm_op,
+                qkv,
                 biases: a.biases.as_ref().map(|[bq, bk, bv]| {
                     [BiasOp::new(&ctx, q_range, bq, qd as u32, &s.step), BiasOp::new(&ctx, k_range, bk, kvd as u32, &s.step), BiasOp::new(&ctx, v_range, bv, kvd as u32, &s.step)]
                 }),
@@ -764,6 +775,18 @@ impl GpuSession {
         }
     }
 
+    /// Copies the first `n` tokens' q, k and v from their sections of the qkv buffer into
+    /// `dst`, one after another from byte `at` (n rows of q, then of k, then of v).
+    pub(super) fn copy_qkv_sections(&self, enc: &mut wgpu::CommandEncoder, n: u32, dst: &wgpu::Buffer, at: u64) {
+        let hp = &self.model.hp;
+        let mut at = at;
+        for (&(off, _), d) in self.s.qkv_ranges.iter().zip([hp.q_dim(), hp.kv_dim(), hp.kv_dim()]) {
+            let len = 4 * n as u64 * d as u64;
+            enc.copy_buffer_to_buffer(&self.s.qkv, off, dst, at, len);
+            at += len;
+        }
+    }
+
     pub(super) fn copy_last_row(&self, enc: &mut wgpu::CommandEncoder, n: u32) {
         let e = self.model.hp.n_embd as u64 * 4;
         enc.copy_buffer_to_buffer(&self.s.x, (n as u64 - 1) * e, &self.s.x_last, 0, e);
@@ -833,19 +856,7 @@ impl GpuSession {
                 }
             }
             let ends = timer.finish_marks(&self.ctx, enc).map_err(ForwardError::Gpu)?;
-            let mut prev = 0.0;
-            Some(
-                names
-                    .iter()
-                    .copied()
-                    .zip(ends)
-                    .map(|(name, end)| {
-                        let d = end - prev;
-                        prev = end;
-                        (name, d)
-                    })
-                    .collect(),
-            )
+            Some(names.iter().copied().zip(crate::gpu::timer::intervals(&ends)).collect())
         } else {
             None
         };

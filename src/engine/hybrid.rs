@@ -377,7 +377,7 @@ impl HybridSession {
         if let Some(b) = plan.budget {
             let head = model.token_embd.n_bytes() as u64 + if model.tied_embeddings { 0 } else { model.output.n_bytes() as u64 };
             let on_gpu: Vec<usize> = forced.as_ref().map_or_else(Vec::new, |f| (0..hp.n_layer).filter(|&l| f[l] == AttnSite::Gpu).collect());
-            let qkv: u64 = forced.as_ref().map_or(0, |f| (0..hp.n_layer).filter(|&l| f[l] == AttnSite::Qkv).map(|l| [&model.layers[l].wq, &model.layers[l].wk, &model.layers[l].wv].iter().map(|m| m.n_bytes() as u64).sum::<u64>()).sum());
+            let qkv: u64 = forced.as_ref().map_or(0, |f| (0..hp.n_layer).filter(|&l| f[l] == AttnSite::Qkv).map(|l| model.layers[l].qkv_bytes()).sum());
             let attention = head + qkv + on_gpu.iter().map(|&l| model.layers[l].attention_bytes()).sum::<u64>();
             let kv = on_gpu.len() as u64 * hp.kv_bytes_per_layer(n_ctx);
             if attention + kv > b {
@@ -967,12 +967,7 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             true => {
                 enc.copy_buffer_to_buffer(&gpu.s.x, 0, staging, 0, 4 * e);
                 if sp.qkv_on_gpu {
-                    let hp = &gpu.model.hp;
-                    let mut at = 4 * e;
-                    for ((off, _), len) in gpu.s.qkv_ranges.iter().zip([hp.q_dim(), hp.kv_dim(), hp.kv_dim()]) {
-                        enc.copy_buffer_to_buffer(&gpu.s.qkv, *off, staging, at, 4 * len as u64);
-                        at += 4 * len as u64;
-                    }
+                    gpu.copy_qkv_sections(&mut enc, 1, staging, 4 * e);
                 }
             }
             false => {

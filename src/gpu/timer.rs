@@ -13,6 +13,16 @@ pub struct PassTimer {
     marks: u32,
 }
 
+/// The span of each mark from the one before it (the first from mark 0), for marks given as
+/// [`PassTimer::finish_marks`] returns them.
+pub fn intervals(ends: &[f64]) -> Vec<f64> {
+    ends.iter().scan(0.0, |prev, &end| {
+        let d = end - *prev;
+        *prev = end;
+        Some(d)
+    }).collect()
+}
+
 impl PassTimer {
     /// None when the adapter has no TIMESTAMP_QUERY.
     pub fn new(ctx: &GpuContext, capacity: u32) -> Option<PassTimer> {

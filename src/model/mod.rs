@@ -428,7 +428,12 @@ pub struct Layer {
 impl Layer {
     /// Bytes of the attention's four matrices as stored (q, k, v and o).
     pub fn attention_bytes(&self) -> u64 {
-        [&self.wq, &self.wk, &self.wv, &self.wo].iter().map(|m| m.n_bytes() as u64).sum()
+        self.qkv_bytes() + self.wo.n_bytes() as u64
+    }
+
+    /// Bytes of q, k and v as stored.
+    pub fn qkv_bytes(&self) -> u64 {
+        [&self.wq, &self.wk, &self.wv].iter().map(|m| m.n_bytes() as u64).sum()
     }
 }
 

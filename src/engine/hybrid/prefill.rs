@@ -201,13 +201,7 @@ impl HybridSession {
                         op.record(&mut pass, n);
                     }
                     drop(pass);
-                    let hp = &this.model.hp;
-                    let mut at = 0;
-                    for (&(off, _), d) in this.s.qkv_ranges.iter().zip([hp.q_dim(), hp.kv_dim(), hp.kv_dim()]) {
-                        let len = 4 * n as u64 * d as u64;
-                        enc.copy_buffer_to_buffer(&this.s.qkv, off, &rb, at, len);
-                        at += len;
-                    }
+                    this.copy_qkv_sections(&mut enc, n, &rb, 0);
                 } else {
                     area.record_attn_norm(&mut pass, il, n);
                     drop(pass);
