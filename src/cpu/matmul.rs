@@ -91,9 +91,15 @@ impl<'a> Activations<'a> {
             let y = self.q8_1();
             PackedActs::q8_1(y, self.q8_1_scales.get_or_init(|| ActScales::from_q8_1(y, self.cols)), self.n_tokens)
         } else {
-            let y = self.q8_0();
-            PackedActs::q8_0(y, self.q8_0_scales.get_or_init(|| ActScales::from_q8_0(y, self.cols)), self.n_tokens)
+            PackedActs::q8_0(self.q8_0(), self.q8_0_scales(), self.n_tokens)
         }
+    }
+
+    /// The Q8_0 token(s)' per-block scales and lane sums, once (the packed products and the
+    /// sparse row products read them).
+    pub(crate) fn q8_0_scales(&self) -> &ActScales {
+        let y = self.q8_0();
+        self.q8_0_scales.get_or_init(|| ActScales::from_q8_0(y, self.cols))
     }
 
     pub(crate) fn half(&self) -> &[f16] {

@@ -17,6 +17,7 @@
 //!   one parallel region of fixed neuron ranges: how a CPU session runs the sparse modes.
 
 use super::matmul::{Activations, Precision};
+use crate::quant::packed::ActScales;
 use crate::gguf::GgmlType;
 use crate::model::Matrix;
 use crate::quant::{self, f16, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QuantError, WeightBlock, QK};
@@ -30,6 +31,12 @@ const MIN_TASK_BYTES: usize = 32 * 1024;
 /// a memory latency with the work in between (measured: short 612-byte rows gained from 6 rows
 /// ahead over 2 at 50-77% sparsity).
 const PREFETCH_DISTANCE: usize = 4096;
+
+/// Bytes of weights between the neuron being computed and the one being prefetched into the
+/// second-level cache in [`gated_ffn_chunks`]: one core streaming gathered rows needs more
+/// lines in flight than the first-level cache's fill buffers allow (the packed products
+/// measured the same: 10 GB/s prefetching into L1, 21-25 into L2 8-64 KiB ahead).
+const GATHER_PREFETCH_DISTANCE: usize = 24 * 1024;
 
 /// Bytes of a row prefetched at most: enough for the hardware prefetcher to have caught the
 /// stream by then, and few enough instructions not to slow rows that are already cached.
@@ -92,7 +99,8 @@ fn prefetch_lines<const HINT: i32>(bytes: &[u8]) {
 /// converts it for [`matmul`](super::matmul::matmul): borrowed from the same cache, so gate,
 /// up and the dense products of one token share one quantisation.
 enum TokenForm<'a> {
-    Q8_0(&'a [BlockQ8_0]),
+    /// With the token's per-block scales and lane sums (the AVX-512 VNNI row kernels').
+    Q8_0(&'a [BlockQ8_0], &'a ActScales),
     Q8_1(&'a [BlockQ8_1]),
     Q8K(&'a [BlockQ8K]),
     Half(&'a [f16]),
@@ -108,7 +116,7 @@ impl<'a> TokenForm<'a> {
             return TokenForm::F32(x);
         }
         match ty {
-            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => TokenForm::Q8_0(acts.q8_0()),
+            GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => TokenForm::Q8_0(acts.q8_0(), acts.q8_0_scales()),
             GgmlType::Q4_1 | GgmlType::Q5_1 => TokenForm::Q8_1(acts.q8_1()),
             GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => TokenForm::Q8K(acts.q8_k()),
             GgmlType::F16 => TokenForm::Half(acts.half()),
@@ -152,9 +160,9 @@ impl<'a> RowsAt<'a> {
 /// One matrix's rows ready to be dotted with one token: the rows and the token in the
 /// matching form, with the same kernel `matmul` picks.
 enum RowDots<'a> {
-    Q4_0(RowsAt<'a>, &'a [BlockQ8_0]),
+    Q4_0(RowsAt<'a>, &'a [BlockQ8_0], &'a ActScales),
     Q4_1(RowsAt<'a>, &'a [BlockQ8_1]),
-    Q8_0(RowsAt<'a>, &'a [BlockQ8_0]),
+    Q8_0(RowsAt<'a>, &'a [BlockQ8_0], &'a ActScales),
     Q5_0(RowsAt<'a>, &'a [BlockQ8_0]),
     Q5_1(RowsAt<'a>, &'a [BlockQ8_1]),
     Q2K(RowsAt<'a>, &'a [BlockQ8K]),
@@ -177,10 +185,10 @@ impl<'a> RowDots<'a> {
         match (rows.ty, form) {
             (GgmlType::F32, TokenForm::F32(x)) => RowDots::F32(rows, x),
             (_, TokenForm::F32(x)) => RowDots::Dequantised(rows, x),
-            (GgmlType::Q4_0, TokenForm::Q8_0(x)) => RowDots::Q4_0(rows, x),
-            (GgmlType::Q8_0, TokenForm::Q8_0(x)) => RowDots::Q8_0(rows, x),
+            (GgmlType::Q4_0, TokenForm::Q8_0(x, s)) => RowDots::Q4_0(rows, x, s),
+            (GgmlType::Q8_0, TokenForm::Q8_0(x, s)) => RowDots::Q8_0(rows, x, s),
             (GgmlType::Q4_1, TokenForm::Q8_1(x)) => RowDots::Q4_1(rows, x),
-            (GgmlType::Q5_0, TokenForm::Q8_0(x)) => RowDots::Q5_0(rows, x),
+            (GgmlType::Q5_0, TokenForm::Q8_0(x, _)) => RowDots::Q5_0(rows, x),
             (GgmlType::Q5_1, TokenForm::Q8_1(x)) => RowDots::Q5_1(rows, x),
             (GgmlType::Q2_K, TokenForm::Q8K(x)) => RowDots::Q2K(rows, x),
             (GgmlType::Q3_K, TokenForm::Q8K(x)) => RowDots::Q3K(rows, x),
@@ -195,7 +203,7 @@ impl<'a> RowDots<'a> {
 
     fn rows(&self) -> &RowsAt<'a> {
         match self {
-            RowDots::Q4_0(r, _) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, _) | RowDots::Q5_0(r, _) | RowDots::Q5_1(r, _) | RowDots::Q2K(r, _) | RowDots::Q3K(r, _) | RowDots::Q4K(r, _) | RowDots::Q5K(r, _) | RowDots::Q6K(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
+            RowDots::Q4_0(r, ..) | RowDots::Q4_1(r, _) | RowDots::Q8_0(r, ..) | RowDots::Q5_0(r, _) | RowDots::Q5_1(r, _) | RowDots::Q2K(r, _) | RowDots::Q3K(r, _) | RowDots::Q4K(r, _) | RowDots::Q5K(r, _) | RowDots::Q6K(r, _) | RowDots::F16(r, _) | RowDots::F32(r, _) | RowDots::Dequantised(r, _) => r,
         }
     }
 
@@ -213,9 +221,9 @@ impl<'a> RowDots<'a> {
     #[inline]
     fn dot4(&self, r: [usize; 4], scratch: &mut [f32]) -> [f32; 4] {
         match *self {
-            RowDots::Q4_0(w, x) => quant::vec_dot_q4_0_q8_0_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
+            RowDots::Q4_0(w, x, s) => quant::vec_dot_q4_0_q8_0_x4_with(r.map(|i| bytemuck::cast_slice(w.row(i))), x, s),
             RowDots::Q4_1(w, x) => quant::vec_dot_q4_1_q8_1_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
-            RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0_x4(r.map(|i| bytemuck::cast_slice(w.row(i))), x),
+            RowDots::Q8_0(w, x, s) => quant::vec_dot_q8_0_q8_0_x4_with(r.map(|i| bytemuck::cast_slice(w.row(i))), x, s),
             _ => {
                 let mut out = [0.0; 4];
                 for (o, &i) in out.iter_mut().zip(&r) {
@@ -231,9 +239,9 @@ impl<'a> RowDots<'a> {
     #[inline]
     fn dot(&self, r: usize, scratch: &mut [f32]) -> f32 {
         match *self {
-            RowDots::Q4_0(w, x) => quant::vec_dot_q4_0_q8_0(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q4_0(w, x, s) => quant::vec_dot_q4_0_q8_0_with(bytemuck::cast_slice(w.row(r)), x, s),
             RowDots::Q4_1(w, x) => quant::vec_dot_q4_1_q8_1(bytemuck::cast_slice(w.row(r)), x),
-            RowDots::Q8_0(w, x) => quant::vec_dot_q8_0_q8_0(bytemuck::cast_slice(w.row(r)), x),
+            RowDots::Q8_0(w, x, s) => quant::vec_dot_q8_0_q8_0_with(bytemuck::cast_slice(w.row(r)), x, s),
             RowDots::Q5_0(w, x) => BlockQ5_0::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q5_1(w, x) => BlockQ5_1::dot(bytemuck::cast_slice(w.row(r)), x),
             RowDots::Q2K(w, x) => BlockQ2K::dot(bytemuck::cast_slice(w.row(r)), x),
@@ -949,7 +957,9 @@ pub fn gated_ffn_chunks<R>(
     let (down_bytes, drb) = (down_t.bytes(), down_t.row_bytes());
     let (up_bytes, urb) = (up.bytes(), up.row_bytes());
     let (gate_bytes, grb) = (gate.bytes(), gate.row_bytes());
-    let ahead = rows_ahead(drb + 2 * urb, 2);
+    // Gate rows are read four at a time (`dot4`), hence the four more.
+    let gate_ahead = 4 + GATHER_PREFETCH_DISTANCE / grb.max(1);
+    let ahead = (GATHER_PREFETCH_DISTANCE / (drb + urb).max(1)).clamp(2, 32);
     let sum_chunk = |start: usize, len: usize, acc: &mut [f32]| {
         assert_eq!(acc.len(), down_t.cols, "{}: output of {} values for {} columns", down_t.name, acc.len(), down_t.cols);
         let mut scratch = vec![0.0f32; scratch_len];
@@ -958,14 +968,15 @@ pub fn gated_ffn_chunks<R>(
         // values as one at a time).
         let mut gates = [0.0f32; 4];
         for k in start..start + len {
+            if let (Some(&next), None) = (active.get(k + gate_ahead), gate_given) {
+                let n = next as usize;
+                prefetch_l2(&gate_bytes[n * grb..(n + 1) * grb]);
+            }
             if let Some(&next) = active.get(k + ahead) {
                 let n = next as usize;
-                if gate_given.is_none() {
-                    prefetch(&gate_bytes[n * grb..(n + 1) * grb]);
-                }
                 if fires.is_none_or(|f| f[k + ahead]) {
-                    prefetch(&up_bytes[n * urb..(n + 1) * urb]);
-                    prefetch(&down_bytes[n * drb..(n + 1) * drb]);
+                    prefetch_l2(&up_bytes[n * urb..(n + 1) * urb]);
+                    prefetch_l2(&down_bytes[n * drb..(n + 1) * drb]);
                 }
             }
             let i = active[k] as usize;

@@ -32,6 +32,8 @@ mod quantize;
 pub mod reference;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod x86;
+#[cfg(target_arch = "x86_64")]
+mod rows_vnni;
 
 /// Whether the CPU has AVX2, FMA and F16C (the x86 kernels' features), for other modules'
 /// run-time choices.
@@ -172,6 +174,72 @@ pub fn vec_dot_q4_0_q8_0_x4(x: [&[BlockQ4_0]; 4], y: &[BlockQ8_0]) -> [f32; 4] {
         return unsafe { x86::vec_dot_q4_0_q8_0_x4(x, y) };
     }
     x.map(|r| reference::vec_dot_q4_0_q8_0(r, y))
+}
+
+/// The token's per-block scales and lane biases for the row kernels, checked against `y`.
+#[cfg(target_arch = "x86_64")]
+fn row_scales<'a>(y: &[BlockQ8_0], s: &'a packed::ActScales) -> (&'a [f32], &'a [[i32; 8]], &'a [[i32; 8]]) {
+    let (b4, b8) = s.biases();
+    let nb = y.len();
+    assert!(s.d().len() >= nb && b4.len() >= nb && b8.len() >= nb, "row dot: the activation scales cover {} blocks, the token has {nb}", s.d().len());
+    (&s.d()[..nb], &b4[..nb], &b8[..nb])
+}
+
+/// [`vec_dot_q4_0_q8_0_x4`] given the token's [`packed::ActScales`] (made once per token from
+/// `y`, as the packed products use them): two rows per register with AVX-512 VNNI where the
+/// CPU has it, the same values bit for bit.
+///
+/// # Panics
+/// If a row holds another number of blocks than `y`, or `s` covers fewer.
+pub fn vec_dot_q4_0_q8_0_x4_with(x: [&[BlockQ4_0]; 4], y: &[BlockQ8_0], s: &packed::ActScales) -> [f32; 4] {
+    assert!(x.iter().all(|r| r.len() == y.len()), "vec_dot_q4_0_q8_0_x4_with: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if rows_vnni::supported() {
+        let (d, b4, _) = row_scales(y, s);
+        // SAFETY: the features are present; every slice holds the token's block count.
+        return unsafe { rows_vnni::dot_q4_0_x4(x, y, d, b4) };
+    }
+    let _ = s;
+    vec_dot_q4_0_q8_0_x4(x, y)
+}
+
+/// [`vec_dot_q4_0_q8_0`] given the token's scales, as [`vec_dot_q4_0_q8_0_x4_with`].
+pub fn vec_dot_q4_0_q8_0_with(x: &[BlockQ4_0], y: &[BlockQ8_0], s: &packed::ActScales) -> f32 {
+    assert_eq!(x.len(), y.len(), "vec_dot_q4_0_q8_0_with: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if rows_vnni::supported() {
+        let (d, b4, _) = row_scales(y, s);
+        // SAFETY: as above.
+        return unsafe { rows_vnni::dot_q4_0(x, y, d, b4) };
+    }
+    let _ = s;
+    vec_dot_q4_0_q8_0(x, y)
+}
+
+/// [`vec_dot_q8_0_q8_0_x4`] given the token's scales, as [`vec_dot_q4_0_q8_0_x4_with`].
+pub fn vec_dot_q8_0_q8_0_x4_with(x: [&[BlockQ8_0]; 4], y: &[BlockQ8_0], s: &packed::ActScales) -> [f32; 4] {
+    assert!(x.iter().all(|r| r.len() == y.len()), "vec_dot_q8_0_q8_0_x4_with: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if rows_vnni::supported() {
+        let (d, _, b8) = row_scales(y, s);
+        // SAFETY: as above.
+        return unsafe { rows_vnni::dot_q8_0_x4(x, y, d, b8) };
+    }
+    let _ = s;
+    vec_dot_q8_0_q8_0_x4(x, y)
+}
+
+/// [`vec_dot_q8_0_q8_0`] given the token's scales, as [`vec_dot_q4_0_q8_0_x4_with`].
+pub fn vec_dot_q8_0_q8_0_with(x: &[BlockQ8_0], y: &[BlockQ8_0], s: &packed::ActScales) -> f32 {
+    assert_eq!(x.len(), y.len(), "vec_dot_q8_0_q8_0_with: block counts differ");
+    #[cfg(target_arch = "x86_64")]
+    if rows_vnni::supported() {
+        let (d, _, b8) = row_scales(y, s);
+        // SAFETY: as above.
+        return unsafe { rows_vnni::dot_q8_0(x, y, d, b8) };
+    }
+    let _ = s;
+    vec_dot_q8_0_q8_0(x, y)
 }
 
 /// Four Q8_0 rows' [`vec_dot_q8_0_q8_0`], as [`vec_dot_q4_0_q8_0_x4`].

@@ -477,6 +477,17 @@ impl ActScales {
         }
     }
 
+    /// Per block of every token: the scales as f32.
+    pub(crate) fn d(&self) -> &[f32] {
+        &self.d
+    }
+
+    /// Per block of every token: Q8_0 activations' lane sums times -8 (Q4_0 weights) and times
+    /// -128 (Q8_0 weights); empty for Q8_1 activations.
+    pub(crate) fn biases(&self) -> (&[[i32; 8]], &[[i32; 8]]) {
+        (&self.bias4, &self.bias8)
+    }
+
     /// For Q8_1 activations.
     pub fn from_q8_1(y: &[BlockQ8_1], cols: usize) -> ActScales {
         ActScales {
