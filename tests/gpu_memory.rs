@@ -61,7 +61,8 @@ fn hybrid_with_a_long_prompt_stays_within_the_budget() {
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     // Lower neuron ids fire more often, by fiat (placement only ranks by it).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let counts_tokens = 2 * hp.n_ff as u64;
+    let plan = HybridPlan { ffn: relu, budget: Some(budget), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let ctx = Arc::new(ctx);
     let mut s = HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan, false).unwrap();
     let n_hot = s.placement().n_hot();
@@ -106,8 +107,8 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     // Lower neuron ids fire more often, by fiat, over 2 n_ff tokens (rates up to 1/2: an
     // attention block, whose bytes the host would read at about 0.55 per token, ranks first).
     let counts: Vec<Vec<u32>> = (0..hp.n_layer).map(|_| (0..hp.n_ff as u32).map(|i| hp.n_ff as u32 - i).collect()).collect();
-    let tokens = 2 * hp.n_ff as u64;
-    let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention, reserve: 0 };
+    let counts_tokens = 2 * hp.n_ff as u64;
+    let plan = |attention| HybridPlan { ffn: relu(), budget: Some(budget), counts: counts.clone(), counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention, reserve: 0 };
     // With every layer's attention on the GPU the budget is refused.
     // With every layer's attention on the GPU the budget is refused.
     assert!(HybridSession::new(model.clone(), Arc::new(common::gpu().unwrap()), n_ctx, plan(AttentionPlace::AllGpu), false).is_err());
@@ -115,13 +116,13 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     // As `engine::builder` opens it: where lavapipe's allocator wastes more than the estimate
     // allows, the choice is made again on a fresh device with the shortfall kept free.
     drop(ctx);
-    let mut attention = AttentionPlace::Placed { profile_tokens: tokens, slack: 0 };
+    let mut attention = AttentionPlace::Placed { slack: 0, kv_depth: n_ctx / 2 };
     let (ctx, mut s) = loop {
         let ctx = Arc::new(common::gpu().unwrap());
         match HybridSession::new(model.clone(), ctx.clone(), n_ctx, plan(attention.clone()), false) {
             Ok(s) => break (ctx, s),
             Err(e) => match attention.with_more_slack(&e) {
-                Some(more) if attention == (AttentionPlace::Placed { profile_tokens: tokens, slack: 0 }) => attention = more,
+                Some(more) if attention == (AttentionPlace::Placed { slack: 0, kv_depth: n_ctx / 2 }) => attention = more,
                 _ => panic!("{e}"),
             },
         }
@@ -137,7 +138,9 @@ fn hybrid_with_host_attention_never_exceeds_a_small_budget_at_a_long_context() {
     assert!(n_hot > 0 && n_hot < hp.n_layer * hp.n_ff, "{n_hot} hot neurons: the budget should split the FFN");
     // `ember plan --host-attention`'s choice: the same function with the same arguments.
     let neuron_bytes: Vec<u64> = (0..hp.n_layer).map(|l| ember::engine::hybrid::hot_neuron_bytes(&model.layers[l], relu().down_t[l].ty, hp.n_embd)).collect();
-    let (_, planned) = ember::engine::host_attention::choose_attention(&model, n_ctx, budget, &counts, tokens, neuron_bytes, 0, ember::gpu::PLANNING_MARGIN + slack).unwrap();
+    let relu_ffn = relu();
+    let reads = ember::engine::host_attention::cold_reads(&model, relu_ffn.down_t[0].ty, FfnMode::Relu, None, false);
+    let (_, planned) = ember::engine::host_attention::choose_attention(&model, n_ctx, n_ctx / 2, budget, &counts, counts_tokens, reads, neuron_bytes, 0, ember::gpu::PLANNING_MARGIN + slack).unwrap();
     assert_eq!(on_gpu, planned);
     assert_eq!(s.gpu().state_bytes(), (hp.n_layer - n_host) as u64 * hp.kv_bytes_per_layer(n_ctx));
     let check = |when: &str| {
@@ -168,8 +171,9 @@ fn hybrid_refuses_a_budget_too_small_before_uploading() {
     let hp = &model.hp;
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts: Vec<Vec<u32>> = vec![vec![1; hp.n_ff]; hp.n_layer];
+    let counts_tokens = 1;
     // The ReLU model's attention and embeddings alone take more than 16 MiB.
-    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let plan = HybridPlan { ffn: relu, budget: Some(16 << 20), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let ctx = Arc::new(ctx);
     let before = ctx.allocated_bytes();
     let err = HybridSession::new(model.clone(), ctx.clone(), 4096, plan, false).err().expect("a 16 MiB budget must be refused");

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 
 /// Firing counts of the model over the prompts (what placement ranks neurons by).
-fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, u64) {
     let prof = Profiler::for_model(model).shared();
     let mut s = Session::new(model.clone(), 128);
     s.observer = Some(Box::new(prof.clone()));
@@ -24,8 +24,8 @@ fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
         s.reset();
         s.forward(p, Logits::All).unwrap();
     }
-    let counts = prof.lock().unwrap().profile.counts.clone();
-    counts
+    let p = &prof.lock().unwrap().profile;
+    (p.counts.clone(), p.n_tokens())
 }
 
 
@@ -36,7 +36,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     drop(ctx0);
     let model = Arc::new(Model::load(&path).unwrap());
     let prompts = common::ref_prompts();
-    let counts = profile_counts(&model, &prompts);
+    let (counts, counts_tokens) = profile_counts(&model, &prompts);
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -47,7 +47,7 @@ fn hybrid_at_several_budgets_gives_the_dense_tokens_and_stays_in_budget() {
     // "all of them", and no budget (GPU-resident sparse).
     for budget_mib in [Some(100u64), Some(125), None] {
         let ctx = Arc::new(common::gpu().unwrap());
-        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+        let plan = HybridPlan { ffn: relu.clone(), budget: budget_mib.map(|m| m << 20), counts: counts.clone(), counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
         let mut s = HybridSession::new(model.clone(), ctx.clone(), 96, plan, false).unwrap();
         let placement = s.placement().clone();
         let n_hot = placement.n_hot();
@@ -103,8 +103,9 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         })
         .collect();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
+    let counts_tokens = 1;
     let n_ctx = 96;
-    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(sites.clone()), reserve: 0 };
+    let plan = HybridPlan { ffn: relu, budget: Some(400 << 20), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: Some(hot.clone()), note: None, attention: AttentionPlace::Given(sites.clone()), reserve: 0 };
     let ctx = Arc::new(ctx);
     // Four threads, so the cold team has members besides the caller.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
@@ -135,7 +136,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     let all_host = HybridPlan {
         ffn: Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap()),
         budget: None,
-        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer],
+        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer], counts_tokens,
         cpu_precision: Precision::F32,
         simulate: None,
         sim_predictors: None,
@@ -151,7 +152,7 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     let bad = HybridPlan {
         ffn: Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap()),
         budget: None,
-        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer],
+        counts: vec![vec![1u32; hp.n_ff]; hp.n_layer], counts_tokens,
         cpu_precision: Precision::F32,
         simulate: None,
         sim_predictors: None,
@@ -173,7 +174,8 @@ fn hybrid_predict_with_always_on_predictors_matches_dense() {
     let always = Arc::new(Predictors::always_on(hp.n_layer, hp.n_embd, hp.n_ff));
     let ffn = Arc::new(SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
-    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let counts_tokens = 1;
+    let plan = HybridPlan { ffn, budget: Some(110 << 20), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let mut s = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -204,8 +206,9 @@ fn hybrid_predict_with_random_predictors_matches_the_cpu() {
     let preds = Arc::new(Predictors { layers, model_name: String::new() });
     let ffn = || SparseFfn::new(&model, FfnMode::Predict, Some(preds.clone()), Vec::new(), Precision::F32, false).unwrap();
     let counts = vec![vec![1u32; hp.n_ff]; hp.n_layer];
+    let counts_tokens = 1;
     // A budget that leaves part of every layer's neurons to the CPU.
-    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let plan = HybridPlan { ffn: Arc::new(ffn()), budget: Some(110 << 20), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let mut gpu = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).unwrap();
     // The CPU session's own way (neuron bundles over fixed ranges), as `--backend cpu` runs it.
     let mut cpu = Session::new(model.clone(), 96).with_ffn(Arc::new(ffn().with_bundles(&model)));
@@ -255,7 +258,8 @@ fn a_budget_too_small_for_attention_is_a_clear_error() {
     let model = Arc::new(Model::load(&path).unwrap());
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let counts = vec![vec![1u32; model.hp.n_ff]; model.hp.n_layer];
-    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+    let counts_tokens = 1;
+    let plan = HybridPlan { ffn: relu, budget: Some(10 << 20), counts, counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
     let err = HybridSession::new(model.clone(), Arc::new(ctx), 96, plan, false).err().expect("10 MiB cannot hold the attention weights");
     assert!(err.to_string().contains("--vram-budget"), "{err}");
 }
@@ -280,11 +284,12 @@ fn simulated_session(model: &Arc<Model>, opts: &str, predictors: Option<Arc<Pred
     let sim = SimulatedActivity::uniform(hp.n_layer, hp.n_ff, 0.25, 0).with_predictor(&opts).unwrap();
     // Place by rates that differ from the draws' (every neuron draws at 25%).
     let counts = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).map(|j| (j * 7 + l as u32 * 13) % 101).collect()).collect();
+    let counts_tokens = 101;
     let ffn = Arc::new(SparseFfn::simulated(model, Precision::F32, false).unwrap());
     // A given placement gets room for the charged predictor's rows.
     let budget = if hot.is_some() { 116 << 20 } else { 110 << 20 };
     let sites = (0..hp.n_layer).map(|l| if l % 5 == 2 { AttnSite::Qkv } else { AttnSite::Gpu }).collect();
-    let plan = HybridPlan { ffn, budget: Some(budget), counts, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::Given(sites), reserve: 0 };
+    let plan = HybridPlan { ffn, budget: Some(budget), counts, counts_tokens, cpu_precision: Precision::F32, simulate: Some(sim), sim_predictors: predictors, hot, note: None, attention: AttentionPlace::Given(sites), reserve: 0 };
     let ctx = Arc::new(common::gpu().unwrap());
     HybridSession::new(model.clone(), ctx, 96, plan, false).unwrap()
 }

@@ -13,7 +13,7 @@ use ember::sparse::placement::AttnSite;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
 
-fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, u64) {
     let prof = Profiler::for_model(model).shared();
     let mut s = Session::new(model.clone(), 128);
     s.observer = Some(Box::new(prof.clone()));
@@ -21,8 +21,8 @@ fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
         s.reset();
         s.forward(p, Logits::All).unwrap();
     }
-    let counts = prof.lock().unwrap().profile.counts.clone();
-    counts
+    let p = &prof.lock().unwrap().profile;
+    (p.counts.clone(), p.n_tokens())
 }
 
 #[test]
@@ -34,7 +34,7 @@ fn batched_prefill_matches_token_by_token_and_dense() {
     let hp = model.hp.clone();
     let prompts = common::ref_prompts();
     assert!(!prompts.is_empty());
-    let counts = profile_counts(&model, &prompts);
+    let (counts, counts_tokens) = profile_counts(&model, &prompts);
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 96);
     dense.precision = Precision::F32;
@@ -42,7 +42,7 @@ fn batched_prefill_matches_token_by_token_and_dense() {
     // A longer prompt too: several batches.
     let mut long: Vec<u32> = prompts.iter().flatten().copied().collect();
     long.truncate(41);
-    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention, reserve: 0 };
+    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention, reserve: 0 };
     // Mixed layers: the even ones wholly hot (no CPU part, no synchronisation), the odd ones
     // with every third neuron hot.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();

@@ -17,7 +17,7 @@ use ember::sparse::placement::AttnSite;
 use ember::sparse::profile::Profiler;
 use std::sync::Arc;
 
-fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
+fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> (Vec<Vec<u32>>, u64) {
     let prof = Profiler::for_model(model).shared();
     let mut s = Session::new(model.clone(), 128);
     s.observer = Some(Box::new(prof.clone()));
@@ -25,8 +25,8 @@ fn profile_counts(model: &Arc<Model>, prompts: &[Vec<u32>]) -> Vec<Vec<u32>> {
         s.reset();
         s.forward(p, Logits::All).unwrap();
     }
-    let counts = prof.lock().unwrap().profile.counts.clone();
-    counts
+    let p = &prof.lock().unwrap().profile;
+    (p.counts.clone(), p.n_tokens())
 }
 
 #[test]
@@ -38,13 +38,13 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
     let hp = model.hp.clone();
     let prompts = common::ref_prompts();
     assert!(prompts.len() >= 2);
-    let counts = profile_counts(&model, &prompts);
+    let (counts, counts_tokens) = profile_counts(&model, &prompts);
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 128);
     dense.precision = Precision::F32;
     // 41 tokens: batches of 16, 16 and 9.
     let long: Vec<u32> = prompts.iter().flatten().copied().cycle().take(41).collect();
-    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention, reserve: 0 };
+    let plan = |budget: Option<u64>, hot: Option<Vec<Vec<u32>>>, attention: AttentionPlace| HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot, note: None, attention, reserve: 0 };
     // Even layers wholly hot, odd ones with every third neuron hot (1024 cold neurons);
     // host attention in every third layer.
     let mixed: Vec<Vec<u32>> = (0..hp.n_layer).map(|l| (0..hp.n_ff as u32).filter(|i| l % 2 == 0 || i % 3 == 0).collect()).collect();
@@ -134,7 +134,7 @@ fn streamed_prefill_stays_in_a_small_budget() {
     let model = Arc::new(Model::load(&path).unwrap());
     let hp = model.hp.clone();
     let prompts = common::ref_prompts();
-    let counts = profile_counts(&model, &prompts);
+    let (counts, counts_tokens) = profile_counts(&model, &prompts);
     let relu = Arc::new(SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap());
     let mut dense = Session::new(model.clone(), 128);
     dense.precision = Precision::F32;
@@ -146,7 +146,7 @@ fn streamed_prefill_stays_in_a_small_budget() {
     // Chunks of 200 KiB (96 neurons), so that layers take several.
     let cfg = StreamConfig { chunk_bytes: (budget_mib << 20) / 512, ..default };
     let plan = |stream: Option<StreamConfig>| {
-        let p = HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
+        let p = HybridPlan { ffn: relu.clone(), budget, counts: counts.clone(), counts_tokens, cpu_precision: Precision::F32, simulate: None, sim_predictors: None, hot: None, note: None, attention: AttentionPlace::AllGpu, reserve: 0 };
         (p, PrefillConfig { batch: 64, stream })
     };
     let ctx = Arc::new(common::gpu().unwrap());

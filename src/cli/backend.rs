@@ -17,6 +17,14 @@ pub fn open(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Box<dyn
 /// A session and the GPU context it runs on (None on the CPU).
 pub type Opened = (Box<dyn Forward>, Option<Arc<GpuContext>>);
 
+/// [`open`] for a known workload: decode tokens attend over `kv_depth` positions on average
+/// (`SessionOptions::kv_depth`: a hybrid values its KV caches by it), unless --kv-depth says.
+pub fn open_for_depth(args: &ModelArgs, model: Arc<Model>, n_ctx: usize, kv_depth: usize) -> Result<Box<dyn Forward>> {
+    let mut opts = session_options(args)?;
+    opts.kv_depth = opts.kv_depth.or(Some(kv_depth));
+    Ok(builder::open(&opts, model, n_ctx, &log)?.session)
+}
+
 /// [`open`], and the GPU context it runs on (None on the CPU), whose memory the caller can
 /// check after running batches.
 pub fn open_with_context(args: &ModelArgs, model: Arc<Model>, n_ctx: usize) -> Result<Opened> {
@@ -71,6 +79,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         n_gpu_layers: args.n_gpu_layers,
         simulate_activity: args.simulate_activity.clone(),
         simulate_predictor,
+        kv_depth: args.kv_depth,
         n_seqs: 1,
     })
 }

@@ -138,6 +138,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         }
         let mut opts = super::backend::session_options(&a.model)?;
         opts.n_seqs = n_par;
+        // A hybrid values its KV caches at the depth the timed decode reaches on average (the
+        // prompt test's when there is no decode test).
+        opts.kv_depth = opts.kv_depth.or(Some((depth + if a.n_gen > 0 { a.n_gen / 2 } else { a.n_prompt / 2 }).min(n_ctx)));
         opts.gpu_tuning = super::gpu_tuning(a.model.gpu_precision, &a.tune)?;
         opts.cpu_tuning = super::cpu_tuning(&a.tune)?;
         let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;

@@ -140,6 +140,13 @@ pub struct ModelArgs {
     /// the CPU. 0: never stream (no area)
     #[arg(long, value_name = "N", default_value_t = 32)]
     pub stream_min_batch: u32,
+    /// Hybrid under --vram-budget: the positions a generated token attends over on average,
+    /// which values each layer's KV cache against hot neurons when the placement chooses
+    /// where its attention runs (a cache read little is worth little VRAM) [default: `run`:
+    /// the prompt plus half of -n; `bench`: -d plus half of -n (of -p without -n); `serve`,
+    /// `chat`: half the context]
+    #[arg(long, value_name = "N")]
+    pub kv_depth: Option<usize>,
     /// Activation profile ranking neurons for --vram-budget (from `ember profile`)
     /// [default: MODEL.profile.gguf beside the model]
     #[arg(long, value_name = "FILE")]
@@ -360,7 +367,7 @@ impl From<PrecisionArg> for crate::cpu::Precision {
 impl ModelArgs {
     /// Dense CPU execution of `model` (commands that always run that way, e.g. profiling).
     pub fn cpu(model: Option<PathBuf>, threads: Option<usize>, precision: PrecisionArg) -> Self {
-        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, stream_min_batch: 32, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
+        ModelArgs { model, threads, backend: Backend::Cpu, device: None, precision, gpu_precision: GpuPrecisionArg::F32, ffn: FfnArg::Dense, predictor: None, ffn_sparsity: 0.5, calibration: None, vram_budget: None, prefill_batch: 512, stream_min_batch: 32, kv_depth: None, act_profile: None, placement: None, n_gpu_layers: None, simulate_activity: None, simulate_predictor: String::new() }
     }
 
     /// Weight types to keep as the file has them even where the CPU kernels do not compute with

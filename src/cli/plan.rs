@@ -3,7 +3,8 @@
 
 use super::{ModelArgs, Result};
 use crate::engine::ffn::transposed_downs;
-use crate::engine::host_attention::choose_attention;
+use crate::engine::host_attention::{choose_attention, cold_reads};
+use crate::sparse::simulate::PredictorSim;
 use crate::engine::hybrid::hot_neuron_bytes;
 use crate::sparse::placement::{parse_budget, place, AttnSite, Bytes, FixedPart, PlacementInput};
 use crate::sparse::powerinfer;
@@ -73,11 +74,25 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         None => l.ffn_down.transpose_type(),
     };
     let neuron_bytes: Vec<u64> = model.layers.iter().map(|l| hot_neuron_bytes(l, down_t_ty(l), hp.n_embd)).collect();
+    // What the host reads of a cold neuron, as the session values it.
+    let simulated: Option<PredictorSim> = match &a.model.simulate_activity {
+        Some(_) => Some(a.model.simulate_predictor.parse().map_err(|e| format!("--simulate-predictor {}: {e}", a.model.simulate_predictor))?),
+        None => None,
+    };
+    let reads = cold_reads(
+        &model,
+        model.layers.first().map_or(crate::gguf::GgmlType::F32, down_t_ty),
+        a.model.ffn.into(),
+        simulated.as_ref().filter(|p| !p.is_perfect()).map(|p| (p.recall, p.precision)),
+        simulated.as_ref().is_some_and(|p| p.is_perfect()),
+    );
     let (p, attn_on_gpu) = if a.host_attention {
         // The session's own choice (same function and arguments), so that both agree.
         // The session keeps room for the prefill streaming area the same way.
         let area = crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget));
-        choose_attention(&model, a.ctx_size, budget, &counts, counts_tokens, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN + area)?
+        // As the session values its KV caches: --kv-depth, else half the context.
+        let kv_depth = a.model.kv_depth.unwrap_or(a.ctx_size / 2).min(a.ctx_size);
+        choose_attention(&model, a.ctx_size, kv_depth, budget, &counts, counts_tokens, reads, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN + area)?
     } else {
         let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;
         if !model.tied_embeddings {
@@ -96,7 +111,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
                 bytes: crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget)),
             },
         ];
-        let input = PlacementInput { fixed, neuron_bytes, counts };
+        let input = PlacementInput { fixed, neuron_bytes, counts, tokens: counts_tokens, reads };
         (place(&input, budget, hp.n_ff)?, vec![AttnSite::Gpu; hp.n_layer])
     };
 

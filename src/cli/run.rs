@@ -103,7 +103,10 @@ pub fn run(a: RunArgs) -> Result<()> {
             frequency_penalty: 0.0,
             seed,
         });
-        let mut session = super::backend::open(&a.model, model, n_ctx)?;
+        // The prompt and the tokens to generate are known: a hybrid values its KV caches at
+        // the depth this run reaches on average.
+        let depth = (ids.len() + a.n_predict.min(n_ctx) / 2).min(n_ctx);
+        let mut session = super::backend::open_for_depth(&a.model, model, n_ctx, depth)?;
         let stdout = std::io::stdout();
         let mut out = stdout.lock();
         let g = generate(session.as_mut(), &tokenizer, &mut sampler, &ids, a.n_predict, &a.stop, |piece| {

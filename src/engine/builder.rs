@@ -129,6 +129,11 @@ pub struct SessionOptions {
     pub simulate_activity: Option<PathBuf>,
     /// BENCHMARK ONLY: the simulated predictor.
     pub simulate_predictor: PredictorSim,
+    /// Hybrid under a budget: the positions a decode token attends over on average, which
+    /// values a layer's KV cache against hot neurons when choosing where its attention runs
+    /// [default: half the context, as a chat or a server that fills it]. `run` and `bench`
+    /// know their prompt and length and pass them.
+    pub kv_depth: Option<usize>,
     /// Sequences the session holds, each with its own KV cache of the context, decoded
     /// together by `Forward::decode_batch` (`ember serve --parallel`). The CPU and the dense
     /// GPU session hold them; the hybrid and the dense offload hold one whatever this says.
@@ -158,6 +163,7 @@ impl SessionOptions {
             n_gpu_layers: None,
             simulate_activity: None,
             simulate_predictor: PredictorSim::default(),
+            kv_depth: None,
             n_seqs: 1,
         }
     }
@@ -335,15 +341,18 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
                 (Some(s), p) => 1 + (!s.is_perfect()) as u64 + 2 * p.as_ref().map_or(0, |p| p.layers[0].rank() as u64 * 97 + p.layers[0].fc2.ty as u64),
                 (None, _) => 0,
             };
-            // Host attention depends on the context too (its KV cache's size).
-            // (and q/k/v placed apart since session 10: placements from before are made anew).
-            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24 ^ 0x51c0_0000_0000))
+            // Host attention depends on the context too (its KV cache's size) and on the
+            // depth it is valued at; since session 11 neurons are valued by what the host reads
+            // of them (placements from before are made anew).
+            let depth = args.kv_depth.unwrap_or(n_ctx / 2).min(n_ctx) as u64;
+            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24 ^ depth << 44 ^ 0x51c1_0000_0000))
         }
         _ => None,
     };
     // Attention placed with the neurons, unless a placement file says where it goes (one
     // without ember's attention record, e.g. PowerInfer's, keeps every layer's on the GPU).
-    let placed = AttentionPlace::Placed { profile_tokens, slack: 0 };
+    let kv_depth = args.kv_depth.unwrap_or(n_ctx / 2).min(n_ctx);
+    let placed = AttentionPlace::Placed { slack: 0, kv_depth };
     let (hot, attention) = match (&args.placement, &cache) {
         (Some(path), _) => {
             let (hot, attention) = read_placement(path, &model)?;
@@ -356,7 +365,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         (None, None) => (None, placed.clone()),
     };
     let cpu_precision = args.precision;
-    let plan = |hot, attention, reserve| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention, reserve };
+    let plan = |hot, attention, reserve| HybridPlan { ffn: ffn.clone(), budget, counts: counts.clone(), counts_tokens: profile_tokens, cpu_precision, simulate: simulate.clone(), sim_predictors: sim_predictors.clone(), hot, note: sim_note.clone(), attention, reserve };
     let mut from_cache = cache.is_some() && hot.is_some();
     let (mut hot, mut attention, mut retries, mut reserve) = (hot, attention, 0, 0u64);
     let session = loop {

@@ -16,7 +16,10 @@ use crate::cpu::ops::{self, Rope};
 use crate::cpu::team::Team;
 use crate::cpu::KvCache;
 use crate::model::{Model, Matrix};
-use crate::sparse::placement::{place_with_attention, AttentionCost, AttnSite, FixedPart, Placement, PlacementError, PlacementInput};
+use crate::sparse::placement::{place_with_attention, AttentionCost, AttnSite, Candidates, ColdReads, FixedPart, Placement, PlacementError, PlacementInput};
+use crate::sparse::simulate::PredictorSim;
+use crate::gguf::GgmlType;
+use super::ffn::FfnMode;
 
 /// The host's share of the attention layers: their KV caches and the scratch of one call.
 pub struct HostAttention {
@@ -239,9 +242,10 @@ fn gpu_matrix_bound(m: &Matrix) -> u64 {
 /// Per layer: what its attention block costs on the GPU, as two parts (upper bounds): the
 /// q/k/v weights with the attention norm, and the rest (o weights, the FFN norm, the f16 KV
 /// cache for `n_ctx` positions and the attention ops' small buffers), with the share of the
-/// rest the host reads per token when it runs there instead (o whole, the cache half on
-/// average over a context that fills up).
-pub fn attention_costs(model: &Model, n_ctx: usize) -> Vec<AttentionCost> {
+/// rest the host reads per token when it runs there instead: o whole, and the cache up to
+/// `kv_depth`, the positions a decode token attends over on average (half the context for a
+/// chat or server that fills it; a known prompt and length for `run` and `bench`).
+pub fn attention_costs(model: &Model, n_ctx: usize, kv_depth: usize) -> Vec<AttentionCost> {
     let hp = &model.hp;
     let kv = hp.kv_bytes_per_layer(n_ctx);
     model
@@ -256,7 +260,7 @@ pub fn attention_costs(model: &Model, n_ctx: usize) -> Vec<AttentionCost> {
             // buffers, lavapipe a fifth): an estimate too low would leave the measured fixed
             // part over the budget, one too high only moves that room to hot neurons.
             let rest_bytes = (wo + kv + buffers) * 110 / 100;
-            let read = l.wo.n_bytes() as f64 + kv as f64 / 2.0;
+            let read = l.wo.n_bytes() as f64 + kv as f64 * (kv_depth as f64 / n_ctx.max(1) as f64).min(1.0);
             AttentionCost { qkv_bytes: qkv * 110 / 100, rest_bytes, rest_read_share: (read / rest_bytes.max(1) as f64).min(1.0) }
         })
         .collect()
@@ -284,11 +288,36 @@ pub fn estimated_fixed(model: &Model, predictor_bytes: u64, margin: u64) -> Vec<
 /// Where each layer's attention goes under `budget` ([`AttnSite`]), ranked together with
 /// the neurons (`place_with_attention`), from estimates alone: `ember plan --host-attention`
 /// and the hybrid session call this with the same arguments and so agree. `counts` are the
-/// neurons' firings over `profile_tokens` tokens, `neuron_bytes` a hot neuron's GPU bytes per
-/// layer. The neurons of the returned placement are an estimate too: the session places them
-/// again in what is left once its uploads are measured.
+/// neurons' firings over `profile_tokens` tokens, read on the host as `reads` says,
+/// `neuron_bytes` a hot neuron's GPU bytes per layer; `kv_depth` as [`attention_costs`]. The
+/// neurons of the returned placement are an estimate too: the session places them again in
+/// what is left once its uploads are measured.
 #[allow(clippy::too_many_arguments)]
-pub fn choose_attention(model: &Model, n_ctx: usize, budget: u64, counts: &[Vec<u32>], profile_tokens: u64, neuron_bytes: Vec<u64>, predictor_bytes: u64, margin: u64) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
-    let input = PlacementInput { fixed: estimated_fixed(model, predictor_bytes, margin), neuron_bytes, counts: counts.to_vec() };
-    place_with_attention(&input, &attention_costs(model, n_ctx), profile_tokens, budget, model.hp.n_ff)
+pub fn choose_attention(model: &Model, n_ctx: usize, kv_depth: usize, budget: u64, counts: &[Vec<u32>], profile_tokens: u64, reads: ColdReads, neuron_bytes: Vec<u64>, predictor_bytes: u64, margin: u64) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
+    let input = PlacementInput { fixed: estimated_fixed(model, predictor_bytes, margin), neuron_bytes, counts: counts.to_vec(), tokens: profile_tokens, reads };
+    place_with_attention(&input, &attention_costs(model, n_ctx, kv_depth), budget, model.hp.n_ff)
+}
+
+/// What the host reads of a cold neuron in a hybrid of `mode` (the placement ranks neurons by
+/// it): `--ffn relu` reads every cold neuron's gate row and the firing ones' up and down
+/// rows; `--ffn predict` the gate rows of the predictor's candidates, at the recall and
+/// precision of `simulated` (a simulated predictor; None: ember's trained predictors'); a
+/// perfect simulated predictor only the firing neurons' rows. `down_t`: the type of the
+/// transposed down rows the host reads.
+pub fn cold_reads(model: &Model, down_t: GgmlType, mode: FfnMode, simulated: Option<(f64, f64)>, perfect: bool) -> ColdReads {
+    let Some(l) = model.layers.first() else { return ColdReads::WhenFiring };
+    let cols = l.ffn_up.cols as u64;
+    let (g, u) = (l.ffn_gate.row_bytes() as f64, l.ffn_up.row_bytes() as f64);
+    let d = down_t.bytes_for(cols).unwrap_or(l.ffn_up.row_bytes() as u64) as f64;
+    let gate_share = g / (g + u + d).max(1.0);
+    match (mode, simulated, perfect) {
+        (FfnMode::Relu, ..) => ColdReads::GateOfCandidates { gate_share, candidates: Candidates::All },
+        (FfnMode::Predict, _, true) => ColdReads::WhenFiring,
+        (FfnMode::Predict, Some((recall, precision)), false) => ColdReads::GateOfCandidates { gate_share, candidates: Candidates::Predicted { recall, precision } },
+        (FfnMode::Predict, None, false) => ColdReads::GateOfCandidates {
+            gate_share,
+            candidates: Candidates::Predicted { recall: PredictorSim::DEFAULT_RECALL, precision: PredictorSim::DEFAULT_PRECISION },
+        },
+        (FfnMode::Dense | FfnMode::Threshold, ..) => ColdReads::WhenFiring,
+    }
 }

@@ -30,7 +30,7 @@ use super::ffn::{FfnMode, SparseFfn};
 use super::forward::{Forward, ForwardError, Logits};
 use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
 use super::gpu_ops::{NamedOp, Op};
-use super::host_attention::{choose_attention, HostAttention};
+use super::host_attention::{choose_attention, cold_reads, HostAttention};
 use crate::cpu::Precision;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
@@ -57,8 +57,8 @@ impl AttentionPlace {
     /// free, to try again on a fresh context. None for other errors and other variants.
     pub fn with_more_slack(&self, err: &HybridError) -> Option<AttentionPlace> {
         match (self, err) {
-            (AttentionPlace::Placed { profile_tokens, slack }, HybridError::Placement(crate::sparse::placement::PlacementError::TooSmall { budget, need, .. })) => {
-                Some(AttentionPlace::Placed { profile_tokens: *profile_tokens, slack: slack + need.0.saturating_sub(budget.0) + budget.0 / 50 })
+            (AttentionPlace::Placed { slack, kv_depth }, HybridError::Placement(crate::sparse::placement::PlacementError::TooSmall { budget, need, .. })) => {
+                Some(AttentionPlace::Placed { slack: slack + need.0.saturating_sub(budget.0) + budget.0 / 50, kv_depth: *kv_depth })
             }
             _ => None,
         }
@@ -71,8 +71,10 @@ pub struct HybridPlan {
     pub ffn: Arc<SparseFfn>,
     /// GPU bytes ember may allocate; None = everything hot (GPU-resident sparse).
     pub budget: Option<u64>,
-    /// Per layer, per neuron firing counts (the profile) that rank neurons for the GPU.
+    /// Per layer, per neuron firing counts (the profile) that rank neurons for the GPU, over
+    /// `counts_tokens` tokens.
     pub counts: Vec<Vec<u32>>,
+    pub counts_tokens: u64,
     /// Arithmetic of the CPU's cold neurons.
     pub cpu_precision: Precision,
     /// Benchmark only: each token's active neurons drawn from firing rates, not computed
@@ -104,11 +106,12 @@ pub enum AttentionPlace {
     AllGpu,
     /// Under a budget, chosen together with the hot neurons (`host_attention::choose_attention`:
     /// what `ember plan --host-attention` shows); without a budget every layer's on the GPU.
-    /// `profile_tokens`: the tokens the firing counts are over (an attention block ranks like
-    /// a neuron firing at the share of its bytes the host would read per token). The choice is
-    /// made from estimates before anything is uploaded, keeping `slack` bytes more free than
-    /// `ember plan` does (0 at first; see [`AttentionPlace::with_more_slack`]).
-    Placed { profile_tokens: u64, slack: u64 },
+    /// An attention block ranks like a neuron read at the share of its bytes the host would
+    /// read per token. The choice is made from estimates before anything is uploaded, keeping `slack` bytes more free than
+    /// `ember plan` does (0 at first; see [`AttentionPlace::with_more_slack`]). `kv_depth`: the
+    /// positions a decode token attends over on average, which values a layer's KV cache
+    /// (`host_attention::attention_costs`).
+    Placed { slack: u64, kv_depth: usize },
     /// Given per layer (a placement file that records it, tests).
     Given(Vec<AttnSite>),
 }
@@ -388,6 +391,10 @@ impl HybridSession {
                 return Err(crate::sparse::placement::PlacementError::TooSmall { budget: Bytes(b), need: Bytes(attention + kv), parts }.into());
             }
         }
+        // What a cold neuron costs the host, by which the neurons are ranked.
+        let sim_quality = plan.simulate.as_ref().and_then(|s| s.asked_quality());
+        let sim_perfect = plan.simulate.as_ref().is_some_and(|s| s.is_perfect());
+        let reads = cold_reads(&model, plan.ffn.down_t.first().map_or(GgmlType::F32, |m| m.ty), mode, sim_quality, sim_perfect);
         // A simulated predictor: fc1 whole on the GPU (fc2's hot rows come with the neurons).
         let charged = plan.simulate.as_ref().is_some_and(|s| !s.is_perfect()) || (plan.simulate.is_some() && plan.sim_predictors.is_some());
         let sim_padded: Option<Vec<(Matrix, Matrix)>> = match (&plan.simulate, &plan.sim_predictors) {
@@ -411,14 +418,14 @@ impl HybridSession {
         // that both agree; the neurons are then placed in what the measured uploads leave.
         let sites = match (forced, &plan.attention, plan.budget) {
             (Some(f), _, _) => f,
-            (None, AttentionPlace::Placed { profile_tokens, slack }, Some(b)) => {
+            (None, AttentionPlace::Placed { slack, kv_depth }, Some(b)) => {
                 let predictor_bytes = match (&sim_padded, &plan.ffn.predictors, mode) {
                     (Some(v), _, _) => v.iter().map(|(fc1, _)| fc1.n_bytes() as u64).sum(),
                     (None, Some(p), FfnMode::Predict) if plan.simulate.is_none() => p.n_bytes() as u64,
                     _ => 0,
                 };
                 let area = prefill.area_bytes(&model, n_ctx, plan.budget);
-                choose_attention(&model, n_ctx, b, &plan.counts, *profile_tokens, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
+                choose_attention(&model, n_ctx, *kv_depth, b, &plan.counts, plan.counts_tokens, reads, per_neuron.clone(), predictor_bytes, crate::gpu::PLANNING_MARGIN + area + slack)?.1
             }
             (None, ..) => vec![AttnSite::Gpu; hp.n_layer],
         };
@@ -504,7 +511,7 @@ impl HybridSession {
         }
         let left = budget.saturating_sub(fixed.iter().map(|p| p.bytes).sum());
         fixed.push(FixedPart { name: format!("allocator waste on hot neurons ({:.1}%)", 100.0 * waste), bytes: (left as f64 * waste / (1.0 + waste)) as u64 });
-        let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone() };
+        let input = PlacementInput { fixed, neuron_bytes: per_neuron, counts: plan.counts.clone(), tokens: plan.counts_tokens, reads };
         let placement = match (plan.budget, plan.hot) {
             (Some(_), Some(hot)) => given(&input, budget, ff, hot)?,
             (Some(_), None) => place(&input, budget, ff)?,

@@ -24,8 +24,55 @@ pub struct PlacementInput {
     /// Per layer: GPU bytes one FFN neuron takes there (its gate row, up row, down row in the
     /// GPU layout, plus its share of index and scratch buffers).
     pub neuron_bytes: Vec<u64>,
-    /// Per layer, per neuron: how often it fired in the profile.
+    /// Per layer, per neuron: how often it fired in the profile, over `tokens` tokens.
     pub counts: Vec<Vec<u32>>,
+    pub tokens: u64,
+    /// What the host reads of a neuron left cold, which is what the GPU saves by holding it.
+    pub reads: ColdReads,
+}
+
+/// What the host reads of a cold neuron per token. Neurons are ranked by it, per GPU byte.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ColdReads {
+    /// All of its rows when it fires, nothing otherwise: a perfect predictor.
+    WhenFiring,
+    /// Its gate row whenever it is a candidate, its up and down rows when it fires too.
+    /// `gate_share`: the gate row's share of the neuron's host bytes.
+    GateOfCandidates { gate_share: f64, candidates: Candidates },
+}
+
+/// Which cold neurons get their gate row read in a token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Candidates {
+    /// Every one (`--ffn relu`: the gate decides).
+    All,
+    /// A predictor's: a firing neuron with probability `recall`, a silent one of firing rate q
+    /// with min(1, c q), c such that the named ones fire at `precision` (the error model of
+    /// [`crate::sparse::simulate`], and what ember's predictors measured: recall 0.99,
+    /// precision 0.3).
+    Predicted { recall: f64, precision: f64 },
+}
+
+impl ColdReads {
+    /// Per layer, per neuron: the share of its host bytes read per token when it is cold.
+    fn shares(&self, counts: &[Vec<u32>], tokens: u64) -> Vec<Vec<f64>> {
+        let t = tokens.max(1) as f64;
+        counts
+            .iter()
+            .map(|layer| {
+                let rates: Vec<f64> = layer.iter().map(|&c| (c as f64 / t).min(1.0)).collect();
+                match *self {
+                    ColdReads::WhenFiring => rates,
+                    ColdReads::GateOfCandidates { gate_share: g, candidates: Candidates::All } => rates.iter().map(|&p| g + (1.0 - g) * p).collect(),
+                    ColdReads::GateOfCandidates { gate_share: g, candidates: Candidates::Predicted { recall, precision } } => {
+                        let as_f32: Vec<f32> = rates.iter().map(|&p| p as f32).collect();
+                        let c = crate::sparse::simulate::false_positive_scale(&as_f32, recall, precision);
+                        rates.iter().map(|&p| g * (recall * p + (1.0 - p) * (c * p).min(1.0)) + (1.0 - g) * recall * p).collect()
+                    }
+                }
+            })
+            .collect()
+    }
 }
 
 /// The result: which neurons of each layer are hot (on the GPU), and the bytes spent.
@@ -100,18 +147,17 @@ impl Placement {
 pub fn place(input: &PlacementInput, budget: u64, n_ff: usize) -> Result<Placement, PlacementError> {
     let mut left = room_for_neurons(input, budget, n_ff)?;
     let n_layer = input.neuron_bytes.len();
-    // Every neuron, most firings per byte first; ties by (layer, index) so the plan is the
-    // same on every run and machine.
-    let mut order: Vec<(u32, u32)> = (0..n_layer).flat_map(|l| (0..n_ff as u32).map(move |i| (l as u32, i))).collect();
-    let value = |&(l, i): &(u32, u32)| input.counts[l as usize][i as usize] as u128;
-    let cost = |&(l, _): &(u32, u32)| input.neuron_bytes[l as usize].max(1) as u128;
-    order.sort_by(|a, b| (value(b) * cost(a)).cmp(&(value(a) * cost(b))).then(a.cmp(b)));
+    let shares = input.reads.shares(&input.counts, input.tokens);
+    // Every neuron, most host reads saved per GPU byte first; ties by (layer, index) so the
+    // plan is the same on every run and machine.
+    let mut order: Vec<(f64, u32, u32)> = (0..n_layer).flat_map(|l| (0..n_ff as u32).map(move |i| (l, i))).map(|(l, i)| (shares[l][i as usize] / input.neuron_bytes[l].max(1) as f64, l as u32, i)).collect();
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, a.2).cmp(&(b.1, b.2))));
     let mut hot = vec![Vec::new(); n_layer];
-    for n in &order {
-        let c = input.neuron_bytes[n.0 as usize];
+    for &(_, l, i) in &order {
+        let c = input.neuron_bytes[l as usize];
         if c <= left {
             left -= c;
-            hot[n.0 as usize].push(n.1);
+            hot[l as usize].push(i);
         }
     }
     for h in &mut hot {
@@ -152,28 +198,27 @@ pub struct AttentionCost {
 
 /// [`place`] where each layer's attention and KV cache may also stay on the host (CPU
 /// attention): `input.fixed` then leaves the layers' attention out, and the attention blocks
-/// compete with the neurons for the budget. Both are ranked by what the host would read per
-/// token per GPU byte they take: a neuron by its firing rate (count over `profile_tokens`), an
-/// attention block by its read share, i.e. like a neuron of that rate (the q/k/v block at 1:
-/// it goes before any neuron that fires less than every token). Returns the placement and
-/// each layer's [`AttnSite`].
-pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost], profile_tokens: u64, budget: u64, n_ff: usize) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
+/// compete with the neurons for the budget. Both are ranked by the share of their bytes the
+/// host would read per token, per GPU byte they take: a neuron by [`ColdReads`], an attention
+/// block by its read share (the q/k/v block at 1: it goes before any neuron read less than
+/// whole every token). Returns the placement and each layer's [`AttnSite`].
+pub fn place_with_attention(input: &PlacementInput, attention: &[AttentionCost], budget: u64, n_ff: usize) -> Result<(Placement, Vec<AttnSite>), PlacementError> {
     let mut left = room_for_neurons(input, budget, n_ff)?;
     let n_layer = input.neuron_bytes.len();
     if attention.len() != n_layer {
         return Err(PlacementError::GivenMismatch { got: attention.len(), want: n_layer });
     }
-    // Items: (key, layer, neuron id, or QKV / REST for the attention blocks). Keys in firings
-    // per byte, as `place` ranks neurons; ties by (layer, id), attention first.
+    // Items: (key, layer, neuron id, or QKV / REST for the attention blocks). Keys in shares
+    // read per byte, as `place` ranks neurons; ties by (layer, id), attention first.
     const QKV: u32 = u32::MAX - 1;
     const REST: u32 = u32::MAX;
-    let t = profile_tokens.max(1) as f64;
+    let shares = input.reads.shares(&input.counts, input.tokens);
     let mut items: Vec<(f64, u32, u32)> = Vec::with_capacity(n_layer * (n_ff + 2));
     for (l, att) in attention.iter().enumerate().take(n_layer) {
         let nb = input.neuron_bytes[l].max(1) as f64;
-        items.push((t / nb, l as u32, QKV));
-        items.push((att.rest_read_share.clamp(0.0, 1.0) * t / nb, l as u32, REST));
-        items.extend((0..n_ff as u32).map(|i| (input.counts[l][i as usize] as f64 / nb, l as u32, i)));
+        items.push((1.0 / nb, l as u32, QKV));
+        items.push((att.rest_read_share.clamp(0.0, 1.0) / nb, l as u32, REST));
+        items.extend((0..n_ff as u32).map(|i| (shares[l][i as usize] / nb, l as u32, i)));
     }
     let rank = |i: u32| if i >= QKV { (0u8, i) } else { (1u8, i) };
     items.sort_by(|a, b| b.0.total_cmp(&a.0).then((a.1, rank(a.2)).cmp(&(b.1, rank(b.2)))));
@@ -312,6 +357,8 @@ mod tests {
             fixed: vec![FixedPart { name: "attention".into(), bytes: 100 }],
             neuron_bytes: vec![10, 10],
             counts: vec![vec![5, 1, 9, 0], vec![7, 7, 2, 8]],
+            tokens: 10,
+            reads: ColdReads::WhenFiring,
         };
         // 100 fixed + 4 neurons of 10 bytes.
         let p = place(&input, 145, 4).unwrap();
@@ -335,32 +382,63 @@ mod tests {
         // Two layers of 4 neurons of 10 bytes, fired over 10 tokens; attention blocks of 10
         // bytes of q/k/v (read every token, like a neuron firing 10 times in 10) and 20 of
         // the rest, read at 0.75 per token (like a neuron firing 7.5 times in 10).
-        let input = PlacementInput { fixed: vec![FixedPart { name: "embeddings".into(), bytes: 100 }], neuron_bytes: vec![10, 10], counts: vec![vec![9, 1, 8, 0], vec![7, 7, 2, 10]] };
+        let input = PlacementInput { fixed: vec![FixedPart { name: "embeddings".into(), bytes: 100 }], neuron_bytes: vec![10, 10], counts: vec![vec![9, 1, 8, 0], vec![7, 7, 2, 10]], tokens: 10, reads: ColdReads::WhenFiring };
         let attn = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 0.75 }; 2];
         // 100 fixed + 90: layer 0's q/k/v, layer 1's q/k/v, neuron 10 (l1 n3), 9 (l0 n0), 8
         // (l0 n2), then layer 0's rest (20 of 40 left), then layer 1's (20 left), nothing more.
-        let (p, sites) = place_with_attention(&input, &attn, 10, 190, 4).unwrap();
+        let (p, sites) = place_with_attention(&input, &attn, 190, 4).unwrap();
         assert_eq!(sites, vec![Gpu, Gpu]);
         assert_eq!(p.hot, vec![vec![0, 2], vec![3]]);
         assert_eq!(p.used(), 100 + 60 + 30);
         // 10 less: layer 1's rest no longer fits; a neuron firing 7 times takes half its room.
-        let (p, sites) = place_with_attention(&input, &attn, 10, 180, 4).unwrap();
+        let (p, sites) = place_with_attention(&input, &attn, 180, 4).unwrap();
         assert_eq!(sites, vec![Gpu, Qkv]);
         assert_eq!(p.hot, vec![vec![0, 2], vec![0, 3]]);
         assert_eq!(p.used(), 100 + 40 + 40);
         // A rest never read goes last; one read whole every token ranks with its q/k/v.
         let never = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 0.0 }; 2];
-        let (p, sites) = place_with_attention(&input, &never, 10, 160, 4).unwrap();
+        let (p, sites) = place_with_attention(&input, &never, 160, 4).unwrap();
         assert_eq!((sites, p.n_hot()), (vec![Qkv, Qkv], 4));
         let whole = [AttentionCost { qkv_bytes: 10, rest_bytes: 20, rest_read_share: 1.0 }; 2];
-        let (p, sites) = place_with_attention(&input, &whole, 10, 160, 4).unwrap();
+        let (p, sites) = place_with_attention(&input, &whole, 160, 4).unwrap();
         assert_eq!((sites, p.n_hot()), (vec![Gpu, Gpu], 0));
         // The rest never goes without its q/k/v: q/k/v too large for the room left.
         let big_qkv = [AttentionCost { qkv_bytes: 70, rest_bytes: 5, rest_read_share: 1.0 }; 2];
-        let (_, sites) = place_with_attention(&input, &big_qkv, 10, 160, 4).unwrap();
+        let (_, sites) = place_with_attention(&input, &big_qkv, 160, 4).unwrap();
         assert_eq!(sites, vec![Host, Host]);
-        assert!(place_with_attention(&input, &attn[..1], 10, 180, 4).is_err());
+        assert!(place_with_attention(&input, &attn[..1], 180, 4).is_err());
         assert_eq!(AttnSite::from_flags(&[true, false]), vec![Gpu, Host]);
+    }
+
+    #[test]
+    fn gate_reads_raise_every_neuron_against_the_attention() {
+        use AttnSite::*;
+        // Layer 0's neurons fire at 0.4 and 0.1, layer 1's at 0.3 and 0; the rest of an
+        // attention block is read at 0.45 per token; everything takes 10 bytes of 50. Ranked
+        // by firing alone, both rests go before every neuron; when the host reads the gate row
+        // (a third of a neuron) of every cold neuron (`--ffn relu`), the neurons firing at 0.4
+        // and 0.3 are read at 0.6 and 0.53 per token and go first, leaving room for one rest.
+        let mut input = PlacementInput { fixed: vec![], neuron_bytes: vec![10, 10], counts: vec![vec![4, 1], vec![3, 0]], tokens: 10, reads: ColdReads::WhenFiring };
+        let attn = [AttentionCost { qkv_bytes: 10, rest_bytes: 10, rest_read_share: 0.45 }; 2];
+        let (p, sites) = place_with_attention(&input, &attn, 50, 2).unwrap();
+        assert_eq!((sites, p.hot), (vec![Gpu, Gpu], vec![vec![0], vec![]]));
+        input.reads = ColdReads::GateOfCandidates { gate_share: 1.0 / 3.0, candidates: Candidates::All };
+        let (p, sites) = place_with_attention(&input, &attn, 50, 2).unwrap();
+        assert_eq!((sites, p.hot), (vec![Gpu, Qkv], vec![vec![0], vec![0]]));
+        // A predictor that names few silent neurons (precision 0.9) reads little more than
+        // the firing ones: the rests go first again.
+        input.reads = ColdReads::GateOfCandidates { gate_share: 1.0 / 3.0, candidates: Candidates::Predicted { recall: 1.0, precision: 0.9 } };
+        let (_, sites) = place_with_attention(&input, &attn, 50, 2).unwrap();
+        assert_eq!(sites, vec![Gpu, Gpu]);
+        // Shares: the firing rate for a perfect predictor; every gate row for relu; at precision
+        // 0.3 a neuron firing at 0.4 is always named (c * 0.4 >= 1), so read at 1/3 + 2/3 * 0.4.
+        let shares = |reads: ColdReads| reads.shares(&[vec![4, 1]], 10).remove(0);
+        assert_eq!(shares(ColdReads::WhenFiring), vec![0.4, 0.1]);
+        let all = shares(ColdReads::GateOfCandidates { gate_share: 0.25, candidates: Candidates::All });
+        assert!((all[0] - (0.25 + 0.75 * 0.4)).abs() < 1e-12 && (all[1] - (0.25 + 0.75 * 0.1)).abs() < 1e-12, "{all:?}");
+        let pred = shares(ColdReads::GateOfCandidates { gate_share: 1.0 / 3.0, candidates: Candidates::Predicted { recall: 1.0, precision: 0.3 } });
+        assert!((pred[0] - (1.0 / 3.0 + 2.0 / 3.0 * 0.4)).abs() < 1e-9, "{pred:?}");
+        assert!(pred[1] > 0.1 && pred[1] < pred[0], "{pred:?}");
     }
 
     #[test]

@@ -140,6 +140,8 @@ pub struct SimulatedActivity {
     /// Per layer and neuron: a non-firing neuron is named when the second u32 falls below it.
     false_pos: Vec<Vec<u32>>,
     perfect: bool,
+    /// The recall and precision asked for (`with_predictor`).
+    asked: (f64, f64),
     rng: SplitMix,
 }
 
@@ -180,14 +182,22 @@ fn scale_rates(rates: &mut [Vec<f32>], mean: f64) -> Result<(), String> {
 }
 
 /// Per-neuron probabilities that a non-firing neuron is named, `min(1, c * rate)`, with `c`
-/// such that the expected named neurons that do not fire give `precision` at `recall`.
-/// Where even c -> infinity cannot name enough, every neuron with a non-zero rate is named.
+/// from [`false_positive_scale`].
 fn false_positive_probs(rates: &[f32], recall: f64, precision: f64) -> Vec<f64> {
+    let c = false_positive_scale(rates, recall, precision);
+    rates.iter().map(|&q| (c * q as f64).min(1.0)).collect()
+}
+
+/// The `c` of a predictor that names a non-firing neuron of rate q with probability
+/// `min(1, c * q)`, such that the expected named neurons that do not fire give `precision` at
+/// `recall` (0 when nothing fires or the precision is perfect). Where even c -> infinity
+/// cannot name enough, a `c` that names every neuron with a non-zero rate.
+pub fn false_positive_scale(rates: &[f32], recall: f64, precision: f64) -> f64 {
     let fired: f64 = rates.iter().map(|&q| q as f64).sum();
     let want = recall * fired * (1.0 / precision - 1.0);
     let expected = |c: f64| rates.iter().map(|&q| (1.0 - q as f64) * (c * q as f64).min(1.0)).sum::<f64>();
-    if want <= 0.0 || fired <= 0.0 {
-        return vec![0.0; rates.len()];
+    if want <= 0.0 || fired <= 0.0 || !want.is_finite() {
+        return 0.0;
     }
     let min_rate = rates.iter().copied().filter(|&q| q > 0.0).fold(1.0f32, f32::min) as f64;
     let mut hi = 1.0f64;
@@ -204,7 +214,7 @@ fn false_positive_probs(rates: &[f32], recall: f64, precision: f64) -> Vec<f64> 
             hi = mid;
         }
     }
-    rates.iter().map(|&q| (hi * q as f64).min(1.0)).collect()
+    hi
 }
 
 impl SimulatedActivity {
@@ -217,7 +227,7 @@ impl SimulatedActivity {
 
     fn from_rates(rates: Vec<Vec<f32>>, seed: u64) -> Self {
         let false_pos = rates.iter().map(|r| vec![0; r.len()]).collect();
-        SimulatedActivity { thresholds: thresholds(&rates), rates, keep: u32::MAX, false_pos, perfect: true, rng: SplitMix(seed) }
+        SimulatedActivity { thresholds: thresholds(&rates), rates, keep: u32::MAX, false_pos, perfect: true, asked: (1.0, 1.0), rng: SplitMix(seed) }
     }
 
     /// Uniform rates (tests).
@@ -234,6 +244,7 @@ impl SimulatedActivity {
         }
         self.rng = SplitMix(p.seed);
         self.perfect = p.is_perfect();
+        self.asked = (p.recall, p.precision);
         self.keep = prob_u32(p.recall);
         self.false_pos = match self.perfect {
             true => self.rates.iter().map(|r| vec![0; r.len()]).collect(),
@@ -245,6 +256,13 @@ impl SimulatedActivity {
     /// Whether the predictor is perfect (the candidates are the firing neurons).
     pub fn is_perfect(&self) -> bool {
         self.perfect
+    }
+
+    /// The predictor's recall and precision as asked (`--simulate-predictor`; the draws reach
+    /// less where the rates cannot give enough false positives), None when perfect: what a
+    /// placement values cold neurons by, as `ember plan` does from the same flags.
+    pub fn asked_quality(&self) -> Option<(f64, f64)> {
+        (!self.perfect).then_some(self.asked)
     }
 
     pub fn rates(&self, layer: usize) -> &[f32] {
