@@ -6,7 +6,7 @@ mod common;
 use common::{random_matrix, Rng};
 use ember::cpu::attention::AttnShape;
 use ember::cpu::ops::{self, Rope};
-use ember::cpu::attention::{attention_team, attention_tiled_team};
+use ember::cpu::attention::{attention_decode_team, attention_team, attention_tiled_team};
 use ember::cpu::matmul::{matmuls, matmuls_tuned, CpuTuning};
 use ember::cpu::team::Team;
 use ember::cpu::{attention, matmul, Activations, KvCache, Precision};
@@ -357,6 +357,45 @@ fn tiled_attention_matches_f64_softmax_attention() {
         for size in [1, 2, 5] {
             let mut again = vec![f32::NAN; q.len()];
             attention_tiled_team(&mut Team::new(size), &q, k, v, past, n_tokens, shape, &mut again);
+            assert!(again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "team of {size}");
+        }
+    }
+}
+
+/// The decode attention (one query per head, split over runs of 128 keys: a hybrid's host
+/// layers) against softmax attention in f64 at odd sizes: a first position, one run, a run and
+/// one key, several runs; head sizes that are and are not multiples of 16; grouped heads; the
+/// same bits for every team size.
+#[test]
+fn decode_attention_matches_f64_softmax_attention() {
+    let mut rng = Rng(23);
+    for (shape, pos) in [(AttnShape { n_head: 6, n_head_kv: 2, head_dim: 40 }, 0), (AttnShape { n_head: 3, n_head_kv: 3, head_dim: 64 }, 127), (AttnShape { n_head: 4, n_head_kv: 1, head_dim: 24 }, 128), (AttnShape { n_head: 8, n_head_kv: 8, head_dim: 128 }, 300)] {
+        let (hd, kv_dim, q_dim) = (shape.head_dim, shape.n_head_kv * shape.head_dim, shape.n_head * shape.head_dim);
+        let mut cache = KvCache::new(1, pos + 1, kv_dim);
+        for p in 0..=pos {
+            cache.store(0, p, &rng.vec(kv_dim), &rng.vec(kv_dim));
+        }
+        let (k, v) = cache.layer(0);
+        let q: Vec<f32> = rng.vec(q_dim).iter().map(|x| 3.0 * x).collect();
+        let mut got = vec![f32::NAN; q_dim];
+        attention_decode_team(&mut Team::new(3), &q, k, v, pos, shape, &mut got);
+        let mut worst = 0.0f64;
+        for h in 0..shape.n_head {
+            let kvh = h / (shape.n_head / shape.n_head_kv);
+            let qh = &q[h * hd..][..hd];
+            let scores: Vec<f64> = (0..=pos).map(|p| (0..hd).map(|i| qh[i] as f64 * k[p * kv_dim + kvh * hd + i].to_f64()).sum::<f64>() / (hd as f64).sqrt()).collect();
+            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let z: f64 = w.iter().sum();
+            for i in 0..hd {
+                let want: f64 = (0..=pos).map(|p| w[p] / z * v[p * kv_dim + kvh * hd + i].to_f64()).sum();
+                worst = worst.max((got[h * hd + i] as f64 - want).abs());
+            }
+        }
+        assert!(worst < 2e-5, "{shape:?}, pos {pos}: max error {worst}");
+        for size in [1, 2, 5] {
+            let mut again = vec![f32::NAN; q_dim];
+            attention_decode_team(&mut Team::new(size), &q, k, v, pos, shape, &mut again);
             assert!(again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "team of {size}");
         }
     }

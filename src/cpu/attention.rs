@@ -171,6 +171,184 @@ pub fn attention_tiled_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], po
     });
 }
 
+/// Keys per task of [`attention_decode_team`], and heads: functions of nothing but the shape,
+/// so that the partial sums are the same whatever the team's size. A task reads its keys' rows
+/// for its heads, runs of `DECODE_HEADS * head_dim` values: one head's 256 bytes at a time
+/// (8 KiB apart in a 7B's cache) ran at 3-4 GB/s per core, paced by a page walk per row.
+const DECODE_CHUNK: usize = 32;
+const DECODE_HEADS: usize = 8;
+
+/// One decode query per head against keys `0..=pos` in f32 arithmetic (the hybrid's host
+/// attention layers; the CPU session keeps llama.cpp's f16 numerics in [`attention_team`]).
+/// Work is split by (run of [`DECODE_CHUNK`] keys, group of [`DECODE_HEADS`] heads),
+/// flash-decoding style: each task keeps, per head, its own running maximum, sum and output,
+/// and each head's parts are merged in key order, so the result does not depend on the team's
+/// size. One (token, head) per task left 32 tasks for 14 threads.
+pub fn attention_decode_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos: usize, shape: AttnShape, out: &mut [f32]) {
+    let AttnShape { n_head, head_dim: hd, .. } = shape;
+    assert_eq!(q.len(), n_head * hd);
+    assert_eq!(out.len(), n_head * hd);
+    let n_keys = pos + 1;
+    let n_chunks = n_keys.div_ceil(DECODE_CHUNK);
+    let n_groups = n_head.div_ceil(DECODE_HEADS);
+    let n_tasks = n_chunks * n_groups;
+    // Per (head, chunk), at [(h * n_chunks + c) * (hd + 2)..]: the maximum and the sum of the
+    // chunk's scores, then its unnormalised output.
+    let mut parts = vec![0.0f32; n_head * n_chunks * (hd + 2)];
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let ptr = SharedOut(parts.as_mut_ptr());
+    team.run(&|_, _| {
+        let mut row = vec![0.0f32; hd];
+        let mut scores = vec![0.0f32; DECODE_CHUNK * DECODE_HEADS];
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= n_tasks {
+                break;
+            }
+            let (c, g) = (i / n_groups, i % n_groups);
+            let heads = g * DECODE_HEADS..((g + 1) * DECODE_HEADS).min(n_head);
+            let task = DecodeTask { q, k, v, n_keys, shape, chunk: c, heads };
+            // SAFETY: the task writes only parts (h, c) of its heads, inside `parts`; no other
+            // task has the same (chunk, heads).
+            let part = |h: usize| unsafe { std::slice::from_raw_parts_mut(ptr.at((h * n_chunks + c) * (hd + 2)), hd + 2) };
+            #[cfg(target_arch = "x86_64")]
+            if crate::quant::has_avx2_fma() && hd.is_multiple_of(16) {
+                // SAFETY: the CPU has the features the kernel is compiled for; the head size
+                // is a multiple of 16 as it requires.
+                unsafe { task.run_f16c(&part, &mut scores) };
+                continue;
+            }
+            task.run(&part, &mut row, &mut scores);
+        }
+    });
+    // Each head's chunks merged in key order.
+    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+        let chunks = &parts[h * n_chunks * (hd + 2)..(h + 1) * n_chunks * (hd + 2)];
+        let m = chunks.chunks_exact(hd + 2).map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+        o.fill(0.0);
+        let mut l = 0.0f32;
+        for p in chunks.chunks_exact(hd + 2) {
+            let c = exp_neg(p[0] - m);
+            l += p[1] * c;
+            for (a, &x) in o.iter_mut().zip(&p[2..]) {
+                *a += x * c;
+            }
+        }
+        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+        o.iter_mut().for_each(|a| *a *= inv);
+    }
+}
+
+/// One task of [`attention_decode_team`]: keys `chunk * DECODE_CHUNK..` (at most
+/// [`DECODE_CHUNK`]) for the query heads `heads`. Each head's part gets the scores' maximum,
+/// the sum of their exponentials and the output weighted by them, unnormalised.
+struct DecodeTask<'a> {
+    q: &'a [f32],
+    k: &'a [f16],
+    v: &'a [f16],
+    n_keys: usize,
+    shape: AttnShape,
+    chunk: usize,
+    heads: std::ops::Range<usize>,
+}
+
+impl DecodeTask<'_> {
+    fn keys(&self) -> (usize, usize) {
+        let j0 = self.chunk * DECODE_CHUNK;
+        (j0, DECODE_CHUNK.min(self.n_keys - j0))
+    }
+
+    /// Head `h`'s row of key or value `j` in the cache `m`.
+    fn row<'m>(&self, m: &'m [f16], j: usize, h: usize) -> &'m [f16] {
+        let AttnShape { n_head, n_head_kv, head_dim: hd } = self.shape;
+        let kvh = h / (n_head / n_head_kv);
+        &m[j * n_head_kv * hd + kvh * hd..][..hd]
+    }
+
+    /// The softmax part of head `h`'s scores `s` (exponentials in place): its maximum and sum.
+    fn softmax(s: &mut [f32]) -> (f32, f32) {
+        let m = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for x in s.iter_mut() {
+            *x = exp_neg(*x - m);
+        }
+        (m, s.iter().sum())
+    }
+
+    /// Portable: rows converted to f32 one at a time.
+    fn run<'p>(&self, part: &dyn Fn(usize) -> &'p mut [f32], row: &mut [f32], scores: &mut [f32]) {
+        let hd = self.shape.head_dim;
+        let (j0, nk) = self.keys();
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (gh, h) in self.heads.clone().enumerate() {
+            let qh = &self.q[h * hd..(h + 1) * hd];
+            let s = &mut scores[gh * DECODE_CHUNK..][..nk];
+            for (j, sc) in s.iter_mut().enumerate() {
+                for (r, x) in row.iter_mut().zip(self.row(self.k, j0 + j, h)) {
+                    *r = x.to_f32();
+                }
+                *sc = qh.iter().zip(row.iter()).map(|(a, b)| a * b).sum::<f32>() * scale;
+            }
+            let (m, l) = Self::softmax(s);
+            let p = part(h);
+            (p[0], p[1]) = (m, l);
+            let o = &mut p[2..];
+            o.fill(0.0);
+            for (j, &w) in s.iter().enumerate() {
+                for (a, x) in o.iter_mut().zip(self.row(self.v, j0 + j, h)) {
+                    *a += w * x.to_f32();
+                }
+            }
+        }
+    }
+
+    /// With F16C conversions in registers, for head sizes that are multiples of 16: a key is
+    /// four 8-wide products into four sums per head; values are added into the output 64
+    /// dimensions at a time (eight registers).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_f16c<'p>(&self, part: &dyn Fn(usize) -> &'p mut [f32], scores: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let hd = self.shape.head_dim;
+        let (j0, nk) = self.keys();
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Scores key by key, the group's heads side by side (one stretch of the key's row).
+        for j in 0..nk {
+            for (gh, h) in self.heads.clone().enumerate() {
+                let kr = self.row(self.k, j0 + j, h).as_ptr().cast::<__m128i>();
+                let qh = self.q[h * hd..].as_ptr();
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for d in 0..hd / 8 {
+                    let kf = _mm256_cvtph_ps(_mm_loadu_si128(kr.add(d)));
+                    acc[d % 4] = _mm256_fmadd_ps(_mm256_loadu_ps(qh.add(8 * d)), kf, acc[d % 4]);
+                }
+                let a = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+                scores[gh * DECODE_CHUNK + j] = crate::quant::hsum8(a) * scale;
+            }
+        }
+        for (gh, h) in self.heads.clone().enumerate() {
+            let s = &mut scores[gh * DECODE_CHUNK..][..nk];
+            let (m, l) = Self::softmax(s);
+            let p = part(h);
+            (p[0], p[1]) = (m, l);
+            let o = &mut p[2..];
+            for d0 in (0..hd).step_by(64) {
+                let w = ((hd - d0) / 8).min(8);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (j, &pw) in s.iter().enumerate() {
+                    let vr = self.row(self.v, j0 + j, h)[d0..].as_ptr().cast::<__m128i>();
+                    let pv = _mm256_set1_ps(pw);
+                    for (c, a) in acc.iter_mut().enumerate().take(w) {
+                        *a = _mm256_fmadd_ps(pv, _mm256_cvtph_ps(_mm_loadu_si128(vr.add(c))), *a);
+                    }
+                }
+                for (c, a) in acc.iter().enumerate().take(w) {
+                    _mm256_storeu_ps(o.as_mut_ptr().add(d0 + 8 * c), *a);
+                }
+            }
+        }
+    }
+}
+
 /// One member's buffers for [`tile_task`].
 struct TileScratch {
     /// The tile's queries, scaled, rows padded to a multiple of 4 with zeros.

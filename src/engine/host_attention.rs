@@ -10,7 +10,7 @@
 //! of tokens as the CPU session does, so a batched prefill can use it as well as decode.
 
 use super::forward::ForwardError;
-use crate::cpu::attention::{attention_team, attention_tiled_team, store_row, AttnShape};
+use crate::cpu::attention::{attention_decode_team, attention_team, attention_tiled_team, store_row, AttnShape};
 use crate::cpu::matmul::{matmuls, Activations, Precision};
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::team::Team;
@@ -226,9 +226,12 @@ impl HostAttention {
             _ => team.run(&|member, _| job(member)),
         }
         let (kc, vc) = kv.layer(slot);
-        match tiled {
-            true => attention_tiled_team(team, q, kc, vc, pos0, n, *shape, attn),
-            false => attention_team(team, q, kc, vc, pos0, n, *shape, attn),
+        match (tiled, n) {
+            (true, _) => attention_tiled_team(team, q, kc, vc, pos0, n, *shape, attn),
+            // One token: split over keys as well as heads, in f32 (the GPU's attention layers
+            // are f32 too).
+            (false, 1) => attention_decode_team(team, &q[..qd], kc, vc, pos0, *shape, &mut attn[..qd]),
+            (false, _) => attention_team(team, q, kc, vc, pos0, n, *shape, attn),
         }
     }
 }

@@ -35,6 +35,16 @@ pub(crate) mod x86;
 #[cfg(target_arch = "x86_64")]
 mod rows_vnni;
 
+/// The sum of eight lanes (any order: for callers that do not reproduce a reference's).
+///
+/// # Safety
+/// The CPU must have AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum8(v: std::arch::x86_64::__m256) -> f32 {
+    x86::hsum_ps(v)
+}
+
 /// Whether the CPU has AVX2, FMA and F16C (the x86 kernels' features), for other modules'
 /// run-time choices.
 #[cfg(target_arch = "x86_64")]
