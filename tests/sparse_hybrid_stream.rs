@@ -76,9 +76,9 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
         assert!(ec < 1e-3 && eb < 1e-3 && ed < 3e-3, "{what}: relative logit error {ec} against the CPU's cold neurons, {eb} against token by token, {ed} against dense");
     };
     for p in prompts.iter().take(2).chain([&long]) {
-        let (ch_before, b_before, al_before) = {
+        let (ch_before, b_before, al_before, ga_before) = {
             let t = s.prefill_timing(false);
-            (t.stream.chunks, t.streamed_batches, t.stream.attn_layers)
+            (t.stream.chunks, t.streamed_batches, t.stream.attn_layers, t.gpu_attention_layers)
         };
         s.reset();
         let a = s.forward(p, Logits::Last).unwrap();
@@ -89,6 +89,10 @@ fn streamed_prefill_matches_cpu_cold_token_by_token_and_dense() {
         assert_eq!(t.stream.chunks - ch_before, big * 16 * (hp.n_layer as u64 / 2), "{} tokens", p.len());
         // Every host-attention layer's products streamed too.
         assert_eq!(t.stream.attn_layers - al_before, big * n_host, "{} tokens", p.len());
+        // The first batch (from position 0, streamed) ran the q/k/v-on-GPU layers' attention
+        // on the GPU, the others theirs on the CPU.
+        let n_qkv = (0..hp.n_layer).filter(|l| l % 6 == 4).count() as u64;
+        assert_eq!(t.gpu_attention_layers - ga_before, if p.len() >= 10 { n_qkv } else { 0 }, "{} tokens", p.len());
         cpu.reset();
         let c = cpu.forward(p, Logits::Last).unwrap();
         tok.reset();

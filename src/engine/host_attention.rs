@@ -175,6 +175,26 @@ impl HostAttention {
         Ok(&self.attn[..n * model.hp.q_dim()])
     }
 
+    /// Layer `il`'s keys and values of `k.len() / kv_dim` tokens from `pos0` on, in f16 as
+    /// the cache holds them (RoPE applied): what a batch whose attention ran elsewhere leaves.
+    pub fn store_kv(&mut self, il: usize, pos0: usize, k: &[half::f16], v: &[half::f16]) -> Result<(), ForwardError> {
+        let kvd = self.kv.kv_dim;
+        let Some(slot) = self.slots.get(il).copied().flatten() else {
+            return Err(ForwardError::Gpu(crate::gpu::GpuError::Unsupported(format!("layer {il}'s attention is not on the host"))));
+        };
+        let n = k.len() / kvd;
+        if k.len() != n * kvd || v.len() != k.len() || n == 0 {
+            return Err(ForwardError::Empty);
+        }
+        if pos0 + n > self.kv.n_ctx {
+            return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: 0 });
+        }
+        let (kc, vc) = self.kv.rows_mut(slot, pos0, n);
+        kc.copy_from_slice(k);
+        vc.copy_from_slice(v);
+        Ok(())
+    }
+
     /// From q, k and v of `n` tokens (before biases and RoPE) to the attention's output in
     /// `attn`: biases, RoPE, the KV write at `pos0..`, attention (`tiled`: in f32 by tiles,
     /// else the CPU session's kernel and rounding).

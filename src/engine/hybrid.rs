@@ -446,7 +446,10 @@ impl HybridSession {
         // A batch reads only its last row's logits: no all-logits buffer.
         // No batch is longer than the context.
         let session = GpuSession::with_batch_logits(model.clone(), ctx.clone(), weights, n_ctx, prefill_batch.min(n_ctx).max(1), false)?;
-        let mut prefill = (session.max_tokens() > 1).then(|| PrefillBuffers::new(&ctx, &session));
+        let mut prefill = match session.max_tokens() > 1 {
+            true => Some(PrefillBuffers::new(&ctx, &session)?),
+            false => None,
+        };
         mark(&mut fixed, &format!("KV cache of {n_gpu_attn} layers and activations (prefill batches included)"), &mut since);
         let types: Vec<[GgmlType; 3]> = (0..hp.n_layer).map(|il| [model.layers[il].ffn_gate.ty, model.layers[il].ffn_up.ty, plan.ffn.down_t[il].ty]).collect();
         // Rows of the grouped types are not laid out row by row: their batches stay on the CPU.

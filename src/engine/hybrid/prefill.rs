@@ -46,6 +46,41 @@ pub(super) struct PrefillBuffers {
     xn: Vec<f32>,
     /// Where large batches stream their cold neurons to the GPU (None: always the CPU).
     pub(super) stream: Option<StreamArea>,
+    /// Host-attention layers' attention for a batch that starts the context, on the GPU.
+    batch_attention: Option<BatchAttention>,
+}
+
+/// A prefill batch's attention for the layers whose KV cache is on the host, run on the GPU
+/// when the batch starts at position 0, so that the keys it attends to are its own: RoPE and
+/// the K/V write into a batch-sized scratch cache (one for every such layer: they run one after
+/// another), attention there into the session's attention buffer, whose o product then
+/// streams as before, and the scratch's f16 K/V rows read back into the host's cache. The CPU
+/// ran that attention at 1.6 of 2.6 ms per prompt token (BENCHMARKS.md, session 10), and the
+/// read-back is a third of the f32 q | k | v it replaces. For models whose attention needs no
+/// biases, per-head norms, window or score options (the host path keeps those).
+struct BatchAttention {
+    cache: crate::gpu::ops::GpuKvCache,
+    rope_kv: crate::gpu::ops::RopeKvOp,
+    attention: crate::gpu::ops::AttentionOp,
+}
+
+impl BatchAttention {
+    /// For `gpu`'s layers with q/k/v on the GPU and the rest on the host, None where there are
+    /// none or the model's attention is not plain.
+    fn new(ctx: &GpuContext, gpu: &GpuSession) -> Result<Option<BatchAttention>, crate::gpu::GpuError> {
+        let hp = &gpu.model.hp;
+        let plain = hp.swa.is_none() && hp.q_scale.is_none() && hp.attn_softcap.is_none() && gpu.model.layers.iter().all(|l| l.bq.is_none() && l.bk.is_none() && l.bv.is_none() && l.q_norm.is_none() && l.k_norm.is_none());
+        if !plain || !gpu.layers.iter().any(|l| l.qkv_only.is_some()) || gpu.max_tokens() < 2 {
+            return Ok(None);
+        }
+        let mt = gpu.max_tokens();
+        let cache = crate::gpu::ops::GpuKvCache::new(ctx, 1, mt, hp.kv_dim())?;
+        let s = &gpu.s;
+        let [q, k, v] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
+        let rope_kv = crate::gpu::ops::RopeKvOp::new(ctx, q.clone(), k, v, cache.k_range(0), cache.v_range(0), crate::engine::gpu_forward::rope_shape(hp), &s.step);
+        let attention = crate::gpu::ops::AttentionOp::new(ctx, q, cache.k_range(0), cache.v_range(0), &s.attn, crate::engine::gpu_forward::attn_shape(hp), mt as u32, mt as u32, &s.step)?;
+        Ok(Some(BatchAttention { cache, rope_kv, attention }))
+    }
 }
 
 impl PrefillBuffers {
@@ -54,12 +89,13 @@ impl PrefillBuffers {
         &self.y_cpu
     }
 
-    pub(super) fn new(ctx: &GpuContext, gpu: &GpuSession) -> PrefillBuffers {
+    pub(super) fn new(ctx: &GpuContext, gpu: &GpuSession) -> Result<PrefillBuffers, crate::gpu::GpuError> {
         let e = gpu.model.hp.n_embd;
         let bytes = 4 * (gpu.max_tokens() * e) as u64;
         let y_cpu = ctx.zeros("prefill cpu ffn part", bytes);
         let add_cpu = AddOp::new(ctx, &gpu.s.x, &y_cpu, e as u32, &gpu.s.step);
-        PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new(), stream: None }
+        let batch_attention = BatchAttention::new(ctx, gpu)?;
+        Ok(PrefillBuffers { staging: ctx.readback_buffer("prefill staging", bytes), y_cpu, add_cpu, y: Vec::new(), x: Vec::new(), xn: Vec::new(), stream: None, batch_attention })
     }
 }
 
@@ -78,6 +114,9 @@ pub struct PrefillTiming {
     pub cpu_attention: f64,
     /// Batches whose cold neurons streamed to the GPU, and the streaming's figures.
     pub streamed_batches: u64,
+    /// Host-attention layers whose batch attention ran on the GPU (`BatchAttention`), summed
+    /// over batches.
+    pub gpu_attention_layers: u64,
     pub stream: super::stream::StreamTiming,
 }
 
@@ -89,13 +128,14 @@ impl PrefillTiming {
         let streamed = match self.streamed_batches {
             0 => String::new(),
             b => format!(
-                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows (o alone where q/k/v are on the GPU), {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing)",
+                "; {b} batches streamed to the GPU: {} chunks of cold neurons and {} of {} host-attention layers' q/k/v/o rows (o alone where q/k/v are on the GPU), {:.1} MiB, {:.3} ms per token packing them (CPU), {:.3} waiting for a free slot (GPU copying and computing); {} host-attention layers' batch attention on the GPU (its K/V rows read back into the host's cache: \"CPU attention\")",
                 st.chunks,
                 st.attn_chunks,
                 st.attn_layers,
                 st.bytes as f64 / (1u64 << 20) as f64,
                 per(st.pack),
-                per(st.wait_slot)
+                per(st.wait_slot),
+                self.gpu_attention_layers
             ),
         };
         format!(
@@ -154,6 +194,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.ids, 0, bytemuck::cast_slice(tokens));
         pf.y.resize(n as usize * e, 0.0);
         let (mut wait_gpu, mut cpu_ffn, mut cpu_attention) = (0.0, 0.0, 0.0);
+        let mut gpu_attention_layers = 0;
         // Large batches stream their cold neurons to the GPU (`stream`'s module docs).
         let streamed = pf.stream.as_ref().is_some_and(|s| n as usize >= s.min_rows);
         let this = &*gpu;
@@ -194,6 +235,49 @@ impl HybridSession {
                 let (rb, width) = area.qkv_readback().map(|(b, w)| (b.clone(), w)).expect("streamed attention has its read-back");
                 let bytes = 4 * n as u64 * width as u64;
                 let sections = !resident.is_empty();
+                if let (true, 0, Some(ba)) = (sections, pos0, pf.batch_attention.as_ref()) {
+                    // The batch is the whole context: attention on the GPU (`BatchAttention`).
+                    area.timing.attn_layers += 1;
+                    gpu_attention_layers += 1;
+                    for (_, op) in resident {
+                        op.record(&mut pass, n);
+                    }
+                    ba.rope_kv.record(&mut pass, n);
+                    ba.attention.record(&mut pass, n);
+                    drop(pass);
+                    let kv_bytes = 2 * n as u64 * this.model.hp.kv_dim() as u64;
+                    let (k, v) = (ba.cache.k_range(0), ba.cache.v_range(0));
+                    enc.copy_buffer_to_buffer(k.buffer, k.offset, &rb, 0, kv_bytes);
+                    enc.copy_buffer_to_buffer(v.buffer, v.offset, &rb, kv_bytes, kv_bytes);
+                    this.ctx.queue.submit([enc.finish()]);
+                    let t_wait = Instant::now();
+                    let slice = rb.slice(..2 * kv_bytes);
+                    let (tx_map, rx_map) = std::sync::mpsc::channel();
+                    slice.map_async(wgpu::MapMode::Read, move |r| {
+                        let _ = tx_map.send(r);
+                    });
+                    spin_until_mapped(&this.ctx.device, &rx_map)?;
+                    wait_gpu += t_wait.elapsed().as_secs_f64();
+                    let t_attn = Instant::now();
+                    {
+                        let view = slice.get_mapped_range().map_err(lost)?;
+                        let (k, v) = view.split_at(kv_bytes as usize);
+                        state.host.store_kv(il, 0, bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
+                    }
+                    rb.unmap();
+                    cpu_attention += t_attn.elapsed().as_secs_f64();
+                    enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wo], true, n, new_encoder())?;
+                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    pf.add_cpu.encode(&mut pass, n);
+                    area.record_ffn_norm(&mut pass, il, n);
+                    sp.batch.record(&mut pass, n);
+                    if !sp.cold.is_empty() {
+                        drop(pass);
+                        enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+                    }
+                    continue;
+                }
                 if sections {
                     // (Its o rows stream: it counts as a streamed host-attention layer.)
                     area.timing.attn_layers += 1;
@@ -344,6 +428,7 @@ impl HybridSession {
         t.wait_gpu += wait_gpu;
         t.cpu_ffn += cpu_ffn;
         t.cpu_attention += cpu_attention;
+        t.gpu_attention_layers += gpu_attention_layers;
         if let Some(area) = pf.stream.as_mut().filter(|_| streamed) {
             let a = std::mem::take(&mut area.timing);
             t.streamed_batches += 1;
