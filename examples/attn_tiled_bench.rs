@@ -1,14 +1,17 @@
 //! The tiled CPU attention of a streamed hybrid prefill on its own: a 7B-shaped head layout
-//! (32 heads of 128), a prompt batch of N tokens from an empty cache, one layer, timed.
+//! (32 heads of 128), a prompt batch of N tokens from an empty cache, one layer, timed. With a
+//! fourth argument `decode`: one token at position N - 1 instead, by the hybrid's decode
+//! attention (f32, split over heads and runs of keys) and by the CPU session's (llama.cpp's
+//! f16 numerics, a head per task), with the cache's read rate.
 //!
-//!     cargo run --release --example attn_tiled_bench -- [N] [THREADS] [REPS]
-use ember::cpu::attention::{attention_tiled_team, AttnShape};
+//!     cargo run --release --example attn_tiled_bench -- [N] [THREADS] [REPS] [decode]
+use ember::cpu::attention::{attention_decode_team, attention_team, attention_tiled_team, AttnShape};
 use ember::cpu::team::Team;
 use ember::cpu::KvCache;
 use std::time::Instant;
 
 fn main() {
-    let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("numbers: N THREADS REPS")).collect();
+    let args: Vec<usize> = std::env::args().skip(1).take(3).map(|a| a.parse().expect("numbers: N THREADS REPS")).collect();
     let n = *args.first().unwrap_or(&512);
     let threads = *args.get(1).unwrap_or(&1);
     let reps = *args.get(2).unwrap_or(&3);
@@ -30,6 +33,26 @@ fn main() {
     }
     let q: Vec<f32> = (0..n * qd).map(|_| 3.0 * next()).collect();
     let (k, v) = cache.layer(0);
+    if std::env::args().nth(4).as_deref() == Some("decode") {
+        let mut team = Team::new(threads);
+        let mut out = vec![0.0f32; qd];
+        let mut parts = Vec::new();
+        let bytes = (2 * n * kvd * 2) as f64;
+        for (name, f16) in [("f32, heads x key runs", false), ("llama.cpp's f16, a head per task", true)] {
+            for r in 0..=reps {
+                let t = Instant::now();
+                match f16 {
+                    false => attention_decode_team(&mut team, &q[..qd], k, v, n - 1, shape, &mut parts, &mut out),
+                    true => attention_team(&mut team, &q[..qd], k, v, n - 1, 1, shape, &mut out),
+                }
+                let s = t.elapsed().as_secs_f64();
+                if r > 0 {
+                    println!("decode at {n} keys, {threads} threads, {name}: {:.3} ms, {:.1} GB/s of cache", 1e3 * s, bytes / s / 1e9);
+                }
+            }
+        }
+        return;
+    }
     let mut out = vec![0.0f32; n * qd];
     let mut team = Team::new(threads);
     // Causal: every head's n (n + 1) / 2 scores and as many value rows, 2 flops each.

@@ -378,7 +378,7 @@ fn decode_attention_matches_f64_softmax_attention() {
         let (k, v) = cache.layer(0);
         let q: Vec<f32> = rng.vec(q_dim).iter().map(|x| 3.0 * x).collect();
         let mut got = vec![f32::NAN; q_dim];
-        attention_decode_team(&mut Team::new(3), &q, k, v, pos, shape, &mut got);
+        attention_decode_team(&mut Team::new(3), &q, k, v, pos, shape, &mut Vec::new(), &mut got);
         let mut worst = 0.0f64;
         for h in 0..shape.n_head {
             let kvh = h / (shape.n_head / shape.n_head_kv);
@@ -395,7 +395,7 @@ fn decode_attention_matches_f64_softmax_attention() {
         assert!(worst < 2e-5, "{shape:?}, pos {pos}: max error {worst}");
         for size in [1, 2, 5] {
             let mut again = vec![f32::NAN; q_dim];
-            attention_decode_team(&mut Team::new(size), &q, k, v, pos, shape, &mut again);
+            attention_decode_team(&mut Team::new(size), &q, k, v, pos, shape, &mut Vec::new(), &mut again);
             assert!(again.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "team of {size}");
         }
     }

@@ -184,7 +184,11 @@ const DECODE_HEADS: usize = 8;
 /// flash-decoding style: each task keeps, per head, its own running maximum, sum and output,
 /// and each head's parts are merged in key order, so the result does not depend on the team's
 /// size. One (token, head) per task left 32 tasks for 14 threads.
-pub fn attention_decode_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos: usize, shape: AttnShape, out: &mut [f32]) {
+///
+/// `parts` is scratch kept by the caller (a 7B's at 4096 keys is 2 MiB: allocated per call, its
+/// pages were faulted in per layer and token).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], pos: usize, shape: AttnShape, parts: &mut Vec<f32>, out: &mut [f32]) {
     let AttnShape { n_head, head_dim: hd, .. } = shape;
     assert_eq!(q.len(), n_head * hd);
     assert_eq!(out.len(), n_head * hd);
@@ -194,7 +198,7 @@ pub fn attention_decode_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], p
     let n_tasks = n_chunks * n_groups;
     // Per (head, chunk), at [(h * n_chunks + c) * (hd + 2)..]: the maximum and the sum of the
     // chunk's scores, then its unnormalised output.
-    let mut parts = vec![0.0f32; n_head * n_chunks * (hd + 2)];
+    parts.resize(n_head * n_chunks * (hd + 2), 0.0);
     let next = std::sync::atomic::AtomicUsize::new(0);
     let ptr = SharedOut(parts.as_mut_ptr());
     team.run(&|_, _| {

@@ -33,6 +33,8 @@ pub struct HostAttention {
     v: Vec<f32>,
     attn: Vec<f32>,
     proj: Vec<f32>,
+    /// A decoded token's attention parts per head and run of keys (`attention_decode_team`).
+    decode_parts: Vec<f32>,
 }
 
 impl HostAttention {
@@ -54,6 +56,7 @@ impl HostAttention {
             v: Vec::new(),
             attn: Vec::new(),
             proj: Vec::new(),
+            decode_parts: Vec::new(),
         }
     }
 
@@ -203,7 +206,7 @@ impl HostAttention {
         let hp = &model.hp;
         let (qd, kvd) = (hp.q_dim(), hp.kv_dim());
         let layer = &model.layers[il];
-        let HostAttention { kv, rope, shape, q, k, v, attn, .. } = self;
+        let HostAttention { kv, rope, shape, q, k, v, attn, decode_parts, .. } = self;
         attn.resize(n * qd, 0.0);
         for (buf, bias, d) in [(&mut *q, &layer.bq, qd), (&mut *k, &layer.bk, kvd), (&mut *v, &layer.bv, kvd)] {
             if let Some(b) = bias {
@@ -250,7 +253,7 @@ impl HostAttention {
             (true, _) => attention_tiled_team(team, q, kc, vc, pos0, n, *shape, attn),
             // One token: split over keys as well as heads, in f32 (the GPU's attention layers
             // are f32 too).
-            (false, 1) => attention_decode_team(team, &q[..qd], kc, vc, pos0, *shape, &mut attn[..qd]),
+            (false, 1) => attention_decode_team(team, &q[..qd], kc, vc, pos0, *shape, decode_parts, &mut attn[..qd]),
             (false, _) => attention_team(team, q, kc, vc, pos0, n, *shape, attn),
         }
     }
