@@ -88,8 +88,8 @@ rates)
   # 5% mean activity: what PowerInfer's sparser models would get. llama.cpp's rows (race4k) are
   # the same whatever the activity.
   for r in ${RATES:-25% 10% 5%}; do
-    measure "ember hybrid $B GiB, charged predictor, profile scaled to $r mean activity, -c 4096 -p 512" \
-      $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor recall=0.99,precision=0.3,rate=$r --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
+    measure "ember hybrid $B GiB, charged predictor, profile scaled to $r mean activity, -c 4096 tg64 after 512" \
+      $E bench -m $M/relu-pi.gguf $SIM --kv-depth 544 --simulate-predictor recall=0.99,precision=0.3,rate=$r --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r 1
   done
   ;;
 long)
@@ -123,13 +123,18 @@ hprofile)
   ;;
 race4k)
   # The acceptance setting: -c 4096, a 512-token prompt, the budget B; llama.cpp at several
-  # -ngl to bracket ember's driver peak (the same driver-measured memory).
-  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 -p 512" \
-    $E bench -m $M/relu-pi.gguf $SIM --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r ${REPS:-2}
-  measure "ember hybrid $B GiB, free perfect predictor, -c 4096: UPPER BOUND" \
-    $E bench -m $M/relu-pi.gguf $SIM --simulate-predictor perfect --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
-  [ "${SKIP_OFFLOAD4K:-0}" = 1 ] || measure "ember dense offload $B GiB, -c 4096 -p 512" \
-    $E bench -m $M/relu.gguf --vram-budget $B -t $T -c 4096 -p 512 -n 64 -r 1
+  # -ngl to bracket ember's driver peak (the same driver-measured memory). llama-batched-bench
+  # generates after its prompt, so ember's tg runs at -d 512 (its pp512 from an empty cache),
+  # both with the placement for that workload (--kv-depth 544: 512 + half of 64).
+  K="--kv-depth 544"
+  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 pp512" \
+    $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 512 -n 0 -r ${REPS:-2}
+  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 tg64 after 512" \
+    $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2}
+  measure "ember hybrid $B GiB, free perfect predictor, -c 4096 tg64 after 512: UPPER BOUND" \
+    $E bench -m $M/relu-pi.gguf $SIM $K --simulate-predictor perfect --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r 1
+  [ "${SKIP_OFFLOAD4K:-0}" = 1 ] || measure "ember dense offload $B GiB, -c 4096 tg64 after 512" \
+    $E bench -m $M/relu.gguf --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r 1
   [ "${NO_LLAMA:-0}" = 1 ] || for n in ${RACE_NGL:-6 8 10 12}; do
     measure "llama.cpp -ngl $n, -c 4096 -npp 512 -ntg 64" $LBB -m $M/relu.gguf -ngl $n -t $T -c 4096 -npp 512 -ntg 64 -npl 1
   done
