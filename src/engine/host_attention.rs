@@ -35,6 +35,9 @@ pub struct HostAttention {
     proj: Vec<f32>,
     /// A decoded token's attention parts per head and run of keys (`attention_decode_team`).
     decode_parts: Vec<f32>,
+    /// Seconds spent in RoPE, the KV write and attention over the cache, summed (for the
+    /// hybrid's timing line).
+    pub core_secs: f64,
 }
 
 impl HostAttention {
@@ -57,6 +60,7 @@ impl HostAttention {
             attn: Vec::new(),
             proj: Vec::new(),
             decode_parts: Vec::new(),
+            core_secs: 0.0,
         }
     }
 
@@ -126,7 +130,9 @@ impl HostAttention {
         }
         self.split_qkv(model, il, pos0, qkv)?;
         let slot = self.slots[il].expect("checked by split_qkv");
+        let t = std::time::Instant::now();
         self.core(team, model, il, slot, pos0, n, n > 1);
+        self.core_secs += t.elapsed().as_secs_f64();
         let layer = &model.layers[il];
         self.proj.resize(n * e, 0.0);
         let HostAttention { attn, proj, .. } = self;

@@ -284,6 +284,9 @@ pub struct HybridTiming {
     pub cpu_predictor: f64,
     /// Host-attention layers' attention half on the CPU (the GPU waits for it).
     pub cpu_attention: f64,
+    /// Of `cpu_attention`: RoPE, the KV write and attention over the cache (the rest is the o
+    /// product, the norms and the exchange's writes).
+    pub cpu_attention_core: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -296,11 +299,12 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention, {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
+            per(self.cpu_attention_core),
             per(self.cpu_ffn),
             per(self.cpu_predictor),
             per(self.wait_recorder),
@@ -741,6 +745,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
         let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, .. } = state;
         let predictor_secs = cold.predictor_secs;
+        let core_secs = host.core_secs;
         let this = &*gpu;
         let layers = &*layers;
         let mut t = TokenTiming::default();
@@ -847,6 +852,7 @@ impl HybridSession {
         timing.cpu_ffn += t.cpu_ffn;
         timing.cpu_attention += t.cpu_attention;
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
+        timing.cpu_attention_core += host.core_secs - core_secs;
         timing.record += t.record;
         timing.simulate += t.simulate;
         gpu.n_past += 1;
