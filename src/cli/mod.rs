@@ -142,7 +142,8 @@ pub struct ModelArgs {
     pub stream_min_batch: u32,
     /// Hybrid under --vram-budget: the positions a generated token attends over on average,
     /// which values each layer's KV cache against hot neurons when the placement chooses
-    /// where its attention runs (a cache read little is worth little VRAM) [default: `run`:
+    /// where its attention runs (a cache read little is worth little VRAM); rounded to a
+    /// sixteenth of the context, which keeps the cached placements few [default: `run`:
     /// the prompt plus half of -n; `bench`: -d plus half of -n (of -p without -n); `serve`,
     /// `chat`: half the context]
     #[arg(long, value_name = "N")]

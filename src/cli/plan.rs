@@ -91,7 +91,7 @@ pub fn plan(a: PlanArgs) -> Result<()> {
         // The session keeps room for the prefill streaming area the same way.
         let area = crate::engine::builder::prefill_config(a.model.prefill_batch as usize, a.model.stream_min_batch as usize, Some(budget)).area_bytes(&model, a.ctx_size, Some(budget));
         // As the session values its KV caches: --kv-depth, else half the context.
-        let kv_depth = a.model.kv_depth.unwrap_or(a.ctx_size / 2).min(a.ctx_size);
+        let kv_depth = crate::engine::host_attention::kv_depth_for(a.model.kv_depth, a.ctx_size);
         choose_attention(&model, a.ctx_size, kv_depth, budget, &counts, counts_tokens, reads, neuron_bytes, predictor_bytes, crate::gpu::PLANNING_MARGIN + area)?
     } else {
         let mut attention = model.token_embd.n_bytes() as u64 + 4 * hp.n_embd as u64;

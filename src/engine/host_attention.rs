@@ -330,6 +330,16 @@ pub fn choose_attention(model: &Model, n_ctx: usize, kv_depth: usize, budget: u6
     place_with_attention(&input, &attention_costs(model, n_ctx, kv_depth), budget, model.hp.n_ff)
 }
 
+/// The depth a placement values KV caches at (`AttentionPlace::Placed`): `asked` (default half
+/// of `n_ctx`) rounded to the nearest sixteenth of the context, at least one. `ember run`
+/// asks for its own prompt's depth, so without the rounding every prompt length would make
+/// (and cache) a placement of its own; a sixteenth changes a cache's value by little.
+pub fn kv_depth_for(asked: Option<usize>, n_ctx: usize) -> usize {
+    let step = (n_ctx / 16).max(1);
+    let d = asked.unwrap_or(n_ctx / 2).min(n_ctx);
+    ((d + step / 2) / step * step).clamp(1.min(n_ctx), n_ctx.max(1))
+}
+
 /// What the host reads of a cold neuron in a hybrid of `mode` (the placement ranks neurons by
 /// it): `--ffn relu` reads every cold neuron's gate row and the firing ones' up and down
 /// rows; `--ffn predict` the gate rows of the predictor's candidates, at the recall and
@@ -351,5 +361,23 @@ pub fn cold_reads(model: &Model, down_t: GgmlType, mode: FfnMode, simulated: Opt
             candidates: Candidates::Predicted { recall: PredictorSim::DEFAULT_RECALL, precision: PredictorSim::DEFAULT_PRECISION },
         },
         (FfnMode::Dense | FfnMode::Threshold, ..) => ColdReads::WhenFiring,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kv_depth_for;
+
+    #[test]
+    fn kv_depths_round_to_a_sixteenth_of_the_context() {
+        // 4096 positions: sixteenths of 256.
+        assert_eq!(kv_depth_for(None, 4096), 2048);
+        assert_eq!(kv_depth_for(Some(544), 4096), 512);
+        assert_eq!(kv_depth_for(Some(640), 4096), 768);
+        assert_eq!(kv_depth_for(Some(10), 4096), 1);
+        assert_eq!(kv_depth_for(Some(9999), 4096), 4096);
+        // Contexts below 16 positions: every depth its own.
+        assert_eq!(kv_depth_for(Some(5), 8), 5);
+        assert_eq!(kv_depth_for(None, 1), 1);
     }
 }
