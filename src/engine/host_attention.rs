@@ -186,7 +186,7 @@ impl HostAttention {
 
     /// Layer `il`'s keys and values of `k.len() / kv_dim` tokens from `pos0` on, in f16 as
     /// the cache holds them (RoPE applied): what a batch whose attention ran elsewhere leaves.
-    pub fn store_kv(&mut self, il: usize, pos0: usize, k: &[half::f16], v: &[half::f16]) -> Result<(), ForwardError> {
+    pub fn store_kv(&mut self, model: &Model, il: usize, pos0: usize, k: &[half::f16], v: &[half::f16]) -> Result<(), ForwardError> {
         let kvd = self.kv.kv_dim;
         let Some(slot) = self.slots.get(il).copied().flatten() else {
             return Err(ForwardError::Gpu(crate::gpu::GpuError::Unsupported(format!("layer {il}'s attention is not on the host"))));
@@ -196,7 +196,7 @@ impl HostAttention {
             return Err(ForwardError::Empty);
         }
         if pos0 + n > self.kv.n_ctx {
-            return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: 0 });
+            return Err(ForwardError::ContextFull { needed: pos0 + n, n_ctx: self.kv.n_ctx, n_ctx_train: model.hp.n_ctx_train });
         }
         let (kc, vc) = self.kv.rows_mut(slot, pos0, n);
         kc.copy_from_slice(k);

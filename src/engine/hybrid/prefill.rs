@@ -235,66 +235,47 @@ impl HybridSession {
                 let (rb, width) = area.qkv_readback().map(|(b, w)| (b.clone(), w)).expect("streamed attention has its read-back");
                 let bytes = 4 * n as u64 * width as u64;
                 let sections = !resident.is_empty();
-                if let (true, 0, Some(ba)) = (sections, pos0, pf.batch_attention.as_ref()) {
-                    // The batch is the whole context: attention on the GPU (`BatchAttention`).
-                    area.timing.attn_layers += 1;
-                    gpu_attention_layers += 1;
-                    for (_, op) in resident {
-                        op.record(&mut pass, n);
-                    }
-                    ba.rope_kv.record(&mut pass, n);
-                    ba.attention.record(&mut pass, n);
-                    drop(pass);
-                    let kv_bytes = 2 * n as u64 * this.model.hp.kv_dim() as u64;
-                    let (k, v) = (ba.cache.k_range(0), ba.cache.v_range(0));
-                    enc.copy_buffer_to_buffer(k.buffer, k.offset, &rb, 0, kv_bytes);
-                    enc.copy_buffer_to_buffer(v.buffer, v.offset, &rb, kv_bytes, kv_bytes);
-                    this.ctx.queue.submit([enc.finish()]);
-                    let t_wait = Instant::now();
-                    let slice = rb.slice(..2 * kv_bytes);
-                    let (tx_map, rx_map) = std::sync::mpsc::channel();
-                    slice.map_async(wgpu::MapMode::Read, move |r| {
-                        let _ = tx_map.send(r);
-                    });
-                    spin_until_mapped(&this.ctx.device, &rx_map)?;
-                    wait_gpu += t_wait.elapsed().as_secs_f64();
-                    let t_attn = Instant::now();
-                    {
-                        let view = slice.get_mapped_range().map_err(lost)?;
-                        let (k, v) = view.split_at(kv_bytes as usize);
-                        state.host.store_kv(il, 0, bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
-                    }
-                    rb.unmap();
-                    cpu_attention += t_attn.elapsed().as_secs_f64();
-                    enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wo], true, n, new_encoder())?;
-                    pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-                    pf.add_cpu.encode(&mut pass, n);
-                    area.record_ffn_norm(&mut pass, il, n);
-                    sp.batch.record(&mut pass, n);
-                    if !sp.cold.is_empty() {
-                        drop(pass);
-                        enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
-                        pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-                    }
-                    continue;
-                }
+                // A batch that is the whole context runs the attention of a layer with resident
+                // q/k/v on the GPU (`BatchAttention`) and reads back only its K/V rows.
+                let on_gpu = match (sections, pos0, pf.batch_attention.as_ref()) {
+                    (true, 0, Some(ba)) => Some(ba),
+                    _ => None,
+                };
                 if sections {
                     // (Its o rows stream: it counts as a streamed host-attention layer.)
                     area.timing.attn_layers += 1;
                     for (_, op) in resident {
                         op.record(&mut pass, n);
                     }
-                    drop(pass);
-                    this.copy_qkv_sections(&mut enc, n, &rb, 0);
-                } else {
-                    area.record_attn_norm(&mut pass, il, n);
-                    drop(pass);
-                    enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
-                    enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
                 }
+                let kv_bytes = 2 * n as u64 * this.model.hp.kv_dim() as u64;
+                let read = match on_gpu {
+                    Some(ba) => {
+                        gpu_attention_layers += 1;
+                        ba.rope_kv.record(&mut pass, n);
+                        ba.attention.record(&mut pass, n);
+                        drop(pass);
+                        let (k, v) = (ba.cache.k_range(0), ba.cache.v_range(0));
+                        enc.copy_buffer_to_buffer(k.buffer, k.offset, &rb, 0, kv_bytes);
+                        enc.copy_buffer_to_buffer(v.buffer, v.offset, &rb, kv_bytes, kv_bytes);
+                        2 * kv_bytes
+                    }
+                    None if sections => {
+                        drop(pass);
+                        this.copy_qkv_sections(&mut enc, n, &rb, 0);
+                        bytes
+                    }
+                    None => {
+                        area.record_attn_norm(&mut pass, il, n);
+                        drop(pass);
+                        enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wq, &l.wk, &l.wv], false, n, enc)?;
+                        enc.copy_buffer_to_buffer(&this.s.qkv, 0, &rb, 0, bytes);
+                        bytes
+                    }
+                };
                 this.ctx.queue.submit([enc.finish()]);
                 let t_wait = Instant::now();
-                let slice = rb.slice(..bytes);
+                let slice = rb.slice(..read);
                 let (tx_map, rx_map) = std::sync::mpsc::channel();
                 slice.map_async(wgpu::MapMode::Read, move |r| {
                     let _ = tx_map.send(r);
@@ -304,27 +285,34 @@ impl HybridSession {
                 let t_attn = Instant::now();
                 {
                     let view = slice.get_mapped_range().map_err(lost)?;
-                    let v: &[f32] = bytemuck::cast_slice::<u8, f32>(&view);
-                    pf.x.clear();
-                    if sections {
-                        // Sections of n rows each to rows of q | k | v.
-                        let hp = &this.model.hp;
-                        let (qd, kvd, n) = (hp.q_dim(), hp.kv_dim(), n as usize);
-                        let (q, rest) = v.split_at(n * qd);
-                        let (k, vv) = rest.split_at(n * kvd);
-                        for t in 0..n {
-                            pf.x.extend_from_slice(&q[t * qd..(t + 1) * qd]);
-                            pf.x.extend_from_slice(&k[t * kvd..(t + 1) * kvd]);
-                            pf.x.extend_from_slice(&vv[t * kvd..(t + 1) * kvd]);
-                        }
+                    if on_gpu.is_some() {
+                        let (k, v) = view.split_at(kv_bytes as usize);
+                        state.host.store_kv(&this.model, il, 0, bytemuck::cast_slice(k), bytemuck::cast_slice(v))?;
                     } else {
-                        pf.x.extend_from_slice(v);
+                        let v: &[f32] = bytemuck::cast_slice::<u8, f32>(&view);
+                        pf.x.clear();
+                        if sections {
+                            // Sections of n rows each to rows of q | k | v.
+                            let hp = &this.model.hp;
+                            let (qd, kvd, n) = (hp.q_dim(), hp.kv_dim(), n as usize);
+                            let (q, rest) = v.split_at(n * qd);
+                            let (k, vv) = rest.split_at(n * kvd);
+                            for t in 0..n {
+                                pf.x.extend_from_slice(&q[t * qd..(t + 1) * qd]);
+                                pf.x.extend_from_slice(&k[t * kvd..(t + 1) * kvd]);
+                                pf.x.extend_from_slice(&vv[t * kvd..(t + 1) * kvd]);
+                            }
+                        } else {
+                            pf.x.extend_from_slice(v);
+                        }
                     }
                 }
                 rb.unmap();
-                let attn = state.host.run_core(state.cold.team(), &this.model, il, pos0 as usize, &pf.x)?;
-                // Through the context's one counted staging buffer, not a queue write's own.
-                this.ctx.write(&this.s.attn, 0, bytemuck::cast_slice(attn));
+                if on_gpu.is_none() {
+                    let attn = state.host.run_core(state.cold.team(), &this.model, il, pos0 as usize, &pf.x)?;
+                    // Through the context's one counted staging buffer, not a queue write's own.
+                    this.ctx.write(&this.s.attn, 0, bytemuck::cast_slice(attn));
+                }
                 cpu_attention += t_attn.elapsed().as_secs_f64();
                 enc = area.run_rows(&this.ctx, state.cold.team(), &[&l.wo], true, n, new_encoder())?;
                 pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
