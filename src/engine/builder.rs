@@ -331,6 +331,8 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             (ffn, load_counts(args, &model, budget.is_some())?, None, None, None)
         }
     };
+    // The depth at which KV caches are valued: it chooses host attention, so it keys the cache.
+    let kv_depth = super::host_attention::kv_depth_for(args.kv_depth, n_ctx);
     // A placement from --placement, else the one cached among the derived files for this budget and
     // profile, else a new one (then cached).
     let cache = match (budget, &args.placement) {
@@ -344,14 +346,12 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
             // Host attention depends on the context too (its KV cache's size) and on the
             // depth it is valued at; since session 11 neurons are valued by what the host reads
             // of them (placements from before are made anew).
-            let depth = super::host_attention::kv_depth_for(args.kv_depth, n_ctx) as u64;
-            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24 ^ depth << 44 ^ 0x51c1_0000_0000))
+            Some(PlacementCache::new(&args.derived, b, &counts, salt ^ (n_ctx as u64) << 24 ^ (kv_depth as u64) << 44 ^ 0x51c1_0000_0000))
         }
         _ => None,
     };
     // Attention placed with the neurons, unless a placement file says where it goes (one
     // without ember's attention record, e.g. PowerInfer's, keeps every layer's on the GPU).
-    let kv_depth = super::host_attention::kv_depth_for(args.kv_depth, n_ctx);
     let placed = AttentionPlace::Placed { slack: 0, kv_depth };
     let (hot, attention) = match (&args.placement, &cache) {
         (Some(path), _) => {
