@@ -7,6 +7,7 @@
 
 use half::f16;
 use super::team::Team;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 /// Keys and values of every layer for up to `n_ctx` positions, in f16.
@@ -199,48 +200,72 @@ pub fn attention_decode_team(team: &mut Team, q: &[f32], k: &[f16], v: &[f16], p
     // Per (head, chunk), at [(h * n_chunks + c) * (hd + 2)..]: the maximum and the sum of the
     // chunk's scores, then its unnormalised output.
     parts.resize(n_head * n_chunks * (hd + 2), 0.0);
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let next = AtomicUsize::new(0);
+    // Per group of heads: its tasks finished. The member finishing a group's last task
+    // merges that group's parts, so the merge is spread over the team rather than left to
+    // the caller after the join (32 heads' merges took ~30 µs a layer on one thread).
+    let done: Vec<AtomicUsize> = (0..n_groups).map(|_| AtomicUsize::new(0)).collect();
     let ptr = SharedOut(parts.as_mut_ptr());
+    let out_ptr = SharedOut(out.as_mut_ptr());
     team.run(&|_, _| {
         let mut row = vec![0.0f32; hd];
         let mut scores = vec![0.0f32; DECODE_CHUNK * DECODE_HEADS];
         loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let i = next.fetch_add(1, Ordering::Relaxed);
             if i >= n_tasks {
                 break;
             }
             let (c, g) = (i / n_groups, i % n_groups);
             let heads = g * DECODE_HEADS..((g + 1) * DECODE_HEADS).min(n_head);
-            let task = DecodeTask { q, k, v, n_keys, shape, chunk: c, heads };
+            let task = DecodeTask { q, k, v, n_keys, shape, chunk: c, heads: heads.clone() };
             // SAFETY: the task writes only parts (h, c) of its heads, inside `parts`; no other
             // task has the same (chunk, heads).
             let part = |h: usize| unsafe { std::slice::from_raw_parts_mut(ptr.at((h * n_chunks + c) * (hd + 2)), hd + 2) };
             #[cfg(target_arch = "x86_64")]
-            if crate::quant::has_avx2_fma() && hd.is_multiple_of(16) {
+            let simd = crate::quant::has_avx2_fma() && hd.is_multiple_of(16);
+            #[cfg(not(target_arch = "x86_64"))]
+            let simd = false;
+            match simd {
                 // SAFETY: the CPU has the features the kernel is compiled for; the head size
                 // is a multiple of 16 as it requires.
-                unsafe { task.run_f16c(&part, &mut scores) };
-                continue;
+                #[cfg(target_arch = "x86_64")]
+                true => unsafe { task.run_f16c(&part, &mut scores) },
+                _ => task.run(&part, &mut row, &mut scores),
             }
-            task.run(&part, &mut row, &mut scores);
+            // AcqRel: the last of a group's tasks sees every other task's parts.
+            if done[g].fetch_add(1, Ordering::AcqRel) + 1 == n_chunks {
+                for h in heads {
+                    // SAFETY: every task of the group has finished (no more writes to its
+                    // parts), and only this member merges the group: head h's output row is
+                    // written by nobody else.
+                    let (chunks, o) = unsafe {
+                        (
+                            std::slice::from_raw_parts(ptr.at(h * n_chunks * (hd + 2)).cast_const(), n_chunks * (hd + 2)),
+                            std::slice::from_raw_parts_mut(out_ptr.at(h * hd), hd),
+                        )
+                    };
+                    merge_decode_parts(chunks, hd, o);
+                }
+            }
         }
     });
-    // Each head's chunks merged in key order.
-    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
-        let chunks = &parts[h * n_chunks * (hd + 2)..(h + 1) * n_chunks * (hd + 2)];
-        let m = chunks.chunks_exact(hd + 2).map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
-        o.fill(0.0);
-        let mut l = 0.0f32;
-        for p in chunks.chunks_exact(hd + 2) {
-            let c = exp_neg(p[0] - m);
-            l += p[1] * c;
-            for (a, &x) in o.iter_mut().zip(&p[2..]) {
-                *a += x * c;
-            }
+}
+
+/// One head's output from its parts per run of keys (maximum, sum, unnormalised output each),
+/// merged in key order.
+fn merge_decode_parts(chunks: &[f32], hd: usize, o: &mut [f32]) {
+    let m = chunks.chunks_exact(hd + 2).map(|p| p[0]).fold(f32::NEG_INFINITY, f32::max);
+    o.fill(0.0);
+    let mut l = 0.0f32;
+    for p in chunks.chunks_exact(hd + 2) {
+        let c = exp_neg(p[0] - m);
+        l += p[1] * c;
+        for (a, &x) in o.iter_mut().zip(&p[2..]) {
+            *a += x * c;
         }
-        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
-        o.iter_mut().for_each(|a| *a *= inv);
     }
+    let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
+    o.iter_mut().for_each(|a| *a *= inv);
 }
 
 /// One task of [`attention_decode_team`]: keys `chunk * DECODE_CHUNK..` (at most
@@ -315,8 +340,28 @@ impl DecodeTask<'_> {
         let hd = self.shape.head_dim;
         let (j0, nk) = self.keys();
         let scale = 1.0 / (hd as f32).sqrt();
-        // Scores key by key, the group's heads side by side (one stretch of the key's row).
+        // The group's stretch of a key row is 8 KiB from the next key's in a 7B's cache, so
+        // the hardware's prefetchers (which stay within a 4 KiB page) do not run ahead of
+        // it: each key's stretch two keys on is asked for here, and its value stretch for
+        // the loop below, while this key's scores are computed.
+        let span = self.heads.len() * hd;
+        let h0 = self.heads.start;
+        let fetch = |m: &[f16], j: usize, hint: bool| {
+            if j < self.n_keys {
+                let p = self.row(m, j, h0).as_ptr().cast::<i8>();
+                for line in (0..span * 2).step_by(64) {
+                    match hint {
+                        true => _mm_prefetch::<_MM_HINT_T0>(p.add(line)),
+                        false => _mm_prefetch::<_MM_HINT_T1>(p.add(line)),
+                    }
+                }
+            }
+        };
+        fetch(self.k, j0, true);
+        fetch(self.k, j0 + 1, true);
         for j in 0..nk {
+            fetch(self.k, j0 + j + 2, true);
+            fetch(self.v, j0 + j, false);
             for (gh, h) in self.heads.clone().enumerate() {
                 let kr = self.row(self.k, j0 + j, h).as_ptr().cast::<__m128i>();
                 let qh = self.q[h * hd..].as_ptr();
