@@ -7,20 +7,24 @@
 
 use half::f16;
 use super::team::Team;
+use crate::mem::ZeroedBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 
-/// Keys and values of every layer for up to `n_ctx` positions, in f16.
+/// Keys and values of every layer for up to `n_ctx` positions, in f16, in huge pages where
+/// the kernel gives them ([`ZeroedBuf`]): a 7B's rows are 8 KiB apart, and decode attention
+/// on 4 KiB pages walked the page tables for nearly every key it read.
 pub struct KvCache {
     pub n_ctx: usize,
     pub kv_dim: usize,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    k: Vec<ZeroedBuf<f16>>,
+    v: Vec<ZeroedBuf<f16>>,
 }
 
 impl KvCache {
     pub fn new(n_layer: usize, n_ctx: usize, kv_dim: usize) -> Self {
-        KvCache { n_ctx, kv_dim, k: vec![vec![f16::ZERO; n_ctx * kv_dim]; n_layer], v: vec![vec![f16::ZERO; n_ctx * kv_dim]; n_layer] }
+        let buf = || ZeroedBuf::new(n_ctx * kv_dim, true);
+        KvCache { n_ctx, kv_dim, k: (0..n_layer).map(|_| buf()).collect(), v: (0..n_layer).map(|_| buf()).collect() }
     }
 
     pub fn bytes(n_layer: usize, n_ctx: usize, kv_dim: usize) -> u64 {

@@ -50,6 +50,7 @@ mod avx512;
 
 use super::{BlockQ8_0, BlockQ8_1, QK};
 use crate::gguf::GgmlType;
+use crate::mem::ZeroedBuf;
 use std::ops::Range;
 
 /// Rows per interleaved group.
@@ -140,7 +141,7 @@ pub fn packs(ty: GgmlType) -> bool {
 }
 
 /// One cache line; the packed bytes live in these so that every group starts 64-byte aligned.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, bytemuck::Zeroable, bytemuck::Pod)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
@@ -184,7 +185,10 @@ pub struct PackedMatrix {
     nb: usize,
     /// Bytes from one group to the next (a whole number of lines).
     group_stride: usize,
-    lines: Lines,
+    /// The packed bytes, in whole cache lines (so that every group starts 64-byte aligned),
+    /// zeroed at allocation, in huge pages where asked; the repack's threads fault in the
+    /// pages they fill.
+    lines: ZeroedBuf<Line>,
 }
 
 /// How a matrix is packed.
@@ -200,85 +204,6 @@ pub struct PackOptions {
 impl Default for PackOptions {
     fn default() -> Self {
         PackOptions { huge_pages: true }
-    }
-}
-
-/// The packed bytes, in whole cache lines, zeroed at allocation. On Linux a private anonymous
-/// mapping (2 MiB-aligned when huge pages are asked for), so that no page is touched before
-/// `madvise` and the repack's threads fault in the pages they fill; elsewhere a `Vec`.
-struct Lines {
-    #[cfg(target_os = "linux")]
-    map: Option<(std::ptr::NonNull<u8>, usize)>,
-    #[cfg(target_os = "linux")]
-    offset: usize,
-    #[cfg(not(target_os = "linux"))]
-    vec: Vec<Line>,
-    len: usize,
-}
-
-// SAFETY: `Lines` owns its mapping exclusively, like a Vec.
-unsafe impl Send for Lines {}
-unsafe impl Sync for Lines {}
-
-impl Lines {
-    const HUGE: usize = 2 << 20;
-
-    /// `n` zeroed lines.
-    fn zeroed(n: usize, huge: bool) -> Lines {
-        #[cfg(target_os = "linux")]
-        {
-            let bytes = n * 64;
-            if bytes == 0 {
-                return Lines { map: None, offset: 0, len: 0 };
-            }
-            let align = if huge && bytes >= Self::HUGE { Self::HUGE } else { 4096 };
-            let size = bytes + align - 4096;
-            // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
-            let p = unsafe { libc::mmap(std::ptr::null_mut(), size, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
-            if p == libc::MAP_FAILED {
-                std::alloc::handle_alloc_error(std::alloc::Layout::from_size_align(bytes, 64).expect("a valid layout"));
-            }
-            let offset = (p as usize).next_multiple_of(align) - p as usize;
-            if align == Self::HUGE {
-                // SAFETY: the range lies inside the mapping just made; a refused hint changes
-                // nothing.
-                unsafe { libc::madvise(p.cast::<u8>().add(offset).cast(), bytes.next_multiple_of(4096), libc::MADV_HUGEPAGE) };
-            }
-            let map = std::ptr::NonNull::new(p.cast::<u8>()).expect("mmap does not return null on success");
-            Lines { map: Some((map, size)), offset, len: n }
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = huge;
-            Lines { vec: vec![Line([0; 64]); n], len: n }
-        }
-    }
-
-    fn as_ptr(&self) -> *const u8 {
-        #[cfg(target_os = "linux")]
-        {
-            // SAFETY: the offset lies inside the mapping.
-            self.map.map_or(std::ptr::NonNull::<Line>::dangling().as_ptr().cast(), |(p, _)| unsafe { p.as_ptr().add(self.offset) })
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            self.vec.as_ptr().cast()
-        }
-    }
-
-    fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: `len` zero-initialised lines live at `as_ptr`, owned by `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.as_ptr().cast_mut(), self.len * 64) }
-    }
-}
-
-#[cfg(target_os = "linux")]
-impl Drop for Lines {
-    fn drop(&mut self) {
-        if let Some((p, size)) = self.map {
-            // SAFETY: the mapping made in `zeroed`, unmapped once.
-            unsafe { libc::munmap(p.as_ptr().cast(), size) };
-        }
     }
 }
 
@@ -311,7 +236,7 @@ impl PackedMatrix {
         let groups = rows.div_ceil(GROUP);
         let group_stride = nb.div_ceil(f.k) * f.chunk_bytes();
         debug_assert!(f.chunk_bytes().is_multiple_of(64));
-        let mut lines = Lines::zeroed(groups * group_stride / 64, opts.huge_pages);
+        let mut lines = ZeroedBuf::<Line>::new(groups * group_stride / 64, opts.huge_pages);
         let row_bytes = nb * f.block_bytes();
         let fill = |(g, dst): (usize, &mut [u8])| {
             for i in 0..GROUP.min(rows - g * GROUP) {
@@ -335,7 +260,7 @@ impl PackedMatrix {
             }
         };
         if group_stride > 0 {
-            let out = lines.bytes_mut();
+            let out: &mut [u8] = bytemuck::cast_slice_mut(&mut lines[..]);
             // Small matrices on the calling thread: a rayon hand-off would cost more.
             if out.len() < 1 << 20 {
                 out.chunks_mut(group_stride).enumerate().for_each(fill);
@@ -365,13 +290,13 @@ impl PackedMatrix {
 
     /// Bytes held (the unit threads share the work in).
     pub fn n_bytes(&self) -> usize {
-        self.lines.len * 64
+        self.lines.len() * 64
     }
 
     fn group_ptr(&self, g: usize) -> *const u8 {
         debug_assert!(g < self.groups());
         // SAFETY: g < groups, so the offset is inside `lines`.
-        unsafe { self.lines.as_ptr().add(g * self.group_stride) }
+        unsafe { self.lines.as_ptr().cast::<u8>().add(g * self.group_stride) }
     }
 
     /// `out[t * out_stride + r] = W[r] · x[t]` for every row `r` of the groups in `groups` and
