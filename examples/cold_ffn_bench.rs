@@ -10,7 +10,7 @@
 
 use ember::cpu::matmul::{matmuls, Activations, Precision};
 use ember::cpu::team::Team;
-use ember::engine::cold::ColdFfn;
+use ember::engine::cold::{ColdFfn, ColdRows};
 use ember::engine::SparseFfn;
 use ember::model::Model;
 use std::time::Instant;
@@ -51,35 +51,41 @@ fn main() {
         .collect();
     let (grb, urb, drb) = (model.layers[0].ffn_gate.row_bytes(), model.layers[0].ffn_up.row_bytes(), ffn.down_t[0].row_bytes());
     let iters = 40;
-    let mut bytes = 0u64;
-    let t = Instant::now();
-    for it in 0..iters {
-        for il in 0..nl {
-            let (c, f) = &draws[(it * nl + il) % draws.len()];
-            cold_ffn.token_charged(&ffn, &model, il, &x, &x, &cold, c, f, None, Precision::Llama, &mut y);
-            // Bytes of cold candidates' gate rows and cold firing neurons' up and down rows.
-            let mut j = 0;
-            for (&n, &fi) in c.iter().zip(f) {
-                while j < cold.len() && cold[j] < n {
-                    j += 1;
-                }
-                if j < cold.len() && cold[j] == n {
-                    bytes += grb as u64 + if fi { (urb + drb) as u64 } else { 0 };
+    // Each layer's cold neurons as the hybrid holds them (their gate rows packed densely, used
+    // past ColdRows::DENSE_SHARE of them listed), and gathered row by row as before.
+    let packed: Vec<ColdRows> = (0..nl).map(|il| ColdRows::new(&model.layers[il].ffn_gate, cold.clone())).collect();
+    let gathered: Vec<ColdRows> = (0..nl).map(|_| ColdRows::gathered(cold.clone())).collect();
+    for (name, rows) in [("gathered gate rows", &gathered), ("dense cold gate past 40% listed", &packed)] {
+        let mut bytes = 0u64;
+        let t = Instant::now();
+        for it in 0..iters {
+            for il in 0..nl {
+                let (c, f) = &draws[(it * nl + il) % draws.len()];
+                cold_ffn.token_charged(&ffn, &model, il, &x, &x, &rows[il], c, f, None, Precision::Llama, &mut y);
+                // Bytes of cold candidates' gate rows and cold firing neurons' up and down rows.
+                let mut j = 0;
+                for (&n, &fi) in c.iter().zip(f) {
+                    while j < cold.len() && cold[j] < n {
+                        j += 1;
+                    }
+                    if j < cold.len() && cold[j] == n {
+                        bytes += grb as u64 + if fi { (urb + drb) as u64 } else { 0 };
+                    }
                 }
             }
         }
+        let secs = t.elapsed().as_secs_f64();
+        let per = secs / (iters * nl) as f64;
+        println!(
+            "cold FFN ({name}), {threads} threads, hot {:.0}% candidates {:.0}% firing {:.0}%: {:.3} ms per layer, {:.1} MB per layer of listed rows, {:.1} GB/s of them",
+            hot * 100.0,
+            cand * 100.0,
+            fire * 100.0,
+            per * 1e3,
+            bytes as f64 / (iters * nl) as f64 / 1e6,
+            bytes as f64 / secs / 1e9
+        );
     }
-    let secs = t.elapsed().as_secs_f64();
-    let per = secs / (iters * nl) as f64;
-    println!(
-        "cold FFN, {threads} threads, hot {:.0}% candidates {:.0}% firing {:.0}%: {:.3} ms per layer, {:.1} MB per layer, {:.1} GB/s",
-        hot * 100.0,
-        cand * 100.0,
-        fire * 100.0,
-        per * 1e3,
-        bytes as f64 / (iters * nl) as f64 / 1e6,
-        bytes as f64 / secs / 1e9
-    );
     // Dense gate product over the whole matrix on a team of the same size.
     let mut team = Team::new(threads);
     let mut out = vec![0.0f32; ff];

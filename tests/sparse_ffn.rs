@@ -159,39 +159,65 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
 
 /// The hybrid executor's cold neurons on a spinning team: the same neurons and numbers as
 /// `SparseFfn::token_with` over the same owned set up to the order of the final sum, and the
-/// same bits for any team size (relu mode, and predict mode with a given set).
+/// same bits for any team size (relu mode, and predict mode with a given set), at both
+/// precisions; and the same bits whether the cold gate rows are gathered or multiplied as a
+/// dense packed copy (`ColdRows`: used at llama.cpp's precision in relu mode and past 40% of
+/// the cold neurons listed, so the dense given set below takes it and the sparse one not).
 #[test]
 fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
-    use ember::engine::cold::ColdFfn;
+    use ember::engine::cold::{ColdFfn, ColdRows};
     use ember::engine::ffn::FfnScratch;
     let Some(path) = common::relu_model() else { return };
     let model = Arc::new(Model::load(&path).unwrap());
     let (e, ff) = (model.hp.n_embd, model.hp.n_ff);
-    let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), Precision::F32, false).unwrap();
-    let always = Arc::new(Predictors::always_on(model.hp.n_layer, e, ff));
-    let predict = SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), Precision::F32, false).unwrap();
     let mut rng = common::Rng(17);
     let mut teams = [ColdFfn::new(1), ColdFfn::new(3)];
-    for il in [0, 7, model.hp.n_layer - 1] {
-        let xn = rng.vec(e);
-        let resid = rng.vec(e);
-        // About two thirds of the neurons are cold, in an irregular pattern.
-        let cold: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(3)).collect();
-        let given: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64().is_multiple_of(4)).collect();
-        for (ffn, given) in [(&relu, None), (&predict, Some(given.as_slice()))] {
-            let mut want = vec![0.0f32; e];
-            let n_want = ffn.token_with(&model, il, &resid, &xn, Some(&cold), given, Precision::F32, &mut FfnScratch::default(), &mut want);
-            let mut outs = Vec::new();
-            for team in teams.iter_mut() {
-                let mut out = vec![f32::NAN; e];
-                let n = team.token(ffn, &model, il, &resid, &xn, &cold, given, Precision::F32, &mut out);
-                assert_eq!(n, n_want, "layer {il}, {:?}: neurons computed", ffn.mode);
-                outs.push(out);
+    for precision in [Precision::F32, Precision::Llama] {
+        let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), precision, false).unwrap();
+        let always = Arc::new(Predictors::always_on(model.hp.n_layer, e, ff));
+        let predict = SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), precision, false).unwrap();
+        for il in [0, 7, model.hp.n_layer - 1] {
+            let xn = rng.vec(e);
+            let resid = rng.vec(e);
+            // About two thirds of the neurons are cold, in an irregular pattern.
+            let cold: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(3)).collect();
+            let packed = ColdRows::new(&model.layers[il].ffn_gate, cold.clone());
+            let gathered = ColdRows::gathered(cold.clone());
+            assert!(packed.packed_bytes() > 0 || !ember::quant::packed::packs(model.layers[il].ffn_gate.ty), "layer {il}: the gate is packed");
+            let sparse: Vec<u32> = (0..ff as u32).filter(|_| rng.next_u64().is_multiple_of(4)).collect();
+            let dense: Vec<u32> = (0..ff as u32).filter(|_| !rng.next_u64().is_multiple_of(4)).collect();
+            for (ffn, given) in [(&relu, None), (&predict, Some(sparse.as_slice())), (&predict, Some(dense.as_slice()))] {
+                let mut want = vec![0.0f32; e];
+                let n_want = ffn.token_with(&model, il, &resid, &xn, Some(&cold), given, precision, &mut FfnScratch::default(), &mut want);
+                let mut outs = Vec::new();
+                for rows in [&gathered, &packed] {
+                    for team in teams.iter_mut() {
+                        let mut out = vec![f32::NAN; e];
+                        let n = team.token(ffn, &model, il, &resid, &xn, rows, given, precision, &mut out);
+                        assert_eq!(n, n_want, "layer {il}, {:?}, {precision:?}: neurons computed", ffn.mode);
+                        outs.push(out);
+                    }
+                }
+                assert!(n_want > 50, "layer {il}: only {n_want} active cold neurons");
+                let err = common::rel_err(&outs[0], &want);
+                assert!(err < 1e-5, "layer {il}, {:?}, {precision:?}: relative error {err} against token_with", ffn.mode);
+                for (k, out) in outs.iter().enumerate().skip(1) {
+                    assert!(outs[0].iter().zip(out).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {:?}, {precision:?}: run {k} (team size, gathered or packed gate) differs", ffn.mode);
+                }
             }
-            assert!(n_want > 50, "layer {il}: only {n_want} active cold neurons");
-            let err = common::rel_err(&outs[0], &want);
-            assert!(err < 1e-5, "layer {il}, {:?}: relative error {err} against token_with", ffn.mode);
-            assert!(outs[0].iter().zip(&outs[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {:?}: team sizes 1 and 3 differ", ffn.mode);
+            // A charged predictor's candidates (the dense set), of which some fire.
+            let fires: Vec<bool> = dense.iter().map(|_| rng.next_u64().is_multiple_of(3)).collect();
+            let charged: Vec<Vec<f32>> = [&gathered, &packed]
+                .iter()
+                .map(|rows| {
+                    let mut out = vec![f32::NAN; e];
+                    let n = teams[1].token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, None, precision, &mut out);
+                    assert!(n > 50, "layer {il}: {n} cold candidates");
+                    out
+                })
+                .collect();
+            assert!(charged[0].iter().zip(&charged[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {precision:?}: charged, gathered and packed gates differ");
+            assert!(charged[0].iter().any(|&v| v != 0.0));
         }
     }
 }

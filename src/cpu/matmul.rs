@@ -194,6 +194,24 @@ pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Ac
     });
 }
 
+/// `out[t * rows + r] = W[r] · x[t]` for a matrix that exists only packed (no GGUF bytes
+/// beside it: the hybrid's dense copy of a layer's cold gate rows), each member of `team` an
+/// equal share of its groups. The numbers are [`matmuls`]' for the same rows: the packed
+/// kernels at [`Precision::Llama`]. Panics if this CPU has no packed kernels
+/// ([`Isa::detect`]), for F32 precision, or on a shape mismatch.
+pub fn matmul_packed(team: &mut Team, p: &PackedMatrix, x: &Activations, out: &mut [f32]) {
+    let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
+    assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
+    assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
+    let plan = Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: DEFAULT_PREFETCH };
+    let ptr = OutPtr(out.as_mut_ptr());
+    team.run(&|member, size| {
+        // SAFETY: the output holds n_tokens x rows values (checked above) and members write
+        // disjoint groups' rows.
+        unsafe { plan.run_part(ptr, member, size) };
+    });
+}
+
 /// How one product is computed, decided once per call (before any thread starts): the packed
 /// kernels where this CPU has them, else one row dot at a time.
 enum Plan<'a> {

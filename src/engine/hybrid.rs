@@ -25,7 +25,7 @@
 //!   layers ([`super::cold`]), so each layer's CPU work starts on every core at once instead
 //!   of waking a sleeping rayon pool.
 
-use super::cold::ColdFfn;
+use super::cold::{ColdFfn, ColdRows};
 use super::ffn::{FfnMode, SparseFfn};
 use super::forward::{Forward, ForwardError, Logits};
 use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
@@ -145,8 +145,8 @@ struct SparseLayerOps {
     _list: ActiveList,
     /// A prefill batch's FFN over every hot neuron, densely, added into x.
     batch: BatchFfnOp,
-    /// Ascending ids of the neurons the CPU owns (may be empty).
-    cold: Vec<u32>,
+    /// The neurons the CPU owns (ids ascending; may be none), with their gate rows packed.
+    cold: ColdRows,
     /// The layer's attention runs on the CPU ([`HostAttention`]): the GPU hands over x and
     /// gets back (x after attention, its FFN norm) before the hot neurons.
     host_attention: bool,
@@ -609,12 +609,12 @@ impl HybridSession {
             let axpy = SparseAxpyOp::new(&ctx, &hot, &list, &h, &s.x, true)?;
             // The batch's hidden rows live in the session's gate buffer (max_tokens x n_ff).
             let batch = BatchFfnOp::new(&ctx, &hot, &s.xn, &s.gate, &s.x, hp.activation, session.max_tokens(), &s.step)?;
-            let cold: Vec<u32> = complement(hot_ids, ff);
+            let cold = ColdRows::new(&model.layers[il].ffn_gate, complement(hot_ids, ff));
             let host_attention = on_host[il];
             let qkv_on_gpu = sites[il] == AttnSite::Qkv;
             // (xn, x), or x and with q/k/v from the GPU, q | k | v after it.
             let staging_bytes = 4 * (2 * e).max(e + hp.q_dim() + 2 * hp.kv_dim()) as u64;
-            let staging = (!cold.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", staging_bytes));
+            let staging = (!cold.ids.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", staging_bytes));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
             layers.push(SparseLayerOps {
@@ -815,7 +815,7 @@ impl HybridSession {
                     this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
                     this.ctx.queue.submit(hot.take());
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
-                    if !sp.cold.is_empty() {
+                    if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
                         cold_token(cold, ffn, &this.model, split.layer, host_x, host_xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                         t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
@@ -1009,7 +1009,7 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         }
         enc = new_encoder();
         pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
-        if !sp.cold.is_empty() {
+        if !sp.cold.ids.is_empty() {
             sp.add_cpu.encode(&mut pass, 1);
         }
     }
@@ -1069,7 +1069,7 @@ struct TokenTiming {
 /// FFN and its norm `xn`: the predictor's or the ReLU's choice, or the draw of a simulation
 /// (`drawn`; with a charged predictor, its candidates and firing flags apart).
 #[allow(clippy::too_many_arguments)]
-fn cold_token(cold: &mut ColdFfn, ffn: &SparseFfn, model: &Model, il: usize, x: &[f32], xn: &[f32], cold_ids: &[u32], drawn: Option<&Drawn>, charged: bool, sim_predictors: Option<&Predictors>, precision: Precision, y: &mut [f32]) {
+fn cold_token(cold: &mut ColdFfn, ffn: &SparseFfn, model: &Model, il: usize, x: &[f32], xn: &[f32], cold_ids: &ColdRows, drawn: Option<&Drawn>, charged: bool, sim_predictors: Option<&Predictors>, precision: Precision, y: &mut [f32]) {
     match (drawn, charged) {
         (Some(d), true) => {
             let p = sim_predictors.map(|p| &p.layers[il]);

@@ -206,7 +206,7 @@ impl HybridSession {
             for (_, op) in layer.attention_sequence(n) {
                 op.record(&mut pass, n);
             }
-            if sp.cold.is_empty() && !sp.host_attention {
+            if sp.cold.ids.is_empty() && !sp.host_attention {
                 sp.batch.record(&mut pass, n);
                 continue;
             }
@@ -218,7 +218,7 @@ impl HybridSession {
                 sp.batch.record(&mut pass, n);
                 drop(pass);
                 let area = pf.stream.as_mut().expect("streamed batches have the area");
-                enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold.ids, n, enc)?;
                 pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
                 continue;
             }
@@ -319,9 +319,9 @@ impl HybridSession {
                 pf.add_cpu.encode(&mut pass, n);
                 area.record_ffn_norm(&mut pass, il, n);
                 sp.batch.record(&mut pass, n);
-                if !sp.cold.is_empty() {
+                if !sp.cold.ids.is_empty() {
                     drop(pass);
-                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, enc)?;
+                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold.ids, n, enc)?;
                     pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
                 }
                 continue;
@@ -367,15 +367,15 @@ impl HybridSession {
                 this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&pf.xn));
                 this.ctx.queue.submit(hot.take());
                 cpu_attention += t_attn.elapsed().as_secs_f64();
-                if streamed && !sp.cold.is_empty() {
+                if streamed && !sp.cold.ids.is_empty() {
                     let area = pf.stream.as_mut().expect("streamed batches have the area");
-                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold, n, new_encoder())?;
+                    enc = area.run_layer(&this.ctx, state.cold.team(), mats, &sp.cold.ids, n, new_encoder())?;
                     pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
                     continue;
                 }
-                if !sp.cold.is_empty() {
+                if !sp.cold.ids.is_empty() {
                     let t_cpu = Instant::now();
-                    state.cold.batch_dense(&state.ffn, &this.model, il, &pf.xn, &sp.cold, state.precision, &mut pf.y);
+                    state.cold.batch_dense(&state.ffn, &this.model, il, &pf.xn, &sp.cold.ids, state.precision, &mut pf.y);
                     cpu_ffn += t_cpu.elapsed().as_secs_f64();
                 }
             } else {
@@ -383,12 +383,12 @@ impl HybridSession {
                 {
                     let view = slice.get_mapped_range().map_err(lost)?;
                     let xn: &[f32] = bytemuck::cast_slice(&view);
-                    state.cold.batch_dense(&state.ffn, &this.model, il, xn, &sp.cold, state.precision, &mut pf.y);
+                    state.cold.batch_dense(&state.ffn, &this.model, il, xn, &sp.cold.ids, state.precision, &mut pf.y);
                 }
                 pf.staging.unmap();
                 cpu_ffn += t_cpu.elapsed().as_secs_f64();
             }
-            if sp.cold.is_empty() {
+            if sp.cold.ids.is_empty() {
                 enc = new_encoder();
                 pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
                 continue;
