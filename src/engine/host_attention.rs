@@ -38,6 +38,8 @@ pub struct HostAttention {
     /// Seconds spent in RoPE, the KV write and attention over the cache, summed (for the
     /// hybrid's timing line).
     pub core_secs: f64,
+    /// Seconds spent in the o product, its residual add and the FFN norm after a core, summed.
+    pub proj_secs: f64,
 }
 
 impl HostAttention {
@@ -61,6 +63,7 @@ impl HostAttention {
             proj: Vec::new(),
             decode_parts: Vec::new(),
             core_secs: 0.0,
+            proj_secs: 0.0,
         }
     }
 
@@ -132,13 +135,15 @@ impl HostAttention {
         let slot = self.slots[il].expect("checked by split_qkv");
         let t = std::time::Instant::now();
         self.core(team, model, il, slot, pos0, n, n > 1);
-        self.core_secs += t.elapsed().as_secs_f64();
+        let t_proj = std::time::Instant::now();
+        self.core_secs += (t_proj - t).as_secs_f64();
         let layer = &model.layers[il];
         self.proj.resize(n * e, 0.0);
         let HostAttention { attn, proj, .. } = self;
         matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
         ops::add_assign(x, proj);
         ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
+        self.proj_secs += t_proj.elapsed().as_secs_f64();
         Ok(())
     }
 

@@ -284,9 +284,14 @@ pub struct HybridTiming {
     pub cpu_predictor: f64,
     /// Host-attention layers' attention half on the CPU (the GPU waits for it).
     pub cpu_attention: f64,
-    /// Of `cpu_attention`: RoPE, the KV write and attention over the cache (the rest is the o
-    /// product, the norms and the exchange's writes).
+    /// Of `cpu_attention`: RoPE, the KV write and attention over the cache.
     pub cpu_attention_core: f64,
+    /// Of `cpu_attention`: the o product, its residual add and the FFN norm.
+    pub cpu_attention_proj: f64,
+    /// Of `cpu_attention`: reading the mapped x and q/k/v and unmapping.
+    pub cpu_attention_read: f64,
+    /// Of `cpu_attention`: writing x and xn back and submitting the hot neurons.
+    pub cpu_attention_write: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -299,12 +304,15 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping, {:.2} writing x and xn and submitting the hot neurons), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
             per(self.cpu_attention_core),
+            per(self.cpu_attention_proj),
+            per(self.cpu_attention_read),
+            per(self.cpu_attention_write),
             per(self.cpu_ffn),
             per(self.cpu_predictor),
             per(self.wait_recorder),
@@ -745,7 +753,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
         let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, .. } = state;
         let predictor_secs = cold.predictor_secs;
-        let core_secs = host.core_secs;
+        let (core_secs, proj_secs) = (host.core_secs, host.proj_secs);
         let this = &*gpu;
         let layers = &*layers;
         let mut t = TokenTiming::default();
@@ -807,13 +815,16 @@ impl HybridSession {
                         }
                     }
                     staging.unmap();
+                    t.attn_read += t_attn.elapsed().as_secs_f64();
                     match sp.qkv_on_gpu {
                         true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
                         false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
                     }
+                    let t_write = std::time::Instant::now();
                     this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
                     this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
                     this.ctx.queue.submit(hot.take());
+                    t.attn_write += t_write.elapsed().as_secs_f64();
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
@@ -853,6 +864,9 @@ impl HybridSession {
         timing.cpu_attention += t.cpu_attention;
         timing.cpu_predictor += cold.predictor_secs - predictor_secs;
         timing.cpu_attention_core += host.core_secs - core_secs;
+        timing.cpu_attention_proj += host.proj_secs - proj_secs;
+        timing.cpu_attention_read += t.attn_read;
+        timing.cpu_attention_write += t.attn_write;
         timing.record += t.record;
         timing.simulate += t.simulate;
         gpu.n_past += 1;
@@ -1056,6 +1070,8 @@ struct SplitPart {
 #[derive(Default)]
 struct TokenTiming {
     syncs: usize,
+    attn_read: f64,
+    attn_write: f64,
     wait_gpu: f64,
     wait_recorder: f64,
     submit: f64,
