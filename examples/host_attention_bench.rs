@@ -4,16 +4,17 @@
 //! (`HostAttention::run_from_qkv`), on a team of THREADS. Prints the time per layer, its
 //! split (attention core / the rest) and the read rate over the o matrix and the cache.
 //!
-//! With a fourth argument `busy`, one more thread alternates 300 µs of spinning with 1 ms of
+//! `parts=N` splits the products into N parts per member taken from a counter (the hybrid's
+//! choice) rather than an equal share each. With `busy`, one more thread alternates 300 µs of spinning with 1 ms of
 //! sleep, as the hybrid's command-recording thread does beside the team: on a machine with
 //! no spare core, a team member it displaces holds up every step.
 //!
-//!     cargo run --release --example host_attention_bench -- MODEL THREADS [DEPTH] [busy]
+//!     cargo run --release --example host_attention_bench -- MODEL THREADS [DEPTH] [busy] [parts=N]
 //!
 //! Give it a 7B-shaped `ember synth` model of all its layers: cycling through 32 layers keeps
 //! the o matrices and caches (~590 MB at depth 544) out of the last-level cache, as decode does.
 
-use ember::cpu::matmul::Precision;
+use ember::cpu::matmul::{CpuTuning, Precision};
 use ember::cpu::team::Team;
 use ember::engine::host_attention::HostAttention;
 use ember::model::Model;
@@ -25,12 +26,14 @@ fn main() {
     let path = args.get(1).expect("usage: host_attention_bench MODEL THREADS [DEPTH] [busy]");
     let threads: usize = args.get(2).map_or(2, |s| s.parse().expect("THREADS: a number"));
     let depth: usize = args.get(3).map_or(544, |s| s.parse().expect("DEPTH: a number"));
-    let busy = args.get(4).is_some_and(|s| s == "busy");
+    let busy = args.iter().skip(4).any(|s| s == "busy");
+    let parts: usize = args.iter().skip(4).find_map(|s| s.strip_prefix("parts=")).map_or(0, |v| v.parse().expect("parts=N"));
     let model = Model::load(std::path::Path::new(path)).expect("a model");
     let hp = &model.hp;
     let (e, qd, kvd, nl) = (hp.n_embd, hp.q_dim(), hp.kv_dim(), hp.n_layer);
     let n_ctx = (depth + 64).max(hp.n_ctx_train.min(4096));
-    let mut host = HostAttention::new(&model, &vec![true; nl], n_ctx);
+    let tuning = CpuTuning { parts_per_member: parts, ..CpuTuning::default() };
+    let mut host = HostAttention::new(&model, &vec![true; nl], n_ctx).with_tuning(tuning);
     let mut s = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = move || {
         s ^= s << 13;
@@ -77,7 +80,7 @@ fn main() {
             let core = (host.core_secs - core0) / tokens as f64;
             if round > 0 {
                 println!(
-                    "host attention, {threads} threads{}, depth {depth}, {nl} layers: {:.3} ms per token ({:.3} per layer): core {:.3}, o product and the rest {:.3}; {:.1} GB/s over {:.0} MB (o {:.0} MB, cache {:.0} MB)",
+                    "host attention, {threads} threads{}, {parts} parts per member, depth {depth}, {nl} layers: {:.3} ms per token ({:.3} per layer): core {:.3}, o product and the rest {:.3}; {:.1} GB/s over {:.0} MB (o {:.0} MB, cache {:.0} MB)",
                     if busy { " + a busy thread" } else { "" },
                     secs * 1e3,
                     secs * 1e3 / nl as f64,

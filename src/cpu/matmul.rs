@@ -155,8 +155,20 @@ pub fn matmuls<const N: usize>(team: &mut Team, x: &Activations, products: [(&Ma
 /// [`matmuls`] with the given [`CpuTuning`].
 pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Activations, products: [(&Matrix, &mut [f32]); N]) {
     let plans: [(Plan, OutPtr); N] = products.map(|(w, out)| (Plan::new(w, x, out.len(), tuning), OutPtr(out.as_mut_ptr())));
+    // SAFETY: `Plan::new` checked each output's length, and the outputs are distinct `&mut`
+    // slices borrowed for this call.
+    unsafe { run_plans(team, tuning, &plans) }
+}
+
+/// Runs `plans` on `team`: each member its equal share of every matrix, or with
+/// `tuning.parts_per_member` parts per member taken from a shared counter.
+///
+/// # Safety
+/// Each plan's output pointer must be valid for its plan's outputs and not accessed elsewhere
+/// during the call, and no two plans may share outputs.
+unsafe fn run_plans<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: &[(Plan, OutPtr); N]) {
     if team.size() == 1 {
-        for (plan, ptr) in &plans {
+        for (plan, ptr) in plans {
             // SAFETY: as below, with one part.
             unsafe { plan.run_part(*ptr, 0, 1) };
         }
@@ -165,9 +177,8 @@ pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Ac
     let size = team.size();
     if tuning.parts_per_member == 0 {
         team.run(&|member, size| {
-            for (plan, ptr) in &plans {
-                // SAFETY: `Plan::new` checked each output's length, members write disjoint rows,
-                // and the outputs are distinct `&mut` slices borrowed for this call.
+            for (plan, ptr) in plans {
+                // SAFETY: the caller's outputs; members write disjoint rows.
                 unsafe { plan.run_part(*ptr, member, size) };
             }
         });
@@ -195,21 +206,18 @@ pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Ac
 }
 
 /// `out[t * rows + r] = W[r] · x[t]` for a matrix that exists only packed (no GGUF bytes
-/// beside it: the hybrid's dense copy of a layer's cold gate rows), each member of `team` an
-/// equal share of its groups. The numbers are [`matmuls`]' for the same rows: the packed
-/// kernels at [`Precision::Llama`]. Panics if this CPU has no packed kernels
-/// ([`Isa::detect`]), for F32 precision, or on a shape mismatch.
-pub fn matmul_packed(team: &mut Team, p: &PackedMatrix, x: &Activations, out: &mut [f32]) {
+/// beside it: the hybrid's dense copy of a layer's cold gate rows), on `team` as [`matmuls`]
+/// splits a product. The numbers are [`matmuls`]' for the same rows: the packed kernels at
+/// [`Precision::Llama`]. Panics if this CPU has no packed kernels ([`Isa::detect`]), for F32
+/// precision, or on a shape mismatch.
+pub fn matmul_packed(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32]) {
     let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
     assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
+    assert_eq!(x.cols, p.cols(), "packed product: activation width");
     assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
-    let plan = Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: DEFAULT_PREFETCH };
-    let ptr = OutPtr(out.as_mut_ptr());
-    team.run(&|member, size| {
-        // SAFETY: the output holds n_tokens x rows values (checked above) and members write
-        // disjoint groups' rows.
-        unsafe { plan.run_part(ptr, member, size) };
-    });
+    let plans = [(Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }, OutPtr(out.as_mut_ptr()))];
+    // SAFETY: the output holds n_tokens x rows values (checked above), borrowed for the call.
+    unsafe { run_plans(team, tuning, &plans) }
 }
 
 /// How one product is computed, decided once per call (before any thread starts): the packed

@@ -8,7 +8,7 @@
 //! not matter, so the result is the same run after run and for any team size.
 
 use super::ffn::{retain_sorted_intersection, FfnMode, SparseFfn};
-use crate::cpu::matmul::{matmul_packed, matmuls, Activations, Precision};
+use crate::cpu::matmul::{matmul_packed, matmuls_tuned, Activations, CpuTuning, Precision};
 use crate::model::Matrix;
 use crate::quant::packed::{packs, Isa, PackedMatrix};
 use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
@@ -83,9 +83,9 @@ impl ColdRows {
 
 /// Every cold neuron's gate value into `gate` (n_ff values, indexed by neuron), densely:
 /// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order.
-fn dense_gate_values(team: &mut Team, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32]) {
+fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32]) {
     scratch.resize(ids.len(), 0.0);
-    matmul_packed(team, dense, acts, scratch);
+    matmul_packed(team, tuning, dense, acts, scratch);
     for (&i, &g) in ids.iter().zip(scratch.iter()) {
         gate[i as usize] = g;
     }
@@ -103,29 +103,41 @@ pub struct ColdFfn {
     /// A charged predictor's hidden units and cold logits (by list position).
     hidden: Vec<f32>,
     logits: Vec<f32>,
+    /// How the team splits its products (the hybrid's: parts taken from a counter, so that a
+    /// member the OS preempts, beside the command recorder and the driver's threads, delays a
+    /// step by one part instead of its whole share).
+    pub tuning: CpuTuning,
     /// Predictor rows computed (for tests: the charged work really runs), and the seconds.
     pub predictor_rows: u64,
     pub predictor_secs: f64,
 }
 
-/// `vals[k] = w row rows[k] · acts` with the list split into one contiguous part per member.
-fn team_row_dots(team: &mut Team, w: &crate::model::Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
-    let per = rows.len().div_ceil(team.size()).max(1);
+/// `vals[k] = w row rows[k] · acts`, the list cut into runs that the members take from a
+/// shared counter (`tuning.parts_per_member` per member; 0: one contiguous run each).
+fn team_row_dots(team: &mut Team, tuning: &CpuTuning, w: &crate::model::Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
+    let parts = team.size() * tuning.parts_per_member.max(1);
+    let per = rows.len().div_ceil(parts).max(1);
     let slots: Vec<Mutex<&mut [f32]>> = vals.chunks_mut(per).map(Mutex::new).collect();
-    team.run(&|member, _| {
-        if let Some(slot) = slots.get(member) {
-            let mut v = slot.lock().unwrap();
-            let start = member * per;
-            let len = v.len();
-            row_dots_serial(w, acts, &rows[start..start + len], &mut v);
-        }
+    let next = AtomicUsize::new(0);
+    team.run(&|_, _| loop {
+        let k = next.fetch_add(1, Ordering::Relaxed);
+        let Some(slot) = slots.get(k) else { break };
+        let mut v = slot.lock().unwrap();
+        let len = v.len();
+        row_dots_serial(w, acts, &rows[k * per..k * per + len], &mut v);
     });
 }
 
 impl ColdFfn {
     /// A team of `threads` members (the calling thread is one of them).
     pub fn new(threads: usize) -> ColdFfn {
-        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), dense: Vec::new(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0 }
+        ColdFfn { team: Team::new(threads), gate: Vec::new(), active: Vec::new(), fires: Vec::new(), partials: Vec::new(), dense: Vec::new(), tuning: CpuTuning::default(), hidden: Vec::new(), logits: Vec::new(), predictor_rows: 0, predictor_secs: 0.0 }
+    }
+
+    /// The same with products split as `tuning` says.
+    pub fn with_tuning(mut self, tuning: CpuTuning) -> ColdFfn {
+        self.tuning = tuning;
+        self
     }
 
     pub fn threads(&self) -> usize {
@@ -146,7 +158,7 @@ impl ColdFfn {
         let layer = &model.layers[il];
         let act = model.hp.activation;
         let acts = Activations::new(xn, 1).with_precision(precision);
-        let ColdFfn { team, gate, active, partials, dense, .. } = self;
+        let ColdFfn { team, gate, active, partials, dense, tuning, .. } = self;
         active.clear();
         let gate_given = match ffn.mode {
             FfnMode::Predict => {
@@ -158,7 +170,7 @@ impl ColdFfn {
                 match cold.dense_gate(active.len(), precision) {
                     Some(p) => {
                         gate.resize(model.hp.n_ff, 0.0);
-                        dense_gate_values(team, p, &acts, &cold.ids, dense, gate);
+                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate);
                         Some(gate.as_slice())
                     }
                     None => None,
@@ -167,7 +179,7 @@ impl ColdFfn {
             FfnMode::Relu | FfnMode::Dense | FfnMode::Threshold => {
                 gate.resize(model.hp.n_ff, 0.0);
                 match cold.dense_gate(cold.ids.len(), precision) {
-                    Some(p) => dense_gate_values(team, p, &acts, &cold.ids, dense, gate),
+                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate),
                     None => matvec_rows(&layer.ffn_gate, &acts, &cold.ids, gate),
                 }
                 active.extend(cold.ids.iter().copied().filter(|&i| ffn.keeps(il, act, gate[i as usize])));
@@ -195,14 +207,14 @@ impl ColdFfn {
         let act = model.hp.activation;
         let e = model.hp.n_embd;
         let n = xn.len() / e;
-        let ColdFfn { team, gate, active, partials, logits: vals, .. } = self;
+        let ColdFfn { team, gate, active, partials, logits: vals, tuning, .. } = self;
         gate.resize(model.hp.n_ff, 0.0);
         vals.resize(cold.len(), 0.0);
         let mut computed = 0;
         for t in 0..n {
             let acts = Activations::new(&xn[t * e..(t + 1) * e], 1).with_precision(precision);
             let out_t = &mut out[t * e..(t + 1) * e];
-            team_row_dots(team, &layer.ffn_gate, &acts, cold, vals);
+            team_row_dots(team, tuning, &layer.ffn_gate, &acts, cold, vals);
             active.clear();
             for (&i, &g) in cold.iter().zip(vals.iter()) {
                 gate[i as usize] = g;
@@ -229,18 +241,18 @@ impl ColdFfn {
     /// candidates were cold.
     #[allow(clippy::too_many_arguments)]
     pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold_rows: &ColdRows, candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
-        let ColdFfn { team, gate, active, fires: cold_fires, partials, dense, hidden, logits, predictor_rows, predictor_secs, .. } = self;
+        let ColdFfn { team, gate, active, fires: cold_fires, partials, dense, tuning, hidden, logits, predictor_rows, predictor_secs, .. } = self;
         let cold = cold_rows.ids.as_slice();
         if let Some(p) = predictor {
             let t = std::time::Instant::now();
             let rank = p.fc1.rows;
             hidden.resize(rank, 0.0);
-            matmuls(team, &Activations::new(resid, 1).with_precision(precision), [(&p.fc1, &mut hidden[..])]);
+            matmuls_tuned(team, tuning, &Activations::new(resid, 1).with_precision(precision), [(&p.fc1, &mut hidden[..])]);
             for h in hidden.iter_mut() {
                 *h = h.max(0.0);
             }
             logits.resize(cold.len(), 0.0);
-            team_row_dots(team, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            team_row_dots(team, tuning, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
             std::hint::black_box(&logits);
             *predictor_rows += (rank + cold.len()) as u64;
             *predictor_secs += t.elapsed().as_secs_f64();
@@ -267,7 +279,7 @@ impl ColdFfn {
         let gate_given = match cold_rows.dense_gate(n_candidates, precision) {
             Some(p) => {
                 gate.resize(model.hp.n_ff, 0.0);
-                dense_gate_values(team, p, &acts, cold, dense, gate);
+                dense_gate_values(team, tuning, p, &acts, cold, dense, gate);
                 Some(gate.as_slice())
             }
             None => None,

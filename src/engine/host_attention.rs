@@ -11,7 +11,7 @@
 
 use super::forward::ForwardError;
 use crate::cpu::attention::{attention_decode_team, attention_team, attention_tiled_team, store_row, AttnShape};
-use crate::cpu::matmul::{matmuls, Activations, Precision};
+use crate::cpu::matmul::{matmuls_tuned, Activations, CpuTuning, Precision};
 use crate::cpu::ops::{self, Rope};
 use crate::cpu::team::Team;
 use crate::cpu::KvCache;
@@ -40,6 +40,8 @@ pub struct HostAttention {
     pub core_secs: f64,
     /// Seconds spent in the o product, its residual add and the FFN norm after a core, summed.
     pub proj_secs: f64,
+    /// How the team splits the products.
+    pub tuning: CpuTuning,
 }
 
 impl HostAttention {
@@ -64,7 +66,14 @@ impl HostAttention {
             decode_parts: Vec::new(),
             core_secs: 0.0,
             proj_secs: 0.0,
+            tuning: CpuTuning::default(),
         }
+    }
+
+    /// The same with products split as `tuning` says.
+    pub fn with_tuning(mut self, tuning: CpuTuning) -> HostAttention {
+        self.tuning = tuning;
+        self
     }
 
     /// Whether layer `il`'s attention runs here.
@@ -109,10 +118,10 @@ impl HostAttention {
         // The CPU session's recipe (`Session::run_layers`), step for step.
         ops::rms_norm(x, &layer.attn_norm, hp.rms_eps, xn);
         let acts = Activations::new(xn, n).with_precision(precision);
-        matmuls(team, &acts, [(&layer.wq, &mut self.q[..]), (&layer.wk, &mut self.k[..]), (&layer.wv, &mut self.v[..])]);
+        matmuls_tuned(team, &self.tuning, &acts, [(&layer.wq, &mut self.q[..]), (&layer.wk, &mut self.k[..]), (&layer.wv, &mut self.v[..])]);
         self.core(team, model, il, slot, pos0, n, false);
-        let HostAttention { attn, proj, .. } = self;
-        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        let HostAttention { attn, proj, tuning, .. } = self;
+        matmuls_tuned(team, tuning, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
         ops::add_assign(x, proj);
         ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
         Ok(())
@@ -139,8 +148,8 @@ impl HostAttention {
         self.core_secs += (t_proj - t).as_secs_f64();
         let layer = &model.layers[il];
         self.proj.resize(n * e, 0.0);
-        let HostAttention { attn, proj, .. } = self;
-        matmuls(team, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        let HostAttention { attn, proj, tuning, .. } = self;
+        matmuls_tuned(team, tuning, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
         ops::add_assign(x, proj);
         ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
         self.proj_secs += t_proj.elapsed().as_secs_f64();

@@ -32,6 +32,7 @@ use super::gpu_forward::{FfnOps, GpuSession, GpuWeights, Profile};
 use super::gpu_ops::{NamedOp, Op};
 use super::host_attention::{choose_attention, cold_reads, HostAttention};
 use crate::cpu::Precision;
+use crate::cpu::matmul::CpuTuning;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
 use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
@@ -659,9 +660,9 @@ impl HybridSession {
         let state = HybridState {
             ffn: plan.ffn.clone(),
             precision: plan.cpu_precision,
-            cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())),
+            cold: ColdFfn::new(cold_team_size(rayon::current_num_threads())).with_tuning(HYBRID_CPU_TUNING),
             y: vec![0.0; e],
-            host: HostAttention::new(&model, &on_host, n_ctx),
+            host: HostAttention::new(&model, &on_host, n_ctx).with_tuning(HYBRID_CPU_TUNING),
             sites,
             host_qkv: vec![0.0; hp.q_dim() + 2 * hp.kv_dim()],
             host_x: vec![0.0; e],
@@ -1122,6 +1123,13 @@ fn pad_rank(fc1: &Matrix, fc2: &Matrix) -> (Matrix, Matrix) {
 pub fn hot_neuron_bytes(layer: &crate::model::Layer, down_t: GgmlType, n_embd: usize) -> u64 {
     HotFfn::bytes_per_neuron(layer.ffn_gate.ty, layer.ffn_up.ty, down_t, n_embd) + 4
 }
+
+/// How the hybrid's CPU half splits its products: four parts per member, taken from a shared
+/// counter. Its team runs beside the command recorder and the GPU driver's threads, and an
+/// equal share per member made every product wait for whichever member the OS had preempted
+/// (call B of session 12: the o products took ~3x their time alone, the attention core, split
+/// that way already, 1.15x).
+const HYBRID_CPU_TUNING: CpuTuning = CpuTuning { prefetch: crate::quant::packed::DEFAULT_PREFETCH, parts_per_member: 4, pack: crate::quant::packed::PackOptions { huge_pages: true } };
 
 /// Members of the cold-neuron team for `threads` CPU threads: one core is left to the thread
 /// that records command buffers and, from 8 threads on, one to the GPU driver's own threads
