@@ -159,7 +159,7 @@ fn threshold_mode_reaches_its_calibrated_sparsity() {
 
 /// The hybrid executor's cold neurons on a spinning team: the same neurons and numbers as
 /// `SparseFfn::token_with` over the same owned set up to the order of the final sum, and the
-/// same bits for any team size (relu mode, and predict mode with a given set), at both
+/// same bits for any team size and split (relu mode, and predict mode with a given set), at both
 /// precisions; and the same bits whether the cold gate rows are gathered or multiplied as a
 /// dense packed copy (`ColdRows`: used at llama.cpp's precision in relu mode and past 40% of
 /// the cold neurons listed, so the dense given set below takes it and the sparse one not).
@@ -171,7 +171,9 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
     let model = Arc::new(Model::load(&path).unwrap());
     let (e, ff) = (model.hp.n_embd, model.hp.n_ff);
     let mut rng = common::Rng(17);
-    let mut teams = [ColdFfn::new(1), ColdFfn::new(3)];
+    // The hybrid's split (parts from a counter) as well as equal shares.
+    let parts = ember::cpu::matmul::CpuTuning { parts_per_member: 3, ..Default::default() };
+    let mut teams = [ColdFfn::new(1), ColdFfn::new(3), ColdFfn::new(3).with_tuning(parts)];
     for precision in [Precision::F32, Precision::Llama] {
         let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), precision, false).unwrap();
         let always = Arc::new(Predictors::always_on(model.hp.n_layer, e, ff));
@@ -211,7 +213,7 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                 .iter()
                 .map(|rows| {
                     let mut out = vec![f32::NAN; e];
-                    let n = teams[1].token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, None, precision, &mut out);
+                    let n = teams[2].token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, None, precision, &mut out);
                     assert!(n > 50, "layer {il}: {n} cold candidates");
                     out
                 })
