@@ -291,8 +291,10 @@ pub struct HybridTiming {
     pub cpu_attention_proj: f64,
     /// Of `cpu_attention`: reading the mapped x and q/k/v and unmapping.
     pub cpu_attention_read: f64,
-    /// Of `cpu_attention`: writing x and xn back and submitting the hot neurons.
+    /// Of `cpu_attention`: writing x and xn back (two `write_buffer` calls).
     pub cpu_attention_write: f64,
+    /// Of `cpu_attention`: submitting the hot neurons' command buffer after those writes.
+    pub cpu_attention_submit: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -305,7 +307,7 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping, {:.2} writing x and xn and submitting the hot neurons), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping, {:.2} writing x and xn, {:.2} submitting the hot neurons), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
              overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
@@ -314,6 +316,7 @@ impl HybridTiming {
             per(self.cpu_attention_proj),
             per(self.cpu_attention_read),
             per(self.cpu_attention_write),
+            per(self.cpu_attention_submit),
             per(self.cpu_ffn),
             per(self.cpu_predictor),
             per(self.wait_recorder),
@@ -824,8 +827,10 @@ impl HybridSession {
                     let t_write = std::time::Instant::now();
                     this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
                     this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
+                    let t_hot = std::time::Instant::now();
                     this.ctx.queue.submit(hot.take());
-                    t.attn_write += t_write.elapsed().as_secs_f64();
+                    t.attn_write += (t_hot - t_write).as_secs_f64();
+                    t.attn_submit += t_hot.elapsed().as_secs_f64();
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
@@ -868,6 +873,7 @@ impl HybridSession {
         timing.cpu_attention_proj += host.proj_secs - proj_secs;
         timing.cpu_attention_read += t.attn_read;
         timing.cpu_attention_write += t.attn_write;
+        timing.cpu_attention_submit += t.attn_submit;
         timing.record += t.record;
         timing.simulate += t.simulate;
         gpu.n_past += 1;
@@ -1073,6 +1079,7 @@ struct TokenTiming {
     syncs: usize,
     attn_read: f64,
     attn_write: f64,
+    attn_submit: f64,
     wait_gpu: f64,
     wait_recorder: f64,
     submit: f64,
