@@ -110,11 +110,13 @@ stream)
   [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${STREAM_NGL:-8}, -c 4096 -npp 512 -ntg 8" $LBB -m $M/relu.gguf -ngl ${STREAM_NGL:-8} -t $T -c 4096 -npp 512 -ntg 8 -npl 1
   ;;
 coldbench)
-  # The CPU half alone (examples/cold_ffn_bench, carried as D/cold_ffn_bench) on a 4-layer
-  # 7B-shaped model: gathered gate rows against a dense gate product, candidates 77% / 40%.
-  $E synth --type q4_0 --act relu --n-layer 4 --tokenizer-from $D/tok.gguf -o $M/s4.gguf 2>&1 | tail -1
-  $E convert -m $M/s4.gguf --powerinfer --down-t-type q4_0 -o $M/s4-pi.gguf 2>&1 | tail -1
-  for c in 77.4 40; do $D/cold_ffn_bench $M/s4-pi.gguf $(( T - 2 )) 9 $c 24.2; done
+  # The CPU half alone, on the whole 32-layer model (its o weights and caches, ~590 MB, do not
+  # fit the host's L3 as a 4-layer model's did): the host-attention half of a token at depth
+  # 544 (examples/host_attention_bench, carried as D/host_attention_bench), with equal shares
+  # and with the hybrid's parts from a counter; the cold neurons (examples/cold_ffn_bench, D/
+  # cold_ffn_bench) at the race's placement (36% hot), gathered against the dense cold gate.
+  for a in "" "parts=4"; do $D/host_attention_bench $M/relu.gguf $(( T - 2 )) 544 $a | tail -1; done
+  for c in 77.4 40; do $D/cold_ffn_bench $M/relu-pi.gguf $(( T - 2 )) 36 $c 24.2 | tail -3; done
   ;;
 hprofile)
   # Where a hybrid token's GPU time goes (timestamp queries per pass), at the race's setting.
