@@ -291,10 +291,13 @@ pub struct HybridTiming {
     pub cpu_attention_proj: f64,
     /// Of `cpu_attention`: reading the mapped x and q/k/v and unmapping.
     pub cpu_attention_read: f64,
-    /// Of `cpu_attention`: writing x and xn back (two `write_buffer` calls).
-    pub cpu_attention_write: f64,
-    /// Of `cpu_attention`: submitting the hot neurons' command buffer after those writes.
-    pub cpu_attention_submit: f64,
+    /// Submitting thread (overlapped with the cold neurons): writing x and xn back after a host
+    /// attention (two `write_buffer` calls).
+    pub attention_write: f64,
+    /// Submitting thread: submitting the hot neurons' command buffer after those writes.
+    pub attention_submit: f64,
+    /// Waiting for the submitting thread before the next queue call (part of "other").
+    pub wait_submitter: f64,
     /// Recorder thread (overlapped with the above): recording command buffers, drawing included.
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
@@ -307,23 +310,24 @@ impl HybridTiming {
         let per = |v: f64| 1e3 * v / self.tokens.max(1) as f64;
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
-            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping, {:.2} writing x and xn, {:.2} submitting the hot neurons), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls); \
-             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; {syncs} CPU<->GPU syncs per token",
+            "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls, {:.2} waiting for the submitting thread); \
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; on the submitting thread: {:.2} writing x and xn after host attention, {:.2} submitting the hot neurons; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
             per(self.cpu_attention_core),
             per(self.cpu_attention_proj),
             per(self.cpu_attention_read),
-            per(self.cpu_attention_write),
-            per(self.cpu_attention_submit),
             per(self.cpu_ffn),
             per(self.cpu_predictor),
             per(self.wait_recorder),
             per(rest),
             per(self.submit),
+            per(self.wait_submitter),
             per(self.record),
             per(self.simulate),
+            per(self.attention_write),
+            per(self.attention_submit),
         )
     }
 }
@@ -768,10 +772,41 @@ impl HybridSession {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
             let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
+            // After a host attention, x and xn go back to the GPU and the hot neurons'
+            // buffer is submitted by a third thread while this one computes the cold neurons:
+            // on the H100 those two writes and that submission took ~220 µs a layer on the
+            // critical path (session 12, call C), the cold part ~420 µs. This thread's next
+            // queue call waits for them (`hot_done`), so the queue sees the same order.
+            let (tx_hot, rx_hot) = std::sync::mpsc::channel::<(Vec<f32>, Vec<f32>, Option<wgpu::CommandBuffer>)>();
+            let (tx_done, rx_done) = std::sync::mpsc::channel::<(f64, f64)>();
+            scope.spawn(move || {
+                for (x, xn, hot) in rx_hot {
+                    let t_write = std::time::Instant::now();
+                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&x));
+                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&xn));
+                    let t_hot = std::time::Instant::now();
+                    this.ctx.queue.submit(hot);
+                    if tx_done.send(((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64())).is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut hot_pending = false;
+            let hot_done = |t: &mut TokenTiming, pending: &mut bool| -> Result<(), ForwardError> {
+                if std::mem::take(pending) {
+                    let t_wait = std::time::Instant::now();
+                    let (write, submit) = rx_done.recv().map_err(|_| lost("the submitting thread stopped"))?;
+                    t.wait_hot += t_wait.elapsed().as_secs_f64();
+                    t.attn_write += write;
+                    t.attn_submit += submit;
+                }
+                Ok(())
+            };
             loop {
                 let t_recv = std::time::Instant::now();
                 let Ok(segment) = rx.recv() else { break };
                 t.wait_recorder += t_recv.elapsed().as_secs_f64();
+                hot_done(&mut t, &mut hot_pending)?;
                 // Submission A: up to the split layer's FFN norm and the copy of (xn, x); or
                 // the token's tail.
                 let t_submit = std::time::Instant::now();
@@ -824,18 +859,14 @@ impl HybridSession {
                         true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
                         false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
                     }
-                    let t_write = std::time::Instant::now();
-                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
-                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
-                    let t_hot = std::time::Instant::now();
-                    this.ctx.queue.submit(hot.take());
-                    t.attn_write += (t_hot - t_write).as_secs_f64();
-                    t.attn_submit += t_hot.elapsed().as_secs_f64();
+                    tx_hot.send((host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
+                    hot_pending = true;
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
                         cold_token(cold, ffn, &this.model, split.layer, host_x, host_xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                         t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                        hot_done(&mut t, &mut hot_pending)?;
                         this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
                     }
                     continue;
@@ -855,6 +886,8 @@ impl HybridSession {
                 this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
                 t.submit += t_submit.elapsed().as_secs_f64();
             }
+            hot_done(&mut t, &mut hot_pending)?;
+            drop(tx_hot);
             let (record, draw) = recorder.join().expect("the command recorder thread panicked");
             t.record = record;
             t.simulate = draw;
@@ -872,8 +905,9 @@ impl HybridSession {
         timing.cpu_attention_core += host.core_secs - core_secs;
         timing.cpu_attention_proj += host.proj_secs - proj_secs;
         timing.cpu_attention_read += t.attn_read;
-        timing.cpu_attention_write += t.attn_write;
-        timing.cpu_attention_submit += t.attn_submit;
+        timing.attention_write += t.attn_write;
+        timing.attention_submit += t.attn_submit;
+        timing.wait_submitter += t.wait_hot;
         timing.record += t.record;
         timing.simulate += t.simulate;
         gpu.n_past += 1;
@@ -1080,6 +1114,7 @@ struct TokenTiming {
     attn_read: f64,
     attn_write: f64,
     attn_submit: f64,
+    wait_hot: f64,
     wait_gpu: f64,
     wait_recorder: f64,
     submit: f64,
