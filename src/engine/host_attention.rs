@@ -35,10 +35,10 @@ pub struct HostAttention {
     proj: Vec<f32>,
     /// A decoded token's attention parts per head and run of keys (`attention_decode_team`).
     decode_parts: Vec<f32>,
-    /// Seconds spent in RoPE, the KV write and attention over the cache, summed (for the
-    /// hybrid's timing line).
+    /// Seconds spent in [`run`](Self::run) and [`run_from_qkv`](Self::run_from_qkv) on RoPE,
+    /// the KV write and attention over the cache, summed (for the hybrid's timing line).
     pub core_secs: f64,
-    /// Seconds spent in the o product, its residual add and the FFN norm after a core, summed.
+    /// Seconds spent there on the o product, its residual add and the FFN norm, summed.
     pub proj_secs: f64,
     /// How the team splits the products.
     pub tuning: CpuTuning,
@@ -114,16 +114,12 @@ impl HostAttention {
         self.q.resize(n * qd, 0.0);
         self.k.resize(n * kvd, 0.0);
         self.v.resize(n * kvd, 0.0);
-        self.proj.resize(n * e, 0.0);
         // The CPU session's recipe (`Session::run_layers`), step for step.
         ops::rms_norm(x, &layer.attn_norm, hp.rms_eps, xn);
         let acts = Activations::new(xn, n).with_precision(precision);
         matmuls_tuned(team, &self.tuning, &acts, [(&layer.wq, &mut self.q[..]), (&layer.wk, &mut self.k[..]), (&layer.wv, &mut self.v[..])]);
-        self.core(team, model, il, slot, pos0, n, false);
-        let HostAttention { attn, proj, tuning, .. } = self;
-        matmuls_tuned(team, tuning, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
-        ops::add_assign(x, proj);
-        ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
+        self.timed_core(team, model, il, slot, pos0, n, false);
+        self.project(team, model, il, x, xn, precision);
         Ok(())
     }
 
@@ -142,18 +138,31 @@ impl HostAttention {
         }
         self.split_qkv(model, il, pos0, qkv)?;
         let slot = self.slots[il].expect("checked by split_qkv");
+        self.timed_core(team, model, il, slot, pos0, n, n > 1);
+        self.project(team, model, il, x, xn, precision);
+        Ok(())
+    }
+
+    /// [`core`](Self::core), its time added to `core_secs`.
+    #[allow(clippy::too_many_arguments)]
+    fn timed_core(&mut self, team: &mut Team, model: &Model, il: usize, slot: usize, pos0: usize, n: usize, tiled: bool) {
         let t = std::time::Instant::now();
-        self.core(team, model, il, slot, pos0, n, n > 1);
-        let t_proj = std::time::Instant::now();
-        self.core_secs += (t_proj - t).as_secs_f64();
-        let layer = &model.layers[il];
-        self.proj.resize(n * e, 0.0);
+        self.core(team, model, il, slot, pos0, n, tiled);
+        self.core_secs += t.elapsed().as_secs_f64();
+    }
+
+    /// The end of the attention block after a core: x += Wo · attention, then the FFN norm of
+    /// x into xn (the rows of x), its time added to `proj_secs`.
+    fn project(&mut self, team: &mut Team, model: &Model, il: usize, x: &mut [f32], xn: &mut [f32], precision: Precision) {
+        let t = std::time::Instant::now();
+        let (layer, hp) = (&model.layers[il], &model.hp);
+        let n = x.len() / hp.n_embd;
+        self.proj.resize(x.len(), 0.0);
         let HostAttention { attn, proj, tuning, .. } = self;
-        matmuls_tuned(team, tuning, &Activations::new(attn, n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
+        matmuls_tuned(team, tuning, &Activations::new(&attn[..n * hp.q_dim()], n).with_precision(precision), [(&layer.wo, &mut proj[..])]);
         ops::add_assign(x, proj);
         ops::rms_norm(x, &layer.ffn_norm, hp.rms_eps, xn);
-        self.proj_secs += t_proj.elapsed().as_secs_f64();
-        Ok(())
+        self.proj_secs += t.elapsed().as_secs_f64();
     }
 
     /// Checks a q | k | v batch for layer `il` at `pos0` and copies it into q, k and v.
