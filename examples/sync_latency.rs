@@ -41,6 +41,20 @@ fn main() {
     let pipeline = dev.create_compute_pipeline(&wgpu::ComputePipelineDescriptor { label: Some("add one"), layout: None, module: &module, entry_point: Some("main"), compilation_options: Default::default(), cache: None });
     let bind = dev.create_bind_group(&wgpu::BindGroupDescriptor { label: None, layout: &pipeline.get_bind_group_layout(0), entries: &[wgpu::BindGroupEntry { binding: 0, resource: x.as_entire_binding() }] });
     let input: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    // `k` dependent dispatches over x, then x copied into the mappable buffer.
+    let record = |k: usize| {
+        let mut enc = dev.create_command_encoder(&Default::default());
+        {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind, &[]);
+            for _ in 0..k {
+                pass.dispatch_workgroups(n.div_ceil(256) as u32, 1, 1);
+            }
+        }
+        enc.copy_buffer_to_buffer(&x, 0, &staging, 0, bytes);
+        enc.finish()
+    };
     for spin in [true, false] {
         for k in [0usize, 1, 4, 16] {
             let mut times = Vec::with_capacity(rounds);
@@ -48,17 +62,7 @@ fn main() {
             for r in 0..rounds + 50 {
                 let t = Instant::now();
                 ctx.queue.write_buffer(&x, 0, bytemuck::cast_slice(&input));
-                let mut enc = dev.create_command_encoder(&Default::default());
-                {
-                    let mut pass = enc.begin_compute_pass(&Default::default());
-                    pass.set_pipeline(&pipeline);
-                    pass.set_bind_group(0, &bind, &[]);
-                    for _ in 0..k {
-                        pass.dispatch_workgroups(n.div_ceil(256) as u32, 1, 1);
-                    }
-                }
-                enc.copy_buffer_to_buffer(&x, 0, &staging, 0, bytes);
-                let cmd = enc.finish();
+                let cmd = record(k);
                 let ts = Instant::now();
                 ctx.queue.submit([cmd]);
                 let (tx, rx) = std::sync::mpsc::channel();
@@ -69,14 +73,7 @@ fn main() {
                     submit_ns += ts.elapsed().as_nanos();
                 }
                 if spin {
-                    loop {
-                        dev.poll(wgpu::PollType::Poll).expect("poll");
-                        if let Ok(res) = rx.try_recv() {
-                            res.expect("map");
-                            break;
-                        }
-                        std::hint::spin_loop();
-                    }
+                    spin_until_mapped(dev, &rx);
                 } else {
                     dev.poll(wgpu::PollType::Wait { submission_index: None, timeout: None }).expect("poll");
                     rx.recv().unwrap().expect("map");
@@ -108,19 +105,6 @@ fn main() {
     let xn = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("xn"), size: bytes, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
     let sim = dev.create_buffer(&wgpu::BufferDescriptor { label: Some("sim"), size: 44 * 1024, usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST, mapped_at_creation: false });
     let sim_values = vec![0u8; 44 * 1024];
-    let record = || {
-        let mut enc = dev.create_command_encoder(&Default::default());
-        {
-            let mut pass = enc.begin_compute_pass(&Default::default());
-            pass.set_pipeline(&pipeline);
-            pass.set_bind_group(0, &bind, &[]);
-            for _ in 0..8 {
-                pass.dispatch_workgroups(n.div_ceil(256) as u32, 1, 1);
-            }
-        }
-        enc.copy_buffer_to_buffer(&x, 0, &staging, 0, bytes);
-        enc.finish()
-    };
     // (recorded by: 0 this thread just before, 1 another thread ahead; the other thread's
     // 44 KB writes; at most 4 buffers ahead, else all recorded before the first round)
     for (ahead, sim_writes, concurrent) in [(false, false, false), (true, false, false), (true, true, false), (true, true, true)] {
@@ -134,7 +118,7 @@ fn main() {
                     if sim_writes {
                         ctx.queue.write_buffer(&sim, 0, &sim_values);
                     }
-                    if tx.send(record()).is_err() {
+                    if tx.send(record(8)).is_err() {
                         return;
                     }
                 }
@@ -147,7 +131,7 @@ fn main() {
             }
             let (mut writes, mut submits) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
             for r in 0..rounds + 50 {
-                let cmd = if ahead { rx.recv().expect("a recorded buffer") } else { record() };
+                let cmd = if ahead { rx.recv().expect("a recorded buffer") } else { record(8) };
                 let t = Instant::now();
                 ctx.queue.write_buffer(&x, 0, bytemuck::cast_slice(&input));
                 ctx.queue.write_buffer(&xn, 0, bytemuck::cast_slice(&input));
@@ -158,14 +142,7 @@ fn main() {
                 staging.slice(..).map_async(wgpu::MapMode::Read, move |res| {
                     let _ = txm.send(res);
                 });
-                loop {
-                    dev.poll(wgpu::PollType::Poll).expect("poll");
-                    if let Ok(res) = rxm.try_recv() {
-                        res.expect("map");
-                        break;
-                    }
-                    std::hint::spin_loop();
-                }
+                spin_until_mapped(dev, &rxm);
                 staging.unmap();
                 if r >= 50 {
                     writes.push((ts - t).as_secs_f64() * 1e6);
@@ -190,5 +167,17 @@ fn main() {
                 q(&submits, 0.9),
             );
         });
+    }
+}
+
+/// Non-blocking polls until the mapping reported through `rx` is done, as the hybrid waits.
+fn spin_until_mapped(dev: &wgpu::Device, rx: &std::sync::mpsc::Receiver<Result<(), wgpu::BufferAsyncError>>) {
+    loop {
+        dev.poll(wgpu::PollType::Poll).expect("poll");
+        if let Ok(res) = rx.try_recv() {
+            res.expect("map");
+            return;
+        }
+        std::hint::spin_loop();
     }
 }
