@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k hprofile coldbench stream
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k warm hprofile coldbench stream
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -117,6 +117,22 @@ coldbench)
   # cold_ffn_bench) at the race's placement (36% hot), gathered against the dense cold gate.
   for a in "" "parts=4"; do $D/host_attention_bench $M/relu.gguf $(( T - 2 )) 544 $a | tail -1; done
   for c in 77.4 40; do $D/cold_ffn_bench $M/relu-pi.gguf $(( T - 2 )) 36 $c 24.2 | tail -3; done
+  ;;
+warm)
+  # The acceptance setting's tg (as race4k) with the hybrid's cache warming while it waits for
+  # the GPU (--tune hybrid-warm: 1 attention data, the default; 0 none; 2 attention and cold
+  # gate rows), alternating with llama.cpp -ngl ${WARM_NGL:-10} and, where D holds one, the
+  # previous build (D/ember_old), for ${WARM_ROUNDS:-2} rounds.
+  K="--kv-depth 544"
+  for i in $(seq ${WARM_ROUNDS:-2}); do
+    for w in ${WARM_MODES:-1 0 2}; do
+      measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, hybrid-warm=$w ($i)" \
+        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} --tune hybrid-warm=$w
+    done
+    [ -x $D/ember_old ] && measure "ember previous build ($(cat $D/commit_old 2>/dev/null)), same setting ($i)" \
+      $D/ember_old bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2}
+    [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${WARM_NGL:-10}, -c 4096 -npp 512 -ntg 64 ($i)" $LBB -m $M/relu.gguf -ngl ${WARM_NGL:-10} -t $T -c 4096 -npp 512 -ntg 64 -npl 1
+  done
   ;;
 hprofile)
   # Where a hybrid token's GPU time goes (timestamp queries per pass), at the race's setting.

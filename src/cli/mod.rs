@@ -244,6 +244,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
     ("cpu-times", "1: print the CPU decode's step times"),
+    ("hybrid-warm", "what the hybrid's CPU team prefetches while waiting for the GPU: 0 nothing, 1 attention (KV cache and o weights, the default), 2 attention and cold gate rows"),
 ];
 
 /// `--tune KEY=VALUE`: a known key and its value.
@@ -347,6 +348,18 @@ pub fn cpu_tuning(tune: &[(String, String)]) -> Result<crate::cpu::matmul::CpuTu
     }
     t.pack.huge_pages = tune_value(tune, "cpu-huge").as_deref() != Some("0");
     Ok(t)
+}
+
+/// The hybrid's cache warming ([`TUNE_KEYS`]: hybrid-warm), the default where not given.
+pub fn hybrid_warming(tune: &[(String, String)]) -> Result<crate::engine::CacheWarming> {
+    use crate::engine::CacheWarming;
+    Ok(match tune_number::<u32>(tune, "hybrid-warm")? {
+        None => CacheWarming::default(),
+        Some(0) => CacheWarming::Off,
+        Some(1) => CacheWarming::Attention,
+        Some(2) => CacheWarming::AttentionAndGate,
+        Some(v) => return Err(format!("{} = {v}: use 0, 1 or 2", tune_name("hybrid-warm")).into()),
+    })
 }
 
 /// `--gpu-precision`.

@@ -73,6 +73,14 @@ impl ColdRows {
         self.gate.as_ref().map_or(0, |p| p.n_bytes() as u64)
     }
 
+    /// Adds to `ranges` the gate rows a token will read from the packed copy, where there is
+    /// one (a token that lists fewer rows gathers them from the file instead).
+    pub fn warm_ranges(&self, ranges: &mut crate::cpu::prefetch::Ranges) {
+        if let Some(p) = &self.gate {
+            ranges.push(p.bytes());
+        }
+    }
+
     /// The packed gate, where a token listing `listed` of these neurons at `precision` should
     /// use it.
     fn dense_gate(&self, listed: usize, precision: Precision) -> Option<&PackedMatrix> {

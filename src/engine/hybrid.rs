@@ -264,6 +264,29 @@ struct HybridState {
     timing: HybridTiming,
     /// Where batched prefill time went, since the last reset.
     prefill_timing: PrefillTiming,
+    /// What the team warms while the main thread waits for the GPU.
+    warming: CacheWarming,
+    /// The ranges of the warming under way, reused.
+    warm: crate::cpu::prefetch::Ranges,
+    /// Lines the team warmed in the token under way (each posted job adds its count as it
+    /// stops).
+    warmed_lines: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// What the CPU team pulls into its caches while the main thread waits for the GPU's half of
+/// a split layer: what the layer's CPU half reads next. Decode on the CPU is bound by memory
+/// bandwidth, and the wait (~250 µs a layer on an H100 host) leaves the memory bus idle; what
+/// the members prefetch then (into their L2, and the shared L3 behind it) is read from cache
+/// afterwards. Prefetches are hints: the results are the same bit for bit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum CacheWarming {
+    Off,
+    /// A host-attention layer's KV cache and o weights; a layer with CPU attention elsewhere,
+    /// its cold gate rows.
+    #[default]
+    Attention,
+    /// The same, and a host-attention layer's cold gate rows after its attention data.
+    AttentionAndGate,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -302,6 +325,10 @@ pub struct HybridTiming {
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
     pub simulate: f64,
+    /// Bytes the team was asked to warm during the waits for the GPU ([`CacheWarming`]).
+    pub warm_asked: u64,
+    /// Of those, bytes it warmed before it was stopped.
+    pub warmed: u64,
 }
 
 impl HybridTiming {
@@ -311,7 +338,7 @@ impl HybridTiming {
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
             "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls, {:.2} waiting for the submitting thread); \
-             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; on the submitting thread: {:.2} writing x and xn after host attention, {:.2} submitting the hot neurons; {syncs} CPU<->GPU syncs per token",
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; on the submitting thread: {:.2} writing x and xn after host attention, {:.2} submitting the hot neurons; {syncs} CPU<->GPU syncs per token; {:.1} of {:.1} MB per token warmed while waiting",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
@@ -328,6 +355,8 @@ impl HybridTiming {
             per(self.simulate),
             per(self.attention_write),
             per(self.attention_submit),
+            self.warmed as f64 / 1e6 / self.tokens.max(1) as f64,
+            self.warm_asked as f64 / 1e6 / self.tokens.max(1) as f64,
         )
     }
 }
@@ -682,8 +711,17 @@ impl HybridSession {
             syncs_per_token: 0,
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
+            warming: CacheWarming::default(),
+            warm: Default::default(),
+            warmed_lines: Default::default(),
         };
         Ok(HybridSession { gpu: session, layers, state, prefill })
+    }
+
+    /// The session with `warming` instead of the default [`CacheWarming::Attention`].
+    pub fn with_warming(mut self, warming: CacheWarming) -> HybridSession {
+        self.state.warming = warming;
+        self
     }
 
     /// Where decode time went, and the CPU<->GPU synchronisations of the last token; `reset`
@@ -759,7 +797,7 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, .. } = state;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, warming, warm, warmed_lines, .. } = state;
         let predictor_secs = cold.predictor_secs;
         let (core_secs, proj_secs) = (host.core_secs, host.proj_secs);
         let this = &*gpu;
@@ -835,6 +873,25 @@ impl HybridSession {
                     }
                 }
                 t.submit += t_submit.elapsed().as_secs_f64();
+                // The team warms what this layer's CPU half reads next while the GPU works;
+                // its next run stops the warming.
+                if *warming != CacheWarming::Off {
+                    warm.clear();
+                    if sp.host_attention {
+                        host.warm_ranges(&this.model, split.layer, pos0 as usize, warm);
+                    }
+                    if !sp.host_attention || *warming == CacheWarming::AttentionAndGate {
+                        sp.cold.warm_ranges(warm);
+                    }
+                    if warm.total() > 0 {
+                        let (ranges, count) = (warm.clone(), warmed_lines.clone());
+                        cold.team().post(Box::new(move |member, size, stop| {
+                            let lines = ranges.prefetch_part(member - 1, size - 1, stop);
+                            count.fetch_add(lines as u64, std::sync::atomic::Ordering::Relaxed);
+                        }));
+                        t.warm_asked += warm.total() as u64;
+                    }
+                }
                 let t_wait = std::time::Instant::now();
                 spin_until_mapped(&this.ctx.device, &rx_map)?;
                 t.syncs += 1;
@@ -887,6 +944,7 @@ impl HybridSession {
                 t.submit += t_submit.elapsed().as_secs_f64();
             }
             hot_done(&mut t, &mut hot_pending)?;
+            cold.team().finish_posted();
             drop(tx_hot);
             let (record, draw) = recorder.join().expect("the command recorder thread panicked");
             t.record = record;
@@ -910,6 +968,9 @@ impl HybridSession {
         timing.wait_submitter += t.wait_submitter;
         timing.record += t.record;
         timing.simulate += t.simulate;
+        timing.warm_asked += t.warm_asked;
+        // Every posted warming has stopped (finish_posted above), so its count is in.
+        timing.warmed += warmed_lines.swap(0, std::sync::atomic::Ordering::Relaxed) * 64;
         gpu.n_past += 1;
         Ok(())
     }
@@ -1111,6 +1172,7 @@ struct SplitPart {
 #[derive(Default)]
 struct TokenTiming {
     syncs: usize,
+    warm_asked: u64,
     attn_read: f64,
     attn_write: f64,
     attn_submit: f64,
