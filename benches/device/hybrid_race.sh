@@ -119,18 +119,19 @@ coldbench)
   for c in 77.4 40; do $D/cold_ffn_bench $M/relu-pi.gguf $(( T - 2 )) 36 $c 24.2 | tail -3; done
   ;;
 warm)
-  # The acceptance setting's tg (as race4k) with the hybrid's cache warming while it waits for
-  # the GPU (--tune hybrid-warm: 1 attention data, the default; 0 none; 2 attention and cold
-  # gate rows), alternating with llama.cpp -ngl ${WARM_NGL:-10} and, where D holds one, the
-  # previous build (D/ember_old), for ${WARM_ROUNDS:-2} rounds.
+  # The acceptance setting's tg (as race4k) with the hybrid decode's choices (--tune
+  # hybrid-warm=W: what the CPU team prefetches while waiting for the GPU, 1 attention data (the
+  # default), 0 none, 2 attention and cold gate rows; hybrid-upload=U: 1 upload slots (the
+  # default), 0 queue.write_buffer), alternating with llama.cpp -ngl ${WARM_NGL:-10}; the modes
+  # "W:U ..." of round i are WARM_MODES_i, else WARM_MODES.
   K="--kv-depth 544"
   for i in $(seq ${WARM_ROUNDS:-2}); do
-    for w in ${WARM_MODES:-1 0 2}; do
-      measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, hybrid-warm=$w ($i)" \
-        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} --tune hybrid-warm=$w
+    v=WARM_MODES_$i
+    for m in ${!v:-${WARM_MODES:-1:1 0:0}}; do
+      w=${m%%:*}; u=${m##*:}
+      measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, hybrid-warm=$w hybrid-upload=$u ($i)" \
+        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} --tune hybrid-warm=$w --tune hybrid-upload=$u
     done
-    [ -x $D/ember_old ] && measure "ember previous build ($(cat $D/commit_old 2>/dev/null)), same setting ($i)" \
-      $D/ember_old bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2}
     [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${WARM_NGL:-10}, -c 4096 -npp 512 -ntg 64 ($i)" $LBB -m $M/relu.gguf -ngl ${WARM_NGL:-10} -t $T -c 4096 -npp 512 -ntg 64 -npl 1
   done
   ;;

@@ -245,6 +245,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
     ("cpu-times", "1: print the CPU decode's step times"),
     ("hybrid-warm", "what the hybrid's CPU team prefetches while waiting for the GPU: 0 nothing, 1 attention (KV cache and o weights, the default), 2 attention and cold gate rows"),
+    ("hybrid-upload", "0: the hybrid's per-token uploads through queue.write_buffer instead of its upload slots"),
 ];
 
 /// `--tune KEY=VALUE`: a known key and its value.
@@ -350,16 +351,20 @@ pub fn cpu_tuning(tune: &[(String, String)]) -> Result<crate::cpu::matmul::CpuTu
     Ok(t)
 }
 
-/// The hybrid's cache warming ([`TUNE_KEYS`]: hybrid-warm), the default where not given.
-pub fn hybrid_warming(tune: &[(String, String)]) -> Result<crate::engine::CacheWarming> {
+/// The hybrid decode's choices ([`TUNE_KEYS`]: hybrid-warm, hybrid-upload), the defaults where
+/// not given.
+pub fn hybrid_tuning(tune: &[(String, String)]) -> Result<crate::engine::HybridTuning> {
     use crate::engine::CacheWarming;
-    Ok(match tune_number::<u32>(tune, "hybrid-warm")? {
-        None => CacheWarming::default(),
+    let mut t = crate::engine::HybridTuning::default();
+    t.warming = match tune_number::<u32>(tune, "hybrid-warm")? {
+        None => t.warming,
         Some(0) => CacheWarming::Off,
         Some(1) => CacheWarming::Attention,
         Some(2) => CacheWarming::AttentionAndGate,
         Some(v) => return Err(format!("{} = {v}: use 0, 1 or 2", tune_name("hybrid-warm")).into()),
-    })
+    };
+    t.upload_slots = tune_value(tune, "hybrid-upload").as_deref() != Some("0");
+    Ok(t)
 }
 
 /// `--gpu-precision`.

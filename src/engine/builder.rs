@@ -104,8 +104,8 @@ pub struct SessionOptions {
     pub gpu_tuning: GpuTuning,
     /// How the CPU's products stream their weights (benchmark overrides).
     pub cpu_tuning: crate::cpu::matmul::CpuTuning,
-    /// What the hybrid's CPU team warms while waiting for the GPU (benchmark override).
-    pub hybrid_warming: crate::engine::CacheWarming,
+    /// The hybrid decode's choices (benchmark overrides).
+    pub hybrid_tuning: crate::engine::HybridTuning,
     pub ffn: FfnMode,
     /// Predictors for `FfnMode::Predict` [default: the derived `.predictors.gguf`, else the model's own].
     pub predictor: Option<PathBuf>,
@@ -153,7 +153,7 @@ impl SessionOptions {
             precision: Precision::Llama,
             gpu_tuning: GpuTuning::default(),
             cpu_tuning: Default::default(),
-            hybrid_warming: Default::default(),
+            hybrid_tuning: Default::default(),
             ffn: FfnMode::Dense,
             predictor: None,
             ffn_sparsity: 0.5,
@@ -373,7 +373,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let (mut hot, mut attention, mut retries, mut reserve) = (hot, attention, 0, 0u64);
     let session = loop {
         let e = match HybridSession::with_prefill(model.clone(), ctx.clone(), n_ctx, plan(hot.clone(), attention.clone(), reserve), prefill_config(args.prefill_batch, args.stream_min_batch, budget), true) {
-            Ok(s) => break s.with_warming(args.hybrid_warming),
+            Ok(s) => break s.with_tuning(args.hybrid_tuning),
             Err(e) => e,
         };
         if from_cache && matches!(e, HybridError::Placement(_)) {

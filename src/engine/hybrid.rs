@@ -25,6 +25,7 @@
 //!   layers ([`super::cold`]), so each layer's CPU work starts on every core at once instead
 //!   of waking a sleeping rayon pool.
 
+use crate::gpu::upload::UploadSlot;
 use super::cold::{ColdFfn, ColdRows};
 use super::ffn::{FfnMode, SparseFfn};
 use super::forward::{Forward, ForwardError, Logits};
@@ -162,6 +163,22 @@ struct SparseLayerOps {
     add_cpu: AddOp,
     /// Simulated activity: the layer's ±1 "logits" written per token.
     sim_logits: Option<wgpu::Buffer>,
+    /// Upload slots, used instead of `queue.write_buffer` unless turned off
+    /// ([`HybridSession::with_upload_slots`]): x | xn after a host attention, copied into x and
+    /// xn by the hot neurons' command buffer; the CPU's part, copied into `y_cpu` by the next
+    /// segment; the simulated logits, copied before the hot neurons.
+    up_attn: Option<UploadSlot>,
+    up_y: Option<UploadSlot>,
+    up_sim: Option<UploadSlot>,
+}
+
+impl SparseLayerOps {
+    /// Its upload slots, each mapped again if a use unmapped it.
+    fn remap_slots(&self) {
+        for slot in [&self.up_attn, &self.up_y, &self.up_sim].into_iter().flatten() {
+            slot.remap();
+        }
+    }
 }
 
 impl HybridState {
@@ -199,6 +216,19 @@ fn spin_until_mapped(device: &wgpu::Device, rx: &std::sync::mpsc::Receiver<Resul
             Ok(r) => return r.map_err(lost),
             Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
             Err(err) => return Err(lost(err)),
+        }
+    }
+}
+
+/// The CPU's part of a layer's FFN to the GPU, ordered before the next submission (whose first
+/// dispatch adds it into x): through the layer's upload slot, copied by that submission, or
+/// `queue.write_buffer`.
+fn upload_y(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, y: &[f32]) -> Result<(), ForwardError> {
+    match (slots, &sp.up_y) {
+        (true, Some(slot)) => slot.write(&gpu.ctx.device, &[bytemuck::cast_slice(y)]).map_err(ForwardError::Gpu),
+        _ => {
+            gpu.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
+            Ok(())
         }
     }
 }
@@ -268,9 +298,27 @@ struct HybridState {
     warming: CacheWarming,
     /// The ranges of the warming under way, reused.
     warm: crate::cpu::prefetch::Ranges,
+    /// Whether the per-token uploads go through the layers' upload slots.
+    upload_slots: bool,
     /// Lines the team warmed in the token under way (each posted job adds its count as it
     /// stops).
     warmed_lines: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// The hybrid decode's choices that benchmarks compare (the binary's `--tune hybrid-warm` and
+/// `hybrid-upload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HybridTuning {
+    pub warming: CacheWarming,
+    /// The per-token uploads through the layers' upload slots ([`UploadSlot`]) rather than
+    /// `queue.write_buffer`.
+    pub upload_slots: bool,
+}
+
+impl Default for HybridTuning {
+    fn default() -> Self {
+        HybridTuning { warming: CacheWarming::default(), upload_slots: true }
+    }
 }
 
 /// What the CPU team pulls into its caches while the main thread waits for the GPU's half of
@@ -662,6 +710,9 @@ impl HybridSession {
             let staging = (!cold.ids.is_empty() || host_attention).then(|| ctx.readback_buffer("hybrid staging", staging_bytes));
             let y_cpu = ctx.zeros("cpu ffn part", 4 * e as u64);
             let add_cpu = AddOp::new(&ctx, &s.x, &y_cpu, e as u32, &s.step);
+            let up_attn = host_attention.then(|| UploadSlot::new(&ctx, "x | xn upload", 8 * e as u64));
+            let up_y = (!cold.ids.is_empty()).then(|| UploadSlot::new(&ctx, "cpu ffn part upload", 4 * e as u64));
+            let up_sim = sim_logits[il].as_ref().map(|_| UploadSlot::new(&ctx, "simulated logits upload", 4 * ff as u64));
             layers.push(SparseLayerOps {
                 predictor,
                 candidates,
@@ -679,6 +730,9 @@ impl HybridSession {
                 y_cpu,
                 add_cpu,
                 sim_logits: sim_logits[il].clone(),
+                up_attn,
+                up_y,
+                up_sim,
             });
             bar.inc(1);
         }
@@ -712,15 +766,17 @@ impl HybridSession {
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
             warming: CacheWarming::default(),
+            upload_slots: true,
             warm: Default::default(),
             warmed_lines: Default::default(),
         };
         Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
-    /// The session with `warming` instead of the default [`CacheWarming::Attention`].
-    pub fn with_warming(mut self, warming: CacheWarming) -> HybridSession {
-        self.state.warming = warming;
+    /// The session with decode's choices set as `tuning` says.
+    pub fn with_tuning(mut self, tuning: HybridTuning) -> HybridSession {
+        self.state.warming = tuning.warming;
+        self.state.upload_slots = tuning.upload_slots;
         self
     }
 
@@ -797,7 +853,8 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, warming, warm, warmed_lines, .. } = state;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, warming, warm, warmed_lines, upload_slots, .. } = state;
+        let slots = *upload_slots;
         let predictor_secs = cold.predictor_secs;
         let (core_secs, proj_secs) = (host.core_secs, host.proj_secs);
         let this = &*gpu;
@@ -809,22 +866,30 @@ impl HybridSession {
         std::thread::scope(|scope| -> Result<(), ForwardError> {
             let (tx, rx) = std::sync::mpsc::channel::<Segment>();
             let sim = simulate.as_ref();
-            let recorder = scope.spawn(move || record_split_token(this, layers, sim, tx));
+            let recorder = scope.spawn(move || record_split_token(this, layers, sim, slots, tx));
             // After a host attention, x and xn go back to the GPU and the hot neurons'
             // buffer is submitted by a third thread while this one computes the cold neurons:
             // on the H100 those two writes and that submission took ~220 µs a layer on the
             // critical path (session 12, call C), the cold part ~420 µs. This thread's next
             // queue call waits for them (`hot_done`), so the queue sees the same order.
-            let (tx_hot, rx_hot) = std::sync::mpsc::channel::<(Vec<f32>, Vec<f32>, Option<wgpu::CommandBuffer>)>();
-            let (tx_done, rx_done) = std::sync::mpsc::channel::<(f64, f64)>();
+            let (tx_hot, rx_hot) = std::sync::mpsc::channel::<(usize, Vec<f32>, Vec<f32>, Option<wgpu::CommandBuffer>)>();
+            let (tx_done, rx_done) = std::sync::mpsc::channel::<Result<(f64, f64), GpuError>>();
             scope.spawn(move || {
-                for (x, xn, hot) in rx_hot {
+                for (il, x, xn, hot) in rx_hot {
                     let t_write = std::time::Instant::now();
-                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&x));
-                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&xn));
+                    let written = match (slots, &layers[il].up_attn) {
+                        (true, Some(slot)) => slot.write(&this.ctx.device, &[bytemuck::cast_slice(&x), bytemuck::cast_slice(&xn)]),
+                        _ => {
+                            this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&x));
+                            this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&xn));
+                            Ok(())
+                        }
+                    };
                     let t_hot = std::time::Instant::now();
-                    this.ctx.queue.submit(hot);
-                    if tx_done.send(((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64())).is_err() {
+                    if written.is_ok() {
+                        this.ctx.queue.submit(hot);
+                    }
+                    if tx_done.send(written.map(|()| ((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64()))).is_err() {
                         return;
                     }
                 }
@@ -833,7 +898,7 @@ impl HybridSession {
             let hot_done = |t: &mut TokenTiming, pending: &mut bool| -> Result<(), ForwardError> {
                 if std::mem::take(pending) {
                     let t_wait = std::time::Instant::now();
-                    let (write, submit) = rx_done.recv().map_err(|_| lost("the submitting thread stopped"))?;
+                    let (write, submit) = rx_done.recv().map_err(|_| lost("the submitting thread stopped"))??;
                     t.wait_submitter += t_wait.elapsed().as_secs_f64();
                     t.attn_write += write;
                     t.attn_submit += submit;
@@ -916,7 +981,7 @@ impl HybridSession {
                         true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
                         false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
                     }
-                    tx_hot.send((host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
+                    tx_hot.send((split.layer, host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
                     hot_pending = true;
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
@@ -924,7 +989,7 @@ impl HybridSession {
                         cold_token(cold, ffn, &this.model, split.layer, host_x, host_xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
                         t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
                         hot_done(&mut t, &mut hot_pending)?;
-                        this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
+                        upload_y(this, sp, slots, y)?;
                     }
                     continue;
                 }
@@ -940,7 +1005,7 @@ impl HybridSession {
                 let t_submit = std::time::Instant::now();
                 staging.unmap();
                 // Ordered before the next submission, whose first dispatch adds it into x.
-                this.ctx.queue.write_buffer(&sp.y_cpu, 0, bytemuck::cast_slice(y));
+                upload_y(this, sp, slots, y)?;
                 t.submit += t_submit.elapsed().as_secs_f64();
             }
             hot_done(&mut t, &mut hot_pending)?;
@@ -951,6 +1016,11 @@ impl HybridSession {
             t.simulate = draw;
             Ok(())
         })?;
+        // Every submission of the token is made: the slots it used are mapped again once the
+        // GPU is done with them, ready for the next token.
+        if slots {
+            layers.iter().for_each(SparseLayerOps::remap_slots);
+        }
         *syncs_per_token = t.syncs;
         timing.tokens += 1;
         timing.total += t_token.elapsed().as_secs_f64();
@@ -1042,7 +1112,7 @@ impl Forward for HybridSession {
 /// and sends them, one [`Segment`] per split layer and one for the tail; with simulated
 /// activity, draws each layer's active set first and writes the GPU's copy of it. Returns the
 /// seconds spent recording and drawing. Stops early when the receiver is gone.
-fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
+fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Option<&Mutex<SimulatedActivity>>, slots: bool, tx: std::sync::mpsc::Sender<Segment>) -> (f64, f64) {
     let t_start = std::time::Instant::now();
     let mut draw_time = 0.0;
     let e = gpu.model.hp.n_embd as u64;
@@ -1056,6 +1126,7 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
     let mut layers_recorded = 0;
     for (il, (layer, sp)) in gpu.layers.iter().zip(sparse).enumerate() {
         let mut drawn = None;
+        let mut sim_copy = false;
         if let Some(sim) = sim.as_mut() {
             let t = std::time::Instant::now();
             let mut active = Drawn::default();
@@ -1066,8 +1137,14 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
                 for (&i, &fires) in active.candidates.iter().zip(&active.fires) {
                     sim_values[i as usize] = if fires { 1.0 } else { 0.0 };
                 }
-                // Before the segment that reads it is sent, so before its submission.
-                gpu.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(&sim_values));
+                // Before the segment that reads it is sent, so before its submission: through
+                // the slot (copied below, before the hot neurons), else queued.
+                let bytes: &[u8] = bytemuck::cast_slice(&sim_values);
+                let via_slot = slots && sp.up_sim.as_ref().is_some_and(|slot| slot.write(&gpu.ctx.device, &[bytes]).is_ok());
+                if !via_slot {
+                    gpu.ctx.queue.write_buffer(buf, 0, bytes);
+                }
+                sim_copy = via_slot;
             }
             drawn = Some(active);
             draw_time += t.elapsed().as_secs_f64();
@@ -1076,7 +1153,13 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             op.record(&mut pass, 1);
         }
         layers_recorded += 1;
+        let sim_slot = sp.up_sim.as_ref().filter(|_| sim_copy);
         let Some(staging) = &sp.staging else {
+            if let (Some(slot), Some(buf)) = (sim_slot, &sp.sim_logits) {
+                drop(pass);
+                enc.copy_buffer_to_buffer(slot.buffer(), 0, buf, 0, buf.size());
+                pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
+            }
             for (_, op) in sp.gpu_sequence() {
                 op.record(&mut pass, 1);
             }
@@ -1111,6 +1194,13 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         // the mapping: recorded into the attention half's, they put their ~170 µs on the CPU's
         // wait (measured slower on an H200, BENCHMARKS.md, session 7).
         let mut enc_hot = new_encoder();
+        if let (Some(slot), Some(buf)) = (sim_slot, &sp.sim_logits) {
+            enc_hot.copy_buffer_to_buffer(slot.buffer(), 0, buf, 0, buf.size());
+        }
+        if let (true, Some(slot)) = (slots, &sp.up_attn) {
+            enc_hot.copy_buffer_to_buffer(slot.buffer(), 0, &gpu.s.x, 0, 4 * e);
+            enc_hot.copy_buffer_to_buffer(slot.buffer(), 4 * e, &gpu.s.xn, 0, 4 * e);
+        }
         {
             let mut p = enc_hot.begin_compute_pass(&Default::default());
             for (_, op) in sp.gpu_sequence() {
@@ -1124,6 +1214,9 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             return (t_start.elapsed().as_secs_f64(), draw_time);
         }
         enc = new_encoder();
+        if let (true, Some(slot)) = (slots, &sp.up_y) {
+            enc.copy_buffer_to_buffer(slot.buffer(), 0, &sp.y_cpu, 0, 4 * e);
+        }
         pass = enc.begin_compute_pass(&Default::default()).forget_lifetime();
         if !sp.cold.ids.is_empty() {
             sp.add_cpu.encode(&mut pass, 1);

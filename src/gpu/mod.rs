@@ -9,6 +9,7 @@ pub mod shaders;
 pub mod sparse;
 pub mod timer;
 pub mod tuning;
+pub mod upload;
 
 pub use tuning::GpuTuning;
 pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, PLANNING_MARGIN, STAGING_CAP};
