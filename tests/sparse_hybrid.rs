@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, Logits, OffloadSession, Session, SparseFfn};
+use ember::engine::{AttentionPlace, CacheWarming, FfnMode, Forward, HybridPlan, HybridSession, HybridTuning, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use ember::sparse::placement::AttnSite;
@@ -129,6 +129,23 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     s.reset();
     let b = s.forward(p, Logits::Last).unwrap();
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "not deterministic");
+    // Decode token by token: the same bits whatever the decode's tuning (cache warming is only
+    // prefetching; upload slots and queue.write_buffer carry the same bytes).
+    let by_token = |s: &mut HybridSession| -> Vec<f32> {
+        s.reset();
+        let mut last = Vec::new();
+        for &t in p {
+            last = s.forward(&[t], Logits::Last).unwrap();
+        }
+        last
+    };
+    let reference = by_token(&mut s);
+    for (warming, upload_slots) in [(CacheWarming::Off, false), (CacheWarming::AttentionAndGate, true), (CacheWarming::Attention, false)] {
+        s = s.with_tuning(HybridTuning { warming, upload_slots });
+        let other = pool.install(|| by_token(&mut s));
+        assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "{warming:?}, upload slots {upload_slots}: other logits");
+    }
+    s = s.with_tuning(HybridTuning::default());
     dense.reset();
     let d = dense.forward(p, Logits::Last).unwrap();
     assert!(common::rel_err(&a, &d) < 1e-3, "relative logit error {}", common::rel_err(&a, &d));
