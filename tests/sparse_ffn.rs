@@ -177,7 +177,7 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
     for precision in [Precision::F32, Precision::Llama] {
         let relu = SparseFfn::new(&model, FfnMode::Relu, None, Vec::new(), precision, false).unwrap();
         let always = Arc::new(Predictors::always_on(model.hp.n_layer, e, ff));
-        let predict = SparseFfn::new(&model, FfnMode::Predict, Some(always), Vec::new(), precision, false).unwrap();
+        let predict = SparseFfn::new(&model, FfnMode::Predict, Some(always.clone()), Vec::new(), precision, false).unwrap();
         for il in [0, 7, model.hp.n_layer - 1] {
             let xn = rng.vec(e);
             let resid = rng.vec(e);
@@ -220,6 +220,17 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                 .collect();
             assert!(charged[0].iter().zip(&charged[1]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {precision:?}: charged, gathered and packed gates differ");
             assert!(charged[0].iter().any(|&v| v != 0.0));
+            // With the predictor charged (its logits set aside; beside the dense gate product
+            // the caller runs it alone): the same bits, and its rows are computed.
+            for team in teams.iter_mut() {
+                for rows in [&gathered, &packed] {
+                    let before = team.predictor_rows;
+                    let mut out = vec![f32::NAN; e];
+                    team.token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, Some(&always.layers[il]), precision, &mut out);
+                    assert_eq!(team.predictor_rows - before, (always.layers[il].fc1.rows + cold.len()) as u64, "layer {il}: predictor rows");
+                    assert!(out.iter().zip(&charged[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {precision:?}: a charged predictor changed the output");
+                }
+            }
         }
     }
 }

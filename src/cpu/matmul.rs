@@ -167,6 +167,18 @@ pub fn matmuls_tuned<const N: usize>(team: &mut Team, tuning: &CpuTuning, x: &Ac
 /// Each plan's output pointer must be valid for its plan's outputs and not accessed elsewhere
 /// during the call, and no two plans may share outputs.
 unsafe fn run_plans<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: &[(Plan, OutPtr); N]) {
+    unsafe { run_plans_first(team, tuning, plans, None) }
+}
+
+/// [`run_plans`], with member 0 (the caller) running `first` before it takes any part: a
+/// small serial task overlapped with a bandwidth-bound product.
+///
+/// # Safety
+/// As [`run_plans`].
+unsafe fn run_plans_first<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: &[(Plan, OutPtr); N], first: Option<&(dyn Fn() + Sync)>) {
+    if let (Some(f), 1) = (first, team.size()) {
+        f();
+    }
     if team.size() == 1 {
         for (plan, ptr) in plans {
             // SAFETY: as below, with one part.
@@ -177,6 +189,9 @@ unsafe fn run_plans<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: 
     let size = team.size();
     if tuning.parts_per_member == 0 {
         team.run(&|member, size| {
+            if let (Some(f), 0) = (first, member) {
+                f();
+            }
             for (plan, ptr) in plans {
                 // SAFETY: the caller's outputs; members write disjoint rows.
                 unsafe { plan.run_part(*ptr, member, size) };
@@ -185,12 +200,21 @@ unsafe fn run_plans<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: 
         return;
     }
     // Parts numbered matrix after matrix; member m starts with part m of the first matrix,
-    // then takes the next unclaimed part.
+    // then takes the next unclaimed part. With `first`, member 0 runs it and then takes parts
+    // from the counter only, the others starting with parts 0..size - 1.
     let parts: [usize; N] = std::array::from_fn(|i| plans[i].0.parts(size * tuning.parts_per_member));
     let total: usize = parts.iter().sum();
-    let next = AtomicUsize::new(size);
+    let claimed = if first.is_some() { size - 1 } else { size };
+    let next = AtomicUsize::new(claimed);
     team.run(&|member, _| {
-        let mut k = member;
+        let mut k = match first {
+            None => member,
+            Some(f) if member == 0 => {
+                f();
+                next.fetch_add(1, Ordering::Relaxed)
+            }
+            Some(_) => member - 1,
+        };
         while k < total {
             let (mut i, mut part) = (0, k);
             while part >= parts[i] {
@@ -211,13 +235,19 @@ unsafe fn run_plans<const N: usize>(team: &mut Team, tuning: &CpuTuning, plans: 
 /// [`Precision::Llama`]. Panics if this CPU has no packed kernels ([`Isa::detect`]), for F32
 /// precision, or on a shape mismatch.
 pub fn matmul_packed(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32]) {
+    matmul_packed_first(team, tuning, p, x, out, None)
+}
+
+/// [`matmul_packed`], with the caller running `first` (a small serial task) before it joins
+/// the product: the others start on the product at once.
+pub fn matmul_packed_first(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
     let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
     assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
     assert_eq!(x.cols, p.cols(), "packed product: activation width");
     assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
     let plans = [(Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }, OutPtr(out.as_mut_ptr()))];
     // SAFETY: the output holds n_tokens x rows values (checked above), borrowed for the call.
-    unsafe { run_plans(team, tuning, &plans) }
+    unsafe { run_plans_first(team, tuning, &plans, first) }
 }
 
 /// How one product is computed, decided once per call (before any thread starts): the packed

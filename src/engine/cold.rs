@@ -8,7 +8,7 @@
 //! not matter, so the result is the same run after run and for any team size.
 
 use super::ffn::{retain_sorted_intersection, FfnMode, SparseFfn};
-use crate::cpu::matmul::{matmul_packed, matmuls_tuned, Activations, CpuTuning, Precision};
+use crate::cpu::matmul::{matmul_packed_first, matmuls_tuned, Activations, CpuTuning, Precision};
 use crate::model::Matrix;
 use crate::quant::packed::{packs, Isa, PackedMatrix};
 use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
@@ -91,9 +91,9 @@ impl ColdRows {
 
 /// Every cold neuron's gate value into `gate` (n_ff values, indexed by neuron), densely:
 /// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order.
-fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32]) {
+fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
     scratch.resize(ids.len(), 0.0);
-    matmul_packed(team, tuning, dense, acts, scratch);
+    matmul_packed_first(team, tuning, dense, acts, scratch, first);
     for (&i, &g) in ids.iter().zip(scratch.iter()) {
         gate[i as usize] = g;
     }
@@ -178,7 +178,7 @@ impl ColdFfn {
                 match cold.dense_gate(active.len(), precision) {
                     Some(p) => {
                         gate.resize(model.hp.n_ff, 0.0);
-                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate);
+                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None);
                         Some(gate.as_slice())
                     }
                     None => None,
@@ -187,7 +187,7 @@ impl ColdFfn {
             FfnMode::Relu | FfnMode::Dense | FfnMode::Threshold => {
                 gate.resize(model.hp.n_ff, 0.0);
                 match cold.dense_gate(cold.ids.len(), precision) {
-                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate),
+                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None),
                     None => matvec_rows(&layer.ffn_gate, &acts, &cold.ids, gate),
                 }
                 active.extend(cold.ids.iter().copied().filter(|&i| ffn.keeps(il, act, gate[i as usize])));
@@ -251,20 +251,6 @@ impl ColdFfn {
     pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold_rows: &ColdRows, candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
         let ColdFfn { team, gate, active, fires: cold_fires, partials, dense, tuning, hidden, logits, predictor_rows, predictor_secs, .. } = self;
         let cold = cold_rows.ids.as_slice();
-        if let Some(p) = predictor {
-            let t = std::time::Instant::now();
-            let rank = p.fc1.rows;
-            hidden.resize(rank, 0.0);
-            matmuls_tuned(team, tuning, &Activations::new(resid, 1).with_precision(precision), [(&p.fc1, &mut hidden[..])]);
-            for h in hidden.iter_mut() {
-                *h = h.max(0.0);
-            }
-            logits.resize(cold.len(), 0.0);
-            team_row_dots(team, tuning, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
-            std::hint::black_box(&logits);
-            *predictor_rows += (rank + cold.len()) as u64;
-            *predictor_secs += t.elapsed().as_secs_f64();
-        }
         // The candidates that are cold (both lists ascending).
         active.clear();
         cold_fires.clear();
@@ -278,16 +264,59 @@ impl ColdFfn {
                 cold_fires.push(f);
             }
         }
+        let n_candidates = active.len();
+        let dense_gate = (n_candidates > 0).then(|| cold_rows.dense_gate(n_candidates, precision)).flatten();
+        // The predictor's charge: with the dense gate product (which needs no candidates), the
+        // caller runs it alone while the other members start on that product, a small serial
+        // task beside a bandwidth-bound one; otherwise as two products of the team's.
+        let predict_serial = |hidden: &mut Vec<f32>, logits: &mut Vec<f32>, p: &Predictor| {
+            let t = std::time::Instant::now();
+            let rank = p.fc1.rows;
+            hidden.resize(rank, 0.0);
+            let all: Vec<u32> = (0..rank as u32).collect();
+            row_dots_serial(&p.fc1, &Activations::new(resid, 1).with_precision(precision), &all, hidden);
+            for h in hidden.iter_mut() {
+                *h = h.max(0.0);
+            }
+            logits.resize(cold.len(), 0.0);
+            row_dots_serial(&p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            std::hint::black_box(&logits);
+            t.elapsed().as_secs_f64()
+        };
+        if let (Some(p), None) = (predictor, dense_gate) {
+            let t = std::time::Instant::now();
+            let rank = p.fc1.rows;
+            hidden.resize(rank, 0.0);
+            matmuls_tuned(team, tuning, &Activations::new(resid, 1).with_precision(precision), [(&p.fc1, &mut hidden[..])]);
+            for h in hidden.iter_mut() {
+                *h = h.max(0.0);
+            }
+            logits.resize(cold.len(), 0.0);
+            team_row_dots(team, tuning, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            std::hint::black_box(&logits);
+            *predictor_secs += t.elapsed().as_secs_f64();
+        }
+        if let Some(p) = predictor {
+            *predictor_rows += (p.fc1.rows + cold.len()) as u64;
+        }
         if active.is_empty() {
             out.fill(0.0);
             return 0;
         }
         let acts = Activations::new(xn, 1).with_precision(precision);
-        let n_candidates = active.len();
-        let gate_given = match cold_rows.dense_gate(n_candidates, precision) {
-            Some(p) => {
+        let gate_given = match dense_gate {
+            Some(packed) => {
                 gate.resize(model.hp.n_ff, 0.0);
-                dense_gate_values(team, tuning, p, &acts, cold, dense, gate);
+                let secs = Mutex::new(0.0);
+                let scratch = Mutex::new((&mut *hidden, &mut *logits));
+                let first = |p: &Predictor| {
+                    let mut guard = scratch.lock().unwrap();
+                    let (h, l) = &mut *guard;
+                    *secs.lock().unwrap() = predict_serial(h, l, p);
+                };
+                let first = predictor.map(|p| move || first(p));
+                dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, first.as_ref().map(|f| f as &(dyn Fn() + Sync)));
+                *predictor_secs += secs.into_inner().unwrap();
                 Some(gate.as_slice())
             }
             None => None,
