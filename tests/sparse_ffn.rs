@@ -227,7 +227,11 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                     let before = team.predictor_rows;
                     let mut out = vec![f32::NAN; e];
                     team.token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, Some(&always.layers[il]), precision, &mut out);
-                    assert_eq!(team.predictor_rows - before, (always.layers[il].fc1.rows + cold.len()) as u64, "layer {il}: predictor rows");
+                    // fc1's rows, then fc2's of the cold neurons (team products) or fc2ᵀ's over
+                    // every neuron (the caller's, beside the dense gate).
+                    let p = &always.layers[il];
+                    let rows = team.predictor_rows - before;
+                    assert!(rows == (p.rank() + cold.len()) as u64 || rows == (p.rank() + ff) as u64, "layer {il}: {rows} predictor rows");
                     assert!(out.iter().zip(&charged[0]).all(|(a, b)| a.to_bits() == b.to_bits()), "layer {il}, {precision:?}: a charged predictor changed the output");
                 }
             }

@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{AttentionPlace, CacheWarming, FfnMode, Forward, HybridPlan, HybridSession, HybridTuning, Logits, OffloadSession, Session, SparseFfn};
+use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, HybridTuning, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use ember::sparse::placement::AttnSite;
@@ -129,8 +129,8 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
     s.reset();
     let b = s.forward(p, Logits::Last).unwrap();
     assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "not deterministic");
-    // Decode token by token: the same bits whatever the decode's tuning (cache warming is only
-    // prefetching; upload slots and queue.write_buffer carry the same bytes).
+    // Decode token by token: the same bits whatever the decode's tuning (upload slots and
+    // queue.write_buffer carry the same bytes, in the same order whichever thread submits).
     let by_token = |s: &mut HybridSession| -> Vec<f32> {
         s.reset();
         let mut last = Vec::new();
@@ -140,10 +140,10 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         last
     };
     let reference = by_token(&mut s);
-    for (warming, upload_slots) in [(CacheWarming::Off, false), (CacheWarming::AttentionAndGate, true), (CacheWarming::Attention, false)] {
-        s = s.with_tuning(HybridTuning { warming, upload_slots });
+    for (submit_thread, upload_slots) in [(false, false), (false, true), (true, false)] {
+        s = s.with_tuning(HybridTuning { submit_thread, upload_slots });
         let other = pool.install(|| by_token(&mut s));
-        assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "{warming:?}, upload slots {upload_slots}: other logits");
+        assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "submitting thread {submit_thread}, upload slots {upload_slots}: other logits");
     }
     s = s.with_tuning(HybridTuning::default());
     dense.reset();

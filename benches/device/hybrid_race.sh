@@ -4,7 +4,7 @@
 # memory (nvidia-smi, sampled every 100 ms) next to ember's own count.
 #
 # Run from the repository root on the device:
-#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k warm hprofile coldbench stream
+#   benches/device/hybrid_race.sh D PHASE...      PHASE: cpu cpuonly cpuvar offload hybrid rates long race4k variants hprofile coldbench stream
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer llama.cpp needs), relu-0..30.profile.gguf and
 # relu-30..60.profile.gguf (`ember profile` of SmolLM2-135M-ReLU on english_heldout windows 0..30
@@ -118,21 +118,21 @@ coldbench)
   for a in "" "parts=4"; do $D/host_attention_bench $M/relu.gguf $(( T - 2 )) 544 $a | tail -1; done
   for c in 77.4 40; do $D/cold_ffn_bench $M/relu-pi.gguf $(( T - 2 )) 36 $c 24.2 | tail -3; done
   ;;
-warm)
-  # The acceptance setting's tg (as race4k) with the hybrid decode's choices (--tune
-  # hybrid-warm=W: what the CPU team prefetches while waiting for the GPU, 1 attention data (the
-  # default), 0 none, 2 attention and cold gate rows; hybrid-upload=U: 1 upload slots (the
-  # default), 0 queue.write_buffer), alternating with llama.cpp -ngl ${WARM_NGL:-10}; the modes
-  # "W:U ..." of round i are WARM_MODES_i, else WARM_MODES.
+variants)
+  # The acceptance setting's tg (as race4k) for variants of the hybrid's decode, alternating
+  # with llama.cpp -ngl ${VARIANTS_NGL:-10} for ${VARIANTS_ROUNDS:-2} rounds. A variant is
+  # "default" or comma-separated --tune KEY=VALUE pairs (hybrid-upload=0: queue.write_buffer
+  # instead of upload slots; hybrid-submit=0: the main thread submits the hot neurons); the
+  # variants of round i are VARIANTS_i, else VARIANTS.
   K="--kv-depth 544"
-  for i in $(seq ${WARM_ROUNDS:-2}); do
-    v=WARM_MODES_$i
-    for m in ${!v:-${WARM_MODES:-1:1 0:0}}; do
-      w=${m%%:*}; u=${m##*:}
-      measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, hybrid-warm=$w hybrid-upload=$u ($i)" \
-        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} --tune hybrid-warm=$w --tune hybrid-upload=$u
+  for i in $(seq ${VARIANTS_ROUNDS:-2}); do
+    v=VARIANTS_$i
+    for m in ${!v:-${VARIANTS:-default}}; do
+      tune=(); [ "$m" = default ] || for kv in ${m//,/ }; do tune+=(--tune "$kv"); done
+      measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, $m ($i)" \
+        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} "${tune[@]}"
     done
-    [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${WARM_NGL:-10}, -c 4096 -npp 512 -ntg 64 ($i)" $LBB -m $M/relu.gguf -ngl ${WARM_NGL:-10} -t $T -c 4096 -npp 512 -ntg 64 -npl 1
+    [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${VARIANTS_NGL:-10}, -c 4096 -npp 512 -ntg 64 ($i)" $LBB -m $M/relu.gguf -ngl ${VARIANTS_NGL:-10} -t $T -c 4096 -npp 512 -ntg 64 -npl 1
   done
   ;;
 hprofile)
@@ -148,13 +148,13 @@ race4k)
   K="--kv-depth 544"
   measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 pp512" \
     $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 512 -n 0 -r ${REPS:-2}
-  measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 tg64 after 512" \
+  [ "${SKIP_TG4K:-0}" = 1 ] || measure "ember hybrid $B GiB, charged predictor (recall 0.99, precision 0.3), -c 4096 tg64 after 512" \
     $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2}
   measure "ember hybrid $B GiB, free perfect predictor, -c 4096 tg64 after 512: UPPER BOUND" \
     $E bench -m $M/relu-pi.gguf $SIM $K --simulate-predictor perfect --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r 1
   [ "${SKIP_OFFLOAD4K:-0}" = 1 ] || measure "ember dense offload $B GiB, -c 4096 tg64 after 512" \
     $E bench -m $M/relu.gguf --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r 1
-  [ "${NO_LLAMA:-0}" = 1 ] || for n in ${RACE_NGL:-6 8 10 12}; do
+  [ "${NO_LLAMA:-0}" = 1 ] || for n in ${RACE_NGL-6 8 10 12}; do
     measure "llama.cpp -ngl $n, -c 4096 -npp 512 -ntg 64" $LBB -m $M/relu.gguf -ngl $n -t $T -c 4096 -npp 512 -ntg 64 -npl 1
   done
   ;;

@@ -35,7 +35,7 @@ pub struct BenchArgs {
     pub temperature: f32,
     /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable): decode-ahead,
     /// attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop (GPU kernels), cpu-prefetch,
-    /// cpu-parts, cpu-huge, cpu-times (CPU products), hybrid-warm, hybrid-upload (the hybrid's decode);
+    /// cpu-parts, cpu-huge, cpu-times (CPU products), hybrid-upload, hybrid-submit (the hybrid's decode);
     /// e.g. --tune no-coop=1
     /// --tune mv-dec=q4_0=kq:8:4:0:1
     #[arg(long = "tune", value_name = "KEY=VALUE", value_parser = super::parse_tune)]
@@ -144,7 +144,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         opts.kv_depth = opts.kv_depth.or(Some((depth + if a.n_gen > 0 { a.n_gen / 2 } else { a.n_prompt / 2 }).min(n_ctx)));
         opts.gpu_tuning = super::gpu_tuning(a.model.gpu_precision, &a.tune)?;
         opts.cpu_tuning = super::cpu_tuning(&a.tune)?;
-        opts.hybrid_tuning = super::hybrid_tuning(&a.tune)?;
+        opts.hybrid_tuning = super::hybrid_tuning(&a.tune);
         let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;
         let (mut session, gpu) = (o.session, o.gpu);
         // The budget covers every batch: checked after setup and after each test.

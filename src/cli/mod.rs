@@ -244,8 +244,8 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
     ("cpu-times", "1: print the CPU decode's step times"),
-    ("hybrid-warm", "what the hybrid's CPU team prefetches while waiting for the GPU: 0 nothing, 1 attention (KV cache and o weights, the default), 2 attention and cold gate rows"),
     ("hybrid-upload", "0: the hybrid's per-token uploads through queue.write_buffer instead of its upload slots"),
+    ("hybrid-submit", "0: after a host attention the hybrid's main thread writes x and xn and submits the hot neurons itself, before the cold ones, instead of a third thread"),
 ];
 
 /// `--tune KEY=VALUE`: a known key and its value.
@@ -351,20 +351,13 @@ pub fn cpu_tuning(tune: &[(String, String)]) -> Result<crate::cpu::matmul::CpuTu
     Ok(t)
 }
 
-/// The hybrid decode's choices ([`TUNE_KEYS`]: hybrid-warm, hybrid-upload), the defaults where
-/// not given.
-pub fn hybrid_tuning(tune: &[(String, String)]) -> Result<crate::engine::HybridTuning> {
-    use crate::engine::CacheWarming;
-    let mut t = crate::engine::HybridTuning::default();
-    t.warming = match tune_number::<u32>(tune, "hybrid-warm")? {
-        None => t.warming,
-        Some(0) => CacheWarming::Off,
-        Some(1) => CacheWarming::Attention,
-        Some(2) => CacheWarming::AttentionAndGate,
-        Some(v) => return Err(format!("{} = {v}: use 0, 1 or 2", tune_name("hybrid-warm")).into()),
-    };
-    t.upload_slots = tune_value(tune, "hybrid-upload").as_deref() != Some("0");
-    Ok(t)
+/// The hybrid decode's choices ([`TUNE_KEYS`]: hybrid-upload, hybrid-submit), the defaults
+/// where not given.
+pub fn hybrid_tuning(tune: &[(String, String)]) -> crate::engine::HybridTuning {
+    crate::engine::HybridTuning {
+        upload_slots: tune_value(tune, "hybrid-upload").as_deref() != Some("0"),
+        submit_thread: tune_value(tune, "hybrid-submit").as_deref() != Some("0"),
+    }
 }
 
 /// `--gpu-precision`.

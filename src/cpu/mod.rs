@@ -7,7 +7,6 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
-pub mod prefetch;
 pub mod sparse;
 pub mod team;
 

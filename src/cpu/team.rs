@@ -17,34 +17,18 @@ use std::time::{Duration, Instant};
 /// A job: called once per member with (member index, team size).
 type Job<'a> = dyn Fn(usize, usize) + Sync + 'a;
 
-/// A background job ([`Team::post`]): called once per member other than the caller with
-/// (member index, team size, a flag that asks it to stop early).
-pub type Posted = dyn Fn(usize, usize, &AtomicBool) + Send + Sync;
-
 /// A fixed set of threads running one job at a time; the caller of [`Team::run`] is member 0.
 pub struct Team {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
-    /// The background job the members may still be running, kept alive until they finish.
-    posted: Option<Box<Posted>>,
-}
-
-/// What the members run for an epoch.
-#[derive(Clone, Copy)]
-enum Task {
-    Run(*const Job<'static>),
-    Posted(*const Posted),
 }
 
 struct Shared {
     size: usize,
     /// Bumped to post a job; members run each epoch's job once.
     epoch: AtomicU64,
-    /// The posted job, valid while a `run` is in progress or the team holds a posted one (see
-    /// the SAFETY notes in `run` and `post`).
-    job: UnsafeCell<Option<Task>>,
-    /// Set to ask a posted job to stop early.
-    stop: AtomicBool,
+    /// The posted job, valid while a `run` is in progress (see the SAFETY note there).
+    job: UnsafeCell<Option<*const Job<'static>>>,
     /// Members other than the caller still running the current job.
     remaining: AtomicUsize,
     panicked: AtomicBool,
@@ -76,7 +60,6 @@ impl Team {
             remaining: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             quit: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
             rest: AtomicBool::new(false),
             parked: AtomicUsize::new(0),
             lock: Mutex::new(()),
@@ -88,7 +71,7 @@ impl Team {
                 std::thread::Builder::new().name(format!("ember-team-{member}")).spawn(move || shared.serve(member)).expect("cannot start a worker thread")
             })
             .collect();
-        Team { shared, workers, posted: None }
+        Team { shared, workers }
     }
 
     pub fn size(&self) -> usize {
@@ -97,18 +80,25 @@ impl Team {
 
     /// Runs `job(member, size)` on every member at once and returns when all have finished.
     /// A panic in any member is raised here once all have stopped.
-    /// A posted job still running is asked to stop first, and waited for.
     pub fn run(&mut self, job: &Job<'_>) {
-        if self.shared.size == 1 {
+        let s = &*self.shared;
+        if s.size == 1 {
             return job(0, 1);
         }
-        self.finish_posted();
-        let s = &*self.shared;
         // SAFETY: no worker is running a job (the last run waited for remaining == 0), and
         // this one returns only after every worker has finished with the pointer, so erasing
         // the lifetime never lets it outlive `job`. `&mut self` rules out concurrent runs.
-        let ptr: *const Job<'_> = job;
-        unsafe { self.start(Task::Run(std::mem::transmute::<*const Job<'_>, *const Job<'static>>(ptr))) };
+        unsafe {
+            let ptr: *const Job<'_> = job;
+            *s.job.get() = Some(std::mem::transmute::<*const Job<'_>, *const Job<'static>>(ptr));
+        }
+        s.remaining.store(s.size - 1, Ordering::Relaxed);
+        s.rest.store(false, Ordering::Relaxed);
+        s.epoch.fetch_add(1, Ordering::SeqCst);
+        if s.parked.load(Ordering::SeqCst) > 0 {
+            let _guard = s.lock.lock().unwrap();
+            s.wake.notify_all();
+        }
         let mine = catch_unwind(AssertUnwindSafe(|| job(0, s.size)));
         while s.remaining.load(Ordering::Acquire) > 0 {
             std::hint::spin_loop();
@@ -118,58 +108,6 @@ impl Team {
         }
         if s.panicked.swap(false, Ordering::Relaxed) {
             panic!("a worker thread of the team panicked (its message is above)");
-        }
-    }
-
-    /// Starts `job` on every member but the caller and returns at once, for background work
-    /// that may stop early: warming caches while the caller waits for the GPU. The next
-    /// [`run`](Self::run), `post` or [`finish_posted`](Self::finish_posted) sets the job's
-    /// stop flag and waits for it; a job should check the flag often. A team of one member
-    /// has no one to run it and drops it.
-    pub fn post(&mut self, job: Box<Posted>) {
-        if self.shared.size == 1 {
-            return;
-        }
-        self.finish_posted();
-        self.shared.stop.store(false, Ordering::Relaxed);
-        let ptr: *const Posted = &*job;
-        self.posted = Some(job);
-        // SAFETY: no worker is running a job (finish_posted and every run wait for remaining
-        // == 0), and the box stays in `self.posted` until the workers have finished with it
-        // (finish_posted, also called on drop).
-        unsafe { self.start(Task::Posted(ptr)) };
-    }
-
-    /// Asks a posted job to stop and waits until every member has left it. A panic in it is
-    /// raised here.
-    pub fn finish_posted(&mut self) {
-        if self.posted.is_none() {
-            return;
-        }
-        let s = &*self.shared;
-        s.stop.store(true, Ordering::Relaxed);
-        while s.remaining.load(Ordering::Acquire) > 0 {
-            std::hint::spin_loop();
-        }
-        self.posted = None;
-        if s.panicked.swap(false, Ordering::Relaxed) {
-            panic!("a worker thread of the team panicked in a background job (its message is above)");
-        }
-    }
-
-    /// Posts `task` to the members other than the caller.
-    ///
-    /// SAFETY: no member may be running a task, and what `task` points to must stay valid
-    /// until `remaining` is back to 0.
-    unsafe fn start(&self, task: Task) {
-        let s = &*self.shared;
-        unsafe { *s.job.get() = Some(task) };
-        s.remaining.store(s.size - 1, Ordering::Relaxed);
-        s.rest.store(false, Ordering::Relaxed);
-        s.epoch.fetch_add(1, Ordering::SeqCst);
-        if s.parked.load(Ordering::SeqCst) > 0 {
-            let _guard = s.lock.lock().unwrap();
-            s.wake.notify_all();
         }
     }
 }
@@ -211,14 +149,10 @@ impl Shared {
                     std::hint::spin_loop();
                 }
             }
-            // SAFETY: see `run` and `post`: the job is valid until this member decrements
-            // `remaining`.
-            let task = unsafe { (*self.job.get()).expect("a job is posted with the epoch") };
-            let result = match task {
-                Task::Run(job) => catch_unwind(AssertUnwindSafe(|| unsafe { &*job }(member, self.size))),
-                Task::Posted(job) => catch_unwind(AssertUnwindSafe(|| unsafe { &*job }(member, self.size, &self.stop))),
-            };
-            if result.is_err() {
+            // SAFETY: see `run`: the job is valid until this member decrements `remaining`.
+            let job = unsafe { (*self.job.get()).expect("a job is posted with the epoch") };
+            let job: &Job<'_> = unsafe { &*job };
+            if catch_unwind(AssertUnwindSafe(|| job(member, self.size))).is_err() {
                 self.panicked.store(true, Ordering::Relaxed);
             }
             self.remaining.fetch_sub(1, Ordering::Release);
@@ -228,13 +162,6 @@ impl Shared {
 
 impl Drop for Team {
     fn drop(&mut self) {
-        if self.posted.is_some() {
-            let s = &*self.shared;
-            s.stop.store(true, Ordering::Relaxed);
-            while s.remaining.load(Ordering::Acquire) > 0 {
-                std::hint::spin_loop();
-            }
-        }
         self.shared.quit.store(true, Ordering::SeqCst);
         {
             let _guard = self.shared.lock.lock().unwrap();
@@ -303,48 +230,6 @@ mod tests {
         let r = catch_unwind(AssertUnwindSafe(|| team.run(&|m, _| assert_ne!(m, 1, "member 1 fails"))));
         assert!(r.is_err());
         // The team still works afterwards.
-        let count = AtomicUsize::new(0);
-        team.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn a_posted_job_runs_on_the_other_members_and_stops_when_asked() {
-        let mut team = Team::new(4);
-        let ran: Arc<Vec<AtomicUsize>> = Arc::new((0..4).map(|_| AtomicUsize::new(0)).collect());
-        let r = ran.clone();
-        // Runs until asked to stop: the next run must ask, or it would never start.
-        team.post(Box::new(move |m, n, stop| {
-            assert_eq!(n, 4);
-            r[m].fetch_add(1, Ordering::Relaxed);
-            while !stop.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
-        }));
-        let count = AtomicUsize::new(0);
-        team.run(&|_, _| {
-            count.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(count.load(Ordering::Relaxed), 4);
-        let hits: Vec<usize> = ran.iter().map(|h| h.load(Ordering::Relaxed)).collect();
-        assert_eq!(hits, [0, 1, 1, 1], "members 1.. run a posted job once, the caller never");
-        // A job that ends by itself, then another post, then a drop with one still running.
-        team.post(Box::new(|_, _, _| {}));
-        team.finish_posted();
-        team.post(Box::new(|_, _, stop| {
-            while !stop.load(Ordering::Relaxed) {
-                std::hint::spin_loop();
-            }
-        }));
-    }
-
-    #[test]
-    fn a_panic_in_a_posted_job_reaches_the_caller() {
-        let mut team = Team::new(2);
-        team.post(Box::new(|_, _, _| panic!("the background job fails")));
-        assert!(catch_unwind(AssertUnwindSafe(|| team.finish_posted())).is_err());
         let count = AtomicUsize::new(0);
         team.run(&|_, _| {
             count.fetch_add(1, Ordering::Relaxed);

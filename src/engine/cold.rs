@@ -73,14 +73,6 @@ impl ColdRows {
         self.gate.as_ref().map_or(0, |p| p.n_bytes() as u64)
     }
 
-    /// Adds to `ranges` the gate rows a token will read from the packed copy, where there is
-    /// one (a token that lists fewer rows gathers them from the file instead).
-    pub fn warm_ranges(&self, ranges: &mut crate::cpu::prefetch::Ranges) {
-        if let Some(p) = &self.gate {
-            ranges.push(p.bytes());
-        }
-    }
-
     /// The packed gate, where a token listing `listed` of these neurons at `precision` should
     /// use it.
     fn dense_gate(&self, listed: usize, precision: Precision) -> Option<&PackedMatrix> {
@@ -267,19 +259,14 @@ impl ColdFfn {
         let n_candidates = active.len();
         let dense_gate = (n_candidates > 0).then(|| cold_rows.dense_gate(n_candidates, precision)).flatten();
         // The predictor's charge: with the dense gate product (which needs no candidates), the
-        // caller runs it alone while the other members start on that product, a small serial
-        // task beside a bandwidth-bound one; otherwise as two products of the team's.
-        let predict_serial = |hidden: &mut Vec<f32>, logits: &mut Vec<f32>, p: &Predictor| {
+        // caller runs it alone, as the CPU's predict mode does (`Predictor::predict`: fc1, then
+        // the rows of fc2ᵀ of the hidden units that fire, as AXPYs over every neuron's logit),
+        // while the other members start on that product; otherwise as two products of the
+        // team's over the cold rows.
+        let predict_serial = |logits: &mut Vec<f32>, p: &Predictor| {
             let t = std::time::Instant::now();
-            let rank = p.fc1.rows;
-            hidden.resize(rank, 0.0);
-            let all: Vec<u32> = (0..rank as u32).collect();
-            row_dots_serial(&p.fc1, &Activations::new(resid, 1).with_precision(precision), &all, hidden);
-            for h in hidden.iter_mut() {
-                *h = h.max(0.0);
-            }
-            logits.resize(cold.len(), 0.0);
-            row_dots_serial(&p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            logits.resize(p.n_ff(), 0.0);
+            p.predict(resid, logits);
             std::hint::black_box(&logits);
             t.elapsed().as_secs_f64()
         };
@@ -297,7 +284,7 @@ impl ColdFfn {
             *predictor_secs += t.elapsed().as_secs_f64();
         }
         if let Some(p) = predictor {
-            *predictor_rows += (p.fc1.rows + cold.len()) as u64;
+            *predictor_rows += (p.fc1.rows + if dense_gate.is_some() { p.n_ff() } else { cold.len() }) as u64;
         }
         if active.is_empty() {
             out.fill(0.0);
@@ -308,11 +295,10 @@ impl ColdFfn {
             Some(packed) => {
                 gate.resize(model.hp.n_ff, 0.0);
                 let secs = Mutex::new(0.0);
-                let scratch = Mutex::new((&mut *hidden, &mut *logits));
+                let scratch = Mutex::new(&mut *logits);
                 let first = |p: &Predictor| {
-                    let mut guard = scratch.lock().unwrap();
-                    let (h, l) = &mut *guard;
-                    *secs.lock().unwrap() = predict_serial(h, l, p);
+                    let mut l = scratch.lock().unwrap();
+                    *secs.lock().unwrap() = predict_serial(&mut l, p);
                 };
                 let first = predictor.map(|p| move || first(p));
                 dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, first.as_ref().map(|f| f as &(dyn Fn() + Sync)));

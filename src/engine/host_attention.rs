@@ -227,23 +227,6 @@ impl HostAttention {
         Ok(())
     }
 
-    /// Adds to `ranges` what layer `il`'s attention half reads for a token at `pos` besides
-    /// its own q, k and v: the cache's keys and values of positions `0..pos`, then the o
-    /// weights (their packed copy where a product made one, else the file's bytes). Nothing
-    /// for a layer whose attention is not here.
-    pub fn warm_ranges(&self, model: &Model, il: usize, pos: usize, ranges: &mut crate::cpu::prefetch::Ranges) {
-        let Some(slot) = self.slots.get(il).copied().flatten() else { return };
-        let (k, v) = self.kv.layer(slot);
-        let n = (pos * self.kv.kv_dim).min(k.len());
-        ranges.push(&k[..n]);
-        ranges.push(&v[..n]);
-        let wo = &model.layers[il].wo;
-        match wo.packed_if_made() {
-            Some(p) => ranges.push(p.bytes()),
-            None => ranges.push(wo.bytes()),
-        }
-    }
-
     /// From q, k and v of `n` tokens (before biases and RoPE) to the attention's output in
     /// `attn`: biases, RoPE, the KV write at `pos0..`, attention (`tiled`: in f32 by tiles,
     /// else the CPU session's kernel and rounding).

@@ -294,22 +294,21 @@ struct HybridState {
     timing: HybridTiming,
     /// Where batched prefill time went, since the last reset.
     prefill_timing: PrefillTiming,
-    /// What the team warms while the main thread waits for the GPU.
-    warming: CacheWarming,
-    /// The ranges of the warming under way, reused.
-    warm: crate::cpu::prefetch::Ranges,
     /// Whether the per-token uploads go through the layers' upload slots.
     upload_slots: bool,
-    /// Lines the team warmed in the token under way (each posted job adds its count as it
-    /// stops).
-    warmed_lines: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether a third thread writes x and xn back and submits the hot neurons after a host
+    /// attention (else the main thread does, before the cold neurons).
+    submit_thread: bool,
 }
 
-/// The hybrid decode's choices that benchmarks compare (the binary's `--tune hybrid-warm` and
-/// `hybrid-upload`).
+/// The hybrid decode's choices that benchmarks compare (the binary's `--tune hybrid-upload`
+/// and `hybrid-submit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HybridTuning {
-    pub warming: CacheWarming,
+    /// After a host attention, a third thread writes x and xn back and submits the hot
+    /// neurons while the main thread starts on the cold ones (else the main thread does both
+    /// first).
+    pub submit_thread: bool,
     /// The per-token uploads through the layers' upload slots ([`UploadSlot`]) rather than
     /// `queue.write_buffer`.
     pub upload_slots: bool,
@@ -317,25 +316,10 @@ pub struct HybridTuning {
 
 impl Default for HybridTuning {
     fn default() -> Self {
-        HybridTuning { warming: CacheWarming::default(), upload_slots: true }
+        HybridTuning { submit_thread: true, upload_slots: true }
     }
 }
 
-/// What the CPU team pulls into its caches while the main thread waits for the GPU's half of
-/// a split layer: what the layer's CPU half reads next. Decode on the CPU is bound by memory
-/// bandwidth, and the wait (~250 µs a layer on an H100 host) leaves the memory bus idle; what
-/// the members prefetch then (into their L2, and the shared L3 behind it) is read from cache
-/// afterwards. Prefetches are hints: the results are the same bit for bit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum CacheWarming {
-    Off,
-    /// A host-attention layer's KV cache and o weights; a layer with CPU attention elsewhere,
-    /// its cold gate rows.
-    #[default]
-    Attention,
-    /// The same, and a host-attention layer's cold gate rows after its attention data.
-    AttentionAndGate,
-}
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -362,10 +346,11 @@ pub struct HybridTiming {
     pub cpu_attention_proj: f64,
     /// Of `cpu_attention`: reading the mapped x and q/k/v and unmapping.
     pub cpu_attention_read: f64,
-    /// Submitting thread (overlapped with the cold neurons): writing x and xn back after a host
-    /// attention (two `write_buffer` calls).
+    /// Submitting thread (overlapped with the cold neurons; without one, the main thread's,
+    /// part of `cpu_attention`): writing x and xn back after a host attention (into the upload
+    /// slot, or two `write_buffer` calls).
     pub attention_write: f64,
-    /// Submitting thread: submitting the hot neurons' command buffer after those writes.
+    /// The same thread: submitting the hot neurons' command buffer after those writes.
     pub attention_submit: f64,
     /// Waiting for the submitting thread before the next queue call (part of "other").
     pub wait_submitter: f64,
@@ -373,10 +358,6 @@ pub struct HybridTiming {
     pub record: f64,
     /// Recorder thread: drawing simulated activity and uploading it.
     pub simulate: f64,
-    /// Bytes the team was asked to warm during the waits for the GPU ([`CacheWarming`]).
-    pub warm_asked: u64,
-    /// Of those, bytes it warmed before it was stopped.
-    pub warmed: u64,
 }
 
 impl HybridTiming {
@@ -386,7 +367,7 @@ impl HybridTiming {
         let rest = self.total - self.wait_gpu - self.wait_recorder - self.cpu_ffn - self.cpu_attention;
         format!(
             "{:.2} ms per token: {:.2} waiting for the GPU, {:.2} CPU attention ({:.2} of it RoPE, KV write and attention over the cache, {:.2} the o product and norm, {:.2} reading the mapped q/k/v and unmapping), {:.2} CPU cold neurons ({:.2} of it the predictor), {:.2} waiting for recorded commands, {:.2} other ({:.2} of it in wgpu's submit/map/unmap/write calls, {:.2} waiting for the submitting thread); \
-             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; on the submitting thread: {:.2} writing x and xn after host attention, {:.2} submitting the hot neurons; {syncs} CPU<->GPU syncs per token; {:.1} of {:.1} MB per token warmed while waiting",
+             overlapped on the recorder thread: {:.2} recording commands, {:.2} of it drawing simulated activity; on the submitting thread (or inside CPU attention without it): {:.2} writing x and xn after host attention, {:.2} submitting the hot neurons; {syncs} CPU<->GPU syncs per token",
             per(self.total),
             per(self.wait_gpu),
             per(self.cpu_attention),
@@ -403,8 +384,6 @@ impl HybridTiming {
             per(self.simulate),
             per(self.attention_write),
             per(self.attention_submit),
-            self.warmed as f64 / 1e6 / self.tokens.max(1) as f64,
-            self.warm_asked as f64 / 1e6 / self.tokens.max(1) as f64,
         )
     }
 }
@@ -765,17 +744,15 @@ impl HybridSession {
             syncs_per_token: 0,
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
-            warming: CacheWarming::default(),
             upload_slots: true,
-            warm: Default::default(),
-            warmed_lines: Default::default(),
+            submit_thread: true,
         };
         Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
     /// The session with decode's choices set as `tuning` says.
     pub fn with_tuning(mut self, tuning: HybridTuning) -> HybridSession {
-        self.state.warming = tuning.warming;
+        self.state.submit_thread = tuning.submit_thread;
         self.state.upload_slots = tuning.upload_slots;
         self
     }
@@ -853,8 +830,8 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, warming, warm, warmed_lines, upload_slots, .. } = state;
-        let slots = *upload_slots;
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, upload_slots, submit_thread, .. } = state;
+        let (slots, submit_thread) = (*upload_slots, *submit_thread);
         let predictor_secs = cold.predictor_secs;
         let (core_secs, proj_secs) = (host.core_secs, host.proj_secs);
         let this = &*gpu;
@@ -938,25 +915,6 @@ impl HybridSession {
                     }
                 }
                 t.submit += t_submit.elapsed().as_secs_f64();
-                // The team warms what this layer's CPU half reads next while the GPU works;
-                // its next run stops the warming.
-                if *warming != CacheWarming::Off {
-                    warm.clear();
-                    if sp.host_attention {
-                        host.warm_ranges(&this.model, split.layer, pos0 as usize, warm);
-                    }
-                    if !sp.host_attention || *warming == CacheWarming::AttentionAndGate {
-                        sp.cold.warm_ranges(warm);
-                    }
-                    if warm.total() > 0 {
-                        let (ranges, count) = (warm.clone(), warmed_lines.clone());
-                        cold.team().post(Box::new(move |member, size, stop| {
-                            let lines = ranges.prefetch_part(member - 1, size - 1, stop);
-                            count.fetch_add(lines as u64, std::sync::atomic::Ordering::Relaxed);
-                        }));
-                        t.warm_asked += warm.total() as u64;
-                    }
-                }
                 let t_wait = std::time::Instant::now();
                 spin_until_mapped(&this.ctx.device, &rx_map)?;
                 t.syncs += 1;
@@ -981,8 +939,26 @@ impl HybridSession {
                         true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
                         false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
                     }
-                    tx_hot.send((split.layer, host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
-                    hot_pending = true;
+                    match submit_thread {
+                        true => {
+                            tx_hot.send((split.layer, host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
+                            hot_pending = true;
+                        }
+                        false => {
+                            let t_write = std::time::Instant::now();
+                            match (slots, &sp.up_attn) {
+                                (true, Some(slot)) => slot.write(&this.ctx.device, &[bytemuck::cast_slice(host_x), bytemuck::cast_slice(host_xn)]).map_err(ForwardError::Gpu)?,
+                                _ => {
+                                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
+                                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
+                                }
+                            }
+                            let t_hot = std::time::Instant::now();
+                            this.ctx.queue.submit(hot.take());
+                            t.attn_write += (t_hot - t_write).as_secs_f64();
+                            t.attn_submit += t_hot.elapsed().as_secs_f64();
+                        }
+                    }
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
@@ -1009,7 +985,6 @@ impl HybridSession {
                 t.submit += t_submit.elapsed().as_secs_f64();
             }
             hot_done(&mut t, &mut hot_pending)?;
-            cold.team().finish_posted();
             drop(tx_hot);
             let (record, draw) = recorder.join().expect("the command recorder thread panicked");
             t.record = record;
@@ -1038,9 +1013,6 @@ impl HybridSession {
         timing.wait_submitter += t.wait_submitter;
         timing.record += t.record;
         timing.simulate += t.simulate;
-        timing.warm_asked += t.warm_asked;
-        // Every posted warming has stopped (finish_posted above), so its count is in.
-        timing.warmed += warmed_lines.swap(0, std::sync::atomic::Ordering::Relaxed) * 64;
         gpu.n_past += 1;
         Ok(())
     }
@@ -1265,7 +1237,6 @@ struct SplitPart {
 #[derive(Default)]
 struct TokenTiming {
     syncs: usize,
-    warm_asked: u64,
     attn_read: f64,
     attn_write: f64,
     attn_submit: f64,

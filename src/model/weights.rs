@@ -121,11 +121,6 @@ impl Matrix {
         self.packed_with(packed::PackOptions::default())
     }
 
-    /// The packed copy where a product has made it already (never packs).
-    pub fn packed_if_made(&self) -> Option<&PackedMatrix> {
-        self.packed.get().and_then(Option::as_ref)
-    }
-
     /// [`Matrix::packed`], packed with `opts` if this is the first call (the copy, once made,
     /// is kept as it is).
     pub fn packed_with(&self, opts: packed::PackOptions) -> Option<&PackedMatrix> {

@@ -293,11 +293,6 @@ impl PackedMatrix {
         self.lines.len() * 64
     }
 
-    /// The packed bytes (for warming caches ahead of a product).
-    pub fn bytes(&self) -> &[u8] {
-        bytemuck::cast_slice(&self.lines[..])
-    }
-
     fn group_ptr(&self, g: usize) -> *const u8 {
         debug_assert!(g < self.groups());
         // SAFETY: g < groups, so the offset is inside `lines`.
