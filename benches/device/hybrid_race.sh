@@ -122,15 +122,16 @@ variants)
   # The acceptance setting's tg (as race4k) for variants of the hybrid's decode, alternating
   # with llama.cpp -ngl ${VARIANTS_NGL:-10} for ${VARIANTS_ROUNDS:-2} rounds. A variant is
   # "default" or comma-separated --tune KEY=VALUE pairs (hybrid-upload=0: queue.write_buffer
-  # instead of upload slots; hybrid-submit=0: the main thread submits the hot neurons); the
-  # variants of round i are VARIANTS_i, else VARIANTS.
+  # instead of upload slots; hybrid-submit=0: the main thread submits the hot neurons) and t=N
+  # (N threads instead of T); the variants of round i are VARIANTS_i, else VARIANTS.
   K="--kv-depth 544"
   for i in $(seq ${VARIANTS_ROUNDS:-2}); do
     v=VARIANTS_$i
     for m in ${!v:-${VARIANTS:-default}}; do
-      tune=(); [ "$m" = default ] || for kv in ${m//,/ }; do tune+=(--tune "$kv"); done
+      tune=(); t=$T
+      [ "$m" = default ] || for kv in ${m//,/ }; do case $kv in t=*) t=${kv#t=} ;; *) tune+=(--tune "$kv") ;; esac; done
       measure "ember hybrid $B GiB, charged predictor, -c 4096 tg64 after 512, $m ($i)" \
-        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $T -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} "${tune[@]}"
+        $E bench -m $M/relu-pi.gguf $SIM $K --vram-budget $B -t $t -c 4096 -p 0 -n 64 -d 512 -r ${REPS:-2} "${tune[@]}"
     done
     [ "${NO_LLAMA:-0}" = 1 ] || measure "llama.cpp -ngl ${VARIANTS_NGL:-10}, -c 4096 -npp 512 -ntg 64 ($i)" $LBB -m $M/relu.gguf -ngl ${VARIANTS_NGL:-10} -t $T -c 4096 -npp 512 -ntg 64 -npl 1
   done
