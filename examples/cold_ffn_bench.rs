@@ -9,10 +9,12 @@
 //!     cargo run --release --example cold_ffn_bench -- s4-pi.gguf THREADS [HOT% CANDIDATE% FIRING%]
 
 use ember::cpu::matmul::{matmuls, Activations, Precision};
+use ember::cpu::sparse::row_dots_serial;
 use ember::cpu::team::Team;
 use ember::engine::cold::{ColdFfn, ColdRows};
 use ember::engine::SparseFfn;
 use ember::model::Model;
+use ember::sparse::predictor::Predictor;
 use std::time::Instant;
 
 fn main() {
@@ -86,6 +88,47 @@ fn main() {
             bytes as f64 / secs / 1e9
         );
     }
+    // A charged predictor (random rank-32 Q8_0 matrices, as the hybrid's simulation makes):
+    // the cold FFN with it run by the caller beside the dense gate, and the predictor alone on
+    // one thread, as `Predictor::predict` (fc2ᵀ AXPYs over every neuron) against row dots of
+    // fc2 over the cold rows (session 13's first version).
+    let rank = 32;
+    let preds: Vec<Predictor> = (0..nl)
+        .map(|il| {
+            let v = |n: usize, k: usize| (0..n).map(|i| (((i * 7919 + k * 104729 + il) % 1013) as f32 / 1013.0 - 0.5) * 0.1).collect::<Vec<f32>>();
+            Predictor::from_f32(&v(rank * e, 1), &v(ff * rank, 2), rank, e, ff, 0.0, ember::gguf::GgmlType::Q8_0).unwrap()
+        })
+        .collect();
+    cold_ffn.predictor_secs = 0.0;
+    let t = Instant::now();
+    for it in 0..iters {
+        for il in 0..nl {
+            let (c, f) = &draws[(it * nl + il) % draws.len()];
+            cold_ffn.token_charged(&ffn, &model, il, &x, &x, &packed[il], c, f, Some(&preds[il]), Precision::Llama, &mut y);
+        }
+    }
+    let n = (iters * nl) as f64;
+    println!("cold FFN (dense cold gate) with the charged predictor on the caller, {threads} threads: {:.3} ms per layer, of it the caller's predictor {:.3}", t.elapsed().as_secs_f64() / n * 1e3, cold_ffn.predictor_secs / n * 1e3);
+    let acts_x = Activations::new(&x, 1).with_precision(Precision::Llama);
+    let all: Vec<u32> = (0..rank as u32).collect();
+    let (mut hidden, mut logits) = (vec![0.0f32; rank], vec![0.0f32; ff]);
+    let t = Instant::now();
+    for _ in 0..iters {
+        for p in &preds {
+            p.predict(&x, &mut logits);
+        }
+    }
+    let predict_ms = t.elapsed().as_secs_f64() / n * 1e3;
+    let t = Instant::now();
+    for _ in 0..iters {
+        for p in &preds {
+            row_dots_serial(&p.fc1, &acts_x, &all, &mut hidden);
+            hidden.iter_mut().for_each(|h| *h = h.max(0.0));
+            row_dots_serial(&p.fc2, &Activations::new(&hidden, 1).with_precision(Precision::Llama), &cold, &mut logits[..cold.len()]);
+        }
+    }
+    println!("predictor alone, one thread: Predictor::predict {predict_ms:.3} ms per layer, row dots over the {} cold rows {:.3}", cold.len(), t.elapsed().as_secs_f64() / n * 1e3);
+    std::hint::black_box((&hidden, &logits));
     // Dense gate product over the whole matrix on a team of the same size.
     let mut team = Team::new(threads);
     let mut out = vec![0.0f32; ff];
