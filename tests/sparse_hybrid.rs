@@ -145,7 +145,6 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         let other = pool.install(|| by_token(&mut s));
         assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "submitting thread {submit_thread}, upload slots {upload_slots}: other logits");
     }
-    s = s.with_tuning(HybridTuning::default());
     dense.reset();
     let d = dense.forward(p, Logits::Last).unwrap();
     assert!(common::rel_err(&a, &d) < 1e-3, "relative logit error {}", common::rel_err(&a, &d));

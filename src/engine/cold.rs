@@ -82,7 +82,9 @@ impl ColdRows {
 }
 
 /// Every cold neuron's gate value into `gate` (n_ff values, indexed by neuron), densely:
-/// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order.
+/// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order;
+/// the caller runs `first` before it joins the product.
+#[allow(clippy::too_many_arguments)]
 fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
     scratch.resize(ids.len(), 0.0);
     matmul_packed_first(team, tuning, dense, acts, scratch, first);
