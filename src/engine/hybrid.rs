@@ -164,7 +164,7 @@ struct SparseLayerOps {
     /// Simulated activity: the layer's ±1 "logits" written per token.
     sim_logits: Option<wgpu::Buffer>,
     /// Upload slots, used instead of `queue.write_buffer` unless turned off
-    /// ([`HybridSession::with_upload_slots`]): x | xn after a host attention, copied into x and
+    /// ([`HybridTuning::upload_slots`]): x | xn after a host attention, copied into x and
     /// xn by the hot neurons' command buffer; the CPU's part, copied into `y_cpu` by the next
     /// segment; the simulated logits, copied before the hot neurons.
     up_attn: Option<UploadSlot>,
@@ -216,6 +216,20 @@ fn spin_until_mapped(device: &wgpu::Device, rx: &std::sync::mpsc::Receiver<Resul
             Ok(r) => return r.map_err(lost),
             Err(std::sync::mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
             Err(err) => return Err(lost(err)),
+        }
+    }
+}
+
+/// x and xn after a host attention to the GPU, ordered before the hot neurons' submission
+/// (which reads them): through the layer's upload slot, copied at the start of that
+/// submission, or `queue.write_buffer`.
+fn upload_attention(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f32], xn: &[f32]) -> Result<(), GpuError> {
+    match (slots, &sp.up_attn) {
+        (true, Some(slot)) => slot.write(&gpu.ctx.device, &[bytemuck::cast_slice(x), bytemuck::cast_slice(xn)]),
+        _ => {
+            gpu.ctx.queue.write_buffer(&gpu.s.x, 0, bytemuck::cast_slice(x));
+            gpu.ctx.queue.write_buffer(&gpu.s.xn, 0, bytemuck::cast_slice(xn));
+            Ok(())
         }
     }
 }
@@ -319,7 +333,6 @@ impl Default for HybridTuning {
         HybridTuning { submit_thread: true, upload_slots: true }
     }
 }
-
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -854,14 +867,7 @@ impl HybridSession {
             scope.spawn(move || {
                 for (il, x, xn, hot) in rx_hot {
                     let t_write = std::time::Instant::now();
-                    let written = match (slots, &layers[il].up_attn) {
-                        (true, Some(slot)) => slot.write(&this.ctx.device, &[bytemuck::cast_slice(&x), bytemuck::cast_slice(&xn)]),
-                        _ => {
-                            this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(&x));
-                            this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(&xn));
-                            Ok(())
-                        }
-                    };
+                    let written = upload_attention(this, &layers[il], slots, &x, &xn);
                     let t_hot = std::time::Instant::now();
                     if written.is_ok() {
                         this.ctx.queue.submit(hot);
@@ -946,13 +952,7 @@ impl HybridSession {
                         }
                         false => {
                             let t_write = std::time::Instant::now();
-                            match (slots, &sp.up_attn) {
-                                (true, Some(slot)) => slot.write(&this.ctx.device, &[bytemuck::cast_slice(host_x), bytemuck::cast_slice(host_xn)]).map_err(ForwardError::Gpu)?,
-                                _ => {
-                                    this.ctx.queue.write_buffer(&this.s.x, 0, bytemuck::cast_slice(host_x));
-                                    this.ctx.queue.write_buffer(&this.s.xn, 0, bytemuck::cast_slice(host_xn));
-                                }
-                            }
+                            upload_attention(this, sp, slots, host_x, host_xn).map_err(ForwardError::Gpu)?;
                             let t_hot = std::time::Instant::now();
                             this.ctx.queue.submit(hot.take());
                             t.attn_write += (t_hot - t_write).as_secs_f64();
