@@ -260,18 +260,8 @@ impl ColdFfn {
         }
         let n_candidates = active.len();
         let dense_gate = (n_candidates > 0).then(|| cold_rows.dense_gate(n_candidates, precision)).flatten();
-        // The predictor's charge: with the dense gate product (which needs no candidates), the
-        // caller runs it alone, as the CPU's predict mode does (`Predictor::predict`: fc1, then
-        // the rows of fc2ᵀ of the hidden units that fire, as AXPYs over every neuron's logit),
-        // while the other members start on that product; otherwise as two products of the
-        // team's over the cold rows.
-        let predict_serial = |logits: &mut Vec<f32>, p: &Predictor| {
-            let t = std::time::Instant::now();
-            logits.resize(p.n_ff(), 0.0);
-            p.predict(resid, logits);
-            std::hint::black_box(&logits);
-            t.elapsed().as_secs_f64()
-        };
+        // The predictor's charge: beside the dense gate product (which needs no candidates, see
+        // below) the caller's; otherwise two products of the team's over the cold rows.
         if let (Some(p), None) = (predictor, dense_gate) {
             let t = std::time::Instant::now();
             let rank = p.fc1.rows;
@@ -296,15 +286,25 @@ impl ColdFfn {
         let gate_given = match dense_gate {
             Some(packed) => {
                 gate.resize(model.hp.n_ff, 0.0);
-                let secs = Mutex::new(0.0);
-                let scratch = Mutex::new(&mut *logits);
-                let first = |p: &Predictor| {
-                    let mut l = scratch.lock().unwrap();
-                    *secs.lock().unwrap() = predict_serial(&mut l, p);
-                };
-                let first = predictor.map(|p| move || first(p));
+                // The caller runs the predictor alone, as the CPU's predict mode does
+                // (`Predictor::predict`: fc1, then the rows of fc2ᵀ of the hidden units that
+                // fire, as AXPYs over every neuron's logit), while the other members start on
+                // the product. (logits, seconds), locked once by the caller.
+                let charge = Mutex::new((&mut *logits, 0.0f64));
+                let first = predictor.map(|p| {
+                    let charge = &charge;
+                    move || {
+                        let mut c = charge.lock().unwrap();
+                        let (logits, secs) = &mut *c;
+                        let t = std::time::Instant::now();
+                        logits.resize(p.n_ff(), 0.0);
+                        p.predict(resid, logits);
+                        std::hint::black_box(&logits);
+                        *secs = t.elapsed().as_secs_f64();
+                    }
+                });
                 dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, first.as_ref().map(|f| f as &(dyn Fn() + Sync)));
-                *predictor_secs += secs.into_inner().unwrap();
+                *predictor_secs += charge.into_inner().unwrap().1;
                 Some(gate.as_slice())
             }
             None => None,

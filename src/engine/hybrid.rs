@@ -1098,7 +1098,9 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
     let mut layers_recorded = 0;
     for (il, (layer, sp)) in gpu.layers.iter().zip(sparse).enumerate() {
         let mut drawn = None;
-        let mut sim_copy = false;
+        // The slot the simulated logits went through, whose copy the hot neurons' commands
+        // begin with (None: queued with write_buffer, or nothing simulated).
+        let mut sim_slot = None;
         if let Some(sim) = sim.as_mut() {
             let t = std::time::Instant::now();
             let mut active = Drawn::default();
@@ -1112,11 +1114,10 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
                 // Before the segment that reads it is sent, so before its submission: through
                 // the slot (copied below, before the hot neurons), else queued.
                 let bytes: &[u8] = bytemuck::cast_slice(&sim_values);
-                let via_slot = slots && sp.up_sim.as_ref().is_some_and(|slot| slot.write(&gpu.ctx.device, &[bytes]).is_ok());
-                if !via_slot {
+                sim_slot = sp.up_sim.as_ref().filter(|slot| slots && slot.write(&gpu.ctx.device, &[bytes]).is_ok());
+                if sim_slot.is_none() {
                     gpu.ctx.queue.write_buffer(buf, 0, bytes);
                 }
-                sim_copy = via_slot;
             }
             drawn = Some(active);
             draw_time += t.elapsed().as_secs_f64();
@@ -1125,7 +1126,6 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
             op.record(&mut pass, 1);
         }
         layers_recorded += 1;
-        let sim_slot = sp.up_sim.as_ref().filter(|_| sim_copy);
         let Some(staging) = &sp.staging else {
             if let (Some(slot), Some(buf)) = (sim_slot, &sp.sim_logits) {
                 drop(pass);
