@@ -10,7 +10,7 @@
 
 use ember::cpu::matmul::{matmuls, Activations, Precision};
 use ember::cpu::sparse::row_dots_serial;
-use ember::cpu::team::Team;
+use ember::cpu::team::{Aside, Team};
 use ember::engine::cold::{ColdFfn, ColdRows};
 use ember::engine::SparseFfn;
 use ember::model::Model;
@@ -63,7 +63,7 @@ fn main() {
         for it in 0..iters {
             for il in 0..nl {
                 let (c, f) = &draws[(it * nl + il) % draws.len()];
-                cold_ffn.token_charged(&ffn, &model, il, &x, &x, &rows[il], c, f, None, Precision::Llama, &mut y);
+                cold_ffn.token_charged(&ffn, &model, il, &x, &x, &rows[il], c, f, None, Precision::Llama, &mut y, &Aside::none());
                 // Bytes of cold candidates' gate rows and cold firing neurons' up and down rows.
                 let mut j = 0;
                 for (&n, &fi) in c.iter().zip(f) {
@@ -104,7 +104,7 @@ fn main() {
     for it in 0..iters {
         for il in 0..nl {
             let (c, f) = &draws[(it * nl + il) % draws.len()];
-            cold_ffn.token_charged(&ffn, &model, il, &x, &x, &packed[il], c, f, Some(&preds[il]), Precision::Llama, &mut y);
+            cold_ffn.token_charged(&ffn, &model, il, &x, &x, &packed[il], c, f, Some(&preds[il]), Precision::Llama, &mut y, &Aside::none());
         }
     }
     let n = (iters * nl) as f64;

@@ -3,10 +3,12 @@
 
 mod common;
 
+use ember::cpu::team::Aside;
 use ember::cpu::Precision;
 use ember::engine::{FfnMode, Forward, Logits, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 
@@ -195,7 +197,14 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                 for rows in [&gathered, &packed] {
                     for team in teams.iter_mut() {
                         let mut out = vec![f32::NAN; e];
-                        let n = team.token(ffn, &model, il, &resid, &xn, rows, given, precision, &mut out);
+                        // A task handed to the team (the hybrid's hot-neuron submission) runs
+                        // once, whichever path the product takes.
+                        let ran = AtomicUsize::new(0);
+                        let aside = Aside::new(|| {
+                            ran.fetch_add(1, Ordering::Relaxed);
+                        });
+                        let n = team.token(ffn, &model, il, &resid, &xn, rows, given, precision, &mut out, &aside);
+                        assert_eq!(ran.load(Ordering::Relaxed), 1, "layer {il}, {:?}: the aside ran {} times", ffn.mode, ran.load(Ordering::Relaxed));
                         assert_eq!(n, n_want, "layer {il}, {:?}, {precision:?}: neurons computed", ffn.mode);
                         outs.push(out);
                     }
@@ -213,7 +222,7 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                 .iter()
                 .map(|rows| {
                     let mut out = vec![f32::NAN; e];
-                    let n = teams[2].token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, None, precision, &mut out);
+                    let n = teams[2].token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, None, precision, &mut out, &Aside::none());
                     assert!(n > 50, "layer {il}: {n} cold candidates");
                     out
                 })
@@ -226,7 +235,12 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                 for rows in [&gathered, &packed] {
                     let before = team.predictor_rows;
                     let mut out = vec![f32::NAN; e];
-                    team.token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, Some(&always.layers[il]), precision, &mut out);
+                    let ran = AtomicUsize::new(0);
+                    let aside = Aside::new(|| {
+                        ran.fetch_add(1, Ordering::Relaxed);
+                    });
+                    team.token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, Some(&always.layers[il]), precision, &mut out, &aside);
+                    assert_eq!(ran.load(Ordering::Relaxed), 1, "layer {il}: the aside ran {} times beside the charged predictor", ran.load(Ordering::Relaxed));
                     // fc1's rows, then fc2's of the cold neurons (team products) or fc2ᵀ's over
                     // every neuron (the caller's, beside the dense gate).
                     let p = &always.layers[il];

@@ -5,7 +5,7 @@
 mod common;
 
 use ember::cpu::Precision;
-use ember::engine::{AttentionPlace, FfnMode, Forward, HybridPlan, HybridSession, HybridTuning, Logits, OffloadSession, Session, SparseFfn};
+use ember::engine::{AttentionPlace, FfnMode, Forward, HotSubmit, HybridPlan, HybridSession, HybridTuning, Logits, OffloadSession, Session, SparseFfn};
 use ember::model::Model;
 use ember::sparse::predictor::Predictors;
 use ember::sparse::placement::AttnSite;
@@ -140,10 +140,13 @@ fn hybrid_with_host_attention_layers_gives_the_dense_tokens() {
         last
     };
     let reference = by_token(&mut s);
-    for (submit_thread, upload_slots) in [(false, false), (false, true), (true, false)] {
-        s = s.with_tuning(HybridTuning { submit_thread, upload_slots });
-        let other = pool.install(|| by_token(&mut s));
-        assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "submitting thread {submit_thread}, upload slots {upload_slots}: other logits");
+    assert_eq!(HybridTuning::default(), HybridTuning { hot_submit: HotSubmit::Team, upload_slots: true });
+    for hot_submit in [HotSubmit::Team, HotSubmit::Thread, HotSubmit::Main] {
+        for upload_slots in [false, true] {
+            s = s.with_tuning(HybridTuning { hot_submit, upload_slots });
+            let other = pool.install(|| by_token(&mut s));
+            assert!(other.iter().zip(&reference).all(|(x, y)| x.to_bits() == y.to_bits()), "hot neurons submitted by {hot_submit:?}, upload slots {upload_slots}: other logits");
+        }
     }
     dense.reset();
     let d = dense.forward(p, Logits::Last).unwrap();

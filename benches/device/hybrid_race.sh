@@ -122,7 +122,8 @@ variants)
   # The acceptance setting's tg (as race4k) for variants of the hybrid's decode, alternating
   # with llama.cpp -ngl ${VARIANTS_NGL:-10} for ${VARIANTS_ROUNDS:-2} rounds. A variant is
   # "default" or comma-separated --tune KEY=VALUE pairs (hybrid-upload=0: queue.write_buffer
-  # instead of upload slots; hybrid-submit=0: the main thread submits the hot neurons) and t=N
+  # instead of upload slots; hybrid-submit=thread or main: a third thread or the main thread
+  # submits the hot neurons instead of a team member) and t=N
   # (N threads instead of T); the variants of round i are VARIANTS_i, else VARIANTS.
   K="--kv-depth 544"
   for i in $(seq ${VARIANTS_ROUNDS:-2}); do

@@ -69,7 +69,7 @@ pub fn session_options(args: &ModelArgs) -> Result<SessionOptions> {
         // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
         gpu_tuning: super::gpu_tuning(args.gpu_precision, &[])?,
         cpu_tuning: super::cpu_tuning(&[])?,
-        hybrid_tuning: super::hybrid_tuning(&[]),
+        hybrid_tuning: super::hybrid_tuning(&[])?,
         ffn: args.ffn.into(),
         ffn_sparsity: args.ffn_sparsity,
         calibration: args.calibration.clone(),

@@ -144,7 +144,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         opts.kv_depth = opts.kv_depth.or(Some((depth + if a.n_gen > 0 { a.n_gen / 2 } else { a.n_prompt / 2 }).min(n_ctx)));
         opts.gpu_tuning = super::gpu_tuning(a.model.gpu_precision, &a.tune)?;
         opts.cpu_tuning = super::cpu_tuning(&a.tune)?;
-        opts.hybrid_tuning = super::hybrid_tuning(&a.tune);
+        opts.hybrid_tuning = super::hybrid_tuning(&a.tune)?;
         let o = crate::engine::builder::open(&opts, model.clone(), n_ctx, &super::backend::log)?;
         let (mut session, gpu) = (o.session, o.gpu);
         // The budget covers every batch: checked after setup and after each test.

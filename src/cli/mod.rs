@@ -245,7 +245,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("cpu-huge", "0: no transparent huge pages for the packed weights"),
     ("cpu-times", "1: print the CPU decode's step times"),
     ("hybrid-upload", "0: the hybrid's per-token uploads through queue.write_buffer instead of its upload slots"),
-    ("hybrid-submit", "0: after a host attention the hybrid's main thread writes x and xn and submits the hot neurons itself, before the cold ones, instead of a third thread"),
+    ("hybrid-submit", "who writes x and xn back and submits the hot neurons after a host attention in the hybrid: team (a member of the cold-neuron team, the default), thread (a third thread) or main (the main thread, before the cold neurons)"),
 ];
 
 /// `--tune KEY=VALUE`: a known key and its value.
@@ -353,11 +353,15 @@ pub fn cpu_tuning(tune: &[(String, String)]) -> Result<crate::cpu::matmul::CpuTu
 
 /// The hybrid decode's choices ([`TUNE_KEYS`]: hybrid-upload, hybrid-submit), the defaults
 /// where not given.
-pub fn hybrid_tuning(tune: &[(String, String)]) -> crate::engine::HybridTuning {
-    crate::engine::HybridTuning {
-        upload_slots: tune_value(tune, "hybrid-upload").as_deref() != Some("0"),
-        submit_thread: tune_value(tune, "hybrid-submit").as_deref() != Some("0"),
-    }
+pub fn hybrid_tuning(tune: &[(String, String)]) -> Result<crate::engine::HybridTuning> {
+    use crate::engine::HotSubmit;
+    let hot_submit = match tune_value(tune, "hybrid-submit").as_deref().map(str::trim) {
+        None | Some("team") => HotSubmit::Team,
+        Some("thread") => HotSubmit::Thread,
+        Some("main") => HotSubmit::Main,
+        Some(v) => return Err(format!("{} = `{v}`: use team, thread or main", tune_name("hybrid-submit")).into()),
+    };
+    Ok(crate::engine::HybridTuning { upload_slots: tune_value(tune, "hybrid-upload").as_deref() != Some("0"), hot_submit })
 }
 
 /// `--gpu-precision`.

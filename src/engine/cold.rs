@@ -13,7 +13,7 @@ use crate::model::Matrix;
 use crate::quant::packed::{packs, Isa, PackedMatrix};
 use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
 use crate::sparse::predictor::Predictor;
-use crate::cpu::team::Team;
+use crate::cpu::team::{Aside, Team};
 use crate::model::Model;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -116,17 +116,22 @@ pub struct ColdFfn {
 
 /// `vals[k] = w row rows[k] · acts`, the list cut into runs that the members take from a
 /// shared counter (`tuning.parts_per_member` per member; 0: one contiguous run each).
-fn team_row_dots(team: &mut Team, tuning: &CpuTuning, w: &crate::model::Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32]) {
+fn team_row_dots(team: &mut Team, tuning: &CpuTuning, w: &crate::model::Matrix, acts: &Activations, rows: &[u32], vals: &mut [f32], aside: &Aside) {
     let parts = team.size() * tuning.parts_per_member.max(1);
     let per = rows.len().div_ceil(parts).max(1);
     let slots: Vec<Mutex<&mut [f32]>> = vals.chunks_mut(per).map(Mutex::new).collect();
     let next = AtomicUsize::new(0);
-    team.run(&|_, _| loop {
-        let k = next.fetch_add(1, Ordering::Relaxed);
-        let Some(slot) = slots.get(k) else { break };
-        let mut v = slot.lock().unwrap();
-        let len = v.len();
-        row_dots_serial(w, acts, &rows[k * per..k * per + len], &mut v);
+    team.run(&|member, _| {
+        if member == 0 {
+            aside.run();
+        }
+        loop {
+            let k = next.fetch_add(1, Ordering::Relaxed);
+            let Some(slot) = slots.get(k) else { break };
+            let mut v = slot.lock().unwrap();
+            let len = v.len();
+            row_dots_serial(w, acts, &rows[k * per..k * per + len], &mut v);
+        }
     });
 }
 
@@ -154,9 +159,11 @@ impl ColdFfn {
     /// The FFN output of layer `il`'s active neurons among `cold` (ascending), written to `out`
     /// (n_embd values): `resid` is the residual stream entering the block (the predictor's
     /// input), `xn` its normalised form. In predict mode `given` replaces the predictor's set
-    /// (simulated activity). Returns how many neurons were computed.
+    /// (simulated activity). `aside` runs once, on the first member to reach it as the team's
+    /// first product starts (or before returning, if there is none). Returns how many neurons
+    /// were computed.
     #[allow(clippy::too_many_arguments)]
-    pub fn token(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold: &ColdRows, given: Option<&[u32]>, precision: Precision, out: &mut [f32]) -> usize {
+    pub fn token(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold: &ColdRows, given: Option<&[u32]>, precision: Precision, out: &mut [f32], aside: &Aside) -> usize {
         let layer = &model.layers[il];
         let act = model.hp.activation;
         let acts = Activations::new(xn, 1).with_precision(precision);
@@ -172,7 +179,7 @@ impl ColdFfn {
                 match cold.dense_gate(active.len(), precision) {
                     Some(p) => {
                         gate.resize(model.hp.n_ff, 0.0);
-                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None);
+                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, Some(&|| aside.run()));
                         Some(gate.as_slice())
                     }
                     None => None,
@@ -181,7 +188,7 @@ impl ColdFfn {
             FfnMode::Relu | FfnMode::Dense | FfnMode::Threshold => {
                 gate.resize(model.hp.n_ff, 0.0);
                 match cold.dense_gate(cold.ids.len(), precision) {
-                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None),
+                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, Some(&|| aside.run())),
                     None => matvec_rows(&layer.ffn_gate, &acts, &cold.ids, gate),
                 }
                 active.extend(cold.ids.iter().copied().filter(|&i| ffn.keeps(il, act, gate[i as usize])));
@@ -189,10 +196,11 @@ impl ColdFfn {
             }
         };
         if active.is_empty() {
+            aside.run();
             out.fill(0.0);
             return 0;
         }
-        ffn_on_team(team, partials, ffn, model, il, &acts, gate_given, active, None, out);
+        ffn_on_team(team, partials, ffn, model, il, &acts, gate_given, active, None, out, aside);
         active.len()
     }
 
@@ -216,7 +224,7 @@ impl ColdFfn {
         for t in 0..n {
             let acts = Activations::new(&xn[t * e..(t + 1) * e], 1).with_precision(precision);
             let out_t = &mut out[t * e..(t + 1) * e];
-            team_row_dots(team, tuning, &layer.ffn_gate, &acts, cold, vals);
+            team_row_dots(team, tuning, &layer.ffn_gate, &acts, cold, vals, &Aside::none());
             active.clear();
             for (&i, &g) in cold.iter().zip(vals.iter()) {
                 gate[i as usize] = g;
@@ -229,7 +237,7 @@ impl ColdFfn {
                 out_t.fill(0.0);
                 continue;
             }
-            ffn_on_team(team, partials, ffn, model, il, &acts, Some(gate), active, None, out_t);
+            ffn_on_team(team, partials, ffn, model, il, &acts, Some(gate), active, None, out_t, &Aside::none());
             computed += active.len();
         }
         computed
@@ -239,10 +247,10 @@ impl ColdFfn {
     /// (`predictor`: fc1 on the residual `resid`, its ReLU, and the fc2 rows of every cold
     /// neuron, split over the team; the logits are then set aside, since the draw decides),
     /// then every cold candidate among `candidates` (ascending, with `fires` per candidate)
-    /// gets its gate row, and those that fire their up and down rows. Returns how many
-    /// candidates were cold.
+    /// gets its gate row, and those that fire their up and down rows. `aside` runs as in
+    /// [`Self::token`]. Returns how many candidates were cold.
     #[allow(clippy::too_many_arguments)]
-    pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold_rows: &ColdRows, candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32]) -> usize {
+    pub fn token_charged(&mut self, ffn: &SparseFfn, model: &Model, il: usize, resid: &[f32], xn: &[f32], cold_rows: &ColdRows, candidates: &[u32], fires: &[bool], predictor: Option<&Predictor>, precision: Precision, out: &mut [f32], aside: &Aside) -> usize {
         let ColdFfn { team, gate, active, fires: cold_fires, partials, dense, tuning, hidden, logits, predictor_rows, predictor_secs, .. } = self;
         let cold = cold_rows.ids.as_slice();
         // The candidates that are cold (both lists ascending).
@@ -271,7 +279,7 @@ impl ColdFfn {
                 *h = h.max(0.0);
             }
             logits.resize(cold.len(), 0.0);
-            team_row_dots(team, tuning, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits);
+            team_row_dots(team, tuning, &p.fc2, &Activations::new(hidden, 1).with_precision(precision), cold, logits, aside);
             std::hint::black_box(&logits);
             *predictor_secs += t.elapsed().as_secs_f64();
         }
@@ -279,6 +287,7 @@ impl ColdFfn {
             *predictor_rows += (p.fc1.rows + if dense_gate.is_some() { p.n_ff() } else { cold.len() }) as u64;
         }
         if active.is_empty() {
+            aside.run();
             out.fill(0.0);
             return 0;
         }
@@ -291,9 +300,10 @@ impl ColdFfn {
                 // fire, as AXPYs over every neuron's logit), while the other members start on
                 // the product. (logits, seconds), locked once by the caller.
                 let charge = Mutex::new((&mut *logits, 0.0f64));
-                let first = predictor.map(|p| {
-                    let charge = &charge;
-                    move || {
+                // The aside, if any, goes first: it is what other work waits for.
+                let first = || {
+                    aside.run();
+                    if let Some(p) = predictor {
                         let mut c = charge.lock().unwrap();
                         let (logits, secs) = &mut *c;
                         let t = std::time::Instant::now();
@@ -302,14 +312,14 @@ impl ColdFfn {
                         std::hint::black_box(&logits);
                         *secs = t.elapsed().as_secs_f64();
                     }
-                });
-                dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, first.as_ref().map(|f| f as &(dyn Fn() + Sync)));
+                };
+                dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, Some(&first));
                 *predictor_secs += charge.into_inner().unwrap().1;
                 Some(gate.as_slice())
             }
             None => None,
         };
-        ffn_on_team(team, partials, ffn, model, il, &acts, gate_given, active, Some(cold_fires), out);
+        ffn_on_team(team, partials, ffn, model, il, &acts, gate_given, active, Some(cold_fires), out, aside);
         n_candidates
     }
 }
@@ -318,7 +328,7 @@ impl ColdFfn {
 /// ones past their gate row) into `out`, by chunks on the team, partial sums added in chunk
 /// order.
 #[allow(clippy::too_many_arguments)]
-fn ffn_on_team(team: &mut Team, partials: &mut Vec<f32>, ffn: &SparseFfn, model: &Model, il: usize, acts: &Activations, gate_given: Option<&[f32]>, active: &[u32], fires: Option<&[bool]>, out: &mut [f32]) {
+fn ffn_on_team(team: &mut Team, partials: &mut Vec<f32>, ffn: &SparseFfn, model: &Model, il: usize, acts: &Activations, gate_given: Option<&[f32]>, active: &[u32], fires: Option<&[bool]>, out: &mut [f32], aside: &Aside) {
     let layer = &model.layers[il];
     let act = model.hp.activation;
     let cols = out.len();
@@ -329,15 +339,20 @@ fn ffn_on_team(team: &mut Team, partials: &mut Vec<f32>, ffn: &SparseFfn, model:
         {
             let slots: Vec<Mutex<&mut [f32]>> = partials.chunks_mut(cols).map(Mutex::new).collect();
             let next = AtomicUsize::new(0);
-            team.run(&|_, _| loop {
-                let c = next.fetch_add(1, Ordering::Relaxed);
-                if c >= n_chunks {
-                    break;
+            team.run(&|member, _| {
+                if member == 0 {
+                    aside.run();
                 }
-                let mut acc = slots[c].lock().unwrap();
-                acc.fill(0.0);
-                let start = c * chunk_len;
-                sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
+                loop {
+                    let c = next.fetch_add(1, Ordering::Relaxed);
+                    if c >= n_chunks {
+                        break;
+                    }
+                    let mut acc = slots[c].lock().unwrap();
+                    acc.fill(0.0);
+                    let start = c * chunk_len;
+                    sum_chunk(start, chunk_len.min(active.len() - start), &mut acc);
+                }
             });
         }
         // Partial sums added in chunk order, element by element, columns split over members.

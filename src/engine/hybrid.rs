@@ -34,6 +34,7 @@ use super::gpu_ops::{NamedOp, Op};
 use super::host_attention::{choose_attention, cold_reads, HostAttention};
 use crate::cpu::Precision;
 use crate::cpu::matmul::CpuTuning;
+use crate::cpu::team::Aside;
 use crate::gpu::matrix::{GpuMatrix, MatmulOp};
 use crate::gpu::ops::{AddOp, GatedActOp};
 use crate::gpu::sparse::{ActiveList, BatchFfnOp, Criterion, DenseGateOp, HotFfn, MatvecMode, SelectOp, SparseAxpyOp, SparseConfig, SparseMatvecOp};
@@ -237,6 +238,16 @@ fn upload_attention(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f32
 /// The CPU's part of a layer's FFN to the GPU, ordered before the next submission (whose first
 /// dispatch adds it into x): through the layer's upload slot, copied by that submission, or
 /// `queue.write_buffer`.
+/// After a host attention: x and xn back to the GPU, then the hot neurons' commands (which
+/// read them) submitted. Returns the seconds of the two parts.
+fn upload_and_submit(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f32], xn: &[f32], hot: Option<wgpu::CommandBuffer>) -> Result<(f64, f64), GpuError> {
+    let t_write = std::time::Instant::now();
+    upload_attention(gpu, sp, slots, x, xn)?;
+    let t_hot = std::time::Instant::now();
+    gpu.ctx.queue.submit(hot);
+    Ok(((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64()))
+}
+
 fn upload_y(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, y: &[f32]) -> Result<(), ForwardError> {
     match (slots, &sp.up_y) {
         (true, Some(slot)) => slot.write(&gpu.ctx.device, &[bytemuck::cast_slice(y)]).map_err(ForwardError::Gpu),
@@ -308,21 +319,16 @@ struct HybridState {
     timing: HybridTiming,
     /// Where batched prefill time went, since the last reset.
     prefill_timing: PrefillTiming,
-    /// Whether the per-token uploads go through the layers' upload slots.
-    upload_slots: bool,
-    /// Whether a third thread writes x and xn back and submits the hot neurons after a host
-    /// attention (else the main thread does, before the cold neurons).
-    submit_thread: bool,
+    /// Decode's choices (upload slots, who submits the hot neurons).
+    tuning: HybridTuning,
 }
 
 /// The hybrid decode's choices that benchmarks compare (the binary's `--tune hybrid-upload`
 /// and `hybrid-submit`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HybridTuning {
-    /// After a host attention, a third thread writes x and xn back and submits the hot
-    /// neurons while the main thread starts on the cold ones (else the main thread does both
-    /// first).
-    pub submit_thread: bool,
+    /// Who writes x and xn back and submits the hot neurons after a host attention.
+    pub hot_submit: HotSubmit,
     /// The per-token uploads through the layers' upload slots ([`UploadSlot`]) rather than
     /// `queue.write_buffer`.
     pub upload_slots: bool,
@@ -330,8 +336,22 @@ pub struct HybridTuning {
 
 impl Default for HybridTuning {
     fn default() -> Self {
-        HybridTuning { submit_thread: true, upload_slots: true }
+        HybridTuning { hot_submit: HotSubmit::Team, upload_slots: true }
     }
+}
+
+/// Who, after a host attention, writes x and xn back to the GPU and submits the hot neurons
+/// (which read them), while the cold ones are computed on the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotSubmit {
+    /// A member of the cold-neuron team, as the first cold product starts ([`Aside`]): the
+    /// members are spinning, so it starts within a microsecond, and the others take its share.
+    Team,
+    /// A third thread, woken through a channel: session 13 measured the main thread waiting
+    /// 1.6-4.9 ms a token for it on a 16-core host with every core busy.
+    Thread,
+    /// The main thread itself, before the cold neurons (~60-80 µs a layer on the critical path).
+    Main,
 }
 
 /// Host-side time of hybrid decode steps, in seconds, summed over `tokens`.
@@ -757,16 +777,14 @@ impl HybridSession {
             syncs_per_token: 0,
             timing: HybridTiming::default(),
             prefill_timing: PrefillTiming::default(),
-            upload_slots: true,
-            submit_thread: true,
+            tuning: HybridTuning::default(),
         };
         Ok(HybridSession { gpu: session, layers, state, prefill })
     }
 
     /// The session with decode's choices set as `tuning` says.
     pub fn with_tuning(mut self, tuning: HybridTuning) -> HybridSession {
-        self.state.submit_thread = tuning.submit_thread;
-        self.state.upload_slots = tuning.upload_slots;
+        self.state.tuning = tuning;
         self
     }
 
@@ -843,8 +861,8 @@ impl HybridSession {
         q.write_buffer(&gpu.s.step, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.step_last, 0, bytemuck::bytes_of(&step));
         q.write_buffer(&gpu.s.ids, 0, bytemuck::bytes_of(&token));
-        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, upload_slots, submit_thread, .. } = state;
-        let (slots, submit_thread) = (*upload_slots, *submit_thread);
+        let HybridState { ffn, precision, cold, y, simulate, timing, syncs_per_token, charged, sim_predictors, host, host_x, host_xn, host_qkv, tuning, .. } = state;
+        let (slots, hot_submit) = (tuning.upload_slots, tuning.hot_submit);
         let predictor_secs = cold.predictor_secs;
         let (core_secs, proj_secs) = (host.core_secs, host.proj_secs);
         let this = &*gpu;
@@ -858,25 +876,23 @@ impl HybridSession {
             let sim = simulate.as_ref();
             let recorder = scope.spawn(move || record_split_token(this, layers, sim, slots, tx));
             // After a host attention, x and xn go back to the GPU and the hot neurons'
-            // buffer is submitted by a third thread while this one computes the cold neurons:
-            // on the H100 those two writes and that submission took ~220 µs a layer on the
-            // critical path (session 12, call C), the cold part ~420 µs. This thread's next
-            // queue call waits for them (`hot_done`), so the queue sees the same order.
+            // buffer is submitted while the CPU computes the cold neurons ([`HotSubmit`]): on
+            // the H100 those two writes and that submission took ~220 µs a layer on the
+            // critical path (session 12, call C), the cold part ~420 µs. With a third thread
+            // this one's next queue call waits for it (`hot_done`), so the queue sees the same
+            // order; a team member is done before the cold part returns.
             let (tx_hot, rx_hot) = std::sync::mpsc::channel::<(usize, Vec<f32>, Vec<f32>, Option<wgpu::CommandBuffer>)>();
             let (tx_done, rx_done) = std::sync::mpsc::channel::<Result<(f64, f64), GpuError>>();
-            scope.spawn(move || {
-                for (il, x, xn, hot) in rx_hot {
-                    let t_write = std::time::Instant::now();
-                    let written = upload_attention(this, &layers[il], slots, &x, &xn);
-                    let t_hot = std::time::Instant::now();
-                    if written.is_ok() {
-                        this.ctx.queue.submit(hot);
+            if hot_submit == HotSubmit::Thread {
+                scope.spawn(move || {
+                    for (il, x, xn, hot) in rx_hot {
+                        let outcome = upload_and_submit(this, &layers[il], slots, &x, &xn, hot);
+                        if tx_done.send(outcome).is_err() {
+                            return;
+                        }
                     }
-                    if tx_done.send(written.map(|()| ((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64()))).is_err() {
-                        return;
-                    }
-                }
-            });
+                });
+            }
             let mut hot_pending = false;
             let hot_done = |t: &mut TokenTiming, pending: &mut bool| -> Result<(), ForwardError> {
                 if std::mem::take(pending) {
@@ -945,25 +961,39 @@ impl HybridSession {
                         true => host.run_from_qkv(cold.team(), &this.model, split.layer, pos0 as usize, host_qkv, host_x, host_xn, *precision)?,
                         false => host.run(cold.team(), &this.model, split.layer, pos0 as usize, host_x, host_xn, *precision)?,
                     }
-                    match submit_thread {
-                        true => {
-                            tx_hot.send((split.layer, host_x.clone(), host_xn.clone(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
+                    let (x, xn): (&[f32], &[f32]) = (host_x, host_xn);
+                    let mut hot = hot.take();
+                    match hot_submit {
+                        HotSubmit::Thread => {
+                            tx_hot.send((split.layer, x.to_vec(), xn.to_vec(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
                             hot_pending = true;
                         }
-                        false => {
-                            let t_write = std::time::Instant::now();
-                            upload_attention(this, sp, slots, host_x, host_xn).map_err(ForwardError::Gpu)?;
-                            let t_hot = std::time::Instant::now();
-                            this.ctx.queue.submit(hot.take());
-                            t.attn_write += (t_hot - t_write).as_secs_f64();
-                            t.attn_submit += t_hot.elapsed().as_secs_f64();
+                        // With no cold neurons there is nothing to overlap: as on the main thread.
+                        HotSubmit::Team if !sp.cold.ids.is_empty() => {}
+                        HotSubmit::Main | HotSubmit::Team => {
+                            let (write, submit) = upload_and_submit(this, sp, slots, x, xn, hot.take()).map_err(ForwardError::Gpu)?;
+                            t.attn_write += write;
+                            t.attn_submit += submit;
                         }
                     }
                     t.cpu_attention += t_attn.elapsed().as_secs_f64();
                     if !sp.cold.ids.is_empty() {
                         let t_cpu = std::time::Instant::now();
-                        cold_token(cold, ffn, &this.model, split.layer, host_x, host_xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
+                        // Team: the first member to reach it, as the first product starts.
+                        let outcome = Mutex::new(None);
+                        let aside = match hot.take() {
+                            Some(h) => Aside::new(|| *outcome.lock().unwrap() = Some(upload_and_submit(this, sp, slots, x, xn, Some(h)))),
+                            None => Aside::none(),
+                        };
+                        cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y, &aside);
+                        aside.run();
+                        drop(aside);
                         t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
+                        if let Some(done) = outcome.into_inner().unwrap() {
+                            let (write, submit) = done.map_err(ForwardError::Gpu)?;
+                            t.attn_write += write;
+                            t.attn_submit += submit;
+                        }
                         hot_done(&mut t, &mut hot_pending)?;
                         upload_y(this, sp, slots, y)?;
                     }
@@ -975,7 +1005,7 @@ impl HybridSession {
                     let v: &[f32] = bytemuck::cast_slice(&view);
                     // (The staging may be longer: room for a q/k/v exchange.)
                     let (xn, x) = v[..2 * e].split_at(e);
-                    cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y);
+                    cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y, &Aside::none());
                 }
                 t.cpu_ffn += t_cpu.elapsed().as_secs_f64();
                 let t_submit = std::time::Instant::now();
@@ -1254,14 +1284,14 @@ struct TokenTiming {
 /// FFN and its norm `xn`: the predictor's or the ReLU's choice, or the draw of a simulation
 /// (`drawn`; with a charged predictor, its candidates and firing flags apart).
 #[allow(clippy::too_many_arguments)]
-fn cold_token(cold: &mut ColdFfn, ffn: &SparseFfn, model: &Model, il: usize, x: &[f32], xn: &[f32], cold_ids: &ColdRows, drawn: Option<&Drawn>, charged: bool, sim_predictors: Option<&Predictors>, precision: Precision, y: &mut [f32]) {
+fn cold_token(cold: &mut ColdFfn, ffn: &SparseFfn, model: &Model, il: usize, x: &[f32], xn: &[f32], cold_ids: &ColdRows, drawn: Option<&Drawn>, charged: bool, sim_predictors: Option<&Predictors>, precision: Precision, y: &mut [f32], aside: &Aside) {
     match (drawn, charged) {
         (Some(d), true) => {
             let p = sim_predictors.map(|p| &p.layers[il]);
-            cold.token_charged(ffn, model, il, x, xn, cold_ids, &d.candidates, &d.fires, p, precision, y);
+            cold.token_charged(ffn, model, il, x, xn, cold_ids, &d.candidates, &d.fires, p, precision, y, aside);
         }
         (d, _) => {
-            cold.token(ffn, model, il, x, xn, cold_ids, d.map(|d| d.candidates.as_slice()), precision, y);
+            cold.token(ffn, model, il, x, xn, cold_ids, d.map(|d| d.candidates.as_slice()), precision, y, aside);
         }
     }
 }

@@ -20,7 +20,7 @@ pub use ffn::{FfnMode, SparseFfn};
 pub use forward::{FfnStats, Forward, ForwardError, Logits, Session};
 pub use gpu_batch::GpuBatch;
 pub use gpu_forward::{GpuSession, GpuWeights};
-pub use hybrid::{AttentionPlace, HybridError, HybridTuning, HybridPlan, HybridSession, PrefillConfig, StreamConfig};
+pub use hybrid::{AttentionPlace, HotSubmit, HybridError, HybridTuning, HybridPlan, HybridSession, PrefillConfig, StreamConfig};
 pub use offload::OffloadSession;
 pub use generate::{generate, generate_cancellable, Generation, StopReason, Timings};
 pub use sampler::{Sampler, SamplerConfig};
