@@ -1118,7 +1118,6 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
     let t_start = std::time::Instant::now();
     let mut draw_time = 0.0;
     let e = gpu.model.hp.n_embd as u64;
-    let ff = gpu.model.hp.n_ff;
     let mut sim = simulate.map(|m| m.lock().unwrap());
     let mut sim_values = Vec::new();
     let new_encoder = || gpu.ctx.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("hybrid") });
@@ -1134,13 +1133,8 @@ fn record_split_token(gpu: &GpuSession, sparse: &[SparseLayerOps], simulate: Opt
         if let Some(sim) = sim.as_mut() {
             let t = std::time::Instant::now();
             let mut active = Drawn::default();
-            sim.draw_predicted(il, &mut active);
+            sim.draw_predicted(il, &mut active, sp.sim_logits.is_some().then_some(&mut sim_values));
             if let Some(buf) = &sp.sim_logits {
-                sim_values.clear();
-                sim_values.resize(ff, -1.0f32);
-                for (&i, &fires) in active.candidates.iter().zip(&active.fires) {
-                    sim_values[i as usize] = if fires { 1.0 } else { 0.0 };
-                }
                 // Before the segment that reads it is sent, so before its submission: through
                 // the slot (copied below, before the hot neurons), else queued.
                 let bytes: &[u8] = bytemuck::cast_slice(&sim_values);

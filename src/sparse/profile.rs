@@ -352,9 +352,18 @@ impl SampleType {
 pub struct SplitMix(pub u64);
 
 impl SplitMix {
+    /// What the state advances by per draw.
+    pub const STEP: u64 = 0x9E37_79B9_7F4A_7C15;
+
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(Self::STEP);
         mix64(self.0)
+    }
+
+    /// Skips `n` draws. The k-th draw from here is `mix64(state + k * STEP)`, so loops can
+    /// compute a run of draws from a counter (which vectorises) and then skip past them.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(Self::STEP.wrapping_mul(n));
     }
 
     /// Uniform in [0, 1).
@@ -368,6 +377,7 @@ impl SplitMix {
     }
 }
 
+#[inline(always)]
 pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
