@@ -894,6 +894,7 @@ impl HybridSession {
                 });
             }
             let mut hot_pending = false;
+            let mut remapped = 0;
             let hot_done = |t: &mut TokenTiming, pending: &mut bool| -> Result<(), ForwardError> {
                 if std::mem::take(pending) {
                     let t_wait = std::time::Instant::now();
@@ -913,6 +914,14 @@ impl HybridSession {
                 // the token's tail.
                 let t_submit = std::time::Instant::now();
                 this.ctx.queue.submit([segment.commands]);
+                // Every copy out of the slots of the layers before the split (or of all, at the
+                // tail) is submitted now: they are mapped again in the background, ready for
+                // the next token, while this thread would wait for the GPU anyway.
+                if slots {
+                    let upto = segment.split.as_ref().map_or(if segment.last { layers.len() } else { remapped }, |s| s.layer);
+                    layers[remapped..upto].iter().for_each(SparseLayerOps::remap_slots);
+                    remapped = remapped.max(upto);
+                }
                 t.submit += t_submit.elapsed().as_secs_f64();
                 let Some(split) = segment.split else {
                     match segment.last {
@@ -1021,11 +1030,6 @@ impl HybridSession {
             t.simulate = draw;
             Ok(())
         })?;
-        // Every submission of the token is made: the slots it used are mapped again once the
-        // GPU is done with them, ready for the next token.
-        if slots {
-            layers.iter().for_each(SparseLayerOps::remap_slots);
-        }
         *syncs_per_token = t.syncs;
         timing.tokens += 1;
         timing.total += t_token.elapsed().as_secs_f64();
