@@ -1,7 +1,9 @@
 //! Every WGSL kernel, compiled into the binary. [`all`] lists them for the naga validation test.
 
 /// A kernel's source: shaders/step.wgsl (the prelude every kernel shares), then the named files
-/// of shaders/ in order, so that no fragment is written twice.
+/// of shaders/ in order, so that no fragment is written twice. The other preludes (helpers that
+/// several kernels share: dequant_q4.wgsl) are named where used, each once per kernel: WGSL
+/// has no includes and refuses a declaration made twice.
 macro_rules! compose {
     ($($file:literal),+) => { concat!(include_str!("../../shaders/step.wgsl"), "\n", $(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
 }
@@ -12,7 +14,8 @@ pub const COPY: &str = compose!("copy.wgsl");
 /// (file name, source) of every kernel under shaders/.
 pub fn all() -> Vec<(&'static str, &'static str)> {
     // step.wgsl, the prelude, is validated inside every kernel; listed here with the smallest.
-    let mut v = vec![("copy.wgsl", COPY), ("step.wgsl", COPY)];
+    // The other preludes are validated inside their users, and listed with one.
+    let mut v = vec![("copy.wgsl", COPY), ("step.wgsl", COPY), ("dequant_q4.wgsl", super::sparse::AXPY)];
     v.extend_from_slice(super::matrix::SHADERS);
     v.push(super::matrix::DEC_ROWS_SHADER);
     v.extend_from_slice(&super::matrix::DEC_TOK_SHADERS);
