@@ -1,8 +1,9 @@
 // Q4_K slots of the decode matvec (matmul_dec.wgsl), in the layout of src/gpu/kquant.rs: a slot
 // is one 32-element sub-block, 16 bytes of quants in Q4_1's order (byte i: element i in the low
 // nibble, element i + 16 in the high one); its super-block's 16-byte header (f16 d and dmin,
-// the 12 bytes of packed 6-bit scales and mins, as in the file) is one vec4 that the 8 threads
-// of a super-block load together. x = d * sc * q - dmin * m.
+// the 12 bytes of packed 6-bit scales and mins, as in the file, unpacked by kquant_scales.wgsl's
+// k4_scale_min) is one vec4 that the 8 threads of a super-block load together.
+// x = d * sc * q - dmin * m.
 
 @group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> wd: array<vec4<u32>>;
@@ -39,19 +40,6 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
         s += a[k];
     }
     return XSlot(a, (s.x + s.y) + (s.z + s.w));
-}
-
-// Sub-block j's 6-bit scale and min from a header whose words 1..3 hold the 12 packed bytes
-// (ggml's get_scale_min_k4: sub-blocks 0..3 whole in bytes 0..3 and 4..7, 4..7 split between a
-// nibble of bytes 8..11 and the top two bits of bytes 0..7).
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
 }
 
 // Nibbles become floats as in matmul_dec_q4_1.wgsl (dequant_q4.wgsl): or'ed into the mantissa

@@ -39,17 +39,6 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a, (s.x + s.y) + (s.z + s.w));
 }
 
-// As matmul_dec_q4_k.wgsl.
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
 const BIT4 = vec4<u32>(1u, 2u, 4u, 8u);
 
 // sum (d sc q - dmin m) x over the slot: the nibbles' products, plus 16 times the activations

@@ -91,11 +91,11 @@ struct TypeSources {
 }
 
 macro_rules! type_sources {
-    // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses (as
-    // dequant_q4.wgsl). `$dec`: the preludes the decode type file uses, the decode type file,
-    // then (unless it has its own slot_dot_x and slot_dot_rows) matmul_dec_rows.wgsl,
-    // then the few-token kernel's slot product: matmul_dec_tok.wgsl (groups of 4 decoded once
-    // for all tokens) or matmul_dec_tok_slot.wgsl (per token).
+    // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses
+    // (dequant_q4.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode type file uses,
+    // the decode type file, then (unless it has its own slot_dot_x and slot_dot_rows)
+    // matmul_dec_rows.wgsl, then the few-token kernel's slot product: matmul_dec_tok.wgsl
+    // (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl (per token).
     ($name:literal, [$($file:literal),+], [$($dec:literal),+]) => {
         TypeSources {
             name: $name,
@@ -123,8 +123,8 @@ const Q4_1_SRC: TypeSources = type_sources!("q4_1", ["dequant_q4.wgsl", "matmul_
 // they are validated only as composed (as are the files that use a prelude).
 const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["matmul_q4_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["matmul_q5_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q2_K_SRC: TypeSources = type_sources!("q2_k", ["matmul_q2_k.wgsl"], ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q3_K_SRC: TypeSources = type_sources!("q3_k", ["matmul_q3_k.wgsl"], ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
