@@ -106,8 +106,8 @@ macro_rules! type_sources {
             dec_sg: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_sg_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             // `enable` directives must open a module: they are not in matmul_coop.wgsl itself.
             coop: concat!("enable f16;\nenable wgpu_cooperative_matrix;\n", compose!($($file),+, "matmul_common.wgsl", "matmul_coop.wgsl", "matmul_store.wgsl", "act.wgsl")),
         }
@@ -136,8 +136,8 @@ const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec
 const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_SG_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
