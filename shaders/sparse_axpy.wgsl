@@ -68,13 +68,8 @@ fn fetch(g: u32) -> Unit {
     return Unit(wq[g], s);
 }
 
-// Bit tricks as in sparse_matvec.wgsl: quants to floats without int-to-float conversions.
-fn i8x4(w: u32) -> vec4<f32> {
-    let a = w ^ 0x80808080u;
-    let b = a >> 16u;
-    let bits = (vec4<u32>(a, a, b, b) & vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-    return bitcast<vec4<f32>>(bits) - vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
-}
+// Quants become floats without int-to-float conversions: dequant_q8.wgsl's i8x4_to_f32 and
+// dequant_q4.wgsl's q4_lo and q4_hi.
 
 // acc += hv * (the unit's elements). Always 8 accumulators (a Q4 block's 32 elements); the
 // driver drops those a type leaves unused.
@@ -91,10 +86,10 @@ fn axpy_unit(w: Unit, hv: f32, acc: ptr<function, array<vec4<f32>, 8>>) {
     }
     let hd = vec4<f32>(hv * w.s.x);
     if (WTYPE == T_Q8_0) {
-        (*acc)[0] = fma(hd, i8x4(q.x), (*acc)[0]);
-        (*acc)[1] = fma(hd, i8x4(q.y), (*acc)[1]);
-        (*acc)[2] = fma(hd, i8x4(q.z), (*acc)[2]);
-        (*acc)[3] = fma(hd, i8x4(q.w), (*acc)[3]);
+        (*acc)[0] = fma(hd, i8x4_to_f32(q.x), (*acc)[0]);
+        (*acc)[1] = fma(hd, i8x4_to_f32(q.y), (*acc)[1]);
+        (*acc)[2] = fma(hd, i8x4_to_f32(q.z), (*acc)[2]);
+        (*acc)[3] = fma(hd, i8x4_to_f32(q.w), (*acc)[3]);
         return;
     }
     // Q4_0: hv d (q - 8); Q4_1: hv d q + hv m.

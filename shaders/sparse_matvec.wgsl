@@ -133,15 +133,8 @@ fn fetch_b(g: u32) -> Unit {
 
 // Quants become floats without int-to-float conversions (a quarter of the FMA rate on some
 // GPUs): a field at bit p of a word, or'ed into the bits of 2^(23-p), reads as exactly
-// 2^(23-p) + q, so subtracting 2^(23-p) (plus the type's offset) leaves the quant. Fields above
-// bit 19 are first shifted down. The nibbles: dequant_q4.wgsl's q4_lo and q4_hi. The four
-// signed bytes of a word, as floats:
-fn i8x4(w: u32) -> vec4<f32> {
-    let a = w ^ 0x80808080u;
-    let b = a >> 16u;
-    let bits = (vec4<u32>(a, a, b, b) & vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-    return bitcast<vec4<f32>>(bits) - vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
-}
+// 2^(23-p) + q, so subtracting 2^(23-p) (plus the type's offset) leaves the quant: the signed
+// bytes by dequant_q8.wgsl's i8x4_to_f32, the nibbles by dequant_q4.wgsl's q4_lo and q4_hi.
 
 // Unit u of a row (of type `ty`) times the matching elements of x.
 fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
@@ -155,7 +148,7 @@ fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
     }
     if (ty == T_Q8_0) {
         let o = 4u * u;
-        let s = (dot(i8x4(q.x), x[o]) + dot(i8x4(q.y), x[o + 1u])) + (dot(i8x4(q.z), x[o + 2u]) + dot(i8x4(q.w), x[o + 3u]));
+        let s = (dot(i8x4_to_f32(q.x), x[o]) + dot(i8x4_to_f32(q.y), x[o + 1u])) + (dot(i8x4_to_f32(q.z), x[o + 2u]) + dot(i8x4_to_f32(q.w), x[o + 3u]));
         return w.s.x * s;
     }
     if (ty >= T_Q5_0) {

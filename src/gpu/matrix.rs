@@ -92,10 +92,11 @@ struct TypeSources {
 
 macro_rules! type_sources {
     // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses
-    // (dequant_q4.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode type file uses,
-    // the decode type file, then (unless it has its own slot_dot_x and slot_dot_rows)
-    // matmul_dec_rows.wgsl, then the few-token kernel's slot product: matmul_dec_tok.wgsl
-    // (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl (per token).
+    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode
+    // type file uses, the decode type file, then (unless it has its own slot_dot_x and
+    // slot_dot_rows) matmul_dec_rows.wgsl, then the few-token kernel's slot product:
+    // matmul_dec_tok.wgsl (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl
+    // (per token).
     ($name:literal, [$($file:literal),+], [$($dec:literal),+]) => {
         TypeSources {
             name: $name,
@@ -116,7 +117,7 @@ macro_rules! type_sources {
 
 const F32_SRC: TypeSources = type_sources!("f32", ["matmul_f32.wgsl"], ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const F16_SRC: TypeSources = type_sources!("f16", ["matmul_f16.wgsl"], ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q8_0_SRC: TypeSources = type_sources!("q8_0", ["matmul_q8_0.wgsl"], ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", ["dequant_q8.wgsl", "matmul_q8_0.wgsl"], ["dequant_q8.wgsl", "matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q4_0_SRC: TypeSources = type_sources!("q4_0", ["dequant_q4.wgsl", "matmul_q4_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_0.wgsl", "matmul_dec_tok.wgsl"]);
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", ["dequant_q4.wgsl", "matmul_q4_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 // The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
@@ -176,7 +177,7 @@ macro_rules! listed {
 const LISTED: [[(&str, &str); 21]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
-    listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
+    listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl", Q8_0_SRC.mm),
     listed!(Q4_0_SRC, "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl", Q4_0_SRC.mm),
     listed!(Q4_1_SRC, "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl", Q4_1_SRC.mm),
     listed!(Q5_0_SRC, "matmul_q5_0.wgsl", "matmul_dec_q5_0.wgsl", Q5_0_SRC.mm),

@@ -48,9 +48,9 @@ use wgpu::{Buffer, ComputePass};
 
 const SELECT: &str = compose!("sparse_select.wgsl");
 // The gather matvec takes exp_poly from act.wgsl, the activations' one copy of it.
-const MATVEC: &str = compose!("dequant_q4.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "act.wgsl");
-const MATVEC_SG: &str = compose!("dequant_q4.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "sparse_matvec_sg.wgsl", "act.wgsl");
-pub(super) const AXPY: &str = compose!("dequant_q4.wgsl", "sparse_axpy.wgsl");
+const MATVEC: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "act.wgsl");
+const MATVEC_SG: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "sparse_matvec_sg.wgsl", "act.wgsl");
+pub(super) const AXPY: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "sparse_axpy.wgsl");
 pub(super) const BATCH: &str = compose!("kquant_scales.wgsl", "sparse_batch.wgsl", "sparse_grouped.wgsl");
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
