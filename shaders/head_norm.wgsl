@@ -2,7 +2,8 @@
 // rows holds params.n_heads heads of params.head_dim values, and every head is divided by its
 // own RMS and multiplied by `weight` (head_dim values, shared by the heads), as
 // ember::cpu::ops::rms_norm_in_place. One workgroup of 64 threads per head: heads are short
-// (64 to 256 values), so a wider workgroup would idle.
+// (64 to 256 values), so a wider workgroup would idle. The sum of squares is reduced as
+// rms_norm.wgsl's (workgroup_sum.wgsl).
 
 struct Params {
     head_dim: u32,
@@ -17,8 +18,7 @@ struct Params {
 @group(0) @binding(3) var<uniform> step: Step;
 
 const HN_WG: u32 = 64u;
-
-var<workgroup> hn_partial: array<f32, HN_WG>;
+const SUM_WG: u32 = HN_WG;
 
 @compute @workgroup_size(HN_WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
@@ -34,18 +34,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             s += v * v;
         }
     }
-    hn_partial[tid] = s;
-    workgroupBarrier();
-    for (var off = HN_WG / 2u; off > 0u; off >>= 1u) {
-        if (tid < off) {
-            hn_partial[tid] += hn_partial[tid + off];
-        }
-        workgroupBarrier();
-    }
+    let sum = workgroup_sum(tid, s);
     if (!in_range) {
         return;
     }
-    let scale = 1.0 / sqrt(hn_partial[0] / f32(d) + params.eps);
+    let scale = 1.0 / sqrt(sum / f32(d) + params.eps);
     for (var i = tid; i < d; i += HN_WG) {
         x[base + i] = (x[base + i] * scale) * weight[i];
     }

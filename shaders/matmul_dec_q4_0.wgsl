@@ -53,17 +53,10 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a);
 }
 
-// Nibbles become floats without int-to-float conversions (a quarter of the FMA rate on NVIDIA):
-// a nibble at bit p <= 16 of a word, or'ed into the bits of 2^(23-p), gives exactly
-// 2^(23-p) + q, and subtracting 2^(23-p) + 8 leaves q - 8 exactly. Mask and or fuse into one
-// logic op on NVIDIA, so an element costs a logic op, an add and a multiply-add. The nibbles
-// above bit 16 are taken from the word shifted down by 12 (24 -> 12, 20 -> 8, 28 -> 16).
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388616.0, 32776.0, 136.0, 2056.0);
-const DQ_HI_SUB = vec4<f32>(524296.0, 2056.0, 32776.0, 136.0);
+// Nibbles become floats without int-to-float conversions (dequant_q4.wgsl): 2^(23-p) + q, from
+// which subtracting 2^(23-p) + 8 leaves q - 8 exactly.
+const DQ_LO_SUB = Q4_LO_POW + 8.0;
+const DQ_HI_SUB = Q4_HI_POW + 8.0;
 
 // sum (q - 8) d x over the slot.
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
@@ -71,8 +64,8 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     for (var k = 0u; k < 4u; k++) {
         let q = w.q[k];
         let s = q >> 12u;
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let lo = q4_lo_pow(q, s) - DQ_LO_SUB;
+        let hi = q4_hi_pow(q, s) - DQ_HI_SUB;
         let d = unpack2x16float(w.d[k]);
         acc += d.x * dot(lo, xs.a[k]) + d.y * dot(hi, xs.a[4u + k]);
     }
@@ -98,8 +91,8 @@ fn slot_dot_x(w: WSlot, row4: u32, j: u32) -> f32 {
         let cb = ca + select(4u, 8u, PERM == 1u);
         let q = w.q[k];
         let s = q >> 12u;
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let lo = q4_lo_pow(q, s) - DQ_LO_SUB;
+        let hi = q4_hi_pow(q, s) - DQ_HI_SUB;
         let d = unpack2x16float(w.d[k]);
         acc += d.x * dot(lo, xa(ca)) + d.y * dot(hi, xa(cb));
     }
@@ -122,8 +115,8 @@ fn slot_dot_rows(w: array<WSlot, DV_NR * DV_UB>, j0: u32, row4: u32, j: u32) -> 
             let ws = w[j0 + r];
             let q = ws.q[k];
             let s = q >> 12u;
-            let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-            let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+            let lo = q4_lo_pow(q, s) - DQ_LO_SUB;
+            let hi = q4_hi_pow(q, s) - DQ_HI_SUB;
             let d = unpack2x16float(ws.d[k]);
             acc[r] += d.x * dot(lo, xl) + d.y * dot(hi, xh);
         }
@@ -140,9 +133,9 @@ fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
     let s = q >> 12u;
     let d = unpack2x16float(w.d[k]);
     if (i < 4u) {
-        return (bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB) * d.x;
+        return (q4_lo_pow(q, s) - DQ_LO_SUB) * d.x;
     }
-    return (bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB) * d.y;
+    return (q4_hi_pow(q, s) - DQ_HI_SUB) * d.y;
 }
 
 fn slot_x4(row4: u32, j: u32, i: u32) -> u32 {

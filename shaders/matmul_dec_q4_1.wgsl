@@ -54,22 +54,16 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a, sum);
 }
 
-// As matmul_dec_q4_0.wgsl, with only 2^(23-p) subtracted (q, not q - 8).
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
-const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
-
+// Nibbles become floats as in matmul_dec_q4_0.wgsl (dequant_q4.wgsl), with only 2^(23-p)
+// subtracted (q, not q - 8).
 // sum (d q + m) x over the slot.
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     var acc = 0.0;
     for (var k = 0u; k < 4u; k++) {
         let q = w.q[k];
         let s = q >> 12u;
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let lo = q4_lo_pow(q, s) - Q4_LO_POW;
+        let hi = q4_hi_pow(q, s) - Q4_HI_POW;
         let a = unpack2x16float(w.dm[k].x);
         let b = unpack2x16float(w.dm[k].y);
         acc += a.x * dot(lo, xs.a[k]) + a.y * xs.sum[k] + b.x * dot(hi, xs.a[4u + k]) + b.y * xs.sum[4u + k];
@@ -85,10 +79,10 @@ fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
     let s = q >> 12u;
     if (i < 4u) {
         let a = unpack2x16float(w.dm[k].x);
-        return (bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB) * a.x + a.y;
+        return (q4_lo_pow(q, s) - Q4_LO_POW) * a.x + a.y;
     }
     let b = unpack2x16float(w.dm[k].y);
-    return (bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB) * b.x + b.y;
+    return (q4_hi_pow(q, s) - Q4_HI_POW) * b.x + b.y;
 }
 
 // slot_x's a[i].

@@ -1,8 +1,9 @@
 // Q4_K slots of the decode matvec (matmul_dec.wgsl), in the layout of src/gpu/kquant.rs: a slot
 // is one 32-element sub-block, 16 bytes of quants in Q4_1's order (byte i: element i in the low
 // nibble, element i + 16 in the high one); its super-block's 16-byte header (f16 d and dmin,
-// the 12 bytes of packed 6-bit scales and mins, as in the file) is one vec4 that the 8 threads
-// of a super-block load together. x = d * sc * q - dmin * m.
+// the 12 bytes of packed 6-bit scales and mins, as in the file, unpacked by kquant_scales.wgsl's
+// k4_scale_min) is one vec4 that the 8 threads of a super-block load together.
+// x = d * sc * q - dmin * m.
 
 @group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
 @group(0) @binding(5) var<storage, read> wd: array<vec4<u32>>;
@@ -41,36 +42,16 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a, (s.x + s.y) + (s.z + s.w));
 }
 
-// Sub-block j's 6-bit scale and min from a header whose words 1..3 hold the 12 packed bytes
-// (ggml's get_scale_min_k4: sub-blocks 0..3 whole in bytes 0..3 and 4..7, 4..7 split between a
-// nibble of bytes 8..11 and the top two bits of bytes 0..7).
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
-// Nibbles become floats as in matmul_dec_q4_1.wgsl: or'ed into the mantissa of 2^(23-p) and
-// the power subtracted (s = w >> 12).
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
-const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
-
+// Nibbles become floats as in matmul_dec_q4_1.wgsl (dequant_q4.wgsl): or'ed into the mantissa
+// of 2^(23-p) and the power subtracted (s = w >> 12).
 // sum (d sc q - dmin m) x over the slot.
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     var acc = 0.0;
     for (var k = 0u; k < 4u; k++) {
         let q = w.q[k];
         let s = q >> 12u;
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let lo = q4_lo_pow(q, s) - Q4_LO_POW;
+        let hi = q4_hi_pow(q, s) - Q4_HI_POW;
         acc += dot(lo, xs.a[k]) + dot(hi, xs.a[4u + k]);
     }
     let dm = unpack2x16float(w.hdr.x);
@@ -89,9 +70,9 @@ fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
     let sm = k4_scale_min(w.hdr, w.sub);
     var v: vec4<f32>;
     if (i < 4u) {
-        v = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+        v = q4_lo_pow(q, s) - Q4_LO_POW;
     } else {
-        v = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        v = q4_hi_pow(q, s) - Q4_HI_POW;
     }
     return v * (dm.x * sm.x) - dm.y * sm.y;
 }

@@ -37,12 +37,6 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a, (s.x + s.y) + (s.z + s.w));
 }
 
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
-const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
 const BIT4 = vec4<u32>(1u, 2u, 4u, 8u);
 
 // sum (d q + m) x over the slot.
@@ -53,8 +47,8 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
         let s = q >> 12u;
         let hl = select(vec4<f32>(0.0), vec4<f32>(16.0), (vec4<u32>(w.h >> (4u * k)) & BIT4) != vec4<u32>(0u));
         let hh = select(vec4<f32>(0.0), vec4<f32>(16.0), (vec4<u32>(w.h >> (16u + 4u * k)) & BIT4) != vec4<u32>(0u));
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB + hl;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB + hh;
+        let lo = q4_lo_pow(q, s) - Q4_LO_POW + hl;
+        let hi = q4_hi_pow(q, s) - Q4_HI_POW + hh;
         acc += dot(lo, xs.a[k]) + dot(hi, xs.a[4u + k]);
     }
     let dm = unpack2x16float(w.dm);

@@ -39,23 +39,6 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a, (s.x + s.y) + (s.z + s.w));
 }
 
-// As matmul_dec_q4_k.wgsl.
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
-const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
 const BIT4 = vec4<u32>(1u, 2u, 4u, 8u);
 
 // sum (d sc q - dmin m) x over the slot: the nibbles' products, plus 16 times the activations
@@ -66,8 +49,8 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     for (var k = 0u; k < 4u; k++) {
         let q = w.q[k];
         let s = q >> 12u;
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        let lo = q4_lo_pow(q, s) - Q4_LO_POW;
+        let hi = q4_hi_pow(q, s) - Q4_HI_POW;
         let hl = select(vec4<f32>(0.0), vec4<f32>(1.0), (vec4<u32>(w.h >> (4u * k)) & BIT4) != vec4<u32>(0u));
         let hh = select(vec4<f32>(0.0), vec4<f32>(1.0), (vec4<u32>(w.h >> (16u + 4u * k)) & BIT4) != vec4<u32>(0u));
         acc += dot(lo, xs.a[k]) + dot(hi, xs.a[4u + k]);
@@ -89,10 +72,10 @@ fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
     var v: vec4<f32>;
     var hb: vec4<u32>;
     if (i < 4u) {
-        v = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+        v = q4_lo_pow(q, s) - Q4_LO_POW;
         hb = vec4<u32>(w.h >> (4u * k)) & BIT4;
     } else {
-        v = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+        v = q4_hi_pow(q, s) - Q4_HI_POW;
         hb = vec4<u32>(w.h >> (16u + 4u * k)) & BIT4;
     }
     let h = select(vec4<f32>(0.0), vec4<f32>(16.0), hb != vec4<u32>(0u));

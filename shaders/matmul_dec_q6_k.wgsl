@@ -46,15 +46,11 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a);
 }
 
-// Nibbles become floats as in matmul_dec_q4_1.wgsl (or'ed into the mantissa of 2^(23-p) and
-// the power subtracted), here with the offset 32 subtracted too; the high pairs are added as
+// Nibbles become floats as in matmul_dec_q4_1.wgsl (dequant_q4.wgsl: or'ed into the mantissa
+// of 2^(23-p) and the power subtracted), here with the offset 32 subtracted too; the high pairs are added as
 // 16 * pair.
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388640.0, 32800.0, 160.0, 2080.0);
-const DQ_HI_SUB = vec4<f32>(524320.0, 2080.0, 32800.0, 160.0);
+const DQ_LO_SUB = Q4_LO_POW + 32.0;
+const DQ_HI_SUB = Q4_HI_POW + 32.0;
 const PAIR_SHIFT = vec4<u32>(0u, 2u, 4u, 6u);
 
 // sum d sc (q - 32) x over the slot.
@@ -66,8 +62,8 @@ fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
         let s = q >> 12u;
         let pl = vec4<f32>((vec4<u32>(w.h.x >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
         let ph = vec4<f32>((vec4<u32>(w.h.y >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
-        let lo = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB + 16.0 * pl;
-        let hi = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB + 16.0 * ph;
+        let lo = q4_lo_pow(q, s) - DQ_LO_SUB + 16.0 * pl;
+        let hi = q4_hi_pow(q, s) - DQ_HI_SUB + 16.0 * ph;
         lo_acc += dot(lo, xs.a[k]);
         hi_acc += dot(hi, xs.a[4u + k]);
     }
@@ -87,11 +83,11 @@ fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
     let d = unpack2x16float(w.d >> w.d_shift).x;
     if (i < 4u) {
         let pl = vec4<f32>((vec4<u32>(w.h.x >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
-        let v = bitcast<vec4<f32>>((vec4<u32>(q, q, q, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB + 16.0 * pl;
+        let v = q4_lo_pow(q, s) - DQ_LO_SUB + 16.0 * pl;
         return v * (d * f32(extractBits(sc, w.sc_shift, 8u)));
     }
     let ph = vec4<f32>((vec4<u32>(w.h.y >> (8u * k)) >> PAIR_SHIFT) & vec4<u32>(3u));
-    let v = bitcast<vec4<f32>>((vec4<u32>(q, q, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB + 16.0 * ph;
+    let v = q4_hi_pow(q, s) - DQ_HI_SUB + 16.0 * ph;
     return v * (d * f32(extractBits(sc, w.sc_shift + 8u, 8u)));
 }
 

@@ -51,30 +51,20 @@ fn slot_x(row4: u32, j: u32) -> XSlot {
     return XSlot(a);
 }
 
-// Bytes become floats without int-to-float conversions: with the sign bit flipped (u = q + 128),
-// a byte at bit p <= 8, or'ed into the bits of 2^(23-p), gives exactly 2^(23-p) + u, and
-// subtracting 2^(23-p) + 128 leaves q. Bytes 2 and 3 are shifted down by 16 first.
-const DQ8_MASK = vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u);
-const DQ8_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-const DQ8_SUB = vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
+// Bytes become floats without int-to-float conversions: dequant_q8.wgsl's i8x4_to_f32.
 
 // sum q d x over the slot.
 fn slot_dot(w: WSlot, xs: XSlot) -> f32 {
     var acc = 0.0;
     for (var k = 0u; k < 4u; k++) {
-        let a = w.q[k] ^ 0x80808080u;
-        let s = a >> 16u;
-        let f = bitcast<vec4<f32>>((vec4<u32>(a, a, s, s) & DQ8_MASK) | DQ8_MAGIC) - DQ8_SUB;
-        acc += w.d[k] * dot(f, xs.a[k]);
+        acc += w.d[k] * dot(i8x4_to_f32(w.q[k]), xs.a[k]);
     }
     return acc;
 }
 
 // The few-token kernel's groups of 4 (matmul_dec_tok.wgsl): word i, q d.
 fn slot_w4(w: WSlot, i: u32) -> vec4<f32> {
-    let a = w.q[i] ^ 0x80808080u;
-    let s = a >> 16u;
-    return (bitcast<vec4<f32>>((vec4<u32>(a, a, s, s) & DQ8_MASK) | DQ8_MAGIC) - DQ8_SUB) * w.d[i];
+    return i8x4_to_f32(w.q[i]) * w.d[i];
 }
 
 // slot_x's a[i].

@@ -6,7 +6,8 @@
 // and stores it, rotates its k pair and writes it to the cache as one f16 pair, or writes its v
 // pair to the cache; k and v never go through the qkv buffer. NeoX's pairs (i, i + rope_dim /
 // 2) and biases (added before RoPE) keep the separate dispatch. The angles are rope_kv.wgsl's
-// bit for bit. Composed after matmul_dec.wgsl instead of matmul_dec_norope.wgsl.
+// bit for bit (both take rope_angle.wgsl's). Composed after matmul_dec.wgsl instead of
+// matmul_dec_norope.wgsl, and after rope_angle.wgsl.
 
 struct DvRope {
     head_dim: u32,
@@ -26,25 +27,6 @@ struct DvRope {
 
 const DV_ROPE: bool = true;
 
-// As rope_kv.wgsl: 2 pi in parts of 8 significant bits, so the reduction is exact.
-const DV_TWO_PI_1: f32 = 6.28125;
-const DV_TWO_PI_2: f32 = 0.00193023681640625;
-const DV_TWO_PI_3: f32 = 5.066394805908203e-06;
-const DV_TWO_PI_4: f32 = 3.968374517882012e-09;
-const DV_INV_TWO_PI: f32 = 0.15915493667125702;
-
-// (cos, sin) of pair i's angle at position pos (rope_kv.wgsl's angle).
-fn dv_angle(pos: u32, i: u32) -> vec2<f32> {
-    var theta = f32(pos);
-    for (var j = 0u; j < i; j++) {
-        theta *= dv_rope.theta_scale;
-    }
-    let t = dv_rope.freq_scale * theta;
-    let n = round(t * DV_INV_TWO_PI);
-    let r = (((t - n * DV_TWO_PI_1) - n * DV_TWO_PI_2) - n * DV_TWO_PI_3) - n * DV_TWO_PI_4;
-    return vec2<f32>(cos(r), sin(r));
-}
-
 // Rows r (even) and r + 1 of the chunk for token t, totals a and b.
 fn dv_rope_store(t: u32, r: u32, a: f32, b: f32) {
     let row = chunk.row0 + r;
@@ -62,7 +44,7 @@ fn dv_rope_store(t: u32, r: u32, a: f32, b: f32) {
     let i = (s % dv_rope.head_dim) / 2u;
     var v = vec2<f32>(a, b);
     if (2u * i < dv_rope.rope_dim) {
-        let cs = dv_angle(pos, i);
+        let cs = rope_angle(pos, i, dv_rope.theta_scale, dv_rope.freq_scale);
         v = vec2<f32>(fma(a, cs.x, -(b * cs.y)), fma(a, cs.y, b * cs.x));
     }
     if (in_q) {

@@ -48,26 +48,18 @@ fn x_prep(xv: XUnit) -> XUnit {
     return xv;
 }
 
-// Nibbles become floats without int-to-float conversions (a quarter of the FMA rate on NVIDIA):
-// a nibble at bit p <= 16 of a word, or'ed into the bits of 2^(23-p), gives exactly
-// 2^(23-p) + q, and subtracting 2^(23-p) + 8 leaves q - 8 exactly (mask and or fuse into one
-// logic op on NVIDIA). The nibbles above bit 16 are taken from the word shifted down by 12
-// (24 -> 12, 20 -> 8, 28 -> 16).
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-// Bits of 2^(23-p): (150 - p) << 23, for p = 0, 8, 16, 12 and 4, 12, 8, 16.
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388616.0, 32776.0, 136.0, 2056.0);
-const DQ_HI_SUB = vec4<f32>(524296.0, 2056.0, 32776.0, 136.0);
+// Nibbles become floats without int-to-float conversions (dequant_q4.wgsl): 2^(23-p) + q, from
+// which subtracting 2^(23-p) + 8 leaves q - 8 exactly.
+const DQ_LO_SUB = Q4_LO_POW + 8.0;
+const DQ_HI_SUB = Q4_HI_POW + 8.0;
 
 // Word w's low and high nibbles minus 8, as floats (s = w >> 12).
 fn dq_lo(w: u32, s: u32) -> vec4<f32> {
-    return bitcast<vec4<f32>>((vec4<u32>(w, w, w, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+    return q4_lo_pow(w, s) - DQ_LO_SUB;
 }
 
 fn dq_hi(w: u32, s: u32) -> vec4<f32> {
-    return bitcast<vec4<f32>>((vec4<u32>(w, w, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+    return q4_hi_pow(w, s) - DQ_HI_SUB;
 }
 
 // sum (q - 8) x over one word of quants (xp from x_prep).

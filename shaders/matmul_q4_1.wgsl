@@ -34,22 +34,15 @@ fn x_prep(xv: XUnit) -> XUnit {
     return xv;
 }
 
-// As matmul_q4_0.wgsl: a nibble at bit p <= 16, or'ed into the bits of 2^(23-p), gives exactly
-// 2^(23-p) + q; here only 2^(23-p) is subtracted.
-const DQ_LO_MASK = vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u);
-const DQ_HI_MASK = vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u);
-const DQ_LO_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-const DQ_HI_MAGIC = vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-const DQ_LO_SUB = vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0);
-const DQ_HI_SUB = vec4<f32>(524288.0, 2048.0, 32768.0, 128.0);
-
+// As matmul_q4_0.wgsl (dequant_q4.wgsl): a nibble at bit p <= 16, or'ed into the bits of
+// 2^(23-p), gives exactly 2^(23-p) + q; here only 2^(23-p) is subtracted.
 // Word w's low and high nibbles as floats (s = w >> 12).
 fn dq_lo(w: u32, s: u32) -> vec4<f32> {
-    return bitcast<vec4<f32>>((vec4<u32>(w, w, w, s) & DQ_LO_MASK) | DQ_LO_MAGIC) - DQ_LO_SUB;
+    return q4_lo_pow(w, s) - Q4_LO_POW;
 }
 
 fn dq_hi(w: u32, s: u32) -> vec4<f32> {
-    return bitcast<vec4<f32>>((vec4<u32>(w, w, s, s) & DQ_HI_MASK) | DQ_HI_MAGIC) - DQ_HI_SUB;
+    return q4_hi_pow(w, s) - Q4_HI_POW;
 }
 
 // sum q x over one word of quants (xp from x_prep).

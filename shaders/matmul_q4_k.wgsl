@@ -1,7 +1,8 @@
 // Q4_K weights in the layout of src/gpu/kquant.rs for the unit kernels (matmul_common.wgsl,
 // get_rows_common.wgsl): wq holds each 32-element sub-block's quants as 4 words in Q4_1's order,
 // wd each 256-element super-block's 16 header bytes as in the file (f16 d and dmin, 12 bytes of
-// packed 6-bit scales and mins). A unit is one word of quants. x = d * sc * q - dmin * m.
+// packed 6-bit scales and mins, unpacked by kquant_scales.wgsl's k4_scale_min). A unit is one
+// word of quants. x = d * sc * q - dmin * m.
 
 @group(0) @binding(4) var<storage, read> wq: array<u32>;
 @group(0) @binding(5) var<storage, read> wd: array<u32>;
@@ -47,18 +48,6 @@ fn nibbles_hi(w: u32) -> vec4<u32> {
 // Groups (32 elements) in this buffer: the start, in words / 4, of wq's high-bit segment.
 fn n_groups() -> u32 {
     return chunk.rows * (chunk.cols / 32u);
-}
-
-// Sub-block j's 6-bit scale and min from the super-block's header words h (ggml's
-// get_scale_min_k4; see matmul_dec_q4_k.wgsl).
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
 }
 
 fn unit_fetch(u: u32) -> WUnit {

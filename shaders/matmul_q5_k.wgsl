@@ -48,18 +48,6 @@ fn n_groups() -> u32 {
     return chunk.rows * (chunk.cols / 32u);
 }
 
-// Sub-block j's 6-bit scale and min from the super-block's header words h (ggml's
-// get_scale_min_k4; see matmul_dec_q4_k.wgsl).
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
-
 // Word k's elements' fifth bits (of the group's bits h), times 16: low nibbles, high nibbles.
 fn fifth_lo(h: u32, k: u32) -> vec4<u32> {
     return ((vec4<u32>(h >> (4u * k)) >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u)) << vec4<u32>(4u);

@@ -43,23 +43,11 @@ fn x_prep(xv: XUnit) -> XUnit {
     return xv;
 }
 
-// Bytes become floats without int-to-float conversions: with the sign bit flipped (u = q + 128),
-// a byte at bit p <= 8, or'ed into the bits of 2^(23-p), gives exactly 2^(23-p) + u, and
-// subtracting 2^(23-p) + 128 leaves q. Bytes 2 and 3 are shifted down by 16 first.
-const DQ8_MASK = vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u);
-const DQ8_MAGIC = vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-const DQ8_SUB = vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
-
-// The 4 signed bytes of w as floats.
-fn dq8(w: u32) -> vec4<f32> {
-    let a = w ^ 0x80808080u;
-    let s = a >> 16u;
-    return bitcast<vec4<f32>>((vec4<u32>(a, a, s, s) & DQ8_MASK) | DQ8_MAGIC) - DQ8_SUB;
-}
+// Bytes become floats without int-to-float conversions: dequant_q8.wgsl's i8x4_to_f32.
 
 // sum q x over one word of quants (xp: the word's 4 activations).
 fn word_dot(w: u32, xp: vec4<f32>) -> f32 {
-    return dot(dq8(w), xp);
+    return dot(i8x4_to_f32(w), xp);
 }
 
 // One unit's weights as loaded: quants (in q.xy) and the scales of its two words' blocks
@@ -81,12 +69,12 @@ fn unit_fetch(g: u32) -> WUnit {
 
 // A unit times activations (xp = x_prep(x); xs, the sum of x, is not needed): sum q d x.
 fn unit_dot(w: WUnit, xp: XUnit, xs: f32) -> f32 {
-    return w.d.x * dot(dq8(w.q.x), xp[0]) + w.d.y * dot(dq8(w.q.y), xp[1]);
+    return w.d.x * dot(i8x4_to_f32(w.q.x), xp[0]) + w.d.y * dot(i8x4_to_f32(w.q.y), xp[1]);
 }
 
 // A unit dequantised exactly (q * d).
 fn unit_deq(w: WUnit) -> XUnit {
-    return XUnit(dq8(w.q.x) * w.d.x, dq8(w.q.y) * w.d.y);
+    return XUnit(i8x4_to_f32(w.q.x) * w.d.x, i8x4_to_f32(w.q.y) * w.d.y);
 }
 
 fn word_at(i: u32) -> u32 {
@@ -106,7 +94,7 @@ fn tile8(row: u32, kb: u32, p: u32, cols: u32) -> array<f32, 8> {
     } else {
         q = wq[4u * b + p];
     }
-    let a = dq8(q.x) * d;
-    let c = dq8(q.y) * d;
+    let a = i8x4_to_f32(q.x) * d;
+    let c = i8x4_to_f32(q.y) * d;
     return array<f32, 8>(a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w);
 }

@@ -1,6 +1,6 @@
 // RMS norm: out[t] = x[t] * (1 / sqrt(mean(x[t]^2) + eps)) * weight, for the step's n_tokens
 // rows of `dim` values. One workgroup of 256 threads per row: strided sum of squares, a
-// shared-memory tree reduction, then a strided scale-and-multiply pass.
+// shared-memory tree reduction (workgroup_sum.wgsl), then a strided scale-and-multiply pass.
 
 struct Params {
     dim: u32,
@@ -16,8 +16,7 @@ struct Params {
 @group(0) @binding(4) var<uniform> step: Step;
 
 const WG: u32 = 256u;
-
-var<workgroup> partial: array<f32, WG>;
+const SUM_WG: u32 = WG;
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) tid: u32) {
@@ -39,19 +38,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             s4.x += v * v;
         }
     }
-    let s = (s4.x + s4.y) + (s4.z + s4.w);
-    partial[tid] = s;
-    workgroupBarrier();
-    for (var off = WG / 2u; off > 0u; off >>= 1u) {
-        if (tid < off) {
-            partial[tid] += partial[tid + off];
-        }
-        workgroupBarrier();
-    }
+    let sum = workgroup_sum(tid, (s4.x + s4.y) + (s4.z + s4.w));
     if (!in_range) {
         return;
     }
-    let mean = partial[0] / f32(dim);
+    let mean = sum / f32(dim);
     let scale = 1.0 / sqrt(mean + params.eps);
     var i = tid;
     for (; i + 3u * WG < dim; i += 4u * WG) {

@@ -10,9 +10,7 @@
 // update needs no barrier), then kv_dim / 2 k words, then kv_dim / 2 v words.
 //
 // Pairs: adjacent (2i, 2i + 1) for llama, halves (i, i + rope_dim / 2) for NeoX; values past
-// rope_dim pass through. theta_i = pos * theta_scale^i is built by repeated multiplication in
-// f32, as the CPU backend (and llama.cpp) does, and reduced to [-pi, pi] before cos and sin so
-// GPU trigonometry stays accurate at large positions.
+// rope_dim pass through. The angles: rope_angle.wgsl.
 
 struct Params {
     n_head: u32,
@@ -35,27 +33,6 @@ struct Params {
 @group(0) @binding(5) var<uniform> params: Params;
 @group(0) @binding(6) var<uniform> step: Step;
 
-// 2 pi in four parts, the first three of 8 significant bits, so that n * part is exact for
-// n < 2^16 (|t| < 400000) and the reduction needs no fused multiply-add (which some drivers,
-// lavapipe among them, do not fuse).
-const TWO_PI_1: f32 = 6.28125;
-const TWO_PI_2: f32 = 0.00193023681640625;
-const TWO_PI_3: f32 = 5.066394805908203e-06;
-const TWO_PI_4: f32 = 3.968374517882012e-09;
-const INV_TWO_PI: f32 = 0.15915493667125702;
-
-// (cos, sin) of pair i's angle at position pos.
-fn angle(pos: u32, i: u32) -> vec2<f32> {
-    var theta = f32(pos);
-    for (var j = 0u; j < i; j++) {
-        theta *= params.theta_scale;
-    }
-    let t = params.freq_scale * theta;
-    let n = round(t * INV_TWO_PI);
-    let r = (((t - n * TWO_PI_1) - n * TWO_PI_2) - n * TWO_PI_3) - n * TWO_PI_4;
-    return vec2<f32>(cos(r), sin(r));
-}
-
 // Element e (within the head starting at k[base]) of the key rotated for position pos.
 fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
     let rd = params.rope_dim;
@@ -77,7 +54,7 @@ fn rotated_k(base: u32, e: u32, pos: u32) -> f32 {
     }
     let x0 = k[base + a];
     let x1 = k[base + b];
-    let cs = angle(pos, i);
+    let cs = rope_angle(pos, i, params.theta_scale, params.freq_scale);
     if (e == a) {
         return fma(x0, cs.x, -(x1 * cs.y));
     }
@@ -132,7 +109,7 @@ fn rope_kv(row: u32, pos: u32, item: u32, cache0: u32) {
         let base = row * params.n_head * hd + head * hd;
         let x0 = q[base + a];
         let x1 = q[base + b];
-        let cs = angle(pos, i);
+        let cs = rope_angle(pos, i, params.theta_scale, params.freq_scale);
         q[base + a] = fma(x0, cs.x, -(x1 * cs.y));
         q[base + b] = fma(x0, cs.y, x1 * cs.x);
         return;
@@ -152,7 +129,7 @@ fn rope_kv(row: u32, pos: u32, item: u32, cache0: u32) {
             // Adjacent pair: both values share one angle.
             let x0 = k[base + e];
             let x1 = k[base + e + 1u];
-            let cs = angle(pos, e / 2u);
+            let cs = rope_angle(pos, e / 2u, params.theta_scale, params.freq_scale);
             r = vec2<f32>(fma(x0, cs.x, -(x1 * cs.y)), fma(x0, cs.y, x1 * cs.x));
         } else {
             r = vec2<f32>(rotated_k(base, e, pos), rotated_k(base, e + 1u, pos));

@@ -68,25 +68,8 @@ fn fetch(g: u32) -> Unit {
     return Unit(wq[g], s);
 }
 
-// Bit tricks as in sparse_matvec.wgsl: quants to floats without int-to-float conversions.
-fn i8x4(w: u32) -> vec4<f32> {
-    let a = w ^ 0x80808080u;
-    let b = a >> 16u;
-    let bits = (vec4<u32>(a, a, b, b) & vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-    return bitcast<vec4<f32>>(bits) - vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
-}
-
-fn nib_lo(w: u32, bias: f32) -> vec4<f32> {
-    let s = w >> 12u;
-    let bits = (vec4<u32>(w, w, w, s) & vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-    return bitcast<vec4<f32>>(bits) - (vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0) + bias);
-}
-
-fn nib_hi(w: u32, bias: f32) -> vec4<f32> {
-    let s = w >> 12u;
-    let bits = (vec4<u32>(w, w, s, s) & vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u)) | vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-    return bitcast<vec4<f32>>(bits) - (vec4<f32>(524288.0, 2048.0, 32768.0, 128.0) + bias);
-}
+// Quants become floats without int-to-float conversions: dequant_q8.wgsl's i8x4_to_f32 and
+// dequant_q4.wgsl's q4_lo and q4_hi.
 
 // acc += hv * (the unit's elements). Always 8 accumulators (a Q4 block's 32 elements); the
 // driver drops those a type leaves unused.
@@ -103,23 +86,23 @@ fn axpy_unit(w: Unit, hv: f32, acc: ptr<function, array<vec4<f32>, 8>>) {
     }
     let hd = vec4<f32>(hv * w.s.x);
     if (WTYPE == T_Q8_0) {
-        (*acc)[0] = fma(hd, i8x4(q.x), (*acc)[0]);
-        (*acc)[1] = fma(hd, i8x4(q.y), (*acc)[1]);
-        (*acc)[2] = fma(hd, i8x4(q.z), (*acc)[2]);
-        (*acc)[3] = fma(hd, i8x4(q.w), (*acc)[3]);
+        (*acc)[0] = fma(hd, i8x4_to_f32(q.x), (*acc)[0]);
+        (*acc)[1] = fma(hd, i8x4_to_f32(q.y), (*acc)[1]);
+        (*acc)[2] = fma(hd, i8x4_to_f32(q.z), (*acc)[2]);
+        (*acc)[3] = fma(hd, i8x4_to_f32(q.w), (*acc)[3]);
         return;
     }
     // Q4_0: hv d (q - 8); Q4_1: hv d q + hv m.
     let bias = select(0.0, 8.0, WTYPE == T_Q4_0);
     let hm = vec4<f32>(select(0.0, hv * w.s.y, WTYPE == T_Q4_1));
-    (*acc)[0] = fma(hd, nib_lo(q.x, bias), (*acc)[0] + hm);
-    (*acc)[1] = fma(hd, nib_lo(q.y, bias), (*acc)[1] + hm);
-    (*acc)[2] = fma(hd, nib_lo(q.z, bias), (*acc)[2] + hm);
-    (*acc)[3] = fma(hd, nib_lo(q.w, bias), (*acc)[3] + hm);
-    (*acc)[4] = fma(hd, nib_hi(q.x, bias), (*acc)[4] + hm);
-    (*acc)[5] = fma(hd, nib_hi(q.y, bias), (*acc)[5] + hm);
-    (*acc)[6] = fma(hd, nib_hi(q.z, bias), (*acc)[6] + hm);
-    (*acc)[7] = fma(hd, nib_hi(q.w, bias), (*acc)[7] + hm);
+    (*acc)[0] = fma(hd, q4_lo(q.x, bias), (*acc)[0] + hm);
+    (*acc)[1] = fma(hd, q4_lo(q.y, bias), (*acc)[1] + hm);
+    (*acc)[2] = fma(hd, q4_lo(q.z, bias), (*acc)[2] + hm);
+    (*acc)[3] = fma(hd, q4_lo(q.w, bias), (*acc)[3] + hm);
+    (*acc)[4] = fma(hd, q4_hi(q.x, bias), (*acc)[4] + hm);
+    (*acc)[5] = fma(hd, q4_hi(q.y, bias), (*acc)[5] + hm);
+    (*acc)[6] = fma(hd, q4_hi(q.z, bias), (*acc)[6] + hm);
+    (*acc)[7] = fma(hd, q4_hi(q.w, bias), (*acc)[7] + hm);
 }
 
 var<workgroup> lanes: array<vec4<f32>, AX_WG>;

@@ -1,17 +1,6 @@
 // The grouped types' (5-bit and K-quant) unpacking, shared by the sparse kernels: composed
-// after sparse_matvec.wgsl or sparse_batch.wgsl, which define wqv/wdw over their own bindings.
-
-// Sub-block j's 6-bit scale and min from a Q4_K/Q5_K super-block header h (ggml's
-// get_scale_min_k4; see matmul_dec_q4_k.wgsl).
-fn k4_scale_min(h: vec4<u32>, j: u32) -> vec2<f32> {
-    let i = 8u * (j & 3u);
-    if (j < 4u) {
-        return vec2<f32>(f32((h.y >> i) & 63u), f32((h.z >> i) & 63u));
-    }
-    let sc = ((h.w >> i) & 15u) | (((h.y >> (i + 6u)) & 3u) << 4u);
-    let m = ((h.w >> (i + 4u)) & 15u) | (((h.z >> (i + 6u)) & 3u) << 4u);
-    return vec2<f32>(f32(sc), f32(m));
-}
+// after sparse_matvec.wgsl or sparse_batch.wgsl, which define wqv/wdw over their own bindings
+// (and after kquant_scales.wgsl, for the K-quants' scales and mins).
 
 // Group g (of n in the buffer) of a grouped-type matrix at bindings b: its quants, its high
 // bits (5-bit: one word, bit e for element e; Q6_K: two words of bit pairs, elements 0..15 and

@@ -133,28 +133,8 @@ fn fetch_b(g: u32) -> Unit {
 
 // Quants become floats without int-to-float conversions (a quarter of the FMA rate on some
 // GPUs): a field at bit p of a word, or'ed into the bits of 2^(23-p), reads as exactly
-// 2^(23-p) + q, so subtracting 2^(23-p) (plus the type's offset) leaves the quant. Fields above
-// bit 19 are first shifted down. The four signed bytes of a word, as floats.
-fn i8x4(w: u32) -> vec4<f32> {
-    let a = w ^ 0x80808080u;
-    let b = a >> 16u;
-    let bits = (vec4<u32>(a, a, b, b) & vec4<u32>(0xFFu, 0xFF00u, 0xFFu, 0xFF00u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x4B000000u, 0x47000000u);
-    return bitcast<vec4<f32>>(bits) - vec4<f32>(8388736.0, 32896.0, 8388736.0, 32896.0);
-}
-
-// The low nibbles of a word's four bytes (elements 4k..4k+3 of a Q4 block), minus `bias`.
-fn nib_lo(w: u32, bias: f32) -> vec4<f32> {
-    let s = w >> 12u;
-    let bits = (vec4<u32>(w, w, w, s) & vec4<u32>(0xFu, 0xF00u, 0xF0000u, 0xF000u)) | vec4<u32>(0x4B000000u, 0x47000000u, 0x43000000u, 0x45000000u);
-    return bitcast<vec4<f32>>(bits) - (vec4<f32>(8388608.0, 32768.0, 128.0, 2048.0) + bias);
-}
-
-// The high nibbles (elements 16 + 4k..16 + 4k + 3), minus `bias`.
-fn nib_hi(w: u32, bias: f32) -> vec4<f32> {
-    let s = w >> 12u;
-    let bits = (vec4<u32>(w, w, s, s) & vec4<u32>(0xF0u, 0xF000u, 0xF00u, 0xF0000u)) | vec4<u32>(0x49000000u, 0x45000000u, 0x47000000u, 0x43000000u);
-    return bitcast<vec4<f32>>(bits) - (vec4<f32>(524288.0, 2048.0, 32768.0, 128.0) + bias);
-}
+// 2^(23-p) + q, so subtracting 2^(23-p) (plus the type's offset) leaves the quant: the signed
+// bytes by dequant_q8.wgsl's i8x4_to_f32, the nibbles by dequant_q4.wgsl's q4_lo and q4_hi.
 
 // Unit u of a row (of type `ty`) times the matching elements of x.
 fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
@@ -168,7 +148,7 @@ fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
     }
     if (ty == T_Q8_0) {
         let o = 4u * u;
-        let s = (dot(i8x4(q.x), x[o]) + dot(i8x4(q.y), x[o + 1u])) + (dot(i8x4(q.z), x[o + 2u]) + dot(i8x4(q.w), x[o + 3u]));
+        let s = (dot(i8x4_to_f32(q.x), x[o]) + dot(i8x4_to_f32(q.y), x[o + 1u])) + (dot(i8x4_to_f32(q.z), x[o + 2u]) + dot(i8x4_to_f32(q.w), x[o + 3u]));
         return w.s.x * s;
     }
     if (ty >= T_Q5_0) {
@@ -178,8 +158,8 @@ fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
         var lo = vec4<f32>(0.0);
         var hi = vec4<f32>(0.0);
         for (var k = 0u; k < 4u; k++) {
-            lo = fma(nib_lo(q[k], bias) + grouped_high(ty, w.h, k, false), x[o + k], lo);
-            hi = fma(nib_hi(q[k], bias) + grouped_high(ty, w.h, k, true), x[o + 4u + k], hi);
+            lo = fma(q4_lo(q[k], bias) + grouped_high(ty, w.h, k, false), x[o + k], lo);
+            hi = fma(q4_hi(q[k], bias) + grouped_high(ty, w.h, k, true), x[o + 4u + k], hi);
         }
         var s = w.s.x * ((lo.x + lo.y) + (lo.z + lo.w)) + w.s_hi * ((hi.x + hi.y) + (hi.z + hi.w));
         if (grouped_min(ty)) {
@@ -194,14 +174,14 @@ fn unit_dot(ty: u32, w: Unit, u: u32) -> f32 {
     // Q4_0 and Q4_1: word k holds elements 4k.. (low nibbles) and 16 + 4k.. (high nibbles).
     let o = 8u * u;
     let bias = select(0.0, 8.0, ty == T_Q4_0);
-    var acc = nib_lo(q.x, bias) * x[o];
-    acc = fma(nib_lo(q.y, bias), x[o + 1u], acc);
-    acc = fma(nib_lo(q.z, bias), x[o + 2u], acc);
-    acc = fma(nib_lo(q.w, bias), x[o + 3u], acc);
-    acc = fma(nib_hi(q.x, bias), x[o + 4u], acc);
-    acc = fma(nib_hi(q.y, bias), x[o + 5u], acc);
-    acc = fma(nib_hi(q.z, bias), x[o + 6u], acc);
-    acc = fma(nib_hi(q.w, bias), x[o + 7u], acc);
+    var acc = q4_lo(q.x, bias) * x[o];
+    acc = fma(q4_lo(q.y, bias), x[o + 1u], acc);
+    acc = fma(q4_lo(q.z, bias), x[o + 2u], acc);
+    acc = fma(q4_lo(q.w, bias), x[o + 3u], acc);
+    acc = fma(q4_hi(q.x, bias), x[o + 4u], acc);
+    acc = fma(q4_hi(q.y, bias), x[o + 5u], acc);
+    acc = fma(q4_hi(q.z, bias), x[o + 6u], acc);
+    acc = fma(q4_hi(q.w, bias), x[o + 7u], acc);
     var s = w.s.x * ((acc.x + acc.y) + (acc.z + acc.w));
     if (ty == T_Q4_1) {
         var xs = vec4<f32>(0.0);

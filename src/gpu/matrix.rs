@@ -91,41 +91,44 @@ struct TypeSources {
 }
 
 macro_rules! type_sources {
-    // `$dec`: the decode type file, then (unless it has its own slot_dot_x and slot_dot_rows)
-    // matmul_dec_rows.wgsl, then the few-token kernel's slot product: matmul_dec_tok.wgsl
-    // (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl (per token).
-    ($name:literal, $file:literal, [$($dec:literal),+]) => {
+    // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses
+    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode
+    // type file uses, the decode type file, then (unless it has its own slot_dot_x and
+    // slot_dot_rows) matmul_dec_rows.wgsl, then the few-token kernel's slot product:
+    // matmul_dec_tok.wgsl (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl
+    // (per token).
+    ($name:literal, [$($file:literal),+], [$($dec:literal),+]) => {
         TypeSources {
             name: $name,
-            mm: compose!($file, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            mm_sg: compose!($file, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            get_rows: compose!($file, "get_rows_common.wgsl"),
+            mm: compose!($($file),+, "matmul_common.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            mm_sg: compose!($($file),+, "matmul_common.wgsl", "matmul_vec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            get_rows: compose!($($file),+, "get_rows_common.wgsl"),
             dec: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_sg: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl"),
             dec_sg_norm: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
-            dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl"),
+            dec_sg_norm_rope: compose!($($dec),+, "matmul_dec.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_dec_sg.wgsl", "matmul_store.wgsl", "act.wgsl"),
             // `enable` directives must open a module: they are not in matmul_coop.wgsl itself.
-            coop: concat!("enable f16;\nenable wgpu_cooperative_matrix;\n", compose!($file, "matmul_common.wgsl", "matmul_coop.wgsl", "matmul_store.wgsl", "act.wgsl")),
+            coop: concat!("enable f16;\nenable wgpu_cooperative_matrix;\n", compose!($($file),+, "matmul_common.wgsl", "matmul_coop.wgsl", "matmul_store.wgsl", "act.wgsl")),
         }
     };
 }
 
-const F32_SRC: TypeSources = type_sources!("f32", "matmul_f32.wgsl", ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const F16_SRC: TypeSources = type_sources!("f16", "matmul_f16.wgsl", ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q8_0_SRC: TypeSources = type_sources!("q8_0", "matmul_q8_0.wgsl", ["matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q4_0_SRC: TypeSources = type_sources!("q4_0", "matmul_q4_0.wgsl", ["matmul_dec_q4_0.wgsl", "matmul_dec_tok.wgsl"]);
-const Q4_1_SRC: TypeSources = type_sources!("q4_1", "matmul_q4_1.wgsl", ["matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const F32_SRC: TypeSources = type_sources!("f32", ["matmul_f32.wgsl"], ["matmul_dec_f32.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const F16_SRC: TypeSources = type_sources!("f16", ["matmul_f16.wgsl"], ["matmul_dec_f16.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q8_0_SRC: TypeSources = type_sources!("q8_0", ["dequant_q8.wgsl", "matmul_q8_0.wgsl"], ["dequant_q8.wgsl", "matmul_dec_q8_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q4_0_SRC: TypeSources = type_sources!("q4_0", ["dequant_q4.wgsl", "matmul_q4_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_0.wgsl", "matmul_dec_tok.wgsl"]);
+const Q4_1_SRC: TypeSources = type_sources!("q4_1", ["dequant_q4.wgsl", "matmul_q4_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 // The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
-// they are validated only as composed.
-const Q5_0_SRC: TypeSources = type_sources!("q5_0", "matmul_q5_0.wgsl", ["matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q5_1_SRC: TypeSources = type_sources!("q5_1", "matmul_q5_1.wgsl", ["matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", "matmul_q4_k.wgsl", ["matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", "matmul_q5_k.wgsl", ["matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q6_K_SRC: TypeSources = type_sources!("q6_k", "matmul_q6_k.wgsl", ["matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q2_K_SRC: TypeSources = type_sources!("q2_k", "matmul_q2_k.wgsl", ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q3_K_SRC: TypeSources = type_sources!("q3_k", "matmul_q3_k.wgsl", ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+// they are validated only as composed (as are the files that use a prelude).
+const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q2_K_SRC: TypeSources = type_sources!("q2_k", ["matmul_q2_k.wgsl"], ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q3_K_SRC: TypeSources = type_sources!("q3_k", ["matmul_q3_k.wgsl"], ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
 /// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
 /// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
@@ -134,8 +137,8 @@ const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec
 const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_SG_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
@@ -174,9 +177,9 @@ macro_rules! listed {
 const LISTED: [[(&str, &str); 21]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
-    listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl"),
-    listed!(Q4_0_SRC, "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl"),
-    listed!(Q4_1_SRC, "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl"),
+    listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl", Q8_0_SRC.mm),
+    listed!(Q4_0_SRC, "matmul_q4_0.wgsl", "matmul_dec_q4_0.wgsl", Q4_0_SRC.mm),
+    listed!(Q4_1_SRC, "matmul_q4_1.wgsl", "matmul_dec_q4_1.wgsl", Q4_1_SRC.mm),
     listed!(Q5_0_SRC, "matmul_q5_0.wgsl", "matmul_dec_q5_0.wgsl", Q5_0_SRC.mm),
     listed!(Q5_1_SRC, "matmul_q5_1.wgsl", "matmul_dec_q5_1.wgsl", Q5_1_SRC.mm),
     listed!(Q4_K_SRC, "matmul_q4_k.wgsl", "matmul_dec_q4_k.wgsl", Q4_K_SRC.mm),

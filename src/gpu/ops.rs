@@ -14,9 +14,9 @@ use super::shaders::compose;
 use std::sync::Arc;
 use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
 
-const RMS_NORM: &str = compose!("rms_norm.wgsl");
-const HEAD_NORM: &str = compose!("head_norm.wgsl");
-const ROPE_KV: &str = compose!("rope_kv.wgsl");
+pub(super) const RMS_NORM: &str = compose!("workgroup_sum.wgsl", "rms_norm.wgsl");
+const HEAD_NORM: &str = compose!("workgroup_sum.wgsl", "head_norm.wgsl");
+pub(super) const ROPE_KV: &str = compose!("rope_angle.wgsl", "rope_kv.wgsl");
 const ATTENTION_DECODE: &str = compose!("attention_decode.wgsl");
 const ATTENTION_PREFILL: &str = compose!("attention_prefill.wgsl");
 const GATED_ACT: &str = compose!("gated_act.wgsl", "act.wgsl");

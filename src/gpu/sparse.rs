@@ -48,10 +48,10 @@ use wgpu::{Buffer, ComputePass};
 
 const SELECT: &str = compose!("sparse_select.wgsl");
 // The gather matvec takes exp_poly from act.wgsl, the activations' one copy of it.
-const MATVEC: &str = compose!("sparse_matvec.wgsl", "sparse_grouped.wgsl", "act.wgsl");
-const MATVEC_SG: &str = compose!("sparse_matvec.wgsl", "sparse_grouped.wgsl", "sparse_matvec_sg.wgsl", "act.wgsl");
-const AXPY: &str = compose!("sparse_axpy.wgsl");
-const BATCH: &str = compose!("sparse_batch.wgsl", "sparse_grouped.wgsl");
+const MATVEC: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "act.wgsl");
+const MATVEC_SG: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "kquant_scales.wgsl", "sparse_matvec.wgsl", "sparse_grouped.wgsl", "sparse_matvec_sg.wgsl", "act.wgsl");
+pub(super) const AXPY: &str = compose!("dequant_q4.wgsl", "dequant_q8.wgsl", "sparse_axpy.wgsl");
+pub(super) const BATCH: &str = compose!("kquant_scales.wgsl", "sparse_batch.wgsl", "sparse_grouped.wgsl");
 
 /// (file name, source) of this module's kernels; the subgroup file is listed composed after
 /// the matvec file it extends.
