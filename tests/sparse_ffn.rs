@@ -241,8 +241,8 @@ fn cold_neurons_on_a_team_match_the_serial_ffn_for_any_team_size() {
                     });
                     team.token_charged(&predict, &model, il, &resid, &xn, rows, &dense, &fires, Some(&always.layers[il]), precision, &mut out, &aside);
                     assert_eq!(ran.load(Ordering::Relaxed), 1, "layer {il}: the aside ran {} times beside the charged predictor", ran.load(Ordering::Relaxed));
-                    // fc1's rows, then fc2's of the cold neurons (team products) or fc2ᵀ's over
-                    // every neuron (the caller's, beside the dense gate).
+                    // fc1's rows, then fc2's of the cold neurons (team products) or fc2's over
+                    // every neuron (inside the dense gate product's parts).
                     let p = &always.layers[il];
                     let rows = team.predictor_rows - before;
                     assert!(rows == (p.rank() + cold.len()) as u64 || rows == (p.rank() + ff) as u64, "layer {il}: {rows} predictor rows");

@@ -250,6 +250,24 @@ pub fn matmul_packed_first(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix
     unsafe { run_plans_first(team, tuning, &plans, first) }
 }
 
+/// [`matmul_packed_first`] with a second, small product (`w · x2` into `out2`, e.g. a
+/// predictor's rows) split into the same parts in the same team run, so that no member
+/// computes it alone.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_packed_beside(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32], w: &Matrix, x2: &Activations, out2: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
+    let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
+    assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
+    assert_eq!(x.cols, p.cols(), "packed product: activation width");
+    assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
+    let plans = [
+        (Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }, OutPtr(out.as_mut_ptr())),
+        (Plan::new(w, x2, out2.len(), tuning), OutPtr(out2.as_mut_ptr())),
+    ];
+    // SAFETY: the outputs' lengths are checked above and by `Plan::new`; they are distinct
+    // `&mut` slices borrowed for the call.
+    unsafe { run_plans_first(team, tuning, &plans, first) }
+}
+
 /// How one product is computed, decided once per call (before any thread starts): the packed
 /// kernels where this CPU has them, else one row dot at a time.
 enum Plan<'a> {

@@ -8,7 +8,7 @@
 //! not matter, so the result is the same run after run and for any team size.
 
 use super::ffn::{retain_sorted_intersection, FfnMode, SparseFfn};
-use crate::cpu::matmul::{matmul_packed_first, matmuls_tuned, Activations, CpuTuning, Precision};
+use crate::cpu::matmul::{matmul_packed_beside, matmul_packed_first, matmuls_tuned, Activations, CpuTuning, Precision};
 use crate::model::Matrix;
 use crate::quant::packed::{packs, Isa, PackedMatrix};
 use crate::cpu::sparse::{gated_ffn_chunks, matvec_rows, row_dots_serial};
@@ -295,26 +295,31 @@ impl ColdFfn {
         let gate_given = match dense_gate {
             Some(packed) => {
                 gate.resize(model.hp.n_ff, 0.0);
-                // The caller runs the predictor alone, as the CPU's predict mode does
-                // (`Predictor::predict`: fc1, then the rows of fc2ᵀ of the hidden units that
-                // fire, as AXPYs over every neuron's logit), while the other members start on
-                // the product. (logits, seconds), locked once by the caller.
-                let charge = Mutex::new((&mut *logits, 0.0f64));
+                dense.resize(cold.len(), 0.0);
                 // The aside, if any, goes first: it is what other work waits for.
-                let first = || {
-                    aside.run();
-                    if let Some(p) = predictor {
-                        let mut c = charge.lock().unwrap();
-                        let (logits, secs) = &mut *c;
+                let first = || aside.run();
+                match predictor {
+                    // The predictor as the CPU's predict mode computes it for every neuron:
+                    // fc1 on this thread (a tenth of its bytes), then fc2's rows split into
+                    // the same parts as the dense gate product. (Run alone by the caller
+                    // beside the product, it took 5.2 of 13.9 ms a token on the H100 host,
+                    // session 13.) The logits are set aside, since the draw decides.
+                    Some(p) => {
+                        // Only fc1 is timed: fc2's rows are inside the product's parts.
                         let t = std::time::Instant::now();
+                        hidden.clear();
+                        hidden.extend(p.hidden(resid));
+                        *predictor_secs += t.elapsed().as_secs_f64();
                         logits.resize(p.n_ff(), 0.0);
-                        p.predict(resid, logits);
+                        let h = Activations::new(hidden, 1).with_precision(precision);
+                        matmul_packed_beside(team, tuning, packed, &acts, dense, &p.fc2, &h, logits, Some(&first));
                         std::hint::black_box(&logits);
-                        *secs = t.elapsed().as_secs_f64();
                     }
-                };
-                dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, Some(&first));
-                *predictor_secs += charge.into_inner().unwrap().1;
+                    None => matmul_packed_first(team, tuning, packed, &acts, dense, Some(&first)),
+                }
+                for (&i, &g) in cold.iter().zip(dense.iter()) {
+                    gate[i as usize] = g;
+                }
                 Some(gate.as_slice())
             }
             None => None,

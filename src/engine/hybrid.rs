@@ -369,7 +369,8 @@ pub struct HybridTiming {
     pub submit: f64,
     /// Computing cold neurons on the CPU (a charged predictor's CPU part included).
     pub cpu_ffn: f64,
-    /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2).
+    /// Of `cpu_ffn`: a simulated predictor's CPU part (fc1 and the cold rows of fc2; beside a
+    /// dense cold gate only fc1, as fc2's rows run inside that product's parts).
     pub cpu_predictor: f64,
     /// Host-attention layers' attention half on the CPU (the GPU waits for it).
     pub cpu_attention: f64,
