@@ -89,7 +89,7 @@ fn main() {
         );
     }
     // A charged predictor (random rank-32 Q8_0 matrices, as the hybrid's simulation makes):
-    // the cold FFN with it run by the caller beside the dense gate, and the predictor alone on
+    // the cold FFN with it inside the dense gate product, and the predictor alone on
     // one thread, as `Predictor::predict` (fc2ᵀ AXPYs over every neuron) against row dots of
     // fc2 over the cold rows (session 13's first version).
     let rank = 32;
@@ -108,7 +108,7 @@ fn main() {
         }
     }
     let n = (iters * nl) as f64;
-    println!("cold FFN (dense cold gate) with the charged predictor on the caller, {threads} threads: {:.3} ms per layer, of it the caller's predictor {:.3}", t.elapsed().as_secs_f64() / n * 1e3, cold_ffn.predictor_secs / n * 1e3);
+    println!("cold FFN (dense cold gate) with the charged predictor (fc1 on the caller, fc2 in the gate product's parts), {threads} threads: {:.3} ms per layer, of it fc1 {:.3}", t.elapsed().as_secs_f64() / n * 1e3, cold_ffn.predictor_secs / n * 1e3);
     let acts_x = Activations::new(&x, 1).with_precision(Precision::Llama);
     let all: Vec<u32> = (0..rank as u32).collect();
     let (mut hidden, mut logits) = (vec![0.0f32; rank], vec![0.0f32; ff]);
