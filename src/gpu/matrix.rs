@@ -584,12 +584,6 @@ fn tiled_rows(ctx: &GpuContext) -> u32 {
     }
 }
 
-fn set_const(src: &str, name: &str, default: u32, value: u32) -> String { // TEMP
-    let from = format!("const {name}: u32 = {default}u;");
-    assert!(src.contains(&from), "matmul_common.wgsl lost the line `{from}`");
-    src.replace(&from, &format!("const {name}: u32 = {value}u;"))
-}
-
 /// A workgroup grid of `groups` groups: 1D up to 65535, else 2D (kernels flatten it and skip
 /// the excess).
 fn grid(groups: u32) -> (u32, u32) {
@@ -712,11 +706,6 @@ impl GpuMatrix {
     pub fn n_chunks(&self) -> usize {
         self.chunks.len()
     }
-
-    /// A kernel source with the matrix's word order (PERM).
-    fn specialize(&self, src: &str) -> String { // TEMP
-        set_const(src, "PERM", 0, self.perm as u32) // TEMP
-    } // TEMP
 
     /// Entry point `entry` of the type's kernel source `text` (named `variant` in `sources`)
     /// with the matrix's word order (PERM).
@@ -847,7 +836,6 @@ impl GpuMatrix {
             d => d,
         };
         let epi = out.epilogue.code();
-        let with_epi = |code: &str| set_const(code, "EPI", 0, epi); // TEMP
         // A pair's two rows must meet in one workgroup.
         let configs: Vec<MvConfig> = configs.iter().map(|c| MvConfig { nr: if pairs { c.nr.next_multiple_of(2) } else { c.nr }, ..*c }).collect();
         for cfg in &configs {
@@ -877,10 +865,6 @@ impl GpuMatrix {
                     if let (true, Some(n)) = (folded, norm) {
                         spec.set("DV_EPS_BITS", n.eps.to_bits());
                     }
-                    let mut code = with_epi(text); // TEMP
-                    for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_LIMBS", 3, limbs), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] { code = set_const(&code, name, default, value); } // TEMP
-                    if let (true, Some(n)) = (folded, norm) { code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits()); } // TEMP
-                    assert_eq!(spec.text(), code); // TEMP
                     spec
                 };
                 if fold && norm.is_some() {
@@ -902,9 +886,6 @@ impl GpuMatrix {
                     .spec(name, text, if sg { "dvt_main_sg" } else { "dvt_main" })
                     .with("EPI", epi)
                     .with_all(&[("DV_WG", cfg.wg), ("DV_NR", cfg.nr), ("DV_UB", cfg.unroll), ("DV_PF", pf), ("DV_NT", cfg.nt)]);
-                let mut code = with_epi(&self.specialize(text)); // TEMP
-                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf), ("DV_NT", 1, cfg.nt)] { code = set_const(&code, name, default, value); } // TEMP
-                assert_eq!(spec.text(), code); // TEMP
                 mv_pipes.push((*cfg, ctx.pipeline(&spec)));
                 continue;
             }
@@ -941,11 +922,6 @@ impl GpuMatrix {
                     if let (true, Some(n)) = (folded, norm) {
                         spec.set("DV_EPS_BITS", n.eps.to_bits());
                     }
-                    let mut code = with_epi(&self.specialize(text)); // TEMP
-                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] { code = set_const(&code, name, default, value); } // TEMP
-                    code = set_const(&code, "DV_XW", 0, xw); // TEMP
-                    if let (true, Some(n)) = (folded, norm) { code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits()); } // TEMP
-                    assert_eq!(spec.text(), code); // TEMP
                     (spec, nr)
                 };
                 if fold && norm.is_some() && cfg.nt == 1 {
@@ -959,9 +935,6 @@ impl GpuMatrix {
                     .spec(name, text, if sg { "mv_main_sg" } else { "mv_main" })
                     .with("EPI", epi)
                     .with_all(&[("MV_WG", cfg.wg), ("MV_NR", cfg.nr), ("MV_NT", cfg.nt), ("MV_UNROLL", cfg.unroll)]);
-                let mut code = with_epi(&self.specialize(text)); // TEMP
-                for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] { code = set_const(&code, name, default, value); } // TEMP
-                assert_eq!(spec.text(), code); // TEMP
                 spec
             };
             mv_pipes.push((*cfg, ctx.pipeline(&spec)));
@@ -969,10 +942,8 @@ impl GpuMatrix {
         mv_pipes.sort_by_key(|(c, _)| c.nt);
         let tm = tiled_rows(ctx);
         let tiled_spec = self.spec("mm", src.mm, "mm_tiled").with("EPI", epi).with("MM_TM", tm);
-        assert_eq!(tiled_spec.text(), set_const(&with_epi(&self.specialize(src.mm)), "MM_TM", 128, tm)); // TEMP
         let tiled = ctx.pipeline(&tiled_spec);
         let coop_spec = self.spec("coop", src.coop, "mm_coop").with("EPI", epi);
-        assert_eq!(coop_spec.text(), with_epi(&self.specialize(src.coop))); // TEMP
         let coop = ctx.has_coop_matrix().then(|| ctx.pipeline(&coop_spec));
         // MatOut of matmul_store.wgsl: section ends (whole-matrix rows), then offsets.
         let r = self.rows as u32;
@@ -1017,7 +988,6 @@ impl GpuMatrix {
     pub fn bind_get_rows(&self, ctx: &GpuContext, ids: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> GetRowsOp {
         let src = self.sources();
         let spec = self.spec("get_rows", src.get_rows, "get_rows");
-        assert_eq!(spec.text(), self.specialize(src.get_rows)); // TEMP
         let p = ctx.pipeline(&spec);
         let groups = self
             .chunks

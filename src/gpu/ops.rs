@@ -44,26 +44,6 @@ pub const SHADERS: &[(&str, &str)] = &[
 /// The most workgroups one grid dimension may hold (WebGPU's default limit).
 pub(super) const MAX_GROUPS: u32 = 65535;
 
-/// TEMP: the old rewrite, to compare the specs' text against.
-pub(super) fn old_specialize(src: &str, consts: &[(&str, u32)]) -> String {
-    let mut out = String::with_capacity(src.len() + 64);
-    let mut done = vec![false; consts.len()];
-    for line in src.lines() {
-        match consts.iter().position(|(name, _)| line.starts_with(&format!("const {name}: u32 = "))) {
-            Some(i) => {
-                out.push_str(&format!("const {}: u32 = {}u;\n", consts[i].0, consts[i].1));
-                done[i] = true;
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    assert!(done.iter().all(|&d| d), "specialize: a constant of {consts:?} is missing from the shader");
-    out
-}
-
 /// A storage buffer, or a byte range of one: q, k and v are ranges of one buffer that a single
 /// product fills (see `engine::gpu_forward`). A kernel that binds several ranges of one buffer
 /// must declare them all `read_write` (wgpu refuses one buffer bound read-only and read-write in
@@ -494,9 +474,7 @@ impl AttentionOp {
                 (ctx.zeros("attention.part_o", (n * n_head * n_chunks * head_dim) as u64 * 4), ctx.zeros("attention.part_ml", (n * n_head * n_chunks) as u64 * 8))
             }
         };
-        let old = old_specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq), ("WG", wg)]); // TEMP
         let decode = |entry: &str| ShaderSpec::new("ops/attention_decode", ATTENTION_DECODE, entry).with_all(&[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
-        assert_eq!(decode("single").text(), old); // TEMP
         // `partial` and `single` share one function that writes either the partials or the
         // output, so both bind all of them.
         let attend = [(0, q), (1, cache_k), (2, cache_v), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
@@ -515,7 +493,6 @@ impl AttentionOp {
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, cap.to_bits(), window, 0]);
         let spec = ShaderSpec::new("ops/attention_prefill", ATTENTION_PREFILL, "main").with("HD", head_dim).with("TQ", tq);
-        assert_eq!(spec.text(), old_specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)])); // TEMP
         let prefill = Kernel::with_ranges(ctx, &spec, &[(0, q), (1, cache_k), (2, cache_v), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
         Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, by_rows, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
@@ -738,7 +715,6 @@ impl TopKOp {
         let p = params(ctx, "topk.params", &[n_vocab, n_blocks, k, 0]);
         let cand = ctx.zeros("topk.cand", (n_blocks * k) as u64 * 8);
         let topk = |entry: &str| ShaderSpec::new("ops/topk", TOPK, entry).with("E", e);
-        assert_eq!(topk("blocks").text(), old_specialize(TOPK, &[("E", e)])); // TEMP
         let blocks = Kernel::new(ctx, &topk("blocks"), &[(0, logits), (1, &cand), (3, &p), (4, step)]);
         let finish = Kernel::new(ctx, &topk("finish"), &[(1, &cand), (2, out), (3, &p)]);
         TopKOp { blocks, finish, n_blocks, k, _buffers: [p, cand] }

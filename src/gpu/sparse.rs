@@ -39,7 +39,7 @@
 //! - `h`: `n_hot` values, compact row order; only the active rows are written.
 //! - `y`: `n_embd` values, overwritten or added to.
 
-use super::ops::{old_specialize, Kernel, MAX_GROUPS};
+use super::ops::{Kernel, MAX_GROUPS};
 use super::{GpuContext, GpuError, ShaderSpec};
 use super::shaders::compose;
 use crate::gguf::GgmlType;
@@ -487,22 +487,14 @@ fn grid(n: u32) -> (u32, u32) {
 fn matvec_spec(hot: &HotFfn, act: u32, entry: &str) -> ShaderSpec {
     let cfg = &hot.config;
     let consts = [("TYPE_A", hot.gate.code()), ("TYPE_B", hot.up.code()), ("MV_WG", cfg.matvec_wg), ("ACT", act)];
-    let spec = if cfg.subgroups {
-        ShaderSpec::new("sparse/matvec_sg", MATVEC_SG, format!("{entry}_sg"))
-    } else {
-        ShaderSpec::new("sparse/matvec", MATVEC, entry)
-    }
-    .with_all(&consts);
-    assert_eq!(spec.text(), old_specialize(if cfg.subgroups { MATVEC_SG } else { MATVEC }, &consts)); // TEMP
-    spec
+    let spec = if cfg.subgroups { ShaderSpec::new("sparse/matvec_sg", MATVEC_SG, format!("{entry}_sg")) } else { ShaderSpec::new("sparse/matvec", MATVEC, entry) };
+    spec.with_all(&consts)
 }
 
 /// Entry point `entry` of the batch kernels for weights of type codes `a` and `b`, activation
 /// `act`.
 fn batch_spec(entry: &str, a: u32, b: u32, act: u32) -> ShaderSpec {
-    let spec = ShaderSpec::new("sparse/batch", BATCH, entry).with_all(&[("TYPE_A", a), ("TYPE_B", b), ("ACT", act)]);
-    assert_eq!(spec.text(), old_specialize(BATCH, &[("TYPE_A", a), ("TYPE_B", b), ("ACT", act)])); // TEMP
-    spec
+    ShaderSpec::new("sparse/batch", BATCH, entry).with_all(&[("TYPE_A", a), ("TYPE_B", b), ("ACT", act)])
 }
 
 fn matvec_params(ctx: &GpuContext, hot: &HotFfn) -> Buffer {
@@ -582,7 +574,6 @@ impl SelectOp {
         let words = [hot.n_hot() as u32, threshold.to_bits(), tiles, cfg.min_chunk_rows, cfg.max_chunks, 0, 0, 0];
         let params = ctx.uniform("sparse select params", bytemuck::cast_slice(&words));
         let spec = ShaderSpec::new("sparse/select", SELECT, "main").with("CRITERION", code);
-        assert_eq!(spec.text(), old_specialize(SELECT, &[("CRITERION", code)])); // TEMP
         let kernel = Kernel::new(ctx, &spec, &[(0, values), (1, &hot.hot_ids), (2, &list.list), (3, &list.args), (4, &params)]);
         let groups = (hot.n_hot() as u32).div_ceil(SELECT_BLOCK).max(1);
         Ok(SelectOp { kernel, groups, params })
@@ -718,7 +709,6 @@ impl SparseAxpyOp {
         let params = ctx.uniform("sparse axpy params", bytemuck::cast_slice(&[n4, d.units(), add as u32, 0]));
         let acc = (unit_values(d.ty) / 4) as u32;
         let axpy = |entry: &str| ShaderSpec::new("sparse/axpy", AXPY, entry).with_all(&[("WTYPE", d.code()), ("AX_TC", tc), ("AX_TR", tr), ("AX_ACC", acc)]);
-        assert_eq!(axpy("reduce").text(), old_specialize(AXPY, &[("WTYPE", d.code()), ("AX_TC", tc), ("AX_TR", tr), ("AX_ACC", acc)])); // TEMP
         let partial = Kernel::new(ctx, &axpy("partial_sums"), &[(0, &list.list), (1, h), (2, &scratch), (4, &params), (5, &d.quants), (6, &d.scales)]);
         let reduce = Kernel::new(ctx, &axpy("reduce"), &[(0, &list.list), (2, &scratch), (3, y), (4, &params)]);
         Ok(SparseAxpyOp { partial, reduce, args: list.args.clone(), reduce_groups: n4.div_ceil(64), scratch, params })
@@ -769,8 +759,7 @@ impl BatchFfnOp {
             return Ok(BatchFfnOp { gate_up: None, down: None, rows, cols, _params: params });
         }
         let (g, u, d) = (&hot.gate, &hot.up, &hot.down_t);
-        let spec = batch_spec("gate_up", g.code(), u.code(), act_code(act));
-        let gate_up = Kernel::new(ctx, &spec, &[(0, x), (1, h), (3, &params), (4, &g.quants), (5, &g.scales), (6, &u.quants), (7, &u.scales), (8, step)]);
+        let gate_up = Kernel::new(ctx, &batch_spec("gate_up", g.code(), u.code(), act_code(act)), &[(0, x), (1, h), (3, &params), (4, &g.quants), (5, &g.scales), (6, &u.quants), (7, &u.scales), (8, step)]);
         // The down kernel reads its matrix through the first pair of bindings; the second pair
         // is bound to it too (the shared loader names both).
         let down = Kernel::new(ctx, &batch_spec("down", d.code(), d.code(), 0), &[(1, h), (2, y), (3, &params), (4, &d.quants), (5, &d.scales), (6, &d.quants), (7, &d.scales), (8, step)]);
