@@ -92,7 +92,7 @@ struct TypeSources {
 
 macro_rules! type_sources {
     // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses
-    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode
+    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl, nibbles.wgsl). `$dec`: the preludes the decode
     // type file uses, the decode type file, then (unless it has its own slot_dot_x and
     // slot_dot_rows) matmul_dec_rows.wgsl, then the few-token kernel's slot product:
     // matmul_dec_tok.wgsl (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl
@@ -122,11 +122,11 @@ const Q4_0_SRC: TypeSources = type_sources!("q4_0", ["dequant_q4.wgsl", "matmul_
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", ["dequant_q4.wgsl", "matmul_q4_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 // The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
 // they are validated only as composed (as are the files that use a prelude).
-const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["nibbles.wgsl", "matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["nibbles.wgsl", "matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "nibbles.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "nibbles.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["nibbles.wgsl", "matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q2_K_SRC: TypeSources = type_sources!("q2_k", ["matmul_q2_k.wgsl"], ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q3_K_SRC: TypeSources = type_sources!("q3_k", ["matmul_q3_k.wgsl"], ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
@@ -192,6 +192,9 @@ const LISTED: [[(&str, &str); 21]; 12] = [
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
 /// file as compiled, composed after every type file (so one name appears once per type).
 pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
+
+/// nibbles.wgsl as compiled before one of the type files that use it.
+pub const NIBBLES_SHADER: (&str, &str) = ("nibbles.wgsl", Q5_0_SRC.mm);
 
 /// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
