@@ -35,15 +35,6 @@ struct WUnit {
     s: vec4<f32>,
 }
 
-// Word w's low and high nibbles (4 each) as integers.
-fn nibbles_lo(w: u32) -> vec4<u32> {
-    return (vec4<u32>(w) >> vec4<u32>(0u, 8u, 16u, 24u)) & vec4<u32>(15u);
-}
-
-fn nibbles_hi(w: u32) -> vec4<u32> {
-    return (vec4<u32>(w) >> vec4<u32>(4u, 12u, 20u, 28u)) & vec4<u32>(15u);
-}
-
 // Groups (32 elements) in this buffer: the start, in words / 4, of wq's high-bit segment.
 fn n_groups() -> u32 {
     return chunk.rows * (chunk.cols / 32u);

@@ -25,7 +25,7 @@ fn copy_kernel_copies_every_word() {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         // Fewer workgroups than elements: the grid-stride loop must cover the rest.
         let groups = n_vec4.div_ceil(256 * 8);
-        ctx.dispatch(&mut enc, &ctx.pipeline("copy", shaders::COPY, "main"), &[a.as_entire_binding(), b.as_entire_binding(), p.as_entire_binding()], (groups, 1, 1));
+        ctx.dispatch(&mut enc, &ctx.pipeline(&ember::gpu::ShaderSpec::new("copy", shaders::COPY, "main")), &[a.as_entire_binding(), b.as_entire_binding(), p.as_entire_binding()], (groups, 1, 1));
         ctx.submit_and_wait(enc).unwrap();
         assert_eq!(ctx.read::<u32>(&b, src.len()).unwrap(), src, "n_vec4 = {n_vec4}");
     }

@@ -733,7 +733,7 @@ fn bench_matvec() {
     // Copy bandwidth through a compute kernel (bytes read + written).
     let size = 128u64 << 20;
     let (a, c) = (ctx.zeros("a", size), ctx.zeros("c", size));
-    let p = ctx.pipeline("bench/copy", COPY_WGSL, "main");
+    let p = ctx.pipeline(&ember::gpu::ShaderSpec::new("bench/copy", COPY_WGSL, "main"));
     let bg = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
         label: None,
         layout: &p.get_bind_group_layout(0),

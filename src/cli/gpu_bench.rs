@@ -22,7 +22,7 @@ pub fn copy_bandwidth(ctx: &GpuContext) -> Result<(f64, f64)> {
         let mut enc = ctx.device.create_command_encoder(&Default::default());
         let n_vec4 = (size / 16) as u32;
         let params = ctx.uniform("copy params", bytemuck::bytes_of(&n_vec4));
-        let pipeline = ctx.pipeline("copy", crate::gpu::shaders::COPY, "main");
+        let pipeline = ctx.pipeline(&crate::gpu::ShaderSpec::new("copy", crate::gpu::shaders::COPY, "main"));
         for _ in 0..reps {
             if shader {
                 let groups = n_vec4.div_ceil(256 * 8).min(65535);

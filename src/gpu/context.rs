@@ -1,7 +1,7 @@
 //! One GPU context per process: the adapter, device and queue, the features and limits ember
 //! asked for, and a cache of compiled pipelines.
 
-use super::GpuError;
+use super::{GpuError, ShaderSpec};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -314,14 +314,16 @@ impl GpuContext {
         self.limits.max_storage_buffer_binding_size
     }
 
-    /// A compute pipeline for `entry` of `source`, compiled once and cached under `key`
-    /// (the key must change whenever the source or its specialisation does).
-    pub fn pipeline(&self, key: &str, source: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
+    /// The compute pipeline of `spec`, compiled once and cached under [`ShaderSpec::key`]
+    /// (which changes whenever the text or the entry point does).
+    pub fn pipeline(&self, spec: &ShaderSpec) -> Arc<wgpu::ComputePipeline> {
+        let key = spec.key();
         let mut cache = self.pipelines.lock().unwrap();
-        if let Some(p) = cache.get(key) {
+        if let Some(p) = cache.get(&key) {
             return p.clone();
         }
-        let desc = wgpu::ShaderModuleDescriptor { label: Some(key), source: wgpu::ShaderSource::Wgsl(source.into()) };
+        let source = spec.text();
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(&key), source: wgpu::ShaderSource::Wgsl(source.into()) };
         // naga's loop bounding adds a hidden counter to every loop, which stops NVIDIA's compiler
         // from unrolling the kernels' small constant loops (their register arrays then spill:
         // Q4_0 decode 26.9 -> 18.2 µs on an H100 without it). Every loop in shaders/ has a
@@ -330,14 +332,14 @@ impl GpuContext {
         // SAFETY: the shaders are ember's own (validated by naga in tests), with bounded loops.
         let module = unsafe { self.device.create_shader_module_trusted(desc, checks) };
         let p = Arc::new(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(key),
+            label: Some(&key),
             layout: None,
             module: &module,
-            entry_point: Some(entry),
+            entry_point: Some(spec.entry()),
             compilation_options: Default::default(),
             cache: None,
         }));
-        cache.insert(key.to_string(), p.clone());
+        cache.insert(key, p.clone());
         p
     }
 

@@ -58,7 +58,7 @@
 
 use super::kquant;
 use super::ops::RopeShape;
-use super::{GpuContext, GpuError};
+use super::{GpuContext, GpuError, ShaderSpec};
 use crate::gguf::GgmlType;
 use crate::model::{Activation, Matrix};
 use std::sync::Arc;
@@ -92,7 +92,7 @@ struct TypeSources {
 
 macro_rules! type_sources {
     // `$file`: the type file of the unit kernels, after the shaders/ preludes it uses
-    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl). `$dec`: the preludes the decode
+    // (dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl, nibbles.wgsl). `$dec`: the preludes the decode
     // type file uses, the decode type file, then (unless it has its own slot_dot_x and
     // slot_dot_rows) matmul_dec_rows.wgsl, then the few-token kernel's slot product:
     // matmul_dec_tok.wgsl (groups of 4 decoded once for all tokens) or matmul_dec_tok_slot.wgsl
@@ -122,11 +122,11 @@ const Q4_0_SRC: TypeSources = type_sources!("q4_0", ["dequant_q4.wgsl", "matmul_
 const Q4_1_SRC: TypeSources = type_sources!("q4_1", ["dequant_q4.wgsl", "matmul_q4_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q4_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 // The grouped types of `kquant` (5-bit and K-quants): their files read the Chunk uniform, so
 // they are validated only as composed (as are the files that use a prelude).
-const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
-const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
-const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_0_SRC: TypeSources = type_sources!("q5_0", ["nibbles.wgsl", "matmul_q5_0.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_0.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q5_1_SRC: TypeSources = type_sources!("q5_1", ["nibbles.wgsl", "matmul_q5_1.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q5_1.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
+const Q4_K_SRC: TypeSources = type_sources!("q4_k", ["kquant_scales.wgsl", "nibbles.wgsl", "matmul_q4_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q4_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q5_K_SRC: TypeSources = type_sources!("q5_k", ["kquant_scales.wgsl", "nibbles.wgsl", "matmul_q5_k.wgsl"], ["kquant_scales.wgsl", "dequant_q4.wgsl", "matmul_dec_q5_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
+const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["nibbles.wgsl", "matmul_q6_k.wgsl"], ["dequant_q4.wgsl", "matmul_dec_q6_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok.wgsl"]);
 const Q2_K_SRC: TypeSources = type_sources!("q2_k", ["matmul_q2_k.wgsl"], ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q3_K_SRC: TypeSources = type_sources!("q3_k", ["matmul_q3_k.wgsl"], ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
@@ -192,6 +192,9 @@ const LISTED: [[(&str, &str); 21]; 12] = [
 /// (file name, source) of this module's kernels: each type file on its own, and each kernel
 /// file as compiled, composed after every type file (so one name appears once per type).
 pub const SHADERS: &[(&str, &str)] = LISTED.as_flattened();
+
+/// nibbles.wgsl as compiled before one of the type files that use it.
+pub const NIBBLES_SHADER: (&str, &str) = ("nibbles.wgsl", Q5_0_SRC.mm);
 
 /// matmul_dec_rows.wgsl as compiled after one of the type files that use it.
 pub const DEC_ROWS_SHADER: (&str, &str) = ("matmul_dec_rows.wgsl", F16_SRC.dec);
@@ -584,12 +587,6 @@ fn tiled_rows(ctx: &GpuContext) -> u32 {
     }
 }
 
-fn set_const(src: &str, name: &str, default: u32, value: u32) -> String {
-    let from = format!("const {name}: u32 = {default}u;");
-    assert!(src.contains(&from), "matmul_common.wgsl lost the line `{from}`");
-    src.replace(&from, &format!("const {name}: u32 = {value}u;"))
-}
-
 /// A workgroup grid of `groups` groups: 1D up to 65535, else 2D (kernels flatten it and skip
 /// the excess).
 fn grid(groups: u32) -> (u32, u32) {
@@ -606,15 +603,6 @@ fn grid(groups: u32) -> (u32, u32) {
 /// extra threads of the row kernels only idle.
 fn whole_subgroups(n: u32, ctx: &GpuContext) -> u32 {
     n.next_multiple_of(64).min(ctx.limits.max_compute_invocations_per_workgroup).max(n)
-}
-
-/// The context's cached pipeline. These kernels' small constant loops must be unrolled by the
-/// driver to keep their register arrays in registers; naga's forced loop bounding (on in
-/// `create_shader_module`) prevents that, so `GpuContext::pipeline` should create modules with
-/// `create_shader_module_trusted` and `force_loop_bounding: false` (every loop here has a
-/// constant trip count or a positive constant stride up to a uniform limit).
-fn pipeline(ctx: &GpuContext, key: &str, src: &str, entry: &str) -> Arc<wgpu::ComputePipeline> {
-    ctx.pipeline(key, src, entry)
 }
 
 fn bind_group(ctx: &GpuContext, pipeline: &wgpu::ComputePipeline, resources: &[(u32, wgpu::BindingResource)]) -> wgpu::BindGroup {
@@ -722,17 +710,10 @@ impl GpuMatrix {
         self.chunks.len()
     }
 
-    /// A kernel source with the matrix's word order (PERM).
-    fn specialize(&self, src: &str) -> String {
-        set_const(src, "PERM", 0, self.perm as u32)
-    }
-
-    fn perm_key(&self) -> &'static str {
-        if self.perm {
-            "/perm"
-        } else {
-            ""
-        }
+    /// Entry point `entry` of the type's kernel source `text` (named `variant` in `sources`)
+    /// with the matrix's word order (PERM).
+    fn spec(&self, variant: &str, text: &'static str, entry: &str) -> ShaderSpec {
+        ShaderSpec::new(format!("matmul/{}/{variant}", self.sources().name), text, entry).with("PERM", self.perm as u32)
     }
 
     fn sources(&self) -> &'static TypeSources {
@@ -858,7 +839,6 @@ impl GpuMatrix {
             d => d,
         };
         let epi = out.epilogue.code();
-        let with_epi = |code: &str| set_const(code, "EPI", 0, epi);
         // A pair's two rows must meet in one workgroup.
         let configs: Vec<MvConfig> = configs.iter().map(|c| MvConfig { nr: if pairs { c.nr.next_multiple_of(2) } else { c.nr }, ..*c }).collect();
         for cfg in &configs {
@@ -873,36 +853,27 @@ impl GpuMatrix {
                 assert!(nr >= 1 && rg >= 1 && (2 * nr + 1) * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
                 let pf = prefetch as u32;
                 let q41 = (self.ty == GgmlType::Q4_1) as u32;
-                let kq_code = |folded: bool| {
-                    let text = match (sg, folded, folded && rope.is_some()) {
-                        (false, false, _) => KQ_SRC,
-                        (true, false, _) => KQ_SG_SRC,
-                        (false, true, false) => KQ_NORM_SRC,
-                        (true, true, false) => KQ_SG_NORM_SRC,
-                        (false, true, true) => KQ_NORM_ROPE_SRC,
-                        (true, true, true) => KQ_SG_NORM_ROPE_SRC,
+                let kq_spec = |folded: bool| {
+                    let (name, text) = match (sg, folded, folded && rope.is_some()) {
+                        (false, false, _) => ("kq", KQ_SRC),
+                        (true, false, _) => ("kq_sg", KQ_SG_SRC),
+                        (false, true, false) => ("kq_norm", KQ_NORM_SRC),
+                        (true, true, false) => ("kq_sg_norm", KQ_SG_NORM_SRC),
+                        (false, true, true) => ("kq_norm_rope", KQ_NORM_ROPE_SRC),
+                        (true, true, true) => ("kq_sg_norm_rope", KQ_SG_NORM_ROPE_SRC),
                     };
-                    let mut code = with_epi(text);
-                    for (name, default, value) in [("KQ_Q41", 0, q41), ("KQ_LIMBS", 3, limbs), ("KQ_WG", 128, wg), ("KQ_BPT", 1, bpt), ("KQ_NR", 4, nr), ("KQ_RG", 2, rg), ("KQ_PF", 0, pf)] {
-                        code = set_const(&code, name, default, value);
-                    }
-                    let mut key = format!("matmul/{}/kq/l{limbs}/wg{wg}/bpt{bpt}/nr{nr}/rg{rg}/pf{pf}/epi{epi}/{}", src.name, if sg { "sg" } else { "wg" });
+                    let mut spec = ShaderSpec::new(format!("matmul/{name}"), text, if sg { "kq_main_sg" } else { "kq_main" })
+                        .with("EPI", epi)
+                        .with_all(&[("KQ_Q41", q41), ("KQ_LIMBS", limbs), ("KQ_WG", wg), ("KQ_BPT", bpt), ("KQ_NR", nr), ("KQ_RG", rg), ("KQ_PF", pf)]);
                     if let (true, Some(n)) = (folded, norm) {
-                        code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
-                        key += &format!("/norm{:08x}", n.eps.to_bits());
-                        if rope.is_some() {
-                            key += "/rope";
-                        }
+                        spec.set("DV_EPS_BITS", n.eps.to_bits());
                     }
-                    (code, key)
+                    spec
                 };
-                let entry = if sg { "kq_main_sg" } else { "kq_main" };
                 if fold && norm.is_some() {
-                    let (code, key) = kq_code(true);
-                    folded = Some((nr * rg, pipeline(ctx, &key, &code, entry)));
+                    folded = Some((nr * rg, ctx.pipeline(&kq_spec(true))));
                 }
-                let (code, key) = kq_code(false);
-                mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, pipeline(ctx, &key, &code, entry)));
+                mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, ctx.pipeline(&kq_spec(false))));
                 continue;
             }
             if cfg.nt > 1 && !cfg.units {
@@ -913,12 +884,12 @@ impl GpuMatrix {
                 );
                 assert!(cfg.wg * (cfg.nr * cfg.nt + 1) * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
                 let pf = cfg.prefetch as u32;
-                let mut code = with_epi(&self.specialize(if sg { src.dec_sg } else { src.dec }));
-                for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, cfg.nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf), ("DV_NT", 1, cfg.nt)] {
-                    code = set_const(&code, name, default, value);
-                }
-                let key = format!("matmul/{}{}/dect/wg{}/nr{}/nt{}/ub{}/pf{pf}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
-                mv_pipes.push((*cfg, pipeline(ctx, &key, &code, if sg { "dvt_main_sg" } else { "dvt_main" })));
+                let (name, text) = if sg { ("dec_sg", src.dec_sg) } else { ("dec", src.dec) };
+                let spec = self
+                    .spec(name, text, if sg { "dvt_main_sg" } else { "dvt_main" })
+                    .with("EPI", epi)
+                    .with_all(&[("DV_WG", cfg.wg), ("DV_NR", cfg.nr), ("DV_UB", cfg.unroll), ("DV_PF", pf), ("DV_NT", cfg.nt)]);
+                mv_pipes.push((*cfg, ctx.pipeline(&spec)));
                 continue;
             }
             let blocks = cfg.nt == 1 && decode != DecodeKernel::Units;
@@ -930,59 +901,53 @@ impl GpuMatrix {
             );
             // The reduction keeps every thread's partial sums in shared memory.
             assert!(cfg.wg * cfg.nr * cfg.nt * 4 <= ctx.limits.max_compute_workgroup_storage_size, "matvec config {cfg:?} needs too much shared memory");
-            let (code, key, entry) = if blocks {
-                let dec_code = |folded: bool| {
-                    let text = match (sg, folded, folded && rope.is_some()) {
-                        (false, false, _) => src.dec,
-                        (true, false, _) => src.dec_sg,
-                        (false, true, false) => src.dec_norm,
-                        (true, true, false) => src.dec_sg_norm,
-                        (false, true, true) => src.dec_norm_rope,
-                        (true, true, true) => src.dec_sg_norm_rope,
+            let spec = if blocks {
+                let dec_spec = |folded: bool| {
+                    let (name, text) = match (sg, folded, folded && rope.is_some()) {
+                        (false, false, _) => ("dec", src.dec),
+                        (true, false, _) => ("dec_sg", src.dec_sg),
+                        (false, true, false) => ("dec_norm", src.dec_norm),
+                        (true, true, false) => ("dec_sg_norm", src.dec_sg_norm),
+                        (false, true, true) => ("dec_norm_rope", src.dec_norm_rope),
+                        (true, true, true) => ("dec_sg_norm_rope", src.dec_sg_norm_rope),
                     };
-                    let mut code = with_epi(&self.specialize(text));
                     // A RoPE pair's two rows must meet in one workgroup.
                     let nr = if folded && rope.is_some() { cfg.nr.next_multiple_of(2) } else { cfg.nr };
-                    for (name, default, value) in [("DV_WG", 128, cfg.wg), ("DV_NR", 2, nr), ("DV_UB", 1, cfg.unroll), ("DV_PF", 0, pf)] {
-                        code = set_const(&code, name, default, value);
-                    }
                     // Activations per word (DV_XW): per row (1) was 2% faster for Q4_0 on an
                     // H200 than per slot (0); once for all rows (2) loads half as much, which
                     // a folded norm's extra loads need. The same code for the other types.
                     // The tuning's decode_xw overrides (benchmarks).
                     let xw = ctx.tuning.decode_xw.filter(|&v| v <= 2).unwrap_or(2 * (self.ty == GgmlType::Q4_0) as u32);
-                    code = set_const(&code, "DV_XW", 0, xw);
-                    let mut key = format!("matmul/{}{}/dec/wg{}/nr{nr}/ub{}/pf{pf}/xw{xw}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.unroll, if sg { "sg" } else { "wg" });
+                    let mut spec = self
+                        .spec(name, text, if sg { "dv_main_sg" } else { "dv_main" })
+                        .with("EPI", epi)
+                        .with_all(&[("DV_WG", cfg.wg), ("DV_NR", nr), ("DV_UB", cfg.unroll), ("DV_PF", pf), ("DV_XW", xw)]);
                     if let (true, Some(n)) = (folded, norm) {
-                        code = set_const(&code, "DV_EPS_BITS", 0, n.eps.to_bits());
-                        key += &format!("/norm{:08x}", n.eps.to_bits());
-                        if rope.is_some() {
-                            key += "/rope";
-                        }
+                        spec.set("DV_EPS_BITS", n.eps.to_bits());
                     }
-                    (code, key, nr)
+                    (spec, nr)
                 };
                 if fold && norm.is_some() && cfg.nt == 1 {
-                    let (code, key, nr) = dec_code(true);
-                    folded = Some((nr, pipeline(ctx, &key, &code, if sg { "dv_main_sg" } else { "dv_main" })));
+                    let (spec, nr) = dec_spec(true);
+                    folded = Some((nr, ctx.pipeline(&spec)));
                 }
-                let (code, key, _) = dec_code(false);
-                (code, key, if sg { "dv_main_sg" } else { "dv_main" })
+                dec_spec(false).0
             } else {
-                let mut code = with_epi(&self.specialize(if sg { src.mm_sg } else { src.mm }));
-                for (name, default, value) in [("MV_WG", 128, cfg.wg), ("MV_NR", 4, cfg.nr), ("MV_NT", 1, cfg.nt), ("MV_UNROLL", 1, cfg.unroll)] {
-                    code = set_const(&code, name, default, value);
-                }
-                let key = format!("matmul/{}{}/mv/wg{}/nr{}/nt{}/u{}/epi{epi}/{}", src.name, self.perm_key(), cfg.wg, cfg.nr, cfg.nt, cfg.unroll, if sg { "sg" } else { "wg" });
-                (code, key, if sg { "mv_main_sg" } else { "mv_main" })
+                let (name, text) = if sg { ("mm_sg", src.mm_sg) } else { ("mm", src.mm) };
+                let spec = self
+                    .spec(name, text, if sg { "mv_main_sg" } else { "mv_main" })
+                    .with("EPI", epi)
+                    .with_all(&[("MV_WG", cfg.wg), ("MV_NR", cfg.nr), ("MV_NT", cfg.nt), ("MV_UNROLL", cfg.unroll)]);
+                spec
             };
-            mv_pipes.push((*cfg, pipeline(ctx, &key, &code, entry)));
+            mv_pipes.push((*cfg, ctx.pipeline(&spec)));
         }
         mv_pipes.sort_by_key(|(c, _)| c.nt);
         let tm = tiled_rows(ctx);
-        let tiled_code = set_const(&with_epi(&self.specialize(src.mm)), "MM_TM", 128, tm);
-        let tiled = pipeline(ctx, &format!("matmul/{}{}/tiled{tm}/epi{epi}", src.name, self.perm_key()), &tiled_code, "mm_tiled");
-        let coop = ctx.has_coop_matrix().then(|| pipeline(ctx, &format!("matmul/{}{}/coop/epi{epi}", src.name, self.perm_key()), &with_epi(&self.specialize(src.coop)), "mm_coop"));
+        let tiled_spec = self.spec("mm", src.mm, "mm_tiled").with("EPI", epi).with("MM_TM", tm);
+        let tiled = ctx.pipeline(&tiled_spec);
+        let coop_spec = self.spec("coop", src.coop, "mm_coop").with("EPI", epi);
+        let coop = ctx.has_coop_matrix().then(|| ctx.pipeline(&coop_spec));
         // MatOut of matmul_store.wgsl: section ends (whole-matrix rows), then offsets.
         let r = self.rows as u32;
         let mut words = [r, r, r, r, 0, 0, 0, 0];
@@ -1025,7 +990,8 @@ impl GpuMatrix {
     /// leave their output row unwritten.
     pub fn bind_get_rows(&self, ctx: &GpuContext, ids: &wgpu::Buffer, out: &wgpu::Buffer, step: &wgpu::Buffer) -> GetRowsOp {
         let src = self.sources();
-        let p = pipeline(ctx, &format!("get_rows/{}{}", src.name, self.perm_key()), &self.specialize(src.get_rows), "get_rows");
+        let spec = self.spec("get_rows", src.get_rows, "get_rows");
+        let p = ctx.pipeline(&spec);
         let groups = self
             .chunks
             .iter()

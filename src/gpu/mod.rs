@@ -6,11 +6,13 @@ mod kquant;
 pub mod matrix;
 pub mod ops;
 pub mod shaders;
+mod spec;
 pub mod sparse;
 pub mod timer;
 pub mod tuning;
 pub mod upload;
 
+pub use spec::ShaderSpec;
 pub use tuning::GpuTuning;
 pub use context::{list_adapters, AdapterSummary, DeviceChoice, GpuContext, GpuMemory, PLANNING_MARGIN, STAGING_CAP};
 

@@ -9,7 +9,7 @@
 //! buffer bound both read-only and read-write in a dispatch).
 
 use crate::cpu::attention::AttnOpts;
-use super::{GpuContext, GpuError};
+use super::{GpuContext, GpuError, ShaderSpec};
 use super::shaders::compose;
 use std::sync::Arc;
 use wgpu::{BindGroup, Buffer, ComputePass, ComputePipeline};
@@ -43,27 +43,6 @@ pub const SHADERS: &[(&str, &str)] = &[
 
 /// The most workgroups one grid dimension may hold (WebGPU's default limit).
 pub(super) const MAX_GROUPS: u32 = 65535;
-
-/// `src` with each `const NAME: u32 = ...;` line of `consts` given a new value (the files keep
-/// valid defaults so that naga validates them as they are).
-pub(super) fn specialize(src: &str, consts: &[(&str, u32)]) -> String {
-    let mut out = String::with_capacity(src.len() + 64);
-    let mut done = vec![false; consts.len()];
-    for line in src.lines() {
-        match consts.iter().position(|(name, _)| line.starts_with(&format!("const {name}: u32 = "))) {
-            Some(i) => {
-                out.push_str(&format!("const {}: u32 = {}u;\n", consts[i].0, consts[i].1));
-                done[i] = true;
-            }
-            None => {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-    }
-    assert!(done.iter().all(|&d| d), "specialize: a constant of {consts:?} is missing from the shader");
-    out
-}
 
 /// A storage buffer, or a byte range of one: q, k and v are ranges of one buffer that a single
 /// product fills (see `engine::gpu_forward`). A kernel that binds several ranges of one buffer
@@ -103,16 +82,16 @@ pub(super) struct Kernel {
 impl Kernel {
     /// `entries` are (binding, buffer) for the bindings the entry point uses (the pipeline's
     /// layout is derived from the shader and holds only those).
-    pub(super) fn new(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, &Buffer)]) -> Kernel {
+    pub(super) fn new(ctx: &GpuContext, spec: &ShaderSpec, entries: &[(u32, &Buffer)]) -> Kernel {
         let ranges: Vec<(u32, BufRange)> = entries.iter().map(|&(binding, buf)| (binding, buf.into())).collect();
-        Self::with_ranges(ctx, key, src, entry, &ranges)
+        Self::with_ranges(ctx, spec, &ranges)
     }
 
     /// [`new`](Self::new) with buffer ranges.
-    pub(super) fn with_ranges(ctx: &GpuContext, key: &str, src: &str, entry: &str, entries: &[(u32, BufRange)]) -> Kernel {
-        let pipeline = ctx.pipeline(key, src, entry);
+    pub(super) fn with_ranges(ctx: &GpuContext, spec: &ShaderSpec, entries: &[(u32, BufRange)]) -> Kernel {
+        let pipeline = ctx.pipeline(spec);
         let entries: Vec<wgpu::BindGroupEntry> = entries.iter().map(|&(binding, r)| wgpu::BindGroupEntry { binding, resource: r.binding() }).collect();
-        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(key), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
+        let bind = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(spec.name()), layout: &pipeline.get_bind_group_layout(0), entries: &entries });
         Kernel { pipeline, bind }
     }
 
@@ -159,7 +138,7 @@ pub struct RmsNormOp {
 impl RmsNormOp {
     pub fn new(ctx: &GpuContext, x: &Buffer, weight: &Buffer, out: &Buffer, dim: u32, eps: f32, step: &Buffer) -> Self {
         let p = params(ctx, "rms_norm.params", &[dim, eps.to_bits(), 0, 0]);
-        let kernel = Kernel::new(ctx, "ops/rms_norm", RMS_NORM, "main", &[(0, x), (1, weight), (2, out), (3, &p), (4, step)]);
+        let kernel = Kernel::new(ctx, &ShaderSpec::new("ops/rms_norm", RMS_NORM, "main"), &[(0, x), (1, weight), (2, out), (3, &p), (4, step)]);
         RmsNormOp { kernel, _params: p }
     }
 
@@ -311,7 +290,7 @@ impl RopeKvRowsOp {
     #[allow(clippy::too_many_arguments)]
     pub fn new<'a>(ctx: &GpuContext, q: impl Into<BufRange<'a>>, k: impl Into<BufRange<'a>>, v: impl Into<BufRange<'a>>, cache_k: &Buffer, cache_v: &Buffer, n_ctx: u32, shape: RopeShape, rows: &Buffer, step: &Buffer) -> Self {
         let (p, items) = rope_params(ctx, shape, n_ctx);
-        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv.batch", ROPE_KV, "batch", &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k.into()), (4, cache_v.into()), (5, (&p).into()), (6, step.into()), (7, rows.into())]);
+        let kernel = Kernel::with_ranges(ctx, &ShaderSpec::new("ops/rope_kv", ROPE_KV, "batch"), &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k.into()), (4, cache_v.into()), (5, (&p).into()), (6, step.into()), (7, rows.into())]);
         RopeKvRowsOp { kernel, items, _params: p }
     }
 
@@ -339,7 +318,7 @@ impl RopeKvOp {
         let kv_dim = shape.n_head_kv * shape.head_dim;
         let n_ctx = (cache_k.size / (kv_dim as u64 * 2)).min(u32::MAX as u64) as u32;
         let (p, items) = rope_params(ctx, shape, n_ctx);
-        let kernel = Kernel::with_ranges(ctx, "ops/rope_kv", ROPE_KV, "main", &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k), (4, cache_v), (5, (&p).into()), (6, step.into())]);
+        let kernel = Kernel::with_ranges(ctx, &ShaderSpec::new("ops/rope_kv", ROPE_KV, "main"), &[(0, q.into()), (1, k.into()), (2, v.into()), (3, cache_k), (4, cache_v), (5, (&p).into()), (6, step.into())]);
         RopeKvOp { kernel, items, _params: p }
     }
 
@@ -495,27 +474,26 @@ impl AttentionOp {
                 (ctx.zeros("attention.part_o", (n * n_head * n_chunks * head_dim) as u64 * 4), ctx.zeros("attention.part_ml", (n * n_head * n_chunks) as u64 * 8))
             }
         };
-        let src = specialize(ATTENTION_DECODE, &[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
-        let key = format!("ops/attention_decode.hd{head_dim}.gq{gq}.wg{wg}");
+        let decode = |entry: &str| ShaderSpec::new("ops/attention_decode", ATTENTION_DECODE, entry).with_all(&[("HD", head_dim), ("GQ", gq), ("WG", wg)]);
         // `partial` and `single` share one function that writes either the partials or the
         // output, so both bind all of them.
         let attend = [(0, q), (1, cache_k), (2, cache_v), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (7, step.into())];
-        let partial = Kernel::with_ranges(ctx, &format!("{key}.partial"), &src, "partial", &attend);
-        let combine = Kernel::new(ctx, &format!("{key}.combine"), &src, "combine", &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
-        let single = Kernel::with_ranges(ctx, &format!("{key}.single"), &src, "single", &attend);
+        let partial = Kernel::with_ranges(ctx, &decode("partial"), &attend);
+        let combine = Kernel::new(ctx, &decode("combine"), &[(3, &part_o), (4, &part_ml), (5, out), (6, &decode_params), (7, step)]);
+        let single = Kernel::with_ranges(ctx, &decode("single"), &attend);
         let by_rows = rows.map(|rows| {
             let attend = [(0, q), (1, cache_k), (2, cache_v), (3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (8, rows.into())];
             let combine = [(3, (&part_o).into()), (4, (&part_ml).into()), (5, out.into()), (6, (&decode_params).into()), (8, rows.into())];
             [
-                Kernel::with_ranges(ctx, &format!("{key}.single_rows"), &src, "single_rows", &attend),
-                Kernel::with_ranges(ctx, &format!("{key}.partial_rows"), &src, "partial_rows", &attend),
-                Kernel::with_ranges(ctx, &format!("{key}.combine_rows"), &src, "combine_rows", &combine),
+                Kernel::with_ranges(ctx, &decode("single_rows"), &attend),
+                Kernel::with_ranges(ctx, &decode("partial_rows"), &attend),
+                Kernel::with_ranges(ctx, &decode("combine_rows"), &combine),
             ]
         });
 
         let prefill_params = params(ctx, "attention.prefill.params", &[n_head, group, kv4, 0, scale, cap.to_bits(), window, 0]);
-        let src = specialize(ATTENTION_PREFILL, &[("HD", head_dim), ("TQ", tq)]);
-        let prefill = Kernel::with_ranges(ctx, &format!("ops/attention_prefill.hd{head_dim}.tq{tq}"), &src, "main", &[(0, q), (1, cache_k), (2, cache_v), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
+        let spec = ShaderSpec::new("ops/attention_prefill", ATTENTION_PREFILL, "main").with("HD", head_dim).with("TQ", tq);
+        let prefill = Kernel::with_ranges(ctx, &spec, &[(0, q), (1, cache_k), (2, cache_v), (3, out.into()), (4, (&prefill_params).into()), (5, step.into())]);
         Ok(AttentionOp { partial, combine, single, n_kv: std::sync::atomic::AtomicU32::new(u32::MAX), single_max_keys: ctx.tuning.attn_single_max_keys, prefill, n_head, gq, n_chunks, tq, max_tokens, by_rows, _buffers: [decode_params, part_o, part_ml, prefill_params] })
     }
 
@@ -574,7 +552,7 @@ impl GatedActOp {
         let p = params(ctx, "gated_act.params", &[dim, 0, 0, 0]);
         // The shader's entry points are named after the activations.
         let entry = act.name();
-        let kernel = Kernel::new(ctx, &format!("ops/gated_act.{entry}"), GATED_ACT, entry, &[(0, gate), (1, up), (2, &p), (3, step)]);
+        let kernel = Kernel::new(ctx, &ShaderSpec::new("ops/gated_act", GATED_ACT, entry), &[(0, gate), (1, up), (2, &p), (3, step)]);
         GatedActOp { kernel, dim, _params: p }
     }
 
@@ -594,7 +572,7 @@ pub struct AddOp {
 impl AddOp {
     pub fn new(ctx: &GpuContext, x: &Buffer, y: &Buffer, dim: u32, step: &Buffer) -> Self {
         let p = params(ctx, "residual_add.params", &[dim, 0, 0, 0]);
-        let kernel = Kernel::new(ctx, "ops/residual_add", RESIDUAL_ADD, "main", &[(0, x), (1, y), (2, &p), (3, step)]);
+        let kernel = Kernel::new(ctx, &ShaderSpec::new("ops/residual_add", RESIDUAL_ADD, "main"), &[(0, x), (1, y), (2, &p), (3, step)]);
         AddOp { kernel, dim, _params: p }
     }
 
@@ -624,7 +602,7 @@ impl ScaleOp {
 
     fn build(ctx: &GpuContext, entry: &str, x: &Buffer, dim: u32, v: f32, step: &Buffer) -> Self {
         let p = params(ctx, "residual_add.params", &[dim, v.to_bits(), 0, 0]);
-        let kernel = Kernel::new(ctx, &format!("ops/residual_add.{entry}"), RESIDUAL_ADD, entry, &[(0, x), (2, &p), (3, step)]);
+        let kernel = Kernel::new(ctx, &ShaderSpec::new("ops/residual_add", RESIDUAL_ADD, entry), &[(0, x), (2, &p), (3, step)]);
         ScaleOp { kernel, dim, _params: p }
     }
 
@@ -645,7 +623,7 @@ pub struct BiasOp {
 impl BiasOp {
     pub fn new<'a>(ctx: &GpuContext, x: impl Into<BufRange<'a>>, bias: &Buffer, dim: u32, step: &Buffer) -> Self {
         let p = params(ctx, "add_bias.params", &[dim, 0, 0, 0]);
-        let kernel = Kernel::with_ranges(ctx, "ops/add_bias", RESIDUAL_ADD, "bias", &[(0, x.into()), (1, bias.into()), (2, (&p).into()), (3, step.into())]);
+        let kernel = Kernel::with_ranges(ctx, &ShaderSpec::new("ops/residual_add", RESIDUAL_ADD, "bias"), &[(0, x.into()), (1, bias.into()), (2, (&p).into()), (3, step.into())]);
         BiasOp { kernel, dim, _params: p }
     }
 
@@ -667,7 +645,7 @@ pub struct HeadNormOp {
 impl HeadNormOp {
     pub fn new<'a>(ctx: &GpuContext, x: impl Into<BufRange<'a>>, weight: &Buffer, head_dim: u32, n_heads: u32, eps: f32, step: &Buffer) -> Self {
         let p = params(ctx, "head_norm.params", &[head_dim, n_heads, eps.to_bits(), 0]);
-        let kernel = Kernel::with_ranges(ctx, "ops/head_norm", HEAD_NORM, "main", &[(0, x.into()), (1, weight.into()), (2, (&p).into()), (3, step.into())]);
+        let kernel = Kernel::with_ranges(ctx, &ShaderSpec::new("ops/head_norm", HEAD_NORM, "main"), &[(0, x.into()), (1, weight.into()), (2, (&p).into()), (3, step.into())]);
         HeadNormOp { kernel, n_heads, _params: p }
     }
 
@@ -696,8 +674,8 @@ impl ArgmaxOp {
         let block_len = n_vocab.div_ceil(n_blocks);
         let p = params(ctx, "argmax.params", &[n_vocab, n_blocks, block_len, 0]);
         let part = ctx.zeros("argmax.part", n_blocks as u64 * 8);
-        let blocks = Kernel::new(ctx, "ops/argmax.blocks", ARGMAX, "blocks", &[(0, logits), (1, &part), (3, &p), (4, step)]);
-        let finish = Kernel::new(ctx, "ops/argmax.finish", ARGMAX, "finish", &[(1, &part), (2, out), (3, &p)]);
+        let blocks = Kernel::new(ctx, &ShaderSpec::new("ops/argmax", ARGMAX, "blocks"), &[(0, logits), (1, &part), (3, &p), (4, step)]);
+        let finish = Kernel::new(ctx, &ShaderSpec::new("ops/argmax", ARGMAX, "finish"), &[(1, &part), (2, out), (3, &p)]);
         ArgmaxOp { blocks, finish, n_blocks, _buffers: [p, part] }
     }
 
@@ -736,9 +714,9 @@ impl TopKOp {
         let n_blocks = n_vocab.div_ceil(256 * e);
         let p = params(ctx, "topk.params", &[n_vocab, n_blocks, k, 0]);
         let cand = ctx.zeros("topk.cand", (n_blocks * k) as u64 * 8);
-        let src = specialize(TOPK, &[("E", e)]);
-        let blocks = Kernel::new(ctx, &format!("ops/topk.e{e}.blocks"), &src, "blocks", &[(0, logits), (1, &cand), (3, &p), (4, step)]);
-        let finish = Kernel::new(ctx, &format!("ops/topk.e{e}.finish"), &src, "finish", &[(1, &cand), (2, out), (3, &p)]);
+        let topk = |entry: &str| ShaderSpec::new("ops/topk", TOPK, entry).with("E", e);
+        let blocks = Kernel::new(ctx, &topk("blocks"), &[(0, logits), (1, &cand), (3, &p), (4, step)]);
+        let finish = Kernel::new(ctx, &topk("finish"), &[(1, &cand), (2, out), (3, &p)]);
         TopKOp { blocks, finish, n_blocks, k, _buffers: [p, cand] }
     }
 
@@ -789,7 +767,7 @@ impl SampleOp {
         let cand = ctx.zeros("sample.cand", k as u64 * 8);
         let topk = TopKOp::new(ctx, logits, n_vocab, k, &cand, step);
         let params = ctx.uniform("sample.params", bytemuck::cast_slice(&[0u32; 8]));
-        let sample = Kernel::new(ctx, "ops/sample", SAMPLE, "sample", &[(0, &cand), (1, out), (2, &params)]);
+        let sample = Kernel::new(ctx, &ShaderSpec::new("ops/sample", SAMPLE, "sample"), &[(0, &cand), (1, out), (2, &params)]);
         SampleOp { topk, sample, params, _cand: cand }
     }
 

@@ -2,8 +2,8 @@
 
 /// A kernel's source: shaders/step.wgsl (the prelude every kernel shares), then the named files
 /// of shaders/ in order, so that no fragment is written twice. The other preludes (helpers that
-/// several kernels share: dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl, rope_angle.wgsl,
-/// workgroup_sum.wgsl) are named where used, each once per kernel: WGSL has no includes and
+/// several kernels share: dequant_q4.wgsl, dequant_q8.wgsl, kquant_scales.wgsl, nibbles.wgsl,
+/// rope_angle.wgsl, workgroup_sum.wgsl) are named where used, each once per kernel: WGSL has no includes and
 /// refuses a declaration made twice.
 macro_rules! compose {
     ($($file:literal),+) => { concat!(include_str!("../../shaders/step.wgsl"), "\n", $(include_str!(concat!("../../shaders/", $file)), "\n"),+) };
@@ -26,6 +26,7 @@ pub fn all() -> Vec<(&'static str, &'static str)> {
         ("workgroup_sum.wgsl", super::ops::RMS_NORM),
     ];
     v.extend_from_slice(super::matrix::SHADERS);
+    v.push(super::matrix::NIBBLES_SHADER);
     v.push(super::matrix::DEC_ROWS_SHADER);
     v.extend_from_slice(&super::matrix::DEC_TOK_SHADERS);
     v.extend_from_slice(super::ops::SHADERS);

@@ -39,8 +39,8 @@
 //! - `h`: `n_hot` values, compact row order; only the active rows are written.
 //! - `y`: `n_embd` values, overwritten or added to.
 
-use super::ops::{specialize, Kernel, MAX_GROUPS};
-use super::{GpuContext, GpuError};
+use super::ops::{Kernel, MAX_GROUPS};
+use super::{GpuContext, GpuError, ShaderSpec};
 use super::shaders::compose;
 use crate::gguf::GgmlType;
 use crate::model::{Activation, Matrix};
@@ -482,13 +482,19 @@ fn grid(n: u32) -> (u32, u32) {
     }
 }
 
-/// The matvec kernel's source, pipeline key prefix and entry suffix for `hot`'s types.
-fn matvec_source(hot: &HotFfn, act: u32) -> (String, String, &'static str) {
+/// The matvec kernel's entry point `entry` (its subgroup variant where the config says) for
+/// `hot`'s types.
+fn matvec_spec(hot: &HotFfn, act: u32, entry: &str) -> ShaderSpec {
     let cfg = &hot.config;
-    let sg = cfg.subgroups;
-    let src = specialize(if sg { MATVEC_SG } else { MATVEC }, &[("TYPE_A", hot.gate.code()), ("TYPE_B", hot.up.code()), ("MV_WG", cfg.matvec_wg), ("ACT", act)]);
-    let key = format!("sparse/matvec/a{}/b{}/wg{}/act{act}/{}", hot.gate.code(), hot.up.code(), cfg.matvec_wg, if sg { "sg" } else { "wg" });
-    (src, key, if sg { "_sg" } else { "" })
+    let consts = [("TYPE_A", hot.gate.code()), ("TYPE_B", hot.up.code()), ("MV_WG", cfg.matvec_wg), ("ACT", act)];
+    let spec = if cfg.subgroups { ShaderSpec::new("sparse/matvec_sg", MATVEC_SG, format!("{entry}_sg")) } else { ShaderSpec::new("sparse/matvec", MATVEC, entry) };
+    spec.with_all(&consts)
+}
+
+/// Entry point `entry` of the batch kernels for weights of type codes `a` and `b`, activation
+/// `act`.
+fn batch_spec(entry: &str, a: u32, b: u32, act: u32) -> ShaderSpec {
+    ShaderSpec::new("sparse/batch", BATCH, entry).with_all(&[("TYPE_A", a), ("TYPE_B", b), ("ACT", act)])
 }
 
 fn matvec_params(ctx: &GpuContext, hot: &HotFfn) -> Buffer {
@@ -510,9 +516,8 @@ impl DenseGateOp {
         check_len("g", g, hot.n_hot())?;
         check_distinct(("x", x), ("g", g))?;
         let params = matvec_params(ctx, hot);
-        let (src, key, sfx) = matvec_source(hot, 0);
         let w = [&hot.gate.quants, &hot.gate.scales, &hot.up.quants, &hot.up.scales];
-        let kernel = Kernel::new(ctx, &format!("{key}/dense"), &src, &format!("dense{sfx}"), &[(0, x), (2, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])]);
+        let kernel = Kernel::new(ctx, &matvec_spec(hot, 0, "dense"), &[(0, x), (2, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])]);
         Ok(DenseGateOp { kernel, n_hot: hot.n_hot() as u32, _params: params })
     }
 
@@ -568,8 +573,8 @@ impl SelectOp {
         let cfg = &hot.config;
         let words = [hot.n_hot() as u32, threshold.to_bits(), tiles, cfg.min_chunk_rows, cfg.max_chunks, 0, 0, 0];
         let params = ctx.uniform("sparse select params", bytemuck::cast_slice(&words));
-        let src = specialize(SELECT, &[("CRITERION", code)]);
-        let kernel = Kernel::new(ctx, &format!("sparse/select/c{code}"), &src, "main", &[(0, values), (1, &hot.hot_ids), (2, &list.list), (3, &list.args), (4, &params)]);
+        let spec = ShaderSpec::new("sparse/select", SELECT, "main").with("CRITERION", code);
+        let kernel = Kernel::new(ctx, &spec, &[(0, values), (1, &hot.hot_ids), (2, &list.list), (3, &list.args), (4, &params)]);
         let groups = (hot.n_hot() as u32).div_ceil(SELECT_BLOCK).max(1);
         Ok(SelectOp { kernel, groups, params })
     }
@@ -639,26 +644,22 @@ impl SparseMatvecOp {
             MatvecMode::Relu { g } => {
                 check_len("g", g, hot.n_hot())?;
                 check_distinct(("g", g), ("h", h))?;
-                let (src, key, sfx) = matvec_source(hot, 0);
                 let entries = [(0, x), (1, &list.list), (2, h), (3, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
-                Kernel::new(ctx, &format!("{key}/relu"), &src, &format!("sparse_relu{sfx}"), &entries)
+                Kernel::new(ctx, &matvec_spec(hot, 0, "sparse_relu"), &entries)
             }
             MatvecMode::Gated { act } => {
-                let (src, key, sfx) = matvec_source(hot, act_code(act));
                 let entries = [(0, x), (1, &list.list), (2, h), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
-                Kernel::new(ctx, &format!("{key}/gated"), &src, &format!("sparse_gated{sfx}"), &entries)
+                Kernel::new(ctx, &matvec_spec(hot, act_code(act), "sparse_gated"), &entries)
             }
             MatvecMode::Gate => {
-                let (src, key, sfx) = matvec_source(hot, 0);
                 let entries = [(0, x), (1, &list.list), (2, h), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
-                Kernel::new(ctx, &format!("{key}/gate"), &src, &format!("sparse_gate{sfx}"), &entries)
+                Kernel::new(ctx, &matvec_spec(hot, 0, "sparse_gate"), &entries)
             }
             MatvecMode::ActUp { g, act } => {
                 check_len("g", g, hot.n_hot())?;
                 check_distinct(("g", g), ("h", h))?;
-                let (src, key, sfx) = matvec_source(hot, act_code(act));
                 let entries = [(0, x), (1, &list.list), (2, h), (3, g), (4, &params), (5, w[0]), (6, w[1]), (7, w[2]), (8, w[3])];
-                Kernel::new(ctx, &format!("{key}/act_up"), &src, &format!("sparse_act_up{sfx}"), &entries)
+                Kernel::new(ctx, &matvec_spec(hot, act_code(act), "sparse_act_up"), &entries)
             }
         };
         Ok(SparseMatvecOp { kernel, args: list.args.clone(), _params: params })
@@ -707,10 +708,9 @@ impl SparseAxpyOp {
         let scratch = ctx.zeros("sparse axpy partials", scratch_bytes);
         let params = ctx.uniform("sparse axpy params", bytemuck::cast_slice(&[n4, d.units(), add as u32, 0]));
         let acc = (unit_values(d.ty) / 4) as u32;
-        let src = specialize(AXPY, &[("WTYPE", d.code()), ("AX_TC", tc), ("AX_TR", tr), ("AX_ACC", acc)]);
-        let key = format!("sparse/axpy/t{}/tc{tc}/tr{tr}", d.code());
-        let partial = Kernel::new(ctx, &format!("{key}/partial"), &src, "partial_sums", &[(0, &list.list), (1, h), (2, &scratch), (4, &params), (5, &d.quants), (6, &d.scales)]);
-        let reduce = Kernel::new(ctx, &format!("{key}/reduce"), &src, "reduce", &[(0, &list.list), (2, &scratch), (3, y), (4, &params)]);
+        let axpy = |entry: &str| ShaderSpec::new("sparse/axpy", AXPY, entry).with_all(&[("WTYPE", d.code()), ("AX_TC", tc), ("AX_TR", tr), ("AX_ACC", acc)]);
+        let partial = Kernel::new(ctx, &axpy("partial_sums"), &[(0, &list.list), (1, h), (2, &scratch), (4, &params), (5, &d.quants), (6, &d.scales)]);
+        let reduce = Kernel::new(ctx, &axpy("reduce"), &[(0, &list.list), (2, &scratch), (3, y), (4, &params)]);
         Ok(SparseAxpyOp { partial, reduce, args: list.args.clone(), reduce_groups: n4.div_ceil(64), scratch, params })
     }
 
@@ -759,14 +759,10 @@ impl BatchFfnOp {
             return Ok(BatchFfnOp { gate_up: None, down: None, rows, cols, _params: params });
         }
         let (g, u, d) = (&hot.gate, &hot.up, &hot.down_t);
-        let src = specialize(BATCH, &[("TYPE_A", g.code()), ("TYPE_B", u.code()), ("ACT", act_code(act))]);
-        let key = format!("sparse/batch/a{}/b{}/act{}", g.code(), u.code(), act_code(act));
-        let gate_up = Kernel::new(ctx, &format!("{key}/gate_up"), &src, "gate_up", &[(0, x), (1, h), (3, &params), (4, &g.quants), (5, &g.scales), (6, &u.quants), (7, &u.scales), (8, step)]);
+        let gate_up = Kernel::new(ctx, &batch_spec("gate_up", g.code(), u.code(), act_code(act)), &[(0, x), (1, h), (3, &params), (4, &g.quants), (5, &g.scales), (6, &u.quants), (7, &u.scales), (8, step)]);
         // The down kernel reads its matrix through the first pair of bindings; the second pair
         // is bound to it too (the shared loader names both).
-        let src = specialize(BATCH, &[("TYPE_A", d.code()), ("TYPE_B", d.code()), ("ACT", 0)]);
-        let key = format!("sparse/batch/d{}", d.code());
-        let down = Kernel::new(ctx, &format!("{key}/down"), &src, "down", &[(1, h), (2, y), (3, &params), (4, &d.quants), (5, &d.scales), (6, &d.quants), (7, &d.scales), (8, step)]);
+        let down = Kernel::new(ctx, &batch_spec("down", d.code(), d.code(), 0), &[(1, h), (2, y), (3, &params), (4, &d.quants), (5, &d.scales), (6, &d.quants), (7, &d.scales), (8, step)]);
         Ok(BatchFfnOp { gate_up: Some(gate_up), down: Some(down), rows, cols, _params: params })
     }
 
@@ -823,8 +819,7 @@ impl RowsOp {
         check_len("x", x, max_tokens * cols)?;
         check_distinct(("x", x), ("y", y))?;
         let params = ctx.uniform("streamed rows params", bytemuck::cast_slice(&[0u32, cols as u32, 0, 0]));
-        let src = specialize(BATCH, &[("TYPE_A", code), ("TYPE_B", code), ("ACT", 0)]);
-        let kernel = Kernel::new(ctx, &format!("sparse/batch/r{code}/rows"), &src, "rows", &[(0, x), (1, y), (3, &params), (4, quants), (5, scales), (6, quants), (7, scales), (8, step)]);
+        let kernel = Kernel::new(ctx, &batch_spec("rows", code, code, 0), &[(0, x), (1, y), (3, &params), (4, quants), (5, scales), (6, quants), (7, scales), (8, step)]);
         Ok(RowsOp { kernel, params, rows: 0, capacity, cols, y_len: (y.size() / 4) as usize })
     }
 
