@@ -235,9 +235,6 @@ fn upload_attention(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f32
     }
 }
 
-/// The CPU's part of a layer's FFN to the GPU, ordered before the next submission (whose first
-/// dispatch adds it into x): through the layer's upload slot, copied by that submission, or
-/// `queue.write_buffer`.
 /// After a host attention: x and xn back to the GPU, then the hot neurons' commands (which
 /// read them) submitted. Returns the seconds of the two parts.
 fn upload_and_submit(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f32], xn: &[f32], hot: Option<wgpu::CommandBuffer>) -> Result<(f64, f64), GpuError> {
@@ -248,6 +245,9 @@ fn upload_and_submit(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, x: &[f3
     Ok(((t_hot - t_write).as_secs_f64(), t_hot.elapsed().as_secs_f64()))
 }
 
+/// The CPU's part of a layer's FFN to the GPU, ordered before the next submission (whose first
+/// dispatch adds it into x): through the layer's upload slot, copied by that submission, or
+/// `queue.write_buffer`.
 fn upload_y(gpu: &GpuSession, sp: &SparseLayerOps, slots: bool, y: &[f32]) -> Result<(), ForwardError> {
     match (slots, &sp.up_y) {
         (true, Some(slot)) => slot.write(&gpu.ctx.device, &[bytemuck::cast_slice(y)]).map_err(ForwardError::Gpu),
@@ -973,13 +973,14 @@ impl HybridSession {
                     }
                     let (x, xn): (&[f32], &[f32]) = (host_x, host_xn);
                     let mut hot = hot.take();
+                    // With no cold neurons there is nothing to overlap: as on the main thread.
+                    let by_team = hot_submit == HotSubmit::Team && !sp.cold.ids.is_empty();
                     match hot_submit {
                         HotSubmit::Thread => {
                             tx_hot.send((split.layer, x.to_vec(), xn.to_vec(), hot.take())).map_err(|_| lost("the submitting thread stopped"))?;
                             hot_pending = true;
                         }
-                        // With no cold neurons there is nothing to overlap: as on the main thread.
-                        HotSubmit::Team if !sp.cold.ids.is_empty() => {}
+                        _ if by_team => {}
                         HotSubmit::Main | HotSubmit::Team => {
                             let (write, submit) = upload_and_submit(this, sp, slots, x, xn, hot.take()).map_err(ForwardError::Gpu)?;
                             t.attn_write += write;
@@ -991,9 +992,12 @@ impl HybridSession {
                         let t_cpu = std::time::Instant::now();
                         // Team: the first member to reach it, as the first product starts.
                         let outcome = Mutex::new(None);
-                        let aside = match hot.take() {
-                            Some(h) => Aside::new(|| *outcome.lock().unwrap() = Some(upload_and_submit(this, sp, slots, x, xn, Some(h)))),
-                            None => Aside::none(),
+                        let aside = match by_team {
+                            true => {
+                                let (outcome, hot) = (&outcome, hot.take());
+                                Aside::new(move || *outcome.lock().unwrap() = Some(upload_and_submit(this, sp, slots, x, xn, hot)))
+                            }
+                            false => Aside::none(),
                         };
                         cold_token(cold, ffn, &this.model, split.layer, x, xn, &sp.cold, drawn, *charged, sim_predictors.as_deref(), *precision, y, &aside);
                         aside.run();
