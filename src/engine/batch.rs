@@ -219,9 +219,7 @@ impl Batcher {
                 Err(e) => {
                     // The caches may hold part of the step: every member starts afresh.
                     for &i in &members {
-                        self.slots[i].active = None;
-                        self.forget(i);
-                        ended.push((i, Err(ForwardError::BadSequence(format!("the batch failed: {e}")))));
+                        self.fail(i, ForwardError::BadSequence(format!("the batch failed: {e}")), &mut ended);
                     }
                     continue;
                 }
@@ -234,9 +232,7 @@ impl Batcher {
                 s.cached.push(a.next);
                 let row = &logits[r * nv..(r + 1) * nv];
                 if let Err(e) = check_finite(row) {
-                    s.active = None;
-                    self.forget(i);
-                    ended.push((i, Err(e)));
+                    self.fail(i, e, &mut ended);
                     continue;
                 }
                 let t = pick(&mut a.sampler, row);
@@ -291,11 +287,7 @@ impl Batcher {
             }
         });
         match result {
-            Err(e) => {
-                s.active = None;
-                self.forget(i);
-                ended.push((i, Err(ForwardError::BadSequence(format!("the batch failed: {e}")))));
-            }
+            Err(e) => self.fail(i, ForwardError::BadSequence(format!("the batch failed: {e}")), ended),
             Ok(_) => {
                 if let Some(stop) = stop {
                     let a = s.active.take().expect("active");
@@ -304,6 +296,13 @@ impl Batcher {
             }
         }
         true
+    }
+
+    /// Ends slot `i`'s request with `err` and forgets its cache, which may hold part of a step.
+    fn fail(&mut self, i: usize, err: ForwardError, ended: &mut Ended) {
+        self.slots[i].active = None;
+        self.forget(i);
+        ended.push((i, Err(err)));
     }
 
     /// Forgets slot `slot`'s cache (after an error: it may hold part of a batch).
