@@ -215,6 +215,7 @@ fn reference_row_dot(w: &Matrix, x: &[f32], r: usize) -> f32 {
             match ty {
                 GgmlType::Q4_0 => quant::reference::vec_dot_q4_0_q8_0(bytemuck::cast_slice(row), &y),
                 GgmlType::Q8_0 => quant::reference::vec_dot_q8_0_q8_0(bytemuck::cast_slice(row), &y),
+                GgmlType::Q5_0 => <quant::BlockQ5_0 as quant::WeightBlock>::dot_ref(bytemuck::cast_slice(row), &y),
                 _ => unreachable!(),
             }
         }
@@ -226,7 +227,7 @@ fn matmul_equals_the_reference_row_dots_bit_for_bit() {
     // Whatever kernels this CPU picks (packed groups or rows), every output is the reference's
     // dot product to the bit; rows that end in a partial group included.
     let mut rng = Rng(11);
-    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0] {
         for (rows, cols, tokens) in [(1, 32, 1), (17, 96, 2), (53, 160, 3), (192, 576, 1)] {
             let (w, _) = random_matrix(&mut rng, rows, cols, ty);
             let x = rng.vec(tokens * cols);

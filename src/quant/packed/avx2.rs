@@ -91,6 +91,38 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
     }
 }
 
+/// Q5_0: as `group_q4_0`, each nibble lifted by 16 where its fifth bit is set (half `h`'s 32
+/// bits of lane `k`'s mask, spread to bytes), with the seed `-16 * sum(y)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn group_q5_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
+    use crate::quant::blocks::simd::bytes_from_bits;
+    let (mask, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(16));
+    for h in 0..2 {
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for b in 0..nb {
+            let (chunk, j) = (g.add(704 * (b / 2)), b % 2);
+            if h == 0 {
+                prefetch_ahead(g.add(352 * b), 384, y.prefetch);
+            }
+            let d = scales(chunk.add(512 + 32 * j + 16 * h), *y.d.add(b));
+            let (qv, high) = (chunk.add(256 * j + 32 * h), chunk.add(576 + 64 * j + 4 * h).cast::<u32>());
+            let q = y.qs.add(b * y.step);
+            let bias = y.bias4.add(8 * b);
+            for k in 0..4 {
+                let v = _mm256_load_si256(qv.add(64 * k).cast());
+                let lift = |l: usize| _mm256_and_si256(bytes_from_bits(high.add(2 * l).read_unaligned()), sixteen);
+                let lo = _mm256_or_si256(_mm256_and_si256(v, mask), lift(k));
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), lift(k + 4));
+                let s_lo = _mm256_add_epi32(dot4(lo, lane(q, k)), _mm256_set1_epi32(2 * *bias.add(k)));
+                let s_hi = _mm256_add_epi32(dot4(hi, lane(q, k + 4)), _mm256_set1_epi32(2 * *bias.add(k + 4)));
+                acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_lo), acc[k]);
+                acc[k + 4] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_hi), acc[k + 4]);
+            }
+        }
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), hsum_lanes(&acc));
+    }
+}
+
 /// Q8_0 with the reference's sign trick (`|x|` times `y` carrying x's sign), as the row kernel.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_q8_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {

@@ -56,7 +56,8 @@ unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: 
 }
 
 // Chunk layouts (see the module docs of `packed`): Q4_0 [q b][q b+1][d b][d b+1] (576 bytes),
-// Q4_1 [q][d][m] (320), Q8_0 [q b][q b+1][d b][d b+1] (1088).
+// Q4_1 [q][d][m] (320), Q5_0 [q b][q b+1][d b][d b+1][h b][h b+1] (704), Q8_0 [q b][q b+1][d b][d b+1]
+// (1088).
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
@@ -85,6 +86,35 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         q4_block::<false>(chunk, y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(hsum_lanes(&acc), summs));
+}
+
+/// Q5_0 (chunk [q b][q b+1][d b][d b+1][h b][h b+1], 704 bytes): Q4_0's lanes with each
+/// nibble lifted by 16 where its fifth bit is set (a masked byte add from lane `k`'s 64-bit
+/// mask), and the seed `-16 * sum(y)`, twice Q4_0's.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
+pub(super) unsafe fn group_q5_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
+    let (mask, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
+    let mut acc = [_mm512_setzero_ps(); 8];
+    for b in 0..nb {
+        let (chunk, j) = (g.add(704 * (b / 2)), b % 2);
+        prefetch_ahead(g.add(352 * b), 384, y.prefetch);
+        let d = scales(chunk.add(512 + 32 * j), *y.d.add(b));
+        let (qv, high) = (chunk.add(256 * j), chunk.add(576 + 64 * j).cast::<u64>());
+        let q = y.qs.add(b * y.step);
+        let bias = y.bias4.add(8 * b);
+        for k in 0..4 {
+            let v = _mm512_load_si512(qv.add(64 * k).cast());
+            let lo = _mm512_and_si512(v, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
+            let lo = _mm512_mask_add_epi8(lo, high.add(k).read(), lo, sixteen);
+            let hi = _mm512_mask_add_epi8(hi, high.add(k + 4).read(), hi, sixteen);
+            let s_lo = _mm512_dpbusd_epi32(_mm512_set1_epi32(2 * *bias.add(k)), lo, lane(q, k));
+            let s_hi = _mm512_dpbusd_epi32(_mm512_set1_epi32(2 * *bias.add(k + 4)), hi, lane(q, k + 4));
+            acc[k] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_lo), acc[k]);
+            acc[k + 4] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_hi), acc[k + 4]);
+        }
+    }
+    _mm512_storeu_ps(out.as_mut_ptr(), hsum_lanes(&acc));
 }
 
 /// Q8_0: quants flipped to `x + 128` by an xor, corrected by the seed `-128 * sum(y)`.

@@ -1,5 +1,5 @@
 //! Weights repacked at load time into interleaved groups of 16 rows, for the matrix-vector and
-//! matrix-matrix products of Q4_0, Q4_1 and Q8_0 matrices.
+//! matrix-matrix products of Q4_0, Q4_1, Q5_0 and Q8_0 matrices.
 //!
 //! # Why this layout
 //!
@@ -29,10 +29,15 @@
 //! that a linear prefetch a few KiB ahead covers (scales kept in a region of their own missed
 //! the cache at every group's start), and the matrix is as large as the original.
 //!
+//! Q5_0 is Q4_0's layout with the fifth bits added: per block, one 64-bit mask per lane after
+//! the chunk's scales (bit `4i + t`: row `i`'s element `4 * lane + t`), so that a masked byte
+//! add (AVX-512BW; AVX2 spreads the mask's 32 bits of a half group to bytes) lifts the nibbles
+//! to 5 bits. Its chunk holds two blocks (704 bytes), the same bytes as the file's.
+//!
 //! # Integer products
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. Q4_1's nibbles are unsigned already. Q4_0's
-//! quant is `nibble - 8`, so its sum is `dot(nibble, y) - 8 * sum(y)`; Q8_0's signed quants are
+//! quant is `nibble - 8`, so its sum is `dot(nibble, y) - 8 * sum(y)` (Q5_0's `- 16 * sum(y)`); Q8_0's signed quants are
 //! flipped to `x + 128` (one xor) and `128 * sum(y)` is taken off. The per-lane activation sums
 //! are computed once per token ([`ActScales`]) and seed the integer accumulator, so the
 //! correction costs no instruction in the loop. These are exact, and equal the reference's
@@ -137,7 +142,7 @@ unsafe fn prefetch_start(p: *const u8, dist: usize) {
 
 /// Whether [`PackedMatrix`] handles weights of type `ty`.
 pub fn packs(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q8_0)
 }
 
 /// One cache line; the packed bytes live in these so that every group starts 64-byte aligned.
@@ -154,23 +159,34 @@ struct Format {
     qbytes: usize,
     /// Blocks per chunk.
     k: usize,
+    /// Q5_0's fifth bits (a u32 after the scale in a GGUF block): packed as one 64-bit mask
+    /// per lane and block after the chunk's scales, bit `4i + t` for row i's element `4 *
+    /// lane + t`, so a masked byte add lifts the nibbles to 5 bits.
+    high_bits: bool,
 }
 
 impl Format {
     fn of(ty: GgmlType) -> Option<Format> {
         match ty {
-            GgmlType::Q4_0 => Some(Format { scales: 1, qbytes: 16, k: 2 }),
-            GgmlType::Q4_1 => Some(Format { scales: 2, qbytes: 16, k: 1 }),
-            GgmlType::Q8_0 => Some(Format { scales: 1, qbytes: 32, k: 2 }),
+            GgmlType::Q4_0 => Some(Format { scales: 1, qbytes: 16, k: 2, high_bits: false }),
+            GgmlType::Q4_1 => Some(Format { scales: 2, qbytes: 16, k: 1, high_bits: false }),
+            GgmlType::Q5_0 => Some(Format { scales: 1, qbytes: 16, k: 2, high_bits: true }),
+            GgmlType::Q8_0 => Some(Format { scales: 1, qbytes: 32, k: 2, high_bits: false }),
             _ => None,
         }
     }
 
+    /// Bytes of one row's block in the GGUF file.
     fn block_bytes(self) -> usize {
-        2 * self.scales + self.qbytes
+        2 * self.scales + self.high_bytes() + self.qbytes
     }
 
-    /// Bytes of one chunk: `k` blocks of 16 rows, quants and scales.
+    /// Q5_0's fifth bits per row and block: 4 bytes in the file, and as many packed.
+    fn high_bytes(self) -> usize {
+        if self.high_bits { 4 } else { 0 }
+    }
+
+    /// Bytes of one chunk: `k` blocks of 16 rows, quants, scales and fifth bits.
     fn chunk_bytes(self) -> usize {
         self.k * GROUP * self.block_bytes()
     }
@@ -210,7 +226,7 @@ impl Default for PackOptions {
 /// Why a matrix could not be packed.
 #[derive(Debug, thiserror::Error)]
 pub enum PackError {
-    #[error("{0} matrices are not packed (Q4_0, Q4_1 and Q8_0 are)")]
+    #[error("{0} matrices are not packed (Q4_0, Q4_1, Q5_0 and Q8_0 are)")]
     Unsupported(GgmlType),
     #[error("{rows}x{cols} {ty} takes {expected} bytes, but {got} were given")]
     Length { ty: GgmlType, rows: usize, cols: usize, expected: usize, got: usize },
@@ -250,8 +266,18 @@ impl PackedMatrix {
                         let at = chunk + f.k * GROUP * f.qbytes + (s * f.k + j) * 2 * GROUP + 2 * i;
                         dst[at..at + 2].copy_from_slice(&src[2 * s..2 * s + 2]);
                     }
+                    // Lane l's fifth bits (elements 4l..4l+4) of row i: bits 4i..4i+4 of the
+                    // block's mask l, after the chunk's scales.
+                    if f.high_bits {
+                        let qh = u32::from_le_bytes(src[2 * f.scales..2 * f.scales + 4].try_into().unwrap());
+                        let masks = chunk + f.k * GROUP * (f.qbytes + 2 * f.scales) + j * 64;
+                        for l in 0..8 {
+                            let at = masks + 8 * l + i / 2;
+                            dst[at] |= (((qh >> (4 * l)) & 0xF) as u8) << (4 * (i % 2));
+                        }
+                    }
                     // Quant dword v of the row goes to vector v of the block, dword i.
-                    let qs = &src[2 * f.scales..];
+                    let qs = &src[2 * f.scales + f.high_bytes()..];
                     for v in 0..f.qbytes / 4 {
                         let at = chunk + j * GROUP * f.qbytes + v * 64 + 4 * i;
                         dst[at..at + 4].copy_from_slice(&qs[4 * v..4 * v + 4]);
@@ -341,9 +367,11 @@ impl PackedMatrix {
         match (isa, self.ty) {
             (Isa::Avx512Vnni, GgmlType::Q4_0) => avx512::group_q4_0(gp, nb, &a, tile),
             (Isa::Avx512Vnni, GgmlType::Q4_1) => avx512::group_q4_1(gp, nb, &a, tile),
+            (Isa::Avx512Vnni, GgmlType::Q5_0) => avx512::group_q5_0(gp, nb, &a, tile),
             (Isa::Avx512Vnni, GgmlType::Q8_0) => avx512::group_q8_0(gp, nb, &a, tile),
             (Isa::Avx2, GgmlType::Q4_0) => avx2::group_q4_0(gp, nb, &a, tile),
             (Isa::Avx2, GgmlType::Q4_1) => avx2::group_q4_1(gp, nb, &a, tile),
+            (Isa::Avx2, GgmlType::Q5_0) => avx2::group_q5_0(gp, nb, &a, tile),
             (Isa::Avx2, GgmlType::Q8_0) => avx2::group_q8_0(gp, nb, &a, tile),
             _ => unreachable!("only packable types are packed"),
         }
