@@ -1,5 +1,6 @@
-// y = W x[t] (stored through matmul_store.wgsl; no pairs epilogue) for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0
-// of matmul_q4_0.wgsl): the decode matvec with integer dot products, one token per grid z.
+// y = W x[t] (stored through matmul_store.wgsl) for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0 of
+// matmul_q4_0.wgsl) and Q4_K in the grouped layout of src/gpu/kquant.rs: the decode matvec with
+// integer dot products, one token per grid z.
 //
 // Why: decoding nibbles to f32 costs about 3.6 instructions per weight (mask and or, subtract,
 // multiply-add, scales); this kernel needs about a third of that. (On an H200 it measured the
@@ -17,6 +18,12 @@
 // operations: the numerics of llama.cpp's CPU Q4_0 x Q8_0 dot product, at 0.6 instructions
 // per weight.
 //
+// Q4_K (KQ_TYPE = 2): a "block" is one 32-element group of the grouped layout, whose 16 quant
+// bytes are in Q4_1's order, so the dot products are Q4_1's; the group's scale d * sc and
+// minimum dmin * m come from its super-block's 16-byte header (kquant_scales.wgsl's
+// k4_scale_min, composed before this file): y += d sc s_x sum(q xq) - dmin m sum(x). With 8-bit
+// activations sum(x) is Q8_1's f16(s * sum xq), as llama.cpp's GPU Q4_K x Q8_1 product.
+//
 // A workgroup of KQ_WG threads (a multiple of 64, see src/gpu/matrix.rs) owns every block of a
 // row (thread i: blocks i, i + KQ_WG, ..., KQ_BPT of them), loads and quantises their activations
 // once, then walks KQ_RG steps of KQ_NR rows, loading only weights (the next step's before this
@@ -30,7 +37,7 @@
 // matmul_store.wgsl. With a pairs epilogue (gate/up or RoPE pairs) KQ_NR is even and a storing
 // thread takes two adjacent rows.
 //
-// KQ_Q41, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
+// KQ_TYPE, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
 // compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
 
 struct Chunk {
@@ -44,13 +51,14 @@ struct Chunk {
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<uniform> step: Step;
 @group(0) @binding(3) var<uniform> chunk: Chunk;
-// Block b's 16 quant bytes (GGUF nibble order).
+// Block (Q4_K: group) b's 16 quant bytes (GGUF nibble order).
 @group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
-// Q4_0: the f16 scale of block b at half b; Q4_1: d | m << 16 in word b.
+// Q4_0: the f16 scale of block b at half b; Q4_1: d | m << 16 in word b; Q4_K: the header of
+// super-block b / 8 in words 4 (b / 8) .. 4 (b / 8) + 3 (word 0: d | dmin << 16).
 @group(0) @binding(5) var<storage, read> wd: array<u32>;
 
-// 0: Q4_0, 1: Q4_1.
-const KQ_Q41: u32 = 0u;
+// 0: Q4_0, 1: Q4_1, 2: Q4_K (rows of whole super-blocks).
+const KQ_TYPE: u32 = 0u;
 // 3: 22-bit activations in three byte limbs; 1: 8-bit activations.
 const KQ_LIMBS: u32 = 3u;
 const KQ_WG: u32 = 128u;
@@ -73,7 +81,8 @@ const KQ_PAIRS: bool = EPI_PAIRS || DV_ROPE;
 
 // A block's activations as limbs: l0[g], l1[g], l2[g] pack the bytes b0, b1, b2 of elements
 // 4g..4g+3 (with one limb, l0 packs the signed 8-bit values and qsum is their sum); s is the
-// scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and Q4_1's minimum).
+// scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and the minimum of Q4_1
+// and Q4_K); sub the block's group in its super-block (Q4_K).
 struct XQ {
     l0: array<u32, 8>,
     l1: array<u32, 8>,
@@ -81,12 +90,16 @@ struct XQ {
     s: f32,
     sum: f32,
     qsum: i32,
+    sub: u32,
 }
 
-// One block of one row as loaded: quants and the packed scale (and minimum).
+// One block of one row as loaded: quants and the packed scale (and minimum); Q4_K: d holds
+// the super-block header's word 0 (d | dmin << 16) and h its words 1..3 (the packed 6-bit
+// scales and minimums, decoded in kq_dot).
 struct WB {
     q: vec4<u32>,
     d: u32,
+    h: vec3<u32>,
 }
 
 fn kq_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -115,6 +128,7 @@ fn kq_quant(row4: u32, j: u32, counts: bool) -> XQ {
     let amax = max(max(m.x, m.y), max(m.z, m.w));
     var r: XQ;
     r.sum = (sv.x + sv.y) + (sv.z + sv.w);
+    r.sub = j & 7u;
     if (KQ_LIMBS == 1u) {
         // As llama.cpp's quantize_row_q8_0/q8_1: d = max|x| / 127, xq = round(x / d), d then
         // stored as f16 (and Q8_1's sum as f16(d * sum xq), used below for Q4_1's minimum).
@@ -155,12 +169,17 @@ fn kq_fetch(group: u32, rs: u32, lid: u32, nb: u32) -> array<WB, KQ_NR * KQ_BPT>
         for (var s = 0u; s < KQ_BPT; s++) {
             let b = row * nb + min(lid + s * KQ_WG, nb - 1u);
             var d: u32;
-            if (KQ_Q41 == 1u) {
+            var h = vec3<u32>(0u);
+            if (KQ_TYPE == 2u) {
+                let o = 4u * (b >> 3u);
+                d = wd[o];
+                h = vec3<u32>(wd[o + 1u], wd[o + 2u], wd[o + 3u]);
+            } else if (KQ_TYPE == 1u) {
                 d = wd[b];
             } else {
                 d = wd[b >> 1u] >> ((b & 1u) * 16u);
             }
-            w[r * KQ_BPT + s] = WB(wq[b], d);
+            w[r * KQ_BPT + s] = WB(wq[b], d, h);
         }
     }
     return w;
@@ -176,7 +195,11 @@ fn kq_dot(w: WB, xq: XQ) -> f32 {
             a += dot4I8Packed(lo, xq.l0[k]) + dot4I8Packed(hi, xq.l0[4u + k]);
         }
         let dm = unpack2x16float(w.d);
-        if (KQ_Q41 == 1u) {
+        if (KQ_TYPE == 2u) {
+            let sm = k4_scale_min(vec4<u32>(w.d, w.h), xq.sub);
+            return (dm.x * sm.x) * xq.s * f32(a) - (dm.y * sm.y) * xq.sum;
+        }
+        if (KQ_TYPE == 1u) {
             return dm.x * xq.s * f32(a) + dm.y * xq.sum;
         }
         // sum (q - 8) xq exactly, as llama.cpp's integer dot product.
@@ -195,7 +218,12 @@ fn kq_dot(w: WB, xq: XQ) -> f32 {
     }
     let qx = f32(a2 * 65536 + i32(a1 * 256u + a0)) * xq.s;
     let dm = unpack2x16float(w.d);
-    if (KQ_Q41 == 1u) {
+    if (KQ_TYPE == 2u) {
+        // sum (d sc q - dmin m) x
+        let sm = k4_scale_min(vec4<u32>(w.d, w.h), xq.sub);
+        return (dm.x * sm.x) * qx - (dm.y * sm.y) * xq.sum;
+    }
+    if (KQ_TYPE == 1u) {
         // sum (d q + m) x
         return dm.x * qx + dm.y * xq.sum;
     }
