@@ -13,14 +13,14 @@ use ember::model::{Activation, Matrix};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 
-/// The types the fused-epilogue tests run: TYPES and Q4_K (the grouped type the integer kernel
-/// also serves), at widths of whole super-blocks (see [`width`]).
-const FUSED_TYPES: [GgmlType; 6] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K];
+/// The types the fused-epilogue tests run: TYPES, Q4_K and Q6_K (the grouped types the integer
+/// kernel also serves), at widths of whole super-blocks (see [`width`]).
+const FUSED_TYPES: [GgmlType; 7] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K];
 
 /// A test's column count for `ty`: K-quant rows are whole 256-element super-blocks (608 becomes
 /// 768, 96 256).
 fn width(ty: GgmlType, cols: usize) -> usize {
-    if ty == GgmlType::Q4_K {
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
         cols.next_multiple_of(256)
     } else {
         cols
@@ -294,10 +294,10 @@ fn scale_min_k4(q: &[u8], j: usize) -> (f32, f32) {
     (sc as f32, m as f32)
 }
 
-/// Q4_K (GGUF blocks) times 8-bit activations as the integer kernel computes them with
-/// KQ_LIMBS = 1: per 32 elements xq = round(x / s), s = max|x| / 127 (then rounded to f16), the
-/// minimum's sum f16(s sum xq) (Q8_1's), summed in f64.
-fn q4_k_q8_reference(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+/// Q4_K or Q6_K (GGUF blocks) times 8-bit activations as the integer kernel computes them with
+/// KQ_LIMBS = 1: per 32 elements xq = round(x / s), s = max|x| / 127 (then rounded to f16), Q4_K's
+/// minimum times Q8_1's sum f16(s sum xq), summed in f64.
+fn k_q8_reference(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
     let f16 = |v: f32| half::f16::from_f32(v).to_f32();
     let mut out = vec![0.0; n * m.rows];
     for t in 0..n {
@@ -318,6 +318,24 @@ fn q4_k_q8_reference(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
         for r in 0..m.rows {
             let row = &m.bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
             let mut acc = 0.0f64;
+            if m.ty == GgmlType::Q6_K {
+                for (sb, b) in row.chunks_exact(210).enumerate() {
+                    let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32() as f64;
+                    for j in 0..8 {
+                        let (xq, s, _) = &groups[8 * sb + j];
+                        let (hf, k) = (j / 4, j % 4);
+                        for e in 0..32 {
+                            let byte = b[64 * hf + e + 32 * (k % 2)];
+                            let lo = if k < 2 { byte & 15 } else { byte >> 4 };
+                            let q = (lo | ((b[128 + 32 * hf + e] >> (2 * k)) & 3) << 4) as i32 - 32;
+                            let sc = b[192 + 2 * j + e / 16] as i8 as f64;
+                            acc += d * sc * *s as f64 * (q * xq[e]) as f64;
+                        }
+                    }
+                }
+                out[t * m.rows + r] = acc as f32;
+                continue;
+            }
             for (sb, b) in row.chunks_exact(144).enumerate() {
                 let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
                 let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
@@ -340,21 +358,21 @@ fn q4_k_q8_reference(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
     out
 }
 
-/// The integer-dot-product decode matvec on Q4_K (grouped layout: a 32-element group as Q4_1's
-/// block, its scale and minimum from the super-block header): 22-bit activations against the
-/// CPU's f32 product, 8-bit ones against [`q4_k_q8_reference`]; row counts that no step shape
-/// divides, one to many super-blocks (16640 columns: two groups per thread and row), both
-/// reductions.
+/// The integer-dot-product decode matvec on Q4_K and Q6_K (grouped layout: a 32-element group as
+/// a block; Q4_K's scale and minimum from the super-block header, Q6_K's high bit pairs or'ed
+/// into the nibbles and a scale per 16): 22-bit activations against the CPU's f32 product,
+/// 8-bit ones against [`k_q8_reference`]; row counts that no step shape divides, one to many
+/// super-blocks (16640 columns: two groups per thread and row), both reductions.
 #[test]
-fn integer_matvec_q4_k_matches_cpu() {
+fn integer_matvec_k_quants_match_cpu() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(0x4B4B);
-    for (rows, cols) in [(75, 768), (37, 256), (130, 1280), (5, 16640)] {
-        let m = matrix(GgmlType::Q4_K, rows, cols, &mut rng);
+    for (ty, rows, cols) in [GgmlType::Q4_K, GgmlType::Q6_K].into_iter().flat_map(|ty| [(75, 768), (37, 256), (130, 1280), (5, 16640)].map(|(r, c)| (ty, r, c))) {
+        let m = matrix(ty, rows, cols, &mut rng);
         let g = GpuMatrix::upload(&ctx, &m).unwrap();
         let x: Vec<f32> = rng.vec(3 * cols).iter().enumerate().map(|(i, v)| v + if i % 97 == 0 { 3.0 } else { 0.0 }).collect();
         let (want32, mag) = reference(&m, &x, 3);
-        let want8 = q4_k_q8_reference(&m, &x, 3);
+        let want8 = k_q8_reference(&m, &x, 3);
         let b = Bufs::new(&ctx, &x, 3 * rows);
         for limbs in [3, 1] {
             let want = if limbs == 3 { &want32 } else { &want8 };
@@ -414,9 +432,9 @@ fn run_over(ctx: &GpuContext, op: &MatmulOp, b: &Bufs, y0: &[f32], n: usize, ker
 
 /// The variants a fused product is checked with: (label, matvec configs, one-token kernel).
 /// The integer kernel (22-bit activations, so that the f32 references hold; its 8-bit numerics
-/// are checked by `integer_matvec_matches_cpu` and `integer_matvec_q4_k_matches_cpu`) runs on
-/// Q4 matrices in GGUF block order (608 columns here) and Q4_K; elsewhere it falls back to the
-/// blocks kernel.
+/// are checked by `integer_matvec_matches_cpu` and `integer_matvec_k_quants_match_cpu`) runs on
+/// Q4 matrices in GGUF block order (608 columns here), Q4_K and Q6_K; elsewhere it falls back to
+/// the blocks kernel.
 fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>, DecodeKernel)> {
     let blocks = DecodeKernel::Blocks { prefetch: true };
     let integer = DecodeKernel::Quantized { nr: 4, rg: 3, prefetch: false, limbs: 3 };

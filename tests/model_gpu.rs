@@ -212,7 +212,7 @@ fn synth(dir: &std::path::Path, ty: &str, layers: &str, tok: &std::path::Path) -
     path
 }
 
-/// A synthetic Q4_K_M model (Q4_K and Q6_K) with its Q4_K decode products on the integer kernel
+/// A synthetic Q4_K_M model (Q4_K and Q6_K) with its decode products on the integer kernel
 /// (`--gpu-precision q8`'s selection, the RMSNorm, RoPE and gate/up epilogues included): with
 /// 22-bit activations (`kq:8:4:0`) the logits of a prompt and greedy steps stay within the f32
 /// GPU's bound of the CPU's f32 products (measured on lavapipe: 9.1e-4); with the default 8-bit
@@ -228,12 +228,15 @@ fn q4_k_m_integer_decode_matches_the_cpu() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = synth(&dir, "q4_k_m", "4", &tok);
     let model = Arc::new(Model::load_keeping(&path, &ember::gpu::matrix::GPU_TYPES).unwrap());
-    assert!(model.layers.iter().any(|l| l.ffn_gate.ty == ember::gguf::GgmlType::Q4_K), "no Q4_K matrices");
+    let types: Vec<_> = model.layers.iter().flat_map(|l| [l.wv.ty, l.ffn_down.ty, l.ffn_gate.ty]).chain([model.output.ty]).collect();
+    assert!(types.contains(&ember::gguf::GgmlType::Q4_K) && types.contains(&ember::gguf::GgmlType::Q6_K), "{types:?}");
     let limbs3 = ember::gpu::matrix::parse_decode("kq:8:4:0").unwrap();
-    for (label, overrides, bound) in [("22-bit", vec![("q4_k".to_string(), limbs3)], 2e-3), ("8-bit", vec![], 3e-2)] {
+    for (label, overrides, bound) in [("22-bit", vec![("q4_k".to_string(), limbs3), ("q6_k".to_string(), limbs3)], 2e-3), ("8-bit", vec![], 3e-2)] {
         let tuning = ember::gpu::GpuTuning { integer_decode: true, decode_overrides: overrides, ..Default::default() };
         let ctx = Arc::new(common::gpu().unwrap().with_tuning(tuning));
-        assert!(matches!(ember::gpu::matrix::decode_config(&ctx, ember::gguf::GgmlType::Q4_K).0, ember::gpu::matrix::DecodeKernel::Quantized { .. }));
+        for ty in [ember::gguf::GgmlType::Q4_K, ember::gguf::GgmlType::Q6_K] {
+            assert!(matches!(ember::gpu::matrix::decode_config(&ctx, ty).0, ember::gpu::matrix::DecodeKernel::Quantized { .. }));
+        }
         let weights = Arc::new(GpuWeights::upload(&ctx, &model, false).unwrap());
         let mut gpu = GpuSession::new(model.clone(), ctx, weights, 64).unwrap();
         let mut cpu = Session::new(model.clone(), 64);

@@ -7,7 +7,7 @@ use super::matrix::DecodeChoice;
 
 #[derive(Clone, Debug)]
 pub struct GpuTuning {
-    /// Q4_0/Q4_1 and Q4_K decode products with llama.cpp's 8-bit activations on the integer
+    /// Q4_0/Q4_1, Q4_K and Q6_K decode products with llama.cpp's 8-bit activations on the integer
     /// kernel (`--gpu-precision q8`) instead of f32 activations. It decides the Q4_0/Q4_1
     /// matrices' layout at upload (GGUF block order) as well as the kernel.
     pub integer_decode: bool,
