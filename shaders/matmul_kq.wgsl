@@ -1,5 +1,6 @@
-// y = W x[t] (stored through matmul_store.wgsl; no pairs epilogue) for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0
-// of matmul_q4_0.wgsl): the decode matvec with integer dot products, one token per grid z.
+// y = W x[t] (stored through matmul_store.wgsl) for Q4_0 and Q4_1 weights in GGUF block order (PERM = 0 of
+// matmul_q4_0.wgsl) and Q4_K in the grouped layout of src/gpu/kquant.rs: the decode matvec with
+// integer dot products, one token per grid z.
 //
 // Why: decoding nibbles to f32 costs about 3.6 instructions per weight (mask and or, subtract,
 // multiply-add, scales); this kernel needs about a third of that. (On an H200 it measured the
@@ -17,6 +18,18 @@
 // operations: the numerics of llama.cpp's CPU Q4_0 x Q8_0 dot product, at 0.6 instructions
 // per weight.
 //
+// Q4_K (KQ_TYPE = 2): a "block" is one 32-element group of the grouped layout, whose 16 quant
+// bytes are in Q4_1's order, so the dot products are Q4_1's; the group's scale d * sc and
+// minimum dmin * m come from its super-block's 16-byte header (kquant_scales.wgsl's
+// k4_scale_min, composed before this file): y += d sc s_x sum(q xq) - dmin m sum(x). With 8-bit
+// activations sum(x) is Q8_1's f16(s * sum xq), as llama.cpp's GPU Q4_K x Q8_1 product.
+//
+// Q6_K (KQ_TYPE = 3, the same grouped layout): a group's quants are its nibbles with the bit
+// pairs of wq's second segment or'ed in as bits 4..5 of each byte (0..63, still packed 4x8-bit),
+// and its two halves of 16 (a word's low nibbles and its high nibbles) have their own signed
+// 8-bit scales: y += d s_x (sc_0 sum_0 + sc_1 sum_1), sum_h = sum (q - 32) xq over half h, the
+// 32 taken off exactly through the half's sum of xq (|sum q xq| < 16 * 63 * 2^21 < 2^31 per half).
+//
 // A workgroup of KQ_WG threads (a multiple of 64, see src/gpu/matrix.rs) owns every block of a
 // row (thread i: blocks i, i + KQ_WG, ..., KQ_BPT of them), loads and quantises their activations
 // once, then walks KQ_RG steps of KQ_NR rows, loading only weights (the next step's before this
@@ -30,7 +43,7 @@
 // matmul_store.wgsl. With a pairs epilogue (gate/up or RoPE pairs) KQ_NR is even and a storing
 // thread takes two adjacent rows.
 //
-// KQ_Q41, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
+// KQ_TYPE, KQ_LIMBS, KQ_WG, KQ_BPT, KQ_NR, KQ_RG and KQ_PF are rewritten by src/gpu/matrix.rs before
 // compilation (lines exactly of the form `const NAME: u32 = <n>u;`).
 
 struct Chunk {
@@ -44,13 +57,16 @@ struct Chunk {
 @group(0) @binding(1) var<storage, read_write> y: array<f32>;
 @group(0) @binding(2) var<uniform> step: Step;
 @group(0) @binding(3) var<uniform> chunk: Chunk;
-// Block b's 16 quant bytes (GGUF nibble order).
+// Block (Q4_K: group) b's 16 quant bytes (GGUF nibble order).
 @group(0) @binding(4) var<storage, read> wq: array<vec4<u32>>;
-// Q4_0: the f16 scale of block b at half b; Q4_1: d | m << 16 in word b.
+// Q4_0: the f16 scale of block b at half b; Q4_1: d | m << 16 in word b; Q4_K: the header of
+// super-block b / 8 in words 4 (b / 8) .. 4 (b / 8) + 3 (word 0: d | dmin << 16); Q6_K: the 16
+// signed 8-bit scales of super-block sb in words 4 sb .. 4 sb + 3, then its f16 d at half sb of
+// the segment from word 4 SB (SB: super-blocks in the buffer; see src/gpu/kquant.rs).
 @group(0) @binding(5) var<storage, read> wd: array<u32>;
 
-// 0: Q4_0, 1: Q4_1.
-const KQ_Q41: u32 = 0u;
+// 0: Q4_0, 1: Q4_1, 2: Q4_K, 3: Q6_K (rows of whole super-blocks).
+const KQ_TYPE: u32 = 0u;
 // 3: 22-bit activations in three byte limbs; 1: 8-bit activations.
 const KQ_LIMBS: u32 = 3u;
 const KQ_WG: u32 = 128u;
@@ -73,7 +89,9 @@ const KQ_PAIRS: bool = EPI_PAIRS || DV_ROPE;
 
 // A block's activations as limbs: l0[g], l1[g], l2[g] pack the bytes b0, b1, b2 of elements
 // 4g..4g+3 (with one limb, l0 packs the signed 8-bit values and qsum is their sum); s is the
-// scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and Q4_1's minimum).
+// scale; sum the exact f32 sum of the 32 activations (for Q4_0's -8 and the minimum of Q4_1
+// and Q4_K); sub the block's group in its super-block (Q4_K); hs the sums of xq over elements
+// 0..15 and 16..31 (Q6_K).
 struct XQ {
     l0: array<u32, 8>,
     l1: array<u32, 8>,
@@ -81,12 +99,18 @@ struct XQ {
     s: f32,
     sum: f32,
     qsum: i32,
+    sub: u32,
+    hs: vec2<i32>,
 }
 
-// One block of one row as loaded: quants and the packed scale (and minimum).
+// One block of one row as loaded: quants and the packed scale (and minimum); Q4_K: d holds
+// the super-block header's word 0 (d | dmin << 16) and h its words 1..3 (the packed 6-bit
+// scales and minimums, decoded in kq_dot); Q6_K: d the super-block's f16 d in its low half, h.xy
+// the group's two words of high bit pairs, h.z its two 8-bit scales in the low half.
 struct WB {
     q: vec4<u32>,
     d: u32,
+    h: vec3<u32>,
 }
 
 fn kq_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
@@ -115,6 +139,7 @@ fn kq_quant(row4: u32, j: u32, counts: bool) -> XQ {
     let amax = max(max(m.x, m.y), max(m.z, m.w));
     var r: XQ;
     r.sum = (sv.x + sv.y) + (sv.z + sv.w);
+    r.sub = j & 7u;
     if (KQ_LIMBS == 1u) {
         // As llama.cpp's quantize_row_q8_0/q8_1: d = max|x| / 127, xq = round(x / d), d then
         // stored as f16 (and Q8_1's sum as f16(d * sum xq), used below for Q4_1's minimum).
@@ -125,7 +150,9 @@ fn kq_quant(row4: u32, j: u32, counts: bool) -> XQ {
             // Half away from zero, as roundf.
             let q = vec4<i32>(trunc(v + select(vec4<f32>(-0.5), vec4<f32>(0.5), v >= vec4<f32>(0.0))));
             r.l0[g] = pack4xI8(q);
-            r.qsum += dot4I8Packed(r.l0[g], 0x01010101u);
+            let qs = dot4I8Packed(r.l0[g], 0x01010101u);
+            r.qsum += qs;
+            r.hs[g / 4u] += qs;
         }
         r.s = unpack2x16float(pack2x16float(vec2<f32>(d, d * f32(r.qsum)))).x;
         r.sum = unpack2x16float(pack2x16float(vec2<f32>(d, d * f32(r.qsum)))).y;
@@ -142,6 +169,9 @@ fn kq_quant(row4: u32, j: u32, counts: bool) -> XQ {
         r.l0[g] = pack4xU8(u & vec4<u32>(0xFFu));
         r.l1[g] = pack4xU8((u >> vec4<u32>(8u)) & vec4<u32>(0xFFu));
         r.l2[g] = pack4xI8(q >> vec4<u32>(16u));
+        if (KQ_TYPE == 3u) {
+            r.hs[g / 4u] += (q.x + q.y) + (q.z + q.w);
+        }
     }
     return r;
 }
@@ -155,19 +185,68 @@ fn kq_fetch(group: u32, rs: u32, lid: u32, nb: u32) -> array<WB, KQ_NR * KQ_BPT>
         for (var s = 0u; s < KQ_BPT; s++) {
             let b = row * nb + min(lid + s * KQ_WG, nb - 1u);
             var d: u32;
-            if (KQ_Q41 == 1u) {
+            var h = vec3<u32>(0u);
+            if (KQ_TYPE == 3u) {
+                let g = chunk.rows * nb;
+                let sb = b >> 3u;
+                let sub = b & 7u;
+                let hv = wq[g + (b >> 1u)];
+                d = wd[4u * (g >> 3u) + (sb >> 1u)] >> (16u * (sb & 1u));
+                h = vec3<u32>(select(hv.xy, hv.zw, (b & 1u) == 1u), wd[4u * sb + (sub >> 1u)] >> (16u * (sub & 1u)));
+            } else if (KQ_TYPE == 2u) {
+                let o = 4u * (b >> 3u);
+                d = wd[o];
+                h = vec3<u32>(wd[o + 1u], wd[o + 2u], wd[o + 3u]);
+            } else if (KQ_TYPE == 1u) {
                 d = wd[b];
             } else {
                 d = wd[b >> 1u] >> ((b & 1u) * 16u);
             }
-            w[r * KQ_BPT + s] = WB(wq[b], d);
+            w[r * KQ_BPT + s] = WB(wq[b], d, h);
         }
     }
     return w;
 }
 
+// The 4 bit pairs of t's low byte as bits 4..5 of 4 bytes (Q6_K).
+fn kq_pairs(t: u32) -> u32 {
+    let b = t & 0xFFu;
+    return ((b | (b << 6u) | (b << 12u) | (b << 18u)) & 0x03030303u) << 4u;
+}
+
+// Q6_K: a group times the quantised activations, sum d sc (q - 32) x.
+fn kq_dot_q6(w: WB, xq: XQ) -> f32 {
+    // Word k's quants (0..63): elements 4k..4k+3 (x) and 16 + 4k.. (y).
+    var q: array<vec2<u32>, 4>;
+    for (var k = 0u; k < 4u; k++) {
+        q[k] = vec2<u32>(w.q[k] & 0x0F0F0F0Fu, (w.q[k] >> 4u) & 0x0F0F0F0Fu) | vec2<u32>(kq_pairs(w.h.x >> (8u * k)), kq_pairs(w.h.y >> (8u * k)));
+    }
+    var a: vec2<i32>;
+    if (KQ_LIMBS == 1u) {
+        for (var k = 0u; k < 4u; k++) {
+            a += vec2<i32>(dot4I8Packed(q[k].x, xq.l0[k]), dot4I8Packed(q[k].y, xq.l0[4u + k]));
+        }
+    } else {
+        var a0 = vec2<u32>(0u);
+        var a1 = vec2<u32>(0u);
+        var a2 = vec2<i32>(0);
+        for (var k = 0u; k < 4u; k++) {
+            a0 += vec2<u32>(dot4U8Packed(q[k].x, xq.l0[k]), dot4U8Packed(q[k].y, xq.l0[4u + k]));
+            a1 += vec2<u32>(dot4U8Packed(q[k].x, xq.l1[k]), dot4U8Packed(q[k].y, xq.l1[4u + k]));
+            a2 += vec2<i32>(dot4I8Packed(q[k].x, xq.l2[k]), dot4I8Packed(q[k].y, xq.l2[4u + k]));
+        }
+        a = a2 * 65536 + bitcast<vec2<i32>>(a1 * 256u + a0);
+    }
+    a -= 32 * xq.hs;
+    let sc = vec2<f32>(f32(extractBits(bitcast<i32>(w.h.z), 0u, 8u)), f32(extractBits(bitcast<i32>(w.h.z), 8u, 8u)));
+    return unpack2x16float(w.d).x * xq.s * (sc.x * f32(a.x) + sc.y * f32(a.y));
+}
+
 // One row's block times the quantised activations.
 fn kq_dot(w: WB, xq: XQ) -> f32 {
+    if (KQ_TYPE == 3u) {
+        return kq_dot_q6(w, xq);
+    }
     if (KQ_LIMBS == 1u) {
         var a = 0i;
         for (var k = 0u; k < 4u; k++) {
@@ -176,7 +255,11 @@ fn kq_dot(w: WB, xq: XQ) -> f32 {
             a += dot4I8Packed(lo, xq.l0[k]) + dot4I8Packed(hi, xq.l0[4u + k]);
         }
         let dm = unpack2x16float(w.d);
-        if (KQ_Q41 == 1u) {
+        if (KQ_TYPE == 2u) {
+            let sm = k4_scale_min(vec4<u32>(w.d, w.h), xq.sub);
+            return (dm.x * sm.x) * xq.s * f32(a) - (dm.y * sm.y) * xq.sum;
+        }
+        if (KQ_TYPE == 1u) {
             return dm.x * xq.s * f32(a) + dm.y * xq.sum;
         }
         // sum (q - 8) xq exactly, as llama.cpp's integer dot product.
@@ -195,7 +278,12 @@ fn kq_dot(w: WB, xq: XQ) -> f32 {
     }
     let qx = f32(a2 * 65536 + i32(a1 * 256u + a0)) * xq.s;
     let dm = unpack2x16float(w.d);
-    if (KQ_Q41 == 1u) {
+    if (KQ_TYPE == 2u) {
+        // sum (d sc q - dmin m) x
+        let sm = k4_scale_min(vec4<u32>(w.d, w.h), xq.sub);
+        return (dm.x * sm.x) * qx - (dm.y * sm.y) * xq.sum;
+    }
+    if (KQ_TYPE == 1u) {
         // sum (d q + m) x
         return dm.x * qx + dm.y * xq.sum;
     }

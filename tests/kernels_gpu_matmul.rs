@@ -13,6 +13,20 @@ use ember::model::{Activation, Matrix};
 
 const TYPES: [GgmlType; 5] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1];
 
+/// The types the fused-epilogue tests run: TYPES, Q4_K and Q6_K (the grouped types the integer
+/// kernel also serves), at widths of whole super-blocks (see [`width`]).
+const FUSED_TYPES: [GgmlType; 7] = [GgmlType::F32, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K];
+
+/// A test's column count for `ty`: K-quant rows are whole 256-element super-blocks (608 becomes
+/// 768, 96 256).
+fn width(ty: GgmlType, cols: usize) -> usize {
+    if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+        cols.next_multiple_of(256)
+    } else {
+        cols
+    }
+}
+
 /// The CPU product with f32 activations, and sum |w x| per output for the tolerance.
 fn reference(m: &Matrix, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>) {
     reference_at(m, x, n, Precision::F32)
@@ -274,6 +288,110 @@ fn integer_matvec_matches_cpu() {
     }
 }
 
+/// ggml's get_scale_min_k4: sub-block j's 6-bit scale and minimum from a Q4_K block's 12 bytes.
+fn scale_min_k4(q: &[u8], j: usize) -> (f32, f32) {
+    let (sc, m) = if j < 4 { (q[j] & 63, q[j + 4] & 63) } else { ((q[j + 4] & 15) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)) };
+    (sc as f32, m as f32)
+}
+
+/// Q4_K or Q6_K (GGUF blocks) times 8-bit activations as the integer kernel computes them with
+/// KQ_LIMBS = 1: per 32 elements xq = round(x / s), s = max|x| / 127 (then rounded to f16), Q4_K's
+/// minimum times Q8_1's sum f16(s sum xq), summed in f64.
+fn k_q8_reference(m: &Matrix, x: &[f32], n: usize) -> Vec<f32> {
+    let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+    let mut out = vec![0.0; n * m.rows];
+    for t in 0..n {
+        let groups: Vec<([i32; 32], f32, f32)> = x[t * m.cols..(t + 1) * m.cols]
+            .chunks_exact(32)
+            .map(|g| {
+                let amax = g.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let inv = if amax > 0.0 { 1.0 / d } else { 0.0 };
+                let mut q = [0i32; 32];
+                for (qi, v) in q.iter_mut().zip(g) {
+                    *qi = (v * inv).round() as i32;
+                }
+                let qsum: i32 = q.iter().sum();
+                (q, f16(d), f16(d * qsum as f32))
+            })
+            .collect();
+        for r in 0..m.rows {
+            let row = &m.bytes()[r * m.row_bytes()..(r + 1) * m.row_bytes()];
+            let mut acc = 0.0f64;
+            if m.ty == GgmlType::Q6_K {
+                for (sb, b) in row.chunks_exact(210).enumerate() {
+                    let d = half::f16::from_le_bytes([b[208], b[209]]).to_f32() as f64;
+                    for j in 0..8 {
+                        let (xq, s, _) = &groups[8 * sb + j];
+                        let (hf, k) = (j / 4, j % 4);
+                        for e in 0..32 {
+                            let byte = b[64 * hf + e + 32 * (k % 2)];
+                            let lo = if k < 2 { byte & 15 } else { byte >> 4 };
+                            let q = (lo | ((b[128 + 32 * hf + e] >> (2 * k)) & 3) << 4) as i32 - 32;
+                            let sc = b[192 + 2 * j + e / 16] as i8 as f64;
+                            acc += d * sc * *s as f64 * (q * xq[e]) as f64;
+                        }
+                    }
+                }
+                out[t * m.rows + r] = acc as f32;
+                continue;
+            }
+            for (sb, b) in row.chunks_exact(144).enumerate() {
+                let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+                let dmin = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+                for j in 0..8 {
+                    let (sc, mn) = scale_min_k4(&b[4..16], j);
+                    let (xq, s, sum) = &groups[8 * sb + j];
+                    let dot: i32 = (0..32)
+                        .map(|e| {
+                            let byte = b[16 + 32 * (j / 2) + e];
+                            let q = if j % 2 == 0 { byte & 15 } else { byte >> 4 };
+                            q as i32 * xq[e]
+                        })
+                        .sum();
+                    acc += (d * sc) as f64 * *s as f64 * dot as f64 - (dmin * mn) as f64 * *sum as f64;
+                }
+            }
+            out[t * m.rows + r] = acc as f32;
+        }
+    }
+    out
+}
+
+/// The integer-dot-product decode matvec on Q4_K and Q6_K (grouped layout: a 32-element group as
+/// a block; Q4_K's scale and minimum from the super-block header, Q6_K's high bit pairs or'ed
+/// into the nibbles and a scale per 16): 22-bit activations against the CPU's f32 product,
+/// 8-bit ones against [`k_q8_reference`]; row counts that no step shape divides, one to many
+/// super-blocks (16640 columns: two groups per thread and row), both reductions.
+#[test]
+fn integer_matvec_k_quants_match_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x4B4B);
+    for (ty, rows, cols) in [GgmlType::Q4_K, GgmlType::Q6_K].into_iter().flat_map(|ty| [(75, 768), (37, 256), (130, 1280), (5, 16640)].map(|(r, c)| (ty, r, c))) {
+        let m = matrix(ty, rows, cols, &mut rng);
+        let g = GpuMatrix::upload(&ctx, &m).unwrap();
+        let x: Vec<f32> = rng.vec(3 * cols).iter().enumerate().map(|(i, v)| v + if i % 97 == 0 { 3.0 } else { 0.0 }).collect();
+        let (want32, mag) = reference(&m, &x, 3);
+        let want8 = k_q8_reference(&m, &x, 3);
+        let b = Bufs::new(&ctx, &x, 3 * rows);
+        for limbs in [3, 1] {
+            let want = if limbs == 3 { &want32 } else { &want8 };
+            for (nr, rg, prefetch) in [(1, 1, false), (4, 2, true), (3, 3, false), (8, 4, false)] {
+                for subgroups in [false, true] {
+                    let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
+                    let kernel = DecodeKernel::Quantized { nr, rg, prefetch, limbs };
+                    let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, kernel, &MatOut::default());
+                    for n in [1, 3] {
+                        let got = run(&ctx, &op, &b, rows, n, Kernel::Matvec);
+                        let what = format!("{} limbs {limbs} nr {nr} rg {rg} pf {prefetch} sg {subgroups} n={n}", m.name);
+                        check(&what, &got, &want[..n * rows], &mag[..n * rows]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn split_across_bindings() {
     let Some(ctx) = gpu() else { return };
@@ -314,8 +432,9 @@ fn run_over(ctx: &GpuContext, op: &MatmulOp, b: &Bufs, y0: &[f32], n: usize, ker
 
 /// The variants a fused product is checked with: (label, matvec configs, one-token kernel).
 /// The integer kernel (22-bit activations, so that the f32 references hold; its 8-bit numerics
-/// are checked by `integer_matvec_matches_cpu`) runs on Q4 matrices in GGUF block order (608
-/// columns here); elsewhere it falls back to the blocks kernel.
+/// are checked by `integer_matvec_matches_cpu` and `integer_matvec_k_quants_match_cpu`) runs on
+/// Q4 matrices in GGUF block order (608 columns here), Q4_K and Q6_K; elsewhere it falls back to
+/// the blocks kernel.
 fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>, DecodeKernel)> {
     let blocks = DecodeKernel::Blocks { prefetch: true };
     let integer = DecodeKernel::Quantized { nr: 4, rg: 3, prefetch: false, limbs: 3 };
@@ -363,8 +482,9 @@ fn stacked_sections_and_residual_add_match_cpu() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(0xADD);
     // 608 columns: 19 blocks, GGUF word order; 512: the permuted order of the Q4/Q8 kernels.
-    for ty in TYPES {
+    for ty in FUSED_TYPES {
         for (cols, heights) in [(608, [70, 23, 23]), (512, [64, 33, 1])] {
+            let cols = width(ty, cols);
             let parts: Vec<Matrix> = heights.iter().map(|&r| matrix(ty, r, cols, &mut rng)).collect();
             let refs: Vec<&Matrix> = parts.iter().collect();
             let g = GpuMatrix::upload_stacked(&ctx, "qkv", &refs, false).unwrap().expect("same type and width");
@@ -412,8 +532,9 @@ fn stacked_sections_and_residual_add_match_cpu() {
 fn gated_pairs_match_cpu() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(0x6A7E);
-    for ty in TYPES {
+    for ty in FUSED_TYPES {
         for (ff, cols) in [(45, 608), (64, 512), (1, 96)] {
+            let cols = width(ty, cols);
             let gate = matrix(ty, ff, cols, &mut rng);
             let up = matrix(ty, ff, cols, &mut rng);
             let g = GpuMatrix::upload_stacked(&ctx, "gate_up", &[&gate, &up], true).unwrap().expect("same type and shape");
@@ -473,9 +594,10 @@ fn folded_rms_norm_matches_cpu() {
     let Some(ctx) = gpu() else { return };
     let mut rng = Rng(0x4E0F);
     let eps = 1e-5f32;
-    for ty in TYPES {
+    for ty in FUSED_TYPES {
         // 608: GGUF word order; 512: the permuted order; 96: fewer slots than threads.
         for (rows, cols, split) in [(70, 608, false), (133, 512, false), (4, 96, false), (200, 256, true)] {
+            let cols = width(ty, cols);
             let m = matrix(ty, rows, cols, &mut rng);
             let g = if split {
                 let row_bytes = GpuMatrix::upload(&ctx, &m).unwrap().gpu_bytes() as usize / rows;
@@ -546,8 +668,9 @@ fn rope_epilogue_matches_separate_rope() {
     let (n_head, n_head_kv, head_dim, n_ctx, pos) = (3u32, 1u32, 64u32, 50u32, 37u32);
     let (qd, kvd) = ((n_head * head_dim) as usize, (n_head_kv * head_dim) as usize);
     let shape = RopeShape { n_head, n_head_kv, head_dim, rope_dim: 48, base: 10000.0, freq_scale: 0.5, neox: false };
-    for ty in TYPES {
+    for ty in FUSED_TYPES {
         for cols in [608, 512] {
+            let cols = width(ty, cols);
             let parts: Vec<Matrix> = [qd, kvd, kvd].iter().map(|&r| matrix(ty, r, cols, &mut rng)).collect();
             let refs: Vec<&Matrix> = parts.iter().collect();
             let g = GpuMatrix::upload_stacked(&ctx, "qkv", &refs, false).unwrap().unwrap();

@@ -32,6 +32,9 @@ COPY=$(grep -oE "copy bandwidth: [0-9.]+" /tmp/copy.txt | grep -oE "[0-9.]+$")
 for i in 1 2; do
   echo; echo "== ember --backend gpu, tg128 ($i)"
   $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r ${REPS:-3} 2>&1 | grep -v "^ember: loaded\|^$" | tee /tmp/ember-$i.txt
+  # Q4_K and Q6_K on the integer kernel (shaders/matmul_kq.wgsl, llama.cpp's 8-bit activations).
+  echo; echo "== ember --backend gpu --gpu-precision q8, tg128 ($i)"
+  $E bench -m $M/q4km.gguf --backend gpu --gpu-precision q8 -p 0 -n 128 -r ${REPS:-3} 2>&1 | grep -v "^ember: loaded\|^$" | tee /tmp/ember-q8-$i.txt
   [ "${NO_LLAMA:-0}" = 1 ] || { echo; echo "== llama.cpp CUDA -ngl 99, tg128 ($i)"; $LB -m $M/q4km.gguf -ngl 99 -p 0 -n 128 -r ${REPS:-3} 2>&1 | grep -E "^\|"; }
 done
 
@@ -41,6 +44,12 @@ done
 [ "${SWEEP:-1}" = 1 ] && for v in 64:2:1:1 128:2:1:1 64:4:1:1 128:1:2:1; do
   echo; echo "== ember --backend gpu, tg128, --tune mv-dec=q4_k=$v,q6_k=$v"
   $E bench -m $M/q4km.gguf --backend gpu -p 0 -n 128 -r 2 --tune mv-dec=q4_k=$v,q6_k=$v 2>&1 | grep tg128
+done
+# The integer kernel's shapes (kq:rows per step:steps:prefetch:limbs; the q8 default is kq:8:4:0:1,
+# taken from Q4_0, never measured for Q4_K/Q6_K). KQSWEEP=0 skips.
+[ "${KQSWEEP:-1}" = 1 ] && for v in kq:4:4:0:1 kq:8:2:0:1 kq:8:4:1:1 kq:4:8:0:1 kq:8:4:0:3; do
+  echo; echo "== ember --backend gpu --gpu-precision q8, tg128, --tune mv-dec=q4_k=$v,q6_k=$v"
+  $E bench -m $M/q4km.gguf --backend gpu --gpu-precision q8 -p 0 -n 128 -r 2 --tune mv-dec=q4_k=$v,q6_k=$v 2>&1 | grep tg128
 done
 
 # Weight bytes read per decoded token: the file's tensors less the embedding table (one row is

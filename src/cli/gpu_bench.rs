@@ -420,7 +420,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
     let types: Vec<String> = std::env::var("EMBER_MV_SWEEP_TYPES").map(|v| v.split(',').map(|t| t.trim().to_lowercase()).collect()).unwrap_or_default();
     let sg = ctx.has_subgroups();
     let mut best = Vec::new();
-    for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
+    for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::Q6_K] {
         if !types.is_empty() && !types.contains(&ty.name().to_lowercase()) {
             continue;
         }
@@ -439,7 +439,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                     continue;
                 }
                 let gguf = matches!(kernel, DecodeKernel::Quantized { .. });
-                if gguf && !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+                if gguf && !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q6_K) {
                     continue;
                 }
                 if sets[gguf as usize].is_none() {

@@ -100,7 +100,7 @@ pub struct ModelArgs {
     /// Arithmetic of quantised matrix products on the CPU
     #[arg(long, value_enum, default_value = "llama")]
     pub precision: PrecisionArg,
-    /// Activations of Q4_0/Q4_1 decode products on the GPU: f32 (logits within about 0.3% of the
+    /// Activations of Q4_0/Q4_1/Q4_K/Q6_K decode products on the GPU: f32 (logits within about 0.3% of the
     /// CPU's at --precision f32) or q8 (llama.cpp's 8-bit activations and integer dot products: faster, +19% decode
     /// for a 7B Q4_0 on an H200, logits as far from f32 as llama.cpp's CPU results)
     #[arg(long, value_enum, default_value = "f32")]

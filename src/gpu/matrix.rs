@@ -33,7 +33,7 @@
 //!   from [`decode_config`] (measured on an H200, see BENCHMARKS.md). One-token products can
 //!   fold the RMSNorm before them (`matmul_dec_norm.wgsl`, [`GpuMatrix::bind_matmul_normed`])
 //!   and, for q/k/v, RoPE and the KV-cache write (`matmul_dec_rope.wgsl`). `shaders/matmul_kq.wgsl` is
-//!   an alternative for Q4_0 and Q4_1 in GGUF order: activations quantised once per workgroup to
+//!   an alternative for Q4_0 and Q4_1 in GGUF order and Q4_K and Q6_K (grouped layout): activations quantised once per workgroup to
 //!   22 bits (about f32's own rounding) and integer dot products, a third of the arithmetic.
 //! - A few tokens (up to [`MATVEC_MAX_TOKENS`], a batched decode's products): the decode
 //!   kernel's few-token entry points (`matmul_dec.wgsl`'s `dvt_main`, `matmul_dec_sg.wgsl`'s
@@ -130,15 +130,15 @@ const Q6_K_SRC: TypeSources = type_sources!("q6_k", ["nibbles.wgsl", "matmul_q6_
 const Q2_K_SRC: TypeSources = type_sources!("q2_k", ["matmul_q2_k.wgsl"], ["matmul_dec_q2_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 const Q3_K_SRC: TypeSources = type_sources!("q3_k", ["matmul_q3_k.wgsl"], ["matmul_dec_q3_k.wgsl", "matmul_dec_rows.wgsl", "matmul_dec_tok_slot.wgsl"]);
 
-/// The integer-dot-product decode matvec of Q4_0 and Q4_1 (its own weight bindings), as the
-/// blocks kernel: plain, with a folded RMSNorm, and with RoPE too; shared-memory or subgroup
-/// reduction.
-const KQ_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_NORM_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
-const KQ_SG_NORM_ROPE_SRC: &str = compose!("matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+/// The integer-dot-product decode matvec of Q4_0, Q4_1, Q4_K and Q6_K (its own weight bindings; Q4_K's
+/// headers unpacked by kquant_scales.wgsl), as the blocks kernel: plain, with a folded RMSNorm,
+/// and with RoPE too; shared-memory or subgroup reduction.
+const KQ_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_NORM_ROPE_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
+const KQ_SG_NORM_ROPE_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
@@ -436,9 +436,10 @@ pub fn decode_config(ctx: &GpuContext, ty: GgmlType) -> DecodeChoice {
     if let Some((_, c)) = ctx.tuning.decode_overrides.iter().find(|(n, _)| *n == ty.name().to_lowercase()) {
         return *c;
     }
-    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) && ctx.tuning.integer_decode {
+    if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q6_K) && ctx.tuning.integer_decode {
         // 8 rows per step, 4 steps, 8-bit activations: the fastest in a 7B forward pass on an
-        // H200 (BENCHMARKS.md).
+        // H200 (BENCHMARKS.md) for Q4_0; Q4_K and Q6_K (their 32-element groups as blocks)
+        // take the same shape, not yet measured on their own.
         return (DecodeKernel::Quantized { nr: 8, rg: 4, prefetch: false, limbs: 1 }, (64, 2, 1));
     }
     // The fastest on an H200 (BENCHMARKS.md): all variants of the three kernels came within
@@ -489,8 +490,8 @@ pub enum DecodeKernel {
     /// `matmul_dec.wgsl`: 16 bytes of weights per thread and slot; with prefetch (DV_PF = 1)
     /// or not.
     Blocks { prefetch: bool },
-    /// `matmul_kq.wgsl` (Q4_0 and Q4_1 in GGUF block order; other types and permuted matrices
-    /// fall back to the blocks kernel): activations quantised to 22 bits in registers once per
+    /// `matmul_kq.wgsl` (Q4_0 and Q4_1 in GGUF block order, Q4_K, Q6_K; other types and permuted
+    /// matrices fall back to the blocks kernel): activations quantised to 22 bits in registers once per
     /// workgroup, `nr` rows per step, `rg` steps per workgroup, integer dot products; the
     /// MvConfig's wg, nr and unroll are not used.
     Quantized { nr: u32, rg: u32, prefetch: bool, limbs: u32 },
@@ -833,9 +834,10 @@ impl GpuMatrix {
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
         assert!(!pairs || self.rows.is_multiple_of(2), "{}: a gated pairs product needs an even row count", self.name);
-        // The integer kernel needs Q4 blocks in GGUF order; otherwise the blocks kernel.
+        // The integer kernel needs Q4 blocks in GGUF order (or Q4_K's or Q6_K's groups); otherwise the
+        // blocks kernel.
         let decode = match decode {
-            DecodeKernel::Quantized { .. } if self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1) => DecodeKernel::Blocks { prefetch: true },
+            DecodeKernel::Quantized { .. } if self.perm || !matches!(self.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4_K | GgmlType::Q6_K) => DecodeKernel::Blocks { prefetch: true },
             d => d,
         };
         let epi = out.epilogue.code();
@@ -852,7 +854,12 @@ impl GpuMatrix {
                 let nr = if pairs || rope.is_some() { nr.next_multiple_of(2) } else { nr };
                 assert!(nr >= 1 && rg >= 1 && (2 * nr + 1) * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
                 let pf = prefetch as u32;
-                let q41 = (self.ty == GgmlType::Q4_1) as u32;
+                let kq_type = match self.ty {
+                    GgmlType::Q4_0 => 0,
+                    GgmlType::Q4_1 => 1,
+                    GgmlType::Q4_K => 2,
+                    _ => 3,
+                };
                 let kq_spec = |folded: bool| {
                     let (name, text) = match (sg, folded, folded && rope.is_some()) {
                         (false, false, _) => ("kq", KQ_SRC),
@@ -864,7 +871,7 @@ impl GpuMatrix {
                     };
                     let mut spec = ShaderSpec::new(format!("matmul/{name}"), text, if sg { "kq_main_sg" } else { "kq_main" })
                         .with("EPI", epi)
-                        .with_all(&[("KQ_Q41", q41), ("KQ_LIMBS", limbs), ("KQ_WG", wg), ("KQ_BPT", bpt), ("KQ_NR", nr), ("KQ_RG", rg), ("KQ_PF", pf)]);
+                        .with_all(&[("KQ_TYPE", kq_type), ("KQ_LIMBS", limbs), ("KQ_WG", wg), ("KQ_BPT", bpt), ("KQ_NR", nr), ("KQ_RG", rg), ("KQ_PF", pf)]);
                     if let (true, Some(n)) = (folded, norm) {
                         spec.set("DV_EPS_BITS", n.eps.to_bits());
                     }

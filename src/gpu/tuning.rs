@@ -7,9 +7,9 @@ use super::matrix::DecodeChoice;
 
 #[derive(Clone, Debug)]
 pub struct GpuTuning {
-    /// Q4_0/Q4_1 decode products with llama.cpp's 8-bit activations on the integer kernel
-    /// (`--gpu-precision q8`) instead of f32 activations. It decides those matrices' layout at
-    /// upload (GGUF block order) as well as the kernel.
+    /// Q4_0/Q4_1, Q4_K and Q6_K decode products with llama.cpp's 8-bit activations on the integer
+    /// kernel (`--gpu-precision q8`) instead of f32 activations. It decides the Q4_0/Q4_1
+    /// matrices' layout at upload (GGUF block order) as well as the kernel.
     pub integer_decode: bool,
     /// Tokens greedy decoding keeps queued on the GPU ahead of the one being read back (0 to
     /// 3): one keeps the GPU busy while the host reads a token and records the next.
