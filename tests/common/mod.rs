@@ -86,8 +86,9 @@ pub fn gpu() -> Option<ember::gpu::GpuContext> {
         return skip_gpu(why);
     }
     // Mesa complains on stderr without a runtime dir (headless CI); the binary sets one too.
+    // One directory for every test binary (one per process left ~140 empty ones in /tmp).
     if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
-        let dir = std::env::temp_dir().join(format!("ember-xdg-{}", std::process::id()));
+        let dir = std::env::temp_dir().join("ember-tests-xdg");
         let _ = std::fs::create_dir_all(&dir);
         std::env::set_var("XDG_RUNTIME_DIR", dir);
     }
