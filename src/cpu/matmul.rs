@@ -241,12 +241,9 @@ pub fn matmul_packed(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &
 /// [`matmul_packed`], with the caller running `first` (a small serial task) before it joins
 /// the product: the others start on the product at once.
 pub fn matmul_packed_first(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
-    let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
-    assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
-    assert_eq!(x.cols, p.cols(), "packed product: activation width");
-    assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
-    let plans = [(Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }, OutPtr(out.as_mut_ptr()))];
-    // SAFETY: the output holds n_tokens x rows values (checked above), borrowed for the call.
+    let plans = [(Plan::packed(p, x, out.len(), tuning), OutPtr(out.as_mut_ptr()))];
+    // SAFETY: the output holds n_tokens x rows values (checked by `Plan::packed`), borrowed for
+    // the call.
     unsafe { run_plans_first(team, tuning, &plans, first) }
 }
 
@@ -255,16 +252,9 @@ pub fn matmul_packed_first(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix
 /// computes it alone.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_packed_beside(team: &mut Team, tuning: &CpuTuning, p: &PackedMatrix, x: &Activations, out: &mut [f32], w: &Matrix, x2: &Activations, out2: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
-    let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
-    assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
-    assert_eq!(x.cols, p.cols(), "packed product: activation width");
-    assert_eq!(out.len(), x.n_tokens * p.rows(), "packed product: output length");
-    let plans = [
-        (Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }, OutPtr(out.as_mut_ptr())),
-        (Plan::new(w, x2, out2.len(), tuning), OutPtr(out2.as_mut_ptr())),
-    ];
-    // SAFETY: the outputs' lengths are checked above and by `Plan::new`; they are distinct
-    // `&mut` slices borrowed for the call.
+    let plans = [(Plan::packed(p, x, out.len(), tuning), OutPtr(out.as_mut_ptr())), (Plan::new(w, x2, out2.len(), tuning), OutPtr(out2.as_mut_ptr()))];
+    // SAFETY: the outputs' lengths are checked by `Plan::packed` and `Plan::new`; they are
+    // distinct `&mut` slices borrowed for the call.
     unsafe { run_plans_first(team, tuning, &plans, first) }
 }
 
@@ -318,6 +308,16 @@ impl RowDot<'_> {
 }
 
 impl<'a> Plan<'a> {
+    /// A matrix that exists only packed, multiplied with the packed kernels. Panics if this
+    /// CPU has none, for F32 precision, or on a shape mismatch.
+    fn packed(p: &'a PackedMatrix, x: &'a Activations, out_len: usize, tuning: &CpuTuning) -> Plan<'a> {
+        let isa = Isa::detect().expect("a packed matrix is multiplied on a CPU with packed kernels");
+        assert_eq!(x.precision, Precision::Llama, "packed products are the 8-bit activations' numerics");
+        assert_eq!(x.cols, p.cols(), "packed product: activation width");
+        assert_eq!(out_len, x.n_tokens * p.rows(), "packed product: output length");
+        Plan::Packed { p, isa, acts: x.packed_for(p.ty()), prefetch: tuning.prefetch }
+    }
+
     /// Checks the shapes and prepares the activations (quantised once, before any thread
     /// starts, so that no member waits on another's conversion).
     fn new(w: &'a Matrix, x: &'a Activations, out_len: usize, tuning: &CpuTuning) -> Plan<'a> {

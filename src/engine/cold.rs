@@ -82,12 +82,17 @@ impl ColdRows {
 }
 
 /// Every cold neuron's gate value into `gate` (n_ff values, indexed by neuron), densely:
-/// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order;
-/// the caller runs `first` before it joins the product.
+/// `dense` holds these neurons' gate rows packed, `scratch` takes their values in list order.
+/// `beside` (a matrix, its activations and output: a charged predictor's fc2) is split into
+/// the same parts of the same team run; `aside` runs first, on the caller.
 #[allow(clippy::too_many_arguments)]
-fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32], first: Option<&(dyn Fn() + Sync)>) {
+fn dense_gate_values(team: &mut Team, tuning: &CpuTuning, dense: &PackedMatrix, acts: &Activations, ids: &[u32], scratch: &mut Vec<f32>, gate: &mut [f32], beside: Option<(&Matrix, &Activations, &mut [f32])>, aside: &Aside) {
     scratch.resize(ids.len(), 0.0);
-    matmul_packed_first(team, tuning, dense, acts, scratch, first);
+    let first = || aside.run();
+    match beside {
+        Some((w, x2, out2)) => matmul_packed_beside(team, tuning, dense, acts, scratch, w, x2, out2, Some(&first)),
+        None => matmul_packed_first(team, tuning, dense, acts, scratch, Some(&first)),
+    }
     for (&i, &g) in ids.iter().zip(scratch.iter()) {
         gate[i as usize] = g;
     }
@@ -179,7 +184,7 @@ impl ColdFfn {
                 match cold.dense_gate(active.len(), precision) {
                     Some(p) => {
                         gate.resize(model.hp.n_ff, 0.0);
-                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, Some(&|| aside.run()));
+                        dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None, aside);
                         Some(gate.as_slice())
                     }
                     None => None,
@@ -188,7 +193,7 @@ impl ColdFfn {
             FfnMode::Relu | FfnMode::Dense | FfnMode::Threshold => {
                 gate.resize(model.hp.n_ff, 0.0);
                 match cold.dense_gate(cold.ids.len(), precision) {
-                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, Some(&|| aside.run())),
+                    Some(p) => dense_gate_values(team, tuning, p, &acts, &cold.ids, dense, gate, None, aside),
                     None => matvec_rows(&layer.ffn_gate, &acts, &cold.ids, gate),
                 }
                 active.extend(cold.ids.iter().copied().filter(|&i| ffn.keeps(il, act, gate[i as usize])));
@@ -295,31 +300,23 @@ impl ColdFfn {
         let gate_given = match dense_gate {
             Some(packed) => {
                 gate.resize(model.hp.n_ff, 0.0);
-                dense.resize(cold.len(), 0.0);
-                // The aside, if any, goes first: it is what other work waits for.
-                let first = || aside.run();
-                match predictor {
-                    // The predictor as the CPU's predict mode computes it for every neuron:
-                    // fc1 on this thread (a tenth of its bytes), then fc2's rows split into
-                    // the same parts as the dense gate product. (Run alone by the caller
-                    // beside the product, it took 5.2 of 13.9 ms a token on the H100 host,
-                    // session 13.) The logits are set aside, since the draw decides.
-                    Some(p) => {
-                        // Only fc1 is timed: fc2's rows are inside the product's parts.
-                        let t = std::time::Instant::now();
-                        hidden.clear();
-                        hidden.extend(p.hidden(resid));
-                        *predictor_secs += t.elapsed().as_secs_f64();
-                        logits.resize(p.n_ff(), 0.0);
-                        let h = Activations::new(hidden, 1).with_precision(precision);
-                        matmul_packed_beside(team, tuning, packed, &acts, dense, &p.fc2, &h, logits, Some(&first));
-                        std::hint::black_box(&logits);
-                    }
-                    None => matmul_packed_first(team, tuning, packed, &acts, dense, Some(&first)),
-                }
-                for (&i, &g) in cold.iter().zip(dense.iter()) {
-                    gate[i as usize] = g;
-                }
+                // The predictor as the CPU's predict mode computes it for every neuron: fc1 on
+                // this thread (a tenth of its bytes), then fc2's rows split into the same parts
+                // as the dense gate product. (Run alone by the caller beside the product, it
+                // took 5.2 of 13.9 ms a token on the H100 host, session 13.) The logits are set
+                // aside, since the draw decides. Only fc1 is timed: fc2's rows are inside the
+                // product's parts.
+                let h = predictor.map(|p| {
+                    let t = std::time::Instant::now();
+                    hidden.clear();
+                    hidden.extend(p.hidden(resid));
+                    *predictor_secs += t.elapsed().as_secs_f64();
+                    logits.resize(p.n_ff(), 0.0);
+                    (p, Activations::new(hidden, 1).with_precision(precision))
+                });
+                let beside = h.as_ref().map(|(p, h)| (&p.fc2, h, &mut logits[..]));
+                dense_gate_values(team, tuning, packed, &acts, cold, dense, gate, beside, aside);
+                std::hint::black_box(&logits);
                 Some(gate.as_slice())
             }
             None => None,
