@@ -33,23 +33,36 @@ unsafe fn dot4(u: __m256i, s: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
 }
 
+/// Shared body of the 4-bit kernels (see the AVX-512 twin): `SEED` times the lane bias
+/// `-8 * sum(y)` (0 for Q4_1, 1 for Q4_0, 2 for Q5_0); with `high` (Q5_0), this half's 32 bits
+/// of each lane's fifth-bit mask (a u32 every 8 bytes), spread to bytes, lift the nibbles by 16.
 #[inline(always)]
-unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: __m256, acc: &mut [__m256; 8]) {
+unsafe fn q4_block<const SEED: i32>(qv: *const u8, high: Option<*const u32>, y: &TokenActs, b: usize, d: __m256, acc: &mut [__m256; 8]) {
     let q = y.qs.add(b * y.step);
     let mask = _mm256_set1_epi8(0x0F);
     for k in 0..4 {
         let v = _mm256_load_si256(qv.add(64 * k).cast());
-        let lo = _mm256_and_si256(v, mask);
-        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+        let lo = lift(_mm256_and_si256(v, mask), high, k);
+        let hi = lift(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), high, k + 4);
         let mut s_lo = dot4(lo, lane(q, k));
         let mut s_hi = dot4(hi, lane(q, k + 4));
-        if BIAS {
+        if SEED != 0 {
             let bias = y.bias4.add(8 * b);
-            s_lo = _mm256_add_epi32(s_lo, _mm256_set1_epi32(*bias.add(k)));
-            s_hi = _mm256_add_epi32(s_hi, _mm256_set1_epi32(*bias.add(k + 4)));
+            s_lo = _mm256_add_epi32(s_lo, _mm256_set1_epi32(SEED * *bias.add(k)));
+            s_hi = _mm256_add_epi32(s_hi, _mm256_set1_epi32(SEED * *bias.add(k + 4)));
         }
         acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_lo), acc[k]);
         acc[k + 4] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_hi), acc[k + 4]);
+    }
+}
+
+/// Lane `l`'s nibbles `v`, plus 16 where this half's bits of lane `l`'s mask in `high` are set.
+#[inline(always)]
+unsafe fn lift(v: __m256i, high: Option<*const u32>, l: usize) -> __m256i {
+    use crate::quant::blocks::simd::bytes_from_bits;
+    match high {
+        Some(h) => _mm256_or_si256(v, _mm256_and_si256(bytes_from_bits(h.add(2 * l).read_unaligned()), _mm256_set1_epi8(16))),
+        None => v,
     }
 }
 
@@ -66,7 +79,7 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
                 prefetch_ahead(g.add(288 * b), 320, y.prefetch);
             }
             let d = scales(chunk.add(512 + 32 * j + 16 * h), *y.d.add(b));
-            q4_block::<true>(chunk.add(256 * j + 32 * h), y, b, d, &mut acc);
+            q4_block::<1>(chunk.add(256 * j + 32 * h), None, y, b, d, &mut acc);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), hsum_lanes(&acc));
     }
@@ -85,7 +98,7 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
             let d = scales(chunk.add(256 + 16 * h), *y.d.add(b));
             let m = _mm256_cvtph_ps(_mm_loadu_si128(chunk.add(288 + 16 * h).cast()));
             summs = _mm256_fmadd_ps(m, _mm256_set1_ps(*y.s.add(b)), summs);
-            q4_block::<false>(chunk.add(32 * h), y, b, d, &mut acc);
+            q4_block::<0>(chunk.add(32 * h), None, y, b, d, &mut acc);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), _mm256_add_ps(hsum_lanes(&acc), summs));
     }
@@ -95,8 +108,6 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 /// bits of lane `k`'s mask, spread to bytes), with the seed `-16 * sum(y)`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_q5_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    use crate::quant::blocks::simd::bytes_from_bits;
-    let (mask, sixteen) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(16));
     for h in 0..2 {
         let mut acc = [_mm256_setzero_ps(); 8];
         for b in 0..nb {
@@ -105,19 +116,7 @@ pub(super) unsafe fn group_q5_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
                 prefetch_ahead(g.add(352 * b), 384, y.prefetch);
             }
             let d = scales(chunk.add(512 + 32 * j + 16 * h), *y.d.add(b));
-            let (qv, high) = (chunk.add(256 * j + 32 * h), chunk.add(576 + 64 * j + 4 * h).cast::<u32>());
-            let q = y.qs.add(b * y.step);
-            let bias = y.bias4.add(8 * b);
-            for k in 0..4 {
-                let v = _mm256_load_si256(qv.add(64 * k).cast());
-                let lift = |l: usize| _mm256_and_si256(bytes_from_bits(high.add(2 * l).read_unaligned()), sixteen);
-                let lo = _mm256_or_si256(_mm256_and_si256(v, mask), lift(k));
-                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(v), mask), lift(k + 4));
-                let s_lo = _mm256_add_epi32(dot4(lo, lane(q, k)), _mm256_set1_epi32(2 * *bias.add(k)));
-                let s_hi = _mm256_add_epi32(dot4(hi, lane(q, k + 4)), _mm256_set1_epi32(2 * *bias.add(k + 4)));
-                acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_lo), acc[k]);
-                acc[k + 4] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s_hi), acc[k + 4]);
-            }
+            q4_block::<2>(chunk.add(256 * j + 32 * h), Some(chunk.add(576 + 64 * j + 4 * h).cast()), y, b, d, &mut acc);
         }
         _mm256_storeu_ps(out.as_mut_ptr().add(8 * h), hsum_lanes(&acc));
     }

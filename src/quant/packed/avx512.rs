@@ -33,18 +33,20 @@ unsafe fn scales(p: *const u8, dy: f32) -> __m512 {
 }
 
 /// Shared body of the 4-bit kernels: lanes `k` and `k + 4` come from the low and high nibbles
-/// of quant vector `k`; `BIAS` seeds the integer sums with Q4_0's `-8 * sum(y)`.
+/// of quant vector `k`; the integer sums are seeded with `SEED` times the block's lane bias
+/// `-8 * sum(y)` (0 for Q4_1, 1 for Q4_0, 2 for Q5_0's `-16 * sum(y)`). With `high` (Q5_0's
+/// fifth bits, one 64-bit mask per lane), a nibble is lifted by 16 where its bit is set.
 #[inline(always)]
-unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: __m512, acc: &mut [__m512; 8]) {
+unsafe fn q4_block<const SEED: i32>(qv: *const u8, high: Option<*const u64>, y: &TokenActs, b: usize, d: __m512, acc: &mut [__m512; 8]) {
     let q = y.qs.add(b * y.step);
     let mask = _mm512_set1_epi8(0x0F);
     for k in 0..4 {
         let v = _mm512_load_si512(qv.add(64 * k).cast());
-        let lo = _mm512_and_si512(v, mask);
-        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-        let (seed_lo, seed_hi) = if BIAS {
+        let lo = lift(_mm512_and_si512(v, mask), high, k);
+        let hi = lift(_mm512_and_si512(_mm512_srli_epi16::<4>(v), mask), high, k + 4);
+        let (seed_lo, seed_hi) = if SEED != 0 {
             let bias = y.bias4.add(8 * b);
-            (_mm512_set1_epi32(*bias.add(k)), _mm512_set1_epi32(*bias.add(k + 4)))
+            (_mm512_set1_epi32(SEED * *bias.add(k)), _mm512_set1_epi32(SEED * *bias.add(k + 4)))
         } else {
             (_mm512_setzero_si512(), _mm512_setzero_si512())
         };
@@ -52,6 +54,15 @@ unsafe fn q4_block<const BIAS: bool>(qv: *const u8, y: &TokenActs, b: usize, d: 
         let s_hi = _mm512_dpbusd_epi32(seed_hi, hi, lane(q, k + 4));
         acc[k] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_lo), acc[k]);
         acc[k + 4] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_hi), acc[k + 4]);
+    }
+}
+
+/// Lane `l`'s nibbles `v`, plus 16 where lane `l`'s fifth-bit mask in `high` is set.
+#[inline(always)]
+unsafe fn lift(v: __m512i, high: Option<*const u64>, l: usize) -> __m512i {
+    match high {
+        Some(h) => _mm512_mask_add_epi8(v, h.add(l).read(), v, _mm512_set1_epi8(16)),
+        None => v,
     }
 }
 
@@ -66,7 +77,7 @@ pub(super) unsafe fn group_q4_0(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         let (chunk, j) = (g.add(576 * (b / 2)), b % 2);
         prefetch_ahead(g.add(288 * b), 320, y.prefetch);
         let d = scales(chunk.add(512 + 32 * j), *y.d.add(b));
-        q4_block::<true>(chunk.add(256 * j), y, b, d, &mut acc);
+        q4_block::<1>(chunk.add(256 * j), None, y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), hsum_lanes(&acc));
 }
@@ -83,7 +94,7 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
         let d = scales(chunk.add(256), *y.d.add(b));
         let m = _mm512_cvtph_ps(_mm256_load_si256(chunk.add(288).cast()));
         summs = _mm512_fmadd_ps(m, _mm512_set1_ps(*y.s.add(b)), summs);
-        q4_block::<false>(chunk, y, b, d, &mut acc);
+        q4_block::<0>(chunk, None, y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(hsum_lanes(&acc), summs));
 }
@@ -93,26 +104,12 @@ pub(super) unsafe fn group_q4_1(g: *const u8, nb: usize, y: &TokenActs, out: &mu
 /// mask), and the seed `-16 * sum(y)`, twice Q4_0's.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 pub(super) unsafe fn group_q5_0(g: *const u8, nb: usize, y: &TokenActs, out: &mut [f32; GROUP]) {
-    let (mask, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
     let mut acc = [_mm512_setzero_ps(); 8];
     for b in 0..nb {
         let (chunk, j) = (g.add(704 * (b / 2)), b % 2);
         prefetch_ahead(g.add(352 * b), 384, y.prefetch);
         let d = scales(chunk.add(512 + 32 * j), *y.d.add(b));
-        let (qv, high) = (chunk.add(256 * j), chunk.add(576 + 64 * j).cast::<u64>());
-        let q = y.qs.add(b * y.step);
-        let bias = y.bias4.add(8 * b);
-        for k in 0..4 {
-            let v = _mm512_load_si512(qv.add(64 * k).cast());
-            let lo = _mm512_and_si512(v, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(v), mask);
-            let lo = _mm512_mask_add_epi8(lo, high.add(k).read(), lo, sixteen);
-            let hi = _mm512_mask_add_epi8(hi, high.add(k + 4).read(), hi, sixteen);
-            let s_lo = _mm512_dpbusd_epi32(_mm512_set1_epi32(2 * *bias.add(k)), lo, lane(q, k));
-            let s_hi = _mm512_dpbusd_epi32(_mm512_set1_epi32(2 * *bias.add(k + 4)), hi, lane(q, k + 4));
-            acc[k] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_lo), acc[k]);
-            acc[k + 4] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s_hi), acc[k + 4]);
-        }
+        q4_block::<2>(chunk.add(256 * j), Some(chunk.add(576 + 64 * j).cast()), y, b, d, &mut acc);
     }
     _mm512_storeu_ps(out.as_mut_ptr(), hsum_lanes(&acc));
 }
