@@ -479,7 +479,7 @@ pub fn synth(a: SynthArgs) -> Result<()> {
             _ => {}
         }
     }
-    if hd == 0 || hd > 1024 || !hd.is_multiple_of(2) || (a.n_head * hd) % ty.block_len() as u64 != 0 {
+    if hd == 0 || hd > 1024 || !hd.is_multiple_of(2) || !(a.n_head * hd).is_multiple_of(ty.block_len() as u64) {
         return Err(format!("--head-dim {hd}: use an even size up to 1024 with n_head x head_dim a multiple of {}", ty.block_len()).into());
     }
     let mut w = GgufWriter::new();

@@ -449,7 +449,7 @@ fn simulation(args: &SessionOptions, model: &Arc<Model>, path: &Path, log: &dyn 
     let hp = &model.hp;
     let opts: &PredictorSim = &args.simulate_predictor;
     let profile = load_profile(path)?;
-    let activity = SimulatedActivity::from_profile(&profile, hp.n_layer, hp.n_ff, opts.seed)?.with_predictor(&opts)?;
+    let activity = SimulatedActivity::from_profile(&profile, hp.n_layer, hp.n_ff, opts.seed)?.with_predictor(opts)?;
     // Placement by another profile (other text windows) where given.
     let (counts, placed_by) = match &args.act_profile {
         Some(p) => {
@@ -502,7 +502,7 @@ fn simulation(args: &SessionOptions, model: &Arc<Model>, path: &Path, log: &dyn 
         100.0 * named,
     );
     for line in note.lines() {
-        log(&format!("{line}"));
+        log(line);
     }
     Ok(Simulation { activity, counts, predictors, note })
 }

@@ -65,7 +65,7 @@ fn codes(ty: GgmlType, b: &[u8], sub: usize) -> [u8; 32] {
             GgmlType::Q4_K | GgmlType::Q5_K => {
                 let (qs, qh) = if ty == GgmlType::Q4_K { (&b[16..144], None) } else { (&b[48..176], Some(&b[16..48])) };
                 let byte = qs[32 * (sub / 2) + e];
-                let lo = if sub % 2 == 0 { byte & 15 } else { byte >> 4 };
+                let lo = if sub.is_multiple_of(2) { byte & 15 } else { byte >> 4 };
                 lo | qh.map_or(0, |h| ((h[e] >> sub) & 1) << 4)
             }
             GgmlType::Q6_K => {

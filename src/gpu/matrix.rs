@@ -941,11 +941,10 @@ impl GpuMatrix {
                 dec_spec(false).0
             } else {
                 let (name, text) = if sg { ("mm_sg", src.mm_sg) } else { ("mm", src.mm) };
-                let spec = self
+                self
                     .spec(name, text, if sg { "mv_main_sg" } else { "mv_main" })
                     .with("EPI", epi)
-                    .with_all(&[("MV_WG", cfg.wg), ("MV_NR", cfg.nr), ("MV_NT", cfg.nt), ("MV_UNROLL", cfg.unroll)]);
-                spec
+                    .with_all(&[("MV_WG", cfg.wg), ("MV_NR", cfg.nr), ("MV_NT", cfg.nt), ("MV_UNROLL", cfg.unroll)])
             };
             mv_pipes.push((*cfg, ctx.pipeline(&spec)));
         }

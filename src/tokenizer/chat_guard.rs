@@ -186,7 +186,7 @@ pub(super) fn guard_instructions<'s>(old: &Instructions<'s>) -> Result<Instructi
             Instruction::Mul => drop(push(Instruction::CallFunction(MUL, Some(2)))),
             Instruction::BuildList(Some(k)) => match u16::try_from(k) {
                 Ok(k) => drop(push(Instruction::CallFunction(LIST, Some(k)))),
-                Err(_) => drop(push(Instruction::BuildList(Some(k as usize)))),
+                Err(_) => drop(push(Instruction::BuildList(Some(k)))),
             },
             Instruction::Jump(t) => drop(push(Instruction::Jump(to(t)))),
             Instruction::JumpIfFalse(t) => drop(push(Instruction::JumpIfFalse(to(t)))),

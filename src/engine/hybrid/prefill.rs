@@ -77,7 +77,7 @@ impl BatchAttention {
         let cache = crate::gpu::ops::GpuKvCache::new(ctx, 1, mt, hp.kv_dim())?;
         let s = &gpu.s;
         let [q, k, v] = s.qkv_ranges.map(|(off, len)| s.qkv.slice(off..off + len));
-        let rope_kv = crate::gpu::ops::RopeKvOp::new(ctx, q.clone(), k, v, cache.k_range(0), cache.v_range(0), crate::engine::gpu_forward::rope_shape(hp), &s.step);
+        let rope_kv = crate::gpu::ops::RopeKvOp::new(ctx, q, k, v, cache.k_range(0), cache.v_range(0), crate::engine::gpu_forward::rope_shape(hp), &s.step);
         let attention = crate::gpu::ops::AttentionOp::new(ctx, q, cache.k_range(0), cache.v_range(0), &s.attn, crate::engine::gpu_forward::attn_shape(hp), mt as u32, mt as u32, &s.step)?;
         Ok(Some(BatchAttention { cache, rope_kv, attention }))
     }
