@@ -5,7 +5,7 @@
 # kernel against the portable one on this card.
 #
 # Run from the repository root on the device:
-#   benches/device/gpu14.sh D PHASE...      PHASE: kernels pp nocoop llama sampled depth
+#   benches/device/gpu14.sh D PHASE...      PHASE: kernels pp coop nocoop llama sampled depth
 # D, a carried folder, holds: ember (release binary, stripped), tok.gguf (a 1-layer `ember synth`
 # of the default model: the tokenizer) and llama-cpp.sh; .lc/lcsrc.tar.xz (`llama-cpp.sh fetch
 # .lc`) and .gl (the Vulkan loader) are carried too, as for hybrid_race.sh. After llama.cpp's
@@ -14,6 +14,8 @@
 #            portable f32 and cooperative-matrix kernels, and the latter's difference from the
 #            former (~1e-3 is f16 rounding; ~1 or inf is a broken kernel: then read `nocoop`)
 #   pp       ember pp512 + tg128 and pp2048 (cooperative matrices where the card has them)
+#   coop     the cooperative-matrix kernel's tiles (COOP_SHAPES, --tune coop=tokens:kb:ft): a
+#            layer's Q4_0 products and their difference from the portable kernel, and pp512
 #   nocoop   ember pp512 with --tune no-coop=1 (the portable tiled kernel)
 #   llama    llama.cpp CUDA -p 512,2048 -n 128, all layers on the GPU
 #   sampled  ember tg128 greedy and at --temp 0.8 (top-k 40, top-p 0.95, min-p 0.05: drawn on
@@ -43,6 +45,17 @@ pp)
   model
   $E bench --backend gpu -m $M/q4.gguf -p 512 -n 128 -r ${REPS:-3} 2>&1 | quiet
   $E bench --backend gpu -m $M/q4.gguf -p 2048 -n 0 -r ${REPS:-3} 2>&1 | quiet
+  ;;
+coop)
+  # The cooperative-matrix tile (--tune coop=tokens:kb:ft, src/gpu/tuning.rs's CoopShape): a
+  # 7B layer's Q4_0 products per tile (their difference from the portable kernel must stay
+  # ~1e-4, f16 rounding; ~1 or inf is a broken tile), then pp512 with each. COOP_SHAPES sets them.
+  model
+  for c in ${COOP_SHAPES:-64:2:2 128:2:4 128:2:2 64:1:4 32:1:2 128:1:4}; do
+    echo "-- coop=$c"
+    $E bench --prefill-kernels -p 512 --tune coop=$c 2>&1 | quiet | grep -iE "q4_0|error"
+    $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r 2 --tune coop=$c 2>&1 | quiet | grep -E "pp512|rror"
+  done
   ;;
 nocoop) model; $E bench --backend gpu -m $M/q4.gguf -p 512 -n 0 -r ${REPS:-3} --tune no-coop=1 2>&1 | quiet ;;
 llama)

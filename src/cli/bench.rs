@@ -309,7 +309,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
 
 fn device_bench(a: &BenchArgs) -> Result<()> {
     let choice = a.model.device.as_deref().map(|d| d.parse().unwrap()).unwrap_or(crate::gpu::DeviceChoice::BestOrSoftware);
-    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision, &a.tune)?);
+    let ctx = crate::gpu::GpuContext::new(&choice)?.with_tuning(super::gpu_tuning(a.model.gpu_precision, &a.tune)?)?;
     println!("device: {} ({:?}, {:?}), driver {}", ctx.adapter.name, ctx.adapter.backend, ctx.adapter.device_type, ctx.adapter.driver);
     let (engine, shader) = super::gpu_bench::copy_bandwidth(&ctx)?;
     let copy = engine.max(shader);

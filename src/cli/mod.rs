@@ -236,6 +236,7 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("no-fold", "1: norms and RoPE as separate dispatches"),
     ("mv-xw", "activations per word in the blocks decode kernel: 0, 1 or 2"),
     ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
+    ("coop", "the cooperative-matrix prefill tile as tokens:kb:ft (tokens per workgroup 32/64/128, blocks of 32 k per step 1/2/4, token fragments per subgroup 2/4), default 64:2:2"),
     ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 64:2"),
     ("mv-batch-kernel", "the few-token matvec's kernel: blocks (matmul_dec.wgsl, the default) or units (matmul_common.wgsl)"),
     ("mv-batch-nt", "the blocks few-token kernel's largest group of tokens per workgroup: 2, 4, 8 or 16"),
@@ -315,6 +316,17 @@ pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Resu
     t.fold_norms = tune_value(tune, "no-fold").as_deref() != Some("1");
     t.decode_xw = tune_number(tune, "mv-xw")?;
     t.coop_matrix = tune_value(tune, "no-coop").as_deref() != Some("1");
+    if let Some(v) = tune_value(tune, "coop") {
+        let n: Vec<u32> = v.split(':').filter_map(|x| x.trim().parse().ok()).collect();
+        let [tokens, kb, ft] = n[..] else {
+            return Err(format!("{} = {v}: use tokens:kb:ft, e.g. 128:2:4", tune_name("coop")).into());
+        };
+        let shape = crate::gpu::tuning::CoopShape { tokens, kb, ft };
+        // The adapter's own limit is checked when the kernel is built; 48 KiB is the most any
+        // shape needs.
+        shape.check(u32::MAX).map_err(|e| format!("{} = {v}: {e}", tune_name("coop")))?;
+        t.coop_shape = shape;
+    }
     if let Some(v) = tune_value(tune, "mv-batch") {
         let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
         t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 64:2", tune_name("mv-batch")))?);

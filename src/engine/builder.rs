@@ -268,7 +268,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
     let budget = args.vram_budget;
     // The tuning goes in before any weight is uploaded: --gpu-precision fixes the layout too.
     let tuning = args.gpu_tuning.clone();
-    let mut ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
+    let mut ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone())?);
     let start = std::time::Instant::now();
     let gpu_name = format!("{} ({:?})", ctx.adapter.name, ctx.adapter.backend);
 
@@ -405,7 +405,7 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         // its count does not add to the new one's (it did: 3.9 GiB "allocated" under a
         // 2.2 GiB budget, and the driver held both until the old buffers were freed).
         drop(ctx);
-        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone()));
+        ctx = Arc::new(GpuContext::new(choice)?.with_tuning(tuning.clone())?);
     };
     if let Some(c) = &cache {
         match from_cache {

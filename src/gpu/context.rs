@@ -211,10 +211,14 @@ impl GpuContext {
     }
 
     /// The context with other kernel choices than the measured defaults. Set them before
-    /// uploading weights: `integer_decode` decides the layout of Q4 matrices.
-    pub fn with_tuning(mut self, tuning: super::GpuTuning) -> Self {
+    /// uploading weights: `integer_decode` decides the layout of Q4 matrices. A cooperative-matrix
+    /// tile over the adapter's workgroup memory is refused, where the adapter has them.
+    pub fn with_tuning(mut self, tuning: super::GpuTuning) -> Result<Self, GpuError> {
+        if self.features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) && tuning.coop_matrix {
+            tuning.coop_shape.check(self.limits.max_compute_workgroup_storage_size).map_err(|e| GpuError::Unsupported(format!("{e}: choose a smaller tile")))?;
+        }
         self.tuning = tuning;
-        self
+        Ok(self)
     }
 
     fn open(choice: &DeviceChoice) -> Result<GpuContext, GpuError> {

@@ -574,9 +574,34 @@ impl MatOut {
 
 /// Tokens per workgroup of the portable tiled kernel (MM_TN in matmul_common.wgsl).
 const TILED_TOKENS: u32 = 64;
-/// Rows and tokens per workgroup of the cooperative-matrix kernel (CM_TM, CM_TN).
-const COOP_ROWS: u32 = 128;
-const COOP_TOKENS: u32 = 64;
+
+/// matmul_coop.wgsl's constants for `shape`.
+fn coop_consts(shape: crate::gpu::tuning::CoopShape) -> [(&'static str, u32); 4] {
+    [("CM_TM", shape.rows()), ("CM_TN", shape.tokens), ("CM_KB", shape.kb), ("CM_FT", shape.ft)]
+}
+
+/// Every cooperative-matrix tile `--tune coop` accepts within 48 KiB of workgroup memory (the
+/// most NVIDIA's Vulkan driver offers), composed after the F16 and Q4_0 type files (the tile
+/// code is the same for every type): (spec key, WGSL), for the shader-validation test.
+#[doc(hidden)]
+pub fn coop_variants() -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for tokens in [32, 64, 128] {
+        for kb in [1, 2, 4] {
+            for ft in [2, 4] {
+                let shape = crate::gpu::tuning::CoopShape { tokens, kb, ft };
+                if shape.check(48 * 1024).is_err() {
+                    continue;
+                }
+                for (name, src) in [F16_SRC, Q4_0_SRC].map(|t| (t.name, t.coop)) {
+                    let spec = ShaderSpec::new(format!("coop {name}"), src, "mm_coop").with("EPI", 0).with_all(&coop_consts(shape));
+                    out.push((spec.key(), spec.text()));
+                }
+            }
+        }
+    }
+    out
+}
 
 /// Rows per workgroup of the portable tiled kernel: 128 (24 KiB of shared memory) where the
 /// adapter allows, else 64 (16 KiB, WebGPU's default limit).
@@ -952,8 +977,9 @@ impl GpuMatrix {
         let tm = tiled_rows(ctx);
         let tiled_spec = self.spec("mm", src.mm, "mm_tiled").with("EPI", epi).with("MM_TM", tm);
         let tiled = ctx.pipeline(&tiled_spec);
-        let coop_spec = self.spec("coop", src.coop, "mm_coop").with("EPI", epi);
-        let coop = ctx.has_coop_matrix().then(|| ctx.pipeline(&coop_spec));
+        let shape = ctx.tuning.coop_shape;
+        let coop_spec = self.spec("coop", src.coop, "mm_coop").with("EPI", epi).with_all(&coop_consts(shape));
+        let coop = ctx.has_coop_matrix().then(|| (ctx.pipeline(&coop_spec), shape.rows(), shape.tokens));
         // MatOut of matmul_store.wgsl: section ends (whole-matrix rows), then offsets.
         let r = self.rows as u32;
         let mut words = [r, r, r, r, 0, 0, 0, 0];
@@ -978,7 +1004,7 @@ impl GpuMatrix {
                     }
                     (*nr, p.clone(), bind_group(ctx, p, &entries))
                 });
-                let coop = coop.as_ref().map(|p| (p.clone(), bind_group(ctx, p, &res())));
+                let coop = coop.as_ref().map(|(p, rows, tokens)| (p.clone(), bind_group(ctx, p, &res()), *rows, *tokens));
                 OpChunk { rows: c.rows as u32, mv, tiled: (tiled.clone(), bind_group(ctx, &tiled, &res())), tiled_rows: tm, coop, folded }
             })
             .collect();
@@ -1014,8 +1040,9 @@ struct OpChunk {
     tiled: (Arc<wgpu::ComputePipeline>, wgpu::BindGroup),
     /// Rows per workgroup of the tiled kernel (MM_TM).
     tiled_rows: u32,
-    /// The cooperative-matrix tiled kernel, where the context has cooperative matrices.
-    coop: Option<(Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
+    /// The cooperative-matrix tiled kernel, where the context has cooperative matrices, with its
+    /// rows and tokens per workgroup.
+    coop: Option<(Arc<wgpu::ComputePipeline>, wgpu::BindGroup, u32, u32)>,
     /// The one-token decode kernel with the op's RMSNorm folded in: (nr, pipeline, bind group).
     folded: Option<(u32, Arc<wgpu::ComputePipeline>, wgpu::BindGroup)>,
 }
@@ -1108,10 +1135,10 @@ impl MatmulOp {
                 pass.set_pipeline(p);
                 pass.set_bind_group(0, bg, &[]);
                 pass.dispatch_workgroups(gx, gy, n_tokens.div_ceil(*nt));
-            } else if let (true, Some((p, bg))) = (coop, &c.coop) {
+            } else if let (true, Some((p, bg, rows, tokens))) = (coop, &c.coop) {
                 pass.set_pipeline(p);
                 pass.set_bind_group(0, bg, &[]);
-                pass.dispatch_workgroups(c.rows.div_ceil(COOP_ROWS), n_tokens.div_ceil(COOP_TOKENS), 1);
+                pass.dispatch_workgroups(c.rows.div_ceil(*rows), n_tokens.div_ceil(*tokens), 1);
             } else {
                 let (p, bg) = &c.tiled;
                 pass.set_pipeline(p);
