@@ -233,7 +233,7 @@ fn q4_k_m_integer_decode_matches_the_cpu() {
     let limbs3 = ember::gpu::matrix::parse_decode("kq:8:4:0").unwrap();
     for (label, overrides, bound) in [("22-bit", vec![("q4_k".to_string(), limbs3), ("q6_k".to_string(), limbs3)], 2e-3), ("8-bit", vec![], 3e-2)] {
         let tuning = ember::gpu::GpuTuning { integer_decode: true, decode_overrides: overrides, ..Default::default() };
-        let ctx = Arc::new(common::gpu().unwrap().with_tuning(tuning));
+        let ctx = Arc::new(common::gpu().unwrap().with_tuning(tuning).unwrap());
         for ty in [ember::gguf::GgmlType::Q4_K, ember::gguf::GgmlType::Q6_K] {
             assert!(matches!(ember::gpu::matrix::decode_config(&ctx, ty).0, ember::gpu::matrix::DecodeKernel::Quantized { .. }));
         }
