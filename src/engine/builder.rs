@@ -255,6 +255,10 @@ fn open_cpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, log: &dyn Fn
     s.tuning = args.cpu_tuning;
     if let Some(f) = sparse_ffn(args, &model, true, log)? {
         s = s.with_ffn(f);
+    } else {
+        // Dense: every matrix is read only through its packed copy, so the file's pages under
+        // it can go (the sparse FFN reads rows from the file).
+        s.tuning.pack.release_source = true;
     }
     Ok(Box::new(s))
 }
@@ -285,6 +289,9 @@ fn open_gpu(args: &SessionOptions, model: Arc<Model>, n_ctx: usize, choice: &Dev
         let mut s = OffloadSession::new(model.clone(), ctx.clone(), n, n_ctx, 64, true)?;
         s.cpu_mut().precision = args.precision;
         s.cpu_mut().tuning = args.cpu_tuning;
+        // Dense layers only (checked above): the host's matrices are read through their packed
+        // copies alone.
+        s.cpu_mut().tuning.pack.release_source = true;
         ctx.flush_uploads();
         let mem = ctx.memory();
         if let Some(b) = budget {

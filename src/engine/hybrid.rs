@@ -1330,7 +1330,7 @@ pub fn hot_neuron_bytes(layer: &crate::model::Layer, down_t: GgmlType, n_embd: u
 /// an equal share per member every product waits for whichever member the OS preempted
 /// (session 12, call C: host attention alone 11.89 -> 10.10 ms a token, the hybrid's tg
 /// 1.04-1.09x).
-const HYBRID_CPU_TUNING: CpuTuning = CpuTuning { prefetch: crate::quant::packed::DEFAULT_PREFETCH, parts_per_member: 4, pack: crate::quant::packed::PackOptions { huge_pages: true } };
+const HYBRID_CPU_TUNING: CpuTuning = CpuTuning { prefetch: crate::quant::packed::DEFAULT_PREFETCH, parts_per_member: 4, pack: crate::quant::packed::PackOptions { huge_pages: true, release_source: false } };
 
 /// Members of the cold-neuron team for `threads` CPU threads: one core is left to the thread
 /// that records command buffers and, from 8 threads on, one to the GPU driver's own threads

@@ -261,6 +261,31 @@ impl GgufFile {
         self.storage.bytes()
     }
 
+    /// Tells the OS that bytes `start..start + len` of a mapped file will not be read soon:
+    /// the whole pages inside the range leave this process's resident memory (they stay in the
+    /// page cache while the OS has room; a later read maps them again, from the cache or the
+    /// disk). For data copied elsewhere, such as packed weights. Owned images, and pages shared
+    /// with the bytes just outside the range, are kept.
+    pub fn release(&self, start: usize, len: usize) {
+        let Storage::Mapped(map) = &self.storage else { return };
+        #[cfg(unix)]
+        {
+            // SAFETY: sysconf has no preconditions.
+            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+            let first = start.next_multiple_of(page);
+            let end = (start + len).min(map.len()) / page * page;
+            if end > first {
+                // SAFETY: the map is a read-only view of a file: MADV_DONTNEED drops this
+                // process's page-table entries, and the next read sees the file's same bytes
+                // again. No reference into the range is invalidated (its contents cannot change).
+                // An error only means the advice was not taken.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (map, start, len);
+    }
+
     pub fn metadata(&self) -> &[(String, Value)] {
         &self.metadata
     }

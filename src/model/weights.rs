@@ -125,7 +125,13 @@ impl Matrix {
     /// is kept as it is).
     pub fn packed_with(&self, opts: packed::PackOptions) -> Option<&PackedMatrix> {
         self.packed
-            .get_or_init(|| packed::packs(self.ty).then(|| PackedMatrix::with_options(self.ty, self.rows, self.cols, self.bytes(), opts).expect("a matrix's bytes match its shape")))
+            .get_or_init(|| {
+                let p = packed::packs(self.ty).then(|| PackedMatrix::with_options(self.ty, self.rows, self.cols, self.bytes(), opts).expect("a matrix's bytes match its shape"))?;
+                if let (true, Data::Mapped { file, start, len }) = (opts.release_source, &self.data) {
+                    file.release(*start, *len);
+                }
+                Some(p)
+            })
             .as_ref()
     }
 

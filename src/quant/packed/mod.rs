@@ -215,11 +215,17 @@ pub struct PackOptions {
     /// two-level walk in a virtual machine) every 4 KiB, and the hardware prefetchers stop at
     /// every 4 KiB boundary. Without effect where the kernel has no such pages.
     pub huge_pages: bool,
+    /// Once a matrix mapped from the file is packed, hand the file's pages under it back to the
+    /// OS ([`GgufFile::release`](crate::gguf::GgufFile::release)): the copy replaces them, so
+    /// resident memory holds the weights once, not twice. Only for sessions in which nothing
+    /// reads the matrix's rows from the file afterwards (the sparse FFN's row kernels do): such
+    /// a read faults the pages back in, which is correct but slow.
+    pub release_source: bool,
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { huge_pages: true }
+        PackOptions { huge_pages: true, release_source: false }
     }
 }
 
