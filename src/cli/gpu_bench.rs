@@ -227,7 +227,7 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
         if ty == GgmlType::Q4_0 {
             // The integer kernel with llama.cpp's 8-bit activations (GGUF block order). The
             // forward pass keeps the blocks kernel, which folds norms and gated pairs in.
-            let cfg = MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups: ctx.has_subgroups() };
+            let cfg = MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups: ctx.has_subgroups(), kq: None };
             for (rows, cols) in [(11008, 4096), (4096, 11008)] {
                 let set = BenchSet::new(ctx, ty, rows, cols, Some(false), Epilogue::Store)?;
                 for variant in INTEGER_Q4_0 {
@@ -449,7 +449,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                 }
                 let set = sets[gguf as usize].as_ref().unwrap();
                 bytes = set.mats[0].gpu_bytes() as f64;
-                let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg };
+                let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg, kq: None };
                 let (row, stream, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
                 score[i] = if si == 0 { weight * row } else { score[i] + weight * row };
                 score_stream[i] = if si == 0 { weight * stream } else { score_stream[i] + weight * stream };
