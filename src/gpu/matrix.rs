@@ -42,7 +42,12 @@
 //!   (`matmul_dec_tok.wgsl`: dequantised once per 4 elements for all tokens, F32, F16, Q8_0,
 //!   Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; `matmul_dec_tok_slot.wgsl`: decoded per token, Q5_0, Q5_1,
 //!   Q2_K, Q3_K),
-//!   so the weights are read once per group; see [`default_mv_configs`]. The earlier
+//!   so the weights are read once per group; see [`default_mv_configs`]. At `--gpu-precision q8`
+//!   (or `ember bench --tune mv-batch-kernel=kq`, [`GpuTuning::batch_kq`](super::GpuTuning))
+//!   Q4_0/Q4_1 in GGUF order, Q4_K and Q6_K take the integer kernel's few-token entry point
+//!   instead (`shaders/matmul_kq_tok.wgsl`'s `kqt_main`, [`KqTokens`]): each token's activations
+//!   quantised to 8 bits once per workgroup of KQ_NR x KQ_RG rows, in registers or staged in
+//!   workgroup memory, and integer dot products. The earlier
 //!   `shaders/matmul_common.wgsl` `mv_main` (units of 8 elements, groups of up to 8 tokens)
 //!   stays behind [`MvConfig::units`] (`ember bench --tune mv-batch-kernel=units`).
 //! - More tokens: the tiled `mm_tiled` (128 rows x 64 tokens per workgroup, 8 x 4 per thread,
@@ -451,7 +456,9 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 /// reduction's memory would not fit), the largest group (`batch_max_tokens`), the prefetch,
 /// or takes the earlier units kernel (`batch_units`: groups of up to 8 tokens, 128 threads and
 /// 4 rows by default; its gate/up products ran at 57 GB/s on an H100 at 8 tokens with ember
-/// 1b515c4, against 830-1100 GB/s for the one-token kernels on the same matrices).
+/// 1b515c4, against 830-1100 GB/s for the one-token kernels on the same matrices). The
+/// tuning's `batch_kq` (`--gpu-precision q8`) puts its shape on every few-token variant: the
+/// integer kernel runs them where the type and layout allow ([`MvConfig::kq`]).
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
@@ -932,6 +939,7 @@ impl GpuMatrix {
         // The nt = 1 blocks pipeline with the norm folded in: (nr, pipeline).
         let mut folded: Option<(u32, Arc<wgpu::ComputePipeline>)> = None;
         let mut mv_pipes = Vec::new();
+        let mut kq_tokens = false;
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
         assert!(!pairs || self.rows.is_multiple_of(2), "{}: a gated pairs product needs an even row count", self.name);
@@ -981,6 +989,7 @@ impl GpuMatrix {
             }
             if let (true, Some(kq)) = (cfg.nt > 1 && !cfg.units && !self.perm, cfg.kq) {
                 if let Some((spec, rows)) = self.kq_tokens_spec(ctx, cfg.nt, kq, pairs, epi) {
+                    kq_tokens = true;
                     mv_pipes.push((MvConfig { nr: rows, ..*cfg }, ctx.pipeline(&spec)));
                     continue;
                 }
@@ -1091,7 +1100,7 @@ impl GpuMatrix {
             assert!(n.x.size() <= x.size(), "{}: the normalised rows must fit the product's input", self.name);
             super::ops::RmsNormOp::new(ctx, n.x, n.weight, x, self.cols as u32, n.eps, step)
         });
-        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out, _rope_params: rope_params }
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, kq_tokens, _mat_out: mat_out, _rope_params: rope_params }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -1151,11 +1160,20 @@ pub struct MatmulOp {
     y_per_token: Vec<(u64, u64)>,
     /// The RMSNorm into x that runs first, unless the decode kernel folds it in.
     norm: Option<super::ops::RmsNormOp>,
+    /// Whether some few-token variant runs the integer kernel (matmul_kq_tok.wgsl).
+    kq_tokens: bool,
     _mat_out: wgpu::Buffer,
     _rope_params: Option<wgpu::Buffer>,
 }
 
 impl MatmulOp {
+    /// Whether some few-token variant runs the integer kernel (matmul_kq_tok.wgsl) rather than
+    /// falling back to the blocks kernel (benchmarks say which ran).
+    #[doc(hidden)]
+    pub fn uses_kq_tokens(&self) -> bool {
+        self.kq_tokens
+    }
+
     /// Whether [`encode`](Self::encode) of `n_tokens` runs the kernel with the norm (and the
     /// RoPE epilogue, if bound) folded in.
     pub fn folds(&self, n_tokens: u32) -> bool {
