@@ -64,7 +64,7 @@ fn matvec(c: &mut Criterion) {
             let mut kernels: Vec<(String, Option<(MvConfig, DecodeKernel)>)> = vec![("default".into(), None)];
             for v in ["32:2:1:1", "256:2:1:0", "kq:4:4:1"] {
                 let (k, (wg, nr, ub)) = parse_decode(v).unwrap();
-                kernels.push((v.into(), Some((MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg }, k))));
+                kernels.push((v.into(), Some((MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg, kq: None }, k))));
             }
             for (name, cfg) in kernels {
                 let op = match cfg {

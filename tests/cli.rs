@@ -148,7 +148,7 @@ fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(err.contains("tuning cpu-parts (--tune cpu-parts=... or EMBER_CPU_PARTS) = `many`: not a number"), "{err}");
     // The few-token matvec's knobs (read for any backend, so refused here too).
-    for (knob, want) in [("mv-batch-kernel=fast", "use blocks or units"), ("mv-batch-nt=3", "use 2, 4, 8 or 16"), ("mv-batch=64", "use threads:rows")] {
+    for (knob, want) in [("mv-batch-kernel=fast", "use blocks, kq or units"), ("mv-batch-nt=3", "use 2, 4, 8 or 16"), ("mv-batch=64", "use threads:rows"), ("mv-batch-kq=2", "use nr:rg[:pf[:threads]]"), ("mv-batch-kq=2:4:0:48", "threads a power of two")] {
         let out = bench(&["--tune", knob]);
         assert!(!out.status.success(), "{knob}");
         let err = String::from_utf8(out.stderr).unwrap();
@@ -158,7 +158,17 @@ fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
     let t = tune(&[("mv-batch-kernel", "units"), ("mv-batch-nt", "16"), ("mv-batch-pf", "0"), ("mv-batch", "32:4")]);
     assert!(t.batch_units && t.batch_max_tokens == 16 && !t.batch_prefetch && t.batch_matvec == Some((32, 4)), "{t:?}");
     let t = tune(&[]);
-    assert!(!t.batch_units && t.batch_max_tokens == 8 && t.batch_prefetch && t.batch_matvec.is_none(), "{t:?}");
+    assert!(!t.batch_units && t.batch_max_tokens == 8 && t.batch_prefetch && t.batch_matvec.is_none() && t.batch_kq.is_none(), "{t:?}");
+    // The integer few-token kernel: q8's default, or chosen and shaped by its knobs at f32.
+    use ember::gpu::matrix::KqTokens;
+    let q8 = ember::cli::gpu_tuning(ember::cli::GpuPrecisionArg::Q8, &[]).unwrap();
+    assert!(q8.integer_decode && q8.batch_kq == Some(KqTokens::DEFAULT), "{q8:?}");
+    let q8_blocks = ember::cli::gpu_tuning(ember::cli::GpuPrecisionArg::Q8, &[("mv-batch-kernel".into(), "blocks".into())]).unwrap();
+    assert!(q8_blocks.integer_decode && q8_blocks.batch_kq.is_none(), "{q8_blocks:?}");
+    assert_eq!(tune(&[("mv-batch-kernel", "kq")]).batch_kq, Some(KqTokens::DEFAULT));
+    let t = tune(&[("mv-batch-kq", "4:8:1:64")]);
+    assert_eq!(t.batch_kq, Some(KqTokens { nr: 4, rg: 8, prefetch: true, limbs: 1, staged: Some(64) }));
+    assert_eq!(tune(&[("mv-batch-kq", "2:16")]).batch_kq, Some(KqTokens { nr: 2, rg: 16, prefetch: false, limbs: 1, staged: None }));
 }
 
 #[test]

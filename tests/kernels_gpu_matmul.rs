@@ -7,7 +7,7 @@ mod common;
 use common::{gpu, matrix, Rng};
 use ember::cpu::{matmul, Activations, Precision};
 use ember::gguf::GgmlType;
-use ember::gpu::matrix::{default_mv_configs, DecodeKernel, Epilogue, GpuMatrix, Kernel, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
+use ember::gpu::matrix::{default_mv_configs, DecodeKernel, Epilogue, GpuMatrix, Kernel, KqTokens, MatOut, MatmulOp, MvConfig, NormIn, RopeIn, MATVEC_MAX_TOKENS};
 use ember::gpu::{GpuContext, Step};
 use ember::model::{Activation, Matrix};
 
@@ -192,7 +192,7 @@ fn odd_matvec_configs() {
                     if (nt == 1 && !units) || (units && unroll > 2) {
                         continue;
                     }
-                    let cfg = [MvConfig { nt, wg, nr, unroll, units, prefetch, subgroups }];
+                    let cfg = [MvConfig { nt, wg, nr, unroll, units, prefetch, subgroups, kq: None }];
                     let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
                     for n in [1, 3] {
                         let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
@@ -219,7 +219,7 @@ fn few_token_matvec_every_count() {
     assert!(defaults.iter().any(|c| c.nt == 8 && !c.units) && !defaults.iter().any(|c| c.nt > 8), "the default reads the weights once for up to 8 tokens: {defaults:?}");
     let sg = ctx.has_subgroups();
     let shape = |wg: u32, nr: u32, unroll: u32, prefetch: bool, max_nt: u32| -> Vec<MvConfig> {
-        [1, 2, 4, 8, 16].into_iter().filter(|&nt| nt <= max_nt).map(|nt| MvConfig { nt, wg, nr, unroll, units: false, prefetch, subgroups: sg }).collect()
+        [1, 2, 4, 8, 16].into_iter().filter(|&nt| nt <= max_nt).map(|nt| MvConfig { nt, wg, nr, unroll, units: false, prefetch, subgroups: sg, kq: None }).collect()
     };
     let mut variants = vec![("default", defaults.clone()), ("shared-memory", defaults.iter().map(|c| MvConfig { subgroups: false, ..*c }).collect())];
     variants.push(("32x2 up to 8, no prefetch", shape(32, 2, 1, false, 8)));
@@ -273,7 +273,7 @@ fn integer_matvec_matches_cpu() {
                 let b = Bufs::new(&ctx, &x, 3 * rows);
                 for (nr, rg, prefetch) in [(1, 1, false), (4, 2, true), (3, 3, false), (2, 5, true)] {
                     for subgroups in [false, true] {
-                        let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
+                        let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups, kq: None }];
                         let kernel = ember::gpu::matrix::DecodeKernel::Quantized { nr, rg, prefetch, limbs };
                         let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, kernel, &MatOut::default());
                         for n in [1, 3] {
@@ -283,6 +283,66 @@ fn integer_matvec_matches_cpu() {
                         }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The few-token integer kernel (matmul_kq_tok.wgsl's `kqt_main`, a batched decode's products at
+/// `--gpu-precision q8`) at 2, 3, 5, 8 and 16 tokens on Q4_0 and Q4_1 (GGUF block order), Q4_K
+/// and Q6_K, row counts that no workgroup's rows divide, a few blocks per row (3 to 24), with
+/// its activations in registers and staged in workgroup memory, groups of 2 to 16 tokens (and of
+/// at most 4, so 5..16 tokens run as several groups, the last one partial):
+/// - 8-bit activations (KQ_LIMBS = 1) against the CPU computed with the same Q8_0 (Q4_0) or
+///   Q8_1 (Q4_1) activations (`Precision::Llama`) or [`k_q8_reference`] (Q4_K, Q6_K): the same
+///   integer sums and f16 scales, so only the f32 order of the per-block terms differs; the
+///   bound is f32's 1e-4 of sum |w x| (as the one-token kernel's 8-bit test).
+/// - 22-bit activations (registers only) against the f32 product at the same bound.
+///
+/// Tokens past n (the group's padding) store nothing.
+#[test]
+fn few_token_integer_matvec_matches_cpu() {
+    let Some(ctx) = gpu() else { return };
+    let mut rng = Rng(0x4B7E);
+    let sg = ctx.has_subgroups();
+    let variants = |kq: KqTokens, max_nt: u32| -> Vec<MvConfig> {
+        [2, 4, 8, 16].into_iter().filter(|&nt| nt <= max_nt).map(|nt| MvConfig { nt, wg: 64, nr: 2, unroll: 1, units: false, prefetch: true, subgroups: sg, kq: Some(kq) }).collect()
+    };
+    let q8 = |nr, rg, prefetch, staged| KqTokens { nr, rg, prefetch, limbs: 1, staged };
+    let shapes: Vec<(&str, KqTokens, u32)> = vec![
+        ("default", KqTokens::DEFAULT, 16),
+        ("registers 3x3 pf", q8(3, 3, true, None), 16),
+        ("registers 1x1, groups of 4", q8(1, 1, false, None), 4),
+        ("staged 64 threads 2x4", q8(2, 4, false, Some(64)), 16),
+        ("staged 32 threads 3x2, groups of 4", q8(3, 2, false, Some(32)), 4),
+        ("22-bit registers 2x3", KqTokens { nr: 2, rg: 3, prefetch: true, limbs: 3, staged: None }, 8),
+    ];
+    // Every shape on the measured model's type, a few on the others (lavapipe compiles each
+    // shape and group size once per type).
+    let cases: [(GgmlType, usize, usize, &[usize]); 6] = [
+        (GgmlType::Q4_0, 75, 608, &[0, 1, 2, 3, 4, 5]),
+        (GgmlType::Q4_0, 37, 96, &[0, 4]),
+        (GgmlType::Q4_1, 75, 608, &[0, 3, 5]),
+        (GgmlType::Q4_1, 130, 352, &[1]),
+        (GgmlType::Q4_K, 37, 768, &[0, 3]),
+        (GgmlType::Q6_K, 19, 256, &[0, 4]),
+    ];
+    for (ty, rows, cols, picks) in cases {
+        let m = matrix(ty, rows, cols, &mut rng);
+        let g = GpuMatrix::upload_layout(&ctx, &m, ctx.max_binding(), false).unwrap();
+        let x: Vec<f32> = rng.vec(16 * cols).iter().enumerate().map(|(i, v)| v + if i % 97 == 0 { 3.0 } else { 0.0 }).collect();
+        let (want32, mag) = reference(&m, &x, 16);
+        let want8 = if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) { k_q8_reference(&m, &x, 16) } else { reference_at(&m, &x, 16, Precision::Llama).0 };
+        let b = Bufs::new(&ctx, &x, 16 * rows);
+        for (label, kq, max_nt) in picks.iter().map(|&i| &shapes[i]) {
+            let want = if kq.limbs == 1 { &want8 } else { &want32 };
+            let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &variants(*kq, *max_nt));
+            for n in [2, 3, 5, 8, 16] {
+                let got = run(&ctx, &op, &b, rows, n, Kernel::Auto);
+                let what = format!("{ty:?} {rows}x{cols} n={n} {label}");
+                check(&what, &got, &want[..n * rows], &mag[..n * rows]);
+                let all: Vec<f32> = ctx.read(&b.y, 16 * rows).unwrap();
+                assert!(all[n * rows..].iter().all(|v| v.is_nan()), "{what}: a value stored past token {n}");
             }
         }
     }
@@ -378,7 +438,7 @@ fn integer_matvec_k_quants_match_cpu() {
             let want = if limbs == 3 { &want32 } else { &want8 };
             for (nr, rg, prefetch) in [(1, 1, false), (4, 2, true), (3, 3, false), (8, 4, false)] {
                 for subgroups in [false, true] {
-                    let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
+                    let cfg = [MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups, kq: None }];
                     let kernel = DecodeKernel::Quantized { nr, rg, prefetch, limbs };
                     let op = g.bind_matmul_variant(&ctx, &b.x, &b.y, &b.step, &cfg, kernel, &MatOut::default());
                     for n in [1, 3] {
@@ -439,10 +499,14 @@ fn fused_variants(ctx: &GpuContext) -> Vec<(&'static str, Vec<MvConfig>, DecodeK
     let blocks = DecodeKernel::Blocks { prefetch: true };
     let integer = DecodeKernel::Quantized { nr: 4, rg: 3, prefetch: false, limbs: 3 };
     let shared = default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: false, ..c }).collect::<Vec<_>>();
-    let mut v = vec![("default", default_mv_configs(ctx), blocks), ("integer", default_mv_configs(ctx), integer)];
+    // The few-token products of the integer variant on the integer kernel too (22-bit, 3 rows a
+    // step: 4 with pairs).
+    let kq = KqTokens { nr: 3, rg: 2, prefetch: true, limbs: 3, staged: None };
+    let integer_mv = |subgroups: bool| default_mv_configs(ctx).into_iter().map(|c| MvConfig { subgroups: subgroups && c.subgroups, kq: (c.nt > 1).then_some(kq), ..c }).collect::<Vec<_>>();
+    let mut v = vec![("default", default_mv_configs(ctx), blocks), ("integer", integer_mv(true), integer)];
     if ctx.has_subgroups() {
-        v.push(("shared-memory", shared.clone(), blocks));
-        v.push(("integer shared-memory", shared, integer));
+        v.push(("shared-memory", shared, blocks));
+        v.push(("integer shared-memory", integer_mv(false), integer));
     }
     v
 }
@@ -786,7 +850,7 @@ fn large_grids() {
     let x = rng.vec(3 * 32);
     let (want, mag) = reference(&m, &x, 3);
     let b = Bufs::new(&ctx, &x, 3 * m.rows);
-    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, unroll: 1, units: false, prefetch: true, subgroups: ctx.has_subgroups() }];
+    let cfg = [MvConfig { nt: 2, wg: 32, nr: 1, unroll: 1, units: false, prefetch: true, subgroups: ctx.has_subgroups(), kq: None }];
     let op = g.bind_matmul_with(&ctx, &b.x, &b.y, &b.step, &cfg);
     for n in [1, 3] {
         let got = run(&ctx, &op, &b, m.rows, n, Kernel::Matvec);
@@ -922,7 +986,7 @@ fn bench_matvec() {
             };
             {
                 for &(wg, nr, unroll) in &variants {
-                    let cfg = [MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups() }];
+                    let cfg = [MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups(), kq: None }];
                     let ops: Vec<MatmulOp> = mats.iter().zip(&ys).map(|(g, y)| g.bind_matmul_with(&ctx, &x, y, &step, &cfg)).collect();
                     report(&format!("mv wg {wg} nr {nr} x{unroll}"), 1, &ops, Kernel::Matvec);
                 }

@@ -227,7 +227,7 @@ pub fn kernel_bandwidth(ctx: &GpuContext) -> Result<Vec<KernelRow>> {
         if ty == GgmlType::Q4_0 {
             // The integer kernel with llama.cpp's 8-bit activations (GGUF block order). The
             // forward pass keeps the blocks kernel, which folds norms and gated pairs in.
-            let cfg = MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups: ctx.has_subgroups() };
+            let cfg = MvConfig { nt: 1, wg: 64, nr: 2, unroll: 1, units: false, prefetch: false, subgroups: ctx.has_subgroups(), kq: None };
             for (rows, cols) in [(11008, 4096), (4096, 11008)] {
                 let set = BenchSet::new(ctx, ty, rows, cols, Some(false), Epilogue::Store)?;
                 for variant in INTEGER_Q4_0 {
@@ -295,6 +295,9 @@ pub fn batch_products(ctx: &GpuContext) -> Result<()> {
             }
         }
         layers.push((ty, layer_us));
+        if matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1) {
+            integer_batch_products(ctx, ty)?;
+        }
     }
     println!("\n| type | tokens | one layer's products µs | 32 layers: ms per step | upper bound t/s (all sequences) |");
     println!("| --- | ---: | ---: | ---: | ---: |");
@@ -302,6 +305,51 @@ pub fn batch_products(ctx: &GpuContext) -> Result<()> {
         for (ci, &n) in COUNTS.iter().enumerate() {
             let step_ms = 32.0 * layer_us[ci] / 1e3;
             println!("| {ty} | {n} | {:.0} | {step_ms:.2} | {:.0} |", layer_us[ci], n as f64 / step_ms * 1e3);
+        }
+    }
+    Ok(())
+}
+
+/// The few-token integer kernel's shapes [`batch_products`] times beside the context's own
+/// (`mv-batch-kq` values: registers, then staged in workgroup memory).
+const INTEGER_BATCH: [&str; 5] = ["2:16", "4:8", "2:16:1", "2:8:0:64", "4:4:0:64"];
+
+/// [`batch_products`]' rows for the few-token integer kernel (matmul_kq_tok.wgsl, 8-bit
+/// activations) on `ty` in GGUF block order: each shape of [`INTEGER_BATCH`] at 2, 4, 8 and 16
+/// tokens (one group of that many tokens per workgroup), the difference from the tiled f32
+/// kernel that of 8-bit activations (~1e-2 of the max |y|; ~1 or inf for a broken kernel). A
+/// shape whose workgroup memory does not fit runs the blocks kernel (the row says so).
+fn integer_batch_products(ctx: &GpuContext, ty: GgmlType) -> Result<()> {
+    for &(rows, cols, what, epilogue, _) in &FUSED_LAYER {
+        let set = BenchSet::with_tokens(ctx, ty, rows, cols, Some(false), epilogue, 16)?;
+        let bytes = set.mats[0].gpu_bytes() as f64;
+        let out_len = if epilogue.pairs() { rows / 2 } else { rows };
+        for shape in INTEGER_BATCH {
+            let kq = crate::gpu::matrix::KqTokens::parse(shape).expect("a valid shape");
+            for n in [2usize, 4, 8, 16] {
+                let cfg = MvConfig { nt: n as u32, wg: 64, nr: 2, unroll: 1, units: false, prefetch: true, subgroups: ctx.has_subgroups(), kq: Some(kq) };
+                let ops = set.bind(ctx, Some((cfg, DecodeKernel::Blocks { prefetch: true })));
+                set.set_tokens(ctx, n);
+                let mut outs = Vec::new();
+                for kernel in [Kernel::Tiled, Kernel::Auto] {
+                    ctx.queue.write_buffer(&set.y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
+                    let mut enc = ctx.device.create_command_encoder(&Default::default());
+                    ops.0[0].encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
+                    ctx.submit_and_wait(enc)?;
+                    outs.push(ctx.read::<f32>(&set.y, n * out_len)?);
+                }
+                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+                let diff = outs[1].iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                let (row_us, _, _) = set.time(ctx, &ops)?;
+                let fits = if ops.0[0].uses_kq_tokens() { "" } else { ", did not fit: blocks kernel" };
+                println!(
+                    "| {ty} | {} integer kq {shape}{fits} | {rows} x {cols} | {n} | {row_us:.1} | {:.1} | {:.0} | {:.1e} |",
+                    what.trim(),
+                    row_us / n as f64,
+                    bytes / row_us / 1e3,
+                    diff / max.max(f32::MIN_POSITIVE)
+                );
+            }
         }
     }
     Ok(())
@@ -449,7 +497,7 @@ fn sweep(ctx: &GpuContext) -> Result<()> {
                 }
                 let set = sets[gguf as usize].as_ref().unwrap();
                 bytes = set.mats[0].gpu_bytes() as f64;
-                let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg };
+                let cfg = MvConfig { nt: 1, wg, nr, unroll: ub, units: false, prefetch: false, subgroups: sg, kq: None };
                 let (row, stream, alone) = set.time(ctx, &set.bind(ctx, Some((cfg, kernel))))?;
                 score[i] = if si == 0 { weight * row } else { score[i] + weight * row };
                 score_stream[i] = if si == 0 { weight * stream } else { score_stream[i] + weight * stream };

@@ -238,8 +238,9 @@ pub const TUNE_KEYS: &[(&str, &str)] = &[
     ("no-coop", "1: the portable tiled prefill products where the adapter has cooperative matrices"),
     ("coop", "the cooperative-matrix prefill tile as tokens:kb:ft (tokens per workgroup 32/64/128, blocks of 32 k per step 1/2/4, token fragments per subgroup 2/4), default 64:2:2"),
     ("mv-batch", "threads:rows per workgroup of the few-token matvec (a batched decode's products), e.g. 64:2"),
-    ("mv-batch-kernel", "the few-token matvec's kernel: blocks (matmul_dec.wgsl, the default) or units (matmul_common.wgsl)"),
-    ("mv-batch-nt", "the blocks few-token kernel's largest group of tokens per workgroup: 2, 4, 8 or 16"),
+    ("mv-batch-kernel", "the few-token matvec's kernel: blocks (matmul_dec.wgsl, the default at --gpu-precision f32), kq (matmul_kq_tok.wgsl, 8-bit activations and integer dot products, the default at q8) or units (matmul_common.wgsl)"),
+    ("mv-batch-kq", "the integer few-token kernel's shape nr:rg[:pf[:threads]] (rows per step, steps per workgroup, prefetch; threads > 0 stages the activations in workgroup memory), e.g. 2:16 or 4:8:0:64; selects that kernel"),
+    ("mv-batch-nt", "the few-token kernel's largest group of tokens per workgroup (blocks and kq): 2, 4, 8 or 16"),
     ("mv-batch-pf", "0: the blocks few-token kernel without prefetching the next step's weights"),
     ("cpu-prefetch", "bytes the packed CPU kernels prefetch ahead, 0 for none"),
     ("cpu-parts", "parts per CPU team member taken from a shared counter; 0 for one equal share each"),
@@ -287,10 +288,13 @@ fn tune_number<T: std::str::FromStr>(tune: &[(String, String)], key: &str) -> Re
 
 /// The GPU kernels' choices for `--gpu-precision`, with the tuning knobs that override the
 /// measured defaults ([`TUNE_KEYS`]: decode-ahead, attn-single-max, attn-wg, mv-dec, no-fold,
-/// mv-xw, no-coop, mv-batch, mv-batch-kernel, mv-batch-nt, mv-batch-pf).
+/// mv-xw, no-coop, mv-batch, mv-batch-kernel, mv-batch-kq, mv-batch-nt, mv-batch-pf).
 pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Result<crate::gpu::GpuTuning> {
     use crate::gpu::matrix::parse_decode;
-    let mut t = crate::gpu::GpuTuning { integer_decode: precision == GpuPrecisionArg::Q8, ..Default::default() };
+    use crate::gpu::matrix::KqTokens;
+    let q8 = precision == GpuPrecisionArg::Q8;
+    // q8 takes the integer kernel for the batched products too.
+    let mut t = crate::gpu::GpuTuning { integer_decode: q8, batch_kq: q8.then_some(KqTokens::DEFAULT), ..Default::default() };
     if let Some(v) = tune_number::<usize>(tune, "decode-ahead")? {
         t.decode_ahead = v.min(3);
     }
@@ -331,12 +335,16 @@ pub fn gpu_tuning(precision: GpuPrecisionArg, tune: &[(String, String)]) -> Resu
         let parsed = v.split_once(':').and_then(|(wg, nr)| Some((wg.trim().parse().ok()?, nr.trim().parse().ok()?)));
         t.batch_matvec = Some(parsed.ok_or_else(|| format!("{} = {v}: use threads:rows, e.g. 64:2", tune_name("mv-batch")))?);
     }
+    if let Some(v) = tune_value(tune, "mv-batch-kq") {
+        t.batch_kq = Some(KqTokens::parse(&v).ok_or_else(|| format!("{} = {v}: use nr:rg[:pf[:threads]], e.g. 2:16 or 4:8:0:64 (threads a power of two)", tune_name("mv-batch-kq")))?);
+    }
     if let Some(v) = tune_value(tune, "mv-batch-kernel") {
-        t.batch_units = match v.trim() {
-            "blocks" => false,
-            "units" => true,
-            _ => return Err(format!("{} = {v}: use blocks or units", tune_name("mv-batch-kernel")).into()),
-        };
+        match v.trim() {
+            "blocks" => t.batch_kq = None,
+            "units" => (t.batch_units, t.batch_kq) = (true, None),
+            "kq" => t.batch_kq = t.batch_kq.or(Some(KqTokens::DEFAULT)),
+            _ => return Err(format!("{} = {v}: use blocks, kq or units", tune_name("mv-batch-kernel")).into()),
+        }
     }
     if let Some(v) = tune_number::<u32>(tune, "mv-batch-nt")? {
         if ![2, 4, 8, 16].contains(&v) {

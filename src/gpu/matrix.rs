@@ -42,7 +42,12 @@
 //!   (`matmul_dec_tok.wgsl`: dequantised once per 4 elements for all tokens, F32, F16, Q8_0,
 //!   Q4_0, Q4_1, Q4_K, Q5_K, Q6_K; `matmul_dec_tok_slot.wgsl`: decoded per token, Q5_0, Q5_1,
 //!   Q2_K, Q3_K),
-//!   so the weights are read once per group; see [`default_mv_configs`]. The earlier
+//!   so the weights are read once per group; see [`default_mv_configs`]. At `--gpu-precision q8`
+//!   (or `ember bench --tune mv-batch-kernel=kq`, [`GpuTuning::batch_kq`](super::GpuTuning))
+//!   Q4_0/Q4_1 in GGUF order, Q4_K and Q6_K take the integer kernel's few-token entry point
+//!   instead (`shaders/matmul_kq_tok.wgsl`'s `kqt_main`, [`KqTokens`]): each token's activations
+//!   quantised to 8 bits once per workgroup of KQ_NR x KQ_RG rows, in registers or staged in
+//!   workgroup memory, and integer dot products. The earlier
 //!   `shaders/matmul_common.wgsl` `mv_main` (units of 8 elements, groups of up to 8 tokens)
 //!   stays behind [`MvConfig::units`] (`ember bench --tune mv-batch-kernel=units`).
 //! - More tokens: the tiled `mm_tiled` (128 rows x 64 tokens per workgroup, 8 x 4 per thread,
@@ -139,6 +144,9 @@ const KQ_NORM_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matm
 const KQ_SG_NORM_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_NORM_ROPE_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_store.wgsl", "act.wgsl");
 const KQ_SG_NORM_ROPE_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_norm.wgsl", "rope_angle.wgsl", "matmul_dec_rope.wgsl", "matmul_kq_sg.wgsl", "matmul_store.wgsl", "act.wgsl");
+/// The integer kernel for a few tokens (`kqt_main`, a batched decode's products; no folded
+/// norm or RoPE).
+const KQ_TOK_SRC: &str = compose!("kquant_scales.wgsl", "matmul_kq.wgsl", "matmul_dec_x.wgsl", "matmul_dec_norope.wgsl", "matmul_kq_tok.wgsl", "matmul_store.wgsl", "act.wgsl");
 
 macro_rules! listed {
     ($src:ident, $file:literal, $dec:literal) => {
@@ -169,12 +177,13 @@ macro_rules! listed {
             ("matmul_kq_sg.wgsl", KQ_SG_NORM_SRC),
             ("matmul_kq.wgsl", KQ_NORM_ROPE_SRC),
             ("matmul_kq_sg.wgsl", KQ_SG_NORM_ROPE_SRC),
+            ("matmul_kq_tok.wgsl", KQ_TOK_SRC),
             ("matmul_coop.wgsl", $src.coop),
         ]
     };
 }
 
-const LISTED: [[(&str, &str); 21]; 12] = [
+const LISTED: [[(&str, &str); 22]; 12] = [
     listed!(F32_SRC, "matmul_f32.wgsl", "matmul_dec_f32.wgsl"),
     listed!(F16_SRC, "matmul_f16.wgsl", "matmul_dec_f16.wgsl"),
     listed!(Q8_0_SRC, "matmul_q8_0.wgsl", "matmul_dec_q8_0.wgsl", Q8_0_SRC.mm),
@@ -257,7 +266,20 @@ fn perm_group(ty: GgmlType) -> Option<usize> {
 /// divides the row and the type's decode kernel wants it (the integer-dot-product kernel reads
 /// blocks in GGUF order).
 fn uses_perm(ctx: &GpuContext, ty: GgmlType, cols: usize) -> bool {
-    perm_group(ty).is_some_and(|g| (cols / 32).is_multiple_of(g)) && !matches!(decode_config(ctx, ty).0, DecodeKernel::Quantized { .. })
+    perm_group(ty).is_some_and(|g| (cols / 32).is_multiple_of(g))
+        && !matches!(decode_config(ctx, ty).0, DecodeKernel::Quantized { .. })
+        && !(ctx.tuning.batch_kq.is_some() && kq_type(ty).is_some())
+}
+
+/// KQ_TYPE of the integer kernels (matmul_kq.wgsl) for the types they serve.
+fn kq_type(ty: GgmlType) -> Option<u32> {
+    match ty {
+        GgmlType::Q4_0 => Some(0),
+        GgmlType::Q4_1 => Some(1),
+        GgmlType::Q4_K => Some(2),
+        GgmlType::Q6_K => Some(3),
+        _ => None,
+    }
 }
 
 /// Element e (0..32) of a GGUF Q4 block's 16 quant bytes: the nibble.
@@ -368,6 +390,50 @@ pub struct MvConfig {
     /// (DV_PF = 1).
     pub prefetch: bool,
     pub subgroups: bool,
+    /// nt > 1: the integer kernel (matmul_kq_tok.wgsl's `kqt_main`) with this shape instead of
+    /// the blocks kernel, for the types and layouts it serves (Q4_0 and Q4_1 in GGUF block
+    /// order, Q4_K, Q6_K) where its workgroup memory fits; the other fields then stay the
+    /// blocks kernel's, for the matrices that fall back to it.
+    pub kq: Option<KqTokens>,
+}
+
+/// The shape of the few-token integer kernel (shaders/matmul_kq_tok.wgsl; its header says
+/// where registers and workgroup memory go).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KqTokens {
+    /// Rows per step (KQ_NR) and steps per workgroup (KQ_RG).
+    pub nr: u32,
+    pub rg: u32,
+    /// The next step's weights loaded before this step's arithmetic (KQ_PF; registers only).
+    pub prefetch: bool,
+    /// 1: llama.cpp's 8-bit activations; 3: 22-bit ones (registers only).
+    pub limbs: u32,
+    /// Some(threads): the quantised activations staged in workgroup memory (KQ_XS = 1), that
+    /// many threads per workgroup walking the row's blocks; None: in registers, one thread per
+    /// block of the row (up to 512).
+    pub staged: Option<u32>,
+}
+
+impl KqTokens {
+    /// `--gpu-precision q8`'s batched products: 8-bit activations in registers, 2 rows per step,
+    /// 16 steps (32 rows per workgroup). Not yet measured against other shapes
+    /// (benches/device/batch_mv.sh sweeps them).
+    pub const DEFAULT: KqTokens = KqTokens { nr: 2, rg: 16, prefetch: false, limbs: 1, staged: None };
+
+    /// `nr:rg[:pf[:threads]]` (`ember bench --tune mv-batch-kq=...`): threads 0 or absent keeps
+    /// the activations in registers, else stages them in workgroup memory with that many threads.
+    pub fn parse(s: &str) -> Option<KqTokens> {
+        let n: Vec<u32> = s.split(':').map(|t| t.trim().parse().ok()).collect::<Option<_>>()?;
+        if !(2..=4).contains(&n.len()) || n[0] == 0 || n[1] == 0 {
+            return None;
+        }
+        let staged = n.get(3).copied().filter(|&w| w > 0);
+        if staged.is_some_and(|w| !w.is_power_of_two()) {
+            return None;
+        }
+        Some(KqTokens { nr: n[0], rg: n[1], prefetch: n.get(2) == Some(&1), limbs: 1, staged })
+    }
 }
 
 /// Token counts up to this go through the matvec (weights read once per group of up to 8
@@ -390,7 +456,9 @@ pub const MATVEC_MAX_TOKENS: u32 = 16;
 /// reduction's memory would not fit), the largest group (`batch_max_tokens`), the prefetch,
 /// or takes the earlier units kernel (`batch_units`: groups of up to 8 tokens, 128 threads and
 /// 4 rows by default; its gate/up products ran at 57 GB/s on an H100 at 8 tokens with ember
-/// 1b515c4, against 830-1100 GB/s for the one-token kernels on the same matrices).
+/// 1b515c4, against 830-1100 GB/s for the one-token kernels on the same matrices). The
+/// tuning's `batch_kq` (`--gpu-precision q8`) puts its shape on every few-token variant: the
+/// integer kernel runs them where the type and layout allow ([`MvConfig::kq`]).
 #[doc(hidden)]
 pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let subgroups = ctx.has_subgroups();
@@ -398,12 +466,12 @@ pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
     let storage = ctx.limits.max_compute_workgroup_storage_size;
     let max_wg = ctx.limits.max_compute_invocations_per_workgroup;
     let shape_ok = |(wg, nr): (u32, u32)| wg.is_power_of_two() && wg <= max_wg && nr >= 2 && nr.is_multiple_of(2);
-    let mut v = vec![MvConfig { nt: 1, wg: 128, nr: 2, unroll: 1, units: false, prefetch: false, subgroups }];
+    let mut v = vec![MvConfig { nt: 1, wg: 128, nr: 2, unroll: 1, units: false, prefetch: false, subgroups, kq: None }];
     if t.batch_units {
         let fits = |nt: u32, (wg, nr): (u32, u32)| shape_ok((wg, nr)) && wg * nr * nt * 4 <= storage;
         for nt in [2, 4, 8] {
             let (wg, nr) = t.batch_matvec.filter(|&c| fits(nt, c)).unwrap_or((128, 4));
-            v.push(MvConfig { nt, wg, nr, unroll: 1, units: true, prefetch: false, subgroups });
+            v.push(MvConfig { nt, wg, nr, unroll: 1, units: true, prefetch: false, subgroups, kq: None });
         }
         return v;
     }
@@ -415,7 +483,7 @@ pub fn default_mv_configs(ctx: &GpuContext) -> Vec<MvConfig> {
             wg /= 2;
         }
         if wg * (nr * nt + 1) * 4 <= storage {
-            v.push(MvConfig { nt, wg, nr, unroll: 1, units: false, prefetch: t.batch_prefetch, subgroups });
+            v.push(MvConfig { nt, wg, nr, unroll: 1, units: false, prefetch: t.batch_prefetch, subgroups, kq: t.batch_kq });
         }
     }
     v
@@ -479,7 +547,7 @@ fn type_mv_configs(ctx: &GpuContext, ty: GgmlType) -> Vec<MvConfig> {
     let (_, (wg, nr, unroll)) = decode_config(ctx, ty);
     let wg = wg.min(ctx.limits.max_compute_invocations_per_workgroup);
     let mut v = default_mv_configs(ctx);
-    v[0] = MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups() };
+    v[0] = MvConfig { nt: 1, wg, nr, unroll, units: false, prefetch: false, subgroups: ctx.has_subgroups(), kq: None };
     v
 }
 
@@ -746,6 +814,46 @@ impl GpuMatrix {
         sources(self.ty).expect("uploaded types have kernels")
     }
 
+    /// The few-token integer kernel (matmul_kq_tok.wgsl) for groups of `nt` tokens with shape
+    /// `kq`, and the rows per workgroup; None where the type has no integer kernel, or the
+    /// workgroup memory it needs (the reduction's planes, and staged activations) exceeds the
+    /// adapter's, or staging asks for more than 8-bit activations: those take the blocks kernel.
+    fn kq_tokens_spec(&self, ctx: &GpuContext, nt: u32, kq: KqTokens, pairs: bool, epi: u32) -> Option<(ShaderSpec, u32)> {
+        let ty = kq_type(self.ty)?;
+        let nb = (self.cols / 32) as u32;
+        let max_wg = ctx.limits.max_compute_invocations_per_workgroup;
+        // A pair's two rows meet in one step.
+        let nr = if pairs { kq.nr.next_multiple_of(2) } else { kq.nr };
+        let (wg, bpt, xnb) = match kq.staged {
+            // As many threads as a row has blocks (up to 512; more blocks per thread beyond).
+            None => {
+                let bpt = nb.div_ceil(512.min(max_wg));
+                (whole_subgroups(nb.div_ceil(bpt), ctx), bpt, 1)
+            }
+            Some(wg) => (wg, 1, nb),
+        };
+        let v = nr * nt;
+        let parts = (wg / v).max(1);
+        let shared = 4 * v * (wg + 1) + 4 * v * parts + 40 * nt * xnb;
+        let ok = nr >= 1 && kq.rg >= 1 && wg <= max_wg && (kq.staged.is_none() || (kq.limbs == 1 && wg.is_power_of_two())) && matches!(kq.limbs, 1 | 3);
+        if !ok || shared > ctx.limits.max_compute_workgroup_storage_size {
+            return None;
+        }
+        let spec = ShaderSpec::new(format!("matmul/{}/kq_tok", self.sources().name), KQ_TOK_SRC, "kqt_main").with("EPI", epi).with_all(&[
+            ("KQ_TYPE", ty),
+            ("KQ_LIMBS", kq.limbs),
+            ("KQ_WG", wg),
+            ("KQ_BPT", bpt),
+            ("KQ_NR", nr),
+            ("KQ_RG", kq.rg),
+            ("KQ_PF", (kq.prefetch && kq.staged.is_none()) as u32),
+            ("KQ_NT", nt),
+            ("KQ_XS", kq.staged.is_some() as u32),
+            ("KQ_XNB", xnb),
+        ]);
+        Some((spec, nr * kq.rg))
+    }
+
     /// The bind group entries of a product or lookup over chunk `c`: bindings 0-3 as given,
     /// the weights at 4 and 5 (scales, where the type has them), then `extra` at 6.
     fn weight_bindings<'a>(&'a self, c: &'a Chunk, first: [&'a wgpu::Buffer; 3], extra: Option<&'a wgpu::Buffer>) -> Vec<(u32, wgpu::BindingResource<'a>)> {
@@ -856,6 +964,7 @@ impl GpuMatrix {
         // The nt = 1 blocks pipeline with the norm folded in: (nr, pipeline).
         let mut folded: Option<(u32, Arc<wgpu::ComputePipeline>)> = None;
         let mut mv_pipes = Vec::new();
+        let mut kq_tokens = false;
         let pairs = out.epilogue.pairs();
         let sections = out.sections(self.rows as u32);
         assert!(!pairs || self.rows.is_multiple_of(2), "{}: a gated pairs product needs an even row count", self.name);
@@ -879,12 +988,7 @@ impl GpuMatrix {
                 let nr = if pairs || rope.is_some() { nr.next_multiple_of(2) } else { nr };
                 assert!(nr >= 1 && rg >= 1 && (2 * nr + 1) * wg * 4 <= ctx.limits.max_compute_workgroup_storage_size, "bad integer matvec config {decode:?}");
                 let pf = prefetch as u32;
-                let kq_type = match self.ty {
-                    GgmlType::Q4_0 => 0,
-                    GgmlType::Q4_1 => 1,
-                    GgmlType::Q4_K => 2,
-                    _ => 3,
-                };
+                let kq_type = kq_type(self.ty).expect("checked above");
                 let kq_spec = |folded: bool| {
                     let (name, text) = match (sg, folded, folded && rope.is_some()) {
                         (false, false, _) => ("kq", KQ_SRC),
@@ -907,6 +1011,13 @@ impl GpuMatrix {
                 }
                 mv_pipes.push((MvConfig { nr: nr * rg, ..*cfg }, ctx.pipeline(&kq_spec(false))));
                 continue;
+            }
+            if let (true, Some(kq)) = (cfg.nt > 1 && !cfg.units && !self.perm, cfg.kq) {
+                if let Some((spec, rows)) = self.kq_tokens_spec(ctx, cfg.nt, kq, pairs, epi) {
+                    kq_tokens = true;
+                    mv_pipes.push((MvConfig { nr: rows, ..*cfg }, ctx.pipeline(&spec)));
+                    continue;
+                }
             }
             if cfg.nt > 1 && !cfg.units {
                 // The few-token blocks kernel (no folded norm: only one token folds).
@@ -1014,7 +1125,7 @@ impl GpuMatrix {
             assert!(n.x.size() <= x.size(), "{}: the normalised rows must fit the product's input", self.name);
             super::ops::RmsNormOp::new(ctx, n.x, n.weight, x, self.cols as u32, n.eps, step)
         });
-        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, _mat_out: mat_out, _rope_params: rope_params }
+        MatmulOp { chunks, cols: self.cols as u64, x_size: x.size(), y_size: y.size(), y_per_token, norm, kq_tokens, _mat_out: mat_out, _rope_params: rope_params }
     }
 
     /// Builds the embedding lookup out[i] = row ids[i] (dequantised f32) for i < n_tokens of
@@ -1075,11 +1186,20 @@ pub struct MatmulOp {
     y_per_token: Vec<(u64, u64)>,
     /// The RMSNorm into x that runs first, unless the decode kernel folds it in.
     norm: Option<super::ops::RmsNormOp>,
+    /// Whether some few-token variant runs the integer kernel (matmul_kq_tok.wgsl).
+    kq_tokens: bool,
     _mat_out: wgpu::Buffer,
     _rope_params: Option<wgpu::Buffer>,
 }
 
 impl MatmulOp {
+    /// Whether some few-token variant runs the integer kernel (matmul_kq_tok.wgsl) rather than
+    /// falling back to the blocks kernel (benchmarks say which ran).
+    #[doc(hidden)]
+    pub fn uses_kq_tokens(&self) -> bool {
+        self.kq_tokens
+    }
+
     /// Whether [`encode`](Self::encode) of `n_tokens` runs the kernel with the norm (and the
     /// RoPE epilogue, if bound) folded in.
     pub fn folds(&self, n_tokens: u32) -> bool {

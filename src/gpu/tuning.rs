@@ -3,7 +3,7 @@
 //! from the environment: callers pass them in (the `ember` binary fills one from `ember bench
 //! --tune KEY=VALUE` or its `EMBER_*` benchmark variables, `cli::gpu_tuning`).
 
-use super::matrix::DecodeChoice;
+use super::matrix::{DecodeChoice, KqTokens};
 
 #[derive(Clone, Debug)]
 pub struct GpuTuning {
@@ -43,6 +43,11 @@ pub struct GpuTuning {
     pub batch_max_tokens: u32,
     /// The blocks kernel loads the next step's weights before this step's arithmetic.
     pub batch_prefetch: bool,
+    /// The few-token products on the integer kernel (shaders/matmul_kq_tok.wgsl) with this
+    /// shape, for the types it serves (Q4_0, Q4_1, Q4_K, Q6_K); None keeps the blocks kernel.
+    /// `--gpu-precision q8` sets [`KqTokens::DEFAULT`]. Like `integer_decode` it decides the
+    /// Q4_0/Q4_1 matrices' layout at upload (GGUF block order).
+    pub batch_kq: Option<KqTokens>,
 }
 
 impl Default for GpuTuning {
@@ -61,6 +66,7 @@ impl Default for GpuTuning {
             batch_units: false,
             batch_max_tokens: 8,
             batch_prefetch: true,
+            batch_kq: None,
         }
     }
 }
