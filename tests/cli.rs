@@ -169,6 +169,21 @@ fn bench_tune_flags_set_the_knobs_and_refuse_bad_ones() {
     let t = tune(&[("mv-batch-kq", "4:8:1:64")]);
     assert_eq!(t.batch_kq, Some(KqTokens { nr: 4, rg: 8, prefetch: true, limbs: 1, staged: Some(64) }));
     assert_eq!(tune(&[("mv-batch-kq", "2:16")]).batch_kq, Some(KqTokens { nr: 2, rg: 16, prefetch: false, limbs: 1, staged: None }));
+    // The cooperative-matrix tile: parsed, and a tile the kernel is not written for refused.
+    use ember::gpu::tuning::CoopShape;
+    assert_eq!(tune(&[("coop", "128:2:4")]).coop_shape, CoopShape { tokens: 128, kb: 2, ft: 4 });
+    assert_eq!(tune(&[]).coop_shape, CoopShape::default());
+    for (knob, want) in [("coop=64:3:2", "tokens must be 32, 64 or 128, kb 1, 2 or 4"), ("coop=32:1:4", "subgroup columns"), ("coop=64", "use tokens:kb:ft")] {
+        let out = bench(&["--tune", knob]);
+        assert!(!out.status.success(), "{knob}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(want), "{knob}: {err}");
+    }
+    // `ember bench --help` names every knob (its list is written by hand).
+    let help = String::from_utf8(ember().args(["bench", "--help"]).output().unwrap().stdout).unwrap();
+    for (key, _) in ember::cli::TUNE_KEYS {
+        assert!(help.contains(key), "ember bench --help does not name --tune {key}");
+    }
 }
 
 #[test]

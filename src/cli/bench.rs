@@ -33,11 +33,12 @@ pub struct BenchArgs {
     /// greedy decoding is
     #[arg(long = "temp", value_name = "T", default_value_t = 0.0)]
     pub temperature: f32,
-    /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable): decode-ahead,
-    /// attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop (GPU kernels), cpu-prefetch,
-    /// cpu-parts, cpu-huge, cpu-times (CPU products), hybrid-upload, hybrid-submit (the hybrid's decode);
-    /// e.g. --tune no-coop=1
-    /// --tune mv-dec=q4_0=kq:8:4:0:1
+    /// A tuning knob, KEY=VALUE (repeatable; overrides its EMBER_<KEY> variable). GPU kernels:
+    /// decode-ahead, attn-single-max, attn-wg, mv-dec, no-fold, mv-xw, no-coop, coop (the prefill
+    /// tile), mv-batch, mv-batch-kernel, mv-batch-kq, mv-batch-nt, mv-batch-pf (the batched
+    /// decode); CPU products: cpu-prefetch, cpu-parts, cpu-huge, cpu-times; the hybrid's decode:
+    /// hybrid-upload, hybrid-submit. An unknown key's error lists each with what it sets.
+    /// E.g. --tune no-coop=1 --tune mv-dec=q4_0=kq:8:4:0:1 --tune coop=128:2:4
     #[arg(long = "tune", value_name = "KEY=VALUE", value_parser = super::parse_tune)]
     pub tune: Vec<(String, String)>,
     /// Timed repetitions of each test
