@@ -838,7 +838,7 @@ fn large_packed_matrices_equal_reference_dots() {
     let w = random_q4_0(&mut rng, rows * nb);
     let want: Vec<u32> = (0..rows).map(|r| reference::vec_dot_q4_0_q8_0(&w[r * nb..(r + 1) * nb], &y).to_bits()).collect();
     for huge_pages in [true, false] {
-        let p = PackedMatrix::with_options(GgmlType::Q4_0, rows, 32 * nb, bits(&w), PackOptions { huge_pages }).unwrap();
+        let p = PackedMatrix::with_options(GgmlType::Q4_0, rows, 32 * nb, bits(&w), PackOptions { huge_pages, release_source: false }).unwrap();
         assert!(p.n_bytes() > 2 << 20);
         for isa in packed_isas() {
             for prefetch in [0, 64, 4096, 1 << 16] {
