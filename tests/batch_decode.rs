@@ -327,13 +327,14 @@ fn gpu_decode_batch_equals_each_sequence_alone() {
 /// few-token integer kernel (8-bit activations, `matmul_kq_tok.wgsl`) give every sequence the
 /// greedy tokens of the one-sequence q8 session (whose one-token products use the same 8-bit
 /// activations through the one-token integer kernel, norms folded in), out of order, with
-/// prompts of different lengths: the first 2 of 4 tokens of every sequence, 80% of all, and the
-/// first batched step's logits within 6e-2. Not bit for bit: the one-token kernel quantises the
+/// prompts of different lengths: the prompt's token and the first batched step's of every
+/// sequence, and that step's logits within 6e-2. Not bit for bit: the one-token kernel quantises the
 /// activations before the norm's 1 / rms (folded in), the batch after it, so an activation near
 /// a rounding tie can land on the other 8-bit value. Measured on lavapipe: 2e-7 for most
 /// sequences (no such flip: the same integer sums), 3.3e-2 at worst; a broken kernel is ~1.
 /// (Partial groups and odd sizes are the kernel test's, kernels_gpu_matmul; this one is kept
-/// to one batch because q8 decoding is slow on lavapipe: 300 s with a second batch and 6 tokens.)
+/// to one batched step because that step is slow on lavapipe, ~20 s: 300 s with two batches of
+/// 5 steps, 130 s with one of 3.)
 #[test]
 fn gpu_q8_decode_batch_equals_each_sequence_alone() {
     let Some(path) = common::default_model() else { return };
@@ -343,7 +344,7 @@ fn gpu_q8_decode_batch_equals_each_sequence_alone() {
     let (model, tok) = load(&path);
     let (_turn, pool) = pool();
     pool.install(|| {
-        const N: usize = 4;
+        const N: usize = 2;
         let mut opts = SessionOptions::new(&path, BackendChoice::Gpu);
         opts.gpu_tuning = ember::cli::gpu_tuning(ember::cli::GpuPrecisionArg::Q8, &[]).unwrap();
         assert!(opts.gpu_tuning.batch_kq.is_some());
@@ -361,9 +362,9 @@ fn gpu_q8_decode_batch_equals_each_sequence_alone() {
         let seqs = [7usize, 0, 2, 4, 6, 1, 3, 5];
         let (got, first) = decode_together(&mut batch, &seqs, &prompts, N);
         for (r, &s) in seqs.iter().enumerate() {
-            // A rounding flip can tip a near tie later on (measured: one sequence of 8 left at
-            // its fifth token), so the first 2 tokens must agree, and 80% of all.
-            assert_eq!(got[r][..2], alone[s][..2], "sequence {s} in a q8 GPU batch against alone on the q8 GPU session");
+            // (A rounding flip can tip a near tie later on: measured, one sequence of 8 left at
+            // its fifth token.)
+            assert_eq!(got[r][..N], alone[s][..N], "sequence {s} in a q8 GPU batch against alone on the q8 GPU session");
             agree += got[r].iter().zip(&alone[s]).filter(|(a, b)| a == b).count();
             total += N;
             let mut fed = prompts[s].clone();
@@ -374,7 +375,6 @@ fn gpu_q8_decode_batch_equals_each_sequence_alone() {
             worst = worst.max(err);
             assert!(err < 6e-2, "sequence {s} in a q8 batch: logits differ from alone by {err}");
         }
-        assert!(agree * 5 >= total * 4, "q8 batched greedy tokens agree with alone for {agree} of {total}");
         eprintln!("q8 batched decode: worst relative logit error against alone {worst:.2e}, {agree} of {total} greedy tokens agree");
     });
 }
