@@ -153,6 +153,23 @@ impl BenchSet {
 
     /// (back to back, streaming, alone) median µs per dispatch of `ops` (from [`Self::bind`]),
     /// rotating over the matrices.
+    /// The check of `op`'s kernel at `n` tokens of a `rows`-row product: it and the tiled one
+    /// run from zeros and are read back (`out_len` values a token); their largest difference over the tiled result's
+    /// largest magnitude (inf where either gives NaN).
+    fn against_tiled(&self, ctx: &GpuContext, op: &MatmulOp, n: usize, rows: usize, out_len: usize) -> Result<f32> {
+        let mut outs = Vec::new();
+        for kernel in [Kernel::Tiled, Kernel::Auto] {
+            ctx.queue.write_buffer(&self.y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
+            let mut enc = ctx.device.create_command_encoder(&Default::default());
+            op.encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
+            ctx.submit_and_wait(enc)?;
+            outs.push(ctx.read::<f32>(&self.y, n * out_len)?);
+        }
+        let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
+        let diff = outs[1].iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+        Ok(diff / max.max(f32::MIN_POSITIVE))
+    }
+
     fn time(&self, ctx: &GpuContext, (ops, stream_ops): &(Vec<MatmulOp>, Vec<MatmulOp>)) -> Result<(f64, f64, f64)> {
         self.warm(ctx, ops, 30)?;
         let n = ops.len();
@@ -272,17 +289,7 @@ pub fn batch_products(ctx: &GpuContext) -> Result<()> {
             let out_len = if epilogue.pairs() { rows / 2 } else { rows };
             for (ci, &n) in COUNTS.iter().enumerate() {
                 set.set_tokens(ctx, n);
-                // The check: this kernel and the tiled one from zeros, read back.
-                let mut outs = Vec::new();
-                for kernel in [Kernel::Tiled, Kernel::Auto] {
-                    ctx.queue.write_buffer(&set.y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
-                    let mut enc = ctx.device.create_command_encoder(&Default::default());
-                    ops.0[0].encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
-                    ctx.submit_and_wait(enc)?;
-                    outs.push(ctx.read::<f32>(&set.y, n * out_len)?);
-                }
-                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = outs[1].iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                let diff = set.against_tiled(ctx, &ops.0[0], n, rows, out_len)?;
                 let (row_us, _, _) = set.time(ctx, &ops)?;
                 layer_us[ci] += row_us * count;
                 println!(
@@ -290,7 +297,7 @@ pub fn batch_products(ctx: &GpuContext) -> Result<()> {
                     what.trim(),
                     row_us / n as f64,
                     bytes / row_us / 1e3,
-                    diff / max.max(f32::MIN_POSITIVE)
+                    diff
                 );
             }
         }
@@ -330,16 +337,7 @@ fn integer_batch_products(ctx: &GpuContext, ty: GgmlType) -> Result<()> {
                 let cfg = MvConfig { nt: n as u32, wg: 64, nr: 2, unroll: 1, units: false, prefetch: true, subgroups: ctx.has_subgroups(), kq: Some(kq) };
                 let ops = set.bind(ctx, Some((cfg, DecodeKernel::Blocks { prefetch: true })));
                 set.set_tokens(ctx, n);
-                let mut outs = Vec::new();
-                for kernel in [Kernel::Tiled, Kernel::Auto] {
-                    ctx.queue.write_buffer(&set.y, 0, bytemuck::cast_slice(&vec![0f32; n * rows]));
-                    let mut enc = ctx.device.create_command_encoder(&Default::default());
-                    ops.0[0].encode_with(&mut enc.begin_compute_pass(&Default::default()), n as u32, kernel);
-                    ctx.submit_and_wait(enc)?;
-                    outs.push(ctx.read::<f32>(&set.y, n * out_len)?);
-                }
-                let max = outs[0].iter().fold(0f32, |a, v| a.max(v.abs()));
-                let diff = outs[1].iter().zip(&outs[0]).fold(0f32, |a, (p, q)| if (p - q).is_nan() { f32::INFINITY } else { a.max((p - q).abs()) });
+                let diff = set.against_tiled(ctx, &ops.0[0], n, rows, out_len)?;
                 let (row_us, _, _) = set.time(ctx, &ops)?;
                 let fits = if ops.0[0].uses_kq_tokens() { "" } else { ", did not fit: blocks kernel" };
                 println!(
@@ -347,7 +345,7 @@ fn integer_batch_products(ctx: &GpuContext, ty: GgmlType) -> Result<()> {
                     what.trim(),
                     row_us / n as f64,
                     bytes / row_us / 1e3,
-                    diff / max.max(f32::MIN_POSITIVE)
+                    diff
                 );
             }
         }
